@@ -1,0 +1,378 @@
+"""Open, configure, load and attach a BPF object; degrade per capability.
+
+Each program belongs to a *capability* (a named feature such as ``l4.drops``). A
+program whose hook this kernel lacks, or that the verifier rejects, disables its
+capability with one log line; the object is then loaded without it and the agent
+keeps running with the rest. Only a *required* capability failing is fatal.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from node_exporter.bpf import libbpf as lb
+from node_exporter.bpf.btf import KIND_TYPEDEF, Btf
+from node_exporter.errors import HookUnavailableError, ObjectFileError
+
+log = structlog.get_logger("kscope.bpf")
+
+CGROUP2_CANDIDATES = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
+TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+_FAILED_PROG = re.compile(r"prog '([^']+)': failed to (?:load|attach|prepare)")
+_ELF_MAGIC = b"\x7fELF"
+_EM_BPF = 247
+
+
+@dataclass(frozen=True, slots=True)
+class Program:
+    name: str
+    section: str
+    capability: str
+
+
+@dataclass
+class LoadReport:
+    """What loaded, and what was disabled and why (exported as self-metrics)."""
+
+    enabled: set[str] = field(default_factory=set)
+    disabled: dict[str, str] = field(default_factory=dict)
+
+
+def find_cgroup2_root() -> str:
+    for path in CGROUP2_CANDIDATES:
+        if os.path.exists(os.path.join(path, "cgroup.controllers")):
+            return path
+    raise HookUnavailableError("no cgroup v2 hierarchy mounted (looked in /sys/fs/cgroup/unified, /sys/fs/cgroup)")
+
+
+def find_tracefs() -> str | None:
+    for path in TRACEFS_CANDIDATES:
+        if os.path.isdir(os.path.join(path, "events")):
+            return path
+    # Classic tracepoints need tracefs for their ids; mount it if we may.
+    try:
+        os.makedirs(TRACEFS_CANDIDATES[0], exist_ok=True)
+        ret = os.system(f"mount -t tracefs nodev {TRACEFS_CANDIDATES[0]} >/dev/null 2>&1")
+    except OSError:
+        return None
+    if ret == 0 and os.path.isdir(os.path.join(TRACEFS_CANDIDATES[0], "events")):
+        return TRACEFS_CANDIDATES[0]
+    return None
+
+
+def check_object_file(path: Path) -> None:
+    """Clear errors for a missing or non-BPF file, before libbpf's terser ones."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(20)
+    except FileNotFoundError:
+        raise ObjectFileError(f"BPF object {path} does not exist (run `make` to build bpf_src/)") from None
+    except OSError as exc:
+        raise ObjectFileError(f"cannot read BPF object {path}: {exc.strerror}") from None
+    if len(head) < 20 or head[:4] != _ELF_MAGIC:
+        raise ObjectFileError(f"{path} is not an ELF file (corrupt or wrong file?)")
+    machine = int.from_bytes(head[18:20], "little")
+    if machine != _EM_BPF:
+        raise ObjectFileError(f"{path} is an ELF file for machine {machine}, not BPF ({_EM_BPF})")
+
+
+def hook_missing(section: str, vmlinux: Btf) -> str | None:
+    """Why the hook named by a program's section is unavailable here, or None if it exists.
+
+    Only what can be checked cheaply and exactly is checked; anything else is left
+    to the verifier/attach step, whose failure also disables the capability.
+    """
+    kind, _, target = section.partition("/")
+    if kind in ("tp_btf", "raw_tp", "raw_tracepoint"):
+        if vmlinux.find(f"btf_trace_{target}", KIND_TYPEDEF) < 0:
+            return f"kernel has no tracepoint {target}"
+    elif kind in ("tracepoint", "tp"):
+        tracefs = find_tracefs()
+        if tracefs is None:
+            return "tracefs is not mounted and cannot be mounted"
+        if not os.path.isdir(os.path.join(tracefs, "events", target)):
+            return f"kernel has no tracepoint {target}"
+    elif kind in ("kprobe", "kretprobe", "ksyscall", "kretsyscall"):
+        tracefs = find_tracefs()
+        if tracefs is None or not os.path.exists(os.path.join(tracefs, "kprobe_events")):
+            return "kernel built without kprobes (CONFIG_KPROBES)"
+    elif kind in ("fentry", "fexit", "fmod_ret", "lsm"):
+        return None  # only the load can tell (EPERM on our kernels): handled there
+    return None
+
+
+class BpfObject:
+    """One BPF object file, loaded and attached, with per-capability degradation.
+
+    ``capabilities`` maps program name -> capability; programs not listed belong to
+    capability ``"core"``. ``required`` capabilities failing raise HookUnavailableError.
+    ``knobs`` set ``const volatile`` globals in ``.rodata`` before load; ``map_sizes``
+    override max_entries. ``iter/`` programs are loaded but attached on demand.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        capabilities: Mapping[str, str] | None = None,
+        required: frozenset[str] = frozenset({"core"}),
+        knobs: Mapping[str, int] | None = None,
+        map_sizes: Mapping[str, int] | None = None,
+        cgroup_root: str | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self._capabilities = dict(capabilities or {})
+        self._required = required
+        self._knobs = dict(knobs or {})
+        self._map_sizes = dict(map_sizes or {})
+        self._cgroup_root = cgroup_root
+        self._obj = 0
+        self._links: list[tuple[str, int]] = []
+        self._cgroup_fd = -1
+        self.report = LoadReport()
+        self.programs: dict[str, Program] = {}
+        check_object_file(self.path)
+        self._load_with_degrade()
+        try:
+            self._attach_all()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- load ------------------------------------------------------------------------------
+
+    def _capability(self, prog_name: str) -> str:
+        return self._capabilities.get(prog_name, "core")
+
+    def _disable(self, capability: str, reason: str) -> None:
+        if capability in self._required:
+            raise HookUnavailableError(f"required capability {capability} unavailable: {reason}")
+        if capability not in self.report.disabled:
+            log.warning("capability_disabled", capability=capability, reason=reason, object=self.path.name)
+            self.report.disabled[capability] = reason
+
+    def _open(self) -> int:
+        with lb.capture_log() as cap:
+            obj = lb.lib().bpf_object__open_file(str(self.path).encode(), None)
+        if not obj:
+            err = ctypes.get_errno()
+            detail = cap.text().strip().splitlines()[-1:] or [os.strerror(err)]
+            raise ObjectFileError(f"{self.path} is not a valid BPF object: {detail[0]}")
+        return int(obj)
+
+    def _iter_programs(self) -> list[tuple[int, Program]]:
+        out = []
+        prog = lb.lib().bpf_object__next_program(self._obj, None)
+        while prog:
+            name = lb.lib().bpf_program__name(prog).decode()
+            section = lb.lib().bpf_program__section_name(prog).decode()
+            out.append((prog, Program(name, section, self._capability(name))))
+            prog = lb.lib().bpf_object__next_program(self._obj, prog)
+        return out
+
+    def _configure(self) -> None:
+        lib = lb.lib()
+        for name, size in self._map_sizes.items():
+            m = lib.bpf_object__find_map_by_name(self._obj, name.encode())
+            if not m:
+                raise ObjectFileError(f"{self.path.name} has no map {name}")
+            lb.check_int(lib.bpf_map__set_max_entries(m, size), f"resize map {name}")
+        if self._knobs:
+            self._set_knobs()
+
+    def _set_knobs(self) -> None:
+        lib = lb.lib()
+        rodata = None
+        m = lib.bpf_object__next_map(self._obj, None)
+        while m:
+            if lib.bpf_map__name(m).decode().endswith(".rodata"):
+                rodata = m
+                break
+            m = lib.bpf_object__next_map(self._obj, m)
+        if rodata is None:
+            raise ObjectFileError(f"{self.path.name} has no .rodata but knobs were given")
+        btf = Btf(lb.check_ptr(lib.bpf_object__btf(self._obj), "object BTF"), owned=False)
+        variables = btf.datasec_vars(".rodata")
+        size = ctypes.c_size_t()
+        base = lb.check_ptr(lib.bpf_map__initial_value(rodata, ctypes.byref(size)), ".rodata contents")
+        for name, value in self._knobs.items():
+            var = variables.get(name)
+            if var is None:
+                raise ObjectFileError(f"{self.path.name} has no knob {name} (const volatile global)")
+            ctypes.memmove(base + var.offset, value.to_bytes(var.size, "little", signed=value < 0), var.size)
+
+    def _load_with_degrade(self) -> None:
+        with Btf.vmlinux() as vmlinux:
+            for _ in range(64):  # each round disables at least one capability or returns
+                self._obj = self._open()
+                progs = self._iter_programs()
+                self.programs = {p.name: p for _, p in progs}
+                for handle, prog in progs:
+                    if prog.capability in self.report.disabled:
+                        lb.lib().bpf_program__set_autoload(handle, False)
+                        continue
+                    reason = hook_missing(prog.section, vmlinux)
+                    if reason:
+                        self._disable(prog.capability, f"{prog.section}: {reason}")
+                        lb.lib().bpf_program__set_autoload(handle, False)
+                # a capability disabled late in the loop must not keep earlier programs
+                for handle, prog in progs:
+                    if prog.capability in self.report.disabled:
+                        lb.lib().bpf_program__set_autoload(handle, False)
+                self._configure()
+                with lb.capture_log() as cap:
+                    ret = lb.lib().bpf_object__load(self._obj)
+                if ret == 0:
+                    self.report.enabled = {
+                        p.capability for p in self.programs.values() if p.capability not in self.report.disabled
+                    }
+                    return
+                failed = _FAILED_PROG.findall(cap.text())
+                lb.lib().bpf_object__close(self._obj)
+                self._obj = 0
+                culprit = next((self.programs[n] for n in failed if n in self.programs), None)
+                if culprit is None:
+                    raise ObjectFileError(
+                        f"loading {self.path.name} failed: {os.strerror(-ret)}\n{_tail(cap.text())}"
+                    )
+                self._disable(
+                    culprit.capability,
+                    f"{culprit.section}: kernel refused program {culprit.name} ({os.strerror(-ret)})",
+                )
+        raise ObjectFileError(f"loading {self.path.name}: too many load attempts")
+
+    # ---- attach ----------------------------------------------------------------------------
+
+    def _attach_all(self) -> None:
+        lib = lb.lib()
+        for handle, prog in self._iter_programs():
+            if not lib.bpf_program__autoload(handle) or prog.capability in self.report.disabled:
+                continue
+            kind = prog.section.split("/", 1)[0]
+            if kind == "iter":
+                continue
+            with lb.capture_log() as cap:
+                if kind == "sockops" or kind.startswith("cgroup"):
+                    link = lib.bpf_program__attach_cgroup(handle, self._cgroup_fd_for_attach())
+                else:
+                    link = lib.bpf_program__attach(handle)
+            if not link:
+                err = ctypes.get_errno()
+                self._detach_capability(prog.capability)
+                self._disable(
+                    prog.capability,
+                    f"{prog.section}: attach failed ({os.strerror(err)}) {_tail(cap.text(), 1)}".strip(),
+                )
+                continue
+            self._links.append((prog.capability, int(link)))
+        self.report.enabled -= set(self.report.disabled)
+
+    def _cgroup_fd_for_attach(self) -> int:
+        if self._cgroup_fd < 0:
+            root = self._cgroup_root or find_cgroup2_root()
+            self._cgroup_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        return self._cgroup_fd
+
+    def attach_uprobe(self, prog_name: str, binary: str, symbol: str, *, pid: int = -1, retprobe: bool = False) -> int:
+        """Attach an uprobe program to ``symbol`` in ``binary``; returns a link handle."""
+        handle = self._program_handle(prog_name)
+        opts = lb.BpfUprobeOpts(sz=ctypes.sizeof(lb.BpfUprobeOpts), retprobe=retprobe, func_name=symbol.encode())
+        with lb.capture_log() as cap:
+            link = lb.lib().bpf_program__attach_uprobe_opts(handle, pid, binary.encode(), 0, ctypes.byref(opts))
+        if not link:
+            err = ctypes.get_errno()
+            raise HookUnavailableError(
+                f"uprobe {binary}:{symbol} failed: {os.strerror(err)} {_tail(cap.text(), 1)}".strip()
+            )
+        self._links.append((self._capability(prog_name), int(link)))
+        return int(link)
+
+    def _detach_capability(self, capability: str) -> None:
+        keep = []
+        for cap, link in self._links:
+            if cap == capability:
+                lb.lib().bpf_link__destroy(link)
+            else:
+                keep.append((cap, link))
+        self._links = keep
+
+    def _program_handle(self, name: str) -> int:
+        for handle, prog in self._iter_programs():
+            if prog.name == name:
+                return handle
+        raise KeyError(f"{self.path.name} has no program {name}")
+
+    # ---- maps and iterators ----------------------------------------------------------------
+
+    def map_handle(self, name: str) -> int:
+        m = lb.lib().bpf_object__find_map_by_name(self._obj, name.encode())
+        if not m:
+            raise KeyError(f"{self.path.name} has no map {name}")
+        return int(m)
+
+    def map_fd(self, name: str) -> int:
+        return lb.check_int(lb.lib().bpf_map__fd(self.map_handle(name)), f"fd of map {name}")
+
+    def map_info(self, name: str) -> tuple[int, int, int]:
+        """(key_size, value_size, max_entries)."""
+        m = self.map_handle(name)
+        lib = lb.lib()
+        return lib.bpf_map__key_size(m), lib.bpf_map__value_size(m), lib.bpf_map__max_entries(m)
+
+    def attach_map_iter(self, prog_name: str, map_name: str) -> int:
+        """Attach an ``iter/bpf_*_map`` program to a map; returns the link (for :meth:`run_iter`)."""
+        handle = self._program_handle(prog_name)
+        info = lb.BpfIterLinkInfo(map_fd=self.map_fd(map_name))
+        opts = lb.BpfIterAttachOpts(
+            sz=ctypes.sizeof(lb.BpfIterAttachOpts),
+            link_info=ctypes.pointer(info),
+            link_info_len=ctypes.sizeof(info),
+        )
+        link = lb.check_ptr(lb.lib().bpf_program__attach_iter(handle, ctypes.byref(opts)), f"attach {prog_name}")
+        self._links.append((self._capability(prog_name), int(link)))
+        return int(link)
+
+    @staticmethod
+    def run_iter(link: int, chunk: int = 1 << 16) -> bytes:
+        """Run an iterator to the end; everything it wrote, in one bytes object."""
+        link_fd = lb.check_int(lb.lib().bpf_link__fd(link), "iterator link fd")
+        fd = lb.check_int(lb.lib().bpf_iter_create(link_fd), "create iterator")
+        parts = []
+        try:
+            while True:
+                data = os.read(fd, chunk)
+                if not data:
+                    break
+                parts.append(data)
+        finally:
+            os.close(fd)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        """Detach every link and unload the object (idempotent)."""
+        for _, link in reversed(self._links):
+            lb.lib().bpf_link__destroy(link)
+        self._links = []
+        if self._obj:
+            lb.lib().bpf_object__close(self._obj)
+            self._obj = 0
+        if self._cgroup_fd >= 0:
+            os.close(self._cgroup_fd)
+            self._cgroup_fd = -1
+
+    def __enter__(self) -> BpfObject:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _tail(text: str, lines: int = 8) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])

@@ -1,0 +1,160 @@
+"""Decoded L4 records: frozen dataclasses made at once from the kernel's bytes."""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+
+from node_exporter.bpf.abi import N_COUNTERS, ConnectStatus, KscopeL4Record, L4Reason, RecordType, Role
+
+# Mirrors KscopeL4Record field by field (the ABI test checks the ctypes mirror; this
+# format is checked against it below, at import).
+_FMT = struct.Struct(f"<BBBBIQQQQQ{N_COUNTERS}Q{N_COUNTERS}Q16s16sIIIIIIIIHHHBB16s")
+RECORD_SIZE = ctypes.sizeof(KscopeL4Record)
+if _FMT.size != RECORD_SIZE:  # pragma: no cover - caught by the ABI test first
+    raise ImportError(f"L4 record format is {_FMT.size} bytes, ctypes mirror {RECORD_SIZE}")
+
+TCP_STATES = {
+    1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
+    7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING", 12: "NEW_SYN_RECV",
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    sends: int = 0
+    recvs: int = 0
+    retransmits: int = 0
+    syn_retransmits: int = 0
+    resets_sent: int = 0
+    resets_received: int = 0
+    drops: int = 0
+    listen_overflows: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class L4Record:
+    reason: L4Reason
+    role: Role
+    connect_status: ConnectStatus
+    connect_errno: int
+    netns_ino: int
+    sock_cookie: int
+    cgroup_id: int
+    start_ns: int  # CLOCK_MONOTONIC
+    ts_ns: int  # CLOCK_MONOTONIC
+    connect_latency_ns: int
+    total: Counters
+    delta: Counters
+    local_ip: str
+    local_port: int
+    remote_ip: str
+    remote_port: int
+    family: int
+    tgid: int
+    pid: int
+    srtt_us: int
+    segs_out: int
+    segs_in: int
+    last_drop_reason: int
+    ack_backlog: int
+    max_ack_backlog: int
+    tcp_state: int
+    comm: str
+
+    @property
+    def is_close(self) -> bool:
+        return self.reason == L4Reason.KSCOPE_L4_CLOSE
+
+    @property
+    def tcp_state_name(self) -> str:
+        return TCP_STATES.get(self.tcp_state, str(self.tcp_state))
+
+
+@lru_cache(maxsize=65536)
+def ip_text(raw: bytes) -> str:
+    """16-byte address -> text; IPv4-mapped addresses come out as plain IPv4."""
+    addr = ipaddress.IPv6Address(raw)
+    return str(addr.ipv4_mapped or addr)
+
+
+class DecodeStats:
+    """Bad input is a counter, not an exception."""
+
+    def __init__(self) -> None:
+        self.bad_length = 0
+        self.bad_type = 0
+
+
+def decode_l4(raw: bytes) -> L4Record | None:
+    """One record; None if the bytes are not an L4 record (counted by the caller)."""
+    if len(raw) < RECORD_SIZE or raw[0] != RecordType.KSCOPE_REC_L4:
+        return None
+    f = _FMT.unpack_from(raw)
+    n = N_COUNTERS
+    totals, deltas = f[10 : 10 + n], f[10 + n : 10 + 2 * n]
+    rest = f[10 + 2 * n :]
+    (saddr, daddr, tgid, pid, srtt, segs_out, segs_in, drop_reason, backlog, max_backlog,
+     sport, dport, family, state, cerrno, comm) = rest  # fmt: skip
+    return L4Record(
+        reason=L4Reason(f[1]) if f[1] in (1, 2) else L4Reason.KSCOPE_L4_PERIODIC,
+        role=Role(f[2]) if f[2] <= 3 else Role.KSCOPE_ROLE_UNKNOWN,
+        connect_status=ConnectStatus(f[3]) if f[3] <= 7 else ConnectStatus.KSCOPE_CONNECT_OTHER,
+        connect_errno=cerrno,
+        netns_ino=f[4],
+        sock_cookie=f[5],
+        cgroup_id=f[6],
+        start_ns=f[7],
+        ts_ns=f[8],
+        connect_latency_ns=f[9],
+        total=Counters(*totals),
+        delta=Counters(*deltas),
+        local_ip=ip_text(saddr),
+        local_port=sport,
+        remote_ip=ip_text(daddr),
+        remote_port=dport,
+        family=family,
+        tgid=tgid,
+        pid=pid,
+        srtt_us=srtt,
+        segs_out=segs_out,
+        segs_in=segs_in,
+        last_drop_reason=drop_reason,
+        ack_backlog=backlog,
+        max_ack_backlog=max_backlog,
+        tcp_state=state,
+        comm=comm.split(b"\0", 1)[0].decode(errors="replace"),
+    )
+
+
+def decode_batch(blob: bytes, stats: DecodeStats) -> list[L4Record]:
+    """Consecutive fixed-size records (the flush iterator's output)."""
+    out = []
+    if len(blob) % RECORD_SIZE:
+        stats.bad_length += 1
+    for off in range(0, len(blob) - RECORD_SIZE + 1, RECORD_SIZE):
+        rec = decode_l4(blob[off : off + RECORD_SIZE])
+        if rec is None:
+            stats.bad_type += 1
+        else:
+            out.append(rec)
+    return out
+
+
+def decode_many(raws: list[bytes], stats: DecodeStats) -> list[L4Record]:
+    out = []
+    for raw in raws:
+        rec = decode_l4(raw)
+        if rec is None:
+            if len(raw) != RECORD_SIZE:
+                stats.bad_length += 1
+            else:
+                stats.bad_type += 1
+        else:
+            out.append(rec)
+    return out
