@@ -487,8 +487,8 @@ static __always_inline bool changed(const struct sock_state *st)
 	return false;
 }
 
-/* One periodic record per socket whose counters moved; listeners every time (their
- * accept queue is a gauge). Run by user space with one read() loop per interval. */
+/* One periodic record per socket whose counters moved. Run by user space: one read()
+ * loop per interval over every socket that has kscope storage, in any namespace. */
 SEC("iter/bpf_sk_storage_map")
 int flush(struct bpf_iter__bpf_sk_storage_map *ctx)
 {
@@ -503,7 +503,8 @@ int flush(struct bpf_iter__bpf_sk_storage_map *ctx)
 	st = bpf_sk_storage_get(&sock_states, sk, 0, 0);
 	if (!st || (st->flags & SF_CLOSED))
 		return 0;
-	if (st->role != KSCOPE_ROLE_LISTENER && !changed(st))
+	/* a listener's accept queue is a gauge: report it while non-empty */
+	if (!changed(st) && !(st->role == KSCOPE_ROLE_LISTENER && sk->sk_ack_backlog))
 		return 0;
 	if (seq->size - seq->count < sizeof(*rec)) {
 		stat_inc(KSCOPE_STAT_ITER_RETRY);

@@ -27,6 +27,8 @@ CGROUP2_CANDIDATES = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 _FAILED_PROG = re.compile(r"prog '([^']+)': failed to (?:load|attach|prepare)")
 _ELF_MAGIC = b"\x7fELF"
+# Sections without a target are attached by the caller (per library, per process).
+_MANUAL_ATTACH = frozenset({"uprobe", "uretprobe", "usdt", "uprobe.s", "uretprobe.s"})
 _EM_BPF = 247
 
 
@@ -255,9 +257,9 @@ class BpfObject:
         for handle, prog in self._iter_programs():
             if not lib.bpf_program__autoload(handle) or prog.capability in self.report.disabled:
                 continue
-            kind = prog.section.split("/", 1)[0]
-            if kind == "iter":
-                continue
+            kind, _, target = prog.section.partition("/")
+            if kind == "iter" or (kind in _MANUAL_ATTACH and not target):
+                continue  # attached on demand: attach_map_iter(), attach_uprobe()
             with lb.capture_log() as cap:
                 if kind == "sockops" or kind.startswith("cgroup"):
                     link = lib.bpf_program__attach_cgroup(handle, self._cgroup_fd_for_attach())

@@ -1,0 +1,141 @@
+"""The node agent's main loop: poll the probes on a timer, enrich, write, repeat.
+
+Python handles one batch per interval, never one event per call: the kernel keeps
+the counters, and every interval brings at most one record per socket.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from node_exporter.bpf import preflight
+from node_exporter.bpf.btf import Btf
+from node_exporter.l4.collector import OBJECT_NAME, L4Collector, default_bpf_dir
+from node_exporter.l4.records import L4Record
+from node_exporter.metadata.proc import ProcessIndex
+from node_exporter.output.convert import MonotonicClock, l4_flow
+from node_exporter.output.jsonl import JsonlWriter
+from node_exporter.output.live import LiveView
+from node_exporter.selfmetrics import SelfMetrics
+
+log = structlog.get_logger("kscope.agent")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentOptions:
+    interval_s: float = 1.0
+    duration_s: float | None = None
+    jsonl: str | None = None
+    netns_inode: int = 0
+    bpf_dir: Path | None = None
+    live: bool = False
+    metrics_port: int | None = None
+
+
+def kernel_drop_reasons() -> dict[int, str]:
+    """enum skb_drop_reason of the running kernel, number -> short name."""
+    try:
+        with Btf.vmlinux() as btf:
+            values = btf.enum_values("skb_drop_reason")
+    except (OSError, KeyError):
+        return {}
+    return {v: k.removeprefix("SKB_DROP_REASON_") for k, v in values.items()}
+
+
+class Agent:
+    def __init__(self, opts: AgentOptions) -> None:
+        self.opts = opts
+        self.stop = threading.Event()
+        self.metrics = SelfMetrics()
+        self.clock = MonotonicClock()
+        self.procs = ProcessIndex()
+        self.view = LiveView()
+        self.records_written = 0
+        self.write_failed = 0
+        preflight.check()
+        bpf_dir = opts.bpf_dir or default_bpf_dir()
+        self.collector = L4Collector(bpf_dir / OBJECT_NAME, netns_ino=opts.netns_inode)
+        self.metrics.set_capabilities(self.collector.report.enabled, self.collector.report.disabled)
+        self.drop_reasons = kernel_drop_reasons()
+        self.writer = JsonlWriter(opts.jsonl) if opts.jsonl else None
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop.set())
+
+    def step(self) -> list[L4Record]:
+        """One interval's work: poll, enrich, write, update self-metrics."""
+        records = self.collector.poll()
+        if self.writer is not None and records:
+            flows = [l4_flow(r, self.procs.lookup(r.tgid, r.comm), self.clock, self.drop_reasons) for r in records]
+            try:
+                self.writer.write_flows(flows)
+                self.records_written += len(flows)
+            except OSError as exc:
+                self.write_failed += len(flows)
+                log.error("jsonl_write_failed", error=str(exc), records=len(flows))
+        self.view.update(records)
+        self._update_metrics()
+        return records
+
+    def _update_metrics(self) -> None:
+        s = self.collector.stats
+        values = {f"kernel_{k}": v for k, v in self.collector.kernel_stats().items()}
+        values.update(
+            periodic_records=s.periodic_records,
+            close_records=s.close_records,
+            close_records_via_overflow_map=s.overflow_records,
+            decode_bad_length=s.decode_bad_length,
+            decode_bad_type=s.decode_bad_type,
+            records_written=self.records_written,
+            records_write_failed=self.write_failed,
+            process_lookups_hit=self.procs.hits,
+            process_lookups_missed=self.procs.misses,
+        )
+        self.metrics.update(values)
+
+    def run(self) -> None:
+        if self.opts.metrics_port is not None:
+            self.metrics.serve(self.opts.metrics_port)
+        deadline = time.monotonic() + self.opts.duration_s if self.opts.duration_s else None
+        log.info(
+            "agent_started",
+            capabilities=sorted(self.collector.report.enabled),
+            disabled=self.collector.report.disabled,
+            interval_s=self.opts.interval_s,
+        )
+        live = None
+        if self.opts.live:
+            from rich.live import Live
+
+            live = Live(self.view.render(self.opts.interval_s), refresh_per_second=2, screen=False)
+            live.start()
+        try:
+            while not self.stop.is_set():
+                timeout = self.opts.interval_s
+                if deadline is not None:
+                    timeout = min(timeout, max(0.0, deadline - time.monotonic()))
+                self.stop.wait(timeout)
+                self.step()
+                if live is not None:
+                    live.update(self.view.render(self.opts.interval_s))
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+        finally:
+            if live is not None:
+                live.stop()
+            self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.write_stats(self.metrics.to_proto(time.time_ns()))
+            self.writer.close()
+            self.writer = None
+        self.collector.close()
+        log.info("agent_stopped", **self.metrics.values)

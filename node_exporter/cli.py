@@ -1,0 +1,77 @@
+"""`kscope` and `kscope-agent` command lines.
+
+Errors a user can act on (privilege, BTF, object files, hooks) print one line and
+exit 2; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from node_exporter import logging_setup
+from node_exporter.errors import KscopeError
+
+EXIT_USAGE = 2
+
+
+def _add_agent_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--duration", type=float, default=None, metavar="SECONDS", help="stop after this long")
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="collection interval (1.0)")
+    p.add_argument("--jsonl", metavar="FILE", help="append records as JSON lines (kscope.v1.NodeRecord)")
+    p.add_argument("--netns-inode", type=int, default=0, metavar="INODE", help="only this network namespace")
+    p.add_argument("--bpf-dir", type=Path, default=None, help="where l4.bpf.o is (default: build/bpf)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve self-metrics for Prometheus here")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kscope", description="eBPF-based TCP observability, no code changes")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="watch this host's TCP connections (local mode, no Kubernetes)")
+    _add_agent_args(run)
+    run.add_argument("--no-live", action="store_true", help="no terminal view (default when not a terminal)")
+    return parser
+
+
+def _run(args: argparse.Namespace, live: bool) -> int:
+    logging_setup.configure(args.log_level)
+    if args.interval <= 0:
+        print("kscope: error: --interval must be > 0", file=sys.stderr)
+        return EXIT_USAGE
+    from node_exporter.agent import Agent, AgentOptions
+
+    opts = AgentOptions(
+        interval_s=args.interval,
+        duration_s=args.duration,
+        jsonl=args.jsonl,
+        netns_inode=args.netns_inode,
+        bpf_dir=args.bpf_dir,
+        live=live,
+        metrics_port=args.metrics_port,
+    )
+    try:
+        agent = Agent(opts)
+    except KscopeError as exc:
+        print(f"kscope: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    agent.install_signal_handlers()
+    agent.run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    live = not args.no_live and sys.stdout.isatty()
+    return _run(args, live)
+
+
+def agent_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kscope-agent", description="kscope node agent")
+    _add_agent_args(parser)
+    return _run(parser.parse_args(argv), live=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

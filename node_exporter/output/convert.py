@@ -1,0 +1,68 @@
+"""L4Record (+ node-local identity) -> kscope.v1 protobuf: a pure function over data."""
+
+from __future__ import annotations
+
+import time
+
+from kscope.v1 import flow_pb2 as pb
+from node_exporter.l4.records import Counters, L4Record
+from node_exporter.metadata.proc import ProcessInfo
+
+_COUNTER_FIELDS = Counters.__slots__
+
+
+class MonotonicClock:
+    """Turns the kernel's CLOCK_MONOTONIC stamps into Unix nanoseconds."""
+
+    def __init__(self) -> None:
+        self.offset_ns = time.time_ns() - time.monotonic_ns()
+
+    def unix_ns(self, monotonic_ns: int) -> int:
+        return monotonic_ns + self.offset_ns if monotonic_ns else 0
+
+
+def counters_pb(c: Counters) -> pb.L4Counters:
+    return pb.L4Counters(**{name: getattr(c, name) for name in _COUNTER_FIELDS})
+
+
+def l4_flow(
+    rec: L4Record, proc: ProcessInfo | None, clock: MonotonicClock, drop_reasons: dict[int, str]
+) -> pb.L4Flow:
+    ident = proc.identity if proc else None
+    return pb.L4Flow(
+        socket_cookie=rec.sock_cookie,
+        netns_inode=rec.netns_ino,
+        role=int(rec.role),  # enum values are the same on both sides (test_convert checks)
+        kind=int(rec.reason),
+        local_ip=rec.local_ip,
+        local_port=rec.local_port,
+        remote_ip=rec.remote_ip,
+        remote_port=rec.remote_port,
+        ip_family=6 if rec.family == 10 else 4,
+        process=pb.ProcessIdentity(
+            pid=rec.tgid,
+            tid=rec.pid,
+            comm=proc.comm if proc and proc.comm else rec.comm,
+            cgroup_id=rec.cgroup_id,
+            container_id=ident.container_id if ident else "",
+            pod_uid=ident.pod_uid if ident else "",
+            container_runtime=ident.runtime if ident else "",
+            host_process=bool(rec.tgid) and (ident is None or ident.is_host),
+        ),
+        start_time_unix_nano=clock.unix_ns(rec.start_ns),
+        time_unix_nano=clock.unix_ns(rec.ts_ns),
+        connect_status=int(rec.connect_status),
+        connect_errno=rec.connect_errno,
+        connect_latency_ns=rec.connect_latency_ns,
+        total=counters_pb(rec.total),
+        delta=counters_pb(rec.delta),
+        srtt_us=rec.srtt_us,
+        segs_out=rec.segs_out,
+        segs_in=rec.segs_in,
+        last_drop_reason=drop_reasons.get(rec.last_drop_reason, str(rec.last_drop_reason))
+        if rec.last_drop_reason
+        else "",
+        accept_queue=rec.ack_backlog,
+        accept_queue_max=rec.max_ack_backlog,
+        tcp_state=rec.tcp_state_name,
+    )

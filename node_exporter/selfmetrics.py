@@ -1,0 +1,52 @@
+"""The agent's own counters, on a Prometheus endpoint and in the JSONL stream.
+
+Every drop anywhere in the pipeline has a counter here (kernel ring/overflow,
+decode errors, JSONL write failures), so nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+from kscope.v1 import flow_pb2 as pb
+
+
+class SelfMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._counters = Gauge(
+            "kscope_agent_counter",
+            "Agent self-counters, monotonic since start (name: what is counted; *_lost/_failed are drops)",
+            ["name"],
+            registry=self.registry,
+        )
+        self._capability = Gauge(
+            "kscope_capability_enabled",
+            "1 if a probe capability runs on this kernel, 0 if it was disabled (see the agent log)",
+            ["capability"],
+            registry=self.registry,
+        )
+        self.values: dict[str, int] = {}
+        self.disabled: dict[str, str] = {}
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=addr, registry=self.registry)
+
+    def set_capabilities(self, enabled: set[str], disabled: dict[str, str]) -> None:
+        self.disabled = dict(disabled)
+        for cap in enabled:
+            self._capability.labels(cap).set(1)
+        for cap in disabled:
+            self._capability.labels(cap).set(0)
+
+    def update(self, values: dict[str, int]) -> None:
+        self.values.update(values)
+        for name, value in values.items():
+            self._counters.labels(name).set(value)
+
+    def to_proto(self, time_unix_nano: int) -> pb.AgentStats:
+        return pb.AgentStats(
+            time_unix_nano=time_unix_nano,
+            counters=self.values,
+            disabled_capabilities=[f"{k}: {v}" for k, v in sorted(self.disabled.items())],
+        )
