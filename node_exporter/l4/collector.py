@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from node_exporter.bpf.abi import Stat
-from node_exporter.bpf.loader import BpfObject
+from node_exporter.bpf.loader import BpfObject, LoadReport
 from node_exporter.bpf.maps import drain_hash, read_percpu_u64_array
 from node_exporter.bpf.ringbuf import RingReader
 from node_exporter.l4.records import DecodeStats, L4Record, decode_batch, decode_many
@@ -88,7 +88,7 @@ class L4Collector:
         self.started_ns = time.monotonic_ns()
 
     @property
-    def report(self):  # noqa: ANN201 - LoadReport
+    def report(self) -> LoadReport:
         return self.obj.report
 
     def poll(self) -> list[L4Record]:

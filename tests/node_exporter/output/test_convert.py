@@ -1,0 +1,44 @@
+"""Kernel enums and wire enums must mean the same numbers; conversion keeps every field."""
+
+from __future__ import annotations
+
+from kscope.v1 import flow_pb2 as pb
+from node_exporter.bpf.abi import ConnectStatus, L4Reason, Role
+from node_exporter.l4.records import Counters, L4Record
+from node_exporter.metadata.cgroup import ContainerIdentity
+from node_exporter.metadata.proc import ProcessInfo
+from node_exporter.output.convert import MonotonicClock, l4_flow
+
+
+def test_enum_numbers_agree() -> None:
+    assert int(Role.KSCOPE_ROLE_CLIENT) == pb.ROLE_CLIENT
+    assert int(Role.KSCOPE_ROLE_SERVER) == pb.ROLE_SERVER
+    assert int(Role.KSCOPE_ROLE_LISTENER) == pb.ROLE_LISTENER
+    assert int(L4Reason.KSCOPE_L4_PERIODIC) == pb.RECORD_KIND_PERIODIC
+    assert int(L4Reason.KSCOPE_L4_CLOSE) == pb.RECORD_KIND_CLOSE
+    for status in ConnectStatus:
+        wire = "CONNECT_STATUS_" + status.name.removeprefix("KSCOPE_CONNECT_")
+        if status == ConnectStatus.KSCOPE_CONNECT_NONE:
+            wire = "CONNECT_STATUS_UNSPECIFIED"
+        assert pb.ConnectStatus.Value(wire) == int(status)
+
+
+def test_counters_and_identity_survive_conversion() -> None:
+    rec = L4Record(
+        reason=L4Reason.KSCOPE_L4_CLOSE, role=Role.KSCOPE_ROLE_CLIENT, connect_status=ConnectStatus.KSCOPE_CONNECT_OK,
+        connect_errno=0, netns_ino=4026531840, sock_cookie=99, cgroup_id=1234, start_ns=1_000, ts_ns=2_000,
+        connect_latency_ns=150_000_000, total=Counters(*range(1, 11)), delta=Counters(*range(11, 21)),
+        local_ip="198.18.0.1", local_port=40000, remote_ip="198.18.0.2", remote_port=80, family=2, tgid=42, pid=43,
+        srtt_us=120, segs_out=5, segs_in=6, last_drop_reason=3, ack_backlog=0, max_ack_backlog=0, tcp_state=7,
+        comm="curl",
+    )  # fmt: skip
+    proc = ProcessInfo(pid=42, comm="curl", identity=ContainerIdentity("a" * 64, "1234-5678", "containerd"))
+    clock = MonotonicClock()
+    flow = l4_flow(rec, proc, clock, {3: "NO_SOCKET"})
+    assert [getattr(flow.total, f.name) for f in pb.L4Counters.DESCRIPTOR.fields] == list(range(1, 11))
+    assert [getattr(flow.delta, f.name) for f in pb.L4Counters.DESCRIPTOR.fields] == list(range(11, 21))
+    assert flow.process.container_id == "a" * 64 and flow.process.pod_uid == "1234-5678"
+    assert not flow.process.host_process
+    assert flow.last_drop_reason == "NO_SOCKET" and flow.tcp_state == "CLOSE"
+    assert flow.time_unix_nano - flow.start_time_unix_nano == 1_000
+    assert flow.connect_latency_ns == 150_000_000 and flow.ip_family == 4

@@ -1,0 +1,141 @@
+"""`kscope run` from the outside, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from google.protobuf import json_format
+
+from kscope.v1 import flow_pb2 as pb
+
+REPO = Path(__file__).resolve().parents[2]
+KSCOPE = str(REPO / ".venv" / "bin" / "kscope")
+
+
+def _run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([KSCOPE, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _records(path: Path) -> list[pb.NodeRecord]:
+    out = []
+    for line in path.read_text().splitlines():
+        out.append(json_format.Parse(line, pb.NodeRecord()))
+    return out
+
+
+def _clear_error(proc: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert needle in proc.stderr
+
+
+def test_missing_object_dir_is_a_clear_error(tmp_path: Path) -> None:
+    _clear_error(_run("run", "--no-live", "--duration", "1", "--bpf-dir", str(tmp_path)), "does not exist")
+
+
+def test_no_btf_is_a_clear_error() -> None:
+    env = dict(os.environ, KSCOPE_VMLINUX_BTF="/nonexistent/vmlinux")
+    _clear_error(_run("run", "--no-live", "--duration", "1", env=env), "kernel BTF not found")
+
+
+def test_not_root_is_a_clear_error() -> None:
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+         KSCOPE, "run", "--no-live", "--duration", "1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    _clear_error(proc, "kscope needs root")
+
+
+def test_bad_interval_is_a_clear_error() -> None:
+    _clear_error(_run("run", "--no-live", "--interval", "0"), "--interval must be > 0")
+
+
+def _exchange(port_holder: list[int], started: threading.Event, up: int, down: int) -> None:
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port_holder.append(srv.getsockname()[1])
+        started.wait(30)
+        with socket.create_connection(srv.getsockname()) as cli:
+            conn, _ = srv.accept()
+            with conn:
+                cli.sendall(b"u" * up)
+                got = 0
+                while got < up:
+                    got += len(conn.recv(1 << 16))
+                conn.sendall(b"d" * down)
+            got = 0
+            while chunk := cli.recv(1 << 16):
+                got += len(chunk)
+
+
+@pytest.mark.bpf
+def test_run_writes_jsonl_records_with_exact_bytes(tmp_path: Path) -> None:
+    out = tmp_path / "flows.jsonl"
+    proc = subprocess.Popen([KSCOPE, "run", "--no-live", "--duration", "4", "--interval", "0.5", "--jsonl", str(out)],
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stderr is not None
+    for line in proc.stderr:  # traffic only once the probes are attached
+        if "agent_started" in line:
+            break
+    ports: list[int] = []
+    started = threading.Event()
+    t = threading.Thread(target=_exchange, args=(ports, started, 123_457, 65_432))
+    t.start()
+    started.set()
+    t.join(30)
+    assert proc.wait(timeout=60) == 0
+    records = _records(out)
+    assert records[-1].WhichOneof("record") == "stats"
+    port = ports[0]
+    flows = [r.l4 for r in records if r.WhichOneof("record") == "l4" and port in (r.l4.local_port, r.l4.remote_port)]
+    client = [f for f in flows if f.role == pb.ROLE_CLIENT and f.remote_port == port]
+    server = [f for f in flows if f.role == pb.ROLE_SERVER and f.local_port == port]
+    assert client and server
+    assert client[-1].kind == pb.RECORD_KIND_CLOSE
+    assert client[-1].total.bytes_sent == 123_457 and client[-1].total.bytes_received == 65_432
+    assert server[-1].total.bytes_received == 123_457 and server[-1].total.bytes_sent == 65_432
+    assert sum(f.delta.bytes_sent for f in client) == 123_457
+    assert client[-1].connect_status == pb.CONNECT_STATUS_OK
+    assert client[-1].process.pid == os.getpid()
+    assert json.loads(out.read_text().splitlines()[0])  # plain JSON per line
+
+
+def _bpf_prog_ids_of(pid: int) -> set[int]:
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        if "link_type:" in info:
+            ids.update(int(line.split()[1]) for line in info.splitlines() if line.startswith("prog_id:"))
+    return ids
+
+
+@pytest.mark.bpf
+def test_sigterm_detaches_and_exits_cleanly(tmp_path: Path) -> None:
+    out = tmp_path / "flows.jsonl"
+    proc = subprocess.Popen([KSCOPE, "run", "--no-live", "--jsonl", str(out)], stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "agent_started" in line:
+            break
+    prog_ids = _bpf_prog_ids_of(proc.pid)
+    assert len(prog_ids) >= 5  # the L4 programs, held through link fds
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    time.sleep(0.2)
+    for prog_id in prog_ids:
+        show = subprocess.run(["bpftool", "prog", "show", "id", str(prog_id)], capture_output=True, text=True)
+        assert show.returncode != 0, f"program {prog_id} still loaded after exit"
+    assert _records(out)[-1].WhichOneof("record") == "stats"
