@@ -181,10 +181,12 @@ static __always_inline void read_tuple(__u8 *saddr, __u8 *daddr, __u16 *sport, _
 
 	*family = c->skc_family;
 	*sport = c->skc_num;
+	if (!*sport) /* unhashed while closing: inet_sport outlives skc_num */
+		*sport = bpf_ntohs(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
 	*dport = bpf_ntohs(c->skc_dport);
 	if (*family == AF_INET6) {
-		BPF_CORE_READ_INTO(saddr, c, skc_v6_rcv_saddr.in6_u.u6_addr8);
-		BPF_CORE_READ_INTO(daddr, c, skc_v6_daddr.in6_u.u6_addr8);
+		bpf_core_read(saddr, 16, &c->skc_v6_rcv_saddr);
+		bpf_core_read(daddr, 16, &c->skc_v6_daddr);
 		return;
 	}
 	__builtin_memset(saddr, 0, 16);
@@ -197,12 +199,36 @@ static __always_inline void read_tuple(__u8 *saddr, __u8 *daddr, __u16 *sport, _
 	*(__u32 *)&daddr[12] = c->skc_daddr;
 }
 
-/* Keep the tuple while the socket has one: the kernel clears the local port while
- * closing, before the final record of a short connection is made. */
+/* Keep the tuple while the socket has one: the kernel clears ports and addresses
+ * while closing, before the final record of a short or failed connection is made. */
 static __always_inline void remember_tuple(struct sock_state *st, const struct sock *sk)
 {
-	if (sk->__sk_common.skc_num)
-		read_tuple(st->saddr, st->daddr, &st->sport, &st->dport, &st->family, sk);
+	__u8 saddr[16], daddr[16];
+	__u16 sport, dport, family;
+
+	read_tuple(saddr, daddr, &sport, &dport, &family, sk);
+	if (!sport && !dport)
+		return;
+	__builtin_memcpy(st->saddr, saddr, 16);
+	__builtin_memcpy(st->daddr, daddr, 16);
+	st->sport = sport;
+	st->dport = dport;
+	st->family = family;
+}
+
+/* The kernel's own drop counter (sk_drops), plus the per-NUMA counters newer kernels
+ * (6.18) add for busy sockets. */
+static __always_inline __u32 socket_drops(const struct sock *sk)
+{
+	__u32 drops = sk->sk_drops.counter;
+
+	if (bpf_core_field_exists(sk->sk_drop_counters)) {
+		struct numa_drop_counters *ndc = BPF_CORE_READ(sk, sk_drop_counters);
+
+		if (ndc)
+			drops += BPF_CORE_READ(ndc, drops0.counter) + BPF_CORE_READ(ndc, drops1.counter);
+	}
+	return drops;
 }
 
 /* Fill a record from the socket and its state, taking the deltas since the last record.
@@ -239,7 +265,7 @@ static __always_inline void make_record(struct kscope_l4_record *rec, struct soc
 		rec->delta[i] = now - prev;
 	}
 	read_tuple(rec->saddr, rec->daddr, &rec->sport, &rec->dport, &rec->family, sk);
-	if (rec->sport == 0 && st->family) {
+	if ((rec->sport == 0 || (rec->dport == 0 && st->role != KSCOPE_ROLE_LISTENER)) && st->family) {
 		__builtin_memcpy(rec->saddr, st->saddr, 16);
 		__builtin_memcpy(rec->daddr, st->daddr, 16);
 		rec->sport = st->sport;
@@ -252,7 +278,9 @@ static __always_inline void make_record(struct kscope_l4_record *rec, struct soc
 		rec->srtt_us = tp->srtt_us >> 3;
 		rec->segs_out = tp->segs_out;
 		rec->segs_in = tp->segs_in;
+		rec->rttvar_us = tp->mdev_us >> 2;
 	} else {
+		rec->rttvar_us = 0;
 		rec->srtt_us = 0;
 		rec->segs_out = 0;
 		rec->segs_in = 0;
@@ -260,6 +288,7 @@ static __always_inline void make_record(struct kscope_l4_record *rec, struct soc
 	rec->last_drop_reason = st->last_drop_reason;
 	rec->ack_backlog = sk->sk_ack_backlog;
 	rec->max_ack_backlog = sk->sk_max_ack_backlog;
+	rec->sk_drops = socket_drops(sk);
 	rec->tcp_state = sk->__sk_common.skc_state;
 	__builtin_memcpy(rec->comm, st->comm, sizeof(rec->comm));
 	st->flags |= SF_REPORTED;
@@ -336,8 +365,8 @@ int BPF_PROG(on_set_state, struct sock *sk, int oldstate, int newstate)
 		st = bpf_sk_storage_get(&sock_states, sk, 0, 0);
 		if (!st)
 			return 0;
-		if (!st->family)
-			remember_tuple(st, sk);
+		/* last moment the tuple is intact (failed connects never had a record) */
+		remember_tuple(st, sk);
 		if (oldstate == TCP_SYN_SENT) {
 			int err = sk->sk_err;
 

@@ -90,6 +90,9 @@ struct kscope_l4_record {
 	__u32 last_drop_reason; /* enum skb_drop_reason of the last attributed drop; 0 none */
 	__u32 ack_backlog;    /* listener: connections waiting in the accept queue */
 	__u32 max_ack_backlog;/* listener: accept queue limit; accepted sockets inherit it (non-zero) */
+	__u32 sk_drops;       /* the kernel's own drop counter of the socket (what `ss` shows as dN); on a
+			       * listener: SYNs/handshakes dropped, mostly for a full accept queue */
+	__u32 rttvar_us;      /* RTT variation, microseconds (kernel mdev_us >> 2, as tcp_info) */
 	__u16 sport;          /* local port, host order */
 	__u16 dport;          /* remote port, host order */
 	__u16 family;         /* AF_INET (2) or AF_INET6 (10): the socket's own family */

@@ -93,6 +93,8 @@ class KscopeL4Record(ctypes.Structure):
         ("last_drop_reason", u32),
         ("ack_backlog", u32),
         ("max_ack_backlog", u32),
+        ("sk_drops", u32),
+        ("rttvar_us", u32),
         ("sport", u16),
         ("dport", u16),
         ("family", u16),

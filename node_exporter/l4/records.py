@@ -12,7 +12,7 @@ from node_exporter.bpf.abi import N_COUNTERS, ConnectStatus, KscopeL4Record, L4R
 
 # Mirrors KscopeL4Record field by field (the ABI test checks the ctypes mirror; this
 # format is checked against it below, at import).
-_FMT = struct.Struct(f"<BBBBIQQQQQ{N_COUNTERS}Q{N_COUNTERS}Q16s16sIIIIIIIIHHHBB16s")
+_FMT = struct.Struct(f"<BBBBIQQQQQ{N_COUNTERS}Q{N_COUNTERS}Q16s16sIIIIIIIIIIHHHBB16s")
 RECORD_SIZE = ctypes.sizeof(KscopeL4Record)
 if _FMT.size != RECORD_SIZE:  # pragma: no cover - caught by the ABI test first
     raise ImportError(f"L4 record format is {_FMT.size} bytes, ctypes mirror {RECORD_SIZE}")
@@ -64,6 +64,8 @@ class L4Record:
     last_drop_reason: int
     ack_backlog: int
     max_ack_backlog: int
+    sk_drops: int
+    rttvar_us: int
     tcp_state: int
     comm: str
 
@@ -99,8 +101,8 @@ def decode_l4(raw: bytes) -> L4Record | None:
     n = N_COUNTERS
     totals, deltas = f[10 : 10 + n], f[10 + n : 10 + 2 * n]
     rest = f[10 + 2 * n :]
-    (saddr, daddr, tgid, pid, srtt, segs_out, segs_in, drop_reason, backlog, max_backlog,
-     sport, dport, family, state, cerrno, comm) = rest  # fmt: skip
+    (saddr, daddr, tgid, pid, srtt, segs_out, segs_in, drop_reason, backlog, max_backlog, sk_drops,
+     rttvar, sport, dport, family, state, cerrno, comm) = rest  # fmt: skip
     return L4Record(
         reason=L4Reason(f[1]) if f[1] in (1, 2) else L4Reason.KSCOPE_L4_PERIODIC,
         role=Role(f[2]) if f[2] <= 3 else Role.KSCOPE_ROLE_UNKNOWN,
@@ -127,6 +129,8 @@ def decode_l4(raw: bytes) -> L4Record | None:
         last_drop_reason=drop_reason,
         ack_backlog=backlog,
         max_ack_backlog=max_backlog,
+        sk_drops=sk_drops,
+        rttvar_us=rttvar,
         tcp_state=state,
         comm=comm.split(b"\0", 1)[0].decode(errors="replace"),
     )

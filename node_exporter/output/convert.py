@@ -65,4 +65,6 @@ def l4_flow(
         accept_queue=rec.ack_backlog,
         accept_queue_max=rec.max_ack_backlog,
         tcp_state=rec.tcp_state_name,
+        socket_drops=rec.sk_drops,
+        rttvar_us=rec.rttvar_us,
     )

@@ -29,7 +29,8 @@ def test_counters_and_identity_survive_conversion() -> None:
         connect_errno=0, netns_ino=4026531840, sock_cookie=99, cgroup_id=1234, start_ns=1_000, ts_ns=2_000,
         connect_latency_ns=150_000_000, total=Counters(*range(1, 11)), delta=Counters(*range(11, 21)),
         local_ip="198.18.0.1", local_port=40000, remote_ip="198.18.0.2", remote_port=80, family=2, tgid=42, pid=43,
-        srtt_us=120, segs_out=5, segs_in=6, last_drop_reason=3, ack_backlog=0, max_ack_backlog=0, tcp_state=7,
+        srtt_us=120, segs_out=5, segs_in=6, last_drop_reason=3, ack_backlog=0, max_ack_backlog=0, sk_drops=4,
+        rttvar_us=30, tcp_state=7,
         comm="curl",
     )  # fmt: skip
     proc = ProcessInfo(pid=42, comm="curl", identity=ContainerIdentity("a" * 64, "1234-5678", "containerd"))

@@ -1,0 +1,46 @@
+"""End-to-end fixtures: one L4 collector per module, throw-away namespaces per test.
+
+The kernel-availability gate (``bpf`` marker) lives in ``tests/conftest.py`` and runs
+before these fixtures are set up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.e2e.netns import Recorder, Topology
+
+
+@pytest.fixture(scope="module")
+def collector() -> Iterator[Any]:
+    """The L4 probe, every namespace (tests keep only their own records)."""
+    from node_exporter.l4.collector import L4Collector
+
+    c = L4Collector()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def topo() -> Iterator[Topology]:
+    """Client and server namespaces on a veth pair; deleted (with their processes) whatever happens."""
+    t = Topology()
+    try:
+        t.create()
+        yield t
+    finally:
+        t.close()
+
+
+@pytest.fixture
+def rec(collector: Any, topo: Topology) -> Recorder:
+    """Records of this test's namespaces only; what the collector held before is dropped."""
+    inos = {topo.cli.ino, topo.srv.ino}
+    r = Recorder(collector, lambda rec: rec.netns_ino in inos)
+    r.drain()
+    return r
