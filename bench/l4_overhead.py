@@ -66,7 +66,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def wrk(port: int, seconds: float, connections: int, close: bool) -> float:
+def wrk(port: int, seconds: int, connections: int, close: bool) -> float:
     cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s"]
     if close:
         cmd += ["-H", "Connection: close"]
@@ -105,7 +105,7 @@ class AgentProc:
         self.proc.wait(timeout=30)
 
 
-def run_pairs(port: int, pairs: int, seconds: float, connections: int, close: bool) -> dict[str, object]:
+def run_pairs(port: int, pairs: int, seconds: int, connections: int, close: bool) -> dict[str, object]:
     ratios, base, with_agent, agent_cpu_per_1k = [], [], [], []
     for _ in range(pairs):
         b = wrk(port, seconds, connections, close)
@@ -132,7 +132,7 @@ def run_pairs(port: int, pairs: int, seconds: float, connections: int, close: bo
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=5)
-    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--connections", type=int, default=50)
     args = ap.parse_args()
     if os.geteuid() != 0:

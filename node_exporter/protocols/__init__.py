@@ -1,0 +1,32 @@
+"""User-space half of L7 request tracing: sans-I/O parsers and the per-connection tracker.
+
+``PROTOCOLS`` is the registry: the agent picks a parser by the name the kernel's
+protocol inference reports, never by an if-chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
+
+from node_exporter.protocols.base import Direction, ParseState, Protocol, Role
+from node_exporter.protocols.dns import Dns, DnsRecord
+from node_exporter.protocols.http1 import Http1, HttpRecord
+from node_exporter.protocols.tracker import ConnectionTracker, TrackerLimits
+
+PROTOCOLS: Final[Mapping[str, Protocol]] = MappingProxyType(
+    {p.name: p for p in (Http1(), Dns(tcp=False), Dns(tcp=True))}
+)
+
+__all__ = [
+    "PROTOCOLS",
+    "ConnectionTracker",
+    "Direction",
+    "DnsRecord",
+    "HttpRecord",
+    "ParseState",
+    "Protocol",
+    "Role",
+    "TrackerLimits",
+]
