@@ -16,10 +16,14 @@ import structlog
 
 from node_exporter.bpf import preflight
 from node_exporter.bpf.btf import Btf
+from node_exporter.errors import KscopeError
 from node_exporter.l4.collector import OBJECT_NAME, L4Collector, default_bpf_dir
 from node_exporter.l4.records import L4Record
+from node_exporter.l7.collector import OBJECT_NAME as L7_OBJECT
+from node_exporter.l7.collector import L7Collector
+from node_exporter.l7.pipeline import L7Event, L7Pipeline
 from node_exporter.metadata.proc import ProcessIndex
-from node_exporter.output.convert import MonotonicClock, l4_flow
+from node_exporter.output.convert import MonotonicClock, l4_flow, l7_request
 from node_exporter.output.jsonl import JsonlWriter
 from node_exporter.output.live import LiveView
 from node_exporter.selfmetrics import SelfMetrics
@@ -36,6 +40,8 @@ class AgentOptions:
     bpf_dir: Path | None = None
     live: bool = False
     metrics_port: int | None = None
+    l7: bool = True
+    capture_bytes: int = 1024
 
 
 def kernel_drop_reasons() -> dict[int, str]:
@@ -58,10 +64,23 @@ class Agent:
         self.view = LiveView()
         self.records_written = 0
         self.write_failed = 0
+        self.requests_seen = 0
         preflight.check()
         bpf_dir = opts.bpf_dir or default_bpf_dir()
         self.collector = L4Collector(bpf_dir / OBJECT_NAME, netns_ino=opts.netns_inode)
-        self.metrics.set_capabilities(self.collector.report.enabled, self.collector.report.disabled)
+        self.l7: L7Collector | None = None
+        self.pipeline = L7Pipeline()
+        enabled, disabled = set(self.collector.report.enabled), dict(self.collector.report.disabled)
+        if opts.l7:
+            try:
+                self.l7 = L7Collector(bpf_dir / L7_OBJECT, netns_ino=opts.netns_inode, capture_bytes=opts.capture_bytes)
+                enabled |= self.l7.report.enabled
+                disabled.update(self.l7.report.disabled)
+            except KscopeError as exc:
+                # L7 is a capability like any other: without it the agent still does L4.
+                log.warning("capability_disabled", capability="l7.capture", reason=str(exc))
+                disabled["l7.capture"] = str(exc)
+        self.metrics.set_capabilities(enabled, disabled)
         self.drop_reasons = kernel_drop_reasons()
         self.writer = JsonlWriter(opts.jsonl) if opts.jsonl else None
 
@@ -69,20 +88,29 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
 
-    def step(self) -> list[L4Record]:
-        """One interval's work: poll, enrich, write, update self-metrics."""
+    def step(self) -> tuple[list[L4Record], list[L7Event]]:
+        """One interval's work: poll, parse, enrich, write, update self-metrics."""
         records = self.collector.poll()
-        if self.writer is not None and records:
+        events: list[L7Event] = []
+        if self.l7 is not None:
+            # L7 after L4: every chunk a socket sent before its final record is already in the ring.
+            events = self.pipeline.feed(self.l7.poll())
+            events += self.pipeline.close_sockets(r.sock_cookie for r in records if r.is_close)
+            events += self.pipeline.expire(time.monotonic_ns())
+        if self.writer is not None and (records or events):
             flows = [l4_flow(r, self.procs.lookup(r.tgid, r.comm), self.clock, self.drop_reasons) for r in records]
+            requests = [l7_request(e, self.procs.lookup(e.conn.tgid, e.conn.comm), self.clock) for e in events]
             try:
                 self.writer.write_flows(flows)
-                self.records_written += len(flows)
+                self.writer.write_requests(requests)
+                self.records_written += len(flows) + len(requests)
             except OSError as exc:
-                self.write_failed += len(flows)
-                log.error("jsonl_write_failed", error=str(exc), records=len(flows))
+                self.write_failed += len(flows) + len(requests)
+                log.error("jsonl_write_failed", error=str(exc), records=len(flows) + len(requests))
+        self.requests_seen += len(events)
         self.view.update(records)
         self._update_metrics()
-        return records
+        return records, events
 
     def _update_metrics(self) -> None:
         s = self.collector.stats
@@ -97,7 +125,15 @@ class Agent:
             records_write_failed=self.write_failed,
             process_lookups_hit=self.procs.hits,
             process_lookups_missed=self.procs.misses,
+            l7_requests=self.requests_seen,
         )
+        if self.l7 is not None:
+            values.update({f"l7_kernel_{k}": v for k, v in self.l7.kernel_stats().items()})
+            values.update({f"l7_{k}": v for k, v in self.pipeline.counters().items()})
+            values["l7_decode_errors"] = self.l7.stats.decode_errors
+            if self.l7.tls is not None:
+                values["l7_tls_libraries_attached"] = len(self.l7.tls.attached)
+                values["l7_tls_libraries_failed"] = len(self.l7.tls.failed)
         self.metrics.update(values)
 
     def run(self) -> None:
@@ -138,4 +174,6 @@ class Agent:
             self.writer.close()
             self.writer = None
         self.collector.close()
+        if self.l7 is not None:
+            self.l7.close()
         log.info("agent_stopped", **self.metrics.values)

@@ -23,6 +23,8 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--netns-inode", type=int, default=0, metavar="INODE", help="only this network namespace")
     p.add_argument("--bpf-dir", type=Path, default=None, help="where l4.bpf.o is (default: build/bpf)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve self-metrics for Prometheus here")
+    p.add_argument("--no-l7", action="store_true", help="L4 only: no request tracing (HTTP/1, DNS, TLS)")
+    p.add_argument("--capture-bytes", type=int, default=1024, help="bytes of each message head captured (1024)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -40,6 +42,9 @@ def _run(args: argparse.Namespace, live: bool) -> int:
     if args.interval <= 0:
         print("kscope: error: --interval must be > 0", file=sys.stderr)
         return EXIT_USAGE
+    if not 1 <= args.capture_bytes <= 4096:
+        print("kscope: error: --capture-bytes must be 1..4096", file=sys.stderr)
+        return EXIT_USAGE
     from node_exporter.agent import Agent, AgentOptions
 
     opts = AgentOptions(
@@ -50,6 +55,8 @@ def _run(args: argparse.Namespace, live: bool) -> int:
         bpf_dir=args.bpf_dir,
         live=live,
         metrics_port=args.metrics_port,
+        l7=not args.no_l7,
+        capture_bytes=args.capture_bytes,
     )
     try:
         agent = Agent(opts)

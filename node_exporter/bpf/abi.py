@@ -104,13 +104,84 @@ class KscopeL4Record(ctypes.Structure):
     ]
 
 
-# C struct name -> mirror; C enum name -> mirror (what the ABI test walks).
-STRUCTS: dict[str, type[ctypes.Structure]] = {"kscope_l4_record": KscopeL4Record}
-ENUMS: dict[str, type[enum.IntEnum]] = {
-    "kscope_record_type": RecordType,
-    "kscope_l4_reason": L4Reason,
-    "kscope_l4_role": Role,
-    "kscope_connect_status": ConnectStatus,
-    "kscope_l4_counter": L4Counter,
-    "kscope_stat": Stat,
+class L7RecordType(enum.IntEnum):
+    KSCOPE_REC_L7 = 2
+
+
+class L7Protocol(enum.IntEnum):
+    KSCOPE_PROTO_UNKNOWN = 0
+    KSCOPE_PROTO_HTTP1 = 1
+    KSCOPE_PROTO_DNS = 2
+    KSCOPE_PROTO_IGNORED = 255
+
+
+class L7Direction(enum.IntEnum):
+    KSCOPE_DIR_EGRESS = 1
+    KSCOPE_DIR_INGRESS = 2
+
+
+class L7Flags(enum.IntFlag):
+    KSCOPE_L7_TLS = 1
+    KSCOPE_L7_TRUNCATED = 2
+    KSCOPE_L7_NO_BUFFER = 4
+
+
+class L7Stat(enum.IntEnum):
+    KSCOPE_L7_STAT_RB_FULL = 0
+    KSCOPE_L7_STAT_IGNORED = 1
+    KSCOPE_L7_STAT_CAPTURED = 2
+    KSCOPE_L7_STAT_READ_FAILED = 3
+    KSCOPE_L7_STAT_NO_BUFFER = 4
+    KSCOPE_L7_STAT_TLS_NO_SOCKET = 5
+    KSCOPE_L7_STAT_STORAGE_FAILED = 6
+    KSCOPE_L7_STATS = 7
+
+
+L7_MAX_CAPTURE = 4096
+
+
+class KscopeL7Header(ctypes.Structure):
+    """Followed by ``captured`` payload bytes."""
+
+    _fields_ = [
+        ("type", u8),
+        ("direction", u8),
+        ("protocol", u8),
+        ("flags", u8),
+        ("netns_ino", u32),
+        ("sock_cookie", u64),
+        ("ts_ns", u64),
+        ("seq", u64),
+        ("saddr", u8 * 16),
+        ("daddr", u8 * 16),
+        ("tgid", u32),
+        ("pid", u32),
+        ("len", u32),
+        ("captured", u32),
+        ("sport", u16),
+        ("dport", u16),
+        ("family", u16),
+        ("role", u8),
+        ("ip_proto", u8),
+        ("comm", u8 * 16),
+    ]
+
+
+# C struct name -> (object file, mirror); C enum name -> (object file, mirror): what the ABI test walks.
+STRUCTS: dict[str, tuple[str, type[ctypes.Structure]]] = {
+    "kscope_l4_record": ("l4.bpf.o", KscopeL4Record),
+    "kscope_l7_header": ("l7.bpf.o", KscopeL7Header),
+}
+ENUMS: dict[str, tuple[str, type[enum.IntEnum] | type[enum.IntFlag]]] = {
+    "kscope_record_type": ("l4.bpf.o", RecordType),
+    "kscope_l4_reason": ("l4.bpf.o", L4Reason),
+    "kscope_l4_role": ("l4.bpf.o", Role),
+    "kscope_connect_status": ("l4.bpf.o", ConnectStatus),
+    "kscope_l4_counter": ("l4.bpf.o", L4Counter),
+    "kscope_stat": ("l4.bpf.o", Stat),
+    "kscope_l7_record_type": ("l7.bpf.o", L7RecordType),
+    "kscope_l7_protocol": ("l7.bpf.o", L7Protocol),
+    "kscope_l7_direction": ("l7.bpf.o", L7Direction),
+    "kscope_l7_flags": ("l7.bpf.o", L7Flags),
+    "kscope_l7_stat": ("l7.bpf.o", L7Stat),
 }

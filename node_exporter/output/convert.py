@@ -6,7 +6,9 @@ import time
 
 from kscope.v1 import flow_pb2 as pb
 from node_exporter.l4.records import Counters, L4Record
+from node_exporter.l7.pipeline import L7Event
 from node_exporter.metadata.proc import ProcessInfo
+from node_exporter.protocols import HttpRecord, Role
 
 _COUNTER_FIELDS = Counters.__slots__
 
@@ -68,3 +70,55 @@ def l4_flow(
         socket_drops=rec.sk_drops,
         rttvar_us=rec.rttvar_us,
     )
+
+
+def l7_request(ev: L7Event, proc: ProcessInfo | None, clock: MonotonicClock) -> pb.L7Request:
+    c, r = ev.conn, ev.record
+    ident = proc.identity if proc else None
+    msg = pb.L7Request(
+        socket_cookie=c.sock_cookie,
+        netns_inode=c.netns_ino,
+        side=pb.ROLE_CLIENT if c.side is Role.CLIENT else pb.ROLE_SERVER,
+        protocol=c.protocol,
+        tls=c.tls,
+        local_ip=c.local_ip,
+        local_port=c.local_port,
+        remote_ip=c.remote_ip,
+        remote_port=c.remote_port,
+        ip_family=6 if c.family == 10 else 4,
+        process=pb.ProcessIdentity(
+            pid=c.tgid,
+            comm=proc.comm if proc and proc.comm else c.comm,
+            container_id=ident.container_id if ident else "",
+            pod_uid=ident.pod_uid if ident else "",
+            container_runtime=ident.runtime if ident else "",
+            host_process=bool(c.tgid) and (ident is None or ident.is_host),
+        ),
+        start_time_unix_nano=clock.unix_ns(r.start_ns),
+        latency_ns=max(0, r.latency_ns),
+        request_bytes=r.request_bytes,
+        response_bytes=r.response_bytes,
+    )
+    if isinstance(r, HttpRecord):
+        msg.http.CopyFrom(
+            pb.HttpInfo(
+                method=r.method,
+                path=r.path,
+                route=r.route,
+                status_code=r.status,
+                traceparent=r.traceparent,
+                request_id=r.request_id,
+            )
+        )
+    else:
+        msg.dns.CopyFrom(
+            pb.DnsInfo(
+                id=r.id,
+                question_name=r.name,
+                question_type=r.qtype,
+                rcode=r.rcode,
+                answer_count=r.answers,
+                timed_out=r.timed_out,
+            )
+        )
+    return msg

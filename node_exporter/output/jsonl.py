@@ -25,6 +25,10 @@ class JsonlWriter:
         for flow in flows:
             self._write(pb.NodeRecord(l4=flow))
 
+    def write_requests(self, requests: Iterable[pb.L7Request]) -> None:
+        for req in requests:
+            self._write(pb.NodeRecord(l7=req))
+
     def write_stats(self, stats: pb.AgentStats) -> None:
         self._write(pb.NodeRecord(stats=stats))
 

@@ -1,0 +1,594 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * L7: the heads of application messages, only for connections we parse.
+ *
+ * The socket tracepoints (sock_send_length / sock_recv_length) fire only for socket
+ * I/O and hand over the socket; the user buffer is found through the task's saved
+ * syscall registers (orig_ax = syscall number, si = buffer or iovec/msghdr). Measured
+ * on our kernel (shared/KERNEL.md) that kept 90% of nginx's throughput where syscall
+ * enter/exit tracepoints with an fd walk kept 78%. The protocol is decided in the
+ * kernel from a connection's first bytes and kept in socket-local storage: sockets we
+ * do not parse cost one storage lookup per call and never reach the ring buffer.
+ * OpenSSL plaintext comes from uprobes on SSL_read/SSL_write(_ex); the ciphertext
+ * of those sockets is not captured.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+
+#include "compat.h"
+#include "abi/l4.h"
+#include "abi/l7.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define IPPROTO_UDP 17
+#define DNS_PORT 53
+#define MAX_INFER_ATTEMPTS 8
+#define MAX_MMSG 64
+
+/* x86-64 syscall numbers (orig_ax). */
+#define NR_read 0
+#define NR_write 1
+#define NR_readv 19
+#define NR_writev 20
+#define NR_sendto 44
+#define NR_recvfrom 45
+#define NR_sendmsg 46
+#define NR_recvmsg 47
+#define NR_recvmmsg 299
+#define NR_sendmmsg 307
+
+/* Runtime knobs, set by user space before load. */
+const volatile __u32 capture_bytes = 1024; /* head bytes captured per call, <= KSCOPE_L7_MAX_CAPTURE */
+const volatile __u32 filter_netns_ino = 0; /* 0: every network namespace */
+
+struct l7_sock {
+	__u64 seq[2];   /* bytes seen per direction (index direction - 1) */
+	__u8 protocol;  /* enum kscope_l7_protocol */
+	__u8 attempts;  /* calls whose bytes did not tell the protocol */
+	__u8 role;      /* enum kscope_l4_role */
+	__u8 tls;       /* ciphertext: the plaintext comes from the uprobes */
+	__u32 _pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct l7_sock);
+} l7_socks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 8 * 1024 * 1024);
+} l7_ring SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, KSCOPE_L7_STATS);
+	__type(key, __u32);
+	__type(value, __u64);
+} l7_stats SEC(".maps");
+
+/* Twice the capture bound so a length masked with READ_MASK is provably inside it. */
+#define READ_MASK (2 * KSCOPE_L7_MAX_CAPTURE - 1)
+
+struct chunk {
+	struct kscope_l7_header hdr;
+	__u8 data[2 * KSCOPE_L7_MAX_CAPTURE];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct chunk);
+} l7_scratch SEC(".maps");
+
+/* ---- OpenSSL: what a thread is doing inside SSL_read/SSL_write, and each SSL's socket ---- */
+
+struct tls_call {
+	__u64 ssl;
+	__u64 buf;
+	__u64 ex_len_ptr; /* SSL_*_ex: where the byte count is written; 0 otherwise */
+	__u8 direction;
+	__u8 _pad[7];
+};
+
+struct tls_conn {
+	__u64 sock_cookie;
+	__u64 seq[2];
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u32 netns_ino;
+	__u16 sport;
+	__u16 dport;
+	__u16 family;
+	__u8 protocol; /* of the plaintext */
+	__u8 attempts;
+	__u8 role;
+	__u8 _pad[3];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32); /* thread id */
+	__type(value, struct tls_call);
+} tls_calls SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64); /* SSL * (per process: tgid << 48 ^ pointer would collide less, see ssl_key) */
+	__type(value, struct tls_conn);
+} tls_conns SEC(".maps");
+
+/* sendmmsg/recvmmsg: which message of the vector this call of the tracepoint is. */
+struct mmsg_pos {
+	__u64 base;
+	__u64 ts_ns;
+	__u32 idx;
+	__u32 _pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct mmsg_pos);
+} mmsg_pos SEC(".maps");
+
+const struct kscope_l7_header *__anchor_l7_header __attribute__((unused));
+enum kscope_l7_record_type __anchor_l7_record_type __attribute__((unused));
+enum kscope_l7_protocol __anchor_l7_protocol __attribute__((unused));
+enum kscope_l7_direction __anchor_l7_direction __attribute__((unused));
+enum kscope_l7_flags __anchor_l7_flags __attribute__((unused));
+enum kscope_l7_stat __anchor_l7_stat __attribute__((unused));
+
+static __always_inline void stat_inc(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&l7_stats, &idx);
+
+	if (v)
+		*v += 1;
+}
+
+static __always_inline __u64 ssl_key(__u64 ssl)
+{
+	/* the same SSL * value in two processes is two connections */
+	return ssl ^ ((__u64)(bpf_get_current_pid_tgid() >> 32) << 48);
+}
+
+static __always_inline void read_tuple(struct kscope_l7_header *h, const struct sock *sk)
+{
+	const struct sock_common *c = &sk->__sk_common;
+
+	h->family = c->skc_family;
+	h->sport = c->skc_num;
+	h->dport = bpf_ntohs(c->skc_dport);
+	if (h->family == AF_INET6) {
+		bpf_core_read(h->saddr, 16, &c->skc_v6_rcv_saddr);
+		bpf_core_read(h->daddr, 16, &c->skc_v6_daddr);
+		return;
+	}
+	__builtin_memset(h->saddr, 0, 16);
+	__builtin_memset(h->daddr, 0, 16);
+	h->saddr[10] = h->saddr[11] = 0xff;
+	h->daddr[10] = h->daddr[11] = 0xff;
+	*(__u32 *)&h->saddr[12] = c->skc_rcv_saddr;
+	*(__u32 *)&h->daddr[12] = c->skc_daddr;
+}
+
+/* Unconnected UDP: the peer is in the call's sockaddr (msg_name / sendto's addr). */
+static __always_inline void read_peer(struct kscope_l7_header *h, const void *uaddr)
+{
+	struct sockaddr_in6 sa = {};
+
+	if (!uaddr || bpf_probe_read_user(&sa, sizeof(sa), uaddr))
+		return;
+	if (sa.sin6_family == AF_INET6) {
+		h->dport = bpf_ntohs(sa.sin6_port);
+		__builtin_memcpy(h->daddr, &sa.sin6_addr, 16);
+	} else if (sa.sin6_family == AF_INET) {
+		struct sockaddr_in *sin = (struct sockaddr_in *)&sa;
+
+		h->dport = bpf_ntohs(sin->sin_port);
+		__builtin_memset(h->daddr, 0, 10);
+		h->daddr[10] = h->daddr[11] = 0xff;
+		*(__u32 *)&h->daddr[12] = sin->sin_addr.s_addr;
+	}
+}
+
+/* The user buffer of the current socket call: first iovec for vector calls. */
+static __always_inline const void *user_buffer(struct pt_regs *regs, __u64 *avail, const void **uaddr)
+{
+	__u64 nr = BPF_CORE_READ(regs, orig_ax);
+	__u64 si = BPF_CORE_READ(regs, si);
+	struct user_msghdr msg;
+	struct iovec iov;
+
+	*uaddr = 0;
+	*avail = ~0ULL;
+	switch (nr) {
+	case NR_read:
+	case NR_write:
+		return (const void *)si;
+	case NR_sendto:
+	case NR_recvfrom:
+		*uaddr = (const void *)BPF_CORE_READ(regs, r8);
+		return (const void *)si;
+	case NR_readv:
+	case NR_writev:
+		if (bpf_probe_read_user(&iov, sizeof(iov), (void *)si))
+			return 0;
+		*avail = iov.iov_len;
+		return iov.iov_base;
+	case NR_sendmsg:
+	case NR_recvmsg:
+		break;
+	case NR_sendmmsg:
+	case NR_recvmmsg: {
+		__u32 tid = (__u32)bpf_get_current_pid_tgid();
+		__u64 now = bpf_ktime_get_ns();
+		struct mmsg_pos *pos = bpf_map_lookup_elem(&mmsg_pos, &tid);
+		struct mmsg_pos fresh = { .base = si, .ts_ns = now };
+		__u32 idx = 0;
+
+		/* consecutive calls of the tracepoint within one syscall walk the vector */
+		if (pos && pos->base == si && now - pos->ts_ns < 1000000 && pos->idx + 1 < MAX_MMSG)
+			idx = pos->idx + 1;
+		fresh.idx = idx;
+		bpf_map_update_elem(&mmsg_pos, &tid, &fresh, BPF_ANY);
+		si += (__u64)idx * sizeof(struct mmsghdr);
+		break;
+	}
+	default:
+		return 0; /* sendfile, splice, io_uring ...: no user buffer here */
+	}
+	if (bpf_probe_read_user(&msg, sizeof(msg), (void *)si))
+		return 0;
+	*uaddr = msg.msg_name;
+	if (!msg.msg_iovlen || bpf_probe_read_user(&iov, sizeof(iov), msg.msg_iov))
+		return 0;
+	*avail = iov.iov_len;
+	return iov.iov_base;
+}
+
+static __always_inline bool has_prefix(const __u8 *d, __u32 n, const char *p, __u32 plen)
+{
+	if (n < plen)
+		return false;
+	for (__u32 i = 0; i < plen; i++)
+		if (d[i] != (__u8)p[i])
+			return false;
+	return true;
+}
+
+/* 1: an HTTP/1 request starts here, 2: a response, 0: neither. */
+static __always_inline int http_start(const __u8 *d, __u32 n)
+{
+	if (has_prefix(d, n, "HTTP/1.", 7))
+		return 2;
+	if (has_prefix(d, n, "GET ", 4) || has_prefix(d, n, "POST ", 5) || has_prefix(d, n, "PUT ", 4) ||
+	    has_prefix(d, n, "HEAD ", 5) || has_prefix(d, n, "DELETE ", 7) || has_prefix(d, n, "PATCH ", 6) ||
+	    has_prefix(d, n, "OPTIONS ", 8) || has_prefix(d, n, "CONNECT ", 8) || has_prefix(d, n, "TRACE ", 6))
+		return 1;
+	return 0;
+}
+
+/* Decide the protocol of a connection from one call's head; 0 role means unknown. */
+static __always_inline __u8 infer(const __u8 *d, __u32 n, __u8 dir, __u8 ip_proto, __u16 sport, __u16 dport,
+				  __u8 *role)
+{
+	int kind;
+
+	if (sport == DNS_PORT || dport == DNS_PORT) {
+		/* DNS header: 12 bytes (over TCP after a 2-byte length), one question */
+		__u32 off = ip_proto == IPPROTO_TCP ? 2 : 0;
+
+		if (n >= off + 12 && d[off + 4] == 0 && d[off + 5] == 1) {
+			*role = sport == DNS_PORT ? KSCOPE_ROLE_SERVER : KSCOPE_ROLE_CLIENT;
+			return KSCOPE_PROTO_DNS;
+		}
+		return KSCOPE_PROTO_UNKNOWN;
+	}
+	if (ip_proto != IPPROTO_TCP)
+		return KSCOPE_PROTO_UNKNOWN;
+	kind = http_start(d, n);
+	if (!kind)
+		return KSCOPE_PROTO_UNKNOWN;
+	/* a request we send or a response we read: we are the client */
+	*role = (kind == 1) == (dir == KSCOPE_DIR_EGRESS) ? KSCOPE_ROLE_CLIENT : KSCOPE_ROLE_SERVER;
+	return KSCOPE_PROTO_HTTP1;
+}
+
+/* A TLS record header: content type 20..24, version 3.x (SSL 3.0 .. TLS 1.3 framing). */
+static __always_inline bool is_tls_record(const __u8 *d, __u32 n)
+{
+	return n >= 5 && d[0] >= 20 && d[0] <= 24 && d[1] == 3 && d[2] <= 4;
+}
+
+static __always_inline __u32 clamp_capture(__u64 len, __u64 avail)
+{
+	__u64 n = len;
+
+	if (n > avail)
+		n = avail;
+	if (n > capture_bytes)
+		n = capture_bytes;
+	if (n > KSCOPE_L7_MAX_CAPTURE)
+		n = KSCOPE_L7_MAX_CAPTURE;
+	return n;
+}
+
+static __always_inline void fill_task(struct kscope_l7_header *h)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+
+	h->tgid = id >> 32;
+	h->pid = (__u32)id;
+	bpf_get_current_comm(h->comm, sizeof(h->comm));
+	h->ts_ns = bpf_ktime_get_ns();
+}
+
+static __always_inline void submit(struct chunk *c, __u32 n)
+{
+	__u64 size = sizeof(c->hdr) + (n & READ_MASK);
+
+	c->hdr.captured = n;
+	if (bpf_ringbuf_output(&l7_ring, c, size, BPF_RB_NO_WAKEUP))
+		stat_inc(KSCOPE_L7_STAT_RB_FULL);
+	else
+		stat_inc(KSCOPE_L7_STAT_CAPTURED);
+}
+
+/* Inside SSL_read/SSL_write: remember which socket this SSL object uses. */
+static __always_inline void bind_tls(struct sock *sk, struct l7_sock *st, struct tls_call *call, __u8 ip_proto)
+{
+	struct tls_conn fresh = {}, *conn;
+	struct kscope_l7_header h = {};
+	__u64 key = ssl_key(call->ssl);
+
+	st->tls = 1;
+	conn = bpf_map_lookup_elem(&tls_conns, &key);
+	if (conn && conn->sock_cookie == bpf_get_socket_cookie(sk))
+		return;
+	read_tuple(&h, sk);
+	fresh.sock_cookie = bpf_get_socket_cookie(sk);
+	fresh.netns_ino = sk->__sk_common.skc_net.net->ns.inum;
+	__builtin_memcpy(fresh.saddr, h.saddr, 16);
+	__builtin_memcpy(fresh.daddr, h.daddr, 16);
+	fresh.sport = h.sport;
+	fresh.dport = h.dport;
+	fresh.family = h.family;
+	fresh.role = sk->sk_max_ack_backlog ? KSCOPE_ROLE_SERVER : KSCOPE_ROLE_CLIENT;
+	bpf_map_update_elem(&tls_conns, &key, &fresh, BPF_ANY);
+}
+
+static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
+{
+	struct l7_sock *st;
+	struct chunk *c;
+	struct tls_call *call;
+	const void *buf, *uaddr;
+	__u64 avail, seq;
+	__u32 zero = 0, n, tid;
+	__u16 family = sk->__sk_common.skc_family;
+	__u8 ip_proto = sk->sk_protocol;
+
+	if (ret <= 0 || (family != AF_INET && family != AF_INET6))
+		return;
+	if (ip_proto != IPPROTO_TCP && ip_proto != IPPROTO_UDP)
+		return;
+	if (filter_netns_ino && sk->__sk_common.skc_net.net->ns.inum != filter_netns_ino)
+		return;
+	st = bpf_sk_storage_get(&l7_socks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
+		stat_inc(KSCOPE_L7_STAT_STORAGE_FAILED);
+		return;
+	}
+	if (st->protocol == KSCOPE_PROTO_IGNORED)
+		return; /* the common case for traffic we do not parse: one lookup */
+	if (st->tls) {
+		/* ciphertext: note which socket the SSL object in use writes to, capture nothing */
+		tid = (__u32)bpf_get_current_pid_tgid();
+		call = bpf_map_lookup_elem(&tls_calls, &tid);
+		if (call)
+			bind_tls(sk, st, call, ip_proto);
+		return;
+	}
+	seq = st->seq[dir - 1];
+	st->seq[dir - 1] = seq + ret;
+
+	c = bpf_map_lookup_elem(&l7_scratch, &zero);
+	if (!c)
+		return;
+	__builtin_memset(&c->hdr, 0, sizeof(c->hdr));
+	read_tuple(&c->hdr, sk);
+	buf = user_buffer((struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf()), &avail, &uaddr);
+	if (ip_proto == IPPROTO_UDP && !c->hdr.dport)
+		read_peer(&c->hdr, uaddr);
+	n = buf ? clamp_capture(ret, avail) : 0;
+	if (n && bpf_probe_read_user(c->data, n & READ_MASK, buf)) {
+		stat_inc(KSCOPE_L7_STAT_READ_FAILED);
+		n = 0;
+	}
+	if (st->protocol == KSCOPE_PROTO_UNKNOWN) {
+		__u8 role = 0, proto = infer(c->data, n, dir, ip_proto, c->hdr.sport, c->hdr.dport, &role);
+
+		if (proto == KSCOPE_PROTO_UNKNOWN && ip_proto == IPPROTO_TCP && is_tls_record(c->data, n)) {
+			/* TLS: from now on only the uprobes' plaintext counts */
+			st->tls = 1;
+			tid = (__u32)bpf_get_current_pid_tgid();
+			call = bpf_map_lookup_elem(&tls_calls, &tid);
+			if (call)
+				bind_tls(sk, st, call, ip_proto);
+			return;
+		}
+		if (proto == KSCOPE_PROTO_UNKNOWN) {
+			if (++st->attempts >= MAX_INFER_ATTEMPTS) {
+				st->protocol = KSCOPE_PROTO_IGNORED;
+				stat_inc(KSCOPE_L7_STAT_IGNORED);
+			}
+			return;
+		}
+		st->protocol = proto;
+		st->role = role;
+	}
+	if (!buf) {
+		c->hdr.flags |= KSCOPE_L7_NO_BUFFER;
+		stat_inc(KSCOPE_L7_STAT_NO_BUFFER);
+	}
+	if (n < (__u32)ret)
+		c->hdr.flags |= KSCOPE_L7_TRUNCATED;
+	c->hdr.type = KSCOPE_REC_L7;
+	c->hdr.direction = dir;
+	c->hdr.protocol = st->protocol;
+	c->hdr.role = st->role;
+	c->hdr.ip_proto = ip_proto;
+	c->hdr.netns_ino = sk->__sk_common.skc_net.net->ns.inum;
+	c->hdr.sock_cookie = bpf_get_socket_cookie(sk);
+	c->hdr.seq = seq;
+	c->hdr.len = ret;
+	fill_task(&c->hdr);
+	submit(c, n);
+}
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(l7_send, struct sock *sk, int ret, int flags)
+{
+	on_io(sk, ret, KSCOPE_DIR_EGRESS);
+	return 0;
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(l7_recv, struct sock *sk, int ret, int flags)
+{
+	if (!(flags & MSG_PEEK))
+		on_io(sk, ret, KSCOPE_DIR_INGRESS);
+	return 0;
+}
+
+/* ---- OpenSSL uprobes (attached per libssl file by user space) -------------------------- */
+
+static __always_inline void tls_enter(__u64 ssl, __u64 buf, __u64 ex_len_ptr, __u8 dir)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct tls_call call = { .ssl = ssl, .buf = buf, .ex_len_ptr = ex_len_ptr, .direction = dir };
+
+	bpf_map_update_elem(&tls_calls, &tid, &call, BPF_ANY);
+}
+
+static __always_inline void tls_exit(int ret) /* SSL_* return an int */
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid(), zero = 0, n;
+	struct tls_call *call = bpf_map_lookup_elem(&tls_calls, &tid);
+	struct tls_conn *conn;
+	struct chunk *c;
+	__u64 key, len = 0, seq;
+	__u8 dir;
+
+	if (!call)
+		return;
+	if (call->ex_len_ptr) {
+		if (ret == 1)
+			bpf_probe_read_user(&len, sizeof(len), (void *)call->ex_len_ptr);
+	} else if (ret > 0) {
+		len = ret;
+	}
+	key = ssl_key(call->ssl);
+	dir = call->direction;
+	c = bpf_map_lookup_elem(&l7_scratch, &zero);
+	conn = bpf_map_lookup_elem(&tls_conns, &key);
+	if (!len || !c || !conn || dir < 1 || dir > 2) {
+		if (len && !conn)
+			stat_inc(KSCOPE_L7_STAT_TLS_NO_SOCKET);
+		bpf_map_delete_elem(&tls_calls, &tid);
+		return;
+	}
+	if (conn->protocol == KSCOPE_PROTO_IGNORED) {
+		bpf_map_delete_elem(&tls_calls, &tid);
+		return;
+	}
+	n = clamp_capture(len, ~0ULL);
+	if (n && bpf_probe_read_user(c->data, n & READ_MASK, (void *)call->buf)) {
+		stat_inc(KSCOPE_L7_STAT_READ_FAILED);
+		n = 0;
+	}
+	bpf_map_delete_elem(&tls_calls, &tid);
+	if (dir == KSCOPE_DIR_EGRESS) {
+		seq = conn->seq[0];
+		conn->seq[0] = seq + len;
+	} else {
+		seq = conn->seq[1];
+		conn->seq[1] = seq + len;
+	}
+	if (conn->protocol == KSCOPE_PROTO_UNKNOWN) {
+		__u8 role = 0, proto = infer(c->data, n, dir, IPPROTO_TCP, conn->sport, conn->dport, &role);
+
+		if (proto == KSCOPE_PROTO_UNKNOWN) {
+			if (++conn->attempts >= MAX_INFER_ATTEMPTS)
+				conn->protocol = KSCOPE_PROTO_IGNORED;
+			return;
+		}
+		conn->protocol = proto;
+		conn->role = role;
+	}
+	__builtin_memset(&c->hdr, 0, sizeof(c->hdr));
+	c->hdr.type = KSCOPE_REC_L7;
+	c->hdr.direction = dir;
+	c->hdr.protocol = conn->protocol;
+	c->hdr.flags = KSCOPE_L7_TLS | (n < len ? KSCOPE_L7_TRUNCATED : 0);
+	c->hdr.netns_ino = conn->netns_ino;
+	c->hdr.sock_cookie = conn->sock_cookie;
+	c->hdr.seq = seq;
+	__builtin_memcpy(c->hdr.saddr, conn->saddr, 16);
+	__builtin_memcpy(c->hdr.daddr, conn->daddr, 16);
+	c->hdr.sport = conn->sport;
+	c->hdr.dport = conn->dport;
+	c->hdr.family = conn->family;
+	c->hdr.role = conn->role;
+	c->hdr.ip_proto = IPPROTO_TCP;
+	c->hdr.len = len;
+	fill_task(&c->hdr);
+	submit(c, n);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_write_enter, void *ssl, const void *buf, int num)
+{
+	tls_enter((__u64)ssl, (__u64)buf, 0, KSCOPE_DIR_EGRESS);
+	return 0;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_read_enter, void *ssl, void *buf, int num)
+{
+	tls_enter((__u64)ssl, (__u64)buf, 0, KSCOPE_DIR_INGRESS);
+	return 0;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_write_ex_enter, void *ssl, const void *buf, size_t num, size_t *written)
+{
+	tls_enter((__u64)ssl, (__u64)buf, (__u64)written, KSCOPE_DIR_EGRESS);
+	return 0;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_read_ex_enter, void *ssl, void *buf, size_t num, size_t *readbytes)
+{
+	tls_enter((__u64)ssl, (__u64)buf, (__u64)readbytes, KSCOPE_DIR_INGRESS);
+	return 0;
+}
+
+SEC("uretprobe")
+int BPF_KRETPROBE(ssl_exit, long ret)
+{
+	tls_exit(ret);
+	return 0;
+}

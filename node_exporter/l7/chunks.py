@@ -1,0 +1,72 @@
+"""Decoded L7 chunks: one application-level send or receive, with the head of its bytes."""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from dataclasses import dataclass
+
+from node_exporter.bpf.abi import KscopeL7Header, L7Direction, L7Flags, L7Protocol, L7RecordType
+from node_exporter.l4.records import ip_text
+
+_HDR = struct.Struct("<BBBBIQQQ16s16sIIIIHHHBB16s")
+HEADER_SIZE = ctypes.sizeof(KscopeL7Header)
+if _HDR.size != HEADER_SIZE:  # pragma: no cover - the ABI test catches it first
+    raise ImportError(f"L7 header format is {_HDR.size} bytes, ctypes mirror {HEADER_SIZE}")
+_PROTOCOLS = {int(p) for p in L7Protocol}
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    direction: L7Direction
+    protocol: L7Protocol
+    flags: L7Flags
+    netns_ino: int
+    sock_cookie: int
+    ts_ns: int
+    seq: int
+    local_ip: str
+    remote_ip: str
+    tgid: int
+    pid: int
+    length: int  # bytes the call moved
+    local_port: int
+    remote_port: int
+    family: int
+    role: int  # abi.Role value
+    ip_proto: int
+    comm: str
+    data: bytes  # the captured head (<= length)
+
+
+def decode_chunk(raw: bytes) -> Chunk | None:
+    """None for anything that is not a well-formed L7 chunk (the caller counts it)."""
+    if len(raw) < HEADER_SIZE or raw[0] != L7RecordType.KSCOPE_REC_L7:
+        return None
+    (_, direction, protocol, flags, netns, cookie, ts, seq, saddr, daddr, tgid, pid, length, captured,
+     sport, dport, family, role, ip_proto, comm) = _HDR.unpack_from(raw)  # fmt: skip
+    if direction not in (1, 2) or protocol not in _PROTOCOLS or HEADER_SIZE + captured > len(raw):
+        return None
+    if captured > length:
+        return None
+    return Chunk(
+        direction=L7Direction(direction),
+        protocol=L7Protocol(protocol),
+        flags=L7Flags(flags & 7),
+        netns_ino=netns,
+        sock_cookie=cookie,
+        ts_ns=ts,
+        seq=seq,
+        local_ip=ip_text(saddr),
+        remote_ip=ip_text(daddr),
+        tgid=tgid,
+        pid=pid,
+        length=length,
+        local_port=sport,
+        remote_port=dport,
+        family=family,
+        role=role,
+        ip_proto=ip_proto,
+        comm=comm.split(b"\0", 1)[0].decode(errors="replace"),
+        data=raw[HEADER_SIZE : HEADER_SIZE + captured],
+    )

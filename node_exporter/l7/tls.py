@@ -1,0 +1,97 @@
+"""Find every libssl that processes map and attach the OpenSSL uprobes to it, once per file.
+
+Uprobes attach to a file's inode, so one attachment covers every process (present and
+future) that maps that file, whatever mount namespace it lives in; the file is reached
+through ``/proc/PID/root`` so containers' own libssl copies are found too. New libraries
+are picked up by :meth:`TlsAttacher.scan`, which the agent calls every few seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from node_exporter.errors import HookUnavailableError
+
+log = structlog.get_logger("kscope.tls")
+
+_LIBSSL = re.compile(r"\s(/\S*libssl\.so[.\d]*)$")
+# symbol -> (entry program, has a return probe); all return probes run `ssl_exit`
+PROBES: dict[str, str] = {
+    "SSL_write": "ssl_write_enter",
+    "SSL_read": "ssl_read_enter",
+    "SSL_write_ex": "ssl_write_ex_enter",
+    "SSL_read_ex": "ssl_read_ex_enter",
+}
+EXIT_PROGRAM = "ssl_exit"
+
+Attach = Callable[[str, str, str, bool], object]  # (program, binary, symbol, retprobe)
+
+
+@dataclass
+class TlsAttacher:
+    attach: Attach
+    proc_root: str = "/proc"
+    max_libraries: int = 256
+    attached: dict[tuple[int, int], str] = field(default_factory=dict)
+    failed: dict[tuple[int, int], str] = field(default_factory=dict)
+    scans: int = 0
+
+    def scan(self) -> int:
+        """Attach to libssl files mapped by any process not seen yet; returns how many were new."""
+        self.scans += 1
+        new = 0
+        try:
+            pids = [p for p in os.listdir(self.proc_root) if p.isdigit()]
+        except OSError:
+            return 0
+        for pid in pids:
+            for path in self._libssl_paths(pid):
+                host_path = f"{self.proc_root}/{pid}/root{path}"
+                try:
+                    st = os.stat(host_path)
+                except OSError:
+                    continue
+                key = (st.st_dev, st.st_ino)
+                if key in self.attached or key in self.failed:
+                    continue
+                if len(self.attached) + len(self.failed) >= self.max_libraries:
+                    return new
+                if self._attach_file(key, host_path, path):
+                    new += 1
+        return new
+
+    def _libssl_paths(self, pid: str) -> set[str]:
+        out = set()
+        try:
+            with open(f"{self.proc_root}/{pid}/maps") as fh:
+                for line in fh:
+                    if "libssl" in line:
+                        m = _LIBSSL.search(line.rstrip("\n"))
+                        if m:
+                            out.add(m.group(1))
+        except OSError:
+            pass
+        return out
+
+    def _attach_file(self, key: tuple[int, int], host_path: str, shown: str) -> bool:
+        done = 0
+        errors = []
+        for symbol, program in PROBES.items():
+            try:
+                self.attach(program, host_path, symbol, False)
+                self.attach(EXIT_PROGRAM, host_path, symbol, True)
+                done += 1
+            except HookUnavailableError as exc:  # e.g. OpenSSL 1.1 has no SSL_write_ex
+                errors.append(str(exc))
+        if done:
+            self.attached[key] = shown
+            log.info("tls_library_attached", library=shown, symbols=done)
+            return True
+        self.failed[key] = "; ".join(errors)[:500]
+        log.warning("tls_library_not_attached", library=shown, reason=self.failed[key])
+        return False

@@ -1,0 +1,59 @@
+"""Finding libssl in process maps: one attachment per file, failures counted, bounded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from node_exporter.errors import HookUnavailableError
+from node_exporter.l7.tls import EXIT_PROGRAM, PROBES, TlsAttacher
+
+
+def _proc(tmp: Path, pid: int, maps: str) -> None:
+    d = tmp / "proc" / str(pid)
+    d.mkdir(parents=True)
+    (d / "maps").write_text(maps)
+    os.symlink("/", d / "root")
+
+
+LINE = "7f1c2e000000-7f1c2e05a000 r--p 00000000 fe:00 339900 {path}\n"
+
+
+def test_each_library_file_is_attached_once(tmp_path: Path) -> None:
+    lib = next(p for p in ("/usr/lib/x86_64-linux-gnu/libssl.so.3", "/lib/x86_64-linux-gnu/libssl.so.3",
+                           "/usr/lib/aarch64-linux-gnu/libssl.so.3") if os.path.exists(p))  # fmt: skip
+    _proc(tmp_path, 10, LINE.format(path=lib) * 3 + LINE.format(path="/usr/lib/libc.so.6"))
+    _proc(tmp_path, 11, LINE.format(path=lib))
+    calls: list[tuple[str, str, str, bool]] = []
+    att = TlsAttacher(lambda *a: calls.append(a), proc_root=str(tmp_path / "proc"))
+    assert att.scan() == 1
+    assert att.scan() == 0  # already attached
+    assert len(att.attached) == 1
+    assert {(c[0], c[2], c[3]) for c in calls} == {(p, s, False) for s, p in PROBES.items()} | {
+        (EXIT_PROGRAM, s, True) for s in PROBES
+    }
+
+
+def test_a_library_without_the_symbols_is_recorded_as_failed(tmp_path: Path) -> None:
+    _proc(tmp_path, 12, LINE.format(path="/bin/true").replace("/bin/true", "/usr/bin/libssl.so.99"))
+
+    def refuse(*_: object) -> None:
+        raise HookUnavailableError("no such symbol")
+
+    (tmp_path / "proc/12/root").unlink()
+    fake_root = tmp_path / "root12"
+    (fake_root / "usr/bin").mkdir(parents=True)
+    (fake_root / "usr/bin/libssl.so.99").write_bytes(b"not a library")
+    os.symlink(fake_root, tmp_path / "proc/12/root")
+    att = TlsAttacher(refuse, proc_root=str(tmp_path / "proc"))
+    assert att.scan() == 0
+    assert len(att.failed) == 1 and "no such symbol" in next(iter(att.failed.values()))
+
+
+def test_vanished_processes_and_garbage_are_ignored(tmp_path: Path) -> None:
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc" / "99").mkdir()  # no maps file
+    (tmp_path / "proc" / "self").mkdir()
+    att = TlsAttacher(lambda *a: None, proc_root=str(tmp_path / "proc"))
+    assert att.scan() == 0
+    assert TlsAttacher(lambda *a: None, proc_root=str(tmp_path / "nope")).scan() == 0
