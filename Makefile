@@ -38,7 +38,7 @@ test: setup
 	$(VENV)/bin/pytest $(ARGS)
 
 bench: setup
-	$(PY) bench/l4_overhead.py $(ARGS)
+	$(PY) bench/overhead.py $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

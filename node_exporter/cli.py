@@ -23,8 +23,12 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--netns-inode", type=int, default=0, metavar="INODE", help="only this network namespace")
     p.add_argument("--bpf-dir", type=Path, default=None, help="where l4.bpf.o is (default: build/bpf)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve self-metrics for Prometheus here")
-    p.add_argument("--no-l7", action="store_true", help="L4 only: no request tracing (HTTP/1, DNS, TLS)")
-    p.add_argument("--capture-bytes", type=int, default=1024, help="bytes of each message head captured (1024)")
+    p.add_argument(
+        "--l7",
+        action="store_true",
+        help="also trace requests (HTTP/1, DNS, TLS via OpenSSL); experimental: see the README for its cost",
+    )
+    p.add_argument("--capture-bytes", type=int, default=512, help="bytes of each message head captured (512)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -55,7 +59,7 @@ def _run(args: argparse.Namespace, live: bool) -> int:
         bpf_dir=args.bpf_dir,
         live=live,
         metrics_port=args.metrics_port,
-        l7=not args.no_l7,
+        l7=args.l7,
         capture_bytes=args.capture_bytes,
     )
     try:
