@@ -18,6 +18,7 @@
 #include <bpf/bpf_endian.h>
 
 #include "compat.h"
+#include "task.h"
 #include "limits.h"
 #include "abi/l4.h"
 
@@ -122,7 +123,7 @@ static __always_inline void fill_owner(struct sock_state *st)
 	st->tgid = id >> 32;
 	st->pid = (__u32)id;
 	st->cgroup_id = bpf_get_current_cgroup_id();
-	bpf_get_current_comm(st->comm, sizeof(st->comm));
+	process_comm(st->comm);
 	st->flags |= SF_OWNER_KNOWN;
 }
 

@@ -19,6 +19,7 @@
 #include <bpf/bpf_endian.h>
 
 #include "compat.h"
+#include "task.h"
 #include "abi/l4.h"
 #include "abi/l7.h"
 
@@ -331,7 +332,7 @@ static __always_inline void fill_task(struct kscope_l7_header *h)
 
 	h->tgid = id >> 32;
 	h->pid = (__u32)id;
-	bpf_get_current_comm(h->comm, sizeof(h->comm));
+	process_comm(h->comm);
 	h->ts_ns = bpf_ktime_get_ns();
 }
 

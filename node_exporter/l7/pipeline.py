@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from node_exporter.bpf.abi import L7Direction, L7Flags, L7Protocol
 from node_exporter.bpf.abi import Role as KRole
@@ -66,25 +66,32 @@ class L7Pipeline:
     def __init__(self, max_connections: int = 16384, limits: TrackerLimits | None = None) -> None:
         self.max_connections = max_connections
         self.limits = limits or TrackerLimits()
-        self._conns: OrderedDict[tuple[int, ...] | tuple[int, bool] | tuple[int, str, int], _Conn] = OrderedDict()
+        self._conns: OrderedDict[tuple[object, ...], _Conn] = OrderedDict()
         self._by_cookie: dict[int, set[tuple[object, ...]]] = {}
         self._retired = dict.fromkeys(COUNTERS, 0)  # counters of trackers already gone
         self.connections_evicted = 0
         self.chunks_unusable = 0  # no role or unknown protocol (counted, not parsed)
+        # heads captured in part (capture bound, vector calls): the parsers count these as gaps too
+        self.truncated_chunks = 0
 
     def __len__(self) -> int:
         return len(self._conns)
 
     def _key(self, c: Chunk) -> tuple[object, ...]:
         if c.ip_proto == IPPROTO_UDP:
+            if c.role == KRole.KSCOPE_ROLE_SERVER:
+                # One unconnected server socket answers every peer, and a received datagram's
+                # peer is not readable yet when the tracepoint fires (the kernel copies it out
+                # after): pair per socket by DNS id and question, name the peer from the reply.
+                return (c.sock_cookie, "udp-server", 0)
             return (c.sock_cookie, c.remote_ip, c.remote_port)
         return (c.sock_cookie, bool(c.flags & L7Flags.KSCOPE_L7_TLS))
 
     def _conn_for(self, c: Chunk) -> _Conn | None:
         key = self._key(c)
-        conn = self._conns.get(key)  # type: ignore[call-overload]
+        conn = self._conns.get(key)
         if conn is not None:
-            self._conns.move_to_end(key)  # type: ignore[arg-type]
+            self._conns.move_to_end(key)
             return conn
         name, role = _protocol_name(c), _ROLE.get(c.role)
         if name is None or role is None:
@@ -95,7 +102,7 @@ class L7Pipeline:
             remote_ip=c.remote_ip, remote_port=c.remote_port, family=c.family, tgid=c.tgid, comm=c.comm,
         )  # fmt: skip
         conn = _Conn(info, ConnectionTracker(PROTOCOLS[name], role, self.limits))
-        self._conns[key] = conn  # type: ignore[index]
+        self._conns[key] = conn
         self._by_cookie.setdefault(c.sock_cookie, set()).add(key)
         while len(self._conns) > self.max_connections:
             old_key, old = self._conns.popitem(last=False)
@@ -130,7 +137,11 @@ class L7Pipeline:
                     # once where the stream really is, so a body of known length completes now
                     # instead of when (if ever) the next chunk arrives.
                     records += conn.tracker.feed(direction, b"", c.ts_ns, c.seq + c.length)
-            out.extend(L7Event(conn.info, r) for r in records)
+            info = conn.info
+            if records and c.ip_proto == IPPROTO_UDP and c.direction == L7Direction.KSCOPE_DIR_EGRESS:
+                info = replace(info, remote_ip=c.remote_ip, remote_port=c.remote_port)
+            self.truncated_chunks += c.length > len(c.data)
+            out.extend(L7Event(info, r) for r in records)
         return out
 
     def close_sockets(self, cookies: Iterable[int]) -> list[L7Event]:
@@ -138,7 +149,7 @@ class L7Pipeline:
         out: list[L7Event] = []
         for cookie in cookies:
             for key in list(self._by_cookie.get(cookie, ())):
-                conn = self._conns.pop(key, None)  # type: ignore[call-overload]
+                conn = self._conns.pop(key, None)
                 if conn is None:
                     continue
                 out.extend(L7Event(conn.info, r) for r in conn.tracker.close())
@@ -163,5 +174,6 @@ class L7Pipeline:
                 totals[name] += value
         totals["connections_evicted"] = self.connections_evicted
         totals["chunks_unusable"] = self.chunks_unusable
+        totals["truncated_chunks"] = self.truncated_chunks
         totals["connections_tracked"] = len(self._conns)
         return totals

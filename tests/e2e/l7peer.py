@@ -1,0 +1,184 @@
+"""Application peers for the L7 tests, run inside a test namespace (standard library only).
+
+l7peer.py http-client --to IP --port P [--comm NAME]
+    One keep-alive HTTP/1.1 connection; after ``connected`` it reads commands, one a line:
+        get PATH [N]         N requests one after the other (default 1)
+        pipeline PATH...     every request in ONE send, then every response read
+        close
+    and answers each with one JSON line: the statuses, and the exact bytes of each
+    request and response as they went over the wire.
+l7peer.py slow-http --bind IP --port P --delay S
+    A plain-socket HTTP server (no http.server: it would call getfqdn() on bind, which
+    blocks in an isolated namespace) that sleeps S seconds before each answer.
+l7peer.py servfail --bind IP --port P
+    A UDP DNS "server" that answers every query with its own question and rcode SERVFAIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import socket
+import sys
+import threading
+import time
+
+
+def emit(event: str, **fields: object) -> None:
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def set_comm(name: str | None) -> None:
+    if name:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+
+
+class Reader:
+    """Reads whole HTTP/1.1 responses (Content-Length framed) off a socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("peer closed")
+        self.buf += data
+
+    def response(self) -> tuple[int, int]:
+        """(status, bytes on the wire)"""
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, _ = self.buf.split(b"\r\n\r\n", 1)
+        status = int(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip())
+        size = len(head) + 4 + length
+        while len(self.buf) < size:
+            self._fill()
+        self.buf = self.buf[size:]
+        return status, size
+
+
+def request(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: kscope.test\r\nUser-Agent: l7peer\r\n\r\n".encode()
+
+
+def cmd_http_client(args: argparse.Namespace) -> None:
+    set_comm(args.comm)
+    sock = socket.create_connection((args.to, args.port))
+    reader = Reader(sock)
+    local = sock.getsockname()
+    emit("connected", pid=os.getpid(), local=[local[0], local[1]])
+    for raw in sys.stdin:
+        cmd = raw.split()
+        if not cmd:
+            continue
+        if cmd[0] == "get":
+            n = int(cmd[2]) if len(cmd) > 2 else 1
+            req = request(cmd[1])
+            statuses: dict[int, int] = {}
+            sizes: set[int] = set()
+            for _ in range(n):
+                sock.sendall(req)
+                status, size = reader.response()
+                statuses[status] = statuses.get(status, 0) + 1
+                sizes.add(size)
+            emit("done", n=n, statuses=statuses, request_bytes=len(req), response_bytes=sorted(sizes))
+        elif cmd[0] == "pipeline":
+            reqs = [request(p) for p in cmd[1:]]
+            sock.sendall(b"".join(reqs))
+            answers = [reader.response() for _ in reqs]
+            emit(
+                "done",
+                paths=cmd[1:],
+                statuses=[s for s, _ in answers],
+                request_bytes=[len(r) for r in reqs],
+                response_bytes=[n for _, n in answers],
+            )
+        elif cmd[0] == "close":
+            sock.close()
+            emit("closed")
+            return
+        else:
+            emit("error", message=f"unknown command {raw!r}")
+            return
+
+
+def cmd_slow_http(args: argparse.Namespace) -> None:
+    set_comm(args.comm)
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind((args.bind, args.port))
+    lsock.listen(64)
+    emit("listening", pid=os.getpid())
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+            time.sleep(args.delay)
+            body = b"slow\n"
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n%s" % (len(body), body))  # fmt: skip
+
+    while True:
+        conn, _ = lsock.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def cmd_servfail(args: argparse.Namespace) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((args.bind, args.port))
+    emit("listening", pid=os.getpid())
+    while True:
+        query, peer = sock.recvfrom(4096)
+        if len(query) < 12:
+            continue
+        flags = int.from_bytes(query[2:4], "big")
+        # QR=1, keep opcode and RD, RA=1, RCODE=2 (SERVFAIL); question kept, no other section.
+        flags = 0x8000 | (flags & 0x7900) | 0x0080 | 2
+        end = 12
+        while query[end] != 0:
+            end += 1 + query[end]
+        end += 5  # root label, QTYPE, QCLASS
+        answer = query[:2] + flags.to_bytes(2, "big") + b"\x00\x01\x00\x00\x00\x00\x00\x00" + query[12:end]
+        sock.sendto(answer, peer)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("http-client")
+    p.add_argument("--to", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--comm")
+    p.set_defaults(func=cmd_http_client)
+    p = sub.add_parser("slow-http")
+    p.add_argument("--bind", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--delay", type=float, required=True)
+    p.add_argument("--comm")
+    p.set_defaults(func=cmd_slow_http)
+    p = sub.add_parser("servfail")
+    p.add_argument("--bind", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.set_defaults(func=cmd_servfail)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""L7 tracing of a test's namespaces, and the servers the L7 tests talk to.
+
+:class:`L7Trace` runs an L4 and an L7 collector per namespace, each filtered to its
+namespace in the kernel (``netns_ino``), and feeds one :class:`L7Pipeline` in the order
+the agent does (L4 first: its final records close the L7 parsers). Filtering in the kernel
+rather than in the test keeps other traffic on the machine (another test run, a benchmark
+on loopback) out of our ring buffers: unfiltered, a busy neighbour fills an 8 MiB ring
+between two polls and the test's own chunks are the ones dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from node_exporter.l4.collector import L4Collector
+from node_exporter.l7.collector import L7Collector
+from node_exporter.l7.pipeline import ConnInfo, L7Event, L7Pipeline
+from node_exporter.protocols import DnsRecord, HttpRecord
+from tests.e2e.netns import SRV_V4, SRV_V6, Netns, Peer, Topology, run
+
+L7PEER = Path(__file__).with_name("l7peer.py")
+MS = 1_000_000
+
+
+class L7Trace:
+    def __init__(self, namespaces: Iterable[Netns], **l7_kw: Any) -> None:
+        self.pairs: list[tuple[L4Collector, L7Collector]] = []
+        try:
+            for ns in namespaces:
+                l4 = L4Collector(netns_ino=ns.ino)
+                try:
+                    l7 = L7Collector(netns_ino=ns.ino, **l7_kw)
+                except BaseException:
+                    l4.close()
+                    raise
+                self.pairs.append((l4, l7))
+        except BaseException:
+            self.close()
+            raise
+        self.pipe = L7Pipeline()
+        self.events: list[L7Event] = []
+        self.chunks = 0
+        # Chunks whose call moved more than was captured (a bound, or a vector call's first
+        # buffer): the pipeline feeds the rest to its parser as a gap of known size.
+        self.truncated = 0
+        self.truncated_bytes = 0
+
+    def poll(self) -> list[L7Event]:
+        out: list[L7Event] = []
+        for l4, l7 in self.pairs:
+            records = l4.poll()
+            chunks = l7.poll()
+            self.chunks += len(chunks)
+            for c in chunks:
+                if c.length > len(c.data):
+                    self.truncated += 1
+                    self.truncated_bytes += c.length - len(c.data)
+            out += self.pipe.feed(chunks)
+            out += self.pipe.close_sockets(r.sock_cookie for r in records if r.is_close)
+        out += self.pipe.expire(time.monotonic_ns())
+        self.events += out
+        return out
+
+    def drain(self) -> None:
+        """Poll and forget: what a test did before the part it checks."""
+        self.poll()
+        self.events.clear()
+
+    def until(self, done: Callable[[list[L7Event]], bool], timeout: float = 5) -> list[L7Event]:
+        """Poll until ``done(events)`` or the deadline; returns the events either way."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.poll()
+            if done(self.events) or time.monotonic() >= deadline:
+                return self.events
+            time.sleep(0.05)
+
+    def kernel_stats(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for _, l7 in self.pairs:
+            for k, v in l7.kernel_stats().items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    def tls_libraries(self) -> set[str]:
+        return {path for _, l7 in self.pairs if l7.tls is not None for path in l7.tls.attached.values()}
+
+    def close(self) -> None:
+        for l4, l7 in self.pairs:
+            with contextlib.suppress(Exception):
+                l7.close()
+            with contextlib.suppress(Exception):
+                l4.close()
+        self.pairs.clear()
+
+
+# ---- selecting events -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HttpEvent:
+    conn: ConnInfo
+    record: HttpRecord
+
+
+@dataclass(frozen=True, slots=True)
+class DnsEvent:
+    conn: ConnInfo
+    record: DnsRecord
+
+
+AnyEvent = L7Event | HttpEvent | DnsEvent
+
+
+def http(events: Iterable[AnyEvent], **match: Any) -> list[HttpEvent]:
+    """HTTP events whose connection or record has every attribute in ``match``."""
+    return [HttpEvent(e.conn, e.record) for e in events if isinstance(e.record, HttpRecord) and _matches(e, match)]
+
+
+def dns(events: Iterable[AnyEvent], **match: Any) -> list[DnsEvent]:
+    return [DnsEvent(e.conn, e.record) for e in events if isinstance(e.record, DnsRecord) and _matches(e, match)]
+
+
+def _matches(e: AnyEvent, match: dict[str, Any]) -> bool:
+    for k, v in match.items():
+        obj = e.conn if hasattr(e.conn, k) else e.record
+        if getattr(obj, k) != v:
+            return False
+    return True
+
+
+def count_at_least(n: int, select: Callable[[list[L7Event]], list[Any]]) -> Callable[[list[L7Event]], bool]:
+    return lambda events: len(select(events)) >= n
+
+
+# ---- servers and clients --------------------------------------------------------------------
+
+NGINX_L7_CONF = """\
+daemon off;
+master_process off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    # A keep-alive connection stays one connection for the whole of a wrk run (default: 1000).
+    keepalive_requests 1000000;
+    server {{
+        listen {ip}:{port};
+        listen [{ip6}]:{port};
+        {tls}
+        location / {{ return 200 "ok\\n"; }}
+        location = /error {{ return 500; }}
+        location /slow/ {{ proxy_pass http://127.0.0.1:{upstream}; }}
+        location = /p1 {{ return 200 "one\\n"; }}
+        location = /p2 {{ return 201 "two!\\n"; }}
+        location = /p3 {{ return 202 "three\\n"; }}
+    }}
+}}
+"""
+
+TLS_CONF = "listen {ip}:{port} ssl; ssl_certificate {tmp}/cert.pem; ssl_certificate_key {tmp}/key.pem;"
+
+
+def self_signed_cert(tmp: Path) -> None:
+    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=kscope.test",
+         "-keyout", str(tmp / "key.pem"), "-out", str(tmp / "cert.pem")])  # fmt: skip
+
+
+def start_l7_nginx(
+    topo: Topology, tmp: Path, port: int, *, tls_port: int | None = None, upstream: int = 9000
+) -> subprocess.Popen[Any]:
+    """nginx in the server namespace with the L7 tests' locations (and TLS on ``tls_port``)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    tls = ""
+    if tls_port is not None:
+        self_signed_cert(tmp)
+        tls = TLS_CONF.format(ip=SRV_V4, port=tls_port, tmp=tmp)
+    conf = tmp / "nginx.conf"
+    conf.write_text(NGINX_L7_CONF.format(tmp=tmp, ip=SRV_V4, ip6=SRV_V6, port=port, tls=tls, upstream=upstream))
+    proc = topo.spawn(topo.srv, "nginx", "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf))
+    try:
+        for p in (port, tls_port):
+            if p is not None:
+                topo.wait_listening(topo.srv, p)
+    except TimeoutError:
+        log = (tmp / "error.log").read_text() if (tmp / "error.log").exists() else ""
+        raise RuntimeError(f"nginx did not start: {log}") from None
+    return proc
+
+
+def l7peer(topo: Topology, ns: Netns, *args: str, label: str | None = None) -> Peer:
+    """Start ``tests/e2e/l7peer.py ARGS`` in ``ns`` (unbuffered pipes both ways)."""
+    proc = topo.spawn(ns, sys.executable, "-u", str(L7PEER), *args,
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)  # fmt: skip
+    return Peer(proc, label or f"{ns.name}:{args[0]}")
+
+
+_WRK_REQUESTS = re.compile(r"^\s*(\d+) requests in ", re.M)
+
+
+def wrk_requests(output: str) -> int:
+    """Completed requests from wrk's summary; a run with socket errors or non-2xx is an error."""
+    m = _WRK_REQUESTS.search(output)
+    if m is None:
+        raise RuntimeError(f"no request count in wrk output:\n{output}")
+    if "Socket errors" in output or "Non-2xx" in output:
+        raise RuntimeError(f"wrk saw errors:\n{output}")
+    return int(m.group(1))
