@@ -1,0 +1,52 @@
+"""`kscope run --l7` from the outside: curl -> nginx (plain and TLS) in namespaces, JSON lines out."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from google.protobuf import json_format
+
+from kscope.v1 import flow_pb2 as pb
+from tests.e2e.l7trace import SRV_V4, start_l7_nginx
+from tests.e2e.netns import Topology
+
+pytestmark = pytest.mark.bpf
+REPO = Path(__file__).resolve().parents[2]
+KSCOPE = str(REPO / ".venv" / "bin" / "kscope")
+PORT, TLS_PORT = 8080, 8443
+
+
+def test_run_l7_writes_requests_from_both_ends(topo: Topology, tmp_path: Path) -> None:
+    start_l7_nginx(topo, tmp_path / "nginx", PORT, tls_port=TLS_PORT)
+    out = tmp_path / "flows.jsonl"
+    agent = subprocess.Popen(
+        [KSCOPE, "run", "--l7", "--no-live", "--duration", "5", "--interval", "0.5", "--jsonl", str(out),
+         "--netns-inode", str(topo.srv.ino)],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert agent.stderr is not None
+    for line in agent.stderr:
+        if "agent_started" in line:
+            break
+    topo.cli.run("curl", "-sS", "-o", "/dev/null", f"http://{SRV_V4}:{PORT}/users/77/orders?card=4111")
+    topo.cli.run("curl", "-sSk", "-o", "/dev/null", f"https://{SRV_V4}:{TLS_PORT}/error")
+    assert agent.wait(timeout=60) == 0
+    lines = out.read_text().splitlines()
+    records = [json_format.Parse(line, pb.NodeRecord()) for line in lines]
+    l7 = [r.l7 for r in records if r.WhichOneof("record") == "l7"]
+    plain = [r for r in l7 if not r.tls]
+    tls = [r for r in l7 if r.tls]
+    # only the server namespace is traced: nginx's side of each request
+    assert [(r.side, r.http.method, r.http.path, r.http.route, r.http.status_code) for r in plain] == [
+        (pb.ROLE_SERVER, "GET", "/users/77/orders", "/users/{id}/orders", 200)
+    ]
+    assert [(r.side, r.http.path, r.http.status_code, r.local_port) for r in tls] == [
+        (pb.ROLE_SERVER, "/error", 500, TLS_PORT)
+    ]
+    assert all(r.process.comm == "nginx" and r.netns_inode == topo.srv.ino for r in l7)
+    assert all(r.latency_ns > 0 and r.request_bytes > 0 and r.response_bytes > 0 for r in l7)
+    assert "4111" not in out.read_text()  # query strings never leave the agent
+    stats = records[-1].stats.counters
+    assert stats["l7_requests"] == 2 and stats["l7_kernel_rb_full"] == 0
