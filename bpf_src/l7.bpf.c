@@ -20,6 +20,7 @@
 
 #include "compat.h"
 #include "task.h"
+#include "sock.h"
 #include "abi/l4.h"
 #include "abi/l7.h"
 
@@ -162,26 +163,6 @@ static __always_inline __u64 ssl_key(__u64 ssl)
 {
 	/* the same SSL * value in two processes is two connections */
 	return ssl ^ ((__u64)(bpf_get_current_pid_tgid() >> 32) << 48);
-}
-
-static __always_inline void read_tuple(struct kscope_l7_header *h, const struct sock *sk)
-{
-	const struct sock_common *c = &sk->__sk_common;
-
-	h->family = c->skc_family;
-	h->sport = c->skc_num;
-	h->dport = bpf_ntohs(c->skc_dport);
-	if (h->family == AF_INET6) {
-		bpf_core_read(h->saddr, 16, &c->skc_v6_rcv_saddr);
-		bpf_core_read(h->daddr, 16, &c->skc_v6_daddr);
-		return;
-	}
-	__builtin_memset(h->saddr, 0, 16);
-	__builtin_memset(h->daddr, 0, 16);
-	h->saddr[10] = h->saddr[11] = 0xff;
-	h->daddr[10] = h->daddr[11] = 0xff;
-	*(__u32 *)&h->saddr[12] = c->skc_rcv_saddr;
-	*(__u32 *)&h->daddr[12] = c->skc_daddr;
 }
 
 /* Unconnected UDP: the peer is in the call's sockaddr (msg_name / sendto's addr). */
@@ -358,7 +339,7 @@ static __always_inline void bind_tls(struct sock *sk, struct l7_sock *st, struct
 	conn = bpf_map_lookup_elem(&tls_conns, &key);
 	if (conn && conn->sock_cookie == bpf_get_socket_cookie(sk))
 		return;
-	read_tuple(&h, sk);
+	read_tuple(h.saddr, h.daddr, &h.sport, &h.dport, &h.family, sk);
 	fresh.sock_cookie = bpf_get_socket_cookie(sk);
 	fresh.netns_ino = sk->__sk_common.skc_net.net->ns.inum;
 	__builtin_memcpy(fresh.saddr, h.saddr, 16);
@@ -409,7 +390,7 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 	if (!c)
 		return;
 	__builtin_memset(&c->hdr, 0, sizeof(c->hdr));
-	read_tuple(&c->hdr, sk);
+	read_tuple(c->hdr.saddr, c->hdr.daddr, &c->hdr.sport, &c->hdr.dport, &c->hdr.family, sk);
 	buf = user_buffer((struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf()), &avail, &uaddr);
 	if (ip_proto == IPPROTO_UDP && !c->hdr.dport)
 		read_peer(&c->hdr, uaddr);
