@@ -1,0 +1,82 @@
+"""Node-local identity through the running agent: a server in a kubelet-style cgroup, a host client."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from google.protobuf import json_format
+
+from kscope.v1 import flow_pb2 as pb
+from tests.e2e.netns import SRV_V4, Topology, start_nginx
+
+pytestmark = pytest.mark.bpf
+REPO = Path(__file__).resolve().parents[2]
+KSCOPE = str(REPO / ".venv" / "bin" / "kscope")
+CGROUP2 = Path("/sys/fs/cgroup/unified")
+PORT = 8080
+
+
+@pytest.fixture
+def pod_cgroup() -> Iterator[tuple[Path, str, str]]:
+    """A systemd-driver kubelet cgroup for one containerd container: (scope dir, pod uid, container id)."""
+    root = CGROUP2 if (CGROUP2 / "cgroup.procs").exists() else Path("/sys/fs/cgroup")
+    pod_uid, cid = str(uuid.uuid4()), secrets.token_hex(32)
+    slice_ = f"kubepods-burstable-pod{pod_uid.replace('-', '_')}.slice"
+    dirs = [root / "kubepods.slice", root / "kubepods.slice/kubepods-burstable.slice"]
+    dirs += [dirs[-1] / slice_, dirs[-1] / slice_ / f"cri-containerd-{cid}.scope"]
+    created = []
+    try:
+        for d in dirs:
+            if not d.exists():
+                d.mkdir()
+                created.append(d)
+        yield dirs[-1], pod_uid, cid
+    finally:
+        for d in reversed(created):
+            for _ in range(50):  # the processes in it are being killed by the topology teardown
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+                    break
+                with contextlib.suppress(OSError):
+                    for pid in (d / "cgroup.procs").read_text().split():
+                        (root / "cgroup.procs").write_text(pid)
+                time.sleep(0.05)
+
+
+def test_container_and_pod_of_a_server_and_a_host_client(
+    topo: Topology, tmp_path: Path, pod_cgroup: tuple[Path, str, str]
+) -> None:
+    scope, pod_uid, cid = pod_cgroup
+    nginx = start_nginx(topo, tmp_path, PORT)
+    (scope / "cgroup.procs").write_text(str(nginx.pid))  # from outside the namespace (KERNEL.md)
+    assert f"cri-containerd-{cid}.scope" in Path(f"/proc/{nginx.pid}/cgroup").read_text()
+    out = tmp_path / "flows.jsonl"
+    agent = subprocess.Popen(
+        [KSCOPE, "run", "--no-live", "--duration", "3", "--interval", "0.5", "--jsonl", str(out)],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert agent.stderr is not None
+    for line in agent.stderr:
+        if "agent_started" in line:
+            break
+    curl = topo.cli.run("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", f"http://{SRV_V4}:{PORT}/")
+    assert curl.stdout == "200"
+    assert agent.wait(timeout=60) == 0
+    flows = [json_format.Parse(line, pb.NodeRecord()).l4 for line in out.read_text().splitlines()]
+    mine = [f for f in flows if f.netns_inode in (topo.cli.ino, topo.srv.ino) and f.kind == pb.RECORD_KIND_CLOSE]
+    server = [f for f in mine if f.role == pb.ROLE_SERVER]
+    client = [f for f in mine if f.role == pb.ROLE_CLIENT]
+    assert len(server) == len(client) == 1, mine
+    s, c = server[0].process, client[0].process
+    assert (s.pid, s.comm) == (nginx.pid, "nginx")
+    assert (s.container_id, s.pod_uid, s.container_runtime, s.host_process) == (cid, pod_uid, "containerd", False)
+    assert s.cgroup_id == os.stat(scope).st_ino  # cgroup v2 id = the directory's inode
+    assert c.comm == "curl" and c.host_process and not c.container_id and not c.pod_uid
