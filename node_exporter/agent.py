@@ -83,6 +83,7 @@ class Agent:
                 log.warning("capability_disabled", capability="l7.capture", reason=str(exc))
                 disabled["l7.capture"] = str(exc)
         self.metrics.set_capabilities(enabled, disabled)
+        self.capabilities = (sorted(enabled), disabled)
         self.drop_reasons = kernel_drop_reasons()
         self.writer = JsonlWriter(opts.jsonl) if opts.jsonl else None
 
@@ -116,7 +117,7 @@ class Agent:
                 self.write_failed += len(flows) + len(requests)
                 log.error("jsonl_write_failed", error=str(exc), records=len(flows) + len(requests))
         self.requests_seen += len(events)
-        self.view.update(records)
+        self.view.update(records, events)
         self._update_metrics()
         return records, events
 
@@ -150,8 +151,8 @@ class Agent:
         deadline = time.monotonic() + self.opts.duration_s if self.opts.duration_s else None
         log.info(
             "agent_started",
-            capabilities=sorted(self.collector.report.enabled),
-            disabled=self.collector.report.disabled,
+            capabilities=self.capabilities[0],
+            disabled=self.capabilities[1],
             interval_s=self.opts.interval_s,
         )
         live = None
