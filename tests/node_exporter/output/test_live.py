@@ -43,8 +43,8 @@ def test_requests_grouped_by_process_and_route() -> None:
                     local_ip="198.18.0.2", local_port=80, remote_ip="198.18.0.1", remote_port=40000, family=2,
                     tgid=9, comm="nginx")  # fmt: skip
     events = [
-        L7Event(info, HttpRecord("GET", f"/u/{i}", "/users/{id}", 500 if i == 3 else 200, 80, 150, 0, (i + 1) * 10**6, "", ""))
-        for i in range(4)
+        L7Event(info, HttpRecord("GET", f"/u/{i}", "/users/{id}", 500 if i == 3 else 200, 80, 150, 0, ms * 10**6, "", ""))
+        for i, ms in enumerate((1, 2, 3, 4))
     ]
     view = LiveView()
     view.update([], events)
