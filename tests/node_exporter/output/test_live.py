@@ -22,6 +22,9 @@ def _rec(cookie: int, reason: L4Reason, status: ConnectStatus = ConnectStatus.KS
     )  # fmt: skip
 
 
+MS = 1_000_000
+
+
 def _text(view: LiveView) -> str:
     console = Console(width=200, record=True)
     console.print(view.render(1.0))
@@ -43,7 +46,7 @@ def test_requests_grouped_by_process_and_route() -> None:
                     local_ip="198.18.0.2", local_port=80, remote_ip="198.18.0.1", remote_port=40000, family=2,
                     tgid=9, comm="nginx")  # fmt: skip
     events = [
-        L7Event(info, HttpRecord("GET", f"/u/{i}", "/users/{id}", 500 if i == 3 else 200, 80, 150, 0, ms * 10**6, "", ""))
+        L7Event(info, HttpRecord("GET", f"/u/{i}", "/users/{id}", 500 if i == 3 else 200, 80, 150, 0, ms * MS, "", ""))
         for i, ms in enumerate((1, 2, 3, 4))
     ]
     view = LiveView()
