@@ -16,6 +16,7 @@ from node_exporter.l7.chunks import Chunk, decode_chunk
 from node_exporter.l7.tls import TlsAttacher
 
 OBJECT_NAME = "l7.bpf.o"
+FULL_TLS_SCAN_S = 60.0  # between scans of every process's maps; new processes are read every tls_rescan_s
 CAPABILITIES = {
     "l7_send": "l7.capture",
     "l7_recv": "l7.capture",
@@ -66,7 +67,7 @@ class L7Collector:
             self.tls = TlsAttacher(self._attach_uprobe, proc_root=proc_root)
             self.tls.scan()
         self._tls_rescan_s = tls_rescan_s
-        self._last_scan = time.monotonic()
+        self._last_scan = self._last_full_scan = time.monotonic()
 
     @property
     def report(self) -> LoadReport:
@@ -76,9 +77,13 @@ class L7Collector:
         return self.obj.attach_uprobe(program, binary, symbol, retprobe=retprobe)
 
     def poll(self) -> list[Chunk]:
-        if self.tls is not None and time.monotonic() - self._last_scan >= self._tls_rescan_s:
-            self._last_scan = time.monotonic()
-            self.tls.scan()
+        now = time.monotonic()
+        if self.tls is not None and now - self._last_scan >= self._tls_rescan_s:
+            full = now - self._last_full_scan >= FULL_TLS_SCAN_S
+            self._last_scan = now
+            if full:
+                self._last_full_scan = now
+            self.tls.scan(full=full)
         out = []
         for raw in self._ring.drain():
             chunk = decode_chunk(raw)

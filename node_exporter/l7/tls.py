@@ -40,16 +40,24 @@ class TlsAttacher:
     attached: dict[tuple[int, int], str] = field(default_factory=dict)
     failed: dict[tuple[int, int], str] = field(default_factory=dict)
     scans: int = 0
+    _seen: set[str] = field(default_factory=set)
 
-    def scan(self) -> int:
-        """Attach to libssl files mapped by any process not seen yet; returns how many were new."""
+    def scan(self, *, full: bool = True) -> int:
+        """Attach to libssl files mapped by processes; returns how many files were new.
+
+        ``full=False`` reads only processes not seen by an earlier scan: reading every
+        process's maps is the expensive part, and a file already attached covers every
+        process that maps it. A full scan now and then catches a library dlopen()ed late.
+        """
         self.scans += 1
         new = 0
         try:
-            pids = [p for p in os.listdir(self.proc_root) if p.isdigit()]
+            pids = {p for p in os.listdir(self.proc_root) if p.isdigit()}
         except OSError:
             return 0
-        for pid in pids:
+        todo = pids if full else pids - self._seen
+        self._seen = pids
+        for pid in todo:
             for path in self._libssl_paths(pid):
                 host_path = f"{self.proc_root}/{pid}/root{path}"
                 try:

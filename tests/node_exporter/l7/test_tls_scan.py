@@ -57,3 +57,17 @@ def test_vanished_processes_and_garbage_are_ignored(tmp_path: Path) -> None:
     att = TlsAttacher(lambda *a: None, proc_root=str(tmp_path / "proc"))
     assert att.scan() == 0
     assert TlsAttacher(lambda *a: None, proc_root=str(tmp_path / "nope")).scan() == 0
+
+
+def test_quick_scans_read_only_new_processes(tmp_path: Path) -> None:
+    lib = next(p for p in ("/usr/lib/x86_64-linux-gnu/libssl.so.3", "/lib/x86_64-linux-gnu/libssl.so.3",
+                           "/usr/lib/aarch64-linux-gnu/libssl.so.3") if os.path.exists(p))  # fmt: skip
+    _proc(tmp_path, 20, "")
+    calls: list[object] = []
+    att = TlsAttacher(lambda *a: calls.append(a), proc_root=str(tmp_path / "proc"))
+    assert att.scan() == 0
+    (tmp_path / "proc/20/maps").write_text(LINE.format(path=lib))  # the old process dlopen()s libssl
+    assert att.scan(full=False) == 0  # not re-read by a quick scan
+    _proc(tmp_path, 21, "")
+    assert att.scan(full=False) == 0
+    assert att.scan(full=True) == 1 and calls
