@@ -10,7 +10,7 @@ from node_exporter.l7.pipeline import L7Event
 from node_exporter.metadata.proc import ProcessInfo
 from node_exporter.protocols import HttpRecord, Role
 
-_COUNTER_FIELDS = Counters.__slots__
+_COUNTER_FIELDS = Counters._fields
 
 
 class MonotonicClock:
