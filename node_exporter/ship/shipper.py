@@ -117,11 +117,9 @@ class FlowShipper:
         config: ShipConfig,
         *,
         rng: Callable[[], float] = random.random,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
-        self._rng = rng
-        self._clock = clock
+        self._rng = rng  # the backoff jitter's source
         self._queue: DropOldestQueue[pb.FlowBatch] = DropOldestQueue(config.queue_batches)
         self._lock = threading.Lock()  # guards the counters and the close state
         self._counters = dict.fromkeys(COUNTERS, 0)
@@ -149,18 +147,21 @@ class FlowShipper:
     def submit(self, batch: pb.FlowBatch) -> None:
         """Queue ``batch`` for sending. Never blocks, never raises for a full queue: the oldest waiting
         batch makes room and is counted in ``dropped_queue_full``."""
-        if self._closing.is_set():
-            self._dropped("dropped_on_close", batch)
-            return
-        for part in split_batch(batch, self.config.max_records_per_batch):
-            evicted = self._queue.put(part)
-            with self._lock:
+        parts = split_batch(batch, self.config.max_records_per_batch)
+        evictions = 0
+        # Under the lock that close() sets the closing flag with: a batch is either queued before close()
+        # drains the queue, or counted as too late, never stranded in between.
+        with self._lock:
+            if self._closing.is_set():
+                self._drop_locked("dropped_on_close", batch)
+                return
+            for part in parts:
                 self._counters["enqueued"] += 1
-            if evicted is not None:
-                n = self._dropped("dropped_queue_full", evicted)
-                # At 1, 2, 4, 8, ... drops: visible in the log, without a line per interval in an outage.
-                if n & (n - 1) == 0:
-                    self._log.warning("ship_queue_full", dropped_queue_full=n, queue_batches=self.config.queue_batches)
+                evicted = self._queue.put(part)
+                if evicted is not None:
+                    evictions = self._drop_locked("dropped_queue_full", evicted)
+        if evictions and _log_worthy(evictions):
+            self._log.warning("ship_queue_full", dropped_queue_full=evictions, queue_batches=self.config.queue_batches)
 
     def close(self, timeout_s: float = 5.0) -> bool:
         """Stop taking batches, keep sending what is queued for up to ``timeout_s``, then stop. Whatever
@@ -168,21 +169,24 @@ class FlowShipper:
         with self._lock:
             if self._closing.is_set():
                 return self._counters["dropped_on_close"] == 0
-            self._flush_deadline = self._clock() + timeout_s
+            self._flush_deadline = time.monotonic() + timeout_s
             before = self._counters["dropped_on_close"]
             self._closing.set()
         self._queue.close()
         if self._thread.is_alive():
-            # Every call's deadline is clamped to the flush deadline, so the thread ends by then.
-            self._thread.join(timeout_s + 1.0)
+            # Waits and later calls end by the flush deadline, but an attempt begun before close() has its
+            # own call deadline. Closing the channel cancels it; the thread then counts its batch.
+            self._thread.join(max(0.0, timeout_s))
+            self._channel.close()
+            self._thread.join(1.0)
             if self._thread.is_alive():
                 self._log.warning("ship_close_timeout", timeout_s=timeout_s)
-        for batch in self._queue.drain():  # left if the thread never started or overran
-            self._dropped("dropped_on_close", batch)
         self._channel.close()
+        for batch in self._queue.drain():  # left if the thread never started
+            self._dropped("dropped_on_close", batch)
         with self._lock:
             left = self._counters["dropped_on_close"] - before
-        self._log.info("ship_closed", dropped_on_close=left, **self.counters())
+        self._log.info("ship_closed", left_on_close=left, **self.counters())
         return left == 0
 
     def counters(self) -> dict[str, int]:
@@ -206,7 +210,7 @@ class FlowShipper:
 
     def _run(self) -> None:
         while (batch := self._queue.get()) is not None:
-            if self._clock() >= self._flush_deadline:
+            if time.monotonic() >= self._flush_deadline:
                 self._dropped("dropped_on_close", batch)
                 continue
             try:
@@ -219,7 +223,7 @@ class FlowShipper:
     def _deliver(self, batch: pb.FlowBatch) -> None:
         payload = batch.SerializeToString()
         records = record_count(batch)
-        started = self._clock()
+        started = time.monotonic()
         backoff = Backoff(
             self.config.backoff_initial_s, self.config.backoff_max_s, jitter=self.config.backoff_jitter, rng=self._rng
         )
@@ -227,7 +231,7 @@ class FlowShipper:
         details = ""
         while True:
             deadline, reason = self._deadline(started)
-            remaining = deadline - self._clock()
+            remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._give_up(reason, batch, code, details)
                 return
@@ -244,8 +248,10 @@ class FlowShipper:
                 delay = backoff.next(hint)
                 if not self._failing:
                     self._failing = True
-                    self._log.warning("ship_export_failing", code=_name(code), details=details, retry_in_s=delay)
-                late = self._sleep_until(self._clock() + delay, started)
+                    self._log.warning(
+                        "ship_export_failing", code=_name(code), details=details, retry_in_s=round(delay, 3)
+                    )
+                late = self._sleep_until(time.monotonic() + delay, started)
                 if late is not None:
                     self._give_up(late, batch, code, details)
                     return
@@ -280,26 +286,42 @@ class FlowShipper:
         deadline, reason = self._deadline(started)
         if wake_at > deadline:
             return reason
-        if self._closing.wait(max(0.0, wake_at - self._clock())):
+        if self._closing.wait(max(0.0, wake_at - time.monotonic())):
             # close() may have pulled the deadline in; the flush deadline is fixed from now on.
             deadline, reason = self._deadline(started)
             if wake_at > deadline:
                 return reason
-            time.sleep(max(0.0, wake_at - self._clock()))
+            time.sleep(max(0.0, wake_at - time.monotonic()))
         return None
 
     def _give_up(self, counter: str, batch: pb.FlowBatch, code: grpc.StatusCode | None, details: str) -> None:
-        self._dropped(counter, batch)
-        self._log.warning(
-            "ship_batch_dropped", reason=counter, code=_name(code), details=details, records=record_count(batch)
-        )
+        n = self._dropped(counter, batch)
+        # A refusing processor refuses every interval: log a reason's 1st, 2nd, 4th, 8th ... drop; the
+        # counters carry the rest.
+        if _log_worthy(n):
+            self._log.warning(
+                "ship_batch_dropped",
+                reason=counter,
+                code=_name(code),
+                details=details,
+                records=record_count(batch),
+                **{counter: n},
+            )
 
     def _dropped(self, counter: str, batch: pb.FlowBatch) -> int:
         with self._lock:
-            self._counters[counter] += 1
-            self._counters["dropped_records"] += record_count(batch)
-            return self._counters[counter]
+            return self._drop_locked(counter, batch)
+
+    def _drop_locked(self, counter: str, batch: pb.FlowBatch) -> int:
+        self._counters[counter] += 1
+        self._counters["dropped_records"] += record_count(batch)
+        return self._counters[counter]
 
 
 def _name(code: grpc.StatusCode | None) -> str:
     return code.name if code is not None else ""
+
+
+def _log_worthy(n: int) -> bool:
+    """True at 1, 2, 4, 8, ...: a recurring problem stays visible in the log at a shrinking rate."""
+    return n > 0 and n & (n - 1) == 0

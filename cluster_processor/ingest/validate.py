@@ -1,0 +1,167 @@
+"""Pure checks of one incoming batch: bytes -> FlowBatch -> verdict. No I/O, no logging, no raising on
+bad input: the server adapter turns a verdict into a gRPC status and counters.
+
+Two kinds of problem, two answers. A batch-level problem (undecodable bytes, an unknown schema version,
+no node name, too many records) rejects the whole batch with a status the client will not retry. A bad
+record (a port above 65535, an address that does not parse) is skipped and counted, and the rest of the
+batch is accepted: one agent bug must not cost a node all its data (OTLP "partial success").
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from kscope.v1 import flow_pb2 as pb
+
+SCHEMA_VERSION = 1
+MAX_PORT = 65535
+# A Kubernetes node name is a DNS subdomain: at most 253 characters.
+MAX_NODE_NAME = 253
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_records: int = 50_000  # l4 + l7 records in one batch
+    max_problems_reported: int = 5  # record problems quoted in the response's error_message
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """The whole batch is refused. ``reason`` is a stable counter suffix; ``message`` is for the client."""
+
+    code: grpc.StatusCode
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The batch is accepted, minus ``rejected`` bad records. ``batch`` holds only the good records
+    (the request object itself when nothing was removed, so the common case copies nothing)."""
+
+    batch: pb.FlowBatch
+    accepted: int
+    rejected: int
+    problems: tuple[str, ...]  # the first few record problems, e.g. "l4[3]: local_port 70000 > 65535"
+
+    @property
+    def error_message(self) -> str:
+        if not self.rejected:
+            return ""
+        more = self.rejected - len(self.problems)
+        tail = f"; and {more} more" if more > 0 else ""
+        return f"{self.rejected} invalid record(s) skipped: " + "; ".join(self.problems) + tail
+
+
+def decode(raw: bytes) -> pb.FlowBatch | Rejection:
+    try:
+        return pb.FlowBatch.FromString(raw)
+    except DecodeError as exc:
+        return Rejection(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "malformed",
+            f"request body is not a kscope.v1.FlowBatch protobuf ({len(raw)} bytes): {exc}",
+        )
+
+
+def record_count(batch: pb.FlowBatch) -> int:
+    return len(batch.l4) + len(batch.l7)
+
+
+def validate(batch: pb.FlowBatch, limits: Limits) -> Verdict | Rejection:
+    rejection = _check_envelope(batch, limits)
+    if rejection is not None:
+        return rejection
+    problems: list[str] = []
+    bad_l4 = _bad_indices("l4", batch.l4, problems)
+    bad_l7 = _bad_indices("l7", batch.l7, problems)
+    rejected = len(bad_l4) + len(bad_l7)
+    accepted = record_count(batch) - rejected
+    shown = tuple(problems[: limits.max_problems_reported])
+    if not rejected:
+        return Verdict(batch, accepted, 0, ())
+    clean = pb.FlowBatch(schema_version=batch.schema_version, node_name=batch.node_name,
+                         time_unix_nano=batch.time_unix_nano)
+    if batch.HasField("stats"):
+        clean.stats.CopyFrom(batch.stats)
+    clean.l4.extend(r for i, r in enumerate(batch.l4) if i not in bad_l4)
+    clean.l7.extend(r for i, r in enumerate(batch.l7) if i not in bad_l7)
+    return Verdict(clean, accepted, rejected, shown)
+
+
+def _check_envelope(batch: pb.FlowBatch, limits: Limits) -> Rejection | None:
+    if batch.schema_version != SCHEMA_VERSION:
+        got = "missing (0)" if batch.schema_version == 0 else str(batch.schema_version)
+        return Rejection(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "schema_version",
+            f"unsupported schema_version {got}: this processor accepts kscope.v1 schema_version {SCHEMA_VERSION}",
+        )
+    if not batch.node_name:
+        return Rejection(grpc.StatusCode.INVALID_ARGUMENT, "node_name", "node_name is required (the reporting node)")
+    if len(batch.node_name) > MAX_NODE_NAME:
+        return Rejection(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "node_name",
+            f"node_name is {len(batch.node_name)} characters; a node name has at most {MAX_NODE_NAME}",
+        )
+    n = record_count(batch)
+    if n > limits.max_records:
+        # The same code gRPC gives an over-size message: a limit, and (without RetryInfo) not retryable,
+        # because resending the same batch can only fail the same way.
+        return Rejection(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "too_many_records",
+            f"batch holds {n} records; the limit is {limits.max_records} per batch: send smaller batches",
+        )
+    return None
+
+
+def _bad_indices(kind: str, records: Iterable[pb.L4Flow | pb.L7Request], problems: list[str]) -> set[int]:
+    bad: set[int] = set()
+    for i, rec in enumerate(records):
+        problem = record_problem(rec.local_ip, rec.local_port, rec.remote_ip, rec.remote_port, rec.ip_family)
+        if problem is not None:
+            bad.add(i)
+            problems.append(f"{kind}[{i}]: {problem}")
+    return bad
+
+
+def record_problem(local_ip: str, local_port: int, remote_ip: str, remote_port: int, family: int) -> str | None:
+    """What is wrong with one record's endpoints, or None. Shared by L4 flows and L7 requests, which carry
+    the same five-tuple fields."""
+    for name, port in (("local_port", local_port), ("remote_port", remote_port)):
+        if port > MAX_PORT:
+            return f"{name} {port} > {MAX_PORT}"
+    if family not in (4, 6):
+        return f"ip_family {family} is neither 4 nor 6"
+    versions: list[int] = []
+    for name, text in (("local_ip", local_ip), ("remote_ip", remote_ip)):
+        version = _ip_version(text)
+        if version == 0:
+            return f"{name} {_quote(text)} is not an IP address"
+        versions.append(version)
+    # Family 6 may carry IPv4 text (an IPv4-mapped peer of an IPv6 socket); family 4 never carries IPv6.
+    if family == 4 and 6 in versions:
+        return "ip_family 4 with an IPv6 address"
+    return None
+
+
+@lru_cache(maxsize=65_536)
+def _ip_version(text: str) -> int:
+    # Cached because the same few addresses repeat across every record of a node; bounded so a client
+    # sending random strings cannot grow it.
+    try:
+        return ipaddress.ip_address(text).version
+    except ValueError:
+        return 0
+
+
+def _quote(text: str, limit: int = 64) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "…")
