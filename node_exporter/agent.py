@@ -14,6 +14,7 @@ from pathlib import Path
 
 import structlog
 
+from kscope.v1 import flow_pb2 as pb
 from node_exporter.bpf import preflight
 from node_exporter.bpf.btf import Btf
 from node_exporter.errors import KscopeError
@@ -27,6 +28,7 @@ from node_exporter.output.convert import MonotonicClock, l4_flow, l7_request
 from node_exporter.output.jsonl import JsonlWriter
 from node_exporter.output.live import LiveView
 from node_exporter.selfmetrics import SelfMetrics
+from node_exporter.ship import ClientTls, FlowShipper, ShipConfig
 
 log = structlog.get_logger("kscope.agent")
 L7_DRAIN_S = 0.02
@@ -43,6 +45,10 @@ class AgentOptions:
     metrics_port: int | None = None
     l7: bool = False
     capture_bytes: int = 512
+    processor: str | None = None  # host:port of the cluster processor's ingest
+    node_name: str = ""
+    proc_root: str = "/proc"
+    tls: ClientTls | None = None
 
 
 def kernel_drop_reasons() -> dict[int, str]:
@@ -61,7 +67,7 @@ class Agent:
         self.stop = threading.Event()
         self.metrics = SelfMetrics()
         self.clock = MonotonicClock()
-        self.procs = ProcessIndex()
+        self.procs = ProcessIndex(proc_root=opts.proc_root)
         self.view = LiveView()
         self.records_written = 0
         self.write_failed = 0
@@ -75,7 +81,12 @@ class Agent:
         enabled, disabled = set(self.collector.report.enabled), dict(self.collector.report.disabled)
         if opts.l7:
             try:
-                self.l7 = L7Collector(bpf_dir / L7_OBJECT, netns_ino=opts.netns_inode, capture_bytes=opts.capture_bytes)
+                self.l7 = L7Collector(
+                    bpf_dir / L7_OBJECT,
+                    netns_ino=opts.netns_inode,
+                    capture_bytes=opts.capture_bytes,
+                    proc_root=opts.proc_root,
+                )
                 enabled |= self.l7.report.enabled
                 disabled.update(self.l7.report.disabled)
             except KscopeError as exc:
@@ -86,6 +97,9 @@ class Agent:
         self.capabilities = (sorted(enabled), disabled)
         self.drop_reasons = kernel_drop_reasons()
         self.writer = JsonlWriter(opts.jsonl) if opts.jsonl else None
+        self.shipper: FlowShipper | None = None
+        if opts.processor:
+            self.shipper = FlowShipper(ShipConfig(target=opts.processor, tls=opts.tls)).start()
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -106,20 +120,37 @@ class Agent:
             events, self._pending_events = self._pending_events, []
             events += self.pipeline.close_sockets(r.sock_cookie for r in records if r.is_close)
             events += self.pipeline.expire(time.monotonic_ns())
-        if self.writer is not None and (records or events):
+        if (self.writer is not None or self.shipper is not None) and (records or events):
             flows = [l4_flow(r, self.procs.lookup(r.tgid, r.comm), self.clock, self.drop_reasons) for r in records]
             requests = [l7_request(e, self.procs.lookup(e.conn.tgid, e.conn.comm), self.clock) for e in events]
-            try:
-                self.writer.write_flows(flows)
-                self.writer.write_requests(requests)
-                self.records_written += len(flows) + len(requests)
-            except OSError as exc:
-                self.write_failed += len(flows) + len(requests)
-                log.error("jsonl_write_failed", error=str(exc), records=len(flows) + len(requests))
+            self._write(flows, requests)
+            if self.shipper is not None:
+                self._update_metrics()  # the batch carries the counters up to now
+                self.shipper.submit(
+                    pb.FlowBatch(
+                        schema_version=1,
+                        node_name=self.opts.node_name,
+                        time_unix_nano=time.time_ns(),
+                        l4=flows,
+                        l7=requests,
+                        stats=self.metrics.to_proto(time.time_ns()),
+                    )
+                )
         self.requests_seen += len(events)
         self.view.update(records, events)
         self._update_metrics()
         return records, events
+
+    def _write(self, flows: list[pb.L4Flow], requests: list[pb.L7Request]) -> None:
+        if self.writer is None:
+            return
+        try:
+            self.writer.write_flows(flows)
+            self.writer.write_requests(requests)
+            self.records_written += len(flows) + len(requests)
+        except OSError as exc:
+            self.write_failed += len(flows) + len(requests)
+            log.error("jsonl_write_failed", error=str(exc), records=len(flows) + len(requests))
 
     def _update_metrics(self) -> None:
         s = self.collector.stats
@@ -136,6 +167,8 @@ class Agent:
             process_lookups_missed=self.procs.misses,
             l7_requests=self.requests_seen,
         )
+        if self.shipper is not None:
+            values.update({f"ship_{k}": v for k, v in self.shipper.counters().items()})
         if self.l7 is not None:
             values.update({f"l7_kernel_{k}": v for k, v in self.l7.kernel_stats().items()})
             values.update({f"l7_{k}": v for k, v in self.pipeline.counters().items()})
@@ -182,6 +215,10 @@ class Agent:
             self.close()
 
     def close(self) -> None:
+        if self.shipper is not None:
+            # the last interval's batch: give it a moment to leave, count it if it cannot
+            self.shipper.close(timeout_s=5.0)
+            self._update_metrics()
         if self.writer is not None:
             self.writer.write_stats(self.metrics.to_proto(time.time_ns()))
             self.writer.close()

@@ -7,6 +7,8 @@ exit 2; they never show a traceback.
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -30,6 +32,13 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--capture-bytes", type=int, default=512, help="bytes of each message head captured (512)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--processor", metavar="HOST:PORT", help="ship batches to the cluster processor (gRPC)")
+    p.add_argument("--node-name", default=None, help="this node's name (default: $NODE_NAME, else the hostname)")
+    p.add_argument("--proc-root", default="/proc", help="the host's /proc (in a container: /host/proc)")
+    p.add_argument("--tls-ca", type=Path, help="CA of the processor's certificate (turns TLS on)")
+    p.add_argument("--tls-cert", type=Path, help="client certificate for mTLS (with --tls-key)")
+    p.add_argument("--tls-key", type=Path, help="client key for mTLS")
+    p.add_argument("--tls-server-name", help="name in the processor's certificate, if not the host")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +60,15 @@ def _run(args: argparse.Namespace, live: bool) -> int:
         return EXIT_USAGE
     from node_exporter.agent import Agent, AgentOptions
 
+    tls = None
+    if args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
+        from node_exporter.ship import ClientTls
+
+        try:
+            tls = ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+        except KscopeError as exc:
+            print(f"kscope: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     opts = AgentOptions(
         interval_s=args.interval,
         duration_s=args.duration,
@@ -61,6 +79,10 @@ def _run(args: argparse.Namespace, live: bool) -> int:
         metrics_port=args.metrics_port,
         l7=args.l7,
         capture_bytes=args.capture_bytes,
+        processor=args.processor,
+        node_name=args.node_name or os.environ.get("NODE_NAME") or socket.gethostname(),
+        proc_root=args.proc_root,
+        tls=tls,
     )
     try:
         agent = Agent(opts)
