@@ -100,10 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     return _run(args, live)
 
 
-def agent_main(argv: list[str] | None = None) -> int:
+def agent_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kscope-agent", description="kscope node agent")
     _add_agent_args(parser)
-    return _run(parser.parse_args(argv), live=False)
+    return parser
+
+
+def agent_main(argv: list[str] | None = None) -> int:
+    return _run(agent_parser().parse_args(argv), live=False)
 
 
 if __name__ == "__main__":

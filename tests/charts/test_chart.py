@@ -401,3 +401,16 @@ def test_schema_rejects_bad_values(chart: helm.Chart, values: dict[str, Any], wh
 def test_lint_reports_a_schema_violation() -> None:
     report = helm.lint(CHART, {"otlp": {"endpoint": 5}})
     assert any("/otlp/endpoint" in e for e in report["errors"]), report
+
+
+@pytest.mark.parametrize("which", ["default_docs", "tls_docs"])
+def test_agent_args_are_what_the_agent_accepts(which: str, request: pytest.FixtureRequest) -> None:
+    from node_exporter.cli import agent_parser
+
+    docs: list[Manifest] = request.getfixturevalue(which)
+    agent = container(only(docs, "DaemonSet"))
+    assert agent["command"][-1] == "kscope-agent" or agent["command"] == ["kscope-agent"]
+    args = agent_parser().parse_args(agent.get("args", []))  # exits (SystemExit) on an unknown flag
+    assert args.processor and args.proc_root == "/host/proc"
+    if which == "tls_docs":
+        assert args.tls_ca and args.tls_cert and args.tls_key
