@@ -1,0 +1,347 @@
+"""What the aggregator hands to OTLP export: plain frozen records, one interval at a time.
+
+Endpoints are described by OpenTelemetry semantic-convention attributes (``k8s.pod.name``,
+``service.name``, ``server.address``...), kept as sorted ``(key, value)`` tuples: hashable, so they
+can key aggregation maps, and small. Nothing here knows about protobuf or gRPC; the records are
+the contract between aggregation and export.
+
+Durations are seconds, timestamps are Unix epoch nanoseconds (OTLP's unit), counts are per
+interval (deltas): turning them into cumulative streams is ``cumulative``'s job.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+import re
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Final, overload
+
+from cluster_processor.otlp.errors import InvalidAggregateError
+
+AttrValue = str | bool | int | float
+Attrs = tuple[tuple[str, AttrValue], ...]
+
+# Semantic-convention keys an endpoint is described with.
+K8S_NAMESPACE: Final = "k8s.namespace.name"
+K8S_POD: Final = "k8s.pod.name"
+K8S_NODE: Final = "k8s.node.name"
+K8S_CONTAINER: Final = "k8s.container.name"
+CONTAINER_ID: Final = "container.id"
+PROCESS_PID: Final = "process.pid"
+SERVICE_NAME: Final = "service.name"
+SERVER_ADDRESS: Final = "server.address"
+SERVER_PORT: Final = "server.port"
+CLIENT_ADDRESS: Final = "client.address"
+CLIENT_PORT: Final = "client.port"
+# Workload kinds in the order that names a graph node best: the controller a user deployed
+# comes before the ReplicaSet or Job it creates.
+WORKLOAD_KEYS: Final = (
+    "k8s.deployment.name",
+    "k8s.statefulset.name",
+    "k8s.daemonset.name",
+    "k8s.cronjob.name",
+    "k8s.job.name",
+    "k8s.replicaset.name",
+)
+
+# Buckets the HTTP semantic conventions recommend for request durations (seconds).
+HTTP_DURATION_BOUNDS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+# Tempo's default service-graph buckets, so graphs from kscope and from Tempo compare directly.
+SERVICE_GRAPH_BOUNDS_S: Final = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8)
+
+# Log event names (the LogRecord's event_name).
+EVENT_TCP_RESET: Final = "kscope.tcp.reset"
+EVENT_CONNECT_REFUSED: Final = "kscope.tcp.connect.refused"
+EVENT_CONNECT_TIMEOUT: Final = "kscope.tcp.connect.timeout"
+EVENT_DNS_ERROR: Final = "kscope.dns.error"
+EVENT_HTTP_SERVER_ERROR_BURST: Final = "kscope.http.server_error_burst"
+
+
+@overload
+def attrs(pairs: Mapping[str, AttrValue]) -> Attrs: ...
+@overload
+def attrs(pairs: Iterable[tuple[str, AttrValue]] = ()) -> Attrs: ...
+def attrs(pairs: Mapping[str, AttrValue] | Iterable[tuple[str, AttrValue]] = ()) -> Attrs:
+    """Canonical attributes: sorted by key, the last value of a repeated key wins. Two equal sets
+    are then equal tuples, which is what keying a stream by its attributes needs."""
+    items = pairs.items() if isinstance(pairs, Mapping) else pairs
+    return tuple(sorted(dict(items).items()))
+
+
+def attr(attributes: Attrs, key: str) -> AttrValue | None:
+    for k, v in attributes:
+        if k == key:
+            return v
+    return None
+
+
+class Side(enum.Enum):
+    """Which end of an edge observed the data: the eBPF probe sits on one socket at a time."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class Protocol(enum.Enum):
+    HTTP = "http"
+    DNS = "dns"
+
+
+class ConnectionType(enum.Enum):
+    """Tempo's ``connection_type`` label: empty for a plain service-to-service edge."""
+
+    NONE = ""
+    VIRTUAL_NODE = "virtual_node"  # the other end is not observed (outside the cluster)
+    DATABASE = "database"
+    MESSAGING_SYSTEM = "messaging_system"
+
+
+class Severity(enum.IntEnum):
+    """OpenTelemetry SeverityNumber values (the first of each range)."""
+
+    DEBUG = 5
+    INFO = 9
+    WARN = 13
+    ERROR = 17
+
+
+@dataclass(frozen=True, slots=True)
+class Edge:
+    """Who talked to whom. Each side's attributes use semantic-convention keys as if that side
+    were the instrumented one; export decides which side is "self" and which the peer."""
+
+    client: Attrs
+    server: Attrs
+
+    def of(self, side: Side) -> Attrs:
+        return self.client if side is Side.CLIENT else self.server
+
+    def peer_of(self, side: Side) -> Attrs:
+        return self.server if side is Side.CLIENT else self.client
+
+
+def graph_node_name(endpoint: Attrs) -> str:
+    """The name a service graph gives an endpoint: its service, else its workload, else its pod,
+    else its address. Every signal names nodes this way, so graph edges and span resources agree."""
+    for key in (SERVICE_NAME, *WORKLOAD_KEYS, K8S_POD, SERVER_ADDRESS, CLIENT_ADDRESS):
+        value = attr(endpoint, key)
+        if value not in (None, ""):
+            return str(value)
+    return "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Histogram:
+    """Explicit-bucket histogram of one interval (or, once accumulated, of a stream's lifetime).
+
+    OTLP semantics: bucket i counts values v with bounds[i-1] < v <= bounds[i]; the last bucket
+    counts v > bounds[-1]. The count is derived from the buckets so the two can never disagree."""
+
+    bounds: tuple[float, ...]  # upper bounds, strictly increasing, in the metric's unit (seconds)
+    bucket_counts: tuple[int, ...]  # len(bounds) + 1
+    sum: float
+    min: float | None = None
+    max: float | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.bucket_counts) != len(self.bounds) + 1:
+            raise InvalidAggregateError(f"{len(self.bucket_counts)} bucket counts for {len(self.bounds)} bounds")
+        if any(b >= a for b, a in zip(self.bounds, self.bounds[1:], strict=False)) or any(
+            c < 0 for c in self.bucket_counts
+        ):
+            raise InvalidAggregateError("bounds must increase strictly and counts must not be negative")
+
+    @property
+    def count(self) -> int:
+        return sum(self.bucket_counts)
+
+    @classmethod
+    def of(cls, bounds: Iterable[float], values: Iterable[float]) -> Histogram:
+        bounds = tuple(bounds)
+        counts = [0] * (len(bounds) + 1)
+        total = 0.0
+        lo: float | None = None
+        hi: float | None = None
+        for v in values:
+            counts[bisect_left(bounds, v)] += 1  # first bound >= v: upper bounds are inclusive
+            total += v
+            lo = v if lo is None else min(lo, v)
+            hi = v if hi is None else max(hi, v)
+        return cls(bounds, tuple(counts), total, lo, hi)
+
+    def merge(self, other: Histogram) -> Histogram:
+        if other.bounds != self.bounds:
+            raise InvalidAggregateError("cannot merge histograms with different bounds")
+        return Histogram(
+            self.bounds,
+            tuple(a + b for a, b in zip(self.bucket_counts, other.bucket_counts, strict=True)),
+            self.sum + other.sum,
+            _opt(min, self.min, other.min),
+            _opt(max, self.max, other.max),
+        )
+
+
+def _opt(fn: Callable[[float, float], float], a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return fn(a, b)
+
+
+@dataclass(frozen=True, slots=True)
+class RedPoint:
+    """Request rate, errors and duration for one edge, protocol, method, route and status."""
+
+    edge: Edge
+    side: Side
+    protocol: Protocol
+    duration: Histogram  # seconds
+    method: str = ""  # HTTP method as seen on the wire (unknown ones export as _OTHER); DNS: the query type
+    route: str = ""  # low-cardinality route template ("/users/{id}"); "" when unknown
+    status_code: int | None = None  # None when no response was seen (reset, timeout)
+    error_type: str = ""  # why a request failed without an error status ("timeout"), or a DNS rcode name
+    attributes: Attrs = ()  # protocol extras with semconv keys, e.g. dns.question.name
+
+
+@dataclass(frozen=True, slots=True)
+class L4Point:
+    """TCP counters for one edge over one interval, seen from ``side``'s sockets."""
+
+    edge: Edge
+    side: Side
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    connections: int = 0  # connections established
+    connect_failures: tuple[tuple[str, int], ...] = ()  # (error.type, count), e.g. ("connection_refused", 3)
+    retransmits: int = 0  # retransmitted segments
+    resets: int = 0  # RSTs sent or received
+    drops: int = 0  # segments the kernel dropped for these sockets
+    connect_duration: Histogram | None = None  # seconds, successful connects
+    rtt_s: float | None = None  # smoothed RTT at the end of the interval, averaged over sockets
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceGraphPoint:
+    """One edge of the service graph, named as Grafana draws it.
+
+    Each request must be counted once even when both ends were observed (possibly by different
+    replicas): the aggregator counts a request from the server side when the server is a pod kscope
+    observes, and from the client side only when it is not (``ConnectionType.VIRTUAL_NODE``)."""
+
+    client: str  # graph_node_name of the client endpoint
+    server: str
+    requests: int
+    failed: int = 0
+    connection_type: ConnectionType = ConnectionType.NONE
+    server_duration: Histogram | None = None  # seconds, as the server saw it
+    client_duration: Histogram | None = None  # seconds, as the client saw it
+
+
+@dataclass(frozen=True, slots=True)
+class Interval:
+    """Everything one node reported over [start, end). The reporting node is the single writer
+    of every stream built from it."""
+
+    node_name: str
+    start_unix_nano: int
+    end_unix_nano: int
+    red: tuple[RedPoint, ...] = ()
+    l4: tuple[L4Point, ...] = ()
+    service_graph: tuple[ServiceGraphPoint, ...] = ()
+
+
+# ---- traces -------------------------------------------------------------------------------------
+
+# W3C Trace Context, version-format: lowercase hex only; versions after 00 may append fields.
+_TRACEPARENT: Final = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+_ZERO_TRACE: Final = "0" * 32
+_ZERO_SPAN: Final = "0" * 16
+FLAG_SAMPLED: Final = 0x01
+_RNG: Final = random.Random()  # ids need uniqueness, not secrecy; os.urandom per span costs a syscall
+
+
+@dataclass(frozen=True, slots=True)
+class SpanContext:
+    trace_id: bytes  # 16 bytes
+    span_id: bytes  # 8 bytes
+    parent_span_id: bytes = b""  # 8 bytes, or empty for a root span
+    trace_flags: int = FLAG_SAMPLED  # W3C trace-flags
+    trace_state: str = ""
+    remote_parent: bool = False  # the parent came from a traceparent header (another process)
+
+
+def parse_traceparent(header: str) -> tuple[bytes, bytes, int] | None:
+    """(trace id, parent span id, flags) of a W3C traceparent, or None when it is not valid:
+    a header we cannot trust starts a new trace instead of corrupting an existing one."""
+    m = _TRACEPARENT.fullmatch(header.strip())
+    if m is None:
+        return None
+    version, trace_id, span_id, flags, rest = m.groups()
+    if version == "ff" or (version == "00" and rest) or trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+        return None
+    return bytes.fromhex(trace_id), bytes.fromhex(span_id), int(flags, 16)
+
+
+def span_context(
+    traceparent: str | None = None, tracestate: str = "", *, rng: random.Random | None = None
+) -> SpanContext:
+    """The context of a span kscope creates for one observed request.
+
+    A captured traceparent makes the span a child of the span that sent it: for a SERVER span
+    that is the caller's client span, exactly W3C's meaning; for a CLIENT span it is the span in
+    the calling process that injected the header. Reusing the header's parent id as our own span
+    id would instead collide with that span whenever the app is instrumented itself.
+    Without a (valid) header the span starts a new trace."""
+    gen = rng or _RNG
+    span_id = _nonzero(gen, 64)
+    parsed = parse_traceparent(traceparent) if traceparent else None
+    if parsed is None:
+        return SpanContext(_nonzero(gen, 128), span_id)
+    trace_id, parent, flags = parsed
+    return SpanContext(trace_id, span_id, parent, flags, tracestate, remote_parent=True)
+
+
+def _nonzero(gen: random.Random, bits: int) -> bytes:
+    value = 0
+    while value == 0:  # all-zero ids are invalid in W3C and OTLP
+        value = gen.getrandbits(bits)
+    return value.to_bytes(bits // 8, "big")
+
+
+@dataclass(frozen=True, slots=True)
+class SpanRecord:
+    """One observed request as a span (SERVER or CLIENT after ``side``)."""
+
+    edge: Edge
+    side: Side
+    protocol: Protocol
+    context: SpanContext
+    start_unix_nano: int
+    end_unix_nano: int
+    method: str = ""
+    route: str = ""
+    status_code: int | None = None
+    error_type: str = ""
+    attributes: Attrs = ()  # extras with semconv keys (url.path scrubbed of its query, ...)
+
+
+# ---- logs ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LogEvent:
+    """A network or protocol event (a reset, a refused connect, a DNS error) on one edge."""
+
+    edge: Edge
+    side: Side  # whose socket saw it
+    time_unix_nano: int
+    name: str  # one of the EVENT_* names
+    severity: Severity
+    body: str
+    attributes: Attrs = ()
+    trace_id: bytes = b""  # the request's trace, when the event belongs to one
+    span_id: bytes = b""

@@ -1,0 +1,301 @@
+"""What each aggregate is called on the wire: instrument names and units, attribute keys, error
+rules, span names. Pure functions from ``model`` records to ``Sample``s (one interval's
+contribution to one metric stream) and to span fields.
+
+Naming follows the OpenTelemetry semantic conventions where one exists (``http.*``,
+``dns.lookup.duration``, ``error.type``), Tempo's service-graph metrics where Grafana expects them,
+and ``kscope.*`` for the TCP metrics no convention covers.
+
+Endpoint attributes on data points, spans and logs: the observing side ("self") keeps its
+semantic-convention keys unchanged (``k8s.pod.name``), as if it were the instrumented process;
+the other side's keys get a ``peer.`` prefix (``peer.k8s.pod.name``), except keys that already
+name their role (``server.address``, ``client.port``), which pass through as the conventions
+define them. There is no convention for a peer's Kubernetes identity; one fixed prefix keeps
+the rule mechanical and the two ends of an edge apart.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from cluster_processor.otlp.model import (
+    SERVICE_NAME,
+    Attrs,
+    AttrValue,
+    Edge,
+    Histogram,
+    Interval,
+    L4Point,
+    Protocol,
+    RedPoint,
+    ServiceGraphPoint,
+    Side,
+    SpanRecord,
+    attrs,
+    graph_node_name,
+)
+
+PEER_PREFIX: Final = "peer."
+_ROLE_PREFIXES: Final = ("server.", "client.", "network.peer.", "network.local.")
+
+HTTP_METHOD: Final = "http.request.method"
+HTTP_METHOD_ORIGINAL: Final = "http.request.method_original"
+HTTP_ROUTE: Final = "http.route"
+HTTP_STATUS: Final = "http.response.status_code"
+ERROR_TYPE: Final = "error.type"
+NETWORK_IO_DIRECTION: Final = "network.io.direction"
+OVERFLOW: Final = "otel.metric.overflow"
+OTHER: Final = "_OTHER"
+# The methods the HTTP conventions know (RFC 9110 + PATCH); anything else would be unbounded.
+KNOWN_HTTP_METHODS: Final = frozenset({"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"})
+
+
+class Kind(enum.Enum):
+    COUNTER = "counter"  # monotonic sum fed with per-interval deltas
+    OBSERVED_COUNTER = "observed_counter"  # monotonic sum fed with running totals (self-metrics)
+    GAUGE = "gauge"  # last value
+    HISTOGRAM = "histogram"  # explicit buckets, fed with per-interval histograms
+
+
+@dataclass(frozen=True, slots=True)
+class Instrument:
+    name: str
+    unit: str  # UCUM, as OTLP wants: "s", "By", "{request}"
+    description: str
+    kind: Kind
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One interval's contribution to the stream (instrument, attributes)."""
+
+    instrument: Instrument
+    attributes: Attrs
+    value: int | float | Histogram
+
+
+_H, _C, _G = Kind.HISTOGRAM, Kind.COUNTER, Kind.GAUGE
+HTTP_SERVER_DURATION: Final = Instrument("http.server.request.duration", "s", "Duration of HTTP server requests.", _H)
+HTTP_CLIENT_DURATION: Final = Instrument("http.client.request.duration", "s", "Duration of HTTP client requests.", _H)
+DNS_LOOKUP_DURATION: Final = Instrument("dns.lookup.duration", "s", "Time taken to perform a DNS lookup.", _H)
+# No convention for the server side of DNS; the agent pairs queries on DNS servers too.
+DNS_SERVER_DURATION: Final = Instrument("kscope.dns.server.request.duration", "s", "Time to answer a DNS query.", _H)
+
+TCP_BYTES: Final = Instrument("kscope.tcp.bytes", "By", "TCP payload bytes, by network.io.direction.", _C)
+TCP_CONNECTIONS: Final = Instrument(
+    "kscope.tcp.connections", "{connection}", "TCP connects: established, or failed with error.type.", _C
+)
+TCP_CONNECT_DURATION: Final = Instrument("kscope.tcp.connect.duration", "s", "Time to establish a TCP connection.", _H)
+TCP_RETRANSMITS: Final = Instrument("kscope.tcp.retransmits", "{segment}", "Retransmitted TCP segments.", _C)
+TCP_RESETS: Final = Instrument("kscope.tcp.resets", "{reset}", "TCP resets sent or received.", _C)
+TCP_DROPS: Final = Instrument("kscope.tcp.drops", "{segment}", "TCP segments dropped by the kernel.", _C)
+TCP_RTT: Final = Instrument("kscope.tcp.rtt", "s", "Smoothed TCP round-trip time.", _G)
+
+# Tempo's metrics-generator names, which Grafana's service graph queries without configuration.
+SG_REQUESTS: Final = Instrument(
+    "traces_service_graph_request_total", "{request}", "Requests between two nodes of the service graph.", _C
+)
+SG_FAILED: Final = Instrument(
+    "traces_service_graph_request_failed_total", "{request}", "Failed requests between two nodes.", _C
+)
+SG_SERVER_SECONDS: Final = Instrument(
+    "traces_service_graph_request_server_seconds", "s", "Request duration as seen by the server.", _H
+)
+SG_CLIENT_SECONDS: Final = Instrument(
+    "traces_service_graph_request_client_seconds", "s", "Request duration as seen by the client.", _H
+)
+
+
+# ---- endpoint attributes ------------------------------------------------------------------------
+
+
+def _has_role(key: str) -> bool:
+    return key.startswith(_ROLE_PREFIXES)
+
+
+def identity(endpoint: Attrs) -> Attrs:
+    """Who an endpoint is (pod, workload, service), without how it was reached."""
+    return tuple((k, v) for k, v in endpoint if not _has_role(k))
+
+
+def peer_attributes(endpoint: Attrs) -> list[tuple[str, AttrValue]]:
+    """The other side: its identity under ``peer.``, its role keys (``server.address``) as they are."""
+    return [(k if _has_role(k) else PEER_PREFIX + k, v) for k, v in endpoint]
+
+
+def record_attributes(edge: Edge, side: Side) -> list[tuple[str, AttrValue]]:
+    """Attributes of one span or log record: spans are not aggregated, so every role key stays
+    (client.port included, it is this request's own), and the peer's identity; the observing
+    side's identity is the record's resource."""
+    return [*((k, v) for k, v in edge.of(side) if _has_role(k)), *peer_attributes(edge.peer_of(side))]
+
+
+def metric_attributes(edge: Edge, side: Side) -> list[tuple[str, AttrValue]]:
+    """Data-point attributes of one edge seen from ``side``. A server keeps its own listening
+    ``server.*`` keys (they tell port 8080 from 9090); a client's own ``client.*`` keys are dropped,
+    since an ephemeral port would make every connection a new series."""
+    own = edge.of(side)
+    kept = [(k, v) for k, v in own if k.startswith("server.")] if side is Side.SERVER else []
+    return [*identity(own), *kept, *peer_attributes(edge.peer_of(side))]
+
+
+# ---- per-protocol rules -------------------------------------------------------------------------
+
+
+def _http_status_failed(side: Side, status_code: int | None) -> bool:
+    # A server fails on 5xx only (a 404 is the client's mistake); a client fails on 4xx too.
+    return status_code is not None and status_code >= (500 if side is Side.SERVER else 400)
+
+
+def http_failed(side: Side, status_code: int | None, error_type: str) -> bool:
+    """HTTP span status rules, plus any request that failed without an error status
+    (reset, timeout: ``error_type`` set)."""
+    return _http_status_failed(side, status_code) or bool(error_type)
+
+
+def http_error_type(side: Side, status_code: int | None, error_type: str) -> str:
+    """``error.type``: the status code as a string when it marks an error, else the failure's own
+    type; empty for a success."""
+    return str(status_code) if _http_status_failed(side, status_code) else error_type
+
+
+def normal_method(method: str) -> str:
+    return method if method in KNOWN_HTTP_METHODS else OTHER
+
+
+def _http_attributes(
+    side: Side, method: str, route: str, status_code: int | None, error_type: str
+) -> list[tuple[str, AttrValue]]:
+    out: list[tuple[str, AttrValue]] = [(HTTP_METHOD, normal_method(method))]
+    if route:
+        out.append((HTTP_ROUTE, route))
+    if status_code is not None:
+        out.append((HTTP_STATUS, status_code))
+    if et := http_error_type(side, status_code, error_type):
+        out.append((ERROR_TYPE, et))
+    return out
+
+
+def _http_span_name(side: Side, method: str, route: str) -> str:
+    m = normal_method(method)
+    base = "HTTP" if m == OTHER else m
+    # Only a server knows which route it matched; a client's name stays low-cardinality.
+    return f"{base} {route}" if route and side is Side.SERVER else base
+
+
+def _dns_failed(side: Side, status_code: int | None, error_type: str) -> bool:
+    return bool(error_type)
+
+
+def _dns_attributes(
+    side: Side, method: str, route: str, status_code: int | None, error_type: str
+) -> list[tuple[str, AttrValue]]:
+    return [(ERROR_TYPE, error_type)] if error_type else []
+
+
+def _dns_span_name(side: Side, method: str, route: str) -> str:
+    return f"DNS {method}" if method else "DNS"
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolSpec:
+    client: Instrument
+    server: Instrument
+    failed: Callable[[Side, int | None, str], bool]
+    attributes: Callable[[Side, str, str, int | None, str], list[tuple[str, AttrValue]]]
+    span_name: Callable[[Side, str, str], str]
+
+
+PROTOCOLS: Final[dict[Protocol, ProtocolSpec]] = {
+    Protocol.HTTP: ProtocolSpec(
+        HTTP_CLIENT_DURATION, HTTP_SERVER_DURATION, http_failed, _http_attributes, _http_span_name
+    ),
+    Protocol.DNS: ProtocolSpec(DNS_LOOKUP_DURATION, DNS_SERVER_DURATION, _dns_failed, _dns_attributes, _dns_span_name),
+}
+
+
+# ---- samples ------------------------------------------------------------------------------------
+
+
+def red_samples(p: RedPoint) -> list[Sample]:
+    spec = PROTOCOLS[p.protocol]
+    instrument = spec.client if p.side is Side.CLIENT else spec.server
+    pairs = metric_attributes(p.edge, p.side)
+    pairs += p.attributes
+    pairs += spec.attributes(p.side, p.method, p.route, p.status_code, p.error_type)
+    return [Sample(instrument, attrs(pairs), p.duration)]
+
+
+def l4_samples(p: L4Point) -> list[Sample]:
+    base = metric_attributes(p.edge, p.side)
+
+    def at(*extra: tuple[str, AttrValue]) -> Attrs:
+        return attrs([*base, *extra])
+
+    out = [
+        Sample(TCP_BYTES, at((NETWORK_IO_DIRECTION, "transmit")), p.bytes_sent),
+        Sample(TCP_BYTES, at((NETWORK_IO_DIRECTION, "receive")), p.bytes_received),
+        Sample(TCP_CONNECTIONS, at(), p.connections),
+        Sample(TCP_RETRANSMITS, at(), p.retransmits),
+        Sample(TCP_RESETS, at(), p.resets),
+        Sample(TCP_DROPS, at(), p.drops),
+    ]
+    out += [Sample(TCP_CONNECTIONS, at((ERROR_TYPE, et)), n) for et, n in p.connect_failures]
+    if p.connect_duration is not None:
+        out.append(Sample(TCP_CONNECT_DURATION, at(), p.connect_duration))
+    if p.rtt_s is not None:
+        out.append(Sample(TCP_RTT, at(), p.rtt_s))
+    return out
+
+
+def service_graph_samples(p: ServiceGraphPoint) -> list[Sample]:
+    # Exactly Tempo's label set: extra labels would split the series Grafana sums by (client, server).
+    a = attrs([("client", p.client), ("server", p.server), ("connection_type", p.connection_type.value)])
+    out = [Sample(SG_REQUESTS, a, p.requests), Sample(SG_FAILED, a, p.failed)]
+    if p.server_duration is not None:
+        out.append(Sample(SG_SERVER_SECONDS, a, p.server_duration))
+    if p.client_duration is not None:
+        out.append(Sample(SG_CLIENT_SECONDS, a, p.client_duration))
+    return out
+
+
+def interval_samples(interval: Interval) -> list[Sample]:
+    out: list[Sample] = []
+    for r in interval.red:
+        out += red_samples(r)
+    for l4 in interval.l4:
+        out += l4_samples(l4)
+    for g in interval.service_graph:
+        out += service_graph_samples(g)
+    return out
+
+
+# ---- spans and logs -----------------------------------------------------------------------------
+
+
+def span_resource(endpoint: Attrs, node_name: str) -> Attrs:
+    """A span's or log's resource is the observed workload, not kscope: trace backends group,
+    name and graph spans by the resource's service.name. The reporting node is always present."""
+    base = dict(identity(endpoint))
+    base.setdefault(SERVICE_NAME, graph_node_name(endpoint))
+    base.setdefault("k8s.node.name", node_name)
+    return attrs(base)
+
+
+def span_name(s: SpanRecord) -> str:
+    return PROTOCOLS[s.protocol].span_name(s.side, s.method, s.route)
+
+
+def span_failed(s: SpanRecord) -> bool:
+    return PROTOCOLS[s.protocol].failed(s.side, s.status_code, s.error_type)
+
+
+def span_attributes(s: SpanRecord) -> Attrs:
+    pairs = [*record_attributes(s.edge, s.side), *s.attributes]
+    extra = PROTOCOLS[s.protocol].attributes(s.side, s.method, s.route, s.status_code, s.error_type)
+    if s.protocol is Protocol.HTTP and s.method and normal_method(s.method) == OTHER:
+        extra.append((HTTP_METHOD_ORIGINAL, s.method))
+    return attrs([*pairs, *extra])

@@ -1,0 +1,92 @@
+"""Cumulative streams: deltas add up per stream, cardinality is capped with an overflow stream,
+stale streams are forgotten and restart with a new start time."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster_processor.otlp import encode
+from cluster_processor.otlp.cumulative import OVERFLOW_ATTRS, CumulativeStore, Stream
+from cluster_processor.otlp.model import Histogram
+from cluster_processor.otlp.semconv import HTTP_SERVER_DURATION, TCP_BYTES, TCP_RTT, Sample
+from tests.cluster_processor.otlp import factories as f
+
+S = 1_000_000_000
+
+
+def counter(pod: str, n: int) -> Sample:
+    return Sample(TCP_BYTES, (("k8s.pod.name", pod),), n)
+
+
+def values(streams: list[Stream]) -> dict[object, object]:
+    return {s.attributes: s.value for s in streams}
+
+
+def test_deltas_accumulate_per_stream_and_node() -> None:
+    store = CumulativeStore()
+    store.update("a", 0, 10 * S, [counter("p1", 5), counter("p2", 1)])
+    store.update("b", 0, 10 * S, [counter("p1", 100)])  # another node: another writer, another stream
+    out = store.update("a", 10 * S, 20 * S, [counter("p1", 2)])
+    assert values(out) == {(("k8s.pod.name", "p1"),): 7, (("k8s.pod.name", "p2"),): 1}
+    assert {s.start_unix_nano for s in out} == {0}  # unchanged streams are still reported
+    assert store.stats().series == 3
+
+
+def test_overflow_stream_takes_what_exceeds_the_limit() -> None:
+    store = CumulativeStore(max_series=3)  # two regular streams + the overflow stream
+    out = store.update("a", 0, S, [counter(f"p{i}", i + 1) for i in range(5)])
+    assert values(out) == {(("k8s.pod.name", "p0"),): 1, (("k8s.pod.name", "p1"),): 2, OVERFLOW_ATTRS: 3 + 4 + 5}
+    out = store.update("a", S, 2 * S, [counter("p0", 1), counter("p9", 10)])
+    assert values(out)[OVERFLOW_ATTRS] == 22 and values(out)[(("k8s.pod.name", "p0"),)] == 2
+    assert store.stats().overflowed == {"kscope.tcp.bytes": 4}
+    # The overflow stream encodes as the SDK's: a single boolean attribute.
+    req = encode.metrics_requests((), out, 2 * S)[0]
+    dps = req.resource_metrics[0].scope_metrics[0].metrics[0].sum.data_points
+    assert {"otel.metric.overflow": True} in [f.kv(dp.attributes) for dp in dps]
+
+
+def test_limit_is_per_metric() -> None:
+    store = CumulativeStore(max_series=2)
+    h = Histogram.of((1.0,), [0.5])
+    out = store.update("a", 0, S, [counter("p1", 1), Sample(HTTP_SERVER_DURATION, (("k8s.pod.name", "p1"),), h)])
+    assert OVERFLOW_ATTRS not in values(out)
+
+
+def test_stale_streams_expire_and_come_back_with_a_new_start() -> None:
+    store = CumulativeStore(max_series=2, stale_after_ns=30 * S)
+    store.update("a", 0, 10 * S, [counter("p1", 5)])
+    store.update("a", 10 * S, 20 * S, [counter("p2", 1)])  # overflow: no room left
+    out = store.update("a", 40 * S, 50 * S, [])
+    assert values(out) == {OVERFLOW_ATTRS: 1}  # p1 idle since 10 s: gone
+    out = store.update("a", 50 * S, 60 * S, [counter("p1", 3)])
+    # p1 has a slot again and starts over; the overflow stream (idle since 20 s) has gone too.
+    assert [(s.attributes, s.value, s.start_unix_nano) for s in out] == [((("k8s.pod.name", "p1"),), 3, 50 * S)]
+    assert store.stats().expired == 2
+
+
+def test_expire_sweeps_silent_nodes() -> None:
+    store = CumulativeStore(stale_after_ns=30 * S)
+    store.update("gone", 0, 10 * S, [counter("p1", 5)])
+    store.expire(100 * S)
+    assert store.stats().series == 0
+
+
+def test_gauge_is_reported_only_when_fresh() -> None:
+    store = CumulativeStore()
+    out = store.update("a", 0, S, [Sample(TCP_RTT, (), 0.001)])
+    assert [(s.value, s.start_unix_nano) for s in out] == [(0.001, 0)]
+    assert store.update("a", S, 2 * S, []) == []
+    assert [s.value for s in store.update("a", 2 * S, 3 * S, [Sample(TCP_RTT, (), 0.002)])] == [0.002]
+
+
+def test_histogram_with_new_bounds_restarts_its_stream() -> None:
+    store = CumulativeStore()
+    store.update("a", 0, S, [Sample(HTTP_SERVER_DURATION, (), Histogram.of((1.0,), [0.5]))])
+    (s,) = store.update("a", S, 2 * S, [Sample(HTTP_SERVER_DURATION, (), Histogram.of((2.0,), [0.5]))])
+    assert isinstance(s.value, Histogram) and s.value.bounds == (2.0,) and s.start_unix_nano == S
+    assert store.stats().resets == 1
+
+
+def test_limit_must_leave_room() -> None:
+    with pytest.raises(ValueError):
+        CumulativeStore(max_series=1)

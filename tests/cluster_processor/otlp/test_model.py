@@ -1,0 +1,111 @@
+"""The records the aggregator hands over: histogram invariants, W3C traceparent, node names."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cluster_processor.otlp.errors import InvalidAggregateError
+from cluster_processor.otlp.model import (
+    Histogram,
+    attrs,
+    graph_node_name,
+    parse_traceparent,
+    span_context,
+)
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+
+
+def test_histogram_buckets_are_upper_inclusive() -> None:
+    h = Histogram.of((0.1, 0.5, 1.0), [0.05, 0.1, 0.2, 0.5, 0.7, 1.0, 3.0])
+    assert h.bucket_counts == (2, 2, 2, 1)  # (..0.1] (0.1..0.5] (0.5..1] (1..)
+    assert h.count == 7
+    assert h.sum == pytest.approx(5.55)
+    assert (h.min, h.max) == (0.05, 3.0)
+
+
+def test_histogram_merge_adds_buckets_and_keeps_extremes() -> None:
+    a = Histogram.of((1.0,), [0.5])
+    b = Histogram.of((1.0,), [2.0, 3.0])
+    m = a.merge(b)
+    assert (m.bucket_counts, m.count, m.sum, m.min, m.max) == ((1, 2), 3, 5.5, 0.5, 3.0)
+    assert a.merge(Histogram((1.0,), (0, 0), 0.0)).min == 0.5  # an empty side has no min
+
+
+@pytest.mark.parametrize(
+    ("bounds", "counts"),
+    [((1.0, 2.0), (1, 1)), ((2.0, 1.0), (0, 0, 0)), ((1.0, 1.0), (0, 0, 0)), ((1.0,), (1, -1))],
+)
+def test_histogram_rejects_broken_shapes(bounds: tuple[float, ...], counts: tuple[int, ...]) -> None:
+    with pytest.raises(InvalidAggregateError):
+        Histogram(bounds, counts, 0.0)
+
+
+def test_merge_refuses_other_bounds() -> None:
+    with pytest.raises(InvalidAggregateError):
+        Histogram.of((1.0,), [1.0]).merge(Histogram.of((2.0,), [1.0]))
+
+
+@given(st.lists(st.floats(min_value=0, max_value=100, allow_nan=False), max_size=50))
+def test_histogram_of_counts_every_value(values: list[float]) -> None:
+    h = Histogram.of((0.5, 1.0, 10.0), values)
+    assert h.count == len(values)
+    assert h.sum == pytest.approx(sum(values))
+
+
+def test_attrs_are_canonical() -> None:
+    assert attrs({"b": 1, "a": "x"}) == attrs([("a", "x"), ("b", 2), ("b", 1)]) == (("a", "x"), ("b", 1))
+
+
+def test_graph_node_name_prefers_service_then_workload_then_pod_then_address() -> None:
+    assert graph_node_name(attrs({"service.name": "cart", "k8s.deployment.name": "cart-v2"})) == "cart"
+    assert graph_node_name(attrs({"k8s.replicaset.name": "web-1", "k8s.deployment.name": "web"})) == "web"
+    assert graph_node_name(attrs({"k8s.pod.name": "p", "server.address": "10.0.0.1"})) == "p"
+    assert graph_node_name(attrs({"server.address": "api.example.com"})) == "api.example.com"
+    assert graph_node_name(()) == "unknown"
+
+
+def test_traceparent_parses() -> None:
+    assert parse_traceparent(TRACEPARENT) == (bytes.fromhex(TRACE_ID), bytes.fromhex(PARENT_ID), 1)
+    # A future version may append fields; version 00 may not.
+    assert parse_traceparent(f"01-{TRACE_ID}-{PARENT_ID}-00-extra") is not None
+    assert parse_traceparent(f"00-{TRACE_ID}-{PARENT_ID}-01-extra") is None
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "",
+        "garbage",
+        f"ff-{TRACE_ID}-{PARENT_ID}-01",  # version ff is forbidden
+        f"00-{'0' * 32}-{PARENT_ID}-01",  # all-zero trace id
+        f"00-{TRACE_ID}-{'0' * 16}-01",  # all-zero parent id
+        f"00-{TRACE_ID.upper()}-{PARENT_ID}-01",  # uppercase hex is invalid
+        f"00-{TRACE_ID}-{PARENT_ID}",
+    ],
+)
+def test_invalid_traceparent_is_ignored(header: str) -> None:
+    assert parse_traceparent(header) is None
+
+
+def test_span_context_joins_the_captured_trace() -> None:
+    ctx = span_context(TRACEPARENT, "vendor=1", rng=random.Random(1))
+    assert ctx.trace_id == bytes.fromhex(TRACE_ID)
+    assert ctx.parent_span_id == bytes.fromhex(PARENT_ID)
+    assert ctx.span_id not in (bytes.fromhex(PARENT_ID), b"\0" * 8) and len(ctx.span_id) == 8
+    assert (ctx.trace_flags, ctx.trace_state, ctx.remote_parent) == (1, "vendor=1", True)
+
+
+def test_span_context_without_header_starts_a_trace() -> None:
+    a = span_context(None, rng=random.Random(1))
+    b = span_context("not a traceparent", rng=random.Random(2))
+    for ctx in (a, b):
+        assert len(ctx.trace_id) == 16 and any(ctx.trace_id)
+        assert ctx.parent_span_id == b"" and not ctx.remote_parent
+    assert a.trace_id != b.trace_id
