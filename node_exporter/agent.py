@@ -16,6 +16,7 @@ import structlog
 
 from kscope.v1 import flow_pb2 as pb
 from node_exporter.bpf import preflight
+from node_exporter.bpf.abi import Role
 from node_exporter.bpf.btf import Btf
 from node_exporter.errors import KscopeError
 from node_exporter.l4.collector import OBJECT_NAME, L4Collector, default_bpf_dir
@@ -24,6 +25,7 @@ from node_exporter.l7.collector import OBJECT_NAME as L7_OBJECT
 from node_exporter.l7.collector import L7Collector
 from node_exporter.l7.pipeline import L7Event, L7Pipeline
 from node_exporter.metadata.proc import ProcessIndex
+from node_exporter.nat.conntrack import ConntrackTable
 from node_exporter.output.convert import MonotonicClock, l4_flow, l7_request
 from node_exporter.output.jsonl import JsonlWriter
 from node_exporter.output.live import LiveView
@@ -49,6 +51,9 @@ class AgentOptions:
     node_name: str = ""
     proc_root: str = "/proc"
     tls: ClientTls | None = None
+    nat: bool = False  # resolve DNAT'ed remotes (Service VIPs) of client sockets through conntrack
+    conntrack_netns: str | None = None  # e.g. /proc/1/ns/net or /run/netns/NAME; None: the agent's own
+    nat_max_entries: int = 65536  # DNAT'ed connections kept per dump; the rest are counted as dropped
 
 
 def kernel_drop_reasons() -> dict[int, str]:
@@ -97,6 +102,7 @@ class Agent:
         self.capabilities = (sorted(enabled), disabled)
         self.drop_reasons = kernel_drop_reasons()
         self.writer = JsonlWriter(opts.jsonl) if opts.jsonl else None
+        self.conntrack = ConntrackTable(opts.conntrack_netns, opts.nat_max_entries) if opts.nat else None
         self.shipper: FlowShipper | None = None
         if opts.processor:
             self.shipper = FlowShipper(ShipConfig(target=opts.processor, tls=opts.tls)).start()
@@ -121,7 +127,12 @@ class Agent:
             events += self.pipeline.close_sockets(r.sock_cookie for r in records if r.is_close)
             events += self.pipeline.expire(time.monotonic_ns())
         if (self.writer is not None or self.shipper is not None) and (records or events):
-            flows = [l4_flow(r, self.procs.lookup(r.tgid, r.comm), self.clock, self.drop_reasons) for r in records]
+            if self.conntrack is not None:
+                self.conntrack.refresh()  # one dump per interval, before any lookup
+            flows = [
+                l4_flow(r, self.procs.lookup(r.tgid, r.comm), self.clock, self.drop_reasons, self._nat(r))
+                for r in records
+            ]
             requests = [l7_request(e, self.procs.lookup(e.conn.tgid, e.conn.comm), self.clock) for e in events]
             self._write(flows, requests)
             if self.shipper is not None:
@@ -140,6 +151,11 @@ class Agent:
         self.view.update(records, events)
         self._update_metrics()
         return records, events
+
+    def _nat(self, r: L4Record) -> tuple[str, int] | None:
+        if self.conntrack is None or r.role != Role.KSCOPE_ROLE_CLIENT:
+            return None
+        return self.conntrack.lookup((6, r.local_ip, r.local_port, r.remote_ip, r.remote_port))
 
     def _write(self, flows: list[pb.L4Flow], requests: list[pb.L7Request]) -> None:
         if self.writer is None:
@@ -167,6 +183,8 @@ class Agent:
             process_lookups_missed=self.procs.misses,
             l7_requests=self.requests_seen,
         )
+        if self.conntrack is not None:
+            values.update({f"nat_{k}": v for k, v in self.conntrack.counters().items()})
         if self.shipper is not None:
             values.update({f"ship_{k}": v for k, v in self.shipper.counters().items()})
         if self.l7 is not None:
@@ -224,6 +242,8 @@ class Agent:
             self.writer.close()
             self.writer = None
         self.collector.close()
+        if self.conntrack is not None:
+            self.conntrack.close()
         if self.l7 is not None:
             self.l7.close()
         log.info("agent_stopped", **self.metrics.values)

@@ -39,6 +39,13 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", type=Path, help="client certificate for mTLS (with --tls-key)")
     p.add_argument("--tls-key", type=Path, help="client key for mTLS")
     p.add_argument("--tls-server-name", help="name in the processor's certificate, if not the host")
+    p.add_argument("--nat", action="store_true", help="resolve DNAT'ed remotes (Service VIPs) through conntrack")
+    p.add_argument(
+        "--conntrack-netns",
+        metavar="PATH",
+        default=None,
+        help="network namespace whose conntrack to read, e.g. /proc/1/ns/net (default: the agent's own)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,6 +90,8 @@ def _run(args: argparse.Namespace, live: bool) -> int:
         node_name=args.node_name or os.environ.get("NODE_NAME") or socket.gethostname(),
         proc_root=args.proc_root,
         tls=tls,
+        nat=args.nat,
+        conntrack_netns=args.conntrack_netns,
     )
     try:
         agent = Agent(opts)

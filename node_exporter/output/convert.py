@@ -28,8 +28,13 @@ def counters_pb(c: Counters) -> pb.L4Counters:
 
 
 def l4_flow(
-    rec: L4Record, proc: ProcessInfo | None, clock: MonotonicClock, drop_reasons: dict[int, str]
+    rec: L4Record,
+    proc: ProcessInfo | None,
+    clock: MonotonicClock,
+    drop_reasons: dict[int, str],
+    nat: tuple[str, int] | None = None,
 ) -> pb.L4Flow:
+    """``nat``: the (ip, port) that really answered when remote_ip:remote_port was DNAT'ed (conntrack)."""
     ident = proc.identity if proc else None
     return pb.L4Flow(
         socket_cookie=rec.sock_cookie,
@@ -69,6 +74,8 @@ def l4_flow(
         tcp_state=rec.tcp_state_name,
         socket_drops=rec.sk_drops,
         rttvar_us=rec.rttvar_us,
+        nat_remote_ip=nat[0] if nat else "",
+        nat_remote_port=nat[1] if nat else 0,
     )
 
 

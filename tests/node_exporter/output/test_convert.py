@@ -43,3 +43,19 @@ def test_counters_and_identity_survive_conversion() -> None:
     assert flow.last_drop_reason == "NO_SOCKET" and flow.tcp_state == "CLOSE"
     assert flow.time_unix_nano - flow.start_time_unix_nano == 1_000
     assert flow.connect_latency_ns == 150_000_000 and flow.ip_family == 4
+
+
+def test_nat_fills_the_translated_remote_and_is_empty_without_it() -> None:
+    rec = L4Record(
+        reason=L4Reason.KSCOPE_L4_PERIODIC, role=Role.KSCOPE_ROLE_CLIENT,
+        connect_status=ConnectStatus.KSCOPE_CONNECT_OK, connect_errno=0, netns_ino=1, sock_cookie=7, cgroup_id=1,
+        start_ns=1, ts_ns=2, connect_latency_ns=0,
+        total=Counters(), delta=Counters(), local_ip="198.18.1.1", local_port=40000, remote_ip="198.19.0.10",
+        remote_port=80, family=2, tgid=0, pid=0, srtt_us=0, segs_out=0, segs_in=0, last_drop_reason=0, ack_backlog=0,
+        max_ack_backlog=0, sk_drops=0, rttvar_us=0, tcp_state=1, comm="curl",
+    )  # fmt: skip
+    flow = l4_flow(rec, None, MonotonicClock(), {}, nat=("198.18.2.1", 8080))
+    assert (flow.remote_ip, flow.remote_port) == ("198.19.0.10", 80)
+    assert (flow.nat_remote_ip, flow.nat_remote_port) == ("198.18.2.1", 8080)
+    plain = l4_flow(rec, None, MonotonicClock(), {})
+    assert (plain.nat_remote_ip, plain.nat_remote_port) == ("", 0)

@@ -1,0 +1,140 @@
+"""NAT resolution end to end: a pod connects to a Service VIP that the node DNATs to another pod.
+
+`kscope run --nat` (a real agent process, real probes) reads the node namespace's
+conntrack and ships the backend that really answered with the client's flow.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from google.protobuf import json_format
+
+from kscope.v1 import flow_pb2 as pb
+from tests.e2e.nattopo import BACKEND_PORT, CPOD_IP, SPOD_IP, VIP, VIP_PORT, NatTopology
+
+REPO = Path(__file__).resolve().parents[2]
+KSCOPE = str(REPO / ".venv" / "bin" / "kscope")
+pytestmark = pytest.mark.bpf
+
+NGINX_CONF = """\
+daemon off;
+master_process off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen {ip}:{port};
+        location / {{ return 200; }}
+    }}
+}}
+"""
+
+
+@pytest.fixture
+def nat_topo() -> Iterator[NatTopology]:
+    t = NatTopology()
+    try:
+        t.create()
+        yield t
+    finally:
+        t.close()
+
+
+def _nginx(topo: NatTopology, tmp: Path) -> None:
+    tmp.mkdir(parents=True, exist_ok=True)
+    conf = tmp / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=tmp, ip=SPOD_IP, port=BACKEND_PORT))
+    topo.spawn(topo.srv, "nginx", "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf))
+    topo.wait_listening(topo.srv, BACKEND_PORT)
+
+
+def _agent(topo: NatTopology, out: Path, conntrack_netns: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [KSCOPE, "run", "--no-live", "--nat", "--conntrack-netns", conntrack_netns,
+         "--duration", "4", "--interval", "0.5", "--jsonl", str(out)],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    topo.procs.append(proc)  # killed by the topology's teardown if the test fails first
+    assert proc.stderr is not None
+    for line in proc.stderr:  # traffic only once the probes are attached
+        if "agent_started" in line:
+            return proc
+    raise AssertionError(f"agent did not start: exit {proc.wait(10)}")
+
+
+def _finish(proc: subprocess.Popen[str]) -> str:
+    _, rest = proc.communicate(timeout=60)
+    assert proc.returncode == 0, rest
+    return rest
+
+
+def _curl(topo: NatTopology, url: str) -> str:
+    """Returns the client's local port."""
+    r = topo.cli.run("curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code} %{local_port}", url)
+    code, port = r.stdout.split()
+    assert code == "200", r.stdout + r.stderr
+    return port
+
+
+def _flows(path: Path) -> tuple[list[pb.L4Flow], pb.AgentStats]:
+    records = [json_format.Parse(line, pb.NodeRecord()) for line in path.read_text().splitlines()]
+    assert records[-1].WhichOneof("record") == "stats"
+    return [r.l4 for r in records if r.WhichOneof("record") == "l4"], records[-1].stats
+
+
+def test_client_flow_to_a_vip_carries_the_backend(nat_topo: NatTopology, tmp_path: Path) -> None:
+    nat_topo.dnat()
+    _nginx(nat_topo, tmp_path / "nginx")
+    out = tmp_path / "flows.jsonl"
+    agent = _agent(nat_topo, out, nat_topo.node.path)
+    port = int(_curl(nat_topo, f"http://{VIP}:{VIP_PORT}/"))
+    _finish(agent)
+    flows, stats = _flows(out)
+    client = [f for f in flows if f.role == pb.ROLE_CLIENT and (f.local_ip, f.local_port) == (CPOD_IP, port)]
+    server = [f for f in flows if f.role == pb.ROLE_SERVER and (f.remote_ip, f.remote_port) == (CPOD_IP, port)]
+    assert client and server, flows
+    for f in client:  # the socket knows only the VIP; conntrack knows who answered
+        assert (f.remote_ip, f.remote_port) == (VIP, VIP_PORT)
+        assert (f.nat_remote_ip, f.nat_remote_port) == (SPOD_IP, BACKEND_PORT)
+    assert client[-1].kind == pb.RECORD_KIND_CLOSE
+    for f in server:
+        assert (f.local_ip, f.local_port) == (SPOD_IP, BACKEND_PORT)
+        assert (f.nat_remote_ip, f.nat_remote_port) == ("", 0)
+    assert stats.counters["nat_dumps"] >= 1 and stats.counters["nat_errors"] == 0
+
+
+def test_untranslated_connection_has_no_nat_fields(nat_topo: NatTopology, tmp_path: Path) -> None:
+    nat_topo.dnat()
+    _nginx(nat_topo, tmp_path / "nginx")
+    out = tmp_path / "flows.jsonl"
+    agent = _agent(nat_topo, out, nat_topo.node.path)
+    port = int(_curl(nat_topo, f"http://{SPOD_IP}:{BACKEND_PORT}/"))  # straight to the pod, no VIP
+    _finish(agent)
+    flows, _ = _flows(out)
+    client = [f for f in flows if f.role == pb.ROLE_CLIENT and (f.local_ip, f.local_port) == (CPOD_IP, port)]
+    assert client
+    assert all((f.nat_remote_ip, f.nat_remote_port) == ("", 0) for f in client)
+
+
+def test_missing_conntrack_namespace_degrades_and_l4_still_flows(nat_topo: NatTopology, tmp_path: Path) -> None:
+    _nginx(nat_topo, tmp_path / "nginx")
+    out = tmp_path / "flows.jsonl"
+    agent = _agent(nat_topo, out, f"/run/netns/ks-{nat_topo.tag}-gone")
+    port = int(_curl(nat_topo, f"http://{SPOD_IP}:{BACKEND_PORT}/"))
+    stderr = _finish(agent)
+    assert stderr.count("conntrack_unavailable") == 1, stderr  # one line, not one per interval
+    assert "Traceback" not in stderr
+    flows, stats = _flows(out)
+    assert [f for f in flows if f.role == pb.ROLE_CLIENT and (f.local_ip, f.local_port) == (CPOD_IP, port)]
+    assert stats.counters["nat_errors"] >= 1 and stats.counters["nat_dumps"] == 0
