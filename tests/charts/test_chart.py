@@ -412,5 +412,6 @@ def test_agent_args_are_what_the_agent_accepts(which: str, request: pytest.Fixtu
     assert agent["command"][-1] == "kscope-agent" or agent["command"] == ["kscope-agent"]
     args = agent_parser().parse_args(agent.get("args", []))  # exits (SystemExit) on an unknown flag
     assert args.processor and args.proc_root == "/host/proc"
+    assert args.nat and not args.l7  # the defaults: NAT on, experimental L7 off
     if which == "tls_docs":
         assert args.tls_ca and args.tls_cert and args.tls_key
