@@ -16,7 +16,7 @@ class SelfMetrics:
         self.registry = CollectorRegistry()
         self._counters = Gauge(
             "kscope_agent_counter",
-            "Agent self-metrics: counts since start (*_lost, *_failed, *_dropped*, *rb_full are drops) and current sizes",
+            "Agent self-metrics: counts since start (*_lost, *_failed, *_dropped*, *rb_full are drops), sizes",
             ["name"],
             registry=self.registry,
         )
