@@ -8,6 +8,7 @@ header value is dropped where it is read.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Final
 
 MAX_PATH: Final = 1024  # characters of path kept; longer paths are cut, not rejected
@@ -43,6 +44,7 @@ def is_id_segment(seg: str) -> bool:
     return len(seg) >= 16 and has_digit and _HAS_ALPHA.search(seg) is not None
 
 
+@lru_cache(maxsize=16384)  # paths repeat; the cache is bounded, and this is pure
 def route_template(path: str) -> str:
     """``/users/42/orders/7f3c…`` -> ``/users/{id}/orders/{id}``, at most MAX_SEGMENTS deep."""
     if not path.startswith("/"):
