@@ -96,10 +96,7 @@ def test_image_matches_the_chart(commands: list[dockerfile.Command]) -> None:
     "command",
     [
         "kscope-agent",
-        pytest.param(
-            "kscope-processor",
-            marks=pytest.mark.xfail(strict=True, reason="the cluster processor has no console script yet"),
-        ),
+        "kscope-processor",
     ],
 )
 def test_chart_commands_are_installed_scripts(command: str) -> None:

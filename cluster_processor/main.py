@@ -1,0 +1,416 @@
+"""``kscope-processor``: ingest -> resolve -> aggregate -> OTLP, the entry point the Helm chart runs.
+
+The ``Processor`` wires the tested pieces together: the ``KubeWatcher`` keeps a ``KubeIndex`` in step
+with the APIServer, the ``IngestServer`` hands every accepted batch to the ``Aggregator`` (the
+processor is its ``BatchSink``), and once per interval the aggregate goes to the ``OtlpPipeline`` and
+out through the ``OtlpExporter``. Self-metrics are read from those pieces' counters at scrape time.
+
+The OTLP endpoint is configured like any OpenTelemetry SDK exporter (``OTEL_EXPORTER_OTLP_ENDPOINT``,
+``_INSECURE``, ``_HEADERS``, ``_PROTOCOL``), which is what the chart sets. Errors a user can act on
+(a bad flag, no Kubernetes configuration, an unreadable certificate, a port in use) print one line
+and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import urllib.parse
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import grpc
+import structlog
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from cluster_processor.aggregate import Aggregator, AggregatorSettings
+from cluster_processor.ingest import IngestConfig, IngestConfigError, IngestServer, ServerTls
+from cluster_processor.kube.errors import KubeConfigError
+from cluster_processor.kube.index import KubeIndex
+from cluster_processor.kube.watcher import KubeWatcher, WatchSettings
+from cluster_processor.otlp import encode
+from cluster_processor.otlp.exporter import ExporterSettings, OtlpExporter
+from cluster_processor.otlp.pipeline import OtlpPipeline
+from kscope.v1 import flow_pb2 as pb
+
+log = structlog.get_logger("kscope.processor")
+
+PROG: Final = "kscope-processor"
+EXIT_USAGE: Final = 2
+DEFAULT_OTLP_ENDPOINT: Final = "http://localhost:4317"  # the SDK's default for OTLP/gRPC
+_OTLP_GRPC_PORT: Final = 4317
+
+
+class ProcessorConfigError(Exception):
+    """A setting the user must fix; ``main`` prints it on one line and exits 2."""
+
+
+# ---- configuration ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OtlpTarget:
+    endpoint: str  # host:port, as gRPC dials it
+    insecure: bool
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def _truthy(value: str, name: str) -> bool:
+    v = value.strip().lower()
+    if v in ("true", "1", "yes"):
+        return True
+    if v in ("false", "0", "no", ""):
+        return False
+    raise ProcessorConfigError(f"{name} must be true or false, not {value!r}")
+
+
+def parse_headers(text: str) -> tuple[tuple[str, str], ...]:
+    """``OTEL_EXPORTER_OTLP_HEADERS``: comma-separated ``key=value``, values percent-encoded. gRPC
+    metadata keys must be lowercase."""
+    out: list[tuple[str, str]] = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key = urllib.parse.unquote(key).strip().lower()
+        if not sep or not key:
+            raise ProcessorConfigError(f"OTEL_EXPORTER_OTLP_HEADERS: {item.strip()!r} is not key=value")
+        out.append((key, urllib.parse.unquote(value).strip()))
+    return tuple(out)
+
+
+def otlp_from_env(env: Mapping[str, str]) -> OtlpTarget:
+    """The OTLP/gRPC target as the SDK reads it: a scheme decides TLS (http: plaintext, https: TLS);
+    without one, ``OTEL_EXPORTER_OTLP_INSECURE`` does (default false)."""
+    protocol = env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc").strip() or "grpc"
+    if protocol != "grpc":
+        raise ProcessorConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol}: only grpc is supported")
+    raw = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or DEFAULT_OTLP_ENDPOINT
+    insecure_env = env.get("OTEL_EXPORTER_OTLP_INSECURE", "")
+    if "://" in raw:
+        parsed = urllib.parse.urlsplit(raw)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ProcessorConfigError(f"OTEL_EXPORTER_OTLP_ENDPOINT={raw}: expected http(s)://host:port")
+        insecure = parsed.scheme == "http"
+        host, port = parsed.hostname, parsed.port
+    else:
+        insecure = _truthy(insecure_env, "OTEL_EXPORTER_OTLP_INSECURE")
+        parsed = urllib.parse.urlsplit("//" + raw)
+        if not parsed.hostname or parsed.path not in ("", "/"):
+            raise ProcessorConfigError(f"OTEL_EXPORTER_OTLP_ENDPOINT={raw}: expected host:port")
+        try:
+            host, port = parsed.hostname, parsed.port
+        except ValueError as exc:
+            raise ProcessorConfigError(f"OTEL_EXPORTER_OTLP_ENDPOINT={raw}: {exc}") from exc
+    host = f"[{host}]" if ":" in host else host
+    headers = parse_headers(env.get("OTEL_EXPORTER_OTLP_HEADERS", ""))
+    return OtlpTarget(f"{host}:{port or _OTLP_GRPC_PORT}", insecure, headers)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessorConfig:
+    ingest: IngestConfig
+    otlp: ExporterSettings
+    otlp_insecure: bool = True
+    kubeconfig: str | None = None  # None: in-cluster service account
+    interval_s: float = 10.0
+    metrics_port: int | None = None
+    metrics_addr: str = "0.0.0.0"
+    replica: str = field(default_factory=socket.gethostname)  # the pod's name: service.instance.id
+    node_name: str = ""  # the node the replica runs on, for its own metrics
+    watch: WatchSettings = field(default_factory=WatchSettings)
+    aggregator: AggregatorSettings = field(default_factory=AggregatorSettings)
+    shutdown_timeout_s: float = 5.0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="kscope cluster processor: FlowBatches in, Kubernetes-named OTLP metrics, traces and logs out. "
+        "The OTLP endpoint comes from OTEL_EXPORTER_OTLP_ENDPOINT (+ _INSECURE, _HEADERS).",
+    )
+    p.add_argument("--listen", default="0.0.0.0:9440", metavar="HOST:PORT", help="gRPC ingest address (0.0.0.0:9440)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT", help="serve self-metrics for Prometheus")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--tls-cert", type=Path, help="server certificate (PEM); turns TLS on, with --tls-key")
+    p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    p.add_argument("--tls-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
+    p.add_argument(
+        "--kubeconfig",
+        default=None,
+        help="kubeconfig file (default: $KUBECONFIG; in a pod: the service account via KUBERNETES_SERVICE_HOST)",
+    )
+    p.add_argument("--interval", type=float, default=10.0, metavar="SECONDS", help="export interval (10)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> ProcessorConfig:
+    if args.interval <= 0:
+        raise ProcessorConfigError("--interval must be > 0")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise ProcessorConfigError("--metrics-port must be 0..65535")
+    tls: ServerTls | None = None
+    if args.tls_cert or args.tls_key or args.tls_ca:
+        if not (args.tls_cert and args.tls_key):
+            raise ProcessorConfigError("--tls-cert and --tls-key go together (and --tls-ca needs both)")
+        tls = ServerTls(args.tls_cert, args.tls_key, args.tls_ca)
+    kubeconfig = args.kubeconfig or env.get("KUBECONFIG") or None
+    if kubeconfig is None and not env.get("KUBERNETES_SERVICE_HOST"):
+        raise ProcessorConfigError(
+            "no Kubernetes configuration: pass --kubeconfig (or set KUBECONFIG), or run in a pod "
+            "(KUBERNETES_SERVICE_HOST is not set)"
+        )
+    target = otlp_from_env(env)
+    return ProcessorConfig(
+        ingest=IngestConfig(listen=args.listen, tls=tls),
+        otlp=ExporterSettings(endpoint=target.endpoint, headers=target.headers),
+        otlp_insecure=target.insecure,
+        kubeconfig=kubeconfig,
+        interval_s=args.interval,
+        metrics_port=args.metrics_port,
+        replica=env.get("POD_NAME") or socket.gethostname(),
+        node_name=env.get("NODE_NAME", ""),
+        aggregator=AggregatorSettings(default_interval_ns=int(args.interval * 1e9)),
+    )
+
+
+def configure_logging(level: str) -> None:
+    """structlog to stderr: JSON lines (what a log pipeline wants), readable on a terminal."""
+    renderer: structlog.types.Processor = (
+        structlog.dev.ConsoleRenderer(colors=True) if sys.stderr.isatty() else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+# ---- the processor ------------------------------------------------------------------------------
+
+
+class Processor:
+    """The running pieces. ``start`` / ``stop``, or ``async with``; ``tick`` exports one interval."""
+
+    def __init__(self, config: ProcessorConfig) -> None:
+        self.config = config
+        self.index = KubeIndex()
+        self.aggregator = Aggregator(self.index, config.aggregator)
+        self.ingest = IngestServer(self, config.ingest)
+        credentials = None if config.otlp_insecure else grpc.ssl_channel_credentials()
+        self.exporter = OtlpExporter(config.otlp, credentials=credentials)
+        self.pipeline = OtlpPipeline(encode.Reporter(config.replica, config.node_name), self.exporter)
+        self.watcher: KubeWatcher | None = None
+        self.ticks = 0
+        self.tick_errors = 0
+        self._ticker: asyncio.Task[None] | None = None
+        self._stopped = False
+        self._metrics_server: object | None = None
+        self.registry = CollectorRegistry()
+        self.registry.register(_SelfMetrics(self))
+
+    async def consume(self, batch: pb.FlowBatch) -> None:
+        """``BatchSink``: the ingest workers hand over every accepted batch."""
+        self.aggregator.add(batch, time.time_ns())
+
+    async def start(self) -> int:
+        """Start everything; returns the bound ingest port. Raises the components' config errors."""
+        cfg = self.config
+        # The watcher retries an unreachable APIServer forever, with backoff: flows that arrive
+        # meanwhile resolve as external, and resolve properly once the index fills.
+        self.watcher = await KubeWatcher.from_config(self.index, cfg.kubeconfig, settings=cfg.watch)
+        try:
+            if cfg.metrics_port is not None:
+                try:
+                    self._metrics_server, _ = start_http_server(
+                        cfg.metrics_port, addr=cfg.metrics_addr, registry=self.registry
+                    )
+                except OSError as exc:
+                    raise ProcessorConfigError(f"cannot serve metrics on port {cfg.metrics_port}: {exc}") from exc
+            self.watcher.start()
+            self.exporter.start()
+            port = await self.ingest.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self._ticker = asyncio.create_task(self._tick_loop(), name="processor-tick")
+        log.info("processor_started", port=port, otlp=cfg.otlp.endpoint, interval_s=cfg.interval_s)
+        return port
+
+    @property
+    def metrics_port(self) -> int:
+        server = self._metrics_server
+        return int(server.server_port) if server is not None else 0  # type: ignore[attr-defined]
+
+    def tick(self, now_unix_nano: int | None = None) -> int:
+        """Flush one interval of every node to the pipeline; returns the requests submitted."""
+        now = now_unix_nano if now_unix_nano is not None else time.time_ns()
+        submitted = 0
+        for report in self.aggregator.flush(now):
+            submitted += self.pipeline.export_interval(report.interval)
+            if report.spans:
+                submitted += self.pipeline.export_spans(report.interval.node_name, report.spans)
+            if report.logs:
+                submitted += self.pipeline.export_logs(report.interval.node_name, report.logs)
+        submitted += self.pipeline.export_self(self.exporter.stats(), now)
+        self.ticks += 1
+        return submitted
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.interval_s)
+            try:
+                self.tick()
+            except Exception:
+                # A bug in one interval's data must not stop every later interval.
+                self.tick_errors += 1
+                log.exception("processor_tick_failed", tick_errors=self.tick_errors)
+
+    async def stop(self) -> None:
+        """Stop taking batches, let the queue drain into the aggregator, export the last interval,
+        give the exporter its shutdown time, then stop watching."""
+        cfg = self.config
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
+            await self.ingest.stop()
+            try:
+                self.tick()
+            except Exception:
+                log.exception("processor_final_tick_failed")
+        else:
+            await self.ingest.stop()
+        await self.exporter.stop(cfg.shutdown_timeout_s)
+        if self.watcher is not None:
+            await self.watcher.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()  # type: ignore[attr-defined]
+            self._metrics_server.server_close()  # type: ignore[attr-defined]
+            self._metrics_server = None
+        log.info("processor_stopped", ingest=self.ingest.counters(), aggregator=self.aggregator.counters())
+
+    async def __aenter__(self) -> Processor:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+class _SelfMetrics(Collector):
+    """Read at scrape time (on the HTTP server's thread). Each source hands out a copy, and a
+    CPython dict copy is atomic, so a scrape never sees a torn counter."""
+
+    def __init__(self, p: Processor) -> None:
+        self._p = p
+
+    def collect(self) -> Iterator[Metric]:
+        p = self._p
+        ingest = CounterMetricFamily("kscope_processor_ingest", "Ingest counters since start.", labels=["counter"])
+        for name, value in p.ingest.counters().items():
+            ingest.add_metric([name], value)
+        yield ingest
+        yield GaugeMetricFamily("kscope_processor_ingest_queue_depth", "Batches waiting.", value=p.ingest.queue_depth)
+        sizes = GaugeMetricFamily("kscope_processor_kube_index_size", "KubeIndex table sizes.", labels=["table"])
+        for name, value in p.index.sizes().items():
+            sizes.add_metric([name], value)
+        yield sizes
+        watch = CounterMetricFamily(
+            "kscope_processor_kube_watch", "List/watch counters per resource.", labels=["resource", "counter"]
+        )
+        synced = GaugeMetricFamily("kscope_processor_kube_synced", "1 once listed.", labels=["resource"])
+        for kind, st in (p.watcher.stats() if p.watcher is not None else {}).items():
+            for name in ("lists", "relists", "restarts", "errors", "gone", "events", "bookmarks"):
+                watch.add_metric([kind, name], getattr(st, name))
+            synced.add_metric([kind], 1 if st.synced else 0)
+        yield watch
+        yield synced
+        agg = CounterMetricFamily(
+            "kscope_processor_aggregator", "Aggregator counters (*_overflowed are drops).", labels=["counter"]
+        )
+        for name, value in p.aggregator.counters().items():
+            agg.add_metric([name], value)
+        yield agg
+        yield GaugeMetricFamily(
+            "kscope_processor_sockets_tracked", "Sockets remembered for NAT joins.", value=p.aggregator.sockets_tracked
+        )
+        items = CounterMetricFamily(
+            "kscope_processor_otlp_items", "OTLP items by outcome.", labels=["signal", "outcome"]
+        )
+        queued = GaugeMetricFamily("kscope_processor_otlp_queued", "Export requests waiting.", labels=["signal"])
+        for sig, stats in p.exporter.stats().items():
+            for outcome in (
+                "submitted",
+                "exported",
+                "rejected",
+                "dropped_queue_full",
+                "dropped_non_retryable",
+                "dropped_retry_exhausted",
+                "dropped_shutdown",
+                "retries",
+            ):
+                items.add_metric([sig.value, outcome], getattr(stats, outcome))
+            queued.add_metric([sig.value], stats.queued)
+        yield items
+        yield queued
+        yield CounterMetricFamily(
+            "kscope_processor_tick_errors", "Intervals that failed to export.", value=p.tick_errors
+        )
+
+
+# ---- entry point --------------------------------------------------------------------------------
+
+
+async def serve(config: ProcessorConfig, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop`` is set), then shut down cleanly."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+    try:
+        async with Processor(config):
+            await stop.wait()
+            log.info("processor_stopping")
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        config = config_from_args(args, os.environ if env is None else env)
+        asyncio.run(serve(config))
+    except (ProcessorConfigError, IngestConfigError, KubeConfigError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
