@@ -39,6 +39,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/overhead.py $(ARGS)
+	$(PY) bench/processor.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
