@@ -18,6 +18,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, Final
 
 # Kinds the index understands, named as the API names them (``obj["kind"]`` of a list item is
@@ -266,6 +267,7 @@ def parse_timestamp(text: str) -> float:
         return 0.0
 
 
+@lru_cache(maxsize=65536)  # every flow resolves two addresses; the same ones, over and over
 def canonical_ip(text: str) -> str:
     """One text form per address, so keys from the API and from the wire meet: IPv6 compressed and
     lowercase, IPv4-mapped IPv6 (the wire's ``::ffff:a.b.c.d``) as plain IPv4. Unparseable text is
