@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 import socket
@@ -43,6 +42,7 @@ from cluster_processor.otlp import encode
 from cluster_processor.otlp.exporter import ExporterSettings, OtlpExporter
 from cluster_processor.otlp.pipeline import OtlpPipeline
 from kscope.v1 import flow_pb2 as pb
+from node_exporter import logging_setup
 
 log = structlog.get_logger("kscope.processor")
 
@@ -187,19 +187,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Proces
 
 def configure_logging(level: str) -> None:
     """structlog to stderr: JSON lines (what a log pipeline wants), readable on a terminal."""
-    renderer: structlog.types.Processor = (
-        structlog.dev.ConsoleRenderer(colors=True) if sys.stderr.isatty() else structlog.processors.JSONRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
-    )
+    logging_setup.configure(level)
 
 
 # ---- the processor ------------------------------------------------------------------------------
