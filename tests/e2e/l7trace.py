@@ -24,7 +24,7 @@ from node_exporter.l4.collector import L4Collector
 from node_exporter.l7.collector import L7Collector
 from node_exporter.l7.pipeline import ConnInfo, L7Event, L7Pipeline
 from node_exporter.protocols import DnsRecord, HttpRecord
-from tests.e2e.netns import SRV_V4, SRV_V6, Netns, Peer, Topology, run
+from tests.e2e.netns import SRV_V4, SRV_V6, Netns, Peer, Topology, nginx, run
 
 L7PEER = Path(__file__).with_name("l7peer.py")
 MS = 1_000_000
@@ -143,34 +143,13 @@ def count_at_least(n: int, select: Callable[[list[L7Event]], list[Any]]) -> Call
 
 # ---- servers and clients --------------------------------------------------------------------
 
-NGINX_L7_CONF = """\
-daemon off;
-master_process off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    # A keep-alive connection stays one connection for the whole of a wrk run (default: 1000).
-    keepalive_requests 1000000;
-    server {{
-        listen {ip}:{port};
-        listen [{ip6}]:{port};
-        {tls}
-        location / {{ return 200 "ok\\n"; }}
-        location = /error {{ return 500; }}
-        location /slow/ {{ proxy_pass http://127.0.0.1:{upstream}; }}
-        location = /p1 {{ return 200 "one\\n"; }}
-        location = /p2 {{ return 201 "two!\\n"; }}
-        location = /p3 {{ return 202 "three\\n"; }}
-    }}
-}}
-"""
+L7_LOCATIONS = """\
+        location / { return 200 "ok\\n"; }
+        location = /error { return 500; }
+        location /slow/ { proxy_pass http://127.0.0.1:%(upstream)d; }
+        location = /p1 { return 200 "one\\n"; }
+        location = /p2 { return 201 "two!\\n"; }
+        location = /p3 { return 202 "three\\n"; }"""
 
 TLS_CONF = "listen {ip}:{port} ssl; ssl_certificate {tmp}/cert.pem; ssl_certificate_key {tmp}/key.pem;"
 
@@ -184,22 +163,15 @@ def start_l7_nginx(
     topo: Topology, tmp: Path, port: int, *, tls_port: int | None = None, upstream: int = 9000
 ) -> subprocess.Popen[Any]:
     """nginx in the server namespace with the L7 tests' locations (and TLS on ``tls_port``)."""
-    tmp.mkdir(parents=True, exist_ok=True)
     tls = ""
+    ports: tuple[int, ...] = (port,)
     if tls_port is not None:
+        tmp.mkdir(parents=True, exist_ok=True)
         self_signed_cert(tmp)
         tls = TLS_CONF.format(ip=SRV_V4, port=tls_port, tmp=tmp)
-    conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_L7_CONF.format(tmp=tmp, ip=SRV_V4, ip6=SRV_V6, port=port, tls=tls, upstream=upstream))
-    proc = topo.spawn(topo.srv, "nginx", "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf))
-    try:
-        for p in (port, tls_port):
-            if p is not None:
-                topo.wait_listening(topo.srv, p)
-    except TimeoutError:
-        log = (tmp / "error.log").read_text() if (tmp / "error.log").exists() else ""
-        raise RuntimeError(f"nginx did not start: {log}") from None
-    return proc
+        ports = (port, tls_port)
+    server = f"listen {SRV_V4}:{port}; listen [{SRV_V6}]:{port}; {tls}\n" + L7_LOCATIONS % {"upstream": upstream}
+    return nginx(topo, tmp, server, ports)
 
 
 def l7peer(topo: Topology, ns: Netns, *args: str, label: str | None = None) -> Peer:

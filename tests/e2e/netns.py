@@ -243,27 +243,35 @@ http {{
     fastcgi_temp_path {tmp}/fastcgi;
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
+    # A keep-alive connection stays one connection for the whole of a wrk run (default: 1000).
+    keepalive_requests 1000000;
     server {{
-        listen {v4}:{port};
-        listen [{v6}]:{port};
-        location / {{ return 200; }}
+{server}
     }}
 }}
 """
 
 
-def start_nginx(topo: Topology, tmp: Path, port: int) -> subprocess.Popen[Any]:
-    """nginx (``return 200``) in the server namespace, config/pid/logs under ``tmp``."""
+def nginx(topo: Topology, tmp: Path, server: str, ports: tuple[int, ...]) -> subprocess.Popen[Any]:
+    """Debian's nginx in the server namespace with one ``server {}`` body; config/pid/logs under
+    ``tmp``; returns once every port in ``ports`` listens."""
     tmp.mkdir(parents=True, exist_ok=True)
     conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(tmp=tmp, v4=SRV_V4, v6=SRV_V6, port=port))
+    conf.write_text(NGINX_CONF.format(tmp=tmp, server=server))
     proc = topo.spawn(topo.srv, "nginx", "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf))
     try:
-        topo.wait_listening(topo.srv, port)
+        for port in ports:
+            topo.wait_listening(topo.srv, port)
     except TimeoutError:
         log = (tmp / "error.log").read_text() if (tmp / "error.log").exists() else ""
         raise RuntimeError(f"nginx did not start: {log}") from None
     return proc
+
+
+def start_nginx(topo: Topology, tmp: Path, port: int) -> subprocess.Popen[Any]:
+    """nginx (``return 200``) on the server namespace's IPv4 and IPv6 addresses."""
+    server = f"listen {SRV_V4}:{port}; listen [{SRV_V6}]:{port}; location / {{ return 200; }}"
+    return nginx(topo, tmp, server, (port,))
 
 
 def rss_bytes(pid: int | str = "self") -> int:

@@ -9,7 +9,6 @@ OTLP receiver. What arrives there must name the edge a -> b, never the VIP.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import secrets
 import subprocess
@@ -34,34 +33,14 @@ from tests.cluster_processor.otlp.receiver import OtlpReceiver
 from tests.cluster_processor.test_main import _kv as kv
 from tests.cluster_processor.test_main import latest, points, spans
 from tests.e2e.nattopo import BACKEND_PORT, VIP_PORT, NatTopology
-from tests.e2e.netns import run
+from tests.e2e.netns import nginx, run
 
 pytestmark = pytest.mark.bpf
 REPO = Path(__file__).resolve().parents[2]
 KSCOPE = str(REPO / ".venv" / "bin" / "kscope")
-CGROUP2 = Path("/sys/fs/cgroup/unified")
 NODE = "node-1"
 REQUESTS = 5
 SERVER, CLIENT = 2, 3  # SpanKind
-NGINX_CONF = """\
-daemon off;
-master_process off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    server {{
-        listen {ip}:{port};
-        location / {{ return 200 "order\\n"; }}
-    }}
-}}
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -122,34 +101,6 @@ def nat_topo() -> Iterator[ClusterTopology]:
         t.close()  # kills nginx and the agent, deletes the namespaces
 
 
-@pytest.fixture
-def b_cgroup() -> Iterator[tuple[Path, str, str]]:
-    """pod b-1's container as the kubelet (systemd driver) and containerd lay it out:
-    (scope dir, pod uid, container id); removed afterwards, stragglers moved back to the root."""
-    root = CGROUP2 if (CGROUP2 / "cgroup.procs").exists() else Path("/sys/fs/cgroup")
-    pod_uid, cid = str(uuid.uuid4()), secrets.token_hex(32)
-    slice_ = f"kubepods-burstable-pod{pod_uid.replace('-', '_')}.slice"
-    dirs = [root / "kubepods.slice", root / "kubepods.slice/kubepods-burstable.slice"]
-    dirs += [dirs[-1] / slice_, dirs[-1] / slice_ / f"cri-containerd-{cid}.scope"]
-    created = []
-    try:
-        for d in dirs:
-            if not d.exists():
-                d.mkdir()
-                created.append(d)
-        yield dirs[-1], pod_uid, cid
-    finally:
-        for d in reversed(created):
-            for _ in range(50):
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-                    break
-                with contextlib.suppress(OSError):
-                    for pid in (d / "cgroup.procs").read_text().split():
-                        (root / "cgroup.procs").write_text(pid)
-                time.sleep(0.05)
-
-
 def populate(server: FakeApiServer, topo: ClusterTopology, b_uid: str, b_cid: str) -> None:
     """Deployments a and b through their ReplicaSets; a-1 and b-1 on node-1 with the namespaces'
     addresses; Service b with the VIP; node-1 whose InternalIP is the node namespace's address."""
@@ -189,11 +140,8 @@ def processor_config(kubeconfig: Path, otlp_endpoint: str) -> m.ProcessorConfig:
 
 def start_nginx(topo: ClusterTopology, tmp: Path, scope: Path) -> subprocess.Popen[Any]:
     """nginx in pod b on 8080, moved into b-1's container cgroup before any connection."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(tmp=tmp, ip=topo.spod_ip, port=BACKEND_PORT))
-    proc = topo.spawn(topo.srv, "nginx", "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf))
-    topo.wait_listening(topo.srv, BACKEND_PORT)
+    server = f'listen {topo.spod_ip}:{BACKEND_PORT}; location / {{ return 200 "order\\n"; }}'
+    proc = nginx(topo, tmp, server, (BACKEND_PORT,))
     (scope / "cgroup.procs").write_text(str(proc.pid))  # from outside the namespace (KERNEL.md)
     assert scope.name in Path(f"/proc/{proc.pid}/cgroup").read_text()
     return proc
@@ -251,9 +199,9 @@ def dump(rx: OtlpReceiver) -> str:
 
 
 def test_pod_a_calls_service_b_through_its_vip(
-    nat_topo: ClusterTopology, b_cgroup: tuple[Path, str, str], tmp_path: Path
+    nat_topo: ClusterTopology, pod_cgroup: tuple[Path, str, str], tmp_path: Path
 ) -> None:
-    scope, b_uid, b_cid = b_cgroup
+    scope, b_uid, b_cid = pod_cgroup
     start_nginx(nat_topo, tmp_path / "nginx", scope)
 
     async def body() -> None:

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 import subprocess
-import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,35 +15,7 @@ from tests.e2e.netns import SRV_V4, Topology, start_nginx
 pytestmark = pytest.mark.bpf
 REPO = Path(__file__).resolve().parents[2]
 KSCOPE = str(REPO / ".venv" / "bin" / "kscope")
-CGROUP2 = Path("/sys/fs/cgroup/unified")
 PORT = 8080
-
-
-@pytest.fixture
-def pod_cgroup() -> Iterator[tuple[Path, str, str]]:
-    """A systemd-driver kubelet cgroup for one containerd container: (scope dir, pod uid, container id)."""
-    root = CGROUP2 if (CGROUP2 / "cgroup.procs").exists() else Path("/sys/fs/cgroup")
-    pod_uid, cid = str(uuid.uuid4()), secrets.token_hex(32)
-    slice_ = f"kubepods-burstable-pod{pod_uid.replace('-', '_')}.slice"
-    dirs = [root / "kubepods.slice", root / "kubepods.slice/kubepods-burstable.slice"]
-    dirs += [dirs[-1] / slice_, dirs[-1] / slice_ / f"cri-containerd-{cid}.scope"]
-    created = []
-    try:
-        for d in dirs:
-            if not d.exists():
-                d.mkdir()
-                created.append(d)
-        yield dirs[-1], pod_uid, cid
-    finally:
-        for d in reversed(created):
-            for _ in range(50):  # the processes in it are being killed by the topology teardown
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-                    break
-                with contextlib.suppress(OSError):
-                    for pid in (d / "cgroup.procs").read_text().split():
-                        (root / "cgroup.procs").write_text(pid)
-                time.sleep(0.05)
 
 
 def test_container_and_pod_of_a_server_and_a_host_client(

@@ -15,30 +15,11 @@ from google.protobuf import json_format
 
 from kscope.v1 import flow_pb2 as pb
 from tests.e2e.nattopo import BACKEND_PORT, CPOD_IP, SPOD_IP, VIP, VIP_PORT, NatTopology
+from tests.e2e.netns import nginx
 
 REPO = Path(__file__).resolve().parents[2]
 KSCOPE = str(REPO / ".venv" / "bin" / "kscope")
 pytestmark = pytest.mark.bpf
-
-NGINX_CONF = """\
-daemon off;
-master_process off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    server {{
-        listen {ip}:{port};
-        location / {{ return 200; }}
-    }}
-}}
-"""
 
 
 @pytest.fixture
@@ -52,11 +33,7 @@ def nat_topo() -> Iterator[NatTopology]:
 
 
 def _nginx(topo: NatTopology, tmp: Path) -> None:
-    tmp.mkdir(parents=True, exist_ok=True)
-    conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(tmp=tmp, ip=SPOD_IP, port=BACKEND_PORT))
-    topo.spawn(topo.srv, "nginx", "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf))
-    topo.wait_listening(topo.srv, BACKEND_PORT)
+    nginx(topo, tmp, f"listen {SPOD_IP}:{BACKEND_PORT}; location / {{ return 200; }}", (BACKEND_PORT,))
 
 
 def _agent(topo: NatTopology, out: Path, conntrack_netns: str) -> subprocess.Popen[str]:
