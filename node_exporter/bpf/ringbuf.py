@@ -35,11 +35,6 @@ class RingReader:
         self._producer = mmap.mmap(map_fd, page + 2 * data_size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
         self._data_off = page
 
-    def pending_bytes(self) -> int:
-        prod = _U64.unpack_from(self._producer, 0)[0]
-        cons = _U64.unpack_from(self._consumer, 0)[0]
-        return int(prod - cons)
-
     def drain(self, max_records: int = 1 << 20) -> list[bytes]:
         """Every committed record, in order, as bytes; frees their space in the ring."""
         cons = _U64.unpack_from(self._consumer, 0)[0]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +84,6 @@ class L4Collector:
             raise
         self._decode = DecodeStats()
         self.stats = L4Stats()
-        self.started_ns = time.monotonic_ns()
 
     @property
     def report(self) -> LoadReport:

@@ -139,3 +139,7 @@ def test_sigterm_detaches_and_exits_cleanly(tmp_path: Path) -> None:
         show = subprocess.run(["bpftool", "prog", "show", "id", str(prog_id)], capture_output=True, text=True)
         assert show.returncode != 0, f"program {prog_id} still loaded after exit"
     assert _records(out)[-1].WhichOneof("record") == "stats"
+
+
+def test_capture_bytes_out_of_range_is_a_clear_error() -> None:
+    _clear_error(_run("run", "--no-live", "--l7", "--capture-bytes", "5000"), "--capture-bytes must be 1..4096")

@@ -71,3 +71,17 @@ def test_quick_scans_read_only_new_processes(tmp_path: Path) -> None:
     _proc(tmp_path, 21, "")
     assert att.scan(full=False) == 0
     assert att.scan(full=True) == 1 and calls
+
+
+def test_number_of_libraries_is_bounded(tmp_path: Path) -> None:
+    for pid in range(30, 36):  # six distinct "libssl" files
+        root = tmp_path / f"root{pid}"
+        (root / "lib").mkdir(parents=True)
+        (root / "lib/libssl.so.3").write_bytes(b"x")
+        d = tmp_path / "proc" / str(pid)
+        d.mkdir(parents=True)
+        (d / "maps").write_text(LINE.format(path="/lib/libssl.so.3"))
+        os.symlink(root, d / "root")
+    att = TlsAttacher(lambda *a: None, proc_root=str(tmp_path / "proc"), max_libraries=4)
+    assert att.scan() == 4
+    assert len(att.attached) + len(att.failed) == 4

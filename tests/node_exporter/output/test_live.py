@@ -55,3 +55,9 @@ def test_requests_grouped_by_process_and_route() -> None:
     row = next(line for line in text.splitlines() if "GET /users/{id}" in line)  # grouped by route, not path
     assert "nginx" in row and "server" in row and "4.0" in row and " 1 " in row  # 4 req/s, 1 error
     assert "3.00" in row and "4.00" in row  # p50 and max in ms
+
+
+def test_open_connections_kept_are_bounded() -> None:
+    view = LiveView(max_connections=50)
+    view.update([_rec(i, L4Reason.KSCOPE_L4_PERIODIC) for i in range(500)])
+    assert "50 open TCP sockets" in _text(view)  # the oldest were forgotten, not kept without bound
