@@ -42,7 +42,7 @@ from cluster_processor.otlp import encode
 from cluster_processor.otlp.exporter import ExporterSettings, OtlpExporter
 from cluster_processor.otlp.pipeline import OtlpPipeline
 from kscope.v1 import flow_pb2 as pb
-from node_exporter import logging_setup
+from kscope_common import logging_setup
 
 log = structlog.get_logger("kscope.processor")
 

@@ -12,7 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
-from node_exporter import logging_setup
+from kscope_common import logging_setup
 from node_exporter.errors import KscopeError
 
 EXIT_USAGE = 2

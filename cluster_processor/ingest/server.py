@@ -21,9 +21,9 @@ import grpc.aio
 import structlog
 
 from cluster_processor.ingest.errors import IngestConfigError
-from cluster_processor.ingest.rpc_status import STATUS_DETAILS_KEY, retry_status_details
 from cluster_processor.ingest.validate import Limits, Rejection, decode, record_count, validate
 from kscope.v1 import flow_pb2 as pb
+from kscope_common.grpc_retry import STATUS_DETAILS_KEY, status_details
 
 log = structlog.get_logger("kscope.ingest")
 
@@ -219,7 +219,7 @@ class IngestServer:
         delay = self.config.retry_after_s
         message = f"processor queue full ({self.config.queue_batches} batches); retry in {delay:g} s"
         # UNAVAILABLE is retryable for every OTLP-style client; the RetryInfo tells it when.
-        details = retry_status_details(grpc.StatusCode.UNAVAILABLE.value[0], message, delay)
+        details = status_details(grpc.StatusCode.UNAVAILABLE.value[0], message, delay)
         await context.abort(grpc.StatusCode.UNAVAILABLE, message, ((STATUS_DETAILS_KEY, details),))
         raise AssertionError("unreachable: ServicerContext.abort raises")
 

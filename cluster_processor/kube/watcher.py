@@ -45,6 +45,7 @@ from cluster_processor.kube.model import (
     KubeObject,
     convert,
 )
+from kscope_common.grpc_retry import Backoff
 
 log = structlog.get_logger(__name__)
 
@@ -111,38 +112,6 @@ class WatchStats:
     ignored: int = 0  # well-formed events of a type we do not know
     resource_version: str = ""  # where the next watch resumes; "" until the first list
     synced: bool = False  # the first list has reached the index
-
-
-class Backoff:
-    """Capped exponential backoff with jitter: attempt n waits a random time in
-    [(1 - jitter) * d, d] with d = min(maximum, initial * 2**n), so replicas that lost the
-    APIServer together do not come back in lockstep."""
-
-    def __init__(
-        self,
-        initial_s: float,
-        maximum_s: float,
-        *,
-        jitter: float = 0.5,
-        rng: Callable[[], float] = random.random,
-    ) -> None:
-        self.initial_s = initial_s
-        self.maximum_s = maximum_s
-        self.jitter = jitter
-        self._rng = rng
-        self._attempt = 0
-
-    def next(self, retry_after_s: float | None = None) -> float:
-        ceiling = min(self.maximum_s, self.initial_s * 2.0 ** min(self._attempt, 62))
-        self._attempt += 1
-        delay = ceiling * (1.0 - self.jitter * self._rng())
-        if retry_after_s is not None:
-            # The server knows its own load: never retry sooner than it asked (up to our cap).
-            delay = max(delay, min(retry_after_s, self.maximum_s))
-        return delay
-
-    def reset(self) -> None:
-        self._attempt = 0
 
 
 async def load_api_client(
@@ -258,7 +227,7 @@ class KubeWatcher:
         st = self._stats[res.kind]
         rlog = log.bind(resource=res.kind)
         s = self._settings
-        backoff = Backoff(s.backoff_initial_s, s.backoff_max_s, rng=self._rng)
+        backoff = Backoff(s.backoff_initial_s, s.backoff_max_s, server_delay_cap_s=s.backoff_max_s, rng=self._rng)
         must_list = True
         watched = False  # a watch has been opened since the last list
         while True:

@@ -26,7 +26,7 @@ import enum
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 import grpc
 import structlog
@@ -46,26 +46,14 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceServiceStub
 
-from cluster_processor.otlp import encode, rpc_status
+from cluster_processor.otlp import encode
 from cluster_processor.otlp.errors import OtlpError
+from kscope_common.grpc_retry import backoff_delay, server_retry_delay, should_retry
 
 log = structlog.get_logger(__name__)
 
 ExportRequest = ExportMetricsServiceRequest | ExportTraceServiceRequest | ExportLogsServiceRequest
 ExportResponse = ExportMetricsServiceResponse | ExportTraceServiceResponse | ExportLogsServiceResponse
-
-# The OTLP specification's transient codes ("OTLP/gRPC Response", failures).
-RETRYABLE: Final = frozenset(
-    {
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.OUT_OF_RANGE,
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DATA_LOSS,
-    }
-)
-
 
 class Signal(enum.Enum):
     METRICS = "metrics"
@@ -107,16 +95,13 @@ class RetryPolicy:
     ) -> float | None:
         """Seconds to wait before retrying after failed attempt number ``attempt`` (0-based), or
         None when the failure is final."""
-        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-            # Retryable only when the server says it will recover (RetryInfo); otherwise the
-            # limit is a quota, and retrying would only add load.
-            return server_delay_s
-        if code not in RETRYABLE:
+        # RESOURCE_EXHAUSTED is retryable only when the server says it will recover (RetryInfo);
+        # otherwise the limit is a quota, and retrying would only add load.
+        if not should_retry(code, server_delay_s):
             return None
         if server_delay_s is not None:
             return server_delay_s  # the server knows its own load better than our backoff
-        ceiling = min(self.max_backoff_s, self.initial_backoff_s * 2.0 ** min(attempt, 62))
-        return ceiling * (1.0 - self.jitter * rng())
+        return backoff_delay(attempt, self.initial_backoff_s, self.max_backoff_s, self.jitter, rng)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +194,7 @@ class GrpcTransport:
         try:
             response: ExportResponse = await self._calls[signal](request, timeout=timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as err:
-            delay = rpc_status.retry_delay_s(err.trailing_metadata())
+            delay = server_retry_delay(err.trailing_metadata())
             raise RpcFailure(err.code(), err.details() or "", delay) from err
         return response
 

@@ -21,9 +21,9 @@ import grpc
 import structlog
 
 from kscope.v1 import flow_pb2 as pb
+from kscope_common.grpc_retry import Backoff, server_retry_delay, should_retry
 from node_exporter.ship.buffer import DropOldestQueue, record_count, split_batch
 from node_exporter.ship.errors import ShipConfigError
-from node_exporter.ship.retry import Backoff, server_retry_delay, should_retry
 
 log = structlog.get_logger("kscope.ship")
 

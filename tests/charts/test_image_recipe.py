@@ -76,6 +76,15 @@ def test_copied_sources_exist_and_reach_the_context(commands: list[dockerfile.Co
         assert src.rstrip("/") in allowed, f"{src} is excluded by {IGNORE.name}"
 
 
+def test_every_python_package_is_copied(commands: list[dockerfile.Command]) -> None:
+    # pip installs the packages pyproject names; a package missing from the image fails only at run time.
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.rstrip("*") for p in patterns} - {"kscope"}  # kscope.v1 is generated from proto/ in the image
+    sources = {src.rstrip("/") for c in commands if c.cmd == "COPY" and not c.flags for src in c.value[:-1]}
+    assert packages <= sources, f"not copied into the image: {packages - sources}"
+
+
 def test_image_matches_the_chart(commands: list[dockerfile.Command]) -> None:
     with helm.Chart.load(REPO / "charts" / "kscope") as chart:
         rendered = chart.render(None, name="kscope", namespace="kscope")

@@ -12,7 +12,7 @@ import pytest
 from cluster_processor.ingest import IngestConfigError, IngestServer, Limits, ServerTls
 from cluster_processor.ingest.server import COUNTERS, METHOD
 from kscope.v1 import flow_pb2 as pb
-from node_exporter.ship.retry import server_retry_delay, should_retry
+from kscope_common.grpc_retry import server_retry_delay, should_retry
 from tests.cluster_processor.ingest.harness import (
     Certs,
     FailingSink,
@@ -32,9 +32,7 @@ class RawClient:
     def __init__(self, port: int, creds: grpc.ChannelCredentials | None = None, server_name: str = "") -> None:
         target = f"127.0.0.1:{port}"
         options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-        self.channel = (
-            grpc.secure_channel(target, creds, options=options) if creds else grpc.insecure_channel(target)
-        )
+        self.channel = grpc.secure_channel(target, creds, options=options) if creds else grpc.insecure_channel(target)
         # Identity request serializer: the payload goes out exactly as given.
         self.call = self.channel.unary_unary(
             PATH, request_serializer=None, response_deserializer=pb.ExportFlowsResponse.FromString
@@ -76,11 +74,16 @@ def test_good_gzip_batch_is_acked_and_handed_to_the_sink(loop_thread: LoopThread
         c = server.counters()
         assert set(c) == set(COUNTERS)
         assert (c["received_batches"], c["received_records"], c["accepted_records"], c["consumed_batches"]) == (
-            1, 5, 5, 1)
+            1,
+            5,
+            5,
+            1,
+        )
 
 
-def test_invalid_records_are_skipped_and_reported(client_and_server: tuple[RawClient, IngestServer],
-                                                  sink: RecordingSink) -> None:
+def test_invalid_records_are_skipped_and_reported(
+    client_and_server: tuple[RawClient, IngestServer], sink: RecordingSink
+) -> None:
     client, server = client_and_server
     b = batch(2)
     b.l4.append(l4(9, remote_port=123456))
@@ -92,8 +95,9 @@ def test_invalid_records_are_skipped_and_reported(client_and_server: tuple[RawCl
 
 
 @pytest.mark.parametrize("version", [0, 2])
-def test_wrong_schema_version_is_invalid_argument(client_and_server: tuple[RawClient, IngestServer],
-                                                  sink: RecordingSink, version: int) -> None:
+def test_wrong_schema_version_is_invalid_argument(
+    client_and_server: tuple[RawClient, IngestServer], sink: RecordingSink, version: int
+) -> None:
     client, server = client_and_server
     err = client.fail(batch(1, version=version))
     assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
@@ -113,7 +117,8 @@ def test_missing_node_name_is_invalid_argument(client_and_server: tuple[RawClien
 
 
 def test_too_many_records_is_resource_exhausted_without_retry_info(
-        client_and_server: tuple[RawClient, IngestServer]) -> None:
+    client_and_server: tuple[RawClient, IngestServer],
+) -> None:
     client, server = client_and_server
     err = client.fail(batch(600, 401))
     assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -123,8 +128,9 @@ def test_too_many_records_is_resource_exhausted_without_retry_info(
 
 
 @pytest.mark.parametrize("gzip", [False, True])
-def test_message_over_the_size_limit_is_refused_by_grpc(client_and_server: tuple[RawClient, IngestServer],
-                                                       gzip: bool) -> None:
+def test_message_over_the_size_limit_is_refused_by_grpc(
+    client_and_server: tuple[RawClient, IngestServer], gzip: bool
+) -> None:
     client, server = client_and_server
     # Under the record limit but ~ 300 KiB serialized; gzip makes it far smaller on the wire, but the limit
     # applies after decompression (no gzip bombs).
@@ -139,7 +145,8 @@ def test_message_over_the_size_limit_is_refused_by_grpc(client_and_server: tuple
 
 @pytest.mark.parametrize("garbage", [b"not a protobuf", b"\xff\xfe\xfd" * 50])
 def test_garbage_bytes_get_a_clear_error_and_the_server_keeps_serving(
-        client_and_server: tuple[RawClient, IngestServer], sink: RecordingSink, garbage: bytes) -> None:
+    client_and_server: tuple[RawClient, IngestServer], sink: RecordingSink, garbage: bytes
+) -> None:
     client, server = client_and_server
     err = client.fail(garbage)
     assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
@@ -205,19 +212,22 @@ def test_stop_lets_a_working_sink_finish(loop_thread: LoopThread) -> None:
 def test_tls(loop_thread: LoopThread, certs: Certs, sink: RecordingSink) -> None:
     tls = ServerTls(cert_file=certs.server_cert, key_file=certs.server_key)
     with loop_thread.serving(sink, config(tls=tls)) as server:
-        trusted = RawClient(server.port, grpc.ssl_channel_credentials(certs.ca.read_bytes()),
-                            server_name="processor.kscope.test")
+        trusted = RawClient(
+            server.port, grpc.ssl_channel_credentials(certs.ca.read_bytes()), server_name="processor.kscope.test"
+        )
         assert trusted.send(batch(2)).accepted == 2
-        stranger = RawClient(server.port, grpc.ssl_channel_credentials(certs.other_ca.read_bytes()),
-                             server_name="processor.kscope.test")
+        stranger = RawClient(
+            server.port, grpc.ssl_channel_credentials(certs.other_ca.read_bytes()), server_name="processor.kscope.test"
+        )
         assert stranger.fail(batch(2)).code() is grpc.StatusCode.UNAVAILABLE
         plaintext = RawClient(server.port)
         assert plaintext.fail(batch(2)).code() is grpc.StatusCode.UNAVAILABLE
         assert server.counters()["received_batches"] == 1
 
 
-def test_mtls_requires_a_client_certificate_from_the_ca(loop_thread: LoopThread, certs: Certs,
-                                                         sink: RecordingSink) -> None:
+def test_mtls_requires_a_client_certificate_from_the_ca(
+    loop_thread: LoopThread, certs: Certs, sink: RecordingSink
+) -> None:
     tls = ServerTls(cert_file=certs.server_cert, key_file=certs.server_key, client_ca_file=certs.ca)
     ca = certs.ca.read_bytes()
     with loop_thread.serving(sink, config(tls=tls)) as server:
@@ -225,8 +235,9 @@ def test_mtls_requires_a_client_certificate_from_the_ca(loop_thread: LoopThread,
         assert RawClient(server.port, agent).send(batch(1)).accepted == 1
         no_cert = RawClient(server.port, grpc.ssl_channel_credentials(ca))
         assert no_cert.fail(batch(1)).code() is grpc.StatusCode.UNAVAILABLE
-        other = grpc.ssl_channel_credentials(ca, certs.other_client_key.read_bytes(),
-                                             certs.other_client_cert.read_bytes())
+        other = grpc.ssl_channel_credentials(
+            ca, certs.other_client_key.read_bytes(), certs.other_client_cert.read_bytes()
+        )
         assert RawClient(server.port, other).fail(batch(1)).code() is grpc.StatusCode.UNAVAILABLE
         assert server.counters()["received_batches"] == 1
 

@@ -312,14 +312,3 @@ def test_missing_kubeconfig_is_a_clear_error(tmp_path: Path) -> None:
             await w.load_api_client(tmp_path / "nope")
 
     run(body())
-
-
-def test_backoff_is_exponential_capped_jittered_and_honours_retry_after() -> None:
-    top = w.Backoff(0.5, 4.0, rng=lambda: 0.0)  # no jitter drawn: the ceiling itself
-    assert [top.next() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
-    top.reset()
-    assert top.next() == 0.5
-    low = w.Backoff(0.5, 4.0, rng=lambda: 1.0)  # the most jitter takes off: half
-    assert [low.next() for _ in range(4)] == [0.25, 0.5, 1.0, 2.0]
-    assert w.Backoff(0.5, 4.0, rng=lambda: 1.0).next(retry_after_s=3.0) == 3.0
-    assert w.Backoff(0.5, 4.0, rng=lambda: 1.0).next(retry_after_s=600.0) == 4.0

@@ -25,7 +25,7 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as trace
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as trace_grpc
 
-from cluster_processor.otlp import rpc_status
+from kscope_common.grpc_retry import STATUS_DETAILS_KEY, status_details
 
 SIGNALS = ("metrics", "traces", "logs")
 
@@ -132,10 +132,8 @@ class OtlpReceiver:
         fault = self._take_fault(signal)
         if fault is not None and fault.code is not None:
             self.calls.append(CallRecord(signal, fault.code.name, metadata))
-            trailer = rpc_status.status_details(fault.code.value[0], fault.message, fault.retry_delay_s)
-            await context.abort(
-                fault.code, fault.message, trailing_metadata=((rpc_status.STATUS_DETAILS_KEY, trailer),)
-            )
+            trailer = status_details(fault.code.value[0], fault.message, fault.retry_delay_s)
+            await context.abort(fault.code, fault.message, trailing_metadata=((STATUS_DETAILS_KEY, trailer),))
         self.received[signal].append(request)
         if fault is not None:
             self.calls.append(CallRecord(signal, "partial", metadata))

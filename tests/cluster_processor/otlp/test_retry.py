@@ -7,7 +7,6 @@ import asyncio
 import grpc
 import pytest
 
-from cluster_processor.otlp import rpc_status
 from cluster_processor.otlp.exporter import (
     ExporterSettings,
     ExportRequest,
@@ -17,6 +16,7 @@ from cluster_processor.otlp.exporter import (
     RpcFailure,
     Signal,
 )
+from kscope_common.grpc_retry import STATUS_DETAILS_KEY, server_retry_delay, status_details
 from tests.cluster_processor.otlp.factories import metrics_request
 
 POLICY = RetryPolicy(initial_backoff_s=1.0, max_backoff_s=8.0, jitter=0.5)
@@ -57,11 +57,11 @@ def test_server_delay_wins_over_backoff() -> None:
 
 
 def test_retry_info_round_trip_and_garbage() -> None:
-    trailer = rpc_status.status_details(14, "later", 1.5)
-    assert rpc_status.retry_delay_s([("other", "x"), (rpc_status.STATUS_DETAILS_KEY, trailer)]) == 1.5
-    assert rpc_status.retry_delay_s([(rpc_status.STATUS_DETAILS_KEY, rpc_status.status_details(14, "x"))]) is None
-    assert rpc_status.retry_delay_s([(rpc_status.STATUS_DETAILS_KEY, b"\xff\xff\xff")]) is None
-    assert rpc_status.retry_delay_s(None) is None
+    trailer = status_details(14, "later", 1.5)
+    assert server_retry_delay([("other", "x"), (STATUS_DETAILS_KEY, trailer)]) == 1.5
+    assert server_retry_delay([(STATUS_DETAILS_KEY, status_details(14, "x"))]) is None
+    assert server_retry_delay([(STATUS_DETAILS_KEY, b"\xff\xff\xff")]) is None
+    assert server_retry_delay(None) is None
 
 
 class ScriptedTransport:

@@ -1,4 +1,5 @@
-"""The OTLP retry rules, the server-delay parsing and the backoff, pure."""
+"""The OTLP retry rules, the server-delay parsing and the backoff, pure (shared by the agent's shipper,
+the processor's OTLP exporter and its Kubernetes watcher)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,29 @@ import math
 import grpc
 import pytest
 
-from cluster_processor.ingest.rpc_status import retry_status_details
-from node_exporter.ship.retry import DO_NOT_RETRY, RETRYABLE, Backoff, server_retry_delay, should_retry
-from node_exporter.ship.rpc_status import retry_delay_from_details
+from kscope_common.grpc_retry import (
+    DO_NOT_RETRY,
+    RETRYABLE,
+    Backoff,
+    backoff_delay,
+    retry_delay_from_details,
+    server_retry_delay,
+    should_retry,
+    status_details,
+)
 
 SC = grpc.StatusCode
 
 
 def test_the_retryable_set_is_the_otlp_one() -> None:
     assert {c.name for c in RETRYABLE} == {
-        "CANCELLED", "DEADLINE_EXCEEDED", "ABORTED", "OUT_OF_RANGE", "UNAVAILABLE", "DATA_LOSS"}
+        "CANCELLED",
+        "DEADLINE_EXCEEDED",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+    }
 
 
 @pytest.mark.parametrize(
@@ -44,7 +58,7 @@ def test_should_retry(code: grpc.StatusCode | None, delay: float | None, retry: 
 
 
 def test_retry_info_from_the_server_encoder_is_read_back() -> None:
-    details = retry_status_details(SC.UNAVAILABLE.value[0], "queue full", 2.5)
+    details = status_details(SC.UNAVAILABLE.value[0], "queue full", 2.5)
     assert retry_delay_from_details(details) == pytest.approx(2.5)
     assert server_retry_delay([("grpc-status-details-bin", details)]) == pytest.approx(2.5)
 
@@ -67,7 +81,7 @@ def test_server_retry_delay(metadata: list[tuple[str, str | bytes]] | None, dela
 
 
 def test_both_signals_take_the_longer_delay() -> None:
-    details = retry_status_details(SC.UNAVAILABLE.value[0], "", 0.2)
+    details = status_details(SC.UNAVAILABLE.value[0], "", 0.2)
     md: list[tuple[str, str | bytes]] = [("grpc-retry-pushback-ms", "700"), ("grpc-status-details-bin", details)]
     assert server_retry_delay(md) == pytest.approx(0.7)
 
@@ -83,3 +97,20 @@ def test_a_server_delay_is_a_floor_even_above_the_cap() -> None:
     b = Backoff(1.0, 8.0, rng=lambda: 0.0)
     assert b.next(0.1) == 1.0
     assert b.next(30.0) == 30.0  # the batch deadline, not the backoff cap, bounds the wait
+
+
+def test_a_server_delay_can_be_capped_and_reset_starts_over() -> None:
+    b = Backoff(0.5, 4.0, server_delay_cap_s=4.0, rng=lambda: 1.0)
+    assert b.next(3.0) == 3.0
+    assert b.next(600.0) == 4.0  # an APIServer's Retry-After of ten minutes does not park the watcher
+    b.reset()
+    assert b.next() == 0.25
+
+
+def test_backoff_delay_does_not_overflow() -> None:
+    assert backoff_delay(10_000, 1.0, 8.0, 0.5, lambda: 0.0) == 8.0
+
+
+def test_status_details_without_a_delay_carries_no_retry_info() -> None:
+    assert retry_delay_from_details(status_details(14, "x")) is None
+    assert retry_delay_from_details(b"\xff\xff\xff") is None

@@ -1,0 +1,1 @@
+"""Code both the node agent and the cluster processor use: gRPC retry rules, logging setup."""
