@@ -20,6 +20,7 @@ import grpc
 import grpc.aio
 import structlog
 
+from cluster_processor.ingest.dedupe import SeenBatches
 from cluster_processor.ingest.errors import IngestConfigError
 from cluster_processor.ingest.validate import Limits, Rejection, decode, record_count, validate
 from kscope.v1 import flow_pb2 as pb
@@ -43,6 +44,9 @@ COUNTERS = (
     "rejected_schema_version",
     "rejected_node_name",
     "rejected_too_many_records",
+    "duplicate_batches",  # a batch this processor had already taken (an agent's retry): answered OK, dropped
+    "duplicate_records",
+    "unverifiable_batches",  # numbered too far back (or from a forgotten agent run) to check: taken
     "queue_full",  # answered UNAVAILABLE + RetryInfo: the client keeps the batch and retries
     "consumed_batches",  # handed to the sink without error
     "sink_errors",  # the sink raised: the batch is lost, and this counts it
@@ -77,11 +81,15 @@ class IngestConfig:
     max_connection_age_s: float | None = 300.0
     max_connection_age_grace_s: float = 30.0
     drain_timeout_s: float = 5.0  # stop(): how long the sink may take to finish the queue
+    dedupe_window: int = 4096  # batch numbers remembered per agent run
+    dedupe_max_agents: int = 16384  # agent runs remembered (least recently heard from forgotten first)
     tls: ServerTls | None = None
 
     def __post_init__(self) -> None:
-        if self.queue_batches < 1 or self.sink_workers < 1 or self.max_message_bytes < 1:
+        if min(self.queue_batches, self.sink_workers, self.max_message_bytes) < 1:
             raise IngestConfigError("queue_batches, sink_workers and max_message_bytes must be at least 1")
+        if min(self.dedupe_window, self.dedupe_max_agents) < 1:
+            raise IngestConfigError("dedupe_window and dedupe_max_agents must be at least 1")
         if self.retry_after_s < 0 or self.drain_timeout_s < 0:
             raise IngestConfigError("retry_after_s and drain_timeout_s must not be negative")
 
@@ -105,6 +113,7 @@ class IngestServer:
         self.config = config or IngestConfig()
         self._sink = sink
         self._counters = dict.fromkeys(COUNTERS, 0)
+        self._seen = SeenBatches(self.config.dedupe_window, self.config.dedupe_max_agents)
         self._queue: asyncio.Queue[pb.FlowBatch] = asyncio.Queue(self.config.queue_batches)
         self._server: grpc.aio.Server | None = None
         self._workers: list[asyncio.Task[None]] = []
@@ -201,12 +210,22 @@ class IngestServer:
         verdict = validate(batch, self.config.limits)
         if isinstance(verdict, Rejection):
             await self._reject(verdict, context, node=batch.node_name)
+        if self._seen.seen(batch):
+            # Taken before: the agent's earlier call reached us but its answer did not reach the agent.
+            c["duplicate_batches"] += 1
+            c["duplicate_records"] += verdict.accepted
+            return pb.ExportFlowsResponse(
+                accepted=verdict.accepted, rejected=verdict.rejected, error_message=verdict.error_message
+            )
         # A batch of only bad records, no stats, carries nothing for the sink.
         if verdict.accepted or verdict.batch.HasField("stats"):
             try:
                 self._queue.put_nowait(verdict.batch)
             except asyncio.QueueFull:
                 await self._push_back(context)
+        before = self._seen.unverifiable
+        self._seen.taken(batch)
+        c["unverifiable_batches"] += self._seen.unverifiable - before
         c["accepted_batches"] += 1
         c["accepted_records"] += verdict.accepted
         c["invalid_records"] += verdict.rejected

@@ -136,6 +136,9 @@ class FlowShipper:
         )
         self._compression = grpc.Compression.Gzip if config.gzip else grpc.Compression.NoCompression
         self._thread = threading.Thread(target=self._run, name="kscope-ship", daemon=True)
+        # Every part gets (start, seq), kept across its retries: the processor drops a copy it already has.
+        self._start_ns = time.time_ns()
+        self._seq = 0
 
     # --- the agent's side -------------------------------------------------------------------------------
 
@@ -146,7 +149,8 @@ class FlowShipper:
 
     def submit(self, batch: pb.FlowBatch) -> None:
         """Queue ``batch`` for sending. Never blocks, never raises for a full queue: the oldest waiting
-        batch makes room and is counted in ``dropped_queue_full``."""
+        batch makes room and is counted in ``dropped_queue_full``. Sets the batch's (or its parts')
+        ``agent_start_time_unix_nano`` and ``batch_seq``."""
         parts = split_batch(batch, self.config.max_records_per_batch)
         evictions = 0
         # Under the lock that close() sets the closing flag with: a batch is either queued before close()
@@ -156,6 +160,9 @@ class FlowShipper:
                 self._drop_locked("dropped_on_close", batch)
                 return
             for part in parts:
+                self._seq += 1
+                part.agent_start_time_unix_nano = self._start_ns
+                part.batch_seq = self._seq
                 self._counters["enqueued"] += 1
                 evicted = self._queue.put(part)
                 if evicted is not None:

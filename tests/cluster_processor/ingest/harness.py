@@ -215,11 +215,13 @@ def loop_thread() -> Iterator[LoopThread]:
 
 class CountingProxy:
     """TCP relay from a local port to ``upstream``, counting the bytes the client sends: what the wire
-    carried, after any compression."""
+    carried, after any compression. ``answer_delay_s`` holds back what the server sends (a slow path
+    back: the server has the request, the client's deadline passes before it hears so)."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.client_bytes = 0
+        self.answer_delay_s = 0.0
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -245,6 +247,8 @@ class CountingProxy:
                 while data := await src.read(65536):
                     if count:
                         self.client_bytes += len(data)
+                    elif self.answer_delay_s:
+                        await asyncio.sleep(self.answer_delay_s)
                     dst.write(data)
                     await dst.drain()
             dst.close()

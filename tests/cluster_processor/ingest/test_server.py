@@ -81,6 +81,25 @@ def test_good_gzip_batch_is_acked_and_handed_to_the_sink(loop_thread: LoopThread
         )
 
 
+def test_a_copy_of_a_taken_batch_is_acked_and_not_handed_on(
+    client_and_server: tuple[RawClient, IngestServer], sink: RecordingSink
+) -> None:
+    client, server = client_and_server
+    sent = batch(3)
+    sent.node_name, sent.agent_start_time_unix_nano, sent.batch_seq = "node-a", 42, 7
+    assert client.send(sent).accepted == 3
+    assert client.send(sent).accepted == 3  # the agent retried: it is told the batch is in
+    sent.batch_seq = 8
+    assert client.send(sent).accepted == 3
+    eventually(lambda: len(sink.batches) == 2, "the two different batches reached the sink")
+    c = server.counters()
+    assert (c["duplicate_batches"], c["duplicate_records"], c["accepted_batches"]) == (1, 3, 2)
+    unnumbered = batch(1)
+    client.send(unnumbered)
+    client.send(unnumbered)  # without numbers, nothing can be told apart: both are taken
+    eventually(lambda: len(sink.batches) == 4, "unnumbered batches are never dropped")
+
+
 def test_invalid_records_are_skipped_and_reported(
     client_and_server: tuple[RawClient, IngestServer], sink: RecordingSink
 ) -> None:

@@ -226,6 +226,47 @@ def test_full_server_queue_pushes_back_and_the_client_delivers_later(
     assert drops(s.counters()) == {}
 
 
+def test_batches_are_numbered_per_agent_run_and_a_retry_keeps_its_number(
+    loop_thread: LoopThread, shippers: list[FlowShipper]
+) -> None:
+    sink = RecordingSink()
+    with loop_thread.serving(sink, config(limits=Limits(max_records=1000))) as server:
+        s = shipper(shippers, ship_config(server.port, max_records_per_batch=1000))
+        for b in numbered(2, 1500):  # each split in two parts, numbered in order
+            s.submit(b)
+        assert s.close(5.0)
+    assert [b.batch_seq for b in sink.batches] == [1, 2, 3, 4]
+    assert len({b.agent_start_time_unix_nano for b in sink.batches}) == 1
+    assert abs(sink.batches[0].agent_start_time_unix_nano - time.time_ns()) < 60 * 10**9
+    other = shipper(shippers, ship_config(server.port), start=False)
+    assert other._start_ns != sink.batches[0].agent_start_time_unix_nano  # a new run, its own numbers
+
+
+def test_a_lost_answer_does_not_deliver_the_batch_twice(loop_thread: LoopThread, shippers: list[FlowShipper]) -> None:
+    sink = RecordingSink()
+    with loop_thread.serving(sink, config()) as server:
+        proxy = CountingProxy(server.port)
+        loop_thread.run(proxy.start())
+        try:
+            s = shipper(shippers, ship_config(proxy.port, call_timeout_s=0.3))
+            first, second = numbered(2, 5)
+            s.submit(first)
+            eventually(lambda: s.counters()["sent_batches"] == 1, "the connection is up")
+            # The processor takes the batch; its answer comes after the agent's deadline: the agent retries.
+            proxy.answer_delay_s = 0.6
+            s.submit(second)
+            eventually(lambda: server.counters()["duplicate_batches"] >= 1, "a retry of a batch already taken")
+            proxy.answer_delay_s = 0.0
+            eventually(lambda: s.counters()["sent_batches"] == 2, "the retry's answer reaches the agent", 10.0)
+        finally:
+            loop_thread.run(proxy.stop())
+    assert s.counters()["retries"] >= 1
+    assert [b.time_unix_nano for b in sink.batches] == [1, 2]  # each batch once
+    c = server.counters()
+    assert c["duplicate_records"] == 5 * c["duplicate_batches"]
+    assert c["accepted_batches"] == 2
+
+
 def test_client_queue_bound_drops_the_oldest(loop_thread: LoopThread, shippers: list[FlowShipper]) -> None:
     sink = RecordingSink()
     with loop_thread.serving(sink, config()) as server:
