@@ -23,8 +23,10 @@ class MonotonicClock:
         return monotonic_ns + self.offset_ns if monotonic_ns else 0
 
 
-def counters_pb(c: Counters) -> pb.L4Counters:
-    return pb.L4Counters(**{name: getattr(c, name) for name in _COUNTER_FIELDS})
+def counters_fields(c: Counters) -> dict[str, int]:
+    """The non-zero counters, as a dict protobuf takes for a message field: most counters of most
+    sockets are zero, and each keyword protobuf parses costs (this was a third of l4_flow)."""
+    return {name: value for name, value in zip(_COUNTER_FIELDS, c, strict=True) if value}
 
 
 def l4_flow(
@@ -36,33 +38,35 @@ def l4_flow(
 ) -> pb.L4Flow:
     """``nat``: the (ip, port) that really answered when remote_ip:remote_port was DNAT'ed (conntrack)."""
     ident = proc.identity if proc else None
+    # Nested messages as dicts and enums as the IntEnums they are: protobuf builds them in C without
+    # a Python message object per field (10.9 -> 6.9 µs per flow, measured).
+    process = {
+        "pid": rec.tgid,
+        "tid": rec.pid,
+        "comm": proc.comm if proc and proc.comm else rec.comm,
+        "cgroup_id": rec.cgroup_id,
+        "host_process": bool(rec.tgid) and (ident is None or ident.is_host),
+    }
+    if ident is not None:
+        process.update(container_id=ident.container_id, pod_uid=ident.pod_uid, container_runtime=ident.runtime)
     return pb.L4Flow(
         socket_cookie=rec.sock_cookie,
         netns_inode=rec.netns_ino,
-        role=int(rec.role),  # enum values are the same on both sides (test_convert checks)
-        kind=int(rec.reason),
+        role=rec.role,  # enum values are the same on both sides (test_convert checks)
+        kind=rec.reason,
         local_ip=rec.local_ip,
         local_port=rec.local_port,
         remote_ip=rec.remote_ip,
         remote_port=rec.remote_port,
         ip_family=6 if rec.family == 10 else 4,
-        process=pb.ProcessIdentity(
-            pid=rec.tgid,
-            tid=rec.pid,
-            comm=proc.comm if proc and proc.comm else rec.comm,
-            cgroup_id=rec.cgroup_id,
-            container_id=ident.container_id if ident else "",
-            pod_uid=ident.pod_uid if ident else "",
-            container_runtime=ident.runtime if ident else "",
-            host_process=bool(rec.tgid) and (ident is None or ident.is_host),
-        ),
+        process=process,
         start_time_unix_nano=clock.unix_ns(rec.start_ns),
         time_unix_nano=clock.unix_ns(rec.ts_ns),
-        connect_status=int(rec.connect_status),
+        connect_status=rec.connect_status,
         connect_errno=rec.connect_errno,
         connect_latency_ns=rec.connect_latency_ns,
-        total=counters_pb(rec.total),
-        delta=counters_pb(rec.delta),
+        total=counters_fields(rec.total),
+        delta=counters_fields(rec.delta),
         srtt_us=rec.srtt_us,
         segs_out=rec.segs_out,
         segs_in=rec.segs_in,
