@@ -29,6 +29,21 @@ def counters_fields(c: Counters) -> dict[str, int]:
     return {name: value for name, value in zip(_COUNTER_FIELDS, c, strict=True) if value}
 
 
+def process_fields(proc: ProcessInfo | None, tgid: int, comm: str, **known: int) -> dict[str, object]:
+    """kscope.v1.ProcessIdentity as the dict protobuf takes for a message field; ``known``: pid-level
+    facts the kernel gave (tid, cgroup_id)."""
+    ident = proc.identity if proc else None
+    fields: dict[str, object] = {
+        "pid": tgid,
+        "comm": proc.comm if proc and proc.comm else comm,
+        "host_process": bool(tgid) and (ident is None or ident.is_host),
+        **known,
+    }
+    if ident is not None:
+        fields.update(container_id=ident.container_id, pod_uid=ident.pod_uid, container_runtime=ident.runtime)
+    return fields
+
+
 def l4_flow(
     rec: L4Record,
     proc: ProcessInfo | None,
@@ -37,18 +52,8 @@ def l4_flow(
     nat: tuple[str, int] | None = None,
 ) -> pb.L4Flow:
     """``nat``: the (ip, port) that really answered when remote_ip:remote_port was DNAT'ed (conntrack)."""
-    ident = proc.identity if proc else None
     # Nested messages as dicts and enums as the IntEnums they are: protobuf builds them in C without
-    # a Python message object per field (10.9 -> 6.9 µs per flow, measured).
-    process = {
-        "pid": rec.tgid,
-        "tid": rec.pid,
-        "comm": proc.comm if proc and proc.comm else rec.comm,
-        "cgroup_id": rec.cgroup_id,
-        "host_process": bool(rec.tgid) and (ident is None or ident.is_host),
-    }
-    if ident is not None:
-        process.update(container_id=ident.container_id, pod_uid=ident.pod_uid, container_runtime=ident.runtime)
+    # a Python message object per field (10.9 -> 8.0 µs per flow, measured).
     return pb.L4Flow(
         socket_cookie=rec.sock_cookie,
         netns_inode=rec.netns_ino,
@@ -59,7 +64,7 @@ def l4_flow(
         remote_ip=rec.remote_ip,
         remote_port=rec.remote_port,
         ip_family=6 if rec.family == 10 else 4,
-        process=process,
+        process=process_fields(proc, rec.tgid, rec.comm, tid=rec.pid, cgroup_id=rec.cgroup_id),
         start_time_unix_nano=clock.unix_ns(rec.start_ns),
         time_unix_nano=clock.unix_ns(rec.ts_ns),
         connect_status=rec.connect_status,
@@ -85,8 +90,30 @@ def l4_flow(
 
 def l7_request(ev: L7Event, proc: ProcessInfo | None, clock: MonotonicClock) -> pb.L7Request:
     c, r = ev.conn, ev.record
-    ident = proc.identity if proc else None
-    msg = pb.L7Request(
+    detail: dict[str, object]
+    if isinstance(r, HttpRecord):
+        detail = {
+            "http": {
+                "method": r.method,
+                "path": r.path,
+                "route": r.route,
+                "status_code": r.status,
+                "traceparent": r.traceparent,
+                "request_id": r.request_id,
+            }
+        }
+    else:
+        detail = {
+            "dns": {
+                "id": r.id,
+                "question_name": r.name,
+                "question_type": r.qtype,
+                "rcode": r.rcode,
+                "answer_count": r.answers,
+                "timed_out": r.timed_out,
+            }
+        }
+    return pb.L7Request(
         socket_cookie=c.sock_cookie,
         netns_inode=c.netns_ino,
         side=pb.ROLE_CLIENT if c.side is Role.CLIENT else pb.ROLE_SERVER,
@@ -97,39 +124,10 @@ def l7_request(ev: L7Event, proc: ProcessInfo | None, clock: MonotonicClock) -> 
         remote_ip=c.remote_ip,
         remote_port=c.remote_port,
         ip_family=6 if c.family == 10 else 4,
-        process=pb.ProcessIdentity(
-            pid=c.tgid,
-            comm=proc.comm if proc and proc.comm else c.comm,
-            container_id=ident.container_id if ident else "",
-            pod_uid=ident.pod_uid if ident else "",
-            container_runtime=ident.runtime if ident else "",
-            host_process=bool(c.tgid) and (ident is None or ident.is_host),
-        ),
+        process=process_fields(proc, c.tgid, c.comm),
         start_time_unix_nano=clock.unix_ns(r.start_ns),
         latency_ns=max(0, r.latency_ns),
         request_bytes=r.request_bytes,
         response_bytes=r.response_bytes,
+        **detail,
     )
-    if isinstance(r, HttpRecord):
-        msg.http.CopyFrom(
-            pb.HttpInfo(
-                method=r.method,
-                path=r.path,
-                route=r.route,
-                status_code=r.status,
-                traceparent=r.traceparent,
-                request_id=r.request_id,
-            )
-        )
-    else:
-        msg.dns.CopyFrom(
-            pb.DnsInfo(
-                id=r.id,
-                question_name=r.name,
-                question_type=r.qtype,
-                rcode=r.rcode,
-                answer_count=r.answers,
-                timed_out=r.timed_out,
-            )
-        )
-    return msg

@@ -5,9 +5,12 @@ from __future__ import annotations
 from kscope.v1 import flow_pb2 as pb
 from node_exporter.bpf.abi import ConnectStatus, L4Reason, Role
 from node_exporter.l4.records import Counters, L4Record
+from node_exporter.l7.pipeline import ConnInfo, L7Event
 from node_exporter.metadata.cgroup import ContainerIdentity
 from node_exporter.metadata.proc import ProcessInfo
-from node_exporter.output.convert import MonotonicClock, l4_flow
+from node_exporter.output.convert import MonotonicClock, l4_flow, l7_request
+from node_exporter.protocols import DnsRecord, HttpRecord
+from node_exporter.protocols import Role as ProtoRole
 
 
 def test_enum_numbers_agree() -> None:
@@ -59,3 +62,57 @@ def test_nat_fills_the_translated_remote_and_is_empty_without_it() -> None:
     assert (flow.nat_remote_ip, flow.nat_remote_port) == ("198.18.2.1", 8080)
     plain = l4_flow(rec, None, MonotonicClock(), {})
     assert (plain.nat_remote_ip, plain.nat_remote_port) == ("", 0)
+
+
+def test_zero_counters_still_leave_both_messages_present() -> None:
+    rec = L4Record(
+        reason=L4Reason.KSCOPE_L4_PERIODIC, role=Role.KSCOPE_ROLE_SERVER,
+        connect_status=ConnectStatus.KSCOPE_CONNECT_NONE, connect_errno=0, netns_ino=1, sock_cookie=8, cgroup_id=1,
+        start_ns=1, ts_ns=2, connect_latency_ns=0, total=Counters(bytes_sent=5), delta=Counters(),
+        local_ip="198.18.1.1", local_port=80, remote_ip="198.18.1.2", remote_port=40000, family=2, tgid=0, pid=0,
+        srtt_us=0, segs_out=0, segs_in=0, last_drop_reason=0, ack_backlog=0, max_ack_backlog=0, sk_drops=0,
+        rttvar_us=0, tcp_state=1, comm="nginx",
+    )  # fmt: skip
+    flow = l4_flow(rec, None, MonotonicClock(), {})
+    assert flow.HasField("total") and flow.HasField("delta") and flow.HasField("process")
+    assert flow.total.bytes_sent == 5 and flow.delta == pb.L4Counters()
+    assert not flow.process.host_process  # tgid 0: no process seen yet, not "the host"
+
+
+def _conn(**kw: object) -> ConnInfo:
+    fields: dict[str, object] = {
+        "sock_cookie": 5, "netns_ino": 4026531840, "side": ProtoRole.SERVER, "protocol": "http1", "tls": True,
+        "local_ip": "fd00::1", "local_port": 443, "remote_ip": "fd00::2", "remote_port": 50000, "family": 10,
+        "tgid": 42, "comm": "nginx",
+    }  # fmt: skip
+    fields.update(kw)
+    return ConnInfo(**fields)  # type: ignore[arg-type]
+
+
+def test_http_request_keeps_every_field_and_the_container() -> None:
+    http = HttpRecord(method="GET", path="/orders/7", route="/orders/{id}", status=503, request_bytes=80,
+                      response_bytes=120, start_ns=1_000, latency_ns=2_500_000, traceparent="00-" + "1" * 32 + "-" +
+                      "2" * 16 + "-01", request_id="abc")  # fmt: skip
+    proc = ProcessInfo(pid=42, comm="nginx", identity=ContainerIdentity("b" * 64, "pod-uid", "cri-o"))
+    clock = MonotonicClock()
+    msg = l7_request(L7Event(_conn(), http), proc, clock)
+    assert (msg.side, msg.protocol, msg.tls, msg.ip_family) == (pb.ROLE_SERVER, "http1", True, 6)
+    assert (msg.http.method, msg.http.path, msg.http.route, msg.http.status_code) == (
+        "GET", "/orders/7", "/orders/{id}", 503)  # fmt: skip
+    assert msg.http.traceparent == http.traceparent and msg.http.request_id == "abc"
+    assert (msg.request_bytes, msg.response_bytes, msg.latency_ns) == (80, 120, 2_500_000)
+    assert msg.start_time_unix_nano == clock.unix_ns(1_000)
+    assert (msg.process.pid, msg.process.container_id, msg.process.pod_uid, msg.process.container_runtime) == (
+        42, "b" * 64, "pod-uid", "cri-o")  # fmt: skip
+    assert not msg.process.host_process and not msg.HasField("dns")
+
+
+def test_dns_timeout_from_a_host_process() -> None:
+    dns = DnsRecord(id=77, name="x.fail.test", qtype="A", rcode="", answers=0, request_bytes=40, response_bytes=0,
+                    start_ns=5, latency_ns=-1, timed_out=True)  # fmt: skip
+    msg = l7_request(L7Event(_conn(side=ProtoRole.CLIENT, protocol="dns", tls=False, comm="dig"), dns), None,
+                     MonotonicClock())  # fmt: skip
+    assert msg.side == pb.ROLE_CLIENT and msg.latency_ns == 0  # never negative on the wire
+    assert (msg.dns.id, msg.dns.question_name, msg.dns.question_type, msg.dns.rcode, msg.dns.timed_out) == (
+        77, "x.fail.test", "A", "", True)  # fmt: skip
+    assert msg.process.comm == "dig" and msg.process.host_process and not msg.HasField("http")
