@@ -19,6 +19,8 @@ Pure state: time is passed in, nothing here does I/O.
 
 from __future__ import annotations
 
+from bisect import insort
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
@@ -41,12 +43,25 @@ class Stream:
     value: int | float | Histogram
 
 
-@dataclass(slots=True)
-class _Series:
-    start_unix_nano: int
-    last_update_unix_nano: int
-    value: int | float | Histogram
-    fresh: bool  # updated by the last interval: a gauge is exported only then
+class Series:
+    """One live cumulative stream. The ``wire*`` slots belong to the encoder (``encode``): the bytes
+    of the stream's last data point without its time, and where the value starts in them, so an
+    unchanged stream is not encoded again. The store sets ``changed`` when the value moves and drops
+    ``wire`` when anything else in those bytes would (a restart's new start time)."""
+
+    __slots__ = ("attributes", "changed", "last_update_unix_nano", "name", "serial", "start_unix_nano", "value",
+                 "wire", "wire_at")  # fmt: skip
+
+    def __init__(self, name: str, attributes: Attrs, start: int, end: int, value: int | float | Histogram) -> None:
+        self.name = name
+        self.attributes = attributes  # the key in the store: the sample's, or OVERFLOW_ATTRS
+        self.start_unix_nano = start
+        self.last_update_unix_nano = end
+        self.value = value
+        self.serial = 0  # the update() call that last touched it: a gauge is exported only then
+        self.changed = True
+        self.wire: bytes | None = None
+        self.wire_at = 0
 
 
 @dataclass(slots=True)
@@ -57,52 +72,100 @@ class StoreStats:
     resets: int = 0  # streams restarted because their histogram bounds changed
 
 
+class _Node:
+    """One reporting node's streams: metric name -> attributes -> series (dicts keep insertion
+    order, so export order is stable), and which series each update touched, oldest first, so
+    expiry visits only what may have gone stale instead of every stream every interval."""
+
+    __slots__ = ("metrics", "touched")
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, dict[Attrs, Series]] = {}
+        self.touched: deque[tuple[int, list[Series]]] = deque()  # (end of update, series it touched)
+
+
 class CumulativeStore:
     def __init__(self, *, max_series: int = DEFAULT_MAX_SERIES, stale_after_ns: int = DEFAULT_STALE_AFTER_NS) -> None:
         if max_series < 2:
             raise ValueError("max_series must leave room for one stream and the overflow stream")
         self.max_series = max_series
         self.stale_after_ns = stale_after_ns
-        # node -> metric name -> attributes -> series; dicts keep insertion order, so export order is stable
-        self._nodes: dict[str, dict[str, dict[Attrs, _Series]]] = {}
+        self._nodes: dict[str, _Node] = {}
         self._instruments: dict[str, Instrument] = {}
         self._stats = StoreStats()
+        self._live = 0
+        self._serial = 0
 
     def update(self, node: str, start_unix_nano: int, end_unix_nano: int, samples: Iterable[Sample]) -> list[Stream]:
         """Apply one interval of ``node``'s samples; return every live stream of that node."""
-        metrics = self._nodes.setdefault(node, {})
-        for by_attrs in metrics.values():
-            for series in by_attrs.values():
-                series.fresh = False
+        out: list[Stream] = []
+        for inst, series in self.update_series(node, start_unix_nano, end_unix_nano, samples):
+            gauge = inst.kind is Kind.GAUGE
+            out += [Stream(inst, s.attributes, 0 if gauge else s.start_unix_nano, s.value) for s in series]
+        return out
+
+    def update_series(
+        self, node: str, start_unix_nano: int, end_unix_nano: int, samples: Iterable[Sample]
+    ) -> list[tuple[Instrument, list[Series]]]:
+        """``update`` for the encoder: per metric in first-seen order, its live series (a gauge's
+        only when this interval refreshed them) as the store's own objects, not copies."""
+        st = self._nodes.get(node)
+        if st is None:
+            st = self._nodes[node] = _Node()
+        self._serial += 1
+        touched: list[Series] = []
+        metrics = st.metrics
+        known = len(metrics)
         for sample in samples:
-            self._apply(metrics, sample, start_unix_nano, end_unix_nano)
-        self._expire_node(metrics, end_unix_nano)
-        if not metrics:
+            self._apply(metrics, sample, start_unix_nano, end_unix_nano, touched)
+        if len(metrics) > known:
+            for name in [n for n, by_attrs in metrics.items() if not by_attrs]:
+                del metrics[name]
+        self._touch(st, end_unix_nano, touched)
+        self._expire_node(st, end_unix_nano)
+        if not st.metrics:
             del self._nodes[node]
-        return self._streams(metrics)
+        serial = self._serial
+        out: list[tuple[Instrument, list[Series]]] = []
+        for name, by_attrs in st.metrics.items():
+            inst = self._instruments[name]
+            if inst.kind is Kind.GAUGE:
+                fresh = [s for s in by_attrs.values() if s.serial == serial]
+                if fresh:
+                    out.append((inst, fresh))
+            else:
+                out.append((inst, list(by_attrs.values())))
+        return out
 
     def expire(self, now_unix_nano: int) -> None:
         """Forget stale streams of every node, including nodes that stopped reporting."""
         for node in list(self._nodes):
-            self._expire_node(self._nodes[node], now_unix_nano)
-            if not self._nodes[node]:
+            st = self._nodes[node]
+            self._expire_node(st, now_unix_nano)
+            if not st.metrics:
                 del self._nodes[node]
 
     def stats(self) -> StoreStats:
-        live = sum(len(s) for metrics in self._nodes.values() for s in metrics.values())
-        return StoreStats(live, dict(self._stats.overflowed), self._stats.expired, self._stats.resets)
+        return StoreStats(self._live, dict(self._stats.overflowed), self._stats.expired, self._stats.resets)
 
     # ---- internals ------------------------------------------------------------------------------
 
-    def _apply(self, metrics: dict[str, dict[Attrs, _Series]], sample: Sample, start: int, end: int) -> None:
+    def _apply(
+        self, metrics: dict[str, dict[Attrs, Series]], sample: Sample, start: int, end: int, touched: list[Series]
+    ) -> None:
         inst = sample.instrument
         known = self._instruments.setdefault(inst.name, inst)
-        if known != inst:
+        if known is not inst and known != inst:
             raise ValueError(f"instrument {inst.name} redefined: {known} != {inst}")
-        by_attrs = metrics.setdefault(inst.name, {})
+        by_attrs = metrics.get(inst.name)
+        if by_attrs is None:
+            # Created even for a zero delta, which keeps the metric's place in the export order;
+            # dropped again at the end of the update if it is still empty.
+            by_attrs = metrics[inst.name] = {}
+        value = sample.value
         series = by_attrs.get(sample.attributes)
         if series is None:
-            if inst.kind is Kind.COUNTER and sample.value == 0:
+            if inst.kind is Kind.COUNTER and value == 0:
                 return  # a zero delta is no reason to spend a slot on a new stream
             key = sample.attributes
             if len(by_attrs) >= self.max_series - (0 if OVERFLOW_ATTRS in by_attrs else 1):
@@ -110,48 +173,60 @@ class CumulativeStore:
                 self._stats.overflowed[inst.name] = self._stats.overflowed.get(inst.name, 0) + 1
             series = by_attrs.get(key)
             if series is None:
-                by_attrs[key] = _Series(start, end, sample.value, True)
+                series = by_attrs[key] = Series(inst.name, key, start, end, value)
+                series.serial = self._serial
+                self._live += 1
+                touched.append(series)
                 return
         series.last_update_unix_nano = end
-        series.fresh = True
-        series.value = self._combine(inst.kind, series, sample.value, start)
-
-    def _combine(
-        self, kind: Kind, series: _Series, value: int | float | Histogram, start: int
-    ) -> int | float | Histogram:
+        if series.serial != self._serial:
+            series.serial = self._serial
+            touched.append(series)
+        kind = inst.kind
         old = series.value
-        if kind is Kind.HISTOGRAM:
+        if kind is Kind.COUNTER:
+            if value:
+                series.value = old + value  # type: ignore[operator]
+                series.changed = True
+        elif kind is Kind.HISTOGRAM:
             assert isinstance(old, Histogram) and isinstance(value, Histogram)
             if old.bounds == value.bounds:
-                return old.merge(value)
-            # Buckets changed (reconfigured aggregator): the old totals cannot continue; restart.
-            self._stats.resets += 1
-            series.start_unix_nano = start
-            return value
-        if kind is Kind.COUNTER:
-            assert not isinstance(old, Histogram) and not isinstance(value, Histogram)
-            return old + value
-        return value  # gauge and observed counter: the latest value is the value
+                series.value = old.merge(value)
+            else:
+                # Buckets changed (reconfigured aggregator): the old totals cannot continue; restart.
+                self._stats.resets += 1
+                series.start_unix_nano = start
+                series.value = value
+                series.wire = None
+            series.changed = True
+        else:
+            series.value = value  # gauge and observed counter: the latest value is the value
+            series.changed = True
 
-    def _expire_node(self, metrics: dict[str, dict[Attrs, _Series]], now: int) -> None:
+    def _touch(self, st: _Node, end: int, touched: list[Series]) -> None:
+        if not touched:
+            return
+        if st.touched and st.touched[-1][0] > end:
+            # Time went backwards (a wall clock set back): keep the queue ordered by end time.
+            ordered = list(st.touched)
+            insort(ordered, (end, touched), key=lambda entry: entry[0])
+            st.touched = deque(ordered)
+        else:
+            st.touched.append((end, touched))
+
+    def _expire_node(self, st: _Node, now: int) -> None:
         horizon = now - self.stale_after_ns
-        for name in list(metrics):
-            by_attrs = metrics[name]
-            stale = [a for a, s in by_attrs.items() if s.last_update_unix_nano < horizon]
-            for a in stale:
-                del by_attrs[a]
-            self._stats.expired += len(stale)
-            if not by_attrs:
-                del metrics[name]
-
-    def _streams(self, metrics: dict[str, dict[Attrs, _Series]]) -> list[Stream]:
-        out: list[Stream] = []
-        for name, by_attrs in metrics.items():
-            inst = self._instruments[name]
-            for a, s in by_attrs.items():
-                if inst.kind is Kind.GAUGE:
-                    if s.fresh:
-                        out.append(Stream(inst, a, 0, s.value))
-                else:
-                    out.append(Stream(inst, a, s.start_unix_nano, s.value))
-        return out
+        queue = st.touched
+        metrics = st.metrics
+        while queue and queue[0][0] < horizon:
+            for s in queue.popleft()[1]:
+                if s.last_update_unix_nano >= horizon:
+                    continue  # touched again since: a later entry has it
+                by_attrs = metrics.get(s.name)
+                if by_attrs is None or by_attrs.get(s.attributes) is not s:
+                    continue  # already forgotten through an earlier entry
+                del by_attrs[s.attributes]
+                self._live -= 1
+                self._stats.expired += 1
+                if not by_attrs:
+                    del metrics[s.name]

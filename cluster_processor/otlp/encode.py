@@ -11,8 +11,10 @@ gRPC receiver accepts by default.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import islice
 from typing import Final, TypeVar
 
@@ -25,8 +27,8 @@ from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from cluster_processor.otlp import semconv
-from cluster_processor.otlp.cumulative import Stream
+from cluster_processor.otlp import semconv, wire
+from cluster_processor.otlp.cumulative import Series, Stream
 from cluster_processor.otlp.model import (
     K8S_NODE,
     SERVICE_NAME,
@@ -38,7 +40,7 @@ from cluster_processor.otlp.model import (
     SpanRecord,
     attrs,
 )
-from cluster_processor.otlp.semconv import Kind
+from cluster_processor.otlp.semconv import Instrument, Kind
 
 SERVICE: Final = "kscope"
 SCOPE_NAME: Final = "kscope"
@@ -115,59 +117,152 @@ def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 
 
 # ---- metrics ------------------------------------------------------------------------------------
+#
+# Built at the byte level (``wire``): a series' data point is cached as bytes without its time,
+# and every point of one request shares one encoded time. Field numbers from metrics/v1:
+# Metric name = 1, description = 2, unit = 3, gauge = 5, sum = 7, histogram = 9; Sum and
+# Histogram data_points = 1, aggregation_temporality = 2, Sum is_monotonic = 3;
+# NumberDataPoint start = 2, time = 3, as_double = 4, as_int = 6, attributes = 7;
+# HistogramDataPoint start = 2, time = 3, count = 4, sum = 5, bucket_counts = 6,
+# explicit_bounds = 7, attributes = 9, min = 11, max = 12.
+
+_DATA_FIELD: Final = {Kind.GAUGE: 5, Kind.COUNTER: 7, Kind.OBSERVED_COUNTER: 7, Kind.HISTOGRAM: 9}
+_TEMPORALITY: Final = b"\x10" + wire.varint(_CUMULATIVE)
+_DATA_TRAILER: Final = {
+    Kind.GAUGE: b"",
+    Kind.COUNTER: _TEMPORALITY + b"\x18\x01",  # cumulative, monotonic
+    Kind.OBSERVED_COUNTER: _TEMPORALITY + b"\x18\x01",
+    Kind.HISTOGRAM: _TEMPORALITY,
+}
+_POINT_TAG: Final = b"\x0a"  # data_points = 1 in Gauge, Sum and Histogram
+_TIME_LEN: Final = 9  # tag + fixed64
 
 
-def _number_point(s: Stream, time_unix_nano: int) -> metrics_pb2.NumberDataPoint:
-    p = metrics_pb2.NumberDataPoint(
-        attributes=key_values(s.attributes), start_time_unix_nano=s.start_unix_nano, time_unix_nano=time_unix_nano
-    )
-    v = s.value
+def _time_field(time_unix_nano: int) -> bytes:
+    return b"\x19" + wire.pack_fixed64(time_unix_nano)
+
+
+def _number_value(v: int | float | Histogram) -> bytes:
     if isinstance(v, int) and not isinstance(v, bool):
-        p.as_int = v
-    elif isinstance(v, int | float):
-        p.as_double = float(v)
-    return p
+        return b"\x31" + wire.pack_sfixed64(v)
+    if isinstance(v, int | float):
+        return b"\x21" + wire.pack_double(float(v))
+    return b""
 
 
-def _histogram_point(s: Stream, h: Histogram, time_unix_nano: int) -> metrics_pb2.HistogramDataPoint:
-    p = metrics_pb2.HistogramDataPoint(
-        attributes=key_values(s.attributes),
-        start_time_unix_nano=s.start_unix_nano,
-        time_unix_nano=time_unix_nano,
-        count=h.count,
-        sum=h.sum,
-        bucket_counts=h.bucket_counts,
-        explicit_bounds=h.bounds,
-    )
+def _histogram_value(h: Histogram) -> bytes:
+    n = len(h.bucket_counts)
+    out = [b"\x21" + wire.pack_fixed64(h.count) if h.count else b"", b"\x29" + wire.pack_double(h.sum)]
+    if n:
+        out.append(b"\x32" + wire.varint(8 * n) + struct.pack(f"<{n}Q", *h.bucket_counts))
     if h.min is not None:
-        p.min = h.min
+        out.append(b"\x59" + wire.pack_double(h.min))
     if h.max is not None:
-        p.max = h.max
-    return p
+        out.append(b"\x61" + wire.pack_double(h.max))
+    return b"".join(out)
 
 
-def metrics(streams: Iterable[Stream], time_unix_nano: int) -> list[metrics_pb2.Metric]:
-    """One Metric per instrument, its streams as data points, in first-seen order."""
-    by_name: dict[str, metrics_pb2.Metric] = {}
-    for s in streams:
-        inst = s.instrument
-        m = by_name.get(inst.name)
-        if m is None:
-            m = by_name[inst.name] = metrics_pb2.Metric(name=inst.name, unit=inst.unit, description=inst.description)
-            if inst.kind is Kind.HISTOGRAM:
-                m.histogram.aggregation_temporality = _CUMULATIVE
-            elif inst.kind is Kind.GAUGE:
-                m.gauge.SetInParent()
-            else:
-                m.sum.aggregation_temporality = _CUMULATIVE
-                m.sum.is_monotonic = True
-        if isinstance(s.value, Histogram):
-            m.histogram.data_points.append(_histogram_point(s, s.value, time_unix_nano))
-        elif inst.kind is Kind.GAUGE:
-            m.gauge.data_points.append(_number_point(s, time_unix_nano))
-        else:
-            m.sum.data_points.append(_number_point(s, time_unix_nano))
-    return list(by_name.values())
+def _point_prefix(attributes: Attrs, start_unix_nano: int, value: int | float | Histogram) -> bytes:
+    """The parts of a data point that stay while its value moves: attributes, start time, and a
+    histogram's bounds."""
+    start = b"\x11" + wire.pack_fixed64(start_unix_nano) if start_unix_nano else b""
+    if isinstance(value, Histogram):
+        bounds = value.bounds
+        packed = b"\x3a" + wire.varint(8 * len(bounds)) + struct.pack(f"<{len(bounds)}d", *bounds) if bounds else b""
+        return wire.attributes(9, attributes) + start + packed
+    return wire.attributes(7, attributes) + start
+
+
+def _value_bytes(value: int | float | Histogram) -> bytes:
+    return _histogram_value(value) if isinstance(value, Histogram) else _number_value(value)
+
+
+def _point_bytes(attributes: Attrs, start_unix_nano: int, value: int | float | Histogram) -> tuple[bytes, int]:
+    """A whole ``data_points`` entry without its time field (appended per request), and the
+    offset where its value starts."""
+    body = _point_prefix(attributes, start_unix_nano, value)
+    val = _value_bytes(value)
+    head = _POINT_TAG + wire.varint(len(body) + len(val) + _TIME_LEN)
+    return head + body + val, len(head) + len(body)
+
+
+def series_point(s: Series, gauge: bool) -> bytes:
+    """``s``'s data point bytes (without the time), re-encoding only what changed since the last
+    call: usually just the fixed-width value, spliced after the cached attributes."""
+    old = s.wire
+    if old is not None and not s.changed:
+        return old
+    value = s.value
+    if old is not None:
+        val = _value_bytes(value)
+        at = s.wire_at
+        if len(old) - at == len(val):  # same length: same header, same prefix
+            s.wire = old[:at] + val
+            s.changed = False
+            return s.wire
+    s.wire, s.wire_at = _point_bytes(s.attributes, 0 if gauge else s.start_unix_nano, value)
+    s.changed = False
+    return s.wire
+
+
+@lru_cache(maxsize=1024)
+def _metric_head(inst: Instrument) -> bytes:
+    return wire.string(1, inst.name) + wire.string(2, inst.description) + wire.string(3, inst.unit)
+
+
+def _metric(inst: Instrument, points: list[bytes], time_field: bytes) -> bytes:
+    """One Metric: header, then its data field holding every point, each followed by the time."""
+    data = time_field.join(points) + time_field + _DATA_TRAILER[inst.kind]
+    return _metric_head(inst) + wire.message(_DATA_FIELD[inst.kind], data)
+
+
+@lru_cache(maxsize=4096)  # per (node, replica) resource: a few hundred at most
+def _resource_field(resource_attrs: Attrs) -> bytes:
+    return wire.message(1, wire.attributes(1, resource_attrs))  # ResourceMetrics.resource = 1
+
+
+@lru_cache(maxsize=64)
+def _scope_field(version: str) -> bytes:
+    # ScopeMetrics.scope = 1; InstrumentationScope name = 1, version = 2
+    return wire.message(1, wire.string(1, SCOPE_NAME) + wire.string(2, version))
+
+
+def _metrics_request(resource_attrs: Attrs, version: str, metric_fields: list[bytes]) -> ExportMetricsServiceRequest:
+    scope_metrics = _scope_field(version) + b"".join(wire.message(2, m) for m in metric_fields)
+    rm = _resource_field(resource_attrs) + wire.message(2, scope_metrics)  # ResourceMetrics.scope_metrics = 2
+    # Parsed by the C runtime: the exporter takes request objects, and a malformed byte fails here.
+    return ExportMetricsServiceRequest.FromString(wire.message(1, rm))
+
+
+def series_requests(
+    resource_attrs: Attrs,
+    groups: Iterable[tuple[Instrument, Sequence[Series]]],
+    time_unix_nano: int,
+    *,
+    version: str = "0.1.0",
+    max_points: int = MAX_POINTS_PER_REQUEST,
+) -> list[ExportMetricsServiceRequest]:
+    """The store's live series of one resource (``CumulativeStore.update_series``) at one instant,
+    in requests of at most ``max_points`` points; a metric split across two requests appears in both."""
+    time_field = _time_field(time_unix_nano)
+    out: list[ExportMetricsServiceRequest] = []
+    current: list[bytes] = []
+    room = max_points
+    for inst, series in groups:
+        gauge = inst.kind is Kind.GAUGE
+        points = [series_point(s, gauge) for s in series]
+        i = 0
+        while i < len(points):
+            take = points[i : i + room]
+            current.append(_metric(inst, take, time_field))
+            i += len(take)
+            room -= len(take)
+            if room == 0:
+                out.append(_metrics_request(resource_attrs, version, current))
+                current, room = [], max_points
+    if current:
+        out.append(_metrics_request(resource_attrs, version, current))
+    return out
 
 
 def metrics_requests(
@@ -178,12 +273,18 @@ def metrics_requests(
     version: str = "0.1.0",
     max_points: int = MAX_POINTS_PER_REQUEST,
 ) -> list[ExportMetricsServiceRequest]:
-    """The streams of one resource at one instant, in requests of at most ``max_points`` points."""
+    """The streams of one resource at one instant, in requests of at most ``max_points`` points;
+    within a request, one Metric per instrument, its streams in first-seen order."""
+    time_field = _time_field(time_unix_nano)
     out = []
     for batch in chunks(streams, max_points):
-        rm = metrics_pb2.ResourceMetrics(resource=resource(resource_attrs))
-        rm.scope_metrics.add(scope=scope(version), metrics=metrics(batch, time_unix_nano))
-        out.append(ExportMetricsServiceRequest(resource_metrics=[rm]))
+        by_name: dict[str, tuple[Instrument, list[bytes]]] = {}
+        for s in batch:
+            entry = by_name.get(s.instrument.name)
+            if entry is None:
+                entry = by_name[s.instrument.name] = (s.instrument, [])
+            entry[1].append(_point_bytes(s.attributes, s.start_unix_nano, s.value)[0])
+        out.append(_metrics_request(resource_attrs, version, [_metric(i, p, time_field) for i, p in by_name.values()]))
     return out
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from cluster_processor.otlp import encode, semconv
-from cluster_processor.otlp.cumulative import CumulativeStore, StoreStats, Stream
+from cluster_processor.otlp.cumulative import CumulativeStore, Series, StoreStats
 from cluster_processor.otlp.exporter import ExportRequest, Signal, SignalStats
 from cluster_processor.otlp.model import Attrs, Interval, LogEvent, SpanRecord, attrs
 from cluster_processor.otlp.semconv import ERROR_TYPE, Instrument, Kind, Sample
@@ -111,10 +111,10 @@ class OtlpPipeline:
     def export_interval(self, interval: Interval) -> int:
         """Encode one node's interval as cumulative metrics and submit; returns requests submitted."""
         samples = semconv.interval_samples(interval)
-        streams = self._store.update(interval.node_name, interval.start_unix_nano, interval.end_unix_nano, samples)
-        return self._submit_metrics(
-            self._reporter.metrics_resource(interval.node_name), streams, interval.end_unix_nano
+        groups = self._store.update_series(
+            interval.node_name, interval.start_unix_nano, interval.end_unix_nano, samples
         )
+        return self._submit_metrics(self._reporter.metrics_resource(interval.node_name), groups, interval.end_unix_nano)
 
     def export_spans(self, node_name: str, spans: Sequence[SpanRecord]) -> int:
         reqs = encode.traces_requests(
@@ -133,13 +133,15 @@ class OtlpPipeline:
         nodes that stopped reporting, which only a periodic sweep can notice."""
         self._store.expire(now_unix_nano)
         samples = self_samples(exporter_stats, self._store.stats())
-        streams = self._self_store.update("", self._self_start_ns, now_unix_nano, samples)
-        return self._submit_metrics(self._reporter.self_resource(), streams, now_unix_nano)
+        groups = self._self_store.update_series("", self._self_start_ns, now_unix_nano, samples)
+        return self._submit_metrics(self._reporter.self_resource(), groups, now_unix_nano)
 
-    def _submit_metrics(self, resource: Attrs, streams: Sequence[Stream], time_unix_nano: int) -> int:
-        reqs = encode.metrics_requests(
+    def _submit_metrics(
+        self, resource: Attrs, groups: Sequence[tuple[Instrument, Sequence[Series]]], time_unix_nano: int
+    ) -> int:
+        reqs = encode.series_requests(
             resource,
-            streams,
+            groups,
             time_unix_nano,
             version=self._reporter.version,
             max_points=self._settings.max_points_per_request,

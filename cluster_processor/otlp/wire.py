@@ -1,0 +1,93 @@
+"""Protobuf wire-format pieces for OTLP, assembled at the byte level.
+
+Why not build messages field by field: a processor re-exports every cumulative stream each
+interval, tens of thousands of data points whose attributes never change and whose numbers are
+fixed-width on the wire (``fixed64`` times, ``sfixed64``/``double`` values). The wire format
+concatenates: a message is its fields' bytes in any order, a repeated field is its elements one
+after another, and a nested message is a tag, a length and its bytes. So the parts that do not
+change (a series' ``KeyValue`` list, a resource, a metric's name and unit) are encoded once and
+kept as bytes, and only the numbers are packed again. The result is parsed once by the C
+protobuf runtime into the request object the exporter takes, so a mistake here fails loudly in
+the parser instead of reaching a receiver.
+
+Field numbers are opentelemetry-proto's (``common/v1``, ``resource/v1``, ``metrics/v1``,
+``trace/v1``); tests compare these bytes, parsed back, with messages built by the generated
+classes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from functools import lru_cache
+from typing import Final
+
+from cluster_processor.otlp.model import Attrs, AttrValue
+
+_LEN: Final = 2  # wire type of strings, bytes, nested messages and packed repeated fields
+_U64: Final = (1 << 64) - 1
+_SMALL: Final = tuple(bytes([n]) for n in range(0x80))
+
+pack_fixed64: Final = struct.Struct("<Q").pack
+pack_sfixed64: Final = struct.Struct("<q").pack
+pack_double: Final = struct.Struct("<d").pack
+
+
+def varint(n: int) -> bytes:
+    """Base-128 varint; a negative int64 takes ten bytes (two's complement), as protobuf encodes it."""
+    if 0 <= n < 0x80:
+        return _SMALL[n]
+    n &= _U64
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def tag(field: int, wire_type: int = _LEN) -> bytes:
+    return varint((field << 3) | wire_type)
+
+
+def message(field: int, payload: bytes) -> bytes:
+    """A length-delimited field: a nested message, a string or a packed repeated field."""
+    return tag(field) + varint(len(payload)) + payload
+
+
+def string(field: int, text: str) -> bytes:
+    """A string field, omitted when empty (proto3 has no presence for plain strings)."""
+    return message(field, text.encode()) if text else b""
+
+
+def any_value(value: AttrValue) -> bytes:
+    """The bytes of one ``AnyValue`` message. A oneof member has presence, so "", 0 and false are
+    written too, as the generated classes do (string_value = 1, bool_value = 2, int_value = 3,
+    double_value = 4)."""
+    if type(value) is float:  # not cached: 0.0 and -0.0 are one cache key but two encodings
+        return b"\x21" + pack_double(value)
+    return _any_value(value)
+
+
+# Typed: True and 1 are equal as cache keys but two different AnyValues. Bounded: values come from
+# the wire (routes, addresses) and must not grow the cache without limit.
+@lru_cache(maxsize=65_536, typed=True)
+def _any_value(value: AttrValue) -> bytes:
+    if isinstance(value, bool):  # before int: bool is an int in Python
+        return b"\x10\x01" if value else b"\x10\x00"
+    if isinstance(value, int):
+        return b"\x18" + varint(value)
+    if isinstance(value, float):
+        return b"\x21" + pack_double(value)
+    return message(1, value.encode())
+
+
+def key_value(key: str, value: AttrValue) -> bytes:
+    """The bytes of one ``KeyValue`` message (key = 1, value = 2), without its own tag."""
+    return message(1, key.encode()) + message(2, any_value(value))
+
+
+def attributes(field: int, pairs: Attrs | Iterable[tuple[str, AttrValue]]) -> bytes:
+    """A repeated ``KeyValue`` field (``attributes`` of a data point, resource, span or log)."""
+    t = tag(field)
+    return b"".join(t + varint(len(kv)) + kv for kv in (key_value(k, v) for k, v in pairs))
