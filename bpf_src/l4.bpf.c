@@ -523,6 +523,47 @@ int flush(struct bpf_iter__bpf_sk_storage_map *ctx)
 	return 0;
 }
 
+/* Sockets older than the agent: run once by user space at start. Every task's every
+ * file that is a TCP socket (any network namespace: the walk is over tasks) gets storage
+ * now, with its role, tuple and owner, so listeners the agent never saw call listen()
+ * are reported, and existing connections have an owner before their next send/recv.
+ * The first flush reports each once (SF_REPORTED unset); counts start now. Threads that
+ * share a file table are visited once (the task_file iterator skips them). */
+SEC("iter/task_file")
+int seed(struct bpf_iter__task_file *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct file *file = ctx->file;
+	struct sock_state *st;
+	struct socket *sock;
+	struct sock *sk;
+
+	if (!task || !file)
+		return 0;
+	sock = bpf_sock_from_file(file);
+	if (!sock)
+		return 0;
+	sk = sock->sk;
+	/* TCP_CLOSE: created but never connected or listening, nothing to report yet */
+	if (!sk || !is_tracked_family(sk) || sk->__sk_common.skc_state == TCP_CLOSE)
+		return 0;
+	st = track(sk);
+	if (!st)
+		return 0;
+	if (!(st->flags & SF_OWNER_KNOWN)) {
+		/* The first task found holding it: for a listener shared by forked workers,
+		 * one of them (the one that called listen() when it happens under us). */
+		st->tgid = task->tgid;
+		st->pid = task->pid;
+		st->cgroup_id = BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id);
+		bpf_probe_read_kernel_str(st->comm, sizeof(st->comm), task->group_leader->comm);
+		st->flags |= SF_OWNER_KNOWN;
+	}
+	if (!st->family)
+		remember_tuple(st, sk);
+	return 0;
+}
+
 /* Keep the ABI enums in BTF (constants alone are not emitted): the ABI test reads them. */
 enum kscope_record_type __anchor_record_type __attribute__((unused));
 enum kscope_l4_reason __anchor_l4_reason __attribute__((unused));

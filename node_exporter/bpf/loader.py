@@ -18,7 +18,7 @@ from pathlib import Path
 import structlog
 
 from node_exporter.bpf import libbpf as lb
-from node_exporter.bpf.btf import KIND_TYPEDEF, Btf
+from node_exporter.bpf.btf import KIND_STRUCT, KIND_TYPEDEF, Btf
 from node_exporter.errors import HookUnavailableError, ObjectFileError
 
 log = structlog.get_logger("kscope.bpf")
@@ -107,6 +107,9 @@ def hook_missing(section: str, vmlinux: Btf) -> str | None:
             return "kernel built without kprobes (CONFIG_KPROBES)"
     elif kind in ("fentry", "fexit", "fmod_ret", "lsm"):
         return None  # only the load can tell (EPERM on our kernels): handled there
+    elif kind == "iter" and vmlinux.find(f"bpf_iter__{target}", KIND_STRUCT) < 0:
+        # every BPF iterator target has its context struct, bpf_iter__<target>, in the kernel's BTF
+        return f"kernel has no BPF iterator {target}"
     return None
 
 
@@ -340,6 +343,24 @@ class BpfObject:
         link = lb.check_ptr(lb.lib().bpf_program__attach_iter(handle, ctypes.byref(opts)), f"attach {prog_name}")
         self._links.append((self._capability(prog_name), int(link)))
         return int(link)
+
+    def attach_iter(self, prog_name: str) -> int:
+        """Attach an iterator that takes no map (``iter/task_file``, ``iter/tcp``, ...); returns the link."""
+        handle = self._program_handle(prog_name)
+        with lb.capture_log() as cap:
+            link = lb.lib().bpf_program__attach_iter(handle, None)
+        if not link:
+            err = ctypes.get_errno()
+            raise HookUnavailableError(f"attach {prog_name}: {os.strerror(err)} {_tail(cap.text(), 1)}".strip())
+        self._links.append((self._capability(prog_name), int(link)))
+        return int(link)
+
+    def detach(self, link: int) -> None:
+        """Destroy one link made by an attach_* method (idempotent for links already gone)."""
+        kept = [(cap, lnk) for cap, lnk in self._links if lnk != link]
+        if len(kept) != len(self._links):
+            lb.lib().bpf_link__destroy(link)
+            self._links = kept
 
     @staticmethod
     def run_iter(link: int, chunk: int = 1 << 16) -> bytes:

@@ -7,11 +7,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
+
 from node_exporter.bpf.abi import Stat
 from node_exporter.bpf.loader import BpfObject, LoadReport
 from node_exporter.bpf.maps import drain_hash, read_percpu_u64_array
 from node_exporter.bpf.ringbuf import RingReader
+from node_exporter.errors import HookUnavailableError
 from node_exporter.l4.records import DecodeStats, L4Record, decode_batch, decode_many
+
+log = structlog.get_logger("kscope.l4")
 
 OBJECT_NAME = "l4.bpf.o"
 
@@ -26,6 +31,7 @@ CAPABILITIES: Mapping[str, str] = {
     "on_send_reset": "l4.resets",
     "on_receive_reset": "l4.resets",
     "on_kfree_skb": "l4.drops",
+    "seed": "l4.seed",  # sockets older than the agent, found once at start (bpf_sock_from_file: Linux 5.11)
 }
 
 
@@ -58,6 +64,7 @@ class L4Collector:
         netns_ino: int = 0,
         close_ring_bytes: int | None = None,
         close_overflow_entries: int | None = None,
+        seed: bool = True,
     ) -> None:
         path = Path(object_path) if object_path else default_bpf_dir() / OBJECT_NAME
         sizes = {}
@@ -79,11 +86,29 @@ class L4Collector:
             self._overflow_fd = self.obj.map_fd("close_overflow")
             self._overflow_info = self.obj.map_info("close_overflow")
             self._stats_fd = self.obj.map_fd("kscope_stats")
+            if seed and "l4.seed" in self.obj.report.enabled:
+                self._seed()
         except BaseException:
             self.obj.close()
             raise
         self._decode = DecodeStats()
         self.stats = L4Stats()
+
+    def _seed(self) -> None:
+        """Give every existing TCP socket its storage (role, tuple, owner) once, so sockets older than
+        the agent (listeners above all: no send/recv ever names them) are reported from the first
+        interval. Their counts start now."""
+        try:
+            link = self.obj.attach_iter("seed")
+        except HookUnavailableError as exc:
+            self.obj.report.enabled.discard("l4.seed")
+            self.obj.report.disabled["l4.seed"] = str(exc)
+            log.warning("capability_disabled", capability="l4.seed", reason=str(exc))
+            return
+        try:
+            BpfObject.run_iter(link)
+        finally:
+            self.obj.detach(link)
 
     @property
     def report(self) -> LoadReport:

@@ -11,7 +11,7 @@ const volatile __u32 knob_increment = 1;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 4);
+	__uint(max_entries, 5);
 	__type(key, __u32);
 	__type(value, __u64);
 } hits SEC(".maps");
@@ -43,6 +43,23 @@ SEC("uprobe")
 int BPF_KPROBE(uprobe_prog)
 {
 	hit(2);
+	return 0;
+}
+
+/* An iterator without a map (attach_iter): one hit per task it visits. */
+SEC("iter/task")
+int task_iter_prog(struct bpf_iter__task *ctx)
+{
+	if (ctx->task)
+		hit(4);
+	return 0;
+}
+
+/* No such iterator target: the loader must see that before load too. */
+SEC("iter/kscope_no_such_iterator")
+int missing_iter_prog(void *ctx)
+{
+	hit(3);
 	return 0;
 }
 

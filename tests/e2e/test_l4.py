@@ -330,6 +330,54 @@ def test_connection_opened_before_the_collector(topo: Topology) -> None:
         check_deltas_sum_to_total(rec, fs)
 
 
+def test_listener_and_connection_older_than_the_collector_are_reported_at_once(topo: Topology) -> None:
+    """Nothing happens on them after the collector starts: the start-up walk alone reports them, with
+    role, tuple and owner; then a SYN flood on the old listener shows in its record."""
+    from node_exporter.l4.collector import L4Collector
+
+    srv, cli, _, c_info = open_pair(topo, SRV_V4)  # its listener is closed once it has accepted
+    cport = c_info["local"][1]
+    transfer(cli, srv, 1_000)  # before the probe: not counted
+    old = topo.peer(topo.srv, "listen", "--bind", SRV_V4, "--port", str(PORT + 1), "--backlog", "1",
+                    "--no-accept", "--comm", "ks-old")  # fmt: skip
+    old.expect("listening")
+    inos = {topo.cli.ino, topo.srv.ino}
+    with L4Collector(netns_ino=topo.srv.ino) as srv_side, L4Collector(netns_ino=topo.cli.ino) as cli_side:
+        assert "l4.seed" in srv_side.report.enabled
+        first = [r for r in srv_side.poll() + cli_side.poll() if r.netns_ino in inos]
+        by_end = {(r.role, r.local_port, r.remote_port): r for r in first}
+        listener = by_end[(Role.KSCOPE_ROLE_LISTENER, PORT + 1, 0)]
+        assert (listener.tgid, listener.comm, listener.tcp_state_name) == (old.pid, "ks-old", "LISTEN")
+        assert listener.local_ip == SRV_V4
+        c = by_end[(Role.KSCOPE_ROLE_CLIENT, cport, PORT)]
+        s = by_end[(Role.KSCOPE_ROLE_SERVER, PORT, cport)]
+        assert (c.tgid, c.comm, c.remote_ip) == (cli.pid, "ks-cli", SRV_V4)
+        assert (s.tgid, s.comm, s.remote_ip) == (srv.pid, "ks-srv", CLI_V4)
+        assert c.total == s.total == Counters(), "counts start when the collector does"
+        assert (Role.KSCOPE_ROLE_LISTENER, PORT, 0) not in by_end  # the peer closed it after accept()
+        assert not any(r.is_close for r in first)
+
+        rec = Recorder(srv_side, lambda r: r.role == Role.KSCOPE_ROLE_LISTENER and r.local_port == PORT + 1)
+        flood = topo.peer(topo.cli, "flood", "--to", SRV_V4, "--port", str(PORT + 1))
+        flood.expect("ready")
+        flood.call("connect 20", "connects", timeout=5)
+        require(topo.srv.nstat("TcpExtListenOverflows")["TcpExtListenOverflows"] > 0, "no listen overflow")
+        rec.until(lambda records: any(r.sk_drops for r in records), timeout=3)
+        assert rec.records and rec.records[-1].sk_drops > 0 and rec.records[-1].tgid == old.pid
+        assert rec.records[-1].ack_backlog == 2 and rec.records[-1].max_ack_backlog == 1
+
+
+def test_without_the_start_up_walk_an_old_listener_stays_unseen(topo: Topology) -> None:
+    """The control for the test above: the same scene with seed=False reports no listener."""
+    from node_exporter.l4.collector import L4Collector
+
+    srv = topo.peer(topo.srv, "listen", "--bind", SRV_V4, "--port", str(PORT), "--comm", "ks-srv")
+    srv.expect("listening")
+    with L4Collector(netns_ino=topo.srv.ino, seed=False) as collector:
+        time.sleep(0.1)
+        assert [r for r in collector.poll() if r.local_port == PORT] == []
+
+
 # ---- 7: churn -------------------------------------------------------------------------------
 
 

@@ -24,13 +24,15 @@ CAPS = {
     "uprobe_prog": "uprobe",
     "missing_prog": "missing",
     "fentry_prog": "fentry",
+    "task_iter_prog": "iter",
+    "missing_iter_prog": "missing_iter",
 }
 
 
 def _hits(obj: BpfObject) -> list[int]:
     fd = obj.map_fd("hits")
     out = []
-    for i in range(4):
+    for i in range(5):
         key, value = ctypes.c_uint32(i), ctypes.c_uint64()
         lb.check_int(lb.lib().bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value)), "lookup")
         out.append(value.value)
@@ -50,10 +52,21 @@ def degraded(fixture_obj: Path) -> Iterator[BpfObject]:
 
 
 def test_missing_and_refused_hooks_disable_only_their_capability(degraded: BpfObject) -> None:
-    assert set(degraded.report.disabled) == {"missing", "fentry"}
+    assert set(degraded.report.disabled) == {"missing", "fentry", "missing_iter"}
     assert "no tracepoint kscope_no_such_tracepoint" in degraded.report.disabled["missing"]
     assert "refused" in degraded.report.disabled["fentry"]
-    assert degraded.report.enabled == {"ok", "sockops", "uprobe"}
+    assert "no BPF iterator kscope_no_such_iterator" in degraded.report.disabled["missing_iter"]
+    assert degraded.report.enabled == {"ok", "sockops", "uprobe", "iter"}
+
+
+def test_an_iterator_without_a_map_runs_and_detaches(degraded: BpfObject) -> None:
+    link = degraded.attach_iter("task_iter_prog")
+    assert BpfObject.run_iter(link) == b""  # it writes nothing, it counts
+    tasks = _hits(degraded)[4]
+    assert tasks >= 7 * len(os.listdir("/proc/self/task"))  # at least our own threads, 7 per hit (the knob)
+    degraded.detach(link)
+    degraded.detach(link)  # twice is harmless
+    assert _hits(degraded)[4] == tasks
 
 
 def test_tp_btf_sockops_uprobe_and_knob_all_work(degraded: BpfObject) -> None:
