@@ -1,0 +1,220 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * L7 capture helpers shared by the socket-tracepoint probe (l7.bpf.c) and its
+ * syscall fallback (l7_syscalls.bpf.c): protocol inference from a call's first
+ * bytes, where a socket call's user buffer is, how much of it to capture, and the
+ * socket's addresses. Pure functions of their arguments (no maps, no knobs), so both
+ * objects decide exactly alike.
+ *
+ * Everything reads kernel memory with CO-RE probe reads, never by direct
+ * dereference: the fallback's `struct sock *` comes out of an fd walk (a scalar, not
+ * a BTF pointer), and the fallback must load on kernels without BTF-typed pointer
+ * loads in its program type. Costs a few helper calls more than direct loads.
+ *
+ * Include after vmlinux.h and the libbpf headers.
+ */
+#ifndef KSCOPE_L7_PROTO_H
+#define KSCOPE_L7_PROTO_H
+
+#include "compat.h"
+#include "abi/l4.h"
+#include "abi/l7.h"
+
+#define IPPROTO_UDP 17
+#define DNS_PORT 53
+/* Calls whose bytes do not tell the protocol before a socket is ignored for good. */
+#define MAX_INFER_ATTEMPTS 8
+
+/* x86-64 syscall numbers (orig_ax): the probes are x86-64 only. */
+#define NR_read 0
+#define NR_write 1
+#define NR_readv 19
+#define NR_writev 20
+#define NR_sendfile 40
+#define NR_sendto 44
+#define NR_recvfrom 45
+#define NR_sendmsg 46
+#define NR_recvmsg 47
+#define NR_recvmmsg 299
+#define NR_sendmmsg 307
+
+/* Twice the capture bound so a length masked with READ_MASK is provably inside a
+ * buffer of 2 * KSCOPE_L7_MAX_CAPTURE bytes (the verifier tracks the mask, not the clamp). */
+#define READ_MASK (2 * KSCOPE_L7_MAX_CAPTURE - 1)
+
+static __always_inline bool has_prefix(const __u8 *d, __u32 n, const char *p, __u32 plen)
+{
+	if (n < plen)
+		return false;
+	for (__u32 i = 0; i < plen; i++)
+		if (d[i] != (__u8)p[i])
+			return false;
+	return true;
+}
+
+/* 1: an HTTP/1 request starts here, 2: a response, 0: neither. */
+static __always_inline int http_start(const __u8 *d, __u32 n)
+{
+	if (has_prefix(d, n, "HTTP/1.", 7))
+		return 2;
+	if (has_prefix(d, n, "GET ", 4) || has_prefix(d, n, "POST ", 5) || has_prefix(d, n, "PUT ", 4) ||
+	    has_prefix(d, n, "HEAD ", 5) || has_prefix(d, n, "DELETE ", 7) || has_prefix(d, n, "PATCH ", 6) ||
+	    has_prefix(d, n, "OPTIONS ", 8) || has_prefix(d, n, "CONNECT ", 8) || has_prefix(d, n, "TRACE ", 6))
+		return 1;
+	return 0;
+}
+
+/* Decide the protocol of a connection from one call's head; KSCOPE_PROTO_UNKNOWN if it
+ * does not tell. *role is set only when a protocol is returned. */
+static __always_inline __u8 infer(const __u8 *d, __u32 n, __u8 dir, __u8 ip_proto, __u16 sport, __u16 dport,
+				  __u8 *role)
+{
+	int kind;
+
+	if (sport == DNS_PORT || dport == DNS_PORT) {
+		/* DNS header: 12 bytes (over TCP after a 2-byte length), one question */
+		__u32 off = ip_proto == IPPROTO_TCP ? 2 : 0;
+
+		if (n >= off + 12 && d[off + 4] == 0 && d[off + 5] == 1) {
+			*role = sport == DNS_PORT ? KSCOPE_ROLE_SERVER : KSCOPE_ROLE_CLIENT;
+			return KSCOPE_PROTO_DNS;
+		}
+		return KSCOPE_PROTO_UNKNOWN;
+	}
+	if (ip_proto != IPPROTO_TCP)
+		return KSCOPE_PROTO_UNKNOWN;
+	kind = http_start(d, n);
+	if (!kind)
+		return KSCOPE_PROTO_UNKNOWN;
+	/* a request we send or a response we read: we are the client */
+	*role = (kind == 1) == (dir == KSCOPE_DIR_EGRESS) ? KSCOPE_ROLE_CLIENT : KSCOPE_ROLE_SERVER;
+	return KSCOPE_PROTO_HTTP1;
+}
+
+/* A TLS record header: content type 20..24, version 3.x (SSL 3.0 .. TLS 1.3 framing). */
+static __always_inline bool is_tls_record(const __u8 *d, __u32 n)
+{
+	return n >= 5 && d[0] >= 20 && d[0] <= 24 && d[1] == 3 && d[2] <= 4;
+}
+
+/* Bytes to capture of a call that moved `len` bytes from a buffer of `avail` bytes
+ * (~0 when the whole call is one buffer), at most `bound` (the capture_bytes knob). */
+static __always_inline __u32 l7_clamp_capture(__u64 len, __u64 avail, __u32 bound)
+{
+	__u64 n = len;
+
+	if (n > avail)
+		n = avail;
+	if (n > bound)
+		n = bound;
+	if (n > KSCOPE_L7_MAX_CAPTURE)
+		n = KSCOPE_L7_MAX_CAPTURE;
+	return n;
+}
+
+/* Unconnected UDP: the peer is in the call's sockaddr (msg_name / sendto's and
+ * recvfrom's addr). A failed read leaves the header as it was. */
+static __always_inline void read_peer(struct kscope_l7_header *h, const void *uaddr)
+{
+	struct sockaddr_in6 sa = {};
+
+	if (!uaddr || bpf_probe_read_user(&sa, sizeof(sa), uaddr))
+		return;
+	if (sa.sin6_family == AF_INET6) {
+		h->dport = bpf_ntohs(sa.sin6_port);
+		__builtin_memcpy(h->daddr, &sa.sin6_addr, 16);
+	} else if (sa.sin6_family == AF_INET) {
+		struct sockaddr_in *sin = (struct sockaddr_in *)&sa;
+
+		h->dport = bpf_ntohs(sin->sin_port);
+		__builtin_memset(h->daddr, 0, 10);
+		h->daddr[10] = h->daddr[11] = 0xff;
+		*(__u32 *)&h->daddr[12] = sin->sin_addr.s_addr;
+	}
+}
+
+/*
+ * The user buffer of the current socket call, from the task's saved syscall registers
+ * (x86-64: orig_ax = number, di/si/dx/r10/r8 = arguments 1-5). The registers still hold
+ * the arguments at syscall exit (the kernel writes only ax), so this works from the
+ * socket tracepoints and from sys_exit alike.
+ *
+ * Vector calls give their first iovec (*avail = its length). For sendmmsg/recvmmsg
+ * `mmsg_idx` picks the message of the vector (the caller knows which one it is).
+ * *uaddr is the call's sockaddr (sendto/recvfrom addr, msghdr.msg_name) or 0.
+ * Returns 0 when the call has no user buffer (sendfile, splice ...) or it is unreadable.
+ */
+static __always_inline const void *l7_user_buffer(struct pt_regs *regs, __u32 mmsg_idx, __u64 *avail,
+						  const void **uaddr)
+{
+	__u64 nr = BPF_CORE_READ(regs, orig_ax);
+	__u64 si = BPF_CORE_READ(regs, si);
+	struct user_msghdr msg;
+	struct iovec iov;
+
+	*uaddr = 0;
+	*avail = ~0ULL;
+	switch (nr) {
+	case NR_read:
+	case NR_write:
+		return (const void *)si;
+	case NR_sendto:
+	case NR_recvfrom:
+		*uaddr = (const void *)BPF_CORE_READ(regs, r8);
+		return (const void *)si;
+	case NR_readv:
+	case NR_writev:
+		if (bpf_probe_read_user(&iov, sizeof(iov), (void *)si))
+			return 0;
+		*avail = iov.iov_len;
+		return iov.iov_base;
+	case NR_sendmsg:
+	case NR_recvmsg:
+		break;
+	case NR_sendmmsg:
+	case NR_recvmmsg:
+		si += (__u64)mmsg_idx * sizeof(struct mmsghdr);
+		break;
+	default:
+		return 0; /* sendfile, splice, io_uring ...: no user buffer here */
+	}
+	if (bpf_probe_read_user(&msg, sizeof(msg), (void *)si))
+		return 0;
+	*uaddr = msg.msg_name;
+	if (!msg.msg_iovlen || bpf_probe_read_user(&iov, sizeof(iov), msg.msg_iov))
+		return 0;
+	*avail = iov.iov_len;
+	return iov.iov_base;
+}
+
+/* The socket's addresses; IPv4 as ::ffff:a.b.c.d so nothing downstream branches on family.
+ * CO-RE reads: works on a scalar `sk` (fd walk) as on a BTF one (tracepoint argument). */
+static __always_inline void read_tuple_core(struct kscope_l7_header *h, const struct sock *sk)
+{
+	const struct sock_common *c = &sk->__sk_common;
+
+	h->family = BPF_CORE_READ(c, skc_family);
+	h->sport = BPF_CORE_READ(c, skc_num);
+	if (!h->sport) /* unhashed while closing: inet_sport outlives skc_num */
+		h->sport = bpf_ntohs(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
+	h->dport = bpf_ntohs(BPF_CORE_READ(c, skc_dport));
+	if (h->family == AF_INET6) {
+		bpf_core_read(h->saddr, 16, &c->skc_v6_rcv_saddr);
+		bpf_core_read(h->daddr, 16, &c->skc_v6_daddr);
+		return;
+	}
+	__builtin_memset(h->saddr, 0, 16);
+	__builtin_memset(h->daddr, 0, 16);
+	h->saddr[10] = h->saddr[11] = 0xff;
+	h->daddr[10] = h->daddr[11] = 0xff;
+	*(__u32 *)&h->saddr[12] = BPF_CORE_READ(c, skc_rcv_saddr);
+	*(__u32 *)&h->daddr[12] = BPF_CORE_READ(c, skc_daddr);
+}
+
+/* The network namespace inode of a socket (CO-RE: skc_net is possible_net_t). */
+static __always_inline __u32 sock_netns_ino(const struct sock *sk)
+{
+	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+}
+
+#endif /* KSCOPE_L7_PROTO_H */
