@@ -27,9 +27,10 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Final
+from operator import attrgetter
+from typing import Any, Final
 
 from cluster_processor.kube.index import KubeIndex
 from cluster_processor.otlp import semconv
@@ -57,7 +58,18 @@ from cluster_processor.otlp.model import (
     graph_node_name,
     span_context,
 )
-from cluster_processor.resolve import EdgeOptions, EndpointKind, How, Resolved, edge, resolve_l4, resolve_l7
+from cluster_processor.resolve import (
+    EdgeOptions,
+    Endpoint,
+    EndpointKind,
+    How,
+    Resolved,
+    edge,
+    resolve_l4,
+    resolve_l7,
+    resolve_local,
+    resolve_remote,
+)
 from kscope.v1 import flow_pb2 as pb
 
 NS_PER_S: Final = 1_000_000_000
@@ -97,6 +109,8 @@ class AggregatorSettings:
     max_spans: int = 10_000  # per node and interval
     max_logs: int = 2_000  # per node and interval
     max_sockets: int = 200_000  # remembered (node, netns, cookie): NAT answers and first sightings
+    # Resolutions remembered while the KubeIndex is unchanged (0: resolve every record afresh).
+    max_resolutions: int = 65_536
     default_interval_ns: int = 10 * NS_PER_S  # start of a node's first interval: end - this
 
 
@@ -158,19 +172,94 @@ class _Socket:
     connect_seen: bool = False  # connect latency / failure already counted for this socket
 
 
-_RedKey = tuple[Edge, Side, Protocol, str, str, int | None, str, tuple[tuple[str, AttrValue], ...]]
-_GraphKey = tuple[str, str, ConnectionType]
+class _EdgeRef:
+    """One distinct metric ``Edge``, interned: node state is keyed by these objects (identity hash)
+    instead of hashing two attribute tuples per record."""
+
+    __slots__ = ("client", "edge", "server")
+
+    def __init__(self, e: Edge) -> None:
+        self.edge = e
+        self.client = _EdgeSide(self, Side.CLIENT)
+        self.server = _EdgeSide(self, Side.SERVER)
+
+
+class _EdgeSide:
+    __slots__ = ("ref", "side")
+
+    def __init__(self, ref: _EdgeRef, side: Side) -> None:
+        self.ref = ref
+        self.side = side
+
+
+class _MKey:
+    """An interned token for one end's metric identity: hashed by id, compared by identity."""
+
+    __slots__ = ()
+
+
+class _End:
+    """One end resolved without its port (cached per lookup key): ``mkey`` is the interned part of
+    it a metric edge reads (workload-level identity, and the address of an external end)."""
+
+    __slots__ = ("endpoint", "external", "mkey", "nat", "unresolved")
+
+    def __init__(self, endpoint: Endpoint, mkey: _MKey, nat: bool = False) -> None:
+        self.endpoint = endpoint
+        self.mkey = mkey
+        self.nat = nat  # a remote end named through its NAT answer: its port is the answer's
+        self.unresolved = endpoint.how is How.UNRESOLVED
+        self.external = endpoint.kind is EndpointKind.EXTERNAL
+
+
+class _GraphRef:
+    """One interned service-graph edge (client name, server name, connection type)."""
+
+    __slots__ = ("client", "ctype", "server")
+
+    def __init__(self, client: str, server: str, ctype: ConnectionType) -> None:
+        self.client, self.server, self.ctype = client, server, ctype
+
+
+class _Route:
+    """What resolving a record decided, cached per resolution key while the index is unchanged."""
+
+    __slots__ = ("count_request", "external", "graph", "key", "ref", "resolved", "side", "span_edge", "unresolved")
+
+    def __init__(self, r: Resolved, ref: _EdgeRef) -> None:
+        self.resolved = r
+        self.side = Side.CLIENT if r.local_is_client else Side.SERVER
+        self.ref = ref
+        self.key = ref.client if r.local_is_client else ref.server
+        self.unresolved = r.local.how is How.UNRESOLVED
+        self.external = r.remote.kind is EndpointKind.EXTERNAL
+        # L7 only (filled by _l7_route)
+        self.span_edge: Edge | None = None
+        self.graph: _GraphRef | None = None
+        self.count_request = False
+
+
+# (edge and side, protocol value, method, route, status, error type); protocol extras are always () here
+_RedKey = tuple[_EdgeSide, str, str, str, int | None, str]
 
 
 @dataclass(slots=True)
 class _NodeState:
     start_ns: int
-    edges: set[Edge] = field(default_factory=set)
-    l4: dict[tuple[Edge, Side], _L4] = field(default_factory=dict)
+    edges: set[_EdgeRef] = field(default_factory=set)
+    l4: dict[_EdgeSide, _L4] = field(default_factory=dict)
     red: dict[_RedKey, _Hist] = field(default_factory=dict)
-    graph: dict[_GraphKey, _Graph] = field(default_factory=dict)
+    graph: dict[_GraphRef, _Graph] = field(default_factory=dict)
     spans: list[SpanRecord] = field(default_factory=list)
     logs: list[LogEvent] = field(default_factory=list)
+
+
+_PROCESS: Final = attrgetter("pod_uid", "container_id", "host_process")
+_ENDS: Final = attrgetter("local_ip", "local_port", "remote_ip", "remote_port")
+_L4_REST: Final = attrgetter("nat_remote_ip", "nat_remote_port", "kind", "connect_status", "srtt_us")
+_DELTA: Final = attrgetter(
+    "bytes_sent", "bytes_received", "retransmits", "syn_retransmits", "resets_sent", "resets_received", "drops"
+)
 
 
 class Aggregator:
@@ -181,6 +270,20 @@ class Aggregator:
         self._last_end: dict[str, int] = {}  # node -> end of its last flushed interval
         self._sockets: OrderedDict[tuple[str, int, int], _Socket] = OrderedDict()
         self._counters = dict.fromkeys(COUNTERS, 0)
+        # Resolution cache: key (the record fields resolution reads) -> _Route. Valid for one index
+        # generation; bounded by max_resolutions (cleared when full). Edges and graph edges are
+        # interned so equal edges share one accumulator; the interning tables are pruned at flush,
+        # when no node state refers to them any more.
+        self._routes: dict[tuple[Any, ...], _Route] = {}
+        self._generation = index.generation
+        self._refs: dict[Edge, _EdgeRef] = {}
+        self._graph_refs: dict[tuple[str, str, ConnectionType], _GraphRef] = {}
+        # The L4 path resolves each end on its own (few keys: one per pod or address, where whole
+        # records would give one per pair of pods) and joins them through interned metric keys.
+        self._locals: dict[tuple[Any, ...], _End] = {}
+        self._remotes: dict[tuple[str, str], _End] = {}
+        self._mkeys: dict[tuple[Any, ...], _MKey] = {}
+        self._edge_refs: dict[tuple[Any, ...], _EdgeRef] = {}
 
     def counters(self) -> dict[str, int]:
         return dict(self._counters)
@@ -201,21 +304,28 @@ class Aggregator:
         if st is None:
             end = now_unix_nano or batch.time_unix_nano
             st = self._nodes[node] = _NodeState(self._last_end.get(node, end - self._settings.default_interval_ns))
+        if self._index.generation != self._generation:
+            # The index changed since these answers were cached (a pod came, an IP moved): forget them.
+            self._routes.clear()
+            self._locals.clear()
+            self._remotes.clear()
+            self._generation = self._index.generation
         closed: list[tuple[str, int, int]] = []
-        for flow in batch.l4:
-            c["l4_records"] += 1
-            self._add_l4(node, st, flow)
-            if flow.kind == pb.RECORD_KIND_CLOSE:
+        l4 = batch.l4
+        c["l4_records"] += len(l4)
+        add_l4 = self._add_l4
+        for flow in l4:
+            if add_l4(node, st, flow):
                 closed.append((node, flow.netns_inode, flow.socket_cookie))
-        for req in batch.l7:
-            c["l7_records"] += 1
+        l7 = batch.l7
+        c["l7_records"] += len(l7)
+        for req in l7:
             self._add_l7(node, st, req)
         # Forgotten only now: this batch's L7 records of a closed socket still need its NAT answer.
         for key in closed:
             self._sockets.pop(key, None)
 
-    def _socket(self, node: str, netns: int, cookie: int) -> _Socket:
-        key = (node, netns, cookie)
+    def _socket(self, key: tuple[str, int, int]) -> _Socket:
         sock = self._sockets.get(key)
         if sock is None:
             sock = self._sockets[key] = _Socket()
@@ -226,61 +336,143 @@ class Aggregator:
             self._sockets.move_to_end(key)
         return sock
 
-    def _count_resolution(self, r: Resolved) -> None:
-        if r.local.how is How.UNRESOLVED:
-            self._counters["unresolved_local"] += 1
-        if r.remote.kind is EndpointKind.EXTERNAL:
-            self._counters["external_remote"] += 1
+    def _route(self, key: tuple[Any, ...], resolve: Callable[[], Resolved]) -> _Route:
+        route = self._routes.get(key)
+        if route is None:
+            r = resolve()
+            route = _Route(r, self._intern_ref(edge(r, _METRIC_EDGE)))
+            self._cache(self._routes, key, route)
+        return route
 
-    def _admit(self, st: _NodeState, e: Edge) -> bool:
-        if e in st.edges:
+    def _cache(self, table: dict[Any, Any], key: Any, value: Any) -> None:
+        limit = self._settings.max_resolutions
+        if limit > 0:
+            if len(table) >= limit:
+                table.clear()
+            table[key] = value
+
+    def _intern_ref(self, e: Edge) -> _EdgeRef:
+        ref = self._refs.get(e)
+        if ref is None:
+            ref = self._refs[e] = _EdgeRef(e)
+        return ref
+
+    def _end(self, endpoint: Endpoint, nat: bool = False) -> _End:
+        # Exactly what ``edge`` reads of an end at workload level: its identity, and its address
+        # when it has no identity (external). Interned, so the edge cache hashes object ids.
+        ident = (endpoint.identity(False), endpoint.address if endpoint.kind is EndpointKind.EXTERNAL else None)
+        mkey = self._mkeys.get(ident)
+        if mkey is None:
+            mkey = self._mkeys[ident] = _MKey()
+        return _End(endpoint, mkey, nat)
+
+    def _l4_route(
+        self,
+        node: str,
+        f: pb.L4Flow,
+        proc: tuple[str, str, bool],
+        ends: tuple[str, int, str, int],
+        nat: tuple[str, int],
+    ) -> tuple[_EdgeRef, bool, bool]:
+        """(metric edge, local end unresolved, remote end external) of one L4 record."""
+        local_ip, local_port, remote_ip, remote_port = ends
+        nat_ip, nat_port = nat
+        if self._settings.max_resolutions <= 0:  # the reference path: every record resolved afresh
+            r = resolve_l4(self._index, node, f)
+            ref = self._intern_ref(edge(r, _METRIC_EDGE))
+            return ref, r.local.how is How.UNRESOLVED, r.remote.kind is EndpointKind.EXTERNAL
+        lkey = (node, proc, local_ip)
+        le = self._locals.get(lkey)
+        if le is None:
+            le = self._end(resolve_local(self._index, node, f.process, local_ip))
+            self._cache(self._locals, lkey, le)
+        rkey = (remote_ip, nat_ip)
+        re = self._remotes.get(rkey)
+        if re is None:
+            endpoint = resolve_remote(self._index, remote_ip, 0, nat_ip, 0)
+            re = self._end(endpoint, nat=endpoint.how in (How.NAT_POD_IP, How.NAT_NODE_IP))
+            self._cache(self._remotes, rkey, re)
+        if f.role == pb.ROLE_SERVER:
+            client, server, port = re, le, local_port
+        else:
+            client, server = le, re
+            port = (nat_port or remote_port) if re.nat else remote_port
+        ekey = (client.mkey, server.mkey, port)
+        ref = self._edge_refs.get(ekey)
+        if ref is None:
+            # Built by ``edge`` itself from the two ends with their ports: the key holds all it reads.
+            local = _with_port(le.endpoint, local_port)
+            remote = _with_port(re.endpoint, (nat_port or remote_port) if re.nat else remote_port)
+            ref = self._intern_ref(edge(Resolved(local, remote, f.role != pb.ROLE_SERVER), _METRIC_EDGE))
+            self._edge_refs[ekey] = ref
+        return ref, le.unresolved, re.external
+
+    def _admit(self, st: _NodeState, ref: _EdgeRef) -> bool:
+        if ref in st.edges:
             return True
         if len(st.edges) >= self._settings.max_edges:
             self._counters["edges_overflowed"] += 1
             return False
-        st.edges.add(e)
+        st.edges.add(ref)
         return True
 
-    def _add_l4(self, node: str, st: _NodeState, f: pb.L4Flow) -> None:
-        if f.role == pb.ROLE_LISTENER:
+    def _add_l4(self, node: str, st: _NodeState, f: pb.L4Flow) -> bool:
+        """Returns whether the record closes its socket."""
+        role = f.role
+        if role == pb.ROLE_LISTENER:
             self._counters["listener_records"] += 1
-            return
-        r = resolve_l4(self._index, node, f)
-        self._count_resolution(r)
-        side = Side.CLIENT if r.local_is_client else Side.SERVER
-        sock = self._socket(node, f.netns_inode, f.socket_cookie)
-        if f.nat_remote_ip:
-            sock.nat_ip, sock.nat_port = f.nat_remote_ip, f.nat_remote_port
-        first_connect = not sock.connect_seen and f.connect_status != pb.CONNECT_STATUS_UNSPECIFIED
+            return f.kind == pb.RECORD_KIND_CLOSE
+        proc = _PROCESS(f.process)
+        local_ip, local_port, remote_ip, remote_port = _ENDS(f)
+        nat_ip, nat_port, kind, connect_status, srtt_us = _L4_REST(f)
+        ref, unresolved, external = self._l4_route(
+            node, f, proc, (local_ip, local_port, remote_ip, remote_port), (nat_ip, nat_port)
+        )
+        c = self._counters
+        if unresolved:
+            c["unresolved_local"] += 1
+        if external:
+            c["external_remote"] += 1
+        side = Side.SERVER if role == pb.ROLE_SERVER else Side.CLIENT
+        sock = self._socket((node, f.netns_inode, f.socket_cookie))
+        if nat_ip:
+            sock.nat_ip, sock.nat_port = nat_ip, nat_port
+        first_connect = not sock.connect_seen and connect_status != pb.CONNECT_STATUS_UNSPECIFIED
         if first_connect:
             sock.connect_seen = True
-        failure = _CONNECT_ERRORS.get(f.connect_status)
+        failure = _CONNECT_ERRORS.get(connect_status)
+        d = _DELTA(f.delta)
+        sent, received, retransmits, syn_retransmits, resets_sent, resets_received, drops = d
         # Events are bounded on their own (max_logs): a full edge table must not hide a reset.
-        self._l4_events(node, st, f, r, side, failure if first_connect else None)
-        e = edge(r, _METRIC_EDGE)
-        if not self._admit(st, e):
-            return
-        acc = st.l4.get((e, side))
+        if resets_sent or resets_received or (first_connect and failure in ("connection_refused", "timeout")):
+            # Rare: resolve afresh, since a log names the client's own port, which the key leaves out.
+            r = resolve_l4(self._index, node, f)
+            self._l4_events(node, st, f, r, side, failure if first_connect else None)
+        if ref not in st.edges and not self._admit(st, ref):
+            return kind == pb.RECORD_KIND_CLOSE
+        key = ref.server if role == pb.ROLE_SERVER else ref.client
+        acc = st.l4.get(key)
         if acc is None:
-            acc = st.l4[(e, side)] = _L4()
-        d = f.delta
-        acc.bytes_sent += d.bytes_sent
-        acc.bytes_received += d.bytes_received
-        acc.retransmits += d.retransmits + d.syn_retransmits
-        acc.resets += d.resets_sent + d.resets_received
-        acc.drops += d.drops
-        if f.srtt_us:
-            acc.rtt_sum_s += f.srtt_us / 1e6
+            acc = st.l4[key] = _L4()
+        acc.bytes_sent += sent
+        acc.bytes_received += received
+        acc.retransmits += retransmits + syn_retransmits
+        acc.resets += resets_sent + resets_received
+        acc.drops += drops
+        if srtt_us:
+            acc.rtt_sum_s += srtt_us / 1e6
             acc.rtt_n += 1
         if side is Side.CLIENT:
-            if f.kind == pb.RECORD_KIND_CLOSE and failure is None:
+            if kind == pb.RECORD_KIND_CLOSE and failure is None:
                 acc.connections += 1
-            if first_connect and failure is not None:
-                acc.failures[failure] = acc.failures.get(failure, 0) + 1
-            if first_connect and failure is None and f.connect_latency_ns:
-                if acc.connect is None:
-                    acc.connect = _Hist(CONNECT_BOUNDS_S)
-                acc.connect.add(f.connect_latency_ns / NS_PER_S)
+            if first_connect:
+                if failure is not None:
+                    acc.failures[failure] = acc.failures.get(failure, 0) + 1
+                elif f.connect_latency_ns:
+                    if acc.connect is None:
+                        acc.connect = _Hist(CONNECT_BOUNDS_S)
+                    acc.connect.add(f.connect_latency_ns / NS_PER_S)
+        return kind == pb.RECORD_KIND_CLOSE
 
     def _l4_events(self, node: str, st: _NodeState, f: pb.L4Flow, r: Resolved, side: Side, failure: str | None) -> None:
         t = f.time_unix_nano
@@ -288,17 +480,17 @@ class Aggregator:
         if d.resets_sent or d.resets_received:
             body = f"TCP reset: {d.resets_sent} sent, {d.resets_received} received ({f.tcp_state or 'unknown state'})"
             extra = (("kscope.tcp.resets_sent", d.resets_sent), ("kscope.tcp.resets_received", d.resets_received))
-            self._log(st, r, side, t, EVENT_TCP_RESET, Severity.WARN, body, extra)
+            self._log(st, edge(r, _SPAN_EDGE), side, t, EVENT_TCP_RESET, Severity.WARN, body, extra)
         if failure in ("connection_refused", "timeout"):
             name = EVENT_CONNECT_REFUSED if failure == "connection_refused" else EVENT_CONNECT_TIMEOUT
             body = f"connect to {r.remote.address}:{r.remote.port} failed: {failure.replace('_', ' ')}"
             extra = (("error.type", failure), ("kscope.tcp.connect_errno", f.connect_errno))
-            self._log(st, r, side, t, name, Severity.WARN, body, extra)
+            self._log(st, edge(r, _SPAN_EDGE), side, t, name, Severity.WARN, body, extra)
 
     def _log(
         self,
         st: _NodeState,
-        r: Resolved,
+        span_edge: Edge,
         side: Side,
         t: int,
         name: str,
@@ -310,7 +502,27 @@ class Aggregator:
         if len(st.logs) >= self._settings.max_logs:
             self._counters["logs_overflowed"] += 1
             return
-        st.logs.append(LogEvent(edge(r, _SPAN_EDGE), side, t, name, severity, body, attrs(extra), *trace))
+        st.logs.append(LogEvent(span_edge, side, t, name, severity, body, attrs(extra), *trace))
+
+    def _l7_route(self, node: str, q: pb.L7Request, nat_ip: str, nat_port: int) -> _Route:
+        # Spans name pod, node and the client's own port: every field resolution reads is in the key.
+        key = (node, _PROCESS(q.process), q.side, *_ENDS(q), nat_ip, nat_port, True)
+        route = self._routes.get(key)
+        if route is None:
+            route = self._route(key, lambda: resolve_l7(self._index, node, q, nat_ip, nat_port))
+        if route.span_edge is None:
+            r = route.resolved
+            route.span_edge = edge(r, _SPAN_EDGE)
+            e = route.ref.edge
+            client, server = graph_node_name(e.client), graph_node_name(e.server)
+            both_observed = r.server.observed and r.client.kind is not EndpointKind.EXTERNAL
+            ctype = ConnectionType.NONE if both_observed else ConnectionType.VIRTUAL_NODE
+            g = self._graph_refs.get((client, server, ctype))
+            if g is None:
+                g = self._graph_refs[(client, server, ctype)] = _GraphRef(client, server, ctype)
+            route.graph = g
+            route.count_request = route.side is Side.SERVER or not r.server.observed
+        return route
 
     def _add_l7(self, node: str, st: _NodeState, q: pb.L7Request) -> None:
         protocol = _PROTOCOLS.get(q.protocol)
@@ -319,15 +531,20 @@ class Aggregator:
             return
         sock = self._sockets.get((node, q.netns_inode, q.socket_cookie))
         nat_ip, nat_port = (sock.nat_ip, sock.nat_port) if sock is not None else ("", 0)
-        r = resolve_l7(self._index, node, q, nat_ip, nat_port)
-        self._count_resolution(r)
-        side = Side.CLIENT if r.local_is_client else Side.SERVER
-        method, route, status, error_type, extra = _details(protocol, q)
-        duration_s = q.latency_ns / NS_PER_S
+        route = self._l7_route(node, q, nat_ip, nat_port)
+        c = self._counters
+        if route.unresolved:
+            c["unresolved_local"] += 1
+        if route.external:
+            c["external_remote"] += 1
+        side = route.side
+        method, route_name, status, error_type, extra = _details(protocol, q)
+        latency_ns = q.latency_ns
+        duration_s = latency_ns / NS_PER_S
         failed = semconv.PROTOCOLS[protocol].failed(side, status, error_type)
-        e = edge(r, _METRIC_EDGE)
-        if self._admit(st, e):
-            key: _RedKey = (e, side, protocol, method, route, status, error_type, ())
+        ref = route.ref
+        if ref in st.edges or self._admit(st, ref):
+            key: _RedKey = (route.key, protocol.value, method, route_name, status, error_type)
             hist = st.red.get(key)
             if hist is None and len(st.red) >= self._settings.max_red_keys:
                 self._counters["red_overflowed"] += 1
@@ -335,18 +552,16 @@ class Aggregator:
                 if hist is None:
                     hist = st.red[key] = _Hist(HTTP_DURATION_BOUNDS_S)
                 hist.add(duration_s)
-            self._graph(st, e, r, side, failed, duration_s)
-        self._span(st, r, side, protocol, q, method, route, status, error_type, extra)
+            self._graph(st, route, side, failed, duration_s)
+        self._span(st, route, side, protocol, q, latency_ns, method, route_name, status, error_type, extra)
 
-    def _graph(self, st: _NodeState, e: Edge, r: Resolved, side: Side, failed: bool, duration_s: float) -> None:
-        client, server = graph_node_name(e.client), graph_node_name(e.server)
-        counts = side is Side.SERVER or not r.server.observed
-        both_observed = r.server.observed and r.client.kind is not EndpointKind.EXTERNAL
-        ctype = ConnectionType.NONE if both_observed else ConnectionType.VIRTUAL_NODE
-        g = st.graph.get((client, server, ctype))
+    def _graph(self, st: _NodeState, route: _Route, side: Side, failed: bool, duration_s: float) -> None:
+        gref = route.graph
+        assert gref is not None
+        g = st.graph.get(gref)
         if g is None:
-            g = st.graph[(client, server, ctype)] = _Graph()
-        if counts:
+            g = st.graph[gref] = _Graph()
+        if route.count_request:
             g.requests += 1
             g.failed += int(failed)
         if side is Side.SERVER:
@@ -359,39 +574,31 @@ class Aggregator:
     def _span(
         self,
         st: _NodeState,
-        r: Resolved,
+        route: _Route,
         side: Side,
         protocol: Protocol,
         q: pb.L7Request,
+        latency_ns: int,
         method: str,
-        route: str,
+        route_name: str,
         status: int | None,
         error_type: str,
         extra: tuple[tuple[str, AttrValue], ...],
     ) -> None:
+        span_edge = route.span_edge
+        assert span_edge is not None
         ctx = span_context(q.http.traceparent if q.HasField("http") else None)
+        start = q.start_time_unix_nano
         if protocol is Protocol.DNS and error_type:
             body = f"DNS {method} {q.dns.question_name}: {error_type}"
-            self._log(
-                st,
-                r,
-                side,
-                q.start_time_unix_nano,
-                EVENT_DNS_ERROR,
-                Severity.WARN,
-                body,
-                extra,
-                (ctx.trace_id, ctx.span_id),
-            )
+            self._log(st, span_edge, side, start, EVENT_DNS_ERROR, Severity.WARN, body, extra,
+                      (ctx.trace_id, ctx.span_id))  # fmt: skip
         if len(st.spans) >= self._settings.max_spans:
             self._counters["spans_overflowed"] += 1
             return
-        start = q.start_time_unix_nano
         st.spans.append(
-            SpanRecord(
-                edge(r, _SPAN_EDGE), side, protocol, ctx, start, start + q.latency_ns,
-                method, route, status, error_type, extra,
-            )
+            SpanRecord(span_edge, side, protocol, ctx, start, start + latency_ns, method, route_name, status,
+                       error_type, extra)
         )  # fmt: skip
 
     # ---- output ------------------------------------------------------------------------------
@@ -412,6 +619,12 @@ class Aggregator:
             )
             out.append(NodeReport(interval, tuple(st.spans), tuple(st.logs)))
         self._nodes = {}
+        # No node state refers to the interned edges now: the only moment they may be dropped.
+        limit = max(self._settings.max_resolutions, 1)
+        if max(len(self._refs), len(self._graph_refs), len(self._mkeys), len(self._edge_refs)) > limit:
+            for table in (self._refs, self._graph_refs, self._mkeys, self._edge_refs, self._routes, self._locals,
+                          self._remotes):  # fmt: skip
+                table.clear()
         return out
 
 
@@ -436,15 +649,15 @@ def _details(
 
 
 def _red_points(st: _NodeState) -> Iterable[RedPoint]:
-    for (e, side, protocol, method, route, status, error_type, extra), hist in st.red.items():
-        yield RedPoint(e, side, protocol, hist.freeze(), method, route, status, error_type, extra)
+    for (es, protocol, method, route, status, error_type), hist in st.red.items():
+        yield RedPoint(es.ref.edge, es.side, Protocol(protocol), hist.freeze(), method, route, status, error_type, ())
 
 
 def _l4_points(st: _NodeState) -> Iterable[L4Point]:
-    for (e, side), a in st.l4.items():
+    for es, a in st.l4.items():
         yield L4Point(
-            e,
-            side,
+            es.ref.edge,
+            es.side,
             a.bytes_sent,
             a.bytes_received,
             a.connections,
@@ -458,13 +671,17 @@ def _l4_points(st: _NodeState) -> Iterable[L4Point]:
 
 
 def _graph_points(st: _NodeState) -> Iterable[ServiceGraphPoint]:
-    for (client, server, ctype), g in st.graph.items():
+    for gref, g in st.graph.items():
         yield ServiceGraphPoint(
-            client,
-            server,
+            gref.client,
+            gref.server,
             g.requests,
             g.failed,
-            ctype,
+            gref.ctype,
             g.server.freeze() if g.server is not None else None,
             g.client.freeze() if g.client is not None else None,
         )
+
+
+def _with_port(e: Endpoint, port: int) -> Endpoint:
+    return Endpoint(e.kind, e.how, e.attributes, e.address, port, e.workload)

@@ -107,6 +107,9 @@ class KubeIndex:
         # without touching (and so re-delaying) objects already waiting out their grace.
         self._live: dict[str, set[str]] = {kind: set() for kind in KINDS}
         self._pending: deque[_Pending] = deque()  # ordered by due time: the clock is monotonic
+        # Bumped by every change to any table, so a caller may cache answers (the aggregator's
+        # resolution cache) and drop them when this moves: one int compare per batch.
+        self.generation = 0
         self.rejected = 0  # objects without a key, unknown kinds or event types: counted, not raised
 
     # ---- mutation ----------------------------------------------------------------------------
@@ -125,6 +128,7 @@ class KubeIndex:
         else:
             self.rejected += 1
             return False
+        self.generation += 1
         return True
 
     def replace(self, kind: str, objs: Iterable[Mapping[str, Any] | KubeObject]) -> None:
@@ -134,6 +138,7 @@ class KubeIndex:
         if kind not in KINDS:
             self.rejected += 1
             return
+        self.generation += 1
         seen: set[str] = set()
         for obj in objs:
             record = self._record(kind, obj)
@@ -154,6 +159,8 @@ class KubeIndex:
         while pending and pending[0][0] <= now:
             _, table, key, uid = pending.popleft()
             removed += self._release(table, key, uid)
+        if removed:
+            self.generation += 1
         return removed
 
     # ---- lookups -----------------------------------------------------------------------------
