@@ -46,6 +46,9 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* Runtime knobs, set by user space before load. */
 const volatile __u32 capture_bytes = 1024; /* head bytes captured per call, <= KSCOPE_L7_MAX_CAPTURE */
 const volatile __u32 filter_netns_ino = 0; /* 0: every network namespace */
+const volatile __u8 exchanges = 1;         /* 0: HTTP/1 goes through chunks as well */
+const volatile __u64 idle_ns = 500000000;  /* the sweep emits an answered exchange idle this long */
+const volatile __u64 unanswered_ns = 300000000000ULL; /* ... and an unanswered one this old */
 
 struct l7_sock {
 	__u64 seq[2];   /* bytes seen per direction (index direction - 1) */
@@ -53,7 +56,8 @@ struct l7_sock {
 	__u8 attempts;  /* calls whose bytes did not tell the protocol */
 	__u8 role;      /* enum kscope_l4_role */
 	__u8 tls;       /* ciphertext: the plaintext comes from the uprobes */
-	__u32 _pad;
+	__u8 chunks;    /* HTTP/1 that the exchange path cannot follow (pipelining): chunks for good */
+	__u8 _pad[3];
 };
 
 struct {
@@ -62,6 +66,48 @@ struct {
 	__type(key, int);
 	__type(value, struct l7_sock);
 } l7_socks SEC(".maps");
+
+/*
+ * HTTP/1 exchange state, only for plain-text TCP sockets decided HTTP/1 (a separate map so
+ * the sockets we ignore keep their small l7_sock). Written by the socket's own calls, read
+ * and retired by the destroy hook and by the periodic sweep (an iterator run by user space
+ * on another CPU): every access holds the spin lock, and no helper is called under it, so
+ * records are filled from the locked copy and the socket fields are read before locking.
+ */
+enum xstate {
+	XS_NONE = 0,     /* no exchange in flight */
+	XS_REQUEST = 1,  /* request seen, waiting for its final response */
+	XS_ANSWERED = 2, /* final response seen; emitted by the next request, close or sweep */
+	XS_EMITTED = 3,  /* the sweep sent it: later response bytes are late (counted) */
+};
+
+struct l7_xchg {
+	struct bpf_spin_lock lock;
+	__u8 state;  /* enum xstate */
+	__u8 method; /* enum kscope_http_method */
+	__u8 flags;  /* enum kscope_l7_exchange_flags */
+	__u8 role;   /* enum kscope_l4_role, copied from l7_sock (the sweep reads only this map) */
+	__u64 req_seq; /* stream offset of the request's first byte (the fallback re-sends its head) */
+	__u64 start_ns;
+	__u64 resp_ns;
+	__u64 last_ns; /* the exchange's latest call: the sweep emits answered exchanges idle past idle_ns */
+	__u64 req_bytes;
+	__u64 resp_bytes;
+	__u32 tgid;
+	__u32 pid;
+	__u16 status;
+	__u16 head_len;
+	__u32 _pad2;
+	__u8 comm[16];
+	__u8 head[KSCOPE_L7_HEAD];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct l7_xchg);
+} l7_xchg SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -150,6 +196,10 @@ enum kscope_l7_protocol __anchor_l7_protocol __attribute__((unused));
 enum kscope_l7_direction __anchor_l7_direction __attribute__((unused));
 enum kscope_l7_flags __anchor_l7_flags __attribute__((unused));
 enum kscope_l7_stat __anchor_l7_stat __attribute__((unused));
+const struct kscope_l7_exchange *__anchor_l7_exchange __attribute__((unused));
+enum kscope_http_method __anchor_http_method __attribute__((unused));
+enum kscope_l7_emit __anchor_l7_emit __attribute__((unused));
+enum kscope_l7_exchange_flags __anchor_l7_exchange_flags __attribute__((unused));
 
 static __always_inline void stat_inc(__u32 idx)
 {
@@ -250,16 +300,36 @@ static __always_inline bool has_prefix(const __u8 *d, __u32 n, const char *p, __
 	return true;
 }
 
+/* enum kscope_http_method of a request starting here, 0 if none. */
+static __always_inline __u8 request_method(const __u8 *d, __u32 n)
+{
+	if (has_prefix(d, n, "GET ", 4))
+		return KSCOPE_HTTP_GET;
+	if (has_prefix(d, n, "POST ", 5))
+		return KSCOPE_HTTP_POST;
+	if (has_prefix(d, n, "PUT ", 4))
+		return KSCOPE_HTTP_PUT;
+	if (has_prefix(d, n, "HEAD ", 5))
+		return KSCOPE_HTTP_HEAD;
+	if (has_prefix(d, n, "DELETE ", 7))
+		return KSCOPE_HTTP_DELETE;
+	if (has_prefix(d, n, "PATCH ", 6))
+		return KSCOPE_HTTP_PATCH;
+	if (has_prefix(d, n, "OPTIONS ", 8))
+		return KSCOPE_HTTP_OPTIONS;
+	if (has_prefix(d, n, "CONNECT ", 8))
+		return KSCOPE_HTTP_CONNECT;
+	if (has_prefix(d, n, "TRACE ", 6))
+		return KSCOPE_HTTP_TRACE;
+	return 0;
+}
+
 /* 1: an HTTP/1 request starts here, 2: a response, 0: neither. */
 static __always_inline int http_start(const __u8 *d, __u32 n)
 {
 	if (has_prefix(d, n, "HTTP/1.", 7))
 		return 2;
-	if (has_prefix(d, n, "GET ", 4) || has_prefix(d, n, "POST ", 5) || has_prefix(d, n, "PUT ", 4) ||
-	    has_prefix(d, n, "HEAD ", 5) || has_prefix(d, n, "DELETE ", 7) || has_prefix(d, n, "PATCH ", 6) ||
-	    has_prefix(d, n, "OPTIONS ", 8) || has_prefix(d, n, "CONNECT ", 8) || has_prefix(d, n, "TRACE ", 6))
-		return 1;
-	return 0;
+	return request_method(d, n) ? 1 : 0;
 }
 
 /* Decide the protocol of a connection from one call's head; 0 role means unknown. */
@@ -319,13 +389,346 @@ static __always_inline void fill_task(struct kscope_l7_header *h)
 
 static __always_inline void submit(struct chunk *c, __u32 n)
 {
-	__u64 size = sizeof(c->hdr) + (n & READ_MASK);
+	__u64 size;
 
+	/* clang knows n <= capture bound and drops the mask; the verifier may not: keep it */
+	asm volatile("" : "+r"(n));
+	size = sizeof(c->hdr) + (n & READ_MASK);
 	c->hdr.captured = n;
 	if (bpf_ringbuf_output(&l7_ring, c, size, BPF_RB_NO_WAKEUP))
 		stat_inc(KSCOPE_L7_STAT_RB_FULL);
 	else
 		stat_inc(KSCOPE_L7_STAT_CAPTURED);
+}
+
+/* ---- HTTP/1 exchanges: request and response paired in the kernel ----------------------
+ *
+ * For plain-text TCP sockets decided HTTP/1 the calls update the socket's exchange state
+ * and one fixed-size record per request/response leaves when the exchange is over (next
+ * request, socket destroyed, or found idle by the sweep) instead of one chunk per call:
+ * on loopback that is 2 records per request instead of 4, none per body call, and user
+ * space reads fixed-size records instead of running a stream parser.
+ */
+
+#define STATUS_HEAD 12 /* "HTTP/1.1 200" */
+
+/* The status of a response starting here, 0 if this is not a status line. */
+static __always_inline __u16 response_status(const __u8 *d, __u32 n)
+{
+	__u8 a, b, c;
+
+	if (n < STATUS_HEAD || !has_prefix(d, n, "HTTP/1.", 7) || (d[7] != '0' && d[7] != '1') || d[8] != ' ')
+		return 0;
+	a = d[9] - '0';
+	b = d[10] - '0';
+	c = d[11] - '0';
+	if (a < 1 || a > 9 || b > 9 || c > 9)
+		return 0;
+	return a * 100 + b * 10 + c;
+}
+
+/* Several requests in one call (pipelining): a second end of head in the captured bytes.
+ * bpf_loop over 8-byte steps (a plain loop is unrolled by the verifier into too many states
+ * once inlined in both call sites); each step compares the four bytes at 8 offsets with
+ * "\r\n\r\n" as one u32 load each, so a 100-byte head costs ~13 callbacks. */
+#define CRLFCRLF 0x0a0d0a0d /* "\r\n\r\n" read as a little-endian u32 */
+
+struct scan {
+	const __u8 *d;
+	__u32 n;
+	__u32 ends;
+};
+
+static long scan_step(__u32 k, void *arg)
+{
+	struct scan *s = arg;
+	const __u8 *d = s->d;
+	__u32 base = k * 8;
+
+	if (base >= KSCOPE_L7_HEAD)
+		return 1;
+#pragma unroll
+	for (int j = 0; j < 8; j++) {
+		if (base + j + 4 > s->n)
+			return 1;
+		if (*(const __u32 *)(d + base + j) == CRLFCRLF && ++s->ends > 1)
+			return 1;
+	}
+	return 0;
+}
+
+static __always_inline bool several_requests(const __u8 *d, __u32 n)
+{
+	struct scan s = { .d = d, .n = n };
+
+	bpf_loop(KSCOPE_L7_HEAD / 8, scan_step, &s, 0);
+	return s.ends > 1;
+}
+
+/* A ring-buffer slot for an exchange record, socket fields filled (helpers: before any lock). */
+static __always_inline struct kscope_l7_exchange *xrec_reserve(struct sock *sk)
+{
+	struct kscope_l7_exchange *r = bpf_ringbuf_reserve(&l7_ring, sizeof(*r), 0);
+
+	if (!r) {
+		stat_inc(KSCOPE_L7_STAT_RB_FULL);
+		stat_inc(KSCOPE_L7_STAT_EXCHANGE_RB_FULL);
+		return 0;
+	}
+	r->type = KSCOPE_REC_L7_EXCHANGE;
+	read_tuple(r->saddr, r->daddr, &r->sport, &r->dport, &r->family, sk);
+	r->netns_ino = sk->__sk_common.skc_net.net->ns.inum;
+	r->sock_cookie = bpf_get_socket_cookie(sk);
+	return r;
+}
+
+/* Copy the exchange into its record: called with x->lock held (no helpers). */
+static __always_inline void xrec_fill(struct kscope_l7_exchange *r, const struct l7_xchg *x, __u8 reason)
+{
+	bool answered = x->status != 0;
+
+	r->role = x->role;
+	r->method = x->method;
+	r->reason = reason;
+	r->start_ns = x->start_ns;
+	r->latency_ns = answered ? x->resp_ns - x->start_ns : 0;
+	r->request_bytes = x->req_bytes;
+	r->response_bytes = answered ? x->resp_bytes : 0;
+	r->tgid = x->tgid;
+	r->pid = x->pid;
+	r->status = x->status;
+	r->head_len = x->head_len;
+	r->flags = x->flags;
+	__builtin_memset(r->_pad, 0, sizeof(r->_pad));
+	__builtin_memcpy(r->comm, x->comm, sizeof(r->comm));
+	__builtin_memcpy(r->head, x->head, sizeof(r->head));
+}
+
+static __always_inline void xrec_send(struct kscope_l7_exchange *r, bool filled)
+{
+	if (!r)
+		return;
+	if (filled) {
+		bpf_ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+		stat_inc(KSCOPE_L7_STAT_EXCHANGES);
+	} else {
+		bpf_ringbuf_discard(r, BPF_RB_NO_WAKEUP);
+	}
+}
+
+/* A synthetic chunk: the head of a request the exchange path holds, for the chunk parser
+ * that takes over the socket (see xchg_fallback). Fixed size: captured says how much is valid. */
+struct xchunk {
+	struct kscope_l7_header hdr;
+	__u8 data[KSCOPE_L7_HEAD];
+};
+
+/*
+ * The exchange path cannot be right for this socket (pipelining): chunks from now on, for
+ * good. What it holds is handed over so nothing is lost: an answered exchange as its
+ * record, a request still waiting as a chunk of its head at its stream offset (its length
+ * says how many bytes followed, so the parser skips the body and pairs the response that
+ * comes next as a chunk). The triggering call then goes through the chunk path too.
+ */
+static __always_inline void xchg_fallback(struct sock *sk, struct l7_sock *st, struct l7_xchg *x, __u8 req_dir)
+{
+	struct kscope_l7_exchange *r = 0;
+	struct xchunk *q = 0;
+	bool filled = false;
+	__u8 state = x->state; /* unlocked peek: rechecked under the lock */
+
+	st->chunks = 1;
+	stat_inc(KSCOPE_L7_STAT_FALLBACK);
+	if (state == XS_ANSWERED) {
+		r = xrec_reserve(sk);
+	} else if (state == XS_REQUEST) {
+		q = bpf_ringbuf_reserve(&l7_ring, sizeof(*q), 0);
+		if (!q) {
+			stat_inc(KSCOPE_L7_STAT_RB_FULL);
+			return;
+		}
+		__builtin_memset(&q->hdr, 0, sizeof(q->hdr));
+		q->hdr.type = KSCOPE_REC_L7;
+		q->hdr.direction = req_dir;
+		q->hdr.protocol = KSCOPE_PROTO_HTTP1;
+		q->hdr.role = st->role;
+		q->hdr.ip_proto = IPPROTO_TCP;
+		q->hdr.netns_ino = sk->__sk_common.skc_net.net->ns.inum;
+		q->hdr.sock_cookie = bpf_get_socket_cookie(sk);
+		read_tuple(q->hdr.saddr, q->hdr.daddr, &q->hdr.sport, &q->hdr.dport, &q->hdr.family, sk);
+	}
+	bpf_spin_lock(&x->lock);
+	if (r && x->state == XS_ANSWERED) {
+		xrec_fill(r, x, KSCOPE_EMIT_FALLBACK);
+		filled = true;
+	} else if (q && x->state == XS_REQUEST) {
+		q->hdr.ts_ns = x->start_ns;
+		q->hdr.seq = x->req_seq;
+		q->hdr.len = x->req_bytes;
+		q->hdr.captured = x->head_len;
+		q->hdr.flags = x->req_bytes > x->head_len ? KSCOPE_L7_TRUNCATED : 0;
+		q->hdr.tgid = x->tgid;
+		q->hdr.pid = x->pid;
+		__builtin_memcpy(q->hdr.comm, x->comm, sizeof(q->hdr.comm));
+		__builtin_memcpy(q->data, x->head, sizeof(q->data));
+		filled = true;
+	}
+	x->state = XS_NONE;
+	bpf_spin_unlock(&x->lock);
+	if (q) {
+		if (filled) {
+			bpf_ringbuf_submit(q, BPF_RB_NO_WAKEUP);
+			stat_inc(KSCOPE_L7_STAT_CAPTURED);
+		} else {
+			bpf_ringbuf_discard(q, BPF_RB_NO_WAKEUP);
+		}
+	}
+	xrec_send(r, filled);
+}
+
+/* A request-direction call: a new request (method first) or more of the current one. */
+static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, struct l7_xchg *x, const __u8 *d,
+					 __u32 n, int ret, __u64 seq, __u8 dir, bool has_buf, __u64 now)
+{
+	struct kscope_l7_exchange *r = 0;
+	__u8 method = has_buf ? request_method(d, n) : 0, comm[16];
+	__u64 id;
+	bool filled = false;
+
+	if (!method) {
+		/* a body (or bytes of a request older than us): counted into the current request */
+		bpf_spin_lock(&x->lock);
+		if (x->state == XS_REQUEST) {
+			x->req_bytes += ret;
+			x->last_ns = now;
+			if (!has_buf)
+				x->flags |= KSCOPE_X_NO_BUFFER;
+		}
+		bpf_spin_unlock(&x->lock);
+		return true;
+	}
+	/* the previous request still waits for its response, or several requests in one call */
+	if (x->state == XS_REQUEST || several_requests(d, n)) {
+		xchg_fallback(sk, st, x, dir);
+		return false;
+	}
+	if (x->state == XS_ANSWERED)
+		r = xrec_reserve(sk);
+	id = bpf_get_current_pid_tgid();
+	process_comm(comm);
+	bpf_spin_lock(&x->lock);
+	if (r && x->state == XS_ANSWERED) {
+		xrec_fill(r, x, KSCOPE_EMIT_NEXT);
+		filled = true;
+	}
+	x->state = XS_REQUEST;
+	x->method = method;
+	x->flags = n < (__u32)ret ? KSCOPE_X_HEAD_TRUNCATED : 0;
+	x->req_seq = seq;
+	x->start_ns = now;
+	x->last_ns = now;
+	x->resp_ns = 0;
+	x->req_bytes = ret;
+	x->resp_bytes = 0;
+	x->status = 0;
+	x->tgid = id >> 32;
+	x->pid = (__u32)id;
+	x->head_len = n;
+	__builtin_memcpy(x->comm, comm, sizeof(x->comm));
+	__builtin_memcpy(x->head, d, sizeof(x->head));
+	bpf_spin_unlock(&x->lock);
+	xrec_send(r, filled);
+	return true;
+}
+
+/* A response-direction call: the status line of the (final) response, or more of it. */
+static __always_inline void xchg_response(struct sock *sk, struct l7_sock *st, struct l7_xchg *x, const __u8 *d,
+					  __u32 n, int ret, bool has_buf, __u64 now)
+{
+	struct kscope_l7_exchange *r = 0;
+	__u16 status = has_buf ? response_status(d, n) : 0;
+	bool filled = false, last = false, orphan = false, late = false;
+
+	/* 101, or a CONNECT tunnel: the exchange ends now and so does HTTP/1 on this socket */
+	if (status == 101 || (status >= 200 && status < 300 && x->method == KSCOPE_HTTP_CONNECT))
+		r = xrec_reserve(sk);
+	bpf_spin_lock(&x->lock);
+	if (status) {
+		if (x->state != XS_REQUEST) {
+			orphan = true; /* no request pending: older than us, or pipelining we did not see */
+		} else if (status >= 200 || status == 101) {
+			/* 1xx other than 101 (100 Continue, 103) is not the final response: keep waiting */
+			x->status = status;
+			x->resp_ns = now;
+			x->resp_bytes = ret;
+			x->last_ns = now;
+			x->state = XS_ANSWERED;
+			if (status == 101 || (status < 300 && x->method == KSCOPE_HTTP_CONNECT)) {
+				last = true;
+				if (r) {
+					xrec_fill(r, x, KSCOPE_EMIT_UPGRADE);
+					filled = true;
+				}
+				x->state = XS_NONE;
+			}
+		}
+	} else if (x->state == XS_ANSWERED) {
+		x->resp_bytes += ret;
+		x->last_ns = now;
+		if (!has_buf)
+			x->flags |= KSCOPE_X_NO_BUFFER;
+	} else if (x->state == XS_EMITTED) {
+		late = true;
+	}
+	bpf_spin_unlock(&x->lock);
+	xrec_send(r, filled);
+	if (last)
+		st->protocol = KSCOPE_PROTO_IGNORED; /* upgraded: not HTTP/1 any more, stop looking */
+	if (orphan)
+		stat_inc(KSCOPE_L7_STAT_ORPHAN_RESPONSES);
+	if (late)
+		stat_inc(KSCOPE_L7_STAT_LATE_CALLS);
+}
+
+/* One call of a socket on the exchange path. false: it goes through the chunk path instead. */
+static __always_inline bool xchg_call(struct sock *sk, struct l7_sock *st, struct chunk *c, const void *buf,
+				      __u64 avail, int ret, __u8 dir, __u64 seq)
+{
+	struct l7_xchg *x = bpf_sk_storage_get(&l7_xchg, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	bool req_dir = (st->role == KSCOPE_ROLE_CLIENT) == (dir == KSCOPE_DIR_EGRESS);
+	__u64 n = ret, now = bpf_ktime_get_ns();
+
+	if (!x) {
+		stat_inc(KSCOPE_L7_STAT_STORAGE_FAILED);
+		st->chunks = 1;
+		return false;
+	}
+	x->role = st->role; /* set by the socket's own calls only, before the sweep can see a state */
+	if (n > avail)
+		n = avail;
+	if (req_dir) {
+		/* the head, zero after it: the record carries the whole fixed area */
+		if (n > KSCOPE_L7_HEAD)
+			n = KSCOPE_L7_HEAD;
+		if (n > capture_bytes)
+			n = capture_bytes;
+		__builtin_memset(c->data, 0, KSCOPE_L7_HEAD);
+	} else if (n > STATUS_HEAD) {
+		n = STATUS_HEAD; /* the status line's start is all a response tells us */
+	}
+	if (buf && n && bpf_probe_read_user(c->data, n & READ_MASK, buf)) {
+		stat_inc(KSCOPE_L7_STAT_READ_FAILED);
+		buf = 0;
+	}
+	if (!buf) {
+		n = 0;
+		stat_inc(KSCOPE_L7_STAT_NO_BUFFER);
+	}
+	if (!req_dir) {
+		xchg_response(sk, st, x, c->data, n, ret, buf != 0, now);
+		return true;
+	}
+	return xchg_request(sk, st, x, c->data, n, ret, seq, dir, buf != 0, now);
 }
 
 /* Inside SSL_read/SSL_write: remember which socket this SSL object uses. */
@@ -389,9 +792,12 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 	c = bpf_map_lookup_elem(&l7_scratch, &zero);
 	if (!c)
 		return;
+	buf = user_buffer((struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf()), &avail, &uaddr);
+	if (exchanges && st->protocol == KSCOPE_PROTO_HTTP1 && ip_proto == IPPROTO_TCP && !st->chunks &&
+	    xchg_call(sk, st, c, buf, avail, ret, dir, seq))
+		return;
 	__builtin_memset(&c->hdr, 0, sizeof(c->hdr));
 	read_tuple(c->hdr.saddr, c->hdr.daddr, &c->hdr.sport, &c->hdr.dport, &c->hdr.family, sk);
-	buf = user_buffer((struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf()), &avail, &uaddr);
 	if (ip_proto == IPPROTO_UDP && !c->hdr.dport)
 		read_peer(&c->hdr, uaddr);
 	n = buf ? clamp_capture(ret, avail) : 0;
@@ -420,6 +826,10 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 		}
 		st->protocol = proto;
 		st->role = role;
+		/* the exchange path from this first call on (it reads the head it needs itself) */
+		if (exchanges && proto == KSCOPE_PROTO_HTTP1 && ip_proto == IPPROTO_TCP &&
+		    xchg_call(sk, st, c, buf, avail, ret, dir, seq))
+			return;
 	}
 	if (!buf) {
 		c->hdr.flags |= KSCOPE_L7_NO_BUFFER;
@@ -572,5 +982,65 @@ SEC("uretprobe")
 int BPF_KRETPROBE(ssl_exit, long ret)
 {
 	tls_exit(ret);
+	return 0;
+}
+
+/* ---- exchanges that no next request ends: closed sockets and idle keep-alive ------------ */
+
+/* Emit the exchange if `due` still holds under the lock; the record slot is taken before. */
+static __always_inline void xchg_retire(struct sock *sk, struct l7_xchg *x, __u8 reason, __u64 now)
+{
+	struct kscope_l7_exchange *r = xrec_reserve(sk);
+	bool filled = false;
+
+	if (!r)
+		return;
+	bpf_spin_lock(&x->lock);
+	if (x->state == XS_REQUEST || x->state == XS_ANSWERED) {
+		if (reason == KSCOPE_EMIT_CLOSE || (x->state == XS_ANSWERED && now - x->last_ns >= idle_ns) ||
+		    (x->state == XS_REQUEST && now - x->start_ns >= unanswered_ns)) {
+			xrec_fill(r, x, reason);
+			x->state = reason == KSCOPE_EMIT_CLOSE ? XS_NONE : XS_EMITTED;
+			filled = true;
+		}
+	}
+	bpf_spin_unlock(&x->lock);
+	xrec_send(r, filled);
+}
+
+SEC("tp_btf/tcp_destroy_sock")
+int BPF_PROG(l7_destroy, struct sock *sk)
+{
+	struct l7_xchg *x = bpf_sk_storage_get(&l7_xchg, sk, 0, 0);
+
+	if (x && (x->state == XS_REQUEST || x->state == XS_ANSWERED))
+		xchg_retire(sk, x, KSCOPE_EMIT_CLOSE, 0);
+	return 0;
+}
+
+/*
+ * The sweep: user space runs it every few hundred ms over the exchange map (HTTP/1 sockets
+ * only). An answered exchange idle for idle_ns is sent (the last request of an idle
+ * keep-alive connection would otherwise wait for the next one or the close); an unanswered
+ * one after unanswered_ns. The socket's own CPU may be updating the same exchange: the
+ * unlocked peek only avoids reserving a slot for nothing, the decision is taken again under
+ * the lock. Records go to the ring like every other, nothing to the seq file.
+ */
+SEC("iter/bpf_sk_storage_map")
+int sweep(struct bpf_iter__bpf_sk_storage_map *ctx)
+{
+	struct sock *sk = ctx->sk;
+	struct l7_xchg *x;
+	__u64 now;
+
+	if (!sk || !ctx->value)
+		return 0;
+	x = bpf_sk_storage_get(&l7_xchg, sk, 0, 0);
+	if (!x)
+		return 0;
+	now = bpf_ktime_get_ns();
+	if ((x->state == XS_ANSWERED && now - x->last_ns >= idle_ns) ||
+	    (x->state == XS_REQUEST && now - x->start_ns >= unanswered_ns))
+		xchg_retire(sk, x, KSCOPE_EMIT_SWEEP, now);
 	return 0;
 }

@@ -12,7 +12,8 @@
 #define KSCOPE_L7_MAX_CAPTURE 4096 /* hard bound of captured bytes per call (power of two) */
 
 enum kscope_l7_record_type {
-	KSCOPE_REC_L7 = 2,
+	KSCOPE_REC_L7 = 2,          /* struct kscope_l7_header + payload: one send/recv call (chunk) */
+	KSCOPE_REC_L7_EXCHANGE = 3, /* struct kscope_l7_exchange: one HTTP/1 request and its response */
 };
 
 /* What kscope decided the connection speaks (kept per socket, decided in the kernel). */
@@ -42,7 +43,12 @@ enum kscope_l7_stat {
 	KSCOPE_L7_STAT_NO_BUFFER = 4,    /* calls without a user buffer (flag KSCOPE_L7_NO_BUFFER) */
 	KSCOPE_L7_STAT_TLS_NO_SOCKET = 5,/* TLS plaintext whose socket was never seen (dropped) */
 	KSCOPE_L7_STAT_STORAGE_FAILED = 6,
-	KSCOPE_L7_STATS = 7,
+	KSCOPE_L7_STAT_EXCHANGES = 7,    /* exchange records sent to user space */
+	KSCOPE_L7_STAT_FALLBACK = 8,     /* HTTP/1 sockets switched to chunks for good (pipelining) */
+	KSCOPE_L7_STAT_ORPHAN_RESPONSES = 9, /* a response with no request pending (connection older than us) */
+	KSCOPE_L7_STAT_LATE_CALLS = 10,  /* response calls after the sweep emitted their exchange */
+	KSCOPE_L7_STAT_EXCHANGE_RB_FULL = 11, /* exchange dropped: ring buffer full */
+	KSCOPE_L7_STATS = 12,
 };
 
 /* Followed by `captured` payload bytes. */
@@ -67,6 +73,65 @@ struct kscope_l7_header {
 	__u8 role;        /* enum kscope_l4_role as decided for this connection */
 	__u8 ip_proto;    /* 6 TCP, 17 UDP */
 	__u8 comm[16];    /* task name */
+};
+
+/* Bytes of a request's head copied into its exchange record (the request line and the first
+ * headers; traceparent/X-Request-ID past it are not seen). Fixed: the record is fixed-size so
+ * user space reads a batch as an array. Bounded further by the capture_bytes knob. */
+#define KSCOPE_L7_HEAD 384
+
+enum kscope_http_method {
+	KSCOPE_HTTP_GET = 1,
+	KSCOPE_HTTP_HEAD = 2,
+	KSCOPE_HTTP_POST = 3,
+	KSCOPE_HTTP_PUT = 4,
+	KSCOPE_HTTP_DELETE = 5,
+	KSCOPE_HTTP_PATCH = 6,
+	KSCOPE_HTTP_OPTIONS = 7,
+	KSCOPE_HTTP_CONNECT = 8,
+	KSCOPE_HTTP_TRACE = 9,
+};
+
+/* Why an exchange record was sent now. */
+enum kscope_l7_emit {
+	KSCOPE_EMIT_NEXT = 1,     /* the next request started on the socket */
+	KSCOPE_EMIT_CLOSE = 2,    /* the socket was destroyed */
+	KSCOPE_EMIT_SWEEP = 3,    /* idle (answered) or timed out (unanswered), found by the periodic sweep */
+	KSCOPE_EMIT_UPGRADE = 4,  /* 101 Switching Protocols / CONNECT 2xx: the last HTTP/1 exchange */
+	KSCOPE_EMIT_FALLBACK = 5, /* the socket switched to chunks (pipelining); this one was answered */
+};
+
+enum kscope_l7_exchange_flags {
+	KSCOPE_X_HEAD_TRUNCATED = 1, /* the request-start call moved more than head_len bytes */
+	KSCOPE_X_NO_BUFFER = 2,      /* some call of the exchange had no user buffer (sendfile ...) */
+};
+
+/* One HTTP/1 request/response exchange on a plain-text TCP socket, as one side saw it.
+ * status 0: no (final) response was seen before the record was sent. */
+struct kscope_l7_exchange {
+	__u8 type;            /* KSCOPE_REC_L7_EXCHANGE */
+	__u8 role;            /* enum kscope_l4_role of this socket (CLIENT: we sent the request) */
+	__u8 method;          /* enum kscope_http_method */
+	__u8 reason;          /* enum kscope_l7_emit */
+	__u32 netns_ino;      /* the socket's network namespace inode */
+	__u64 sock_cookie;    /* same id as the L4 records and chunks of this socket */
+	__u64 start_ns;       /* CLOCK_MONOTONIC ns: the call carrying the request's first byte returned */
+	__u64 latency_ns;     /* response first byte - request first byte (ns); 0 without a response */
+	__u64 request_bytes;  /* bytes of the request (head and body) the calls moved */
+	__u64 response_bytes; /* bytes of the final response (head and body); 1xx interim responses excluded */
+	__u8 saddr[16];       /* local address, network order; IPv4 as ::ffff:a.b.c.d */
+	__u8 daddr[16];       /* remote address, network order */
+	__u32 tgid;           /* process id of the task that moved the request */
+	__u32 pid;            /* its thread id */
+	__u16 sport;          /* local port, host order */
+	__u16 dport;          /* remote port, host order */
+	__u16 family;         /* AF_INET or AF_INET6 */
+	__u16 status;         /* HTTP status of the final response, 0 if none */
+	__u16 head_len;       /* valid bytes in head[] */
+	__u8 flags;           /* enum kscope_l7_exchange_flags, OR-ed */
+	__u8 _pad[5];
+	__u8 comm[16];        /* process name */
+	__u8 head[KSCOPE_L7_HEAD]; /* the request head's first head_len bytes; zero after them */
 };
 
 #pragma clang diagnostic pop

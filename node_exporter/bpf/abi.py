@@ -106,6 +106,7 @@ class KscopeL4Record(ctypes.Structure):
 
 class L7RecordType(enum.IntEnum):
     KSCOPE_REC_L7 = 2
+    KSCOPE_REC_L7_EXCHANGE = 3
 
 
 class L7Protocol(enum.IntEnum):
@@ -134,7 +135,12 @@ class L7Stat(enum.IntEnum):
     KSCOPE_L7_STAT_NO_BUFFER = 4
     KSCOPE_L7_STAT_TLS_NO_SOCKET = 5
     KSCOPE_L7_STAT_STORAGE_FAILED = 6
-    KSCOPE_L7_STATS = 7
+    KSCOPE_L7_STAT_EXCHANGES = 7
+    KSCOPE_L7_STAT_FALLBACK = 8
+    KSCOPE_L7_STAT_ORPHAN_RESPONSES = 9
+    KSCOPE_L7_STAT_LATE_CALLS = 10
+    KSCOPE_L7_STAT_EXCHANGE_RB_FULL = 11
+    KSCOPE_L7_STATS = 12
 
 
 L7_MAX_CAPTURE = 4096
@@ -167,10 +173,69 @@ class KscopeL7Header(ctypes.Structure):
     ]
 
 
+L7_HEAD = 384  # KSCOPE_L7_HEAD: request head bytes carried by an exchange record
+
+
+class HttpMethod(enum.IntEnum):
+    KSCOPE_HTTP_GET = 1
+    KSCOPE_HTTP_HEAD = 2
+    KSCOPE_HTTP_POST = 3
+    KSCOPE_HTTP_PUT = 4
+    KSCOPE_HTTP_DELETE = 5
+    KSCOPE_HTTP_PATCH = 6
+    KSCOPE_HTTP_OPTIONS = 7
+    KSCOPE_HTTP_CONNECT = 8
+    KSCOPE_HTTP_TRACE = 9
+
+
+class L7Emit(enum.IntEnum):
+    KSCOPE_EMIT_NEXT = 1
+    KSCOPE_EMIT_CLOSE = 2
+    KSCOPE_EMIT_SWEEP = 3
+    KSCOPE_EMIT_UPGRADE = 4
+    KSCOPE_EMIT_FALLBACK = 5
+
+
+class L7ExchangeFlags(enum.IntFlag):
+    KSCOPE_X_HEAD_TRUNCATED = 1
+    KSCOPE_X_NO_BUFFER = 2
+
+
+class KscopeL7Exchange(ctypes.Structure):
+    """One HTTP/1 request/response exchange as one side saw it (fixed size)."""
+
+    _fields_ = [
+        ("type", u8),
+        ("role", u8),
+        ("method", u8),
+        ("reason", u8),
+        ("netns_ino", u32),
+        ("sock_cookie", u64),
+        ("start_ns", u64),
+        ("latency_ns", u64),
+        ("request_bytes", u64),
+        ("response_bytes", u64),
+        ("saddr", u8 * 16),
+        ("daddr", u8 * 16),
+        ("tgid", u32),
+        ("pid", u32),
+        ("sport", u16),
+        ("dport", u16),
+        ("family", u16),
+        ("status", u16),
+        ("head_len", u16),
+        ("flags", u8),
+        ("_pad", u8 * 5),
+        ("comm", u8 * 16),
+        ("head", u8 * L7_HEAD),
+    ]
+
+
 # C struct name -> (object file, mirror); C enum name -> (object file, mirror): what the ABI test walks.
 STRUCTS: dict[str, tuple[str, type[ctypes.Structure]]] = {
     "kscope_l4_record": ("l4.bpf.o", KscopeL4Record),
     "kscope_l7_header": ("l7.bpf.o", KscopeL7Header),
+    "kscope_l7_exchange": ("l7.bpf.o", KscopeL7Exchange),
 }
 ENUMS: dict[str, tuple[str, type[enum.IntEnum] | type[enum.IntFlag]]] = {
     "kscope_record_type": ("l4.bpf.o", RecordType),
@@ -184,4 +249,7 @@ ENUMS: dict[str, tuple[str, type[enum.IntEnum] | type[enum.IntFlag]]] = {
     "kscope_l7_direction": ("l7.bpf.o", L7Direction),
     "kscope_l7_flags": ("l7.bpf.o", L7Flags),
     "kscope_l7_stat": ("l7.bpf.o", L7Stat),
+    "kscope_http_method": ("l7.bpf.o", HttpMethod),
+    "kscope_l7_emit": ("l7.bpf.o", L7Emit),
+    "kscope_l7_exchange_flags": ("l7.bpf.o", L7ExchangeFlags),
 }

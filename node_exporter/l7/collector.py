@@ -13,13 +13,17 @@ from node_exporter.bpf.maps import read_percpu_u64_array
 from node_exporter.bpf.ringbuf import RingReader
 from node_exporter.l4.collector import default_bpf_dir
 from node_exporter.l7.chunks import Chunk, decode_chunk
+from node_exporter.l7.exchanges import EXCHANGE_SIZE, EXCHANGE_TYPE, ExchangeBatch
 from node_exporter.l7.tls import TlsAttacher
 
 OBJECT_NAME = "l7.bpf.o"
 FULL_TLS_SCAN_S = 60.0  # between scans of every process's maps; new processes are read every tls_rescan_s
+SWEEP_S = 0.25  # between runs of the kernel sweep that sends idle keep-alive exchanges
 CAPABILITIES = {
     "l7_send": "l7.capture",
     "l7_recv": "l7.capture",
+    "l7_destroy": "l7.capture",
+    "sweep": "l7.capture",
     "ssl_write_enter": "l7.tls",
     "ssl_read_enter": "l7.tls",
     "ssl_write_ex_enter": "l7.tls",
@@ -31,7 +35,9 @@ CAPABILITIES = {
 @dataclass
 class L7Stats:
     chunks: int = 0
+    exchanges: int = 0  # exchange records received
     decode_errors: int = 0
+    sweeps: int = 0
 
 
 class L7Collector:
@@ -45,19 +51,31 @@ class L7Collector:
         tls: bool = True,
         tls_rescan_s: float = 5.0,
         proc_root: str = "/proc",
+        exchanges: bool = True,
+        idle_s: float = 0.5,
+        sweep_s: float = SWEEP_S,
     ) -> None:
+        """``exchanges``: pair plain-text HTTP/1 in the kernel (one record per exchange) instead of
+        sending every call's head; ``idle_s``: how long an answered exchange waits for more
+        response bytes before the sweep (run every ``sweep_s``) sends it."""
         path = Path(object_path) if object_path else default_bpf_dir() / OBJECT_NAME
         self.obj = BpfObject(
             path,
             capabilities=CAPABILITIES,
             required=frozenset({"l7.capture"}),
-            knobs={"capture_bytes": max(1, min(capture_bytes, 4096)), "filter_netns_ino": netns_ino},
+            knobs={
+                "capture_bytes": max(1, min(capture_bytes, 4096)),
+                "filter_netns_ino": netns_ino,
+                "exchanges": int(exchanges),
+                "idle_ns": int(idle_s * 1e9),
+            },
             map_sizes={"l7_ring": ring_bytes} if ring_bytes else None,
         )
         try:
             _, _, size = self.obj.map_info("l7_ring")
             self._ring = RingReader(self.obj.map_fd("l7_ring"), size)
             self._stats_fd = self.obj.map_fd("l7_stats")
+            self._sweep_link = self.obj.attach_map_iter("sweep", "l7_xchg")
         except BaseException:
             self.obj.close()
             raise
@@ -67,7 +85,8 @@ class L7Collector:
             self.tls = TlsAttacher(self._attach_uprobe, proc_root=proc_root)
             self.tls.scan()
         self._tls_rescan_s = tls_rescan_s
-        self._last_scan = self._last_full_scan = time.monotonic()
+        self._last_scan = self._last_full_scan = self._last_sweep = time.monotonic()
+        self._sweep_s = sweep_s
 
     @property
     def report(self) -> LoadReport:
@@ -76,7 +95,10 @@ class L7Collector:
     def _attach_uprobe(self, program: str, binary: str, symbol: str, retprobe: bool) -> object:
         return self.obj.attach_uprobe(program, binary, symbol, retprobe=retprobe)
 
-    def poll(self) -> list[Chunk]:
+    def poll(self) -> list[Chunk | ExchangeBatch]:
+        """Chunks in ring order, then at most one batch of exchange records (order between
+        the two does not matter: a socket's records are either exchanges or chunks, and the
+        one switch from exchanges to chunks is a clean message boundary)."""
         now = time.monotonic()
         if self.tls is not None and now - self._last_scan >= self._tls_rescan_s:
             full = now - self._last_full_scan >= FULL_TLS_SCAN_S
@@ -84,15 +106,33 @@ class L7Collector:
             if full:
                 self._last_full_scan = now
             self.tls.scan(full=full)
-        out = []
+        if now - self._last_sweep >= self._sweep_s:
+            self.sweep()
+        out: list[Chunk | ExchangeBatch] = []
+        exchanges: list[bytes] = []
         for raw in self._ring.drain():
+            if raw and raw[0] == EXCHANGE_TYPE:
+                if len(raw) >= EXCHANGE_SIZE:
+                    exchanges.append(raw)
+                else:
+                    self.stats.decode_errors += 1
+                continue
             chunk = decode_chunk(raw)
             if chunk is None:
                 self.stats.decode_errors += 1
             else:
                 out.append(chunk)
         self.stats.chunks += len(out)
+        if exchanges:
+            self.stats.exchanges += len(exchanges)
+            out.append(ExchangeBatch(exchanges))
         return out
+
+    def sweep(self) -> None:
+        """Run the kernel sweep now: idle answered exchanges go to the ring (read by poll)."""
+        self._last_sweep = time.monotonic()
+        BpfObject.run_iter(self._sweep_link)
+        self.stats.sweeps += 1
 
     def kernel_stats(self) -> dict[str, int]:
         values = read_percpu_u64_array(self._stats_fd, int(L7Stat.KSCOPE_L7_STATS))

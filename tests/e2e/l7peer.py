@@ -4,12 +4,21 @@ l7peer.py http-client --to IP --port P [--comm NAME]
     One keep-alive HTTP/1.1 connection; after ``connected`` it reads commands, one a line:
         get PATH [N]         N requests one after the other (default 1)
         pipeline PATH...     every request in ONE send, then every response read
+        ahead PATH...        each request in its own send (50 ms apart), then every response read
+        post PATH SIZE [expect]  a POST whose body (SIZE bytes) leaves in two sends after the head;
+                             with ``expect``, after the server's 100 Continue
+        upgrade PATH         GET with Upgrade:, then (after 101) three request-looking lines echoed
         close
     and answers each with one JSON line: the statuses, and the exact bytes of each
     request and response as they went over the wire.
 l7peer.py slow-http --bind IP --port P --delay S
     A plain-socket HTTP server (no http.server: it would call getfqdn() on bind, which
     blocks in an isolated namespace) that sleeps S seconds before each answer.
+l7peer.py http-server --bind IP --port P
+    A keep-alive HTTP/1.1 server on plain sockets that answers 100 Continue to ``Expect:``,
+    /chunked with a chunked body in several writes, /upgrade with 101 and then echoes, and
+    anything else with 200 "ok". Each exchange ends with one ``served`` JSON line: path,
+    status and the exact request/response bytes (1xx interim bytes apart).
 l7peer.py servfail --bind IP --port P
     A UDP DNS "server" that answers every query with its own question and rcode SERVFAIL.
 """
@@ -50,22 +59,38 @@ class Reader:
             raise ConnectionError("peer closed")
         self.buf += data
 
-    def response(self) -> tuple[int, int]:
-        """(status, bytes on the wire)"""
+    def head(self) -> tuple[int, dict[bytes, bytes], int]:
+        """(status, lower-cased fields, head bytes), consumed from the buffer."""
         while b"\r\n\r\n" not in self.buf:
             self._fill()
-        head, _ = self.buf.split(b"\r\n\r\n", 1)
-        status = int(head.split(b" ", 2)[1])
-        length = 0
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        fields = {}
         for line in head.split(b"\r\n")[1:]:
             name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value.strip())
-        size = len(head) + 4 + length
-        while len(self.buf) < size:
+            fields[name.strip().lower()] = value.strip()
+        return int(head.split(b" ", 2)[1]), fields, len(head) + 4
+
+    def response(self) -> tuple[int, int]:
+        """(status, bytes on the wire): Content-Length or chunked (no trailers)."""
+        status, fields, size = self.head()
+        if fields.get(b"transfer-encoding") == b"chunked":
+            while True:
+                while b"\r\n" not in self.buf:
+                    self._fill()
+                line = self.buf.split(b"\r\n", 1)[0]
+                n = int(line, 16)
+                total = len(line) + 2 + n + 2
+                while len(self.buf) < total:
+                    self._fill()
+                self.buf = self.buf[total:]
+                size += total
+                if n == 0:
+                    return status, size
+        length = int(fields.get(b"content-length", b"0"))
+        while len(self.buf) < length:
             self._fill()
-        self.buf = self.buf[size:]
-        return status, size
+        self.buf = self.buf[length:]
+        return status, size + length
 
 
 def request(path: str) -> bytes:
@@ -104,6 +129,50 @@ def cmd_http_client(args: argparse.Namespace) -> None:
                 request_bytes=[len(r) for r in reqs],
                 response_bytes=[n for _, n in answers],
             )
+        elif cmd[0] == "ahead":
+            reqs = [request(p) for p in cmd[1:]]
+            for r in reqs:
+                sock.sendall(r)
+                time.sleep(0.05)
+            answers = [reader.response() for _ in reqs]
+            emit(
+                "done",
+                paths=cmd[1:],
+                statuses=[s for s, _ in answers],
+                request_bytes=[len(r) for r in reqs],
+                response_bytes=[n for _, n in answers],
+            )
+        elif cmd[0] == "post":
+            size, expect = int(cmd[2]), cmd[3:] == ["expect"]
+            head = (f"POST {cmd[1]} HTTP/1.1\r\nHost: kscope.test\r\nContent-Length: {size}\r\n"
+                    + ("Expect: 100-continue\r\n" if expect else "") + "\r\n").encode()  # fmt: skip
+            sock.sendall(head)
+            interim = 0
+            if expect:
+                status, _, interim = reader.head()
+                if status != 100:
+                    emit("error", message=f"expected 100 Continue, got {status}")
+                    return
+            body = b"x" * size
+            sock.sendall(body[: size // 2])
+            time.sleep(0.02)
+            sock.sendall(body[size // 2 :])
+            status, n = reader.response()
+            emit("done", status=status, request_bytes=len(head) + size, response_bytes=n, interim_bytes=interim)
+        elif cmd[0] == "upgrade":
+            req = (f"GET {cmd[1]} HTTP/1.1\r\nHost: kscope.test\r\nConnection: Upgrade\r\n"
+                   "Upgrade: kscope-echo\r\n\r\n").encode()  # fmt: skip
+            sock.sendall(req)
+            status, _, n = reader.head()
+            echoed = 0
+            for _ in range(3):
+                line = b"GET /after-upgrade HTTP/1.1\r\n\r\n"
+                sock.sendall(line)
+                while len(reader.buf) < len(line):
+                    reader._fill()
+                reader.buf = reader.buf[len(line) :]
+                echoed += 1
+            emit("done", status=status, request_bytes=len(req), response_bytes=n, echoed=echoed)
         elif cmd[0] == "close":
             sock.close()
             emit("closed")
@@ -133,6 +202,73 @@ def cmd_slow_http(args: argparse.Namespace) -> None:
             body = b"slow\n"
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
                          b"Connection: close\r\n\r\n%s" % (len(body), body))  # fmt: skip
+
+    while True:
+        conn, _ = lsock.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def cmd_http_server(args: argparse.Namespace) -> None:
+    set_comm(args.comm)
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind((args.bind, args.port))
+    lsock.listen(64)
+    emit("listening", pid=os.getpid())
+
+    def exchange(conn: socket.socket, reader: Reader) -> bool:
+        while b"\r\n\r\n" not in reader.buf:
+            data = conn.recv(65536)
+            if not data:
+                return False
+            reader.buf += data
+        head, reader.buf = reader.buf.split(b"\r\n\r\n", 1)
+        path = head.split(b" ", 2)[1].decode().split("?")[0]
+        fields = {}
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            fields[name.strip().lower()] = value.strip()
+        interim = b""
+        if fields.get(b"expect", b"").lower() == b"100-continue":
+            interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+            conn.sendall(interim)
+        length = int(fields.get(b"content-length", b"0"))
+        while len(reader.buf) < length:
+            reader._fill()
+        reader.buf = reader.buf[length:]
+        request_bytes = len(head) + 4 + length
+        if path == "/upgrade":
+            resp = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: kscope-echo\r\n\r\n"
+            conn.sendall(resp)
+            emit("served", path=path, status=101, request_bytes=request_bytes, response_bytes=len(resp),
+                 interim_bytes=0)  # fmt: skip
+            while data := conn.recv(65536):
+                conn.sendall(data)
+            return False
+        if path == "/chunked":
+            time.sleep(0.2)  # the latency the records must show (after any 100 Continue)
+            parts = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"]
+            parts += [b"%x\r\n%s\r\n" % (len(d), d) for d in (b"a" * 100, b"b" * 3000, b"c" * 7)]
+            parts.append(b"0\r\n\r\n")
+            for part in parts:
+                conn.sendall(part)
+                time.sleep(0.01)  # separate writes
+            resp = b"".join(parts)
+        else:
+            resp = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
+            conn.sendall(resp)
+        emit("served", path=path, status=200, request_bytes=request_bytes, response_bytes=len(resp),
+             interim_bytes=len(interim))  # fmt: skip
+        return True
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            reader = Reader(conn)
+            try:
+                while exchange(conn, reader):
+                    pass
+            except ConnectionError:
+                pass
 
     while True:
         conn, _ = lsock.accept()
@@ -172,6 +308,11 @@ def main() -> None:
     p.add_argument("--delay", type=float, required=True)
     p.add_argument("--comm")
     p.set_defaults(func=cmd_slow_http)
+    p = sub.add_parser("http-server")
+    p.add_argument("--bind", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--comm")
+    p.set_defaults(func=cmd_http_server)
     p = sub.add_parser("servfail")
     p.add_argument("--bind", required=True)
     p.add_argument("--port", type=int, required=True)

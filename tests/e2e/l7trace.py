@@ -22,6 +22,7 @@ from typing import Any
 
 from node_exporter.l4.collector import L4Collector
 from node_exporter.l7.collector import L7Collector
+from node_exporter.l7.exchanges import ExchangeBatch
 from node_exporter.l7.pipeline import ConnInfo, L7Event, L7Pipeline
 from node_exporter.protocols import DnsRecord, HttpRecord
 from tests.e2e.netns import SRV_V4, SRV_V6, Netns, Peer, Topology, nginx, run
@@ -48,6 +49,7 @@ class L7Trace:
         self.pipe = L7Pipeline()
         self.events: list[L7Event] = []
         self.chunks = 0
+        self.exchanges = 0  # exchange records (plain-text HTTP/1 paired in the kernel)
         # Chunks whose call moved more than was captured (a bound, or a vector call's first
         # buffer): the pipeline feeds the rest to its parser as a gap of known size.
         self.truncated = 0
@@ -57,13 +59,16 @@ class L7Trace:
         out: list[L7Event] = []
         for l4, l7 in self.pairs:
             records = l4.poll()
-            chunks = l7.poll()
-            self.chunks += len(chunks)
-            for c in chunks:
+            items = l7.poll()
+            for c in items:
+                if isinstance(c, ExchangeBatch):
+                    self.exchanges += len(c)
+                    continue
+                self.chunks += 1
                 if c.length > len(c.data):
                     self.truncated += 1
                     self.truncated_bytes += c.length - len(c.data)
-            out += self.pipe.feed(chunks)
+            out += self.pipe.feed(items)
             out += self.pipe.close_sockets(r.sock_cookie for r in records if r.is_close)
         out += self.pipe.expire(time.monotonic_ns())
         self.events += out

@@ -406,11 +406,19 @@ def test_overload_drops_chunks_not_requests(topo: Topology, tmp_path: Path, trac
     check_pair(c, s, topo, cport)
     assert c.record.status == 200
 
-    counters = trace.pipe.counters()
     bursts = http(trace.events[:after], path="/burst")
     wrks = http(trace.events[:after], path="/wrk")
-    # Lost chunks are seen as lost (a stream offset jump), never as made-up records.
-    assert counters["gaps"] > trace.truncated, (counters, trace.truncated)
+    # Plain HTTP/1 is paired in the kernel: what the full ring loses is whole exchange records,
+    # each counted there, never a made-up or half record. Every exchange of every request
+    # (both ends) was either received or counted as dropped; nothing was lost in between.
+    trace.poll()
+    stats = trace.kernel_stats()
+    assert stats["exchange_rb_full"] > 0, stats
+    assert trace.exchanges == stats["exchanges"], (trace.exchanges, stats)
+    ended = stats["exchanges"] + stats["exchange_rb_full"]
+    made = 2 + burst + n_wrk  # warm-up, after-burst, the burst and wrk's completed requests
+    assert 2 * made <= ended <= 2 * (made + 4), (ended, made)  # + wrk's in flight at its end
+    assert trace.pipe.counters()["invalid_frames"] == 0
     assert len(http(bursts, side=Role.CLIENT)) < burst and len(http(bursts, side=Role.SERVER)) < burst
     assert len(http(wrks, side=Role.CLIENT)) < n_wrk and len(http(wrks, side=Role.SERVER)) < n_wrk
     assert len(http(trace.events)) == len(trace.events)
@@ -418,3 +426,139 @@ def test_overload_drops_chunks_not_requests(topo: Topology, tmp_path: Path, trac
         assert e.record.status == 200 and e.record.method == "GET", e
         assert e.record.path in {"/warmup", "/wrk", "/burst", "/after-burst"}, e
     assert all(l7.stats.decode_errors == 0 for _, l7 in trace.pairs)
+
+
+# ---- 9: HTTP/1 paired in the kernel: bodies, 100-continue, idle keep-alive, upgrade, fallback ----
+
+PEER_PORT = 9100
+
+
+def peer_server(topo: Topology) -> Any:
+    server = l7peer(topo, topo.srv, "http-server", "--bind", SRV_V4, "--port", str(PEER_PORT), "--comm", "ks-server")
+    server.expect("listening")
+    return server
+
+
+def peer_client(topo: Topology, port: int = PEER_PORT, comm: str = "ks-client") -> tuple[Any, int]:
+    cli = l7peer(topo, topo.cli, "http-client", "--to", SRV_V4, "--port", str(port), "--comm", comm)
+    return cli, cli.expect("connected")["local"][1]
+
+
+@pytest.mark.parametrize("expect", [False, True], ids=["body", "100-continue"])
+def test_post_body_chunked_response_sizes_exact(
+    topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace], expect: bool
+) -> None:
+    """A POST whose body leaves in two sends after its head, answered by a chunked body in five
+    writes: the exchange counts every byte of each at both ends, and nothing else (a 100
+    Continue is an interim response: not the response's bytes, and not its first byte)."""
+    server = peer_server(topo)
+    trace = tracing()
+    cli, cport = peer_client(topo)
+    got = cli.call("post /chunked?k=secret 5000" + (" expect" if expect else ""), "done")
+    served = server.expect("served")
+    require(got["status"] == served["status"] == 200, f"client {got}, server {served}")
+    require(got["response_bytes"] == served["response_bytes"], f"client {got}, server {served}")
+    require(got["interim_bytes"] == served["interim_bytes"] == (25 if expect else 0), f"{got} {served}")
+    cli.call("close", "closed")
+
+    c_events, s_events = both_ends(trace, path="/chunked")
+    c, s = one(c_events, "client"), one(s_events, "server")
+    check_pair(c, s, topo, cport, PEER_PORT)
+    assert (c.conn.comm, s.conn.comm) == ("ks-client", "ks-server")
+    for e in (c, s):
+        assert (e.record.method, e.record.status) == ("POST", 200)
+        assert e.record.request_bytes == got["request_bytes"] == served["request_bytes"], e
+        assert e.record.response_bytes == got["response_bytes"], e
+        # the server waits 200 ms after the body before answering: a 100 Continue must not end the wait
+        assert e.record.latency_ns >= 200 * MS, e
+    assert "secret" not in repr(trace.events)
+    assert trace.chunks == 0 and trace.exchanges == 2, (trace.chunks, trace.exchanges)
+    stats = trace.kernel_stats()
+    assert stats["fallback"] == stats["orphan_responses"] == stats["late_calls"] == 0, stats
+
+
+def test_idle_keepalive_exchange_reported_by_sweep(
+    topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]
+) -> None:
+    """The last request of a keep-alive connection that stays open is reported once it has been
+    idle for the collector's idle time (the kernel sweep), not at the next request or the close."""
+    start_l7_nginx(topo, tmp_path, PORT)
+    trace = tracing(idle_s=0.3, sweep_s=0.1)
+    cli, cport = peer_client(topo, PORT, "ks-idle")
+    t0 = time.monotonic()
+    require(cli.call("get /idle/1", "done")["statuses"] == {"200": 1}, "request")
+    c_events, s_events = both_ends(trace, path="/idle/1", timeout=3)
+    waited = time.monotonic() - t0
+    c, s = one(c_events, "client"), one(s_events, "server")
+    check_pair(c, s, topo, cport)
+    assert 0.3 <= waited < 1.5, waited
+    # still the same open connection: the next exchange on it is whole and reported too
+    require(cli.call("get /idle/2", "done")["statuses"] == {"200": 1}, "second request")
+    c2, s2 = both_ends(trace, path="/idle/2", timeout=3)
+    assert one(c2, "client").conn.sock_cookie == c.conn.sock_cookie
+    assert one(s2, "server").conn.sock_cookie == s.conn.sock_cookie
+    assert len(http(trace.events)) == 4, trace.events
+    assert trace.kernel_stats()["late_calls"] == 0
+
+
+def test_upgrade_stops_parsing(topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]) -> None:
+    """101 Switching Protocols ends HTTP/1 on the connection: request-looking bytes after it
+    (echoed by the server) make no records at either end."""
+    server = peer_server(topo)
+    trace = tracing()
+    cli, cport = peer_client(topo)
+    got = cli.call("upgrade /upgrade", "done")
+    require(got["status"] == 101 and got["echoed"] == 3, f"client {got}")
+    server.expect("served")
+    trace.until(count_at_least(2, lambda ev: http(ev)), timeout=3)
+    time.sleep(0.3)
+    trace.poll()
+    c, s = one(http(trace.events, side=Role.CLIENT), "client"), one(http(trace.events, side=Role.SERVER), "server")
+    check_pair(c, s, topo, cport, PEER_PORT)
+    for e in (c, s):
+        assert (e.record.path, e.record.status) == ("/upgrade", 101)
+        assert (e.record.request_bytes, e.record.response_bytes) == (got["request_bytes"], got["response_bytes"])
+    assert trace.chunks == 0
+    assert not http(trace.events, path="/after-upgrade")
+
+
+def test_pipelining_falls_back_to_chunks(topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]) -> None:
+    """Requests sent ahead of their responses (each in its own send): the client's socket cannot
+    be paired in the kernel. It falls back to chunks for good, counted, with the request it held
+    handed over as a chunk, so every exchange is still reported, in order, at both ends."""
+    start_l7_nginx(topo, tmp_path, PORT)
+    trace = tracing()
+    cli, cport = peer_client(topo, PORT, "ks-ahead")
+    got = cli.call("ahead /p1 /p2 /p3", "done")
+    require(got["statuses"] == [200, 201, 202], f"nginx answered {got}")
+    require(cli.call("get /p1", "done")["statuses"] == {"200": 1}, "request after")
+    cli.call("close", "closed")
+
+    trace.until(count_at_least(8, lambda ev: http(ev)))
+    expected = list(zip(got["paths"], got["statuses"], got["request_bytes"], got["response_bytes"], strict=True))
+    expected.append(expected[0])
+    client = http(trace.events, side=Role.CLIENT)
+    server = http(trace.events, side=Role.SERVER)
+    for side in (client, server):
+        assert [(e.record.path, e.record.status, e.record.request_bytes, e.record.response_bytes) for e in side] == (
+            expected
+        )
+    for c, s in zip(client, server, strict=True):
+        check_pair(c, s, topo, cport)
+    stats = trace.kernel_stats()
+    # nginx answered each request before the next arrived (50 ms apart): only the client fell back
+    assert stats["fallback"] == 1, stats
+    assert trace.chunks > 0
+    assert trace.pipe.counters()["invalid_frames"] == 0
+    assert trace.pipe.counters()["orphan_responses"] == 0
+
+
+def test_pipelined_in_one_send_counts_fallback(topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]) -> None:
+    start_l7_nginx(topo, tmp_path, PORT)
+    trace = tracing()
+    cli, _ = peer_client(topo, PORT, "ks-pipeline")
+    require(cli.call("pipeline /p1 /p2 /p3", "done")["statuses"] == [200, 201, 202], "pipeline")
+    trace.until(count_at_least(6, lambda ev: http(ev)))
+    # both ends saw three heads in one call (the server in one read)
+    assert trace.kernel_stats()["fallback"] == 2
+    assert trace.exchanges == 0
