@@ -136,6 +136,7 @@ _DATA_TRAILER: Final = {
 }
 _POINT_TAG: Final = b"\x0a"  # data_points = 1 in Gauge, Sum and Histogram
 _TIME_LEN: Final = 9  # tag + fixed64
+_ATTRIBUTES: Final = wire.AttributesCache()
 
 
 def _time_field(time_unix_nano: int) -> bytes:
@@ -169,8 +170,8 @@ def _point_prefix(attributes: Attrs, start_unix_nano: int, value: int | float | 
     if isinstance(value, Histogram):
         bounds = value.bounds
         packed = b"\x3a" + wire.varint(8 * len(bounds)) + struct.pack(f"<{len(bounds)}d", *bounds) if bounds else b""
-        return wire.attributes(9, attributes) + start + packed
-    return wire.attributes(7, attributes) + start
+        return _ATTRIBUTES(9, attributes) + start + packed
+    return _ATTRIBUTES(7, attributes) + start
 
 
 def _value_bytes(value: int | float | Histogram) -> bytes:

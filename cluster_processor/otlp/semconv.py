@@ -19,12 +19,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Final
 
 from cluster_processor.otlp.model import (
     SERVICE_NAME,
     Attrs,
     AttrValue,
+    ConnectionType,
     Edge,
     Histogram,
     Interval,
@@ -220,40 +222,69 @@ PROTOCOLS: Final[dict[Protocol, ProtocolSpec]] = {
 # ---- samples ------------------------------------------------------------------------------------
 
 
+# Attribute sets are computed once per edge (and side, and RED key) and handed out as the same tuple
+# objects every interval: no sorting per point, and the encoder caches their bytes by identity.
+# Bounded like every cache fed from the wire.
+@lru_cache(maxsize=65_536)
+def _red_attributes(
+    edge: Edge, side: Side, protocol: Protocol, method: str, route: str, status: int | None, error_type: str,
+    extra: Attrs,
+) -> Attrs:  # fmt: skip
+    pairs = metric_attributes(edge, side)
+    pairs += extra
+    pairs += PROTOCOLS[protocol].attributes(side, method, route, status, error_type)
+    return attrs(pairs)
+
+
 def red_samples(p: RedPoint) -> list[Sample]:
     spec = PROTOCOLS[p.protocol]
     instrument = spec.client if p.side is Side.CLIENT else spec.server
-    pairs = metric_attributes(p.edge, p.side)
-    pairs += p.attributes
-    pairs += spec.attributes(p.side, p.method, p.route, p.status_code, p.error_type)
-    return [Sample(instrument, attrs(pairs), p.duration)]
+    a = _red_attributes(p.edge, p.side, p.protocol, p.method, p.route, p.status_code, p.error_type, p.attributes)
+    return [Sample(instrument, a, p.duration)]
+
+
+@lru_cache(maxsize=65_536)
+def _l4_attributes(edge: Edge, side: Side) -> tuple[Attrs, Attrs, Attrs]:
+    """(transmit, receive, plain) attribute sets of one edge's L4 metrics seen from ``side``."""
+    base = metric_attributes(edge, side)
+    return (
+        attrs([*base, (NETWORK_IO_DIRECTION, "transmit")]),
+        attrs([*base, (NETWORK_IO_DIRECTION, "receive")]),
+        attrs(base),
+    )
+
+
+@lru_cache(maxsize=4_096)
+def _l4_failure_attributes(edge: Edge, side: Side, error_type: str) -> Attrs:
+    return attrs([*metric_attributes(edge, side), (ERROR_TYPE, error_type)])
 
 
 def l4_samples(p: L4Point) -> list[Sample]:
-    base = metric_attributes(p.edge, p.side)
-
-    def at(*extra: tuple[str, AttrValue]) -> Attrs:
-        return attrs([*base, *extra])
-
+    transmit, receive, plain = _l4_attributes(p.edge, p.side)
     out = [
-        Sample(TCP_BYTES, at((NETWORK_IO_DIRECTION, "transmit")), p.bytes_sent),
-        Sample(TCP_BYTES, at((NETWORK_IO_DIRECTION, "receive")), p.bytes_received),
-        Sample(TCP_CONNECTIONS, at(), p.connections),
-        Sample(TCP_RETRANSMITS, at(), p.retransmits),
-        Sample(TCP_RESETS, at(), p.resets),
-        Sample(TCP_DROPS, at(), p.drops),
+        Sample(TCP_BYTES, transmit, p.bytes_sent),
+        Sample(TCP_BYTES, receive, p.bytes_received),
+        Sample(TCP_CONNECTIONS, plain, p.connections),
+        Sample(TCP_RETRANSMITS, plain, p.retransmits),
+        Sample(TCP_RESETS, plain, p.resets),
+        Sample(TCP_DROPS, plain, p.drops),
     ]
-    out += [Sample(TCP_CONNECTIONS, at((ERROR_TYPE, et)), n) for et, n in p.connect_failures]
+    out += [Sample(TCP_CONNECTIONS, _l4_failure_attributes(p.edge, p.side, et), n) for et, n in p.connect_failures]
     if p.connect_duration is not None:
-        out.append(Sample(TCP_CONNECT_DURATION, at(), p.connect_duration))
+        out.append(Sample(TCP_CONNECT_DURATION, plain, p.connect_duration))
     if p.rtt_s is not None:
-        out.append(Sample(TCP_RTT, at(), p.rtt_s))
+        out.append(Sample(TCP_RTT, plain, p.rtt_s))
     return out
 
 
-def service_graph_samples(p: ServiceGraphPoint) -> list[Sample]:
+@lru_cache(maxsize=65_536)
+def _graph_attributes(client: str, server: str, connection_type: ConnectionType) -> Attrs:
     # Exactly Tempo's label set: extra labels would split the series Grafana sums by (client, server).
-    a = attrs([("client", p.client), ("server", p.server), ("connection_type", p.connection_type.value)])
+    return attrs([("client", client), ("server", server), ("connection_type", connection_type.value)])
+
+
+def service_graph_samples(p: ServiceGraphPoint) -> list[Sample]:
+    a = _graph_attributes(p.client, p.server, p.connection_type)
     out = [Sample(SG_REQUESTS, a, p.requests), Sample(SG_FAILED, a, p.failed)]
     if p.server_duration is not None:
         out.append(Sample(SG_SERVER_SECONDS, a, p.server_duration))

@@ -87,7 +87,46 @@ def key_value(key: str, value: AttrValue) -> bytes:
     return message(1, key.encode()) + message(2, any_value(value))
 
 
+@lru_cache(maxsize=65_536, typed=True)
+def _length_prefixed_kv(key: str, value: AttrValue) -> bytes:
+    kv = key_value(key, value)
+    return varint(len(kv)) + kv
+
+
 def attributes(field: int, pairs: Attrs | Iterable[tuple[str, AttrValue]]) -> bytes:
     """A repeated ``KeyValue`` field (``attributes`` of a data point, resource, span or log)."""
     t = tag(field)
-    return b"".join(t + varint(len(kv)) + kv for kv in (key_value(k, v) for k, v in pairs))
+    out = []
+    for k, v in pairs:
+        # A float is encoded afresh: 0.0 and -0.0 are one cache key but two encodings.
+        if type(v) is float:
+            kv = key_value(k, v)
+            out.append(t + varint(len(kv)) + kv)
+        else:
+            out.append(t + _length_prefixed_kv(k, v))
+    return b"".join(out)
+
+
+class AttributesCache:
+    """``attributes`` remembered per attribute tuple *object*: many series share one tuple (the L4
+    metrics of an edge, which ``semconv`` hands out once per edge), and a set recurs every time a
+    stream is created again. Keyed by identity, not equality, on purpose: equal tuples may still
+    encode differently (``True`` == 1, ``0.0`` == ``-0.0``). Each entry holds its tuple, so an id
+    cannot be reused while cached; cleared when full."""
+
+    __slots__ = ("_entries", "_limit")
+
+    def __init__(self, limit: int = 16_384) -> None:
+        self._entries: dict[tuple[int, int], tuple[Attrs, bytes]] = {}
+        self._limit = limit
+
+    def __call__(self, field: int, pairs: Attrs) -> bytes:
+        key = (field, id(pairs))
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is pairs:
+            return entry[1]
+        encoded = attributes(field, pairs)
+        if len(self._entries) >= self._limit:
+            self._entries.clear()
+        self._entries[key] = (pairs, encoded)
+        return encoded
