@@ -25,9 +25,15 @@
  *    are counted (SYS_STAT_SOCKETS_TRACKED), so user space knows at least
  *    inserts - max_entries were evicted; an evicted live socket starts over (offsets
  *    from 0, protocol inferred again). The size is resizable by the loader (`l7_sys_socks`).
- *  - The socket cookie (join key with L4) is read from sk->__sk_common.skc_cookie: it is
- *    assigned lazily by the first bpf_get_socket_cookie/SO_COOKIE/diag on the socket
- *    (the L4 probe assigns it), so it can still be 0: the record says 0 and it is counted.
+ *  - The socket cookie (join key with L4) is read from sk->__sk_common.skc_cookie. The
+ *    kernel assigns it lazily, on the first bpf_get_socket_cookie/SO_COOKIE/sock_diag,
+ *    and the L4 probe asks only when it makes a record (close, interval): so
+ *    tp_btf/inet_sock_set_state (capability l7.cookie; bpf_get_socket_cookie on a BTF
+ *    socket in tracing programs needs 5.12) asks at connect and at accept. A socket whose
+ *    cookie is still 0 when its first chunk is sent (UDP, TCP older than the probe, or
+ *    kernels < 5.12) gets a stand-in for its whole life, KSCOPE_L7_SYS_STANDIN_COOKIE | its
+ *    inode number, counted: 0 cannot be used, every such socket would share one parser
+ *    in user space (pipeline key), and bit 63 never occurs in a kernel cookie (a counter).
  *
  * Not covered: TLS plaintext (the OpenSSL uprobes live in l7.bpf.c; a TLS connection is
  * ignored at its first record), 32-bit (ia32) syscalls, io_uring, splice. sendfile
@@ -49,6 +55,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define S_IFMT 00170000
 #define S_IFSOCK 0140000
 #define TS_COMPAT 0x0002       /* arch/x86/include/asm/thread_info.h: an ia32 syscall is running */
+#define KSCOPE_L7_SYS_STANDIN_COOKIE (1ULL << 63) /* | socket inode: no kernel cookie (mirrored in syscalls.py) */
 
 /* Runtime knobs, set by user space before load (same names as l7.bpf.c). */
 const volatile __u32 capture_bytes = 1024; /* head bytes captured per call, <= KSCOPE_L7_MAX_CAPTURE */
@@ -58,13 +65,14 @@ const volatile __u32 filter_netns_ino = 0; /* 0: every network namespace */
  * node_exporter/l7/syscalls.py L7SysStat, checked against this object's BTF. */
 enum kscope_l7_sys_stat {
 	KSCOPE_L7_SYS_STAT_SOCKETS_TRACKED = 0, /* per-socket state entries created (LRU inserts) */
-	KSCOPE_L7_SYS_STAT_NO_COOKIE = 1,       /* chunks sent with sock_cookie 0 (never assigned) */
+	KSCOPE_L7_SYS_STAT_NO_COOKIE = 1,       /* sockets given a stand-in cookie (none assigned yet) */
 	KSCOPE_L7_SYS_STAT_MMSG_SKIPPED = 2,    /* sendmmsg/recvmmsg messages past MAX_MMSG, not captured */
 	KSCOPE_L7_SYS_STATS = 3,
 };
 
 struct l7_sys_sock {
 	__u64 seq[2];  /* bytes seen per direction (index direction - 1) */
+	__u64 cookie;  /* sock_cookie of its chunks, fixed at the first one; 0: none sent yet */
 	__u8 protocol; /* enum kscope_l7_protocol */
 	__u8 attempts; /* calls whose bytes did not tell the protocol */
 	__u8 role;     /* enum kscope_l4_role */
@@ -192,12 +200,12 @@ static __always_inline void fill_task(struct kscope_l7_header *h, struct task_st
 }
 
 /* One message of the call: `len` bytes moved; message `idx` of a sendmmsg/recvmmsg. */
-static __always_inline void capture(struct task_struct *task, struct pt_regs *regs, struct sock *sk,
+static __always_inline void capture(struct task_struct *task, struct pt_regs *regs, struct sock *sk, __u64 ino,
 				    struct l7_sys_sock *st, __u32 idx, __u64 len, __u8 dir, __u8 ip_proto)
 {
 	struct chunk *c;
 	const void *buf, *uaddr;
-	__u64 avail, seq, cookie;
+	__u64 avail, seq;
 	__u32 zero = 0, n;
 
 	if (st->protocol == KSCOPE_PROTO_IGNORED) /* decided by an earlier message of this call */
@@ -246,16 +254,21 @@ static __always_inline void capture(struct task_struct *task, struct pt_regs *re
 	}
 	if (n < len)
 		c->hdr.flags |= KSCOPE_L7_TRUNCATED;
-	cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
-	if (!cookie)
-		count(&l7_sys_stats, KSCOPE_L7_SYS_STAT_NO_COOKIE, 1);
+	if (!st->cookie) {
+		/* fixed for the socket's life: a cookie assigned later must not split its stream */
+		st->cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+		if (!st->cookie) {
+			st->cookie = KSCOPE_L7_SYS_STANDIN_COOKIE | ino;
+			count(&l7_sys_stats, KSCOPE_L7_SYS_STAT_NO_COOKIE, 1);
+		}
+	}
 	c->hdr.type = KSCOPE_REC_L7;
 	c->hdr.direction = dir;
 	c->hdr.protocol = st->protocol;
 	c->hdr.role = st->role;
 	c->hdr.ip_proto = ip_proto;
 	c->hdr.netns_ino = sock_netns_ino(sk);
-	c->hdr.sock_cookie = cookie;
+	c->hdr.sock_cookie = st->cookie;
 	c->hdr.seq = seq;
 	c->hdr.len = len;
 	c->hdr.captured = n;
@@ -323,7 +336,7 @@ static __always_inline void on_sys_exit(struct pt_regs *regs, long ret)
 	if (!st)
 		return;
 	if (nr != NR_sendmmsg && nr != NR_recvmmsg) {
-		capture(task, regs, sk, st, 0, ret, dir, ip_proto);
+		capture(task, regs, sk, ino, st, 0, ret, dir, ip_proto);
 		return;
 	}
 	/* ret is the number of messages; each one's byte count is its mmsghdr.msg_len */
@@ -335,10 +348,20 @@ static __always_inline void on_sys_exit(struct pt_regs *regs, long ret)
 		if (bpf_probe_read_user(&len, sizeof(len), &m->msg_len))
 			break;
 		if (len)
-			capture(task, regs, sk, st, i, len, dir, ip_proto);
+			capture(task, regs, sk, ino, st, i, len, dir, ip_proto);
 	}
 	if (ret > MAX_MMSG)
 		count(&l7_sys_stats, KSCOPE_L7_SYS_STAT_MMSG_SKIPPED, ret - MAX_MMSG);
+}
+
+/* Have the kernel assign the cookie when a TCP connection is made (both ends), before its
+ * first chunk, so chunks and the L4 records carry the same one. */
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(l7_sys_cookie, const struct sock *sk, int oldstate, int newstate)
+{
+	if (newstate == TCP_SYN_SENT || newstate == TCP_ESTABLISHED)
+		bpf_get_socket_cookie((void *)sk);
+	return 0;
 }
 
 #ifdef L7_SYS_PER_SYSCALL_TP

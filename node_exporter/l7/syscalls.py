@@ -33,7 +33,14 @@ MAX_CAPTURE = 4096  # KSCOPE_L7_MAX_CAPTURE
 # The default object has one program; the per-syscall variant (bench only) has one per syscall.
 _PER_SYSCALL = ("read", "write", "readv", "writev", "sendto", "recvfrom", "sendmsg", "recvmsg",
                 "sendmmsg", "recvmmsg", "sendfile64")  # fmt: skip
-CAPABILITIES = {"l7_sys_exit": "l7.capture", **{f"l7_exit_{name}": "l7.capture" for name in _PER_SYSCALL}}
+CAPABILITIES = {
+    "l7_sys_exit": "l7.capture",
+    **{f"l7_exit_{name}": "l7.capture" for name in _PER_SYSCALL},
+    "l7_sys_cookie": "l7.cookie",  # optional (5.12): without it TCP chunks carry stand-in cookies
+}
+# Bit 63 of a chunk's sock_cookie: not the kernel's cookie but a stand-in (| socket inode), given
+# to a socket that had none when its first chunk left (KSCOPE_L7_SYS_STANDIN_COOKIE in the object).
+STANDIN_COOKIE = 1 << 63
 TLS_DISABLED = "syscall fallback: no OpenSSL uprobes (TLS plaintext needs l7.bpf.o)"
 
 
@@ -60,6 +67,11 @@ def kernel_has_socket_tracepoints(find_typedef: Callable[[str], bool] | None = N
         except OSError:
             return False
     return all(find_typedef(f"btf_trace_{tp}") for tp in SOCKET_TRACEPOINTS)
+
+
+def is_standin_cookie(sock_cookie: int) -> bool:
+    """The chunk's socket had no kernel cookie: it joins no L4 record (see STANDIN_COOKIE)."""
+    return bool(sock_cookie & STANDIN_COOKIE)
 
 
 def l7_stat_names(entries: int) -> list[str]:

@@ -1,0 +1,385 @@
+"""The syscall-exit L7 fallback (l7_syscalls.bpf.o) against real peers, forced on this kernel.
+
+This kernel has the socket tracepoints, so the agent would pick l7.bpf.o; these tests load
+the fallback directly (:class:`SyscallL7Collector`) and check it yields the same records:
+per namespace one L4 collector (whose final records close the parsers, and whose cookie is
+the join key) and one fallback collector, both filtered to the namespace in the kernel, feeding
+one :class:`L7Pipeline` in the agent's order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node_exporter.l4.collector import L4Collector
+from node_exporter.l4.records import L4Record
+from node_exporter.l7.chunks import Chunk
+from node_exporter.l7.pipeline import L7Event, L7Pipeline
+from node_exporter.l7.syscalls import SyscallL7Collector
+from node_exporter.protocols import DnsRecord, HttpRecord, Role
+from tests.e2e.netns import CLI_V4, CLI_V6, SRV_V4, SRV_V6, Netns, Peer, Topology, nginx
+
+pytestmark = pytest.mark.bpf
+
+PORT = 8080
+URL = f"http://{SRV_V4}:{PORT}"
+L7PEER = Path(__file__).with_name("l7peer.py")
+CURL_W = "%{http_code} %{size_request} %{size_header} %{size_download} %{local_port}"
+SERVER = f"""listen {SRV_V4}:{PORT}; listen [{SRV_V6}]:{PORT};
+        location / {{ return 200 "ok\\n"; }}
+        location = /error {{ return 500; }}"""
+
+
+class SysTrace:
+    """L4 + fallback L7 collectors per namespace feeding one pipeline; keeps every chunk."""
+
+    def __init__(self, namespaces: Iterable[Netns], **l7_kw: Any) -> None:
+        self.pairs: list[tuple[L4Collector, SyscallL7Collector]] = []
+        self.pipe = L7Pipeline()
+        self.events: list[L7Event] = []
+        self.chunks: list[Chunk] = []
+        self.l4: list[L4Record] = []
+        try:
+            for ns in namespaces:
+                l4 = L4Collector(netns_ino=ns.ino)
+                try:
+                    self.pairs.append((l4, SyscallL7Collector(netns_ino=ns.ino, **l7_kw)))
+                except BaseException:
+                    l4.close()
+                    raise
+        except BaseException:
+            self.close()
+            raise
+
+    def poll(self) -> None:
+        for l4, l7 in self.pairs:
+            records = l4.poll()  # first, as the agent: a final record closes the socket's parser
+            chunks = l7.poll()
+            self.l4 += records
+            self.chunks += chunks
+            self.events += self.pipe.feed(chunks)
+            self.events += self.pipe.close_sockets(r.sock_cookie for r in records if r.is_close)
+        self.events += self.pipe.expire(time.monotonic_ns())
+
+    def until(self, done: Callable[[SysTrace], bool], timeout: float = 5) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.poll()
+            if done(self) or time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
+
+    def http(self, **match: Any) -> list[L7Event]:
+        return [e for e in self.events if isinstance(e.record, HttpRecord) and _matches(e, match)]
+
+    def dns(self, **match: Any) -> list[L7Event]:
+        return [e for e in self.events if isinstance(e.record, DnsRecord) and _matches(e, match)]
+
+    def kernel_stats(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for _, l7 in self.pairs:
+            for k, v in l7.kernel_stats().items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    def close(self) -> None:
+        for l4, l7 in self.pairs:
+            with contextlib.suppress(Exception):
+                l7.close()
+            with contextlib.suppress(Exception):
+                l4.close()
+        self.pairs.clear()
+
+
+def _matches(e: L7Event, match: dict[str, Any]) -> bool:
+    return all(getattr(e.conn if hasattr(e.conn, k) else e.record, k) == v for k, v in match.items())
+
+
+@pytest.fixture
+def tracing(topo: Topology) -> Iterator[Callable[..., SysTrace]]:
+    """``tracing(**SyscallL7Collector kw)`` traces both namespaces from now; closed after the test."""
+    made: list[SysTrace] = []
+
+    def start(**kw: Any) -> SysTrace:
+        t = SysTrace((topo.cli, topo.srv), **kw)
+        made.append(t)
+        return t
+
+    yield start
+    for t in made:
+        t.close()
+
+
+def require(cond: object, what: str) -> None:
+    """A precondition of the scenario, not the property under test."""
+    if not cond:
+        raise RuntimeError(f"scenario broken: {what}")
+
+
+def curl(topo: Topology, url: str) -> dict[str, int]:
+    out = topo.cli.run("curl", "-sS", "-o", "/dev/null", "-w", CURL_W, url).stdout.split()
+    code, req, head, body, port = map(int, out)
+    return {"status": code, "request_bytes": req, "response_bytes": head + body, "port": port}
+
+
+def l7peer(topo: Topology, ns: Netns, *args: str) -> Peer:
+    proc = topo.spawn(ns, sys.executable, "-u", str(L7PEER), *args,
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)  # fmt: skip
+    return Peer(proc, f"{ns.name}:{args[0]}")
+
+
+def both_ends(trace: SysTrace, n: int = 1, **match: Any) -> tuple[list[L7Event], list[L7Event]]:
+    trace.until(lambda t: len(t.http(**match)) >= 2 * n)
+    return trace.http(side=Role.CLIENT, **match), trace.http(side=Role.SERVER, **match)
+
+
+def check_pair(c: L7Event, s: L7Event, topo: Topology, client_port: int, v6: bool = False) -> None:
+    """The same exchange seen from each end of one TCP connection."""
+    assert isinstance(c.record, HttpRecord) and isinstance(s.record, HttpRecord)
+    cli_ip, srv_ip, family = (CLI_V6, SRV_V6, 10) if v6 else (CLI_V4, SRV_V4, 2)
+    assert c.conn.side is Role.CLIENT and s.conn.side is Role.SERVER
+    assert c.conn.protocol == s.conn.protocol == "http1" and not c.conn.tls and not s.conn.tls
+    assert (c.conn.netns_ino, s.conn.netns_ino) == (topo.cli.ino, topo.srv.ino)
+    assert (c.conn.local_ip, c.conn.local_port, c.conn.remote_ip, c.conn.remote_port) == (
+        cli_ip, client_port, srv_ip, PORT)  # fmt: skip
+    assert (s.conn.local_ip, s.conn.local_port, s.conn.remote_ip, s.conn.remote_port) == (
+        srv_ip, PORT, cli_ip, client_port)  # fmt: skip
+    assert c.conn.family == s.conn.family == family
+    cr, sr = c.record, s.record
+    assert (cr.method, cr.path, cr.status) == (sr.method, sr.path, sr.status)
+    assert (cr.request_bytes, cr.response_bytes) == (sr.request_bytes, sr.response_bytes)
+    assert cr.latency_ns > 0 and sr.latency_ns > 0
+    assert sr.latency_ns <= cr.latency_ns + 1_000_000  # one clock: the server's view inside the client's
+
+
+def l4_cookie(trace: SysTrace, netns_ino: int, local_port: int, remote_port: int) -> int:
+    """The L4 collector's cookie of the one socket with these ports in that namespace."""
+    cookies = {r.sock_cookie for r in trace.l4
+               if (r.netns_ino, r.local_port, r.remote_port) == (netns_ino, local_port, remote_port)}  # fmt: skip
+    assert len(cookies) == 1, cookies
+    return cookies.pop()
+
+
+# ---- HTTP through nginx and curl, both ends, and the join key with L4 --------------------------
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_http_get_both_ends(topo: Topology, tmp_path: Path, tracing: Callable[..., SysTrace], v6: bool) -> None:
+    srv = nginx(topo, tmp_path, SERVER, (PORT,))
+    trace = tracing()
+    got = curl(topo, f"http://[{SRV_V6}]:{PORT}/users/7?q=secret" if v6 else f"{URL}/users/7?q=secret")
+    require(got["status"] == 200, f"curl: {got}")
+
+    client, server = both_ends(trace, path="/users/7")
+    assert len(client) == 1 and len(server) == 1, trace.events
+    c, s = client[0], server[0]
+    check_pair(c, s, topo, got["port"], v6=v6)
+    assert isinstance(c.record, HttpRecord)
+    assert (c.record.method, c.record.route, c.record.status) == ("GET", "/users/{id}", 200)
+    assert (c.record.request_bytes, c.record.response_bytes) == (got["request_bytes"], got["response_bytes"])
+    assert (c.conn.comm, s.conn.comm, s.conn.tgid) == ("curl", "nginx", srv.pid)
+    assert "secret" not in repr(trace.events)
+    assert trace.pipe.counters()["invalid_frames"] == 0
+    assert {ch.netns_ino for ch in trace.chunks} <= {topo.cli.ino, topo.srv.ino}
+
+
+def test_socket_cookie_is_the_l4_cookie(topo: Topology, tmp_path: Path, tracing: Callable[..., SysTrace]) -> None:
+    nginx(topo, tmp_path, SERVER, (PORT,))
+    trace = tracing()
+    got = curl(topo, f"{URL}/cookie")
+    require(got["status"] == 200, f"curl: {got}")
+    client, server = both_ends(trace, path="/cookie")
+    # the L4 final records of both sockets (curl closes, nginx closes after it)
+    trace.until(lambda t: len([r for r in t.l4 if r.is_close and PORT in (r.local_port, r.remote_port)]) >= 2)
+
+    c, s = client[0], server[0]
+    assert c.conn.sock_cookie == l4_cookie(trace, topo.cli.ino, got["port"], PORT) != 0
+    assert s.conn.sock_cookie == l4_cookie(trace, topo.srv.ino, PORT, got["port"]) != 0
+    # The L4 probe assigns cookies from the connect/accept on, so no chunk had to say 0.
+    assert trace.kernel_stats()["no_cookie"] == 0
+
+
+def test_http_error_status(topo: Topology, tmp_path: Path, tracing: Callable[..., SysTrace]) -> None:
+    nginx(topo, tmp_path, SERVER, (PORT,))
+    trace = tracing()
+    got = curl(topo, f"{URL}/error")
+    require(got["status"] == 500, f"curl: {got}")
+    client, server = both_ends(trace, path="/error")
+    assert len(client) == len(server) == 1
+    check_pair(client[0], server[0], topo, got["port"])
+    assert isinstance(client[0].record, HttpRecord)
+    assert client[0].record.status == 500
+    assert (client[0].record.request_bytes, client[0].record.response_bytes) == (
+        got["request_bytes"], got["response_bytes"])  # fmt: skip
+
+
+# ---- DNS: dig against dnsmasq -------------------------------------------------------------------
+
+QUERIES = {"ok.test": ("NOERROR", 1), "foo.nx.test": ("NXDOMAIN", 0)}
+_DIG_STATUS = re.compile(r"status: ([A-Z]+),")
+_DIG_SIZE = re.compile(r"MSG SIZE\s+rcvd: (\d+)")
+
+
+def test_dns_client_records(topo: Topology, tmp_path: Path, tracing: Callable[..., SysTrace]) -> None:
+    topo.spawn(topo.srv, "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+               "--user=root", "--port=53", f"--listen-address={SRV_V4}", "--bind-interfaces",
+               "--address=/ok.test/198.18.0.9", "--local=/nx.test/", f"--pid-file={tmp_path}/dnsmasq.pid",
+               f"--log-facility={tmp_path}/dnsmasq.log")  # fmt: skip
+    topo.wait_listening(topo.srv, 53)
+    trace = tracing()
+    facts = {}
+    for name, (rcode, _) in QUERIES.items():
+        dig = topo.spawn(topo.cli, "dig", "+tries=1", "+time=3", f"@{SRV_V4}", name, "A",
+                         stdout=subprocess.PIPE, text=True)  # fmt: skip
+        out, _ = dig.communicate(timeout=10)
+        status, size = _DIG_STATUS.search(out), _DIG_SIZE.search(out)
+        require(dig.returncode == 0 and status and size, f"dig {name}: {out}")
+        assert status is not None and size is not None
+        require(status.group(1) == rcode, f"dnsmasq answered {name} with {status.group(1)}")
+        facts[name] = (dig.pid, int(size.group(1)))
+
+    trace.until(lambda t: len(t.dns(side=Role.CLIENT)) >= len(QUERIES))
+    client = trace.dns(side=Role.CLIENT)
+    assert sorted(e.record.name for e in client if isinstance(e.record, DnsRecord)) == sorted(QUERIES)
+    for e in client:
+        r = e.record
+        assert isinstance(r, DnsRecord)
+        rcode, answers = QUERIES[r.name]
+        assert (r.qtype, r.rcode, r.answers, r.timed_out) == ("A", rcode, answers, False), e
+        assert (e.conn.tgid, r.response_bytes) == facts[r.name], e
+        assert r.request_bytes > 12 + len(r.name) and r.latency_ns > 0
+        assert (e.conn.protocol, e.conn.comm, e.conn.netns_ino) == ("dns", "dig", topo.cli.ino)
+        assert (e.conn.local_ip, e.conn.remote_ip, e.conn.remote_port) == (CLI_V4, SRV_V4, 53)
+    assert trace.pipe.counters()["invalid_frames"] == 0
+
+
+# ---- a keep-alive connection older than the collector ------------------------------------------
+
+
+def test_keepalive_connection_opened_before_tracing(
+    topo: Topology, tmp_path: Path, tracing: Callable[..., SysTrace]
+) -> None:
+    nginx(topo, tmp_path, SERVER, (PORT,))
+    cli = l7peer(topo, topo.cli, "http-client", "--to", SRV_V4, "--port", str(PORT), "--comm", "ks-keepalive")
+    cport = cli.expect("connected")["local"][1]
+    require(cli.call("get /before/1", "done")["statuses"] == {"200": 1}, "first request")
+
+    trace = tracing()  # the connection and its first exchange are older than the probe
+    for path in ("/after/1", "/after/2"):
+        require(cli.call(f"get {path}", "done")["statuses"] == {"200": 1}, path)
+    trace.until(lambda t: len(t.http()) >= 4)
+
+    client, server = trace.http(side=Role.CLIENT), trace.http(side=Role.SERVER)
+    assert [e.record.path for e in client] == [e.record.path for e in server] == ["/after/1", "/after/2"]  # type: ignore[union-attr]
+    assert {e.conn.comm for e in client} == {"ks-keepalive"} and {e.conn.tgid for e in client} == {cli.pid}
+    assert len({e.conn.sock_cookie for e in client}) == len({e.conn.sock_cookie for e in server}) == 1
+    for c, s in zip(client, server, strict=True):
+        check_pair(c, s, topo, cport)
+    # Its stream offsets count from the first call seen, not the connection's first byte.
+    assert min(ch.seq for ch in trace.chunks if ch.local_port == cport) == 0
+    assert trace.pipe.counters()["invalid_frames"] == 0
+
+
+# ---- files and pipes are never sockets ----------------------------------------------------------
+
+FILE_IO = """
+import os, sys
+head = b"GET /not-a-socket HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n"
+path = sys.argv[1]
+for _ in range(50):
+    with open(path, "wb") as f:
+        f.write(head)
+    with open(path, "rb") as f:
+        f.read()
+    r, w = os.pipe()
+    os.write(w, b"HTTP/1.1 200 OK\\r\\n\\r\\n")
+    os.read(r, 100)
+    os.close(r); os.close(w)
+print(os.getpid())
+"""
+
+
+def test_file_and_pipe_io_makes_no_records(topo: Topology, tmp_path: Path, tracing: Callable[..., SysTrace]) -> None:
+    nginx(topo, tmp_path, SERVER, (PORT,))
+    trace = tracing()
+    out = topo.cli.run(sys.executable, "-c", FILE_IO, str(tmp_path / "http.txt")).stdout
+    writer = int(out.split()[-1])
+    got = curl(topo, f"{URL}/after-files")  # the collector is live: this one is traced
+    require(got["status"] == 200, f"curl: {got}")
+    both_ends(trace, path="/after-files")
+
+    assert trace.http(path="/after-files"), trace.events
+    assert not [ch for ch in trace.chunks if ch.tgid == writer]
+    assert not trace.http(path="/not-a-socket")
+
+
+# ---- bounds: the per-socket LRU and the ring ----------------------------------------------------
+
+
+def test_socket_state_lru_pushed_past_its_bound(
+    topo: Topology, tmp_path: Path, tracing: Callable[..., SysTrace]
+) -> None:
+    entries, conns = 16, 40  # two sockets a connection: 80 sockets through 16 entries
+    nginx(topo, tmp_path, SERVER, (PORT,))
+    trace = tracing(socket_entries=entries)
+    for i in range(conns):
+        require(curl(topo, f"{URL}/lru/{i}")["status"] == 200, f"curl {i}")
+        if i % 8 == 7:
+            trace.poll()
+    got = curl(topo, f"{URL}/lru-last")
+    require(got["status"] == 200, "last curl")
+    trace.until(lambda t: len(t.http(path="/lru-last")) >= 2)
+
+    stats = trace.kernel_stats()
+    # Each collector tracked only its namespace's sockets, and saw more than it could hold.
+    assert stats["sockets_tracked"] >= 2 * (conns + 1), stats
+    assert stats["sockets_evicted_min"] >= 2 * (conns + 1) - 2 * entries, stats
+    assert all(l7.socket_entries == entries for _, l7 in trace.pairs)
+    # Nothing broke: every record is a real exchange, and the probe kept working to the end.
+    for e in trace.http():
+        assert isinstance(e.record, HttpRecord)
+        assert e.record.status == 200 and e.record.path.startswith("/lru"), e
+    client, server = trace.http(side=Role.CLIENT, path="/lru-last"), trace.http(side=Role.SERVER, path="/lru-last")
+    assert len(client) == len(server) == 1
+    check_pair(client[0], server[0], topo, got["port"])
+    assert all(l7.stats.decode_errors == 0 for _, l7 in trace.pairs)
+
+
+def test_ring_overflow_is_counted(topo: Topology, tmp_path: Path, tracing: Callable[..., SysTrace]) -> None:
+    burst = 2000
+    nginx(topo, tmp_path, SERVER, (PORT,))
+    trace = tracing(ring_bytes=16384, capture_bytes=4096)
+    cli = l7peer(topo, topo.cli, "http-client", "--to", SRV_V4, "--port", str(PORT), "--comm", "ks-burst")
+    cport = cli.expect("connected")["local"][1]
+    require(cli.call("get /warmup", "done")["statuses"] == {"200": 1}, "warm-up")
+    both_ends(trace, path="/warmup")
+
+    # No polling until the burst is done: the application never waits for the ring.
+    done = cli.call(f"get /burst {burst}", "done", timeout=30)
+    assert done["statuses"] == {"200": burst}, done
+    before = trace.kernel_stats()
+    assert before["rb_full"] > 0, before
+    trace.poll()
+    trace.poll()
+    stats = trace.kernel_stats()
+    # Every chunk the probe decided to send either reached us or was counted as dropped.
+    assert stats["captured"] == len(trace.chunks), (stats, len(trace.chunks))
+    assert len(trace.http(path="/burst", side=Role.CLIENT)) < burst
+
+    require(cli.call("get /after-burst", "done")["statuses"] == {"200": 1}, "after the burst")
+    client, server = both_ends(trace, path="/after-burst")
+    assert len(client) == len(server) == 1
+    check_pair(client[0], server[0], topo, cport)
+    for e in trace.http():
+        assert isinstance(e.record, HttpRecord)
+        assert e.record.status == 200 and e.record.path in {"/warmup", "/burst", "/after-burst"}, e
+    assert all(l7.stats.decode_errors == 0 for _, l7 in trace.pairs)
