@@ -34,6 +34,7 @@ from cluster_processor.otlp.model import (
     SERVICE_NAME,
     Attrs,
     AttrValue,
+    Edge,
     Histogram,
     LogEvent,
     Side,
@@ -293,24 +294,66 @@ def metrics_requests(
 
 
 def span(s: SpanRecord) -> trace_pb2.Span:
+    """One span as a message (the requests are assembled from ``span_bytes`` directly)."""
+    return trace_pb2.Span.FromString(span_bytes(s))
+
+
+# Span (trace/v1) field numbers: trace_id = 1, span_id = 2, trace_state = 3, parent_span_id = 4,
+# name = 5, kind = 6, start = 7 (fixed64), end = 8 (fixed64), attributes = 9, status = 15
+# (Status.code = 3), flags = 16 (fixed32). Written in field order, as the generated classes do.
+_SPAN_KIND_FIELD: Final = {side: b"\x30" + wire.varint(kind) for side, kind in _SPAN_KIND.items()}
+_STATUS_UNSET: Final = wire.message(15, b"")  # set, so present even when empty (code UNSET)
+_STATUS_ERROR: Final = wire.message(15, b"\x18" + wire.varint(trace_pb2.Status.STATUS_CODE_ERROR))
+_pack_fixed32: Final = struct.Struct("<I").pack
+
+
+@lru_cache(maxsize=16_384)
+def _span_base(e: Edge, side: Side) -> tuple[frozenset[str], list[tuple[str, bytes]]]:
+    """The attributes every span of an edge seen from ``side`` carries, encoded once: their keys,
+    and (key, KeyValue field bytes) sorted by key. Keyed by the edge's equality, as every table of
+    edges is (resolution gives edges strings and ports only)."""
+    pairs = attrs(semconv.record_attributes(e, side))
+    return frozenset(k for k, _ in pairs), [(k, wire.attribute(9, k, v)) for k, v in pairs]
+
+
+def _span_attributes(s: SpanRecord) -> bytes:
+    keys, base = _span_base(s.edge, s.side)
+    extra = dict(semconv.span_extra_attributes(s))  # the last value of a repeated key wins
+    if not extra:
+        return b"".join([b for _, b in base])
+    if not keys.isdisjoint(extra):  # an extra overrides an edge attribute: the general rule
+        return wire.attributes(9, semconv.span_attributes(s))
+    items = base + [(k, wire.attribute(9, k, v)) for k, v in extra.items()]
+    items.sort(key=_first)  # keys are unique, so this is the canonical (sorted) order
+    return b"".join([b for _, b in items])
+
+
+def _first(item: tuple[str, bytes]) -> str:
+    return item[0]
+
+
+def span_bytes(s: SpanRecord) -> bytes:
+    """The bytes of one Span message (without its own tag)."""
     ctx = s.context
     flags = ctx.trace_flags & 0xFF
     if ctx.parent_span_id:
         flags |= _HAS_IS_REMOTE | (_IS_REMOTE if ctx.remote_parent else 0)
-    return trace_pb2.Span(
-        trace_id=ctx.trace_id,
-        span_id=ctx.span_id,
-        parent_span_id=ctx.parent_span_id,
-        trace_state=ctx.trace_state,
-        flags=flags,
-        name=semconv.span_name(s),
-        kind=_SPAN_KIND[s.side],
-        start_time_unix_nano=s.start_unix_nano,
-        end_time_unix_nano=max(s.end_unix_nano, s.start_unix_nano),
-        attributes=key_values(semconv.span_attributes(s)),
-        status=trace_pb2.Status(
-            code=trace_pb2.Status.STATUS_CODE_ERROR if semconv.span_failed(s) else trace_pb2.Status.STATUS_CODE_UNSET
-        ),
+    start = s.start_unix_nano
+    end = max(s.end_unix_nano, start)
+    return b"".join(
+        (
+            wire.message(1, ctx.trace_id) if ctx.trace_id else b"",
+            wire.message(2, ctx.span_id) if ctx.span_id else b"",
+            wire.string(3, ctx.trace_state),
+            wire.message(4, ctx.parent_span_id) if ctx.parent_span_id else b"",
+            wire.string(5, semconv.span_name(s)),
+            _SPAN_KIND_FIELD[s.side],
+            b"\x39" + wire.pack_fixed64(start) if start else b"",
+            b"\x41" + wire.pack_fixed64(end) if end else b"",
+            _span_attributes(s),
+            _STATUS_ERROR if semconv.span_failed(s) else _STATUS_UNSET,
+            b"\x85\x01" + _pack_fixed32(flags) if flags else b"",
+        )
     )
 
 
@@ -329,12 +372,14 @@ def traces_requests(
     max_spans: int = MAX_SPANS_PER_REQUEST,
 ) -> list[ExportTraceServiceRequest]:
     out = []
+    scope = _scope_field(version)  # ScopeSpans.scope = 1, as ScopeMetrics'
     for batch in chunks(spans, max_spans):
-        req = ExportTraceServiceRequest()
+        resource_spans = []
         for res, idx in _group_by_resource(node_name, batch).items():
-            rs = req.resource_spans.add(resource=resource(res))
-            rs.scope_spans.add(scope=scope(version), spans=[span(batch[i]) for i in idx])
-        out.append(req)
+            body = b"".join([wire.message(2, span_bytes(batch[i])) for i in idx])  # ScopeSpans.spans = 2
+            # ResourceSpans: resource = 1, scope_spans = 2
+            resource_spans.append(wire.message(1, _resource_field(res) + wire.message(2, scope + body)))
+        out.append(ExportTraceServiceRequest.FromString(b"".join(resource_spans)))
     return out
 
 

@@ -307,6 +307,7 @@ def interval_samples(interval: Interval) -> list[Sample]:
 # ---- spans and logs -----------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=65_536)  # one per observed workload and node: grouping asks once per span
 def span_resource(endpoint: Attrs, node_name: str) -> Attrs:
     """A span's or log's resource is the observed workload, not kscope: trace backends group,
     name and graph spans by the resource's service.name. The reporting node is always present."""
@@ -324,9 +325,14 @@ def span_failed(s: SpanRecord) -> bool:
     return PROTOCOLS[s.protocol].failed(s.side, s.status_code, s.error_type)
 
 
-def span_attributes(s: SpanRecord) -> Attrs:
-    pairs = [*record_attributes(s.edge, s.side), *s.attributes]
+def span_extra_attributes(s: SpanRecord) -> list[tuple[str, AttrValue]]:
+    """A span's own attributes beyond its edge's (``record_attributes``): the protocol's and the
+    record's extras, in the order ``span_attributes`` applies them."""
     extra = PROTOCOLS[s.protocol].attributes(s.side, s.method, s.route, s.status_code, s.error_type)
     if s.protocol is Protocol.HTTP and s.method and normal_method(s.method) == OTHER:
         extra.append((HTTP_METHOD_ORIGINAL, s.method))
-    return attrs([*pairs, *extra])
+    return [*s.attributes, *extra]
+
+
+def span_attributes(s: SpanRecord) -> Attrs:
+    return attrs([*record_attributes(s.edge, s.side), *span_extra_attributes(s)])

@@ -50,9 +50,13 @@ def tag(field: int, wire_type: int = _LEN) -> bytes:
     return varint((field << 3) | wire_type)
 
 
+_LEN_TAGS: Final = tuple(tag(f) for f in range(32))
+
+
 def message(field: int, payload: bytes) -> bytes:
     """A length-delimited field: a nested message, a string or a packed repeated field."""
-    return tag(field) + varint(len(payload)) + payload
+    n = len(payload)
+    return (_LEN_TAGS[field] if field < 32 else tag(field)) + (_SMALL[n] if n < 0x80 else varint(n)) + payload
 
 
 def string(field: int, text: str) -> bytes:
@@ -105,6 +109,13 @@ def attributes(field: int, pairs: Attrs | Iterable[tuple[str, AttrValue]]) -> by
         else:
             out.append(t + _length_prefixed_kv(k, v))
     return b"".join(out)
+
+
+def attribute(field: int, key: str, value: AttrValue) -> bytes:
+    """One element of a repeated ``KeyValue`` field."""
+    if type(value) is float:
+        return attributes(field, ((key, value),))
+    return tag(field) + _length_prefixed_kv(key, value)
 
 
 class AttributesCache:

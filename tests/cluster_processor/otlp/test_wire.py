@@ -11,10 +11,21 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1 import trace_pb2
 
-from cluster_processor.otlp import encode, wire
+from cluster_processor.otlp import encode, semconv, wire
 from cluster_processor.otlp.cumulative import CumulativeStore, Stream
-from cluster_processor.otlp.model import Attrs, AttrValue, Histogram, attrs
+from cluster_processor.otlp.model import (
+    Attrs,
+    AttrValue,
+    Edge,
+    Histogram,
+    Protocol,
+    Side,
+    SpanRecord,
+    attrs,
+    span_context,
+)
 from cluster_processor.otlp.semconv import (
     HTTP_SERVER_DURATION,
     TCP_BYTES,
@@ -179,3 +190,86 @@ def test_cached_series_encoding_follows_every_change() -> None:
         want = [ref_metrics_request(resource, streams[i : i + 7], end, "0.1.0") for i in range(0, len(streams), 7)]
         assert got == want, k
     assert store.stats().resets > 0 and store.stats().expired > 0 and store.stats().overflowed
+
+
+def test_attributes_cache_is_keyed_by_identity_not_equality() -> None:
+    cache = wire.AttributesCache(limit=2)
+    as_bool: Attrs = (("k", True),)
+    as_int: Attrs = (("k", 1),)
+    assert as_bool == as_int  # equal tuples...
+    assert cache(7, as_bool) != cache(7, as_int)  # ...two encodings
+    assert cache(7, as_bool) == wire.attributes(7, as_bool)
+    neg: Attrs = (("k", -0.0),)
+    assert cache(7, (("k", 0.0),)) != cache(7, neg) == wire.attributes(7, neg)
+    for i in range(10):  # past the bound: cleared, still right
+        pairs: Attrs = (("k", f"v{i}"),)
+        assert cache(9, pairs) == wire.attributes(9, pairs)
+    assert len(cache._entries) <= 2
+
+
+# ---- spans ----------------------------------------------------------------------------------------
+
+
+def ref_span(s: SpanRecord) -> trace_pb2.Span:
+    """The field-by-field Span the encoder replaced."""
+    ctx = s.context
+    flags = ctx.trace_flags & 0xFF
+    if ctx.parent_span_id:
+        flags |= 0x100 | (0x200 if ctx.remote_parent else 0)
+    return trace_pb2.Span(
+        trace_id=ctx.trace_id,
+        span_id=ctx.span_id,
+        parent_span_id=ctx.parent_span_id,
+        trace_state=ctx.trace_state,
+        flags=flags,
+        name=semconv.span_name(s),
+        kind=trace_pb2.Span.SPAN_KIND_SERVER if s.side is Side.SERVER else trace_pb2.Span.SPAN_KIND_CLIENT,
+        start_time_unix_nano=s.start_unix_nano,
+        end_time_unix_nano=max(s.end_unix_nano, s.start_unix_nano),
+        attributes=ref_key_values(semconv.span_attributes(s)),
+        status=trace_pb2.Status(
+            code=trace_pb2.Status.STATUS_CODE_ERROR if semconv.span_failed(s) else trace_pb2.Status.STATUS_CODE_UNSET
+        ),
+    )
+
+
+def random_edge_attrs(r: random.Random) -> Attrs:
+    # What resolution gives an edge: strings and ports. (Edges are compared by equality wherever
+    # they key a table, so an edge of True and one of 1 were always one edge.)
+    return tuple((k, v) for k, v in random_attrs(r) if type(v) in (str, int))
+
+
+def random_span(r: random.Random) -> SpanRecord:
+    client, server = random_edge_attrs(r), random_edge_attrs(r)
+    if r.random() < 0.5:
+        client = attrs([*client, ("client.port", r.randint(1, 65535)), ("client.address", "10.0.0.1")])
+    edge = Edge(client, attrs([*server, ("server.port", 8080)]))
+    protocol = r.choice([Protocol.HTTP, Protocol.DNS])
+    tp = r.choice([None, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "00-" + "ab" * 16 + "-" + "cd" * 8
+                   + "-00", "garbage"])  # fmt: skip
+    ctx = span_context(tp, r.choice(["", "vendor=1"]), rng=r)
+    extra: list[tuple[str, AttrValue]] = r.choice([[], [("url.path", "/a/1")], [("url.path", "/b"), ("x", 1.5)],
+                                                   [("peer.service.name", "override")]])  # fmt: skip
+    start = r.choice([0, T0, T0 + 5])
+    side = r.choice([Side.CLIENT, Side.SERVER])
+    method, route = r.choice(["", "GET", "PROPFIND", "A"]), r.choice(["", "/a/{id}"])
+    status, error_type = r.choice([None, 200, 404, 503]), r.choice(["", "timeout", "NXDOMAIN"])
+    end = start + r.choice([-1, 0, 9])
+    return SpanRecord(edge, side, protocol, ctx, start, end, method, route, status, error_type, attrs(extra))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_span_bytes_equal_the_field_by_field_span(seed: int) -> None:
+    r = random.Random(seed)
+    records = [random_span(r) for _ in range(300)]
+    for s in records:
+        assert trace_pb2.Span.FromString(encode.span_bytes(s)) == ref_span(s)
+    (req,) = encode.traces_requests("node-a", records, max_spans=1000)
+    got = [sp for rs in req.resource_spans for ss in rs.scope_spans for sp in ss.spans]
+    by_resource = {}
+    for s in records:
+        by_resource.setdefault(semconv.span_resource(s.edge.of(s.side), "node-a"), []).append(ref_span(s))
+    assert [tuple(f.key for f in rs.resource.attributes) for rs in req.resource_spans] == [
+        tuple(k for k, _ in res) for res in by_resource
+    ]
+    assert got == [sp for spans in by_resource.values() for sp in spans]
