@@ -116,8 +116,31 @@ class CumulativeStore:
         touched: list[Series] = []
         metrics = st.metrics
         known = len(metrics)
+        serial = self._serial
+        instruments = self._instruments
+        start, end = start_unix_nano, end_unix_nano
         for sample in samples:
-            self._apply(metrics, sample, start_unix_nano, end_unix_nano, touched)
+            # The common case inline (an existing stream of a known instrument); the rest in _apply.
+            inst, attributes, value = sample
+            by_attrs = metrics.get(inst.name)
+            series = by_attrs.get(attributes) if by_attrs is not None else None
+            if series is None or instruments.get(inst.name) is not inst:
+                self._apply(metrics, sample, start, end, touched)
+                continue
+            series.last_update_unix_nano = end
+            if series.serial != serial:
+                series.serial = serial
+                touched.append(series)
+            kind = inst.kind
+            if kind is Kind.COUNTER:
+                if value:
+                    series.value += value  # type: ignore[operator]
+                    series.changed = True
+            elif kind is Kind.HISTOGRAM:
+                self._merge(series, value, start)  # type: ignore[arg-type]
+            else:
+                series.value = value  # gauge and observed counter: the latest value is the value
+                series.changed = True
         if len(metrics) > known:
             for name in [n for n, by_attrs in metrics.items() if not by_attrs]:
                 del metrics[name]
@@ -125,7 +148,6 @@ class CumulativeStore:
         self._expire_node(st, end_unix_nano)
         if not st.metrics:
             del self._nodes[node]
-        serial = self._serial
         out: list[tuple[Instrument, list[Series]]] = []
         for name, by_attrs in st.metrics.items():
             inst = self._instruments[name]
@@ -189,19 +211,24 @@ class CumulativeStore:
                 series.value = old + value  # type: ignore[operator]
                 series.changed = True
         elif kind is Kind.HISTOGRAM:
-            assert isinstance(old, Histogram) and isinstance(value, Histogram)
-            if old.bounds == value.bounds:
-                series.value = old.merge(value)
-            else:
-                # Buckets changed (reconfigured aggregator): the old totals cannot continue; restart.
-                self._stats.resets += 1
-                series.start_unix_nano = start
-                series.value = value
-                series.wire = None
-            series.changed = True
+            assert isinstance(value, Histogram)
+            self._merge(series, value, start)
         else:
             series.value = value  # gauge and observed counter: the latest value is the value
             series.changed = True
+
+    def _merge(self, series: Series, value: Histogram, start: int) -> None:
+        old = series.value
+        assert isinstance(old, Histogram)
+        if old.bounds == value.bounds:
+            series.value = old.merge(value)
+        else:
+            # Buckets changed (reconfigured aggregator): the old totals cannot continue; restart.
+            self._stats.resets += 1
+            series.start_unix_nano = start
+            series.value = value
+            series.wire = None
+        series.changed = True
 
     def _touch(self, st: _Node, end: int, touched: list[Series]) -> None:
         if not touched:

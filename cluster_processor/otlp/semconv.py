@@ -20,7 +20,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Final
+from typing import Final, NamedTuple
 
 from cluster_processor.otlp.model import (
     SERVICE_NAME,
@@ -70,9 +70,10 @@ class Instrument:
     kind: Kind
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """One interval's contribution to the stream (instrument, attributes)."""
+class Sample(NamedTuple):
+    """One interval's contribution to the stream (instrument, attributes). A named tuple rather
+    than a frozen dataclass: an interval makes several per edge, and a frozen dataclass's
+    ``__init__`` (one ``object.__setattr__`` per field) cost more than applying the sample."""
 
     instrument: Instrument
     attributes: Attrs
