@@ -326,14 +326,17 @@ def span_failed(s: SpanRecord) -> bool:
     return PROTOCOLS[s.protocol].failed(s.side, s.status_code, s.error_type)
 
 
-def span_extra_attributes(s: SpanRecord) -> list[tuple[str, AttrValue]]:
-    """A span's own attributes beyond its edge's (``record_attributes``): the protocol's and the
-    record's extras, in the order ``span_attributes`` applies them."""
-    extra = PROTOCOLS[s.protocol].attributes(s.side, s.method, s.route, s.status_code, s.error_type)
-    if s.protocol is Protocol.HTTP and s.method and normal_method(s.method) == OTHER:
-        extra.append((HTTP_METHOD_ORIGINAL, s.method))
-    return [*s.attributes, *extra]
+def span_protocol_attributes(
+    side: Side, protocol: Protocol, method: str, route: str, status_code: int | None, error_type: str
+) -> list[tuple[str, AttrValue]]:
+    """A span's protocol attributes (method, route, status, error type): they win over the record's
+    own extras and the edge's attributes."""
+    extra = PROTOCOLS[protocol].attributes(side, method, route, status_code, error_type)
+    if protocol is Protocol.HTTP and method and normal_method(method) == OTHER:
+        extra.append((HTTP_METHOD_ORIGINAL, method))
+    return extra
 
 
 def span_attributes(s: SpanRecord) -> Attrs:
-    return attrs([*record_attributes(s.edge, s.side), *span_extra_attributes(s)])
+    extra = span_protocol_attributes(s.side, s.protocol, s.method, s.route, s.status_code, s.error_type)
+    return attrs([*record_attributes(s.edge, s.side), *s.attributes, *extra])

@@ -115,6 +115,11 @@ def attribute(field: int, key: str, value: AttrValue) -> bytes:
     """One element of a repeated ``KeyValue`` field."""
     if type(value) is float:
         return attributes(field, ((key, value),))
+    return _attribute(field, key, value)
+
+
+@lru_cache(maxsize=65_536, typed=True)
+def _attribute(field: int, key: str, value: AttrValue) -> bytes:
     return tag(field) + _length_prefixed_kv(key, value)
 
 
