@@ -258,6 +258,7 @@ class _NodeState:
 _PROCESS: Final = attrgetter("pod_uid", "container_id", "host_process")
 _ENDS: Final = attrgetter("local_ip", "local_port", "remote_ip", "remote_port")
 _L4_REST: Final = attrgetter("nat_remote_ip", "nat_remote_port", "kind", "connect_status", "srtt_us")
+_HTTP: Final = attrgetter("method", "route", "path", "request_id", "status_code")
 _DELTA: Final = attrgetter(
     "bytes_sent", "bytes_received", "retransmits", "syn_retransmits", "resets_sent", "resets_received", "drops"
 )
@@ -636,17 +637,20 @@ def _details(
     if protocol is Protocol.DNS:
         d = q.dns
         error = "timeout" if d.timed_out else ("" if d.rcode in ("", "NOERROR") else d.rcode)
-        extra: list[tuple[str, AttrValue]] = [("dns.question.name", d.question_name)]
-        if d.rcode:
-            extra.append(("dns.response_code", d.rcode))
-        return d.question_type, "", None, error, attrs(extra)
+        # Built in canonical (sorted, as model.attrs makes it) order directly: no sort per record.
+        question: tuple[str, AttrValue] = ("dns.question.name", d.question_name)
+        extra = (question, ("dns.response_code", d.rcode)) if d.rcode else (question,)
+        return d.question_type, "", None, error, extra
     h = q.http
-    status = h.status_code or None
-    extra = [("url.path", h.path)] if h.path else []
-    if h.request_id:
-        extra.append(("http.request.header.x-request-id", h.request_id))
+    method, route, path, request_id, status_code = _HTTP(h)
+    status = status_code or None
+    if request_id:
+        rid: tuple[str, AttrValue] = ("http.request.header.x-request-id", request_id)
+        extra = (rid, ("url.path", path)) if path else (rid,)
+    else:
+        extra = (("url.path", path),) if path else ()
     # No response at all is a failure the status code cannot express.
-    return h.method, h.route, status, "" if status is not None else "no_response", attrs(extra)
+    return method, route, status, "" if status is not None else "no_response", extra
 
 
 def _red_points(st: _NodeState) -> Iterable[RedPoint]:
