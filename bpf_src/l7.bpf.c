@@ -114,6 +114,15 @@ struct {
 	__uint(max_entries, 8 * 1024 * 1024);
 } l7_ring SEC(".maps");
 
+_Static_assert(sizeof(struct kscope_l7_exchange) % 8 == 0, "ring records are 8-byte aligned: keep the stride exact");
+
+/* Exchange records only: every record the same size, so user space reads a batch as one
+ * contiguous block (the data area is mapped twice) at a fixed stride, without a header walk. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 8 * 1024 * 1024);
+} l7_xring SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, KSCOPE_L7_STATS);
@@ -238,8 +247,9 @@ static __always_inline void read_peer(struct kscope_l7_header *h, const void *ua
 /* The user buffer of the current socket call: first iovec for vector calls. */
 static __always_inline const void *user_buffer(struct pt_regs *regs, __u64 *avail, const void **uaddr)
 {
-	__u64 nr = BPF_CORE_READ(regs, orig_ax);
-	__u64 si = BPF_CORE_READ(regs, si);
+	/* bpf_task_pt_regs() gives a BTF pointer: plain loads, no probe-read helper per register */
+	__u64 nr = regs->orig_ax;
+	__u64 si = regs->si;
 	struct user_msghdr msg;
 	struct iovec iov;
 
@@ -251,7 +261,7 @@ static __always_inline const void *user_buffer(struct pt_regs *regs, __u64 *avai
 		return (const void *)si;
 	case NR_sendto:
 	case NR_recvfrom:
-		*uaddr = (const void *)BPF_CORE_READ(regs, r8);
+		*uaddr = (const void *)regs->r8;
 		return (const void *)si;
 	case NR_readv:
 	case NR_writev:
@@ -468,7 +478,7 @@ static __always_inline bool several_requests(const __u8 *d, __u32 n)
 /* A ring-buffer slot for an exchange record, socket fields filled (helpers: before any lock). */
 static __always_inline struct kscope_l7_exchange *xrec_reserve(struct sock *sk)
 {
-	struct kscope_l7_exchange *r = bpf_ringbuf_reserve(&l7_ring, sizeof(*r), 0);
+	struct kscope_l7_exchange *r = bpf_ringbuf_reserve(&l7_xring, sizeof(*r), 0);
 
 	if (!r) {
 		stat_inc(KSCOPE_L7_STAT_RB_FULL);
@@ -593,7 +603,7 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 	struct kscope_l7_exchange *r = 0;
 	__u8 method = has_buf ? request_method(d, n) : 0, comm[16];
 	__u64 id;
-	bool filled = false;
+	bool filled = false, fresh_comm;
 
 	if (!method) {
 		/* a body (or bytes of a request older than us): counted into the current request */
@@ -615,7 +625,11 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 	if (x->state == XS_ANSWERED)
 		r = xrec_reserve(sk);
 	id = bpf_get_current_pid_tgid();
-	process_comm(comm);
+	/* the process name is read once per process on this socket (a string helper per request
+	 * measurably added to every request on a keep-alive connection) */
+	fresh_comm = (__u32)(id >> 32) != x->tgid || !x->comm[0];
+	if (fresh_comm)
+		process_comm(comm);
 	bpf_spin_lock(&x->lock);
 	if (r && x->state == XS_ANSWERED) {
 		xrec_fill(r, x, KSCOPE_EMIT_NEXT);
@@ -634,7 +648,8 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 	x->tgid = id >> 32;
 	x->pid = (__u32)id;
 	x->head_len = n;
-	__builtin_memcpy(x->comm, comm, sizeof(x->comm));
+	if (fresh_comm)
+		__builtin_memcpy(x->comm, comm, sizeof(x->comm));
 	__builtin_memcpy(x->head, d, sizeof(x->head));
 	bpf_spin_unlock(&x->lock);
 	xrec_send(r, filled);

@@ -13,8 +13,9 @@ from node_exporter.bpf.maps import read_percpu_u64_array
 from node_exporter.bpf.ringbuf import RingReader
 from node_exporter.l4.collector import default_bpf_dir
 from node_exporter.l7.chunks import Chunk, decode_chunk
-from node_exporter.l7.exchanges import EXCHANGE_SIZE, EXCHANGE_TYPE, ExchangeBatch
+from node_exporter.l7.exchanges import EXCHANGE_SIZE, ExchangeBatch
 from node_exporter.l7.tls import TlsAttacher
+from node_exporter.l7.xring import FixedRingReader
 
 OBJECT_NAME = "l7.bpf.o"
 FULL_TLS_SCAN_S = 60.0  # between scans of every process's maps; new processes are read every tls_rescan_s
@@ -69,11 +70,13 @@ class L7Collector:
                 "exchanges": int(exchanges),
                 "idle_ns": int(idle_s * 1e9),
             },
-            map_sizes={"l7_ring": ring_bytes} if ring_bytes else None,
+            map_sizes={"l7_ring": ring_bytes, "l7_xring": ring_bytes} if ring_bytes else None,
         )
         try:
             _, _, size = self.obj.map_info("l7_ring")
             self._ring = RingReader(self.obj.map_fd("l7_ring"), size)
+            _, _, xsize = self.obj.map_info("l7_xring")
+            self._xring = FixedRingReader(self.obj.map_fd("l7_xring"), xsize, EXCHANGE_SIZE)
             self._stats_fd = self.obj.map_fd("l7_stats")
             self._sweep_link = self.obj.attach_map_iter("sweep", "l7_xchg")
         except BaseException:
@@ -96,9 +99,9 @@ class L7Collector:
         return self.obj.attach_uprobe(program, binary, symbol, retprobe=retprobe)
 
     def poll(self) -> list[Chunk | ExchangeBatch]:
-        """Chunks in ring order, then at most one batch of exchange records (order between
-        the two does not matter: a socket's records are either exchanges or chunks, and the
-        one switch from exchanges to chunks is a clean message boundary)."""
+        """Chunks in ring order, then at most one batch of exchange records (from their own
+        ring; order between the two does not matter: a socket's records are either exchanges
+        or chunks, and its one switch from exchanges to chunks is a clean message boundary)."""
         now = time.monotonic()
         if self.tls is not None and now - self._last_scan >= self._tls_rescan_s:
             full = now - self._last_full_scan >= FULL_TLS_SCAN_S
@@ -109,23 +112,17 @@ class L7Collector:
         if now - self._last_sweep >= self._sweep_s:
             self.sweep()
         out: list[Chunk | ExchangeBatch] = []
-        exchanges: list[bytes] = []
         for raw in self._ring.drain():
-            if raw and raw[0] == EXCHANGE_TYPE:
-                if len(raw) >= EXCHANGE_SIZE:
-                    exchanges.append(raw)
-                else:
-                    self.stats.decode_errors += 1
-                continue
             chunk = decode_chunk(raw)
             if chunk is None:
                 self.stats.decode_errors += 1
             else:
                 out.append(chunk)
         self.stats.chunks += len(out)
-        if exchanges:
-            self.stats.exchanges += len(exchanges)
-            out.append(ExchangeBatch(exchanges))
+        data, n = self._xring.drain()
+        if n:
+            self.stats.exchanges += n
+            out.append(ExchangeBatch(data, n))
         return out
 
     def sweep(self) -> None:
@@ -140,7 +137,8 @@ class L7Collector:
         return dict(zip(names, values, strict=False))
 
     def close(self) -> None:
-        ring = getattr(self, "_ring", None)
-        if ring is not None:
-            ring.close()
+        for name in ("_ring", "_xring"):
+            ring = getattr(self, name, None)
+            if ring is not None:
+                ring.close()
         self.obj.close()

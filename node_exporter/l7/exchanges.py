@@ -19,7 +19,8 @@ from __future__ import annotations
 import ctypes
 import re
 import struct
-from typing import Final
+from collections.abc import Iterator
+from typing import Any, Final
 
 from node_exporter.bpf.abi import L7_HEAD, KscopeL7Exchange, L7RecordType
 from node_exporter.protocols.http_fields import request_id, route_template, target_path, valid_traceparent
@@ -31,6 +32,10 @@ EXCHANGE_SIZE: Final = ctypes.sizeof(KscopeL7Exchange)
 if EXCHANGE.size != HEAD_OFFSET or HEAD_OFFSET + L7_HEAD != EXCHANGE_SIZE:  # pragma: no cover - ABI test first
     raise ImportError(f"L7 exchange format is {EXCHANGE.size}+{L7_HEAD} bytes, ctypes mirror {EXCHANGE_SIZE}")
 EXCHANGE_TYPE: Final = int(L7RecordType.KSCOPE_REC_L7_EXCHANGE)
+_RING_HDR = struct.Struct("<II")
+# One ring slot: the ring's length word (+ page offset), the record, its head.
+SLOT = struct.Struct("<I4x" + EXCHANGE.format[1:] + f"{L7_HEAD}s")
+DISCARD_BIT: Final = 1 << 30
 
 METHODS: Final = {m: m.decode("ascii") for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT",
                                                    b"OPTIONS", b"TRACE", b"PATCH")}  # fmt: skip
@@ -39,7 +44,7 @@ _TARGET_BAD = re.compile(rb"[\x00-\x20\x7f]")
 # A whole request line in one C call: method, the target up to its query or fragment, the rest
 # of the target (never kept), version. Lines it does not match take the slow path.
 _LINE = re.compile(rb"(" + b"|".join(METHODS) + rb") ([^\x00-\x20\x7f?#]+)[^\x00-\x20\x7f]* HTTP/1\.[01]\r?\n")
-_WANTED = re.compile(rb"\n(?:traceparent|x-request-id):")  # searched in the lower-cased fields
+_WANTED = re.compile(rb"\n(?:traceparent|x-request-id):", re.IGNORECASE)
 MAX_PATH_CACHE: Final = 4096  # distinct paths remembered; the cache is emptied when full
 
 
@@ -50,15 +55,27 @@ Head = tuple[str, str, str, str, str]
 
 
 class ExchangeBatch:
-    """The exchange records of one ring drain, validated for type and size, not yet unpacked."""
+    """The exchange records of one drain of the exchange ring: ``n`` slots of ring header (8
+    bytes: length with the BUSY/DISCARD bits, page offset) + record, back to back."""
 
-    __slots__ = ("records",)
+    __slots__ = ("data", "n")
 
-    def __init__(self, records: list[bytes]) -> None:
-        self.records = records
+    def __init__(self, data: bytes, n: int) -> None:
+        self.data = data
+        self.n = n
 
     def __len__(self) -> int:
-        return len(self.records)
+        return self.n
+
+    @classmethod
+    def of(cls, records: list[bytes]) -> ExchangeBatch:
+        """A batch as the ring would hold these records (tests, tools)."""
+        slots = [_RING_HDR.pack(len(r), 0) + r for r in records]
+        return cls(b"".join(slots), len(slots))
+
+    def slots(self) -> Iterator[tuple[Any, ...]]:
+        """(ring length word, record fields..., head[384]) per slot, unpacked in one C loop."""
+        return SLOT.iter_unpack(self.data)
 
 
 class HeadParser:
@@ -80,11 +97,10 @@ class HeadParser:
             return self._parse_slow(head)
         eol = m.end() - 1
         end = head.find(b"\r\n\r\n", eol - 1)
-        # header lines up to and including the last one's line end; a line the capture cut
-        # has no line end and yields nothing (a cut id is a wrong id); the body is not searched
-        fields = head[eol : end + 2] if end >= 0 else head[eol:]
-        lower = fields.lower()  # same offsets: a value is sliced from the original bytes
-        if _WANTED.search(lower) is None:
+        # header lines up to and including the last one's line end (the body is not searched);
+        # a line the capture cut has no line end and yields nothing (a cut id is a wrong id)
+        end = end + 2 if end >= 0 else len(head)
+        if _WANTED.search(head, eol, end) is None:
             by_method = self._heads.get(m[2])
             if by_method is not None:
                 cached = by_method.get(m[1])
@@ -94,13 +110,15 @@ class HeadParser:
             if names is None:
                 return None
             h = (METHODS[m[1]], names[0], names[1], "", "")
-            self._heads.setdefault(m[2], {})[m[1]] = h
             if len(self._heads) >= MAX_PATH_CACHE:
                 self._heads.clear()
+            self._heads.setdefault(m[2], {})[m[1]] = h
             return h
         names = self._path(m[2])
         if names is None:
             return None
+        fields = head[eol:end]
+        lower = fields.lower()  # same offsets: a value is sliced from the original bytes
         traceparent = valid_traceparent(_value(fields, lower, b"\ntraceparent:"))
         rid = request_id(_value(fields, lower, b"\nx-request-id:"))
         return (METHODS[m[1]], names[0], names[1], traceparent, rid)

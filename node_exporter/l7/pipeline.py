@@ -19,7 +19,7 @@ from node_exporter.bpf.abi import L7Direction, L7Flags, L7Protocol
 from node_exporter.bpf.abi import Role as KRole
 from node_exporter.l4.records import _comm_text, ip_text
 from node_exporter.l7.chunks import Chunk
-from node_exporter.l7.exchanges import EXCHANGE, HEAD_OFFSET, ExchangeBatch, HeadParser
+from node_exporter.l7.exchanges import DISCARD_BIT, EXCHANGE_TYPE, ExchangeBatch, HeadParser
 from node_exporter.protocols import PROTOCOLS, ConnectionTracker, Direction, DnsRecord, HttpRecord, Role, TrackerLimits
 from node_exporter.protocols.tracker import COUNTERS
 
@@ -107,6 +107,7 @@ class L7Pipeline:
         self.exchange_unanswered = 0  # the kernel saw no final response (counted, not reported)
         self.exchange_bad_head = 0  # the request head did not parse (counted, not reported)
         self.exchange_bad_role = 0
+        self.exchange_bad_type = 0
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -186,17 +187,21 @@ class L7Pipeline:
         out: list[L7Event] = []
         conns = self._xconns
         parse = self._heads.parse
-        unpack = EXCHANGE.unpack_from
         new = object.__new__
         r_method, r_path, r_route, r_status, r_req, r_resp, r_start, r_latency, r_tp, r_rid = _RECORD_SETTERS
         e_conn, e_record = _EVENT_SETTERS
-        for raw in batch.records:
-            (_, role, _, _, netns, cookie, start, latency, req_bytes, resp_bytes, saddr, daddr, tgid, _,
-             sport, dport, family, status, head_len, _, comm) = unpack(raw)  # fmt: skip
+        for (ring_len, rtype, role, _, _, netns, cookie, start, latency, req_bytes, resp_bytes, saddr, daddr, tgid, _,
+             sport, dport, family, status, head_len, _, comm, head) in batch.slots():  # fmt: skip
+            if ring_len & DISCARD_BIT:
+                continue  # a slot the kernel reserved and gave back
+            if rtype != EXCHANGE_TYPE:
+                self.exchange_bad_type += 1
+                continue
+            self.exchange_records += 1
             if not status:
                 self.exchange_unanswered += 1
                 continue
-            h = parse(raw[HEAD_OFFSET : HEAD_OFFSET + head_len])
+            h = parse(head[:head_len])
             if h is None:
                 self.exchange_bad_head += 1
                 continue
@@ -229,7 +234,6 @@ class L7Pipeline:
             e_conn(ev, info)
             e_record(ev, rec)
             out.append(ev)
-        self.exchange_records += len(batch.records)
         return out
 
     def close_sockets(self, cookies: Iterable[int]) -> list[L7Event]:
@@ -269,4 +273,5 @@ class L7Pipeline:
         totals["exchange_unanswered"] = self.exchange_unanswered
         totals["exchange_bad_head"] = self.exchange_bad_head
         totals["exchange_bad_role"] = self.exchange_bad_role
+        totals["exchange_bad_type"] = self.exchange_bad_type
         return totals

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from node_exporter.bpf.abi import L7_HEAD, KscopeL7Exchange, L7Emit, L7RecordType, Role
 from node_exporter.l7.exchanges import (
+    _RING_HDR,
+    DISCARD_BIT,
     EXCHANGE,
     EXCHANGE_SIZE,
     HEAD_OFFSET,
@@ -157,7 +159,7 @@ def test_head_parser_agrees_with_stream_parser(
 
 def test_pipeline_turns_exchanges_into_events() -> None:
     pipe = L7Pipeline()
-    batch = ExchangeBatch([exchange_bytes(GET, start=5_000, latency=700, req_bytes=120, resp_bytes=300)])
+    batch = ExchangeBatch.of([exchange_bytes(GET, start=5_000, latency=700, req_bytes=120, resp_bytes=300)])
     (e,) = pipe.feed([batch])
     assert e.record == HttpRecord(
         method="GET", path="/users/42/orders", route="/users/{id}/orders", status=200, request_bytes=120,
@@ -174,7 +176,7 @@ def test_pipeline_counts_what_it_cannot_use() -> None:
     pipe = L7Pipeline()
     events = pipe.feed(
         [
-            ExchangeBatch(
+            ExchangeBatch.of(
                 [
                     exchange_bytes(GET, status=0, latency=0),  # no response before close/sweep
                     exchange_bytes(b"garbage\r\n\r\n"),
@@ -192,9 +194,22 @@ def test_pipeline_counts_what_it_cannot_use() -> None:
 
 def test_pipeline_reuses_conn_info_until_close() -> None:
     pipe = L7Pipeline()
-    a, b = pipe.feed([ExchangeBatch([exchange_bytes(GET), exchange_bytes(TRACED)])])
+    a, b = pipe.feed([ExchangeBatch.of([exchange_bytes(GET), exchange_bytes(TRACED)])])
     assert a.conn is b.conn
     assert b.record.traceparent == TRACEPARENT and b.record.request_id == "AbC-123"
     pipe.close_sockets([7])
-    (c,) = pipe.feed([ExchangeBatch([exchange_bytes(GET)])])
+    (c,) = pipe.feed([ExchangeBatch.of([exchange_bytes(GET)])])
     assert c.conn is not a.conn and c.conn == a.conn
+
+
+def test_pipeline_skips_discarded_slots_and_counts_bad_types() -> None:
+    good = exchange_bytes(GET)
+    discarded = _RING_HDR.pack(len(good) | DISCARD_BIT, 0) + exchange_bytes(TRACED)
+    wrong_type = _RING_HDR.pack(len(good), 0) + b"\x02" + good[1:]
+    ring_slot = ExchangeBatch.of([good])
+    batch = ExchangeBatch(ring_slot.data + discarded + wrong_type, 3)
+    pipe = L7Pipeline()
+    (e,) = pipe.feed([batch])
+    assert e.record.path == "/users/42/orders"
+    counters = pipe.counters()
+    assert (counters["exchange_records"], counters["exchange_bad_type"]) == (1, 1)
