@@ -12,7 +12,6 @@ gRPC receiver accepts by default.
 from __future__ import annotations
 
 import struct
-from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -310,33 +309,41 @@ _pack_fixed32: Final = struct.Struct("<I").pack
 
 
 @lru_cache(maxsize=16_384)
-def _span_template(
-    e: Edge, side: Side, protocol: Protocol, method: str, route: str, status: int | None, error_type: str
-) -> tuple[list[str], list[bytes]]:
-    """The attributes every span of one edge, side and protocol outcome carries (the edge's and
-    the protocol's: few combinations), canonical and encoded once: sorted keys, and the KeyValue
-    field bytes in that order. Keyed by the edge's equality, as every table of edges is
-    (resolution gives edges strings and ports only)."""
-    extra = semconv.span_protocol_attributes(side, protocol, method, route, status, error_type)
-    pairs = attrs([*semconv.record_attributes(e, side), *extra])
-    return [k for k, _ in pairs], [wire.attribute(9, k, v) for k, v in pairs]
+def _span_base(e: Edge, side: Side) -> tuple[frozenset[str], list[tuple[str, bytes]]]:
+    """What every span of one edge seen from ``side`` carries (one per socket: a client's edge
+    holds its own port), canonical and encoded once: its keys, and (key, KeyValue field bytes).
+    Keyed by the edge's equality, as every table of edges is (resolution gives edges strings and
+    ports only)."""
+    pairs = attrs(semconv.record_attributes(e, side))
+    return frozenset(k for k, _ in pairs), [(k, wire.attribute(9, k, v)) for k, v in pairs]
+
+
+@lru_cache(maxsize=16_384)
+def _span_outcome(
+    side: Side, protocol: Protocol, method: str, route: str, status: int | None, error_type: str
+) -> tuple[frozenset[str], list[tuple[str, bytes]]]:
+    """The protocol's attributes of a span (method, route, status, error): few combinations."""
+    pairs = dict(semconv.span_protocol_attributes(side, protocol, method, route, status, error_type))
+    return frozenset(pairs), [(k, wire.attribute(9, k, v)) for k, v in pairs.items()]
 
 
 def _span_attributes(s: SpanRecord) -> bytes:
-    keys, parts = _span_template(s.edge, s.side, s.protocol, s.method, s.route, s.status_code, s.error_type)
-    own = s.attributes  # per request (url.path): merged into the template's sorted order
-    if not own:
-        return b"".join(parts)
-    out = parts.copy()
-    prev = None
-    for k, v in reversed(own):
-        i = bisect_left(keys, k)
-        if (i < len(keys) and keys[i] == k) or (prev is not None and k >= prev):
-            # A key the template has too, or extras not canonical: the general rule decides.
-            return wire.attributes(9, semconv.span_attributes(s))
-        out.insert(i, wire.attribute(9, k, v))
-        prev = k
-    return b"".join(out)
+    base_keys, base = _span_base(s.edge, s.side)
+    out_keys, outcome = _span_outcome(s.side, s.protocol, s.method, s.route, s.status_code, s.error_type)
+    own = dict(s.attributes)  # per request (url.path)
+    if not (base_keys.isdisjoint(out_keys) and base_keys.isdisjoint(own) and out_keys.isdisjoint(own)):
+        # One part overrides another's key: the general rule (last wins) decides.
+        return wire.attributes(9, semconv.span_attributes(s))
+    items = base + outcome
+    if own:
+        # Not through the caches: these values are per request and would only evict the rest.
+        items += [(k, wire.message(9, wire.key_value_uncached(k, v))) for k, v in own.items()]
+    items.sort(key=_first)  # keys are unique, so this is the canonical (sorted) order
+    return b"".join([b for _, b in items])
+
+
+def _first(item: tuple[str, bytes]) -> str:
+    return item[0]
 
 
 def span_bytes(s: SpanRecord) -> bytes:

@@ -86,6 +86,13 @@ def _any_value(value: AttrValue) -> bytes:
     return message(1, value.encode())
 
 
+def key_value_uncached(key: str, value: AttrValue) -> bytes:
+    """``key_value`` for a value seen once (a request's path): encoded without touching the caches."""
+    if isinstance(value, str):
+        return message(1, key.encode()) + message(2, message(1, value.encode()))
+    return key_value(key, value)
+
+
 def key_value(key: str, value: AttrValue) -> bytes:
     """The bytes of one ``KeyValue`` message (key = 1, value = 2), without its own tag."""
     return message(1, key.encode()) + message(2, any_value(value))
