@@ -14,7 +14,8 @@
            tracemalloc; tracemalloc current/peak in a second fresh child.
 
 Synthetic data is generated (untimed) with a fixed seed; each repeat replays it through a fresh
-Aggregator and OtlpPipeline, after an untimed warm-up interval (the cumulative store then holds its
+Aggregator and OtlpPipeline with every module-level cache emptied (as a fresh process), after an
+untimed warm-up interval (the cumulative store then holds its
 streams, as in steady state). Medians of ``--repeats`` are reported. Another workload may share the
 machine: use the medians, and compare runs by ratio rather than absolute values.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import gc
 import json
 import os
@@ -47,7 +49,7 @@ for p in (str(ROOT), str(ROOT / "proto")):
 
 from cluster_processor.aggregate import Aggregator  # noqa: E402
 from cluster_processor.kube.index import KubeIndex  # noqa: E402
-from cluster_processor.otlp import encode  # noqa: E402
+from cluster_processor.otlp import encode, wire  # noqa: E402
 from cluster_processor.otlp.exporter import ExportRequest, Signal  # noqa: E402
 from cluster_processor.otlp.pipeline import OtlpPipeline  # noqa: E402
 from kscope.v1 import flow_pb2 as pb  # noqa: E402
@@ -435,8 +437,29 @@ def run_interval(agg: Aggregator, pipe: OtlpPipeline, batches: list[bytes], end_
     ph.metrics += clock() - t0
 
 
+def clear_module_caches() -> int:
+    """Empty every module-level cache of the processor (``functools.lru_cache`` functions, the
+    encoder's attribute cache): each repeat replays the same workload, and a cache warmed by the
+    previous repeat would make later repeats cheaper than a fresh process ever is. Returns how
+    many caches were cleared."""
+    n = 0
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("cluster_processor"):
+            continue
+        for value in list(vars(module).values()):
+            if isinstance(value, functools._lru_cache_wrapper):
+                value.cache_clear()
+                n += 1
+            elif isinstance(value, wire.AttributesCache):
+                value.clear()
+                n += 1
+    return n
+
+
 def one_repeat(index: KubeIndex, wl: Workload) -> tuple[Phases, SerializingSink, dict[str, int]]:
-    """A fresh aggregator and pipeline; interval 0 untimed (warm-up), the rest timed."""
+    """A fresh aggregator and pipeline and empty module caches (as in a fresh process); interval 0
+    untimed (warm-up), the rest timed."""
+    clear_module_caches()
     agg = Aggregator(index)
     sink = SerializingSink()
     pipe = OtlpPipeline(encode.Reporter("bench-0", "node-000"), sink, start_unix_nano=T0)

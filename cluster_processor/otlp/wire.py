@@ -143,6 +143,9 @@ class AttributesCache:
         self._entries: dict[tuple[int, int], tuple[Attrs, bytes]] = {}
         self._limit = limit
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     def __call__(self, field: int, pairs: Attrs) -> bytes:
         key = (field, id(pairs))
         entry = self._entries.get(key)
