@@ -245,7 +245,23 @@ def controller_of(meta: Mapping[str, Any]) -> OwnerRef | None:
         chosen = next((r for r in refs if _str(r, "kind") in WORKLOAD_KINDS), None)
     if chosen is None:
         return None
-    return OwnerRef(kind=_interned(chosen, "kind"), name=_str(chosen, "name"), uid=_str(chosen, "uid"))
+    return _owner_ref(_interned(chosen, "kind"), _str(chosen, "name"), _str(chosen, "uid"))
+
+
+# Every pod of a ReplicaSet names the same owner: one shared record (and strings) instead of one
+# copy per pod, ~190 bytes each. Bounded: cleared when full, which only loses the sharing.
+_OWNERS: Final[dict[tuple[str, str, str], OwnerRef]] = {}
+_MAX_OWNERS: Final = 65_536
+
+
+def _owner_ref(kind: str, name: str, uid: str) -> OwnerRef:
+    key = (kind, name, uid)
+    ref = _OWNERS.get(key)
+    if ref is None:
+        if len(_OWNERS) >= _MAX_OWNERS:
+            _OWNERS.clear()
+        ref = _OWNERS[key] = OwnerRef(kind=kind, name=name, uid=uid)
+    return ref
 
 
 def strip_runtime_prefix(container_id: str) -> str:
@@ -257,6 +273,7 @@ def strip_runtime_prefix(container_id: str) -> str:
     return (rest if sep else container_id).strip().lower()
 
 
+@lru_cache(maxsize=4096)  # pods created in the same second share one float instead of 24 bytes each
 def parse_timestamp(text: str) -> float:
     """RFC 3339 (``2024-05-01T10:00:00Z``) to epoch seconds; 0.0 when absent or malformed."""
     if not text:
@@ -278,7 +295,10 @@ def canonical_ip(text: str) -> str:
         return text
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return str(addr.ipv4_mapped)
-    return str(addr)
+    canonical = str(addr)
+    # Already canonical (the usual case): keep the caller's string, so the cache entry and the
+    # record that stores the address hold one string instead of two equal ones.
+    return text if canonical == text else canonical
 
 
 def _ips(values: Any) -> tuple[str, ...]:
