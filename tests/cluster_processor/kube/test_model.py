@@ -124,3 +124,23 @@ def test_converters_accept_non_mappings() -> None:
     for kind in model.KINDS:
         assert model.convert(kind, None) is not None  # type: ignore[arg-type]
     assert model.convert("ConfigMap", {}) is None
+
+
+def test_owner_references_are_shared_and_the_sharing_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    owners = [f.owner("ReplicaSet", "web-5f6d7c8b9a", "rs-1")]
+    a = model.pod_from_api(f.pod("web-1", uid="u1", owners=owners))
+    b = model.pod_from_api(f.pod("web-2", uid="u2", owners=owners))
+    assert a.owner is b.owner and a.owner == model.OwnerRef("ReplicaSet", "web-5f6d7c8b9a", "rs-1")
+    monkeypatch.setattr(model, "_MAX_OWNERS", 4)
+    for i in range(10):  # past the bound: the table is emptied, the answers stay right
+        p = model.pod_from_api(f.pod(f"x-{i}", uid=f"x{i}", owners=[f.owner("ReplicaSet", f"x-{i}", f"rs-x{i}")]))
+        assert p.owner == model.OwnerRef("ReplicaSet", f"x-{i}", f"rs-x{i}")
+    assert len(model._OWNERS) <= 4
+
+
+def test_canonical_ip_keeps_a_canonical_string() -> None:
+    model.canonical_ip.cache_clear()  # an earlier equal string would be the cached answer
+    text = "".join(["10.0.0.", "1"])  # built at run time: not a shared constant
+    assert model.canonical_ip(text) is text
+    assert model.canonical_ip("::FFFF:10.0.0.2") == "10.0.0.2"
+    assert model.canonical_ip("2001:DB8::1") == "2001:db8::1"
