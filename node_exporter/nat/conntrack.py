@@ -4,19 +4,25 @@ A client in a pod connects to a Service VIP; kube-proxy's iptables rules DNAT it
 backend in the node's namespace. The client's socket only ever knows the VIP: the
 backend that really answered is the source of the conntrack entry's reply tuple.
 
-:func:`index_entries` is the pure core (entries in, lookup out); :class:`ConntrackTable`
-is the I/O around it: one netlink dump per interval, never one request per flow.
+:func:`index_entries` is the pure core (entries in, lookup out); :func:`parse_dump` decodes
+ctnetlink messages (pure); :class:`ConntrackTable` is the I/O around them: one netlink dump per
+interval, never one request per flow.
+
+The dump is requested and decoded here, with ``struct``, not through pyroute2: pyroute2 spent
+~375 µs of CPU per entry decoding its generic attribute objects (2,000 DNAT'ed entries: 0.75 s per
+interval, measured), where the few attributes we read cost ~3 µs per entry this way.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import socket
+import struct
 import threading
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from functools import lru_cache
+from typing import NamedTuple
 
 import structlog
 
@@ -26,6 +32,21 @@ NETLINK_NETFILTER = 12
 CLONE_NEWNET = 0x40000000
 IPS_DST_NAT = 1 << 5  # enum ip_conntrack_status, IPS_DST_NAT_BIT = 5
 DEFAULT_MAX_ENTRIES = 65536
+
+# Netlink and ctnetlink constants (uapi linux/netlink.h, linux/netfilter/nfnetlink*.h; the CTA_*
+# values checked against this kernel's BTF enums).
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_GET = 1, 1
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS, CTA_STATUS_MASK = 1, 2, 3, 26
+CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
+CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
+CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_NLA = struct.Struct("=HH")  # len, type
+_NFGENMSG_LEN = 4
+_RECV_BYTES = 1 << 20
 
 # (proto, src ip, src port, dst ip, dst port) of the original direction, addresses as text
 FlowKey = tuple[int, str, int, str, int]
@@ -63,26 +84,109 @@ def index_entries(entries: Iterable[CtEntry], max_entries: int = DEFAULT_MAX_ENT
     return Index(nat, dropped)
 
 
-def _ct_tuple(attr: Any) -> CtTuple | None:
-    """pyroute2's CTA_TUPLE_* attribute -> CtTuple; None if it is not a port-carrying tuple."""
-    if attr is None:
-        return None
-    ip, proto = attr.get_attr("CTA_TUPLE_IP"), attr.get_attr("CTA_TUPLE_PROTO")
-    if ip is None or proto is None:
-        return None
-    src = ip.get_attr("CTA_IP_V4_SRC") or ip.get_attr("CTA_IP_V6_SRC")
-    dst = ip.get_attr("CTA_IP_V4_DST") or ip.get_attr("CTA_IP_V6_DST")
-    sport, dport = proto.get_attr("CTA_PROTO_SRC_PORT"), proto.get_attr("CTA_PROTO_DST_PORT")
-    if src is None or dst is None or sport is None or dport is None:
-        return None
-    return CtTuple(proto.get_attr("CTA_PROTO_NUM"), src, sport, dst, dport)
+class ConntrackDumpError(OSError):
+    """The kernel answered the dump with an error (errno), or the answer was not ctnetlink."""
 
 
-def _entries(msgs: Iterable[Any], proto: int) -> Iterable[CtEntry]:
-    for msg in msgs:
-        orig, reply = _ct_tuple(msg.get_attr("CTA_TUPLE_ORIG")), _ct_tuple(msg.get_attr("CTA_TUPLE_REPLY"))
-        if orig is not None and reply is not None and orig.proto == proto:
-            yield CtEntry(orig, reply)
+@lru_cache(maxsize=65536)
+def _addr_text(raw: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+
+
+def dump_request(seq: int, status: int = IPS_DST_NAT, status_mask: int = IPS_DST_NAT) -> bytes:
+    """IPCTNL_MSG_CT_GET with NLM_F_DUMP, all address families, filtered in the kernel on the status
+    bits (CTA_STATUS + CTA_STATUS_MASK, Linux 5.15+; older kernels ignore the filter and send all)."""
+    attrs = b"".join(_NLA.pack(8, t) + struct.pack("!I", v) for t, v in ((CTA_STATUS, status),
+                                                                         (CTA_STATUS_MASK, status_mask)))  # fmt: skip
+    body = bytes(_NFGENMSG_LEN) + attrs  # nfgenmsg: AF_UNSPEC, NFNETLINK_V0, res_id 0
+    kind = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+
+
+def _tuple(buf: bytes, off: int, end: int) -> CtTuple | None:
+    """A CTA_TUPLE_* nest -> CtTuple; None if it lacks addresses or ports (ICMP, malformed)."""
+    src = dst = None
+    proto = sport = dport = -1
+    while off + 4 <= end:
+        alen, atype = _NLA.unpack_from(buf, off)
+        if alen < 4 or off + alen > end:
+            return None
+        atype &= NLA_TYPE_MASK
+        inner, inner_end = off + 4, off + alen
+        if atype == CTA_TUPLE_IP:
+            while inner + 4 <= inner_end:
+                ilen, itype = _NLA.unpack_from(buf, inner)
+                if ilen < 4 or inner + ilen > inner_end:
+                    return None
+                itype &= NLA_TYPE_MASK
+                if itype in (CTA_IP_V4_SRC, CTA_IP_V6_SRC) and ilen in (8, 20):
+                    src = _addr_text(buf[inner + 4 : inner + ilen])
+                elif itype in (CTA_IP_V4_DST, CTA_IP_V6_DST) and ilen in (8, 20):
+                    dst = _addr_text(buf[inner + 4 : inner + ilen])
+                inner += (ilen + 3) & ~3
+        elif atype == CTA_TUPLE_PROTO:
+            while inner + 4 <= inner_end:
+                ilen, itype = _NLA.unpack_from(buf, inner)
+                if ilen < 4 or inner + ilen > inner_end:
+                    return None
+                itype &= NLA_TYPE_MASK
+                if itype == CTA_PROTO_NUM and ilen >= 5:
+                    proto = buf[inner + 4]
+                elif itype == CTA_PROTO_SRC_PORT and ilen >= 6:
+                    sport = int.from_bytes(buf[inner + 4 : inner + 6], "big")
+                elif itype == CTA_PROTO_DST_PORT and ilen >= 6:
+                    dport = int.from_bytes(buf[inner + 4 : inner + 6], "big")
+                inner += (ilen + 3) & ~3
+        off += (alen + 3) & ~3
+    if src is None or dst is None or proto < 0 or sport < 0 or dport < 0:
+        return None
+    return CtTuple(proto, src, sport, dst, dport)
+
+
+def _entry(buf: bytes, off: int, end: int, proto: int) -> CtEntry | None:
+    orig = reply = None
+    while off + 4 <= end:
+        alen, atype = _NLA.unpack_from(buf, off)
+        if alen < 4 or off + alen > end:
+            return None
+        atype &= NLA_TYPE_MASK
+        if atype == CTA_TUPLE_ORIG:
+            orig = _tuple(buf, off + 4, off + alen)
+        elif atype == CTA_TUPLE_REPLY:
+            reply = _tuple(buf, off + 4, off + alen)
+        off += (alen + 3) & ~3
+    if orig is None or reply is None or orig.proto != proto:
+        return None
+    return CtEntry(orig, reply)
+
+
+def parse_dump(buf: bytes, seq: int, proto: int = socket.IPPROTO_TCP) -> tuple[list[CtEntry], bool, int]:
+    """One recv()'s worth of dump answer -> (entries of ``proto``, whether the dump is done, how many
+    messages were skipped as malformed or not ours). Raises ConntrackDumpError on NLMSG_ERROR."""
+    entries: list[CtEntry] = []
+    skipped = 0
+    off, size = 0, len(buf)
+    while off + _NLMSGHDR.size <= size:
+        mlen, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(buf, off)
+        if mlen < _NLMSGHDR.size or off + mlen > size:
+            return entries, False, skipped + 1  # truncated: nothing after it can be trusted
+        body = off + _NLMSGHDR.size
+        if mtype == NLMSG_DONE:
+            return entries, True, skipped
+        if mtype == NLMSG_ERROR:
+            err = -struct.unpack_from("=i", buf, body)[0] if mlen >= _NLMSGHDR.size + 4 else 0
+            if err:
+                raise ConntrackDumpError(err, os.strerror(err))
+        elif mseq != seq or mtype >> 8 != NFNL_SUBSYS_CTNETLINK or mlen < _NLMSGHDR.size + _NFGENMSG_LEN:
+            skipped += 1
+        else:
+            e = _entry(buf, body + _NFGENMSG_LEN, off + mlen, proto)
+            if e is None:
+                skipped += 1
+            else:
+                entries.append(e)
+        off += (mlen + 3) & ~3
+    return entries, False, skipped
 
 
 def _libc_setns(fd: int) -> None:
@@ -141,33 +245,33 @@ class ConntrackTable:
         self.dnat_entries = 0  # in the index after the last dump
         self.dropped = 0  # DNAT'ed entries left out because the index was full, all dumps
         self.errors = 0
+        self.skipped = 0  # answer messages that were malformed, not TCP, or not ours
         self.available: bool | None = None  # None until the first refresh
+        self.timeout_s = 5.0  # a dump that stalls this long fails this interval, not the agent
+        self._seq = 0
 
-    def _open(self) -> Any:
-        from pyroute2 import NFCTSocket
-
-        raw = open_netlink_in(self.netns)
+    def _dump(self) -> list[CtEntry]:
+        # A fresh socket per dump: a namespace re-created since the last interval is found.
+        sock = open_netlink_in(self.netns)
         try:
-            return NFCTSocket(nfgen_family=socket.AF_UNSPEC, use_socket=raw)
-        except BaseException:
-            raw.close()
-            raise
-
-    def _dump(self) -> list[Any]:
-        # A fresh socket per dump: pyroute2's synchronous calls tear their transport down
-        # after each request, and a namespace re-created since the last interval is found.
-        sock = self._open()
-        try:
-            # Kernel-side filter on the DST_NAT status bit (5.15+): only translated entries cross.
-            return list(sock.dump(status=IPS_DST_NAT, status_mask=IPS_DST_NAT))
+            sock.settimeout(self.timeout_s)
+            sock.bind((0, 0))
+            self._seq = (self._seq + 1) & 0xFFFFFFFF
+            sock.send(dump_request(self._seq))
+            entries: list[CtEntry] = []
+            while True:
+                got, done, skipped = parse_dump(sock.recv(_RECV_BYTES), self._seq)
+                entries += got
+                self.skipped += skipped
+                if done:
+                    return entries
         finally:
-            with contextlib.suppress(Exception):
-                sock.close()
+            sock.close()
 
     def refresh(self) -> None:
         """Replace the lookup with the table as it is now; on failure the lookup is empty."""
         try:
-            msgs = self._dump()
+            entries = self._dump()
         except Exception as exc:  # netlink, namespace and privilege errors all mean "unavailable"
             self.errors += 1
             self.nat = {}
@@ -179,8 +283,8 @@ class ConntrackTable:
             log.info("conntrack_available", netns=self.netns or "self")
         self.available = True
         self.dumps += 1
-        self.entries += len(msgs)
-        idx = index_entries(_entries(msgs, socket.IPPROTO_TCP), self.max_entries)
+        self.entries += len(entries)
+        idx = index_entries(entries, self.max_entries)
         self.nat = idx.nat
         self.dnat_entries = len(idx.nat)
         self.dropped += idx.dropped
@@ -195,6 +299,7 @@ class ConntrackTable:
             "dnat_entries": self.dnat_entries,
             "dropped": self.dropped,
             "errors": self.errors,
+            "skipped": self.skipped,
         }
 
     def close(self) -> None:

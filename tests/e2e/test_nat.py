@@ -115,3 +115,33 @@ def test_missing_conntrack_namespace_degrades_and_l4_still_flows(nat_topo: NatTo
     flows, stats = _flows(out)
     assert [f for f in flows if f.role == pb.ROLE_CLIENT and (f.local_ip, f.local_port) == (CPOD_IP, port)]
     assert stats.counters["nat_errors"] >= 1 and stats.counters["nat_dumps"] == 0
+
+
+def test_the_dump_decoder_reads_what_the_kernel_holds(nat_topo: NatTopology) -> None:
+    """Entries made with the conntrack tool in the node namespace: DNAT'ed TCP (v4, v6, port-only),
+    DNAT'ed UDP and an untranslated TCP entry; the table has exactly the translated TCP ones."""
+    from node_exporter.nat.conntrack import ConntrackTable
+
+    def insert(*args: str) -> None:
+        nat_topo.node.run("conntrack", "-I", *args, "-t", "600")
+
+    est = ("--state", "ESTABLISHED", "-u", "ASSURED,SEEN_REPLY")
+    insert("-p", "tcp", "-s", "198.18.7.5", "-d", "198.19.7.10", "--sport", "40000", "--dport", "80", *est,
+           "--dst-nat", "198.18.7.7:8080")  # fmt: skip
+    insert("-p", "tcp", "-s", "fd00:198:18::5", "-d", "fd00:198:19::a", "--sport", "40001", "--dport", "80", *est,
+           "--dst-nat", "[fd00:198:18::7]:8080")  # fmt: skip
+    insert("-p", "tcp", "-s", "198.18.7.5", "-d", "198.19.7.11", "--sport", "40002", "--dport", "443", *est,
+           "--dst-nat", "198.18.7.8")  # fmt: skip
+    insert("-p", "udp", "-s", "198.18.7.5", "-d", "198.19.7.10", "--sport", "5353", "--dport", "53",
+           "--dst-nat", "198.18.7.7:5353")  # fmt: skip
+    insert("-p", "tcp", "-s", "198.18.7.5", "-d", "198.18.7.9", "--sport", "40003", "--dport", "80", *est)
+    table = ConntrackTable(nat_topo.node.path)
+    table.refresh()
+    assert table.available
+    assert table.nat == {
+        (6, "198.18.7.5", 40000, "198.19.7.10", 80): ("198.18.7.7", 8080),
+        (6, "fd00:198:18::5", 40001, "fd00:198:19::a", 80): ("fd00:198:18::7", 8080),
+        (6, "198.18.7.5", 40002, "198.19.7.11", 443): ("198.18.7.8", 443),
+    }
+    c = table.counters()
+    assert c["entries"] == 3 and c["skipped"] == 1  # the UDP one; the untranslated one never left the kernel

@@ -1,10 +1,33 @@
-"""The conntrack index on constructed entries, and the degraded mode without conntrack."""
+"""The conntrack index on constructed entries, the ctnetlink dump decoder on constructed messages, and the
+degraded mode without conntrack."""
 
 from __future__ import annotations
 
-import pytest
+import contextlib
+import errno
+import socket
+import struct
 
-from node_exporter.nat.conntrack import ConntrackTable, CtEntry, CtTuple, index_entries
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node_exporter.nat.conntrack import (
+    CTA_STATUS,
+    CTA_TUPLE_IP,
+    CTA_TUPLE_ORIG,
+    CTA_TUPLE_PROTO,
+    CTA_TUPLE_REPLY,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    ConntrackDumpError,
+    ConntrackTable,
+    CtEntry,
+    CtTuple,
+    dump_request,
+    index_entries,
+    parse_dump,
+)
 
 CLIENT, VIP, BACKEND, NODE = "10.244.1.5", "10.96.0.10", "10.244.2.7", "192.168.1.4"
 
@@ -69,3 +92,84 @@ def test_missing_namespace_is_a_degraded_mode(capsys: pytest.CaptureFixture[str]
     assert t.lookup((6, CLIENT, 1, VIP, 80)) is None  # a stale lookup is worse than none
     out = capsys.readouterr()
     assert (out.out + out.err).count("conntrack_unavailable") == 1  # one line, not one per interval
+
+
+# --- the ctnetlink dump decoder, on messages built as the kernel lays them out -------------------
+
+
+def nla(kind: int, payload: bytes) -> bytes:
+    raw = struct.pack("=HH", 4 + len(payload), kind) + payload
+    return raw + bytes(-len(raw) % 4)
+
+
+def nest(kind: int, *children: bytes) -> bytes:
+    return nla(kind | 0x8000, b"".join(children))  # NLA_F_NESTED, as the kernel sets it
+
+
+def tuple_attr(kind: int, t: CtTuple) -> bytes:
+    v6 = ":" in t.src
+    fam = socket.AF_INET6 if v6 else socket.AF_INET
+    ip = nest(CTA_TUPLE_IP, nla(3 if v6 else 1, socket.inet_pton(fam, t.src)), nla(4 if v6 else 2,
+              socket.inet_pton(fam, t.dst)))  # fmt: skip
+    proto = nest(CTA_TUPLE_PROTO, nla(1, bytes([t.proto])), nla(2, struct.pack("!H", t.sport)),
+                 nla(3, struct.pack("!H", t.dport)))  # fmt: skip
+    return nest(kind, ip, proto)
+
+
+def message(body: bytes, seq: int = 7, kind: int = 0x0100) -> bytes:
+    """One IPCTNL_MSG_CT_NEW answer message (nfgenmsg + attributes)."""
+    payload = bytes(4) + body
+    return struct.pack("=IHHII", 16 + len(payload), kind, 2, seq, 0) + payload
+
+
+def entry_message(e: CtEntry, seq: int = 7) -> bytes:
+    status = nla(CTA_STATUS | 0x4000, struct.pack("!I", 0x20 | 0x8))
+    return message(tuple_attr(CTA_TUPLE_ORIG, e.orig) + tuple_attr(CTA_TUPLE_REPLY, e.reply) + status, seq)
+
+
+DONE = struct.pack("=IHHII", 20, NLMSG_DONE, 2, 7, 0) + bytes(4)
+
+
+def test_dump_request_asks_for_a_filtered_dump_of_every_family() -> None:
+    req = dump_request(9)
+    length, kind, flags, seq, _ = struct.unpack_from("=IHHII", req)
+    assert (length, kind, flags, seq) == (len(req), 0x0101, 0x301, 9)
+    assert req[16:20] == bytes(4)  # AF_UNSPEC, version 0, res_id 0
+    assert req[20:] == nla(CTA_STATUS, struct.pack("!I", 0x20)) + nla(26, struct.pack("!I", 0x20))
+
+
+def test_v4_and_v6_entries_decode_and_the_dump_ends() -> None:
+    v4, v6 = dnat(40000), CtEntry(CtTuple(6, "fd00::5", 40005, "fd00:96::a", 80),
+                                  CtTuple(6, "fd00:1::7", 8080, "fd00::5", 40005))  # fmt: skip
+    entries, done, skipped = parse_dump(entry_message(v4) + entry_message(v6) + DONE, seq=7)
+    assert (entries, done, skipped) == ([v4, v6], True, 0)
+
+
+def test_other_protocols_other_sequences_and_broken_messages_are_skipped_and_counted() -> None:
+    udp = CtEntry(CtTuple(17, CLIENT, 5353, VIP, 53), CtTuple(17, BACKEND, 5353, CLIENT, 5353))
+    no_ports = message(nest(CTA_TUPLE_ORIG, nest(CTA_TUPLE_IP, nla(1, bytes(4)), nla(2, bytes(4)))))
+    bad_nla = message(struct.pack("=HH", 200, CTA_TUPLE_ORIG) + bytes(8))
+    buf = entry_message(udp) + entry_message(dnat(1), seq=6) + no_ports + bad_nla + entry_message(dnat(2))
+    entries, done, skipped = parse_dump(buf, seq=7)
+    assert (entries, done, skipped) == ([dnat(2)], False, 4)
+
+
+def test_a_truncated_message_stops_the_batch() -> None:
+    whole = entry_message(dnat(3))
+    entries, done, skipped = parse_dump(entry_message(dnat(4)) + whole[:-5], seq=7)
+    assert (entries, done, skipped) == ([dnat(4)], False, 1)
+
+
+def test_a_netlink_error_is_raised_with_its_errno() -> None:
+    err = struct.pack("=IHHII", 36, NLMSG_ERROR, 0, 7, 0) + struct.pack("=i", -errno.EPERM) + bytes(16)
+    with pytest.raises(ConntrackDumpError) as info:
+        parse_dump(err, seq=7)
+    assert info.value.errno == errno.EPERM
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_arbitrary_bytes_never_raise_anything_but_a_dump_error(data: bytes) -> None:
+    with contextlib.suppress(ConntrackDumpError):
+        entries, _, skipped = parse_dump(data, seq=7)
+        assert skipped >= 0 and all(isinstance(e, CtEntry) for e in entries)
