@@ -27,10 +27,10 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any, Final
+from typing import Final
 
 from cluster_processor.kube.index import KubeIndex
 from cluster_processor.otlp import semconv
@@ -42,7 +42,6 @@ from cluster_processor.otlp.model import (
     HTTP_DURATION_BOUNDS_S,
     SERVICE_GRAPH_BOUNDS_S,
     AttrValue,
-    ConnectionType,
     Edge,
     Histogram,
     Interval,
@@ -55,20 +54,18 @@ from cluster_processor.otlp.model import (
     Side,
     SpanRecord,
     attrs,
-    graph_node_name,
     span_context,
 )
 from cluster_processor.resolve import (
-    EdgeOptions,
-    Endpoint,
-    EndpointKind,
-    How,
+    SPAN_EDGE,
+    EdgeRef,
+    EdgeSide,
+    GraphRef,
+    ResolutionCache,
     Resolved,
+    Route,
     edge,
     resolve_l4,
-    resolve_l7,
-    resolve_local,
-    resolve_remote,
 )
 from kscope.v1 import flow_pb2 as pb
 
@@ -83,8 +80,6 @@ _CONNECT_ERRORS: Final = {
     pb.CONNECT_STATUS_OTHER: "other",
 }
 CONNECT_BOUNDS_S: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-_METRIC_EDGE: Final = EdgeOptions(pod_level=False)
-_SPAN_EDGE: Final = EdgeOptions(pod_level=True, client_port=True)
 
 COUNTERS: Final = (
     "batches",
@@ -173,84 +168,17 @@ class _Socket:
     connect_seen: bool = False  # connect latency / failure already counted for this socket
 
 
-class _EdgeRef:
-    """One distinct metric ``Edge``, interned: node state is keyed by these objects (identity hash)
-    instead of hashing two attribute tuples per record."""
-
-    __slots__ = ("client", "edge", "server")
-
-    def __init__(self, e: Edge) -> None:
-        self.edge = e
-        self.client = _EdgeSide(self, Side.CLIENT)
-        self.server = _EdgeSide(self, Side.SERVER)
-
-
-class _EdgeSide:
-    __slots__ = ("ref", "side")
-
-    def __init__(self, ref: _EdgeRef, side: Side) -> None:
-        self.ref = ref
-        self.side = side
-
-
-class _MKey:
-    """An interned token for one end's metric identity: hashed by id, compared by identity."""
-
-    __slots__ = ()
-
-
-class _End:
-    """One end resolved without its port (cached per lookup key): ``mkey`` is the interned part of
-    it a metric edge reads (workload-level identity, and the address of an external end)."""
-
-    __slots__ = ("endpoint", "external", "mkey", "nat", "unresolved")
-
-    def __init__(self, endpoint: Endpoint, mkey: _MKey, nat: bool = False) -> None:
-        self.endpoint = endpoint
-        self.mkey = mkey
-        self.nat = nat  # a remote end named through its NAT answer: its port is the answer's
-        self.unresolved = endpoint.how is How.UNRESOLVED
-        self.external = endpoint.kind is EndpointKind.EXTERNAL
-
-
-class _GraphRef:
-    """One interned service-graph edge (client name, server name, connection type)."""
-
-    __slots__ = ("client", "ctype", "server")
-
-    def __init__(self, client: str, server: str, ctype: ConnectionType) -> None:
-        self.client, self.server, self.ctype = client, server, ctype
-
-
-class _Route:
-    """What resolving a record decided, cached per resolution key while the index is unchanged."""
-
-    __slots__ = ("count_request", "external", "graph", "key", "ref", "resolved", "side", "span_edge", "unresolved")
-
-    def __init__(self, r: Resolved, ref: _EdgeRef) -> None:
-        self.resolved = r
-        self.side = Side.CLIENT if r.local_is_client else Side.SERVER
-        self.ref = ref
-        self.key = ref.client if r.local_is_client else ref.server
-        self.unresolved = r.local.how is How.UNRESOLVED
-        self.external = r.remote.kind is EndpointKind.EXTERNAL
-        # L7 only (filled by _l7_route)
-        self.span_edge: Edge | None = None
-        self.graph: _GraphRef | None = None
-        self.count_request = False
-
-
 # (edge and side, protocol value, method, route, status, error type); protocol extras are always () here
-_RedKey = tuple[_EdgeSide, str, str, str, int | None, str]
+_RedKey = tuple[EdgeSide, str, str, str, int | None, str]
 
 
 @dataclass(slots=True)
 class _NodeState:
     start_ns: int
-    edges: set[_EdgeRef] = field(default_factory=set)
-    l4: dict[_EdgeSide, _L4] = field(default_factory=dict)
+    edges: set[EdgeRef] = field(default_factory=set)
+    l4: dict[EdgeSide, _L4] = field(default_factory=dict)
     red: dict[_RedKey, _Hist] = field(default_factory=dict)
-    graph: dict[_GraphRef, _Graph] = field(default_factory=dict)
+    graph: dict[GraphRef, _Graph] = field(default_factory=dict)
     spans: list[SpanRecord] = field(default_factory=list)
     logs: list[LogEvent] = field(default_factory=list)
 
@@ -272,20 +200,7 @@ class Aggregator:
         self._last_end: dict[str, int] = {}  # node -> end of its last flushed interval
         self._sockets: OrderedDict[tuple[str, int, int], _Socket] = OrderedDict()
         self._counters = dict.fromkeys(COUNTERS, 0)
-        # Resolution cache: key (the record fields resolution reads) -> _Route. Valid for one index
-        # generation; bounded by max_resolutions (cleared when full). Edges and graph edges are
-        # interned so equal edges share one accumulator; the interning tables are pruned at flush,
-        # when no node state refers to them any more.
-        self._routes: dict[tuple[Any, ...], _Route] = {}
-        self._generation = index.generation
-        self._refs: dict[Edge, _EdgeRef] = {}
-        self._graph_refs: dict[tuple[str, str, ConnectionType], _GraphRef] = {}
-        # The L4 path resolves each end on its own (few keys: one per pod or address, where whole
-        # records would give one per pair of pods) and joins them through interned metric keys.
-        self._locals: dict[tuple[Any, ...], _End] = {}
-        self._remotes: dict[tuple[str, str], _End] = {}
-        self._mkeys: dict[tuple[Any, ...], _MKey] = {}
-        self._edge_refs: dict[tuple[Any, ...], _EdgeRef] = {}
+        self._resolutions = ResolutionCache(index, settings.max_resolutions)
 
     def counters(self) -> dict[str, int]:
         return dict(self._counters)
@@ -306,12 +221,7 @@ class Aggregator:
         if st is None:
             end = now_unix_nano or batch.time_unix_nano
             st = self._nodes[node] = _NodeState(self._last_end.get(node, end - self._settings.default_interval_ns))
-        if self._index.generation != self._generation:
-            # The index changed since these answers were cached (a pod came, an IP moved): forget them.
-            self._routes.clear()
-            self._locals.clear()
-            self._remotes.clear()
-            self._generation = self._index.generation
+        self._resolutions.check_index()
         closed: list[tuple[str, int, int]] = []
         l4 = batch.l4
         c["l4_records"] += len(l4)
@@ -338,78 +248,7 @@ class Aggregator:
             self._sockets.move_to_end(key)
         return sock
 
-    def _route(self, key: tuple[Any, ...], resolve: Callable[[], Resolved]) -> _Route:
-        route = self._routes.get(key)
-        if route is None:
-            r = resolve()
-            route = _Route(r, self._intern_ref(edge(r, _METRIC_EDGE)))
-            self._cache(self._routes, key, route)
-        return route
-
-    def _cache(self, table: dict[Any, Any], key: Any, value: Any) -> None:
-        limit = self._settings.max_resolutions
-        if limit > 0:
-            if len(table) >= limit:
-                table.clear()
-            table[key] = value
-
-    def _intern_ref(self, e: Edge) -> _EdgeRef:
-        ref = self._refs.get(e)
-        if ref is None:
-            ref = self._refs[e] = _EdgeRef(e)
-        return ref
-
-    def _end(self, endpoint: Endpoint, nat: bool = False) -> _End:
-        # Exactly what ``edge`` reads of an end at workload level: its identity, and its address
-        # when it has no identity (external). Interned, so the edge cache hashes object ids.
-        ident = (endpoint.identity(False), endpoint.address if endpoint.kind is EndpointKind.EXTERNAL else None)
-        mkey = self._mkeys.get(ident)
-        if mkey is None:
-            mkey = self._mkeys[ident] = _MKey()
-        return _End(endpoint, mkey, nat)
-
-    def _l4_route(
-        self,
-        node: str,
-        f: pb.L4Flow,
-        proc: tuple[str, str, bool],
-        ends: tuple[str, int, str, int],
-        nat: tuple[str, int],
-    ) -> tuple[_EdgeRef, bool, bool]:
-        """(metric edge, local end unresolved, remote end external) of one L4 record."""
-        local_ip, local_port, remote_ip, remote_port = ends
-        nat_ip, nat_port = nat
-        if self._settings.max_resolutions <= 0:  # the reference path: every record resolved afresh
-            r = resolve_l4(self._index, node, f)
-            ref = self._intern_ref(edge(r, _METRIC_EDGE))
-            return ref, r.local.how is How.UNRESOLVED, r.remote.kind is EndpointKind.EXTERNAL
-        lkey = (node, proc, local_ip)
-        le = self._locals.get(lkey)
-        if le is None:
-            le = self._end(resolve_local(self._index, node, f.process, local_ip))
-            self._cache(self._locals, lkey, le)
-        rkey = (remote_ip, nat_ip)
-        re = self._remotes.get(rkey)
-        if re is None:
-            endpoint = resolve_remote(self._index, remote_ip, 0, nat_ip, 0)
-            re = self._end(endpoint, nat=endpoint.how in (How.NAT_POD_IP, How.NAT_NODE_IP))
-            self._cache(self._remotes, rkey, re)
-        if f.role == pb.ROLE_SERVER:
-            client, server, port = re, le, local_port
-        else:
-            client, server = le, re
-            port = (nat_port or remote_port) if re.nat else remote_port
-        ekey = (client.mkey, server.mkey, port)
-        ref = self._edge_refs.get(ekey)
-        if ref is None:
-            # Built by ``edge`` itself from the two ends with their ports: the key holds all it reads.
-            local = _with_port(le.endpoint, local_port)
-            remote = _with_port(re.endpoint, (nat_port or remote_port) if re.nat else remote_port)
-            ref = self._intern_ref(edge(Resolved(local, remote, f.role != pb.ROLE_SERVER), _METRIC_EDGE))
-            self._edge_refs[ekey] = ref
-        return ref, le.unresolved, re.external
-
-    def _admit(self, st: _NodeState, ref: _EdgeRef) -> bool:
+    def _admit(self, st: _NodeState, ref: EdgeRef) -> bool:
         if ref in st.edges:
             return True
         if len(st.edges) >= self._settings.max_edges:
@@ -427,7 +266,7 @@ class Aggregator:
         proc = _PROCESS(f.process)
         local_ip, local_port, remote_ip, remote_port = _ENDS(f)
         nat_ip, nat_port, kind, connect_status, srtt_us = _L4_REST(f)
-        ref, unresolved, external = self._l4_route(
+        ref, unresolved, external = self._resolutions.l4(
             node, f, proc, (local_ip, local_port, remote_ip, remote_port), (nat_ip, nat_port)
         )
         c = self._counters
@@ -482,12 +321,12 @@ class Aggregator:
         if d.resets_sent or d.resets_received:
             body = f"TCP reset: {d.resets_sent} sent, {d.resets_received} received ({f.tcp_state or 'unknown state'})"
             extra = (("kscope.tcp.resets_sent", d.resets_sent), ("kscope.tcp.resets_received", d.resets_received))
-            self._log(st, edge(r, _SPAN_EDGE), side, t, EVENT_TCP_RESET, Severity.WARN, body, extra)
+            self._log(st, edge(r, SPAN_EDGE), side, t, EVENT_TCP_RESET, Severity.WARN, body, extra)
         if failure in ("connection_refused", "timeout"):
             name = EVENT_CONNECT_REFUSED if failure == "connection_refused" else EVENT_CONNECT_TIMEOUT
             body = f"connect to {r.remote.address}:{r.remote.port} failed: {failure.replace('_', ' ')}"
             extra = (("error.type", failure), ("kscope.tcp.connect_errno", f.connect_errno))
-            self._log(st, edge(r, _SPAN_EDGE), side, t, name, Severity.WARN, body, extra)
+            self._log(st, edge(r, SPAN_EDGE), side, t, name, Severity.WARN, body, extra)
 
     def _log(
         self,
@@ -506,26 +345,6 @@ class Aggregator:
             return
         st.logs.append(LogEvent(span_edge, side, t, name, severity, body, attrs(extra), *trace))
 
-    def _l7_route(self, node: str, q: pb.L7Request, nat_ip: str, nat_port: int) -> _Route:
-        # Spans name pod, node and the client's own port: every field resolution reads is in the key.
-        key = (node, _PROCESS(q.process), q.side, *_ENDS(q), nat_ip, nat_port, True)
-        route = self._routes.get(key)
-        if route is None:
-            route = self._route(key, lambda: resolve_l7(self._index, node, q, nat_ip, nat_port))
-        if route.span_edge is None:
-            r = route.resolved
-            route.span_edge = edge(r, _SPAN_EDGE)
-            e = route.ref.edge
-            client, server = graph_node_name(e.client), graph_node_name(e.server)
-            both_observed = r.server.observed and r.client.kind is not EndpointKind.EXTERNAL
-            ctype = ConnectionType.NONE if both_observed else ConnectionType.VIRTUAL_NODE
-            g = self._graph_refs.get((client, server, ctype))
-            if g is None:
-                g = self._graph_refs[(client, server, ctype)] = _GraphRef(client, server, ctype)
-            route.graph = g
-            route.count_request = route.side is Side.SERVER or not r.server.observed
-        return route
-
     def _add_l7(self, node: str, st: _NodeState, q: pb.L7Request) -> None:
         protocol = _PROTOCOLS.get(q.protocol)
         if protocol is None:
@@ -533,7 +352,7 @@ class Aggregator:
             return
         sock = self._sockets.get((node, q.netns_inode, q.socket_cookie))
         nat_ip, nat_port = (sock.nat_ip, sock.nat_port) if sock is not None else ("", 0)
-        route = self._l7_route(node, q, nat_ip, nat_port)
+        route = self._resolutions.l7(node, q, nat_ip, nat_port)
         c = self._counters
         if route.unresolved:
             c["unresolved_local"] += 1
@@ -557,7 +376,7 @@ class Aggregator:
             self._graph(st, route, side, failed, duration_s)
         self._span(st, route, side, protocol, q, latency_ns, method, route_name, status, error_type, extra)
 
-    def _graph(self, st: _NodeState, route: _Route, side: Side, failed: bool, duration_s: float) -> None:
+    def _graph(self, st: _NodeState, route: Route, side: Side, failed: bool, duration_s: float) -> None:
         gref = route.graph
         assert gref is not None
         g = st.graph.get(gref)
@@ -576,7 +395,7 @@ class Aggregator:
     def _span(
         self,
         st: _NodeState,
-        route: _Route,
+        route: Route,
         side: Side,
         protocol: Protocol,
         q: pb.L7Request,
@@ -622,11 +441,7 @@ class Aggregator:
             out.append(NodeReport(interval, tuple(st.spans), tuple(st.logs)))
         self._nodes = {}
         # No node state refers to the interned edges now: the only moment they may be dropped.
-        limit = max(self._settings.max_resolutions, 1)
-        if max(len(self._refs), len(self._graph_refs), len(self._mkeys), len(self._edge_refs)) > limit:
-            for table in (self._refs, self._graph_refs, self._mkeys, self._edge_refs, self._routes, self._locals,
-                          self._remotes):  # fmt: skip
-                table.clear()
+        self._resolutions.prune()
         return out
 
 
@@ -686,7 +501,3 @@ def _graph_points(st: _NodeState) -> Iterable[ServiceGraphPoint]:
             g.server.freeze() if g.server is not None else None,
             g.client.freeze() if g.client is not None else None,
         )
-
-
-def _with_port(e: Endpoint, port: int) -> Endpoint:
-    return Endpoint(e.kind, e.how, e.attributes, e.address, port, e.workload)

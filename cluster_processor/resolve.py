@@ -9,13 +9,17 @@ node, or, failing all of these, an external address kept as it is.
 An ``Endpoint`` carries semantic-convention attributes (``k8s.namespace.name``, ``k8s.pod.name``,
 ``k8s.<kind>.name`` of the workload a person would name, ``k8s.node.name``, ``service.name``) and
 the address; ``edge`` turns two of them into an ``otlp.model.Edge``.
+
+``ResolutionCache`` keeps those answers for the aggregator while the index's ``generation`` stays
+the same: the same pods talk to each other record after record.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Final
+from operator import attrgetter
+from typing import Any, Final
 
 from cluster_processor.kube.index import KubeIndex
 from cluster_processor.kube.model import Node, Pod, Service, canonical_ip
@@ -29,8 +33,11 @@ from cluster_processor.otlp.model import (
     SERVICE_NAME,
     Attrs,
     AttrValue,
+    ConnectionType,
     Edge,
+    Side,
     attrs,
+    graph_node_name,
 )
 from kscope.v1 import flow_pb2 as pb
 
@@ -219,3 +226,209 @@ def edge(r: Resolved, options: EdgeOptions = EdgeOptions()) -> Edge:
     if server.port:
         s.append((SERVER_PORT, server.port))
     return Edge(client=attrs(c), server=attrs(s))
+
+
+# ---- cached resolution --------------------------------------------------------------------------
+#
+# Resolving is pure, so its answers can be kept while the index does not change (its generation).
+# Edges are interned so the aggregator keys its state by identity (one id hash) instead of hashing
+# two attribute tuples per record, and equal edges share one accumulator.
+
+METRIC_EDGE: Final = EdgeOptions(pod_level=False)
+SPAN_EDGE: Final = EdgeOptions(pod_level=True, client_port=True)
+_PROCESS: Final = attrgetter("pod_uid", "container_id", "host_process")
+_ENDS: Final = attrgetter("local_ip", "local_port", "remote_ip", "remote_port")
+
+
+class EdgeRef:
+    """One distinct metric ``Edge``, interned, with one key object per side."""
+
+    __slots__ = ("client", "edge", "server")
+
+    def __init__(self, e: Edge) -> None:
+        self.edge = e
+        self.client = EdgeSide(self, Side.CLIENT)
+        self.server = EdgeSide(self, Side.SERVER)
+
+
+class EdgeSide:
+    __slots__ = ("ref", "side")
+
+    def __init__(self, ref: EdgeRef, side: Side) -> None:
+        self.ref = ref
+        self.side = side
+
+
+class GraphRef:
+    """One interned service-graph edge (client name, server name, connection type)."""
+
+    __slots__ = ("client", "ctype", "server")
+
+    def __init__(self, client: str, server: str, ctype: ConnectionType) -> None:
+        self.client, self.server, self.ctype = client, server, ctype
+
+
+class Route:
+    """What resolving one L7 record decided (its metric edge, span edge, service-graph edge)."""
+
+    __slots__ = ("count_request", "external", "graph", "key", "ref", "resolved", "side", "span_edge", "unresolved")
+
+    def __init__(self, r: Resolved, ref: EdgeRef, graph: GraphRef) -> None:
+        self.resolved = r
+        self.side = Side.CLIENT if r.local_is_client else Side.SERVER
+        self.ref = ref
+        self.key = ref.client if r.local_is_client else ref.server
+        self.unresolved = r.local.how is How.UNRESOLVED
+        self.external = r.remote.kind is EndpointKind.EXTERNAL
+        self.span_edge = edge(r, SPAN_EDGE)
+        self.graph = graph
+        # A request is counted once: by the server when kscope observes it, else by the client.
+        self.count_request = self.side is Side.SERVER or not r.server.observed
+
+
+class _MKey:
+    """An interned token for one end's metric identity: hashed by id, compared by identity."""
+
+    __slots__ = ()
+
+
+class _End:
+    """One end resolved without its port: ``mkey`` stands for what a metric edge reads of it."""
+
+    __slots__ = ("endpoint", "external", "mkey", "nat", "unresolved")
+
+    def __init__(self, endpoint: Endpoint, mkey: _MKey, nat: bool = False) -> None:
+        self.endpoint = endpoint
+        self.mkey = mkey
+        self.nat = nat  # a remote end named through its NAT answer: its port is the answer's
+        self.unresolved = endpoint.how is How.UNRESOLVED
+        self.external = endpoint.kind is EndpointKind.EXTERNAL
+
+
+class ResolutionCache:
+    """Answers of ``resolve_l4``/``resolve_l7`` + ``edge`` for the aggregator, cached.
+
+    L4 records resolve each end on its own (the local end by node, process identity and address;
+    the remote by address and NAT answer: one entry per pod or address, where whole records would
+    give one per pair of pods) and join them through interned metric keys. L7 records, which also
+    need the pod-level span edge with the client's port, are cached per socket 5-tuple.
+    ``max_entries`` bounds each table (cleared when full); 0 resolves every record afresh."""
+
+    def __init__(self, index: KubeIndex, max_entries: int) -> None:
+        self._index = index
+        self._limit = max_entries
+        self._generation = index.generation
+        self._routes: dict[tuple[Any, ...], Route] = {}
+        self._locals: dict[tuple[Any, ...], _End] = {}
+        self._remotes: dict[tuple[str, str], _End] = {}
+        # Interning tables: dropped only in prune(), when nothing refers to their objects.
+        self._refs: dict[Edge, EdgeRef] = {}
+        self._graph_refs: dict[tuple[str, str, ConnectionType], GraphRef] = {}
+        self._mkeys: dict[tuple[Any, ...], _MKey] = {}
+        self._edge_refs: dict[tuple[Any, ...], EdgeRef] = {}
+
+    def sizes(self) -> dict[str, int]:
+        return {"routes": len(self._routes), "locals": len(self._locals), "remotes": len(self._remotes),
+                "edges": len(self._refs)}  # fmt: skip
+
+    def check_index(self) -> None:
+        """Forget answers the index may have changed since (a pod came, an IP moved); call before
+        each batch. One int compare when nothing changed."""
+        if self._index.generation != self._generation:
+            self._routes.clear()
+            self._locals.clear()
+            self._remotes.clear()
+            self._generation = self._index.generation
+
+    def prune(self) -> None:
+        """Drop every table once the interning ones outgrow the bound; call when no aggregation
+        state refers to interned objects (between intervals)."""
+        limit = max(self._limit, 1)
+        if max(len(self._refs), len(self._graph_refs), len(self._mkeys), len(self._edge_refs)) > limit:
+            for table in (self._refs, self._graph_refs, self._mkeys, self._edge_refs, self._routes, self._locals,
+                          self._remotes):  # fmt: skip
+                table.clear()
+
+    def _cache(self, table: dict[Any, Any], key: Any, value: Any) -> None:
+        if self._limit > 0:
+            if len(table) >= self._limit:
+                table.clear()
+            table[key] = value
+
+    def _intern_ref(self, e: Edge) -> EdgeRef:
+        ref = self._refs.get(e)
+        if ref is None:
+            ref = self._refs[e] = EdgeRef(e)
+        return ref
+
+    def _end(self, endpoint: Endpoint, nat: bool = False) -> _End:
+        # Exactly what ``edge`` reads of an end at workload level: its identity, and its address
+        # when it has no identity (external).
+        ident = (endpoint.identity(False), endpoint.address if endpoint.kind is EndpointKind.EXTERNAL else None)
+        mkey = self._mkeys.get(ident)
+        if mkey is None:
+            mkey = self._mkeys[ident] = _MKey()
+        return _End(endpoint, mkey, nat)
+
+    def l4(
+        self,
+        node: str,
+        f: pb.L4Flow,
+        proc: tuple[str, str, bool],
+        ends: tuple[str, int, str, int],
+        nat: tuple[str, int],
+    ) -> tuple[EdgeRef, bool, bool]:
+        """(metric edge, local end unresolved, remote end external) of one L4 record; ``proc``,
+        ``ends`` and ``nat`` are its fields, already read by the caller."""
+        local_ip, local_port, remote_ip, remote_port = ends
+        nat_ip, nat_port = nat
+        if self._limit <= 0:  # the reference path: every record resolved afresh
+            r = resolve_l4(self._index, node, f)
+            ref = self._intern_ref(edge(r, METRIC_EDGE))
+            return ref, r.local.how is How.UNRESOLVED, r.remote.kind is EndpointKind.EXTERNAL
+        lkey = (node, proc, local_ip)
+        le = self._locals.get(lkey)
+        if le is None:
+            le = self._end(resolve_local(self._index, node, f.process, local_ip))
+            self._cache(self._locals, lkey, le)
+        rkey = (remote_ip, nat_ip)
+        re = self._remotes.get(rkey)
+        if re is None:
+            endpoint = resolve_remote(self._index, remote_ip, 0, nat_ip, 0)
+            re = self._end(endpoint, nat=endpoint.how in (How.NAT_POD_IP, How.NAT_NODE_IP))
+            self._cache(self._remotes, rkey, re)
+        # A metric edge reads a server's port (its own when local, else the peer's or the NAT
+        # answer's), never a client's: ephemeral ports stay out of the key.
+        remote_port = (nat_port or remote_port) if re.nat else remote_port
+        is_client = f.role != pb.ROLE_SERVER
+        ekey = (le.mkey, re.mkey, remote_port) if is_client else (re.mkey, le.mkey, local_port)
+        ref = self._edge_refs.get(ekey)
+        if ref is None:
+            # Built by ``edge`` itself from the two ends with their ports: the key holds all it reads.
+            local, remote = _with_port(le.endpoint, local_port), _with_port(re.endpoint, remote_port)
+            ref = self._intern_ref(edge(Resolved(local, remote, is_client), METRIC_EDGE))
+            self._edge_refs[ekey] = ref
+        return ref, le.unresolved, re.external
+
+    def l7(self, node: str, q: pb.L7Request, nat_ip: str, nat_port: int) -> Route:
+        """The route of one L7 record, whose NAT answer comes from its socket's L4 record."""
+        # Spans name pod, node and the client's own port: every field resolution reads is in the key.
+        key = (node, _PROCESS(q.process), q.side, *_ENDS(q), nat_ip, nat_port)
+        route = self._routes.get(key)
+        if route is None:
+            r = resolve_l7(self._index, node, q, nat_ip, nat_port)
+            ref = self._intern_ref(edge(r, METRIC_EDGE))
+            e = ref.edge
+            client, server = graph_node_name(e.client), graph_node_name(e.server)
+            both_observed = r.server.observed and r.client.kind is not EndpointKind.EXTERNAL
+            ctype = ConnectionType.NONE if both_observed else ConnectionType.VIRTUAL_NODE
+            g = self._graph_refs.get((client, server, ctype))
+            if g is None:
+                g = self._graph_refs[(client, server, ctype)] = GraphRef(client, server, ctype)
+            route = Route(r, ref, g)
+            self._cache(self._routes, key, route)
+        return route
+
+
+def _with_port(e: Endpoint, port: int) -> Endpoint:
+    return Endpoint(e.kind, e.how, e.attributes, e.address, port, e.workload)

@@ -116,7 +116,8 @@ def test_cached_resolution_equals_resolving_every_record(seed: int, limit: int) 
             cached.add(b, T0 + k * S)
         got = cached.flush(T0 + (k + 1) * S)
         assert got == want, k
-        assert max(len(cached._locals), len(cached._remotes), len(cached._routes)) <= limit
+        sizes = cached._resolutions.sizes()
+        assert max(sizes["locals"], sizes["remotes"], sizes["routes"]) <= limit
     assert cached.counters() == reference.counters()
     assert reference.counters()["unresolved_local"] and reference.counters()["external_remote"]
 
