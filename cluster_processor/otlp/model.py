@@ -85,10 +85,18 @@ class Side(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
 
+    # Members are singletons compared by identity: hash them by identity too. Enum's own hash is a
+    # Python-level method, and these key many tables and caches per record.
+    __hash__ = object.__hash__
+
 
 class Protocol(enum.Enum):
     HTTP = "http"
     DNS = "dns"
+
+    # Members are singletons compared by identity: hash them by identity too. Enum's own hash is a
+    # Python-level method, and these key many tables and caches per record.
+    __hash__ = object.__hash__
 
 
 class ConnectionType(enum.Enum):
@@ -98,6 +106,10 @@ class ConnectionType(enum.Enum):
     VIRTUAL_NODE = "virtual_node"  # the other end is not observed (outside the cluster)
     DATABASE = "database"
     MESSAGING_SYSTEM = "messaging_system"
+
+    # Members are singletons compared by identity: hash them by identity too. Enum's own hash is a
+    # Python-level method, and these key many tables and caches per record.
+    __hash__ = object.__hash__
 
 
 class Severity(enum.IntEnum):

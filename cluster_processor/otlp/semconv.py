@@ -61,6 +61,8 @@ class Kind(enum.Enum):
     GAUGE = "gauge"  # last value
     HISTOGRAM = "histogram"  # explicit buckets, fed with per-interval histograms
 
+    __hash__ = object.__hash__  # singletons compared by identity (see model.Side)
+
 
 @dataclass(frozen=True, slots=True)
 class Instrument:
