@@ -338,12 +338,27 @@ def _span_attributes(s: SpanRecord) -> bytes:
     if own:
         # Not through the caches: these values are per request and would only evict the rest.
         items += [(k, wire.message(9, wire.key_value_uncached(k, v))) for k, v in own.items()]
-    items.sort(key=_first)  # keys are unique, so this is the canonical (sorted) order
+    # Keys are unique, so comparing the pairs only ever compares keys: the canonical order.
+    items.sort()
     return b"".join([b for _, b in items])
 
 
-def _first(item: tuple[str, bytes]) -> str:
-    return item[0]
+def _id_field(field: int, value: bytes) -> bytes:
+    # trace and span ids are 16 and 8 bytes: one prebuilt tag and length
+    n = len(value)
+    if n == 16 or n == 8:
+        return _ID_HEADS[field, n] + value
+    return wire.message(field, value) if value else b""
+
+
+_ID_HEADS: Final = {(f, n): wire.tag(f) + wire.varint(n) for f in (1, 2, 4) for n in (8, 16)}
+
+
+@lru_cache(maxsize=4096)
+def _span_head(side: Side, protocol: Protocol, method: str, route: str) -> bytes:
+    """name = 5 and kind = 6 of a span: few combinations (a server's route, a method)."""
+    name = semconv.PROTOCOLS[protocol].span_name(side, method, route)
+    return wire.string(5, name) + _SPAN_KIND_FIELD[side]
 
 
 def span_bytes(s: SpanRecord) -> bytes:
@@ -356,12 +371,11 @@ def span_bytes(s: SpanRecord) -> bytes:
     end = max(s.end_unix_nano, start)
     return b"".join(
         (
-            wire.message(1, ctx.trace_id) if ctx.trace_id else b"",
-            wire.message(2, ctx.span_id) if ctx.span_id else b"",
+            _id_field(1, ctx.trace_id),
+            _id_field(2, ctx.span_id),
             wire.string(3, ctx.trace_state),
-            wire.message(4, ctx.parent_span_id) if ctx.parent_span_id else b"",
-            wire.string(5, semconv.span_name(s)),
-            _SPAN_KIND_FIELD[s.side],
+            _id_field(4, ctx.parent_span_id),
+            _span_head(s.side, s.protocol, s.method, s.route),
             b"\x39" + wire.pack_fixed64(start) if start else b"",
             b"\x41" + wire.pack_fixed64(end) if end else b"",
             _span_attributes(s),
