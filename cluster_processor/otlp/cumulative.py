@@ -123,8 +123,13 @@ class CumulativeStore:
             # The common case inline (an existing stream of a known instrument); the rest in _apply.
             inst, attributes, value = sample
             by_attrs = metrics.get(inst.name)
-            series = by_attrs.get(attributes) if by_attrs is not None else None
-            if series is None or instruments.get(inst.name) is not inst:
+            if by_attrs is None or instruments.get(inst.name) is not inst:
+                self._apply(metrics, sample, start, end, touched)
+                continue
+            series = by_attrs.get(attributes)
+            if series is None:
+                if inst.kind is Kind.COUNTER and value == 0:
+                    continue  # no stream yet, and a zero delta is no reason to start one
                 self._apply(metrics, sample, start, end, touched)
                 continue
             series.last_update_unix_nano = end
