@@ -253,7 +253,8 @@ def series_requests(
     room = max_points
     for inst, series in groups:
         gauge = inst.kind is Kind.GAUGE
-        points = [series_point(s, gauge) for s in series]
+        # An unchanged series' cached bytes taken without a call: most series, most intervals.
+        points = [s.wire if s.wire is not None and not s.changed else series_point(s, gauge) for s in series]
         i = 0
         while i < len(points):
             take = points[i : i + room]
