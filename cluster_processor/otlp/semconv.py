@@ -262,15 +262,19 @@ def _l4_failure_attributes(edge: Edge, side: Side, error_type: str) -> Attrs:
     return attrs([*metric_attributes(edge, side), (ERROR_TYPE, error_type)])
 
 
+_new_tuple: Final = tuple.__new__  # a Sample without NamedTuple's Python-level __new__ (3x the cost)
+
+
 def l4_samples(p: L4Point) -> list[Sample]:
     transmit, receive, plain = _l4_attributes(p.edge, p.side)
-    out = [
-        Sample(TCP_BYTES, transmit, p.bytes_sent),
-        Sample(TCP_BYTES, receive, p.bytes_received),
-        Sample(TCP_CONNECTIONS, plain, p.connections),
-        Sample(TCP_RETRANSMITS, plain, p.retransmits),
-        Sample(TCP_RESETS, plain, p.resets),
-        Sample(TCP_DROPS, plain, p.drops),
+    new = _new_tuple
+    out: list[Sample] = [
+        new(Sample, (TCP_BYTES, transmit, p.bytes_sent)),
+        new(Sample, (TCP_BYTES, receive, p.bytes_received)),
+        new(Sample, (TCP_CONNECTIONS, plain, p.connections)),
+        new(Sample, (TCP_RETRANSMITS, plain, p.retransmits)),
+        new(Sample, (TCP_RESETS, plain, p.resets)),
+        new(Sample, (TCP_DROPS, plain, p.drops)),
     ]
     out += [Sample(TCP_CONNECTIONS, _l4_failure_attributes(p.edge, p.side, et), n) for et, n in p.connect_failures]
     if p.connect_duration is not None:
