@@ -90,3 +90,21 @@ def test_histogram_with_new_bounds_restarts_its_stream() -> None:
 def test_limit_must_leave_room() -> None:
     with pytest.raises(ValueError):
         CumulativeStore(max_series=1)
+
+
+def test_expiry_follows_update_times_even_when_the_clock_goes_back() -> None:
+    store = CumulativeStore(stale_after_ns=30 * S)
+    store.update("a", 0, 100 * S, [counter("p1", 1)])
+    store.update("a", 0, 50 * S, [counter("p2", 1)])  # a wall clock set back
+    store.expire(90 * S)  # p2 (last update 50 s) is stale, p1 (100 s) is not
+    out = store.update("a", 90 * S, 95 * S, [])
+    assert values(out) == {(("k8s.pod.name", "p1"),): 1}
+    assert store.stats().expired == 1 and store.stats().series == 1
+
+
+def test_a_stream_updated_again_is_not_expired_by_its_older_update() -> None:
+    store = CumulativeStore(stale_after_ns=30 * S)
+    store.update("a", 0, 10 * S, [counter("p1", 1), counter("p2", 1)])
+    store.update("a", 10 * S, 20 * S, [counter("p1", 0)])  # a zero delta still keeps p1 alive
+    out = store.update("a", 40 * S, 45 * S, [])  # horizon 15 s: p2 (10 s) goes, p1 (20 s) stays
+    assert values(out) == {(("k8s.pod.name", "p1"),): 1}
