@@ -262,7 +262,7 @@ class Aggregator:
         role = f.role
         if role == pb.ROLE_LISTENER:
             self._counters["listener_records"] += 1
-            return f.kind == pb.RECORD_KIND_CLOSE
+            return bool(f.kind == pb.RECORD_KIND_CLOSE)
         proc = _PROCESS(f.process)
         local_ip, local_port, remote_ip, remote_port = _ENDS(f)
         nat_ip, nat_port, kind, connect_status, srtt_us = _L4_REST(f)
@@ -290,7 +290,7 @@ class Aggregator:
             r = resolve_l4(self._index, node, f)
             self._l4_events(node, st, f, r, side, failure if first_connect else None)
         if ref not in st.edges and not self._admit(st, ref):
-            return kind == pb.RECORD_KIND_CLOSE
+            return bool(kind == pb.RECORD_KIND_CLOSE)
         key = ref.server if role == pb.ROLE_SERVER else ref.client
         acc = st.l4.get(key)
         if acc is None:
@@ -313,7 +313,7 @@ class Aggregator:
                     if acc.connect is None:
                         acc.connect = _Hist(CONNECT_BOUNDS_S)
                     acc.connect.add(f.connect_latency_ns / NS_PER_S)
-        return kind == pb.RECORD_KIND_CLOSE
+        return bool(kind == pb.RECORD_KIND_CLOSE)
 
     def _l4_events(self, node: str, st: _NodeState, f: pb.L4Flow, r: Resolved, side: Side, failure: str | None) -> None:
         t = f.time_unix_nano
@@ -454,7 +454,9 @@ def _details(
         error = "timeout" if d.timed_out else ("" if d.rcode in ("", "NOERROR") else d.rcode)
         # Built in canonical (sorted, as model.attrs makes it) order directly: no sort per record.
         question: tuple[str, AttrValue] = ("dns.question.name", d.question_name)
-        extra = (question, ("dns.response_code", d.rcode)) if d.rcode else (question,)
+        extra: tuple[tuple[str, AttrValue], ...] = (
+            (question, ("dns.response_code", d.rcode)) if d.rcode else (question,)
+        )
         return d.question_type, "", None, error, extra
     h = q.http
     method, route, path, request_id, status_code = _HTTP(h)

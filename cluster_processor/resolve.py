@@ -402,13 +402,12 @@ class ResolutionCache:
         remote_port = (nat_port or remote_port) if re.nat else remote_port
         is_client = f.role != pb.ROLE_SERVER
         ekey = (le.mkey, re.mkey, remote_port) if is_client else (re.mkey, le.mkey, local_port)
-        ref = self._edge_refs.get(ekey)
-        if ref is None:
+        found = self._edge_refs.get(ekey)
+        if found is None:
             # Built by ``edge`` itself from the two ends with their ports: the key holds all it reads.
             local, remote = _with_port(le.endpoint, local_port), _with_port(re.endpoint, remote_port)
-            ref = self._intern_ref(edge(Resolved(local, remote, is_client), METRIC_EDGE))
-            self._edge_refs[ekey] = ref
-        return ref, le.unresolved, re.external
+            found = self._edge_refs[ekey] = self._intern_ref(edge(Resolved(local, remote, is_client), METRIC_EDGE))
+        return found, le.unresolved, re.external
 
     def l7(self, node: str, q: pb.L7Request, nat_ip: str, nat_port: int) -> Route:
         """The route of one L7 record, whose NAT answer comes from its socket's L4 record."""

@@ -234,7 +234,8 @@ def _metrics_request(resource_attrs: Attrs, version: str, metric_fields: list[by
     scope_metrics = _scope_field(version) + b"".join(wire.message(2, m) for m in metric_fields)
     rm = _resource_field(resource_attrs) + wire.message(2, scope_metrics)  # ResourceMetrics.scope_metrics = 2
     # Parsed by the C runtime: the exporter takes request objects, and a malformed byte fails here.
-    return ExportMetricsServiceRequest.FromString(wire.message(1, rm))
+    request: ExportMetricsServiceRequest = ExportMetricsServiceRequest.FromString(wire.message(1, rm))
+    return request
 
 
 def series_requests(
@@ -297,7 +298,8 @@ def metrics_requests(
 
 def span(s: SpanRecord) -> trace_pb2.Span:
     """One span as a message (the requests are assembled from ``span_bytes`` directly)."""
-    return trace_pb2.Span.FromString(span_bytes(s))
+    message: trace_pb2.Span = trace_pb2.Span.FromString(span_bytes(s))
+    return message
 
 
 # Span (trace/v1) field numbers: trace_id = 1, span_id = 2, trace_state = 3, parent_span_id = 4,
