@@ -140,6 +140,8 @@ def med(values: list[float], digits: int = 4) -> float:
 
 def saturation(port: int, rounds: int, seconds: int, connections: int, close: bool) -> dict[str, object]:
     r_l4, r_l7, base, cpu_conn, cpu_req, parsed_rate, drops = [], [], [], [], [], [], []
+    exchanges: list[float] = []  # HTTP/1 exchange records the kernel sent (paired in the kernel)
+    fallbacks: list[float] = []  # sockets the kernel switched to chunks (pipelining)
     for _ in range(rounds):
         b = wrk(port, seconds, connections, close)
         with AgentProc(l7=False) as agent:
@@ -152,6 +154,8 @@ def saturation(port: int, rounds: int, seconds: int, connections: int, close: bo
             time.sleep(1.5)
             cpu, parsed = agent.cpu(), agent.delta("l7_requests")
             drops.append(agent.delta("l7_kernel_rb_full") + agent.delta("l7_gaps"))
+            exchanges.append(agent.delta("l7_kernel_exchanges"))
+            fallbacks.append(agent.delta("l7_kernel_fallback"))
         base.append(b)
         r_l4.append(a4 / b)
         r_l7.append(a7 / b)
@@ -167,6 +171,8 @@ def saturation(port: int, rounds: int, seconds: int, connections: int, close: bo
         "agent_cpu_s_per_1000_parsed_requests_median": med(cpu_req) if cpu_req else None,
         "parsed_requests_per_agent_cpu_second_median": round(statistics.median(parsed_rate)) if parsed_rate else None,
         "l7_drops_and_gaps_per_round": drops,
+        "l7_kernel_exchanges_per_round": exchanges,
+        "l7_kernel_fallbacks_per_round": fallbacks,
     }
     if close:
         result["agent_cpu_s_per_1000_connections_l4_median"] = med(cpu_conn)

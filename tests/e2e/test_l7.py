@@ -138,9 +138,10 @@ def test_http_get_both_ends(topo: Topology, tmp_path: Path, tracing: Callable[..
 # ---- 2: an error status; latency through a slow upstream ----------------------------------------
 
 
-def test_http_error_status(topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]) -> None:
+@pytest.mark.parametrize("exchanges", [True, False], ids=["kernel-paired", "chunks"])
+def test_http_error_status(topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace], exchanges: bool) -> None:
     start_l7_nginx(topo, tmp_path, PORT)
-    trace = tracing()
+    trace = tracing(exchanges=exchanges)  # chunks: the path HTTP/1 takes after a fallback
     got = curl(topo, f"{URL}/error")
     require(got["status"] == 500, f"curl: {got}")
 
@@ -149,6 +150,7 @@ def test_http_error_status(topo: Topology, tmp_path: Path, tracing: Callable[...
     check_pair(c, s, topo, got["port"])
     assert c.record.status == s.record.status == 500
     assert (c.record.request_bytes, c.record.response_bytes) == (got["request_bytes"], got["response_bytes"])
+    assert (trace.exchanges > 0, trace.chunks > 0) == (exchanges, not exchanges)
 
 
 def test_http_latency_through_slow_upstream(topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]) -> None:
