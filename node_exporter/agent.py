@@ -25,7 +25,7 @@ from node_exporter.l7.collector import OBJECT_NAME as L7_OBJECT
 from node_exporter.l7.collector import L7Collector
 from node_exporter.l7.pipeline import L7Event, L7Pipeline
 from node_exporter.metadata.proc import ProcessIndex
-from node_exporter.nat.conntrack import ConntrackTable
+from node_exporter.nat.conntrack import ConntrackTable, FlowKey
 from node_exporter.output.convert import MonotonicClock, l4_flow, l7_request
 from node_exporter.output.jsonl import JsonlWriter
 from node_exporter.output.live import LiveView
@@ -128,7 +128,8 @@ class Agent:
             events += self.pipeline.expire(time.monotonic_ns())
         if (self.writer is not None or self.shipper is not None) and (records or events):
             if self.conntrack is not None:
-                self.conntrack.refresh()  # one dump per interval, before any lookup
+                # asks conntrack only about client sockets it has no answer for yet
+                self.conntrack.resolve(self._nat_key(r) for r in records if r.role == Role.KSCOPE_ROLE_CLIENT)
             flows = [
                 l4_flow(r, self.procs.lookup(r.tgid, r.comm), self.clock, self.drop_reasons, self._nat(r))
                 for r in records
@@ -152,10 +153,17 @@ class Agent:
         self._update_metrics()
         return records, events
 
+    @staticmethod
+    def _nat_key(r: L4Record) -> FlowKey:
+        return (6, r.local_ip, r.local_port, r.remote_ip, r.remote_port)
+
     def _nat(self, r: L4Record) -> tuple[str, int] | None:
         if self.conntrack is None or r.role != Role.KSCOPE_ROLE_CLIENT:
             return None
-        return self.conntrack.lookup((6, r.local_ip, r.local_port, r.remote_ip, r.remote_port))
+        answer = self.conntrack.lookup(self._nat_key(r))
+        if r.is_close:
+            self.conntrack.forget(self._nat_key(r))  # the tuple may come back as another connection
+        return answer
 
     def _write(self, flows: list[pb.L4Flow], requests: list[pb.L7Request]) -> None:
         if self.writer is None:

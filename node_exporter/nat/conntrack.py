@@ -4,9 +4,12 @@ A client in a pod connects to a Service VIP; kube-proxy's iptables rules DNAT it
 backend in the node's namespace. The client's socket only ever knows the VIP: the
 backend that really answered is the source of the conntrack entry's reply tuple.
 
-:func:`index_entries` is the pure core (entries in, lookup out); :func:`parse_dump` decodes
-ctnetlink messages (pure); :class:`ConntrackTable` is the I/O around them: one netlink dump per
-interval, never one request per flow.
+:func:`index_entries` is the pure core (entries in, lookup out); :func:`parse_dump` and
+:func:`parse_replies` decode ctnetlink messages (pure); :class:`ConntrackTable` is the I/O around
+them. A connection's translation never changes, so each client socket is asked about once: a few
+new sockets per interval are looked up by tuple (one GET each, batched on one socket), many at once
+by one dump; the answers are kept (bounded) until the socket's final record. The cost follows the
+rate of new connections, not the size of the node's conntrack table.
 
 The dump is requested and decoded here, with ``struct``, not through pyroute2: pyroute2 spent
 ~375 µs of CPU per entry decoding its generic attribute objects (2,000 DNAT'ed entries: 0.75 s per
@@ -16,22 +19,26 @@ interval, measured), where the few attributes we read cost ~3 µs per entry this
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import socket
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import structlog
+from cachetools import LRUCache
 
 log = structlog.get_logger("kscope.nat")
+_T = TypeVar("_T")
 
 NETLINK_NETFILTER = 12
 CLONE_NEWNET = 0x40000000
 IPS_DST_NAT = 1 << 5  # enum ip_conntrack_status, IPS_DST_NAT_BIT = 5
 DEFAULT_MAX_ENTRIES = 65536
+DEFAULT_GET_LIMIT = 256  # more unknown sockets than this in one interval: one dump instead of GETs
 
 # Netlink and ctnetlink constants (uapi linux/netlink.h, linux/netfilter/nfnetlink*.h; the CTA_*
 # values checked against this kernel's BTF enums).
@@ -103,6 +110,27 @@ def dump_request(seq: int, status: int = IPS_DST_NAT, status_mask: int = IPS_DST
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
 
 
+def _nla(kind: int, payload: bytes) -> bytes:
+    raw = _NLA.pack(4 + len(payload), kind) + payload
+    return raw + bytes(-len(raw) % 4)
+
+
+def get_request(seq: int, key: FlowKey) -> bytes:
+    """IPCTNL_MSG_CT_GET of one entry by its original tuple: the kernel answers with the entry, or with
+    NLMSG_ERROR (ENOENT when there is none)."""
+    proto, src, sport, dst, dport = key
+    v6 = ":" in src
+    fam = socket.AF_INET6 if v6 else socket.AF_INET
+    ip = _nla(CTA_TUPLE_IP | 0x8000, _nla(CTA_IP_V6_SRC if v6 else CTA_IP_V4_SRC, socket.inet_pton(fam, src))
+              + _nla(CTA_IP_V6_DST if v6 else CTA_IP_V4_DST, socket.inet_pton(fam, dst)))  # fmt: skip
+    ports = _nla(CTA_TUPLE_PROTO | 0x8000, _nla(CTA_PROTO_NUM, bytes([proto]))
+                 + _nla(CTA_PROTO_SRC_PORT, struct.pack("!H", sport))
+                 + _nla(CTA_PROTO_DST_PORT, struct.pack("!H", dport)))  # fmt: skip
+    body = struct.pack("=BBH", fam, 0, 0) + _nla(CTA_TUPLE_ORIG | 0x8000, ip + ports)
+    kind = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, NLM_F_REQUEST, seq, 0) + body
+
+
 def _tuple(buf: bytes, off: int, end: int) -> CtTuple | None:
     """A CTA_TUPLE_* nest -> CtTuple; None if it lacks addresses or ports (ICMP, malformed)."""
     src = dst = None
@@ -160,33 +188,63 @@ def _entry(buf: bytes, off: int, end: int, proto: int) -> CtEntry | None:
     return CtEntry(orig, reply)
 
 
+def _messages(buf: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """(type, seq, body offset, end) of each whole netlink message in ``buf``; (-1, 0, 0, 0) for a
+    truncated one, after which nothing is read."""
+    off, size = 0, len(buf)
+    while off + _NLMSGHDR.size <= size:
+        mlen, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(buf, off)
+        if mlen < _NLMSGHDR.size or off + mlen > size:
+            yield -1, 0, 0, 0
+            return
+        yield mtype, mseq, off + _NLMSGHDR.size, off + mlen
+        off += (mlen + 3) & ~3
+
+
+def _errno(buf: bytes, body: int, end: int) -> int:
+    return -struct.unpack_from("=i", buf, body)[0] if end - body >= 4 else 0
+
+
+def _ct_entry(buf: bytes, mtype: int, body: int, end: int, proto: int) -> CtEntry | None:
+    if mtype >> 8 != NFNL_SUBSYS_CTNETLINK or end - body < _NFGENMSG_LEN:
+        return None
+    return _entry(buf, body + _NFGENMSG_LEN, end, proto)
+
+
 def parse_dump(buf: bytes, seq: int, proto: int = socket.IPPROTO_TCP) -> tuple[list[CtEntry], bool, int]:
     """One recv()'s worth of dump answer -> (entries of ``proto``, whether the dump is done, how many
     messages were skipped as malformed or not ours). Raises ConntrackDumpError on NLMSG_ERROR."""
     entries: list[CtEntry] = []
     skipped = 0
-    off, size = 0, len(buf)
-    while off + _NLMSGHDR.size <= size:
-        mlen, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(buf, off)
-        if mlen < _NLMSGHDR.size or off + mlen > size:
+    for mtype, mseq, body, end in _messages(buf):
+        if mtype < 0:
             return entries, False, skipped + 1  # truncated: nothing after it can be trusted
-        body = off + _NLMSGHDR.size
         if mtype == NLMSG_DONE:
             return entries, True, skipped
         if mtype == NLMSG_ERROR:
-            err = -struct.unpack_from("=i", buf, body)[0] if mlen >= _NLMSGHDR.size + 4 else 0
-            if err:
+            if err := _errno(buf, body, end):
                 raise ConntrackDumpError(err, os.strerror(err))
-        elif mseq != seq or mtype >> 8 != NFNL_SUBSYS_CTNETLINK or mlen < _NLMSGHDR.size + _NFGENMSG_LEN:
+            continue
+        e = _ct_entry(buf, mtype, body, end, proto) if mseq == seq else None
+        if e is None:
             skipped += 1
         else:
-            e = _entry(buf, body + _NFGENMSG_LEN, off + mlen, proto)
-            if e is None:
-                skipped += 1
-            else:
-                entries.append(e)
-        off += (mlen + 3) & ~3
+            entries.append(e)
     return entries, False, skipped
+
+
+def parse_replies(buf: bytes, proto: int = socket.IPPROTO_TCP) -> list[tuple[int, CtEntry | int | None]]:
+    """Answers to GET requests -> (seq, entry | errno | None) per message: the entry, the kernel's
+    errno (ENOENT: no such entry), or None for a message that is malformed or another protocol."""
+    out: list[tuple[int, CtEntry | int | None]] = []
+    for mtype, mseq, body, end in _messages(buf):
+        if mtype < 0:
+            break
+        if mtype == NLMSG_ERROR:
+            out.append((mseq, _errno(buf, body, end)))
+        elif mtype != NLMSG_DONE:
+            out.append((mseq, _ct_entry(buf, mtype, body, end, proto)))
+    return out
 
 
 def _libc_setns(fd: int) -> None:
@@ -230,77 +288,159 @@ def open_netlink_in(netns: str | None) -> socket.socket:
 
 
 class ConntrackTable:
-    """The node's DNAT'ed TCP connections, refreshed in one batch per interval.
+    """What conntrack says about the node's client connections: for each, the backend that really
+    answered when it was DNAT'ed (a Service VIP), else None.
 
     Unavailable conntrack (namespace missing, no privilege, no nf_conntrack netlink) is a
-    degraded mode, not a crash: an ``errors`` count, one log line, and an empty lookup.
+    degraded mode, not a crash: an ``errors`` count, one log line, and no answers.
     """
 
-    def __init__(self, netns: str | None = None, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+    def __init__(
+        self, netns: str | None = None, max_entries: int = DEFAULT_MAX_ENTRIES, get_limit: int = DEFAULT_GET_LIMIT
+    ) -> None:
         self.netns = netns
         self.max_entries = max_entries
-        self.nat: dict[FlowKey, tuple[str, int]] = {}
+        self.get_limit = get_limit
+        self.nat: dict[FlowKey, tuple[str, int]] = {}  # the last dump's index (refresh())
+        self._answers: LRUCache[FlowKey, tuple[str, int] | None] = LRUCache(maxsize=max_entries)
+        self.gets = 0  # tuples asked about one by one
+        self.gets_missing = 0  # ... that conntrack did not have (untracked, or gone already)
         self.dumps = 0
         self.entries = 0  # entries the dumps returned (kernel-filtered to DNAT'ed ones where supported)
         self.dnat_entries = 0  # in the index after the last dump
         self.dropped = 0  # DNAT'ed entries left out because the index was full, all dumps
+        self.evicted = 0  # answers forgotten for the bound before their socket closed
         self.errors = 0
         self.skipped = 0  # answer messages that were malformed, not TCP, or not ours
-        self.available: bool | None = None  # None until the first refresh
-        self.timeout_s = 5.0  # a dump that stalls this long fails this interval, not the agent
+        self.available: bool | None = None  # None until the first request
+        self.timeout_s = 5.0  # a request that stalls this long fails this interval, not the agent
         self._seq = 0
 
-    def _dump(self) -> list[CtEntry]:
-        # A fresh socket per dump: a namespace re-created since the last interval is found.
-        sock = open_netlink_in(self.netns)
-        try:
-            sock.settimeout(self.timeout_s)
-            sock.bind((0, 0))
-            self._seq = (self._seq + 1) & 0xFFFFFFFF
-            sock.send(dump_request(self._seq))
-            entries: list[CtEntry] = []
-            while True:
-                got, done, skipped = parse_dump(sock.recv(_RECV_BYTES), self._seq)
-                entries += got
-                self.skipped += skipped
-                if done:
-                    return entries
-        finally:
-            sock.close()
+    # --- the agent's side -----------------------------------------------------------------------------
 
-    def refresh(self) -> None:
-        """Replace the lookup with the table as it is now; on failure the lookup is empty."""
-        try:
-            entries = self._dump()
-        except Exception as exc:  # netlink, namespace and privilege errors all mean "unavailable"
-            self.errors += 1
-            self.nat = {}
-            if self.available is not False:
-                log.warning("conntrack_unavailable", netns=self.netns or "self", error=str(exc) or type(exc).__name__)
-            self.available = False
+    def resolve(self, keys: Iterable[FlowKey]) -> None:
+        """Learn the answer for every key not known yet (call once per interval, before lookups)."""
+        unknown = [k for k in dict.fromkeys(keys) if k not in self._answers]
+        if not unknown:
             return
-        if self.available is False:
-            log.info("conntrack_available", netns=self.netns or "self")
-        self.available = True
+        if len(unknown) > self.get_limit:
+            if self.refresh():
+                self._remember((k, self.nat.get(k)) for k in unknown)
+            self.nat = {}  # the answers are kept; the whole index is not
+            return
+        answers = self._guard(self._get, unknown)
+        if answers is not None:
+            self._remember(answers.items())
+
+    def lookup(self, key: FlowKey) -> tuple[str, int] | None:
+        return self._answers.get(key)
+
+    def forget(self, key: FlowKey) -> None:
+        """The socket is gone: its tuple may come back as another connection."""
+        self._answers.pop(key, None)
+
+    def refresh(self) -> bool:
+        """Replace :attr:`nat` with the table's DNAT'ed entries as they are now (one dump). False if
+        conntrack is unavailable (then :attr:`nat` is empty)."""
+        entries = self._guard(self._dump)
+        if entries is None:
+            self.nat = {}
+            return False
         self.dumps += 1
         self.entries += len(entries)
         idx = index_entries(entries, self.max_entries)
         self.nat = idx.nat
         self.dnat_entries = len(idx.nat)
         self.dropped += idx.dropped
-
-    def lookup(self, key: FlowKey) -> tuple[str, int] | None:
-        return self.nat.get(key)
+        return True
 
     def counters(self) -> dict[str, int]:
         return {
+            "gets": self.gets,
+            "gets_missing": self.gets_missing,
             "dumps": self.dumps,
             "entries": self.entries,
             "dnat_entries": self.dnat_entries,
             "dropped": self.dropped,
+            "evicted": self.evicted,
+            "answers": len(self._answers),
             "errors": self.errors,
             "skipped": self.skipped,
         }
 
     def close(self) -> None:
         self.nat = {}
+        self._answers.clear()
+
+    # --- I/O ------------------------------------------------------------------------------------------
+
+    def _remember(self, answers: Iterable[tuple[FlowKey, tuple[str, int] | None]]) -> None:
+        for key, answer in answers:
+            if len(self._answers) >= self._answers.maxsize:
+                self.evicted += 1
+            self._answers[key] = answer
+
+    def _guard(self, fn: Callable[..., _T], *args: object) -> _T | None:
+        """Run one netlink exchange; any failure is the degraded mode (None), logged once per outage."""
+        try:
+            result = fn(*args)
+        except Exception as exc:  # netlink, namespace and privilege errors all mean "unavailable"
+            self.errors += 1
+            if self.available is not False:
+                log.warning("conntrack_unavailable", netns=self.netns or "self", error=str(exc) or type(exc).__name__)
+            self.available = False
+            return None
+        if self.available is False:
+            log.info("conntrack_available", netns=self.netns or "self")
+        self.available = True
+        return result
+
+    def _socket(self) -> socket.socket:
+        # A fresh socket per exchange: a namespace re-created since the last interval is found.
+        sock = open_netlink_in(self.netns)
+        sock.settimeout(self.timeout_s)
+        sock.bind((0, 0))
+        return sock
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return self._seq
+
+    def _dump(self) -> list[CtEntry]:
+        with self._socket() as sock:
+            seq = self._next_seq()
+            sock.send(dump_request(seq))
+            entries: list[CtEntry] = []
+            while True:
+                got, done, skipped = parse_dump(sock.recv(_RECV_BYTES), seq)
+                entries += got
+                self.skipped += skipped
+                if done:
+                    return entries
+
+    def _get(self, keys: list[FlowKey]) -> dict[FlowKey, tuple[str, int] | None]:
+        """One GET per key, sent in windows (the answers of a window fit the socket's receive buffer)."""
+        out: dict[FlowKey, tuple[str, int] | None] = {}
+        with self._socket() as sock:
+            for start in range(0, len(keys), 64):
+                window = {self._next_seq(): k for k in keys[start : start + 64]}
+                for seq, key in window.items():
+                    sock.send(get_request(seq, key))
+                while window:
+                    for seq, reply in parse_replies(sock.recv(_RECV_BYTES)):
+                        key = window.pop(seq, None)
+                        if key is None:
+                            self.skipped += 1
+                            continue
+                        self.gets += 1
+                        if isinstance(reply, CtEntry):
+                            out[key] = index_entries([reply], 1).nat.get(key)
+                            continue
+                        if reply is None:
+                            self.skipped += 1
+                        elif reply == errno.ENOENT:
+                            self.gets_missing += 1
+                        else:  # EPERM, ...: not about this key, about us
+                            raise ConntrackDumpError(reply, os.strerror(reply))
+                        out[key] = None
+        return out

@@ -25,8 +25,10 @@ from node_exporter.nat.conntrack import (
     CtEntry,
     CtTuple,
     dump_request,
+    get_request,
     index_entries,
     parse_dump,
+    parse_replies,
 )
 
 CLIENT, VIP, BACKEND, NODE = "10.244.1.5", "10.96.0.10", "10.244.2.7", "192.168.1.4"
@@ -173,3 +175,22 @@ def test_arbitrary_bytes_never_raise_anything_but_a_dump_error(data: bytes) -> N
     with contextlib.suppress(ConntrackDumpError):
         entries, _, skipped = parse_dump(data, seq=7)
         assert skipped >= 0 and all(isinstance(e, CtEntry) for e in entries)
+
+
+def test_get_request_names_one_entry_by_its_original_tuple() -> None:
+    req = get_request(11, (6, CLIENT, 40000, VIP, 80))
+    length, kind, flags, seq, _ = struct.unpack_from("=IHHII", req)
+    assert (length, kind, flags, seq) == (len(req), 0x0101, 0x1, 11)  # a request, no dump, no ack
+    assert req[16] == socket.AF_INET
+    body = tuple_attr(CTA_TUPLE_ORIG, CtTuple(6, CLIENT, 40000, VIP, 80))
+    assert req[20:] == body
+    v6 = get_request(12, (6, "fd00::5", 40005, "fd00:96::a", 80))
+    assert v6[16] == socket.AF_INET6 and v6[20:] == tuple_attr(CTA_TUPLE_ORIG, CtTuple(6, "fd00::5", 40005,
+                                                                                       "fd00:96::a", 80))  # fmt: skip
+
+
+def test_replies_pair_with_their_requests_by_sequence() -> None:
+    enoent = struct.pack("=IHHII", 36, NLMSG_ERROR, 0, 9, 0) + struct.pack("=i", -errno.ENOENT) + bytes(16)
+    udp = CtEntry(CtTuple(17, CLIENT, 5353, VIP, 53), CtTuple(17, BACKEND, 5353, CLIENT, 5353))
+    buf = entry_message(dnat(40000), seq=8) + enoent + entry_message(udp, seq=10) + entry_message(dnat(1))[:-3]
+    assert parse_replies(buf) == [(8, dnat(40000)), (9, errno.ENOENT), (10, None)]
