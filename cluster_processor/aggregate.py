@@ -186,6 +186,9 @@ class _NodeState:
 _PROCESS: Final = attrgetter("pod_uid", "container_id", "host_process")
 _ENDS: Final = attrgetter("local_ip", "local_port", "remote_ip", "remote_port")
 _L4_REST: Final = attrgetter("nat_remote_ip", "nat_remote_port", "kind", "connect_status", "srtt_us")
+_LISTENER: Final = pb.ROLE_LISTENER
+_SERVER: Final = pb.ROLE_SERVER
+_CLOSE: Final = pb.RECORD_KIND_CLOSE
 _HTTP: Final = attrgetter("method", "route", "path", "request_id", "status_code")
 _DELTA: Final = attrgetter(
     "bytes_sent", "bytes_received", "retransmits", "syn_retransmits", "resets_sent", "resets_received", "drops"
@@ -260,51 +263,60 @@ class Aggregator:
     def _add_l4(self, node: str, st: _NodeState, f: pb.L4Flow) -> bool:
         """Returns whether the record closes its socket."""
         role = f.role
-        if role == pb.ROLE_LISTENER:
+        if role == _LISTENER:
             self._counters["listener_records"] += 1
-            return bool(f.kind == pb.RECORD_KIND_CLOSE)
+            return bool(f.kind == _CLOSE)
         proc = _PROCESS(f.process)
         local_ip, local_port, remote_ip, remote_port = _ENDS(f)
         nat_ip, nat_port, kind, connect_status, srtt_us = _L4_REST(f)
         ref, unresolved, external = self._resolutions.l4(
             node, f, proc, (local_ip, local_port, remote_ip, remote_port), (nat_ip, nat_port)
         )
-        c = self._counters
         if unresolved:
-            c["unresolved_local"] += 1
+            self._counters["unresolved_local"] += 1
         if external:
-            c["external_remote"] += 1
-        side = Side.SERVER if role == pb.ROLE_SERVER else Side.CLIENT
-        sock = self._socket((node, f.netns_inode, f.socket_cookie))
+            self._counters["external_remote"] += 1
+        is_server = role == _SERVER
+        skey = (node, f.netns_inode, f.socket_cookie)
+        sock = self._sockets.get(skey)
+        if sock is None:
+            sock = self._socket(skey)
+        else:
+            self._sockets.move_to_end(skey)  # least recently seen first: what a full table forgets
         if nat_ip:
             sock.nat_ip, sock.nat_port = nat_ip, nat_port
-        first_connect = not sock.connect_seen and connect_status != pb.CONNECT_STATUS_UNSPECIFIED
-        if first_connect:
+        first_connect = False
+        failure = None
+        if connect_status:  # CONNECT_STATUS_UNSPECIFIED is 0
+            first_connect = not sock.connect_seen
             sock.connect_seen = True
-        failure = _CONNECT_ERRORS.get(connect_status)
-        d = _DELTA(f.delta)
-        sent, received, retransmits, syn_retransmits, resets_sent, resets_received, drops = d
+            failure = _CONNECT_ERRORS.get(connect_status)
+        sent, received, retransmits, syn_retransmits, resets_sent, resets_received, drops = _DELTA(f.delta)
         # Events are bounded on their own (max_logs): a full edge table must not hide a reset.
         if resets_sent or resets_received or (first_connect and failure in ("connection_refused", "timeout")):
             # Rare: resolve afresh, since a log names the client's own port, which the key leaves out.
             r = resolve_l4(self._index, node, f)
+            side = Side.SERVER if is_server else Side.CLIENT
             self._l4_events(node, st, f, r, side, failure if first_connect else None)
         if ref not in st.edges and not self._admit(st, ref):
-            return bool(kind == pb.RECORD_KIND_CLOSE)
-        key = ref.server if role == pb.ROLE_SERVER else ref.client
+            return bool(kind == _CLOSE)
+        key = ref.server if is_server else ref.client
         acc = st.l4.get(key)
         if acc is None:
             acc = st.l4[key] = _L4()
         acc.bytes_sent += sent
         acc.bytes_received += received
-        acc.retransmits += retransmits + syn_retransmits
-        acc.resets += resets_sent + resets_received
-        acc.drops += drops
+        if retransmits or syn_retransmits:
+            acc.retransmits += retransmits + syn_retransmits
+        if resets_sent or resets_received:
+            acc.resets += resets_sent + resets_received
+        if drops:
+            acc.drops += drops
         if srtt_us:
             acc.rtt_sum_s += srtt_us / 1e6
             acc.rtt_n += 1
-        if side is Side.CLIENT:
-            if kind == pb.RECORD_KIND_CLOSE and failure is None:
+        if not is_server:
+            if kind == _CLOSE and failure is None:
                 acc.connections += 1
             if first_connect:
                 if failure is not None:
@@ -313,7 +325,7 @@ class Aggregator:
                     if acc.connect is None:
                         acc.connect = _Hist(CONNECT_BOUNDS_S)
                     acc.connect.add(f.connect_latency_ns / NS_PER_S)
-        return bool(kind == pb.RECORD_KIND_CLOSE)
+        return bool(kind == _CLOSE)
 
     def _l4_events(self, node: str, st: _NodeState, f: pb.L4Flow, r: Resolved, side: Side, failure: str | None) -> None:
         t = f.time_unix_nano
