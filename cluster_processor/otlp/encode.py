@@ -7,6 +7,10 @@ streams become new series with new start times instead of two writers fighting o
 Spans and logs: one ResourceSpans/ResourceLogs per observed workload (see
 ``semconv.span_resource``). Every request is bounded in items so it stays under the 4 MiB a
 gRPC receiver accepts by default.
+
+Metrics and spans are assembled at the byte level (``wire``) from parts encoded once and cached
+(a series' data point without its time, an edge's span attributes, a resource), then parsed by
+the C runtime into the request objects the exporter takes; logs, rare, are built field by field.
 """
 
 from __future__ import annotations
