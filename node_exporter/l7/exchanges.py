@@ -33,8 +33,10 @@ if EXCHANGE.size != HEAD_OFFSET or HEAD_OFFSET + L7_HEAD != EXCHANGE_SIZE:  # pr
     raise ImportError(f"L7 exchange format is {EXCHANGE.size}+{L7_HEAD} bytes, ctypes mirror {EXCHANGE_SIZE}")
 EXCHANGE_TYPE: Final = int(L7RecordType.KSCOPE_REC_L7_EXCHANGE)
 _RING_HDR = struct.Struct("<II")
-# One ring slot: the ring's length word (+ page offset), the record, its head.
-SLOT = struct.Struct("<I4x" + EXCHANGE.format[1:] + f"{L7_HEAD}s")
+# One ring slot: the ring's length word (+ page offset), the record; its head is skipped
+# here and sliced to head_len by the caller (one 384-byte copy less per record).
+SLOT = struct.Struct("<I4x" + EXCHANGE.format[1:] + f"{L7_HEAD}x")
+SLOT_HEAD: Final = 8 + HEAD_OFFSET  # the head's offset in a slot
 DISCARD_BIT: Final = 1 << 30
 
 METHODS: Final = {m: m.decode("ascii") for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT",
@@ -74,7 +76,8 @@ class ExchangeBatch:
         return cls(b"".join(slots), len(slots))
 
     def slots(self) -> Iterator[tuple[Any, ...]]:
-        """(ring length word, record fields..., head[384]) per slot, unpacked in one C loop."""
+        """(ring length word, record fields...) per slot, unpacked in one C loop; slot i's head
+        starts at ``i * SLOT.size + SLOT_HEAD``."""
         return SLOT.iter_unpack(self.data)
 
 

@@ -19,7 +19,7 @@ from node_exporter.bpf.abi import L7Direction, L7Flags, L7Protocol
 from node_exporter.bpf.abi import Role as KRole
 from node_exporter.l4.records import _comm_text, ip_text
 from node_exporter.l7.chunks import Chunk
-from node_exporter.l7.exchanges import DISCARD_BIT, EXCHANGE_TYPE, ExchangeBatch, HeadParser
+from node_exporter.l7.exchanges import DISCARD_BIT, EXCHANGE_TYPE, SLOT, SLOT_HEAD, ExchangeBatch, HeadParser
 from node_exporter.protocols import PROTOCOLS, ConnectionTracker, Direction, DnsRecord, HttpRecord, Role, TrackerLimits
 from node_exporter.protocols.tracker import COUNTERS
 
@@ -190,8 +190,11 @@ class L7Pipeline:
         new = object.__new__
         r_method, r_path, r_route, r_status, r_req, r_resp, r_start, r_latency, r_tp, r_rid = _RECORD_SETTERS
         e_conn, e_record = _EVENT_SETTERS
+        data = batch.data
+        off = SLOT_HEAD - SLOT.size
         for (ring_len, rtype, role, _, _, netns, cookie, start, latency, req_bytes, resp_bytes, saddr, daddr, tgid, _,
-             sport, dport, family, status, head_len, _, comm, head) in batch.slots():  # fmt: skip
+             sport, dport, family, status, head_len, _, comm) in batch.slots():  # fmt: skip
+            off += SLOT.size
             if ring_len & DISCARD_BIT:
                 continue  # a slot the kernel reserved and gave back
             if rtype != EXCHANGE_TYPE:
@@ -201,7 +204,7 @@ class L7Pipeline:
             if not status:
                 self.exchange_unanswered += 1
                 continue
-            h = parse(head[:head_len])
+            h = parse(data[off : off + head_len])
             if h is None:
                 self.exchange_bad_head += 1
                 continue
