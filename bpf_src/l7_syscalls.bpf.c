@@ -10,8 +10,12 @@
  *    task's saved user registers and the return value. At exit the registers still
  *    hold the arguments, so l7_user_buffer() finds the buffer exactly as l7.bpf.c does,
  *    and the return value is the byte count. Filtered first thing on the syscall
- *    number. Measured against per-syscall classic tracepoints (which carry no
- *    arguments at exit and need bpf_task_pt_regs, 5.15): see bench/l7_syscalls.py.
+ *    number. Chosen over per-syscall classic tracepoints (sys_exit_read ...: fire only
+ *    for those syscalls, but carry no arguments at exit, so bpf_task_pt_regs, 5.15, and
+ *    tracefs) by measurement (bench/l7_syscalls.py, nginx+wrk keep-alive, 2026-11-24):
+ *    nginx+wrk CPU per request +2.3 us capturing every call (+3.4 us per-syscall), +1.4 us
+ *    for traffic not captured (+1.7 us): a classic tracepoint's per-event setup costs
+ *    more than running a program on the few syscalls we do not want.
  *  - BPF_MAP_TYPE_RINGBUF (5.8) with BPF_RB_NO_WAKEUP: user space drains on a timer.
  *  - fd -> socket: task->files->fdt->fd[fd] (bounds-checked against max_fds) ->
  *    S_ISSOCK(inode) -> file->private_data (struct socket) -> sk, all CO-RE probe reads:

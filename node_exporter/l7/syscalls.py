@@ -6,7 +6,9 @@ writev/sendto/recvfrom/sendmsg/recvmsg/sendmmsg/recvmmsg/sendfile, finding the s
 walking the task's fd table (see the object's header comment for what each part needs).
 It writes the same records to a ring of the same name, so :class:`SyscallL7Collector`
 returns the same :class:`Chunk` objects as :class:`L7Collector` and the pipeline cannot
-tell them apart. What it lacks: TLS plaintext (no uprobes here).
+tell them apart. What it lacks: TLS plaintext (no uprobes here) and the in-kernel HTTP/1
+pairing of l7.bpf.o (exchange records): every captured call comes as a chunk and the
+pipeline pairs in user space, as l7.bpf.o does with ``exchanges=False``.
 
 Choose with :func:`kernel_has_socket_tracepoints`.
 """
@@ -26,6 +28,7 @@ from node_exporter.bpf.ringbuf import RingReader
 from node_exporter.l4.collector import default_bpf_dir
 from node_exporter.l7.chunks import Chunk, decode_chunk
 from node_exporter.l7.collector import L7Stats
+from node_exporter.l7.exchanges import ExchangeBatch
 
 OBJECT_NAME = "l7_syscalls.bpf.o"
 SOCKET_TRACEPOINTS = ("sock_send_length", "sock_recv_length")
@@ -42,6 +45,7 @@ CAPABILITIES = {
 # to a socket that had none when its first chunk left (KSCOPE_L7_SYS_STANDIN_COOKIE in the object).
 STANDIN_COOKIE = 1 << 63
 TLS_DISABLED = "syscall fallback: no OpenSSL uprobes (TLS plaintext needs l7.bpf.o)"
+EXCHANGES_DISABLED = "syscall fallback: chunks only, HTTP/1 paired in user space"
 
 
 class L7SysStat(enum.IntEnum):
@@ -106,8 +110,9 @@ def clamp_capture_bytes(n: int) -> int:
 class SyscallL7Collector:
     """Drop-in for :class:`~node_exporter.l7.collector.L7Collector` built on syscall exits.
 
-    ``socket_entries`` bounds the per-socket state (LRU); ``tls``/``tls_rescan_s``/
-    ``proc_root`` are accepted for the same signature: TLS is reported disabled.
+    ``socket_entries`` bounds the per-socket state (LRU). ``tls``/``tls_rescan_s``/``proc_root``
+    and ``exchanges``/``idle_s``/``sweep_s`` are accepted for the same signature; asking for
+    TLS or exchanges puts ``l7.tls``/``l7.exchanges`` in ``report.disabled`` with the reason.
     """
 
     def __init__(
@@ -121,8 +126,11 @@ class SyscallL7Collector:
         tls: bool = False,
         tls_rescan_s: float = 5.0,
         proc_root: str = "/proc",
+        exchanges: bool = False,
+        idle_s: float = 0.5,
+        sweep_s: float = 0.1,
     ) -> None:
-        del tls_rescan_s, proc_root  # nothing to rescan: no uprobes
+        del tls_rescan_s, proc_root, idle_s, sweep_s  # no uprobes to rescan, no kernel sweep
         path = Path(object_path) if object_path else default_bpf_dir() / OBJECT_NAME
         sizes: dict[str, int] = {}
         if ring_bytes:
@@ -148,6 +156,8 @@ class SyscallL7Collector:
             raise
         if tls:
             self.obj.report.disabled["l7.tls"] = TLS_DISABLED
+        if exchanges:
+            self.obj.report.disabled["l7.exchanges"] = EXCHANGES_DISABLED
         self.stats = L7Stats()
         self.tls = None  # the attribute L7Collector has: no TlsAttacher here
 
@@ -155,8 +165,9 @@ class SyscallL7Collector:
     def report(self) -> LoadReport:
         return self.obj.report
 
-    def poll(self) -> list[Chunk]:
-        out = []
+    def poll(self) -> list[Chunk | ExchangeBatch]:
+        """Chunks in ring order (never an ExchangeBatch: the type is L7Collector's)."""
+        out: list[Chunk | ExchangeBatch] = []
         for raw in self._ring.drain():
             chunk = decode_chunk(raw)
             if chunk is None:
@@ -165,6 +176,9 @@ class SyscallL7Collector:
                 out.append(chunk)
         self.stats.chunks += len(out)
         return out
+
+    def sweep(self) -> None:
+        """Nothing to sweep: no exchange is held in the kernel."""
 
     def kernel_stats(self) -> dict[str, int]:
         shared = read_percpu_u64_array(self._stats_fd, self._stats_entries)

@@ -63,7 +63,7 @@ class SysTrace:
     def poll(self) -> None:
         for l4, l7 in self.pairs:
             records = l4.poll()  # first, as the agent: a final record closes the socket's parser
-            chunks = l7.poll()
+            chunks = [c for c in l7.poll() if isinstance(c, Chunk)]  # the fallback sends nothing else
             self.l4 += records
             self.chunks += chunks
             self.events += self.pipe.feed(chunks)
@@ -383,3 +383,15 @@ def test_ring_overflow_is_counted(topo: Topology, tmp_path: Path, tracing: Calla
         assert isinstance(e.record, HttpRecord)
         assert e.record.status == 200 and e.record.path in {"/warmup", "/burst", "/after-burst"}, e
     assert all(l7.stats.decode_errors == 0 for _, l7 in trace.pairs)
+
+
+def test_same_interface_as_l7collector(topo: Topology) -> None:
+    """What the agent asks of L7Collector; TLS and in-kernel pairing say why they are off."""
+    with SyscallL7Collector(netns_ino=topo.cli.ino, tls=True, exchanges=True, ring_bytes=1 << 16) as l7:
+        assert {"l7.capture", "l7.cookie"} <= l7.report.enabled
+        assert set(l7.report.disabled) == {"l7.tls", "l7.exchanges"}
+        assert l7.tls is None
+        assert l7.poll() == []
+        l7.sweep()
+        stats = l7.kernel_stats()
+        assert stats["captured"] == stats["rb_full"] == 0 and "sockets_evicted_min" in stats
