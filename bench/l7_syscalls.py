@@ -8,8 +8,8 @@ drift a lot on these machines. Each variant's run has its own baseline run just 
 it (b, v1, b, v2, ...): on a machine other people's tests load too, a baseline taken
 once per round was up to 1.5x off by the time the last variant ran. Variants:
 
-- ``raw_tp``: build/bpf/l7_syscalls.bpf.o as shipped, one raw tracepoint on every
-  syscall's exit filtered on the syscall number;
+- ``sys_exit``: build/bpf/l7_syscalls.bpf.o as shipped, one raw tracepoint (tp_btf) on
+  every syscall's exit filtered on the syscall number;
 - ``per_syscall``: the same source built with -DL7_SYS_PER_SYSCALL_TP, one classic
   tracepoint per captured syscall (fires only for those, registers from bpf_task_pt_regs).
 
@@ -183,7 +183,7 @@ def build_variants(tmp: Path) -> dict[str, tuple[Path, str]]:
     per_syscall = tmp / "l7_syscalls_per_tp.bpf.o"
     subprocess.run(["clang-19", *BPF_CFLAGS, "-DL7_SYS_PER_SYSCALL_TP", "-c", str(SRC), "-o", str(per_syscall)],
                    check=True)  # fmt: skip
-    objects = {"raw_tp": shipped, "per_syscall": per_syscall}
+    objects = {"sys_exit": shipped, "per_syscall": per_syscall}
     return {f"{o}_{m}": (objects[o], m) for o in objects for m in ("probe", "ignored", "drain", "parse")}
 
 
@@ -192,8 +192,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--connections", type=int, default=50)
-    ap.add_argument("--variants", default="raw_tp_probe,per_syscall_probe,raw_tp_ignored,per_syscall_ignored,"
-                    "raw_tp_drain")  # fmt: skip
+    ap.add_argument("--variants", default="sys_exit_probe,per_syscall_probe,sys_exit_ignored,per_syscall_ignored,"
+                    "sys_exit_drain")  # fmt: skip
     ap.add_argument("--consume", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="drain", help=argparse.SUPPRESS)
     args = ap.parse_args()

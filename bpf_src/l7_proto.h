@@ -52,16 +52,36 @@ static __always_inline bool has_prefix(const __u8 *d, __u32 n, const char *p, __
 	return true;
 }
 
+/* The HTTP/1 request method this head starts with (enum kscope_http_method), 0 if none. */
+static __always_inline __u8 request_method(const __u8 *d, __u32 n)
+{
+	if (has_prefix(d, n, "GET ", 4))
+		return KSCOPE_HTTP_GET;
+	if (has_prefix(d, n, "POST ", 5))
+		return KSCOPE_HTTP_POST;
+	if (has_prefix(d, n, "PUT ", 4))
+		return KSCOPE_HTTP_PUT;
+	if (has_prefix(d, n, "HEAD ", 5))
+		return KSCOPE_HTTP_HEAD;
+	if (has_prefix(d, n, "DELETE ", 7))
+		return KSCOPE_HTTP_DELETE;
+	if (has_prefix(d, n, "PATCH ", 6))
+		return KSCOPE_HTTP_PATCH;
+	if (has_prefix(d, n, "OPTIONS ", 8))
+		return KSCOPE_HTTP_OPTIONS;
+	if (has_prefix(d, n, "CONNECT ", 8))
+		return KSCOPE_HTTP_CONNECT;
+	if (has_prefix(d, n, "TRACE ", 6))
+		return KSCOPE_HTTP_TRACE;
+	return 0;
+}
+
 /* 1: an HTTP/1 request starts here, 2: a response, 0: neither. */
 static __always_inline int http_start(const __u8 *d, __u32 n)
 {
 	if (has_prefix(d, n, "HTTP/1.", 7))
 		return 2;
-	if (has_prefix(d, n, "GET ", 4) || has_prefix(d, n, "POST ", 5) || has_prefix(d, n, "PUT ", 4) ||
-	    has_prefix(d, n, "HEAD ", 5) || has_prefix(d, n, "DELETE ", 7) || has_prefix(d, n, "PATCH ", 6) ||
-	    has_prefix(d, n, "OPTIONS ", 8) || has_prefix(d, n, "CONNECT ", 8) || has_prefix(d, n, "TRACE ", 6))
-		return 1;
-	return 0;
+	return request_method(d, n) ? 1 : 0;
 }
 
 /* Decide the protocol of a connection from one call's head; KSCOPE_PROTO_UNKNOWN if it
@@ -135,20 +155,19 @@ static __always_inline void read_peer(struct kscope_l7_header *h, const void *ua
 
 /*
  * The user buffer of the current socket call, from the task's saved syscall registers
- * (x86-64: orig_ax = number, di/si/dx/r10/r8 = arguments 1-5). The registers still hold
- * the arguments at syscall exit (the kernel writes only ax), so this works from the
- * socket tracepoints and from sys_exit alike.
+ * (x86-64: nr = orig_ax, si = 2nd argument, r8 = 5th). The registers still hold the
+ * arguments at syscall exit (the kernel writes only ax), so this works from the socket
+ * tracepoints and from sys_exit alike. The caller reads the registers (plain loads
+ * through a BTF pt_regs pointer cost no helper call).
  *
  * Vector calls give their first iovec (*avail = its length). For sendmmsg/recvmmsg
  * `mmsg_idx` picks the message of the vector (the caller knows which one it is).
  * *uaddr is the call's sockaddr (sendto/recvfrom addr, msghdr.msg_name) or 0.
  * Returns 0 when the call has no user buffer (sendfile, splice ...) or it is unreadable.
  */
-static __always_inline const void *l7_user_buffer(struct pt_regs *regs, __u32 mmsg_idx, __u64 *avail,
+static __always_inline const void *l7_user_buffer(__u64 nr, __u64 si, __u64 r8, __u32 mmsg_idx, __u64 *avail,
 						  const void **uaddr)
 {
-	__u64 nr = BPF_CORE_READ(regs, orig_ax);
-	__u64 si = BPF_CORE_READ(regs, si);
 	struct user_msghdr msg;
 	struct iovec iov;
 
@@ -160,7 +179,7 @@ static __always_inline const void *l7_user_buffer(struct pt_regs *regs, __u32 mm
 		return (const void *)si;
 	case NR_sendto:
 	case NR_recvfrom:
-		*uaddr = (const void *)BPF_CORE_READ(regs, r8);
+		*uaddr = (const void *)r8;
 		return (const void *)si;
 	case NR_readv:
 	case NR_writev:

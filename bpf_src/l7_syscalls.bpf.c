@@ -6,8 +6,9 @@
  * indices, the same knobs), taken at syscall exit instead.
  *
  * What each construct needs (the object as a whole: Linux >= 5.8, BTF for CO-RE):
- *  - raw_tp/sys_exit (4.17): one raw tracepoint for every syscall's exit, handed the
- *    task's saved user registers and the return value. At exit the registers still
+ *  - tp_btf/sys_exit (5.5): one raw tracepoint for every syscall's exit, handed the
+ *    task's saved user registers (a BTF pointer: plain loads, no helper call, which
+ *    matters for the syscall number read on every syscall) and the return value. At exit the registers still
  *    hold the arguments, so l7_user_buffer() finds the buffer exactly as l7.bpf.c does,
  *    and the return value is the byte count. Filtered first thing on the syscall
  *    number. Chosen over per-syscall classic tracepoints (sys_exit_read ...: fire only
@@ -160,9 +161,9 @@ static __always_inline bool is_peek(struct pt_regs *regs, __u64 nr)
 	__u64 flags = 0;
 
 	if (nr == NR_recvfrom || nr == NR_recvmmsg)
-		flags = BPF_CORE_READ(regs, r10); /* 4th argument */
+		flags = regs->r10; /* 4th argument */
 	else if (nr == NR_recvmsg)
-		flags = BPF_CORE_READ(regs, dx); /* 3rd argument */
+		flags = regs->dx; /* 3rd argument */
 	return flags & MSG_PEEK;
 }
 
@@ -222,7 +223,7 @@ static __always_inline void capture(struct task_struct *task, struct pt_regs *re
 		return;
 	__builtin_memset(&c->hdr, 0, sizeof(c->hdr));
 	read_tuple_core(&c->hdr, sk);
-	buf = l7_user_buffer(regs, idx, &avail, &uaddr);
+	buf = l7_user_buffer(regs->orig_ax, regs->si, regs->r8, idx, &avail, &uaddr);
 	/* Unconnected UDP: the peer from the call's sockaddr. At exit a receive's sockaddr is
 	 * already filled in (l7.bpf.c's tracepoint fires before the kernel copies it out). */
 	if (ip_proto == IPPROTO_UDP && !c->hdr.dport)
@@ -302,9 +303,10 @@ static __always_inline struct l7_sys_sock *sock_state(__u64 ino)
 	return st;
 }
 
+/* `regs` is a BTF pointer (tracepoint argument, bpf_task_pt_regs): plain loads. */
 static __always_inline void on_sys_exit(struct pt_regs *regs, long ret)
 {
-	__u64 nr = BPF_CORE_READ(regs, orig_ax), ino = 0, first = 0;
+	__u64 nr = regs->orig_ax, ino = 0, first = 0;
 	struct task_struct *task;
 	struct l7_sys_sock *st;
 	struct sock *sk;
@@ -320,7 +322,7 @@ static __always_inline void on_sys_exit(struct pt_regs *regs, long ret)
 	/* ia32 syscalls have other numbers and argument registers */
 	if (bpf_core_field_exists(task->thread_info.status) && (BPF_CORE_READ(task, thread_info.status) & TS_COMPAT))
 		return;
-	sk = fd_sock(task, (int)BPF_CORE_READ(regs, di), &ino);
+	sk = fd_sock(task, (int)regs->di, &ino);
 	if (!sk)
 		return;
 	st = bpf_map_lookup_elem(&l7_sys_socks, &ino);
@@ -344,7 +346,7 @@ static __always_inline void on_sys_exit(struct pt_regs *regs, long ret)
 		return;
 	}
 	/* ret is the number of messages; each one's byte count is its mmsghdr.msg_len */
-	first = BPF_CORE_READ(regs, si);
+	first = regs->si;
 	for (__u32 i = 0; i < MAX_MMSG && i < ret; i++) {
 		__u32 len = 0;
 		struct mmsghdr *m = (struct mmsghdr *)first + i;
@@ -393,12 +395,10 @@ SYS_EXIT(sendmmsg)
 SYS_EXIT(recvmmsg)
 SYS_EXIT(sendfile64)
 #else
-/* raw_tp, not tp_btf: the same raw tracepoint (same cost), but it loads on kernels whose
- * program type cannot load through BTF pointers, and `regs` is read with CO-RE anyway. */
-SEC("raw_tp/sys_exit")
-int l7_sys_exit(struct bpf_raw_tracepoint_args *ctx)
+SEC("tp_btf/sys_exit")
+int BPF_PROG(l7_sys_exit, struct pt_regs *regs, long ret)
 {
-	on_sys_exit((struct pt_regs *)ctx->args[0], (long)ctx->args[1]);
+	on_sys_exit(regs, ret);
 	return 0;
 }
 #endif
