@@ -514,4 +514,6 @@ def _graph_points(st: _NodeState) -> Iterable[ServiceGraphPoint]:
             gref.ctype,
             g.server.freeze() if g.server is not None else None,
             g.client.freeze() if g.client is not None else None,
+            gref.client_namespace,
+            gref.server_namespace,
         )

@@ -38,6 +38,7 @@ from cluster_processor.otlp.model import (
     Side,
     attrs,
     graph_node_name,
+    graph_node_namespace,
 )
 from kscope.v1 import flow_pb2 as pb
 
@@ -260,12 +261,16 @@ class EdgeSide:
 
 
 class GraphRef:
-    """One interned service-graph edge (client name, server name, connection type)."""
+    """One interned service-graph edge (client name and namespace, server name and namespace,
+    connection type)."""
 
-    __slots__ = ("client", "ctype", "server")
+    __slots__ = ("client", "client_namespace", "ctype", "server", "server_namespace")
 
-    def __init__(self, client: str, server: str, ctype: ConnectionType) -> None:
+    def __init__(
+        self, client: str, server: str, ctype: ConnectionType, client_namespace: str = "", server_namespace: str = ""
+    ) -> None:
         self.client, self.server, self.ctype = client, server, ctype
+        self.client_namespace, self.server_namespace = client_namespace, server_namespace
 
 
 class Route:
@@ -419,11 +424,13 @@ class ResolutionCache:
             ref = self._intern_ref(edge(r, METRIC_EDGE))
             e = ref.edge
             client, server = graph_node_name(e.client), graph_node_name(e.server)
+            client_ns, server_ns = graph_node_namespace(e.client), graph_node_namespace(e.server)
             both_observed = r.server.observed and r.client.kind is not EndpointKind.EXTERNAL
             ctype = ConnectionType.NONE if both_observed else ConnectionType.VIRTUAL_NODE
-            g = self._graph_refs.get((client, server, ctype))
+            gkey = (client, client_ns, server, server_ns, ctype)
+            g = self._graph_refs.get(gkey)
             if g is None:
-                g = self._graph_refs[(client, server, ctype)] = GraphRef(client, server, ctype)
+                g = self._graph_refs[gkey] = GraphRef(client, server, ctype, client_ns, server_ns)
             route = Route(r, ref, g)
             self._cache(self._routes, key, route)
         return route

@@ -33,6 +33,7 @@ K8S_CONTAINER: Final = "k8s.container.name"
 CONTAINER_ID: Final = "container.id"
 PROCESS_PID: Final = "process.pid"
 SERVICE_NAME: Final = "service.name"
+SERVICE_NAMESPACE: Final = "service.namespace"
 SERVER_ADDRESS: Final = "server.address"
 SERVER_PORT: Final = "server.port"
 CLIENT_ADDRESS: Final = "client.address"
@@ -144,6 +145,16 @@ def graph_node_name(endpoint: Attrs) -> str:
         if value not in (None, ""):
             return str(value)
     return "unknown"
+
+
+def graph_node_namespace(endpoint: Attrs) -> str:
+    """The namespace that goes with :func:`graph_node_name` ("" outside Kubernetes): two workloads of
+    one name in two namespaces are two graph nodes, not one."""
+    for key in (SERVICE_NAMESPACE, K8S_NAMESPACE):
+        value = attr(endpoint, key)
+        if value not in (None, ""):
+            return str(value)
+    return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +280,8 @@ class ServiceGraphPoint:
     connection_type: ConnectionType = ConnectionType.NONE
     server_duration: Histogram | None = None  # seconds, as the server saw it
     client_duration: Histogram | None = None  # seconds, as the client saw it
+    client_namespace: str = ""  # graph_node_namespace of the client endpoint
+    server_namespace: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from typing import Final, NamedTuple
 
 from cluster_processor.otlp.model import (
     SERVICE_NAME,
+    SERVICE_NAMESPACE,
     Attrs,
     AttrValue,
     ConnectionType,
@@ -38,6 +39,7 @@ from cluster_processor.otlp.model import (
     SpanRecord,
     attrs,
     graph_node_name,
+    graph_node_namespace,
 )
 
 PEER_PREFIX: Final = "peer."
@@ -285,13 +287,22 @@ def l4_samples(p: L4Point) -> list[Sample]:
 
 
 @lru_cache(maxsize=65_536)
-def _graph_attributes(client: str, server: str, connection_type: ConnectionType) -> Attrs:
-    # Exactly Tempo's label set: extra labels would split the series Grafana sums by (client, server).
-    return attrs([("client", client), ("server", server), ("connection_type", connection_type.value)])
+def _graph_attributes(
+    client: str, server: str, connection_type: ConnectionType, client_namespace: str, server_namespace: str
+) -> Attrs:
+    # Tempo's label set, plus the namespaces as Tempo names a `service.namespace` dimension
+    # (client_service_namespace / server_service_namespace): Grafana still sums by (client, server),
+    # and two workloads of one name in two namespaces stay two series instead of adding up.
+    pairs = [("client", client), ("server", server), ("connection_type", connection_type.value)]
+    if client_namespace:
+        pairs.append(("client_service_namespace", client_namespace))
+    if server_namespace:
+        pairs.append(("server_service_namespace", server_namespace))
+    return attrs(pairs)
 
 
 def service_graph_samples(p: ServiceGraphPoint) -> list[Sample]:
-    a = _graph_attributes(p.client, p.server, p.connection_type)
+    a = _graph_attributes(p.client, p.server, p.connection_type, p.client_namespace, p.server_namespace)
     out = [Sample(SG_REQUESTS, a, p.requests), Sample(SG_FAILED, a, p.failed)]
     if p.server_duration is not None:
         out.append(Sample(SG_SERVER_SECONDS, a, p.server_duration))
@@ -320,6 +331,8 @@ def span_resource(endpoint: Attrs, node_name: str) -> Attrs:
     name and graph spans by the resource's service.name. The reporting node is always present."""
     base = dict(identity(endpoint))
     base.setdefault(SERVICE_NAME, graph_node_name(endpoint))
+    if namespace := graph_node_namespace(endpoint):
+        base.setdefault(SERVICE_NAMESPACE, namespace)
     base.setdefault("k8s.node.name", node_name)
     return attrs(base)
 

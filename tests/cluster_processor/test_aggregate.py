@@ -10,7 +10,7 @@ import pytest
 
 from cluster_processor.aggregate import Aggregator, AggregatorSettings, NodeReport
 from cluster_processor.kube.index import KubeIndex
-from cluster_processor.otlp import encode
+from cluster_processor.otlp import encode, semconv
 from cluster_processor.otlp.exporter import ExportRequest, Signal
 from cluster_processor.otlp.model import (
     EVENT_CONNECT_REFUSED,
@@ -279,3 +279,34 @@ def test_listener_records_and_unknown_local_are_counted(index: KubeIndex) -> Non
     )
     c = agg.counters()
     assert (c["listener_records"], c["unresolved_local"]) == (1, 1)
+
+
+def test_one_name_in_two_namespaces_is_two_graph_nodes(index: KubeIndex) -> None:
+    """Deployment "b" exists in "default" and in "blog": a's calls to each are two service-graph edges
+    (told apart by server_service_namespace), and span resources carry service.namespace."""
+    blog_ip = "10.1.2.9"
+    index.apply("ADDED", "Deployment", f.workload("b", namespace="blog", uid="dep-blog-b"))
+    index.apply("ADDED", "ReplicaSet", f.workload("b-77f9c6d5b8", namespace="blog", uid="rs-blog-b",
+                                                  owners=[f.owner("Deployment", "b", "dep-blog-b")]))  # fmt: skip
+    index.apply("ADDED", "Pod", f.pod("b-9", namespace="blog", uid="uid-blog-b9", ip=blog_ip, node="node-2",
+                                      owners=[f.owner("ReplicaSet", "b-77f9c6d5b8", "rs-blog-b")]))  # fmt: skip
+    agg = Aggregator(index)
+    to_blog = {"local_ip": blog_ip, "process": pb.ProcessIdentity(pod_uid="uid-blog-b9"), "socket_cookie": 11,
+               "remote_port": 40001}  # fmt: skip
+    agg.add(
+        batch(
+            "node-2",
+            [server_l4(), server_l4(**to_blog)],
+            [l7(pb.ROLE_SERVER), l7(pb.ROLE_SERVER), l7(pb.ROLE_SERVER, **to_blog)],
+        )
+    )
+    (report,) = agg.flush(T0 + 10_000 * MS)
+    graph = {(g.server, g.server_namespace): g for g in report.interval.service_graph}
+    assert {k: g.requests for k, g in graph.items()} == {("b", "default"): 2, ("b", "blog"): 1}
+    assert {g.client_namespace for g in graph.values()} == {"default"}
+    labels = [dict(s.attributes) for g in graph.values() for s in semconv.service_graph_samples(g)]
+    assert {(d["server"], d["server_service_namespace"], d["client_service_namespace"]) for d in labels} == {
+        ("b", "default", "default"), ("b", "blog", "default")}  # fmt: skip
+    resources = {dict(semconv.span_resource(s.edge.of(s.side), "node-2")).get("service.namespace") for s in
+                 report.spans}  # fmt: skip
+    assert resources == {"default", "blog"}
