@@ -8,15 +8,16 @@
  * What each construct needs (the object as a whole: Linux >= 5.8, BTF for CO-RE):
  *  - tp_btf/sys_exit (5.5): one raw tracepoint for every syscall's exit, handed the
  *    task's saved user registers (a BTF pointer: plain loads, no helper call, which
- *    matters for the syscall number read on every syscall) and the return value. At exit the registers still
- *    hold the arguments, so l7_user_buffer() finds the buffer exactly as l7.bpf.c does,
- *    and the return value is the byte count. Filtered first thing on the syscall
- *    number. Chosen over per-syscall classic tracepoints (sys_exit_read ...: fire only
- *    for those syscalls, but carry no arguments at exit, so bpf_task_pt_regs, 5.15, and
- *    tracefs) by measurement (bench/l7_syscalls.py, nginx+wrk keep-alive, 2026-11-24):
- *    nginx+wrk CPU per request +2.3 us capturing every call (+3.4 us per-syscall), +1.4 us
- *    for traffic not captured (+1.7 us): a classic tracepoint's per-event setup costs
- *    more than running a program on the few syscalls we do not want.
+ *    matters for the syscall number read on every syscall) and the return value. At
+ *    exit the registers still hold the arguments, so l7_user_buffer() finds the buffer
+ *    exactly as l7.bpf.c does, and the return value is the byte count. Filtered first
+ *    thing on the syscall number. Chosen over per-syscall classic tracepoints (sys_exit_read ...: fire only
+ *    for those syscalls, but carry no arguments at exit, so they need bpf_task_pt_regs,
+ *    5.15, and tracefs) for reach, not speed: most kernels the fallback is for are older
+ *    than 5.15. Measured equal within noise (bench/l7_syscalls.py, nginx+wrk keep-alive,
+ *    2026-11-24; nginx+wrk CPU per request over ~10.7 us): capturing every call +2.4 us
+ *    here, +2.2 us per-syscall; traffic not captured +0.9 us, +0.8 us (an earlier,
+ *    noisier run reading the registers with probe-read helpers, raw_tp: +2.3 / +1.4 us).
  *  - BPF_MAP_TYPE_RINGBUF (5.8) with BPF_RB_NO_WAKEUP: user space drains on a timer.
  *  - fd -> socket: task->files->fdt->fd[fd] (bounds-checked against max_fds) ->
  *    S_ISSOCK(inode) -> file->private_data (struct socket) -> sk, all CO-RE probe reads:
