@@ -11,6 +11,11 @@
  * do not parse cost one storage lookup per call and never reach the ring buffer.
  * OpenSSL plaintext comes from uprobes on SSL_read/SSL_write(_ex); the ciphertext
  * of those sockets is not captured.
+ *
+ * Plain-text HTTP/1 over TCP does not send chunks: request and response are paired here
+ * (per-socket exchange state, see "HTTP/1 exchanges" below) and one fixed-size record per
+ * exchange and side leaves on its own ring. DNS, TLS plaintext and HTTP/1 sockets that
+ * pipeline (which the pairing cannot follow) send chunks, one per call, as before.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -19,6 +24,7 @@
 #include <bpf/bpf_endian.h>
 
 #include "compat.h"
+#include "limits.h"
 #include "task.h"
 #include "sock.h"
 #include "abi/l4.h"
@@ -111,7 +117,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 8 * 1024 * 1024);
+	__uint(max_entries, KSCOPE_L7_RING_BYTES);
 } l7_ring SEC(".maps");
 
 _Static_assert(sizeof(struct kscope_l7_exchange) % 8 == 0, "ring records are 8-byte aligned: keep the stride exact");
@@ -122,7 +128,7 @@ _Static_assert(sizeof(struct kscope_l7_exchange) % 8 == 0, "ring records are 8-b
  * two drains, the gap a starved or collecting (GC) agent was measured to leave at 8 MiB. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 16 * 1024 * 1024);
+	__uint(max_entries, KSCOPE_L7_XRING_BYTES);
 } l7_xring SEC(".maps");
 
 struct {

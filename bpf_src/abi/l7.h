@@ -36,7 +36,7 @@ enum kscope_l7_flags {
 };
 
 enum kscope_l7_stat {
-	KSCOPE_L7_STAT_RB_FULL = 0,      /* chunk dropped: ring buffer full (the parser sees a gap) */
+	KSCOPE_L7_STAT_RB_FULL = 0,      /* record dropped, ring full: a chunk (the parser sees a gap) or an exchange */
 	KSCOPE_L7_STAT_IGNORED = 1,      /* sockets given up on (not a protocol we parse) */
 	KSCOPE_L7_STAT_CAPTURED = 2,     /* chunks sent to user space */
 	KSCOPE_L7_STAT_READ_FAILED = 3,  /* the user buffer could not be read */
