@@ -106,8 +106,8 @@ def test_same_chunk_header_as_l7(btf: Btf) -> None:
     members = btf.members("kscope_l7_header")
     assert btf.struct_size("kscope_l7_header") == ctypes.sizeof(KscopeL7Header)
     assert [(m.name, m.offset_bytes, m.size_bytes) for m in members] == [
-        (name, getattr(KscopeL7Header, name).offset, getattr(KscopeL7Header, name).size)
-        for name, _ in KscopeL7Header._fields_
+        (f[0], getattr(KscopeL7Header, f[0]).offset, getattr(KscopeL7Header, f[0]).size)
+        for f in KscopeL7Header._fields_
     ]
 
 
