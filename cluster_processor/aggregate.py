@@ -41,11 +41,13 @@ from cluster_processor.otlp.model import (
     EVENT_TCP_RESET,
     HTTP_DURATION_BOUNDS_S,
     SERVICE_GRAPH_BOUNDS_S,
+    Attrs,
     AttrValue,
     Edge,
     Histogram,
     Interval,
     L4Point,
+    ListenerPoint,
     LogEvent,
     Protocol,
     RedPoint,
@@ -66,6 +68,7 @@ from cluster_processor.resolve import (
     Route,
     edge,
     resolve_l4,
+    resolve_local,
 )
 from kscope.v1 import flow_pb2 as pb
 
@@ -85,7 +88,8 @@ COUNTERS: Final = (
     "batches",
     "l4_records",
     "l7_records",
-    "listener_records",  # L4 records of listen sockets: not an edge
+    "listener_records",  # L4 records of listen sockets: their accept queues, not an edge
+    "listeners_overflowed",  # listening (owner, port) pairs past max_listeners in one interval
     "unknown_protocol",  # L7 records of a protocol this processor cannot name
     "edges_overflowed",  # records dropped because their node's interval already had max_edges edges
     "red_overflowed",  # L7 records dropped: max_red_keys reached
@@ -103,6 +107,7 @@ class AggregatorSettings:
     max_red_keys: int = 5000  # distinct RED keys per node and interval
     max_spans: int = 10_000  # per node and interval
     max_logs: int = 2_000  # per node and interval
+    max_listeners: int = 2_000  # distinct (owner, port) listeners per node and interval
     max_sockets: int = 200_000  # remembered (node, netns, cookie): NAT answers and first sightings
     # Resolutions remembered while the KubeIndex is unchanged (0: resolve every record afresh).
     max_resolutions: int = 65_536
@@ -166,6 +171,15 @@ class _Socket:
     nat_ip: str = ""
     nat_port: int = 0
     connect_seen: bool = False  # connect latency / failure already counted for this socket
+    socket_drops: int = -1  # a listener's drop counter at its previous record (-1: none yet)
+
+
+@dataclass(slots=True)
+class _Listener:
+    overflows: int = 0
+    drops: int = 0
+    queue: int = 0
+    queue_limit: int = 0
 
 
 # (edge and side, protocol value, method, route, status, error type); protocol extras are always () here
@@ -179,6 +193,7 @@ class _NodeState:
     l4: dict[EdgeSide, _L4] = field(default_factory=dict)
     red: dict[_RedKey, _Hist] = field(default_factory=dict)
     graph: dict[GraphRef, _Graph] = field(default_factory=dict)
+    listeners: dict[tuple[Attrs, int], _Listener] = field(default_factory=dict)
     spans: list[SpanRecord] = field(default_factory=list)
     logs: list[LogEvent] = field(default_factory=list)
 
@@ -251,6 +266,25 @@ class Aggregator:
             self._sockets.move_to_end(key)
         return sock
 
+    def _add_listener(self, node: str, st: _NodeState, f: pb.L4Flow) -> None:
+        """A listening socket's queue: overflows are deltas already; the socket's drop counter is a
+        running total, turned into a delta per socket here (its first record only sets the base)."""
+        sock = self._socket((node, f.netns_inode, f.socket_cookie))
+        drops = 0 if sock.socket_drops < 0 else max(0, f.socket_drops - sock.socket_drops)
+        sock.socket_drops = f.socket_drops
+        owner = resolve_local(self._index, node, f.process, f.local_ip).identity(pod_level=False)
+        key = (owner, f.local_port)
+        lst = st.listeners.get(key)
+        if lst is None:
+            if len(st.listeners) >= self._settings.max_listeners:
+                self._counters["listeners_overflowed"] += 1
+                return
+            lst = st.listeners[key] = _Listener()
+        lst.overflows += f.delta.listen_overflows
+        lst.drops += drops
+        lst.queue = max(lst.queue, f.accept_queue)  # a gauge: the deepest the queue was seen
+        lst.queue_limit = max(lst.queue_limit, f.accept_queue_max)
+
     def _admit(self, st: _NodeState, ref: EdgeRef) -> bool:
         if ref in st.edges:
             return True
@@ -265,6 +299,7 @@ class Aggregator:
         role = f.role
         if role == _LISTENER:
             self._counters["listener_records"] += 1
+            self._add_listener(node, st, f)
             return bool(f.kind == _CLOSE)
         proc = _PROCESS(f.process)
         local_ip, local_port, remote_ip, remote_port = _ENDS(f)
@@ -449,6 +484,10 @@ class Aggregator:
                 red=tuple(_red_points(st)),
                 l4=tuple(_l4_points(st)),
                 service_graph=tuple(_graph_points(st)),
+                listeners=tuple(
+                    ListenerPoint(owner, port, v.overflows, v.drops, v.queue, v.queue_limit)
+                    for (owner, port), v in st.listeners.items()
+                ),
             )
             out.append(NodeReport(interval, tuple(st.spans), tuple(st.logs)))
         self._nodes = {}

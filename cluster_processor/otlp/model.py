@@ -266,6 +266,19 @@ class L4Point:
 
 
 @dataclass(frozen=True, slots=True)
+class ListenerPoint:
+    """The accept queue of one workload's listening port over one interval (all its listening sockets
+    on the reporting node summed): the classic hidden cause of slow connects."""
+
+    owner: Attrs  # who listens (workload-level identity)
+    port: int
+    overflows: int = 0  # handshakes dropped at completion: the accept queue was full
+    drops: int = 0  # the listeners' own drop counter: SYNs refused for a full accept queue
+    queue: int = 0  # connections waiting to be accepted: the deepest seen in the interval
+    queue_limit: int = 0  # the listen() backlog
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceGraphPoint:
     """One edge of the service graph, named as Grafana draws it.
 
@@ -295,6 +308,7 @@ class Interval:
     red: tuple[RedPoint, ...] = ()
     l4: tuple[L4Point, ...] = ()
     service_graph: tuple[ServiceGraphPoint, ...] = ()
+    listeners: tuple[ListenerPoint, ...] = ()
 
 
 # ---- traces -------------------------------------------------------------------------------------

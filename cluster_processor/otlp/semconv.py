@@ -32,6 +32,7 @@ from cluster_processor.otlp.model import (
     Histogram,
     Interval,
     L4Point,
+    ListenerPoint,
     Protocol,
     RedPoint,
     ServiceGraphPoint,
@@ -100,6 +101,16 @@ TCP_RETRANSMITS: Final = Instrument("kscope.tcp.retransmits", "{segment}", "Retr
 TCP_RESETS: Final = Instrument("kscope.tcp.resets", "{reset}", "TCP resets sent or received.", _C)
 TCP_DROPS: Final = Instrument("kscope.tcp.drops", "{segment}", "TCP segments dropped by the kernel.", _C)
 TCP_RTT: Final = Instrument("kscope.tcp.rtt", "s", "Smoothed TCP round-trip time.", _G)
+LISTEN_OVERFLOWS: Final = Instrument(
+    "kscope.tcp.listen.overflows", "{connection}", "Handshakes dropped because the accept queue was full.", _C
+)
+LISTEN_DROPS: Final = Instrument(
+    "kscope.tcp.listen.drops", "{segment}", "Segments a listening socket dropped (SYNs for a full accept queue).", _C
+)
+LISTEN_QUEUE: Final = Instrument("kscope.tcp.listen.queue", "{connection}", "Connections waiting to be accepted.", _G)
+LISTEN_QUEUE_LIMIT: Final = Instrument(
+    "kscope.tcp.listen.queue.limit", "{connection}", "Accept queue limit (the listen() backlog).", _G
+)
 
 # Tempo's metrics-generator names, which Grafana's service graph queries without configuration.
 SG_REQUESTS: Final = Instrument(
@@ -311,6 +322,21 @@ def service_graph_samples(p: ServiceGraphPoint) -> list[Sample]:
     return out
 
 
+@lru_cache(maxsize=16_384)
+def _listener_attributes(owner: Attrs, port: int) -> Attrs:
+    return attrs([*identity(owner), ("server.port", port)])
+
+
+def listener_samples(p: ListenerPoint) -> list[Sample]:
+    a = _listener_attributes(p.owner, p.port)
+    return [
+        Sample(LISTEN_OVERFLOWS, a, p.overflows),
+        Sample(LISTEN_DROPS, a, p.drops),
+        Sample(LISTEN_QUEUE, a, p.queue),
+        Sample(LISTEN_QUEUE_LIMIT, a, p.queue_limit),
+    ]
+
+
 def interval_samples(interval: Interval) -> list[Sample]:
     out: list[Sample] = []
     for r in interval.red:
@@ -319,6 +345,8 @@ def interval_samples(interval: Interval) -> list[Sample]:
         out += l4_samples(l4)
     for g in interval.service_graph:
         out += service_graph_samples(g)
+    for lp in interval.listeners:
+        out += listener_samples(lp)
     return out
 
 

@@ -310,3 +310,43 @@ def test_one_name_in_two_namespaces_is_two_graph_nodes(index: KubeIndex) -> None
     resources = {dict(semconv.span_resource(s.edge.of(s.side), "node-2")).get("service.namespace") for s in
                  report.spans}  # fmt: skip
     assert resources == {"default", "blog"}
+
+
+def test_a_listeners_accept_queue_becomes_metrics_of_its_workload(index: KubeIndex) -> None:
+    """b's listener on 8080: overflows are deltas, the socket's drop counter a running total (its first
+    record only sets the base), the queue a gauge (deepest seen); exported with b's identity and port."""
+    agg = Aggregator(index)
+
+    def listener(drops: int, overflows: int, queue: int, cookie: int = 50) -> pb.L4Flow:
+        return l4(role=pb.ROLE_LISTENER, socket_cookie=cookie, local_ip=B_IP, local_port=8080, remote_ip="",
+                  remote_port=0, nat_remote_ip="", nat_remote_port=0, socket_drops=drops, accept_queue=queue,
+                  accept_queue_max=128, delta=pb.L4Counters(listen_overflows=overflows),
+                  process=pb.ProcessIdentity(pid=20, pod_uid="uid-b1"))  # fmt: skip
+
+    agg.add(batch("node-2", [listener(drops=7, overflows=0, queue=3), listener(drops=12, overflows=2, queue=128)]))
+    agg.add(batch("node-2", [listener(drops=15, overflows=1, queue=5)]))
+    (report,) = agg.flush(T0 + 10_000 * MS)
+    (lp,) = report.interval.listeners
+    assert (lp.port, lp.overflows, lp.drops, lp.queue, lp.queue_limit) == (8080, 3, 8, 128, 128)
+    assert attr(lp.owner, "k8s.deployment.name") == "b" and attr(lp.owner, "k8s.pod.name") is None
+    samples = {s.instrument.name: s for s in semconv.listener_samples(lp)}
+    assert {n: s.value for n, s in samples.items()} == {
+        "kscope.tcp.listen.overflows": 3, "kscope.tcp.listen.drops": 8, "kscope.tcp.listen.queue": 128,
+        "kscope.tcp.listen.queue.limit": 128}  # fmt: skip
+    labels = dict(samples["kscope.tcp.listen.overflows"].attributes)
+    assert labels["server.port"] == 8080 and labels["k8s.deployment.name"] == "b"
+    assert agg.counters()["listener_records"] == 3
+    # the next interval goes on from the socket's last drop count
+    agg.add(batch("node-2", [listener(drops=16, overflows=0, queue=0)]))
+    (again,) = agg.flush(T0 + 20_000 * MS)
+    assert [(p.drops, p.queue) for p in again.interval.listeners] == [(1, 0)]
+
+
+def test_listeners_are_bounded_per_interval(index: KubeIndex) -> None:
+    agg = Aggregator(index, AggregatorSettings(max_listeners=2))
+    flows = [l4(role=pb.ROLE_LISTENER, socket_cookie=60 + p, local_ip=B_IP, local_port=p, remote_ip="", remote_port=0,
+                process=pb.ProcessIdentity(pod_uid="uid-b1")) for p in (8080, 8081, 8082)]  # fmt: skip
+    agg.add(batch("node-2", flows))
+    (report,) = agg.flush(T0 + 10_000 * MS)
+    assert sorted(p.port for p in report.interval.listeners) == [8080, 8081]
+    assert agg.counters()["listeners_overflowed"] == 1

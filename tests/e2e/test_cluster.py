@@ -239,6 +239,13 @@ async def check(rx: OtlpReceiver, vip: str, diag: Callable[[], str]) -> None:
         a.get("connection_type"): v for _, a, v in points(rx, sg) if (a.get("client"), a.get("server")) == ("a", "b")
     }
     assert graph == {"": REQUESTS}, diag()
+    namespaces = {(a.get("client_service_namespace"), a.get("server_service_namespace"))
+                  for _, a, _ in points(rx, sg) if (a.get("client"), a.get("server")) == ("a", "b")}  # fmt: skip
+    assert namespaces == {("default", "default")}, namespaces
+    # b's nginx listened before the agent started: the start-up walk found it, and its accept queue
+    # reached the processor as b's, on the port it listens on.
+    b_listen = {"k8s.deployment.name": "b", "server.port": BACKEND_PORT}
+    assert latest(rx, "kscope.tcp.listen.queue.limit", **b_listen) > 0, diag()
     assert latest(rx, "traces_service_graph_request_client_seconds", client="a", server="b") == REQUESTS, diag()
     assert latest(rx, "traces_service_graph_request_server_seconds", client="a", server="b") == REQUESTS, diag()
     assert latest(rx, "http.server.request.duration", **server_dur) == REQUESTS, diag()
