@@ -52,12 +52,13 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
 
+#include "limits.h"
 #include "l7_proto.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 #define MAX_MMSG 8             /* messages of one sendmmsg/recvmmsg captured (glibc's resolver sends 2) */
-#define L7_SYS_SOCKS 65536     /* default bound of per-socket state; the loader may resize */
+#define L7_SYS_SOCKS 65536     /* default bound of per-socket state (SyscallL7Collector socket_entries) */
 #define S_IFMT 00170000
 #define S_IFSOCK 0140000
 #define TS_COMPAT 0x0002       /* arch/x86/include/asm/thread_info.h: an ia32 syscall is running */
@@ -94,7 +95,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 8 * 1024 * 1024);
+	__uint(max_entries, KSCOPE_L7_RING_BYTES); /* as l7.bpf.c's chunk ring */
 } l7_ring SEC(".maps");
 
 struct {
