@@ -18,12 +18,14 @@ from kscope.v1 import flow_pb2 as pb
 from node_exporter.bpf import preflight
 from node_exporter.bpf.abi import Role
 from node_exporter.bpf.btf import Btf
-from node_exporter.errors import KscopeError
+from node_exporter.errors import HookUnavailableError, KscopeError
 from node_exporter.l4.collector import OBJECT_NAME, L4Collector, default_bpf_dir
 from node_exporter.l4.records import L4Record
 from node_exporter.l7.collector import OBJECT_NAME as L7_OBJECT
 from node_exporter.l7.collector import L7Collector
 from node_exporter.l7.pipeline import L7Event, L7Pipeline
+from node_exporter.l7.syscalls import OBJECT_NAME as L7_SYSCALLS_OBJECT
+from node_exporter.l7.syscalls import SyscallL7Collector, kernel_has_socket_tracepoints
 from node_exporter.metadata.proc import ProcessIndex
 from node_exporter.nat.conntrack import ConntrackTable, FlowKey
 from node_exporter.output.convert import MonotonicClock, l4_flow, l7_request
@@ -47,6 +49,9 @@ class AgentOptions:
     metrics_port: int | None = None
     l7: bool = False
     capture_bytes: int = 512
+    # "auto": the socket tracepoints (Linux 6.3+) where the kernel has them, else the syscall-exit
+    # fallback; "sockets" / "syscalls" force one (tests, or a kernel whose tracepoints misbehave).
+    l7_probe: str = "auto"
     processor: str | None = None  # host:port of the cluster processor's ingest
     node_name: str = ""
     proc_root: str = "/proc"
@@ -66,6 +71,31 @@ def kernel_drop_reasons() -> dict[int, str]:
     return {v: k.removeprefix("SKB_DROP_REASON_") for k, v in values.items()}
 
 
+def open_l7(bpf_dir: Path, opts: AgentOptions) -> L7Collector | SyscallL7Collector:
+    """The L7 capture this kernel allows: the socket tracepoints (in-kernel HTTP pairing, TLS), else
+    the syscall-exit fallback (chunks only, no TLS; see node_exporter/l7/syscalls.py)."""
+    probe = opts.l7_probe
+    reason = "forced by --l7-probe syscalls"
+    if probe == "sockets" or (probe == "auto" and kernel_has_socket_tracepoints()):
+        try:
+            return L7Collector(
+                bpf_dir / L7_OBJECT, netns_ino=opts.netns_inode, capture_bytes=opts.capture_bytes,
+                proc_root=opts.proc_root,
+            )  # fmt: skip
+        except HookUnavailableError as exc:
+            if probe == "sockets":
+                raise
+            reason = str(exc)
+    elif probe == "auto":
+        reason = "kernel has no sock_send_length/sock_recv_length tracepoints (Linux < 6.3)"
+    log.warning("l7_syscall_fallback", reason=reason)
+    # tls/exchanges asked for so that their absence shows as disabled capabilities, with the reason
+    return SyscallL7Collector(
+        bpf_dir / L7_SYSCALLS_OBJECT, netns_ino=opts.netns_inode, capture_bytes=opts.capture_bytes,
+        tls=True, exchanges=True,
+    )  # fmt: skip
+
+
 class Agent:
     def __init__(self, opts: AgentOptions) -> None:
         self.opts = opts
@@ -81,17 +111,12 @@ class Agent:
         preflight.check()
         bpf_dir = opts.bpf_dir or default_bpf_dir()
         self.collector = L4Collector(bpf_dir / OBJECT_NAME, netns_ino=opts.netns_inode)
-        self.l7: L7Collector | None = None
+        self.l7: L7Collector | SyscallL7Collector | None = None
         self.pipeline = L7Pipeline()
         enabled, disabled = set(self.collector.report.enabled), dict(self.collector.report.disabled)
         if opts.l7:
             try:
-                self.l7 = L7Collector(
-                    bpf_dir / L7_OBJECT,
-                    netns_ino=opts.netns_inode,
-                    capture_bytes=opts.capture_bytes,
-                    proc_root=opts.proc_root,
-                )
+                self.l7 = open_l7(bpf_dir, opts)
                 enabled |= self.l7.report.enabled
                 disabled.update(self.l7.report.disabled)
             except KscopeError as exc:

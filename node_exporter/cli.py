@@ -31,6 +31,13 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
         help="also trace requests (HTTP/1, DNS, TLS via OpenSSL); experimental: see the README for its cost",
     )
     p.add_argument("--capture-bytes", type=int, default=512, help="bytes of each message head captured (512)")
+    p.add_argument(
+        "--l7-probe",
+        choices=["auto", "sockets", "syscalls"],
+        default="auto",
+        help="L7 capture: socket tracepoints (Linux 6.3+) or the syscall-exit fallback; auto picks what the "
+        "kernel has",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--processor", metavar="HOST:PORT", help="ship batches to the cluster processor (gRPC)")
     p.add_argument("--node-name", default=None, help="this node's name (default: $NODE_NAME, else the hostname)")
@@ -85,6 +92,7 @@ def _run(args: argparse.Namespace, live: bool) -> int:
         live=live,
         metrics_port=args.metrics_port,
         l7=args.l7,
+        l7_probe=args.l7_probe,
         capture_bytes=args.capture_bytes,
         processor=args.processor,
         node_name=args.node_name or os.environ.get("NODE_NAME") or socket.gethostname(),

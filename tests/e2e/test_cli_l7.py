@@ -50,3 +50,38 @@ def test_run_l7_writes_requests_from_both_ends(topo: Topology, tmp_path: Path) -
     assert "4111" not in out.read_text()  # query strings never leave the agent
     stats = records[-1].stats.counters
     assert stats["l7_requests"] == 2 and stats["l7_kernel_rb_full"] == 0
+
+
+def test_run_l7_on_the_syscall_fallback(topo: Topology, tmp_path: Path) -> None:
+    """The same scene with the capture a kernel older than 6.3 would get (forced here): plain HTTP is
+    traced through syscall exits, TLS is said to be unavailable (no uprobes in the fallback)."""
+    start_l7_nginx(topo, tmp_path / "nginx", PORT, tls_port=TLS_PORT)
+    out = tmp_path / "flows.jsonl"
+    agent = subprocess.Popen(
+        [KSCOPE, "run", "--l7", "--l7-probe", "syscalls", "--no-live", "--duration", "5", "--interval", "0.5",
+         "--jsonl", str(out), "--netns-inode", str(topo.srv.ino)],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert agent.stderr is not None
+    seen = []
+    for line in agent.stderr:
+        seen.append(line)
+        if "agent_started" in line:
+            break
+    topo.cli.run("curl", "-sS", "-o", "/dev/null", f"http://{SRV_V4}:{PORT}/users/77/orders?card=4111")
+    topo.cli.run("curl", "-sSk", "-o", "/dev/null", f"https://{SRV_V4}:{TLS_PORT}/error")
+    _, rest = agent.communicate(timeout=60)
+    assert agent.returncode == 0, rest
+    log = "".join(seen) + rest
+    assert "l7_syscall_fallback" in log and "Traceback" not in log
+    records = [json_format.Parse(line, pb.NodeRecord()) for line in out.read_text().splitlines()]
+    l7 = [r.l7 for r in records if r.WhichOneof("record") == "l7"]
+    assert [(r.side, r.http.method, r.http.path, r.http.route, r.http.status_code, r.tls) for r in l7] == [
+        (pb.ROLE_SERVER, "GET", "/users/77/orders", "/users/{id}/orders", 200, False)
+    ]
+    assert l7[0].process.comm == "nginx" and l7[0].latency_ns > 0 and l7[0].response_bytes > 0
+    assert "4111" not in out.read_text()
+    stats = records[-1].stats
+    assert stats.counters["l7_requests"] == 1
+    disabled = {entry.split(":", 1)[0] for entry in stats.disabled_capabilities}
+    assert {"l7.tls", "l7.exchanges"} <= disabled, stats.disabled_capabilities
