@@ -45,6 +45,7 @@ from kscope.v1 import flow_pb2 as pb
 from kscope_common import logging_setup
 
 log = structlog.get_logger("kscope.processor")
+MAX_AGENT_NODES: Final = 16_384  # agents whose self-metrics one interval re-exports
 
 PROG: Final = "kscope-processor"
 EXIT_USAGE: Final = 2
@@ -207,6 +208,8 @@ class Processor:
         self.watcher: KubeWatcher | None = None
         self.ticks = 0
         self.tick_errors = 0
+        self._agent_stats: dict[str, pb.AgentStats] = {}
+        self.agent_stats_dropped = 0  # reports of nodes past MAX_AGENT_NODES in one interval
         self._ticker: asyncio.Task[None] | None = None
         self._stopped = False
         self._metrics_server: object | None = None
@@ -216,6 +219,12 @@ class Processor:
     async def consume(self, batch: pb.FlowBatch) -> None:
         """``BatchSink``: the ingest workers hand over every accepted batch."""
         self.aggregator.add(batch, time.time_ns())
+        if batch.HasField("stats"):
+            # the latest per node, exported at the next tick; bounded like every table fed from the wire
+            if batch.node_name in self._agent_stats or len(self._agent_stats) < MAX_AGENT_NODES:
+                self._agent_stats[batch.node_name] = batch.stats
+            else:
+                self.agent_stats_dropped += 1
 
     async def start(self) -> int:
         """Start everything; returns the bound ingest port. Raises the components' config errors."""
@@ -256,6 +265,9 @@ class Processor:
                 submitted += self.pipeline.export_spans(report.interval.node_name, report.spans)
             if report.logs:
                 submitted += self.pipeline.export_logs(report.interval.node_name, report.logs)
+        agents, self._agent_stats = self._agent_stats, {}
+        for node, stats in agents.items():
+            submitted += self.pipeline.export_agent_stats(node, stats, now)
         submitted += self.pipeline.export_self(self.exporter.stats(), now)
         self.ticks += 1
         return submitted
@@ -365,6 +377,14 @@ class _SelfMetrics(Collector):
         yield CounterMetricFamily(
             "kscope_processor_tick_errors", "Intervals that failed to export.", value=p.tick_errors
         )
+        agent_stats = CounterMetricFamily(
+            "kscope_processor_agent_stats_dropped",
+            "Agent self-metric reports not re-exported: too many nodes in one interval, or names cut.",
+            labels=["reason"],
+        )
+        agent_stats.add_metric(["too_many_nodes"], p.agent_stats_dropped)
+        agent_stats.add_metric(["too_many_names"], p.pipeline.agent_stats_cut)
+        yield agent_stats
 
 
 # ---- entry point --------------------------------------------------------------------------------

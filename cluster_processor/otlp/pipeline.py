@@ -47,6 +47,20 @@ OVERFLOWED: Final = Instrument(
     Kind.OBSERVED_COUNTER,
 )
 SERIES: Final = Instrument("kscope.otlp.series", "{series}", "Live cumulative metric streams.", Kind.GAUGE)
+# The agents' own counters as each last reported them (a gauge: a few are current sizes, and an agent's
+# restart starts its totals over), one stream per counter name on the agent's node.
+AGENT_STAT: Final = Instrument(
+    "kscope.agent.stat", "{count}", "A node agent's self-metric, as the agent last reported it.", Kind.GAUGE
+)
+AGENT_STAT_NAME: Final = "kscope.agent.stat.name"
+MAX_AGENT_STATS: Final = 512  # names per agent report (the agent has ~100); more are cut and counted
+
+
+class AgentStatsLike(Protocol):
+    """What the pipeline reads of a kscope.v1.AgentStats."""
+
+    @property
+    def counters(self) -> Mapping[str, int]: ...
 
 
 class ExportSink(Protocol):
@@ -100,6 +114,8 @@ class OtlpPipeline:
         self._sink = sink
         self._store = store or CumulativeStore()
         self._self_store = CumulativeStore(max_series=64)  # separate: self-metrics never compete for slots
+        self._agent_store = CumulativeStore(max_series=MAX_AGENT_STATS + 1)  # per node, for the same reason
+        self.agent_stats_cut = 0  # agent counter names beyond MAX_AGENT_STATS in one report
         self._settings = settings
         # Self-metric totals count from about now (the exporter is built alongside): their start time.
         self._self_start_ns = start_unix_nano if start_unix_nano is not None else time.time_ns()
@@ -135,6 +151,16 @@ class OtlpPipeline:
         samples = self_samples(exporter_stats, self._store.stats())
         groups = self._self_store.update_series("", self._self_start_ns, now_unix_nano, samples)
         return self._submit_metrics(self._reporter.self_resource(), groups, now_unix_nano)
+
+    def export_agent_stats(self, node_name: str, stats: AgentStatsLike, now_unix_nano: int) -> int:
+        """A node agent's self-metrics (the ``stats`` of its latest batch), under that node's resource."""
+        names = sorted(stats.counters)
+        if len(names) > MAX_AGENT_STATS:
+            self.agent_stats_cut += len(names) - MAX_AGENT_STATS
+            names = names[:MAX_AGENT_STATS]
+        samples = [Sample(AGENT_STAT, ((AGENT_STAT_NAME, name),), stats.counters[name]) for name in names]
+        groups = self._agent_store.update_series(node_name, now_unix_nano, now_unix_nano, samples)
+        return self._submit_metrics(self._reporter.metrics_resource(node_name), groups, now_unix_nano)
 
     def _submit_metrics(
         self, resource: Attrs, groups: Sequence[tuple[Instrument, Sequence[Series]]], time_unix_nano: int

@@ -250,7 +250,9 @@ def test_vip_call_becomes_a_to_b_metrics_graph_and_spans(tmp_path: Path) -> None
             m.Processor(config(kubeconfig, rx.endpoint)) as proc,
         ):
             assert proc.watcher is not None and await proc.watcher.wait_synced(5)
-            await send(proc.ingest.port, client_batch(), server_batch())
+            with_stats = client_batch()
+            with_stats.stats.counters.update({"ring_lost": 7, "kernel_close_lost": 0})
+            await send(proc.ingest.port, with_stats, server_batch())
             sg = "traces_service_graph_request_total"
             await eventually(lambda: latest(rx, sg, client="a", server="b") == 1, "service graph a -> b")
             await eventually(lambda: len(spans(rx)) == 2, "two spans")
@@ -276,6 +278,12 @@ def test_vip_call_becomes_a_to_b_metrics_graph_and_spans(tmp_path: Path) -> None
             assert 'kscope_processor_kube_watch_total{counter="restarts",resource="Pod"}' in text
             assert 'kscope_processor_aggregator_total{counter="edges_overflowed"} 0.0' in text
             assert 'kscope_processor_otlp_items_total{outcome="exported",signal="traces"} 2.0' in text
+            assert 'kscope_processor_agent_stats_dropped_total{reason="too_many_nodes"} 0.0' in text
+            # The agents' own counters, re-exported under their node (the batches carried stats).
+            await eventually(lambda: latest(rx, "kscope.agent.stat", **{"kscope.agent.stat.name": "ring_lost"}) == 7,
+                             "agent self-metrics exported")  # fmt: skip
+            agent_nodes = {r["k8s.node.name"] for r, _, _ in points(rx, "kscope.agent.stat")}
+            assert agent_nodes == {"node-1"}
 
     run(body())
 

@@ -32,7 +32,7 @@ from cluster_processor.otlp.model import (
     attrs,
     span_context,
 )
-from cluster_processor.otlp.pipeline import OtlpPipeline, PipelineSettings
+from cluster_processor.otlp.pipeline import MAX_AGENT_STATS, OtlpPipeline, PipelineSettings
 from tests.cluster_processor.otlp import factories as f
 
 CUMULATIVE = metrics_pb2.AGGREGATION_TEMPORALITY_CUMULATIVE
@@ -357,3 +357,21 @@ def test_log_event() -> None:
     a = f.kv(lr.attributes)
     assert a["event.name"] == EVENT_TCP_RESET and a["kscope.tcp.state"] == "ESTABLISHED"
     assert a["server.address"] == "cart.shop.svc.cluster.local" and a["peer.k8s.pod.name"] == "cart-5f6d8c9b7-abcde"
+
+
+def test_agent_stats_are_gauges_per_name_under_the_agents_node_and_bounded() -> None:
+    sink = ListSink()
+    p = OtlpPipeline(encode.Reporter("r", "n"), sink)
+    stats = flow_pb2.AgentStats(counters={f"c{i:03d}": i for i in range(MAX_AGENT_STATS + 88)})
+    p.export_agent_stats("node-7", stats, 5_000)
+    assert p.agent_stats_cut == 88
+    points = []
+    for _, req in sink.requests:
+        for rm in req.resource_metrics:
+            res = {kv.key: kv.value.string_value for kv in rm.resource.attributes}
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    assert m.name == "kscope.agent.stat" and m.WhichOneof("data") == "gauge"
+                    points += [(res["k8s.node.name"], dp.attributes[0].value.string_value, dp.as_int)
+                               for dp in m.gauge.data_points]  # fmt: skip
+    assert len(points) == MAX_AGENT_STATS and points[0] == ("node-7", "c000", 0) and points[-1][2] == 511
