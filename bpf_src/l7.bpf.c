@@ -23,31 +23,14 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
 
-#include "compat.h"
 #include "limits.h"
+#include "l7_proto.h"
 #include "task.h"
-#include "sock.h"
-#include "abi/l4.h"
-#include "abi/l7.h"
+#include "sock.h" /* read_tuple: direct loads on the tracepoint's BTF socket, cheaper than read_tuple_core */
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-#define IPPROTO_UDP 17
-#define DNS_PORT 53
-#define MAX_INFER_ATTEMPTS 8
 #define MAX_MMSG 64
-
-/* x86-64 syscall numbers (orig_ax). */
-#define NR_read 0
-#define NR_write 1
-#define NR_readv 19
-#define NR_writev 20
-#define NR_sendto 44
-#define NR_recvfrom 45
-#define NR_sendmsg 46
-#define NR_recvmsg 47
-#define NR_recvmmsg 299
-#define NR_sendmmsg 307
 
 /* Runtime knobs, set by user space before load. */
 const volatile __u32 capture_bytes = 1024; /* head bytes captured per call, <= KSCOPE_L7_MAX_CAPTURE */
@@ -115,11 +98,6 @@ struct {
 	__type(value, struct l7_xchg);
 } l7_xchg SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, KSCOPE_L7_RING_BYTES);
-} l7_ring SEC(".maps");
-
 _Static_assert(sizeof(struct kscope_l7_exchange) % 8 == 0, "ring records are 8-byte aligned: keep the stride exact");
 
 /* Exchange records only: every record the same size, so user space reads a batch as one
@@ -130,28 +108,6 @@ struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, KSCOPE_L7_XRING_BYTES);
 } l7_xring SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, KSCOPE_L7_STATS);
-	__type(key, __u32);
-	__type(value, __u64);
-} l7_stats SEC(".maps");
-
-/* Twice the capture bound so a length masked with READ_MASK is provably inside it. */
-#define READ_MASK (2 * KSCOPE_L7_MAX_CAPTURE - 1)
-
-struct chunk {
-	struct kscope_l7_header hdr;
-	__u8 data[2 * KSCOPE_L7_MAX_CAPTURE];
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct chunk);
-} l7_scratch SEC(".maps");
 
 /* ---- OpenSSL: what a thread is doing inside SSL_read/SSL_write, and each SSL's socket ---- */
 
@@ -218,181 +174,33 @@ enum kscope_http_method __anchor_http_method __attribute__((unused));
 enum kscope_l7_emit __anchor_l7_emit __attribute__((unused));
 enum kscope_l7_exchange_flags __anchor_l7_exchange_flags __attribute__((unused));
 
-static __always_inline void stat_inc(__u32 idx)
-{
-	__u64 *v = bpf_map_lookup_elem(&l7_stats, &idx);
-
-	if (v)
-		*v += 1;
-}
-
 static __always_inline __u64 ssl_key(__u64 ssl)
 {
 	/* the same SSL * value in two processes is two connections */
 	return ssl ^ ((__u64)(bpf_get_current_pid_tgid() >> 32) << 48);
 }
 
-/* Unconnected UDP: the peer is in the call's sockaddr (msg_name / sendto's addr). */
-static __always_inline void read_peer(struct kscope_l7_header *h, const void *uaddr)
-{
-	struct sockaddr_in6 sa = {};
-
-	if (!uaddr || bpf_probe_read_user(&sa, sizeof(sa), uaddr))
-		return;
-	if (sa.sin6_family == AF_INET6) {
-		h->dport = bpf_ntohs(sa.sin6_port);
-		__builtin_memcpy(h->daddr, &sa.sin6_addr, 16);
-	} else if (sa.sin6_family == AF_INET) {
-		struct sockaddr_in *sin = (struct sockaddr_in *)&sa;
-
-		h->dport = bpf_ntohs(sin->sin_port);
-		__builtin_memset(h->daddr, 0, 10);
-		h->daddr[10] = h->daddr[11] = 0xff;
-		*(__u32 *)&h->daddr[12] = sin->sin_addr.s_addr;
-	}
-}
-
-/* The user buffer of the current socket call: first iovec for vector calls. */
+/* The user buffer of the current socket call (l7_user_buffer). sendmmsg/recvmmsg fire the
+ * tracepoint once per message: which message of the vector this is, is tracked per thread. */
 static __always_inline const void *user_buffer(struct pt_regs *regs, __u64 *avail, const void **uaddr)
 {
 	/* bpf_task_pt_regs() gives a BTF pointer: plain loads, no probe-read helper per register */
-	__u64 nr = regs->orig_ax;
-	__u64 si = regs->si;
-	struct user_msghdr msg;
-	struct iovec iov;
+	__u64 nr = regs->orig_ax, si = regs->si;
+	__u32 idx = 0;
 
-	*uaddr = 0;
-	*avail = ~0ULL;
-	switch (nr) {
-	case NR_read:
-	case NR_write:
-		return (const void *)si;
-	case NR_sendto:
-	case NR_recvfrom:
-		*uaddr = (const void *)regs->r8;
-		return (const void *)si;
-	case NR_readv:
-	case NR_writev:
-		if (bpf_probe_read_user(&iov, sizeof(iov), (void *)si))
-			return 0;
-		*avail = iov.iov_len;
-		return iov.iov_base;
-	case NR_sendmsg:
-	case NR_recvmsg:
-		break;
-	case NR_sendmmsg:
-	case NR_recvmmsg: {
+	if (nr == NR_sendmmsg || nr == NR_recvmmsg) {
 		__u32 tid = (__u32)bpf_get_current_pid_tgid();
 		__u64 now = bpf_ktime_get_ns();
 		struct mmsg_pos *pos = bpf_map_lookup_elem(&mmsg_pos, &tid);
 		struct mmsg_pos fresh = { .base = si, .ts_ns = now };
-		__u32 idx = 0;
 
 		/* consecutive calls of the tracepoint within one syscall walk the vector */
 		if (pos && pos->base == si && now - pos->ts_ns < 1000000 && pos->idx + 1 < MAX_MMSG)
 			idx = pos->idx + 1;
 		fresh.idx = idx;
 		bpf_map_update_elem(&mmsg_pos, &tid, &fresh, BPF_ANY);
-		si += (__u64)idx * sizeof(struct mmsghdr);
-		break;
 	}
-	default:
-		return 0; /* sendfile, splice, io_uring ...: no user buffer here */
-	}
-	if (bpf_probe_read_user(&msg, sizeof(msg), (void *)si))
-		return 0;
-	*uaddr = msg.msg_name;
-	if (!msg.msg_iovlen || bpf_probe_read_user(&iov, sizeof(iov), msg.msg_iov))
-		return 0;
-	*avail = iov.iov_len;
-	return iov.iov_base;
-}
-
-static __always_inline bool has_prefix(const __u8 *d, __u32 n, const char *p, __u32 plen)
-{
-	if (n < plen)
-		return false;
-	for (__u32 i = 0; i < plen; i++)
-		if (d[i] != (__u8)p[i])
-			return false;
-	return true;
-}
-
-/* enum kscope_http_method of a request starting here, 0 if none. */
-static __always_inline __u8 request_method(const __u8 *d, __u32 n)
-{
-	if (has_prefix(d, n, "GET ", 4))
-		return KSCOPE_HTTP_GET;
-	if (has_prefix(d, n, "POST ", 5))
-		return KSCOPE_HTTP_POST;
-	if (has_prefix(d, n, "PUT ", 4))
-		return KSCOPE_HTTP_PUT;
-	if (has_prefix(d, n, "HEAD ", 5))
-		return KSCOPE_HTTP_HEAD;
-	if (has_prefix(d, n, "DELETE ", 7))
-		return KSCOPE_HTTP_DELETE;
-	if (has_prefix(d, n, "PATCH ", 6))
-		return KSCOPE_HTTP_PATCH;
-	if (has_prefix(d, n, "OPTIONS ", 8))
-		return KSCOPE_HTTP_OPTIONS;
-	if (has_prefix(d, n, "CONNECT ", 8))
-		return KSCOPE_HTTP_CONNECT;
-	if (has_prefix(d, n, "TRACE ", 6))
-		return KSCOPE_HTTP_TRACE;
-	return 0;
-}
-
-/* 1: an HTTP/1 request starts here, 2: a response, 0: neither. */
-static __always_inline int http_start(const __u8 *d, __u32 n)
-{
-	if (has_prefix(d, n, "HTTP/1.", 7))
-		return 2;
-	return request_method(d, n) ? 1 : 0;
-}
-
-/* Decide the protocol of a connection from one call's head; 0 role means unknown. */
-static __always_inline __u8 infer(const __u8 *d, __u32 n, __u8 dir, __u8 ip_proto, __u16 sport, __u16 dport,
-				  __u8 *role)
-{
-	int kind;
-
-	if (sport == DNS_PORT || dport == DNS_PORT) {
-		/* DNS header: 12 bytes (over TCP after a 2-byte length), one question */
-		__u32 off = ip_proto == IPPROTO_TCP ? 2 : 0;
-
-		if (n >= off + 12 && d[off + 4] == 0 && d[off + 5] == 1) {
-			*role = sport == DNS_PORT ? KSCOPE_ROLE_SERVER : KSCOPE_ROLE_CLIENT;
-			return KSCOPE_PROTO_DNS;
-		}
-		return KSCOPE_PROTO_UNKNOWN;
-	}
-	if (ip_proto != IPPROTO_TCP)
-		return KSCOPE_PROTO_UNKNOWN;
-	kind = http_start(d, n);
-	if (!kind)
-		return KSCOPE_PROTO_UNKNOWN;
-	/* a request we send or a response we read: we are the client */
-	*role = (kind == 1) == (dir == KSCOPE_DIR_EGRESS) ? KSCOPE_ROLE_CLIENT : KSCOPE_ROLE_SERVER;
-	return KSCOPE_PROTO_HTTP1;
-}
-
-/* A TLS record header: content type 20..24, version 3.x (SSL 3.0 .. TLS 1.3 framing). */
-static __always_inline bool is_tls_record(const __u8 *d, __u32 n)
-{
-	return n >= 5 && d[0] >= 20 && d[0] <= 24 && d[1] == 3 && d[2] <= 4;
-}
-
-static __always_inline __u32 clamp_capture(__u64 len, __u64 avail)
-{
-	__u64 n = len;
-
-	if (n > avail)
-		n = avail;
-	if (n > capture_bytes)
-		n = capture_bytes;
-	if (n > KSCOPE_L7_MAX_CAPTURE)
-		n = KSCOPE_L7_MAX_CAPTURE;
-	return n;
+	return l7_user_buffer(nr, si, regs->r8, idx, avail, uaddr);
 }
 
 static __always_inline void fill_task(struct kscope_l7_header *h)
@@ -831,7 +639,7 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 	read_tuple(c->hdr.saddr, c->hdr.daddr, &c->hdr.sport, &c->hdr.dport, &c->hdr.family, sk);
 	if (ip_proto == IPPROTO_UDP && !c->hdr.dport)
 		read_peer(&c->hdr, uaddr);
-	n = buf ? clamp_capture(ret, avail) : 0;
+	n = buf ? l7_clamp_capture(ret, avail, capture_bytes) : 0;
 	if (n && bpf_probe_read_user(c->data, n & READ_MASK, buf)) {
 		stat_inc(KSCOPE_L7_STAT_READ_FAILED);
 		n = 0;
@@ -937,7 +745,7 @@ static __always_inline void tls_exit(int ret) /* SSL_* return an int */
 		bpf_map_delete_elem(&tls_calls, &tid);
 		return;
 	}
-	n = clamp_capture(len, ~0ULL);
+	n = l7_clamp_capture(len, ~0ULL, capture_bytes);
 	if (n && bpf_probe_read_user(c->data, n & READ_MASK, (void *)call->buf)) {
 		stat_inc(KSCOPE_L7_STAT_READ_FAILED);
 		n = 0;

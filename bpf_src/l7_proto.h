@@ -3,20 +3,22 @@
  * L7 capture helpers shared by the socket-tracepoint probe (l7.bpf.c) and its
  * syscall fallback (l7_syscalls.bpf.c): protocol inference from a call's first
  * bytes, where a socket call's user buffer is, how much of it to capture, and the
- * socket's addresses. Pure functions of their arguments (no maps, no knobs), so both
- * objects decide exactly alike.
+ * socket's addresses. Pure functions of their arguments (no knobs), so both objects
+ * decide exactly alike. At the end, the maps both objects declare under the same names
+ * (chunk ring, shared counters, scratch chunk), so user space reads either one alike.
  *
  * Everything reads kernel memory with CO-RE probe reads, never by direct
  * dereference: the fallback's `struct sock *` comes out of an fd walk (a scalar, not
  * a BTF pointer), and the fallback must load on kernels without BTF-typed pointer
  * loads in its program type. Costs a few helper calls more than direct loads.
  *
- * Include after vmlinux.h and the libbpf headers.
+ * Include after vmlinux.h and the libbpf headers, once per object (it defines maps).
  */
 #ifndef KSCOPE_L7_PROTO_H
 #define KSCOPE_L7_PROTO_H
 
 #include "compat.h"
+#include "limits.h"
 #include "abi/l4.h"
 #include "abi/l7.h"
 
@@ -234,6 +236,42 @@ static __always_inline void read_tuple_core(struct kscope_l7_header *h, const st
 static __always_inline __u32 sock_netns_ino(const struct sock *sk)
 {
 	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+}
+
+/* ---- maps both objects share: user space finds them by these names in either one ---- */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, KSCOPE_L7_RING_BYTES);
+} l7_ring SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, KSCOPE_L7_STATS);
+	__type(key, __u32);
+	__type(value, __u64);
+} l7_stats SEC(".maps");
+
+/* A chunk record being built: header, then up to capture_bytes of the call's head. */
+struct chunk {
+	struct kscope_l7_header hdr;
+	__u8 data[2 * KSCOPE_L7_MAX_CAPTURE];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct chunk);
+} l7_scratch SEC(".maps");
+
+/* enum kscope_l7_stat: the counter both objects keep at the same index. */
+static __always_inline void stat_inc(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&l7_stats, &idx);
+
+	if (v)
+		*v += 1;
 }
 
 #endif /* KSCOPE_L7_PROTO_H */

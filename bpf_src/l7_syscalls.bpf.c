@@ -52,7 +52,6 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
 
-#include "limits.h"
 #include "l7_proto.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
@@ -94,35 +93,11 @@ struct {
 } l7_sys_socks SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, KSCOPE_L7_RING_BYTES); /* as l7.bpf.c's chunk ring */
-} l7_ring SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, KSCOPE_L7_STATS);
-	__type(key, __u32);
-	__type(value, __u64);
-} l7_stats SEC(".maps");
-
-struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, KSCOPE_L7_SYS_STATS);
 	__type(key, __u32);
 	__type(value, __u64);
 } l7_sys_stats SEC(".maps");
-
-struct chunk {
-	struct kscope_l7_header hdr;
-	__u8 data[2 * KSCOPE_L7_MAX_CAPTURE];
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct chunk);
-} l7_scratch SEC(".maps");
 
 const struct kscope_l7_header *__anchor_l7_header __attribute__((unused));
 enum kscope_l7_stat __anchor_l7_stat __attribute__((unused));
@@ -232,7 +207,7 @@ static __always_inline void capture(struct task_struct *task, struct pt_regs *re
 		read_peer(&c->hdr, uaddr);
 	n = buf ? l7_clamp_capture(len, avail, capture_bytes) : 0;
 	if (n && bpf_probe_read_user(c->data, n & READ_MASK, buf)) {
-		count(&l7_stats, KSCOPE_L7_STAT_READ_FAILED, 1);
+		stat_inc(KSCOPE_L7_STAT_READ_FAILED);
 		n = 0;
 	}
 	if (st->protocol == KSCOPE_PROTO_UNKNOWN) {
@@ -242,13 +217,13 @@ static __always_inline void capture(struct task_struct *task, struct pt_regs *re
 			/* TLS: l7.bpf.c would switch to the uprobes' plaintext; without them there is
 			 * nothing to parse, so stop at once instead of after MAX_INFER_ATTEMPTS calls */
 			st->protocol = KSCOPE_PROTO_IGNORED;
-			count(&l7_stats, KSCOPE_L7_STAT_IGNORED, 1);
+			stat_inc(KSCOPE_L7_STAT_IGNORED);
 			return;
 		}
 		if (proto == KSCOPE_PROTO_UNKNOWN) {
 			if (++st->attempts >= MAX_INFER_ATTEMPTS) {
 				st->protocol = KSCOPE_PROTO_IGNORED;
-				count(&l7_stats, KSCOPE_L7_STAT_IGNORED, 1);
+				stat_inc(KSCOPE_L7_STAT_IGNORED);
 			}
 			return;
 		}
@@ -257,7 +232,7 @@ static __always_inline void capture(struct task_struct *task, struct pt_regs *re
 	}
 	if (!buf) {
 		c->hdr.flags |= KSCOPE_L7_NO_BUFFER;
-		count(&l7_stats, KSCOPE_L7_STAT_NO_BUFFER, 1);
+		stat_inc(KSCOPE_L7_STAT_NO_BUFFER);
 	}
 	if (n < len)
 		c->hdr.flags |= KSCOPE_L7_TRUNCATED;
@@ -282,9 +257,9 @@ static __always_inline void capture(struct task_struct *task, struct pt_regs *re
 	fill_task(&c->hdr, task);
 	/* never blocks the application: a full ring drops the chunk (the parser sees a gap) */
 	if (bpf_ringbuf_output(&l7_ring, c, sizeof(c->hdr) + (n & READ_MASK), BPF_RB_NO_WAKEUP))
-		count(&l7_stats, KSCOPE_L7_STAT_RB_FULL, 1);
+		stat_inc(KSCOPE_L7_STAT_RB_FULL);
 	else
-		count(&l7_stats, KSCOPE_L7_STAT_CAPTURED, 1);
+		stat_inc(KSCOPE_L7_STAT_CAPTURED);
 }
 
 static __always_inline struct l7_sys_sock *sock_state(__u64 ino)
@@ -301,7 +276,7 @@ static __always_inline struct l7_sys_sock *sock_state(__u64 ino)
 		count(&l7_sys_stats, KSCOPE_L7_SYS_STAT_SOCKETS_TRACKED, 1);
 	st = bpf_map_lookup_elem(&l7_sys_socks, &ino);
 	if (!st) /* same counter as l7.bpf.c's failed socket storage */
-		count(&l7_stats, KSCOPE_L7_STAT_STORAGE_FAILED, 1);
+		stat_inc(KSCOPE_L7_STAT_STORAGE_FAILED);
 	return st;
 }
 
