@@ -33,6 +33,7 @@ from cluster_processor.otlp.model import (
     span_context,
 )
 from cluster_processor.otlp.pipeline import MAX_AGENT_STATS, OtlpPipeline, PipelineSettings
+from kscope.v1 import flow_pb2
 from tests.cluster_processor.otlp import factories as f
 
 CUMULATIVE = metrics_pb2.AGGREGATION_TEMPORALITY_CUMULATIVE
