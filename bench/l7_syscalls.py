@@ -36,10 +36,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,46 +46,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, cpu_seconds, free_port, nginx, wrk_requests
+
 sys.path.insert(0, str(REPO))
 SRC = REPO / "bpf_src" / "l7_syscalls.bpf.c"
 BPF_CFLAGS = ["-target", "bpf", "-g", "-O2", "-mcpu=v3", "-D__TARGET_ARCH_x86", "-Wall", "-Werror",
               "-Wno-unused-function", f"-I{REPO / 'build'}", f"-I{REPO / 'bpf_src'}"]  # fmt: skip
 DRAIN_S = 0.02  # the agent's L7 drain period
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-NGINX_CONF = """
-worker_processes 1;
-worker_cpu_affinity 01;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 10000000;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        location / {{ return 200 "ok\\n"; }}
-    }}
-}}
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def children_cpu() -> float:
@@ -114,14 +79,9 @@ class Run:
 def wrk(port: int, seconds: int, connections: int, nginx_worker: int) -> Run:
     """Throughput and CPU per request. CPU time is what other load on the machine disturbs
     least: the BPF programs run in the traced tasks' syscalls and are charged to them."""
-    cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", f"http://127.0.0.1:{port}/"]
     n0, w0 = cpu_seconds(nginx_worker), children_cpu()
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    requests = wrk_requests(port, seconds, connections)
     cpu = cpu_seconds(nginx_worker) - n0 + children_cpu() - w0
-    m = re.search(r"(\d+) requests in", out)
-    if not m:
-        raise RuntimeError(f"cannot read wrk output:\n{out}")
-    requests = int(m.group(1))
     return Run(requests / seconds, 1e6 * cpu / max(1, requests))
 
 
@@ -207,12 +167,9 @@ def main() -> int:
         tmp = Path(tmpdir)
         built = build_variants(tmp)
         variants = {k: built[k] for k in args.variants.split(",")}
-        (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, port=port))
-        nginx = subprocess.Popen(["nginx", "-c", str(tmp / "nginx.conf"), "-p", str(tmp)])
         runs: dict[str, list[tuple[Run, Run, dict[str, float]]]] = {k: [] for k in variants}
-        try:
-            time.sleep(1.0)
-            worker = worker_pid(nginx.pid)
+        with nginx(tmp, port) as server:
+            worker = worker_pid(server.pid)
             wrk(port, 1, args.connections, worker)  # warm up
             for _ in range(args.rounds):
                 for name, (path, mode) in variants.items():
@@ -221,9 +178,6 @@ def main() -> int:
                         v = wrk(port, args.seconds, args.connections, worker)
                         time.sleep(0.2)  # the last drains
                     runs[name].append((b, v, {**consumer.result, "wrk_requests": v.rps * args.seconds}))
-        finally:
-            nginx.send_signal(signal.SIGQUIT)
-            nginx.wait(timeout=10)
     result: dict[str, object] = {
         "baseline_rps_median": round(statistics.median(b.rps for r in runs.values() for b, _, _ in r)),
         "baseline_cpu_us_per_request_median": round(

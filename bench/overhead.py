@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,53 +34,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, cpu_seconds, free_port, nginx, wrk_requests
+
 AGENT = REPO / ".venv" / "bin" / "kscope-agent"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-NGINX_CONF = """
-worker_processes 1;
-worker_cpu_affinity 01;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 10000000;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        location / {{ return 200 "ok\\n"; }}
-    }}
-}}
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def wrk(port: int, seconds: int, connections: int, close: bool) -> float:
-    cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s"]
-    if close:
-        cmd += ["-H", "Connection: close"]
-    out = subprocess.run([*cmd, f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"(\d+) requests in", out)
-    if not m:
-        raise RuntimeError(f"cannot read wrk output:\n{out}")
-    return int(m.group(1)) / seconds
+    return wrk_requests(port, seconds, connections, close) / seconds
 
 
 def hey_p99(port: int, seconds: int, rate: int, connections: int) -> float:
@@ -208,21 +167,13 @@ def main() -> int:
             print(f"bench: {tool} not found (make setup installs it)", file=sys.stderr)
             return 2
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="kscope-bench-") as tmp:
-        conf = Path(tmp) / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(tmp=tmp, port=port))
-        nginx = subprocess.Popen(["nginx", "-c", str(conf), "-p", tmp])
-        try:
-            time.sleep(1.0)
-            wrk(port, 1, args.connections, False)  # warm up
-            results = {
-                "keepalive": saturation(port, args.rounds, args.seconds, args.connections, close=False),
-                "churn": saturation(port, args.rounds, args.seconds, args.connections, close=True),
-                "fixed_rate": fixed_rate(port, args.rounds, args.seconds, args.rate, args.connections),
-            }
-        finally:
-            nginx.send_signal(signal.SIGQUIT)
-            nginx.wait(timeout=10)
+    with tempfile.TemporaryDirectory(prefix="kscope-bench-") as tmp, nginx(Path(tmp), port):
+        wrk(port, 1, args.connections, False)  # warm up
+        results = {
+            "keepalive": saturation(port, args.rounds, args.seconds, args.connections, close=False),
+            "churn": saturation(port, args.rounds, args.seconds, args.connections, close=True),
+            "fixed_rate": fixed_rate(port, args.rounds, args.seconds, args.rate, args.connections),
+        }
     print(json.dumps(results, indent=2))
     return 0
 

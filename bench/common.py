@@ -1,0 +1,78 @@
+"""What the nginx benchmarks share: one pinned nginx `return 200` worker, wrk on the
+other core, CPU time from /proc. Imported as `common` by the scripts next to it (a
+script's own directory is first on sys.path when run as `.venv/bin/python bench/X.py`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+NGINX_CONF = """
+worker_processes 1;
+worker_cpu_affinity 01;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{ return 200 "ok\\n"; }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (utime, stime of /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def wrk_requests(port: int, seconds: int, connections: int, close: bool = False) -> int:
+    """Requests one wrk thread on core 1 completes in `seconds` (keep-alive unless `close`)."""
+    cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s"]
+    if close:
+        cmd += ["-H", "Connection: close"]
+    out = subprocess.run([*cmd, f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"(\d+) requests in", out)
+    if not m:
+        raise RuntimeError(f"cannot read wrk output:\n{out}")
+    return int(m.group(1))
+
+
+@contextmanager
+def nginx(tmp: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """nginx from NGINX_CONF in `tmp`, given a second to start; stopped gracefully on exit."""
+    conf = tmp / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=tmp, port=port))
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp)])
+    try:
+        time.sleep(1.0)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGQUIT)
+        proc.wait(timeout=10)
