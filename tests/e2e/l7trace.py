@@ -5,7 +5,8 @@ namespace in the kernel (``netns_ino``), and feeds one :class:`L7Pipeline` in th
 the agent does (L4 first: its final records close the L7 parsers). Filtering in the kernel
 rather than in the test keeps other traffic on the machine (another test run, a benchmark
 on loopback) out of our ring buffers: unfiltered, a busy neighbour fills an 8 MiB ring
-between two polls and the test's own chunks are the ones dropped.
+between two polls and the test's own chunks are the ones dropped. ``collector`` picks the
+L7 probe: :class:`L7Collector` or the syscall fallback, which keeps its interface.
 """
 
 from __future__ import annotations
@@ -21,24 +22,31 @@ from pathlib import Path
 from typing import Any
 
 from node_exporter.l4.collector import L4Collector
+from node_exporter.l4.records import L4Record
+from node_exporter.l7.chunks import Chunk
 from node_exporter.l7.collector import L7Collector
 from node_exporter.l7.exchanges import ExchangeBatch
 from node_exporter.l7.pipeline import ConnInfo, L7Event, L7Pipeline
-from node_exporter.protocols import DnsRecord, HttpRecord
-from tests.e2e.netns import SRV_V4, SRV_V6, Netns, Peer, Topology, nginx, run
+from node_exporter.protocols import DnsRecord, HttpRecord, Role
+from tests.e2e.netns import CLI_V4, CLI_V6, SRV_V4, SRV_V6, Netns, Peer, Topology, nginx, run
 
 L7PEER = Path(__file__).with_name("l7peer.py")
 MS = 1_000_000
+HTTP_PORT = 8080
+CURL_W = "%{http_code} %{size_request} %{size_header} %{size_download} %{local_port}"
 
 
 class L7Trace:
-    def __init__(self, namespaces: Iterable[Netns], **l7_kw: Any) -> None:
-        self.pairs: list[tuple[L4Collector, L7Collector]] = []
+    def __init__(
+        self, namespaces: Iterable[Netns], collector: Callable[..., Any] = L7Collector, keep: bool = False, **l7_kw: Any
+    ) -> None:
+        """``keep``: also keep every chunk (``chunk_log``) and L4 record (``l4_log``)."""
+        self.pairs: list[tuple[L4Collector, Any]] = []
         try:
             for ns in namespaces:
                 l4 = L4Collector(netns_ino=ns.ino)
                 try:
-                    l7 = L7Collector(netns_ino=ns.ino, **l7_kw)
+                    l7 = collector(netns_ino=ns.ino, **l7_kw)
                 except BaseException:
                     l4.close()
                     raise
@@ -54,20 +62,27 @@ class L7Trace:
         # buffer): the pipeline feeds the rest to its parser as a gap of known size.
         self.truncated = 0
         self.truncated_bytes = 0
+        self.keep = keep
+        self.chunk_log: list[Chunk] = []
+        self.l4_log: list[L4Record] = []
 
     def poll(self) -> list[L7Event]:
         out: list[L7Event] = []
         for l4, l7 in self.pairs:
-            records = l4.poll()
+            records = l4.poll()  # first, as the agent: a final record closes the socket's parser
             items = l7.poll()
             for c in items:
                 if isinstance(c, ExchangeBatch):
                     self.exchanges += len(c)
                     continue
                 self.chunks += 1
+                if self.keep:
+                    self.chunk_log.append(c)
                 if c.length > len(c.data):
                     self.truncated += 1
                     self.truncated_bytes += c.length - len(c.data)
+            if self.keep:
+                self.l4_log += records
             out += self.pipe.feed(items)
             out += self.pipe.close_sockets(r.sock_cookie for r in records if r.is_close)
         out += self.pipe.expire(time.monotonic_ns())
@@ -144,6 +159,48 @@ def _matches(e: AnyEvent, match: dict[str, Any]) -> bool:
 
 def count_at_least(n: int, select: Callable[[list[L7Event]], list[Any]]) -> Callable[[list[L7Event]], bool]:
     return lambda events: len(select(events)) >= n
+
+
+def both_ends(trace: L7Trace, n: int = 1, timeout: float = 5, **match: Any) -> tuple[list[HttpEvent], list[HttpEvent]]:
+    """Poll until ``n`` client and ``n`` server HTTP records match; returns (client, server)."""
+    trace.until(count_at_least(2 * n, lambda ev: http(ev, **match)), timeout)
+    return http(trace.events, side=Role.CLIENT, **match), http(trace.events, side=Role.SERVER, **match)
+
+
+def check_pair(
+    c: HttpEvent, s: HttpEvent, topo: Topology, client_port: int, server_port: int = HTTP_PORT, v6: bool = False
+) -> None:
+    """The two ends of one exchange: the same request seen from each side of one TCP connection."""
+    cli_ip, srv_ip, family = (CLI_V6, SRV_V6, 10) if v6 else (CLI_V4, SRV_V4, 2)
+    assert c.conn.side is Role.CLIENT and s.conn.side is Role.SERVER
+    assert c.conn.protocol == s.conn.protocol == "http1"
+    assert (c.conn.netns_ino, s.conn.netns_ino) == (topo.cli.ino, topo.srv.ino)
+    assert (c.conn.local_ip, c.conn.local_port, c.conn.remote_ip, c.conn.remote_port) == (
+        cli_ip, client_port, srv_ip, server_port)  # fmt: skip
+    assert (s.conn.local_ip, s.conn.local_port, s.conn.remote_ip, s.conn.remote_port) == (
+        srv_ip, server_port, cli_ip, client_port)  # fmt: skip
+    assert c.conn.family == s.conn.family == family
+    assert c.conn.sock_cookie != s.conn.sock_cookie
+    cr, sr = c.record, s.record
+    assert (cr.method, cr.path, cr.route, cr.status) == (sr.method, sr.path, sr.route, sr.status)
+    assert (cr.request_bytes, cr.response_bytes) == (sr.request_bytes, sr.response_bytes)
+    assert cr.latency_ns > 0 and sr.latency_ns > 0
+    # One clock (CLOCK_MONOTONIC): the server's view of the exchange sits inside the client's.
+    assert sr.latency_ns <= cr.latency_ns + MS
+    assert cr.start_ns - MS <= sr.start_ns <= cr.start_ns + cr.latency_ns
+
+
+def require(cond: object, what: str) -> None:
+    """A precondition of the scenario: not an AssertionError, so an xfail never hides it."""
+    if not cond:
+        raise RuntimeError(f"scenario broken: {what}")
+
+
+def curl(topo: Topology, url: str, *extra: str) -> dict[str, int]:
+    """curl in the client namespace: status, bytes each way (head + body) and its local port."""
+    out = topo.cli.run("curl", "-sS", "-o", "/dev/null", "-w", CURL_W, *extra, url).stdout.split()
+    code, req, head, body, port = map(int, out)
+    return {"status": code, "request_bytes": req, "response_bytes": head + body, "port": port}
 
 
 # ---- servers and clients --------------------------------------------------------------------

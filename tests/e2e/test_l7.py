@@ -23,21 +23,24 @@ from tests.e2e.l7trace import (
     DnsEvent,
     HttpEvent,
     L7Trace,
+    both_ends,
+    check_pair,
     count_at_least,
+    curl,
     dns,
     http,
     l7peer,
+    require,
     start_l7_nginx,
     wrk_requests,
 )
-from tests.e2e.netns import CLI_V4, CLI_V6, SRV_V4, SRV_V6, Topology
+from tests.e2e.netns import CLI_V4, SRV_V4, SRV_V6, Topology
 
 pytestmark = pytest.mark.bpf
 E = TypeVar("E", HttpEvent, DnsEvent)
 
 PORT, TLS_PORT, UPSTREAM_PORT, SERVFAIL_PORT = 8080, 8443, 9000, 5300
 URL = f"http://{SRV_V4}:{PORT}"
-CURL_W = "%{http_code} %{size_request} %{size_header} %{size_download} %{local_port}"
 
 
 @pytest.fixture
@@ -60,50 +63,9 @@ def tracing(topo: Topology) -> Iterator[Callable[..., L7Trace]]:
         t.close()
 
 
-def require(cond: object, what: str) -> None:
-    """A precondition of the scenario: not an AssertionError, so an xfail never hides it."""
-    if not cond:
-        raise RuntimeError(f"scenario broken: {what}")
-
-
 def one(events: list[E], what: str) -> E:
     assert len(events) == 1, f"expected one {what} record, got {events}"
     return events[0]
-
-
-def curl(topo: Topology, url: str, *extra: str) -> dict[str, int]:
-    out = topo.cli.run("curl", "-sS", "-o", "/dev/null", "-w", CURL_W, *extra, url).stdout.split()
-    code, req, head, body, port = map(int, out)
-    return {"status": code, "request_bytes": req, "response_bytes": head + body, "port": port}
-
-
-def both_ends(trace: L7Trace, n: int = 1, timeout: float = 5, **match: Any) -> tuple[list[HttpEvent], list[HttpEvent]]:
-    """Poll until ``n`` client and ``n`` server HTTP records match; returns (client, server)."""
-    trace.until(count_at_least(2 * n, lambda ev: http(ev, **match)), timeout)
-    return http(trace.events, side=Role.CLIENT, **match), http(trace.events, side=Role.SERVER, **match)
-
-
-def check_pair(
-    c: HttpEvent, s: HttpEvent, topo: Topology, client_port: int, server_port: int = PORT, v6: bool = False
-) -> None:
-    """The two ends of one exchange: the same request seen from each side of one TCP connection."""
-    cli_ip, srv_ip, family = (CLI_V6, SRV_V6, 10) if v6 else (CLI_V4, SRV_V4, 2)
-    assert c.conn.side is Role.CLIENT and s.conn.side is Role.SERVER
-    assert c.conn.protocol == s.conn.protocol == "http1"
-    assert (c.conn.netns_ino, s.conn.netns_ino) == (topo.cli.ino, topo.srv.ino)
-    assert (c.conn.local_ip, c.conn.local_port, c.conn.remote_ip, c.conn.remote_port) == (
-        cli_ip, client_port, srv_ip, server_port)  # fmt: skip
-    assert (s.conn.local_ip, s.conn.local_port, s.conn.remote_ip, s.conn.remote_port) == (
-        srv_ip, server_port, cli_ip, client_port)  # fmt: skip
-    assert c.conn.family == s.conn.family == family
-    assert c.conn.sock_cookie != s.conn.sock_cookie
-    cr, sr = c.record, s.record
-    assert (cr.method, cr.path, cr.route, cr.status) == (sr.method, sr.path, sr.route, sr.status)
-    assert (cr.request_bytes, cr.response_bytes) == (sr.request_bytes, sr.response_bytes)
-    assert cr.latency_ns > 0 and sr.latency_ns > 0
-    # One clock (CLOCK_MONOTONIC): the server's view of the exchange sits inside the client's.
-    assert sr.latency_ns <= cr.latency_ns + MS
-    assert cr.start_ns - MS <= sr.start_ns <= cr.start_ns + cr.latency_ns
 
 
 # ---- 1: a plain GET, both ends ----------------------------------------------------------------

@@ -9,108 +9,38 @@ one :class:`L7Pipeline` in the agent's order.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from node_exporter.l4.collector import L4Collector
-from node_exporter.l4.records import L4Record
-from node_exporter.l7.chunks import Chunk
-from node_exporter.l7.pipeline import L7Event, L7Pipeline
 from node_exporter.l7.syscalls import SyscallL7Collector
 from node_exporter.protocols import DnsRecord, HttpRecord, Role
-from tests.e2e.netns import CLI_V4, CLI_V6, SRV_V4, SRV_V6, Netns, Peer, Topology, nginx
+from tests.e2e import l7trace
+from tests.e2e.l7trace import HttpEvent, L7Trace, both_ends, count_at_least, curl, dns, http, l7peer, require
+from tests.e2e.netns import CLI_V4, SRV_V4, SRV_V6, Topology, nginx
 
 pytestmark = pytest.mark.bpf
 
 PORT = 8080
 URL = f"http://{SRV_V4}:{PORT}"
-L7PEER = Path(__file__).with_name("l7peer.py")
-CURL_W = "%{http_code} %{size_request} %{size_header} %{size_download} %{local_port}"
 SERVER = f"""listen {SRV_V4}:{PORT}; listen [{SRV_V6}]:{PORT};
         location / {{ return 200 "ok\\n"; }}
         location = /error {{ return 500; }}"""
 
 
-class SysTrace:
-    """L4 + fallback L7 collectors per namespace feeding one pipeline; keeps every chunk."""
-
-    def __init__(self, namespaces: Iterable[Netns], **l7_kw: Any) -> None:
-        self.pairs: list[tuple[L4Collector, SyscallL7Collector]] = []
-        self.pipe = L7Pipeline()
-        self.events: list[L7Event] = []
-        self.chunks: list[Chunk] = []
-        self.l4: list[L4Record] = []
-        try:
-            for ns in namespaces:
-                l4 = L4Collector(netns_ino=ns.ino)
-                try:
-                    self.pairs.append((l4, SyscallL7Collector(netns_ino=ns.ino, **l7_kw)))
-                except BaseException:
-                    l4.close()
-                    raise
-        except BaseException:
-            self.close()
-            raise
-
-    def poll(self) -> None:
-        for l4, l7 in self.pairs:
-            records = l4.poll()  # first, as the agent: a final record closes the socket's parser
-            chunks = [c for c in l7.poll() if isinstance(c, Chunk)]  # the fallback sends nothing else
-            self.l4 += records
-            self.chunks += chunks
-            self.events += self.pipe.feed(chunks)
-            self.events += self.pipe.close_sockets(r.sock_cookie for r in records if r.is_close)
-        self.events += self.pipe.expire(time.monotonic_ns())
-
-    def until(self, done: Callable[[SysTrace], bool], timeout: float = 5) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            self.poll()
-            if done(self) or time.monotonic() >= deadline:
-                return
-            time.sleep(0.05)
-
-    def http(self, **match: Any) -> list[L7Event]:
-        return [e for e in self.events if isinstance(e.record, HttpRecord) and _matches(e, match)]
-
-    def dns(self, **match: Any) -> list[L7Event]:
-        return [e for e in self.events if isinstance(e.record, DnsRecord) and _matches(e, match)]
-
-    def kernel_stats(self) -> dict[str, int]:
-        total: dict[str, int] = {}
-        for _, l7 in self.pairs:
-            for k, v in l7.kernel_stats().items():
-                total[k] = total.get(k, 0) + v
-        return total
-
-    def close(self) -> None:
-        for l4, l7 in self.pairs:
-            with contextlib.suppress(Exception):
-                l7.close()
-            with contextlib.suppress(Exception):
-                l4.close()
-        self.pairs.clear()
-
-
-def _matches(e: L7Event, match: dict[str, Any]) -> bool:
-    return all(getattr(e.conn if hasattr(e.conn, k) else e.record, k) == v for k, v in match.items())
-
-
 @pytest.fixture
-def tracing(topo: Topology) -> Iterator[Callable[..., SysTrace]]:
-    """``tracing(**SyscallL7Collector kw)`` traces both namespaces from now; closed after the test."""
-    made: list[SysTrace] = []
+def tracing(topo: Topology) -> Iterator[Callable[..., L7Trace]]:
+    """``tracing(**SyscallL7Collector kw)`` traces both namespaces from now with the fallback,
+    keeping every chunk and L4 record; closed after the test."""
+    made: list[L7Trace] = []
 
-    def start(**kw: Any) -> SysTrace:
-        t = SysTrace((topo.cli, topo.srv), **kw)
+    def start(**kw: Any) -> L7Trace:
+        t = L7Trace((topo.cli, topo.srv), collector=SyscallL7Collector, keep=True, **kw)
         made.append(t)
         return t
 
@@ -119,51 +49,15 @@ def tracing(topo: Topology) -> Iterator[Callable[..., SysTrace]]:
         t.close()
 
 
-def require(cond: object, what: str) -> None:
-    """A precondition of the scenario, not the property under test."""
-    if not cond:
-        raise RuntimeError(f"scenario broken: {what}")
+def check_pair(c: HttpEvent, s: HttpEvent, topo: Topology, client_port: int, v6: bool = False) -> None:
+    """The same plain-text exchange seen from each end of one TCP connection."""
+    assert not c.conn.tls and not s.conn.tls
+    l7trace.check_pair(c, s, topo, client_port, PORT, v6=v6)
 
 
-def curl(topo: Topology, url: str) -> dict[str, int]:
-    out = topo.cli.run("curl", "-sS", "-o", "/dev/null", "-w", CURL_W, url).stdout.split()
-    code, req, head, body, port = map(int, out)
-    return {"status": code, "request_bytes": req, "response_bytes": head + body, "port": port}
-
-
-def l7peer(topo: Topology, ns: Netns, *args: str) -> Peer:
-    proc = topo.spawn(ns, sys.executable, "-u", str(L7PEER), *args,
-                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)  # fmt: skip
-    return Peer(proc, f"{ns.name}:{args[0]}")
-
-
-def both_ends(trace: SysTrace, n: int = 1, **match: Any) -> tuple[list[L7Event], list[L7Event]]:
-    trace.until(lambda t: len(t.http(**match)) >= 2 * n)
-    return trace.http(side=Role.CLIENT, **match), trace.http(side=Role.SERVER, **match)
-
-
-def check_pair(c: L7Event, s: L7Event, topo: Topology, client_port: int, v6: bool = False) -> None:
-    """The same exchange seen from each end of one TCP connection."""
-    assert isinstance(c.record, HttpRecord) and isinstance(s.record, HttpRecord)
-    cli_ip, srv_ip, family = (CLI_V6, SRV_V6, 10) if v6 else (CLI_V4, SRV_V4, 2)
-    assert c.conn.side is Role.CLIENT and s.conn.side is Role.SERVER
-    assert c.conn.protocol == s.conn.protocol == "http1" and not c.conn.tls and not s.conn.tls
-    assert (c.conn.netns_ino, s.conn.netns_ino) == (topo.cli.ino, topo.srv.ino)
-    assert (c.conn.local_ip, c.conn.local_port, c.conn.remote_ip, c.conn.remote_port) == (
-        cli_ip, client_port, srv_ip, PORT)  # fmt: skip
-    assert (s.conn.local_ip, s.conn.local_port, s.conn.remote_ip, s.conn.remote_port) == (
-        srv_ip, PORT, cli_ip, client_port)  # fmt: skip
-    assert c.conn.family == s.conn.family == family
-    cr, sr = c.record, s.record
-    assert (cr.method, cr.path, cr.status) == (sr.method, sr.path, sr.status)
-    assert (cr.request_bytes, cr.response_bytes) == (sr.request_bytes, sr.response_bytes)
-    assert cr.latency_ns > 0 and sr.latency_ns > 0
-    assert sr.latency_ns <= cr.latency_ns + 1_000_000  # one clock: the server's view inside the client's
-
-
-def l4_cookie(trace: SysTrace, netns_ino: int, local_port: int, remote_port: int) -> int:
+def l4_cookie(trace: L7Trace, netns_ino: int, local_port: int, remote_port: int) -> int:
     """The L4 collector's cookie of the one socket with these ports in that namespace."""
-    cookies = {r.sock_cookie for r in trace.l4
+    cookies = {r.sock_cookie for r in trace.l4_log
                if (r.netns_ino, r.local_port, r.remote_port) == (netns_ino, local_port, remote_port)}  # fmt: skip
     assert len(cookies) == 1, cookies
     return cookies.pop()
@@ -173,7 +67,7 @@ def l4_cookie(trace: SysTrace, netns_ino: int, local_port: int, remote_port: int
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
-def test_http_get_both_ends(topo: Topology, tmp_path: Path, tracing: Callable[..., SysTrace], v6: bool) -> None:
+def test_http_get_both_ends(topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace], v6: bool) -> None:
     srv = nginx(topo, tmp_path, SERVER, (PORT,))
     trace = tracing()
     got = curl(topo, f"http://[{SRV_V6}]:{PORT}/users/7?q=secret" if v6 else f"{URL}/users/7?q=secret")
@@ -189,17 +83,17 @@ def test_http_get_both_ends(topo: Topology, tmp_path: Path, tracing: Callable[..
     assert (c.conn.comm, s.conn.comm, s.conn.tgid) == ("curl", "nginx", srv.pid)
     assert "secret" not in repr(trace.events)
     assert trace.pipe.counters()["invalid_frames"] == 0
-    assert {ch.netns_ino for ch in trace.chunks} <= {topo.cli.ino, topo.srv.ino}
+    assert {ch.netns_ino for ch in trace.chunk_log} <= {topo.cli.ino, topo.srv.ino}
 
 
-def test_socket_cookie_is_the_l4_cookie(topo: Topology, tmp_path: Path, tracing: Callable[..., SysTrace]) -> None:
+def test_socket_cookie_is_the_l4_cookie(topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]) -> None:
     nginx(topo, tmp_path, SERVER, (PORT,))
     trace = tracing()
     got = curl(topo, f"{URL}/cookie")
     require(got["status"] == 200, f"curl: {got}")
     client, server = both_ends(trace, path="/cookie")
     # the L4 final records of both sockets (curl closes, nginx closes after it)
-    trace.until(lambda t: len([r for r in t.l4 if r.is_close and PORT in (r.local_port, r.remote_port)]) >= 2)
+    trace.until(lambda _: len([r for r in trace.l4_log if r.is_close and PORT in (r.local_port, r.remote_port)]) >= 2)
 
     c, s = client[0], server[0]
     assert c.conn.sock_cookie == l4_cookie(trace, topo.cli.ino, got["port"], PORT) != 0
@@ -208,7 +102,7 @@ def test_socket_cookie_is_the_l4_cookie(topo: Topology, tmp_path: Path, tracing:
     assert trace.kernel_stats()["no_cookie"] == 0
 
 
-def test_http_error_status(topo: Topology, tmp_path: Path, tracing: Callable[..., SysTrace]) -> None:
+def test_http_error_status(topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]) -> None:
     nginx(topo, tmp_path, SERVER, (PORT,))
     trace = tracing()
     got = curl(topo, f"{URL}/error")
@@ -229,7 +123,7 @@ _DIG_STATUS = re.compile(r"status: ([A-Z]+),")
 _DIG_SIZE = re.compile(r"MSG SIZE\s+rcvd: (\d+)")
 
 
-def test_dns_client_records(topo: Topology, tmp_path: Path, tracing: Callable[..., SysTrace]) -> None:
+def test_dns_client_records(topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]) -> None:
     topo.spawn(topo.srv, "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
                "--user=root", "--port=53", f"--listen-address={SRV_V4}", "--bind-interfaces",
                "--address=/ok.test/198.18.0.9", "--local=/nx.test/", f"--pid-file={tmp_path}/dnsmasq.pid",
@@ -247,8 +141,8 @@ def test_dns_client_records(topo: Topology, tmp_path: Path, tracing: Callable[..
         require(status.group(1) == rcode, f"dnsmasq answered {name} with {status.group(1)}")
         facts[name] = (dig.pid, int(size.group(1)))
 
-    trace.until(lambda t: len(t.dns(side=Role.CLIENT)) >= len(QUERIES))
-    client = trace.dns(side=Role.CLIENT)
+    trace.until(count_at_least(len(QUERIES), lambda ev: dns(ev, side=Role.CLIENT)))
+    client = dns(trace.events, side=Role.CLIENT)
     assert sorted(e.record.name for e in client if isinstance(e.record, DnsRecord)) == sorted(QUERIES)
     for e in client:
         r = e.record
@@ -266,7 +160,7 @@ def test_dns_client_records(topo: Topology, tmp_path: Path, tracing: Callable[..
 
 
 def test_keepalive_connection_opened_before_tracing(
-    topo: Topology, tmp_path: Path, tracing: Callable[..., SysTrace]
+    topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]
 ) -> None:
     nginx(topo, tmp_path, SERVER, (PORT,))
     cli = l7peer(topo, topo.cli, "http-client", "--to", SRV_V4, "--port", str(PORT), "--comm", "ks-keepalive")
@@ -276,16 +170,16 @@ def test_keepalive_connection_opened_before_tracing(
     trace = tracing()  # the connection and its first exchange are older than the probe
     for path in ("/after/1", "/after/2"):
         require(cli.call(f"get {path}", "done")["statuses"] == {"200": 1}, path)
-    trace.until(lambda t: len(t.http()) >= 4)
+    trace.until(count_at_least(4, http))
 
-    client, server = trace.http(side=Role.CLIENT), trace.http(side=Role.SERVER)
-    assert [e.record.path for e in client] == [e.record.path for e in server] == ["/after/1", "/after/2"]  # type: ignore[union-attr]
+    client, server = http(trace.events, side=Role.CLIENT), http(trace.events, side=Role.SERVER)
+    assert [e.record.path for e in client] == [e.record.path for e in server] == ["/after/1", "/after/2"]
     assert {e.conn.comm for e in client} == {"ks-keepalive"} and {e.conn.tgid for e in client} == {cli.pid}
     assert len({e.conn.sock_cookie for e in client}) == len({e.conn.sock_cookie for e in server}) == 1
     for c, s in zip(client, server, strict=True):
         check_pair(c, s, topo, cport)
     # Its stream offsets count from the first call seen, not the connection's first byte.
-    assert min(ch.seq for ch in trace.chunks if ch.local_port == cport) == 0
+    assert min(ch.seq for ch in trace.chunk_log if ch.local_port == cport) == 0
     assert trace.pipe.counters()["invalid_frames"] == 0
 
 
@@ -308,7 +202,7 @@ print(os.getpid())
 """
 
 
-def test_file_and_pipe_io_makes_no_records(topo: Topology, tmp_path: Path, tracing: Callable[..., SysTrace]) -> None:
+def test_file_and_pipe_io_makes_no_records(topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]) -> None:
     nginx(topo, tmp_path, SERVER, (PORT,))
     trace = tracing()
     out = topo.cli.run(sys.executable, "-c", FILE_IO, str(tmp_path / "http.txt")).stdout
@@ -317,16 +211,16 @@ def test_file_and_pipe_io_makes_no_records(topo: Topology, tmp_path: Path, traci
     require(got["status"] == 200, f"curl: {got}")
     both_ends(trace, path="/after-files")
 
-    assert trace.http(path="/after-files"), trace.events
-    assert not [ch for ch in trace.chunks if ch.tgid == writer]
-    assert not trace.http(path="/not-a-socket")
+    assert http(trace.events, path="/after-files"), trace.events
+    assert not [ch for ch in trace.chunk_log if ch.tgid == writer]
+    assert not http(trace.events, path="/not-a-socket")
 
 
 # ---- bounds: the per-socket LRU and the ring ----------------------------------------------------
 
 
 def test_socket_state_lru_pushed_past_its_bound(
-    topo: Topology, tmp_path: Path, tracing: Callable[..., SysTrace]
+    topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]
 ) -> None:
     entries, conns = 16, 40  # two sockets a connection: 80 sockets through 16 entries
     nginx(topo, tmp_path, SERVER, (PORT,))
@@ -337,7 +231,7 @@ def test_socket_state_lru_pushed_past_its_bound(
             trace.poll()
     got = curl(topo, f"{URL}/lru-last")
     require(got["status"] == 200, "last curl")
-    trace.until(lambda t: len(t.http(path="/lru-last")) >= 2)
+    trace.until(count_at_least(2, lambda ev: http(ev, path="/lru-last")))
 
     stats = trace.kernel_stats()
     # Each collector tracked only its namespace's sockets, and saw more than it could hold.
@@ -345,16 +239,17 @@ def test_socket_state_lru_pushed_past_its_bound(
     assert stats["sockets_evicted_min"] >= 2 * (conns + 1) - 2 * entries, stats
     assert all(l7.socket_entries == entries for _, l7 in trace.pairs)
     # Nothing broke: every record is a real exchange, and the probe kept working to the end.
-    for e in trace.http():
+    for e in http(trace.events):
         assert isinstance(e.record, HttpRecord)
         assert e.record.status == 200 and e.record.path.startswith("/lru"), e
-    client, server = trace.http(side=Role.CLIENT, path="/lru-last"), trace.http(side=Role.SERVER, path="/lru-last")
+    client = http(trace.events, side=Role.CLIENT, path="/lru-last")
+    server = http(trace.events, side=Role.SERVER, path="/lru-last")
     assert len(client) == len(server) == 1
     check_pair(client[0], server[0], topo, got["port"])
     assert all(l7.stats.decode_errors == 0 for _, l7 in trace.pairs)
 
 
-def test_ring_overflow_is_counted(topo: Topology, tmp_path: Path, tracing: Callable[..., SysTrace]) -> None:
+def test_ring_overflow_is_counted(topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]) -> None:
     burst = 2000
     nginx(topo, tmp_path, SERVER, (PORT,))
     trace = tracing(ring_bytes=16384, capture_bytes=4096)
@@ -372,14 +267,14 @@ def test_ring_overflow_is_counted(topo: Topology, tmp_path: Path, tracing: Calla
     trace.poll()
     stats = trace.kernel_stats()
     # Every chunk the probe decided to send either reached us or was counted as dropped.
-    assert stats["captured"] == len(trace.chunks), (stats, len(trace.chunks))
-    assert len(trace.http(path="/burst", side=Role.CLIENT)) < burst
+    assert stats["captured"] == trace.chunks, (stats, trace.chunks)
+    assert len(http(trace.events, path="/burst", side=Role.CLIENT)) < burst
 
     require(cli.call("get /after-burst", "done")["statuses"] == {"200": 1}, "after the burst")
     client, server = both_ends(trace, path="/after-burst")
     assert len(client) == len(server) == 1
     check_pair(client[0], server[0], topo, cport)
-    for e in trace.http():
+    for e in http(trace.events):
         assert isinstance(e.record, HttpRecord)
         assert e.record.status == 200 and e.record.path in {"/warmup", "/burst", "/after-burst"}, e
     assert all(l7.stats.decode_errors == 0 for _, l7 in trace.pairs)
