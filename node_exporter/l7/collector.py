@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from node_exporter.bpf.abi import L7Stat
-from node_exporter.bpf.loader import BpfObject, LoadReport
+from node_exporter.bpf.loader import BpfObject
 from node_exporter.bpf.maps import read_percpu_u64_array
-from node_exporter.bpf.ringbuf import RingReader
 from node_exporter.l4.collector import default_bpf_dir
-from node_exporter.l7.chunks import Chunk, decode_chunk
+from node_exporter.l7.chunks import Chunk
 from node_exporter.l7.exchanges import EXCHANGE_SIZE, ExchangeBatch
+from node_exporter.l7.probe import L7Probe, L7Stats
 from node_exporter.l7.tls import TlsAttacher
 from node_exporter.l7.xring import FixedRingReader
 
@@ -32,16 +31,10 @@ CAPABILITIES = {
     "ssl_exit": "l7.tls",
 }
 
-
-@dataclass
-class L7Stats:
-    chunks: int = 0
-    exchanges: int = 0  # exchange records received
-    decode_errors: int = 0
-    sweeps: int = 0
+__all__ = ["L7Collector", "L7Stats"]
 
 
-class L7Collector:
+class L7Collector(L7Probe):
     def __init__(
         self,
         object_path: str | os.PathLike[str] | None = None,
@@ -60,29 +53,17 @@ class L7Collector:
         sending every call's head; ``idle_s``: how long an answered exchange waits for more
         response bytes before the sweep (run every ``sweep_s``) sends it."""
         path = Path(object_path) if object_path else default_bpf_dir() / OBJECT_NAME
-        self.obj = BpfObject(
+        super().__init__(
             path,
-            capabilities=CAPABILITIES,
-            required=frozenset({"l7.capture"}),
-            knobs={
+            CAPABILITIES,
+            {
                 "capture_bytes": max(1, min(capture_bytes, 4096)),
                 "filter_netns_ino": netns_ino,
                 "exchanges": int(exchanges),
                 "idle_ns": int(idle_s * 1e9),
             },
-            map_sizes={"l7_ring": ring_bytes, "l7_xring": ring_bytes} if ring_bytes else None,
+            {"l7_ring": ring_bytes, "l7_xring": ring_bytes} if ring_bytes else {},
         )
-        try:
-            _, _, size = self.obj.map_info("l7_ring")
-            self._ring = RingReader(self.obj.map_fd("l7_ring"), size)
-            _, _, xsize = self.obj.map_info("l7_xring")
-            self._xring = FixedRingReader(self.obj.map_fd("l7_xring"), xsize, EXCHANGE_SIZE)
-            self._stats_fd = self.obj.map_fd("l7_stats")
-            self._sweep_link = self.obj.attach_map_iter("sweep", "l7_xchg")
-        except BaseException:
-            self.obj.close()
-            raise
-        self.stats = L7Stats()
         self.tls: TlsAttacher | None = None
         if tls and "l7.tls" in self.obj.report.enabled:
             self.tls = TlsAttacher(self._attach_uprobe, proc_root=proc_root)
@@ -91,9 +72,10 @@ class L7Collector:
         self._last_scan = self._last_full_scan = self._last_sweep = time.monotonic()
         self._sweep_s = sweep_s
 
-    @property
-    def report(self) -> LoadReport:
-        return self.obj.report
+    def _open(self) -> None:
+        _, _, xsize = self.obj.map_info("l7_xring")
+        self._xring = FixedRingReader(self.obj.map_fd("l7_xring"), xsize, EXCHANGE_SIZE)
+        self._sweep_link = self.obj.attach_map_iter("sweep", "l7_xchg")
 
     def _attach_uprobe(self, program: str, binary: str, symbol: str, retprobe: bool) -> object:
         return self.obj.attach_uprobe(program, binary, symbol, retprobe=retprobe)
@@ -111,14 +93,7 @@ class L7Collector:
             self.tls.scan(full=full)
         if now - self._last_sweep >= self._sweep_s:
             self.sweep()
-        out: list[Chunk | ExchangeBatch] = []
-        for raw in self._ring.drain():
-            chunk = decode_chunk(raw)
-            if chunk is None:
-                self.stats.decode_errors += 1
-            else:
-                out.append(chunk)
-        self.stats.chunks += len(out)
+        out: list[Chunk | ExchangeBatch] = [*self._chunks()]
         data, n = self._xring.drain()
         if n:
             self.stats.exchanges += n
@@ -137,8 +112,7 @@ class L7Collector:
         return dict(zip(names, values, strict=False))
 
     def close(self) -> None:
-        for name in ("_ring", "_xring"):
-            ring = getattr(self, name, None)
-            if ring is not None:
-                ring.close()
-        self.obj.close()
+        xring = getattr(self, "_xring", None)
+        if xring is not None:
+            xring.close()
+        super().close()

@@ -22,13 +22,11 @@ from pathlib import Path
 
 from node_exporter.bpf.abi import L7Stat
 from node_exporter.bpf.btf import KIND_TYPEDEF, Btf
-from node_exporter.bpf.loader import BpfObject, LoadReport
 from node_exporter.bpf.maps import read_percpu_u64_array
-from node_exporter.bpf.ringbuf import RingReader
 from node_exporter.l4.collector import default_bpf_dir
-from node_exporter.l7.chunks import Chunk, decode_chunk
-from node_exporter.l7.collector import L7Stats
+from node_exporter.l7.chunks import Chunk
 from node_exporter.l7.exchanges import ExchangeBatch
+from node_exporter.l7.probe import L7Probe
 
 OBJECT_NAME = "l7_syscalls.bpf.o"
 SOCKET_TRACEPOINTS = ("sock_send_length", "sock_recv_length")
@@ -107,7 +105,7 @@ def clamp_capture_bytes(n: int) -> int:
     return max(1, min(n, MAX_CAPTURE))
 
 
-class SyscallL7Collector:
+class SyscallL7Collector(L7Probe):
     """Drop-in for :class:`~node_exporter.l7.collector.L7Collector` built on syscall exits.
 
     ``socket_entries`` bounds the per-socket state (LRU). ``tls``/``tls_rescan_s``/``proc_root``
@@ -137,45 +135,22 @@ class SyscallL7Collector:
             sizes["l7_ring"] = ring_bytes
         if socket_entries:
             sizes["l7_sys_socks"] = socket_entries
-        self.obj = BpfObject(
-            path,
-            capabilities=CAPABILITIES,
-            required=frozenset({"l7.capture"}),
-            knobs={"capture_bytes": clamp_capture_bytes(capture_bytes), "filter_netns_ino": netns_ino},
-            map_sizes=sizes or None,
-        )
-        try:
-            _, _, size = self.obj.map_info("l7_ring")
-            self._ring = RingReader(self.obj.map_fd("l7_ring"), size)
-            self._stats_fd = self.obj.map_fd("l7_stats")
-            self._stats_entries = self.obj.map_info("l7_stats")[2]
-            self._sys_stats_fd = self.obj.map_fd("l7_sys_stats")
-            self.socket_entries = self.obj.map_info("l7_sys_socks")[2]
-        except BaseException:
-            self.obj.close()
-            raise
+        knobs = {"capture_bytes": clamp_capture_bytes(capture_bytes), "filter_netns_ino": netns_ino}
+        super().__init__(path, CAPABILITIES, knobs, sizes)
         if tls:
             self.obj.report.disabled["l7.tls"] = TLS_DISABLED
         if exchanges:
             self.obj.report.disabled["l7.exchanges"] = EXCHANGES_DISABLED
-        self.stats = L7Stats()
         self.tls = None  # the attribute L7Collector has: no TlsAttacher here
 
-    @property
-    def report(self) -> LoadReport:
-        return self.obj.report
+    def _open(self) -> None:
+        self._stats_entries = self.obj.map_info("l7_stats")[2]
+        self._sys_stats_fd = self.obj.map_fd("l7_sys_stats")
+        self.socket_entries = self.obj.map_info("l7_sys_socks")[2]
 
     def poll(self) -> list[Chunk | ExchangeBatch]:
         """Chunks in ring order (never an ExchangeBatch: the type is L7Collector's)."""
-        out: list[Chunk | ExchangeBatch] = []
-        for raw in self._ring.drain():
-            chunk = decode_chunk(raw)
-            if chunk is None:
-                self.stats.decode_errors += 1
-            else:
-                out.append(chunk)
-        self.stats.chunks += len(out)
-        return out
+        return [*self._chunks()]
 
     def sweep(self) -> None:
         """Nothing to sweep: no exchange is held in the kernel."""
@@ -184,15 +159,3 @@ class SyscallL7Collector:
         shared = read_percpu_u64_array(self._stats_fd, self._stats_entries)
         own = read_percpu_u64_array(self._sys_stats_fd, int(L7SysStat.KSCOPE_L7_SYS_STATS))
         return merge_stats(shared, own, self.socket_entries)
-
-    def close(self) -> None:
-        ring = getattr(self, "_ring", None)
-        if ring is not None:
-            ring.close()
-        self.obj.close()
-
-    def __enter__(self) -> SyscallL7Collector:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
