@@ -274,4 +274,17 @@ static __always_inline void stat_inc(__u32 idx)
 		*v += 1;
 }
 
+/* Copy the head of a call's user buffer (0: none) into c->data: the bytes captured, 0 when
+ * there is no buffer or it cannot be read (counted). `len`, `avail`: as l7_clamp_capture. */
+static __always_inline __u32 l7_read_head(struct chunk *c, const void *buf, __u64 len, __u64 avail, __u32 bound)
+{
+	__u32 n = buf ? l7_clamp_capture(len, avail, bound) : 0;
+
+	if (n && bpf_probe_read_user(c->data, n & READ_MASK, buf)) {
+		stat_inc(KSCOPE_L7_STAT_READ_FAILED);
+		n = 0;
+	}
+	return n;
+}
+
 #endif /* KSCOPE_L7_PROTO_H */

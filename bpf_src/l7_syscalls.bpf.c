@@ -205,11 +205,7 @@ static __always_inline void capture(struct task_struct *task, struct pt_regs *re
 	 * already filled in (l7.bpf.c's tracepoint fires before the kernel copies it out). */
 	if (ip_proto == IPPROTO_UDP && !c->hdr.dport)
 		read_peer(&c->hdr, uaddr);
-	n = buf ? l7_clamp_capture(len, avail, capture_bytes) : 0;
-	if (n && bpf_probe_read_user(c->data, n & READ_MASK, buf)) {
-		stat_inc(KSCOPE_L7_STAT_READ_FAILED);
-		n = 0;
-	}
+	n = l7_read_head(c, buf, len, avail, capture_bytes);
 	if (st->protocol == KSCOPE_PROTO_UNKNOWN) {
 		__u8 role = 0, proto = infer(c->data, n, dir, ip_proto, c->hdr.sport, c->hdr.dport, &role);
 
