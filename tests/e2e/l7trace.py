@@ -190,6 +190,31 @@ def check_pair(
     assert cr.start_ns - MS <= sr.start_ns <= cr.start_ns + cr.latency_ns
 
 
+def keepalive_before_tracing(
+    topo: Topology, start: Callable[[], L7Trace], port: int = HTTP_PORT
+) -> tuple[L7Trace, int, list[HttpEvent], list[HttpEvent]]:
+    """A keep-alive connection (and its first exchange) older than the trace ``start()``
+    makes: both ends see exactly the two later exchanges, paired, each end on one socket.
+    Returns (trace, the client's port, client records, server records) for further checks."""
+    cli = l7peer(topo, topo.cli, "http-client", "--to", SRV_V4, "--port", str(port), "--comm", "ks-keepalive")
+    cport = int(cli.expect("connected")["local"][1])
+    require(cli.call("get /before/1", "done")["statuses"] == {"200": 1}, "first request")
+
+    trace = start()  # the connection and its first exchange are older than the probe
+    for path in ("/after/1", "/after/2"):
+        require(cli.call(f"get {path}", "done")["statuses"] == {"200": 1}, path)
+    trace.until(count_at_least(4, http))
+
+    client, server = http(trace.events, side=Role.CLIENT), http(trace.events, side=Role.SERVER)
+    assert [e.record.path for e in client] == [e.record.path for e in server] == ["/after/1", "/after/2"]
+    assert {e.conn.comm for e in client} == {"ks-keepalive"} and {e.conn.tgid for e in client} == {cli.pid}
+    assert len({e.conn.sock_cookie for e in client}) == len({e.conn.sock_cookie for e in server}) == 1
+    for c, s in zip(client, server, strict=True):
+        check_pair(c, s, topo, cport, port)
+    assert trace.pipe.counters()["invalid_frames"] == 0
+    return trace, cport, client, server
+
+
 def require(cond: object, what: str) -> None:
     """A precondition of the scenario: not an AssertionError, so an xfail never hides it."""
     if not cond:

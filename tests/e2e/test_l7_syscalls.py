@@ -21,7 +21,18 @@ import pytest
 from node_exporter.l7.syscalls import SyscallL7Collector
 from node_exporter.protocols import DnsRecord, HttpRecord, Role
 from tests.e2e import l7trace
-from tests.e2e.l7trace import HttpEvent, L7Trace, both_ends, count_at_least, curl, dns, http, l7peer, require
+from tests.e2e.l7trace import (
+    HttpEvent,
+    L7Trace,
+    both_ends,
+    count_at_least,
+    curl,
+    dns,
+    http,
+    keepalive_before_tracing,
+    l7peer,
+    require,
+)
 from tests.e2e.netns import CLI_V4, SRV_V4, SRV_V6, Topology, nginx
 
 pytestmark = pytest.mark.bpf
@@ -163,24 +174,10 @@ def test_keepalive_connection_opened_before_tracing(
     topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]
 ) -> None:
     nginx(topo, tmp_path, SERVER, (PORT,))
-    cli = l7peer(topo, topo.cli, "http-client", "--to", SRV_V4, "--port", str(PORT), "--comm", "ks-keepalive")
-    cport = cli.expect("connected")["local"][1]
-    require(cli.call("get /before/1", "done")["statuses"] == {"200": 1}, "first request")
-
-    trace = tracing()  # the connection and its first exchange are older than the probe
-    for path in ("/after/1", "/after/2"):
-        require(cli.call(f"get {path}", "done")["statuses"] == {"200": 1}, path)
-    trace.until(count_at_least(4, http))
-
-    client, server = http(trace.events, side=Role.CLIENT), http(trace.events, side=Role.SERVER)
-    assert [e.record.path for e in client] == [e.record.path for e in server] == ["/after/1", "/after/2"]
-    assert {e.conn.comm for e in client} == {"ks-keepalive"} and {e.conn.tgid for e in client} == {cli.pid}
-    assert len({e.conn.sock_cookie for e in client}) == len({e.conn.sock_cookie for e in server}) == 1
-    for c, s in zip(client, server, strict=True):
-        check_pair(c, s, topo, cport)
+    trace, cport, client, server = keepalive_before_tracing(topo, tracing, PORT)
+    assert not any(e.conn.tls for e in client + server)
     # Its stream offsets count from the first call seen, not the connection's first byte.
     assert min(ch.seq for ch in trace.chunk_log if ch.local_port == cport) == 0
-    assert trace.pipe.counters()["invalid_frames"] == 0
 
 
 # ---- files and pipes are never sockets ----------------------------------------------------------
