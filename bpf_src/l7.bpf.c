@@ -653,10 +653,7 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 			return;
 		}
 		if (proto == KSCOPE_PROTO_UNKNOWN) {
-			if (++st->attempts >= MAX_INFER_ATTEMPTS) {
-				st->protocol = KSCOPE_PROTO_IGNORED;
-				stat_inc(KSCOPE_L7_STAT_IGNORED);
-			}
+			l7_infer_failed(&st->protocol, &st->attempts);
 			return;
 		}
 		st->protocol = proto;
@@ -666,21 +663,9 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 		    xchg_call(sk, st, c, buf, avail, ret, dir, seq))
 			return;
 	}
-	if (!buf) {
-		c->hdr.flags |= KSCOPE_L7_NO_BUFFER;
-		stat_inc(KSCOPE_L7_STAT_NO_BUFFER);
-	}
-	if (n < (__u32)ret)
-		c->hdr.flags |= KSCOPE_L7_TRUNCATED;
-	c->hdr.type = KSCOPE_REC_L7;
-	c->hdr.direction = dir;
-	c->hdr.protocol = st->protocol;
-	c->hdr.role = st->role;
-	c->hdr.ip_proto = ip_proto;
+	l7_chunk_call(c, buf != 0, n, ret, seq, dir, st->protocol, st->role, ip_proto);
 	c->hdr.netns_ino = sk->__sk_common.skc_net.net->ns.inum;
 	c->hdr.sock_cookie = bpf_get_socket_cookie(sk);
-	c->hdr.seq = seq;
-	c->hdr.len = ret;
 	fill_task(&c->hdr);
 	submit(c, n);
 }

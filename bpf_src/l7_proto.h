@@ -287,4 +287,34 @@ static __always_inline __u32 l7_read_head(struct chunk *c, const void *buf, __u6
 	return n;
 }
 
+/* A call whose bytes did not tell the protocol: after MAX_INFER_ATTEMPTS of them the socket
+ * is ignored for good (counted). */
+static __always_inline void l7_infer_failed(__u8 *protocol, __u8 *attempts)
+{
+	if (++*attempts >= MAX_INFER_ATTEMPTS) {
+		*protocol = KSCOPE_PROTO_IGNORED;
+		stat_inc(KSCOPE_L7_STAT_IGNORED);
+	}
+}
+
+/* The chunk header's fields that describe the call: `len` bytes moved, `n` of them captured,
+ * from a user buffer or none (flagged and counted). The socket's fields are the caller's. */
+static __always_inline void l7_chunk_call(struct chunk *c, bool has_buf, __u32 n, __u64 len, __u64 seq, __u8 dir,
+					  __u8 protocol, __u8 role, __u8 ip_proto)
+{
+	if (!has_buf) {
+		c->hdr.flags |= KSCOPE_L7_NO_BUFFER;
+		stat_inc(KSCOPE_L7_STAT_NO_BUFFER);
+	}
+	if (n < len)
+		c->hdr.flags |= KSCOPE_L7_TRUNCATED;
+	c->hdr.type = KSCOPE_REC_L7;
+	c->hdr.direction = dir;
+	c->hdr.protocol = protocol;
+	c->hdr.role = role;
+	c->hdr.ip_proto = ip_proto;
+	c->hdr.seq = seq;
+	c->hdr.len = len;
+}
+
 #endif /* KSCOPE_L7_PROTO_H */

@@ -217,21 +217,13 @@ static __always_inline void capture(struct task_struct *task, struct pt_regs *re
 			return;
 		}
 		if (proto == KSCOPE_PROTO_UNKNOWN) {
-			if (++st->attempts >= MAX_INFER_ATTEMPTS) {
-				st->protocol = KSCOPE_PROTO_IGNORED;
-				stat_inc(KSCOPE_L7_STAT_IGNORED);
-			}
+			l7_infer_failed(&st->protocol, &st->attempts);
 			return;
 		}
 		st->protocol = proto;
 		st->role = role;
 	}
-	if (!buf) {
-		c->hdr.flags |= KSCOPE_L7_NO_BUFFER;
-		stat_inc(KSCOPE_L7_STAT_NO_BUFFER);
-	}
-	if (n < len)
-		c->hdr.flags |= KSCOPE_L7_TRUNCATED;
+	l7_chunk_call(c, buf != 0, n, len, seq, dir, st->protocol, st->role, ip_proto);
 	if (!st->cookie) {
 		/* fixed for the socket's life: a cookie assigned later must not split its stream */
 		st->cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
@@ -240,15 +232,8 @@ static __always_inline void capture(struct task_struct *task, struct pt_regs *re
 			count(&l7_sys_stats, KSCOPE_L7_SYS_STAT_NO_COOKIE, 1);
 		}
 	}
-	c->hdr.type = KSCOPE_REC_L7;
-	c->hdr.direction = dir;
-	c->hdr.protocol = st->protocol;
-	c->hdr.role = st->role;
-	c->hdr.ip_proto = ip_proto;
 	c->hdr.netns_ino = sock_netns_ino(sk);
 	c->hdr.sock_cookie = st->cookie;
-	c->hdr.seq = seq;
-	c->hdr.len = len;
 	c->hdr.captured = n;
 	fill_task(&c->hdr, task);
 	/* never blocks the application: a full ring drops the chunk (the parser sees a gap) */
