@@ -131,58 +131,50 @@ def get_request(seq: int, key: FlowKey) -> bytes:
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, NLM_F_REQUEST, seq, 0) + body
 
 
-def _tuple(buf: bytes, off: int, end: int) -> CtTuple | None:
-    """A CTA_TUPLE_* nest -> CtTuple; None if it lacks addresses or ports (ICMP, malformed)."""
-    src = dst = None
-    proto = sport = dport = -1
+def _attrs(buf: bytes, off: int, end: int) -> dict[int, tuple[int, int]] | None:
+    """One level of netlink attributes in buf[off:end] -> {type: (payload start, payload end)};
+    None if an attribute runs past its nest (malformed: nothing in it is trusted)."""
+    out: dict[int, tuple[int, int]] = {}
     while off + 4 <= end:
         alen, atype = _NLA.unpack_from(buf, off)
         if alen < 4 or off + alen > end:
             return None
-        atype &= NLA_TYPE_MASK
-        inner, inner_end = off + 4, off + alen
-        if atype == CTA_TUPLE_IP:
-            while inner + 4 <= inner_end:
-                ilen, itype = _NLA.unpack_from(buf, inner)
-                if ilen < 4 or inner + ilen > inner_end:
-                    return None
-                itype &= NLA_TYPE_MASK
-                if itype in (CTA_IP_V4_SRC, CTA_IP_V6_SRC) and ilen in (8, 20):
-                    src = _addr_text(buf[inner + 4 : inner + ilen])
-                elif itype in (CTA_IP_V4_DST, CTA_IP_V6_DST) and ilen in (8, 20):
-                    dst = _addr_text(buf[inner + 4 : inner + ilen])
-                inner += (ilen + 3) & ~3
-        elif atype == CTA_TUPLE_PROTO:
-            while inner + 4 <= inner_end:
-                ilen, itype = _NLA.unpack_from(buf, inner)
-                if ilen < 4 or inner + ilen > inner_end:
-                    return None
-                itype &= NLA_TYPE_MASK
-                if itype == CTA_PROTO_NUM and ilen >= 5:
-                    proto = buf[inner + 4]
-                elif itype == CTA_PROTO_SRC_PORT and ilen >= 6:
-                    sport = int.from_bytes(buf[inner + 4 : inner + 6], "big")
-                elif itype == CTA_PROTO_DST_PORT and ilen >= 6:
-                    dport = int.from_bytes(buf[inner + 4 : inner + 6], "big")
-                inner += (ilen + 3) & ~3
+        out[atype & NLA_TYPE_MASK] = (off + 4, off + alen)
         off += (alen + 3) & ~3
-    if src is None or dst is None or proto < 0 or sport < 0 or dport < 0:
+    return out
+
+
+def _tuple(buf: bytes, off: int, end: int) -> CtTuple | None:
+    """A CTA_TUPLE_* nest -> CtTuple; None if it lacks addresses or ports (ICMP, malformed)."""
+    top = _attrs(buf, off, end)
+    if top is None or CTA_TUPLE_IP not in top or CTA_TUPLE_PROTO not in top:
         return None
-    return CtTuple(proto, src, sport, dst, dport)
+    ip, ports = _attrs(buf, *top[CTA_TUPLE_IP]), _attrs(buf, *top[CTA_TUPLE_PROTO])
+    if ip is None or ports is None:
+        return None
+    src = ip.get(CTA_IP_V4_SRC) or ip.get(CTA_IP_V6_SRC)
+    dst = ip.get(CTA_IP_V4_DST) or ip.get(CTA_IP_V6_DST)
+    num, sport, dport = ports.get(CTA_PROTO_NUM), ports.get(CTA_PROTO_SRC_PORT), ports.get(CTA_PROTO_DST_PORT)
+    if src is None or dst is None or num is None or sport is None or dport is None:
+        return None
+    if src[1] - src[0] not in (4, 16) or dst[1] - dst[0] not in (4, 16) or num[1] - num[0] < 1:
+        return None
+    if sport[1] - sport[0] < 2 or dport[1] - dport[0] < 2:
+        return None
+    return CtTuple(
+        buf[num[0]],
+        _addr_text(buf[src[0] : src[1]]),
+        int.from_bytes(buf[sport[0] : sport[0] + 2], "big"),
+        _addr_text(buf[dst[0] : dst[1]]),
+        int.from_bytes(buf[dport[0] : dport[0] + 2], "big"),
+    )
 
 
 def _entry(buf: bytes, off: int, end: int, proto: int) -> CtEntry | None:
-    orig = reply = None
-    while off + 4 <= end:
-        alen, atype = _NLA.unpack_from(buf, off)
-        if alen < 4 or off + alen > end:
-            return None
-        atype &= NLA_TYPE_MASK
-        if atype == CTA_TUPLE_ORIG:
-            orig = _tuple(buf, off + 4, off + alen)
-        elif atype == CTA_TUPLE_REPLY:
-            reply = _tuple(buf, off + 4, off + alen)
-        off += (alen + 3) & ~3
+    top = _attrs(buf, off, end)
+    if top is None or CTA_TUPLE_ORIG not in top or CTA_TUPLE_REPLY not in top:
+        return None
+    orig, reply = _tuple(buf, *top[CTA_TUPLE_ORIG]), _tuple(buf, *top[CTA_TUPLE_REPLY])
     if orig is None or reply is None or orig.proto != proto:
         return None
     return CtEntry(orig, reply)
