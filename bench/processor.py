@@ -53,6 +53,7 @@ from cluster_processor.otlp import encode, wire  # noqa: E402
 from cluster_processor.otlp.exporter import ExportRequest, Signal  # noqa: E402
 from cluster_processor.otlp.pipeline import OtlpPipeline  # noqa: E402
 from kscope.v1 import flow_pb2 as pb  # noqa: E402
+from kscope_common.runtime import tune_gc  # noqa: E402
 from tests.cluster_processor.kube import factories as f  # noqa: E402
 
 T0 = 1_700_000_000_000_000_000
@@ -632,6 +633,7 @@ def main() -> int:
     if only & {"flows", "spans"}:
         cluster = Cluster(a.nodes, a.pods, a.deployments)
         index = cluster.index()
+        tune_gc()  # as kscope-processor does once started
         if "flows" in only:
             wl = Generator(cluster, seed=1).flows(a.intervals + 1, a.batches, a.l4_records, a.sockets)
             r = measure(index, wl, a.repeats, "flows")

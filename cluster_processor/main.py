@@ -43,6 +43,7 @@ from cluster_processor.otlp.exporter import ExporterSettings, OtlpExporter
 from cluster_processor.otlp.pipeline import OtlpPipeline
 from kscope.v1 import flow_pb2 as pb
 from kscope_common import logging_setup
+from kscope_common.runtime import tune_gc
 
 log = structlog.get_logger("kscope.processor")
 MAX_AGENT_NODES: Final = 16_384  # agents whose self-metrics one interval re-exports
@@ -413,6 +414,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     configure_logging(args.log_level)
     try:
         config = config_from_args(args, os.environ if env is None else env)
+        tune_gc()  # the process is a long-running server from here on (not done in-process by tests)
         asyncio.run(serve(config))
     except (ProcessorConfigError, IngestConfigError, KubeConfigError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

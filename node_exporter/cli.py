@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from kscope_common import logging_setup
+from kscope_common.runtime import tune_gc
 from node_exporter.errors import KscopeError
 
 EXIT_USAGE = 2
@@ -107,6 +108,7 @@ def _run(args: argparse.Namespace, live: bool) -> int:
         print(f"kscope: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     agent.install_signal_handlers()
+    tune_gc()  # everything built so far (BTF, loaded objects, descriptors) lives as long as the agent
     agent.run()
     return 0
 
