@@ -805,6 +805,52 @@ int BPF_KRETPROBE(ssl_exit, long ret)
 	return 0;
 }
 
+/*
+ * The same probes as uprobe_multi links (Linux 6.6+), loaded only where the kernel has them:
+ * one entry link over the four functions, told apart by the link's cookie, and one return
+ * link. A perf-event uprobe link costs an RCU grace period (~0.1 s) to destroy, so eight of
+ * them per libssl file made the agent's exit take ~0.9 s per file; two multi links take
+ * ~0.07 s. ssl_exit_multi is a copy of ssl_exit because a program loaded for uprobe_multi
+ * links cannot be attached through a perf event: the perf-event path, the fallback when a
+ * multi attach fails, keeps the programs above. The sections are libbpf 1.3's names; the
+ * loader (node_exporter/bpf/loader.py) handles them itself for libbpf 1.1. Cookies are enum kscope_tls_fn
+ * (node_exporter/l7/tls.py PROBES is in this order; a test checks it against the BTF).
+ */
+enum kscope_tls_fn {
+	KSCOPE_TLS_FN_WRITE = 0,
+	KSCOPE_TLS_FN_READ = 1,
+	KSCOPE_TLS_FN_WRITE_EX = 2,
+	KSCOPE_TLS_FN_READ_EX = 3,
+};
+enum kscope_tls_fn __anchor_tls_fn __attribute__((unused));
+
+SEC("uprobe.multi")
+int BPF_KPROBE(ssl_enter, void *ssl, void *buf, size_t num, size_t *ex_len)
+{
+	switch (bpf_get_attach_cookie(ctx)) {
+	case KSCOPE_TLS_FN_WRITE:
+		tls_enter((__u64)ssl, (__u64)buf, 0, KSCOPE_DIR_EGRESS);
+		break;
+	case KSCOPE_TLS_FN_READ:
+		tls_enter((__u64)ssl, (__u64)buf, 0, KSCOPE_DIR_INGRESS);
+		break;
+	case KSCOPE_TLS_FN_WRITE_EX:
+		tls_enter((__u64)ssl, (__u64)buf, (__u64)ex_len, KSCOPE_DIR_EGRESS);
+		break;
+	case KSCOPE_TLS_FN_READ_EX:
+		tls_enter((__u64)ssl, (__u64)buf, (__u64)ex_len, KSCOPE_DIR_INGRESS);
+		break;
+	}
+	return 0;
+}
+
+SEC("uretprobe.multi")
+int BPF_KRETPROBE(ssl_exit_multi, long ret)
+{
+	tls_exit(ret);
+	return 0;
+}
+
 /* ---- exchanges that no next request ends: closed sockets and idle keep-alive ------------ */
 
 /* Emit the exchange if `due` still holds under the lock; the record slot is taken before. */

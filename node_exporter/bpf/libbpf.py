@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import platform
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -60,6 +61,9 @@ _SIGNATURES: list[tuple[str, Any, list[Any]]] = [
     ("bpf_program__attach_cgroup", P, [P, c_int]),
     ("bpf_program__attach_iter", P, [P, P]),
     ("bpf_program__attach_uprobe_opts", P, [P, c_int, c_char_p, c_size, P]),
+    ("bpf_program__set_type", c_int, [P, c_int]),
+    ("bpf_program__set_expected_attach_type", c_int, [P, c_int]),
+    ("bpf_program__fd", c_int, [P]),
     ("bpf_map__name", c_char_p, [P]),
     ("bpf_map__fd", c_int, [P]),
     ("bpf_map__set_max_entries", c_int, [P, ctypes.c_uint32]),
@@ -95,9 +99,7 @@ def lib() -> ctypes.CDLL:
                 try:
                     fn = getattr(handle, name)
                 except AttributeError as exc:
-                    raise BpfUnavailableError(
-                        f"system libbpf lacks {name}(): kscope needs libbpf >= 1.1"
-                    ) from exc
+                    raise BpfUnavailableError(f"system libbpf lacks {name}(): kscope needs libbpf >= 1.1") from exc
                 fn.restype = restype
                 fn.argtypes = argtypes
             _lib = handle
@@ -210,3 +212,68 @@ class BatchOpts(ctypes.Structure):
     """struct bpf_map_batch_opts."""
 
     _fields_ = [("sz", c_size), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+# ---- uprobe_multi links: libbpf 1.1 predates them (Linux 6.6), so a raw bpf(2) call -------
+
+BPF_LINK_CREATE = 28
+BPF_TRACE_UPROBE_MULTI = 48
+BPF_F_UPROBE_MULTI_RETURN = 1
+_NR_BPF = {"x86_64": 321, "aarch64": 280}
+
+
+class BpfLinkCreateUprobeMulti(ctypes.Structure):
+    """union bpf_attr, its link_create member with the uprobe_multi arm (include/uapi/linux/bpf.h).
+
+    128 bytes, the tail zero: the kernel accepts a shorter or longer attr if the bytes it does
+    not know are zero.
+    """
+
+    _fields_ = [
+        ("prog_fd", ctypes.c_uint32),
+        ("target_fd", ctypes.c_uint32),
+        ("attach_type", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("path", ctypes.c_uint64),  # const char *
+        ("offsets", ctypes.c_uint64),  # const unsigned long *: file offsets
+        ("ref_ctr_offsets", ctypes.c_uint64),
+        ("cookies", ctypes.c_uint64),  # const __u64 *: bpf_get_attach_cookie() per offset
+        ("cnt", ctypes.c_uint32),
+        ("uprobe_flags", ctypes.c_uint32),  # BPF_F_UPROBE_MULTI_RETURN
+        ("pid", ctypes.c_uint32),  # 0: every process
+        ("_pad", ctypes.c_uint8 * 68),
+    ]
+
+
+def link_create_uprobe_multi(
+    prog_fd: int, path: str, offsets: list[int], cookies: list[int], *, retprobe: bool, pid: int = 0
+) -> int:
+    """Create a uprobe_multi link; returns its fd (closing it destroys the link).
+
+    Raises OSError with the kernel's errno on failure.
+    """
+    nr = _NR_BPF.get(platform.machine())
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"bpf(2) syscall number unknown on {platform.machine()}")
+    if len(offsets) != len(cookies) or not offsets:
+        raise ValueError("uprobe_multi needs one cookie per offset, and at least one offset")
+    c_path = ctypes.create_string_buffer(os.fsencode(path))
+    c_offsets = (ctypes.c_uint64 * len(offsets))(*offsets)
+    c_cookies = (ctypes.c_uint64 * len(cookies))(*cookies)
+    attr = BpfLinkCreateUprobeMulti(
+        prog_fd=prog_fd,
+        attach_type=BPF_TRACE_UPROBE_MULTI,
+        path=ctypes.addressof(c_path),
+        offsets=ctypes.addressof(c_offsets),
+        cookies=ctypes.addressof(c_cookies),
+        cnt=len(offsets),
+        uprobe_flags=BPF_F_UPROBE_MULTI_RETURN if retprobe else 0,
+        pid=pid,
+    )
+    _libc.syscall.restype = ctypes.c_long
+    size = c_uint(ctypes.sizeof(attr))
+    fd = int(_libc.syscall(ctypes.c_long(nr), ctypes.c_long(BPF_LINK_CREATE), ctypes.byref(attr), size))
+    if fd < 0:
+        err = ctypes.get_errno() or errno.EINVAL
+        raise OSError(err, os.strerror(err))
+    return fd

@@ -9,6 +9,7 @@ keeps running with the rest. Only a *required* capability failing is fatal.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import re
 from collections.abc import Mapping
@@ -28,7 +29,12 @@ TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 _FAILED_PROG = re.compile(r"prog '([^']+)': failed to (?:load|attach|prepare)")
 _ELF_MAGIC = b"\x7fELF"
 # Sections without a target are attached by the caller (per library, per process).
-_MANUAL_ATTACH = frozenset({"uprobe", "uretprobe", "usdt", "uprobe.s", "uretprobe.s"})
+_MANUAL_ATTACH = frozenset(
+    {"uprobe", "uretprobe", "usdt", "uprobe.s", "uretprobe.s", "uprobe.multi", "uretprobe.multi"}
+)
+# libbpf 1.3's section names for uprobe_multi programs; libbpf 1.1 does not know them
+_MULTI_SECTIONS = frozenset({"uprobe.multi", "uretprobe.multi"})
+_BPF_PROG_TYPE_KPROBE = 2
 _EM_BPF = 247
 
 
@@ -37,6 +43,25 @@ class Program:
     name: str
     section: str
     capability: str
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class FdLink:
+    """A link libbpf does not know (a uprobe_multi link made by a raw bpf(2) call): its fd.
+
+    Closing the fd destroys the link. Compared by identity, like libbpf's link pointers.
+    """
+
+    fd: int
+    what: str
+
+
+Link = int | FdLink  # a libbpf ``struct bpf_link *``, or an FdLink
+
+
+def kernel_has_uprobe_multi(vmlinux: Btf) -> bool:
+    """uprobe_multi links (Linux 6.6+): the kernel's BTF then has their link struct."""
+    return vmlinux.find("bpf_uprobe_multi_link", KIND_STRUCT) >= 0
 
 
 @dataclass
@@ -120,6 +145,12 @@ class BpfObject:
     capability ``"core"``. ``required`` capabilities failing raise HookUnavailableError.
     ``knobs`` set ``const volatile`` globals in ``.rodata`` before load; ``map_sizes``
     override max_entries. ``iter/`` programs are loaded but attached on demand.
+    ``SEC("uprobe.multi")``/``SEC("uretprobe.multi")`` programs are for :meth:`attach_uprobe_multi`:
+    loaded for uprobe_multi links where the kernel has them (``use_uprobe_multi=None``: ask
+    the kernel's BTF; False forces them off, True skips the check) and not loaded at all
+    elsewhere, or when the verifier refuses them; :attr:`uprobe_multi` says which. Their
+    capability is untouched either way: the object keeps perf-event programs for the same
+    hooks as the fallback.
     """
 
     def __init__(
@@ -131,6 +162,7 @@ class BpfObject:
         knobs: Mapping[str, int] | None = None,
         map_sizes: Mapping[str, int] | None = None,
         cgroup_root: str | None = None,
+        use_uprobe_multi: bool | None = None,
     ) -> None:
         self.path = Path(path)
         self._capabilities = dict(capabilities or {})
@@ -139,7 +171,10 @@ class BpfObject:
         self._map_sizes = dict(map_sizes or {})
         self._cgroup_root = cgroup_root
         self._obj = 0
-        self._links: list[tuple[str, int]] = []
+        self._links: list[tuple[str, Link]] = []
+        self._multi_programs: frozenset[str] = frozenset()
+        self.uprobe_multi = use_uprobe_multi is not False
+        self._multi_forced = use_uprobe_multi is True
         self._cgroup_fd = -1
         self.report = LoadReport()
         self.programs: dict[str, Program] = {}
@@ -215,10 +250,14 @@ class BpfObject:
 
     def _load_with_degrade(self) -> None:
         with Btf.vmlinux() as vmlinux:
+            if self.uprobe_multi and not self._multi_forced and not kernel_has_uprobe_multi(vmlinux):
+                self.uprobe_multi = False
             for _ in range(64):  # each round disables at least one capability or returns
                 self._obj = self._open()
                 progs = self._iter_programs()
                 self.programs = {p.name: p for _, p in progs}
+                self._multi_programs = frozenset(p.name for _, p in progs if p.section in _MULTI_SECTIONS)
+                self.uprobe_multi = self.uprobe_multi and bool(self._multi_programs)
                 for handle, prog in progs:
                     if prog.capability in self.report.disabled:
                         lb.lib().bpf_program__set_autoload(handle, False)
@@ -231,6 +270,7 @@ class BpfObject:
                 for handle, prog in progs:
                     if prog.capability in self.report.disabled:
                         lb.lib().bpf_program__set_autoload(handle, False)
+                self._set_multi(progs)
                 self._configure()
                 with lb.capture_log() as cap:
                     ret = lb.lib().bpf_object__load(self._obj)
@@ -243,15 +283,30 @@ class BpfObject:
                 lb.lib().bpf_object__close(self._obj)
                 self._obj = 0
                 culprit = next((self.programs[n] for n in failed if n in self.programs), None)
+                if culprit is not None and culprit.name in self._multi_programs and self.uprobe_multi:
+                    # only the fast path is lost: the perf-event programs still cover the hooks
+                    log.warning("uprobe_multi_disabled", program=culprit.name, reason=_tail(cap.text(), 1))
+                    self.uprobe_multi = False
+                    continue
                 if culprit is None:
-                    raise ObjectFileError(
-                        f"loading {self.path.name} failed: {os.strerror(-ret)}\n{_tail(cap.text())}"
-                    )
+                    raise ObjectFileError(f"loading {self.path.name} failed: {os.strerror(-ret)}\n{_tail(cap.text())}")
                 self._disable(
                     culprit.capability,
                     f"{culprit.section}: kernel refused program {culprit.name} ({os.strerror(-ret)})",
                 )
         raise ObjectFileError(f"loading {self.path.name}: too many load attempts")
+
+    def _set_multi(self, progs: list[tuple[int, Program]]) -> None:
+        for handle, prog in progs:
+            if prog.name not in self._multi_programs:
+                continue
+            if self.uprobe_multi:
+                lib = lb.lib()
+                lb.check_int(lib.bpf_program__set_type(handle, _BPF_PROG_TYPE_KPROBE), f"type of {prog.name}")
+                ret = lib.bpf_program__set_expected_attach_type(handle, lb.BPF_TRACE_UPROBE_MULTI)
+                lb.check_int(ret, f"set uprobe_multi attach type of {prog.name}")
+            else:
+                lb.lib().bpf_program__set_autoload(handle, False)
 
     # ---- attach ----------------------------------------------------------------------------
 
@@ -299,11 +354,32 @@ class BpfObject:
         self._links.append((self._capability(prog_name), int(link)))
         return int(link)
 
+    def attach_uprobe_multi(
+        self, prog_name: str, binary: str, offsets: list[int], cookies: list[int], *, retprobe: bool = False
+    ) -> FdLink:
+        """One uprobe_multi link of ``prog_name`` on ``offsets`` (file offsets) in ``binary``;
+        each offset's ``bpf_get_attach_cookie()`` is its cookie. Every process mapping the
+        file is probed. Needs ``prog_name`` loaded for it (:attr:`uprobe_multi`)."""
+        kind = "uretprobe" if retprobe else "uprobe"
+        if prog_name not in self._multi_programs or not self.uprobe_multi:
+            raise HookUnavailableError(f"{kind}_multi {binary}: {prog_name} is not loaded for uprobe_multi links")
+        fd = lb.check_int(lb.lib().bpf_program__fd(self._program_handle(prog_name)), f"fd of {prog_name}")
+        try:
+            link_fd = lb.link_create_uprobe_multi(fd, binary, offsets, cookies, retprobe=retprobe)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            if isinstance(exc, OSError) and exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                reason += " (kernel without uprobe_multi links, or a bad offset)"
+            raise HookUnavailableError(f"{kind}_multi {binary} ({len(offsets)} offsets): {reason}") from None
+        link = FdLink(link_fd, f"{kind}_multi {binary}")
+        self._links.append((self._capability(prog_name), link))
+        return link
+
     def _detach_capability(self, capability: str) -> None:
         keep = []
         for cap, link in self._links:
             if cap == capability:
-                lb.lib().bpf_link__destroy(link)
+                _destroy(link)
             else:
                 keep.append((cap, link))
         self._links = keep
@@ -355,11 +431,11 @@ class BpfObject:
         self._links.append((self._capability(prog_name), int(link)))
         return int(link)
 
-    def detach(self, link: int) -> None:
+    def detach(self, link: Link) -> None:
         """Destroy one link made by an attach_* method (idempotent for links already gone)."""
-        kept = [(cap, lnk) for cap, lnk in self._links if lnk != link]
+        kept = [(cap, lnk) for cap, lnk in self._links if lnk is not link and lnk != link]
         if len(kept) != len(self._links):
-            lb.lib().bpf_link__destroy(link)
+            _destroy(link)
             self._links = kept
 
     @staticmethod
@@ -381,7 +457,7 @@ class BpfObject:
     def close(self) -> None:
         """Detach every link and unload the object (idempotent)."""
         for _, link in reversed(self._links):
-            lb.lib().bpf_link__destroy(link)
+            _destroy(link)
         self._links = []
         if self._obj:
             lb.lib().bpf_object__close(self._obj)
@@ -395,6 +471,13 @@ class BpfObject:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _destroy(link: Link) -> None:
+    if isinstance(link, FdLink):
+        os.close(link.fd)
+    else:
+        lb.lib().bpf_link__destroy(link)
 
 
 def _tail(text: str, lines: int = 8) -> str:

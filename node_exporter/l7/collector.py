@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from node_exporter.bpf.abi import L7Stat
@@ -13,7 +14,7 @@ from node_exporter.l4.collector import default_bpf_dir
 from node_exporter.l7.chunks import Chunk
 from node_exporter.l7.exchanges import EXCHANGE_SIZE, ExchangeBatch
 from node_exporter.l7.probe import L7Probe, L7Stats
-from node_exporter.l7.tls import TlsAttacher
+from node_exporter.l7.tls import MULTI_ENTRY_PROGRAM, MULTI_EXIT_PROGRAM, TlsAttacher
 from node_exporter.l7.xring import FixedRingReader
 
 OBJECT_NAME = "l7.bpf.o"
@@ -29,6 +30,8 @@ CAPABILITIES = {
     "ssl_write_ex_enter": "l7.tls",
     "ssl_read_ex_enter": "l7.tls",
     "ssl_exit": "l7.tls",
+    "ssl_enter": "l7.tls",
+    "ssl_exit_multi": "l7.tls",
 }
 
 __all__ = ["L7Collector", "L7Stats"]
@@ -66,7 +69,8 @@ class L7Collector(L7Probe):
         )
         self.tls: TlsAttacher | None = None
         if tls and "l7.tls" in self.obj.report.enabled:
-            self.tls = TlsAttacher(self._attach_uprobe, proc_root=proc_root)
+            multi = self._attach_uprobe_multi if self.obj.uprobe_multi else None
+            self.tls = TlsAttacher(self._attach_uprobe, multi, proc_root=proc_root)
             self.tls.scan()
         self._tls_rescan_s = tls_rescan_s
         self._last_scan = self._last_full_scan = self._last_sweep = time.monotonic()
@@ -79,6 +83,16 @@ class L7Collector(L7Probe):
 
     def _attach_uprobe(self, program: str, binary: str, symbol: str, retprobe: bool) -> object:
         return self.obj.attach_uprobe(program, binary, symbol, retprobe=retprobe)
+
+    def _attach_uprobe_multi(self, binary: str, offsets: Sequence[int], cookies: Sequence[int]) -> object:
+        entry = self.obj.attach_uprobe_multi(MULTI_ENTRY_PROGRAM, binary, list(offsets), list(cookies))
+        try:
+            return entry, self.obj.attach_uprobe_multi(
+                MULTI_EXIT_PROGRAM, binary, list(offsets), list(cookies), retprobe=True
+            )
+        except BaseException:
+            self.obj.detach(entry)
+            raise
 
     def poll(self) -> list[Chunk | ExchangeBatch]:
         """Chunks in ring order, then at most one batch of exchange records (from their own

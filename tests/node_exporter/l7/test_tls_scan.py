@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from node_exporter.bpf.elf import symbol_offsets
 from node_exporter.errors import HookUnavailableError
-from node_exporter.l7.tls import EXIT_PROGRAM, PROBES, TlsAttacher
+from node_exporter.l7.tls import COOKIES, EXIT_PROGRAM, PROBES, TlsAttacher
 
 
 def _proc(tmp: Path, pid: int, maps: str) -> None:
@@ -85,3 +86,67 @@ def test_number_of_libraries_is_bounded(tmp_path: Path) -> None:
     att = TlsAttacher(lambda *a: None, proc_root=str(tmp_path / "proc"), max_libraries=4)
     assert att.scan() == 4
     assert len(att.attached) + len(att.failed) == 4
+
+
+# ---- the uprobe_multi path: two links per file, the perf-event path when it fails ----------
+
+
+def _libssl() -> str:
+    return next(p for p in ("/usr/lib/x86_64-linux-gnu/libssl.so.3", "/lib/x86_64-linux-gnu/libssl.so.3",
+                            "/usr/lib/aarch64-linux-gnu/libssl.so.3") if os.path.exists(p))  # fmt: skip
+
+
+def test_multi_path_takes_offsets_and_cookies_in_probe_order(tmp_path: Path) -> None:
+    lib = _libssl()
+    _proc(tmp_path, 40, LINE.format(path=lib))
+    multi: list[tuple[str, list[int], list[int]]] = []
+    perf: list[object] = []
+    att = TlsAttacher(
+        lambda *a: perf.append(a),
+        lambda binary, offsets, cookies: multi.append((binary, list(offsets), list(cookies))),
+        proc_root=str(tmp_path / "proc"),
+    )
+    assert att.scan() == 1 and len(att.attached) == 1 and not perf
+    expected = symbol_offsets(lib, PROBES)
+    assert multi == [(f"{tmp_path}/proc/40/root{lib}", [expected[s] for s in PROBES], list(range(len(PROBES))))]
+    assert COOKIES == {"SSL_write": 0, "SSL_read": 1, "SSL_write_ex": 2, "SSL_read_ex": 3}
+
+
+def test_multi_failure_falls_back_to_perf_event_uprobes(tmp_path: Path) -> None:
+    _proc(tmp_path, 41, LINE.format(path=_libssl()))
+    perf: list[tuple[str, str, str, bool]] = []
+
+    def refuse(*_: object) -> None:
+        raise HookUnavailableError("uprobe_multi: Invalid argument")
+
+    att = TlsAttacher(lambda *a: perf.append(a), refuse, proc_root=str(tmp_path / "proc"))
+    assert att.scan() == 1 and len(att.attached) == 1 and att.multi_fallbacks == 1
+    assert len(perf) == 2 * len(PROBES)
+
+
+def test_garbage_library_on_the_multi_path_is_recorded_as_failed(tmp_path: Path) -> None:
+    root = tmp_path / "root42"
+    (root / "lib").mkdir(parents=True)
+    (root / "lib/libssl.so.3").write_bytes(b"\x7fELF garbage")
+    d = tmp_path / "proc" / "42"
+    d.mkdir(parents=True)
+    (d / "maps").write_text(LINE.format(path="/lib/libssl.so.3"))
+    os.symlink(root, d / "root")
+    multi: list[object] = []
+
+    def refuse(*_: object) -> None:
+        raise HookUnavailableError("no such symbol")
+
+    att = TlsAttacher(refuse, lambda *a: multi.append(a), proc_root=str(tmp_path / "proc"))
+    assert att.scan() == 0 and not multi and att.multi_fallbacks == 1
+    assert "no such symbol" in next(iter(att.failed.values()))
+
+
+def test_cookies_match_the_bpf_enum(bpf_dir: Path) -> None:
+    from node_exporter.bpf import libbpf as lb
+    from node_exporter.bpf.btf import Btf
+
+    with Btf(lb.check_ptr(lb.lib().btf__parse(str(bpf_dir / "l7.bpf.o").encode(), None), "l7 BTF"), owned=True) as btf:
+        values = btf.enum_values("kscope_tls_fn")
+    names = {"SSL_write": "WRITE", "SSL_read": "READ", "SSL_write_ex": "WRITE_EX", "SSL_read_ex": "READ_EX"}
+    assert {f"KSCOPE_TLS_FN_{names[s]}": c for s, c in COOKIES.items()} == values
