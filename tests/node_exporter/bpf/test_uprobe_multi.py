@@ -149,3 +149,20 @@ def test_multi_link_errors_are_clear_and_links_close(bpf_dir: Path, tmp_path: Pa
         with pytest.raises(OSError):
             os.fstat(link.fd)  # the fd (and with it the link) is gone
         obj.detach(link)  # idempotent
+
+
+def test_close_destroys_many_multi_links(bpf_dir: Path) -> None:
+    lib = _own_libssl()
+    found = symbol_offsets(lib, PROBES)
+    obj = _load(bpf_dir, None)
+    links = [
+        obj.attach_uprobe_multi(program, lib, [found[s] or 0], [COOKIES[s]], retprobe=program == MULTI_EXIT_PROGRAM)
+        for s in PROBES
+        for program in (MULTI_ENTRY_PROGRAM, MULTI_EXIT_PROGRAM)
+    ]
+    assert len(links) == 2 * len(PROBES)
+    obj.close()  # concurrently, past two links
+    for link in links:
+        with pytest.raises(OSError):
+            os.fstat(link.fd)
+    obj.close()  # idempotent
