@@ -48,8 +48,8 @@ URL = f"http://{SRV_V4}:{PORT}"
 def tracing(topo: Topology) -> Iterator[Callable[..., L7Trace]]:
     """``tracing(**L7Collector kw)`` starts tracing both namespaces now; closed after the test.
 
-    Without the OpenSSL uprobes unless asked (``tls=True``): detaching them takes ~0.9 s per
-    collector, and only the tests about TLS (and the first, plain one) need them.
+    Without the OpenSSL uprobes unless asked (``tls=True``): only the tests about TLS (and the first,
+    plain one) need them (on kernels < 6.6 detaching them takes ~0.9 s per collector).
     """
     made: list[L7Trace] = []
 
