@@ -118,20 +118,12 @@ def cmd_http_client(args: argparse.Namespace) -> None:
                 statuses[status] = statuses.get(status, 0) + 1
                 sizes.add(size)
             emit("done", n=n, statuses=statuses, request_bytes=len(req), response_bytes=sorted(sizes))
-        elif cmd[0] == "pipeline":
+        elif cmd[0] in ("pipeline", "ahead"):
+            # pipeline: every request in one send; ahead: one send each, all before any answer is read
             reqs = [request(p) for p in cmd[1:]]
-            sock.sendall(b"".join(reqs))
-            answers = [reader.response() for _ in reqs]
-            emit(
-                "done",
-                paths=cmd[1:],
-                statuses=[s for s, _ in answers],
-                request_bytes=[len(r) for r in reqs],
-                response_bytes=[n for _, n in answers],
-            )
-        elif cmd[0] == "ahead":
-            reqs = [request(p) for p in cmd[1:]]
-            for r in reqs:
+            if cmd[0] == "pipeline":
+                sock.sendall(b"".join(reqs))
+            for r in reqs if cmd[0] == "ahead" else ():
                 sock.sendall(r)
                 time.sleep(0.05)
             answers = [reader.response() for _ in reqs]
