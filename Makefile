@@ -39,6 +39,8 @@ test: setup
 
 bench: setup
 	$(PY) bench/overhead.py $(ARGS)
+	$(PY) bench/l7_syscalls.py
+	$(PY) bench/conntrack.py
 	$(PY) bench/processor.py
 
 lint: setup
