@@ -16,6 +16,7 @@ the C runtime into the request objects the exporter takes; logs, rare, are built
 from __future__ import annotations
 
 import struct
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -335,6 +336,8 @@ def _span_outcome(
 
 
 def _span_attributes(s: SpanRecord) -> bytes:
+    """The attributes field of one span: the general rule, field by field (``_SpanTemplate`` is
+    the fast path ``span_bytes`` takes, and must agree with this)."""
     base_keys, base = _span_base(s.edge, s.side)
     out_keys, outcome = _span_outcome(s.side, s.protocol, s.method, s.route, s.status_code, s.error_type)
     own = dict(s.attributes)  # per request (url.path)
@@ -350,6 +353,69 @@ def _span_attributes(s: SpanRecord) -> bytes:
     return b"".join([b for _, b in items])
 
 
+class _SpanTemplate:
+    """What every span of one (edge, side, outcome) shares, encoded once: name and kind, status,
+    and the edge's and outcome's attributes joined in canonical order, with the offset before each
+    so a request's own attributes (url.path, ...) are spliced in place without a sort. ``keys`` is
+    None when the edge's and the outcome's keys overlap: such spans take ``_span_attributes``."""
+
+    __slots__ = ("attrs", "head", "keys", "keyset", "offsets", "status")
+
+    def __init__(self, e: Edge, side: Side, protocol: Protocol, method: str, route: str, status: int | None,
+                 error_type: str) -> None:  # fmt: skip
+        self.head = _span_head(side, protocol, method, route)
+        failed = semconv.PROTOCOLS[protocol].failed(side, status, error_type)
+        self.status = _STATUS_ERROR if failed else _STATUS_UNSET
+        base_keys, base = _span_base(e, side)
+        out_keys, outcome = _span_outcome(side, protocol, method, route, status, error_type)
+        self.keys: list[str] | None = None
+        self.keyset: frozenset[str] = frozenset()
+        self.offsets: list[int] = []
+        self.attrs = b""
+        if not base_keys.isdisjoint(out_keys):
+            return
+        items = sorted(base + outcome)  # keys unique: sorted by key
+        self.keys = [k for k, _ in items]
+        self.keyset = base_keys | out_keys
+        offsets = [0]
+        for _, b in items:
+            offsets.append(offsets[-1] + len(b))
+        self.offsets = offsets
+        self.attrs = b"".join([b for _, b in items])
+
+
+@lru_cache(maxsize=16_384)
+def _span_template(
+    e: Edge, side: Side, protocol: Protocol, method: str, route: str, status: int | None, error_type: str
+) -> _SpanTemplate:
+    return _SpanTemplate(e, side, protocol, method, route, status, error_type)
+
+
+def _template_attributes(t: _SpanTemplate, s: SpanRecord) -> bytes:
+    """``_span_attributes`` of a span of template ``t``."""
+    own: Iterable[tuple[str, AttrValue]] = s.attributes
+    if not own:
+        return t.attrs
+    keys = t.keys
+    if keys is None:
+        return _span_attributes(s)
+    if len(own) > 1:  # type: ignore[arg-type]
+        own = sorted(dict(own).items())  # last wins among the record's own, as dict() decides
+    keyset, offsets, joined = t.keyset, t.offsets, t.attrs
+    parts = []
+    prev = 0
+    for k, v in own:
+        if k in keyset:  # overrides, or is overridden by, the edge or the outcome
+            return _span_attributes(s)
+        at = offsets[bisect_left(keys, k)]
+        parts.append(joined[prev:at])
+        # Not through the caches: these values are per request and would only evict the rest.
+        parts.append(wire.message(9, wire.key_value_uncached(k, v)))
+        prev = at
+    parts.append(joined[prev:])
+    return b"".join(parts)
+
+
 def _id_field(field: int, value: bytes) -> bytes:
     # trace and span ids are 16 and 8 bytes: one prebuilt tag and length
     n = len(value)
@@ -359,6 +425,8 @@ def _id_field(field: int, value: bytes) -> bytes:
 
 
 _ID_HEADS: Final = {(f, n): wire.tag(f) + wire.varint(n) for f in (1, 2, 4) for n in (8, 16)}
+_ID_1_16: Final = _ID_HEADS[1, 16]
+_ID_2_8: Final = _ID_HEADS[2, 8]
 
 
 @lru_cache(maxsize=4096)
@@ -372,21 +440,26 @@ def span_bytes(s: SpanRecord) -> bytes:
     """The bytes of one Span message (without its own tag)."""
     ctx = s.context
     flags = ctx.trace_flags & 0xFF
-    if ctx.parent_span_id:
+    parent = ctx.parent_span_id
+    if parent:
         flags |= _HAS_IS_REMOTE | (_IS_REMOTE if ctx.remote_parent else 0)
     start = s.start_unix_nano
-    end = max(s.end_unix_nano, start)
+    end = s.end_unix_nano
+    if end < start:
+        end = start
+    t = _span_template(s.edge, s.side, s.protocol, s.method, s.route, s.status_code, s.error_type)
+    trace_id, span_id = ctx.trace_id, ctx.span_id
     return b"".join(
         (
-            _id_field(1, ctx.trace_id),
-            _id_field(2, ctx.span_id),
-            wire.string(3, ctx.trace_state),
-            _id_field(4, ctx.parent_span_id),
-            _span_head(s.side, s.protocol, s.method, s.route),
+            _ID_1_16 + trace_id if len(trace_id) == 16 else _id_field(1, trace_id),
+            _ID_2_8 + span_id if len(span_id) == 8 else _id_field(2, span_id),
+            wire.string(3, ctx.trace_state) if ctx.trace_state else b"",
+            _id_field(4, parent) if parent else b"",
+            t.head,
             b"\x39" + wire.pack_fixed64(start) if start else b"",
             b"\x41" + wire.pack_fixed64(end) if end else b"",
-            _span_attributes(s),
-            _STATUS_ERROR if semconv.span_failed(s) else _STATUS_UNSET,
+            _template_attributes(t, s),
+            t.status,
             b"\x85\x01" + _pack_fixed32(flags) if flags else b"",
         )
     )

@@ -3,6 +3,7 @@ encoded by ``wire``/``encode`` (with their caches) and field by field, parsed ba
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 
@@ -273,3 +274,25 @@ def test_span_bytes_equal_the_field_by_field_span(seed: int) -> None:
         tuple(k for k, _ in res) for res in by_resource
     ]
     assert got == [sp for spans in by_resource.values() for sp in spans]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_span_template_splices_own_attributes_as_the_general_rule_orders_them(seed: int) -> None:
+    """The cached per-(edge, side, outcome) template splices a request's own attributes in place:
+    byte for byte what sorting every pair afresh gives, and the general rule whenever a key of the
+    request's own overlaps the edge's or the outcome's (either way round)."""
+    r = random.Random(seed)
+    own_choices: list[list[tuple[str, AttrValue]]] = [
+        [], [("url.path", "/a/1")], [("aaa.first", "x")], [("zzz.last", 2)], [("url.path", "/b"), ("x", 1.5)],
+        [("zzz.last", "z"), ("aaa.first", "a"), ("http.request.header.x-request-id", "r1")],
+        [("url.path", "/1"), ("url.path", "/2")],  # the record's own: last wins
+        [("server.port", 1)], [("client.address", "10.9.9.9")], [("http.route", "/own")],
+        [("http.response.status_code", 999)], [("error.type", "mine")], [("http.request.method", "MINE")],
+    ]  # fmt: skip
+    for _ in range(400):
+        base = random_span(r)
+        own = r.choice(own_choices)
+        s = dataclasses.replace(base, attributes=tuple(own))
+        t = encode._span_template(s.edge, s.side, s.protocol, s.method, s.route, s.status_code, s.error_type)
+        assert encode._template_attributes(t, s) == encode._span_attributes(s), own
+        assert trace_pb2.Span.FromString(encode.span_bytes(s)) == ref_span(s), own
