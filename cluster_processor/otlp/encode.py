@@ -410,7 +410,7 @@ def _template_attributes(t: _SpanTemplate, s: SpanRecord) -> bytes:
         at = offsets[bisect_left(keys, k)]
         parts.append(joined[prev:at])
         # Not through the caches: these values are per request and would only evict the rest.
-        parts.append(wire.message(9, wire.key_value_uncached(k, v)))
+        parts.append(wire.attribute_uncached(9, k, v))
         prev = at
     parts.append(joined[prev:])
     return b"".join(parts)

@@ -93,6 +93,25 @@ def key_value_uncached(key: str, value: AttrValue) -> bytes:
     return key_value(key, value)
 
 
+@lru_cache(maxsize=1024)
+def _key_field(key: str) -> bytes:
+    return message(1, key.encode())
+
+
+def attribute_uncached(field: int, key: str, value: AttrValue) -> bytes:
+    """``message(field, key_value_uncached(key, value))``: one element of a repeated ``KeyValue``
+    field whose value is seen once (a request's path), the value not cached (the key is)."""
+    if type(value) is not str or field >= 32:
+        return message(field, key_value_uncached(key, value))
+    v = value.encode()
+    n = len(v)
+    av = b"\x0a" + (_SMALL[n] if n < 0x80 else varint(n)) + v  # AnyValue.string_value = 1
+    n = len(av)
+    kv = _key_field(key) + b"\x12" + (_SMALL[n] if n < 0x80 else varint(n)) + av  # KeyValue.value = 2
+    n = len(kv)
+    return _LEN_TAGS[field] + (_SMALL[n] if n < 0x80 else varint(n)) + kv
+
+
 def key_value(key: str, value: AttrValue) -> bytes:
     """The bytes of one ``KeyValue`` message (key = 1, value = 2), without its own tag."""
     return message(1, key.encode()) + message(2, any_value(value))

@@ -296,3 +296,10 @@ def test_span_template_splices_own_attributes_as_the_general_rule_orders_them(se
         t = encode._span_template(s.edge, s.side, s.protocol, s.method, s.route, s.status_code, s.error_type)
         assert encode._template_attributes(t, s) == encode._span_attributes(s), own
         assert trace_pb2.Span.FromString(encode.span_bytes(s)) == ref_span(s), own
+
+
+@pytest.mark.parametrize("field", [7, 9, 40])
+@pytest.mark.parametrize("value", ["", "/a/1", "é" * 70, "x" * 200, "y" * 20_000, 0, 7, -1, True, 1.5, -0.0])
+def test_attribute_uncached_is_the_message_of_key_value_uncached(field: int, value: AttrValue) -> None:
+    for key in ("url.path", "k" * 130):
+        assert wire.attribute_uncached(field, key, value) == wire.message(field, wire.key_value_uncached(key, value))
