@@ -136,8 +136,14 @@ class _Hist:
     def add(self, v: float) -> None:
         self.counts[bisect_left(self.bounds, v)] += 1
         self.total += v
-        self.lo = v if self.lo is None else min(self.lo, v)
-        self.hi = v if self.hi is None else max(self.hi, v)
+        # As min() and max() would keep them (the first of equals), without two builtin calls.
+        lo = self.lo
+        if lo is None:
+            self.lo = self.hi = v
+        elif v < lo:
+            self.lo = v
+        elif v > self.hi:  # type: ignore[operator]
+            self.hi = v
 
     def freeze(self) -> Histogram:
         # Trusted: the bounds are this module's constants and the counts only ever grow.

@@ -354,7 +354,10 @@ def span_context(
     id would instead collide with that span whenever the app is instrumented itself.
     Without a (valid) header the span starts a new trace."""
     gen = rng or _RNG
-    span_id = _nonzero(gen, 64)
+    v = gen.getrandbits(64)  # _nonzero inline: one per span
+    while v == 0:
+        v = gen.getrandbits(64)
+    span_id = v.to_bytes(8, "big")
     parsed = parse_traceparent(traceparent) if traceparent else None
     if parsed is None:
         return SpanContext(_nonzero(gen, 128), span_id)
