@@ -20,7 +20,7 @@ from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import islice
+from itertools import accumulate, islice
 from typing import Final, TypeVar
 
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
@@ -359,11 +359,13 @@ class _SpanTemplate:
     so a request's own attributes (url.path, ...) are spliced in place without a sort. ``keys`` is
     None when the edge's and the outcome's keys overlap: such spans take ``_span_attributes``."""
 
-    __slots__ = ("attrs", "head", "keys", "keyset", "offsets", "status")
+    __slots__ = ("attrs", "head", "keys", "keyset", "offsets", "resources", "status")
 
     def __init__(self, e: Edge, side: Side, protocol: Protocol, method: str, route: str, status: int | None,
                  error_type: str) -> None:  # fmt: skip
         self.head = _span_head(side, protocol, method, route)
+        # semconv.span_resource of the edge's observed end, per reporting node (one, as a rule)
+        self.resources: dict[str, Attrs] = {}
         failed = semconv.PROTOCOLS[protocol].failed(side, status, error_type)
         self.status = _STATUS_ERROR if failed else _STATUS_UNSET
         base_keys, base = _span_base(e, side)
@@ -377,11 +379,9 @@ class _SpanTemplate:
         items = sorted(base + outcome)  # keys unique: sorted by key
         self.keys = [k for k, _ in items]
         self.keyset = base_keys | out_keys
-        offsets = [0]
-        for _, b in items:
-            offsets.append(offsets[-1] + len(b))
-        self.offsets = offsets
-        self.attrs = b"".join([b for _, b in items])
+        parts = [b for _, b in items]
+        self.offsets = [0, *accumulate(map(len, parts))]
+        self.attrs = b"".join(parts)
 
 
 @lru_cache(maxsize=16_384)
@@ -438,6 +438,10 @@ def _span_head(side: Side, protocol: Protocol, method: str, route: str) -> bytes
 
 def span_bytes(s: SpanRecord) -> bytes:
     """The bytes of one Span message (without its own tag)."""
+    return _span_bytes(s, _span_template(s.edge, s.side, s.protocol, s.method, s.route, s.status_code, s.error_type))
+
+
+def _span_bytes(s: SpanRecord, t: _SpanTemplate) -> bytes:
     ctx = s.context
     flags = ctx.trace_flags & 0xFF
     parent = ctx.parent_span_id
@@ -447,7 +451,6 @@ def span_bytes(s: SpanRecord) -> bytes:
     end = s.end_unix_nano
     if end < start:
         end = start
-    t = _span_template(s.edge, s.side, s.protocol, s.method, s.route, s.status_code, s.error_type)
     trace_id, span_id = ctx.trace_id, ctx.span_id
     return b"".join(
         (
@@ -482,11 +485,28 @@ def traces_requests(
     out = []
     scope = _scope_field(version)  # ScopeSpans.scope = 1, as ScopeMetrics'
     for batch in chunks(spans, max_spans):
+        # Grouped by resource in first-seen order, each span's ScopeSpans.spans (= 2) field built
+        # as it is met: the resource comes with the span's template, so no lookup by attributes.
+        groups: dict[Attrs, list[bytes]] = {}
+        for sp in batch:
+            t = _span_template(sp.edge, sp.side, sp.protocol, sp.method, sp.route, sp.status_code, sp.error_type)
+            res = t.resources.get(node_name)
+            if res is None:
+                if len(t.resources) >= 8:  # bounded: a template is one edge's, seen by one node as a rule
+                    t.resources.clear()
+                res = t.resources[node_name] = semconv.span_resource(sp.edge.of(sp.side), node_name)
+            b = _span_bytes(sp, t)
+            n = len(b)
+            field = b"\x12" + (wire.varint(n) if n > 0x7F else bytes((n,))) + b
+            fields = groups.get(res)
+            if fields is None:
+                groups[res] = [field]
+            else:
+                fields.append(field)
         resource_spans = []
-        for res, idx in _group_by_resource(node_name, batch).items():
-            body = b"".join([wire.message(2, span_bytes(batch[i])) for i in idx])  # ScopeSpans.spans = 2
+        for res, fields in groups.items():
             # ResourceSpans: resource = 1, scope_spans = 2
-            resource_spans.append(wire.message(1, _resource_field(res) + wire.message(2, scope + body)))
+            resource_spans.append(wire.message(1, _resource_field(res) + wire.message(2, scope + b"".join(fields))))
         out.append(ExportTraceServiceRequest.FromString(b"".join(resource_spans)))
     return out
 

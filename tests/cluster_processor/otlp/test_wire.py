@@ -303,3 +303,19 @@ def test_span_template_splices_own_attributes_as_the_general_rule_orders_them(se
 def test_attribute_uncached_is_the_message_of_key_value_uncached(field: int, value: AttrValue) -> None:
     for key in ("url.path", "k" * 130):
         assert wire.attribute_uncached(field, key, value) == wire.message(field, wire.key_value_uncached(key, value))
+
+
+def test_traces_requests_resource_follows_the_reporting_node_through_the_template_cache() -> None:
+    """The span's resource is remembered per template and node: another node (and more nodes than
+    a template keeps) must still get its own, the one ``semconv.span_resource`` names."""
+    r = random.Random(7)
+    records = [random_span(r) for _ in range(60)]
+    for node in [f"node-{i}" for i in range(12)] * 2:
+        (req,) = encode.traces_requests(node, records, max_spans=1000)
+        want: dict[Attrs, list[trace_pb2.Span]] = {}
+        for s in records:
+            want.setdefault(semconv.span_resource(s.edge.of(s.side), node), []).append(ref_span(s))
+        got_res = [list(rs.resource.attributes) for rs in req.resource_spans]
+        assert got_res == [list(ref_key_values(res)) for res in want]
+        got = [sp for rs in req.resource_spans for ss in rs.scope_spans for sp in ss.spans]
+        assert got == [sp for spans in want.values() for sp in spans]
