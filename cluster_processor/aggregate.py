@@ -74,6 +74,8 @@ from kscope.v1 import flow_pb2 as pb
 
 NS_PER_S: Final = 1_000_000_000
 _PROTOCOLS: Final = {"http1": Protocol.HTTP, "http": Protocol.HTTP, "dns": Protocol.DNS}
+# Enum's .value is a Python-level property: read once here, not per record.
+_PROTOCOL_VALUES: Final = {p: p.value for p in Protocol}
 _CONNECT_ERRORS: Final = {
     pb.CONNECT_STATUS_REFUSED: "connection_refused",
     pb.CONNECT_STATUS_TIMEOUT: "timeout",
@@ -418,7 +420,7 @@ class Aggregator:
         failed = semconv.PROTOCOLS[protocol].failed(side, status, error_type)
         ref = route.ref
         if ref in st.edges or self._admit(st, ref):
-            key: _RedKey = (route.key, protocol.value, method, route_name, status, error_type)
+            key: _RedKey = (route.key, _PROTOCOL_VALUES[protocol], method, route_name, status, error_type)
             hist = st.red.get(key)
             if hist is None and len(st.red) >= self._settings.max_red_keys:
                 self._counters["red_overflowed"] += 1
