@@ -238,6 +238,9 @@ PROTOCOLS: Final[dict[Protocol, ProtocolSpec]] = {
 # ---- samples ------------------------------------------------------------------------------------
 
 
+_new_tuple: Final = tuple.__new__  # a Sample without NamedTuple's Python-level __new__ (3x the cost)
+
+
 # Attribute sets are computed once per edge (and side, and RED key) and handed out as the same tuple
 # objects every interval: no sorting per point, and the encoder caches their bytes by identity.
 # Bounded like every cache fed from the wire.
@@ -256,7 +259,7 @@ def red_samples(p: RedPoint) -> list[Sample]:
     spec = PROTOCOLS[p.protocol]
     instrument = spec.client if p.side is Side.CLIENT else spec.server
     a = _red_attributes(p.edge, p.side, p.protocol, p.method, p.route, p.status_code, p.error_type, p.attributes)
-    return [Sample(instrument, a, p.duration)]
+    return [_new_tuple(Sample, (instrument, a, p.duration))]
 
 
 @lru_cache(maxsize=65_536)
@@ -273,9 +276,6 @@ def _l4_attributes(edge: Edge, side: Side) -> tuple[Attrs, Attrs, Attrs]:
 @lru_cache(maxsize=4_096)
 def _l4_failure_attributes(edge: Edge, side: Side, error_type: str) -> Attrs:
     return attrs([*metric_attributes(edge, side), (ERROR_TYPE, error_type)])
-
-
-_new_tuple: Final = tuple.__new__  # a Sample without NamedTuple's Python-level __new__ (3x the cost)
 
 
 def l4_samples(p: L4Point) -> list[Sample]:
@@ -314,11 +314,12 @@ def _graph_attributes(
 
 def service_graph_samples(p: ServiceGraphPoint) -> list[Sample]:
     a = _graph_attributes(p.client, p.server, p.connection_type, p.client_namespace, p.server_namespace)
-    out = [Sample(SG_REQUESTS, a, p.requests), Sample(SG_FAILED, a, p.failed)]
+    new = _new_tuple
+    out: list[Sample] = [new(Sample, (SG_REQUESTS, a, p.requests)), new(Sample, (SG_FAILED, a, p.failed))]
     if p.server_duration is not None:
-        out.append(Sample(SG_SERVER_SECONDS, a, p.server_duration))
+        out.append(new(Sample, (SG_SERVER_SECONDS, a, p.server_duration)))
     if p.client_duration is not None:
-        out.append(Sample(SG_CLIENT_SECONDS, a, p.client_duration))
+        out.append(new(Sample, (SG_CLIENT_SECONDS, a, p.client_duration)))
     return out
 
 
