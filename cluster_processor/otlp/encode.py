@@ -353,61 +353,51 @@ def _span_attributes(s: SpanRecord) -> bytes:
     return b"".join([b for _, b in items])
 
 
-class _SpanTemplate:
-    """What every span of one (edge, side, outcome) shares, encoded once: name and kind, status,
-    and the edge's and outcome's attributes joined in canonical order, with the offset before each
-    so a request's own attributes (url.path, ...) are spliced in place without a sort. ``keys`` is
-    None when the edge's and the outcome's keys overlap: such spans take ``_span_attributes``."""
-
-    __slots__ = ("attrs", "head", "keys", "keyset", "offsets", "resources", "status")
-
-    def __init__(self, e: Edge, side: Side, protocol: Protocol, method: str, route: str, status: int | None,
-                 error_type: str) -> None:  # fmt: skip
-        self.head = _span_head(side, protocol, method, route)
-        # semconv.span_resource of the edge's observed end, per reporting node (one, as a rule)
-        self.resources: dict[str, Attrs] = {}
-        failed = semconv.PROTOCOLS[protocol].failed(side, status, error_type)
-        self.status = _STATUS_ERROR if failed else _STATUS_UNSET
-        base_keys, base = _span_base(e, side)
-        out_keys, outcome = _span_outcome(side, protocol, method, route, status, error_type)
-        self.keys: list[str] | None = None
-        self.keyset: frozenset[str] = frozenset()
-        self.offsets: list[int] = []
-        self.attrs = b""
-        if not base_keys.isdisjoint(out_keys):
-            return
-        items = sorted(base + outcome)  # keys unique: sorted by key
-        self.keys = [k for k, _ in items]
-        self.keyset = base_keys | out_keys
-        parts = [b for _, b in items]
-        self.offsets = [0, *accumulate(map(len, parts))]
-        self.attrs = b"".join(parts)
+# What every span of one (edge, side, outcome) shares, encoded once: name and kind (head), status,
+# and the edge's and outcome's attributes joined in canonical order (attrs), with their keys and the
+# offset before each, so a request's own attributes (url.path, ...) are spliced in place without a
+# sort. keys is None when the edge's and the outcome's keys overlap: such spans take
+# ``_span_attributes``. A plain tuple of bytes, strs and ints, so the cycle collector can untrack
+# it: thousands live in the cache, and tracked objects would make every collection longer.
+# (head, status, keys, offsets, attrs)
+_SpanTemplate = tuple[bytes, bytes, "tuple[str, ...] | None", tuple[int, ...], bytes]
 
 
 @lru_cache(maxsize=16_384)
 def _span_template(
     e: Edge, side: Side, protocol: Protocol, method: str, route: str, status: int | None, error_type: str
 ) -> _SpanTemplate:
-    return _SpanTemplate(e, side, protocol, method, route, status, error_type)
+    head = _span_head(side, protocol, method, route)
+    failed = semconv.PROTOCOLS[protocol].failed(side, status, error_type)
+    status_field = _STATUS_ERROR if failed else _STATUS_UNSET
+    base_keys, base = _span_base(e, side)
+    out_keys, outcome = _span_outcome(side, protocol, method, route, status, error_type)
+    if not base_keys.isdisjoint(out_keys):
+        return head, status_field, None, (), b""
+    items = sorted(base + outcome)  # keys unique: sorted by key
+    parts = [b for _, b in items]
+    return head, status_field, tuple([k for k, _ in items]), (0, *accumulate(map(len, parts))), b"".join(parts)
 
 
 def _template_attributes(t: _SpanTemplate, s: SpanRecord) -> bytes:
     """``_span_attributes`` of a span of template ``t``."""
     own: Iterable[tuple[str, AttrValue]] = s.attributes
     if not own:
-        return t.attrs
-    keys = t.keys
+        return t[4]
+    keys = t[2]
     if keys is None:
         return _span_attributes(s)
     if len(own) > 1:  # type: ignore[arg-type]
         own = sorted(dict(own).items())  # last wins among the record's own, as dict() decides
-    keyset, offsets, joined = t.keyset, t.offsets, t.attrs
+    offsets, joined = t[3], t[4]
+    n = len(keys)
     parts = []
     prev = 0
     for k, v in own:
-        if k in keyset:  # overrides, or is overridden by, the edge or the outcome
+        i = bisect_left(keys, k)
+        if i < n and keys[i] == k:  # overrides, or is overridden by, the edge or the outcome
             return _span_attributes(s)
-        at = offsets[bisect_left(keys, k)]
+        at = offsets[i]
         parts.append(joined[prev:at])
         # Not through the caches: these values are per request and would only evict the rest.
         parts.append(wire.attribute_uncached(9, k, v))
@@ -458,11 +448,11 @@ def _span_bytes(s: SpanRecord, t: _SpanTemplate) -> bytes:
             _ID_2_8 + span_id if len(span_id) == 8 else _id_field(2, span_id),
             wire.string(3, ctx.trace_state) if ctx.trace_state else b"",
             _id_field(4, parent) if parent else b"",
-            t.head,
+            t[0],
             b"\x39" + wire.pack_fixed64(start) if start else b"",
             b"\x41" + wire.pack_fixed64(end) if end else b"",
             _template_attributes(t, s),
-            t.status,
+            t[1],
             b"\x85\x01" + _pack_fixed32(flags) if flags else b"",
         )
     )
@@ -484,17 +474,21 @@ def traces_requests(
 ) -> list[ExportTraceServiceRequest]:
     out = []
     scope = _scope_field(version)  # ScopeSpans.scope = 1, as ScopeMetrics'
+    resources: dict[int, tuple[_SpanTemplate, Attrs]] = {}  # each template's span resource, for this node
     for batch in chunks(spans, max_spans):
         # Grouped by resource in first-seen order, each span's ScopeSpans.spans (= 2) field built
-        # as it is met: the resource comes with the span's template, so no lookup by attributes.
+        # as it is met: the resource found by the span's template, not by hashing its attributes.
         groups: dict[Attrs, list[bytes]] = {}
         for sp in batch:
             t = _span_template(sp.edge, sp.side, sp.protocol, sp.method, sp.route, sp.status_code, sp.error_type)
-            res = t.resources.get(node_name)
-            if res is None:
-                if len(t.resources) >= 8:  # bounded: a template is one edge's, seen by one node as a rule
-                    t.resources.clear()
-                res = t.resources[node_name] = semconv.span_resource(sp.edge.of(sp.side), node_name)
+            # Keyed by the template's identity, the template held alongside so its id stays its own
+            # for as long as this call runs.
+            known = resources.get(id(t))
+            if known is None:
+                res = semconv.span_resource(sp.edge.of(sp.side), node_name)
+                resources[id(t)] = (t, res)
+            else:
+                res = known[1]
             b = _span_bytes(sp, t)
             n = len(b)
             field = b"\x12" + (wire.varint(n) if n > 0x7F else bytes((n,))) + b
