@@ -99,8 +99,6 @@ class L7Pipeline:
         self._retired = dict.fromkeys(COUNTERS, 0)  # counters of trackers already gone
         self.connections_evicted = 0
         self.chunks_unusable = 0  # no role or unknown protocol (counted, not parsed)
-        # heads captured in part (capture bound, vector calls): the parsers count these as gaps too
-        self.truncated_chunks = 0
         self._heads = HeadParser()
         self._xconns: dict[int, ConnInfo] = {}  # sock_cookie -> ConnInfo of exchange sockets
         self.exchange_records = 0
@@ -169,16 +167,10 @@ class L7Pipeline:
             if c.ip_proto == IPPROTO_UDP:
                 records = conn.tracker.feed(direction, c.data, c.ts_ns)
             else:
-                records = conn.tracker.feed(direction, c.data, c.ts_ns, c.seq)
-                if c.length > len(c.data):
-                    # Only the head was captured (bound, or a vector call's first buffer): say at
-                    # once where the stream really is, so a body of known length completes now
-                    # instead of when (if ever) the next chunk arrives.
-                    records += conn.tracker.feed(direction, b"", c.ts_ns, c.seq + c.length)
+                records = conn.tracker.feed(direction, c.data, c.ts_ns, c.seq, length=c.length)
             info = conn.info
             if records and c.ip_proto == IPPROTO_UDP and c.direction == L7Direction.KSCOPE_DIR_EGRESS:
                 info = replace(info, remote_ip=c.remote_ip, remote_port=c.remote_port)
-            self.truncated_chunks += c.length > len(c.data)
             out.extend(L7Event(info, r) for r in records)
         return out
 
@@ -270,7 +262,6 @@ class L7Pipeline:
                 totals[name] += value
         totals["connections_evicted"] = self.connections_evicted
         totals["chunks_unusable"] = self.chunks_unusable
-        totals["truncated_chunks"] = self.truncated_chunks
         totals["connections_tracked"] = len(self._conns)
         totals["exchange_records"] = self.exchange_records
         totals["exchange_unanswered"] = self.exchange_unanswered

@@ -32,6 +32,8 @@ COUNTERS: Final = (
     "buffer_overflows",  # a direction's buffer passed max_buffer and was dropped
     "gaps",  # capture lost bytes (seq jump or gap=True)
     "gap_bytes",  # bytes lost, where the size was known
+    "truncations",  # calls captured only in part (capture bound, a vector call's first buffer): not gaps
+    "truncated_bytes",  # the bytes those calls moved beyond what was captured
     "discarded_bytes",  # bytes dropped unparsed: resync skips, gaps, overflows, close
     "duplicate_bytes",  # bytes at or below the stream offset already seen
     "aborted_messages",  # messages cut short by a gap, overflow, broken body or close
@@ -110,6 +112,8 @@ class ConnectionTracker:
     buffer_overflows: int
     gaps: int
     gap_bytes: int
+    truncations: int
+    truncated_bytes: int
     discarded_bytes: int
     duplicate_bytes: int
     aborted_messages: int
@@ -133,10 +137,20 @@ class ConnectionTracker:
         return len(self._responses)
 
     def feed(
-        self, direction: Direction, data: bytes, ts_ns: int, seq: int | None = None, *, gap: bool = False
+        self,
+        direction: Direction,
+        data: bytes,
+        ts_ns: int,
+        seq: int | None = None,
+        *,
+        gap: bool = False,
+        length: int | None = None,
     ) -> list[Any]:
         """Add one captured chunk. ``seq`` is the stream offset of data[0] in this direction;
-        a jump means bytes were lost, as does ``gap=True`` (lost bytes of unknown size)."""
+        a jump means bytes were lost, as does ``gap=True`` (lost bytes of unknown size).
+        ``length``: what the call moved when only its head (``data``) was captured. The stream moves
+        on at once (a body of known length completes now, not at the next chunk), and the tail is a
+        truncation, skipped like lost bytes but not counted as a gap."""
         if self.closed:
             self.unparsed_bytes += len(data)
             return []
@@ -160,6 +174,11 @@ class ConnectionTracker:
             s.chunks.append((s.base + len(s.buf), ts_ns))
             s.buf += data
         out = self._pump(s)
+        if length is not None and seq is not None and s.next_seq is not None and seq + length > s.next_seq:
+            cut = seq + length - s.next_seq
+            s.next_seq += cut
+            self._gap(s, cut, truncated=True)
+            out += self._pump(s)
         if len(s.buf) > self.limits.max_buffer:
             self._drop(s, overflow=True)
         return out
@@ -328,9 +347,14 @@ class ConnectionTracker:
 
     # -- buffer bookkeeping ---------------------------------------------------------------
 
-    def _gap(self, s: _Stream, nbytes: int | None) -> None:
-        self.gaps += 1
-        self.gap_bytes += nbytes or 0
+    def _gap(self, s: _Stream, nbytes: int | None, *, truncated: bool = False) -> None:
+        """Bytes missing from the stream: a body of known length skips them, else the parser resyncs."""
+        if truncated:
+            self.truncations += 1
+            self.truncated_bytes += nbytes or 0
+        else:
+            self.gaps += 1
+            self.gap_bytes += nbytes or 0
         p = s.pending
         if p is not None and p.reader is not None and not s.buf and p.reader.skip_gap(nbytes):
             p.size += nbytes or 0  # lost body bytes still count towards the message size

@@ -59,6 +59,21 @@ def test_gap_inside_a_body_is_absorbed() -> None:
     assert (t.gaps, t.gap_bytes, t.discarded_bytes, t.aborted_messages) == (1, 400, 0, 0)
 
 
+def test_a_call_captured_in_part_completes_its_body_and_is_a_truncation_not_a_gap() -> None:
+    t = ConnectionTracker(HTTP, Role.CLIENT)
+    t.feed(EG, get("/big"), 1, seq=0)
+    resp = ok(b"b" * 1000)
+    head = len(resp) - 1000
+    # one read moved the whole response; only its first head + 100 bytes were captured
+    (rec,) = t.feed(IN, resp[: head + 100], 2, seq=0, length=len(resp))
+    assert rec.response_bytes == len(resp)
+    assert (t.truncations, t.truncated_bytes, t.gaps, t.gap_bytes) == (1, 900, 0, 0)
+    # the stream goes on right after the moved bytes, with nothing counted twice
+    t.feed(EG, get("/next"), 3, seq=len(get("/big")))
+    (again,) = t.feed(IN, ok(), 4, seq=len(resp))
+    assert again.status == 200 and (t.truncations, t.gaps) == (1, 0)
+
+
 def test_gap_in_a_head_resyncs_at_the_next_request() -> None:
     t = ConnectionTracker(HTTP, Role.CLIENT)
     r1, r2 = get("/lost") + b"", get("/kept")
