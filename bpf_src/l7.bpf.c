@@ -704,8 +704,10 @@ static __always_inline void tls_exit(int ret) /* SSL_* return an int */
 	__u64 key, len = 0, seq;
 	__u8 dir;
 
-	if (!call)
+	if (!call) {
+		stat_inc(KSCOPE_L7_STAT_TLS_CALL_LOST);
 		return;
+	}
 	if (call->ex_len_ptr) {
 		if (ret == 1)
 			bpf_probe_read_user(&len, sizeof(len), (void *)call->ex_len_ptr);

@@ -48,7 +48,9 @@ enum kscope_l7_stat {
 	KSCOPE_L7_STAT_ORPHAN_RESPONSES = 9, /* a response with no request pending (connection older than us) */
 	KSCOPE_L7_STAT_LATE_CALLS = 10,  /* response calls after the sweep emitted their exchange */
 	KSCOPE_L7_STAT_EXCHANGE_RB_FULL = 11, /* exchange dropped: ring buffer full */
-	KSCOPE_L7_STATS = 12,
+	KSCOPE_L7_STAT_TLS_CALL_LOST = 12, /* an SSL_* call returned with no entry recorded (the bounded
+	                                     * tls_calls LRU evicted it, or it began before attach): lost */
+	KSCOPE_L7_STATS = 13,
 };
 
 /* Followed by `captured` payload bytes. */
