@@ -368,7 +368,7 @@ class ConntrackTable:
 
     def _remember(self, answers: Iterable[tuple[FlowKey, tuple[str, int] | None]]) -> None:
         for key, answer in answers:
-            if len(self._answers) >= self._answers.maxsize:
+            if key not in self._answers and len(self._answers) >= self._answers.maxsize:
                 self.evicted += 1
             self._answers[key] = answer
 

@@ -194,3 +194,14 @@ def test_replies_pair_with_their_requests_by_sequence() -> None:
     udp = CtEntry(CtTuple(17, CLIENT, 5353, VIP, 53), CtTuple(17, BACKEND, 5353, CLIENT, 5353))
     buf = entry_message(dnat(40000), seq=8) + enoent + entry_message(udp, seq=10) + entry_message(dnat(1))[:-3]
     assert parse_replies(buf) == [(8, dnat(40000)), (9, errno.ENOENT), (10, None)]
+
+
+def test_answers_are_bounded_and_evictions_counted() -> None:
+    table = ConntrackTable("/nonexistent", max_entries=2)
+    keys = [(6, CLIENT, 40000 + i, VIP, 80) for i in range(3)]
+    table._remember([(k, (BACKEND, 8080)) for k in keys])  # what resolve() does with its answers
+    c = table.counters()
+    assert (c["answers"], c["evicted"]) == (2, 1)
+    assert table.lookup(keys[0]) is None and table.lookup(keys[2]) == (BACKEND, 8080)
+    table._remember([(keys[2], None)])  # a known key again: no eviction
+    assert table.counters()["evicted"] == 1
