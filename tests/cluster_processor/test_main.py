@@ -519,3 +519,21 @@ def test_sigterm_shuts_down_cleanly(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_agent_stats_are_bounded_per_interval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(m, "MAX_AGENT_NODES", 2)
+
+    async def body() -> None:
+        async with OtlpReceiver() as rx:
+            proc = m.Processor(config(tmp_path / "no-kubeconfig", rx.endpoint))
+            for node in ("n1", "n2", "n3", "n1"):
+                b = pb.FlowBatch(schema_version=1, node_name=node)
+                b.stats.counters["ring_lost"] = 1
+                await proc.consume(b)
+            assert proc.agent_stats_dropped == 1  # n3; n1 again only replaces its own report
+            assert proc.tick() >= 1  # the two remembered reports are exported, then forgotten
+            assert proc._agent_stats == {}
+            await proc.exporter.stop(0.1)
+
+    run(body())
