@@ -272,6 +272,9 @@ def test_vip_call_becomes_a_to_b_metrics_graph_and_spans(tmp_path: Path) -> None
             assert server_span.trace_id.hex() == TRACEPARENT.split("-")[1]
             assert by_kind[3][0]["service.name"] == "a"  # SPAN_KIND_CLIENT
             # Self-metrics on the Prometheus endpoint.
+            # The receiver holds the spans before the exporter has read its answer and counted them.
+            exported = 'kscope_processor_otlp_items_total{outcome="exported",signal="traces"} 2.0'
+            await eventually(lambda: exported in _scrape(proc.metrics_port), "the exporter counted 2 spans")
             text = await asyncio.to_thread(_scrape, proc.metrics_port)
             assert 'kscope_processor_ingest_total{counter="consumed_batches"} 2.0' in text
             assert 'kscope_processor_kube_index_size{table="pods"} 2.0' in text
