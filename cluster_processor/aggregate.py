@@ -16,6 +16,9 @@ Counting rules (each fact counted once, even when both ends of a connection are 
   kscope (a pod or a node), and from the client side only when it is not (a Service whose backend is
   unknown, an external address): ``otlp.model.ServiceGraphPoint``. The client side still adds its
   duration histogram.
+* An L7 summary (``L7Request.summary``: requests the node's kernel summed instead of sending one by
+  one) counts as its ``count`` requests in RED and the service graph, its latency buckets re-bucketed
+  exactly into theirs; it makes no span and no log (spans are what the node's sampler picked).
 * Spans: one per L7 record, joining a captured traceparent. Logs: resets, refused and timed-out
   connects, DNS errors and timeouts.
 
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Final
@@ -71,6 +74,7 @@ from cluster_processor.resolve import (
     resolve_local,
 )
 from kscope.v1 import flow_pb2 as pb
+from kscope_common.latency import rebucket_map
 
 NS_PER_S: Final = 1_000_000_000
 _PROTOCOLS: Final = {"http1": Protocol.HTTP, "http": Protocol.HTTP, "dns": Protocol.DNS}
@@ -147,9 +151,34 @@ class _Hist:
         elif v > self.hi:  # type: ignore[operator]
             self.hi = v
 
+    def add_buckets(self, counts: Sequence[int], total: float, lo: float, hi: float) -> None:
+        """Values already counted in the L7 summary buckets (kscope_common.latency), with their sum,
+        min and max: each bucket lies within one of ours, so this is what adding them one by one
+        would give (the sum up to float rounding)."""
+        into = _REBUCKET[self.bounds]
+        mine = self.counts
+        for i, n in enumerate(counts):
+            if n:
+                mine[into[i]] += n
+        self.total += total
+        if self.lo is None:
+            self.lo, self.hi = lo, hi
+        else:
+            if lo < self.lo:
+                self.lo = lo
+            if hi > self.hi:  # type: ignore[operator]
+                self.hi = hi
+
     def freeze(self) -> Histogram:
         # Trusted: the bounds are this module's constants and the counts only ever grow.
         return Histogram.trusted(self.bounds, tuple(self.counts), self.total, self.lo, self.hi)
+
+
+# Histogram bounds -> where each L7 summary bucket goes in them (ValueError at import if a bound is
+# not a summary bound: then summaries could not be re-bucketed exactly).
+_REBUCKET: Final[dict[tuple[float, ...], tuple[int, ...]]] = {
+    b: rebucket_map(b) for b in (HTTP_DURATION_BOUNDS_S, SERVICE_GRAPH_BOUNDS_S)
+}
 
 
 @dataclass(slots=True)
@@ -418,6 +447,8 @@ class Aggregator:
         latency_ns = q.latency_ns
         duration_s = latency_ns / NS_PER_S
         failed = semconv.PROTOCOLS[protocol].failed(side, status, error_type)
+        # Checked only where it can be (a summary's latency_ns is 0): one request costs no HasField.
+        summary = q.summary if not latency_ns and q.HasField("summary") else None
         ref = route.ref
         if ref in st.edges or self._admit(st, ref):
             key: _RedKey = (route.key, _PROTOCOL_VALUES[protocol], method, route_name, status, error_type)
@@ -427,25 +458,37 @@ class Aggregator:
             else:
                 if hist is None:
                     hist = st.red[key] = _Hist(HTTP_DURATION_BOUNDS_S)
-                hist.add(duration_s)
-            self._graph(st, route, side, failed, duration_s)
-        self._span(st, route, side, protocol, q, latency_ns, method, route_name, status, error_type, extra)
+                if summary is None:
+                    hist.add(duration_s)
+                else:
+                    hist.add_buckets(*_summary_parts(summary))
+            self._graph(st, route, side, failed, duration_s, summary)
+        if summary is None:  # a summary's requests were not picked for spans (nor logs) by the node
+            self._span(st, route, side, protocol, q, latency_ns, method, route_name, status, error_type, extra)
 
-    def _graph(self, st: _NodeState, route: Route, side: Side, failed: bool, duration_s: float) -> None:
+    def _graph(
+        self, st: _NodeState, route: Route, side: Side, failed: bool, duration_s: float,
+        summary: pb.L7Summary | None = None,
+    ) -> None:  # fmt: skip
+        """One request of ``duration_s``, or a summary's ``count`` requests (all with the same status)."""
         gref = route.graph
         assert gref is not None
         g = st.graph.get(gref)
         if g is None:
             g = st.graph[gref] = _Graph()
+        n = 1 if summary is None else summary.count
         if route.count_request:
-            g.requests += 1
-            g.failed += int(failed)
+            g.requests += n
+            if failed:
+                g.failed += n
         if side is Side.SERVER:
-            g.server = g.server or _Hist(SERVICE_GRAPH_BOUNDS_S)
-            g.server.add(duration_s)
+            hist = g.server = g.server or _Hist(SERVICE_GRAPH_BOUNDS_S)
         else:
-            g.client = g.client or _Hist(SERVICE_GRAPH_BOUNDS_S)
-            g.client.add(duration_s)
+            hist = g.client = g.client or _Hist(SERVICE_GRAPH_BOUNDS_S)
+        if summary is None:
+            hist.add(duration_s)
+        else:
+            hist.add_buckets(*_summary_parts(summary))
 
     def _span(
         self,
@@ -527,6 +570,12 @@ def _details(
         extra = (("url.path", path),) if path else ()
     # No response at all is a failure the status code cannot express.
     return method, route, status, "" if status is not None else "no_response", extra
+
+
+def _summary_parts(s: pb.L7Summary) -> tuple[Sequence[int], float, float, float]:
+    """An L7 summary as :meth:`_Hist.add_buckets` takes it: bucket counts, sum, min, max (seconds)."""
+    to_s = NS_PER_S
+    return s.latency_bucket_counts, s.latency_sum_ns / to_s, s.latency_min_ns / to_s, s.latency_max_ns / to_s
 
 
 def _red_points(st: _NodeState) -> Iterable[RedPoint]:

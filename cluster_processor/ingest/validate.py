@@ -3,7 +3,8 @@ bad input: the server adapter turns a verdict into a gRPC status and counters.
 
 Two kinds of problem, two answers. A batch-level problem (undecodable bytes, an unknown schema version,
 no node name, too many records) rejects the whole batch with a status the client will not retry. A bad
-record (a port above 65535, an address that does not parse) is skipped and counted, and the rest of the
+record (a port above 65535, an address that does not parse, an L7 summary whose counts disagree) is
+skipped and counted, and the rest of the
 batch is accepted: one agent bug must not cost a node all its data (OTLP "partial success").
 """
 
@@ -18,6 +19,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from kscope.v1 import flow_pb2 as pb
+from kscope_common.latency import LATENCY_BUCKETS
 
 SCHEMA_VERSION = 1
 MAX_PORT = 65535
@@ -86,8 +88,9 @@ def validate(batch: pb.FlowBatch, limits: Limits) -> Verdict | Rejection:
     shown = tuple(problems[: limits.max_problems_reported])
     if not rejected:
         return Verdict(batch, accepted, 0, ())
-    clean = pb.FlowBatch(schema_version=batch.schema_version, node_name=batch.node_name,
-                         time_unix_nano=batch.time_unix_nano)
+    clean = pb.FlowBatch(
+        schema_version=batch.schema_version, node_name=batch.node_name, time_unix_nano=batch.time_unix_nano
+    )
     if batch.HasField("stats"):
         clean.stats.CopyFrom(batch.stats)
     clean.l4.extend(r for i, r in enumerate(batch.l4) if i not in bad_l4)
@@ -125,8 +128,11 @@ def _check_envelope(batch: pb.FlowBatch, limits: Limits) -> Rejection | None:
 
 def _bad_indices(kind: str, records: Iterable[pb.L4Flow | pb.L7Request], problems: list[str]) -> set[int]:
     bad: set[int] = set()
+    l7 = kind == "l7"
     for i, rec in enumerate(records):
         problem = record_problem(rec.local_ip, rec.local_port, rec.remote_ip, rec.remote_port, rec.ip_family)
+        if problem is None and l7 and rec.HasField("summary"):
+            problem = summary_problem(rec.summary, rec.latency_ns)
         if problem is not None:
             bad.add(i)
             problems.append(f"{kind}[{i}]: {problem}")
@@ -150,6 +156,27 @@ def record_problem(local_ip: str, local_port: int, remote_ip: str, remote_port: 
     # Family 6 may carry IPv4 text (an IPv4-mapped peer of an IPv6 socket); family 4 never carries IPv6.
     if family == 4 and 6 in versions:
         return "ip_family 4 with an IPv6 address"
+    return None
+
+
+def summary_problem(s: pb.L7Summary, latency_ns: int = 0) -> str | None:
+    """What is wrong with an L7 summary (``latency_ns``: its record's), or None. A bad one would put
+    requests in the wrong buckets or counts that disagree into the RED histograms and the service
+    graph, so the record is skipped."""
+    if latency_ns:
+        # kscope.v1: 0 on a summary (the sum is latency_sum_ns); the aggregator looks for a summary only then
+        return f"summary with latency_ns {latency_ns}: a summary's is 0, its sum is summary.latency_sum_ns"
+    n = s.count
+    if n == 0:
+        return "summary.count 0 (a summary sums at least one request)"
+    buckets = s.latency_bucket_counts
+    if len(buckets) != LATENCY_BUCKETS:
+        return f"summary has {len(buckets)} latency_bucket_counts; kscope.v1 has {LATENCY_BUCKETS}"
+    total = sum(buckets)
+    if total != n:
+        return f"summary latency_bucket_counts sum to {total}, count is {n}"
+    if s.latency_min_ns > s.latency_max_ns:
+        return f"summary latency_min_ns {s.latency_min_ns} > latency_max_ns {s.latency_max_ns}"
     return None
 
 

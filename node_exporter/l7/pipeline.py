@@ -19,8 +19,22 @@ from node_exporter.bpf.abi import L7Direction, L7Flags, L7Protocol
 from node_exporter.bpf.abi import Role as KRole
 from node_exporter.l4.records import _comm_text, ip_text
 from node_exporter.l7.chunks import Chunk
-from node_exporter.l7.exchanges import DISCARD_BIT, EXCHANGE_TYPE, SLOT, SLOT_HEAD, ExchangeBatch, HeadParser
+from node_exporter.l7.exchanges import (
+    DISCARD_BIT,
+    EXCHANGE_TYPE,
+    SLOT,
+    SLOT_HEAD,
+    SLOT_RECORD,
+    SUMMARY_HEAD,
+    SUMMARY_HEAD_OFFSET,
+    SUMMARY_TAIL,
+    SUMMARY_TAIL_OFFSET,
+    SUMMARY_TYPE,
+    ExchangeBatch,
+    HeadParser,
+)
 from node_exporter.protocols import PROTOCOLS, ConnectionTracker, Direction, DnsRecord, HttpRecord, Role, TrackerLimits
+from node_exporter.protocols.http1 import HttpSummary, HttpSummaryRecord
 from node_exporter.protocols.tracker import COUNTERS
 
 IPPROTO_UDP = 17
@@ -49,7 +63,7 @@ class ConnInfo:
 @dataclass(frozen=True, slots=True)
 class L7Event:
     conn: ConnInfo
-    record: HttpRecord | DnsRecord
+    record: HttpRecord | DnsRecord  # an HttpSummaryRecord (record.summary set) counts summary.count requests
 
 
 def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[Any, Any], None], ...]:
@@ -106,6 +120,10 @@ class L7Pipeline:
         self.exchange_bad_head = 0  # the request head did not parse (counted, not reported)
         self.exchange_bad_role = 0
         self.exchange_bad_type = 0
+        self.summaries = 0  # summary records turned into events
+        self.summarized_requests = 0  # the requests those summaries count
+        self.summary_malformed = 0  # count 0, buckets not summing to count, min > max, ... (dropped, counted)
+        self.summary_bad_head = 0  # the summary's request head did not parse (dropped, counted)
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -175,7 +193,9 @@ class L7Pipeline:
         return out
 
     def feed_exchanges(self, batch: ExchangeBatch) -> list[L7Event]:
-        """Exchange records -> events: unpack, parse the head, reuse the socket's ConnInfo."""
+        """Exchange records -> events: unpack, parse the head, reuse the socket's ConnInfo. Summary
+        records (rare: at most about one per socket, method, path and status a second) share the
+        ring and its prefix; they leave the loop at the type check, so exchanges pay nothing for them."""
         out: list[L7Event] = []
         conns = self._xconns
         parse = self._heads.parse
@@ -190,7 +210,12 @@ class L7Pipeline:
             if ring_len & DISCARD_BIT:
                 continue  # a slot the kernel reserved and gave back
             if rtype != EXCHANGE_TYPE:
-                self.exchange_bad_type += 1
+                if rtype == SUMMARY_TYPE:
+                    sev = self._summary(data, off - SLOT_HEAD)
+                    if sev is not None:
+                        out.append(sev)
+                else:
+                    self.exchange_bad_type += 1
                 continue
             self.exchange_records += 1
             if not status:
@@ -202,18 +227,9 @@ class L7Pipeline:
                 continue
             info = conns.get(cookie)
             if info is None:
-                side = _ROLE.get(role)
-                if side is None:
-                    self.exchange_bad_role += 1
+                info = self._new_xconn(cookie, role, netns, saddr, daddr, sport, dport, family, tgid, comm)
+                if info is None:
                     continue
-                info = ConnInfo(
-                    sock_cookie=cookie, netns_ino=netns, side=side, protocol="http1", tls=False,
-                    local_ip=ip_text(saddr), local_port=sport, remote_ip=ip_text(daddr), remote_port=dport,
-                    family=family, tgid=tgid, comm=_comm_text(comm),
-                )  # fmt: skip
-                if len(conns) >= MAX_EXCHANGE_CONNS:
-                    del conns[next(iter(conns))]  # the oldest entry; it is rebuilt if its socket speaks again
-                conns[cookie] = info
             rec = new(HttpRecord)
             r_method(rec, h[0])
             r_path(rec, h[1])
@@ -230,6 +246,53 @@ class L7Pipeline:
             e_record(ev, rec)
             out.append(ev)
         return out
+
+    def _new_xconn(
+        self, cookie: int, role: int, netns: int, saddr: bytes, daddr: bytes, sport: int, dport: int, family: int,
+        tgid: int, comm: bytes,
+    ) -> ConnInfo | None:  # fmt: skip
+        """The ConnInfo of an exchange socket not seen yet (remembered, bounded); None: no role (counted)."""
+        side = _ROLE.get(role)
+        if side is None:
+            self.exchange_bad_role += 1
+            return None
+        info = ConnInfo(
+            sock_cookie=cookie, netns_ino=netns, side=side, protocol="http1", tls=False,
+            local_ip=ip_text(saddr), local_port=sport, remote_ip=ip_text(daddr), remote_port=dport,
+            family=family, tgid=tgid, comm=_comm_text(comm),
+        )  # fmt: skip
+        conns = self._xconns
+        if len(conns) >= MAX_EXCHANGE_CONNS:
+            del conns[next(iter(conns))]  # the oldest entry; it is rebuilt if its socket speaks again
+        conns[cookie] = info
+        return info
+
+    def _summary(self, data: bytes, slot: int) -> L7Event | None:
+        """The summary record in the ring slot at ``slot`` -> an event, or None (counted). Its method,
+        path and route come from its head like an exchange's; trace headers are not kept (a summary
+        is many requests, each with its own)."""
+        (_, _, role, _, _, netns, cookie, start, latency_sum, req_bytes, resp_bytes, saddr, daddr, tgid, _,
+         sport, dport, family, status, head_len, _, comm) = SLOT.unpack_from(data, slot)  # fmt: skip
+        record = slot + SLOT_RECORD
+        count, end_ns, lo, hi, *buckets = SUMMARY_TAIL.unpack_from(data, record + SUMMARY_TAIL_OFFSET)
+        if not count or sum(buckets) != count or lo > hi or not status or head_len > SUMMARY_HEAD:
+            self.summary_malformed += 1
+            return None
+        head = record + SUMMARY_HEAD_OFFSET
+        h = self._heads.parse(data[head : head + head_len])
+        if h is None:
+            self.summary_bad_head += 1
+            return None
+        info = self._xconns.get(cookie)
+        if info is None:
+            info = self._new_xconn(cookie, role, netns, saddr, daddr, sport, dport, family, tgid, comm)
+            if info is None:
+                return None
+        self.summaries += 1
+        self.summarized_requests += count
+        summary = HttpSummary(count, latency_sum, lo, hi, tuple(buckets), end_ns)
+        rec = HttpSummaryRecord(h[0], h[1], h[2], status, req_bytes, resp_bytes, start, 0, "", "", summary)
+        return L7Event(info, rec)
 
     def close_sockets(self, cookies: Iterable[int]) -> list[L7Event]:
         """The sockets are gone (L4 final records): finish and forget their parsers."""
@@ -268,4 +331,8 @@ class L7Pipeline:
         totals["exchange_bad_head"] = self.exchange_bad_head
         totals["exchange_bad_role"] = self.exchange_bad_role
         totals["exchange_bad_type"] = self.exchange_bad_type
+        totals["summaries"] = self.summaries
+        totals["summarized_requests"] = self.summarized_requests
+        totals["summary_malformed"] = self.summary_malformed
+        totals["summary_bad_head"] = self.summary_bad_head
         return totals

@@ -1,4 +1,4 @@
-"""L4Record (+ node-local identity) -> kscope.v1 protobuf: a pure function over data."""
+"""L4Record / L7Event (+ node-local identity) -> kscope.v1 protobuf: pure functions over data."""
 
 from __future__ import annotations
 
@@ -102,6 +102,17 @@ def l7_request(ev: L7Event, proc: ProcessInfo | None, clock: MonotonicClock) -> 
                 "request_id": r.request_id,
             }
         }
+        summary = r.summary
+        if summary is not None:
+            # many requests in one message; latency_ns stays 0 (the record's), the sum is latency_sum_ns
+            detail["summary"] = {
+                "count": summary.count,
+                "latency_sum_ns": summary.latency_sum_ns,
+                "latency_min_ns": summary.latency_min_ns,
+                "latency_max_ns": summary.latency_max_ns,
+                "latency_bucket_counts": summary.buckets,
+                "end_time_unix_nano": clock.unix_ns(summary.end_ns),
+            }
     else:
         detail = {
             "dns": {
