@@ -106,7 +106,8 @@ class Agent:
         self.view = LiveView()
         self.records_written = 0
         self.write_failed = 0
-        self.requests_seen = 0
+        self.requests_seen = 0  # L7 requests reported, a summary counting its requests
+        self._summaries_counted = (0, 0)  # the pipeline's (summaries, summarized_requests) at the last step
         self._pending_events: list[L7Event] = []
         preflight.check()
         bpf_dir = opts.bpf_dir or default_bpf_dir()
@@ -173,10 +174,18 @@ class Agent:
                         stats=self.metrics.to_proto(time.time_ns()),
                     )
                 )
-        self.requests_seen += len(events)
+        self.requests_seen += len(events) + self._summarized_since_last_step()
         self.view.update(records, events)
         self._update_metrics()
         return records, events
+
+    def _summarized_since_last_step(self) -> int:
+        """Requests this step's summary events stand for beyond the one event each. From the pipeline's
+        counters, not a pass over the events: every summary it decoded since the last step is in this
+        step's events (summaries come only from the exchange ring, which each step drains)."""
+        now = (self.pipeline.summaries, self.pipeline.summarized_requests)
+        (summaries, requests), self._summaries_counted = self._summaries_counted, now
+        return (now[1] - requests) - (now[0] - summaries)
 
     @staticmethod
     def _nat_key(r: L4Record) -> FlowKey:
