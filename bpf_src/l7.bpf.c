@@ -96,7 +96,7 @@ struct l7_slot {
 	__u8 head[KSCOPE_L7_SUMMARY_HEAD];
 };
 
-#define L7_SLOTS 2 /* keys summed at once per socket; an exchange finding both taken is a record */
+#define L7_SLOTS 4 /* keys summed at once per socket; a fifth key sends the oldest slot's summary early */
 
 struct l7_xchg {
 	struct bpf_spin_lock lock;
@@ -573,7 +573,7 @@ static __always_inline bool slot_free(const struct l7_xchg *x)
 }
 
 /* Sum the answered exchange into its key's slot, or a free one: x->lock held (no helpers).
- * false: both slots hold other keys. */
+ * false: every slot holds another key. */
 static __always_inline bool slot_fold(struct l7_xchg *x)
 {
 	struct l7_slot *s = 0;
@@ -665,6 +665,23 @@ static __always_inline void summary_fill(struct kscope_l7_summary *r, const stru
 	__builtin_memset(r->_pad3, 0, sizeof(r->_pad3));
 }
 
+/* Every slot holds another key: the oldest one's summary goes now (into r, reserved before
+ * the lock) and frees it. x->lock held. */
+static __always_inline bool slot_evict(struct kscope_l7_summary *r, struct l7_xchg *x)
+{
+	struct l7_slot *old = &x->slots[0];
+
+#pragma unroll
+	for (int i = 1; i < L7_SLOTS; i++)
+		if (x->slots[i].first_ns < old->first_ns)
+			old = &x->slots[i];
+	if (!old->count)
+		return false; /* a slot became free after all (the sweep sent it): nothing to evict */
+	summary_fill(r, x, old, KSCOPE_EMIT_EVICT);
+	old->count = 0;
+	return true;
+}
+
 /* Send slot i's summary if due (all: whatever its age). A full ring leaves it for the next
  * sweep; at close (all) its requests are lost, counted. */
 static __always_inline void slot_flush(struct sock *sk, struct l7_xchg *x, struct l7_slot *s, __u8 reason,
@@ -705,6 +722,22 @@ static __always_inline void slots_flush(struct sock *sk, struct l7_xchg *x, __u8
 {
 	slot_flush(sk, x, &x->slots[0], reason, now, all);
 	slot_flush(sk, x, &x->slots[1], reason, now, all);
+	slot_flush(sk, x, &x->slots[2], reason, now, all);
+	slot_flush(sk, x, &x->slots[3], reason, now, all);
+}
+
+/* After the lock: send or give back the summary slot_evict was given. */
+static __always_inline void evict_send(struct kscope_l7_summary *ev, bool evicted)
+{
+	if (!ev)
+		return;
+	if (evicted) {
+		bpf_ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
+		stat_inc(KSCOPE_L7_STAT_SUMMARIES);
+		stat_inc(KSCOPE_L7_STAT_SLOTS_FULL);
+	} else {
+		bpf_ringbuf_discard(ev, BPF_RB_NO_WAKEUP);
+	}
 }
 
 /* A synthetic chunk: the head of a request the exchange path holds, for the chunk parser
@@ -782,9 +815,10 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 					 __u32 n, int ret, __u64 seq, __u8 dir, bool has_buf, __u64 now)
 {
 	struct kscope_l7_exchange *r = 0;
+	struct kscope_l7_summary *ev = 0;
 	__u8 method = has_buf ? request_method(d, n) : 0, comm[16];
 	__u64 id, hash = 0;
-	bool filled = false, fresh_comm, sampled, fold = false, folded = false, fold_failed = false;
+	bool filled = false, fresh_comm, sampled, fold = false, folded = false, fold_failed = false, evicted = false;
 
 	if (!method) {
 		/* a body (or bytes of a request older than us): counted into the current request */
@@ -805,13 +839,11 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 	}
 	if (x->state == XS_ANSWERED) {
 		/* the previous exchange is over: summed, or a record of its own */
-		bool want = wants_summary(x);
-
-		fold = want && slot_free(x);
-		if (want && !fold)
-			stat_inc(KSCOPE_L7_STAT_SLOTS_FULL);
+		fold = wants_summary(x);
 		if (!fold)
 			r = xrec_reserve(sk);
+		else if (!slot_free(x))
+			ev = summary_reserve(sk);
 	}
 	sampled = sample(now);
 	if (!sampled)
@@ -828,6 +860,8 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 			xrec_fill(r, x, KSCOPE_EMIT_NEXT);
 			filled = true;
 		} else if (fold) {
+			if (ev)
+				evicted = slot_evict(ev, x);
 			folded = slot_fold(x);
 			fold_failed = !folded;
 		}
@@ -852,6 +886,7 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 	__builtin_memcpy(x->head, d, sizeof(x->head));
 	bpf_spin_unlock(&x->lock);
 	xrec_send(r, filled);
+	evict_send(ev, evicted);
 	if (folded)
 		stat_inc(KSCOPE_L7_STAT_SUMMARIZED);
 	if (fold_failed)
@@ -1238,16 +1273,16 @@ int BPF_KRETPROBE(ssl_exit_multi, long ret)
 static __always_inline void xchg_retire(struct sock *sk, struct l7_xchg *x, __u8 reason, __u64 now)
 {
 	struct kscope_l7_exchange *r = 0;
-	bool filled = false, want = x->state == XS_ANSWERED && wants_summary(x), fold, folded = false;
-	bool fold_failed = false;
+	struct kscope_l7_summary *ev = 0;
+	bool filled = false, fold = x->state == XS_ANSWERED && wants_summary(x), folded = false;
+	bool fold_failed = false, evicted = false;
 
-	fold = want && slot_free(x);
-	if (want && !fold)
-		stat_inc(KSCOPE_L7_STAT_SLOTS_FULL);
 	if (!fold) {
 		r = xrec_reserve(sk);
 		if (!r)
 			return;
+	} else if (!slot_free(x)) {
+		ev = summary_reserve(sk);
 	}
 	bpf_spin_lock(&x->lock);
 	if (x->state == XS_REQUEST || x->state == XS_ANSWERED) {
@@ -1258,6 +1293,8 @@ static __always_inline void xchg_retire(struct sock *sk, struct l7_xchg *x, __u8
 				filled = true;
 				x->state = reason == KSCOPE_EMIT_CLOSE ? XS_NONE : XS_EMITTED;
 			} else if (x->state == XS_ANSWERED) {
+				if (ev)
+					evicted = slot_evict(ev, x);
 				folded = slot_fold(x);
 				fold_failed = !folded;
 				x->state = reason == KSCOPE_EMIT_CLOSE ? XS_NONE : XS_EMITTED;
@@ -1266,6 +1303,7 @@ static __always_inline void xchg_retire(struct sock *sk, struct l7_xchg *x, __u8
 	}
 	bpf_spin_unlock(&x->lock);
 	xrec_send(r, filled);
+	evict_send(ev, evicted);
 	if (folded)
 		stat_inc(KSCOPE_L7_STAT_SUMMARIZED);
 	if (fold_failed)
@@ -1310,7 +1348,7 @@ int sweep(struct bpf_iter__bpf_sk_storage_map *ctx)
 	if ((x->state == XS_ANSWERED && now - x->last_ns >= idle_ns) ||
 	    (x->state == XS_REQUEST && now - x->start_ns >= unanswered_ns))
 		xchg_retire(sk, x, KSCOPE_EMIT_SWEEP, now);
-	if (x->slots[0].count || x->slots[1].count) {
+	if (x->slots[0].count || x->slots[1].count || x->slots[2].count || x->slots[3].count) {
 		all = bpf_map_lookup_elem(&l7_sweep_ctl, &zero);
 		slots_flush(sk, x, KSCOPE_EMIT_SWEEP, now, all && *all);
 	}

@@ -55,7 +55,7 @@ enum kscope_l7_stat {
 	KSCOPE_L7_STAT_SUMMARIES = 14,   /* summary records sent to user space */
 	KSCOPE_L7_STAT_SUMMARY_RB_FULL = 15, /* summary dropped, ring full (its count is in summary_lost) */
 	KSCOPE_L7_STAT_SUMMARY_LOST = 16,    /* exchanges lost with a summary the ring had no room for */
-	KSCOPE_L7_STAT_SLOTS_FULL = 17,  /* exchanges sent as records because the socket's summary slots were taken */
+	KSCOPE_L7_STAT_SLOTS_FULL = 17,  /* summaries sent early (KSCOPE_EMIT_EVICT): every slot of the socket was taken */
 	KSCOPE_L7_STATS = 18,
 };
 
@@ -107,6 +107,7 @@ enum kscope_l7_emit {
 	KSCOPE_EMIT_SWEEP = 3,    /* idle (answered) or timed out (unanswered), found by the periodic sweep */
 	KSCOPE_EMIT_UPGRADE = 4,  /* 101 Switching Protocols / CONNECT 2xx: the last HTTP/1 exchange */
 	KSCOPE_EMIT_FALLBACK = 5, /* the socket switched to chunks (pipelining); this one was answered */
+	KSCOPE_EMIT_EVICT = 6,    /* a summary sent early: its slot was needed for another key */
 };
 
 enum kscope_l7_exchange_flags {

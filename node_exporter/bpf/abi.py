@@ -203,6 +203,7 @@ class L7Emit(enum.IntEnum):
     KSCOPE_EMIT_SWEEP = 3
     KSCOPE_EMIT_UPGRADE = 4
     KSCOPE_EMIT_FALLBACK = 5
+    KSCOPE_EMIT_EVICT = 6
 
 
 class L7ExchangeFlags(enum.IntFlag):
