@@ -52,6 +52,8 @@ class AgentOptions:
     # "auto": the socket tracepoints (Linux 6.3+) where the kernel has them, else the syscall-exit
     # fallback; "sockets" / "syscalls" force one (tests, or a kernel whose tracepoints misbehave).
     l7_probe: str = "auto"
+    # HTTP/1 exchange records per second per CPU; past it the kernel sums exchanges (0: no sums)
+    l7_record_rate: int = 1000
     processor: str | None = None  # host:port of the cluster processor's ingest
     node_name: str = ""
     proc_root: str = "/proc"
@@ -80,7 +82,7 @@ def open_l7(bpf_dir: Path, opts: AgentOptions) -> L7Collector | SyscallL7Collect
         try:
             return L7Collector(
                 bpf_dir / L7_OBJECT, netns_ino=opts.netns_inode, capture_bytes=opts.capture_bytes,
-                proc_root=opts.proc_root,
+                proc_root=opts.proc_root, record_rate=opts.l7_record_rate,
             )  # fmt: skip
         except HookUnavailableError as exc:
             if probe == "sockets":
@@ -263,6 +265,10 @@ class Agent:
                 # timer (still batches, never a wakeup per record); L4 stays per interval.
                 while not self.stop.is_set() and (left := end - time.monotonic()) > 0:
                     self.stop.wait(min(left, L7_DRAIN_S if self.l7 is not None else left))
+                    self.drain_l7()
+                last = self.stop.is_set() or (deadline is not None and time.monotonic() >= deadline)
+                if last and self.l7 is not None:
+                    self.l7.flush()  # what the kernel still sums goes out with the last interval
                     self.drain_l7()
                 self.step()
                 if live is not None:
