@@ -24,7 +24,6 @@ from node_exporter.l7.exchanges import (
     EXCHANGE_TYPE,
     SLOT,
     SLOT_HEAD,
-    SLOT_RECORD,
     SUMMARY_HEAD,
     SUMMARY_HEAD_OFFSET,
     SUMMARY_TAIL,
@@ -102,6 +101,12 @@ _RECORD_SETTERS = _slot_setters(
                  "traceparent", "request_id"),
 )  # fmt: skip
 _EVENT_SETTERS = _slot_setters(L7Event, ("conn", "record"))
+_SUMMARY_RECORD_SETTERS = _slot_setters(HttpSummaryRecord, (*(f.name for f in fields(HttpRecord)), "summary"))
+_SUMMARY_SETTERS = _slot_setters(
+    HttpSummary, ("count", "latency_sum_ns", "latency_min_ns", "latency_max_ns", "buckets", "end_ns")
+)
+# A summary's head, counted from where its tail (count, ...) starts: where an exchange's head would.
+_SUMMARY_HEAD_AFTER_TAIL = SUMMARY_HEAD_OFFSET - SUMMARY_TAIL_OFFSET
 
 
 class L7Pipeline:
@@ -211,7 +216,8 @@ class L7Pipeline:
                 continue  # a slot the kernel reserved and gave back
             if rtype != EXCHANGE_TYPE:
                 if rtype == SUMMARY_TYPE:
-                    sev = self._summary(data, off - SLOT_HEAD)
+                    sev = self._summary(data, off, role, netns, cookie, start, latency, req_bytes, resp_bytes, saddr,
+                                        daddr, tgid, sport, dport, family, status, head_len, comm)  # fmt: skip
                     if sev is not None:
                         out.append(sev)
                 else:
@@ -267,18 +273,23 @@ class L7Pipeline:
         conns[cookie] = info
         return info
 
-    def _summary(self, data: bytes, slot: int) -> L7Event | None:
-        """The summary record in the ring slot at ``slot`` -> an event, or None (counted). Its method,
-        path and route come from its head like an exchange's; trace headers are not kept (a summary
-        is many requests, each with its own)."""
-        (_, _, role, _, _, netns, cookie, start, latency_sum, req_bytes, resp_bytes, saddr, daddr, tgid, _,
-         sport, dport, family, status, head_len, _, comm) = SLOT.unpack_from(data, slot)  # fmt: skip
-        record = slot + SLOT_RECORD
-        count, end_ns, lo, hi, *buckets = SUMMARY_TAIL.unpack_from(data, record + SUMMARY_TAIL_OFFSET)
-        if not count or sum(buckets) != count or lo > hi or not status or head_len > SUMMARY_HEAD:
+    def _summary(
+        self, data: bytes, off: int, role: int, netns: int, cookie: int, start: int, latency_sum: int,
+        req_bytes: int, resp_bytes: int, saddr: bytes, daddr: bytes, tgid: int, sport: int, dport: int,
+        family: int, status: int, head_len: int, comm: bytes,
+    ) -> L7Event | None:  # fmt: skip
+        """A summary record -> an event, or None (counted): the prefix it shares with an exchange as
+        the batch loop unpacked it, the rest read at ``off`` (where an exchange's head would start).
+        Method, path and route come from its head like an exchange's; trace headers are not kept (a
+        summary is many requests, each with its own). Built slot by slot like an exchange: with one
+        request per connection, every request the sampler does not pick is a summary of one."""
+        t = SUMMARY_TAIL.unpack_from(data, off)
+        count, end_ns, lo, hi = t[0], t[1], t[2], t[3]
+        buckets = t[4:]
+        if not count or lo > hi or not status or head_len > SUMMARY_HEAD or sum(buckets) != count:
             self.summary_malformed += 1
             return None
-        head = record + SUMMARY_HEAD_OFFSET
+        head = off + _SUMMARY_HEAD_AFTER_TAIL
         h = self._heads.parse(data[head : head + head_len])
         if h is None:
             self.summary_bad_head += 1
@@ -290,9 +301,35 @@ class L7Pipeline:
                 return None
         self.summaries += 1
         self.summarized_requests += count
-        summary = HttpSummary(count, latency_sum, lo, hi, tuple(buckets), end_ns)
-        rec = HttpSummaryRecord(h[0], h[1], h[2], status, req_bytes, resp_bytes, start, 0, "", "", summary)
-        return L7Event(info, rec)
+        new = object.__new__
+        s_count, s_sum, s_min, s_max, s_buckets, s_end = _SUMMARY_SETTERS
+        summary = new(HttpSummary)
+        s_count(summary, count)
+        s_sum(summary, latency_sum)
+        s_min(summary, lo)
+        s_max(summary, hi)
+        s_buckets(summary, buckets)
+        s_end(summary, end_ns)
+        r_method, r_path, r_route, r_status, r_req, r_resp, r_start, r_latency, r_tp, r_rid, r_summary = (
+            _SUMMARY_RECORD_SETTERS
+        )
+        rec = new(HttpSummaryRecord)
+        r_method(rec, h[0])
+        r_path(rec, h[1])
+        r_route(rec, h[2])
+        r_status(rec, status)
+        r_req(rec, req_bytes)
+        r_resp(rec, resp_bytes)
+        r_start(rec, start)
+        r_latency(rec, 0)  # kscope.v1: 0 on a summary, the sum is summary.latency_sum_ns
+        r_tp(rec, "")
+        r_rid(rec, "")
+        r_summary(rec, summary)
+        ev = new(L7Event)
+        e_conn, e_record = _EVENT_SETTERS
+        e_conn(ev, info)
+        e_record(ev, rec)
+        return ev
 
     def close_sockets(self, cookies: Iterable[int]) -> list[L7Event]:
         """The sockets are gone (L4 final records): finish and forget their parsers."""
