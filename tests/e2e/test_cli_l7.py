@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -85,3 +87,42 @@ def test_run_l7_on_the_syscall_fallback(topo: Topology, tmp_path: Path) -> None:
     assert stats.counters["l7_requests"] == 1
     disabled = {entry.split(":", 1)[0] for entry in stats.disabled_capabilities}
     assert {"l7.tls", "l7.exchanges"} <= disabled, stats.disabled_capabilities
+
+
+def test_run_l7_counts_every_request_past_the_record_rate(topo: Topology, tmp_path: Path) -> None:
+    """Unpaced wrk past a tiny --l7-record-rate: most requests arrive as kernel summaries, and the
+    JSON lines still account for every request wrk completed, up to the agent's last interval (what
+    the kernel still summed when the run ended goes out with it)."""
+    start_l7_nginx(topo, tmp_path / "nginx", PORT)
+    out = tmp_path / "flows.jsonl"
+    conns, rate = 2, 20
+    agent = subprocess.Popen(
+        [KSCOPE, "run", "--l7", "--l7-record-rate", str(rate), "--no-live", "--duration", "3.5", "--interval", "1",
+         "--jsonl", str(out), "--netns-inode", str(topo.srv.ino)],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert agent.stderr is not None
+    for line in agent.stderr:
+        if "agent_started" in line:
+            break
+    wrk = topo.cli.run("wrk", "-t1", f"-c{conns}", "-d2s", f"http://{SRV_V4}:{PORT}/users/5").stdout
+    m = re.search(r"(\d+) requests in", wrk)
+    assert m is not None, wrk
+    n = int(m.group(1))
+    assert n > 50 * rate, f"wrk did only {n} requests"
+    _, rest = agent.communicate(timeout=60)
+    assert agent.returncode == 0, rest
+    records = [json_format.Parse(line, pb.NodeRecord()) for line in out.read_text().splitlines()]
+    l7 = [r.l7 for r in records if r.WhichOneof("record") == "l7"]
+    summaries = [r for r in l7 if r.HasField("summary")]
+    singles = [r for r in l7 if not r.HasField("summary")]
+    total = len(singles) + sum(r.summary.count for r in summaries)
+    assert n <= total <= n + conns, (n, total, len(singles), len(summaries))
+    assert 0 < len(singles) <= rate * (os.cpu_count() or 1) * 5
+    assert all((r.http.path, r.http.route, r.http.status_code) == ("/users/5", "/users/{id}", 200) for r in l7)
+    for r in summaries:
+        s = r.summary
+        assert sum(s.latency_bucket_counts) == s.count and r.latency_ns == 0 and s.latency_sum_ns > 0, r
+    stats = records[-1].stats.counters
+    assert stats["l7_requests"] == total and stats["l7_summarized_requests"] == total - len(singles), stats
+    assert stats["l7_kernel_rb_full"] == 0 and stats["l7_kernel_summary_lost"] == 0, stats
