@@ -456,6 +456,7 @@ static __always_inline __u64 zero_bytes(__u64 t)
 }
 
 #define HASH_MUL 0x9e3779b97f4a7c15ULL
+#define VERSION_TAIL 10 /* " HTTP/1.1\r" after the path, minus the path end's own byte */
 
 struct phash {
 	const __u8 *d;
@@ -500,6 +501,10 @@ static long phash_step(__u32 k, void *arg)
 		j += 1;
 	if (base + j >= p->n)
 		return 1; /* zero bytes past the capture are not an end (and never match) */
+	/* the summary keeps the head's first KSCOPE_L7_SUMMARY_HEAD bytes: the whole request line
+	 * (" HTTP/1.1\r" after the path) must be in them, and captured, for user space to read it */
+	if (base + j + VERSION_TAIL > KSCOPE_L7_SUMMARY_HEAD || base + j + VERSION_TAIL > p->n)
+		return 1;
 	if (j)
 		p->h = (p->h ^ (w & ((1ULL << (j * 8)) - 1))) * HASH_MUL;
 	p->end = base + j;
@@ -507,7 +512,7 @@ static long phash_step(__u32 k, void *arg)
 }
 
 /* The key of a request for summing: a hash of its line up to the path's end (method and
- * path, no query); 0 if the path does not end within KSCOPE_L7_SUMMARY_HEAD captured bytes
+ * path, no query); 0 if the request line does not fit KSCOPE_L7_SUMMARY_HEAD captured bytes
  * (or CONNECT): such a request is never summed. Bytes past n are zero. */
 static __always_inline __u64 path_hash(const __u8 *d, __u32 n, __u8 method)
 {
@@ -570,6 +575,11 @@ static __always_inline bool slot_free(const struct l7_xchg *x)
 		    (x->slots[i].path_hash == x->path_hash && x->slots[i].status == x->status))
 			return true;
 	return false;
+}
+
+static __always_inline bool slots_empty(const struct l7_xchg *x)
+{
+	return !x->slots[0].count && !x->slots[1].count && !x->slots[2].count && !x->slots[3].count;
 }
 
 /* Sum the answered exchange into its key's slot, or a free one: x->lock held (no helpers).
@@ -1277,6 +1287,11 @@ static __always_inline void xchg_retire(struct sock *sk, struct l7_xchg *x, __u8
 	bool filled = false, fold = x->state == XS_ANSWERED && wants_summary(x), folded = false;
 	bool fold_failed = false, evicted = false;
 
+	/* a socket closing after its only request (Connection: close): a summary of one would cost
+	 * user space more than the record, and sums nothing */
+	if (reason == KSCOPE_EMIT_CLOSE && slots_empty(x))
+		fold = false;
+
 	if (!fold) {
 		r = xrec_reserve(sk);
 		if (!r)
@@ -1348,7 +1363,7 @@ int sweep(struct bpf_iter__bpf_sk_storage_map *ctx)
 	if ((x->state == XS_ANSWERED && now - x->last_ns >= idle_ns) ||
 	    (x->state == XS_REQUEST && now - x->start_ns >= unanswered_ns))
 		xchg_retire(sk, x, KSCOPE_EMIT_SWEEP, now);
-	if (x->slots[0].count || x->slots[1].count || x->slots[2].count || x->slots[3].count) {
+	if (!slots_empty(x)) {
 		all = bpf_map_lookup_elem(&l7_sweep_ctl, &zero);
 		slots_flush(sk, x, KSCOPE_EMIT_SWEEP, now, all && *all);
 	}
