@@ -102,6 +102,9 @@ _RECORD_SETTERS = _slot_setters(
                  "traceparent", "request_id"),
 )  # fmt: skip
 _EVENT_SETTERS = _slot_setters(L7Event, ("conn", "record"))
+_CONN_FIELDS = ("sock_cookie", "netns_ino", "side", "protocol", "tls", "local_ip", "local_port", "remote_ip",
+                "remote_port", "family", "tgid", "comm")  # fmt: skip
+_CONN_SETTERS = tuple(zip(_slot_setters(ConnInfo, _CONN_FIELDS), range(len(_CONN_FIELDS)), strict=True))
 _SUMMARY_RECORD_SETTERS = _slot_setters(HttpSummaryRecord, (*(f.name for f in fields(HttpRecord)), "summary"))
 _SUMMARY_SETTERS = _slot_setters(
     HttpSummary, ("count", "latency_sum_ns", "latency_min_ns", "latency_max_ns", "buckets", "end_ns")
@@ -269,11 +272,12 @@ class L7Pipeline:
         if side is None:
             self.exchange_bad_role += 1
             return None
-        info = ConnInfo(
-            sock_cookie=cookie, netns_ino=netns, side=side, protocol="http1", tls=False,
-            local_ip=ip_text(saddr), local_port=sport, remote_ip=ip_text(daddr), remote_port=dport,
-            family=family, tgid=tgid, comm=_comm_text(comm),
-        )  # fmt: skip
+        # slot by slot (see _slot_setters): under connection churn this runs for every record
+        info = object.__new__(ConnInfo)
+        values = (cookie, netns, side, "http1", False, ip_text(saddr), sport, ip_text(daddr), dport, family, tgid,
+                  _comm_text(comm))  # fmt: skip
+        for setter, i in _CONN_SETTERS:
+            setter(info, values[i])
         if remember:
             conns = self._xconns
             if len(conns) >= MAX_EXCHANGE_CONNS:
