@@ -82,6 +82,9 @@ def _run(args: argparse.Namespace, live: bool) -> int:
     if not 1 <= args.capture_bytes <= 4096:
         print("kscope: error: --capture-bytes must be 1..4096", file=sys.stderr)
         return EXIT_USAGE
+    if args.l7_record_rate < 0:
+        print("kscope: error: --l7-record-rate must be >= 0 (0: every request a record)", file=sys.stderr)
+        return EXIT_USAGE
     from node_exporter.agent import Agent, AgentOptions
 
     tls = None
