@@ -9,13 +9,14 @@ OTLP receiver. What arrives there must name the edge a -> b, never the VIP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import re
 import secrets
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,23 @@ def processor_config(kubeconfig: Path, otlp_endpoint: str) -> m.ProcessorConfig:
     )
 
 
+@contextlib.asynccontextmanager
+async def cluster(
+    topo: ClusterTopology, tmp_path: Path, b_uid: str, b_cid: str
+) -> AsyncIterator[tuple[OtlpReceiver, m.Processor]]:
+    """A test APIServer describing the scene, an OTLP receiver and the processor, synced."""
+    server = FakeApiServer()
+    await server.start()
+    try:
+        populate(server, topo, b_uid, b_cid)
+        kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
+        async with OtlpReceiver() as rx, m.Processor(processor_config(kubeconfig, rx.endpoint)) as proc:
+            assert proc.watcher is not None and await proc.watcher.wait_synced(5)
+            yield rx, proc
+    finally:
+        await server.close()
+
+
 def start_nginx(topo: ClusterTopology, tmp: Path, scope: Path) -> subprocess.Popen[Any]:
     """nginx in pod b on 8080, moved into b-1's container cgroup before any connection."""
     server = f'listen {topo.spod_ip}:{BACKEND_PORT}; location / {{ return 200 "order\\n"; }}'
@@ -216,18 +234,10 @@ def test_pod_a_calls_service_b_through_its_vip(
     start_nginx(nat_topo, tmp_path / "nginx", scope)
 
     async def body() -> None:
-        server = FakeApiServer()
-        await server.start()
-        try:
-            populate(server, nat_topo, b_uid, b_cid)
-            kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
-            async with OtlpReceiver() as rx, m.Processor(processor_config(kubeconfig, rx.endpoint)) as proc:
-                assert proc.watcher is not None and await proc.watcher.wait_synced(5)
-                stderr = await asyncio.to_thread(run_agent_and_traffic, nat_topo, proc.ingest.port, 4)
-                assert "Traceback" not in stderr, stderr
-                await check(rx, nat_topo.vip, lambda: f"agent stderr:\n{stderr[-4000:]}\n{dump(rx)}")
-        finally:
-            await server.close()
+        async with cluster(nat_topo, tmp_path, b_uid, b_cid) as (rx, proc):
+            stderr = await asyncio.to_thread(run_agent_and_traffic, nat_topo, proc.ingest.port, 4)
+            assert "Traceback" not in stderr, stderr
+            await check(rx, nat_topo.vip, lambda: f"agent stderr:\n{stderr[-4000:]}\n{dump(rx)}")
 
     asyncio.run(asyncio.wait_for(body(), 60))
 
@@ -317,34 +327,26 @@ def test_requests_summed_in_the_kernel_count_in_the_metrics(
         completed.append(int(found.group(1)))
 
     async def body() -> None:
-        server = FakeApiServer()
-        await server.start()
-        try:
-            populate(server, nat_topo, b_uid, b_cid)
-            kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
-            async with OtlpReceiver() as rx, m.Processor(processor_config(kubeconfig, rx.endpoint)) as proc:
-                assert proc.watcher is not None and await proc.watcher.wait_synced(5)
-                stderr = await asyncio.to_thread(
-                    run_agent_and_traffic, nat_topo, proc.ingest.port, 3, wrk, "--l7-record-rate", str(rate)
-                )
-                assert "Traceback" not in stderr, stderr
-                n = completed[0]
-                assert n > 50 * rate, f"wrk did only {n} requests"
-                diag = lambda: f"wrk: {n}\nagent stderr:\n{stderr[-3000:]}\n{dump(rx)}"  # noqa: E731
-                server_dur = {"service.name": "b", "peer.service.name": "a", "http.route": "/orders/{id}"}
-                await eventually(lambda: latest(rx, "http.server.request.duration", **server_dur) >= n,
-                                 f"http.server.request.duration count >= {n}", diag)  # fmt: skip
-                await asyncio.sleep(1.5)  # one more processor interval: nothing may arrive late
-                assert n <= latest(rx, "http.server.request.duration", **server_dur) <= n + conns, diag()
-                graph = latest(rx, "traces_service_graph_request_total", client="a", server="b")
-                assert n <= graph <= n + conns, diag()
-                seconds = latest(rx, "traces_service_graph_request_server_seconds", client="a", server="b")
-                assert seconds == graph, diag()
-                client_dur = {"service.name": "a", "peer.service.name": "b", "http.route": "/orders/{id}"}
-                assert n <= latest(rx, "http.client.request.duration", **client_dur) <= n + conns, diag()
-                b_spans = [s for r, s in spans(rx) if s.kind == SERVER and r.get("k8s.deployment.name") == "b"]
-                assert 0 < len(b_spans) < n / 10, (len(b_spans), n)  # sampled: the rest were summed
-        finally:
-            await server.close()
+        async with cluster(nat_topo, tmp_path, b_uid, b_cid) as (rx, proc):
+            stderr = await asyncio.to_thread(
+                run_agent_and_traffic, nat_topo, proc.ingest.port, 3, wrk, "--l7-record-rate", str(rate)
+            )
+            assert "Traceback" not in stderr, stderr
+            n = completed[0]
+            assert n > 50 * rate, f"wrk did only {n} requests"
+            diag = lambda: f"wrk: {n}\nagent stderr:\n{stderr[-3000:]}\n{dump(rx)}"  # noqa: E731
+            server_dur = {"service.name": "b", "peer.service.name": "a", "http.route": "/orders/{id}"}
+            await eventually(lambda: latest(rx, "http.server.request.duration", **server_dur) >= n,
+                             f"http.server.request.duration count >= {n}", diag)  # fmt: skip
+            await asyncio.sleep(1.5)  # one more processor interval: nothing may arrive late
+            assert n <= latest(rx, "http.server.request.duration", **server_dur) <= n + conns, diag()
+            graph = latest(rx, "traces_service_graph_request_total", client="a", server="b")
+            assert n <= graph <= n + conns, diag()
+            seconds = latest(rx, "traces_service_graph_request_server_seconds", client="a", server="b")
+            assert seconds == graph, diag()
+            client_dur = {"service.name": "a", "peer.service.name": "b", "http.route": "/orders/{id}"}
+            assert n <= latest(rx, "http.client.request.duration", **client_dur) <= n + conns, diag()
+            b_spans = [s for r, s in spans(rx) if s.kind == SERVER and r.get("k8s.deployment.name") == "b"]
+            assert 0 < len(b_spans) < n / 10, (len(b_spans), n)  # sampled: the rest were summed
 
     asyncio.run(asyncio.wait_for(body(), 60))
