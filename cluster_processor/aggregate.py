@@ -94,6 +94,8 @@ COUNTERS: Final = (
     "batches",
     "l4_records",
     "l7_records",
+    "l7_summaries",  # L7 records that are node summaries (requests summed in the kernel, no span)
+    "l7_summarized_requests",  # the requests those summaries stand for
     "listener_records",  # L4 records of listen sockets: their accept queues, not an edge
     "listeners_overflowed",  # listening (owner, port) pairs past max_listeners in one interval
     "unknown_protocol",  # L7 records of a protocol this processor cannot name
@@ -449,6 +451,9 @@ class Aggregator:
         failed = semconv.PROTOCOLS[protocol].failed(side, status, error_type)
         # Checked only where it can be (a summary's latency_ns is 0): one request costs no HasField.
         summary = q.summary if not latency_ns and q.HasField("summary") else None
+        if summary is not None:
+            c["l7_summaries"] += 1
+            c["l7_summarized_requests"] += summary.count
         ref = route.ref
         if ref in st.edges or self._admit(st, ref):
             key: _RedKey = (route.key, _PROTOCOL_VALUES[protocol], method, route_name, status, error_type)

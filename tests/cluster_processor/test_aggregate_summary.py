@@ -198,3 +198,11 @@ def test_summary_merges_with_single_requests_in_one_histogram(index: KubeIndex) 
     assert (gm.requests, ge.requests) == (7, 7)
     _same_histogram(gm.server_duration, ge.server_duration)
     assert len(mixed["node-2"].spans) == 2  # the sampled ones
+
+
+def test_summaries_are_counted(index: KubeIndex) -> None:
+    agg = Aggregator(index)
+    agg.add(batch("node-2", [server_l4()], _requests_one_by_one([MS], pb.ROLE_SERVER, 200)
+                  + _one_summary([MS, 2 * MS, 3 * MS], pb.ROLE_SERVER, 200)))  # fmt: skip
+    counters = agg.counters()
+    assert (counters["l7_records"], counters["l7_summaries"], counters["l7_summarized_requests"]) == (2, 1, 3)
