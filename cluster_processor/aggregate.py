@@ -184,6 +184,9 @@ class _Socket:
     socket_drops: int = -1  # a listener's drop counter at its previous record (-1: none yet)
 
 
+_ABSENT: Final = object()  # not in the socket table (where None is a socket with no state yet)
+
+
 @dataclass(slots=True)
 class _Listener:
     overflows: int = 0
@@ -233,7 +236,8 @@ class Aggregator:
         self._settings = settings
         self._nodes: dict[str, _NodeState] = {}
         self._last_end: dict[str, int] = {}  # node -> end of its last flushed interval
-        self._sockets: OrderedDict[tuple[str, int, int], _Socket] = OrderedDict()
+        # None: a socket seen with nothing to remember yet (a default _Socket, without the object)
+        self._sockets: OrderedDict[tuple[str, int, int], _Socket | None] = OrderedDict()
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._resolutions = ResolutionCache(index, settings.max_resolutions)
 
@@ -276,15 +280,17 @@ class Aggregator:
             self._sockets.pop(key, None)
 
     def _socket(self, key: tuple[str, int, int]) -> _Socket:
-        sock = self._sockets.get(key)
-        if sock is None:
+        sock = self._sockets.get(key, _ABSENT)
+        if sock is _ABSENT:
             sock = self._sockets[key] = _Socket()
             if len(self._sockets) > self._settings.max_sockets:
                 self._sockets.popitem(last=False)
                 self._counters["sockets_evicted"] += 1
-        else:
-            self._sockets.move_to_end(key)
-        return sock
+            return sock
+        self._sockets.move_to_end(key)
+        if sock is None:
+            sock = self._sockets[key] = _Socket()
+        return sock  # type: ignore[return-value]
 
     def _add_listener(self, node: str, st: _NodeState, f: pb.L4Flow) -> None:
         """A listening socket's queue: overflows are deltas already; the socket's drop counter is a
@@ -420,19 +426,26 @@ class Aggregator:
                 c["listener_records"] += 1
                 self._add_listener(node, st, l4_columns.row(cols, i))
                 continue
-            sock = get_socket(skey)
-            if sock is None:  # as _socket(), inline
-                sock = sockets[skey] = _Socket()
+            # As _socket(), inline, and without an object until there is something to remember.
+            sock: _Socket | None
+            found = get_socket(skey, _ABSENT)
+            if found is _ABSENT:
+                sock = sockets[skey] = None
                 if len(sockets) > max_sockets:
                     sockets.popitem(last=False)
                     c["sockets_evicted"] += 1
             else:
+                sock = found  # type: ignore[assignment]
                 touch(skey)  # least recently seen first: what a full table forgets
             if nat_ip:
+                if sock is None:
+                    sock = sockets[skey] = _Socket()
                 sock.nat_ip, sock.nat_port = strings[nat_ip], nat_port
             first_connect = False
             failure = None
             if connect_status:  # CONNECT_STATUS_UNSPECIFIED is 0
+                if sock is None:
+                    sock = sockets[skey] = _Socket()
                 first_connect = not sock.connect_seen
                 sock.connect_seen = True
                 failure = _CONNECT_ERRORS.get(connect_status)

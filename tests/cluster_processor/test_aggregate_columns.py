@@ -62,8 +62,10 @@ def run(batches: list[list[pb.FlowBatch]], settings: AggregatorSettings, form: s
     reports = []
     for k, interval in enumerate(batches):
         model._RNG.seed(k)
-        for b in interval:
-            agg.add(columnar(b) if form == "columns" else b, T0 + k * S)
+        for j, b in enumerate(interval):
+            # mixed: an old agent's rows and a new agent's columns on the same sockets, batch by batch
+            as_columns = form == "columns" or (form == "mixed" and (j + k) % 2 == 0)
+            agg.add(columnar(b) if as_columns else b, T0 + k * S)
         for rep in agg.flush(T0 + (k + 1) * S):
             reports.append(rep)
             pipe.export_interval(rep.interval)
@@ -90,6 +92,7 @@ def test_columns_aggregate_exactly_as_rows(seed: int, settings: AggregatorSettin
     assert cols_reports == rows_reports
     assert cols_counters == rows_counters
     assert cols_sent == rows_sent
+    assert run(batches, settings, "mixed") == (rows_reports, rows_counters, rows_sent)
     # The data reached every path being compared: edges, logs, listeners, NAT, and the OTLP requests.
     assert any(rep.interval.l4 for rep in rows_reports) and any(rep.logs for rep in rows_reports)
     assert any(rep.interval.listeners for rep in rows_reports)
