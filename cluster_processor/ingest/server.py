@@ -45,7 +45,7 @@ COUNTERS = (
     "rejected_node_name",
     "rejected_too_many_records",
     "rejected_columns",  # l4_columns of the wrong shape (length, string index) or with schema_version 1
-    "rejected_too_many_strings",  # l4_columns' string table over Limits.max_strings
+    "rejected_too_many_strings",  # l4_columns' string table longer than its records can use
     "duplicate_batches",  # a batch this processor had already taken (an agent's retry): answered OK, dropped
     "duplicate_records",
     "unverifiable_batches",  # numbered too far back (or from a forgotten agent run) to check: taken

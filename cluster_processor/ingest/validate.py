@@ -31,7 +31,6 @@ MAX_NODE_NAME = 253
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_records: int = 50_000  # l4 + l7 records in one batch (columnar L4 records included)
-    max_strings: int = 200_000  # entries in the L4 columns' string table
     max_problems_reported: int = 5  # record problems quoted in the response's error_message
 
 
@@ -149,11 +148,13 @@ def _check_columns(batch: pb.FlowBatch, limits: Limits) -> Rejection | None:
     cols = batch.l4_columns
     n = cols.count
     strings = cols.strings
-    if len(strings) > limits.max_strings:
+    # Each record can bring at most one new string per string column: more is padding, not data.
+    most = 1 + len(STRING_COLUMNS) * n
+    if len(strings) > most:
         return Rejection(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "too_many_strings",
-            f"l4_columns.strings holds {len(strings)} strings; the limit is {limits.max_strings} per batch",
+            f"l4_columns.strings holds {len(strings)} strings; {n} records can use at most {most}",
         )
     if strings and strings[0] != "":
         return _columns_invalid(f"l4_columns.strings[0] must be the empty string, not {_quote(strings[0])}")

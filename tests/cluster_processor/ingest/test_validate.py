@@ -160,13 +160,13 @@ def test_a_missing_family_column_makes_every_columnar_record_bad() -> None:
         (lambda c: c.remote_ip.__setitem__(2, 99), "columns", "l4_columns.remote_ip[2] is string index 99"),
         (lambda c: c.tcp_state.__setitem__(0, 4), "columns", "outside the string table (4 strings)"),
         (lambda c: c.strings.__setitem__(0, "x"), "columns", "l4_columns.strings[0] must be the empty string"),
-        (lambda c: c.strings.extend(["s"] * 20), "too_many_strings", "l4_columns.strings holds 24 strings"),
+        (lambda c: c.strings.extend(["s"] * 25), "too_many_strings", "holds 29 strings; 3 records can use at most 28"),
     ],
 )
 def test_misshapen_columns_reject_the_whole_batch(damage: object, reason: str, says: str) -> None:
     b = columnar([l4(0), l4(1), l4(2)])
     damage(b.l4_columns)  # type: ignore[operator]
-    r = validate(b, Limits(max_records=100, max_strings=10))
+    r = validate(b, LIMITS)
     assert isinstance(r, Rejection)
     code = grpc.StatusCode.RESOURCE_EXHAUSTED if reason == "too_many_strings" else grpc.StatusCode.INVALID_ARGUMENT
     assert (r.code, r.reason) == (code, reason)
