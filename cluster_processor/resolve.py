@@ -17,10 +17,11 @@ the same: the same pods talk to each other record after record.
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from itertools import compress, repeat
-from operator import attrgetter, getitem
+from itertools import repeat
+from operator import attrgetter, getitem, itemgetter
 from typing import Any, Final
 
 from cluster_processor.kube.index import KubeIndex
@@ -243,8 +244,10 @@ _PROCESS: Final = attrgetter("pod_uid", "container_id", "host_process")
 _ENDS: Final = attrgetter("local_ip", "local_port", "remote_ip", "remote_port")
 _LISTENER: Final = pb.ROLE_LISTENER
 _SERVER: Final = pb.ROLE_SERVER
-_UNRESOLVED: Final = attrgetter("unresolved")
-_EXTERNAL: Final = attrgetter("external")
+_UNRESOLVED_LOCAL: Final = 1
+_EXTERNAL_REMOTE: Final = 2
+_SIDE: Final = itemgetter(0)
+_FLAGS: Final = itemgetter(1)
 
 
 class EdgeRef:
@@ -353,9 +356,6 @@ class ResolutionCache:
         self._graph_refs: dict[tuple[str, str, ConnectionType], GraphRef] = {}
         self._mkeys: dict[tuple[Any, ...], _MKey] = {}
         self._edge_refs: dict[tuple[Any, ...], EdgeRef] = {}
-        # (local _End, remote _End, role, server port, NAT port) -> edge side, for l4_columns: holds
-        # _End objects of _locals/_remotes and interned refs, so cleared whenever those are.
-        self._sides = _Memo(self._side)
 
     def sizes(self) -> dict[str, int]:
         return {"routes": len(self._routes), "locals": len(self._locals), "remotes": len(self._remotes),
@@ -368,7 +368,6 @@ class ResolutionCache:
             self._routes.clear()
             self._locals.clear()
             self._remotes.clear()
-            self._sides.clear()
             self._generation = self._index.generation
 
     def prune(self) -> None:
@@ -377,7 +376,7 @@ class ResolutionCache:
         limit = max(self._limit, 1)
         if max(len(self._refs), len(self._graph_refs), len(self._mkeys), len(self._edge_refs)) > limit:
             for table in (self._refs, self._graph_refs, self._mkeys, self._edge_refs, self._routes, self._locals,
-                          self._remotes, self._sides):  # fmt: skip
+                          self._remotes):  # fmt: skip
                 table.clear()
 
     def _cache(self, table: dict[Any, Any], key: Any, value: Any) -> None:
@@ -430,11 +429,11 @@ class ResolutionCache:
         """``l4`` for every record of a columnar batch at once: (the metric edge side of each record,
         None for a listener; how many records had an unresolved local end; how many an external remote).
 
-        Looked up in C (``map`` over ``_Memo.__getitem__``), calling back into Python only for what
-        was not seen before: each record's local end by its string-table ints (process identity and
-        address), its remote end (address and NAT answer), and then its edge side by those two ends,
-        its role and the ports a metric edge reads (the server's: the local port of a server socket,
-        else the remote one, and the NAT answer's). Ends resolve through the same tables ``l4`` uses."""
+        Records are looked up in C (``map`` over a per-batch ``_Memo``) by the string-table ints of
+        everything resolution reads of them: process identity, local, remote and NAT addresses, role,
+        and the ports a metric edge keeps (the server's: the local port of a server socket, else the
+        remote one; and the NAT answer's), never a client's ephemeral port. Python runs once per
+        distinct record of the batch, resolving through ``l4``'s own tables (ends, edges)."""
         n = cols.count
         strings = list(cols.strings) or [""]
 
@@ -445,41 +444,33 @@ class ResolutionCache:
         if self._limit <= 0:  # the reference path: every record resolved afresh
             return self._l4_columns_afresh(node, strings, column)
 
-        def local(key: tuple[int, int, int, int]) -> _End:
-            pod_uid, container_id, host, local_ip = key
-            return self._local_end(node, (strings[pod_uid], strings[container_id], bool(host)), strings[local_ip])
-
-        locals_ = zip(column("process_pod_uid"), column("process_container_id"), column("process_host_process"),
-                      column("local_ip"), strict=True)  # fmt: skip
-        ends = list(map(_Memo(local).__getitem__, locals_))
         text = strings.__getitem__
-        remote_keys = zip(map(text, column("remote_ip")), map(text, column("nat_remote_ip")), strict=True)
-        remotes = list(map(self._remotes.__getitem__, remote_keys))
+
+        def answer(key: tuple[int, ...]) -> tuple[EdgeSide | None, int]:
+            """(edge side, _UNRESOLVED_LOCAL | _EXTERNAL_REMOTE) of a record with these fields."""
+            pod_uid, container_id, host, local_ip, remote_ip, nat_ip, role, port, nat_port = key
+            if role == _LISTENER:
+                return None, 0
+            le = self._local_end(node, (text(pod_uid), text(container_id), bool(host)), text(local_ip))
+            re = self._remotes[text(remote_ip), text(nat_ip)]
+            flags = (_UNRESOLVED_LOCAL if le.unresolved else 0) | (_EXTERNAL_REMOTE if re.external else 0)
+            if role == _SERVER:
+                return self._edge_ref((re.mkey, le.mkey, port), le, re, False, port, 0).server, flags
+            remote_port = (nat_port or port) if re.nat else port
+            return self._edge_ref((le.mkey, re.mkey, remote_port), le, re, True, 0, remote_port).client, flags
+
         # (local, remote)[is client]: a server's own port, else the peer's.
         is_client = map(_SERVER.__ne__, column("role"))
         ports = map(getitem, zip(column("local_port"), column("remote_port"), strict=True), is_client)
-        side_keys = zip(ends, remotes, column("role"), ports, column("nat_remote_port"), strict=True)
-        sides = list(map(self._sides.__getitem__, side_keys))
-        unresolved = sum(map(_UNRESOLVED, ends))
-        external = sum(map(_EXTERNAL, remotes))
-        if None in sides:  # listeners: no edge, so not counted (as in ``l4``, which they never reach)
-            listeners = [side is None for side in sides]
-            unresolved -= sum(compress(map(_UNRESOLVED, ends), listeners))
-            external -= sum(compress(map(_EXTERNAL, remotes), listeners))
-        return sides, unresolved, external
-
-    def _side(self, key: tuple[_End, _End, int, int, int]) -> EdgeSide | None:
-        """The metric edge side of a record with these ends, role, server port and NAT port (``l4``'s
-        rules); ``_sides`` remembers it, bounded like the other tables."""
-        le, re, role, port, nat_port = key
-        if role == _LISTENER:
-            return None
-        if len(self._sides) >= self._limit:
-            self._sides.clear()
-        if role == _SERVER:
-            return self._edge_ref((re.mkey, le.mkey, port), le, re, False, port, 0).server
-        remote_port = (nat_port or port) if re.nat else port
-        return self._edge_ref((le.mkey, re.mkey, remote_port), le, re, True, 0, remote_port).client
+        keys = zip(
+            column("process_pod_uid"), column("process_container_id"), column("process_host_process"),
+            column("local_ip"), column("remote_ip"), column("nat_remote_ip"), column("role"), ports,
+            column("nat_remote_port"), strict=True,
+        )  # fmt: skip
+        answers = list(map(_Memo(answer).__getitem__, keys))
+        flags = Counter(map(_FLAGS, answers))
+        both = _UNRESOLVED_LOCAL | _EXTERNAL_REMOTE
+        return list(map(_SIDE, answers)), flags[_UNRESOLVED_LOCAL] + flags[both], flags[_EXTERNAL_REMOTE] + flags[both]
 
     def _l4_columns_afresh(
         self, node: str, strings: list[str], column: Callable[[str], Iterable[int]]
