@@ -671,7 +671,7 @@ def _l4_points(st: _NodeState) -> Iterable[L4Point]:
             a.bytes_sent,
             a.bytes_received,
             a.connections,
-            tuple(sorted(a.failures.items())),
+            tuple(sorted(a.failures.items())) if a.failures else (),
             a.retransmits,
             a.resets,
             a.drops,
