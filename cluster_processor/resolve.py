@@ -17,11 +17,10 @@ the same: the same pods talk to each other record after record.
 from __future__ import annotations
 
 import enum
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from itertools import repeat
-from operator import attrgetter, getitem, itemgetter
+from itertools import compress, repeat
+from operator import attrgetter, getitem
 from typing import Any, Final
 
 from cluster_processor.kube.index import KubeIndex
@@ -244,10 +243,10 @@ _PROCESS: Final = attrgetter("pod_uid", "container_id", "host_process")
 _ENDS: Final = attrgetter("local_ip", "local_port", "remote_ip", "remote_port")
 _LISTENER: Final = pb.ROLE_LISTENER
 _SERVER: Final = pb.ROLE_SERVER
-_UNRESOLVED_LOCAL: Final = 1
-_EXTERNAL_REMOTE: Final = 2
-_SIDE: Final = itemgetter(0)
-_FLAGS: Final = itemgetter(1)
+_UNRESOLVED: Final = attrgetter("unresolved")
+_EXTERNAL: Final = attrgetter("external")
+_MKEY: Final = attrgetter("mkey")
+_NAT: Final = attrgetter("nat")
 
 
 class EdgeRef:
@@ -301,9 +300,13 @@ class Route:
 
 
 class _MKey:
-    """An interned token for one end's metric identity: hashed by id, compared by identity."""
+    """An interned token for one end's metric identity: hashed by id, compared by identity. Holds the
+    first endpoint seen with it: any endpoint with the same token gives ``edge`` the same answer."""
 
-    __slots__ = ()
+    __slots__ = ("endpoint",)
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
 
 
 class _End:
@@ -356,6 +359,9 @@ class ResolutionCache:
         self._graph_refs: dict[tuple[str, str, ConnectionType], GraphRef] = {}
         self._mkeys: dict[tuple[Any, ...], _MKey] = {}
         self._edge_refs: dict[tuple[Any, ...], EdgeRef] = {}
+        # (local _MKey, remote _MKey, remote named by NAT, role, server port, NAT port) -> edge side,
+        # for l4_columns: holds interned refs, so cleared whenever those are.
+        self._sides = _Memo(self._side)
 
     def sizes(self) -> dict[str, int]:
         return {"routes": len(self._routes), "locals": len(self._locals), "remotes": len(self._remotes),
@@ -376,7 +382,7 @@ class ResolutionCache:
         limit = max(self._limit, 1)
         if max(len(self._refs), len(self._graph_refs), len(self._mkeys), len(self._edge_refs)) > limit:
             for table in (self._refs, self._graph_refs, self._mkeys, self._edge_refs, self._routes, self._locals,
-                          self._remotes):  # fmt: skip
+                          self._remotes, self._sides):  # fmt: skip
                 table.clear()
 
     def _cache(self, table: dict[Any, Any], key: Any, value: Any) -> None:
@@ -397,7 +403,7 @@ class ResolutionCache:
         ident = (endpoint.identity(False), endpoint.address if endpoint.kind is EndpointKind.EXTERNAL else None)
         mkey = self._mkeys.get(ident)
         if mkey is None:
-            mkey = self._mkeys[ident] = _MKey()
+            mkey = self._mkeys[ident] = _MKey(endpoint)
         return _End(endpoint, mkey, nat)
 
     def l4(
@@ -423,17 +429,20 @@ class ResolutionCache:
         remote_port = (nat_port or remote_port) if re.nat else remote_port
         is_client = f.role != pb.ROLE_SERVER
         ekey = (le.mkey, re.mkey, remote_port) if is_client else (re.mkey, le.mkey, local_port)
-        return self._edge_ref(ekey, le, re, is_client, local_port, remote_port), le.unresolved, re.external
+        ref = self._edge_ref(ekey, le.endpoint, re.endpoint, is_client, local_port, remote_port)
+        return ref, le.unresolved, re.external
 
     def l4_columns(self, node: str, cols: pb.L4Columns) -> tuple[list[EdgeSide | None], int, int]:
         """``l4`` for every record of a columnar batch at once: (the metric edge side of each record,
         None for a listener; how many records had an unresolved local end; how many an external remote).
 
-        Records are looked up in C (``map`` over a per-batch ``_Memo``) by the string-table ints of
-        everything resolution reads of them: process identity, local, remote and NAT addresses, role,
-        and the ports a metric edge keeps (the server's: the local port of a server socket, else the
-        remote one; and the NAT answer's), never a client's ephemeral port. Python runs once per
-        distinct record of the batch, resolving through ``l4``'s own tables (ends, edges)."""
+        Looked up in C (``map`` over ``_Memo.__getitem__``), calling back into Python only for what
+        was not seen before: each record's local end by its string-table ints (process identity and
+        address; per batch), its remote end by address and NAT answer (``l4``'s table), and its edge
+        side by the two ends' metric identities (``_MKey``: workload level, so few), whether the remote
+        was named through its NAT answer, role, and the ports a metric edge keeps (the server's: the
+        local port of a server socket, else the remote one; and the NAT answer's), never a client's
+        ephemeral port."""
         n = cols.count
         strings = list(cols.strings) or [""]
 
@@ -446,31 +455,44 @@ class ResolutionCache:
 
         text = strings.__getitem__
 
-        def answer(key: tuple[int, ...]) -> tuple[EdgeSide | None, int]:
-            """(edge side, _UNRESOLVED_LOCAL | _EXTERNAL_REMOTE) of a record with these fields."""
-            pod_uid, container_id, host, local_ip, remote_ip, nat_ip, role, port, nat_port = key
-            if role == _LISTENER:
-                return None, 0
-            le = self._local_end(node, (text(pod_uid), text(container_id), bool(host)), text(local_ip))
-            re = self._remotes[text(remote_ip), text(nat_ip)]
-            flags = (_UNRESOLVED_LOCAL if le.unresolved else 0) | (_EXTERNAL_REMOTE if re.external else 0)
-            if role == _SERVER:
-                return self._edge_ref((re.mkey, le.mkey, port), le, re, False, port, 0).server, flags
-            remote_port = (nat_port or port) if re.nat else port
-            return self._edge_ref((le.mkey, re.mkey, remote_port), le, re, True, 0, remote_port).client, flags
+        def local(key: tuple[int, int, int, int]) -> _End:
+            pod_uid, container_id, host, local_ip = key
+            return self._local_end(node, (text(pod_uid), text(container_id), bool(host)), text(local_ip))
 
-        # (local, remote)[is client]: a server's own port, else the peer's.
-        is_client = map(_SERVER.__ne__, column("role"))
-        ports = map(getitem, zip(column("local_port"), column("remote_port"), strict=True), is_client)
-        keys = zip(
-            column("process_pod_uid"), column("process_container_id"), column("process_host_process"),
-            column("local_ip"), column("remote_ip"), column("nat_remote_ip"), column("role"), ports,
-            column("nat_remote_port"), strict=True,
-        )  # fmt: skip
-        answers = list(map(_Memo(answer).__getitem__, keys))
-        flags = Counter(map(_FLAGS, answers))
-        both = _UNRESOLVED_LOCAL | _EXTERNAL_REMOTE
-        return list(map(_SIDE, answers)), flags[_UNRESOLVED_LOCAL] + flags[both], flags[_EXTERNAL_REMOTE] + flags[both]
+        # Each record's ends: the local one by its ints (a node's few pods), the remote one by its text.
+        local_keys = zip(column("process_pod_uid"), column("process_container_id"),
+                         column("process_host_process"), column("local_ip"), strict=True)  # fmt: skip
+        ends = list(map(_Memo(local).__getitem__, local_keys))
+        remote_keys = zip(map(text, column("remote_ip")), map(text, column("nat_remote_ip")), strict=True)
+        remotes = list(map(self._remotes.__getitem__, remote_keys))
+        # Then its edge side, by the two ends' metric identities (workload level: few), role and ports:
+        # (local, remote)[is client] is a server's own port, else the peer's.
+        ports = map(getitem, zip(column("local_port"), column("remote_port"), strict=True),
+                    map(_SERVER.__ne__, column("role")))  # fmt: skip
+        side_keys = zip(map(_MKEY, ends), map(_MKEY, remotes), map(_NAT, remotes), column("role"), ports,
+                        column("nat_remote_port"), strict=True)  # fmt: skip
+        sides = list(map(self._sides.__getitem__, side_keys))
+        unresolved = sum(map(_UNRESOLVED, ends))
+        external = sum(map(_EXTERNAL, remotes))
+        if None in sides:  # listeners: no edge, so not counted (as in ``l4``, which they never reach)
+            listeners = [side is None for side in sides]
+            unresolved -= sum(compress(map(_UNRESOLVED, ends), listeners))
+            external -= sum(compress(map(_EXTERNAL, remotes), listeners))
+        return sides, unresolved, external
+
+    def _side(self, key: tuple[_MKey, _MKey, bool, int, int, int]) -> EdgeSide | None:
+        """The metric edge side of ends with these metric identities, remote named by its NAT answer
+        or not, role, server port and NAT port (``l4``'s rules); ``_sides`` keeps it."""
+        local, remote, nat, role, port, nat_port = key
+        if role == _LISTENER:
+            return None
+        if len(self._sides) >= self._limit:
+            self._sides.clear()
+        if role == _SERVER:
+            return self._edge_ref((remote, local, port), local.endpoint, remote.endpoint, False, port, 0).server
+        remote_port = (nat_port or port) if nat else port
+        ekey = (local, remote, remote_port)
+        return self._edge_ref(ekey, local.endpoint, remote.endpoint, True, 0, remote_port).client
 
     def _l4_columns_afresh(
         self, node: str, strings: list[str], column: Callable[[str], Iterable[int]]
@@ -519,13 +541,13 @@ class ResolutionCache:
         return self._end(endpoint, nat=endpoint.how in (How.NAT_POD_IP, How.NAT_NODE_IP))
 
     def _edge_ref(
-        self, ekey: tuple[Any, ...], le: _End, re: _End, is_client: bool, local_port: int, remote_port: int
+        self, ekey: tuple[Any, ...], local: Endpoint, remote: Endpoint, client: bool, local_port: int, remote_port: int
     ) -> EdgeRef:
         found = self._edge_refs.get(ekey)
         if found is None:
             # Built by ``edge`` itself from the two ends with their ports: the key holds all it reads.
-            local, remote = _with_port(le.endpoint, local_port), _with_port(re.endpoint, remote_port)
-            found = self._edge_refs[ekey] = self._intern_ref(edge(Resolved(local, remote, is_client), METRIC_EDGE))
+            local, remote = _with_port(local, local_port), _with_port(remote, remote_port)
+            found = self._edge_refs[ekey] = self._intern_ref(edge(Resolved(local, remote, client), METRIC_EDGE))
         return found
 
     def l7(self, node: str, q: pb.L7Request, nat_ip: str, nat_port: int) -> Route:
