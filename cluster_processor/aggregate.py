@@ -414,12 +414,12 @@ class Aggregator:
         edges, accs = st.edges, st.l4
         get_acc = accs.get
         events: list[tuple[int, str | None]] = []  # (record, failure to log) in record order
-        skeys = zip(repeat(node), column("netns_inode"), column("socket_cookie"), strict=False)
-        for (i, key, kind, skey, nat_ip, nat_port, connect_status, srtt_us, sent, received) in zip(
-            range(n), sides, column("kind"), skeys, column("nat_remote_ip"), column("nat_remote_port"),
-            column("connect_status"), column("srtt_us"), column("delta_bytes_sent"), column("delta_bytes_received"),
-            strict=True,
+        for (i, key, kind, netns, cookie, nat_ip, nat_port, connect_status, srtt_us, sent, received) in zip(
+            range(n), sides, column("kind"), column("netns_inode"), column("socket_cookie"), column("nat_remote_ip"),
+            column("nat_remote_port"), column("connect_status"), column("srtt_us"), column("delta_bytes_sent"),
+            column("delta_bytes_received"), strict=True,
         ):  # fmt: skip
+            skey = (node, netns, cookie)
             if kind == _CLOSE:
                 closed.append(skey)
             if key is None:  # a listener
