@@ -32,6 +32,7 @@ from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import compress, repeat
 from operator import attrgetter
 from typing import Final
 
@@ -74,6 +75,7 @@ from cluster_processor.resolve import (
     resolve_local,
 )
 from kscope.v1 import flow_pb2 as pb
+from kscope_common import l4_columns
 from kscope_common.latency import rebucket_map
 
 NS_PER_S: Final = 1_000_000_000
@@ -213,6 +215,9 @@ class _Socket:
     socket_drops: int = -1  # a listener's drop counter at its previous record (-1: none yet)
 
 
+_ABSENT: Final = object()  # not in the socket table (where None is a socket with no state yet)
+
+
 @dataclass(slots=True)
 class _Listener:
     overflows: int = 0
@@ -244,6 +249,13 @@ _LISTENER: Final = pb.ROLE_LISTENER
 _SERVER: Final = pb.ROLE_SERVER
 _CLOSE: Final = pb.RECORD_KIND_CLOSE
 _HTTP: Final = attrgetter("method", "route", "path", "request_id", "status_code")
+_CLIENT_SIDE: Final = Side.CLIENT
+# (columns, _L4 attribute): the delta counters most records leave at zero, summed per edge side
+_SPARSE_L4: Final = (
+    (("delta_retransmits", "delta_syn_retransmits"), "retransmits"),
+    (("delta_resets_sent", "delta_resets_received"), "resets"),
+    (("delta_drops",), "drops"),
+)
 _DELTA: Final = attrgetter(
     "bytes_sent", "bytes_received", "retransmits", "syn_retransmits", "resets_sent", "resets_received", "drops"
 )
@@ -255,7 +267,8 @@ class Aggregator:
         self._settings = settings
         self._nodes: dict[str, _NodeState] = {}
         self._last_end: dict[str, int] = {}  # node -> end of its last flushed interval
-        self._sockets: OrderedDict[tuple[str, int, int], _Socket] = OrderedDict()
+        # None: a socket seen with nothing to remember yet (a default _Socket, without the object)
+        self._sockets: OrderedDict[tuple[str, int, int], _Socket | None] = OrderedDict()
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._resolutions = ResolutionCache(index, settings.max_resolutions)
 
@@ -286,6 +299,9 @@ class Aggregator:
         for flow in l4:
             if add_l4(node, st, flow):
                 closed.append((node, flow.netns_inode, flow.socket_cookie))
+        if batch.HasField("l4_columns"):
+            c["l4_records"] += batch.l4_columns.count
+            self._add_l4_columns(node, st, batch.l4_columns, closed)
         l7 = batch.l7
         c["l7_records"] += len(l7)
         for req in l7:
@@ -295,15 +311,17 @@ class Aggregator:
             self._sockets.pop(key, None)
 
     def _socket(self, key: tuple[str, int, int]) -> _Socket:
-        sock = self._sockets.get(key)
-        if sock is None:
+        sock = self._sockets.get(key, _ABSENT)
+        if sock is _ABSENT:
             sock = self._sockets[key] = _Socket()
             if len(self._sockets) > self._settings.max_sockets:
                 self._sockets.popitem(last=False)
                 self._counters["sockets_evicted"] += 1
-        else:
-            self._sockets.move_to_end(key)
-        return sock
+            return sock
+        self._sockets.move_to_end(key)
+        if sock is None:
+            sock = self._sockets[key] = _Socket()
+        return sock  # type: ignore[return-value]
 
     def _add_listener(self, node: str, st: _NodeState, f: pb.L4Flow) -> None:
         """A listening socket's queue: overflows are deltas already; the socket's drop counter is a
@@ -400,6 +418,117 @@ class Aggregator:
                         acc.connect = _Hist(CONNECT_BOUNDS_S)
                     acc.connect.add(f.connect_latency_ns / NS_PER_S)
         return bool(kind == _CLOSE)
+
+    def _add_l4_columns(
+        self, node: str, st: _NodeState, cols: pb.L4Columns, closed: list[tuple[str, int, int]]
+    ) -> None:
+        """``_add_l4`` over every record of a columnar batch, under the same rules (a test holds the two
+        forms to the same output), reading ints out of columns instead of fields out of one message per
+        record. One pass in record order does what every record needs (its socket, bytes, RTT, connect
+        outcome); the counters most records leave at zero (retransmits, resets, drops) are added in
+        passes over only their non-zero records. Rare records (a listener, a reset or failed connect
+        that makes a log) are rebuilt as an ``L4Flow`` and take ``_add_l4``'s own code."""
+        n = cols.count
+        c = self._counters
+        sides, unresolved, external = self._resolutions.l4_columns(node, cols)
+        c["unresolved_local"] += unresolved
+        c["external_remote"] += external
+
+        def column(name: str) -> Iterable[int]:
+            values = getattr(cols, name)
+            return values if values else repeat(0, n)
+
+        sockets = self._sockets
+        get_socket, touch = sockets.get, sockets.move_to_end
+        max_sockets = self._settings.max_sockets
+        strings = cols.strings
+        edges, accs = st.edges, st.l4
+        get_acc = accs.get
+        events: list[tuple[int, str | None]] = []  # (record, failure to log) in record order
+        for (i, key, kind, netns, cookie, nat_ip, nat_port, connect_status, srtt_us, sent, received) in zip(
+            range(n), sides, column("kind"), column("netns_inode"), column("socket_cookie"), column("nat_remote_ip"),
+            column("nat_remote_port"), column("connect_status"), column("srtt_us"), column("delta_bytes_sent"),
+            column("delta_bytes_received"), strict=True,
+        ):  # fmt: skip
+            skey = (node, netns, cookie)
+            if kind == _CLOSE:
+                closed.append(skey)
+            if key is None:  # a listener
+                c["listener_records"] += 1
+                self._add_listener(node, st, l4_columns.row(cols, i))
+                continue
+            # As _socket(), inline, and without an object until there is something to remember.
+            sock: _Socket | None
+            found = get_socket(skey, _ABSENT)
+            if found is _ABSENT:
+                sock = sockets[skey] = None
+                if len(sockets) > max_sockets:
+                    sockets.popitem(last=False)
+                    c["sockets_evicted"] += 1
+            else:
+                sock = found  # type: ignore[assignment]
+                touch(skey)  # least recently seen first: what a full table forgets
+            if nat_ip:
+                if sock is None:
+                    sock = sockets[skey] = _Socket()
+                sock.nat_ip, sock.nat_port = strings[nat_ip], nat_port
+            first_connect = False
+            failure = None
+            if connect_status:  # CONNECT_STATUS_UNSPECIFIED is 0
+                if sock is None:
+                    sock = sockets[skey] = _Socket()
+                first_connect = not sock.connect_seen
+                sock.connect_seen = True
+                failure = _CONNECT_ERRORS.get(connect_status)
+                if first_connect and failure in ("connection_refused", "timeout"):
+                    events.append((i, failure))
+            acc = get_acc(key)
+            if acc is None:
+                ref = key.ref
+                if ref not in edges and not self._admit(st, ref):
+                    continue
+                acc = accs[key] = _L4()
+            acc.bytes_sent += sent
+            acc.bytes_received += received
+            if srtt_us:
+                acc.rtt_sum_s += srtt_us / 1e6
+                acc.rtt_n += 1
+            if key.side is _CLIENT_SIDE:
+                if kind == _CLOSE and failure is None:
+                    acc.connections += 1
+                if first_connect:
+                    if failure is not None:
+                        acc.failures[failure] = acc.failures.get(failure, 0) + 1
+                    else:
+                        latency_ns = cols.connect_latency_ns[i] if cols.connect_latency_ns else 0
+                        if latency_ns:
+                            if acc.connect is None:
+                                acc.connect = _Hist(CONNECT_BOUNDS_S)
+                            acc.connect.add(latency_ns / NS_PER_S)
+        # Integer sums, so their order does not matter; a record whose edge was not admitted has no
+        # accumulator for its side (admission is per edge and interval).
+        for names, attr in _SPARSE_L4:
+            for name in names:
+                values = getattr(cols, name)
+                if not values:
+                    continue
+                for i in compress(range(n), values):
+                    key = sides[i]
+                    acc = get_acc(key) if key is not None else None
+                    if acc is not None:
+                        setattr(acc, attr, getattr(acc, attr) + values[i])
+        sent_resets, received_resets = cols.delta_resets_sent, cols.delta_resets_received
+        if sent_resets or received_resets:
+            resets = set(compress(range(n), sent_resets)) if sent_resets else set()
+            if received_resets:
+                resets.update(compress(range(n), received_resets))
+            failed = dict(events)
+            # A listener's resets make no log (its record is no edge).
+            events = [(i, failed.get(i)) for i in sorted(resets.union(failed)) if sides[i] is not None]
+        for i, failure in events:  # logs in record order, as the row form makes them
+            f = l4_columns.row(cols, i)
+            side = Side.SERVER if f.role == _SERVER else Side.CLIENT
+            self._l4_events(node, st, f, resolve_l4(self._index, node, f), side, failure)
 
     def _l4_events(self, node: str, st: _NodeState, f: pb.L4Flow, r: Resolved, side: Side, failure: str | None) -> None:
         t = f.time_unix_nano
@@ -596,7 +725,7 @@ def _l4_points(st: _NodeState) -> Iterable[L4Point]:
             a.bytes_sent,
             a.bytes_received,
             a.connections,
-            tuple(sorted(a.failures.items())),
+            tuple(sorted(a.failures.items())) if a.failures else (),
             a.retransmits,
             a.resets,
             a.drops,

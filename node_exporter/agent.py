@@ -28,7 +28,7 @@ from node_exporter.l7.syscalls import OBJECT_NAME as L7_SYSCALLS_OBJECT
 from node_exporter.l7.syscalls import SyscallL7Collector, kernel_has_socket_tracepoints
 from node_exporter.metadata.proc import ProcessIndex
 from node_exporter.nat.conntrack import ConntrackTable, FlowKey
-from node_exporter.output.convert import MonotonicClock, l4_flow, l7_request
+from node_exporter.output.convert import MonotonicClock, l4_columns, l4_flow, l7_request
 from node_exporter.output.jsonl import JsonlWriter
 from node_exporter.output.live import LiveView
 from node_exporter.selfmetrics import SelfMetrics
@@ -158,24 +158,27 @@ class Agent:
             if self.conntrack is not None:
                 # asks conntrack only about client sockets it has no answer for yet
                 self.conntrack.resolve(self._nat_key(r) for r in records if r.role == Role.KSCOPE_ROLE_CLIENT)
-            flows = [
-                l4_flow(r, self.procs.lookup(r.tgid, r.comm), self.clock, self.drop_reasons, self._nat(r))
-                for r in records
-            ]
+            procs = [self.procs.lookup(r.tgid, r.comm) for r in records]
+            nats = [self._nat(r) for r in records]  # once per record: a close forgets its answer
             requests = [l7_request(e, self.procs.lookup(e.conn.tgid, e.conn.comm), self.clock) for e in events]
-            self._write(flows, requests)
+            if self.writer is not None:
+                flows = [
+                    l4_flow(r, p, self.clock, self.drop_reasons, nat)
+                    for r, p, nat in zip(records, procs, nats, strict=True)
+                ]
+                self._write(flows, requests)
             if self.shipper is not None:
                 self._update_metrics()  # the batch carries the counters up to now
-                self.shipper.submit(
-                    pb.FlowBatch(
-                        schema_version=1,
-                        node_name=self.opts.node_name,
-                        time_unix_nano=time.time_ns(),
-                        l4=flows,
-                        l7=requests,
-                        stats=self.metrics.to_proto(time.time_ns()),
-                    )
+                batch = pb.FlowBatch(
+                    schema_version=2,  # L4 records as columns: the processor reads arrays, not messages
+                    node_name=self.opts.node_name,
+                    time_unix_nano=time.time_ns(),
+                    l7=requests,
+                    stats=self.metrics.to_proto(time.time_ns()),
                 )
+                if records:
+                    batch.l4_columns.CopyFrom(l4_columns(records, procs, self.clock, self.drop_reasons, nats))
+                self.shipper.submit(batch)
         self.requests_seen += len(events) + self._summarized_since_last_step()
         self.view.update(records, events)
         self._update_metrics()
