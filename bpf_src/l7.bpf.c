@@ -96,7 +96,7 @@ struct l7_slot {
 	__u8 head[KSCOPE_L7_SUMMARY_HEAD];
 };
 
-#define L7_SLOTS 4 /* keys summed at once per socket; a fifth key sends the oldest slot's summary early */
+#define L7_SLOTS 4 /* keys summed at once per socket; a fifth key sends the least used slot's summary early */
 
 struct l7_xchg {
 	struct bpf_spin_lock lock;
@@ -675,15 +675,18 @@ static __always_inline void summary_fill(struct kscope_l7_summary *r, const stru
 	__builtin_memset(r->_pad3, 0, sizeof(r->_pad3));
 }
 
-/* Every slot holds another key: the oldest one's summary goes now (into r, reserved before
- * the lock) and frees it. x->lock held. */
+/* Every slot holds another key: the least used one's summary goes now (into r, reserved before
+ * the lock) and frees it. Least used, not oldest: with more keys than slots in turn on one
+ * connection, evicting the oldest would send a summary per request; this way the busiest keys
+ * keep their slots and only the rest take turns in one. x->lock held. */
 static __always_inline bool slot_evict(struct kscope_l7_summary *r, struct l7_xchg *x)
 {
 	struct l7_slot *old = &x->slots[0];
 
 #pragma unroll
 	for (int i = 1; i < L7_SLOTS; i++)
-		if (x->slots[i].first_ns < old->first_ns)
+		if (x->slots[i].count < old->count ||
+		    (x->slots[i].count == old->count && x->slots[i].first_ns < old->first_ns))
 			old = &x->slots[i];
 	if (!old->count)
 		return false; /* a slot became free after all (the sweep sent it): nothing to evict */

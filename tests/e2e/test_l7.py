@@ -567,16 +567,21 @@ def test_summaries_count_every_request_under_load(
     trace.poll()
 
     stats = trace.kernel_stats()
-    assert stats["summary_lost"] == 0 and stats["rb_full"] == 0, stats
+    # What the ring had no room for is counted, per request: an exchange record, or a request that
+    # found every slot taken and no room for the evicted summary. (A due summary without room stays
+    # in its slot for the next sweep; the final flush found room, or summary_lost says so.)
+    lost = stats["exchange_rb_full"] + stats["summary_lost"]
     assert (stats["slots_full"] > 0) == (targets is MANY), stats
     assert stats["summarized"] > n, stats  # most requests, at both ends, were summed
+    totals = []
     for side in (Role.SERVER, Role.CLIENT):
         events = http(trace.events, side=side)
         singles = [e for e in events if e.record.summary is None]
         summaries = [e for e in events if e.record.summary is not None]
         total = len(singles) + sum(e.record.summary.count for e in summaries if e.record.summary)
         # wrk counts completed responses; up to one request per connection was in flight at the end
-        assert n <= total <= n + conns, (side, n, total, len(singles), len(summaries))
+        assert n - lost <= total <= n + conns, (side, n, total, lost, len(singles), len(summaries))
+        totals.append(total)
         by_target: dict[tuple[str, str, int], int] = {}
         for e in events:
             r = e.record
@@ -584,7 +589,7 @@ def test_summaries_count_every_request_under_load(
             by_target[key] = by_target.get(key, 0) + (r.summary.count if r.summary else 1)
         assert set(by_target) == set(targets.values()), by_target
         for count in by_target.values():  # round robin: the same share each
-            assert abs(count - total / len(targets)) <= conns + 1, by_target
+            assert abs(count - total / len(targets)) <= conns + 1 + lost, by_target
         # 5xx are always records of their own (a trace to look at); the rest past the rate are summed
         assert not [e for e in summaries if e.record.status >= 500 or e.record.path == LONG]
         sampled = [e for e in singles if e.record.status < 500 and e.record.path != LONG]
@@ -596,4 +601,6 @@ def test_summaries_count_every_request_under_load(
             assert s.latency_min_ns <= s.latency_max_ns and s.latency_min_ns * s.count <= s.latency_sum_ns, s
             assert e.record.latency_ns == 0 and e.record.traceparent == "" and e.record.start_ns <= s.end_ns, e
         assert {e.conn.comm for e in events} == {"nginx" if side is Role.SERVER else "wrk"}
+    assert 2 * n <= sum(totals) + lost <= 2 * (n + conns), (n, totals, stats)
+    # every summary the kernel sent was read (one the ring had no room for was not sent)
     assert stats["summaries"] == sum(1 for e in trace.events if getattr(e.record, "summary", None) is not None)
