@@ -45,12 +45,13 @@ class Stream:
 
 class Series:
     """One live cumulative stream. The ``wire*`` slots belong to the encoder (``encode``): the bytes
-    of the stream's last data point without its time, and where the value starts in them, so an
-    unchanged stream is not encoded again. The store sets ``changed`` when the value moves and drops
-    ``wire`` when anything else in those bytes would (a restart's new start time)."""
+    of the stream's last data point before and after its time field, and the part of them that
+    stays while the value moves, so an unchanged stream is not encoded again. The store sets
+    ``changed`` when the value moves and drops ``wire`` when anything else in those bytes would (a
+    restart's new start time and bounds)."""
 
     __slots__ = ("attributes", "changed", "last_update_unix_nano", "name", "serial", "start_unix_nano", "value",
-                 "wire", "wire_at")  # fmt: skip
+                 "wire", "wire_fixed", "wire_lead")  # fmt: skip
 
     def __init__(self, name: str, attributes: Attrs, start: int, end: int, value: int | float | Histogram) -> None:
         self.name = name
@@ -61,7 +62,8 @@ class Series:
         self.serial = 0  # the update() call that last touched it: a gauge is exported only then
         self.changed = True
         self.wire: bytes | None = None
-        self.wire_at = 0
+        self.wire_lead = b""
+        self.wire_fixed: bytes | None = None
 
 
 @dataclass(slots=True)

@@ -9,8 +9,11 @@ Spans and logs: one ResourceSpans/ResourceLogs per observed workload (see
 gRPC receiver accepts by default.
 
 Metrics and spans are assembled at the byte level (``wire``) from parts encoded once and cached
-(a series' data point without its time, an edge's span attributes, a resource), then parsed by
-the C runtime into the request objects the exporter takes; logs, rare, are built field by field.
+(a series' data point without its time, an edge's span attributes, a resource); logs, rare, are
+built field by field and serialized. Every request leaves as an ``EncodedRequest``: the bytes the
+exporter sends as they are, and its item count. The bytes are what the generated classes would
+serialize for the same request, field for field and in the same order (the tests parse them back
+and serialize them again to check), so a receiver cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -64,6 +67,15 @@ _IS_REMOTE: Final = 0x200
 _SPAN_KIND: Final = {Side.SERVER: trace_pb2.Span.SPAN_KIND_SERVER, Side.CLIENT: trace_pb2.Span.SPAN_KIND_CLIENT}
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedRequest:
+    """One serialized export request (an ``Export{Metrics,Trace,Logs}ServiceRequest``) and the
+    items it holds: data points, spans or log records, which the exporter counts by outcome."""
+
+    data: bytes
+    items: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,13 +137,18 @@ def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 
 # ---- metrics ------------------------------------------------------------------------------------
 #
-# Built at the byte level (``wire``): a series' data point is cached as bytes without its time,
-# and every point of one request shares one encoded time. Field numbers from metrics/v1:
+# Built at the byte level (``wire``), every message's fields in field-number order as the generated
+# classes write them. Field numbers from metrics/v1:
 # Metric name = 1, description = 2, unit = 3, gauge = 5, sum = 7, histogram = 9; Sum and
 # Histogram data_points = 1, aggregation_temporality = 2, Sum is_monotonic = 3;
 # NumberDataPoint start = 2, time = 3, as_double = 4, as_int = 6, attributes = 7;
 # HistogramDataPoint start = 2, time = 3, count = 4, sum = 5, bucket_counts = 6,
 # explicit_bounds = 7, attributes = 9, min = 11, max = 12.
+#
+# So a data point is: its tag and length and start time (the *lead*), the time, then the *rest*:
+# the value, what never changes for a stream (a histogram's bounds, the attributes), and a
+# histogram's min and max. A series keeps its lead and rest as bytes (and the unchanging middle, to
+# rebuild the rest when only the value moved); every point of one request shares one encoded time.
 
 _DATA_FIELD: Final = {Kind.GAUGE: 5, Kind.COUNTER: 7, Kind.OBSERVED_COUNTER: 7, Kind.HISTOGRAM: 9}
 _TEMPORALITY: Final = b"\x10" + wire.varint(_CUMULATIVE)
@@ -158,59 +175,63 @@ def _number_value(v: int | float | Histogram) -> bytes:
     return b""
 
 
-def _histogram_value(h: Histogram) -> bytes:
+def _histogram_value(h: Histogram) -> tuple[bytes, bytes]:
+    """(count, sum and bucket counts; min and max): what comes before and after the bounds and
+    attributes."""
     n = len(h.bucket_counts)
-    out = [b"\x21" + wire.pack_fixed64(h.count) if h.count else b"", b"\x29" + wire.pack_double(h.sum)]
+    count = h.count
+    head = b"\x21" + wire.pack_fixed64(count) + b"\x29" if count else b"\x29"
+    head += wire.pack_double(h.sum)
     if n:
-        out.append(b"\x32" + wire.varint(8 * n) + struct.pack(f"<{n}Q", *h.bucket_counts))
-    if h.min is not None:
-        out.append(b"\x59" + wire.pack_double(h.min))
-    if h.max is not None:
-        out.append(b"\x61" + wire.pack_double(h.max))
-    return b"".join(out)
+        head += b"\x32" + wire.varint(8 * n) + struct.pack(f"<{n}Q", *h.bucket_counts)
+    lo, hi = h.min, h.max
+    if lo is None:
+        return head, b"" if hi is None else b"\x61" + wire.pack_double(hi)
+    if hi is None:
+        return head, b"\x59" + wire.pack_double(lo)
+    return head, b"\x59" + wire.pack_double(lo) + b"\x61" + wire.pack_double(hi)
 
 
-def _point_prefix(attributes: Attrs, start_unix_nano: int, value: int | float | Histogram) -> bytes:
-    """The parts of a data point that stay while its value moves: attributes, start time, and a
-    histogram's bounds."""
-    start = b"\x11" + wire.pack_fixed64(start_unix_nano) if start_unix_nano else b""
+def _fixed_part(attributes: Attrs, value: int | float | Histogram) -> bytes:
+    """What stays while a stream's value moves, between its value and a histogram's min and max:
+    a histogram's bounds and the attributes."""
     if isinstance(value, Histogram):
         bounds = value.bounds
         packed = b"\x3a" + wire.varint(8 * len(bounds)) + struct.pack(f"<{len(bounds)}d", *bounds) if bounds else b""
-        return _ATTRIBUTES(9, attributes) + start + packed
-    return _ATTRIBUTES(7, attributes) + start
+        return packed + _ATTRIBUTES(9, attributes)
+    return _ATTRIBUTES(7, attributes)
 
 
-def _value_bytes(value: int | float | Histogram) -> bytes:
-    return _histogram_value(value) if isinstance(value, Histogram) else _number_value(value)
+def _rest(fixed: bytes, value: int | float | Histogram) -> bytes:
+    if isinstance(value, Histogram):
+        head, tail = _histogram_value(value)
+        return head + fixed + tail
+    return _number_value(value) + fixed
 
 
-def _point_bytes(attributes: Attrs, start_unix_nano: int, value: int | float | Histogram) -> tuple[bytes, int]:
-    """A whole ``data_points`` entry without its time field (appended per request), and the
-    offset where its value starts."""
-    body = _point_prefix(attributes, start_unix_nano, value)
-    val = _value_bytes(value)
-    head = _POINT_TAG + wire.varint(len(body) + len(val) + _TIME_LEN)
-    return head + body + val, len(head) + len(body)
+def _lead(start_unix_nano: int, rest: bytes) -> bytes:
+    start = b"\x11" + wire.pack_fixed64(start_unix_nano) if start_unix_nano else b""
+    return _POINT_TAG + wire.varint(len(start) + _TIME_LEN + len(rest)) + start
 
 
-def series_point(s: Series, gauge: bool) -> bytes:
-    """``s``'s data point bytes (without the time), re-encoding only what changed since the last
-    call: usually just the fixed-width value, spliced after the cached attributes."""
-    old = s.wire
-    if old is not None and not s.changed:
-        return old
-    value = s.value
-    if old is not None:
-        val = _value_bytes(value)
-        at = s.wire_at
-        if len(old) - at == len(val):  # same length: same header, same prefix
-            s.wire = old[:at] + val
-            s.changed = False
-            return s.wire
-    s.wire, s.wire_at = _point_bytes(s.attributes, 0 if gauge else s.start_unix_nano, value)
+def _point_parts(attributes: Attrs, start_unix_nano: int, value: int | float | Histogram) -> tuple[bytes, bytes]:
+    """A whole ``data_points`` entry as (lead, rest): the entry is lead + time field + rest."""
+    rest = _rest(_fixed_part(attributes, value), value)
+    return _lead(start_unix_nano, rest), rest
+
+
+def refresh_series(s: Series, gauge: bool) -> None:
+    """Bring ``s``'s cached point (``wire_lead``, ``wire``) up to date, re-encoding only what
+    changed: usually the value alone, joined to the cached bounds and attributes."""
+    fixed = s.wire_fixed
+    if s.wire is None or fixed is None:
+        fixed = s.wire_fixed = _fixed_part(s.attributes, s.value)
+        s.wire = None
+    rest = _rest(fixed, s.value)
+    if s.wire is None or len(rest) != len(s.wire):  # the length is in the lead
+        s.wire_lead = _lead(0 if gauge else s.start_unix_nano, rest)
+    s.wire = rest
     s.changed = False
-    return s.wire
 
 
 @lru_cache(maxsize=1024)
@@ -218,9 +239,12 @@ def _metric_head(inst: Instrument) -> bytes:
     return wire.string(1, inst.name) + wire.string(2, inst.description) + wire.string(3, inst.unit)
 
 
-def _metric(inst: Instrument, points: list[bytes], time_field: bytes) -> bytes:
-    """One Metric: header, then its data field holding every point, each followed by the time."""
-    data = time_field.join(points) + time_field + _DATA_TRAILER[inst.kind]
+def _metric(inst: Instrument, leads: Sequence[bytes], rests: Sequence[bytes], time_field: bytes) -> bytes:
+    """One Metric: header, then its data field holding every point, each its lead, the time, its rest."""
+    parts = [time_field] * (3 * len(leads))
+    parts[0::3] = leads
+    parts[2::3] = rests
+    data = b"".join(parts) + _DATA_TRAILER[inst.kind]
     return _metric_head(inst) + wire.message(_DATA_FIELD[inst.kind], data)
 
 
@@ -235,12 +259,10 @@ def _scope_field(version: str) -> bytes:
     return wire.message(1, wire.string(1, SCOPE_NAME) + wire.string(2, version))
 
 
-def _metrics_request(resource_attrs: Attrs, version: str, metric_fields: list[bytes]) -> ExportMetricsServiceRequest:
+def _metrics_request(resource_attrs: Attrs, version: str, metric_fields: list[bytes], points: int) -> EncodedRequest:
     scope_metrics = _scope_field(version) + b"".join(wire.message(2, m) for m in metric_fields)
     rm = _resource_field(resource_attrs) + wire.message(2, scope_metrics)  # ResourceMetrics.scope_metrics = 2
-    # Parsed by the C runtime: the exporter takes request objects, and a malformed byte fails here.
-    request: ExportMetricsServiceRequest = ExportMetricsServiceRequest.FromString(wire.message(1, rm))
-    return request
+    return EncodedRequest(wire.message(1, rm), points)  # ExportMetricsServiceRequest.resource_metrics = 1
 
 
 def series_requests(
@@ -250,28 +272,31 @@ def series_requests(
     *,
     version: str = "0.1.0",
     max_points: int = MAX_POINTS_PER_REQUEST,
-) -> list[ExportMetricsServiceRequest]:
+) -> list[EncodedRequest]:
     """The store's live series of one resource (``CumulativeStore.update_series``) at one instant,
     in requests of at most ``max_points`` points; a metric split across two requests appears in both."""
     time_field = _time_field(time_unix_nano)
-    out: list[ExportMetricsServiceRequest] = []
+    out: list[EncodedRequest] = []
     current: list[bytes] = []
     room = max_points
     for inst, series in groups:
         gauge = inst.kind is Kind.GAUGE
-        # An unchanged series' cached bytes taken without a call: most series, most intervals.
-        points = [s.wire if s.wire is not None and not s.changed else series_point(s, gauge) for s in series]
-        i = 0
-        while i < len(points):
-            take = points[i : i + room]
-            current.append(_metric(inst, take, time_field))
-            i += len(take)
-            room -= len(take)
+        for s in series:
+            if s.changed or s.wire is None:  # an unchanged series' cached bytes are taken as they are
+                refresh_series(s, gauge)
+        leads = [s.wire_lead for s in series]
+        rests = [s.wire for s in series]
+        i, n = 0, len(series)
+        while i < n:
+            take = min(room, n - i)
+            current.append(_metric(inst, leads[i : i + take], rests[i : i + take], time_field))  # type: ignore[arg-type]
+            i += take
+            room -= take
             if room == 0:
-                out.append(_metrics_request(resource_attrs, version, current))
+                out.append(_metrics_request(resource_attrs, version, current, max_points))
                 current, room = [], max_points
     if current:
-        out.append(_metrics_request(resource_attrs, version, current))
+        out.append(_metrics_request(resource_attrs, version, current, max_points - room))
     return out
 
 
@@ -282,19 +307,22 @@ def metrics_requests(
     *,
     version: str = "0.1.0",
     max_points: int = MAX_POINTS_PER_REQUEST,
-) -> list[ExportMetricsServiceRequest]:
+) -> list[EncodedRequest]:
     """The streams of one resource at one instant, in requests of at most ``max_points`` points;
     within a request, one Metric per instrument, its streams in first-seen order."""
     time_field = _time_field(time_unix_nano)
     out = []
     for batch in chunks(streams, max_points):
-        by_name: dict[str, tuple[Instrument, list[bytes]]] = {}
+        by_name: dict[str, tuple[Instrument, list[bytes], list[bytes]]] = {}
         for s in batch:
             entry = by_name.get(s.instrument.name)
             if entry is None:
-                entry = by_name[s.instrument.name] = (s.instrument, [])
-            entry[1].append(_point_bytes(s.attributes, s.start_unix_nano, s.value)[0])
-        out.append(_metrics_request(resource_attrs, version, [_metric(i, p, time_field) for i, p in by_name.values()]))
+                entry = by_name[s.instrument.name] = (s.instrument, [], [])
+            lead, rest = _point_parts(s.attributes, s.start_unix_nano, s.value)
+            entry[1].append(lead)
+            entry[2].append(rest)
+        metric_fields = [_metric(i, leads, rests, time_field) for i, leads, rests in by_name.values()]
+        out.append(_metrics_request(resource_attrs, version, metric_fields, len(batch)))
     return out
 
 
@@ -471,7 +499,7 @@ def traces_requests(
     *,
     version: str = "0.1.0",
     max_spans: int = MAX_SPANS_PER_REQUEST,
-) -> list[ExportTraceServiceRequest]:
+) -> list[EncodedRequest]:
     out = []
     scope = _scope_field(version)  # ScopeSpans.scope = 1, as ScopeMetrics'
     resources: dict[int, tuple[_SpanTemplate, Attrs]] = {}  # each template's span resource, for this node
@@ -501,7 +529,7 @@ def traces_requests(
         for res, fields in groups.items():
             # ResourceSpans: resource = 1, scope_spans = 2
             resource_spans.append(wire.message(1, _resource_field(res) + wire.message(2, scope + b"".join(fields))))
-        out.append(ExportTraceServiceRequest.FromString(b"".join(resource_spans)))
+        out.append(EncodedRequest(b"".join(resource_spans), len(batch)))  # ExportTraceServiceRequest
     return out
 
 
@@ -531,14 +559,14 @@ def logs_requests(
     *,
     version: str = "0.1.0",
     max_records: int = MAX_LOGS_PER_REQUEST,
-) -> list[ExportLogsServiceRequest]:
+) -> list[EncodedRequest]:
     out = []
     for batch in chunks(events, max_records):
         req = ExportLogsServiceRequest()
         for res, idx in _group_by_resource(node_name, batch).items():
             rl = req.resource_logs.add(resource=resource(res))
             rl.scope_logs.add(scope=scope(version), log_records=[log_record(batch[i]) for i in idx])
-        out.append(req)
+        out.append(EncodedRequest(req.SerializeToString(), len(batch)))
     return out
 
 

@@ -6,9 +6,9 @@ fixed-width on the wire (``fixed64`` times, ``sfixed64``/``double`` values). The
 concatenates: a message is its fields' bytes in any order, a repeated field is its elements one
 after another, and a nested message is a tag, a length and its bytes. So the parts that do not
 change (a series' ``KeyValue`` list, a resource, a metric's name and unit) are encoded once and
-kept as bytes, and only the numbers are packed again. The result is parsed once by the C
-protobuf runtime into the request object the exporter takes, so a mistake here fails loudly in
-the parser instead of reaching a receiver.
+kept as bytes, and only the numbers are packed again. The result goes on the wire as it is
+(``encode.EncodedRequest``), so it must be exactly what the generated classes would serialize:
+fields in field-number order, proto3 defaults left out.
 
 Field numbers are opentelemetry-proto's (``common/v1``, ``resource/v1``, ``metrics/v1``,
 ``trace/v1``); tests compare these bytes, parsed back, with messages built by the generated
@@ -89,13 +89,13 @@ def _any_value(value: AttrValue) -> bytes:
 def key_value_uncached(key: str, value: AttrValue) -> bytes:
     """``key_value`` for a value seen once (a request's path): encoded without touching the caches."""
     if isinstance(value, str):
-        return message(1, key.encode()) + message(2, message(1, value.encode()))
+        return string(1, key) + message(2, message(1, value.encode()))
     return key_value(key, value)
 
 
 @lru_cache(maxsize=1024)
 def _key_field(key: str) -> bytes:
-    return message(1, key.encode())
+    return string(1, key)
 
 
 def attribute_uncached(field: int, key: str, value: AttrValue) -> bytes:
@@ -113,8 +113,9 @@ def attribute_uncached(field: int, key: str, value: AttrValue) -> bytes:
 
 
 def key_value(key: str, value: AttrValue) -> bytes:
-    """The bytes of one ``KeyValue`` message (key = 1, value = 2), without its own tag."""
-    return message(1, key.encode()) + message(2, any_value(value))
+    """The bytes of one ``KeyValue`` message (key = 1, value = 2), without its own tag. An empty key
+    is left out, as a proto3 string is; the value, a message, is always written."""
+    return string(1, key) + message(2, any_value(value))
 
 
 @lru_cache(maxsize=65_536, typed=True)

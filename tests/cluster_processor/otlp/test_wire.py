@@ -1,5 +1,7 @@
 """Byte-level OTLP encoding against the generated classes: random attributes, values and series
-encoded by ``wire``/``encode`` (with their caches) and field by field, parsed back and compared."""
+encoded by ``wire``/``encode`` (with their caches) and field by field, parsed back and compared.
+Whole requests are compared byte for byte with what the generated classes serialize: the exporter
+sends ``encode``'s bytes as they are."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from collections.abc import Sequence
 
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
@@ -159,7 +162,8 @@ def test_streams_encode_as_the_field_by_field_request(seed: int) -> None:
         streams.append(Stream(inst, a, start, value))
     resource = random_attrs(r)
     got = encode.metrics_requests(resource, streams, T0 + S, version="9.9", max_points=10**6)
-    assert got == [ref_metrics_request(resource, streams, T0 + S, "9.9")]
+    want = ref_metrics_request(resource, streams, T0 + S, "9.9")
+    assert [(r.data, r.items) for r in got] == [(want.SerializeToString(), len(streams))]
 
 
 def test_cached_series_encoding_follows_every_change() -> None:
@@ -189,7 +193,9 @@ def test_cached_series_encoding_follows_every_change() -> None:
                    for inst, series in groups for s in series]  # fmt: skip
         got = encode.series_requests(resource, groups, end, max_points=7)
         want = [ref_metrics_request(resource, streams[i : i + 7], end, "0.1.0") for i in range(0, len(streams), 7)]
-        assert got == want, k
+        assert [ExportMetricsServiceRequest.FromString(r.data) for r in got] == want, k
+        assert [r.data for r in got] == [w.SerializeToString() for w in want], k
+        assert [r.items for r in got] == [encode.count_points(w) for w in want], k
     assert store.stats().resets > 0 and store.stats().expired > 0 and store.stats().overflowed
 
 
@@ -265,7 +271,11 @@ def test_span_bytes_equal_the_field_by_field_span(seed: int) -> None:
     records = [random_span(r) for _ in range(300)]
     for s in records:
         assert trace_pb2.Span.FromString(encode.span_bytes(s)) == ref_span(s)
-    (req,) = encode.traces_requests("node-a", records, max_spans=1000)
+    (encoded,) = encode.traces_requests("node-a", records, max_spans=1000)
+    req = ExportTraceServiceRequest.FromString(encoded.data)
+    assert encoded.items == len(records)
+    # Byte for byte what the generated classes write: the exporter sends these bytes as they are.
+    assert encoded.data == req.SerializeToString()
     got = [sp for rs in req.resource_spans for ss in rs.scope_spans for sp in ss.spans]
     by_resource = {}
     for s in records:
@@ -311,7 +321,9 @@ def test_traces_requests_resource_follows_the_reporting_node_through_the_templat
     r = random.Random(7)
     records = [random_span(r) for _ in range(60)]
     for node in [f"node-{i}" for i in range(12)] * 2:
-        (req,) = encode.traces_requests(node, records, max_spans=1000)
+        (encoded,) = encode.traces_requests(node, records, max_spans=1000)
+        req = ExportTraceServiceRequest.FromString(encoded.data)
+        assert encoded.data == req.SerializeToString()
         want: dict[Attrs, list[trace_pb2.Span]] = {}
         for s in records:
             want.setdefault(semconv.span_resource(s.edge.of(s.side), node), []).append(ref_span(s))
