@@ -213,6 +213,7 @@ _LISTENER: Final = pb.ROLE_LISTENER
 _SERVER: Final = pb.ROLE_SERVER
 _CLOSE: Final = pb.RECORD_KIND_CLOSE
 _HTTP: Final = attrgetter("method", "route", "path", "request_id", "status_code")
+_new_tuple: Final = tuple.__new__  # a SpanRecord without NamedTuple's Python-level __new__
 _DELTA: Final = attrgetter(
     "bytes_sent", "bytes_received", "retransmits", "syn_retransmits", "resets_sent", "resets_received", "drops"
 )
@@ -473,8 +474,8 @@ class Aggregator:
             self._counters["spans_overflowed"] += 1
             return
         st.spans.append(
-            SpanRecord(span_edge, side, protocol, ctx, start, start + latency_ns, method, route_name, status,
-                       error_type, extra)
+            _new_tuple(SpanRecord, (span_edge, side, protocol, ctx, start, start + latency_ns, method, route_name,
+                                    status, error_type, extra))
         )  # fmt: skip
 
     # ---- output ------------------------------------------------------------------------------

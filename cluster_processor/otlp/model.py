@@ -17,8 +17,8 @@ import random
 import re
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Final, overload
+from dataclasses import dataclass, field
+from typing import Final, NamedTuple, overload
 
 from cluster_processor.otlp.errors import InvalidAggregateError
 
@@ -129,6 +129,15 @@ class Edge:
 
     client: Attrs
     server: Attrs
+    # Edges key many tables and caches per record (span templates, RED keys, interning): their two
+    # attribute tuples are hashed once here, not on every lookup (a tuple does not keep its hash).
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.client, self.server)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def of(self, side: Side) -> Attrs:
         return self.client if side is Side.CLIENT else self.server
@@ -318,11 +327,13 @@ _TRACEPARENT: Final = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-(
 _ZERO_TRACE: Final = "0" * 32
 _ZERO_SPAN: Final = "0" * 16
 FLAG_SAMPLED: Final = 0x01
+_new_tuple: Final = tuple.__new__
 _RNG: Final = random.Random()  # ids need uniqueness, not secrecy; os.urandom per span costs a syscall
 
 
-@dataclass(frozen=True, slots=True)
-class SpanContext:
+class SpanContext(NamedTuple):
+    """A span's W3C context. A named tuple rather than a frozen dataclass, as ``SpanRecord``."""
+
     trace_id: bytes  # 16 bytes
     span_id: bytes  # 8 bytes
     parent_span_id: bytes = b""  # 8 bytes, or empty for a root span
@@ -354,27 +365,26 @@ def span_context(
     id would instead collide with that span whenever the app is instrumented itself.
     Without a (valid) header the span starts a new trace."""
     gen = rng or _RNG
-    v = gen.getrandbits(64)  # _nonzero inline: one per span
+    v = gen.getrandbits(64)  # all-zero ids are invalid in W3C and OTLP
     while v == 0:
         v = gen.getrandbits(64)
     span_id = v.to_bytes(8, "big")
     parsed = parse_traceparent(traceparent) if traceparent else None
     if parsed is None:
-        return SpanContext(_nonzero(gen, 128), span_id)
+        v = gen.getrandbits(128)
+        while v == 0:
+            v = gen.getrandbits(128)
+        return _new_tuple(SpanContext, (v.to_bytes(16, "big"), span_id, b"", FLAG_SAMPLED, "", False))
     trace_id, parent, flags = parsed
-    return SpanContext(trace_id, span_id, parent, flags, tracestate, remote_parent=True)
+    return _new_tuple(SpanContext, (trace_id, span_id, parent, flags, tracestate, True))
 
 
-def _nonzero(gen: random.Random, bits: int) -> bytes:
-    value = 0
-    while value == 0:  # all-zero ids are invalid in W3C and OTLP
-        value = gen.getrandbits(bits)
-    return value.to_bytes(bits // 8, "big")
-
-
-@dataclass(frozen=True, slots=True)
-class SpanRecord:
-    """One observed request as a span (SERVER or CLIENT after ``side``)."""
+class SpanRecord(NamedTuple):
+    """One observed request as a span (SERVER or CLIENT after ``side``). A named tuple rather than
+    a frozen dataclass: one is made per request, and a frozen dataclass's ``__init__`` (one
+    ``object.__setattr__`` per field) costs more than the rest of recording it; the aggregator
+    builds it with ``tuple.__new__`` (all fields, in order), skipping NamedTuple's Python-level
+    ``__new__``."""
 
     edge: Edge
     side: Side

@@ -10,7 +10,10 @@ from hypothesis import strategies as st
 
 from cluster_processor.otlp.errors import InvalidAggregateError
 from cluster_processor.otlp.model import (
+    FLAG_SAMPLED,
+    Edge,
     Histogram,
+    SpanContext,
     attrs,
     graph_node_name,
     parse_traceparent,
@@ -109,3 +112,15 @@ def test_span_context_without_header_starts_a_trace() -> None:
         assert len(ctx.trace_id) == 16 and any(ctx.trace_id)
         assert ctx.parent_span_id == b"" and not ctx.remote_parent
     assert a.trace_id != b.trace_id
+    # Built without the constructor (tuple.__new__): still the record the constructor makes.
+    assert a == SpanContext(a.trace_id, a.span_id) and a.trace_flags == FLAG_SAMPLED and a.trace_state == ""
+
+
+def test_edges_hash_and_compare_by_their_attributes() -> None:
+    client = attrs({"k8s.pod.name": "a", "client.port": 5})
+    server = attrs({"k8s.pod.name": "b", "server.port": 80})
+    e = Edge(client, server)
+    same = Edge(tuple(list(client)), tuple(list(server)))  # equal tuples, other objects
+    assert e == same and hash(e) == hash(same) and {e: 1}[same] == 1
+    assert e != Edge(server, client) and Edge(client, attrs({"k8s.pod.name": "b", "server.port": 81})) not in {e}
+    assert repr(e) == f"Edge(client={client!r}, server={server!r})"
