@@ -403,8 +403,10 @@ def _span_template(
     if not base_keys.isdisjoint(out_keys):
         return head, status_field, None, (), b""
     items = sorted(base + outcome)  # keys unique: sorted by key
-    parts = [b for _, b in items]
-    return head, status_field, tuple([k for k, _ in items]), (0, *accumulate(map(len, parts))), b"".join(parts)
+    if not items:
+        return head, status_field, (), (0,), b""
+    keys, parts = zip(*items, strict=True)
+    return head, status_field, keys, (0, *accumulate(map(len, parts))), b"".join(parts)
 
 
 def _template_attributes(t: _SpanTemplate, s: SpanRecord) -> bytes:
@@ -444,6 +446,7 @@ def _id_field(field: int, value: bytes) -> bytes:
 
 _ID_HEADS: Final = {(f, n): wire.tag(f) + wire.varint(n) for f in (1, 2, 4) for n in (8, 16)}
 _ID_1_16: Final = _ID_HEADS[1, 16]
+_SPAN_HEADS: Final = tuple(b"\x12" + bytes((n,)) for n in range(0x80))  # ScopeSpans.spans = 2, short
 _ID_2_8: Final = _ID_HEADS[2, 8]
 
 
@@ -460,30 +463,56 @@ def span_bytes(s: SpanRecord) -> bytes:
 
 
 def _span_bytes(s: SpanRecord, t: _SpanTemplate) -> bytes:
-    ctx = s.context
-    flags = ctx.trace_flags & 0xFF
-    parent = ctx.parent_span_id
+    return b"".join(_span_parts(s, t))
+
+
+_TIMES: Final = struct.Struct("<BQBQ").pack  # start = 7 and end = 8, fixed64 both
+_FLAGS: Final = struct.Struct("<BBI").pack  # flags = 16, fixed32: a two-byte tag
+
+
+def _span_parts(s: SpanRecord, t: _SpanTemplate) -> list[bytes]:
+    """The bytes of one Span message (without its own tag), in pieces for one join."""
+    _, _, _, ctx, start, end, _, _, _, _, own = s
+    trace_id, span_id, parent, flags, trace_state, remote = ctx
+    flags &= 0xFF
+    # Ids are 16 and 8 bytes (one prebuilt tag and length each) but for a context made by hand.
+    parts = [_ID_1_16, trace_id] if len(trace_id) == 16 else [_id_field(1, trace_id)]
+    if len(span_id) == 8:
+        parts += (_ID_2_8, span_id)
+    else:
+        parts.append(_id_field(2, span_id))
+    if trace_state:
+        parts.append(wire.string(3, trace_state))
     if parent:
-        flags |= _HAS_IS_REMOTE | (_IS_REMOTE if ctx.remote_parent else 0)
-    start = s.start_unix_nano
-    end = s.end_unix_nano
+        flags |= _HAS_IS_REMOTE | _IS_REMOTE if remote else _HAS_IS_REMOTE
+        parts.append(_id_field(4, parent))
+    parts.append(t[0])
     if end < start:
         end = start
-    trace_id, span_id = ctx.trace_id, ctx.span_id
-    return b"".join(
-        (
-            _ID_1_16 + trace_id if len(trace_id) == 16 else _id_field(1, trace_id),
-            _ID_2_8 + span_id if len(span_id) == 8 else _id_field(2, span_id),
-            wire.string(3, ctx.trace_state) if ctx.trace_state else b"",
-            _id_field(4, parent) if parent else b"",
-            t[0],
-            b"\x39" + wire.pack_fixed64(start) if start else b"",
-            b"\x41" + wire.pack_fixed64(end) if end else b"",
-            _template_attributes(t, s),
-            t[1],
-            b"\x85\x01" + _pack_fixed32(flags) if flags else b"",
-        )
-    )
+    if start:  # and so end: the common case in one piece
+        parts.append(_TIMES(0x39, start, 0x41, end))
+    elif end:
+        parts.append(b"\x41" + wire.pack_fixed64(end))
+    keys = t[2]
+    if not own:
+        parts.append(t[4])
+    elif len(own) == 1 and keys is not None:
+        # One own attribute (url.path): spliced at its place among the template's, if its key is new.
+        ((k, v),) = own
+        i = bisect_left(keys, k)
+        if i < len(keys) and keys[i] == k:
+            parts.append(_span_attributes(s))
+        else:
+            joined = t[4]
+            at = t[3][i]
+            # Not through the caches: these values are per request and would only evict the rest.
+            parts += (joined[:at], wire.attribute_uncached(9, k, v), joined[at:])
+    else:
+        parts.append(_template_attributes(t, s))
+    parts.append(t[1])
+    if flags:
+        parts.append(_FLAGS(0x85, 0x01, flags))
+    return parts
 
 
 def _group_by_resource(node_name: str, items: Iterable[SpanRecord | LogEvent]) -> dict[Attrs, list[int]]:
@@ -502,29 +531,27 @@ def traces_requests(
 ) -> list[EncodedRequest]:
     out = []
     scope = _scope_field(version)  # ScopeSpans.scope = 1, as ScopeMetrics'
-    resources: dict[int, tuple[_SpanTemplate, Attrs]] = {}  # each template's span resource, for this node
+    template = _span_template
+    join = b"".join
     for batch in chunks(spans, max_spans):
         # Grouped by resource in first-seen order, each span's ScopeSpans.spans (= 2) field built
-        # as it is met: the resource found by the span's template, not by hashing its attributes.
+        # as it is met, as its tag and length and its bytes, joined once per group.
         groups: dict[Attrs, list[bytes]] = {}
+        # The group of each template met in this batch: found by the template's identity (held
+        # alongside, so its id stays its own while this call runs), not by hashing the resource.
+        by_template: dict[int, tuple[_SpanTemplate, list[bytes]]] = {}
         for sp in batch:
-            t = _span_template(sp.edge, sp.side, sp.protocol, sp.method, sp.route, sp.status_code, sp.error_type)
-            # Keyed by the template's identity, the template held alongside so its id stays its own
-            # for as long as this call runs.
-            known = resources.get(id(t))
+            edge, side, protocol, _, _, _, method, route, status, error_type, _ = sp
+            t = template(edge, side, protocol, method, route, status, error_type)
+            known = by_template.get(id(t))
             if known is None:
-                res = semconv.span_resource(sp.edge.of(sp.side), node_name)
-                resources[id(t)] = (t, res)
+                fields = groups.setdefault(semconv.span_resource(edge.of(side), node_name), [])
+                by_template[id(t)] = (t, fields)
             else:
-                res = known[1]
-            b = _span_bytes(sp, t)
+                fields = known[1]
+            b = join(_span_parts(sp, t))
             n = len(b)
-            field = b"\x12" + (wire.varint(n) if n > 0x7F else bytes((n,))) + b
-            fields = groups.get(res)
-            if fields is None:
-                groups[res] = [field]
-            else:
-                fields.append(field)
+            fields += (_SPAN_HEADS[n] if n < 0x80 else b"\x12" + wire.varint(n), b)
         resource_spans = []
         for res, fields in groups.items():
             # ResourceSpans: resource = 1, scope_spans = 2

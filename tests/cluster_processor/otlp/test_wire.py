@@ -305,6 +305,36 @@ def test_span_template_splices_own_attributes_as_the_general_rule_orders_them(se
         t = encode._span_template(s.edge, s.side, s.protocol, s.method, s.route, s.status_code, s.error_type)
         assert encode._template_attributes(t, s) == encode._span_attributes(s), own
         assert trace_pb2.Span.FromString(encode.span_bytes(s)) == ref_span(s), own
+        (encoded,) = encode.traces_requests("node-a", [s])
+        assert encoded.data == ref_traces_request("node-a", [s]).SerializeToString(), own
+
+
+def ref_traces_request(node: str, records: Sequence[SpanRecord]) -> ExportTraceServiceRequest:
+    by_resource: dict[Attrs, list[trace_pb2.Span]] = {}
+    for s in records:
+        by_resource.setdefault(semconv.span_resource(s.edge.of(s.side), node), []).append(ref_span(s))
+    return ExportTraceServiceRequest(
+        resource_spans=[
+            trace_pb2.ResourceSpans(
+                resource=Resource(attributes=ref_key_values(res)),
+                scope_spans=[
+                    trace_pb2.ScopeSpans(scope=InstrumentationScope(name="kscope", version="0.1.0"), spans=spans)
+                ],
+            )
+            for res, spans in by_resource.items()
+        ]
+    )
+
+
+def test_spans_of_edges_and_outcomes_without_attributes_encode_too() -> None:
+    bare = Edge((), ())
+    records = [
+        SpanRecord(bare, side, Protocol.DNS, span_context(), T0, T0 + 1, attributes=own)
+        for side in (Side.CLIENT, Side.SERVER)
+        for own in ((), (("url.path", "/x"),), (("a", 1), ("b", "2")))
+    ]
+    (encoded,) = encode.traces_requests("node-a", records)
+    assert encoded.data == ref_traces_request("node-a", records).SerializeToString()
 
 
 @pytest.mark.parametrize("field", [7, 9, 40])
