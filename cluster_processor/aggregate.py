@@ -212,7 +212,7 @@ _L4_REST: Final = attrgetter("nat_remote_ip", "nat_remote_port", "kind", "connec
 _LISTENER: Final = pb.ROLE_LISTENER
 _SERVER: Final = pb.ROLE_SERVER
 _CLOSE: Final = pb.RECORD_KIND_CLOSE
-_HTTP: Final = attrgetter("method", "route", "path", "request_id", "status_code")
+_HTTP: Final = attrgetter("method", "route", "path", "request_id", "status_code", "traceparent")
 _new_tuple: Final = tuple.__new__  # a SpanRecord without NamedTuple's Python-level __new__
 _DELTA: Final = attrgetter(
     "bytes_sent", "bytes_received", "retransmits", "syn_retransmits", "resets_sent", "resets_received", "drops"
@@ -415,7 +415,7 @@ class Aggregator:
         if route.external:
             c["external_remote"] += 1
         side = route.side
-        method, route_name, status, error_type, extra = _details(protocol, q)
+        method, route_name, status, error_type, extra, traceparent = _details(protocol, q)
         latency_ns = q.latency_ns
         duration_s = latency_ns / NS_PER_S
         failed = semconv.PROTOCOLS[protocol].failed(side, status, error_type)
@@ -430,7 +430,7 @@ class Aggregator:
                     hist = st.red[key] = _Hist(HTTP_DURATION_BOUNDS_S)
                 hist.add(duration_s)
             self._graph(st, route, side, failed, duration_s)
-        self._span(st, route, side, protocol, q, latency_ns, method, route_name, status, error_type, extra)
+        self._span(st, route, side, protocol, q, latency_ns, method, route_name, status, error_type, extra, traceparent)
 
     def _graph(self, st: _NodeState, route: Route, side: Side, failed: bool, duration_s: float) -> None:
         gref = route.graph
@@ -461,10 +461,11 @@ class Aggregator:
         status: int | None,
         error_type: str,
         extra: tuple[tuple[str, AttrValue], ...],
+        traceparent: str | None,
     ) -> None:
         span_edge = route.span_edge
         assert span_edge is not None
-        ctx = span_context(q.http.traceparent if q.HasField("http") else None)
+        ctx = span_context(traceparent)
         start = q.start_time_unix_nano
         if protocol is Protocol.DNS and error_type:
             body = f"DNS {method} {q.dns.question_name}: {error_type}"
@@ -507,8 +508,8 @@ class Aggregator:
 
 def _details(
     protocol: Protocol, q: pb.L7Request
-) -> tuple[str, str, int | None, str, tuple[tuple[str, AttrValue], ...]]:
-    """(method, route, status, error type, span extras) of one L7 record."""
+) -> tuple[str, str, int | None, str, tuple[tuple[str, AttrValue], ...], str | None]:
+    """(method, route, status, error type, span extras, traceparent) of one L7 record."""
     if protocol is Protocol.DNS:
         d = q.dns
         error = "timeout" if d.timed_out else ("" if d.rcode in ("", "NOERROR") else d.rcode)
@@ -517,9 +518,9 @@ def _details(
         extra: tuple[tuple[str, AttrValue], ...] = (
             (question, ("dns.response_code", d.rcode)) if d.rcode else (question,)
         )
-        return d.question_type, "", None, error, extra
+        return d.question_type, "", None, error, extra, q.http.traceparent if q.HasField("http") else None
     h = q.http
-    method, route, path, request_id, status_code = _HTTP(h)
+    method, route, path, request_id, status_code, traceparent = _HTTP(h)
     status = status_code or None
     if request_id:
         rid: tuple[str, AttrValue] = ("http.request.header.x-request-id", request_id)
@@ -527,7 +528,7 @@ def _details(
     else:
         extra = (("url.path", path),) if path else ()
     # No response at all is a failure the status code cannot express.
-    return method, route, status, "" if status is not None else "no_response", extra
+    return method, route, status, "" if status is not None else "no_response", extra, traceparent
 
 
 def _red_points(st: _NodeState) -> Iterable[RedPoint]:

@@ -351,7 +351,9 @@ def _span_base(e: Edge, side: Side) -> tuple[frozenset[str], list[tuple[str, byt
     Keyed by the edge's equality, as every table of edges is (resolution gives edges strings and
     ports only)."""
     pairs = attrs(semconv.record_attributes(e, side))
-    return frozenset(k for k, _ in pairs), [(k, wire.attribute(9, k, v)) for k, v in pairs]
+    # Not through the value caches: an edge is one socket's (its client port, its peer's pod), and
+    # its values would mostly evict others that recur.
+    return frozenset(k for k, _ in pairs), [(k, wire.attribute_uncached(9, k, v)) for k, v in pairs]
 
 
 @lru_cache(maxsize=16_384)

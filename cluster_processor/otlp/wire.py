@@ -100,12 +100,19 @@ def _key_field(key: str) -> bytes:
 
 def attribute_uncached(field: int, key: str, value: AttrValue) -> bytes:
     """``message(field, key_value_uncached(key, value))``: one element of a repeated ``KeyValue``
-    field whose value is seen once (a request's path), the value not cached (the key is)."""
-    if type(value) is not str or field >= 32:
+    field whose value is seen once (a request's path, a client's port), the value not cached (the
+    key is)."""
+    t = type(value)
+    if t is str:
+        v = value.encode()  # type: ignore[union-attr]
+        n = len(v)
+        av = b"\x0a" + (_SMALL[n] if n < 0x80 else varint(n)) + v  # AnyValue.string_value = 1
+    elif t is int:
+        av = b"\x18" + varint(value)  # type: ignore[arg-type]  # AnyValue.int_value = 3
+    else:
         return message(field, key_value_uncached(key, value))
-    v = value.encode()
-    n = len(v)
-    av = b"\x0a" + (_SMALL[n] if n < 0x80 else varint(n)) + v  # AnyValue.string_value = 1
+    if field >= 32:
+        return message(field, _key_field(key) + message(2, av))
     n = len(av)
     kv = _key_field(key) + b"\x12" + (_SMALL[n] if n < 0x80 else varint(n)) + av  # KeyValue.value = 2
     n = len(kv)

@@ -338,7 +338,9 @@ def test_spans_of_edges_and_outcomes_without_attributes_encode_too() -> None:
 
 
 @pytest.mark.parametrize("field", [7, 9, 40])
-@pytest.mark.parametrize("value", ["", "/a/1", "é" * 70, "x" * 200, "y" * 20_000, 0, 7, -1, True, 1.5, -0.0])
+@pytest.mark.parametrize(
+    "value", ["", "/a/1", "é" * 70, "x" * 200, "y" * 20_000, 0, 7, 300, 2**63 - 1, -1, -(2**63), True, False, 1.5, -0.0]
+)
 def test_attribute_uncached_is_the_message_of_key_value_uncached(field: int, value: AttrValue) -> None:
     for key in ("url.path", "k" * 130):
         assert wire.attribute_uncached(field, key, value) == wire.message(field, wire.key_value_uncached(key, value))
