@@ -151,6 +151,7 @@ def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 # rebuild the rest when only the value moved); every point of one request shares one encoded time.
 
 _DATA_FIELD: Final = {Kind.GAUGE: 5, Kind.COUNTER: 7, Kind.OBSERVED_COUNTER: 7, Kind.HISTOGRAM: 9}
+_DATA_TAGS: Final = {kind: wire.tag(field) for kind, field in _DATA_FIELD.items()}
 _TEMPORALITY: Final = b"\x10" + wire.varint(_CUMULATIVE)
 _DATA_TRAILER: Final = {
     Kind.GAUGE: b"",
@@ -239,13 +240,24 @@ def _metric_head(inst: Instrument) -> bytes:
     return wire.string(1, inst.name) + wire.string(2, inst.description) + wire.string(3, inst.unit)
 
 
-def _metric(inst: Instrument, leads: Sequence[bytes], rests: Sequence[bytes], time_field: bytes) -> bytes:
+# A message in pieces: its bytes are the pieces joined, and their total length is known without
+# joining them. A request is joined once from the pieces of all its parts: joining each nested
+# message on its own would copy every point once per level of nesting.
+_Pieces = tuple[list[bytes], int]
+
+
+def _metric(inst: Instrument, leads: Sequence[bytes], rests: Sequence[bytes], time_field: bytes) -> _Pieces:
     """One Metric: header, then its data field holding every point, each its lead, the time, its rest."""
-    parts = [time_field] * (3 * len(leads))
-    parts[0::3] = leads
-    parts[2::3] = rests
-    data = b"".join(parts) + _DATA_TRAILER[inst.kind]
-    return _metric_head(inst) + wire.message(_DATA_FIELD[inst.kind], data)
+    n = len(leads)
+    trailer = _DATA_TRAILER[inst.kind]
+    data_len = sum(map(len, leads)) + sum(map(len, rests)) + _TIME_LEN * n + len(trailer)
+    head = _metric_head(inst) + _DATA_TAGS[inst.kind] + wire.varint(data_len)
+    parts = [time_field] * (3 * n + 2)
+    parts[0] = head
+    parts[1:-1:3] = leads
+    parts[3:-1:3] = rests
+    parts[-1] = trailer
+    return parts, len(head) + data_len
 
 
 @lru_cache(maxsize=4096)  # per (node, replica) resource: a few hundred at most
@@ -259,10 +271,23 @@ def _scope_field(version: str) -> bytes:
     return wire.message(1, wire.string(1, SCOPE_NAME) + wire.string(2, version))
 
 
-def _metrics_request(resource_attrs: Attrs, version: str, metric_fields: list[bytes], points: int) -> EncodedRequest:
-    scope_metrics = _scope_field(version) + b"".join(wire.message(2, m) for m in metric_fields)
-    rm = _resource_field(resource_attrs) + wire.message(2, scope_metrics)  # ResourceMetrics.scope_metrics = 2
-    return EncodedRequest(wire.message(1, rm), points)  # ExportMetricsServiceRequest.resource_metrics = 1
+def _metrics_request(resource_attrs: Attrs, version: str, metrics: list[_Pieces], points: int) -> EncodedRequest:
+    # ExportMetricsServiceRequest.resource_metrics = 1 { resource = 1, scope_metrics = 2 { scope = 1,
+    # metrics = 2 ... } }, the heads written once the lengths below them are known.
+    pieces = [b"", b""]
+    scope = _scope_field(version)
+    scope_len = len(scope)
+    pieces.append(scope)
+    for parts, n in metrics:
+        head = b"\x12" + wire.varint(n)
+        pieces.append(head)
+        pieces += parts
+        scope_len += len(head) + n
+    res = _resource_field(resource_attrs)
+    scope_head = b"\x12" + wire.varint(scope_len)
+    pieces[0] = b"\x0a" + wire.varint(len(res) + len(scope_head) + scope_len)
+    pieces[1] = res + scope_head
+    return EncodedRequest(b"".join(pieces), points)
 
 
 def series_requests(
@@ -277,7 +302,7 @@ def series_requests(
     in requests of at most ``max_points`` points; a metric split across two requests appears in both."""
     time_field = _time_field(time_unix_nano)
     out: list[EncodedRequest] = []
-    current: list[bytes] = []
+    current: list[_Pieces] = []
     room = max_points
     for inst, series in groups:
         gauge = inst.kind is Kind.GAUGE
@@ -554,11 +579,15 @@ def traces_requests(
             b = join(_span_parts(sp, t))
             n = len(b)
             fields += (_SPAN_HEADS[n] if n < 0x80 else b"\x12" + wire.varint(n), b)
-        resource_spans = []
+        # ExportTraceServiceRequest.resource_spans = 1 { resource = 1, scope_spans = 2 { scope = 1,
+        # spans = 2 ... } }: joined once, the heads written from the lengths below them.
+        pieces: list[bytes] = []
         for res, fields in groups.items():
-            # ResourceSpans: resource = 1, scope_spans = 2
-            resource_spans.append(wire.message(1, _resource_field(res) + wire.message(2, scope + b"".join(fields))))
-        out.append(EncodedRequest(b"".join(resource_spans), len(batch)))  # ExportTraceServiceRequest
+            scope_len = len(scope) + sum(map(len, fields))
+            head = _resource_field(res) + b"\x12" + wire.varint(scope_len)
+            pieces += (b"\x0a" + wire.varint(len(head) + scope_len), head, scope)
+            pieces += fields
+        out.append(EncodedRequest(join(pieces), len(batch)))
     return out
 
 
