@@ -76,6 +76,7 @@ NS_PER_S: Final = 1_000_000_000
 _PROTOCOLS: Final = {"http1": Protocol.HTTP, "http": Protocol.HTTP, "dns": Protocol.DNS}
 # Enum's .value is a Python-level property: read once here, not per record.
 _PROTOCOL_VALUES: Final = {p: p.value for p in Protocol}
+_PROTOCOL_OF_VALUE: Final = {p.value: p for p in Protocol}
 _CONNECT_ERRORS: Final = {
     pb.CONNECT_STATUS_REFUSED: "connection_refused",
     pb.CONNECT_STATUS_TIMEOUT: "timeout",
@@ -532,8 +533,10 @@ def _details(
 
 
 def _red_points(st: _NodeState) -> Iterable[RedPoint]:
+    new, protocols = _new_tuple, _PROTOCOL_OF_VALUE
     for (es, protocol, method, route, status, error_type), hist in st.red.items():
-        yield RedPoint(es.ref.edge, es.side, Protocol(protocol), hist.freeze(), method, route, status, error_type, ())
+        yield new(RedPoint, (es.ref.edge, es.side, protocols[protocol], hist.freeze(), method, route, status,
+                             error_type, ()))  # fmt: skip
 
 
 def _l4_points(st: _NodeState) -> Iterable[L4Point]:
@@ -555,14 +558,17 @@ def _l4_points(st: _NodeState) -> Iterable[L4Point]:
 
 def _graph_points(st: _NodeState) -> Iterable[ServiceGraphPoint]:
     for gref, g in st.graph.items():
-        yield ServiceGraphPoint(
-            gref.client,
-            gref.server,
-            g.requests,
-            g.failed,
-            gref.ctype,
-            g.server.freeze() if g.server is not None else None,
-            g.client.freeze() if g.client is not None else None,
-            gref.client_namespace,
-            gref.server_namespace,
+        yield _new_tuple(
+            ServiceGraphPoint,
+            (
+                gref.client,
+                gref.server,
+                g.requests,
+                g.failed,
+                gref.ctype,
+                g.server.freeze() if g.server is not None else None,
+                g.client.freeze() if g.client is not None else None,
+                gref.client_namespace,
+                gref.server_namespace,
+            ),
         )
