@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import struct
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate, islice
@@ -176,21 +176,32 @@ def _number_value(v: int | float | Histogram) -> bytes:
     return b""
 
 
+_COUNT_SUM: Final = struct.Struct("<BQBd").pack  # count = 4 (fixed64), sum = 5 (double)
+_SUM: Final = struct.Struct("<Bd").pack
+_MIN_MAX: Final = struct.Struct("<BdBd").pack  # min = 11, max = 12 (double)
+
+
+@lru_cache(maxsize=64)
+def _bucket_packer(n: int) -> Callable[..., bytes]:
+    """Packs bucket_counts = 6 with ``n`` counts: tag, length and the fixed64 counts in one call."""
+    return struct.Struct(f"<{len(wire.varint(8 * n)) + 1}s{n}Q").pack
+
+
 def _histogram_value(h: Histogram) -> tuple[bytes, bytes]:
     """(count, sum and bucket counts; min and max): what comes before and after the bounds and
     attributes."""
-    n = len(h.bucket_counts)
-    count = h.count
-    head = b"\x21" + wire.pack_fixed64(count) + b"\x29" if count else b"\x29"
-    head += wire.pack_double(h.sum)
+    counts = h.bucket_counts
+    n = len(counts)
+    count = sum(counts)
+    head = _COUNT_SUM(0x21, count, 0x29, h.sum) if count else _SUM(0x29, h.sum)
     if n:
-        head += b"\x32" + wire.varint(8 * n) + struct.pack(f"<{n}Q", *h.bucket_counts)
+        head += _bucket_packer(n)(b"\x32" + wire.varint(8 * n), *counts)
     lo, hi = h.min, h.max
     if lo is None:
-        return head, b"" if hi is None else b"\x61" + wire.pack_double(hi)
+        return head, b"" if hi is None else _SUM(0x61, hi)
     if hi is None:
-        return head, b"\x59" + wire.pack_double(lo)
-    return head, b"\x59" + wire.pack_double(lo) + b"\x61" + wire.pack_double(hi)
+        return head, _SUM(0x59, lo)
+    return head, _MIN_MAX(0x59, lo, 0x61, hi)
 
 
 def _fixed_part(attributes: Attrs, value: int | float | Histogram) -> bytes:

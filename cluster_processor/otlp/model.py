@@ -325,6 +325,8 @@ class Interval:
 _TRACEPARENT: Final = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 _ZERO_TRACE: Final = "0" * 32
 _ZERO_SPAN: Final = "0" * 16
+_ZERO_TRACE_ID: Final = bytes(16)
+_ZERO_SPAN_ID: Final = bytes(8)
 FLAG_SAMPLED: Final = 0x01
 _new_tuple: Final = tuple.__new__
 _RNG: Final = random.Random()  # ids need uniqueness, not secrecy; os.urandom per span costs a syscall
@@ -344,7 +346,26 @@ class SpanContext(NamedTuple):
 def parse_traceparent(header: str) -> tuple[bytes, bytes, int] | None:
     """(trace id, parent span id, flags) of a W3C traceparent, or None when it is not valid:
     a header we cannot trust starts a new trace instead of corrupting an existing one."""
-    m = _TRACEPARENT.fullmatch(header.strip())
+    h = header.strip()
+    if len(h) == 55 and h[:3] == "00-" and h[35] == "-" and h[52] == "-":
+        # Version 00, the one headers carry, has this one shape: its three fields decoded without
+        # the regular expression. A field is lowercase hex exactly when it survives the round trip
+        # (fromhex also takes upper case and spaces, and raises on anything else).
+        trace_hex, span_hex, flags_hex = h[3:35], h[36:52], h[53:]
+        try:
+            trace_id, span_id, flags = bytes.fromhex(trace_hex), bytes.fromhex(span_hex), bytes.fromhex(flags_hex)
+        except ValueError:
+            return None
+        if (trace_id.hex() != trace_hex or span_id.hex() != span_hex or flags.hex() != flags_hex
+                or trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID):  # fmt: skip
+            return None
+        return trace_id, span_id, flags[0]
+    return _parse_traceparent(h)
+
+
+def _parse_traceparent(header: str) -> tuple[bytes, bytes, int] | None:
+    """``parse_traceparent`` by the regular expression: every version."""
+    m = _TRACEPARENT.fullmatch(header)
     if m is None:
         return None
     version, trace_id, span_id, flags, rest = m.groups()

@@ -14,6 +14,7 @@ from cluster_processor.otlp.model import (
     Edge,
     Histogram,
     SpanContext,
+    _parse_traceparent,
     attrs,
     graph_node_name,
     parse_traceparent,
@@ -91,10 +92,42 @@ def test_traceparent_parses() -> None:
         f"00-{TRACE_ID}-{'0' * 16}-01",  # all-zero parent id
         f"00-{TRACE_ID.upper()}-{PARENT_ID}-01",  # uppercase hex is invalid
         f"00-{TRACE_ID}-{PARENT_ID}",
+        # The shape of version 00 with what bytes.fromhex would take but the format does not:
+        f"00-{TRACE_ID}-{PARENT_ID}-0A",
+        f"00-4bf92f3577b34da6a3ce929d0e0e47 6-{PARENT_ID}-01",
+        f"00-{TRACE_ID}-00f067aa 0ba902b7-01",
+        f"00-{TRACE_ID}-{PARENT_ID}- 1",
+        f"00-{TRACE_ID[:-1]}\u0663-{PARENT_ID}-01",  # a non-ASCII digit
+        f"00-{TRACE_ID}-{PARENT_ID}-0g",
     ],
 )
 def test_invalid_traceparent_is_ignored(header: str) -> None:
     assert parse_traceparent(header) is None
+
+
+_HEADER_CHARS = "0123456789abcdefABCDEF- \t\u0663x"
+
+
+def _field(n: int) -> st.SearchStrategy[str]:
+    """``n`` characters: lowercase hex (valid) half the time, else anything near it."""
+    return st.text(alphabet="0123456789abcdef", min_size=n, max_size=n) | st.text(
+        alphabet=_HEADER_CHARS, min_size=n, max_size=n
+    )
+
+
+@given(
+    st.text(alphabet=_HEADER_CHARS, min_size=50, max_size=60)
+    | st.builds(
+        lambda pre, t, p, f, post: f"{pre}00-{t}-{p}-{f}{post}",
+        st.sampled_from(["", " ", "\t"]),
+        _field(32),
+        _field(16),
+        _field(2),
+        st.sampled_from(["", " ", "-x"]),
+    )
+)
+def test_traceparent_fast_path_agrees_with_the_regular_expression(header: str) -> None:
+    assert parse_traceparent(header) == _parse_traceparent(header.strip())
 
 
 def test_span_context_joins_the_captured_trace() -> None:
