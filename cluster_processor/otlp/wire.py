@@ -37,6 +37,10 @@ def varint(n: int) -> bytes:
     """Base-128 varint; a negative int64 takes ten bytes (two's complement), as protobuf encodes it."""
     if 0 <= n < 0x80:
         return _SMALL[n]
+    if 0 < n < 0x200000:  # two and three bytes (lengths, ports) without the loop
+        if n < 0x4000:
+            return b"%c%c" % ((n & 0x7F) | 0x80, n >> 7)
+        return b"%c%c%c" % ((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80, n >> 14)
     n &= _U64
     out = bytearray()
     while n > 0x7F:
@@ -106,9 +110,20 @@ def attribute_uncached(field: int, key: str, value: AttrValue) -> bytes:
     if t is str:
         v = value.encode()  # type: ignore[union-attr]
         n = len(v)
+        if field < 32:
+            k = _key_field(key)
+            kv_len = len(k) + n + 4
+            if kv_len < 0x80:  # every length one byte (a path, a port): the field in one formatting
+                # tag, len(kv), KeyValue.key = 1, KeyValue.value = 2 (len), AnyValue.string_value = 1 (len)
+                return b"%s%c%s\x12%c\x0a%c%s" % (_LEN_TAGS[field], kv_len, k, n + 2, n, v)
         av = b"\x0a" + (_SMALL[n] if n < 0x80 else varint(n)) + v  # AnyValue.string_value = 1
     elif t is int:
         av = b"\x18" + varint(value)  # type: ignore[arg-type]  # AnyValue.int_value = 3
+        if field < 32:
+            k = _key_field(key)
+            kv_len = len(k) + len(av) + 2
+            if kv_len < 0x80:
+                return b"%s%c%s\x12%c%s" % (_LEN_TAGS[field], kv_len, k, len(av), av)
     else:
         return message(field, key_value_uncached(key, value))
     if field >= 32:

@@ -136,7 +136,9 @@ def test_any_value_and_key_value_match_the_generated_classes() -> None:
         assert kv == KeyValue(key="k", value=ref_any_value(v))
 
 
-@pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 16_383, 16_384, 2**32, 2**63 - 1, -1, -(2**63)])
+@pytest.mark.parametrize(
+    "n", [0, 1, 127, 128, 300, 16_383, 16_384, 36_653, 2**21 - 1, 2**21, 2**32, 2**63 - 1, -1, -(2**63)]
+)
 def test_varint(n: int) -> None:
     from opentelemetry.proto.common.v1.common_pb2 import AnyValue as A
 
