@@ -54,10 +54,19 @@ class Signal(enum.Enum):
 
 
 # Each signal's Export method (opentelemetry-proto's collector services) and how its answer is read.
-_METHODS: Final = {
-    Signal.METRICS: ("/opentelemetry.proto.collector.metrics.v1.MetricsService/Export", ExportMetricsServiceResponse),
-    Signal.TRACES: ("/opentelemetry.proto.collector.trace.v1.TraceService/Export", ExportTraceServiceResponse),
-    Signal.LOGS: ("/opentelemetry.proto.collector.logs.v1.LogsService/Export", ExportLogsServiceResponse),
+_METHODS: Final[dict[Signal, tuple[str, Callable[[bytes], ExportResponse]]]] = {
+    Signal.METRICS: (
+        "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
+        ExportMetricsServiceResponse.FromString,
+    ),
+    Signal.TRACES: (
+        "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+        ExportTraceServiceResponse.FromString,
+    ),
+    Signal.LOGS: (
+        "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
+        ExportLogsServiceResponse.FromString,
+    ),
 }
 
 
@@ -176,9 +185,9 @@ class GrpcTransport:
         # it is given (the request is encoded already), and parses the answer as the stubs do.
         self._calls: dict[Signal, Any] = {
             signal: self._channel.unary_unary(
-                path, request_serializer=None, response_deserializer=response.FromString, _registered_method=True
+                path, request_serializer=None, response_deserializer=deserialize, _registered_method=True
             )
-            for signal, (path, response) in _METHODS.items()
+            for signal, (path, deserialize) in _METHODS.items()
         }
 
     async def export(self, signal: Signal, request: bytes, timeout_s: float) -> ExportResponse:
