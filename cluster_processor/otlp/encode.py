@@ -395,17 +395,24 @@ def _span_base(e: Edge, side: Side) -> tuple[frozenset[str], list[tuple[str, byt
 @lru_cache(maxsize=16_384)
 def _span_outcome(
     side: Side, protocol: Protocol, method: str, route: str, status: int | None, error_type: str
-) -> tuple[frozenset[str], list[tuple[str, bytes]]]:
-    """The protocol's attributes of a span (method, route, status, error): few combinations."""
+) -> tuple[frozenset[str], list[tuple[str, bytes]], bytes, bytes]:
+    """What a span's protocol outcome (method, route, status, error: few combinations) decides:
+    its attributes' keys and (key, KeyValue field bytes), its name and kind fields, its status field."""
     pairs = dict(semconv.span_protocol_attributes(side, protocol, method, route, status, error_type))
-    return frozenset(pairs), [(k, wire.attribute(9, k, v)) for k, v in pairs.items()]
+    failed = semconv.PROTOCOLS[protocol].failed(side, status, error_type)
+    return (
+        frozenset(pairs),
+        [(k, wire.attribute(9, k, v)) for k, v in pairs.items()],
+        _span_head(side, protocol, method, route),
+        _STATUS_ERROR if failed else _STATUS_UNSET,
+    )
 
 
 def _span_attributes(s: SpanRecord) -> bytes:
     """The attributes field of one span: the general rule, field by field (``_SpanTemplate`` is
     the fast path ``span_bytes`` takes, and must agree with this)."""
     base_keys, base = _span_base(s.edge, s.side)
-    out_keys, outcome = _span_outcome(s.side, s.protocol, s.method, s.route, s.status_code, s.error_type)
+    out_keys, outcome, _, _ = _span_outcome(s.side, s.protocol, s.method, s.route, s.status_code, s.error_type)
     own = dict(s.attributes)  # per request (url.path)
     if not (base_keys.isdisjoint(out_keys) and base_keys.isdisjoint(own) and out_keys.isdisjoint(own)):
         # One part overrides another's key: the general rule (last wins) decides.
@@ -433,11 +440,8 @@ _SpanTemplate = tuple[bytes, bytes, "tuple[str, ...] | None", tuple[int, ...], b
 def _span_template(
     e: Edge, side: Side, protocol: Protocol, method: str, route: str, status: int | None, error_type: str
 ) -> _SpanTemplate:
-    head = _span_head(side, protocol, method, route)
-    failed = semconv.PROTOCOLS[protocol].failed(side, status, error_type)
-    status_field = _STATUS_ERROR if failed else _STATUS_UNSET
     base_keys, base = _span_base(e, side)
-    out_keys, outcome = _span_outcome(side, protocol, method, route, status, error_type)
+    out_keys, outcome, head, status_field = _span_outcome(side, protocol, method, route, status, error_type)
     if not base_keys.isdisjoint(out_keys):
         return head, status_field, None, (), b""
     items = sorted(base + outcome)  # keys unique: sorted by key

@@ -256,10 +256,14 @@ def _red_attributes(
 
 
 def red_samples(p: RedPoint) -> list[Sample]:
-    spec = PROTOCOLS[p.protocol]
-    instrument = spec.client if p.side is Side.CLIENT else spec.server
-    a = _red_attributes(p.edge, p.side, p.protocol, p.method, p.route, p.status_code, p.error_type, p.attributes)
-    return [_new_tuple(Sample, (instrument, a, p.duration))]
+    return [_red_sample(p)]
+
+
+def _red_sample(p: RedPoint) -> Sample:
+    edge, side, protocol, duration, method, route, status, error_type, extra = p
+    spec = PROTOCOLS[protocol]
+    a = _red_attributes(edge, side, protocol, method, route, status, error_type, extra)
+    return _new_tuple(Sample, (spec.client if side is Side.CLIENT else spec.server, a, duration))
 
 
 @lru_cache(maxsize=65_536)
@@ -339,9 +343,7 @@ def listener_samples(p: ListenerPoint) -> list[Sample]:
 
 
 def interval_samples(interval: Interval) -> list[Sample]:
-    out: list[Sample] = []
-    for r in interval.red:
-        out += red_samples(r)
+    out: list[Sample] = list(map(_red_sample, interval.red))
     for l4 in interval.l4:
         out += l4_samples(l4)
     for g in interval.service_graph:
