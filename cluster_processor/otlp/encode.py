@@ -159,6 +159,7 @@ _DATA_TRAILER: Final = {
     Kind.OBSERVED_COUNTER: _TEMPORALITY + b"\x18\x01",
     Kind.HISTOGRAM: _TEMPORALITY,
 }
+_GAUGE: Final = Kind.GAUGE  # a global: an Enum class's attribute read takes ~10x as long
 _POINT_TAG: Final = b"\x0a"  # data_points = 1 in Gauge, Sum and Histogram
 _TIME_LEN: Final = 9  # tag + fixed64
 _ATTRIBUTES: Final = wire.AttributesCache()
@@ -316,7 +317,7 @@ def series_requests(
     current: list[_Pieces] = []
     room = max_points
     for inst, series in groups:
-        gauge = inst.kind is Kind.GAUGE
+        gauge = inst.kind is _GAUGE
         for s in series:
             if s.changed or s.wire is None:  # an unchanged series' cached bytes are taken as they are
                 refresh_series(s, gauge)

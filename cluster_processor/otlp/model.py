@@ -91,6 +91,10 @@ class Side(enum.Enum):
     __hash__ = object.__hash__
 
 
+# Members read through module globals in hot code: an Enum class's attribute read takes ~10x a global's.
+_CLIENT: Final = Side.CLIENT
+
+
 class Protocol(enum.Enum):
     HTTP = "http"
     DNS = "dns"
@@ -140,10 +144,10 @@ class Edge:
         return self._hash
 
     def of(self, side: Side) -> Attrs:
-        return self.client if side is Side.CLIENT else self.server
+        return self.client if side is _CLIENT else self.server
 
     def peer_of(self, side: Side) -> Attrs:
-        return self.server if side is Side.CLIENT else self.client
+        return self.server if side is _CLIENT else self.client
 
 
 def graph_node_name(endpoint: Attrs) -> str:

@@ -86,6 +86,8 @@ class Sample(NamedTuple):
 
 
 _H, _C, _G = Kind.HISTOGRAM, Kind.COUNTER, Kind.GAUGE
+# Members read through module globals in hot code: an Enum class's attribute read takes ~10x a global's.
+_SERVER, _CLIENT, _HTTP = Side.SERVER, Side.CLIENT, Protocol.HTTP
 HTTP_SERVER_DURATION: Final = Instrument("http.server.request.duration", "s", "Duration of HTTP server requests.", _H)
 HTTP_CLIENT_DURATION: Final = Instrument("http.client.request.duration", "s", "Duration of HTTP client requests.", _H)
 DNS_LOOKUP_DURATION: Final = Instrument("dns.lookup.duration", "s", "Time taken to perform a DNS lookup.", _H)
@@ -156,7 +158,7 @@ def metric_attributes(edge: Edge, side: Side) -> list[tuple[str, AttrValue]]:
     ``server.*`` keys (they tell port 8080 from 9090); a client's own ``client.*`` keys are dropped,
     since an ephemeral port would make every connection a new series."""
     own = edge.of(side)
-    kept = [(k, v) for k, v in own if k.startswith("server.")] if side is Side.SERVER else []
+    kept = [(k, v) for k, v in own if k.startswith("server.")] if side is _SERVER else []
     return [*identity(own), *kept, *peer_attributes(edge.peer_of(side))]
 
 
@@ -165,7 +167,7 @@ def metric_attributes(edge: Edge, side: Side) -> list[tuple[str, AttrValue]]:
 
 def _http_status_failed(side: Side, status_code: int | None) -> bool:
     # A server fails on 5xx only (a 404 is the client's mistake); a client fails on 4xx too.
-    return status_code is not None and status_code >= (500 if side is Side.SERVER else 400)
+    return status_code is not None and status_code >= (500 if side is _SERVER else 400)
 
 
 def http_failed(side: Side, status_code: int | None, error_type: str) -> bool:
@@ -201,7 +203,7 @@ def _http_span_name(side: Side, method: str, route: str) -> str:
     m = normal_method(method)
     base = "HTTP" if m == OTHER else m
     # Only a server knows which route it matched; a client's name stays low-cardinality.
-    return f"{base} {route}" if route and side is Side.SERVER else base
+    return f"{base} {route}" if route and side is _SERVER else base
 
 
 def _dns_failed(side: Side, status_code: int | None, error_type: str) -> bool:
@@ -263,7 +265,7 @@ def _red_sample(p: RedPoint) -> Sample:
     edge, side, protocol, duration, method, route, status, error_type, extra = p
     spec = PROTOCOLS[protocol]
     a = _red_attributes(edge, side, protocol, method, route, status, error_type, extra)
-    return _new_tuple(Sample, (spec.client if side is Side.CLIENT else spec.server, a, duration))
+    return _new_tuple(Sample, (spec.client if side is _CLIENT else spec.server, a, duration))
 
 
 @lru_cache(maxsize=65_536)
@@ -382,7 +384,7 @@ def span_protocol_attributes(
     """A span's protocol attributes (method, route, status, error type): they win over the record's
     own extras and the edge's attributes."""
     extra = PROTOCOLS[protocol].attributes(side, method, route, status_code, error_type)
-    if protocol is Protocol.HTTP and method and normal_method(method) == OTHER:
+    if protocol is _HTTP and method and normal_method(method) == OTHER:
         extra.append((HTTP_METHOD_ORIGINAL, method))
     return extra
 
