@@ -216,12 +216,14 @@ class Histogram:
         """A histogram from parts already known to be valid (the merge of two valid ones, the
         buckets of validated bounds): skips the checks, which cost more than the merge itself."""
         h = object.__new__(cls)
-        setattr_ = object.__setattr__  # frozen: the documented way around __setattr__
-        setattr_(h, "bounds", bounds)
-        setattr_(h, "bucket_counts", counts)
-        setattr_(h, "sum", total)
-        setattr_(h, "min", lo)
-        setattr_(h, "max", hi)
+        # Frozen: written through the slots' own descriptors (what object.__setattr__, the
+        # documented way around __setattr__, ends in), without its name lookups.
+        set_bounds, set_counts, set_sum, set_min, set_max = _HISTOGRAM_SLOTS
+        set_bounds(h, bounds)
+        set_counts(h, counts)
+        set_sum(h, total)
+        set_min(h, lo)
+        set_max(h, hi)
         return h
 
     def merge(self, other: Histogram) -> Histogram:
@@ -236,6 +238,11 @@ class Histogram:
             _opt(min, self.min, other.min),
             _opt(max, self.max, other.max),
         )
+
+
+_HISTOGRAM_SLOTS: Final = tuple(
+    getattr(Histogram, name).__set__ for name in ("bounds", "bucket_counts", "sum", "min", "max")
+)
 
 
 def _opt(fn: Callable[[float, float], float], a: float | None, b: float | None) -> float | None:

@@ -172,8 +172,8 @@ def _http_status_failed(side: Side, status_code: int | None) -> bool:
 
 def http_failed(side: Side, status_code: int | None, error_type: str) -> bool:
     """HTTP span status rules, plus any request that failed without an error status
-    (reset, timeout: ``error_type`` set)."""
-    return _http_status_failed(side, status_code) or bool(error_type)
+    (reset, timeout: ``error_type`` set). (``_http_status_failed`` inline: once per request.)"""
+    return (status_code is not None and status_code >= (500 if side is _SERVER else 400)) or bool(error_type)
 
 
 def http_error_type(side: Side, status_code: int | None, error_type: str) -> str:
