@@ -16,7 +16,7 @@ import operator
 import random
 import re
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple, overload
 
@@ -231,26 +231,22 @@ class Histogram:
             raise InvalidAggregateError("cannot merge histograms with different bounds")
         if len(other.bucket_counts) != len(self.bucket_counts):
             raise InvalidAggregateError("cannot merge histograms with different bucket counts")
+        # min() and max() of the two (the first of equals), None for a side without values, without
+        # the calls: a cumulative stream merges once per interval.
+        lo, other_lo = self.min, other.min
+        if lo is None or (other_lo is not None and other_lo < lo):
+            lo = other_lo
+        hi, other_hi = self.max, other.max
+        if hi is None or (other_hi is not None and other_hi > hi):
+            hi = other_hi
         return Histogram.trusted(
-            self.bounds,
-            tuple(map(operator.add, self.bucket_counts, other.bucket_counts)),
-            self.sum + other.sum,
-            _opt(min, self.min, other.min),
-            _opt(max, self.max, other.max),
+            self.bounds, tuple(map(operator.add, self.bucket_counts, other.bucket_counts)), self.sum + other.sum, lo, hi
         )
 
 
 _HISTOGRAM_SLOTS: Final = tuple(
     getattr(Histogram, name).__set__ for name in ("bounds", "bucket_counts", "sum", "min", "max")
 )
-
-
-def _opt(fn: Callable[[float, float], float], a: float | None, b: float | None) -> float | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return fn(a, b)
 
 
 class RedPoint(NamedTuple):

@@ -42,6 +42,18 @@ def test_histogram_merge_adds_buckets_and_keeps_extremes() -> None:
     assert a.merge(Histogram((1.0,), (0, 0), 0.0)).min == 0.5  # an empty side has no min
 
 
+def test_merge_takes_min_and_max_from_either_side() -> None:
+    empty = Histogram((1.0,), (0, 0), 0.0)
+    a = Histogram.of((1.0,), [0.5, 2.0])
+    b = Histogram.of((1.0,), [0.25, 3.0])
+    assert [(h.min, h.max) for h in (empty.merge(a), a.merge(empty), empty.merge(empty))] == [
+        (0.5, 2.0),
+        (0.5, 2.0),
+        (None, None),
+    ]
+    assert (a.merge(b).min, a.merge(b).max) == (0.25, 3.0) == (b.merge(a).min, b.merge(a).max)
+
+
 @pytest.mark.parametrize(
     ("bounds", "counts"),
     [((1.0, 2.0), (1, 1)), ((2.0, 1.0), (0, 0, 0)), ((1.0, 1.0), (0, 0, 0)), ((1.0,), (1, -1))],
