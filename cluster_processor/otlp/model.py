@@ -62,6 +62,9 @@ EVENT_DNS_ERROR: Final = "kscope.dns.error"
 EVENT_HTTP_SERVER_ERROR_BURST: Final = "kscope.http.server_error_burst"
 
 
+_KEY: Final = operator.itemgetter(0)
+
+
 @overload
 def attrs(pairs: Mapping[str, AttrValue]) -> Attrs: ...
 @overload
@@ -69,8 +72,11 @@ def attrs(pairs: Iterable[tuple[str, AttrValue]] = ()) -> Attrs: ...
 def attrs(pairs: Mapping[str, AttrValue] | Iterable[tuple[str, AttrValue]] = ()) -> Attrs:
     """Canonical attributes: sorted by key, the last value of a repeated key wins. Two equal sets
     are then equal tuples, which is what keying a stream by its attributes needs."""
-    items = pairs.items() if isinstance(pairs, Mapping) else pairs
-    return tuple(sorted(dict(items).items()))
+    t = type(pairs)  # lists and tuples of pairs, the usual input, without the ABC check
+    items = pairs if t is list or t is tuple else pairs.items() if isinstance(pairs, Mapping) else pairs
+    # By key alone: the keys are unique once in a dict, so it is the order of the pairs, with
+    # string comparisons instead of tuple ones.
+    return tuple(sorted(dict(items).items(), key=_KEY))
 
 
 def attr(attributes: Attrs, key: str) -> AttrValue | None:

@@ -79,6 +79,17 @@ def test_attrs_are_canonical() -> None:
     assert attrs({"b": 1, "a": "x"}) == attrs([("a", "x"), ("b", 2), ("b", 1)]) == (("a", "x"), ("b", 1))
 
 
+_PAIRS = st.lists(
+    st.tuples(st.sampled_from(["a", "b", "k8s.pod.name", "é", ""]), st.one_of(st.text(max_size=3), st.integers()))
+)
+
+
+@given(_PAIRS)
+def test_attrs_sort_by_key_and_the_last_value_wins_whatever_the_input(pairs: list[tuple[str, str | int]]) -> None:
+    want = tuple(sorted(dict(pairs).items()))
+    assert attrs(pairs) == attrs(tuple(pairs)) == attrs(iter(pairs)) == attrs(dict(pairs)) == want
+
+
 def test_graph_node_name_prefers_service_then_workload_then_pod_then_address() -> None:
     assert graph_node_name(attrs({"service.name": "cart", "k8s.deployment.name": "cart-v2"})) == "cart"
     assert graph_node_name(attrs({"k8s.replicaset.name": "web-1", "k8s.deployment.name": "web"})) == "web"
