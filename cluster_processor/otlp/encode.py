@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate, islice
+from operator import itemgetter
 from typing import Final, TypeVar
 
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
@@ -379,6 +380,7 @@ _SPAN_KIND_FIELD: Final = {side: b"\x30" + wire.varint(kind) for side, kind in _
 _STATUS_UNSET: Final = wire.message(15, b"")  # set, so present even when empty (code UNSET)
 _STATUS_ERROR: Final = wire.message(15, b"\x18" + wire.varint(trace_pb2.Status.STATUS_CODE_ERROR))
 _pack_fixed32: Final = struct.Struct("<I").pack
+_KEY: Final = itemgetter(0)
 
 
 @lru_cache(maxsize=16_384)
@@ -445,7 +447,7 @@ def _span_template(
     out_keys, outcome, head, status_field = _span_outcome(side, protocol, method, route, status, error_type)
     if not base_keys.isdisjoint(out_keys):
         return head, status_field, None, (), b""
-    items = sorted(base + outcome)  # keys unique: sorted by key
+    items = sorted(base + outcome, key=_KEY)  # keys unique: sorted by key
     if not items:
         return head, status_field, (), (0,), b""
     keys, parts = zip(*items, strict=True)
@@ -489,7 +491,13 @@ def _id_field(field: int, value: bytes) -> bytes:
 
 _ID_HEADS: Final = {(f, n): wire.tag(f) + wire.varint(n) for f in (1, 2, 4) for n in (8, 16)}
 _ID_1_16: Final = _ID_HEADS[1, 16]
-_SPAN_HEADS: Final = tuple(b"\x12" + bytes((n,)) for n in range(0x80))  # ScopeSpans.spans = 2, short
+
+
+@lru_cache(maxsize=4096)  # a span is a few hundred bytes: few lengths recur
+def _span_field_head(n: int) -> bytes:
+    return b"\x12" + wire.varint(n)  # ScopeSpans.spans = 2
+
+
 _ID_2_8: Final = _ID_HEADS[2, 8]
 
 
@@ -575,6 +583,7 @@ def traces_requests(
     out = []
     scope = _scope_field(version)  # ScopeSpans.scope = 1, as ScopeMetrics'
     template = _span_template
+    span_head = _span_field_head
     join = b"".join
     for batch in chunks(spans, max_spans):
         # Grouped by resource in first-seen order, each span's ScopeSpans.spans (= 2) field built
@@ -593,8 +602,7 @@ def traces_requests(
             else:
                 fields = known[1]
             b = join(_span_parts(sp, t))
-            n = len(b)
-            fields += (_SPAN_HEADS[n] if n < 0x80 else b"\x12" + wire.varint(n), b)
+            fields += (span_head(len(b)), b)
         # ExportTraceServiceRequest.resource_spans = 1 { resource = 1, scope_spans = 2 { scope = 1,
         # spans = 2 ... } }: joined once, the heads written from the lengths below them.
         pieces: list[bytes] = []
