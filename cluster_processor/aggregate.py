@@ -422,7 +422,8 @@ class Aggregator:
         method, route_name, status, error_type, extra, traceparent = _details(protocol, q)
         latency_ns = q.latency_ns
         duration_s = latency_ns / NS_PER_S
-        failed = semconv.PROTOCOLS[protocol].failed(side, status, error_type)
+        # Read only where the request is counted (see _graph).
+        failed = route.count_request and semconv.PROTOCOLS[protocol].failed(side, status, error_type)
         ref = route.ref
         if ref in st.edges or self._admit(st, ref):
             key: _RedKey = (route.key, _PROTOCOL_VALUES[protocol], method, route_name, status, error_type)

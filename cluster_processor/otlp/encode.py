@@ -558,6 +558,19 @@ def _span_parts(s: SpanRecord, t: _SpanTemplate) -> list[bytes]:
             at = t[3][i]
             # Not through the caches: these values are per request and would only evict the rest.
             parts += (joined[:at], wire.attribute_uncached(9, k, v), joined[at:])
+    elif keys is not None and len(own) == 2 and own[0][0] < own[1][0]:
+        # Two, in key order (a request id and a path, as the aggregator writes them): both spliced.
+        (k1, v1), (k2, v2) = own
+        n = len(keys)
+        i = bisect_left(keys, k1)
+        j = bisect_left(keys, k2, i)
+        if (i < n and keys[i] == k1) or (j < n and keys[j] == k2):
+            parts.append(_span_attributes(s))
+        else:
+            joined, offsets = t[4], t[3]
+            a, b = offsets[i], offsets[j]
+            parts += (joined[:a], wire.attribute_uncached(9, k1, v1), joined[a:b],
+                      wire.attribute_uncached(9, k2, v2), joined[b:])  # fmt: skip
     else:
         parts.append(_template_attributes(t, s))
     parts.append(t[1])

@@ -299,6 +299,9 @@ def test_span_template_splices_own_attributes_as_the_general_rule_orders_them(se
         [("url.path", "/1"), ("url.path", "/2")],  # the record's own: last wins
         [("server.port", 1)], [("client.address", "10.9.9.9")], [("http.route", "/own")],
         [("http.response.status_code", 999)], [("error.type", "mine")], [("http.request.method", "MINE")],
+        [("error.type", "mine"), ("url.path", "/p")], [("aaa.first", "x"), ("server.port", 1)],
+        [("client.address", "10.9.9.9"), ("zzz.last", 1)],
+        [("http.request.header.x-request-id", "r"), ("url.path", "/")],
     ]  # fmt: skip
     for _ in range(400):
         base = random_span(r)
