@@ -72,10 +72,14 @@ def attrs(pairs: Iterable[tuple[str, AttrValue]] = ()) -> Attrs: ...
 def attrs(pairs: Mapping[str, AttrValue] | Iterable[tuple[str, AttrValue]] = ()) -> Attrs:
     """Canonical attributes: sorted by key, the last value of a repeated key wins. Two equal sets
     are then equal tuples, which is what keying a stream by its attributes needs."""
-    t = type(pairs)  # lists and tuples of pairs, the usual input, without the ABC check
-    items = pairs if t is list or t is tuple else pairs.items() if isinstance(pairs, Mapping) else pairs
-    # By key alone: the keys are unique once in a dict, so it is the order of the pairs, with
-    # string comparisons instead of tuple ones.
+    # Sorted by key alone: the keys are unique once in a dict, so it is the order of the pairs,
+    # with string comparisons instead of tuple ones.
+    if isinstance(pairs, (list, tuple)):  # the usual input, checked without the Mapping ABC
+        d = dict(pairs)
+        if len(d) == len(pairs):  # no key repeated: the pairs themselves, not new ones
+            return tuple(sorted(pairs, key=_KEY))
+        return tuple(sorted(d.items(), key=_KEY))
+    items = pairs.items() if isinstance(pairs, Mapping) else pairs
     return tuple(sorted(dict(items).items(), key=_KEY))
 
 
