@@ -6,14 +6,16 @@ the median of the per-round ratios is reported, because absolute figures drift a
 our shared machines (shared/KERNEL.md). Workloads:
 
 - keep-alive at saturation (wrk): the worst case for per-call hooks, a few µs of CPU
-  per request; with L7 on, every request is also captured and parsed (both ends);
+  per request; with L7 on, every request is also captured at both ends, in two modes: the
+  agent's default (--l7-record-rate: past 1,000 records/s per CPU the kernel sums requests
+  per socket, method, path and status) and every request a record of its own (rate 0);
 - churn: `Connection: close`, one TCP connection per request: the per-connection cost
   (agent CPU seconds per 1,000 connections);
 - fixed rate (hey -q): p99 latency with and without the agent at a rate nginx can hold.
 
-The agent's own figures come from its Prometheus endpoint: requests parsed, kernel
-ring-buffer drops, parser gaps; "parsed requests per agent CPU second" is the rate one
-agent core keeps up with.
+The agent's own figures come from its Prometheus endpoint: requests accounted for (a
+summary counts as its requests), kernel ring-buffer drops, parser gaps; "records per agent
+CPU second" (rate 0) is the rate of request records one agent core keeps up with.
 
 Usage: make bench   (or: .venv/bin/python bench/overhead.py --rounds 5 --seconds 5)
 """
@@ -56,14 +58,18 @@ def hey_p99(port: int, seconds: int, rate: int, connections: int) -> float:
 
 
 class AgentProc:
-    def __init__(self, l7: bool) -> None:
+    def __init__(self, l7: bool, record_rate: int | None = None) -> None:
+        """``record_rate``: --l7-record-rate (None: the agent's default; 0: every request a record)."""
         self.l7 = l7
+        self.record_rate = record_rate
         self.metrics_port = free_port()
 
     def __enter__(self) -> AgentProc:
         cmd = [str(AGENT), "--interval", "1", "--metrics-port", str(self.metrics_port)]
         if self.l7:
             cmd.append("--l7")
+            if self.record_rate is not None:
+                cmd += ["--l7-record-rate", str(self.record_rate)]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
@@ -97,41 +103,65 @@ def med(values: list[float], digits: int = 4) -> float:
     return round(statistics.median(values), digits)
 
 
+def l7_round(port: int, seconds: int, connections: int, close: bool, record_rate: int | None) -> dict[str, float]:
+    """One run with the agent tracing L7: throughput and the agent's own figures."""
+    with AgentProc(l7=True, record_rate=record_rate) as agent:
+        rps = wrk(port, seconds, connections, close)
+        time.sleep(1.5)  # let the agent finish the interval that saw the run
+        return {
+            "rps": rps,
+            "cpu": agent.cpu(),
+            "requests": agent.delta("l7_requests"),  # a summary counts as the requests it stands for
+            "summarized": agent.delta("l7_summarized_requests"),
+            "drops": agent.delta("l7_kernel_rb_full") + agent.delta("l7_gaps"),
+            "exchanges": agent.delta("l7_kernel_exchanges"),
+            "summaries": agent.delta("l7_kernel_summaries"),
+            "fallbacks": agent.delta("l7_kernel_fallback"),
+        }
+
+
+def l7_summary(runs: list[dict[str, float]], base: list[float]) -> dict[str, object]:
+    cpu_req = [r["cpu"] / (r["requests"] / 1000) for r in runs if r["requests"]]
+    records = [r["requests"] - r["summarized"] for r in runs]
+    record_rate = [n / r["cpu"] for n, r in zip(records, runs, strict=True) if r["cpu"]]
+    return {
+        "ratio_median": med([r["rps"] / b for r, b in zip(runs, base, strict=True)]),
+        "ratio_rounds": [round(r["rps"] / b, 3) for r, b in zip(runs, base, strict=True)],
+        "agent_cpu_ms_per_1000_requests_median": med([c * 1000 for c in cpu_req], 2) if cpu_req else None,
+        "requests_per_agent_cpu_second_median": round(statistics.median(r["requests"] / r["cpu"] for r in runs))
+        if all(r["cpu"] for r in runs) else None,
+        "records_per_agent_cpu_second_median": round(statistics.median(record_rate)) if record_rate else None,
+        "summarized_share_median": med([r["summarized"] / r["requests"] for r in runs if r["requests"]], 3),
+        "drops_and_gaps_per_round": [r["drops"] for r in runs],
+        "kernel_exchange_records_per_round": [r["exchanges"] for r in runs],
+        "kernel_summary_records_per_round": [r["summaries"] for r in runs],
+        "kernel_fallbacks_per_round": [r["fallbacks"] for r in runs],
+    }  # fmt: skip
+
+
 def saturation(port: int, rounds: int, seconds: int, connections: int, close: bool) -> dict[str, object]:
-    r_l4, r_l7, base, cpu_conn, cpu_req, parsed_rate, drops = [], [], [], [], [], [], []
-    exchanges: list[float] = []  # HTTP/1 exchange records the kernel sent (paired in the kernel)
-    fallbacks: list[float] = []  # sockets the kernel switched to chunks (pipelining)
+    """Per round: baseline, L4 only, L4+L7 with the default record rate (summaries past it), and
+    L4+L7 with every request a record (--l7-record-rate 0), interleaved."""
+    r_l4, base, cpu_conn = [], [], []
+    default: list[dict[str, float]] = []
+    records: list[dict[str, float]] = []
     for _ in range(rounds):
         b = wrk(port, seconds, connections, close)
         with AgentProc(l7=False) as agent:
             a4 = wrk(port, seconds, connections, close)
-            time.sleep(1.2)  # let the agent finish the interval that saw the run
+            time.sleep(1.2)
             if close:
                 cpu_conn.append(agent.cpu() / (a4 * seconds / 1000))
-        with AgentProc(l7=True) as agent:
-            a7 = wrk(port, seconds, connections, close)
-            time.sleep(1.5)
-            cpu, parsed = agent.cpu(), agent.delta("l7_requests")
-            drops.append(agent.delta("l7_kernel_rb_full") + agent.delta("l7_gaps"))
-            exchanges.append(agent.delta("l7_kernel_exchanges"))
-            fallbacks.append(agent.delta("l7_kernel_fallback"))
+        default.append(l7_round(port, seconds, connections, close, None))
+        records.append(l7_round(port, seconds, connections, close, 0))
         base.append(b)
         r_l4.append(a4 / b)
-        r_l7.append(a7 / b)
-        if parsed:
-            cpu_req.append(cpu / (parsed / 1000))
-            parsed_rate.append(parsed / cpu)
     result: dict[str, object] = {
         "baseline_rps_median": round(statistics.median(base)),
         "ratio_l4_median": med(r_l4),
         "ratio_l4_rounds": [round(r, 3) for r in r_l4],
-        "ratio_l4_l7_median": med(r_l7),
-        "ratio_l4_l7_rounds": [round(r, 3) for r in r_l7],
-        "agent_cpu_s_per_1000_parsed_requests_median": med(cpu_req) if cpu_req else None,
-        "parsed_requests_per_agent_cpu_second_median": round(statistics.median(parsed_rate)) if parsed_rate else None,
-        "l7_drops_and_gaps_per_round": drops,
-        "l7_kernel_exchanges_per_round": exchanges,
-        "l7_kernel_fallbacks_per_round": fallbacks,
+        "l4_l7": l7_summary(default, base),
+        "l4_l7_every_request_a_record": l7_summary(records, base),
     }
     if close:
         result["agent_cpu_s_per_1000_connections_l4_median"] = med(cpu_conn)
@@ -139,16 +169,21 @@ def saturation(port: int, rounds: int, seconds: int, connections: int, close: bo
 
 
 def fixed_rate(port: int, rounds: int, seconds: int, rate: int, connections: int) -> dict[str, object]:
-    base, with_agent = [], []
+    base, with_agent, with_records = [], [], []
     for _ in range(rounds):
         base.append(hey_p99(port, seconds, rate, connections))
         with AgentProc(l7=True):
             with_agent.append(hey_p99(port, seconds, rate, connections))
+        with AgentProc(l7=True, record_rate=0):
+            with_records.append(hey_p99(port, seconds, rate, connections))
     return {
         "rate_rps": rate,
         "p99_ms_baseline_median": med(base, 3),
         "p99_ms_agent_median": med(with_agent, 3),
         "p99_ratio_median": med([a / b for a, b in zip(with_agent, base, strict=True)]),
+        "p99_ratio_rounds": [round(a / b, 3) for a, b in zip(with_agent, base, strict=True)],
+        "p99_ms_every_request_a_record_median": med(with_records, 3),
+        "p99_ratio_every_request_a_record_median": med([a / b for a, b in zip(with_records, base, strict=True)]),
     }
 
 

@@ -1,6 +1,7 @@
 """Cluster-processor throughput and memory on ONE core (the process pins itself to CPU 0).
 
-1. flows:  serialized FlowBatches of L4Flow records from many simulated nodes -> ``FlowBatch.FromString``
+1. flows:  serialized FlowBatches of L4 records (``L4Columns`` as the agent ships them; ``--l4-form rows``:
+           one L4Flow message per record, as older agents do) from many simulated nodes -> ``FlowBatch.FromString``
            -> ``Aggregator.add`` -> per interval ``Aggregator.flush`` -> ``OtlpPipeline`` (cumulative
            store + OTLP encoding) -> the serialized requests the exporter would send (no network).
            Reported: L4 records per second of wall time on the pinned core.
@@ -54,6 +55,7 @@ from cluster_processor.otlp.encode import EncodedRequest  # noqa: E402
 from cluster_processor.otlp.exporter import Signal  # noqa: E402
 from cluster_processor.otlp.pipeline import OtlpPipeline  # noqa: E402
 from kscope.v1 import flow_pb2 as pb  # noqa: E402
+from kscope_common import l4_columns  # noqa: E402
 from kscope_common.runtime import tune_gc  # noqa: E402
 from tests.cluster_processor.kube import factories as f  # noqa: E402
 
@@ -308,8 +310,9 @@ class Generator:
             http=http,
         )
 
-    def flows(self, intervals: int, batches: int, records: int, active: int) -> Workload:
-        """L4 only: per node ``batches`` batches of ``records`` L4 records per interval."""
+    def flows(self, intervals: int, batches: int, records: int, active: int, columns: bool = True) -> Workload:
+        """L4 only: per node ``batches`` batches of ``records`` L4 records per interval, as the agent
+        ships them (``columns``: ``L4Columns``, schema_version 2) or as rows (older agents)."""
         out: list[list[bytes]] = []
         total = 0
         for k in range(intervals):
@@ -329,6 +332,10 @@ class Generator:
                             g.socks[j] = g.socks[-1]
                             g.socks.pop()
                         batch.l4.append(fl)
+                    if columns:
+                        batch.schema_version = 2
+                        batch.l4_columns.CopyFrom(l4_columns.to_columns(batch.l4))
+                        del batch.l4[:]
                     data = batch.SerializeToString()
                     total += len(data)
                     blist.append(data)
@@ -605,6 +612,8 @@ def main() -> int:
     ap.add_argument("--l4-records", type=int, default=200, help="L4 records per batch (flows run)")
     ap.add_argument("--l7-records", type=int, default=100, help="L7 records per batch (spans run)")
     ap.add_argument("--sockets", type=int, default=300, help="open sockets per node (flows run)")
+    ap.add_argument("--l4-form", choices=["columns", "rows"], default="columns",
+                    help="how the flows run's batches carry L4 records (rows: as agents before schema 2)")  # fmt: skip
     ap.add_argument("--memory-pods", type=int, default=10_000)
     ap.add_argument("--memory-nodes", type=int, default=200)
     ap.add_argument("--memory-deployments", type=int, default=500)
@@ -638,7 +647,8 @@ def main() -> int:
         index = cluster.index()
         tune_gc()  # as kscope-processor does once started
         if "flows" in only:
-            wl = Generator(cluster, seed=1).flows(a.intervals + 1, a.batches, a.l4_records, a.sockets)
+            wl = Generator(cluster, seed=1).flows(a.intervals + 1, a.batches, a.l4_records, a.sockets,
+                                                  columns=a.l4_form == "columns")  # fmt: skip
             r = measure(index, wl, a.repeats, "flows")
             r["batch_bytes_mean"] = round(wl.bytes_total / sum(len(i) for i in wl.intervals))
             out["flows"] = r

@@ -38,6 +38,11 @@ const volatile __u32 filter_netns_ino = 0; /* 0: every network namespace */
 const volatile __u8 exchanges = 1;         /* 0: HTTP/1 goes through chunks as well */
 const volatile __u64 idle_ns = 500000000;  /* the sweep emits an answered exchange idle this long */
 const volatile __u64 unanswered_ns = 300000000000ULL; /* ... and an unanswered one this old */
+/* The sampler: each CPU gives an exchange a record of its own once per record_cost_ns of
+ * credit (credit accrues with time, at most one second's worth: the burst); the others are
+ * summed per socket (see "Summaries"). 0: every exchange is a record. */
+const volatile __u64 record_cost_ns = 0;
+const volatile __u64 summary_ns = 1000000000ULL; /* the sweep sends a summary this long after its first exchange */
 
 struct l7_sock {
 	__u64 seq[2];   /* bytes seen per direction (index direction - 1) */
@@ -70,6 +75,29 @@ enum xstate {
 	XS_EMITTED = 3,  /* the sweep sent it: later response bytes are late (counted) */
 };
 
+/* Exchanges of one socket with the same request line up to the path's end (method and path)
+ * and the same status, summed; count 0: free. */
+struct l7_slot {
+	__u64 path_hash;
+	__u64 first_ns; /* the first summed request's start */
+	__u64 last_ns;  /* the last summed request's start */
+	__u64 lat_sum;
+	__u64 lat_min;
+	__u64 lat_max;
+	__u64 req_bytes;
+	__u64 resp_bytes;
+	__u32 count;
+	__u16 status;
+	__u16 head_len;
+	__u8 method;
+	__u8 flags;
+	__u8 _pad[6];
+	__u32 buckets[KSCOPE_L7_LATENCY_BUCKETS];
+	__u8 head[KSCOPE_L7_SUMMARY_HEAD];
+};
+
+#define L7_SLOTS 4 /* keys summed at once per socket; a fifth key sends the oldest slot's summary early */
+
 struct l7_xchg {
 	struct bpf_spin_lock lock;
 	__u8 state;  /* enum xstate */
@@ -86,9 +114,12 @@ struct l7_xchg {
 	__u32 pid;
 	__u16 status;
 	__u16 head_len;
-	__u32 _pad2;
+	__u8 sampled; /* the sampler picked this exchange (or summaries are off): a record of its own */
+	__u8 _pad1[3];
+	__u64 path_hash; /* of this request's line up to its path's end; 0: not summable */
 	__u8 comm[16];
 	__u8 head[KSCOPE_L7_HEAD];
+	struct l7_slot slots[L7_SLOTS];
 };
 
 struct {
@@ -170,6 +201,7 @@ enum kscope_l7_direction __anchor_l7_direction __attribute__((unused));
 enum kscope_l7_flags __anchor_l7_flags __attribute__((unused));
 enum kscope_l7_stat __anchor_l7_stat __attribute__((unused));
 const struct kscope_l7_exchange *__anchor_l7_exchange __attribute__((unused));
+const struct kscope_l7_summary *__anchor_l7_summary __attribute__((unused));
 enum kscope_http_method __anchor_http_method __attribute__((unused));
 enum kscope_l7_emit __anchor_l7_emit __attribute__((unused));
 enum kscope_l7_exchange_flags __anchor_l7_exchange_flags __attribute__((unused));
@@ -350,6 +382,374 @@ static __always_inline void xrec_send(struct kscope_l7_exchange *r, bool filled)
 	}
 }
 
+/* ---- Summaries ----------------------------------------------------------------------------
+ *
+ * At a few µs of Python per record, one record per request cannot keep up with a saturated
+ * server, and on a small node that time is taken from the application. So past the
+ * sampler's rate (record_cost_ns per CPU) answered exchanges with a status below 500 are
+ * summed in the socket's storage per key (request line up to the path's end, i.e. method and
+ * path without query; and status): count, byte and latency sums, min/max and a latency
+ * histogram (bounds in abi/l7.h). A slot leaves as one summary record on the exchange ring
+ * summary_ns after its first exchange (the sweep), or at close. Metrics stay exact; only the
+ * per-request detail (start time, trace headers) is sampled. 5xx, unanswered, upgraded and
+ * pipelined exchanges and paths longer than KSCOPE_L7_SUMMARY_HEAD are always records.
+ */
+
+struct sampler {
+	__u64 credit_ns;
+	__u64 last_ns;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sampler);
+} l7_sampler SEC(".maps");
+
+/* [0] != 0: the next sweep sends every summary, due or not (user space, before it exits) */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} l7_sweep_ctl SEC(".maps");
+
+static __always_inline void stat_add(__u32 idx, __u64 n)
+{
+	__u64 *v = bpf_map_lookup_elem(&l7_stats, &idx);
+
+	if (v)
+		*v += n;
+}
+
+/* Whether the exchange starting now gets a record of its own (a token from this CPU's bucket). */
+static __always_inline bool sample(__u64 now)
+{
+	struct sampler *s;
+	__u32 zero = 0;
+	__u64 credit;
+
+	if (!record_cost_ns)
+		return true;
+	s = bpf_map_lookup_elem(&l7_sampler, &zero);
+	if (!s)
+		return true;
+	credit = s->credit_ns + (now - s->last_ns);
+	if (credit > 1000000000ULL)
+		credit = 1000000000ULL; /* the burst: one second's worth */
+	s->last_ns = now;
+	if (credit < record_cost_ns) {
+		s->credit_ns = credit;
+		return false;
+	}
+	s->credit_ns = credit - record_cost_ns;
+	return true;
+}
+
+/* The high bit of each byte of t that is zero (exact: no false positives from borrows). */
+static __always_inline __u64 zero_bytes(__u64 t)
+{
+	__u64 y = (t & 0x7f7f7f7f7f7f7f7fULL) + 0x7f7f7f7f7f7f7f7fULL;
+
+	return ~(y | t | 0x7f7f7f7f7f7f7f7fULL);
+}
+
+#define HASH_MUL 0x9e3779b97f4a7c15ULL
+#define VERSION_TAIL 10 /* " HTTP/1.1\r" after the path, minus the path end's own byte */
+
+struct phash {
+	const __u8 *d;
+	__u32 n;
+	__u32 start; /* the path's first byte (after the method's space) */
+	__u32 end;   /* where the path ends (' ', '?' or '#'); 0: not found */
+	__u32 _pad;
+	__u64 h;
+};
+
+/* One 8-byte word of the request line: hashed whole, or up to the path's end if it is here. */
+static long phash_step(__u32 k, void *arg)
+{
+	struct phash *p = arg;
+	__u32 base = k * 8, j;
+	__u64 w, m, low;
+
+	if (base >= KSCOPE_L7_SUMMARY_HEAD || base >= p->n)
+		return 1;
+	w = *(const __u64 *)(p->d + base);
+	m = zero_bytes(w ^ (ONES * ' ')) | zero_bytes(w ^ (ONES * '?')) | zero_bytes(w ^ (ONES * '#'));
+	if (base + 8 <= p->start)
+		m = 0;
+	else if (base < p->start)
+		m &= ~0ULL << ((p->start - base) * 8); /* the method's space is not the end */
+	if (!m) {
+		p->h = (p->h ^ w) * HASH_MUL;
+		p->h ^= p->h >> 29;
+		return 0;
+	}
+	low = m & -m; /* 0x80 << 8j: the first end is byte j of the word */
+	j = 0;
+	if (low >> 32) {
+		j = 4;
+		low >>= 32;
+	}
+	if (low >> 16) {
+		j += 2;
+		low >>= 16;
+	}
+	if (low >> 8)
+		j += 1;
+	if (base + j >= p->n)
+		return 1; /* zero bytes past the capture are not an end (and never match) */
+	/* the summary keeps the head's first KSCOPE_L7_SUMMARY_HEAD bytes: the whole request line
+	 * (" HTTP/1.1\r" after the path) must be in them, and captured, for user space to read it */
+	if (base + j + VERSION_TAIL > KSCOPE_L7_SUMMARY_HEAD || base + j + VERSION_TAIL > p->n)
+		return 1;
+	if (j)
+		p->h = (p->h ^ (w & ((1ULL << (j * 8)) - 1))) * HASH_MUL;
+	p->end = base + j;
+	return 1;
+}
+
+/* The key of a request for summing: a hash of its line up to the path's end (method and
+ * path, no query); 0 if the request line does not fit KSCOPE_L7_SUMMARY_HEAD captured bytes
+ * (or CONNECT): such a request is never summed. Bytes past n are zero. */
+static __always_inline __u64 path_hash(const __u8 *d, __u32 n, __u8 method)
+{
+	struct phash p = { .d = d, .n = n };
+
+	switch (method) {
+	case KSCOPE_HTTP_GET:
+	case KSCOPE_HTTP_PUT:
+		p.start = 4;
+		break;
+	case KSCOPE_HTTP_HEAD:
+	case KSCOPE_HTTP_POST:
+		p.start = 5;
+		break;
+	case KSCOPE_HTTP_PATCH:
+	case KSCOPE_HTTP_TRACE:
+		p.start = 6;
+		break;
+	case KSCOPE_HTTP_DELETE:
+		p.start = 7;
+		break;
+	case KSCOPE_HTTP_OPTIONS:
+		p.start = 8;
+		break;
+	default:
+		return 0;
+	}
+	bpf_loop(KSCOPE_L7_SUMMARY_HEAD / 8, phash_step, &p, 0);
+	if (!p.end)
+		return 0;
+	p.h = (p.h ^ p.end) * HASH_MUL;
+	return (p.h ^ (p.h >> 32)) | 1;
+}
+
+static __always_inline __u32 latency_bucket(__u64 ns)
+{
+	const __u64 bounds[KSCOPE_L7_LATENCY_BOUNDS] = KSCOPE_L7_LATENCY_BOUNDS_NS;
+
+#pragma unroll
+	for (int i = 0; i < KSCOPE_L7_LATENCY_BOUNDS; i++)
+		if (ns <= bounds[i])
+			return i;
+	return KSCOPE_L7_LATENCY_BOUNDS;
+}
+
+/* Unlocked peeks, by the socket's own calls or by close/sweep: whether the answered exchange
+ * x holds is to be summed, and whether a slot can take it. Kept under the lock: only the
+ * socket's own calls fill slots; the sweep and close only empty them or sum this very
+ * exchange (which then is no longer answered and is left alone). */
+static __always_inline bool wants_summary(const struct l7_xchg *x)
+{
+	return !x->sampled && x->path_hash && x->status >= 200 && x->status < 500;
+}
+
+static __always_inline bool slot_free(const struct l7_xchg *x)
+{
+#pragma unroll
+	for (int i = 0; i < L7_SLOTS; i++)
+		if (!x->slots[i].count ||
+		    (x->slots[i].path_hash == x->path_hash && x->slots[i].status == x->status))
+			return true;
+	return false;
+}
+
+static __always_inline bool slots_empty(const struct l7_xchg *x)
+{
+	return !x->slots[0].count && !x->slots[1].count && !x->slots[2].count && !x->slots[3].count;
+}
+
+/* Sum the answered exchange into its key's slot, or a free one: x->lock held (no helpers).
+ * false: every slot holds another key. */
+static __always_inline bool slot_fold(struct l7_xchg *x)
+{
+	struct l7_slot *s = 0;
+	__u64 lat = x->resp_ns - x->start_ns;
+	__u32 b = latency_bucket(lat);
+
+#pragma unroll
+	for (int i = 0; i < L7_SLOTS; i++)
+		if (!s && x->slots[i].count && x->slots[i].path_hash == x->path_hash &&
+		    x->slots[i].status == x->status)
+			s = &x->slots[i];
+	if (!s) {
+#pragma unroll
+		for (int i = 0; i < L7_SLOTS; i++)
+			if (!s && !x->slots[i].count)
+				s = &x->slots[i];
+		if (!s)
+			return false;
+		s->path_hash = x->path_hash;
+		s->status = x->status;
+		s->method = x->method;
+		s->head_len = x->head_len < KSCOPE_L7_SUMMARY_HEAD ? x->head_len : KSCOPE_L7_SUMMARY_HEAD;
+		s->first_ns = x->start_ns;
+		s->lat_sum = 0;
+		s->lat_min = lat;
+		s->lat_max = lat;
+		s->req_bytes = 0;
+		s->resp_bytes = 0;
+		s->flags = 0;
+		__builtin_memset(s->buckets, 0, sizeof(s->buckets));
+		__builtin_memcpy(s->head, x->head, sizeof(s->head));
+	}
+	s->count++;
+	s->last_ns = x->start_ns;
+	s->lat_sum += lat;
+	if (lat < s->lat_min)
+		s->lat_min = lat;
+	if (lat > s->lat_max)
+		s->lat_max = lat;
+	s->req_bytes += x->req_bytes;
+	s->resp_bytes += x->resp_bytes;
+	s->flags |= x->flags;
+	if (b < KSCOPE_L7_LATENCY_BUCKETS)
+		s->buckets[b]++;
+	return true;
+}
+
+static __always_inline struct kscope_l7_summary *summary_reserve(struct sock *sk)
+{
+	struct kscope_l7_summary *r = bpf_ringbuf_reserve(&l7_xring, sizeof(*r), 0);
+
+	if (!r) {
+		stat_inc(KSCOPE_L7_STAT_RB_FULL);
+		stat_inc(KSCOPE_L7_STAT_SUMMARY_RB_FULL);
+		return 0;
+	}
+	r->type = KSCOPE_REC_L7_SUMMARY;
+	read_tuple(r->saddr, r->daddr, &r->sport, &r->dport, &r->family, sk);
+	r->netns_ino = sk->__sk_common.skc_net.net->ns.inum;
+	r->sock_cookie = bpf_get_socket_cookie(sk);
+	return r;
+}
+
+/* Copy a slot into its record: x->lock held. */
+static __always_inline void summary_fill(struct kscope_l7_summary *r, const struct l7_xchg *x,
+					 const struct l7_slot *s, __u8 reason)
+{
+	r->role = x->role;
+	r->method = s->method;
+	r->reason = reason;
+	r->start_ns = s->first_ns;
+	r->latency_ns = s->lat_sum;
+	r->request_bytes = s->req_bytes;
+	r->response_bytes = s->resp_bytes;
+	r->tgid = x->tgid;
+	r->pid = x->pid;
+	r->status = s->status;
+	r->head_len = s->head_len;
+	r->flags = s->flags;
+	__builtin_memset(r->_pad, 0, sizeof(r->_pad));
+	__builtin_memcpy(r->comm, x->comm, sizeof(r->comm));
+	r->count = s->count;
+	r->_pad2 = 0;
+	r->end_ns = s->last_ns;
+	r->latency_min_ns = s->lat_min;
+	r->latency_max_ns = s->lat_max;
+	__builtin_memcpy(r->buckets, s->buckets, sizeof(r->buckets));
+	__builtin_memcpy(r->head, s->head, sizeof(r->head));
+	__builtin_memset(r->_pad3, 0, sizeof(r->_pad3));
+}
+
+/* Every slot holds another key: the oldest one's summary goes now (into r, reserved before
+ * the lock) and frees it. x->lock held. */
+static __always_inline bool slot_evict(struct kscope_l7_summary *r, struct l7_xchg *x)
+{
+	struct l7_slot *old = &x->slots[0];
+
+#pragma unroll
+	for (int i = 1; i < L7_SLOTS; i++)
+		if (x->slots[i].first_ns < old->first_ns)
+			old = &x->slots[i];
+	if (!old->count)
+		return false; /* a slot became free after all (the sweep sent it): nothing to evict */
+	summary_fill(r, x, old, KSCOPE_EMIT_EVICT);
+	old->count = 0;
+	return true;
+}
+
+/* Send slot i's summary if due (all: whatever its age). A full ring leaves it for the next
+ * sweep; at close (all) its requests are lost, counted. */
+static __always_inline void slot_flush(struct sock *sk, struct l7_xchg *x, struct l7_slot *s, __u8 reason,
+				       __u64 now, bool all)
+{
+	struct kscope_l7_summary *r;
+	bool filled = false;
+	__u32 lost = 0;
+
+	if (!s->count || (!all && now - s->first_ns < summary_ns))
+		return;
+	r = summary_reserve(sk);
+	bpf_spin_lock(&x->lock);
+	if (s->count && (all || now - s->first_ns >= summary_ns)) {
+		if (r) {
+			summary_fill(r, x, s, reason);
+			filled = true;
+			s->count = 0;
+		} else if (all) {
+			lost = s->count;
+			s->count = 0;
+		}
+	}
+	bpf_spin_unlock(&x->lock);
+	if (r) {
+		if (filled) {
+			bpf_ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+			stat_inc(KSCOPE_L7_STAT_SUMMARIES);
+		} else {
+			bpf_ringbuf_discard(r, BPF_RB_NO_WAKEUP);
+		}
+	}
+	if (lost)
+		stat_add(KSCOPE_L7_STAT_SUMMARY_LOST, lost);
+}
+
+static __always_inline void slots_flush(struct sock *sk, struct l7_xchg *x, __u8 reason, __u64 now, bool all)
+{
+	slot_flush(sk, x, &x->slots[0], reason, now, all);
+	slot_flush(sk, x, &x->slots[1], reason, now, all);
+	slot_flush(sk, x, &x->slots[2], reason, now, all);
+	slot_flush(sk, x, &x->slots[3], reason, now, all);
+}
+
+/* After the lock: send or give back the summary slot_evict was given. */
+static __always_inline void evict_send(struct kscope_l7_summary *ev, bool evicted)
+{
+	if (!ev)
+		return;
+	if (evicted) {
+		bpf_ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
+		stat_inc(KSCOPE_L7_STAT_SUMMARIES);
+		stat_inc(KSCOPE_L7_STAT_SLOTS_FULL);
+	} else {
+		bpf_ringbuf_discard(ev, BPF_RB_NO_WAKEUP);
+	}
+}
+
 /* A synthetic chunk: the head of a request the exchange path holds, for the chunk parser
  * that takes over the socket (see xchg_fallback). Fixed size: captured says how much is valid. */
 struct xchunk {
@@ -425,9 +825,10 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 					 __u32 n, int ret, __u64 seq, __u8 dir, bool has_buf, __u64 now)
 {
 	struct kscope_l7_exchange *r = 0;
+	struct kscope_l7_summary *ev = 0;
 	__u8 method = has_buf ? request_method(d, n) : 0, comm[16];
-	__u64 id;
-	bool filled = false, fresh_comm;
+	__u64 id, hash = 0;
+	bool filled = false, fresh_comm, sampled, fold = false, folded = false, fold_failed = false, evicted = false;
 
 	if (!method) {
 		/* a body (or bytes of a request older than us): counted into the current request */
@@ -446,8 +847,17 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 		xchg_fallback(sk, st, x, dir);
 		return false;
 	}
-	if (x->state == XS_ANSWERED)
-		r = xrec_reserve(sk);
+	if (x->state == XS_ANSWERED) {
+		/* the previous exchange is over: summed, or a record of its own */
+		fold = wants_summary(x);
+		if (!fold)
+			r = xrec_reserve(sk);
+		else if (!slot_free(x))
+			ev = summary_reserve(sk);
+	}
+	sampled = sample(now);
+	if (!sampled)
+		hash = path_hash(d, n, method);
 	id = bpf_get_current_pid_tgid();
 	/* the process name is read once per process on this socket (a string helper per request
 	 * measurably added to every request on a keep-alive connection) */
@@ -455,11 +865,20 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 	if (fresh_comm)
 		process_comm(comm);
 	bpf_spin_lock(&x->lock);
-	if (r && x->state == XS_ANSWERED) {
-		xrec_fill(r, x, KSCOPE_EMIT_NEXT);
-		filled = true;
+	if (x->state == XS_ANSWERED) {
+		if (r) {
+			xrec_fill(r, x, KSCOPE_EMIT_NEXT);
+			filled = true;
+		} else if (fold) {
+			if (ev)
+				evicted = slot_evict(ev, x);
+			folded = slot_fold(x);
+			fold_failed = !folded;
+		}
 	}
 	x->state = XS_REQUEST;
+	x->sampled = sampled;
+	x->path_hash = hash;
 	x->method = method;
 	x->flags = n < (__u32)ret ? KSCOPE_X_HEAD_TRUNCATED : 0;
 	x->req_seq = seq;
@@ -477,6 +896,11 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 	__builtin_memcpy(x->head, d, sizeof(x->head));
 	bpf_spin_unlock(&x->lock);
 	xrec_send(r, filled);
+	evict_send(ev, evicted);
+	if (folded)
+		stat_inc(KSCOPE_L7_STAT_SUMMARIZED);
+	if (fold_failed)
+		stat_inc(KSCOPE_L7_STAT_SUMMARY_LOST);
 	return true;
 }
 
@@ -593,6 +1017,17 @@ static __always_inline void bind_tls(struct sock *sk, struct l7_sock *st, struct
 	bpf_map_update_elem(&tls_conns, &key, &fresh, BPF_ANY);
 }
 
+/* A chunk's socket fields and the call's head (the bytes captured). */
+static __always_inline __u32 chunk_head(struct chunk *c, struct sock *sk, __u8 ip_proto, const void *buf,
+					const void *uaddr, int ret, __u64 avail)
+{
+	__builtin_memset(&c->hdr, 0, sizeof(c->hdr));
+	read_tuple(c->hdr.saddr, c->hdr.daddr, &c->hdr.sport, &c->hdr.dport, &c->hdr.family, sk);
+	if (ip_proto == IPPROTO_UDP && !c->hdr.dport)
+		read_peer(&c->hdr, uaddr);
+	return l7_read_head(c, buf, ret, avail, capture_bytes);
+}
+
 static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 {
 	struct l7_sock *st;
@@ -600,9 +1035,10 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 	struct tls_call *call;
 	const void *buf, *uaddr;
 	__u64 avail, seq;
-	__u32 zero = 0, n, tid;
+	__u32 zero = 0, n = 0, tid;
 	__u16 family = sk->__sk_common.skc_family;
 	__u8 ip_proto = sk->sk_protocol;
+	bool fresh;
 
 	if (ret <= 0 || (family != AF_INET && family != AF_INET6))
 		return;
@@ -627,21 +1063,17 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 	}
 	seq = st->seq[dir - 1];
 	st->seq[dir - 1] = seq + ret;
+	fresh = st->protocol == KSCOPE_PROTO_UNKNOWN;
 
 	c = bpf_map_lookup_elem(&l7_scratch, &zero);
 	if (!c)
 		return;
 	buf = user_buffer((struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf()), &avail, &uaddr);
-	if (exchanges && st->protocol == KSCOPE_PROTO_HTTP1 && ip_proto == IPPROTO_TCP && !st->chunks &&
-	    xchg_call(sk, st, c, buf, avail, ret, dir, seq))
-		return;
-	__builtin_memset(&c->hdr, 0, sizeof(c->hdr));
-	read_tuple(c->hdr.saddr, c->hdr.daddr, &c->hdr.sport, &c->hdr.dport, &c->hdr.family, sk);
-	if (ip_proto == IPPROTO_UDP && !c->hdr.dport)
-		read_peer(&c->hdr, uaddr);
-	n = l7_read_head(c, buf, ret, avail, capture_bytes);
-	if (st->protocol == KSCOPE_PROTO_UNKNOWN) {
-		__u8 role = 0, proto = infer(c->data, n, dir, ip_proto, c->hdr.sport, c->hdr.dport, &role);
+	if (fresh) {
+		__u8 role = 0, proto;
+
+		n = chunk_head(c, sk, ip_proto, buf, uaddr, ret, avail);
+		proto = infer(c->data, n, dir, ip_proto, c->hdr.sport, c->hdr.dport, &role);
 
 		if (proto == KSCOPE_PROTO_UNKNOWN && ip_proto == IPPROTO_TCP && is_tls_record(c->data, n)) {
 			/* TLS: from now on only the uprobes' plaintext counts */
@@ -658,11 +1090,15 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 		}
 		st->protocol = proto;
 		st->role = role;
-		/* the exchange path from this first call on (it reads the head it needs itself) */
-		if (exchanges && proto == KSCOPE_PROTO_HTTP1 && ip_proto == IPPROTO_TCP &&
-		    xchg_call(sk, st, c, buf, avail, ret, dir, seq))
-			return;
 	}
+	/* plain-text HTTP/1 over TCP: the exchange path, from a socket's first call on (it reads the
+	 * head it needs itself). One call site: xchg_call is most of the program, and inlined twice it
+	 * doubled what the verifier walks (~0.3 M of its 1 M instructions once). */
+	if (exchanges && st->protocol == KSCOPE_PROTO_HTTP1 && ip_proto == IPPROTO_TCP && !st->chunks &&
+	    xchg_call(sk, st, c, buf, avail, ret, dir, seq))
+		return;
+	if (!fresh)
+		n = chunk_head(c, sk, ip_proto, buf, uaddr, ret, avail);
 	l7_chunk_call(c, buf != 0, n, ret, seq, dir, st->protocol, st->role, ip_proto);
 	c->hdr.netns_ino = sk->__sk_common.skc_net.net->ns.inum;
 	c->hdr.sock_cookie = bpf_get_socket_cookie(sk);
@@ -858,22 +1294,47 @@ int BPF_KRETPROBE(ssl_exit_multi, long ret)
 /* Emit the exchange if `due` still holds under the lock; the record slot is taken before. */
 static __always_inline void xchg_retire(struct sock *sk, struct l7_xchg *x, __u8 reason, __u64 now)
 {
-	struct kscope_l7_exchange *r = xrec_reserve(sk);
-	bool filled = false;
+	struct kscope_l7_exchange *r = 0;
+	struct kscope_l7_summary *ev = 0;
+	bool filled = false, fold = x->state == XS_ANSWERED && wants_summary(x), folded = false;
+	bool fold_failed = false, evicted = false;
 
-	if (!r)
-		return;
+	/* a socket closing after its only request (Connection: close): a summary of one would cost
+	 * user space more than the record, and sums nothing */
+	if (reason == KSCOPE_EMIT_CLOSE && slots_empty(x))
+		fold = false;
+
+	if (!fold) {
+		r = xrec_reserve(sk);
+		if (!r)
+			return;
+	} else if (!slot_free(x)) {
+		ev = summary_reserve(sk);
+	}
 	bpf_spin_lock(&x->lock);
 	if (x->state == XS_REQUEST || x->state == XS_ANSWERED) {
 		if (reason == KSCOPE_EMIT_CLOSE || (x->state == XS_ANSWERED && now - x->last_ns >= idle_ns) ||
 		    (x->state == XS_REQUEST && now - x->start_ns >= unanswered_ns)) {
-			xrec_fill(r, x, reason);
-			x->state = reason == KSCOPE_EMIT_CLOSE ? XS_NONE : XS_EMITTED;
-			filled = true;
+			if (r) {
+				xrec_fill(r, x, reason);
+				filled = true;
+				x->state = reason == KSCOPE_EMIT_CLOSE ? XS_NONE : XS_EMITTED;
+			} else if (x->state == XS_ANSWERED) {
+				if (ev)
+					evicted = slot_evict(ev, x);
+				folded = slot_fold(x);
+				fold_failed = !folded;
+				x->state = reason == KSCOPE_EMIT_CLOSE ? XS_NONE : XS_EMITTED;
+			}
 		}
 	}
 	bpf_spin_unlock(&x->lock);
 	xrec_send(r, filled);
+	evict_send(ev, evicted);
+	if (folded)
+		stat_inc(KSCOPE_L7_STAT_SUMMARIZED);
+	if (fold_failed)
+		stat_inc(KSCOPE_L7_STAT_SUMMARY_LOST);
 }
 
 SEC("tp_btf/tcp_destroy_sock")
@@ -881,8 +1342,11 @@ int BPF_PROG(l7_destroy, struct sock *sk)
 {
 	struct l7_xchg *x = bpf_sk_storage_get(&l7_xchg, sk, 0, 0);
 
-	if (x && (x->state == XS_REQUEST || x->state == XS_ANSWERED))
+	if (!x)
+		return 0;
+	if (x->state == XS_REQUEST || x->state == XS_ANSWERED)
 		xchg_retire(sk, x, KSCOPE_EMIT_CLOSE, 0);
+	slots_flush(sk, x, KSCOPE_EMIT_CLOSE, 0, true);
 	return 0;
 }
 
@@ -899,6 +1363,7 @@ int sweep(struct bpf_iter__bpf_sk_storage_map *ctx)
 {
 	struct sock *sk = ctx->sk;
 	struct l7_xchg *x;
+	__u32 zero = 0, *all;
 	__u64 now;
 
 	if (!sk || !ctx->value)
@@ -910,5 +1375,9 @@ int sweep(struct bpf_iter__bpf_sk_storage_map *ctx)
 	if ((x->state == XS_ANSWERED && now - x->last_ns >= idle_ns) ||
 	    (x->state == XS_REQUEST && now - x->start_ns >= unanswered_ns))
 		xchg_retire(sk, x, KSCOPE_EMIT_SWEEP, now);
+	if (!slots_empty(x)) {
+		all = bpf_map_lookup_elem(&l7_sweep_ctl, &zero);
+		slots_flush(sk, x, KSCOPE_EMIT_SWEEP, now, all && *all);
+	}
 	return 0;
 }

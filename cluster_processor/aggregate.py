@@ -16,6 +16,9 @@ Counting rules (each fact counted once, even when both ends of a connection are 
   kscope (a pod or a node), and from the client side only when it is not (a Service whose backend is
   unknown, an external address): ``otlp.model.ServiceGraphPoint``. The client side still adds its
   duration histogram.
+* An L7 summary (``L7Request.summary``: requests the node's kernel summed instead of sending one by
+  one) counts as its ``count`` requests in RED and the service graph, its latency buckets re-bucketed
+  exactly into theirs; it makes no span and no log (spans are what the node's sampler picked).
 * Spans: one per L7 record, joining a captured traceparent. Logs: resets, refused and timed-out
   connects, DNS errors and timeouts.
 
@@ -27,8 +30,9 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import compress, repeat
 from operator import attrgetter
 from typing import Final
 
@@ -71,6 +75,8 @@ from cluster_processor.resolve import (
     resolve_local,
 )
 from kscope.v1 import flow_pb2 as pb
+from kscope_common import l4_columns
+from kscope_common.latency import rebucket_map
 
 NS_PER_S: Final = 1_000_000_000
 _PROTOCOLS: Final = {"http1": Protocol.HTTP, "http": Protocol.HTTP, "dns": Protocol.DNS}
@@ -94,6 +100,8 @@ COUNTERS: Final = (
     "batches",
     "l4_records",
     "l7_records",
+    "l7_summaries",  # L7 records that are node summaries (requests summed in the kernel, no span)
+    "l7_summarized_requests",  # the requests those summaries stand for
     "listener_records",  # L4 records of listen sockets: their accept queues, not an edge
     "listeners_overflowed",  # listening (owner, port) pairs past max_listeners in one interval
     "unknown_protocol",  # L7 records of a protocol this processor cannot name
@@ -151,9 +159,34 @@ class _Hist:
         elif v > self.hi:  # type: ignore[operator]
             self.hi = v
 
+    def add_buckets(self, counts: Sequence[int], total: float, lo: float, hi: float) -> None:
+        """Values already counted in the L7 summary buckets (kscope_common.latency), with their sum,
+        min and max: each bucket lies within one of ours, so this is what adding them one by one
+        would give (the sum up to float rounding)."""
+        into = _REBUCKET[self.bounds]
+        mine = self.counts
+        for i, n in enumerate(counts):
+            if n:
+                mine[into[i]] += n
+        self.total += total
+        if self.lo is None:
+            self.lo, self.hi = lo, hi
+        else:
+            if lo < self.lo:
+                self.lo = lo
+            if hi > self.hi:  # type: ignore[operator]
+                self.hi = hi
+
     def freeze(self) -> Histogram:
         # Trusted: the bounds are this module's constants and the counts only ever grow.
         return Histogram.trusted(self.bounds, tuple(self.counts), self.total, self.lo, self.hi)
+
+
+# Histogram bounds -> where each L7 summary bucket goes in them (ValueError at import if a bound is
+# not a summary bound: then summaries could not be re-bucketed exactly).
+_REBUCKET: Final[dict[tuple[float, ...], tuple[int, ...]]] = {
+    b: rebucket_map(b) for b in (HTTP_DURATION_BOUNDS_S, SERVICE_GRAPH_BOUNDS_S)
+}
 
 
 @dataclass(slots=True)
@@ -184,6 +217,9 @@ class _Socket:
     nat_port: int = 0
     connect_seen: bool = False  # connect latency / failure already counted for this socket
     socket_drops: int = -1  # a listener's drop counter at its previous record (-1: none yet)
+
+
+_ABSENT: Final = object()  # not in the socket table (where None is a socket with no state yet)
 
 
 @dataclass(slots=True)
@@ -218,6 +254,13 @@ _SERVER: Final = pb.ROLE_SERVER
 _CLOSE: Final = pb.RECORD_KIND_CLOSE
 _HTTP: Final = attrgetter("method", "route", "path", "request_id", "status_code", "traceparent")
 _new_tuple: Final = tuple.__new__  # a SpanRecord without NamedTuple's Python-level __new__
+_CLIENT_SIDE: Final = Side.CLIENT
+# (columns, _L4 attribute): the delta counters most records leave at zero, summed per edge side
+_SPARSE_L4: Final = (
+    (("delta_retransmits", "delta_syn_retransmits"), "retransmits"),
+    (("delta_resets_sent", "delta_resets_received"), "resets"),
+    (("delta_drops",), "drops"),
+)
 _DELTA: Final = attrgetter(
     "bytes_sent", "bytes_received", "retransmits", "syn_retransmits", "resets_sent", "resets_received", "drops"
 )
@@ -229,7 +272,8 @@ class Aggregator:
         self._settings = settings
         self._nodes: dict[str, _NodeState] = {}
         self._last_end: dict[str, int] = {}  # node -> end of its last flushed interval
-        self._sockets: OrderedDict[tuple[str, int, int], _Socket] = OrderedDict()
+        # None: a socket seen with nothing to remember yet (a default _Socket, without the object)
+        self._sockets: OrderedDict[tuple[str, int, int], _Socket | None] = OrderedDict()
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._resolutions = ResolutionCache(index, settings.max_resolutions)
 
@@ -260,6 +304,9 @@ class Aggregator:
         for flow in l4:
             if add_l4(node, st, flow):
                 closed.append((node, flow.netns_inode, flow.socket_cookie))
+        if batch.HasField("l4_columns"):
+            c["l4_records"] += batch.l4_columns.count
+            self._add_l4_columns(node, st, batch.l4_columns, closed)
         l7 = batch.l7
         c["l7_records"] += len(l7)
         for req in l7:
@@ -269,15 +316,17 @@ class Aggregator:
             self._sockets.pop(key, None)
 
     def _socket(self, key: tuple[str, int, int]) -> _Socket:
-        sock = self._sockets.get(key)
-        if sock is None:
+        sock = self._sockets.get(key, _ABSENT)
+        if sock is _ABSENT:
             sock = self._sockets[key] = _Socket()
             if len(self._sockets) > self._settings.max_sockets:
                 self._sockets.popitem(last=False)
                 self._counters["sockets_evicted"] += 1
-        else:
-            self._sockets.move_to_end(key)
-        return sock
+            return sock
+        self._sockets.move_to_end(key)
+        if sock is None:
+            sock = self._sockets[key] = _Socket()
+        return sock  # type: ignore[return-value]
 
     def _add_listener(self, node: str, st: _NodeState, f: pb.L4Flow) -> None:
         """A listening socket's queue: overflows are deltas already; the socket's drop counter is a
@@ -375,6 +424,117 @@ class Aggregator:
                     acc.connect.add(f.connect_latency_ns / NS_PER_S)
         return bool(kind == _CLOSE)
 
+    def _add_l4_columns(
+        self, node: str, st: _NodeState, cols: pb.L4Columns, closed: list[tuple[str, int, int]]
+    ) -> None:
+        """``_add_l4`` over every record of a columnar batch, under the same rules (a test holds the two
+        forms to the same output), reading ints out of columns instead of fields out of one message per
+        record. One pass in record order does what every record needs (its socket, bytes, RTT, connect
+        outcome); the counters most records leave at zero (retransmits, resets, drops) are added in
+        passes over only their non-zero records. Rare records (a listener, a reset or failed connect
+        that makes a log) are rebuilt as an ``L4Flow`` and take ``_add_l4``'s own code."""
+        n = cols.count
+        c = self._counters
+        sides, unresolved, external = self._resolutions.l4_columns(node, cols)
+        c["unresolved_local"] += unresolved
+        c["external_remote"] += external
+
+        def column(name: str) -> Iterable[int]:
+            values = getattr(cols, name)
+            return values if values else repeat(0, n)
+
+        sockets = self._sockets
+        get_socket, touch = sockets.get, sockets.move_to_end
+        max_sockets = self._settings.max_sockets
+        strings = cols.strings
+        edges, accs = st.edges, st.l4
+        get_acc = accs.get
+        events: list[tuple[int, str | None]] = []  # (record, failure to log) in record order
+        for (i, key, kind, netns, cookie, nat_ip, nat_port, connect_status, srtt_us, sent, received) in zip(
+            range(n), sides, column("kind"), column("netns_inode"), column("socket_cookie"), column("nat_remote_ip"),
+            column("nat_remote_port"), column("connect_status"), column("srtt_us"), column("delta_bytes_sent"),
+            column("delta_bytes_received"), strict=True,
+        ):  # fmt: skip
+            skey = (node, netns, cookie)
+            if kind == _CLOSE:
+                closed.append(skey)
+            if key is None:  # a listener
+                c["listener_records"] += 1
+                self._add_listener(node, st, l4_columns.row(cols, i))
+                continue
+            # As _socket(), inline, and without an object until there is something to remember.
+            sock: _Socket | None
+            found = get_socket(skey, _ABSENT)
+            if found is _ABSENT:
+                sock = sockets[skey] = None
+                if len(sockets) > max_sockets:
+                    sockets.popitem(last=False)
+                    c["sockets_evicted"] += 1
+            else:
+                sock = found  # type: ignore[assignment]
+                touch(skey)  # least recently seen first: what a full table forgets
+            if nat_ip:
+                if sock is None:
+                    sock = sockets[skey] = _Socket()
+                sock.nat_ip, sock.nat_port = strings[nat_ip], nat_port
+            first_connect = False
+            failure = None
+            if connect_status:  # CONNECT_STATUS_UNSPECIFIED is 0
+                if sock is None:
+                    sock = sockets[skey] = _Socket()
+                first_connect = not sock.connect_seen
+                sock.connect_seen = True
+                failure = _CONNECT_ERRORS.get(connect_status)
+                if first_connect and failure in ("connection_refused", "timeout"):
+                    events.append((i, failure))
+            acc = get_acc(key)
+            if acc is None:
+                ref = key.ref
+                if ref not in edges and not self._admit(st, ref):
+                    continue
+                acc = accs[key] = _L4()
+            acc.bytes_sent += sent
+            acc.bytes_received += received
+            if srtt_us:
+                acc.rtt_sum_s += srtt_us / 1e6
+                acc.rtt_n += 1
+            if key.side is _CLIENT_SIDE:
+                if kind == _CLOSE and failure is None:
+                    acc.connections += 1
+                if first_connect:
+                    if failure is not None:
+                        acc.failures[failure] = acc.failures.get(failure, 0) + 1
+                    else:
+                        latency_ns = cols.connect_latency_ns[i] if cols.connect_latency_ns else 0
+                        if latency_ns:
+                            if acc.connect is None:
+                                acc.connect = _Hist(CONNECT_BOUNDS_S)
+                            acc.connect.add(latency_ns / NS_PER_S)
+        # Integer sums, so their order does not matter; a record whose edge was not admitted has no
+        # accumulator for its side (admission is per edge and interval).
+        for names, attr in _SPARSE_L4:
+            for name in names:
+                values = getattr(cols, name)
+                if not values:
+                    continue
+                for i in compress(range(n), values):
+                    key = sides[i]
+                    acc = get_acc(key) if key is not None else None
+                    if acc is not None:
+                        setattr(acc, attr, getattr(acc, attr) + values[i])
+        sent_resets, received_resets = cols.delta_resets_sent, cols.delta_resets_received
+        if sent_resets or received_resets:
+            resets = set(compress(range(n), sent_resets)) if sent_resets else set()
+            if received_resets:
+                resets.update(compress(range(n), received_resets))
+            failed = dict(events)
+            # A listener's resets make no log (its record is no edge).
+            events = [(i, failed.get(i)) for i in sorted(resets.union(failed)) if sides[i] is not None]
+        for i, failure in events:  # logs in record order, as the row form makes them
+            f = l4_columns.row(cols, i)
+            side = Side.SERVER if f.role == _SERVER else Side.CLIENT
+            self._l4_events(node, st, f, resolve_l4(self._index, node, f), side, failure)
+
     def _l4_events(self, node: str, st: _NodeState, f: pb.L4Flow, r: Resolved, side: Side, failure: str | None) -> None:
         t = f.time_unix_nano
         d = f.delta
@@ -424,6 +584,11 @@ class Aggregator:
         duration_s = latency_ns / NS_PER_S
         # Read only where the request is counted (see _graph).
         failed = route.count_request and semconv.PROTOCOLS[protocol].failed(side, status, error_type)
+        # Checked only where it can be (a summary's latency_ns is 0): one request costs no HasField.
+        summary = q.summary if not latency_ns and q.HasField("summary") else None
+        if summary is not None:
+            c["l7_summaries"] += 1
+            c["l7_summarized_requests"] += summary.count
         ref = route.ref
         if ref in st.edges or self._admit(st, ref):
             key: _RedKey = (route.key, _PROTOCOL_VALUES[protocol], method, route_name, status, error_type)
@@ -433,25 +598,38 @@ class Aggregator:
             else:
                 if hist is None:
                     hist = st.red[key] = _Hist(HTTP_DURATION_BOUNDS_S)
-                hist.add(duration_s)
-            self._graph(st, route, side, failed, duration_s)
-        self._span(st, route, side, protocol, q, latency_ns, method, route_name, status, error_type, extra, traceparent)
+                if summary is None:
+                    hist.add(duration_s)
+                else:
+                    hist.add_buckets(*_summary_parts(summary))
+            self._graph(st, route, side, failed, duration_s, summary)
+        if summary is None:  # a summary's requests were not picked for spans (nor logs) by the node
+            self._span(st, route, side, protocol, q, latency_ns, method, route_name, status, error_type, extra,
+                       traceparent)  # fmt: skip
 
-    def _graph(self, st: _NodeState, route: Route, side: Side, failed: bool, duration_s: float) -> None:
+    def _graph(
+        self, st: _NodeState, route: Route, side: Side, failed: bool, duration_s: float,
+        summary: pb.L7Summary | None = None,
+    ) -> None:  # fmt: skip
+        """One request of ``duration_s``, or a summary's ``count`` requests (all with the same status)."""
         gref = route.graph
         assert gref is not None
         g = st.graph.get(gref)
         if g is None:
             g = st.graph[gref] = _Graph()
+        n = 1 if summary is None else summary.count
         if route.count_request:
-            g.requests += 1
-            g.failed += int(failed)
+            g.requests += n
+            if failed:
+                g.failed += n
         if side is _SIDE_SERVER:
-            g.server = g.server or _Hist(SERVICE_GRAPH_BOUNDS_S)
-            g.server.add(duration_s)
+            hist = g.server = g.server or _Hist(SERVICE_GRAPH_BOUNDS_S)
         else:
-            g.client = g.client or _Hist(SERVICE_GRAPH_BOUNDS_S)
-            g.client.add(duration_s)
+            hist = g.client = g.client or _Hist(SERVICE_GRAPH_BOUNDS_S)
+        if summary is None:
+            hist.add(duration_s)
+        else:
+            hist.add_buckets(*_summary_parts(summary))
 
     def _span(
         self,
@@ -536,6 +714,12 @@ def _details(
     return method, route, status, "" if status is not None else "no_response", extra, traceparent
 
 
+def _summary_parts(s: pb.L7Summary) -> tuple[Sequence[int], float, float, float]:
+    """An L7 summary as :meth:`_Hist.add_buckets` takes it: bucket counts, sum, min, max (seconds)."""
+    to_s = NS_PER_S
+    return s.latency_bucket_counts, s.latency_sum_ns / to_s, s.latency_min_ns / to_s, s.latency_max_ns / to_s
+
+
 def _red_points(st: _NodeState) -> Iterable[RedPoint]:
     new, protocols = _new_tuple, _PROTOCOL_OF_VALUE
     for (es, protocol, method, route, status, error_type), hist in st.red.items():
@@ -551,7 +735,7 @@ def _l4_points(st: _NodeState) -> Iterable[L4Point]:
             a.bytes_sent,
             a.bytes_received,
             a.connections,
-            tuple(sorted(a.failures.items())),
+            tuple(sorted(a.failures.items())) if a.failures else (),
             a.retransmits,
             a.resets,
             a.drops,

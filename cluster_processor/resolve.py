@@ -17,8 +17,10 @@ the same: the same pods talk to each other record after record.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from operator import attrgetter
+from itertools import compress, repeat
+from operator import attrgetter, getitem
 from typing import Any, Final
 
 from cluster_processor.kube.index import KubeIndex
@@ -239,6 +241,12 @@ METRIC_EDGE: Final = EdgeOptions(pod_level=False)
 SPAN_EDGE: Final = EdgeOptions(pod_level=True, client_port=True)
 _PROCESS: Final = attrgetter("pod_uid", "container_id", "host_process")
 _ENDS: Final = attrgetter("local_ip", "local_port", "remote_ip", "remote_port")
+_LISTENER: Final = pb.ROLE_LISTENER
+_SERVER: Final = pb.ROLE_SERVER
+_UNRESOLVED: Final = attrgetter("unresolved")
+_EXTERNAL: Final = attrgetter("external")
+_MKEY: Final = attrgetter("mkey")
+_NAT: Final = attrgetter("nat")
 
 
 class EdgeRef:
@@ -292,9 +300,13 @@ class Route:
 
 
 class _MKey:
-    """An interned token for one end's metric identity: hashed by id, compared by identity."""
+    """An interned token for one end's metric identity: hashed by id, compared by identity. Holds the
+    first endpoint seen with it: any endpoint with the same token gives ``edge`` the same answer."""
 
-    __slots__ = ()
+    __slots__ = ("endpoint",)
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
 
 
 class _End:
@@ -308,6 +320,21 @@ class _End:
         self.nat = nat  # a remote end named through its NAT answer: its port is the answer's
         self.unresolved = endpoint.how is How.UNRESOLVED
         self.external = endpoint.kind is EndpointKind.EXTERNAL
+
+
+class _Memo(dict[Any, Any]):
+    """A dict that computes a missing value with ``fn`` and keeps it: ``map(memo.__getitem__, keys)``
+    looks every key up in C and calls back into Python only for a key it has not seen."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def __missing__(self, key: Any) -> Any:
+        value = self[key] = self.fn(key)
+        return value
 
 
 class ResolutionCache:
@@ -325,12 +352,16 @@ class ResolutionCache:
         self._generation = index.generation
         self._routes: dict[tuple[Any, ...], Route] = {}
         self._locals: dict[tuple[Any, ...], _End] = {}
-        self._remotes: dict[tuple[str, str], _End] = {}
+        # (remote address, NAT answer) -> that end; a _Memo so l4_columns looks records up in C
+        self._remotes = _Memo(self._new_remote_end)
         # Interning tables: dropped only in prune(), when nothing refers to their objects.
         self._refs: dict[Edge, EdgeRef] = {}
         self._graph_refs: dict[tuple[str, str, ConnectionType], GraphRef] = {}
         self._mkeys: dict[tuple[Any, ...], _MKey] = {}
         self._edge_refs: dict[tuple[Any, ...], EdgeRef] = {}
+        # (local _MKey, remote _MKey, remote named by NAT, role, server port, NAT port) -> edge side,
+        # for l4_columns: holds interned refs, so cleared whenever those are.
+        self._sides = _Memo(self._side)
 
     def sizes(self) -> dict[str, int]:
         return {"routes": len(self._routes), "locals": len(self._locals), "remotes": len(self._remotes),
@@ -351,7 +382,7 @@ class ResolutionCache:
         limit = max(self._limit, 1)
         if max(len(self._refs), len(self._graph_refs), len(self._mkeys), len(self._edge_refs)) > limit:
             for table in (self._refs, self._graph_refs, self._mkeys, self._edge_refs, self._routes, self._locals,
-                          self._remotes):  # fmt: skip
+                          self._remotes, self._sides):  # fmt: skip
                 table.clear()
 
     def _cache(self, table: dict[Any, Any], key: Any, value: Any) -> None:
@@ -372,7 +403,7 @@ class ResolutionCache:
         ident = (endpoint.identity(False), endpoint.address if endpoint.kind is EndpointKind.EXTERNAL else None)
         mkey = self._mkeys.get(ident)
         if mkey is None:
-            mkey = self._mkeys[ident] = _MKey()
+            mkey = self._mkeys[ident] = _MKey(endpoint)
         return _End(endpoint, mkey, nat)
 
     def l4(
@@ -391,28 +422,133 @@ class ResolutionCache:
             r = resolve_l4(self._index, node, f)
             ref = self._intern_ref(edge(r, METRIC_EDGE))
             return ref, r.local.how is How.UNRESOLVED, r.remote.kind is EndpointKind.EXTERNAL
-        lkey = (node, proc, local_ip)
-        le = self._locals.get(lkey)
-        if le is None:
-            le = self._end(resolve_local(self._index, node, f.process, local_ip))
-            self._cache(self._locals, lkey, le)
-        rkey = (remote_ip, nat_ip)
-        re = self._remotes.get(rkey)
-        if re is None:
-            endpoint = resolve_remote(self._index, remote_ip, 0, nat_ip, 0)
-            re = self._end(endpoint, nat=endpoint.how in (How.NAT_POD_IP, How.NAT_NODE_IP))
-            self._cache(self._remotes, rkey, re)
+        le = self._local_end(node, proc, local_ip)
+        re = self._remote_end(remote_ip, nat_ip)
         # A metric edge reads a server's port (its own when local, else the peer's or the NAT
         # answer's), never a client's: ephemeral ports stay out of the key.
         remote_port = (nat_port or remote_port) if re.nat else remote_port
         is_client = f.role != pb.ROLE_SERVER
         ekey = (le.mkey, re.mkey, remote_port) if is_client else (re.mkey, le.mkey, local_port)
+        ref = self._edge_ref(ekey, le.endpoint, re.endpoint, is_client, local_port, remote_port)
+        return ref, le.unresolved, re.external
+
+    def l4_columns(self, node: str, cols: pb.L4Columns) -> tuple[list[EdgeSide | None], int, int]:
+        """``l4`` for every record of a columnar batch at once: (the metric edge side of each record,
+        None for a listener; how many records had an unresolved local end; how many an external remote).
+
+        Looked up in C (``map`` over ``_Memo.__getitem__``), calling back into Python only for what
+        was not seen before: each record's local end by its string-table ints (process identity and
+        address; per batch), its remote end by address and NAT answer (``l4``'s table), and its edge
+        side by the two ends' metric identities (``_MKey``: workload level, so few), whether the remote
+        was named through its NAT answer, role, and the ports a metric edge keeps (the server's: the
+        local port of a server socket, else the remote one; and the NAT answer's), never a client's
+        ephemeral port."""
+        n = cols.count
+        strings = list(cols.strings) or [""]
+
+        def column(name: str) -> Iterable[int]:
+            values = getattr(cols, name)
+            return values if values else repeat(0, n)
+
+        if self._limit <= 0:  # the reference path: every record resolved afresh
+            return self._l4_columns_afresh(node, strings, column)
+
+        text = strings.__getitem__
+
+        def local(key: tuple[int, int, int, int]) -> _End:
+            pod_uid, container_id, host, local_ip = key
+            return self._local_end(node, (text(pod_uid), text(container_id), bool(host)), text(local_ip))
+
+        # Each record's ends: the local one by its ints (a node's few pods), the remote one by its text.
+        local_keys = zip(column("process_pod_uid"), column("process_container_id"),
+                         column("process_host_process"), column("local_ip"), strict=True)  # fmt: skip
+        ends = list(map(_Memo(local).__getitem__, local_keys))
+        remote_keys = zip(map(text, column("remote_ip")), map(text, column("nat_remote_ip")), strict=True)
+        remotes = list(map(self._remotes.__getitem__, remote_keys))
+        # Then its edge side, by the two ends' metric identities (workload level: few), role and ports:
+        # (local, remote)[is client] is a server's own port, else the peer's.
+        ports = map(getitem, zip(column("local_port"), column("remote_port"), strict=True),
+                    map(_SERVER.__ne__, column("role")))  # fmt: skip
+        side_keys = zip(map(_MKEY, ends), map(_MKEY, remotes), map(_NAT, remotes), column("role"), ports,
+                        column("nat_remote_port"), strict=True)  # fmt: skip
+        sides = list(map(self._sides.__getitem__, side_keys))
+        unresolved = sum(map(_UNRESOLVED, ends))
+        external = sum(map(_EXTERNAL, remotes))
+        if None in sides:  # listeners: no edge, so not counted (as in ``l4``, which they never reach)
+            listeners = [side is None for side in sides]
+            unresolved -= sum(compress(map(_UNRESOLVED, ends), listeners))
+            external -= sum(compress(map(_EXTERNAL, remotes), listeners))
+        return sides, unresolved, external
+
+    def _side(self, key: tuple[_MKey, _MKey, bool, int, int, int]) -> EdgeSide | None:
+        """The metric edge side of ends with these metric identities, remote named by its NAT answer
+        or not, role, server port and NAT port (``l4``'s rules); ``_sides`` keeps it."""
+        local, remote, nat, role, port, nat_port = key
+        if role == _LISTENER:
+            return None
+        if len(self._sides) >= self._limit:
+            self._sides.clear()
+        if role == _SERVER:
+            return self._edge_ref((remote, local, port), local.endpoint, remote.endpoint, False, port, 0).server
+        remote_port = (nat_port or port) if nat else port
+        ekey = (local, remote, remote_port)
+        return self._edge_ref(ekey, local.endpoint, remote.endpoint, True, 0, remote_port).client
+
+    def _l4_columns_afresh(
+        self, node: str, strings: list[str], column: Callable[[str], Iterable[int]]
+    ) -> tuple[list[EdgeSide | None], int, int]:
+        sides: list[EdgeSide | None] = []
+        unresolved = external = 0
+        for role, pod_uid, container_id, host, local_ip, local_port, remote_ip, remote_port, nat_ip, nat_port in zip(
+            column("role"), column("process_pod_uid"), column("process_container_id"),
+            column("process_host_process"), column("local_ip"), column("local_port"), column("remote_ip"),
+            column("remote_port"), column("nat_remote_ip"), column("nat_remote_port"), strict=True,
+        ):  # fmt: skip
+            if role == _LISTENER:
+                sides.append(None)
+                continue
+            is_client = role != _SERVER
+            process = pb.ProcessIdentity(
+                pod_uid=strings[pod_uid], container_id=strings[container_id], host_process=bool(host)
+            )
+            local = resolve_local(self._index, node, process, strings[local_ip], local_port)
+            remote = resolve_remote(self._index, strings[remote_ip], remote_port, strings[nat_ip], nat_port)
+            ref = self._intern_ref(edge(Resolved(local, remote, is_client), METRIC_EDGE))
+            unresolved += local.how is How.UNRESOLVED
+            external += remote.kind is EndpointKind.EXTERNAL
+            sides.append(ref.client if is_client else ref.server)
+        return sides, unresolved, external
+
+    def _local_end(self, node: str, proc: tuple[str, str, bool], local_ip: str) -> _End:
+        lkey = (node, proc, local_ip)
+        le = self._locals.get(lkey)
+        if le is None:
+            pod_uid, container_id, host_process = proc
+            process = pb.ProcessIdentity(pod_uid=pod_uid, container_id=container_id, host_process=host_process)
+            le = self._end(resolve_local(self._index, node, process, local_ip))
+            self._cache(self._locals, lkey, le)
+        return le
+
+    def _remote_end(self, remote_ip: str, nat_ip: str) -> _End:
+        return self._remotes[remote_ip, nat_ip]  # type: ignore[no-any-return]
+
+    def _new_remote_end(self, key: tuple[str, str]) -> _End:
+        """A remote end not in ``_remotes`` (which keeps what this returns): bounded like ``_cache``."""
+        if len(self._remotes) >= self._limit:
+            self._remotes.clear()
+        remote_ip, nat_ip = key
+        endpoint = resolve_remote(self._index, remote_ip, 0, nat_ip, 0)
+        return self._end(endpoint, nat=endpoint.how in (How.NAT_POD_IP, How.NAT_NODE_IP))
+
+    def _edge_ref(
+        self, ekey: tuple[Any, ...], local: Endpoint, remote: Endpoint, client: bool, local_port: int, remote_port: int
+    ) -> EdgeRef:
         found = self._edge_refs.get(ekey)
         if found is None:
             # Built by ``edge`` itself from the two ends with their ports: the key holds all it reads.
-            local, remote = _with_port(le.endpoint, local_port), _with_port(re.endpoint, remote_port)
-            found = self._edge_refs[ekey] = self._intern_ref(edge(Resolved(local, remote, is_client), METRIC_EDGE))
-        return found, le.unresolved, re.external
+            local, remote = _with_port(local, local_port), _with_port(remote, remote_port)
+            found = self._edge_refs[ekey] = self._intern_ref(edge(Resolved(local, remote, client), METRIC_EDGE))
+        return found
 
     def l7(self, node: str, q: pb.L7Request, nat_ip: str, nat_port: int) -> Route:
         """The route of one L7 record, whose NAT answer comes from its socket's L4 record."""

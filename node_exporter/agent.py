@@ -28,7 +28,7 @@ from node_exporter.l7.syscalls import OBJECT_NAME as L7_SYSCALLS_OBJECT
 from node_exporter.l7.syscalls import SyscallL7Collector, kernel_has_socket_tracepoints
 from node_exporter.metadata.proc import ProcessIndex
 from node_exporter.nat.conntrack import ConntrackTable, FlowKey
-from node_exporter.output.convert import MonotonicClock, l4_flow, l7_request
+from node_exporter.output.convert import MonotonicClock, l4_columns, l4_flow, l7_request
 from node_exporter.output.jsonl import JsonlWriter
 from node_exporter.output.live import LiveView
 from node_exporter.selfmetrics import SelfMetrics
@@ -52,6 +52,8 @@ class AgentOptions:
     # "auto": the socket tracepoints (Linux 6.3+) where the kernel has them, else the syscall-exit
     # fallback; "sockets" / "syscalls" force one (tests, or a kernel whose tracepoints misbehave).
     l7_probe: str = "auto"
+    # HTTP/1 exchange records per second per CPU; past it the kernel sums exchanges (0: no sums)
+    l7_record_rate: int = 1000
     processor: str | None = None  # host:port of the cluster processor's ingest
     node_name: str = ""
     proc_root: str = "/proc"
@@ -80,7 +82,7 @@ def open_l7(bpf_dir: Path, opts: AgentOptions) -> L7Collector | SyscallL7Collect
         try:
             return L7Collector(
                 bpf_dir / L7_OBJECT, netns_ino=opts.netns_inode, capture_bytes=opts.capture_bytes,
-                proc_root=opts.proc_root,
+                proc_root=opts.proc_root, record_rate=opts.l7_record_rate,
             )  # fmt: skip
         except HookUnavailableError as exc:
             if probe == "sockets":
@@ -106,7 +108,8 @@ class Agent:
         self.view = LiveView()
         self.records_written = 0
         self.write_failed = 0
-        self.requests_seen = 0
+        self.requests_seen = 0  # L7 requests reported, a summary counting its requests
+        self._summaries_counted = (0, 0)  # the pipeline's (summaries, summarized_requests) at the last step
         self._pending_events: list[L7Event] = []
         preflight.check()
         bpf_dir = opts.bpf_dir or default_bpf_dir()
@@ -155,28 +158,39 @@ class Agent:
             if self.conntrack is not None:
                 # asks conntrack only about client sockets it has no answer for yet
                 self.conntrack.resolve(self._nat_key(r) for r in records if r.role == Role.KSCOPE_ROLE_CLIENT)
-            flows = [
-                l4_flow(r, self.procs.lookup(r.tgid, r.comm), self.clock, self.drop_reasons, self._nat(r))
-                for r in records
-            ]
+            procs = [self.procs.lookup(r.tgid, r.comm) for r in records]
+            nats = [self._nat(r) for r in records]  # once per record: a close forgets its answer
             requests = [l7_request(e, self.procs.lookup(e.conn.tgid, e.conn.comm), self.clock) for e in events]
-            self._write(flows, requests)
+            if self.writer is not None:
+                flows = [
+                    l4_flow(r, p, self.clock, self.drop_reasons, nat)
+                    for r, p, nat in zip(records, procs, nats, strict=True)
+                ]
+                self._write(flows, requests)
             if self.shipper is not None:
                 self._update_metrics()  # the batch carries the counters up to now
-                self.shipper.submit(
-                    pb.FlowBatch(
-                        schema_version=1,
-                        node_name=self.opts.node_name,
-                        time_unix_nano=time.time_ns(),
-                        l4=flows,
-                        l7=requests,
-                        stats=self.metrics.to_proto(time.time_ns()),
-                    )
+                batch = pb.FlowBatch(
+                    schema_version=2,  # L4 records as columns: the processor reads arrays, not messages
+                    node_name=self.opts.node_name,
+                    time_unix_nano=time.time_ns(),
+                    l7=requests,
+                    stats=self.metrics.to_proto(time.time_ns()),
                 )
-        self.requests_seen += len(events)
+                if records:
+                    batch.l4_columns.CopyFrom(l4_columns(records, procs, self.clock, self.drop_reasons, nats))
+                self.shipper.submit(batch)
+        self.requests_seen += len(events) + self._summarized_since_last_step()
         self.view.update(records, events)
         self._update_metrics()
         return records, events
+
+    def _summarized_since_last_step(self) -> int:
+        """Requests this step's summary events stand for beyond the one event each. From the pipeline's
+        counters, not a pass over the events: every summary it decoded since the last step is in this
+        step's events (summaries come only from the exchange ring, which each step drains)."""
+        now = (self.pipeline.summaries, self.pipeline.summarized_requests)
+        (summaries, requests), self._summaries_counted = self._summaries_counted, now
+        return (now[1] - requests) - (now[0] - summaries)
 
     @staticmethod
     def _nat_key(r: L4Record) -> FlowKey:
@@ -254,6 +268,10 @@ class Agent:
                 # timer (still batches, never a wakeup per record); L4 stays per interval.
                 while not self.stop.is_set() and (left := end - time.monotonic()) > 0:
                     self.stop.wait(min(left, L7_DRAIN_S if self.l7 is not None else left))
+                    self.drain_l7()
+                last = self.stop.is_set() or (deadline is not None and time.monotonic() >= deadline)
+                if last and self.l7 is not None:
+                    self.l7.flush()  # what the kernel still sums goes out with the last interval
                     self.drain_l7()
                 self.step()
                 if live is not None:

@@ -39,6 +39,15 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
         help="L7 capture: socket tracepoints (Linux 6.3+) or the syscall-exit fallback; auto picks what the "
         "kernel has",
     )
+    p.add_argument(
+        "--l7-record-rate",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="HTTP/1 requests sent as records of their own, per second per CPU (1000); past it requests are "
+        "summed in the kernel per socket, method, path and status (metrics stay exact, spans are sampled); "
+        "0: every request is a record",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--processor", metavar="HOST:PORT", help="ship batches to the cluster processor (gRPC)")
     p.add_argument("--node-name", default=None, help="this node's name (default: $NODE_NAME, else the hostname)")
@@ -73,6 +82,9 @@ def _run(args: argparse.Namespace, live: bool) -> int:
     if not 1 <= args.capture_bytes <= 4096:
         print("kscope: error: --capture-bytes must be 1..4096", file=sys.stderr)
         return EXIT_USAGE
+    if args.l7_record_rate < 0:
+        print("kscope: error: --l7-record-rate must be >= 0 (0: every request a record)", file=sys.stderr)
+        return EXIT_USAGE
     from node_exporter.agent import Agent, AgentOptions
 
     tls = None
@@ -94,6 +106,7 @@ def _run(args: argparse.Namespace, live: bool) -> int:
         metrics_port=args.metrics_port,
         l7=args.l7,
         l7_probe=args.l7_probe,
+        l7_record_rate=args.l7_record_rate,
         capture_bytes=args.capture_bytes,
         processor=args.processor,
         node_name=args.node_name or os.environ.get("NODE_NAME") or socket.gethostname(),

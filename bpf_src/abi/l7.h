@@ -14,6 +14,7 @@
 enum kscope_l7_record_type {
 	KSCOPE_REC_L7 = 2,          /* struct kscope_l7_header + payload: one send/recv call (chunk) */
 	KSCOPE_REC_L7_EXCHANGE = 3, /* struct kscope_l7_exchange: one HTTP/1 request and its response */
+	KSCOPE_REC_L7_SUMMARY = 4,  /* struct kscope_l7_summary: HTTP/1 exchanges of one socket, summed */
 };
 
 /* What kscope decided the connection speaks (kept per socket, decided in the kernel). */
@@ -50,7 +51,12 @@ enum kscope_l7_stat {
 	KSCOPE_L7_STAT_EXCHANGE_RB_FULL = 11, /* exchange dropped: ring buffer full */
 	KSCOPE_L7_STAT_TLS_CALL_LOST = 12, /* an SSL_* call returned with no entry recorded (the bounded
 	                                     * tls_calls LRU evicted it, or it began before attach): lost */
-	KSCOPE_L7_STATS = 13,
+	KSCOPE_L7_STAT_SUMMARIZED = 13,  /* exchanges folded into a summary instead of a record of their own */
+	KSCOPE_L7_STAT_SUMMARIES = 14,   /* summary records sent to user space */
+	KSCOPE_L7_STAT_SUMMARY_RB_FULL = 15, /* summary dropped, ring full (its count is in summary_lost) */
+	KSCOPE_L7_STAT_SUMMARY_LOST = 16,    /* exchanges lost with a summary the ring had no room for */
+	KSCOPE_L7_STAT_SLOTS_FULL = 17,  /* summaries sent early (KSCOPE_EMIT_EVICT): every slot of the socket was taken */
+	KSCOPE_L7_STATS = 18,
 };
 
 /* Followed by `captured` payload bytes. */
@@ -101,6 +107,7 @@ enum kscope_l7_emit {
 	KSCOPE_EMIT_SWEEP = 3,    /* idle (answered) or timed out (unanswered), found by the periodic sweep */
 	KSCOPE_EMIT_UPGRADE = 4,  /* 101 Switching Protocols / CONNECT 2xx: the last HTTP/1 exchange */
 	KSCOPE_EMIT_FALLBACK = 5, /* the socket switched to chunks (pipelining); this one was answered */
+	KSCOPE_EMIT_EVICT = 6,    /* a summary sent early: its slot was needed for another key */
 };
 
 enum kscope_l7_exchange_flags {
@@ -134,6 +141,64 @@ struct kscope_l7_exchange {
 	__u8 _pad[5];
 	__u8 comm[16];        /* process name */
 	__u8 head[KSCOPE_L7_HEAD]; /* the request head's first head_len bytes; zero after them */
+};
+
+/*
+ * Summaries: under load, exchanges the sampler does not pick are summed per socket, method,
+ * path and status in the socket's storage, and leave as one record per such key about once a
+ * second (and at close). A summary loses the per-request detail (start time, trace headers)
+ * but not one request: counts, byte sums and the latency histogram are exact. Latencies are
+ * counted in buckets: bucket i holds latencies with BOUND[i-1] < latency <= BOUND[i] (ns);
+ * the last bucket everything above the last bound. The bounds are the union of the
+ * processor's histograms' bounds (OpenTelemetry HTTP duration, Tempo service graph), so
+ * the processor re-buckets exactly.
+ */
+#define KSCOPE_L7_LATENCY_BOUNDS 21
+#define KSCOPE_L7_LATENCY_BUCKETS (KSCOPE_L7_LATENCY_BOUNDS + 1)
+#define KSCOPE_L7_LATENCY_BOUNDS_NS                                                                   \
+	{                                                                                             \
+		5000000ULL, 10000000ULL, 25000000ULL, 50000000ULL, 75000000ULL, 100000000ULL,           \
+		200000000ULL, 250000000ULL, 400000000ULL, 500000000ULL, 750000000ULL, 800000000ULL,     \
+		1000000000ULL, 1600000000ULL, 2500000000ULL, 3200000000ULL, 5000000000ULL,              \
+		6400000000ULL, 7500000000ULL, 10000000000ULL, 12800000000ULL                            \
+	}
+/* Request-line bytes a summary keeps (method, path and what follows in the line): a request
+ * whose path does not end within them is never summed (it is sent as its own record). */
+#define KSCOPE_L7_SUMMARY_HEAD 128
+
+/* Same size as struct kscope_l7_exchange, and the same fields up to comm, so both share the
+ * exchange ring (fixed stride) and user space decodes the common part once. */
+struct kscope_l7_summary {
+	__u8 type;            /* KSCOPE_REC_L7_SUMMARY */
+	__u8 role;            /* enum kscope_l4_role of this socket */
+	__u8 method;          /* enum kscope_http_method */
+	__u8 reason;          /* enum kscope_l7_emit: SWEEP (due) or CLOSE */
+	__u32 netns_ino;
+	__u64 sock_cookie;
+	__u64 start_ns;       /* the first summed request's start */
+	__u64 latency_ns;     /* the sum of the summed requests' latencies (ns) */
+	__u64 request_bytes;  /* summed */
+	__u64 response_bytes; /* summed */
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u32 tgid;           /* of the task that moved the last summed request */
+	__u32 pid;
+	__u16 sport;
+	__u16 dport;
+	__u16 family;
+	__u16 status;         /* every summed exchange had this final status (never 0: unanswered ones are records) */
+	__u16 head_len;       /* valid bytes in head[] */
+	__u8 flags;           /* enum kscope_l7_exchange_flags of the summed exchanges, OR-ed */
+	__u8 _pad[5];
+	__u8 comm[16];
+	__u32 count;          /* exchanges summed (>= 1) */
+	__u32 _pad2;
+	__u64 end_ns;         /* the last summed request's start */
+	__u64 latency_min_ns;
+	__u64 latency_max_ns;
+	__u32 buckets[KSCOPE_L7_LATENCY_BUCKETS]; /* latency histogram, bounds above */
+	__u8 head[KSCOPE_L7_SUMMARY_HEAD]; /* the first summed request's head (request line first) */
+	__u8 _pad3[KSCOPE_L7_HEAD - KSCOPE_L7_SUMMARY_HEAD - 4 * KSCOPE_L7_LATENCY_BUCKETS - 32];
 };
 
 #pragma clang diagnostic pop

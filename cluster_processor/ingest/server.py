@@ -35,7 +35,7 @@ Context: TypeAlias = "grpc.aio.ServicerContext[bytes, pb.ExportFlowsResponse]"
 
 COUNTERS = (
     "received_batches",  # every ExportFlows call that reached the handler, retries included
-    "received_records",  # l4 + l7 records in decodable batches
+    "received_records",  # l4 (rows or columns) + l7 records in decodable batches
     "accepted_batches",  # answered OK (queued for the sink, or nothing in it worth queueing)
     "accepted_records",
     "invalid_records",  # bad records skipped from accepted batches
@@ -44,6 +44,8 @@ COUNTERS = (
     "rejected_schema_version",
     "rejected_node_name",
     "rejected_too_many_records",
+    "rejected_columns",  # l4_columns of the wrong shape (length, string index) or with schema_version 1
+    "rejected_too_many_strings",  # l4_columns' string table longer than its records can use
     "duplicate_batches",  # a batch this processor had already taken (an agent's retry): answered OK, dropped
     "duplicate_records",
     "unverifiable_batches",  # numbered too far back (or from a forgotten agent run) to check: taken

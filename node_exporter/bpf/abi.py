@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import enum
 
+from kscope_common.latency import LATENCY_BUCKETS
+
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 
 
@@ -107,6 +109,7 @@ class KscopeL4Record(ctypes.Structure):
 class L7RecordType(enum.IntEnum):
     KSCOPE_REC_L7 = 2
     KSCOPE_REC_L7_EXCHANGE = 3
+    KSCOPE_REC_L7_SUMMARY = 4
 
 
 class L7Protocol(enum.IntEnum):
@@ -141,7 +144,12 @@ class L7Stat(enum.IntEnum):
     KSCOPE_L7_STAT_LATE_CALLS = 10
     KSCOPE_L7_STAT_EXCHANGE_RB_FULL = 11
     KSCOPE_L7_STAT_TLS_CALL_LOST = 12
-    KSCOPE_L7_STATS = 13
+    KSCOPE_L7_STAT_SUMMARIZED = 13
+    KSCOPE_L7_STAT_SUMMARIES = 14
+    KSCOPE_L7_STAT_SUMMARY_RB_FULL = 15
+    KSCOPE_L7_STAT_SUMMARY_LOST = 16
+    KSCOPE_L7_STAT_SLOTS_FULL = 17
+    KSCOPE_L7_STATS = 18
 
 
 L7_MAX_CAPTURE = 4096
@@ -195,6 +203,7 @@ class L7Emit(enum.IntEnum):
     KSCOPE_EMIT_SWEEP = 3
     KSCOPE_EMIT_UPGRADE = 4
     KSCOPE_EMIT_FALLBACK = 5
+    KSCOPE_EMIT_EVICT = 6
 
 
 class L7ExchangeFlags(enum.IntFlag):
@@ -232,11 +241,34 @@ class KscopeL7Exchange(ctypes.Structure):
     ]
 
 
+# KSCOPE_L7_LATENCY_BOUNDS_NS (kscope_common/latency.py): bucket i counts BOUND[i-1] < latency <= BOUND[i]
+L7_LATENCY_BUCKETS = LATENCY_BUCKETS
+L7_SUMMARY_HEAD = 128  # KSCOPE_L7_SUMMARY_HEAD
+
+
+class KscopeL7Summary(ctypes.Structure):
+    """HTTP/1 exchanges of one socket with the same method, path and status, summed (same size
+    as, and the same fields up to ``comm`` as, :class:`KscopeL7Exchange`)."""
+
+    _fields_ = [
+        *KscopeL7Exchange._fields_[:-1],
+        ("count", u32),
+        ("_pad2", u32),
+        ("end_ns", u64),
+        ("latency_min_ns", u64),
+        ("latency_max_ns", u64),
+        ("buckets", u32 * L7_LATENCY_BUCKETS),
+        ("head", u8 * L7_SUMMARY_HEAD),
+        ("_pad3", u8 * (L7_HEAD - L7_SUMMARY_HEAD - 4 * L7_LATENCY_BUCKETS - 32)),
+    ]
+
+
 # C struct name -> (object file, mirror); C enum name -> (object file, mirror): what the ABI test walks.
 STRUCTS: dict[str, tuple[str, type[ctypes.Structure]]] = {
     "kscope_l4_record": ("l4.bpf.o", KscopeL4Record),
     "kscope_l7_header": ("l7.bpf.o", KscopeL7Header),
     "kscope_l7_exchange": ("l7.bpf.o", KscopeL7Exchange),
+    "kscope_l7_summary": ("l7.bpf.o", KscopeL7Summary),
 }
 ENUMS: dict[str, tuple[str, type[enum.IntEnum] | type[enum.IntFlag]]] = {
     "kscope_record_type": ("l4.bpf.o", RecordType),

@@ -75,6 +75,7 @@ _SIGNATURES: list[tuple[str, Any, list[Any]]] = [
     ("bpf_link__fd", c_int, [P]),
     ("bpf_iter_create", c_int, [c_int]),
     ("bpf_map_lookup_elem", c_int, [c_int, P, P]),
+    ("bpf_map_update_elem", c_int, [c_int, P, P, ctypes.c_uint64]),
     ("bpf_map_delete_elem", c_int, [c_int, P]),
     ("bpf_map_get_next_key", c_int, [c_int, P, P]),
     ("bpf_map_lookup_and_delete_batch", c_int, [c_int, P, P, P, P, ctypes.POINTER(ctypes.c_uint32), P]),

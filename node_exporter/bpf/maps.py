@@ -20,6 +20,12 @@ def read_percpu_u64_array(fd: int, entries: int) -> list[int]:
     return out
 
 
+def write_u32_array(fd: int, idx: int, value: int) -> None:
+    """Set slot ``idx`` of a BPF_MAP_TYPE_ARRAY of __u32."""
+    key, val = ctypes.c_uint32(idx), ctypes.c_uint32(value)
+    lb.check_int(lb.lib().bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(val), 0), "write array slot")
+
+
 def drain_hash(fd: int, key_size: int, value_size: int, max_entries: int, batch: int = 1024) -> list[bytes]:
     """Look up and delete every entry of a hash map, in batches; returns the values."""
     lib = lb.lib()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from node_exporter.bpf.abi import L7Stat
 from node_exporter.bpf.loader import BpfObject
-from node_exporter.bpf.maps import read_percpu_u64_array
+from node_exporter.bpf.maps import read_percpu_u64_array, write_u32_array
 from node_exporter.l4.collector import default_bpf_dir
 from node_exporter.l7.chunks import Chunk
 from node_exporter.l7.exchanges import EXCHANGE_SIZE, ExchangeBatch
@@ -51,10 +51,17 @@ class L7Collector(L7Probe):
         exchanges: bool = True,
         idle_s: float = 0.5,
         sweep_s: float = SWEEP_S,
+        record_rate: int = 0,
+        summary_s: float = 1.0,
     ) -> None:
         """``exchanges``: pair plain-text HTTP/1 in the kernel (one record per exchange) instead of
         sending every call's head; ``idle_s``: how long an answered exchange waits for more
-        response bytes before the sweep (run every ``sweep_s``) sends it."""
+        response bytes before the sweep (run every ``sweep_s``) sends it. ``record_rate``:
+        exchange records per second per CPU (the kernel's sampler); past it, exchanges are summed
+        per socket, method, path and status and sent as summaries ``summary_s`` after their first
+        exchange (0: every exchange is a record, no summaries)."""
+        if record_rate < 0:
+            raise ValueError(f"record_rate must be >= 0, got {record_rate}")
         path = Path(object_path) if object_path else default_bpf_dir() / OBJECT_NAME
         super().__init__(
             path,
@@ -64,6 +71,8 @@ class L7Collector(L7Probe):
                 "filter_netns_ino": netns_ino,
                 "exchanges": int(exchanges),
                 "idle_ns": int(idle_s * 1e9),
+                "record_cost_ns": 1_000_000_000 // record_rate if record_rate else 0,
+                "summary_ns": int(summary_s * 1e9),
             },
             {"l7_ring": ring_bytes, "l7_xring": ring_bytes} if ring_bytes else {},
         )
@@ -80,6 +89,7 @@ class L7Collector(L7Probe):
         _, _, xsize = self.obj.map_info("l7_xring")
         self._xring = FixedRingReader(self.obj.map_fd("l7_xring"), xsize, EXCHANGE_SIZE)
         self._sweep_link = self.obj.attach_map_iter("sweep", "l7_xchg")
+        self._sweep_ctl = self.obj.map_fd("l7_sweep_ctl")
 
     def _attach_uprobe(self, program: str, binary: str, symbol: str, retprobe: bool) -> object:
         return self.obj.attach_uprobe(program, binary, symbol, retprobe=retprobe)
@@ -114,11 +124,21 @@ class L7Collector(L7Probe):
             out.append(ExchangeBatch(data, n))
         return out
 
-    def sweep(self) -> None:
-        """Run the kernel sweep now: idle answered exchanges go to the ring (read by poll)."""
+    def sweep(self, *, all_summaries: bool = False) -> None:
+        """Run the kernel sweep now: idle answered exchanges and due summaries go to the ring
+        (read by poll); ``all_summaries``: every summary, due or not (before the agent stops)."""
         self._last_sweep = time.monotonic()
-        BpfObject.run_iter(self._sweep_link)
+        if all_summaries:
+            write_u32_array(self._sweep_ctl, 0, 1)
+        try:
+            BpfObject.run_iter(self._sweep_link)
+        finally:
+            if all_summaries:
+                write_u32_array(self._sweep_ctl, 0, 0)
         self.stats.sweeps += 1
+
+    def flush(self) -> None:
+        self.sweep(all_summaries=True)
 
     def kernel_stats(self) -> dict[str, int]:
         values = read_percpu_u64_array(self._stats_fd, int(L7Stat.KSCOPE_L7_STATS))

@@ -2,7 +2,10 @@
 
 The kernel sends one fixed-size record per exchange and side (bpf_src/abi/l7.h
 ``kscope_l7_exchange``) carrying sizes, status, timestamps and the first bytes of the
-request head. Here only that head is parsed, and only for what we keep: method, path
+request head. Under load, exchanges its sampler does not pick are summed per socket, method,
+path and status and arrive as ``kscope_l7_summary`` records on the same ring: same size, same
+fields up to ``comm`` (so ``SLOT`` reads both), then a count, latency min/max and buckets, and
+the first summed request's head. Here only that head is parsed, and only for what we keep: method, path
 (query and fragment cut off), its route, a valid ``traceparent`` and ``X-Request-ID``.
 No other header value and no body byte leaves :func:`parse_head`.
 
@@ -22,7 +25,14 @@ import struct
 from collections.abc import Iterator
 from typing import Any, Final
 
-from node_exporter.bpf.abi import L7_HEAD, KscopeL7Exchange, L7RecordType
+from node_exporter.bpf.abi import (
+    L7_HEAD,
+    L7_LATENCY_BUCKETS,
+    L7_SUMMARY_HEAD,
+    KscopeL7Exchange,
+    KscopeL7Summary,
+    L7RecordType,
+)
 from node_exporter.protocols.http_fields import request_id, route_template, target_path, valid_traceparent
 
 # struct kscope_l7_exchange up to its head; the head is sliced from the record (head_len bytes).
@@ -36,8 +46,25 @@ _RING_HDR = struct.Struct("<II")
 # One ring slot: the ring's length word (+ page offset), the record; its head is skipped
 # here and sliced to head_len by the caller (one 384-byte copy less per record).
 SLOT = struct.Struct("<I4x" + EXCHANGE.format[1:] + f"{L7_HEAD}x")
-SLOT_HEAD: Final = 8 + HEAD_OFFSET  # the head's offset in a slot
+SLOT_RECORD: Final = _RING_HDR.size  # the record's offset in a slot
+SLOT_HEAD: Final = SLOT_RECORD + HEAD_OFFSET  # the head's offset in a slot
 DISCARD_BIT: Final = 1 << 30
+
+# struct kscope_l7_summary after the prefix it shares with an exchange (SLOT reads that): count,
+# end_ns, latency min/max, the buckets; then its head (head_len bytes). Offsets from the mirror.
+SUMMARY_TYPE: Final = int(L7RecordType.KSCOPE_REC_L7_SUMMARY)
+SUMMARY_TAIL = struct.Struct(f"<I4xQQQ{L7_LATENCY_BUCKETS}I")
+SUMMARY_TAIL_OFFSET: Final = KscopeL7Summary.count.offset
+SUMMARY_HEAD_OFFSET: Final = KscopeL7Summary.head.offset
+SUMMARY_HEAD: Final = L7_SUMMARY_HEAD
+if (
+    ctypes.sizeof(KscopeL7Summary) != EXCHANGE_SIZE
+    or SUMMARY_TAIL_OFFSET != HEAD_OFFSET
+    or SUMMARY_TAIL_OFFSET + SUMMARY_TAIL.size != SUMMARY_HEAD_OFFSET
+    or KscopeL7Summary.latency_max_ns.offset != SUMMARY_TAIL_OFFSET + 24
+    or KscopeL7Summary.buckets.offset != SUMMARY_TAIL_OFFSET + 32
+):  # pragma: no cover - ABI test first
+    raise ImportError("L7 summary format does not match its ctypes mirror")
 
 METHODS: Final = {m: m.decode("ascii") for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT",
                                                    b"OPTIONS", b"TRACE", b"PATCH")}  # fmt: skip

@@ -15,17 +15,31 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from node_exporter.bpf.abi import L7Direction, L7Flags, L7Protocol
+from node_exporter.bpf.abi import L7Direction, L7Emit, L7Flags, L7Protocol
 from node_exporter.bpf.abi import Role as KRole
 from node_exporter.l4.records import _comm_text, ip_text
 from node_exporter.l7.chunks import Chunk
-from node_exporter.l7.exchanges import DISCARD_BIT, EXCHANGE_TYPE, SLOT, SLOT_HEAD, ExchangeBatch, HeadParser
+from node_exporter.l7.exchanges import (
+    DISCARD_BIT,
+    EXCHANGE_TYPE,
+    SLOT,
+    SLOT_HEAD,
+    SUMMARY_HEAD,
+    SUMMARY_HEAD_OFFSET,
+    SUMMARY_TAIL,
+    SUMMARY_TAIL_OFFSET,
+    SUMMARY_TYPE,
+    ExchangeBatch,
+    HeadParser,
+)
 from node_exporter.protocols import PROTOCOLS, ConnectionTracker, Direction, DnsRecord, HttpRecord, Role, TrackerLimits
+from node_exporter.protocols.http1 import HttpSummary, HttpSummaryRecord
 from node_exporter.protocols.tracker import COUNTERS
 
 IPPROTO_UDP = 17
 _ROLE = {int(KRole.KSCOPE_ROLE_CLIENT): Role.CLIENT, int(KRole.KSCOPE_ROLE_SERVER): Role.SERVER}
 _DIRECTION = {L7Direction.KSCOPE_DIR_EGRESS: Direction.EGRESS, L7Direction.KSCOPE_DIR_INGRESS: Direction.INGRESS}
+EMIT_CLOSE = int(L7Emit.KSCOPE_EMIT_CLOSE)
 IDLE_DATAGRAM_NS = 60 * 1_000_000_000  # forget an idle UDP peer's parser after this (its timeouts first)
 MAX_EXCHANGE_CONNS = 16384  # ConnInfo of exchange sockets remembered (bounded; rebuilt from a record)
 
@@ -49,7 +63,7 @@ class ConnInfo:
 @dataclass(frozen=True, slots=True)
 class L7Event:
     conn: ConnInfo
-    record: HttpRecord | DnsRecord
+    record: HttpRecord | DnsRecord  # an HttpSummaryRecord (record.summary set) counts summary.count requests
 
 
 def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[Any, Any], None], ...]:
@@ -88,6 +102,15 @@ _RECORD_SETTERS = _slot_setters(
                  "traceparent", "request_id"),
 )  # fmt: skip
 _EVENT_SETTERS = _slot_setters(L7Event, ("conn", "record"))
+_CONN_FIELDS = ("sock_cookie", "netns_ino", "side", "protocol", "tls", "local_ip", "local_port", "remote_ip",
+                "remote_port", "family", "tgid", "comm")  # fmt: skip
+_CONN_SETTERS = tuple(zip(_slot_setters(ConnInfo, _CONN_FIELDS), range(len(_CONN_FIELDS)), strict=True))
+_SUMMARY_RECORD_SETTERS = _slot_setters(HttpSummaryRecord, (*(f.name for f in fields(HttpRecord)), "summary"))
+_SUMMARY_SETTERS = _slot_setters(
+    HttpSummary, ("count", "latency_sum_ns", "latency_min_ns", "latency_max_ns", "buckets", "end_ns")
+)
+# A summary's head, counted from where its tail (count, ...) starts: where an exchange's head would.
+_SUMMARY_HEAD_AFTER_TAIL = SUMMARY_HEAD_OFFSET - SUMMARY_TAIL_OFFSET
 
 
 class L7Pipeline:
@@ -100,12 +123,19 @@ class L7Pipeline:
         self.connections_evicted = 0
         self.chunks_unusable = 0  # no role or unknown protocol (counted, not parsed)
         self._heads = HeadParser()
-        self._xconns: dict[int, ConnInfo] = {}  # sock_cookie -> ConnInfo of exchange sockets
+        # sock_cookie -> ConnInfo of exchange sockets, oldest first. An OrderedDict: evicting a plain
+        # dict's first key over and over is O(n) (the deleted entries ahead of it are walked each time;
+        # measured: 45 % of the agent's time under connection churn).
+        self._xconns: OrderedDict[int, ConnInfo] = OrderedDict()
         self.exchange_records = 0
         self.exchange_unanswered = 0  # the kernel saw no final response (counted, not reported)
         self.exchange_bad_head = 0  # the request head did not parse (counted, not reported)
         self.exchange_bad_role = 0
         self.exchange_bad_type = 0
+        self.summaries = 0  # summary records turned into events
+        self.summarized_requests = 0  # the requests those summaries count
+        self.summary_malformed = 0  # count 0, buckets not summing to count, min > max, ... (dropped, counted)
+        self.summary_bad_head = 0  # the summary's request head did not parse (dropped, counted)
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -175,7 +205,9 @@ class L7Pipeline:
         return out
 
     def feed_exchanges(self, batch: ExchangeBatch) -> list[L7Event]:
-        """Exchange records -> events: unpack, parse the head, reuse the socket's ConnInfo."""
+        """Exchange records -> events: unpack, parse the head, reuse the socket's ConnInfo. Summary
+        records (rare: at most about one per socket, method, path and status a second) share the
+        ring and its prefix; they leave the loop at the type check, so exchanges pay nothing for them."""
         out: list[L7Event] = []
         conns = self._xconns
         parse = self._heads.parse
@@ -184,13 +216,19 @@ class L7Pipeline:
         e_conn, e_record = _EVENT_SETTERS
         data = batch.data
         off = SLOT_HEAD - SLOT.size
-        for (ring_len, rtype, role, _, _, netns, cookie, start, latency, req_bytes, resp_bytes, saddr, daddr, tgid, _,
-             sport, dport, family, status, head_len, _, comm) in batch.slots():  # fmt: skip
+        for (ring_len, rtype, role, _, reason, netns, cookie, start, latency, req_bytes, resp_bytes, saddr, daddr, tgid,
+             _, sport, dport, family, status, head_len, _, comm) in batch.slots():  # fmt: skip
             off += SLOT.size
             if ring_len & DISCARD_BIT:
                 continue  # a slot the kernel reserved and gave back
             if rtype != EXCHANGE_TYPE:
-                self.exchange_bad_type += 1
+                if rtype == SUMMARY_TYPE:
+                    sev = self._summary(data, off, role, netns, cookie, start, latency, req_bytes, resp_bytes, saddr,
+                                        daddr, tgid, sport, dport, family, status, head_len, comm, reason)  # fmt: skip
+                    if sev is not None:
+                        out.append(sev)
+                else:
+                    self.exchange_bad_type += 1
                 continue
             self.exchange_records += 1
             if not status:
@@ -202,18 +240,11 @@ class L7Pipeline:
                 continue
             info = conns.get(cookie)
             if info is None:
-                side = _ROLE.get(role)
-                if side is None:
-                    self.exchange_bad_role += 1
+                # the socket's last record (it closed): not remembered, nothing more will come
+                info = self._new_xconn(cookie, role, netns, saddr, daddr, sport, dport, family, tgid, comm,
+                                       remember=reason != EMIT_CLOSE)  # fmt: skip
+                if info is None:
                     continue
-                info = ConnInfo(
-                    sock_cookie=cookie, netns_ino=netns, side=side, protocol="http1", tls=False,
-                    local_ip=ip_text(saddr), local_port=sport, remote_ip=ip_text(daddr), remote_port=dport,
-                    family=family, tgid=tgid, comm=_comm_text(comm),
-                )  # fmt: skip
-                if len(conns) >= MAX_EXCHANGE_CONNS:
-                    del conns[next(iter(conns))]  # the oldest entry; it is rebuilt if its socket speaks again
-                conns[cookie] = info
             rec = new(HttpRecord)
             r_method(rec, h[0])
             r_path(rec, h[1])
@@ -230,6 +261,88 @@ class L7Pipeline:
             e_record(ev, rec)
             out.append(ev)
         return out
+
+    def _new_xconn(
+        self, cookie: int, role: int, netns: int, saddr: bytes, daddr: bytes, sport: int, dport: int, family: int,
+        tgid: int, comm: bytes, remember: bool = True,
+    ) -> ConnInfo | None:  # fmt: skip
+        """The ConnInfo of an exchange socket not seen yet (remembered, bounded, if ``remember``);
+        None: no role (counted)."""
+        side = _ROLE.get(role)
+        if side is None:
+            self.exchange_bad_role += 1
+            return None
+        # slot by slot (see _slot_setters): under connection churn this runs for every record
+        info = object.__new__(ConnInfo)
+        values = (cookie, netns, side, "http1", False, ip_text(saddr), sport, ip_text(daddr), dport, family, tgid,
+                  _comm_text(comm))  # fmt: skip
+        for setter, i in _CONN_SETTERS:
+            setter(info, values[i])
+        if remember:
+            conns = self._xconns
+            if len(conns) >= MAX_EXCHANGE_CONNS:
+                conns.popitem(last=False)  # the oldest entry; it is rebuilt if its socket speaks again
+            conns[cookie] = info
+        return info
+
+    def _summary(
+        self, data: bytes, off: int, role: int, netns: int, cookie: int, start: int, latency_sum: int,
+        req_bytes: int, resp_bytes: int, saddr: bytes, daddr: bytes, tgid: int, sport: int, dport: int,
+        family: int, status: int, head_len: int, comm: bytes, reason: int,
+    ) -> L7Event | None:  # fmt: skip
+        """A summary record -> an event, or None (counted): the prefix it shares with an exchange as
+        the batch loop unpacked it, the rest read at ``off`` (where an exchange's head would start).
+        Method, path and route come from its head like an exchange's; trace headers are not kept (a
+        summary is many requests, each with its own). Built slot by slot like an exchange: with one
+        request per connection, every request the sampler does not pick is a summary of one."""
+        t = SUMMARY_TAIL.unpack_from(data, off)
+        count, end_ns, lo, hi = t[0], t[1], t[2], t[3]
+        buckets = t[4:]
+        if not count or lo > hi or not status or head_len > SUMMARY_HEAD or sum(buckets) != count:
+            self.summary_malformed += 1
+            return None
+        head = off + _SUMMARY_HEAD_AFTER_TAIL
+        h = self._heads.parse(data[head : head + head_len])
+        if h is None:
+            self.summary_bad_head += 1
+            return None
+        info = self._xconns.get(cookie)
+        if info is None:
+            info = self._new_xconn(cookie, role, netns, saddr, daddr, sport, dport, family, tgid, comm,
+                                   remember=reason != EMIT_CLOSE)  # fmt: skip
+            if info is None:
+                return None
+        self.summaries += 1
+        self.summarized_requests += count
+        new = object.__new__
+        s_count, s_sum, s_min, s_max, s_buckets, s_end = _SUMMARY_SETTERS
+        summary = new(HttpSummary)
+        s_count(summary, count)
+        s_sum(summary, latency_sum)
+        s_min(summary, lo)
+        s_max(summary, hi)
+        s_buckets(summary, buckets)
+        s_end(summary, end_ns)
+        r_method, r_path, r_route, r_status, r_req, r_resp, r_start, r_latency, r_tp, r_rid, r_summary = (
+            _SUMMARY_RECORD_SETTERS
+        )
+        rec = new(HttpSummaryRecord)
+        r_method(rec, h[0])
+        r_path(rec, h[1])
+        r_route(rec, h[2])
+        r_status(rec, status)
+        r_req(rec, req_bytes)
+        r_resp(rec, resp_bytes)
+        r_start(rec, start)
+        r_latency(rec, 0)  # kscope.v1: 0 on a summary, the sum is summary.latency_sum_ns
+        r_tp(rec, "")
+        r_rid(rec, "")
+        r_summary(rec, summary)
+        ev = new(L7Event)
+        e_conn, e_record = _EVENT_SETTERS
+        e_conn(ev, info)
+        e_record(ev, rec)
+        return ev
 
     def close_sockets(self, cookies: Iterable[int]) -> list[L7Event]:
         """The sockets are gone (L4 final records): finish and forget their parsers."""
@@ -263,9 +376,14 @@ class L7Pipeline:
         totals["connections_evicted"] = self.connections_evicted
         totals["chunks_unusable"] = self.chunks_unusable
         totals["connections_tracked"] = len(self._conns)
+        totals["exchange_sockets_remembered"] = len(self._xconns)
         totals["exchange_records"] = self.exchange_records
         totals["exchange_unanswered"] = self.exchange_unanswered
         totals["exchange_bad_head"] = self.exchange_bad_head
         totals["exchange_bad_role"] = self.exchange_bad_role
         totals["exchange_bad_type"] = self.exchange_bad_type
+        totals["summaries"] = self.summaries
+        totals["summarized_requests"] = self.summarized_requests
+        totals["summary_malformed"] = self.summary_malformed
+        totals["summary_bad_head"] = self.summary_bad_head
         return totals

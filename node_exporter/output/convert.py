@@ -1,10 +1,13 @@
-"""L4Record (+ node-local identity) -> kscope.v1 protobuf: a pure function over data."""
+"""L4Record / L7Event (+ node-local identity) -> kscope.v1 protobuf (one ``L4Flow`` row, or a batch's
+``L4Columns``): pure functions over data."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from kscope.v1 import flow_pb2 as pb
+from kscope_common.l4_columns import StringTable, build
 from node_exporter.l4.records import Counters, L4Record
 from node_exporter.l7.pipeline import L7Event
 from node_exporter.metadata.proc import ProcessInfo
@@ -75,9 +78,7 @@ def l4_flow(
         srtt_us=rec.srtt_us,
         segs_out=rec.segs_out,
         segs_in=rec.segs_in,
-        last_drop_reason=drop_reasons.get(rec.last_drop_reason, str(rec.last_drop_reason))
-        if rec.last_drop_reason
-        else "",
+        last_drop_reason=_drop_reason(rec, drop_reasons),
         accept_queue=rec.ack_backlog,
         accept_queue_max=rec.max_ack_backlog,
         tcp_state=rec.tcp_state_name,
@@ -86,6 +87,63 @@ def l4_flow(
         nat_remote_ip=nat[0] if nat else "",
         nat_remote_port=nat[1] if nat else 0,
     )
+
+
+def l4_columns(
+    records: Sequence[L4Record],
+    procs: Sequence[ProcessInfo | None],
+    clock: MonotonicClock,
+    drop_reasons: dict[int, str],
+    nats: Sequence[tuple[str, int] | None],
+) -> pb.L4Columns:
+    """``l4_flow`` of every record, as one ``L4Columns`` (what the agent ships, schema_version 2):
+    a column per field, built a column at a time, strings once each in the string table."""
+    table = StringTable()
+    text = table.indices
+    idents = [process_fields(p, r.tgid, r.comm) for r, p in zip(records, procs, strict=True)]
+    columns: dict[str, Sequence[int]] = {
+        "socket_cookie": [r.sock_cookie for r in records],
+        "netns_inode": [r.netns_ino for r in records],
+        "role": [r.role for r in records],
+        "kind": [r.reason for r in records],
+        "local_ip": text(r.local_ip for r in records),
+        "local_port": [r.local_port for r in records],
+        "remote_ip": text(r.remote_ip for r in records),
+        "remote_port": [r.remote_port for r in records],
+        "ip_family": [6 if r.family == 10 else 4 for r in records],
+        "process_pid": [i["pid"] for i in idents],  # type: ignore[misc]
+        "process_tid": [r.pid for r in records],
+        "process_comm": text(i["comm"] for i in idents),  # type: ignore[misc]
+        "process_cgroup_id": [r.cgroup_id for r in records],
+        "process_container_id": text(i.get("container_id", "") for i in idents),  # type: ignore[misc]
+        "process_pod_uid": text(i.get("pod_uid", "") for i in idents),  # type: ignore[misc]
+        "process_container_runtime": text(i.get("container_runtime", "") for i in idents),  # type: ignore[misc]
+        "process_host_process": [i["host_process"] for i in idents],  # type: ignore[misc]
+        "start_time_unix_nano": [clock.unix_ns(r.start_ns) for r in records],
+        "time_unix_nano": [clock.unix_ns(r.ts_ns) for r in records],
+        "connect_status": [r.connect_status for r in records],
+        "connect_errno": [r.connect_errno for r in records],
+        "connect_latency_ns": [r.connect_latency_ns for r in records],
+        "srtt_us": [r.srtt_us for r in records],
+        "segs_out": [r.segs_out for r in records],
+        "segs_in": [r.segs_in for r in records],
+        "last_drop_reason": text(_drop_reason(r, drop_reasons) for r in records),
+        "accept_queue": [r.ack_backlog for r in records],
+        "accept_queue_max": [r.max_ack_backlog for r in records],
+        "tcp_state": text(r.tcp_state_name for r in records),
+        "socket_drops": [r.sk_drops for r in records],
+        "rttvar_us": [r.rttvar_us for r in records],
+        "nat_remote_ip": text(nat[0] if nat else "" for nat in nats),
+        "nat_remote_port": [nat[1] if nat else 0 for nat in nats],
+    }
+    for k, name in enumerate(_COUNTER_FIELDS):
+        columns[f"total_{name}"] = [r.total[k] for r in records]
+        columns[f"delta_{name}"] = [r.delta[k] for r in records]
+    return build(len(records), columns, table)
+
+
+def _drop_reason(rec: L4Record, drop_reasons: dict[int, str]) -> str:
+    return drop_reasons.get(rec.last_drop_reason, str(rec.last_drop_reason)) if rec.last_drop_reason else ""
 
 
 def l7_request(ev: L7Event, proc: ProcessInfo | None, clock: MonotonicClock) -> pb.L7Request:
@@ -102,6 +160,17 @@ def l7_request(ev: L7Event, proc: ProcessInfo | None, clock: MonotonicClock) -> 
                 "request_id": r.request_id,
             }
         }
+        summary = r.summary
+        if summary is not None:
+            # many requests in one message; latency_ns stays 0 (the record's), the sum is latency_sum_ns
+            detail["summary"] = {
+                "count": summary.count,
+                "latency_sum_ns": summary.latency_sum_ns,
+                "latency_min_ns": summary.latency_min_ns,
+                "latency_max_ns": summary.latency_max_ns,
+                "latency_bucket_counts": summary.buckets,
+                "end_time_unix_nano": clock.unix_ns(summary.end_ns),
+            }
     else:
         detail = {
             "dns": {

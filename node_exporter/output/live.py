@@ -8,10 +8,12 @@ from cachetools import LRUCache
 from rich.console import Group
 from rich.table import Table
 
+from kscope_common.latency import LATENCY_BOUNDS_NS
 from node_exporter.bpf.abi import ConnectStatus, Role
 from node_exporter.l4.records import L4Record
 from node_exporter.l7.pipeline import L7Event
 from node_exporter.protocols import HttpRecord
+from node_exporter.protocols.http1 import HttpSummary
 
 _ROLE = {Role.KSCOPE_ROLE_CLIENT: "client", Role.KSCOPE_ROLE_SERVER: "server", Role.KSCOPE_ROLE_LISTENER: "listen"}
 
@@ -22,6 +24,27 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def _summary_latencies(s: HttpSummary) -> list[tuple[int, int]]:
+    """(latency ns, requests) per non-empty bucket of a summary: the bucket's upper bound, kept within
+    the summary's min and max (so its largest is the max, which is exact)."""
+    out = []
+    for i, n in enumerate(s.buckets):
+        if n:
+            bound = LATENCY_BOUNDS_NS[i] if i < len(LATENCY_BOUNDS_NS) else s.latency_max_ns
+            out.append((min(max(bound, s.latency_min_ns), s.latency_max_ns), n))
+    return out
+
+
+def _weighted_median(lat: list[tuple[int, int]], n: int) -> int:
+    """The latency of request n // 2 (0-based) in ``lat``, sorted (latency, requests) pairs of n requests."""
+    seen = 0
+    for value, k in lat:
+        seen += k
+        if seen > n // 2:
+            return value
+    return lat[-1][0]
 
 
 class LiveView:
@@ -54,26 +77,37 @@ class LiveView:
         return Group(table, self._render_l7(interval_s))
 
     def _render_l7(self, interval_s: float) -> Table:
-        """Requests of the last interval grouped by who served what: rate, errors, latency."""
-        groups: dict[tuple[str, str, str, str], list[L7Event]] = defaultdict(list)
+        """Requests of the last interval grouped by who served what: rate, errors, latency. A summary
+        counts as its ``count`` requests; in the p50 its requests sit at their bucket's upper bound
+        (kept within the summary's min and max), the max is exact."""
+        groups: dict[tuple[str, str, str, str], list[tuple[int, int]]] = defaultdict(list)  # (latency ns, n)
+        errors: dict[tuple[str, str, str, str], int] = defaultdict(int)
         for ev in self._requests:
             r = ev.record
-            what = f"{r.method} {r.route}" if isinstance(r, HttpRecord) else f"{r.qtype} {r.name}"
-            groups[(ev.conn.comm, ev.conn.side.value, ev.conn.protocol, what)].append(ev)
+            if isinstance(r, HttpRecord):
+                key = (ev.conn.comm, ev.conn.side.value, ev.conn.protocol, f"{r.method} {r.route}")
+                failed = int(r.status >= 500 or r.status == 0)
+                s = r.summary
+                if s is None:
+                    groups[key].append((r.latency_ns, 1))
+                else:
+                    groups[key].extend(_summary_latencies(s))
+                    failed *= s.count  # all of a summary's requests have its status
+            else:
+                key = (ev.conn.comm, ev.conn.side.value, ev.conn.protocol, f"{r.qtype} {r.name}")
+                groups[key].append((r.latency_ns, 1))
+                failed = int(r.timed_out or r.rcode not in ("NOERROR", "NXDOMAIN"))
+            errors[key] += failed
         table = Table(title=f"requests in the last {interval_s:g} s", expand=True)
         for col in ("process", "side", "protocol", "request", "req/s", "errors", "p50 ms", "max ms"):
             table.add_column(col, no_wrap=True)
-        busiest = sorted(groups.items(), key=lambda kv: len(kv[1]), reverse=True)[: self.rows]
-        for (proc, side, proto, what), evs in busiest:
-            lat = sorted(e.record.latency_ns for e in evs)
-            errors = sum(
-                (e.record.status >= 500 or e.record.status == 0)
-                if isinstance(e.record, HttpRecord)
-                else (e.record.timed_out or e.record.rcode not in ("NOERROR", "NXDOMAIN"))
-                for e in evs
-            )
-            table.add_row(proc, side, proto, what[:60], f"{len(evs) / interval_s:.1f}", str(errors),
-                          f"{lat[len(lat) // 2] / 1e6:.2f}", f"{lat[-1] / 1e6:.2f}")  # fmt: skip
+        counted = [(key, sum(n for _, n in lat), lat) for key, lat in groups.items()]
+        busiest = sorted(counted, key=lambda g: g[1], reverse=True)[: self.rows]
+        for key, n, lat in busiest:
+            proc, side, proto, what = key
+            lat.sort()
+            table.add_row(proc, side, proto, what[:60], f"{n / interval_s:.1f}", str(errors[key]),
+                          f"{_weighted_median(lat, n) / 1e6:.2f}", f"{lat[-1][0] / 1e6:.2f}")  # fmt: skip
         return table
 
     def _render_l4(self, interval_s: float) -> Table:

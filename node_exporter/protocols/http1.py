@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Final
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Final
 
 from node_exporter.protocols.base import (
     NO_BODY,
@@ -81,6 +81,30 @@ class HttpRecord:
     latency_ns: int  # response first byte - request first byte
     traceparent: str
     request_id: str
+    # Not a field: a record of one request (built slot by slot on the agent's exchange path) has
+    # no summary and pays nothing for it; HttpSummaryRecord overrides it with a slot of its own.
+    summary: ClassVar[HttpSummary | None] = None
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSummary:
+    """Requests of one socket with the same method, path and status that the kernel summed instead
+    of sending one by one (bpf_src/abi/l7.h ``kscope_l7_summary``): counts and sums are exact."""
+
+    count: int  # requests summed, >= 1
+    latency_sum_ns: int
+    latency_min_ns: int
+    latency_max_ns: int
+    buckets: tuple[int, ...]  # per kscope_common.latency bucket (bound[i-1] < latency <= bound[i]); sums to count
+    end_ns: int  # the last summed request's start (start_ns is the first one's)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSummaryRecord(HttpRecord):
+    """A summary as a record: start_ns is the first summed request's start, request/response bytes
+    are sums, latency_ns is 0 (the sum is ``summary.latency_sum_ns``), no trace headers."""
+
+    summary: HttpSummary = field()  # type: ignore[misc]  # a slot here; None on HttpRecord
 
 
 # -- heads --------------------------------------------------------------------------------

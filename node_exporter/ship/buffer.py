@@ -8,6 +8,7 @@ from collections import deque
 from typing import Generic, TypeVar
 
 from kscope.v1 import flow_pb2 as pb
+from kscope_common.l4_columns import take
 
 T = TypeVar("T")
 
@@ -57,20 +58,22 @@ class DropOldestQueue(Generic[T]):
 
 
 def record_count(batch: pb.FlowBatch) -> int:
-    return len(batch.l4) + len(batch.l7)
+    return len(batch.l4) + int(batch.l4_columns.count) + len(batch.l7)
 
 
 def split_batch(batch: pb.FlowBatch, max_records: int) -> list[pb.FlowBatch]:
     """``batch`` itself if it holds at most ``max_records`` records, else parts that each do, with the
     same envelope. The processor refuses a batch over its limit outright (and a retry cannot help), so
-    a busy node splits rather than loses the interval. Stats ride in the first part only."""
+    a busy node splits rather than loses the interval. Stats ride in the first part only; columnar L4
+    records are cut into column slices, each with the string table of its own records."""
     if record_count(batch) <= max_records:
         return [batch]
     parts: list[pb.FlowBatch] = []
     l4 = list(batch.l4)
     l7 = list(batch.l7)
-    i4 = i7 = 0
-    while i4 < len(l4) or i7 < len(l7):
+    n_columns = batch.l4_columns.count
+    i4 = ic = i7 = 0
+    while i4 < len(l4) or ic < n_columns or i7 < len(l7):
         part = pb.FlowBatch(
             schema_version=batch.schema_version, node_name=batch.node_name, time_unix_nano=batch.time_unix_nano
         )
@@ -79,7 +82,11 @@ def split_batch(batch: pb.FlowBatch, max_records: int) -> list[pb.FlowBatch]:
         take4 = min(max_records, len(l4) - i4)
         part.l4.extend(l4[i4 : i4 + take4])
         i4 += take4
-        take7 = min(max_records - take4, len(l7) - i7)
+        take_columns = min(max_records - take4, n_columns - ic)
+        if take_columns:
+            part.l4_columns.CopyFrom(take(batch.l4_columns, range(ic, ic + take_columns)))
+            ic += take_columns
+        take7 = min(max_records - take4 - take_columns, len(l7) - i7)
         part.l7.extend(l7[i7 : i7 + take7])
         i7 += take7
         parts.append(part)

@@ -415,3 +415,13 @@ def test_agent_args_are_what_the_agent_accepts(which: str, request: pytest.Fixtu
     assert args.nat and not args.l7  # the defaults: NAT on, experimental L7 off
     if which == "tls_docs":
         assert args.tls_ca and args.tls_cert and args.tls_key
+
+
+def test_agent_l7_record_rate_reaches_the_agent(chart: helm.Chart) -> None:
+    from node_exporter.cli import agent_parser
+
+    docs = render(chart, {"agent": {"l7": True, "l7RecordRate": 250}})
+    args = agent_parser().parse_args(container(only(docs, "DaemonSet"))["args"])
+    assert args.l7 and args.l7_record_rate == 250
+    with pytest.raises(Exception, match="schema"):
+        render(chart, {"agent": {"l7": True, "l7RecordRate": -1}})

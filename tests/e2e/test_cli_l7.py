@@ -2,34 +2,27 @@
 
 from __future__ import annotations
 
-import subprocess
+import os
+import re
 from pathlib import Path
 
 import pytest
 from google.protobuf import json_format
 
 from kscope.v1 import flow_pb2 as pb
+from tests.e2e.agentproc import start_kscope
 from tests.e2e.l7trace import SRV_V4, start_l7_nginx
 from tests.e2e.netns import Topology
 
 pytestmark = pytest.mark.bpf
-REPO = Path(__file__).resolve().parents[2]
-KSCOPE = str(REPO / ".venv" / "bin" / "kscope")
 PORT, TLS_PORT = 8080, 8443
 
 
 def test_run_l7_writes_requests_from_both_ends(topo: Topology, tmp_path: Path) -> None:
     start_l7_nginx(topo, tmp_path / "nginx", PORT, tls_port=TLS_PORT)
     out = tmp_path / "flows.jsonl"
-    agent = subprocess.Popen(
-        [KSCOPE, "run", "--l7", "--no-live", "--duration", "5", "--interval", "0.5", "--jsonl", str(out),
-         "--netns-inode", str(topo.srv.ino)],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert agent.stderr is not None
-    for line in agent.stderr:
-        if "agent_started" in line:
-            break
+    agent, _ = start_kscope("--l7", "--no-live", "--duration", "5", "--interval", "0.5", "--jsonl", str(out),
+                            "--netns-inode", str(topo.srv.ino))  # fmt: skip
     topo.cli.run("curl", "-sS", "-o", "/dev/null", f"http://{SRV_V4}:{PORT}/users/77/orders?card=4111")
     topo.cli.run("curl", "-sSk", "-o", "/dev/null", f"https://{SRV_V4}:{TLS_PORT}/error")
     assert agent.wait(timeout=60) == 0
@@ -57,17 +50,8 @@ def test_run_l7_on_the_syscall_fallback(topo: Topology, tmp_path: Path) -> None:
     traced through syscall exits, TLS is said to be unavailable (no uprobes in the fallback)."""
     start_l7_nginx(topo, tmp_path / "nginx", PORT, tls_port=TLS_PORT)
     out = tmp_path / "flows.jsonl"
-    agent = subprocess.Popen(
-        [KSCOPE, "run", "--l7", "--l7-probe", "syscalls", "--no-live", "--duration", "5", "--interval", "0.5",
-         "--jsonl", str(out), "--netns-inode", str(topo.srv.ino)],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert agent.stderr is not None
-    seen = []
-    for line in agent.stderr:
-        seen.append(line)
-        if "agent_started" in line:
-            break
+    agent, seen = start_kscope("--l7", "--l7-probe", "syscalls", "--no-live", "--duration", "5", "--interval",
+                               "0.5", "--jsonl", str(out), "--netns-inode", str(topo.srv.ino))  # fmt: skip
     topo.cli.run("curl", "-sS", "-o", "/dev/null", f"http://{SRV_V4}:{PORT}/users/77/orders?card=4111")
     topo.cli.run("curl", "-sSk", "-o", "/dev/null", f"https://{SRV_V4}:{TLS_PORT}/error")
     _, rest = agent.communicate(timeout=60)
@@ -85,3 +69,35 @@ def test_run_l7_on_the_syscall_fallback(topo: Topology, tmp_path: Path) -> None:
     assert stats.counters["l7_requests"] == 1
     disabled = {entry.split(":", 1)[0] for entry in stats.disabled_capabilities}
     assert {"l7.tls", "l7.exchanges"} <= disabled, stats.disabled_capabilities
+
+
+def test_run_l7_counts_every_request_past_the_record_rate(topo: Topology, tmp_path: Path) -> None:
+    """Unpaced wrk past a tiny --l7-record-rate: most requests arrive as kernel summaries, and the
+    JSON lines still account for every request wrk completed, up to the agent's last interval (what
+    the kernel still summed when the run ended goes out with it)."""
+    start_l7_nginx(topo, tmp_path / "nginx", PORT)
+    out = tmp_path / "flows.jsonl"
+    conns, rate = 2, 20
+    agent, _ = start_kscope("--l7", "--l7-record-rate", str(rate), "--no-live", "--duration", "3.5", "--interval",
+                            "1", "--jsonl", str(out), "--netns-inode", str(topo.srv.ino))  # fmt: skip
+    wrk = topo.cli.run("wrk", "-t1", f"-c{conns}", "-d2s", f"http://{SRV_V4}:{PORT}/users/5").stdout
+    m = re.search(r"(\d+) requests in", wrk)
+    assert m is not None, wrk
+    n = int(m.group(1))
+    assert n > 50 * rate, f"wrk did only {n} requests"
+    _, rest = agent.communicate(timeout=60)
+    assert agent.returncode == 0, rest
+    records = [json_format.Parse(line, pb.NodeRecord()) for line in out.read_text().splitlines()]
+    l7 = [r.l7 for r in records if r.WhichOneof("record") == "l7"]
+    summaries = [r for r in l7 if r.HasField("summary")]
+    singles = [r for r in l7 if not r.HasField("summary")]
+    total = len(singles) + sum(r.summary.count for r in summaries)
+    assert n <= total <= n + conns, (n, total, len(singles), len(summaries))
+    assert 0 < len(singles) <= rate * (os.cpu_count() or 1) * 5
+    assert all((r.http.path, r.http.route, r.http.status_code) == ("/users/5", "/users/{id}", 200) for r in l7)
+    for r in summaries:
+        s = r.summary
+        assert sum(s.latency_bucket_counts) == s.count and r.latency_ns == 0 and s.latency_sum_ns > 0, r
+    stats = records[-1].stats.counters
+    assert stats["l7_requests"] == total and stats["l7_summarized_requests"] == total - len(singles), stats
+    assert stats["l7_kernel_rb_full"] == 0 and stats["l7_kernel_summary_lost"] == 0, stats

@@ -9,12 +9,14 @@ OTLP receiver. What arrives there must name the edge a -> b, never the VIP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import re
 import secrets
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +140,23 @@ def processor_config(kubeconfig: Path, otlp_endpoint: str) -> m.ProcessorConfig:
     )
 
 
+@contextlib.asynccontextmanager
+async def cluster(
+    topo: ClusterTopology, tmp_path: Path, b_uid: str, b_cid: str
+) -> AsyncIterator[tuple[OtlpReceiver, m.Processor]]:
+    """A test APIServer describing the scene, an OTLP receiver and the processor, synced."""
+    server = FakeApiServer()
+    await server.start()
+    try:
+        populate(server, topo, b_uid, b_cid)
+        kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
+        async with OtlpReceiver() as rx, m.Processor(processor_config(kubeconfig, rx.endpoint)) as proc:
+            assert proc.watcher is not None and await proc.watcher.wait_synced(5)
+            yield rx, proc
+    finally:
+        await server.close()
+
+
 def start_nginx(topo: ClusterTopology, tmp: Path, scope: Path) -> subprocess.Popen[Any]:
     """nginx in pod b on 8080, moved into b-1's container cgroup before any connection."""
     server = f'listen {topo.spod_ip}:{BACKEND_PORT}; location / {{ return 200 "order\\n"; }}'
@@ -147,13 +166,26 @@ def start_nginx(topo: ClusterTopology, tmp: Path, scope: Path) -> subprocess.Pop
     return proc
 
 
-def run_agent_and_traffic(topo: ClusterTopology, ingest_port: int, duration_s: float) -> str:
+def curl_requests(topo: ClusterTopology) -> None:
+    for _ in range(REQUESTS):
+        r = topo.cli.run("curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}",
+                         f"http://{topo.vip}:{VIP_PORT}/orders/123")  # fmt: skip
+        assert r.stdout == "200", r.stdout + r.stderr
+
+
+def run_agent_and_traffic(
+    topo: ClusterTopology,
+    ingest_port: int,
+    duration_s: float,
+    traffic: Callable[[ClusterTopology], object] = curl_requests,
+    *extra: str,
+) -> str:
     """The agent in the root namespace (it sees every namespace), then the client's requests;
     returns the agent's stderr once it has exited."""
     agent = subprocess.Popen(
         [KSCOPE, "run", "--no-live", "--nat", "--conntrack-netns", topo.node.path, "--l7",
          "--processor", f"127.0.0.1:{ingest_port}", "--interval", "0.5", "--duration", str(duration_s),
-         "--node-name", NODE],
+         "--node-name", NODE, *extra],
         stderr=subprocess.PIPE, text=True,  # inherits the proxy-free environment
     )  # fmt: skip
     topo.procs.append(agent)  # killed by the topology's teardown if the test fails first
@@ -165,10 +197,7 @@ def run_agent_and_traffic(topo: ClusterTopology, ingest_port: int, duration_s: f
             break
     else:
         raise AssertionError(f"agent did not start: exit {agent.wait(10)}: {''.join(seen)}")
-    for _ in range(REQUESTS):
-        r = topo.cli.run("curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}",
-                         f"http://{topo.vip}:{VIP_PORT}/orders/123")  # fmt: skip
-        assert r.stdout == "200", r.stdout + r.stderr
+    traffic(topo)
     _, rest = agent.communicate(timeout=60)
     assert agent.returncode == 0, rest
     return "".join(seen) + rest
@@ -205,18 +234,10 @@ def test_pod_a_calls_service_b_through_its_vip(
     start_nginx(nat_topo, tmp_path / "nginx", scope)
 
     async def body() -> None:
-        server = FakeApiServer()
-        await server.start()
-        try:
-            populate(server, nat_topo, b_uid, b_cid)
-            kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
-            async with OtlpReceiver() as rx, m.Processor(processor_config(kubeconfig, rx.endpoint)) as proc:
-                assert proc.watcher is not None and await proc.watcher.wait_synced(5)
-                stderr = await asyncio.to_thread(run_agent_and_traffic, nat_topo, proc.ingest.port, 4)
-                assert "Traceback" not in stderr, stderr
-                await check(rx, nat_topo.vip, lambda: f"agent stderr:\n{stderr[-4000:]}\n{dump(rx)}")
-        finally:
-            await server.close()
+        async with cluster(nat_topo, tmp_path, b_uid, b_cid) as (rx, proc):
+            stderr = await asyncio.to_thread(run_agent_and_traffic, nat_topo, proc.ingest.port, 4)
+            assert "Traceback" not in stderr, stderr
+            await check(rx, nat_topo.vip, lambda: f"agent stderr:\n{stderr[-4000:]}\n{dump(rx)}")
 
     asyncio.run(asyncio.wait_for(body(), 60))
 
@@ -286,3 +307,46 @@ async def check(rx: OtlpReceiver, vip: str, diag: Callable[[], str]) -> None:
     for res, _ in spans(rx):
         assert res.get("k8s.node.name") == NODE, res
         assert res.get("service.name") != vip, res
+
+
+def test_requests_summed_in_the_kernel_count_in_the_metrics(
+    nat_topo: ClusterTopology, pod_cgroup: tuple[Path, str, str], tmp_path: Path
+) -> None:
+    """Keep-alive load past the agent's --l7-record-rate: most requests leave the kernel as summaries,
+    yet b's request-duration histogram and the service graph count every request wrk completed,
+    while spans are only the sampled ones."""
+    scope, b_uid, b_cid = pod_cgroup
+    start_nginx(nat_topo, tmp_path / "nginx", scope)
+    conns, rate = 2, 20
+    completed: list[int] = []
+
+    def wrk(topo: ClusterTopology) -> None:
+        out = topo.cli.run("wrk", "-t1", f"-c{conns}", "-d1s", f"http://{topo.vip}:{VIP_PORT}/orders/123").stdout
+        found = re.search(r"(\d+) requests in", out)
+        assert found is not None and "Socket errors" not in out and "Non-2xx" not in out, out
+        completed.append(int(found.group(1)))
+
+    async def body() -> None:
+        async with cluster(nat_topo, tmp_path, b_uid, b_cid) as (rx, proc):
+            stderr = await asyncio.to_thread(
+                run_agent_and_traffic, nat_topo, proc.ingest.port, 3, wrk, "--l7-record-rate", str(rate)
+            )
+            assert "Traceback" not in stderr, stderr
+            n = completed[0]
+            assert n > 50 * rate, f"wrk did only {n} requests"
+            diag = lambda: f"wrk: {n}\nagent stderr:\n{stderr[-3000:]}\n{dump(rx)}"  # noqa: E731
+            server_dur = {"service.name": "b", "peer.service.name": "a", "http.route": "/orders/{id}"}
+            await eventually(lambda: latest(rx, "http.server.request.duration", **server_dur) >= n,
+                             f"http.server.request.duration count >= {n}", diag)  # fmt: skip
+            await asyncio.sleep(1.5)  # one more processor interval: nothing may arrive late
+            assert n <= latest(rx, "http.server.request.duration", **server_dur) <= n + conns, diag()
+            graph = latest(rx, "traces_service_graph_request_total", client="a", server="b")
+            assert n <= graph <= n + conns, diag()
+            seconds = latest(rx, "traces_service_graph_request_server_seconds", client="a", server="b")
+            assert seconds == graph, diag()
+            client_dur = {"service.name": "a", "peer.service.name": "b", "http.route": "/orders/{id}"}
+            assert n <= latest(rx, "http.client.request.duration", **client_dur) <= n + conns, diag()
+            b_spans = [s for r, s in spans(rx) if s.kind == SERVER and r.get("k8s.deployment.name") == "b"]
+            assert 0 < len(b_spans) < n / 10, (len(b_spans), n)  # sampled: the rest were summed
+
+    asyncio.run(asyncio.wait_for(body(), 60))

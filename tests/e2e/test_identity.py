@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 from google.protobuf import json_format
 
 from kscope.v1 import flow_pb2 as pb
+from tests.e2e.agentproc import start_kscope
 from tests.e2e.netns import SRV_V4, Topology, start_nginx
 
 pytestmark = pytest.mark.bpf
-REPO = Path(__file__).resolve().parents[2]
-KSCOPE = str(REPO / ".venv" / "bin" / "kscope")
 PORT = 8080
 
 
@@ -26,14 +24,7 @@ def test_container_and_pod_of_a_server_and_a_host_client(
     (scope / "cgroup.procs").write_text(str(nginx.pid))  # from outside the namespace (KERNEL.md)
     assert f"cri-containerd-{cid}.scope" in Path(f"/proc/{nginx.pid}/cgroup").read_text()
     out = tmp_path / "flows.jsonl"
-    agent = subprocess.Popen(
-        [KSCOPE, "run", "--no-live", "--duration", "3", "--interval", "0.5", "--jsonl", str(out)],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert agent.stderr is not None
-    for line in agent.stderr:
-        if "agent_started" in line:
-            break
+    agent, _ = start_kscope("--no-live", "--duration", "3", "--interval", "0.5", "--jsonl", str(out))
     curl = topo.cli.run("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", f"http://{SRV_V4}:{PORT}/")
     assert curl.stdout == "200"
     assert agent.wait(timeout=60) == 0

@@ -8,6 +8,7 @@ exactly those connections, at both ends.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -512,3 +513,87 @@ def test_pipelined_in_one_send_counts_fallback(topo: Topology, tmp_path: Path, t
     # both ends saw three heads in one call (the server in one read)
     assert trace.kernel_stats()["fallback"] == 2
     assert trace.exchanges == 0
+
+
+# ---- summaries: past the sampler's rate the kernel sums requests; every request still counts ----
+
+# Round robin over the targets (one wrk thread: one counter for all its connections): a query
+# string that must not survive, a 201, a 500 (never summed), paths under "/". Four summable keys
+# fit a socket's slots; seven do not, and the oldest slot's summary is sent early (evicted).
+WRK_MIX = """
+local targets = {%s}
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format("GET", targets[(i %% #targets) + 1])
+end
+"""
+# A request line too long for a summary's 128 bytes: always a record of its own (never summed); a
+# segment this long is taken for an id by the route template.
+LONG = "/long/" + "x" * 114
+FEW = {"/p1?token=secret": ("/p1", "/p1", 200), "/p2": ("/p2", "/p2", 201), "/error": ("/error", "/error", 500),
+       "/load/7": ("/load/7", "/load/{id}", 200)}  # fmt: skip
+MANY = {**FEW, "/p3": ("/p3", "/p3", 202), "/load/8": ("/load/8", "/load/{id}", 200),
+        "/load/9?x=1": ("/load/9", "/load/{id}", 200), "/a/b": ("/a/b", "/a/b", 200),
+        LONG: (LONG, "/long/{id}", 200)}  # fmt: skip
+
+
+@pytest.mark.parametrize("targets", [FEW, MANY], ids=["fits-slots", "evicts"])
+def test_summaries_count_every_request_under_load(
+    topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace], targets: dict[str, tuple[str, str, int]]
+) -> None:
+    conns, rate = 4, 50
+    start_l7_nginx(topo, tmp_path, PORT)
+    script = tmp_path / "mix.lua"
+    script.write_text(WRK_MIX % ", ".join(f'"{t}"' for t in targets))
+    trace = tracing(record_rate=rate, summary_s=0.3)
+    t0 = time.monotonic()
+    wrk = topo.spawn(topo.cli, "wrk", "-t1", f"-c{conns}", "-d2s", "-s", str(script), f"{URL}/",
+                     stdout=subprocess.PIPE, text=True)  # fmt: skip
+    while wrk.poll() is None:
+        trace.poll()
+        time.sleep(0.05)
+    elapsed = time.monotonic() - t0
+    out = wrk.stdout.read() if wrk.stdout else ""
+    m = re.search(r"(\d+) requests in", out)
+    require(wrk.returncode == 0 and m is not None and "Socket errors" not in out, f"wrk failed: {out}")
+    assert m is not None
+    n = int(m.group(1))
+    require(n > 20 * rate * elapsed, f"wrk did only {n} requests: not past the sampler's rate")
+    time.sleep(0.4)  # every summary is due; the next sweep (poll) sends them
+    trace.until(lambda ev: False, timeout=0.6)
+    for _, l7 in trace.pairs:
+        l7.flush()  # as the agent before it stops: whatever is still summed (nothing, by now)
+    trace.poll()
+
+    stats = trace.kernel_stats()
+    assert stats["summary_lost"] == 0 and stats["rb_full"] == 0, stats
+    assert (stats["slots_full"] > 0) == (targets is MANY), stats
+    assert stats["summarized"] > n, stats  # most requests, at both ends, were summed
+    for side in (Role.SERVER, Role.CLIENT):
+        events = http(trace.events, side=side)
+        singles = [e for e in events if e.record.summary is None]
+        summaries = [e for e in events if e.record.summary is not None]
+        total = len(singles) + sum(e.record.summary.count for e in summaries if e.record.summary)
+        # wrk counts completed responses; up to one request per connection was in flight at the end
+        assert n <= total <= n + conns, (side, n, total, len(singles), len(summaries))
+        by_target: dict[tuple[str, str, int], int] = {}
+        for e in events:
+            r = e.record
+            key = (r.path, r.route, r.status)
+            by_target[key] = by_target.get(key, 0) + (r.summary.count if r.summary else 1)
+        assert set(by_target) == set(targets.values()), by_target
+        for count in by_target.values():  # round robin: the same share each
+            assert abs(count - total / len(targets)) <= conns + 1, by_target
+        # 5xx are always records of their own (a trace to look at); the rest past the rate are summed
+        assert not [e for e in summaries if e.record.status >= 500 or e.record.path == LONG]
+        sampled = [e for e in singles if e.record.status < 500 and e.record.path != LONG]
+        cpus = os.cpu_count() or 1
+        assert 0 < len(sampled) <= rate * cpus * (elapsed + 2), (len(sampled), elapsed)
+        for e in summaries:
+            s = e.record.summary
+            assert s is not None and s.count >= 1 and sum(s.buckets) == s.count, s
+            assert s.latency_min_ns <= s.latency_max_ns and s.latency_min_ns * s.count <= s.latency_sum_ns, s
+            assert e.record.latency_ns == 0 and e.record.traceparent == "" and e.record.start_ns <= s.end_ns, e
+        assert {e.conn.comm for e in events} == {"nginx" if side is Role.SERVER else "wrk"}
+    assert stats["summaries"] == sum(1 for e in trace.events if getattr(e.record, "summary", None) is not None)

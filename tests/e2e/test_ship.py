@@ -15,6 +15,7 @@ from google.protobuf import json_format
 
 from cluster_processor.ingest import IngestConfig, IngestServer
 from kscope.v1 import flow_pb2 as pb
+from kscope_common import l4_columns
 from tests.node_exporter.test_cli import _exchange
 
 pytestmark = pytest.mark.bpf
@@ -72,8 +73,11 @@ def test_batches_reach_the_processor(ingest: tuple[int, Collect]) -> None:
     server_port = _traffic(54_321, 12_345)
     assert agent.wait(timeout=60) == 0
     assert sink.batches, "no batch arrived"
-    assert {(b.schema_version, b.node_name) for b in sink.batches} == {(1, "node-a")}
-    flows = [f for b in sink.batches for f in b.l4 if f.remote_port == server_port and f.role == pb.ROLE_CLIENT]
+    # The agent ships its L4 records as columns (schema_version 2), never as rows.
+    assert {(b.schema_version, b.node_name) for b in sink.batches} == {(2, "node-a")}
+    assert not any(b.l4 for b in sink.batches)
+    flows = [f for b in sink.batches for f in l4_columns.rows(b.l4_columns)
+             if f.remote_port == server_port and f.role == pb.ROLE_CLIENT]  # fmt: skip
     assert flows and flows[-1].kind == pb.RECORD_KIND_CLOSE
     assert (flows[-1].total.bytes_sent, flows[-1].total.bytes_received) == (54_321, 12_345)
     assert all(b.stats.counters for b in sink.batches)  # every batch carries the agent's counters

@@ -143,3 +143,7 @@ def test_sigterm_detaches_and_exits_cleanly(tmp_path: Path) -> None:
 
 def test_capture_bytes_out_of_range_is_a_clear_error() -> None:
     _clear_error(_run("run", "--no-live", "--l7", "--capture-bytes", "5000"), "--capture-bytes must be 1..4096")
+
+
+def test_negative_record_rate_is_a_clear_error() -> None:
+    _clear_error(_run("run", "--no-live", "--l7", "--l7-record-rate", "-5"), "--l7-record-rate must be >= 0")

@@ -72,7 +72,7 @@ class RecordingSink:
 
     @property
     def records(self) -> int:
-        return sum(len(b.l4) + len(b.l7) for b in self.batches)
+        return sum(len(b.l4) + b.l4_columns.count + len(b.l7) for b in self.batches)
 
 
 class FailingSink:

@@ -13,6 +13,7 @@ from cluster_processor.ingest import IngestConfigError, IngestServer, Limits, Se
 from cluster_processor.ingest.server import COUNTERS, METHOD
 from kscope.v1 import flow_pb2 as pb
 from kscope_common.grpc_retry import server_retry_delay, should_retry
+from kscope_common.l4_columns import rows, to_columns
 from tests.cluster_processor.ingest.harness import (
     Certs,
     FailingSink,
@@ -113,7 +114,7 @@ def test_invalid_records_are_skipped_and_reported(
     assert server.counters()["invalid_records"] == 1
 
 
-@pytest.mark.parametrize("version", [0, 2])
+@pytest.mark.parametrize("version", [0, 3])
 def test_wrong_schema_version_is_invalid_argument(
     client_and_server: tuple[RawClient, IngestServer], sink: RecordingSink, version: int
 ) -> None:
@@ -271,3 +272,28 @@ def test_a_taken_port_fails_at_start(loop_thread: LoopThread) -> None:
     port = free_port()
     with loop_thread.serving(RecordingSink(), config(port)), pytest.raises(IngestConfigError, match="cannot listen"):
         loop_thread.start_server(RecordingSink(), config(port))
+
+
+def test_columnar_batches_are_taken_deduplicated_and_misshapen_ones_refused(
+    client_and_server: tuple[RawClient, IngestServer], sink: RecordingSink
+) -> None:
+    client, server = client_and_server
+    good = batch(0, 1, version=2)
+    good.l4_columns.CopyFrom(to_columns([l4(i) for i in range(3)] + [l4(3, local_port=99999)]))
+    good.agent_start_time_unix_nano, good.batch_seq = 42, 1
+    response = client.send(good)
+    assert (response.accepted, response.rejected) == (4, 1)
+    assert "l4[3]: local_port 99999 > 65535" in response.error_message
+    assert client.send(good).accepted == 4  # a retried copy: answered the same, not handed on
+    eventually(lambda: sink.records == 4, "the good records reached the sink")
+    assert [f.socket_cookie for f in rows(sink.batches[0].l4_columns)] == [1000, 1001, 1002]
+    bad = batch(0, version=2)
+    bad.l4_columns.CopyFrom(to_columns([l4(0), l4(1)]))
+    bad.l4_columns.remote_port.append(80)  # one value too many: which record's is it?
+    err = client.fail(bad)
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "l4_columns.remote_port holds 3 values for 2 records" in (err.details() or "")
+    assert not should_retry(err.code(), server_retry_delay(err.trailing_metadata()))
+    c = server.counters()
+    assert (c["rejected_columns"], c["duplicate_batches"], c["accepted_batches"], c["invalid_records"]) == (1, 1, 1, 1)
+    assert len(sink.batches) == 1

@@ -18,7 +18,7 @@ from node_exporter.l7.exchanges import (
     ExchangeBatch,
     HeadParser,
 )
-from node_exporter.l7.pipeline import L7Pipeline
+from node_exporter.l7.pipeline import MAX_EXCHANGE_CONNS, L7Pipeline
 from node_exporter.protocols import HttpRecord
 from node_exporter.protocols import Role as PRole
 from node_exporter.protocols.base import ParseState
@@ -35,10 +35,10 @@ TRACED = (
 def exchange_bytes(
     head: bytes, *, cookie: int = 7, status: int = 200, start: int = 1_000, latency: int = 500,
     req_bytes: int | None = None, resp_bytes: int = 99, role: int = Role.KSCOPE_ROLE_CLIENT,
-    head_len: int | None = None,
+    head_len: int | None = None, reason: int = L7Emit.KSCOPE_EMIT_NEXT,
 ) -> bytes:  # fmt: skip
     x = KscopeL7Exchange()
-    x.type, x.role, x.method, x.reason = L7RecordType.KSCOPE_REC_L7_EXCHANGE, role, 1, L7Emit.KSCOPE_EMIT_NEXT
+    x.type, x.role, x.method, x.reason = L7RecordType.KSCOPE_REC_L7_EXCHANGE, role, 1, reason
     x.netns_ino, x.sock_cookie, x.start_ns, x.latency_ns = 4026531840, cookie, start, latency
     x.request_bytes = len(head) if req_bytes is None else req_bytes
     x.response_bytes, x.status, x.tgid, x.pid = resp_bytes, status, 100, 101
@@ -200,6 +200,29 @@ def test_pipeline_reuses_conn_info_until_close() -> None:
     pipe.close_sockets([7])
     (c,) = pipe.feed([ExchangeBatch.of([exchange_bytes(GET)])])
     assert c.conn is not a.conn and c.conn == a.conn
+
+
+def test_pipeline_remembers_exchange_sockets_within_its_bound() -> None:
+    pipe = L7Pipeline()
+    extra = 10
+    cookies = range(1, MAX_EXCHANGE_CONNS + extra + 1)
+    events = pipe.feed([ExchangeBatch.of([exchange_bytes(GET, cookie=c) for c in cookies])])
+    assert [e.conn.sock_cookie for e in events] == list(cookies)
+    assert pipe.counters()["exchange_sockets_remembered"] == MAX_EXCHANGE_CONNS
+    # the oldest were forgotten (rebuilt, equal, when they speak again); the newest are reused
+    (old, new) = pipe.feed([ExchangeBatch.of([exchange_bytes(GET, cookie=1), exchange_bytes(GET, cookie=cookies[-1])])])
+    assert old.conn is not events[0].conn and old.conn == events[0].conn
+    assert new.conn is events[-1].conn
+
+
+def test_pipeline_forgets_a_socket_with_its_last_record() -> None:
+    """A record sent when its socket closed is the socket's last: its ConnInfo is not remembered
+    (connection churn would otherwise fill the bounded map with dead sockets)."""
+    pipe = L7Pipeline()
+    close = L7Emit.KSCOPE_EMIT_CLOSE
+    events = pipe.feed([ExchangeBatch.of([exchange_bytes(GET, cookie=c, reason=close) for c in range(1, 1001)])])
+    assert len(events) == 1000 and {e.record.path for e in events} == {"/users/42/orders"}
+    assert pipe.counters()["exchange_sockets_remembered"] == 0
 
 
 def test_pipeline_skips_discarded_slots_and_counts_bad_types() -> None:

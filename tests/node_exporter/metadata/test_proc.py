@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -184,6 +185,11 @@ def named_child(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     link.symlink_to(sleep)
     child = subprocess.Popen([str(link), "30"])
     try:
+        # Popen returns once the child is forked; until it has exec'd, its name is still ours
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{child.pid}/comm").read_text().strip() != "kscope-probe":
+            assert time.monotonic() < deadline, "the child never exec'd"
+            time.sleep(0.005)
         yield child
     finally:
         child.kill()

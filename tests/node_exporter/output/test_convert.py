@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from kscope.v1 import flow_pb2 as pb
+from kscope_common.l4_columns import rows as l4_columns_rows
 from node_exporter.bpf.abi import ConnectStatus, L4Reason, Role
 from node_exporter.l4.records import Counters, L4Record
 from node_exporter.l7.pipeline import ConnInfo, L7Event
 from node_exporter.metadata.cgroup import ContainerIdentity
 from node_exporter.metadata.proc import ProcessInfo
-from node_exporter.output.convert import MonotonicClock, l4_flow, l7_request
+from node_exporter.output.convert import MonotonicClock, l4_columns, l4_flow, l7_request
 from node_exporter.protocols import DnsRecord, HttpRecord
 from node_exporter.protocols import Role as ProtoRole
 
@@ -116,3 +117,31 @@ def test_dns_timeout_from_a_host_process() -> None:
     assert (msg.dns.id, msg.dns.question_name, msg.dns.question_type, msg.dns.rcode, msg.dns.timed_out) == (
         77, "x.fail.test", "A", "", True)  # fmt: skip
     assert msg.process.comm == "dig" and msg.process.host_process and not msg.HasField("http")
+
+
+def test_a_batchs_columns_hold_exactly_its_rows() -> None:
+    base = dict(
+        reason=L4Reason.KSCOPE_L4_PERIODIC, role=Role.KSCOPE_ROLE_CLIENT,
+        connect_status=ConnectStatus.KSCOPE_CONNECT_OK, connect_errno=0, netns_ino=4026531840, sock_cookie=1,
+        cgroup_id=1234, start_ns=1_000, ts_ns=2_000,
+        connect_latency_ns=150_000, total=Counters(*range(1, 11)), delta=Counters(*range(11, 21)),
+        local_ip="198.18.0.1", local_port=40000, remote_ip="198.18.0.2", remote_port=80, family=2, tgid=42, pid=43,
+        srtt_us=120, segs_out=5, segs_in=6, last_drop_reason=3, ack_backlog=0, max_ack_backlog=0, sk_drops=4,
+        rttvar_us=30, tcp_state=7, comm="curl",
+    )  # fmt: skip
+    records = [
+        L4Record(**base),  # type: ignore[arg-type]
+        L4Record(**{**base, "sock_cookie": 2, "family": 10, "local_ip": "fd00::1", "remote_ip": "fd00::2",  # type: ignore[arg-type]
+                    "reason": L4Reason.KSCOPE_L4_CLOSE, "last_drop_reason": 0, "tgid": 0, "delta": Counters()}),
+        L4Record(**{**base, "sock_cookie": 3, "role": Role.KSCOPE_ROLE_LISTENER, "ack_backlog": 3,  # type: ignore[arg-type]
+                    "max_ack_backlog": 128, "last_drop_reason": 9}),
+    ]  # fmt: skip
+    procs = [ProcessInfo(pid=42, comm="curl", identity=ContainerIdentity("a" * 64, "1234-5678", "containerd")), None,
+             ProcessInfo(pid=42, comm="nginx", identity=ContainerIdentity("", "", ""))]  # fmt: skip
+    nats = [("198.18.2.1", 8080), None, None]
+    clock = MonotonicClock()
+    drops = {3: "NO_SOCKET"}
+    cols = pb.L4Columns.FromString(l4_columns(records, procs, clock, drops, nats).SerializeToString())
+    want = [l4_flow(r, p, clock, drops, nat) for r, p, nat in zip(records, procs, nats, strict=True)]
+    assert cols.count == 3 and l4_columns_rows(cols) == want
+    assert l4_columns([], [], clock, drops, []) == pb.L4Columns()

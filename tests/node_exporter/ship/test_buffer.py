@@ -7,8 +7,9 @@ import threading
 import pytest
 
 from kscope.v1 import flow_pb2 as pb
+from kscope_common.l4_columns import rows, to_columns
 from node_exporter.ship.buffer import DropOldestQueue, record_count, split_batch
-from tests.cluster_processor.ingest.harness import batch
+from tests.cluster_processor.ingest.harness import batch, l4
 
 
 def test_queue_is_fifo_and_evicts_the_oldest_when_full() -> None:
@@ -60,3 +61,17 @@ def test_a_large_batch_is_split_in_order_with_the_envelope_on_every_part() -> No
     assert [r for p in parts for r in p.l4] == list(b.l4)
     assert [r for p in parts for r in p.l7] == list(b.l7)
     assert sum(record_count(p) for p in parts) == 9
+
+
+def test_a_large_columnar_batch_is_split_into_column_slices() -> None:
+    b = batch(0, 4, version=2, stats=pb.AgentStats(counters={"x": 1}))
+    flows = [l4(i, remote_ip=f"10.0.1.{i}") for i in range(5)]
+    b.l4_columns.CopyFrom(to_columns(flows))
+    parts = split_batch(b, 4)
+    assert [(p.l4_columns.count, len(p.l7)) for p in parts] == [(4, 0), (1, 3), (0, 1)]
+    assert all(p.schema_version == 2 and not p.l4 for p in parts)
+    assert [p.HasField("l4_columns") for p in parts] == [True, True, False]
+    assert [r for p in parts for r in rows(p.l4_columns)] == rows(b.l4_columns)
+    assert "10.0.1.0" not in parts[1].l4_columns.strings  # each part's table holds its own strings
+    assert [r for p in parts for r in p.l7] == list(b.l7)
+    assert sum(record_count(p) for p in parts) == record_count(b) == 9

@@ -118,7 +118,7 @@ def test_wrong_schema_version_is_dropped_at_once_without_retry(loop_thread: Loop
     sink = RecordingSink()
     with loop_thread.serving(sink, config()) as server:
         s = shipper(shippers, ship_config(server.port))
-        s.submit(batch(5, version=2))
+        s.submit(batch(5, version=3))
         s.submit(batch(2))
         assert s.close(5.0)
     c = s.counters()
