@@ -3,11 +3,11 @@
 1. flows:  serialized FlowBatches of L4 records (``L4Columns`` as the agent ships them; ``--l4-form rows``:
            one L4Flow message per record, as older agents do) from many simulated nodes -> ``FlowBatch.FromString``
            -> ``Aggregator.add`` -> per interval ``Aggregator.flush`` -> ``OtlpPipeline`` (cumulative
-           store + OTLP encoding) -> ``SerializeToString`` of every request (no network).
+           store + OTLP encoding) -> the serialized requests the exporter would send (no network).
            Reported: L4 records per second of wall time on the pinned core.
 2. spans:  L7Request (HTTP) records on keep-alive sockets (an L4 record when a socket opens and when
            it closes, so Service-VIP requests join their NAT answer) -> the same path, spans encoded
-           to ``ExportTraceServiceRequest`` and serialized. Reported: spans per second (all the
+           to serialized ``ExportTraceServiceRequest``s. Reported: spans per second (all the
            work counted, including RED metrics and the L4 records).
 3. memory: a ``KubeIndex`` filled through ``apply("ADDED", kind, raw_dict)`` with Nodes, Deployments,
            ReplicaSets, Services and pods (raw dicts shaped like the APIServer's JSON, dropped after
@@ -51,7 +51,8 @@ for p in (str(ROOT), str(ROOT / "proto")):
 from cluster_processor.aggregate import Aggregator  # noqa: E402
 from cluster_processor.kube.index import KubeIndex  # noqa: E402
 from cluster_processor.otlp import encode, wire  # noqa: E402
-from cluster_processor.otlp.exporter import ExportRequest, Signal  # noqa: E402
+from cluster_processor.otlp.encode import EncodedRequest  # noqa: E402
+from cluster_processor.otlp.exporter import Signal  # noqa: E402
 from cluster_processor.otlp.pipeline import OtlpPipeline  # noqa: E402
 from kscope.v1 import flow_pb2 as pb  # noqa: E402
 from kscope_common import l4_columns  # noqa: E402
@@ -384,16 +385,17 @@ class Generator:
 # ---- the measured path --------------------------------------------------------------------------
 
 
-class SerializingSink:
-    """``ExportSink`` that does what the gRPC stub would do with a request: serialize it."""
+class CountingSink:
+    """``ExportSink`` that counts requests and bytes: the requests arrive serialized, and the
+    exporter sends those bytes as they are."""
 
     def __init__(self) -> None:
         self.requests = {s: 0 for s in Signal}
         self.bytes = {s: 0 for s in Signal}
 
-    def submit(self, signal: Signal, request: ExportRequest) -> bool:
+    def submit(self, signal: Signal, request: EncodedRequest) -> bool:
         self.requests[signal] += 1
-        self.bytes[signal] += len(request.SerializeToString())
+        self.bytes[signal] += len(request.data)
         return True
 
 
@@ -464,12 +466,12 @@ def clear_module_caches() -> int:
     return n
 
 
-def one_repeat(index: KubeIndex, wl: Workload) -> tuple[Phases, SerializingSink, dict[str, int]]:
+def one_repeat(index: KubeIndex, wl: Workload) -> tuple[Phases, CountingSink, dict[str, int]]:
     """A fresh aggregator and pipeline and empty module caches (as in a fresh process); interval 0
     untimed (warm-up), the rest timed."""
     clear_module_caches()
     agg = Aggregator(index)
-    sink = SerializingSink()
+    sink = CountingSink()
     pipe = OtlpPipeline(encode.Reporter("bench-0", "node-000"), sink, start_unix_nano=T0)
     run_interval(agg, pipe, wl.intervals[0], T0 + INTERVAL_NS, Phases())
     sink.__init__()  # type: ignore[misc]
@@ -617,7 +619,8 @@ def main() -> int:
     ap.add_argument("--memory-deployments", type=int, default=500)
     ap.add_argument("--memory-repeats", type=int, default=3)
     ap.add_argument("--only", choices=["flows", "spans", "memory"], action="append")
-    ap.add_argument("--profile", action="store_true", help="cProfile one repeat of the flows run (top 10)")
+    ap.add_argument("--profile", action="store_true", help="cProfile one repeat of each run (flows, spans)")
+    ap.add_argument("--profile-top", type=int, default=10, help="functions listed per profile table")
     ap.add_argument("--cpu", type=int, default=0)
     ap.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -651,7 +654,7 @@ def main() -> int:
             out["flows"] = r
             goals["flow_records_per_s_goal_200k_met"] = r["records_per_s_median"] >= 200_000
             if a.profile:
-                out["flows_profile"] = profile(index, wl)
+                out["flows_profile"] = profile(index, wl, a.profile_top)
         if "spans" in only:
             keepalive = max(a.l7_records // 5, 1)  # open sockets per node: ~5 requests each per batch
             wl = Generator(cluster, seed=2).requests(a.intervals + 1, a.batches, a.l7_records, keepalive)
@@ -659,6 +662,8 @@ def main() -> int:
             r["batch_bytes_mean"] = round(wl.bytes_total / sum(len(i) for i in wl.intervals))
             out["spans"] = r
             goals["spans_per_s_goal_30k_met"] = r["spans_per_s_median"] >= 30_000
+            if a.profile:
+                out["spans_profile"] = profile(index, wl, a.profile_top)
     if "memory" in only:
         out["memory"] = memory(Cluster(a.memory_nodes, a.memory_pods, a.memory_deployments), a.memory_repeats)
     out["goals"] = goals

@@ -82,6 +82,10 @@ NS_PER_S: Final = 1_000_000_000
 _PROTOCOLS: Final = {"http1": Protocol.HTTP, "http": Protocol.HTTP, "dns": Protocol.DNS}
 # Enum's .value is a Python-level property: read once here, not per record.
 _PROTOCOL_VALUES: Final = {p: p.value for p in Protocol}
+_PROTOCOL_OF_VALUE: Final = {p.value: p for p in Protocol}
+# Members read through module globals per record: an Enum class's attribute read takes ~10x a global's.
+_SIDE_SERVER: Final = Side.SERVER
+_DNS: Final = Protocol.DNS
 _CONNECT_ERRORS: Final = {
     pb.CONNECT_STATUS_REFUSED: "connection_refused",
     pb.CONNECT_STATUS_TIMEOUT: "timeout",
@@ -248,7 +252,8 @@ _L4_REST: Final = attrgetter("nat_remote_ip", "nat_remote_port", "kind", "connec
 _LISTENER: Final = pb.ROLE_LISTENER
 _SERVER: Final = pb.ROLE_SERVER
 _CLOSE: Final = pb.RECORD_KIND_CLOSE
-_HTTP: Final = attrgetter("method", "route", "path", "request_id", "status_code")
+_HTTP: Final = attrgetter("method", "route", "path", "request_id", "status_code", "traceparent")
+_new_tuple: Final = tuple.__new__  # a SpanRecord without NamedTuple's Python-level __new__
 _CLIENT_SIDE: Final = Side.CLIENT
 # (columns, _L4 attribute): the delta counters most records leave at zero, summed per edge side
 _SPARSE_L4: Final = (
@@ -574,10 +579,11 @@ class Aggregator:
         if route.external:
             c["external_remote"] += 1
         side = route.side
-        method, route_name, status, error_type, extra = _details(protocol, q)
+        method, route_name, status, error_type, extra, traceparent = _details(protocol, q)
         latency_ns = q.latency_ns
         duration_s = latency_ns / NS_PER_S
-        failed = semconv.PROTOCOLS[protocol].failed(side, status, error_type)
+        # Read only where the request is counted (see _graph).
+        failed = route.count_request and semconv.PROTOCOLS[protocol].failed(side, status, error_type)
         # Checked only where it can be (a summary's latency_ns is 0): one request costs no HasField.
         summary = q.summary if not latency_ns and q.HasField("summary") else None
         if summary is not None:
@@ -598,7 +604,8 @@ class Aggregator:
                     hist.add_buckets(*_summary_parts(summary))
             self._graph(st, route, side, failed, duration_s, summary)
         if summary is None:  # a summary's requests were not picked for spans (nor logs) by the node
-            self._span(st, route, side, protocol, q, latency_ns, method, route_name, status, error_type, extra)
+            self._span(st, route, side, protocol, q, latency_ns, method, route_name, status, error_type, extra,
+                       traceparent)  # fmt: skip
 
     def _graph(
         self, st: _NodeState, route: Route, side: Side, failed: bool, duration_s: float,
@@ -615,7 +622,7 @@ class Aggregator:
             g.requests += n
             if failed:
                 g.failed += n
-        if side is Side.SERVER:
+        if side is _SIDE_SERVER:
             hist = g.server = g.server or _Hist(SERVICE_GRAPH_BOUNDS_S)
         else:
             hist = g.client = g.client or _Hist(SERVICE_GRAPH_BOUNDS_S)
@@ -637,12 +644,13 @@ class Aggregator:
         status: int | None,
         error_type: str,
         extra: tuple[tuple[str, AttrValue], ...],
+        traceparent: str | None,
     ) -> None:
         span_edge = route.span_edge
         assert span_edge is not None
-        ctx = span_context(q.http.traceparent if q.HasField("http") else None)
+        ctx = span_context(traceparent)
         start = q.start_time_unix_nano
-        if protocol is Protocol.DNS and error_type:
+        if protocol is _DNS and error_type:
             body = f"DNS {method} {q.dns.question_name}: {error_type}"
             self._log(st, span_edge, side, start, EVENT_DNS_ERROR, Severity.WARN, body, extra,
                       (ctx.trace_id, ctx.span_id))  # fmt: skip
@@ -650,8 +658,8 @@ class Aggregator:
             self._counters["spans_overflowed"] += 1
             return
         st.spans.append(
-            SpanRecord(span_edge, side, protocol, ctx, start, start + latency_ns, method, route_name, status,
-                       error_type, extra)
+            _new_tuple(SpanRecord, (span_edge, side, protocol, ctx, start, start + latency_ns, method, route_name,
+                                    status, error_type, extra))
         )  # fmt: skip
 
     # ---- output ------------------------------------------------------------------------------
@@ -683,9 +691,9 @@ class Aggregator:
 
 def _details(
     protocol: Protocol, q: pb.L7Request
-) -> tuple[str, str, int | None, str, tuple[tuple[str, AttrValue], ...]]:
-    """(method, route, status, error type, span extras) of one L7 record."""
-    if protocol is Protocol.DNS:
+) -> tuple[str, str, int | None, str, tuple[tuple[str, AttrValue], ...], str | None]:
+    """(method, route, status, error type, span extras, traceparent) of one L7 record."""
+    if protocol is _DNS:
         d = q.dns
         error = "timeout" if d.timed_out else ("" if d.rcode in ("", "NOERROR") else d.rcode)
         # Built in canonical (sorted, as model.attrs makes it) order directly: no sort per record.
@@ -693,9 +701,9 @@ def _details(
         extra: tuple[tuple[str, AttrValue], ...] = (
             (question, ("dns.response_code", d.rcode)) if d.rcode else (question,)
         )
-        return d.question_type, "", None, error, extra
+        return d.question_type, "", None, error, extra, q.http.traceparent if q.HasField("http") else None
     h = q.http
-    method, route, path, request_id, status_code = _HTTP(h)
+    method, route, path, request_id, status_code, traceparent = _HTTP(h)
     status = status_code or None
     if request_id:
         rid: tuple[str, AttrValue] = ("http.request.header.x-request-id", request_id)
@@ -703,7 +711,7 @@ def _details(
     else:
         extra = (("url.path", path),) if path else ()
     # No response at all is a failure the status code cannot express.
-    return method, route, status, "" if status is not None else "no_response", extra
+    return method, route, status, "" if status is not None else "no_response", extra, traceparent
 
 
 def _summary_parts(s: pb.L7Summary) -> tuple[Sequence[int], float, float, float]:
@@ -713,8 +721,10 @@ def _summary_parts(s: pb.L7Summary) -> tuple[Sequence[int], float, float, float]
 
 
 def _red_points(st: _NodeState) -> Iterable[RedPoint]:
+    new, protocols = _new_tuple, _PROTOCOL_OF_VALUE
     for (es, protocol, method, route, status, error_type), hist in st.red.items():
-        yield RedPoint(es.ref.edge, es.side, Protocol(protocol), hist.freeze(), method, route, status, error_type, ())
+        yield new(RedPoint, (es.ref.edge, es.side, protocols[protocol], hist.freeze(), method, route, status,
+                             error_type, ()))  # fmt: skip
 
 
 def _l4_points(st: _NodeState) -> Iterable[L4Point]:
@@ -736,14 +746,17 @@ def _l4_points(st: _NodeState) -> Iterable[L4Point]:
 
 def _graph_points(st: _NodeState) -> Iterable[ServiceGraphPoint]:
     for gref, g in st.graph.items():
-        yield ServiceGraphPoint(
-            gref.client,
-            gref.server,
-            g.requests,
-            g.failed,
-            gref.ctype,
-            g.server.freeze() if g.server is not None else None,
-            g.client.freeze() if g.client is not None else None,
-            gref.client_namespace,
-            gref.server_namespace,
+        yield _new_tuple(
+            ServiceGraphPoint,
+            (
+                gref.client,
+                gref.server,
+                g.requests,
+                g.failed,
+                gref.ctype,
+                g.server.freeze() if g.server is not None else None,
+                g.client.freeze() if g.client is not None else None,
+                gref.client_namespace,
+                gref.server_namespace,
+            ),
         )

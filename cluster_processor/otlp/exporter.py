@@ -14,6 +14,10 @@ reason and a counter.
 When the queue is full the oldest request is dropped: fresh data is worth more than old, and
 for cumulative metrics the next request carries the dropped one's totals anyway.
 
+Requests arrive already serialized (``EncodedRequest``: the bytes ``encode`` assembles and how
+many items they hold) and go on the wire as they are: parsing them into message objects only for
+gRPC to serialize them again would cost more than encoding them did.
+
 The gRPC client sits behind the small ``Transport`` protocol so the retry logic can be driven
 by a test double as well as by the real test receiver.
 """
@@ -26,34 +30,22 @@ import enum
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import grpc
 import structlog
-from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
-    ExportLogsServiceRequest,
-    ExportLogsServiceResponse,
-)
-from opentelemetry.proto.collector.logs.v1.logs_service_pb2_grpc import LogsServiceStub
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
-    ExportMetricsServiceRequest,
-    ExportMetricsServiceResponse,
-)
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2_grpc import MetricsServiceStub
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceServiceStub
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from cluster_processor.otlp import encode
+from cluster_processor.otlp.encode import EncodedRequest
 from cluster_processor.otlp.errors import OtlpError
 from kscope_common.grpc_retry import backoff_delay, server_retry_delay, should_retry
 
 log = structlog.get_logger(__name__)
 
-ExportRequest = ExportMetricsServiceRequest | ExportTraceServiceRequest | ExportLogsServiceRequest
 ExportResponse = ExportMetricsServiceResponse | ExportTraceServiceResponse | ExportLogsServiceResponse
+
 
 class Signal(enum.Enum):
     METRICS = "metrics"
@@ -61,15 +53,21 @@ class Signal(enum.Enum):
     LOGS = "logs"
 
 
-def count_items(signal: Signal, request: ExportRequest) -> int:
-    if signal is Signal.METRICS:
-        assert isinstance(request, ExportMetricsServiceRequest)
-        return encode.count_points(request)
-    if signal is Signal.TRACES:
-        assert isinstance(request, ExportTraceServiceRequest)
-        return encode.count_spans(request)
-    assert isinstance(request, ExportLogsServiceRequest)
-    return encode.count_logs(request)
+# Each signal's Export method (opentelemetry-proto's collector services) and how its answer is read.
+_METHODS: Final[dict[Signal, tuple[str, Callable[[bytes], ExportResponse]]]] = {
+    Signal.METRICS: (
+        "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
+        ExportMetricsServiceResponse.FromString,
+    ),
+    Signal.TRACES: (
+        "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+        ExportTraceServiceResponse.FromString,
+    ),
+    Signal.LOGS: (
+        "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
+        ExportLogsServiceResponse.FromString,
+    ),
+}
 
 
 def rejected_items(response: ExportResponse) -> tuple[int, str]:
@@ -151,8 +149,8 @@ class RpcFailure(OtlpError):
 
 
 class Transport(Protocol):
-    async def export(self, signal: Signal, request: ExportRequest, timeout_s: float) -> ExportResponse:
-        """Send one request; raise ``RpcFailure`` when the call fails."""
+    async def export(self, signal: Signal, request: bytes, timeout_s: float) -> ExportResponse:
+        """Send one serialized request; raise ``RpcFailure`` when the call fails."""
         ...
 
     async def close(self) -> None: ...
@@ -183,14 +181,16 @@ class GrpcTransport:
                 settings.endpoint, credentials, options=opts, compression=compression
             )
         self._metadata = tuple(settings.headers) or None
+        # The generated stubs' Export methods, but with no request serializer: gRPC sends the bytes
+        # it is given (the request is encoded already), and parses the answer as the stubs do.
         self._calls: dict[Signal, Any] = {
-            # The generated stubs are untyped; each Export is a grpc.aio unary-unary callable.
-            Signal.METRICS: MetricsServiceStub(self._channel).Export,  # type: ignore[no-untyped-call]
-            Signal.TRACES: TraceServiceStub(self._channel).Export,  # type: ignore[no-untyped-call]
-            Signal.LOGS: LogsServiceStub(self._channel).Export,  # type: ignore[no-untyped-call]
+            signal: self._channel.unary_unary(
+                path, request_serializer=None, response_deserializer=deserialize, _registered_method=True
+            )
+            for signal, (path, deserialize) in _METHODS.items()
         }
 
-    async def export(self, signal: Signal, request: ExportRequest, timeout_s: float) -> ExportResponse:
+    async def export(self, signal: Signal, request: bytes, timeout_s: float) -> ExportResponse:
         try:
             response: ExportResponse = await self._calls[signal](request, timeout=timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as err:
@@ -203,16 +203,10 @@ class GrpcTransport:
 
 
 @dataclass(slots=True)
-class _Entry:
-    request: ExportRequest
-    items: int
-
-
-@dataclass(slots=True)
 class _Lane:
     """One signal's queue, worker and counters."""
 
-    queue: asyncio.Queue[_Entry]
+    queue: asyncio.Queue[EncodedRequest]
     stats: SignalStats = field(default_factory=SignalStats)
     task: asyncio.Task[None] | None = None
 
@@ -282,31 +276,30 @@ class OtlpExporter:
 
     # ---- submitting -----------------------------------------------------------------------------
 
-    def submit(self, signal: Signal, request: ExportRequest) -> bool:
+    def submit(self, signal: Signal, request: EncodedRequest) -> bool:
         """Queue one request without waiting; False when it was dropped because the exporter is
         stopped. Call from the event loop's thread."""
         lane = self._lanes[signal]
-        entry = _Entry(request, count_items(signal, request))
-        lane.stats.submitted += entry.items
+        lane.stats.submitted += request.items
         if self._closed:
-            lane.stats.dropped_shutdown += entry.items
+            lane.stats.dropped_shutdown += request.items
             return False
         if lane.queue.full():
             oldest = lane.queue.get_nowait()
             lane.queue.task_done()
             lane.stats.dropped_queue_full += oldest.items
             self._log.warning("otlp_queue_full", signal=signal.value, dropped_items=oldest.items)
-        lane.queue.put_nowait(entry)
+        lane.queue.put_nowait(request)
         lane.stats.queued = lane.queue.qsize()
         return True
 
-    def submit_metrics(self, request: ExportMetricsServiceRequest) -> bool:
+    def submit_metrics(self, request: EncodedRequest) -> bool:
         return self.submit(Signal.METRICS, request)
 
-    def submit_traces(self, request: ExportTraceServiceRequest) -> bool:
+    def submit_traces(self, request: EncodedRequest) -> bool:
         return self.submit(Signal.TRACES, request)
 
-    def submit_logs(self, request: ExportLogsServiceRequest) -> bool:
+    def submit_logs(self, request: EncodedRequest) -> bool:
         return self.submit(Signal.LOGS, request)
 
     def stats(self) -> dict[Signal, SignalStats]:
@@ -329,7 +322,7 @@ class OtlpExporter:
             finally:
                 lane.queue.task_done()
 
-    async def _deliver(self, signal: Signal, stats: SignalStats, entry: _Entry) -> None:
+    async def _deliver(self, signal: Signal, stats: SignalStats, entry: EncodedRequest) -> None:
         assert self._transport is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.max_elapsed_s
@@ -339,7 +332,7 @@ class OtlpExporter:
             stats.attempts += 1
             try:
                 response = await self._transport.export(
-                    signal, entry.request, max(0.001, min(self._settings.timeout_s, remaining))
+                    signal, entry.data, max(0.001, min(self._settings.timeout_s, remaining))
                 )
             except RpcFailure as failure:
                 delay = self._settings.retry.delay_s(failure.code, failure.retry_delay_s, attempt, self._rng)
@@ -365,7 +358,7 @@ class OtlpExporter:
             self._account(signal, stats, entry, response)
             return
 
-    def _account(self, signal: Signal, stats: SignalStats, entry: _Entry, response: ExportResponse) -> None:
+    def _account(self, signal: Signal, stats: SignalStats, entry: EncodedRequest, response: ExportResponse) -> None:
         rejected, message = rejected_items(response)
         rejected = min(max(rejected, 0), entry.items)
         stats.rejected += rejected

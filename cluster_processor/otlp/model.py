@@ -16,9 +16,9 @@ import operator
 import random
 import re
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Final, overload
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Final, NamedTuple, overload
 
 from cluster_processor.otlp.errors import InvalidAggregateError
 
@@ -62,6 +62,9 @@ EVENT_DNS_ERROR: Final = "kscope.dns.error"
 EVENT_HTTP_SERVER_ERROR_BURST: Final = "kscope.http.server_error_burst"
 
 
+_KEY: Final = operator.itemgetter(0)
+
+
 @overload
 def attrs(pairs: Mapping[str, AttrValue]) -> Attrs: ...
 @overload
@@ -69,8 +72,15 @@ def attrs(pairs: Iterable[tuple[str, AttrValue]] = ()) -> Attrs: ...
 def attrs(pairs: Mapping[str, AttrValue] | Iterable[tuple[str, AttrValue]] = ()) -> Attrs:
     """Canonical attributes: sorted by key, the last value of a repeated key wins. Two equal sets
     are then equal tuples, which is what keying a stream by its attributes needs."""
+    # Sorted by key alone: the keys are unique once in a dict, so it is the order of the pairs,
+    # with string comparisons instead of tuple ones.
+    if isinstance(pairs, (list, tuple)):  # the usual input, checked without the Mapping ABC
+        d = dict(pairs)
+        if len(d) == len(pairs):  # no key repeated: the pairs themselves, not new ones
+            return tuple(sorted(pairs, key=_KEY))
+        return tuple(sorted(d.items(), key=_KEY))
     items = pairs.items() if isinstance(pairs, Mapping) else pairs
-    return tuple(sorted(dict(items).items()))
+    return tuple(sorted(dict(items).items(), key=_KEY))
 
 
 def attr(attributes: Attrs, key: str) -> AttrValue | None:
@@ -89,6 +99,10 @@ class Side(enum.Enum):
     # Members are singletons compared by identity: hash them by identity too. Enum's own hash is a
     # Python-level method, and these key many tables and caches per record.
     __hash__ = object.__hash__
+
+
+# Members read through module globals in hot code: an Enum class's attribute read takes ~10x a global's.
+_CLIENT: Final = Side.CLIENT
 
 
 class Protocol(enum.Enum):
@@ -129,12 +143,21 @@ class Edge:
 
     client: Attrs
     server: Attrs
+    # Edges key many tables and caches per record (span templates, RED keys, interning): their two
+    # attribute tuples are hashed once here, not on every lookup (a tuple does not keep its hash).
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.client, self.server)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def of(self, side: Side) -> Attrs:
-        return self.client if side is Side.CLIENT else self.server
+        return self.client if side is _CLIENT else self.server
 
     def peer_of(self, side: Side) -> Attrs:
-        return self.server if side is Side.CLIENT else self.client
+        return self.server if side is _CLIENT else self.client
 
 
 def graph_node_name(endpoint: Attrs) -> str:
@@ -203,12 +226,14 @@ class Histogram:
         """A histogram from parts already known to be valid (the merge of two valid ones, the
         buckets of validated bounds): skips the checks, which cost more than the merge itself."""
         h = object.__new__(cls)
-        setattr_ = object.__setattr__  # frozen: the documented way around __setattr__
-        setattr_(h, "bounds", bounds)
-        setattr_(h, "bucket_counts", counts)
-        setattr_(h, "sum", total)
-        setattr_(h, "min", lo)
-        setattr_(h, "max", hi)
+        # Frozen: written through the slots' own descriptors (what object.__setattr__, the
+        # documented way around __setattr__, ends in), without its name lookups.
+        set_bounds, set_counts, set_sum, set_min, set_max = _HISTOGRAM_SLOTS
+        set_bounds(h, bounds)
+        set_counts(h, counts)
+        set_sum(h, total)
+        set_min(h, lo)
+        set_max(h, hi)
         return h
 
     def merge(self, other: Histogram) -> Histogram:
@@ -216,26 +241,27 @@ class Histogram:
             raise InvalidAggregateError("cannot merge histograms with different bounds")
         if len(other.bucket_counts) != len(self.bucket_counts):
             raise InvalidAggregateError("cannot merge histograms with different bucket counts")
+        # min() and max() of the two (the first of equals), None for a side without values, without
+        # the calls: a cumulative stream merges once per interval.
+        lo, other_lo = self.min, other.min
+        if lo is None or (other_lo is not None and other_lo < lo):
+            lo = other_lo
+        hi, other_hi = self.max, other.max
+        if hi is None or (other_hi is not None and other_hi > hi):
+            hi = other_hi
         return Histogram.trusted(
-            self.bounds,
-            tuple(map(operator.add, self.bucket_counts, other.bucket_counts)),
-            self.sum + other.sum,
-            _opt(min, self.min, other.min),
-            _opt(max, self.max, other.max),
+            self.bounds, tuple(map(operator.add, self.bucket_counts, other.bucket_counts)), self.sum + other.sum, lo, hi
         )
 
 
-def _opt(fn: Callable[[float, float], float], a: float | None, b: float | None) -> float | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return fn(a, b)
+_HISTOGRAM_SLOTS: Final = tuple(
+    getattr(Histogram, name).__set__ for name in ("bounds", "bucket_counts", "sum", "min", "max")
+)
 
 
-@dataclass(frozen=True, slots=True)
-class RedPoint:
-    """Request rate, errors and duration for one edge, protocol, method, route and status."""
+class RedPoint(NamedTuple):
+    """Request rate, errors and duration for one edge, protocol, method, route and status. A named
+    tuple, as ``SpanRecord``: an interval hands over thousands."""
 
     edge: Edge
     side: Side
@@ -278,9 +304,8 @@ class ListenerPoint:
     queue_limit: int = 0  # the listen() backlog
 
 
-@dataclass(frozen=True, slots=True)
-class ServiceGraphPoint:
-    """One edge of the service graph, named as Grafana draws it.
+class ServiceGraphPoint(NamedTuple):
+    """One edge of the service graph, named as Grafana draws it (a named tuple, as ``RedPoint``).
 
     Each request must be counted once even when both ends were observed (possibly by different
     replicas): the aggregator counts a request from the server side when the server is a pod kscope
@@ -317,12 +342,16 @@ class Interval:
 _TRACEPARENT: Final = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 _ZERO_TRACE: Final = "0" * 32
 _ZERO_SPAN: Final = "0" * 16
+_ZERO_TRACE_ID: Final = bytes(16)
+_ZERO_SPAN_ID: Final = bytes(8)
 FLAG_SAMPLED: Final = 0x01
+_new_tuple: Final = tuple.__new__
 _RNG: Final = random.Random()  # ids need uniqueness, not secrecy; os.urandom per span costs a syscall
 
 
-@dataclass(frozen=True, slots=True)
-class SpanContext:
+class SpanContext(NamedTuple):
+    """A span's W3C context. A named tuple rather than a frozen dataclass, as ``SpanRecord``."""
+
     trace_id: bytes  # 16 bytes
     span_id: bytes  # 8 bytes
     parent_span_id: bytes = b""  # 8 bytes, or empty for a root span
@@ -334,7 +363,26 @@ class SpanContext:
 def parse_traceparent(header: str) -> tuple[bytes, bytes, int] | None:
     """(trace id, parent span id, flags) of a W3C traceparent, or None when it is not valid:
     a header we cannot trust starts a new trace instead of corrupting an existing one."""
-    m = _TRACEPARENT.fullmatch(header.strip())
+    h = header.strip()
+    if len(h) == 55 and h[:3] == "00-" and h[35] == "-" and h[52] == "-":
+        # Version 00, the one headers carry, has this one shape: its three fields decoded without
+        # the regular expression. A field is lowercase hex exactly when it survives the round trip
+        # (fromhex also takes upper case and spaces, and raises on anything else).
+        trace_hex, span_hex, flags_hex = h[3:35], h[36:52], h[53:]
+        try:
+            trace_id, span_id, flags = bytes.fromhex(trace_hex), bytes.fromhex(span_hex), bytes.fromhex(flags_hex)
+        except ValueError:
+            return None
+        if (trace_id.hex() != trace_hex or span_id.hex() != span_hex or flags.hex() != flags_hex
+                or trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID):  # fmt: skip
+            return None
+        return trace_id, span_id, flags[0]
+    return _parse_traceparent(h)
+
+
+def _parse_traceparent(header: str) -> tuple[bytes, bytes, int] | None:
+    """``parse_traceparent`` by the regular expression: every version."""
+    m = _TRACEPARENT.fullmatch(header)
     if m is None:
         return None
     version, trace_id, span_id, flags, rest = m.groups()
@@ -354,27 +402,26 @@ def span_context(
     id would instead collide with that span whenever the app is instrumented itself.
     Without a (valid) header the span starts a new trace."""
     gen = rng or _RNG
-    v = gen.getrandbits(64)  # _nonzero inline: one per span
+    v = gen.getrandbits(64)  # all-zero ids are invalid in W3C and OTLP
     while v == 0:
         v = gen.getrandbits(64)
     span_id = v.to_bytes(8, "big")
     parsed = parse_traceparent(traceparent) if traceparent else None
     if parsed is None:
-        return SpanContext(_nonzero(gen, 128), span_id)
+        v = gen.getrandbits(128)
+        while v == 0:
+            v = gen.getrandbits(128)
+        return _new_tuple(SpanContext, (v.to_bytes(16, "big"), span_id, b"", FLAG_SAMPLED, "", False))
     trace_id, parent, flags = parsed
-    return SpanContext(trace_id, span_id, parent, flags, tracestate, remote_parent=True)
+    return _new_tuple(SpanContext, (trace_id, span_id, parent, flags, tracestate, True))
 
 
-def _nonzero(gen: random.Random, bits: int) -> bytes:
-    value = 0
-    while value == 0:  # all-zero ids are invalid in W3C and OTLP
-        value = gen.getrandbits(bits)
-    return value.to_bytes(bits // 8, "big")
-
-
-@dataclass(frozen=True, slots=True)
-class SpanRecord:
-    """One observed request as a span (SERVER or CLIENT after ``side``)."""
+class SpanRecord(NamedTuple):
+    """One observed request as a span (SERVER or CLIENT after ``side``). A named tuple rather than
+    a frozen dataclass: one is made per request, and a frozen dataclass's ``__init__`` (one
+    ``object.__setattr__`` per field) costs more than the rest of recording it; the aggregator
+    builds it with ``tuple.__new__`` (all fields, in order), skipping NamedTuple's Python-level
+    ``__new__``."""
 
     edge: Edge
     side: Side

@@ -14,7 +14,8 @@ from typing import Final, Protocol
 
 from cluster_processor.otlp import encode, semconv
 from cluster_processor.otlp.cumulative import CumulativeStore, Series, StoreStats
-from cluster_processor.otlp.exporter import ExportRequest, Signal, SignalStats
+from cluster_processor.otlp.encode import EncodedRequest
+from cluster_processor.otlp.exporter import Signal, SignalStats
 from cluster_processor.otlp.model import Attrs, Interval, LogEvent, SpanRecord, attrs
 from cluster_processor.otlp.semconv import ERROR_TYPE, Instrument, Kind, Sample
 
@@ -66,7 +67,7 @@ class AgentStatsLike(Protocol):
 class ExportSink(Protocol):
     """What the pipeline needs of ``OtlpExporter``."""
 
-    def submit(self, signal: Signal, request: ExportRequest) -> bool: ...
+    def submit(self, signal: Signal, request: EncodedRequest) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,9 +6,9 @@ fixed-width on the wire (``fixed64`` times, ``sfixed64``/``double`` values). The
 concatenates: a message is its fields' bytes in any order, a repeated field is its elements one
 after another, and a nested message is a tag, a length and its bytes. So the parts that do not
 change (a series' ``KeyValue`` list, a resource, a metric's name and unit) are encoded once and
-kept as bytes, and only the numbers are packed again. The result is parsed once by the C
-protobuf runtime into the request object the exporter takes, so a mistake here fails loudly in
-the parser instead of reaching a receiver.
+kept as bytes, and only the numbers are packed again. The result goes on the wire as it is
+(``encode.EncodedRequest``), so it must be exactly what the generated classes would serialize:
+fields in field-number order, proto3 defaults left out.
 
 Field numbers are opentelemetry-proto's (``common/v1``, ``resource/v1``, ``metrics/v1``,
 ``trace/v1``); tests compare these bytes, parsed back, with messages built by the generated
@@ -37,6 +37,10 @@ def varint(n: int) -> bytes:
     """Base-128 varint; a negative int64 takes ten bytes (two's complement), as protobuf encodes it."""
     if 0 <= n < 0x80:
         return _SMALL[n]
+    if 0 < n < 0x200000:  # two and three bytes (lengths, ports) without the loop
+        if n < 0x4000:
+            return b"%c%c" % ((n & 0x7F) | 0x80, n >> 7)
+        return b"%c%c%c" % ((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80, n >> 14)
     n &= _U64
     out = bytearray()
     while n > 0x7F:
@@ -89,23 +93,41 @@ def _any_value(value: AttrValue) -> bytes:
 def key_value_uncached(key: str, value: AttrValue) -> bytes:
     """``key_value`` for a value seen once (a request's path): encoded without touching the caches."""
     if isinstance(value, str):
-        return message(1, key.encode()) + message(2, message(1, value.encode()))
+        return string(1, key) + message(2, message(1, value.encode()))
     return key_value(key, value)
 
 
 @lru_cache(maxsize=1024)
 def _key_field(key: str) -> bytes:
-    return message(1, key.encode())
+    return string(1, key)
 
 
 def attribute_uncached(field: int, key: str, value: AttrValue) -> bytes:
     """``message(field, key_value_uncached(key, value))``: one element of a repeated ``KeyValue``
-    field whose value is seen once (a request's path), the value not cached (the key is)."""
-    if type(value) is not str or field >= 32:
+    field whose value is seen once (a request's path, a client's port), the value not cached (the
+    key is)."""
+    t = type(value)
+    if t is str:
+        v = value.encode()  # type: ignore[union-attr]
+        n = len(v)
+        if field < 32:
+            k = _key_field(key)
+            kv_len = len(k) + n + 4
+            if kv_len < 0x80:  # every length one byte (a path, a port): the field in one formatting
+                # tag, len(kv), KeyValue.key = 1, KeyValue.value = 2 (len), AnyValue.string_value = 1 (len)
+                return b"%s%c%s\x12%c\x0a%c%s" % (_LEN_TAGS[field], kv_len, k, n + 2, n, v)
+        av = b"\x0a" + (_SMALL[n] if n < 0x80 else varint(n)) + v  # AnyValue.string_value = 1
+    elif t is int:
+        av = b"\x18" + varint(value)  # type: ignore[arg-type]  # AnyValue.int_value = 3
+        if field < 32:
+            k = _key_field(key)
+            kv_len = len(k) + len(av) + 2
+            if kv_len < 0x80:
+                return b"%s%c%s\x12%c%s" % (_LEN_TAGS[field], kv_len, k, len(av), av)
+    else:
         return message(field, key_value_uncached(key, value))
-    v = value.encode()
-    n = len(v)
-    av = b"\x0a" + (_SMALL[n] if n < 0x80 else varint(n)) + v  # AnyValue.string_value = 1
+    if field >= 32:
+        return message(field, _key_field(key) + message(2, av))
     n = len(av)
     kv = _key_field(key) + b"\x12" + (_SMALL[n] if n < 0x80 else varint(n)) + av  # KeyValue.value = 2
     n = len(kv)
@@ -113,8 +135,9 @@ def attribute_uncached(field: int, key: str, value: AttrValue) -> bytes:
 
 
 def key_value(key: str, value: AttrValue) -> bytes:
-    """The bytes of one ``KeyValue`` message (key = 1, value = 2), without its own tag."""
-    return message(1, key.encode()) + message(2, any_value(value))
+    """The bytes of one ``KeyValue`` message (key = 1, value = 2), without its own tag. An empty key
+    is left out, as a proto3 string is; the value, a message, is always written."""
+    return string(1, key) + message(2, any_value(value))
 
 
 @lru_cache(maxsize=65_536, typed=True)

@@ -11,7 +11,8 @@ import pytest
 from cluster_processor.aggregate import Aggregator, AggregatorSettings, NodeReport
 from cluster_processor.kube.index import KubeIndex
 from cluster_processor.otlp import encode, semconv
-from cluster_processor.otlp.exporter import ExportRequest, Signal
+from cluster_processor.otlp.encode import EncodedRequest
+from cluster_processor.otlp.exporter import Signal
 from cluster_processor.otlp.model import (
     EVENT_CONNECT_REFUSED,
     EVENT_DNS_ERROR,
@@ -240,10 +241,10 @@ def test_connect_failures_and_dns_errors(index: KubeIndex) -> None:
     assert set(dns_points) == {"NXDOMAIN", "timeout"}
     assert agg.counters()["unknown_protocol"] == 1
     # Encodes through the real pipeline.
-    sent: list[tuple[Signal, ExportRequest]] = []
+    sent: list[tuple[Signal, EncodedRequest]] = []
 
     class Sink:
-        def submit(self, signal: Signal, request: ExportRequest) -> bool:
+        def submit(self, signal: Signal, request: EncodedRequest) -> bool:
             sent.append((signal, request))
             return True
 

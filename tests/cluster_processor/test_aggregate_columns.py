@@ -11,7 +11,8 @@ import pytest
 
 from cluster_processor.aggregate import Aggregator, AggregatorSettings
 from cluster_processor.otlp import encode, model
-from cluster_processor.otlp.exporter import ExportRequest, Signal
+from cluster_processor.otlp.encode import EncodedRequest
+from cluster_processor.otlp.exporter import Signal
 from cluster_processor.otlp.pipeline import OtlpPipeline
 from kscope.v1 import flow_pb2 as pb
 from kscope_common.l4_columns import to_columns
@@ -24,8 +25,8 @@ class Serialized:
     def __init__(self) -> None:
         self.sent: list[tuple[Signal, bytes]] = []
 
-    def submit(self, signal: Signal, request: ExportRequest) -> bool:
-        self.sent.append((signal, request.SerializeToString()))
+    def submit(self, signal: Signal, request: EncodedRequest) -> bool:
+        self.sent.append((signal, request.data))
         return True
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
-
 from cluster_processor.otlp import encode
 from cluster_processor.otlp.cumulative import Stream
 from cluster_processor.otlp.model import Attrs, AttrValue, Edge, attrs
@@ -57,7 +55,7 @@ def kv(key_values: Iterable[Any]) -> dict[str, Any]:
     return out
 
 
-def metrics_request(points: int, tag: str = "") -> ExportMetricsServiceRequest:
+def metrics_request(points: int, tag: str = "") -> encode.EncodedRequest:
     """A metrics request of ``points`` data points whose pod names start with ``tag``."""
     streams = [Stream(TCP_BYTES, (("k8s.pod.name", f"{tag}p{i}"),), 0, i) for i in range(points)]
     return encode.metrics_requests(encode.Reporter("r", "n").metrics_resource(NODE), streams, T0)[0]

@@ -4,6 +4,7 @@ stale streams are forgotten and restart with a new start time."""
 from __future__ import annotations
 
 import pytest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
 from cluster_processor.otlp import encode
 from cluster_processor.otlp.cumulative import OVERFLOW_ATTRS, CumulativeStore, Stream
@@ -40,7 +41,7 @@ def test_overflow_stream_takes_what_exceeds_the_limit() -> None:
     assert values(out)[OVERFLOW_ATTRS] == 22 and values(out)[(("k8s.pod.name", "p0"),)] == 2
     assert store.stats().overflowed == {"kscope.tcp.bytes": 4}
     # The overflow stream encodes as the SDK's: a single boolean attribute.
-    req = encode.metrics_requests((), out, 2 * S)[0]
+    req = ExportMetricsServiceRequest.FromString(encode.metrics_requests((), out, 2 * S)[0].data)
     dps = req.resource_metrics[0].scope_metrics[0].metrics[0].sum.data_points
     assert {"otel.metric.overflow": True} in [f.kv(dp.attributes) for dp in dps]
 

@@ -12,7 +12,8 @@ from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from cluster_processor.otlp import encode
-from cluster_processor.otlp.exporter import ExportRequest, Signal
+from cluster_processor.otlp.encode import EncodedRequest
+from cluster_processor.otlp.exporter import Signal
 from cluster_processor.otlp.model import (
     EVENT_TCP_RESET,
     HTTP_DURATION_BOUNDS_S,
@@ -41,19 +42,15 @@ CUMULATIVE = metrics_pb2.AGGREGATION_TEMPORALITY_CUMULATIVE
 
 class ListSink:
     def __init__(self) -> None:
-        self.requests: list[tuple[Signal, ExportRequest]] = []
+        self.requests: list[tuple[Signal, EncodedRequest]] = []
 
-    def submit(self, signal: Signal, request: ExportRequest) -> bool:
+    def submit(self, signal: Signal, request: EncodedRequest) -> bool:
         self.requests.append((signal, request))
         return True
 
     def metrics(self) -> list[ExportMetricsServiceRequest]:
-        # A wire round trip: what a receiver parses, not the objects we built.
-        return [
-            ExportMetricsServiceRequest.FromString(r.SerializeToString())
-            for s, r in self.requests
-            if s is Signal.METRICS
-        ]
+        # What a receiver parses: the bytes as sent.
+        return [ExportMetricsServiceRequest.FromString(r.data) for s, r in self.requests if s is Signal.METRICS]
 
 
 def by_name(req: ExportMetricsServiceRequest) -> dict[str, metrics_pb2.Metric]:
@@ -253,9 +250,7 @@ TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 def spans_of(sink: ListSink) -> tuple[ExportTraceServiceRequest, ...]:
-    return tuple(
-        ExportTraceServiceRequest.FromString(r.SerializeToString()) for s, r in sink.requests if s is Signal.TRACES
-    )
+    return tuple(ExportTraceServiceRequest.FromString(r.data) for s, r in sink.requests if s is Signal.TRACES)
 
 
 def record(side: Side, status: int | None, traceparent: str | None = None, **kw: Any) -> SpanRecord:
@@ -349,7 +344,7 @@ def test_log_event() -> None:
     )
     p.export_logs(f.NODE, [event])
     ((_, raw),) = sink.requests
-    req = ExportLogsServiceRequest.FromString(raw.SerializeToString())
+    req = ExportLogsServiceRequest.FromString(raw.data)
     rl = req.resource_logs[0]
     assert f.kv(rl.resource.attributes)["service.name"] == "frontend"
     (lr,) = rl.scope_logs[0].log_records
@@ -367,7 +362,7 @@ def test_agent_stats_are_gauges_per_name_under_the_agents_node_and_bounded() -> 
     p.export_agent_stats("node-7", stats, 5_000)
     assert p.agent_stats_cut == 88
     points = []
-    for _, req in sink.requests:
+    for req in sink.metrics():
         for rm in req.resource_metrics:
             res = {kv.key: kv.value.string_value for kv in rm.resource.attributes}
             for sm in rm.scope_metrics:

@@ -62,11 +62,20 @@ def test_happy_path_delivers_every_signal_with_headers() -> None:
             p = OtlpPipeline(encode.Reporter("kscope-0", "node-x"), ex)
             span = SpanRecord(f.edge(), Side.SERVER, Protocol.HTTP, new_context(), f.T0, f.T0 + 1, "GET", "/", 200)
             event = LogEvent(f.edge(), Side.CLIENT, f.T0, EVENT_CONNECT_REFUSED, Severity.WARN, "connection refused")
-            assert ex.submit_metrics(f.metrics_request(3))
+            metrics = f.metrics_request(3)
+            assert ex.submit_metrics(metrics)
             assert p.export_spans(f.NODE, [span, span]) == 1
             assert p.export_logs(f.NODE, [event]) == 1
             assert await ex.flush(5)
             assert (rx.items("metrics"), rx.items("traces"), rx.items("logs")) == (3, 2, 1)
+            # The encoded bytes went out as they are: what the receiver parsed serializes back to them.
+            (traces,) = encode.traces_requests(f.NODE, [span, span])
+            (logs,) = encode.logs_requests(f.NODE, [event])
+            assert [rx.received[s][0].SerializeToString() for s in ("metrics", "traces", "logs")] == [
+                metrics.data,
+                traces.data,
+                logs.data,
+            ]
             assert all(c.metadata.get("authorization") == "Bearer t0k" for c in rx.calls)
             stats = ex.stats()
             assert [(stats[s].submitted, stats[s].exported, stats[s].dropped) for s in Signal] == [

@@ -10,7 +10,11 @@ from hypothesis import strategies as st
 
 from cluster_processor.otlp.errors import InvalidAggregateError
 from cluster_processor.otlp.model import (
+    FLAG_SAMPLED,
+    Edge,
     Histogram,
+    SpanContext,
+    _parse_traceparent,
     attrs,
     graph_node_name,
     parse_traceparent,
@@ -38,6 +42,18 @@ def test_histogram_merge_adds_buckets_and_keeps_extremes() -> None:
     assert a.merge(Histogram((1.0,), (0, 0), 0.0)).min == 0.5  # an empty side has no min
 
 
+def test_merge_takes_min_and_max_from_either_side() -> None:
+    empty = Histogram((1.0,), (0, 0), 0.0)
+    a = Histogram.of((1.0,), [0.5, 2.0])
+    b = Histogram.of((1.0,), [0.25, 3.0])
+    assert [(h.min, h.max) for h in (empty.merge(a), a.merge(empty), empty.merge(empty))] == [
+        (0.5, 2.0),
+        (0.5, 2.0),
+        (None, None),
+    ]
+    assert (a.merge(b).min, a.merge(b).max) == (0.25, 3.0) == (b.merge(a).min, b.merge(a).max)
+
+
 @pytest.mark.parametrize(
     ("bounds", "counts"),
     [((1.0, 2.0), (1, 1)), ((2.0, 1.0), (0, 0, 0)), ((1.0, 1.0), (0, 0, 0)), ((1.0,), (1, -1))],
@@ -61,6 +77,17 @@ def test_histogram_of_counts_every_value(values: list[float]) -> None:
 
 def test_attrs_are_canonical() -> None:
     assert attrs({"b": 1, "a": "x"}) == attrs([("a", "x"), ("b", 2), ("b", 1)]) == (("a", "x"), ("b", 1))
+
+
+_PAIRS = st.lists(
+    st.tuples(st.sampled_from(["a", "b", "k8s.pod.name", "é", ""]), st.one_of(st.text(max_size=3), st.integers()))
+)
+
+
+@given(_PAIRS)
+def test_attrs_sort_by_key_and_the_last_value_wins_whatever_the_input(pairs: list[tuple[str, str | int]]) -> None:
+    want = tuple(sorted(dict(pairs).items()))
+    assert attrs(pairs) == attrs(tuple(pairs)) == attrs(iter(pairs)) == attrs(dict(pairs)) == want
 
 
 def test_graph_node_name_prefers_service_then_workload_then_pod_then_address() -> None:
@@ -88,10 +115,42 @@ def test_traceparent_parses() -> None:
         f"00-{TRACE_ID}-{'0' * 16}-01",  # all-zero parent id
         f"00-{TRACE_ID.upper()}-{PARENT_ID}-01",  # uppercase hex is invalid
         f"00-{TRACE_ID}-{PARENT_ID}",
+        # The shape of version 00 with what bytes.fromhex would take but the format does not:
+        f"00-{TRACE_ID}-{PARENT_ID}-0A",
+        f"00-4bf92f3577b34da6a3ce929d0e0e47 6-{PARENT_ID}-01",
+        f"00-{TRACE_ID}-00f067aa 0ba902b7-01",
+        f"00-{TRACE_ID}-{PARENT_ID}- 1",
+        f"00-{TRACE_ID[:-1]}\u0663-{PARENT_ID}-01",  # a non-ASCII digit
+        f"00-{TRACE_ID}-{PARENT_ID}-0g",
     ],
 )
 def test_invalid_traceparent_is_ignored(header: str) -> None:
     assert parse_traceparent(header) is None
+
+
+_HEADER_CHARS = "0123456789abcdefABCDEF- \t\u0663x"
+
+
+def _field(n: int) -> st.SearchStrategy[str]:
+    """``n`` characters: lowercase hex (valid) half the time, else anything near it."""
+    return st.text(alphabet="0123456789abcdef", min_size=n, max_size=n) | st.text(
+        alphabet=_HEADER_CHARS, min_size=n, max_size=n
+    )
+
+
+@given(
+    st.text(alphabet=_HEADER_CHARS, min_size=50, max_size=60)
+    | st.builds(
+        lambda pre, t, p, f, post: f"{pre}00-{t}-{p}-{f}{post}",
+        st.sampled_from(["", " ", "\t"]),
+        _field(32),
+        _field(16),
+        _field(2),
+        st.sampled_from(["", " ", "-x"]),
+    )
+)
+def test_traceparent_fast_path_agrees_with_the_regular_expression(header: str) -> None:
+    assert parse_traceparent(header) == _parse_traceparent(header.strip())
 
 
 def test_span_context_joins_the_captured_trace() -> None:
@@ -109,3 +168,15 @@ def test_span_context_without_header_starts_a_trace() -> None:
         assert len(ctx.trace_id) == 16 and any(ctx.trace_id)
         assert ctx.parent_span_id == b"" and not ctx.remote_parent
     assert a.trace_id != b.trace_id
+    # Built without the constructor (tuple.__new__): still the record the constructor makes.
+    assert a == SpanContext(a.trace_id, a.span_id) and a.trace_flags == FLAG_SAMPLED and a.trace_state == ""
+
+
+def test_edges_hash_and_compare_by_their_attributes() -> None:
+    client = attrs({"k8s.pod.name": "a", "client.port": 5})
+    server = attrs({"k8s.pod.name": "b", "server.port": 80})
+    e = Edge(client, server)
+    same = Edge(tuple(list(client)), tuple(list(server)))  # equal tuples, other objects
+    assert e == same and hash(e) == hash(same) and {e: 1}[same] == 1
+    assert e != Edge(server, client) and Edge(client, attrs({"k8s.pod.name": "b", "server.port": 81})) not in {e}
+    assert repr(e) == f"Edge(client={client!r}, server={server!r})"

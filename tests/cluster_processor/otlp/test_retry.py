@@ -9,7 +9,6 @@ import pytest
 
 from cluster_processor.otlp.exporter import (
     ExporterSettings,
-    ExportRequest,
     ExportResponse,
     OtlpExporter,
     RetryPolicy,
@@ -72,7 +71,7 @@ class ScriptedTransport:
         self.calls = 0
         self.timeouts: list[float] = []
 
-    async def export(self, signal: Signal, request: ExportRequest, timeout_s: float) -> ExportResponse:
+    async def export(self, signal: Signal, request: bytes, timeout_s: float) -> ExportResponse:
         self.calls += 1
         self.timeouts.append(timeout_s)
         if self.outcomes:

@@ -1,14 +1,16 @@
 """Byte-level OTLP encoding against the generated classes: random attributes, values and series
-encoded by ``wire``/``encode`` (with their caches) and field by field, parsed back and compared."""
+encoded by ``wire``/``encode`` (with their caches) and field by field, parsed back and compared.
+Whole requests are compared byte for byte with what the generated classes serialize: the exporter
+sends ``encode``'s bytes as they are."""
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections.abc import Sequence
 
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
@@ -134,7 +136,9 @@ def test_any_value_and_key_value_match_the_generated_classes() -> None:
         assert kv == KeyValue(key="k", value=ref_any_value(v))
 
 
-@pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 16_383, 16_384, 2**32, 2**63 - 1, -1, -(2**63)])
+@pytest.mark.parametrize(
+    "n", [0, 1, 127, 128, 300, 16_383, 16_384, 36_653, 2**21 - 1, 2**21, 2**32, 2**63 - 1, -1, -(2**63)]
+)
 def test_varint(n: int) -> None:
     from opentelemetry.proto.common.v1.common_pb2 import AnyValue as A
 
@@ -159,7 +163,8 @@ def test_streams_encode_as_the_field_by_field_request(seed: int) -> None:
         streams.append(Stream(inst, a, start, value))
     resource = random_attrs(r)
     got = encode.metrics_requests(resource, streams, T0 + S, version="9.9", max_points=10**6)
-    assert got == [ref_metrics_request(resource, streams, T0 + S, "9.9")]
+    want = ref_metrics_request(resource, streams, T0 + S, "9.9")
+    assert [(r.data, r.items) for r in got] == [(want.SerializeToString(), len(streams))]
 
 
 def test_cached_series_encoding_follows_every_change() -> None:
@@ -189,7 +194,9 @@ def test_cached_series_encoding_follows_every_change() -> None:
                    for inst, series in groups for s in series]  # fmt: skip
         got = encode.series_requests(resource, groups, end, max_points=7)
         want = [ref_metrics_request(resource, streams[i : i + 7], end, "0.1.0") for i in range(0, len(streams), 7)]
-        assert got == want, k
+        assert [ExportMetricsServiceRequest.FromString(r.data) for r in got] == want, k
+        assert [r.data for r in got] == [w.SerializeToString() for w in want], k
+        assert [r.items for r in got] == [encode.count_points(w) for w in want], k
     assert store.stats().resets > 0 and store.stats().expired > 0 and store.stats().overflowed
 
 
@@ -265,7 +272,11 @@ def test_span_bytes_equal_the_field_by_field_span(seed: int) -> None:
     records = [random_span(r) for _ in range(300)]
     for s in records:
         assert trace_pb2.Span.FromString(encode.span_bytes(s)) == ref_span(s)
-    (req,) = encode.traces_requests("node-a", records, max_spans=1000)
+    (encoded,) = encode.traces_requests("node-a", records, max_spans=1000)
+    req = ExportTraceServiceRequest.FromString(encoded.data)
+    assert encoded.items == len(records)
+    # Byte for byte what the generated classes write: the exporter sends these bytes as they are.
+    assert encoded.data == req.SerializeToString()
     got = [sp for rs in req.resource_spans for ss in rs.scope_spans for sp in ss.spans]
     by_resource = {}
     for s in records:
@@ -288,18 +299,53 @@ def test_span_template_splices_own_attributes_as_the_general_rule_orders_them(se
         [("url.path", "/1"), ("url.path", "/2")],  # the record's own: last wins
         [("server.port", 1)], [("client.address", "10.9.9.9")], [("http.route", "/own")],
         [("http.response.status_code", 999)], [("error.type", "mine")], [("http.request.method", "MINE")],
+        [("error.type", "mine"), ("url.path", "/p")], [("aaa.first", "x"), ("server.port", 1)],
+        [("client.address", "10.9.9.9"), ("zzz.last", 1)],
+        [("http.request.header.x-request-id", "r"), ("url.path", "/")],
     ]  # fmt: skip
     for _ in range(400):
         base = random_span(r)
         own = r.choice(own_choices)
-        s = dataclasses.replace(base, attributes=tuple(own))
+        s = base._replace(attributes=tuple(own))
         t = encode._span_template(s.edge, s.side, s.protocol, s.method, s.route, s.status_code, s.error_type)
         assert encode._template_attributes(t, s) == encode._span_attributes(s), own
         assert trace_pb2.Span.FromString(encode.span_bytes(s)) == ref_span(s), own
+        (encoded,) = encode.traces_requests("node-a", [s])
+        assert encoded.data == ref_traces_request("node-a", [s]).SerializeToString(), own
+
+
+def ref_traces_request(node: str, records: Sequence[SpanRecord]) -> ExportTraceServiceRequest:
+    by_resource: dict[Attrs, list[trace_pb2.Span]] = {}
+    for s in records:
+        by_resource.setdefault(semconv.span_resource(s.edge.of(s.side), node), []).append(ref_span(s))
+    return ExportTraceServiceRequest(
+        resource_spans=[
+            trace_pb2.ResourceSpans(
+                resource=Resource(attributes=ref_key_values(res)),
+                scope_spans=[
+                    trace_pb2.ScopeSpans(scope=InstrumentationScope(name="kscope", version="0.1.0"), spans=spans)
+                ],
+            )
+            for res, spans in by_resource.items()
+        ]
+    )
+
+
+def test_spans_of_edges_and_outcomes_without_attributes_encode_too() -> None:
+    bare = Edge((), ())
+    records = [
+        SpanRecord(bare, side, Protocol.DNS, span_context(), T0, T0 + 1, attributes=own)
+        for side in (Side.CLIENT, Side.SERVER)
+        for own in ((), (("url.path", "/x"),), (("a", 1), ("b", "2")))
+    ]
+    (encoded,) = encode.traces_requests("node-a", records)
+    assert encoded.data == ref_traces_request("node-a", records).SerializeToString()
 
 
 @pytest.mark.parametrize("field", [7, 9, 40])
-@pytest.mark.parametrize("value", ["", "/a/1", "é" * 70, "x" * 200, "y" * 20_000, 0, 7, -1, True, 1.5, -0.0])
+@pytest.mark.parametrize(
+    "value", ["", "/a/1", "é" * 70, "x" * 200, "y" * 20_000, 0, 7, 300, 2**63 - 1, -1, -(2**63), True, False, 1.5, -0.0]
+)
 def test_attribute_uncached_is_the_message_of_key_value_uncached(field: int, value: AttrValue) -> None:
     for key in ("url.path", "k" * 130):
         assert wire.attribute_uncached(field, key, value) == wire.message(field, wire.key_value_uncached(key, value))
@@ -311,7 +357,9 @@ def test_traces_requests_resource_follows_the_reporting_node_through_the_templat
     r = random.Random(7)
     records = [random_span(r) for _ in range(60)]
     for node in [f"node-{i}" for i in range(12)] * 2:
-        (req,) = encode.traces_requests(node, records, max_spans=1000)
+        (encoded,) = encode.traces_requests(node, records, max_spans=1000)
+        req = ExportTraceServiceRequest.FromString(encoded.data)
+        assert encoded.data == req.SerializeToString()
         want: dict[Attrs, list[trace_pb2.Span]] = {}
         for s in records:
             want.setdefault(semconv.span_resource(s.edge.of(s.side), node), []).append(ref_span(s))
