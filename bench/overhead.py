@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -43,6 +44,24 @@ AGENT = REPO / ".venv" / "bin" / "kscope-agent"
 
 def wrk(port: int, seconds: int, connections: int, close: bool) -> float:
     return wrk_requests(port, seconds, connections, close) / seconds
+
+
+NGINX_WORKER = 0  # the pinned nginx worker's pid, set in main
+
+
+def measured_wrk(port: int, seconds: int, connections: int, close: bool, agent_pid: int = 0) -> tuple[float, float]:
+    """(requests/s, CPU µs per request of nginx's worker + wrk + the agent if given). The CPU cost per
+    request moves far less than throughput when a neighbour takes cycles on this shared machine: a
+    second view of the same runs, not a replacement for the ratios."""
+
+    def children() -> float:
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return ru.ru_utime + ru.ru_stime
+
+    w0, n0, a0 = children(), cpu_seconds(NGINX_WORKER), cpu_seconds(agent_pid) if agent_pid else 0.0
+    n = wrk_requests(port, seconds, connections, close)
+    w1, n1, a1 = children(), cpu_seconds(NGINX_WORKER), cpu_seconds(agent_pid) if agent_pid else 0.0
+    return n / seconds, ((w1 - w0) + (n1 - n0) + (a1 - a0)) / n * 1e6
 
 
 def hey_p99(port: int, seconds: int, rate: int, connections: int) -> float:
@@ -106,10 +125,11 @@ def med(values: list[float], digits: int = 4) -> float:
 def l7_round(port: int, seconds: int, connections: int, close: bool, record_rate: int | None) -> dict[str, float]:
     """One run with the agent tracing L7: throughput and the agent's own figures."""
     with AgentProc(l7=True, record_rate=record_rate) as agent:
-        rps = wrk(port, seconds, connections, close)
+        rps, cpu_us = measured_wrk(port, seconds, connections, close, agent.proc.pid)
         time.sleep(1.5)  # let the agent finish the interval that saw the run
         return {
             "rps": rps,
+            "cpu_us": cpu_us,
             "cpu": agent.cpu(),
             "requests": agent.delta("l7_requests"),  # a summary counts as the requests it stands for
             "summarized": agent.delta("l7_summarized_requests"),
@@ -120,13 +140,15 @@ def l7_round(port: int, seconds: int, connections: int, close: bool, record_rate
         }
 
 
-def l7_summary(runs: list[dict[str, float]], base: list[float]) -> dict[str, object]:
+def l7_summary(runs: list[dict[str, float]], base: list[float], base_cpu: list[float]) -> dict[str, object]:
     cpu_req = [r["cpu"] / (r["requests"] / 1000) for r in runs if r["requests"]]
     records = [r["requests"] - r["summarized"] for r in runs]
     record_rate = [n / r["cpu"] for n, r in zip(records, runs, strict=True) if r["cpu"]]
     return {
         "ratio_median": med([r["rps"] / b for r, b in zip(runs, base, strict=True)]),
         "ratio_rounds": [round(r["rps"] / b, 3) for r, b in zip(runs, base, strict=True)],
+        "cpu_us_per_request_median": med([r["cpu_us"] for r in runs], 2),
+        "cpu_ratio_median": med([b / r["cpu_us"] for r, b in zip(runs, base_cpu, strict=True)]),
         "agent_cpu_ms_per_1000_requests_median": med([c * 1000 for c in cpu_req], 2) if cpu_req else None,
         "requests_per_agent_cpu_second_median": round(statistics.median(r["requests"] / r["cpu"] for r in runs))
         if all(r["cpu"] for r in runs) else None,
@@ -142,26 +164,31 @@ def l7_summary(runs: list[dict[str, float]], base: list[float]) -> dict[str, obj
 def saturation(port: int, rounds: int, seconds: int, connections: int, close: bool) -> dict[str, object]:
     """Per round: baseline, L4 only, L4+L7 with the default record rate (summaries past it), and
     L4+L7 with every request a record (--l7-record-rate 0), interleaved."""
-    r_l4, base, cpu_conn = [], [], []
+    r_l4, base, cpu_conn, base_cpu, l4_cpu = [], [], [], [], []
     default: list[dict[str, float]] = []
     records: list[dict[str, float]] = []
     for _ in range(rounds):
-        b = wrk(port, seconds, connections, close)
+        b, b_cpu = measured_wrk(port, seconds, connections, close)
         with AgentProc(l7=False) as agent:
-            a4 = wrk(port, seconds, connections, close)
+            a4, a4_cpu = measured_wrk(port, seconds, connections, close, agent.proc.pid)
             time.sleep(1.2)
             if close:
                 cpu_conn.append(agent.cpu() / (a4 * seconds / 1000))
         default.append(l7_round(port, seconds, connections, close, None))
         records.append(l7_round(port, seconds, connections, close, 0))
         base.append(b)
+        base_cpu.append(b_cpu)
+        l4_cpu.append(a4_cpu)
         r_l4.append(a4 / b)
     result: dict[str, object] = {
         "baseline_rps_median": round(statistics.median(base)),
+        "baseline_cpu_us_per_request_median": med(base_cpu, 2),
         "ratio_l4_median": med(r_l4),
         "ratio_l4_rounds": [round(r, 3) for r in r_l4],
-        "l4_l7": l7_summary(default, base),
-        "l4_l7_every_request_a_record": l7_summary(records, base),
+        "l4_cpu_us_per_request_median": med(l4_cpu, 2),
+        "l4_cpu_ratio_median": med([b / a for a, b in zip(l4_cpu, base_cpu, strict=True)]),
+        "l4_l7": l7_summary(default, base, base_cpu),
+        "l4_l7_every_request_a_record": l7_summary(records, base, base_cpu),
     }
     if close:
         result["agent_cpu_s_per_1000_connections_l4_median"] = med(cpu_conn)
@@ -202,7 +229,9 @@ def main() -> int:
             print(f"bench: {tool} not found (make setup installs it)", file=sys.stderr)
             return 2
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="kscope-bench-") as tmp, nginx(Path(tmp), port):
+    global NGINX_WORKER
+    with tempfile.TemporaryDirectory(prefix="kscope-bench-") as tmp, nginx(Path(tmp), port) as master:
+        NGINX_WORKER = int(subprocess.check_output(["pgrep", "-P", str(master.pid)]).split()[0])
         wrk(port, 1, args.connections, False)  # warm up
         results = {
             "keepalive": saturation(port, args.rounds, args.seconds, args.connections, close=False),
