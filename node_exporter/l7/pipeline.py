@@ -105,10 +105,6 @@ _EVENT_SETTERS = _slot_setters(L7Event, ("conn", "record"))
 _CONN_FIELDS = ("sock_cookie", "netns_ino", "side", "protocol", "tls", "local_ip", "local_port", "remote_ip",
                 "remote_port", "family", "tgid", "comm")  # fmt: skip
 _CONN_SETTERS = tuple(zip(_slot_setters(ConnInfo, _CONN_FIELDS), range(len(_CONN_FIELDS)), strict=True))
-_SUMMARY_RECORD_SETTERS = _slot_setters(HttpSummaryRecord, (*(f.name for f in fields(HttpRecord)), "summary"))
-_SUMMARY_SETTERS = _slot_setters(
-    HttpSummary, ("count", "latency_sum_ns", "latency_min_ns", "latency_max_ns", "buckets", "end_ns")
-)
 # A summary's head, counted from where its tail (count, ...) starts: where an exchange's head would.
 _SUMMARY_HEAD_AFTER_TAIL = SUMMARY_HEAD_OFFSET - SUMMARY_TAIL_OFFSET
 
@@ -293,8 +289,7 @@ class L7Pipeline:
         """A summary record -> an event, or None (counted): the prefix it shares with an exchange as
         the batch loop unpacked it, the rest read at ``off`` (where an exchange's head would start).
         Method, path and route come from its head like an exchange's; trace headers are not kept (a
-        summary is many requests, each with its own). Built slot by slot like an exchange: with one
-        request per connection, every request the sampler does not pick is a summary of one."""
+        summary is many requests, each with its own)."""
         t = SUMMARY_TAIL.unpack_from(data, off)
         count, end_ns, lo, hi = t[0], t[1], t[2], t[3]
         buckets = t[4:]
@@ -314,35 +309,13 @@ class L7Pipeline:
                 return None
         self.summaries += 1
         self.summarized_requests += count
-        new = object.__new__
-        s_count, s_sum, s_min, s_max, s_buckets, s_end = _SUMMARY_SETTERS
-        summary = new(HttpSummary)
-        s_count(summary, count)
-        s_sum(summary, latency_sum)
-        s_min(summary, lo)
-        s_max(summary, hi)
-        s_buckets(summary, buckets)
-        s_end(summary, end_ns)
-        r_method, r_path, r_route, r_status, r_req, r_resp, r_start, r_latency, r_tp, r_rid, r_summary = (
-            _SUMMARY_RECORD_SETTERS
-        )
-        rec = new(HttpSummaryRecord)
-        r_method(rec, h[0])
-        r_path(rec, h[1])
-        r_route(rec, h[2])
-        r_status(rec, status)
-        r_req(rec, req_bytes)
-        r_resp(rec, resp_bytes)
-        r_start(rec, start)
-        r_latency(rec, 0)  # kscope.v1: 0 on a summary, the sum is summary.latency_sum_ns
-        r_tp(rec, "")
-        r_rid(rec, "")
-        r_summary(rec, summary)
-        ev = new(L7Event)
-        e_conn, e_record = _EVENT_SETTERS
-        e_conn(ev, info)
-        e_record(ev, rec)
-        return ev
+        # Plain constructors: since a connection's only request is a record, not a summary, summaries
+        # come at most about once a second per socket and key (the slot-by-slot building of the
+        # exchange path is for what runs once per request).
+        summary = HttpSummary(count, latency_sum, lo, hi, buckets, end_ns)
+        # latency_ns 0 on a summary (kscope.v1): the sum is summary.latency_sum_ns; no trace headers
+        rec = HttpSummaryRecord(h[0], h[1], h[2], status, req_bytes, resp_bytes, start, 0, "", "", summary)
+        return L7Event(info, rec)
 
     def close_sockets(self, cookies: Iterable[int]) -> list[L7Event]:
         """The sockets are gone (L4 final records): finish and forget their parsers."""
