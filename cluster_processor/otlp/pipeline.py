@@ -125,6 +125,11 @@ class OtlpPipeline:
     def store(self) -> CumulativeStore:
         return self._store
 
+    @property
+    def agent_store(self) -> CumulativeStore:
+        """The agents' re-exported self-metrics (one node each)."""
+        return self._agent_store
+
     def export_interval(self, interval: Interval) -> int:
         """Encode one node's interval as cumulative metrics and submit; returns requests submitted."""
         samples = semconv.interval_samples(interval)
@@ -147,8 +152,10 @@ class OtlpPipeline:
 
     def export_self(self, exporter_stats: Mapping[Signal, SignalStats], now_unix_nano: int) -> int:
         """Submit kscope's own counters; call once per interval. Also forgets stale streams of
-        nodes that stopped reporting, which only a periodic sweep can notice."""
+        nodes that stopped reporting (their agents' self-metrics too), which only a periodic sweep
+        can notice."""
         self._store.expire(now_unix_nano)
+        self._agent_store.expire(now_unix_nano)
         samples = self_samples(exporter_stats, self._store.stats())
         groups = self._self_store.update_series("", self._self_start_ns, now_unix_nano, samples)
         return self._submit_metrics(self._reporter.self_resource(), groups, now_unix_nano)

@@ -371,3 +371,14 @@ def test_agent_stats_are_gauges_per_name_under_the_agents_node_and_bounded() -> 
                     points += [(res["k8s.node.name"], dp.attributes[0].value.string_value, dp.as_int)
                                for dp in m.gauge.data_points]  # fmt: skip
     assert len(points) == MAX_AGENT_STATS and points[0] == ("node-7", "c000", 0) and points[-1][2] == 511
+
+
+def test_agent_stats_of_a_node_that_stopped_reporting_are_forgotten() -> None:
+    """A node that goes away (scaled down) must not hold its agent's streams forever: the periodic
+    sweep in export_self forgets them once stale, as it does the node's other streams."""
+    p = OtlpPipeline(encode.Reporter("r", "n"), ListSink())
+    p.export_agent_stats("node-gone", flow_pb2.AgentStats(counters={"a": 1, "b": 2}), 5_000)
+    p.export_self({}, 6_000)
+    assert p.agent_store.stats().series == 2  # fresh: kept
+    p.export_self({}, 5_000 + p.agent_store.stale_after_ns + 1)
+    assert (p.agent_store.stats().series, p.agent_store.stats().expired) == (0, 2)
