@@ -586,9 +586,11 @@ class Aggregator:
         failed = route.count_request and semconv.PROTOCOLS[protocol].failed(side, status, error_type)
         # Checked only where it can be (a summary's latency_ns is 0): one request costs no HasField.
         summary = q.summary if not latency_ns and q.HasField("summary") else None
+        n, parts = 1, None
         if summary is not None:
+            n, parts = summary.count, _summary_parts(summary)
             c["l7_summaries"] += 1
-            c["l7_summarized_requests"] += summary.count
+            c["l7_summarized_requests"] += n
         ref = route.ref
         if ref in st.edges or self._admit(st, ref):
             key: _RedKey = (route.key, _PROTOCOL_VALUES[protocol], method, route_name, status, error_type)
@@ -598,26 +600,26 @@ class Aggregator:
             else:
                 if hist is None:
                     hist = st.red[key] = _Hist(HTTP_DURATION_BOUNDS_S)
-                if summary is None:
+                if parts is None:
                     hist.add(duration_s)
                 else:
-                    hist.add_buckets(*_summary_parts(summary))
-            self._graph(st, route, side, failed, duration_s, summary)
+                    hist.add_buckets(*parts)
+            self._graph(st, route, side, failed, duration_s, n, parts)
         if summary is None:  # a summary's requests were not picked for spans (nor logs) by the node
             self._span(st, route, side, protocol, q, latency_ns, method, route_name, status, error_type, extra,
                        traceparent)  # fmt: skip
 
     def _graph(
-        self, st: _NodeState, route: Route, side: Side, failed: bool, duration_s: float,
-        summary: pb.L7Summary | None = None,
+        self, st: _NodeState, route: Route, side: Side, failed: bool, duration_s: float, n: int = 1,
+        parts: tuple[Sequence[int], float, float, float] | None = None,
     ) -> None:  # fmt: skip
-        """One request of ``duration_s``, or a summary's ``count`` requests (all with the same status)."""
+        """One request of ``duration_s``, or a summary's ``n`` requests (all with the same status),
+        its latencies as ``parts`` (:func:`_summary_parts`)."""
         gref = route.graph
         assert gref is not None
         g = st.graph.get(gref)
         if g is None:
             g = st.graph[gref] = _Graph()
-        n = 1 if summary is None else summary.count
         if route.count_request:
             g.requests += n
             if failed:
@@ -626,10 +628,10 @@ class Aggregator:
             hist = g.server = g.server or _Hist(SERVICE_GRAPH_BOUNDS_S)
         else:
             hist = g.client = g.client or _Hist(SERVICE_GRAPH_BOUNDS_S)
-        if summary is None:
+        if parts is None:
             hist.add(duration_s)
         else:
-            hist.add_buckets(*_summary_parts(summary))
+            hist.add_buckets(*parts)
 
     def _span(
         self,

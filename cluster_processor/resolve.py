@@ -284,10 +284,9 @@ class GraphRef:
 class Route:
     """What resolving one L7 record decided (its metric edge, span edge, service-graph edge)."""
 
-    __slots__ = ("count_request", "external", "graph", "key", "ref", "resolved", "side", "span_edge", "unresolved")
+    __slots__ = ("count_request", "external", "graph", "key", "ref", "side", "span_edge", "unresolved")
 
     def __init__(self, r: Resolved, ref: EdgeRef, graph: GraphRef) -> None:
-        self.resolved = r
         self.side = Side.CLIENT if r.local_is_client else Side.SERVER
         self.ref = ref
         self.key = ref.client if r.local_is_client else ref.server

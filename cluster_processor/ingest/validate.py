@@ -23,8 +23,7 @@ from kscope.v1 import flow_pb2 as pb
 from kscope_common.l4_columns import COLUMNS, STRING_COLUMNS, take
 from kscope_common.latency import LATENCY_BUCKETS
 
-SCHEMA_VERSION = 2  # the newest this processor accepts; 1 (rows only) is accepted too
-SCHEMA_VERSIONS = (1, 2)
+SCHEMA_VERSIONS = (1, 2)  # 1: L4 records as rows only; 2: also as columns
 MAX_PORT = 65535
 # A Kubernetes node name is a DNS subdomain: at most 253 characters.
 MAX_NODE_NAME = 253
@@ -111,7 +110,8 @@ def _check_envelope(batch: pb.FlowBatch, limits: Limits) -> Rejection | None:
         return Rejection(
             grpc.StatusCode.INVALID_ARGUMENT,
             "schema_version",
-            f"unsupported schema_version {got}: this processor accepts kscope.v1 schema_version 1 and 2",
+            f"unsupported schema_version {got}: this processor accepts kscope.v1 schema_version "
+            + " and ".join(map(str, SCHEMA_VERSIONS)),
         )
     if not batch.node_name:
         return Rejection(grpc.StatusCode.INVALID_ARGUMENT, "node_name", "node_name is required (the reporting node)")

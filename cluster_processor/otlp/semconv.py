@@ -257,10 +257,6 @@ def _red_attributes(
     return attrs(pairs)
 
 
-def red_samples(p: RedPoint) -> list[Sample]:
-    return [_red_sample(p)]
-
-
 def _red_sample(p: RedPoint) -> Sample:
     edge, side, protocol, duration, method, route, status, error_type, extra = p
     spec = PROTOCOLS[protocol]
