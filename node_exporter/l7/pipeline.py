@@ -234,9 +234,9 @@ class L7Pipeline:
             if h is None:
                 self.exchange_bad_head += 1
                 continue
-            info = conns.get(cookie)
+            # a socket's last record (sent at its close): its ConnInfo is forgotten, nothing more will come
+            info = conns.get(cookie) if reason != EMIT_CLOSE else conns.pop(cookie, None)
             if info is None:
-                # the socket's last record (it closed): not remembered, nothing more will come
                 info = self._new_xconn(cookie, role, netns, saddr, daddr, sport, dport, family, tgid, comm,
                                        remember=reason != EMIT_CLOSE)  # fmt: skip
                 if info is None:
@@ -301,7 +301,7 @@ class L7Pipeline:
         if h is None:
             self.summary_bad_head += 1
             return None
-        info = self._xconns.get(cookie)
+        info = self._xconns.get(cookie) if reason != EMIT_CLOSE else self._xconns.pop(cookie, None)
         if info is None:
             info = self._new_xconn(cookie, role, netns, saddr, daddr, sport, dport, family, tgid, comm,
                                    remember=reason != EMIT_CLOSE)  # fmt: skip

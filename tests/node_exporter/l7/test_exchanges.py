@@ -223,6 +223,11 @@ def test_pipeline_forgets_a_socket_with_its_last_record() -> None:
     events = pipe.feed([ExchangeBatch.of([exchange_bytes(GET, cookie=c, reason=close) for c in range(1, 1001)])])
     assert len(events) == 1000 and {e.record.path for e in events} == {"/users/42/orders"}
     assert pipe.counters()["exchange_sockets_remembered"] == 0
+    # a socket known from earlier records is forgotten with its last one too
+    pipe.feed([ExchangeBatch.of([exchange_bytes(GET, cookie=c) for c in (7, 8)])])
+    assert pipe.counters()["exchange_sockets_remembered"] == 2
+    (last,) = pipe.feed([ExchangeBatch.of([exchange_bytes(GET, cookie=7, reason=close)])])
+    assert last.conn.sock_cookie == 7 and pipe.counters()["exchange_sockets_remembered"] == 1
 
 
 def test_pipeline_skips_discarded_slots_and_counts_bad_types() -> None:
