@@ -636,7 +636,9 @@ static __always_inline struct kscope_l7_summary *summary_reserve(struct sock *sk
 	struct kscope_l7_summary *r = bpf_ringbuf_reserve(&l7_xring, sizeof(*r), 0);
 
 	if (!r) {
-		stat_inc(KSCOPE_L7_STAT_RB_FULL);
+		/* not RB_FULL ("a record dropped"): a due summary stays in its slot for the next sweep;
+		 * what is really lost (at close, or the request that needed an evicted slot) counts
+		 * in SUMMARY_LOST */
 		stat_inc(KSCOPE_L7_STAT_SUMMARY_RB_FULL);
 		return 0;
 	}
@@ -1184,8 +1186,7 @@ static __always_inline void tls_exit(int ret) /* SSL_* return an int */
 		__u8 role = 0, proto = infer(c->data, n, dir, IPPROTO_TCP, conn->sport, conn->dport, &role);
 
 		if (proto == KSCOPE_PROTO_UNKNOWN) {
-			if (++conn->attempts >= MAX_INFER_ATTEMPTS)
-				conn->protocol = KSCOPE_PROTO_IGNORED;
+			l7_infer_failed(&conn->protocol, &conn->attempts); /* counted like a plain socket's */
 			return;
 		}
 		conn->protocol = proto;

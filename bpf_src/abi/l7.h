@@ -53,7 +53,8 @@ enum kscope_l7_stat {
 	                                     * tls_calls LRU evicted it, or it began before attach): lost */
 	KSCOPE_L7_STAT_SUMMARIZED = 13,  /* exchanges folded into a summary instead of a record of their own */
 	KSCOPE_L7_STAT_SUMMARIES = 14,   /* summary records sent to user space */
-	KSCOPE_L7_STAT_SUMMARY_RB_FULL = 15, /* summary dropped, ring full (its count is in summary_lost) */
+	KSCOPE_L7_STAT_SUMMARY_RB_FULL = 15, /* no room for a summary: a due one waits for the next sweep (an
+	                                      * attempt per sweep); what is lost counts in SUMMARY_LOST */
 	KSCOPE_L7_STAT_SUMMARY_LOST = 16,    /* exchanges lost with a summary the ring had no room for */
 	KSCOPE_L7_STAT_SLOTS_FULL = 17,  /* summaries sent early (KSCOPE_EMIT_EVICT): every slot of the socket was taken */
 	KSCOPE_L7_STATS = 18,
@@ -181,7 +182,7 @@ struct kscope_l7_summary {
 	__u64 response_bytes; /* summed */
 	__u8 saddr[16];
 	__u8 daddr[16];
-	__u32 tgid;           /* of the task that moved the last summed request */
+	__u32 tgid;           /* of the socket's latest request when the summary was sent */
 	__u32 pid;
 	__u16 sport;
 	__u16 dport;

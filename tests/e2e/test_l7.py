@@ -519,7 +519,7 @@ def test_pipelined_in_one_send_counts_fallback(topo: Topology, tmp_path: Path, t
 
 # Round robin over the targets (one wrk thread: one counter for all its connections): a query
 # string that must not survive, a 201, a 500 (never summed), paths under "/". Four summable keys
-# fit a socket's slots; seven do not, and the oldest slot's summary is sent early (evicted).
+# fit a socket's slots; seven do not, and the least used slot's summary is sent early (evicted).
 WRK_MIX = """
 local targets = {%s}
 local i = 0
