@@ -407,7 +407,8 @@ struct {
 	__type(value, struct sampler);
 } l7_sampler SEC(".maps");
 
-/* [0] != 0: the next sweep sends every summary, due or not (user space, before it exits) */
+/* [0] != 0: the next sweep is the last (user space stopped capture and is about to exit): it
+ * sends every answered exchange, idle or not, and every summary, due or not */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -1295,8 +1296,9 @@ int BPF_KRETPROBE(ssl_exit_multi, long ret)
 
 /* ---- exchanges that no next request ends: closed sockets and idle keep-alive ------------ */
 
-/* Emit the exchange if `due` still holds under the lock; the record slot is taken before. */
-static __always_inline void xchg_retire(struct sock *sk, struct l7_xchg *x, __u8 reason, __u64 now)
+/* Emit the exchange if it is still due under the lock (closed, idle, unanswered too long; final:
+ * the agent's last sweep, capture stopped, any answered one); the record slot is taken before. */
+static __always_inline void xchg_retire(struct sock *sk, struct l7_xchg *x, __u8 reason, __u64 now, bool final)
 {
 	struct kscope_l7_exchange *r = 0;
 	struct kscope_l7_summary *ev = 0;
@@ -1317,7 +1319,7 @@ static __always_inline void xchg_retire(struct sock *sk, struct l7_xchg *x, __u8
 	}
 	bpf_spin_lock(&x->lock);
 	if (x->state == XS_REQUEST || x->state == XS_ANSWERED) {
-		if (reason == KSCOPE_EMIT_CLOSE || (x->state == XS_ANSWERED && now - x->last_ns >= idle_ns) ||
+		if (reason == KSCOPE_EMIT_CLOSE || (x->state == XS_ANSWERED && (final || now - x->last_ns >= idle_ns)) ||
 		    (x->state == XS_REQUEST && now - x->start_ns >= unanswered_ns)) {
 			if (r) {
 				xrec_fill(r, x, reason);
@@ -1349,7 +1351,7 @@ int BPF_PROG(l7_destroy, struct sock *sk)
 	if (!x)
 		return 0;
 	if (x->state == XS_REQUEST || x->state == XS_ANSWERED)
-		xchg_retire(sk, x, KSCOPE_EMIT_CLOSE, 0);
+		xchg_retire(sk, x, KSCOPE_EMIT_CLOSE, 0, false);
 	slots_flush(sk, x, KSCOPE_EMIT_CLOSE, 0, true);
 	return 0;
 }
@@ -1367,7 +1369,8 @@ int sweep(struct bpf_iter__bpf_sk_storage_map *ctx)
 {
 	struct sock *sk = ctx->sk;
 	struct l7_xchg *x;
-	__u32 zero = 0, *all;
+	__u32 zero = 0, *ctl;
+	bool final;
 	__u64 now;
 
 	if (!sk || !ctx->value)
@@ -1375,13 +1378,15 @@ int sweep(struct bpf_iter__bpf_sk_storage_map *ctx)
 	x = bpf_sk_storage_get(&l7_xchg, sk, 0, 0);
 	if (!x)
 		return 0;
+	ctl = bpf_map_lookup_elem(&l7_sweep_ctl, &zero);
+	final = ctl && *ctl;
 	now = bpf_ktime_get_ns();
-	if ((x->state == XS_ANSWERED && now - x->last_ns >= idle_ns) ||
+	if ((x->state == XS_ANSWERED && (final || now - x->last_ns >= idle_ns)) ||
 	    (x->state == XS_REQUEST && now - x->start_ns >= unanswered_ns))
-		xchg_retire(sk, x, KSCOPE_EMIT_SWEEP, now);
-	if (!slots_empty(x)) {
-		all = bpf_map_lookup_elem(&l7_sweep_ctl, &zero);
-		slots_flush(sk, x, KSCOPE_EMIT_SWEEP, now, all && *all);
-	}
+		xchg_retire(sk, x, KSCOPE_EMIT_SWEEP, now, final);
+	else if (final && x->state == XS_REQUEST)
+		stat_inc(KSCOPE_L7_STAT_STOP_PENDING); /* its response may still come: neither sent nor lost */
+	if (!slots_empty(x))
+		slots_flush(sk, x, KSCOPE_EMIT_SWEEP, now, final);
 	return 0;
 }

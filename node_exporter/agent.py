@@ -270,9 +270,8 @@ class Agent:
                     self.stop.wait(min(left, L7_DRAIN_S if self.l7 is not None else left))
                     self.drain_l7()
                 last = self.stop.is_set() or (deadline is not None and time.monotonic() >= deadline)
-                if last and self.l7 is not None:
-                    self.l7.flush()  # what the kernel still sums goes out with the last interval
-                    self.drain_l7()
+                if last:
+                    self._stop_capture()
                 self.step()
                 if live is not None:
                     live.update(self.view.render(self.opts.interval_s))
@@ -282,6 +281,17 @@ class Agent:
             if live is not None:
                 live.stop()
             self.close()
+
+    def _stop_capture(self) -> None:
+        """Before the last interval: detach the probes, then make the kernel send what it still holds
+        (answered exchanges, summaries) and drain it. Nothing is captured after this, so the last
+        step reports everything seen; requests still waiting for a response are counted
+        (l7_kernel_stop_pending, l7_requests_pending), not sent as unanswered."""
+        self.collector.stop_capture()
+        if self.l7 is not None:
+            self.l7.stop_capture()
+            self.l7.flush()
+            self.drain_l7()
 
     def close(self) -> None:
         if self.shipper is not None:

@@ -57,7 +57,8 @@ enum kscope_l7_stat {
 	                                      * attempt per sweep); what is lost counts in SUMMARY_LOST */
 	KSCOPE_L7_STAT_SUMMARY_LOST = 16,    /* exchanges lost with a summary the ring had no room for */
 	KSCOPE_L7_STAT_SLOTS_FULL = 17,  /* summaries sent early (KSCOPE_EMIT_EVICT): every slot of the socket was taken */
-	KSCOPE_L7_STATS = 18,
+	KSCOPE_L7_STAT_STOP_PENDING = 18, /* requests still waiting for their response at the final sweep (agent stopping): not sent */
+	KSCOPE_L7_STATS = 19,
 };
 
 /* Followed by `captured` payload bytes. */

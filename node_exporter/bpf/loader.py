@@ -174,6 +174,7 @@ class BpfObject:
         self._cgroup_root = cgroup_root
         self._obj = 0
         self._links: list[tuple[str, Link]] = []
+        self._iter_links: set[int] = set()  # kept by stop_capture: they read maps, they capture nothing
         self._multi_programs: frozenset[str] = frozenset()
         self.uprobe_multi = use_uprobe_multi is not False
         self._multi_forced = use_uprobe_multi is True
@@ -420,6 +421,7 @@ class BpfObject:
         )
         link = lb.check_ptr(lb.lib().bpf_program__attach_iter(handle, ctypes.byref(opts)), f"attach {prog_name}")
         self._links.append((self._capability(prog_name), int(link)))
+        self._iter_links.add(int(link))
         return int(link)
 
     def attach_iter(self, prog_name: str) -> int:
@@ -431,7 +433,16 @@ class BpfObject:
             err = ctypes.get_errno()
             raise HookUnavailableError(f"attach {prog_name}: {os.strerror(err)} {_tail(cap.text(), 1)}".strip())
         self._links.append((self._capability(prog_name), int(link)))
+        self._iter_links.add(int(link))
         return int(link)
+
+    def stop_capture(self) -> None:
+        """Detach every program that captures (tracepoints, uprobes, cgroup hooks); iterators and
+        maps stay, so what the kernel holds can still be swept and drained, and nothing new arrives
+        after that last drain (an agent stopping this way loses no record it does not count)."""
+        stopping = [link for _, link in self._links if not (isinstance(link, int) and link in self._iter_links)]
+        self._links = [(cap, link) for cap, link in self._links if isinstance(link, int) and link in self._iter_links]
+        _destroy_all(list(reversed(stopping)))
 
     def detach(self, link: Link) -> None:
         """Destroy one link made by an attach_* method (idempotent for links already gone)."""
@@ -439,6 +450,8 @@ class BpfObject:
         if len(kept) != len(self._links):
             _destroy(link)
             self._links = kept
+            if isinstance(link, int):
+                self._iter_links.discard(link)  # a freed link's address may be a new link's
 
     @staticmethod
     def run_iter(link: int, chunk: int = 1 << 16) -> bytes:
@@ -460,6 +473,7 @@ class BpfObject:
         """Detach every link and unload the object (idempotent)."""
         _destroy_all([link for _, link in reversed(self._links)])
         self._links = []
+        self._iter_links.clear()
         if self._obj:
             lb.lib().bpf_object__close(self._obj)
             self._obj = 0

@@ -133,6 +133,11 @@ class L4Collector:
         self.stats.decode_bad_type = self._decode.bad_type
         return closed + overflow + periodic
 
+    def stop_capture(self) -> None:
+        """No more events from the kernel (see BpfObject.stop_capture); the next poll still
+        reports what the sockets' storage and the rings hold."""
+        self.obj.stop_capture()
+
     def kernel_stats(self) -> dict[str, int]:
         values = read_percpu_u64_array(self._stats_fd, int(Stat.KSCOPE_STATS))
         names = [s.name.removeprefix("KSCOPE_STAT_").lower() for s in Stat if s != Stat.KSCOPE_STATS]

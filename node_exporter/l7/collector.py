@@ -84,6 +84,7 @@ class L7Collector(L7Probe):
         self._tls_rescan_s = tls_rescan_s
         self._last_scan = self._last_full_scan = self._last_sweep = time.monotonic()
         self._sweep_s = sweep_s
+        self._stopped = False  # stop_capture: no more uprobes attached by the rescans
 
     def _open(self) -> None:
         _, _, xsize = self.obj.map_info("l7_xring")
@@ -109,7 +110,7 @@ class L7Collector(L7Probe):
         ring; order between the two does not matter: a socket's records are either exchanges
         or chunks, and its one switch from exchanges to chunks is a clean message boundary)."""
         now = time.monotonic()
-        if self.tls is not None and now - self._last_scan >= self._tls_rescan_s:
+        if self.tls is not None and not self._stopped and now - self._last_scan >= self._tls_rescan_s:
             full = now - self._last_full_scan >= FULL_TLS_SCAN_S
             self._last_scan = now
             if full:
@@ -124,21 +125,28 @@ class L7Collector(L7Probe):
             out.append(ExchangeBatch(data, n))
         return out
 
-    def sweep(self, *, all_summaries: bool = False) -> None:
+    def sweep(self, *, final: bool = False) -> None:
         """Run the kernel sweep now: idle answered exchanges and due summaries go to the ring
-        (read by poll); ``all_summaries``: every summary, due or not (before the agent stops)."""
+        (read by poll). ``final`` (after stop_capture): every answered exchange and every
+        summary, idle or due or not."""
         self._last_sweep = time.monotonic()
-        if all_summaries:
+        if final:
             write_u32_array(self._sweep_ctl, 0, 1)
         try:
             BpfObject.run_iter(self._sweep_link)
         finally:
-            if all_summaries:
+            if final:
                 write_u32_array(self._sweep_ctl, 0, 0)
         self.stats.sweeps += 1
 
+    def stop_capture(self) -> None:
+        self._stopped = True
+        super().stop_capture()
+
     def flush(self) -> None:
-        self.sweep(all_summaries=True)
+        """The final sweep: every answered exchange and every summary goes to the ring; requests
+        still waiting for their response are counted (``stop_pending``), not sent."""
+        self.sweep(final=True)
 
     def kernel_stats(self) -> dict[str, int]:
         values = read_percpu_u64_array(self._stats_fd, int(L7Stat.KSCOPE_L7_STATS))

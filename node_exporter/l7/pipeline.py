@@ -341,6 +341,10 @@ class L7Pipeline:
                 self._retire(key, conn)
         return out
 
+    def pending_requests(self) -> int:
+        """Requests the parsers hold, waiting for their response."""
+        return sum(conn.tracker.pending_requests() for conn in self._conns.values())
+
     def counters(self) -> dict[str, int]:
         totals = dict(self._retired)
         for conn in self._conns.values():
@@ -349,6 +353,7 @@ class L7Pipeline:
         totals["connections_evicted"] = self.connections_evicted
         totals["chunks_unusable"] = self.chunks_unusable
         totals["connections_tracked"] = len(self._conns)
+        totals["requests_pending"] = self.pending_requests()
         totals["exchange_sockets_remembered"] = len(self._xconns)
         totals["exchange_records"] = self.exchange_records
         totals["exchange_unanswered"] = self.exchange_unanswered

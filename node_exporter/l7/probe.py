@@ -64,8 +64,12 @@ class L7Probe:
         self.stats.chunks += len(out)
         return out
 
+    def stop_capture(self) -> None:
+        """Before the last drain: no more calls are captured (iterators and rings stay)."""
+        self.obj.stop_capture()
+
     def flush(self) -> None:
-        """Before stopping: make the kernel send what it holds back (read by the next poll)."""
+        """After stop_capture: make the kernel send what it holds back (read by the next poll)."""
 
     def close(self) -> None:
         ring = getattr(self, "_ring", None)

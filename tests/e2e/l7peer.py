@@ -13,7 +13,8 @@ l7peer.py http-client --to IP --port P [--comm NAME]
     request and response as they went over the wire.
 l7peer.py slow-http --bind IP --port P --delay S
     A plain-socket HTTP server (no http.server: it would call getfqdn() on bind, which
-    blocks in an isolated namespace) that sleeps S seconds before each answer.
+    blocks in an isolated namespace) that sleeps S seconds before each answer; ``received``
+    (the request line) once it has a request's head.
 l7peer.py http-server --bind IP --port P
     A keep-alive HTTP/1.1 server on plain sockets that answers 100 Continue to ``Expect:``,
     /chunked with a chunked body in several writes, /upgrade with 101 and then echoes, and
@@ -190,6 +191,7 @@ def cmd_slow_http(args: argparse.Namespace) -> None:
                 if not data:
                     return
                 buf += data
+            emit("received", line=buf.split(b"\r\n", 1)[0].decode(errors="replace"))
             time.sleep(args.delay)
             body = b"slow\n"
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"

@@ -11,11 +11,11 @@ from google.protobuf import json_format
 
 from kscope.v1 import flow_pb2 as pb
 from tests.e2e.agentproc import start_kscope
-from tests.e2e.l7trace import SRV_V4, start_l7_nginx
+from tests.e2e.l7trace import SRV_V4, l7peer, start_l7_nginx
 from tests.e2e.netns import Topology
 
 pytestmark = pytest.mark.bpf
-PORT, TLS_PORT = 8080, 8443
+PORT, TLS_PORT, UPSTREAM_PORT = 8080, 8443, 9000
 
 
 def test_run_l7_writes_requests_from_both_ends(topo: Topology, tmp_path: Path) -> None:
@@ -100,4 +100,41 @@ def test_run_l7_counts_every_request_past_the_record_rate(topo: Topology, tmp_pa
         assert sum(s.latency_bucket_counts) == s.count and r.latency_ns == 0 and s.latency_sum_ns > 0, r
     stats = records[-1].stats.counters
     assert stats["l7_requests"] == total and stats["l7_summarized_requests"] == total - len(singles), stats
+    assert stats["l7_kernel_rb_full"] == 0 and stats["l7_kernel_summary_lost"] == 0, stats
+
+
+def test_run_l7_stopped_right_after_the_last_request(topo: Topology, tmp_path: Path) -> None:
+    """The agent stops (SIGTERM) a few ms after a keep-alive client's last answer: its probes are
+    detached first, then the kernel gives up what it still holds (the last exchange, not idle yet;
+    summaries, not due yet), so every request is reported. A request still waiting for its
+    response is neither reported as unanswered nor silently gone: counted as pending."""
+    start_l7_nginx(topo, tmp_path / "nginx", PORT, upstream=UPSTREAM_PORT)
+    upstream = l7peer(topo, topo.srv, "slow-http", "--bind", "127.0.0.1", "--port", str(UPSTREAM_PORT),
+                      "--delay", "30")  # fmt: skip
+    upstream.expect("listening")
+    out = tmp_path / "flows.jsonl"
+    agent, _ = start_kscope("--l7", "--l7-record-rate", "5", "--no-live", "--duration", "60", "--interval", "1",
+                            "--jsonl", str(out), "--netns-inode", str(topo.srv.ino))  # fmt: skip
+    slow = l7peer(topo, topo.cli, "http-client", "--to", SRV_V4, "--port", str(PORT))
+    slow.expect("connected")
+    slow.send("get /slow/x")  # nginx -> upstream: waits 30 s for its answer
+    upstream.expect("received")
+    fast = l7peer(topo, topo.cli, "http-client", "--to", SRV_V4, "--port", str(PORT))
+    fast.expect("connected")
+    n = 300
+    fast.send(f"get /users/5 {n}")
+    assert fast.expect("done", timeout=30)["statuses"] == {"200": n}
+    agent.terminate()  # the connection stays open: no close retires its last exchange
+    _, rest = agent.communicate(timeout=60)
+    assert agent.returncode == 0, rest
+    records = [json_format.Parse(line, pb.NodeRecord()) for line in out.read_text().splitlines()]
+    l7 = [r.l7 for r in records if r.WhichOneof("record") == "l7"]
+    users = [r for r in l7 if r.http.path == "/users/5"]
+    total = sum(r.summary.count if r.HasField("summary") else 1 for r in users)
+    assert total == n, (total, len(users))
+    assert any(r.HasField("summary") for r in users)  # past the record rate: summed, sent at the stop
+    assert not [r for r in l7 if r.http.path.startswith("/slow")]  # not answered: not reported
+    stats = records[-1].stats.counters
+    # nginx's side of /slow/x, its proxied request upstream, and the upstream's side of it
+    assert stats["l7_kernel_stop_pending"] == 3, stats
     assert stats["l7_kernel_rb_full"] == 0 and stats["l7_kernel_summary_lost"] == 0, stats
