@@ -39,6 +39,10 @@ CLONE_NEWNET = 0x40000000
 IPS_DST_NAT = 1 << 5  # enum ip_conntrack_status, IPS_DST_NAT_BIT = 5
 DEFAULT_MAX_ENTRIES = 65536
 DEFAULT_GET_LIMIT = 256  # more unknown sockets than this in one interval: one dump instead of GETs
+# GETs sent before their answers are read: the kernel queues each answer on our socket as it handles the
+# GET, and drops it (ENOBUFS) past the receive buffer. An answer takes ~830 bytes of it (measured, entry
+# or ENOENT alike): 64 take 53 KB of the default 208 KB.
+GET_WINDOW = 64
 
 # Netlink and ctnetlink constants (uapi linux/netlink.h, linux/netfilter/nfnetlink*.h; the CTA_*
 # values checked against this kernel's BTF enums).
@@ -411,11 +415,11 @@ class ConntrackTable:
                     return entries
 
     def _get(self, keys: list[FlowKey]) -> dict[FlowKey, tuple[str, int] | None]:
-        """One GET per key, sent in windows (the answers of a window fit the socket's receive buffer)."""
+        """One GET per key, sent in windows of GET_WINDOW; each answer is paired with its key by its sequence number."""
         out: dict[FlowKey, tuple[str, int] | None] = {}
         with self._socket() as sock:
-            for start in range(0, len(keys), 64):
-                window = {self._next_seq(): k for k in keys[start : start + 64]}
+            for start in range(0, len(keys), GET_WINDOW):
+                window = {self._next_seq(): k for k in keys[start : start + GET_WINDOW]}
                 for seq, key in window.items():
                     sock.send(get_request(seq, key))
                 while window:
