@@ -185,13 +185,14 @@ def _entry(buf: bytes, off: int, end: int, proto: int) -> CtEntry | None:
 
 
 def _messages(buf: bytes) -> Iterator[tuple[int, int, int, int]]:
-    """(type, seq, body offset, end) of each whole netlink message in ``buf``; (-1, 0, 0, 0) for a
-    truncated one, after which nothing is read."""
+    """(type, seq, body offset, end) of each whole netlink message in ``buf``; (-1, seq, 0, 0) for a
+    truncated one (the seq as its header says: a GET answer is still paired with its key), after which
+    nothing is read."""
     off, size = 0, len(buf)
     while off + _NLMSGHDR.size <= size:
         mlen, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(buf, off)
         if mlen < _NLMSGHDR.size or off + mlen > size:
-            yield -1, 0, 0, 0
+            yield -1, mseq, 0, 0
             return
         yield mtype, mseq, off + _NLMSGHDR.size, off + mlen
         off += (mlen + 3) & ~3
@@ -231,13 +232,17 @@ def parse_dump(buf: bytes, seq: int, proto: int = socket.IPPROTO_TCP) -> tuple[l
 
 def parse_replies(buf: bytes, proto: int = socket.IPPROTO_TCP) -> list[tuple[int, CtEntry | int | None]]:
     """Answers to GET requests -> (seq, entry | errno | None) per message: the entry, the kernel's
-    errno (ENOENT: no such entry), or None for a message that is malformed or another protocol."""
+    errno (> 0; ENOENT: no such entry), or None for a message that is malformed (truncated too) or
+    another protocol."""
     out: list[tuple[int, CtEntry | int | None]] = []
     for mtype, mseq, body, end in _messages(buf):
         if mtype < 0:
+            out.append((mseq, None))  # else its key waits for an answer until the timeout fails the round
             break
         if mtype == NLMSG_ERROR:
-            out.append((mseq, _errno(buf, body, end)))
+            # errno 0 (an ack: we ask for none) or too short to hold one is no answer either
+            err = _errno(buf, body, end)
+            out.append((mseq, err if err > 0 else None))
         elif mtype != NLMSG_DONE:
             out.append((mseq, _ct_entry(buf, mtype, body, end, proto)))
     return out

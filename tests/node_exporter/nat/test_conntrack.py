@@ -7,6 +7,7 @@ import contextlib
 import errno
 import socket
 import struct
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -189,11 +190,39 @@ def test_get_request_names_one_entry_by_its_original_tuple() -> None:
                                                                                        "fd00:96::a", 80))  # fmt: skip
 
 
+def error_message(seq: int, err: int) -> bytes:
+    """NLMSG_ERROR as the kernel answers a failed request: -errno, then the request's header."""
+    return struct.pack("=IHHII", 36, NLMSG_ERROR, 0, seq, 0) + struct.pack("=i", -err) + bytes(16)
+
+
+# Answers to a GET that cannot be decoded, each as it would reach the socket (one datagram).
+MALFORMED: dict[str, Callable[[int], bytes]] = {
+    "nest past its end": lambda seq: message(struct.pack("=HH", 200, CTA_TUPLE_ORIG) + bytes(8), seq),
+    "no reply tuple": lambda seq: message(tuple_attr(CTA_TUPLE_ORIG, dnat(1).orig), seq),
+    "truncated": lambda seq: entry_message(dnat(1), seq)[:-5],
+    "error too short for an errno": lambda seq: struct.pack("=IHHII", 18, NLMSG_ERROR, 0, seq, 0) + bytes(2),
+    "ack, no entry": lambda seq: error_message(seq, 0),
+}
+
+
 def test_replies_pair_with_their_requests_by_sequence() -> None:
-    enoent = struct.pack("=IHHII", 36, NLMSG_ERROR, 0, 9, 0) + struct.pack("=i", -errno.ENOENT) + bytes(16)
     udp = CtEntry(CtTuple(17, CLIENT, 5353, VIP, 53), CtTuple(17, BACKEND, 5353, CLIENT, 5353))
-    buf = entry_message(dnat(40000), seq=8) + enoent + entry_message(udp, seq=10) + entry_message(dnat(1))[:-3]
+    buf = entry_message(dnat(40000), seq=8) + error_message(9, errno.ENOENT) + entry_message(udp, seq=10)
     assert parse_replies(buf) == [(8, dnat(40000)), (9, errno.ENOENT), (10, None)]
+    # a truncated answer (its header says more than the datagram holds) still names its request
+    assert parse_replies(buf + entry_message(dnat(1), seq=11)[:-3])[3:] == [(11, None)]
+
+
+@pytest.mark.parametrize("kind", MALFORMED)
+def test_each_malformed_answer_is_none_for_its_sequence(kind: str) -> None:
+    assert parse_replies(MALFORMED[kind](21)) == [(21, None)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_arbitrary_answers_never_raise(data: bytes) -> None:
+    for _seq, reply in parse_replies(data):
+        assert reply is None or isinstance(reply, CtEntry) or (isinstance(reply, int) and reply > 0)
 
 
 def test_answers_are_bounded_and_evictions_counted() -> None:
