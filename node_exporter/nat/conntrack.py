@@ -9,7 +9,8 @@ backend that really answered is the source of the conntrack entry's reply tuple.
 them. A connection's translation never changes, so each client socket is asked about once: a few
 new sockets per interval are looked up by tuple (one GET each, batched on one socket), many at once
 by one dump; the answers are kept (bounded) until the socket's final record. The cost follows the
-rate of new connections, not the size of the node's conntrack table.
+rate of new connections, not the size of the node's conntrack table. An answer that cannot be decoded
+is not kept: the socket is asked about again next interval, a few times at most.
 
 The dump is requested and decoded here, with ``struct``, not through pyroute2: pyroute2 spent
 ~375 µs of CPU per entry decoding its generic attribute objects (2,000 DNAT'ed entries: 0.75 s per
@@ -43,6 +44,9 @@ DEFAULT_GET_LIMIT = 256  # more unknown sockets than this in one interval: one d
 # GET, and drops it (ENOBUFS) past the receive buffer. An answer takes ~830 bytes of it (measured, entry
 # or ENOENT alike): 64 take 53 KB of the default 208 KB.
 GET_WINDOW = 64
+# A GET answer that cannot be decoded is not an answer: the key is asked again next interval, up to this
+# many times in all; then it is given up on (no NAT fields, as if untranslated) rather than asked forever.
+MALFORMED_TRIES = 3
 
 # Netlink and ctnetlink constants (uapi linux/netlink.h, linux/netfilter/nfnetlink*.h; the CTA_*
 # values checked against this kernel's BTF enums).
@@ -255,6 +259,20 @@ def _libc_setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def _recv(sock: socket.socket) -> bytes:
+    buf = sock.recv(_RECV_BYTES)
+    if not buf:  # netlink never sends an empty datagram; a closed peer would make the read loops spin
+        raise ConntrackDumpError(errno.EPIPE, "conntrack socket closed")
+    return buf
+
+
+def netlink_socket(netns: str | None) -> socket.socket:
+    """A bound NETLINK_NETFILTER socket in ``netns``: what :class:`ConntrackTable` talks to."""
+    sock = open_netlink_in(netns)
+    sock.bind((0, 0))
+    return sock
+
+
 def open_netlink_in(netns: str | None) -> socket.socket:
     """A NETLINK_NETFILTER socket that belongs to ``netns`` (a path), or to our own namespace.
 
@@ -297,13 +315,20 @@ class ConntrackTable:
     """
 
     def __init__(
-        self, netns: str | None = None, max_entries: int = DEFAULT_MAX_ENTRIES, get_limit: int = DEFAULT_GET_LIMIT
+        self,
+        netns: str | None = None,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        get_limit: int = DEFAULT_GET_LIMIT,
+        open_socket: Callable[[str | None], socket.socket] = netlink_socket,  # the kernel's side, a seam for tests
     ) -> None:
         self.netns = netns
+        self._open_socket = open_socket
         self.max_entries = max_entries
         self.get_limit = get_limit
         self.nat: dict[FlowKey, tuple[str, int]] = {}  # the last dump's index (refresh())
         self._answers: LRUCache[FlowKey, tuple[str, int] | None] = LRUCache(maxsize=max_entries)
+        # malformed answers so far of keys not answered yet (bounded like the answers: one per live socket)
+        self._tries: LRUCache[FlowKey, int] = LRUCache(maxsize=max_entries)
         self.gets = 0  # tuples asked about one by one
         self.gets_missing = 0  # ... that conntrack did not have (untracked, or gone already)
         self.dumps = 0
@@ -312,7 +337,9 @@ class ConntrackTable:
         self.dropped = 0  # DNAT'ed entries left out because the index was full, all dumps
         self.evicted = 0  # answers forgotten for the bound before their socket closed
         self.errors = 0
-        self.skipped = 0  # answer messages that were malformed, not TCP, or not ours
+        self.skipped = 0  # dump messages that were malformed or not TCP, GET answers not ours
+        self.malformed = 0  # GET answers that could not be decoded: not kept, the key is asked again
+        self.malformed_given_up = 0  # keys with MALFORMED_TRIES of them: kept as unknown (no NAT fields)
         self.available: bool | None = None  # None until the first request
         self.timeout_s = 5.0  # a request that stalls this long fails this interval, not the agent
         self._seq = 0
@@ -339,6 +366,7 @@ class ConntrackTable:
     def forget(self, key: FlowKey) -> None:
         """The socket is gone: its tuple may come back as another connection."""
         self._answers.pop(key, None)
+        self._tries.pop(key, None)
 
     def refresh(self) -> bool:
         """Replace :attr:`nat` with the table's DNAT'ed entries as they are now (one dump). False if
@@ -367,11 +395,14 @@ class ConntrackTable:
             "answers": len(self._answers),
             "errors": self.errors,
             "skipped": self.skipped,
+            "malformed": self.malformed,
+            "malformed_given_up": self.malformed_given_up,
         }
 
     def close(self) -> None:
         self.nat = {}
         self._answers.clear()
+        self._tries.clear()
 
     # --- I/O ------------------------------------------------------------------------------------------
 
@@ -380,6 +411,7 @@ class ConntrackTable:
             if key not in self._answers and len(self._answers) >= self._answers.maxsize:
                 self.evicted += 1
             self._answers[key] = answer
+            self._tries.pop(key, None)
 
     def _guard(self, fn: Callable[..., _T], *args: object) -> _T | None:
         """Run one netlink exchange; any failure is the degraded mode (None), logged once per outage."""
@@ -398,9 +430,8 @@ class ConntrackTable:
 
     def _socket(self) -> socket.socket:
         # A fresh socket per exchange: a namespace re-created since the last interval is found.
-        sock = open_netlink_in(self.netns)
+        sock = self._open_socket(self.netns)
         sock.settimeout(self.timeout_s)
-        sock.bind((0, 0))
         return sock
 
     def _next_seq(self) -> int:
@@ -413,14 +444,15 @@ class ConntrackTable:
             sock.send(dump_request(seq))
             entries: list[CtEntry] = []
             while True:
-                got, done, skipped = parse_dump(sock.recv(_RECV_BYTES), seq)
+                got, done, skipped = parse_dump(_recv(sock), seq)
                 entries += got
                 self.skipped += skipped
                 if done:
                     return entries
 
     def _get(self, keys: list[FlowKey]) -> dict[FlowKey, tuple[str, int] | None]:
-        """One GET per key, sent in windows of GET_WINDOW; each answer is paired with its key by its sequence number."""
+        """One GET per key, sent in windows of GET_WINDOW; each answer is paired with its key by its sequence
+        number. A key whose answer was malformed is left out (asked again), unless it is given up on."""
         out: dict[FlowKey, tuple[str, int] | None] = {}
         with self._socket() as sock:
             for start in range(0, len(keys), GET_WINDOW):
@@ -428,20 +460,30 @@ class ConntrackTable:
                 for seq, key in window.items():
                     sock.send(get_request(seq, key))
                 while window:
-                    for seq, reply in parse_replies(sock.recv(_RECV_BYTES)):
-                        key = window.pop(seq, None)
-                        if key is None:
+                    for seq, reply in parse_replies(_recv(sock)):
+                        if seq not in window:
                             self.skipped += 1
                             continue
+                        key = window.pop(seq)
                         self.gets += 1
                         if isinstance(reply, CtEntry):
                             out[key] = index_entries([reply], 1).nat.get(key)
-                            continue
-                        if reply is None:
-                            self.skipped += 1
+                        elif reply is None:  # no answer: asked again next interval, unless given up on
+                            if self._give_up(key):
+                                out[key] = None
                         elif reply == errno.ENOENT:
                             self.gets_missing += 1
+                            out[key] = None
                         else:  # EPERM, ...: not about this key, about us
                             raise ConntrackDumpError(reply, os.strerror(reply))
-                        out[key] = None
         return out
+
+    def _give_up(self, key: FlowKey) -> bool:
+        """Count a malformed answer for ``key``; True once it has had MALFORMED_TRIES of them."""
+        self.malformed += 1
+        tries = self._tries.pop(key, 0) + 1
+        if tries < MALFORMED_TRIES:
+            self._tries[key] = tries
+            return False
+        self.malformed_given_up += 1
+        return True

@@ -1,5 +1,5 @@
-"""The conntrack index on constructed entries, the ctnetlink dump decoder on constructed messages, and the
-degraded mode without conntrack."""
+"""The conntrack index on constructed entries, the ctnetlink dump decoder on constructed messages, the
+degraded mode without conntrack, and malformed GET answers through the table's real socket loop."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import contextlib
 import errno
 import socket
 import struct
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -19,12 +20,14 @@ from node_exporter.nat.conntrack import (
     CTA_TUPLE_ORIG,
     CTA_TUPLE_PROTO,
     CTA_TUPLE_REPLY,
+    MALFORMED_TRIES,
     NLMSG_DONE,
     NLMSG_ERROR,
     ConntrackDumpError,
     ConntrackTable,
     CtEntry,
     CtTuple,
+    FlowKey,
     dump_request,
     get_request,
     index_entries,
@@ -234,3 +237,110 @@ def test_answers_are_bounded_and_evictions_counted() -> None:
     assert table.lookup(keys[0]) is None and table.lookup(keys[2]) == (BACKEND, 8080)
     table._remember([(keys[2], None)])  # a known key again: no eviction
     assert table.counters()["evicted"] == 1
+
+
+# --- malformed GET answers through resolve(): the table's socket loop, a local peer in the kernel's place ---
+
+
+class FakeConntrack:
+    """Conntrack's side of the table's socket, over a local SOCK_SEQPACKET pair (one datagram per
+    message, as netlink): each GET, recognised by the bytes get_request builds for its key, gets the
+    next of that key's scripted answers (the last one repeats). The table's own send/recv loop, pairing
+    and decoder read what it sends; nothing of ours is replaced."""
+
+    def __init__(self, script: dict[FlowKey, list[Callable[[int], bytes]]]) -> None:
+        self.script = script
+        self.asked: list[list[FlowKey]] = []  # the keys asked, per socket the table opened
+        self._keys = {get_request(0, k)[16:]: k for k in script}  # a GET's body does not hold its seq
+        self._threads: list[threading.Thread] = []
+
+    def open(self, netns: str | None) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        asked: list[FlowKey] = []
+        self.asked.append(asked)
+        t = threading.Thread(target=self._serve, args=(theirs, asked), daemon=True)
+        t.start()
+        self._threads.append(t)
+        return ours
+
+    def _serve(self, sock: socket.socket, asked: list[FlowKey]) -> None:
+        with sock:
+            while request := sock.recv(65536):  # b"": the table closed its socket
+                seq = struct.unpack_from("=I", request, 8)[0]
+                key = self._keys[request[16:]]
+                answers, before = self.script[key], sum(r.count(key) for r in self.asked)
+                asked.append(key)  # before the answer: the table may return as soon as it has it
+                sock.send(answers[min(before, len(answers) - 1)](seq))
+
+    def join(self) -> None:
+        for t in self._threads:
+            t.join(5)
+            assert not t.is_alive()
+
+
+def dnat_answer(key: FlowKey, backend: tuple[str, int]) -> Callable[[int], bytes]:
+    _, src, sport, dst, dport = key
+    return lambda seq: entry_message(CtEntry(CtTuple(6, src, sport, dst, dport), CtTuple(6, *backend, src, sport)), seq)
+
+
+@pytest.fixture
+def fake_conntrack() -> Iterator[Callable[[dict[FlowKey, list[Callable[[int], bytes]]]], FakeConntrack]]:
+    fakes: list[FakeConntrack] = []
+
+    def make(script: dict[FlowKey, list[Callable[[int], bytes]]]) -> FakeConntrack:
+        fakes.append(FakeConntrack(script))
+        return fakes[-1]
+
+    yield make
+    for f in fakes:
+        f.join()
+
+
+def test_malformed_answers_are_asked_again_then_given_up_on(
+    fake_conntrack: Callable[[dict[FlowKey, list[Callable[[int], bytes]]]], FakeConntrack],
+) -> None:
+    key = [(6, CLIENT, 43000 + i, VIP, 80) for i in range(3 + len(MALFORMED))]
+    ok, missing, flaky, bad = key[0], key[1], key[2], key[3:]
+    fake = fake_conntrack(
+        {
+            ok: [dnat_answer(ok, (BACKEND, 8080))],
+            missing: [lambda seq: error_message(seq, errno.ENOENT)],
+            flaky: [MALFORMED["nest past its end"], dnat_answer(flaky, ("10.244.3.9", 8443))],  # transient
+            **{k: [m] for k, m in zip(bad, MALFORMED.values(), strict=True)},  # every time
+        }
+    )
+    table = ConntrackTable(None, open_socket=fake.open)
+    table.timeout_s = 2.0  # an answer left unpaired would fail the round: errors == 0 below says none was
+
+    table.resolve(key)
+    assert fake.asked[0] == key
+    assert table.lookup(ok) == (BACKEND, 8080) and table.lookup(missing) is None
+    c = table.counters()
+    assert (c["answers"], c["malformed"], c["malformed_given_up"], c["gets_missing"], c["errors"]) == (2, 6, 0, 1, 0)
+
+    table.resolve(key)  # the next interval: the malformed ones are asked again, the answered ones are not
+    assert fake.asked[1] == [flaky, *bad]
+    assert table.lookup(flaky) == ("10.244.3.9", 8443)  # a transient failure pinned nothing
+    c = table.counters()
+    assert (c["answers"], c["malformed"], c["malformed_given_up"], c["errors"]) == (3, 11, 0, 0)
+
+    for _ in range(MALFORMED_TRIES - 2):
+        table.resolve(key)
+    assert fake.asked[-1] == bad
+    c = table.counters()
+    assert (c["answers"], c["malformed"], c["malformed_given_up"]) == (
+        3 + len(bad),
+        1 + MALFORMED_TRIES * len(bad),
+        len(bad),
+    )
+    assert all(table.lookup(k) is None for k in bad)  # unknown: no NAT fields
+
+    opened = len(fake.asked)
+    table.resolve(key)  # every key has its answer now: no socket, no GET
+    assert len(fake.asked) == opened
+    assert table.counters()["gets"] == 2 + 2 + MALFORMED_TRIES * len(bad)  # ok, missing once; flaky twice
+
+    table.forget(bad[0])  # the socket closed; its tuple comes back as a new connection: a fresh budget
+    table.resolve([bad[0]])
+    c = table.counters()
+    assert fake.asked[-1] == [bad[0]] and (c["answers"], c["malformed_given_up"]) == (2 + len(bad), len(bad))
