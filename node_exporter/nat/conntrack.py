@@ -44,8 +44,9 @@ DEFAULT_GET_LIMIT = 256  # more unknown sockets than this in one interval: one d
 # GET, and drops it (ENOBUFS) past the receive buffer. An answer takes ~830 bytes of it (measured, entry
 # or ENOENT alike): 64 take 53 KB of the default 208 KB.
 GET_WINDOW = 64
-# A GET answer that cannot be decoded is not an answer: the key is asked again next interval, up to this
-# many times in all; then it is given up on (no NAT fields, as if untranslated) rather than asked forever.
+# An answer that cannot be decoded (a GET's, or a message of a dump that lacks the key) is no answer: the
+# key is asked again next interval, up to this many times in all; then it is given up on (no NAT fields,
+# as if untranslated) rather than asked forever.
 MALFORMED_TRIES = 3
 
 # Netlink and ctnetlink constants (uapi linux/netlink.h, linux/netfilter/nfnetlink*.h; the CTA_*
@@ -78,6 +79,13 @@ class CtTuple(NamedTuple):
 class CtEntry(NamedTuple):
     orig: CtTuple  # as the client sent it (dst = the VIP)
     reply: CtTuple  # as the backend answers (src = the backend)
+
+
+class DumpPart(NamedTuple):
+    entries: list[CtEntry]  # of the protocol asked for
+    done: bool  # NLMSG_DONE was read
+    skipped: int  # messages of another protocol or another request
+    malformed: int  # messages that could not be decoded: an entry of ours may be among them
 
 
 class Index(NamedTuple):
@@ -212,26 +220,40 @@ def _ct_entry(buf: bytes, mtype: int, body: int, end: int, proto: int) -> CtEntr
     return _entry(buf, body + _NFGENMSG_LEN, end, proto)
 
 
-def parse_dump(buf: bytes, seq: int, proto: int = socket.IPPROTO_TCP) -> tuple[list[CtEntry], bool, int]:
-    """One recv()'s worth of dump answer -> (entries of ``proto``, whether the dump is done, how many
-    messages were skipped as malformed or not ours). Raises ConntrackDumpError on NLMSG_ERROR."""
+def _other_proto(buf: bytes, mtype: int, body: int, end: int, proto: int) -> bool:
+    """Whether a ctnetlink message that did not decode as an entry of ``proto`` is readably one of another
+    protocol (UDP, ICMP without ports: not ours), rather than malformed. Read only after a failed decode."""
+    if mtype >> 8 != NFNL_SUBSYS_CTNETLINK or end - body < _NFGENMSG_LEN:
+        return False
+    top = _attrs(buf, body + _NFGENMSG_LEN, end)
+    orig = _attrs(buf, *top[CTA_TUPLE_ORIG]) if top is not None and CTA_TUPLE_ORIG in top else None
+    ports = _attrs(buf, *orig[CTA_TUPLE_PROTO]) if orig is not None and CTA_TUPLE_PROTO in orig else None
+    num = ports.get(CTA_PROTO_NUM) if ports is not None else None
+    return num is not None and num[1] > num[0] and buf[num[0]] != proto
+
+
+def parse_dump(buf: bytes, seq: int, proto: int = socket.IPPROTO_TCP) -> DumpPart:
+    """One recv()'s worth of dump answer -> its entries of ``proto``, whether the dump is done, and the
+    messages skipped (not ours) or malformed. Raises ConntrackDumpError on NLMSG_ERROR."""
     entries: list[CtEntry] = []
-    skipped = 0
+    skipped = malformed = 0
     for mtype, mseq, body, end in _messages(buf):
         if mtype < 0:
-            return entries, False, skipped + 1  # truncated: nothing after it can be trusted
+            return DumpPart(entries, False, skipped, malformed + 1)  # truncated: nothing after it is trusted
         if mtype == NLMSG_DONE:
-            return entries, True, skipped
+            return DumpPart(entries, True, skipped, malformed)
         if mtype == NLMSG_ERROR:
             if err := _errno(buf, body, end):
                 raise ConntrackDumpError(err, os.strerror(err))
             continue
         e = _ct_entry(buf, mtype, body, end, proto) if mseq == seq else None
-        if e is None:
+        if e is not None:
+            entries.append(e)
+        elif mseq != seq or _other_proto(buf, mtype, body, end, proto):
             skipped += 1
         else:
-            entries.append(e)
-    return entries, False, skipped
+            malformed += 1
+    return DumpPart(entries, False, skipped, malformed)
 
 
 def parse_replies(buf: bytes, proto: int = socket.IPPROTO_TCP) -> list[tuple[int, CtEntry | int | None]]:
@@ -326,6 +348,7 @@ class ConntrackTable:
         self.max_entries = max_entries
         self.get_limit = get_limit
         self.nat: dict[FlowKey, tuple[str, int]] = {}  # the last dump's index (refresh())
+        self._complete = True  # the last dump had no malformed message: a key it lacks is not DNAT'ed
         self._answers: LRUCache[FlowKey, tuple[str, int] | None] = LRUCache(maxsize=max_entries)
         # malformed answers so far of keys not answered yet (bounded like the answers: one per live socket)
         self._tries: LRUCache[FlowKey, int] = LRUCache(maxsize=max_entries)
@@ -337,9 +360,11 @@ class ConntrackTable:
         self.dropped = 0  # DNAT'ed entries left out because the index was full, all dumps
         self.evicted = 0  # answers forgotten for the bound before their socket closed
         self.errors = 0
-        self.skipped = 0  # dump messages that were malformed or not TCP, GET answers not ours
-        self.malformed = 0  # GET answers that could not be decoded: not kept, the key is asked again
-        self.malformed_given_up = 0  # keys with MALFORMED_TRIES of them: kept as unknown (no NAT fields)
+        self.skipped = 0  # dump messages of another protocol or request, GET answers not ours
+        # GET answers and dump messages that could not be decoded: the keys they may be about are not
+        # answered (asked again next interval) ...
+        self.malformed = 0
+        self.malformed_given_up = 0  # ... unless MALFORMED_TRIES times: then kept as unknown (no NAT fields)
         self.available: bool | None = None  # None until the first request
         self.timeout_s = 5.0  # a request that stalls this long fails this interval, not the agent
         self._seq = 0
@@ -353,7 +378,14 @@ class ConntrackTable:
             return
         if len(unknown) > self.get_limit:
             if self.refresh():
-                self._remember((k, self.nat.get(k)) for k in unknown)
+                dumped: list[tuple[FlowKey, tuple[str, int] | None]] = []
+                for k in unknown:
+                    answer = self.nat.get(k)
+                    # after a dump with malformed messages, a key it lacks may be one of them: no answer
+                    if answer is None and not self._complete and not self._no_answer(k):
+                        continue
+                    dumped.append((k, answer))
+                self._remember(dumped)
             self.nat = {}  # the answers are kept; the whole index is not
             return
         answers = self._guard(self._get, unknown)
@@ -371,10 +403,13 @@ class ConntrackTable:
     def refresh(self) -> bool:
         """Replace :attr:`nat` with the table's DNAT'ed entries as they are now (one dump). False if
         conntrack is unavailable (then :attr:`nat` is empty)."""
-        entries = self._guard(self._dump)
-        if entries is None:
+        dumped = self._guard(self._dump)
+        if dumped is None:
             self.nat = {}
             return False
+        entries, malformed = dumped
+        self.malformed += malformed
+        self._complete = malformed == 0
         self.dumps += 1
         self.entries += len(entries)
         idx = index_entries(entries, self.max_entries)
@@ -438,17 +473,20 @@ class ConntrackTable:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         return self._seq
 
-    def _dump(self) -> list[CtEntry]:
+    def _dump(self) -> tuple[list[CtEntry], int]:
+        """The entries, and how many messages were malformed."""
         with self._socket() as sock:
             seq = self._next_seq()
             sock.send(dump_request(seq))
             entries: list[CtEntry] = []
+            malformed = 0
             while True:
-                got, done, skipped = parse_dump(_recv(sock), seq)
-                entries += got
-                self.skipped += skipped
-                if done:
-                    return entries
+                part = parse_dump(_recv(sock), seq)
+                entries += part.entries
+                self.skipped += part.skipped
+                malformed += part.malformed
+                if part.done:
+                    return entries, malformed
 
     def _get(self, keys: list[FlowKey]) -> dict[FlowKey, tuple[str, int] | None]:
         """One GET per key, sent in windows of GET_WINDOW; each answer is paired with its key by its sequence
@@ -469,7 +507,8 @@ class ConntrackTable:
                         if isinstance(reply, CtEntry):
                             out[key] = index_entries([reply], 1).nat.get(key)
                         elif reply is None:  # no answer: asked again next interval, unless given up on
-                            if self._give_up(key):
+                            self.malformed += 1
+                            if self._no_answer(key):
                                 out[key] = None
                         elif reply == errno.ENOENT:
                             self.gets_missing += 1
@@ -478,9 +517,9 @@ class ConntrackTable:
                             raise ConntrackDumpError(reply, os.strerror(reply))
         return out
 
-    def _give_up(self, key: FlowKey) -> bool:
-        """Count a malformed answer for ``key``; True once it has had MALFORMED_TRIES of them."""
-        self.malformed += 1
+    def _no_answer(self, key: FlowKey) -> bool:
+        """One more malformed answer that may be about ``key``; True once it has had MALFORMED_TRIES of them
+        (given up on: the caller keeps it as unknown)."""
         tries = self._tries.pop(key, 0) + 1
         if tries < MALFORMED_TRIES:
             self._tries[key] = tries
