@@ -91,6 +91,8 @@ def test_client_flow_to_a_vip_carries_the_backend(nat_topo: NatTopology, tmp_pat
         assert (f.nat_remote_ip, f.nat_remote_port) == ("", 0)
     # one GET for the one new client socket, no dump (few new sockets), no error
     assert stats.counters["nat_gets"] >= 1 and stats.counters["nat_errors"] == 0
+    # a malformed answer is counted where the agent's stats are read, even when there is none
+    assert {"nat_malformed", "nat_malformed_given_up"} <= set(stats.counters) and stats.counters["nat_malformed"] == 0
 
 
 def test_untranslated_connection_has_no_nat_fields(nat_topo: NatTopology, tmp_path: Path) -> None:
