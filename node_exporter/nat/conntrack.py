@@ -9,7 +9,8 @@ backend that really answered is the source of the conntrack entry's reply tuple.
 them. A connection's translation never changes, so each client socket is asked about once: a few
 new sockets per interval are looked up by tuple (one GET each, batched on one socket), many at once
 by one dump; the answers are kept (bounded) until the socket's final record. The cost follows the
-rate of new connections, not the size of the node's conntrack table.
+rate of new connections, not the size of the node's conntrack table. An answer that cannot be decoded
+is not kept: the socket is asked about again next interval, a few times at most.
 
 The dump is requested and decoded here, with ``struct``, not through pyroute2: pyroute2 spent
 ~375 µs of CPU per entry decoding its generic attribute objects (2,000 DNAT'ed entries: 0.75 s per
@@ -39,6 +40,14 @@ CLONE_NEWNET = 0x40000000
 IPS_DST_NAT = 1 << 5  # enum ip_conntrack_status, IPS_DST_NAT_BIT = 5
 DEFAULT_MAX_ENTRIES = 65536
 DEFAULT_GET_LIMIT = 256  # more unknown sockets than this in one interval: one dump instead of GETs
+# GETs sent before their answers are read: the kernel queues each answer on our socket as it handles the
+# GET, and drops it (ENOBUFS) past the receive buffer. An answer takes ~830 bytes of it (measured, entry
+# or ENOENT alike): 64 take 53 KB of the default 208 KB.
+GET_WINDOW = 64
+# An answer that cannot be decoded (a GET's, or a message of a dump that lacks the key) is no answer: the
+# key is asked again next interval, up to this many times in all; then it is given up on (no NAT fields,
+# as if untranslated) rather than asked forever.
+MALFORMED_TRIES = 3
 
 # Netlink and ctnetlink constants (uapi linux/netlink.h, linux/netfilter/nfnetlink*.h; the CTA_*
 # values checked against this kernel's BTF enums).
@@ -70,6 +79,13 @@ class CtTuple(NamedTuple):
 class CtEntry(NamedTuple):
     orig: CtTuple  # as the client sent it (dst = the VIP)
     reply: CtTuple  # as the backend answers (src = the backend)
+
+
+class DumpPart(NamedTuple):
+    entries: list[CtEntry]  # of the protocol asked for
+    done: bool  # NLMSG_DONE was read
+    skipped: int  # messages of another protocol or another request
+    malformed: int  # messages that could not be decoded: an entry of ours may be among them
 
 
 class Index(NamedTuple):
@@ -181,13 +197,14 @@ def _entry(buf: bytes, off: int, end: int, proto: int) -> CtEntry | None:
 
 
 def _messages(buf: bytes) -> Iterator[tuple[int, int, int, int]]:
-    """(type, seq, body offset, end) of each whole netlink message in ``buf``; (-1, 0, 0, 0) for a
-    truncated one, after which nothing is read."""
+    """(type, seq, body offset, end) of each whole netlink message in ``buf``; (-1, seq, 0, 0) for a
+    truncated one (the seq as its header says: a GET answer is still paired with its key), after which
+    nothing is read."""
     off, size = 0, len(buf)
     while off + _NLMSGHDR.size <= size:
         mlen, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(buf, off)
         if mlen < _NLMSGHDR.size or off + mlen > size:
-            yield -1, 0, 0, 0
+            yield -1, mseq, 0, 0
             return
         yield mtype, mseq, off + _NLMSGHDR.size, off + mlen
         off += (mlen + 3) & ~3
@@ -203,37 +220,55 @@ def _ct_entry(buf: bytes, mtype: int, body: int, end: int, proto: int) -> CtEntr
     return _entry(buf, body + _NFGENMSG_LEN, end, proto)
 
 
-def parse_dump(buf: bytes, seq: int, proto: int = socket.IPPROTO_TCP) -> tuple[list[CtEntry], bool, int]:
-    """One recv()'s worth of dump answer -> (entries of ``proto``, whether the dump is done, how many
-    messages were skipped as malformed or not ours). Raises ConntrackDumpError on NLMSG_ERROR."""
+def _other_proto(buf: bytes, mtype: int, body: int, end: int, proto: int) -> bool:
+    """Whether a ctnetlink message that did not decode as an entry of ``proto`` is readably one of another
+    protocol (UDP, ICMP without ports: not ours), rather than malformed. Read only after a failed decode."""
+    if mtype >> 8 != NFNL_SUBSYS_CTNETLINK or end - body < _NFGENMSG_LEN:
+        return False
+    top = _attrs(buf, body + _NFGENMSG_LEN, end)
+    orig = _attrs(buf, *top[CTA_TUPLE_ORIG]) if top is not None and CTA_TUPLE_ORIG in top else None
+    ports = _attrs(buf, *orig[CTA_TUPLE_PROTO]) if orig is not None and CTA_TUPLE_PROTO in orig else None
+    num = ports.get(CTA_PROTO_NUM) if ports is not None else None
+    return num is not None and num[1] > num[0] and buf[num[0]] != proto
+
+
+def parse_dump(buf: bytes, seq: int, proto: int = socket.IPPROTO_TCP) -> DumpPart:
+    """One recv()'s worth of dump answer -> its entries of ``proto``, whether the dump is done, and the
+    messages skipped (not ours) or malformed. Raises ConntrackDumpError on NLMSG_ERROR."""
     entries: list[CtEntry] = []
-    skipped = 0
+    skipped = malformed = 0
     for mtype, mseq, body, end in _messages(buf):
         if mtype < 0:
-            return entries, False, skipped + 1  # truncated: nothing after it can be trusted
+            return DumpPart(entries, False, skipped, malformed + 1)  # truncated: nothing after it is trusted
         if mtype == NLMSG_DONE:
-            return entries, True, skipped
+            return DumpPart(entries, True, skipped, malformed)
         if mtype == NLMSG_ERROR:
             if err := _errno(buf, body, end):
                 raise ConntrackDumpError(err, os.strerror(err))
             continue
         e = _ct_entry(buf, mtype, body, end, proto) if mseq == seq else None
-        if e is None:
+        if e is not None:
+            entries.append(e)
+        elif mseq != seq or _other_proto(buf, mtype, body, end, proto):
             skipped += 1
         else:
-            entries.append(e)
-    return entries, False, skipped
+            malformed += 1
+    return DumpPart(entries, False, skipped, malformed)
 
 
 def parse_replies(buf: bytes, proto: int = socket.IPPROTO_TCP) -> list[tuple[int, CtEntry | int | None]]:
     """Answers to GET requests -> (seq, entry | errno | None) per message: the entry, the kernel's
-    errno (ENOENT: no such entry), or None for a message that is malformed or another protocol."""
+    errno (> 0; ENOENT: no such entry), or None for a message that is malformed (truncated too) or
+    another protocol."""
     out: list[tuple[int, CtEntry | int | None]] = []
     for mtype, mseq, body, end in _messages(buf):
         if mtype < 0:
+            out.append((mseq, None))  # else its key waits for an answer until the timeout fails the round
             break
         if mtype == NLMSG_ERROR:
-            out.append((mseq, _errno(buf, body, end)))
+            # errno 0 (an ack: we ask for none) or too short to hold one is no answer either
+            err = _errno(buf, body, end)
+            out.append((mseq, err if err > 0 else None))
         elif mtype != NLMSG_DONE:
             out.append((mseq, _ct_entry(buf, mtype, body, end, proto)))
     return out
@@ -244,6 +279,20 @@ def _libc_setns(fd: int) -> None:
     if libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def _recv(sock: socket.socket) -> bytes:
+    buf = sock.recv(_RECV_BYTES)
+    if not buf:  # netlink never sends an empty datagram; a closed peer would make the read loops spin
+        raise ConntrackDumpError(errno.EPIPE, "conntrack socket closed")
+    return buf
+
+
+def netlink_socket(netns: str | None) -> socket.socket:
+    """A bound NETLINK_NETFILTER socket in ``netns``: what :class:`ConntrackTable` talks to."""
+    sock = open_netlink_in(netns)
+    sock.bind((0, 0))
+    return sock
 
 
 def open_netlink_in(netns: str | None) -> socket.socket:
@@ -288,13 +337,21 @@ class ConntrackTable:
     """
 
     def __init__(
-        self, netns: str | None = None, max_entries: int = DEFAULT_MAX_ENTRIES, get_limit: int = DEFAULT_GET_LIMIT
+        self,
+        netns: str | None = None,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        get_limit: int = DEFAULT_GET_LIMIT,
+        open_socket: Callable[[str | None], socket.socket] = netlink_socket,  # the kernel's side, a seam for tests
     ) -> None:
         self.netns = netns
+        self._open_socket = open_socket
         self.max_entries = max_entries
         self.get_limit = get_limit
         self.nat: dict[FlowKey, tuple[str, int]] = {}  # the last dump's index (refresh())
+        self._complete = True  # the last dump had no malformed message: a key it lacks is not DNAT'ed
         self._answers: LRUCache[FlowKey, tuple[str, int] | None] = LRUCache(maxsize=max_entries)
+        # malformed answers so far of keys not answered yet (bounded like the answers: one per live socket)
+        self._tries: LRUCache[FlowKey, int] = LRUCache(maxsize=max_entries)
         self.gets = 0  # tuples asked about one by one
         self.gets_missing = 0  # ... that conntrack did not have (untracked, or gone already)
         self.dumps = 0
@@ -303,7 +360,11 @@ class ConntrackTable:
         self.dropped = 0  # DNAT'ed entries left out because the index was full, all dumps
         self.evicted = 0  # answers forgotten for the bound before their socket closed
         self.errors = 0
-        self.skipped = 0  # answer messages that were malformed, not TCP, or not ours
+        self.skipped = 0  # dump messages of another protocol or request, GET answers not ours
+        # GET answers and dump messages that could not be decoded: the keys they may be about are not
+        # answered (asked again next interval) ...
+        self.malformed = 0
+        self.malformed_given_up = 0  # ... unless MALFORMED_TRIES times: then kept as unknown (no NAT fields)
         self.available: bool | None = None  # None until the first request
         self.timeout_s = 5.0  # a request that stalls this long fails this interval, not the agent
         self._seq = 0
@@ -317,7 +378,14 @@ class ConntrackTable:
             return
         if len(unknown) > self.get_limit:
             if self.refresh():
-                self._remember((k, self.nat.get(k)) for k in unknown)
+                dumped: list[tuple[FlowKey, tuple[str, int] | None]] = []
+                for k in unknown:
+                    answer = self.nat.get(k)
+                    # after a dump with malformed messages, a key it lacks may be one of them: no answer
+                    if answer is None and not self._complete and not self._no_answer(k):
+                        continue
+                    dumped.append((k, answer))
+                self._remember(dumped)
             self.nat = {}  # the answers are kept; the whole index is not
             return
         answers = self._guard(self._get, unknown)
@@ -330,14 +398,18 @@ class ConntrackTable:
     def forget(self, key: FlowKey) -> None:
         """The socket is gone: its tuple may come back as another connection."""
         self._answers.pop(key, None)
+        self._tries.pop(key, None)
 
     def refresh(self) -> bool:
         """Replace :attr:`nat` with the table's DNAT'ed entries as they are now (one dump). False if
         conntrack is unavailable (then :attr:`nat` is empty)."""
-        entries = self._guard(self._dump)
-        if entries is None:
+        dumped = self._guard(self._dump)
+        if dumped is None:
             self.nat = {}
             return False
+        entries, malformed = dumped
+        self.malformed += malformed
+        self._complete = malformed == 0
         self.dumps += 1
         self.entries += len(entries)
         idx = index_entries(entries, self.max_entries)
@@ -358,11 +430,14 @@ class ConntrackTable:
             "answers": len(self._answers),
             "errors": self.errors,
             "skipped": self.skipped,
+            "malformed": self.malformed,
+            "malformed_given_up": self.malformed_given_up,
         }
 
     def close(self) -> None:
         self.nat = {}
         self._answers.clear()
+        self._tries.clear()
 
     # --- I/O ------------------------------------------------------------------------------------------
 
@@ -371,6 +446,7 @@ class ConntrackTable:
             if key not in self._answers and len(self._answers) >= self._answers.maxsize:
                 self.evicted += 1
             self._answers[key] = answer
+            self._tries.pop(key, None)
 
     def _guard(self, fn: Callable[..., _T], *args: object) -> _T | None:
         """Run one netlink exchange; any failure is the degraded mode (None), logged once per outage."""
@@ -389,50 +465,64 @@ class ConntrackTable:
 
     def _socket(self) -> socket.socket:
         # A fresh socket per exchange: a namespace re-created since the last interval is found.
-        sock = open_netlink_in(self.netns)
+        sock = self._open_socket(self.netns)
         sock.settimeout(self.timeout_s)
-        sock.bind((0, 0))
         return sock
 
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         return self._seq
 
-    def _dump(self) -> list[CtEntry]:
+    def _dump(self) -> tuple[list[CtEntry], int]:
+        """The entries, and how many messages were malformed."""
         with self._socket() as sock:
             seq = self._next_seq()
             sock.send(dump_request(seq))
             entries: list[CtEntry] = []
+            malformed = 0
             while True:
-                got, done, skipped = parse_dump(sock.recv(_RECV_BYTES), seq)
-                entries += got
-                self.skipped += skipped
-                if done:
-                    return entries
+                part = parse_dump(_recv(sock), seq)
+                entries += part.entries
+                self.skipped += part.skipped
+                malformed += part.malformed
+                if part.done:
+                    return entries, malformed
 
     def _get(self, keys: list[FlowKey]) -> dict[FlowKey, tuple[str, int] | None]:
-        """One GET per key, sent in windows (the answers of a window fit the socket's receive buffer)."""
+        """One GET per key, sent in windows of GET_WINDOW; each answer is paired with its key by its sequence
+        number. A key whose answer was malformed is left out (asked again), unless it is given up on."""
         out: dict[FlowKey, tuple[str, int] | None] = {}
         with self._socket() as sock:
-            for start in range(0, len(keys), 64):
-                window = {self._next_seq(): k for k in keys[start : start + 64]}
+            for start in range(0, len(keys), GET_WINDOW):
+                window = {self._next_seq(): k for k in keys[start : start + GET_WINDOW]}
                 for seq, key in window.items():
                     sock.send(get_request(seq, key))
                 while window:
-                    for seq, reply in parse_replies(sock.recv(_RECV_BYTES)):
-                        key = window.pop(seq, None)
-                        if key is None:
+                    for seq, reply in parse_replies(_recv(sock)):
+                        if seq not in window:
                             self.skipped += 1
                             continue
+                        key = window.pop(seq)
                         self.gets += 1
                         if isinstance(reply, CtEntry):
                             out[key] = index_entries([reply], 1).nat.get(key)
-                            continue
-                        if reply is None:
-                            self.skipped += 1
+                        elif reply is None:  # no answer: asked again next interval, unless given up on
+                            self.malformed += 1
+                            if self._no_answer(key):
+                                out[key] = None
                         elif reply == errno.ENOENT:
                             self.gets_missing += 1
+                            out[key] = None
                         else:  # EPERM, ...: not about this key, about us
                             raise ConntrackDumpError(reply, os.strerror(reply))
-                        out[key] = None
         return out
+
+    def _no_answer(self, key: FlowKey) -> bool:
+        """One more malformed answer that may be about ``key``; True once it has had MALFORMED_TRIES of them
+        (given up on: the caller keeps it as unknown)."""
+        tries = self._tries.pop(key, 0) + 1
+        if tries < MALFORMED_TRIES:
+            self._tries[key] = tries
+            return False
+        self.malformed_given_up += 1
+        return True

@@ -6,6 +6,7 @@ conntrack and ships the backend that really answered with the client's flow.
 
 from __future__ import annotations
 
+import random
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,6 +91,8 @@ def test_client_flow_to_a_vip_carries_the_backend(nat_topo: NatTopology, tmp_pat
         assert (f.nat_remote_ip, f.nat_remote_port) == ("", 0)
     # one GET for the one new client socket, no dump (few new sockets), no error
     assert stats.counters["nat_gets"] >= 1 and stats.counters["nat_errors"] == 0
+    # a malformed answer is counted where the agent's stats are read, even when there is none
+    assert {"nat_malformed", "nat_malformed_given_up"} <= set(stats.counters) and stats.counters["nat_malformed"] == 0
 
 
 def test_untranslated_connection_has_no_nat_fields(nat_topo: NatTopology, tmp_path: Path) -> None:
@@ -160,3 +163,38 @@ def test_the_dump_decoder_reads_what_the_kernel_holds(nat_topo: NatTopology) -> 
         assert c["gets_missing"] == (1 if gets else 0)  # the untracked tuple; the untranslated one exists
         agent_side.forget(keys[0])
         assert agent_side.lookup(keys[0]) is None and agent_side.counters()["answers"] == 4
+
+
+def test_gets_past_one_window_pair_every_answer_with_its_key(nat_topo: NatTopology, tmp_path: Path) -> None:
+    """More new sockets than one window of GETs, not enough for a dump: 150 DNAT'ed entries (each to its
+    own backend port, so an answer paired with the wrong key shows), 20 untranslated ones and 30 tuples
+    conntrack does not have, shuffled so every window mixes entries, ENOENT errors and untranslated ones."""
+    from node_exporter.nat.conntrack import DEFAULT_GET_LIMIT, GET_WINDOW, ConntrackTable, FlowKey
+
+    client, est = "198.18.9.5", "--state ESTABLISHED -t 600 -u ASSURED,SEEN_REPLY"
+    expected: dict[FlowKey, tuple[str, int] | None] = {}
+    lines = []
+    for i in range(150):
+        vip, backend = f"198.19.9.{i % 50 + 1}", (f"198.18.10.{i % 250 + 1}", 8000 + i)
+        lines.append(f"-I -p tcp -s {client} -d {vip} --sport {20000 + i} --dport 80 {est} "
+                     f"--dst-nat {backend[0]}:{backend[1]}")  # fmt: skip
+        expected[(6, client, 20000 + i, vip, 80)] = backend
+    for i in range(20):
+        lines.append(f"-I -p tcp -s {client} -d 198.18.11.{i + 1} --sport {21000 + i} --dport 8080 {est}")
+        expected[(6, client, 21000 + i, f"198.18.11.{i + 1}", 8080)] = None
+    for i in range(30):
+        expected[(6, client, 22000 + i, "198.19.9.1", 80)] = None  # no such entry: ENOENT
+    entries = tmp_path / "entries"
+    entries.write_text("\n".join(lines) + "\n")
+    nat_topo.node.run("conntrack", "-R", str(entries))
+    keys = list(expected)
+    random.Random(7).shuffle(keys)
+    assert GET_WINDOW < len(keys) <= DEFAULT_GET_LIMIT  # several windows, and still GETs, not a dump
+
+    table = ConntrackTable(nat_topo.node.path)
+    table.resolve(keys)
+    assert {k: table.lookup(k) for k in keys} == expected
+    c = table.counters()
+    assert (c["gets"], c["gets_missing"], c["dumps"], c["answers"]) == (200, 30, 0, 200)
+    assert (c["skipped"], c["errors"]) == (0, 0)
+    assert table.refresh() and table.nat == {k: v for k, v in expected.items() if v is not None}  # the dump agrees
