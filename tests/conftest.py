@@ -11,6 +11,12 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests check behaviour, not speed (bench/ measures speed): on a 2-core machine busy with
+# kernel tests, one slow example must not fail them (hypothesis' 200 ms deadline, its too_slow check).
+settings.register_profile("kscope", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("kscope")
 
 REPO = Path(__file__).resolve().parents[1]
 BPF_DIR = REPO / "build" / "bpf"
