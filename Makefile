@@ -22,6 +22,7 @@ BPF_CFLAGS := -target bpf -g -O2 -mcpu=v3 -D__TARGET_ARCH_x86 -Wall -Werror -Wno
 BPF_HDRS := $(wildcard bpf_src/*.h bpf_src/abi/*.h)
 BPF_OBJS := $(patsubst bpf_src/%.bpf.c,$(BUILD)/bpf/%.bpf.o,$(wildcard bpf_src/*.bpf.c))
 FIXTURE_OBJS := $(patsubst tests/bpf_fixtures/%.bpf.c,$(BUILD)/bpf/fixtures/%.bpf.o,$(wildcard tests/bpf_fixtures/*.bpf.c))
+BENCH_OBJS := $(patsubst bench/%.bpf.c,$(BUILD)/bpf/bench/%.bpf.o,$(wildcard bench/*.bpf.c))
 PROTOS := $(wildcard proto/kscope/v1/*.proto)
 PROTO_PY := $(PROTOS:.proto=_pb2.py)
 
@@ -37,7 +38,7 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest $(ARGS)
 
-bench: setup
+bench: setup $(BENCH_OBJS)
 	$(PY) bench/overhead.py $(ARGS)
 	$(PY) bench/l7_syscalls.py
 	$(PY) bench/conntrack.py
@@ -75,6 +76,10 @@ $(BUILD)/bpf/%.bpf.o: bpf_src/%.bpf.c $(BPF_HDRS) $(BUILD)/vmlinux.h
 	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 
 $(BUILD)/bpf/fixtures/%.bpf.o: tests/bpf_fixtures/%.bpf.c $(BPF_HDRS) $(BUILD)/vmlinux.h
+	@mkdir -p $(@D)
+	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+
+$(BUILD)/bpf/bench/%.bpf.o: bench/%.bpf.c $(BPF_HDRS) $(BUILD)/vmlinux.h
 	@mkdir -p $(@D)
 	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from common import REPO, cpu_seconds, free_port, nginx, wrk_requests
 
 AGENT = REPO / ".venv" / "bin" / "kscope-agent"
+FLOOR_OBJECT = REPO / "build" / "bpf" / "bench" / "l7_floor.bpf.o"  # make bench builds it
 
 
 def wrk(port: int, seconds: int, connections: int, close: bool) -> float:
@@ -183,9 +184,23 @@ def l7_summary(runs: list[dict[str, float]], base: list[float], base_cpu: list[f
     }  # fmt: skip
 
 
-def saturation(port: int, rounds: int, seconds: int, connections: int, close: bool) -> dict[str, object]:
+def floor_round(port: int, seconds: int, connections: int, close: bool) -> tuple[float, float]:
+    """The agent with L4 only, plus bench/l7_floor.bpf.c: what the L7 capture design costs per call
+    before any work of its own (socket storage lookup, user buffer found, 16 bytes read)."""
+    from node_exporter.bpf.loader import BpfObject  # the bench process loads it: needs root, like the agent
+
+    caps = {"floor_send": "floor", "floor_recv": "floor"}
+    with BpfObject(FLOOR_OBJECT, capabilities=caps, required=frozenset({"floor"})), AgentProc(l7=False) as agent:
+        return measured_wrk(port, seconds, connections, close, agent.proc.pid)
+
+
+def saturation(
+    port: int, rounds: int, seconds: int, connections: int, close: bool, floor: bool = False
+) -> dict[str, object]:
     """Per round: baseline, L4 only, L4+L7 with the default record rate (summaries past it), and
-    L4+L7 with every request a record (--l7-record-rate 0), interleaved."""
+    L4+L7 with every request a record (--l7-record-rate 0), interleaved; with ``floor``, also L4 and
+    the floor probe (floor_round)."""
+    r_floor, floor_cpu = [], []
     r_l4, base, cpu_conn, base_cpu, l4_cpu = [], [], [], [], []
     default: list[dict[str, float]] = []
     records: list[dict[str, float]] = []
@@ -196,6 +211,10 @@ def saturation(port: int, rounds: int, seconds: int, connections: int, close: bo
             time.sleep(1.2)
             if close:
                 cpu_conn.append(agent.cpu() / (a4 * seconds / 1000))
+        if floor:
+            f, f_cpu = floor_round(port, seconds, connections, close)
+            r_floor.append(f / b)
+            floor_cpu.append(f_cpu)
         default.append(l7_round(port, seconds, connections, close, None))
         records.append(l7_round(port, seconds, connections, close, 0))
         base.append(b)
@@ -212,6 +231,10 @@ def saturation(port: int, rounds: int, seconds: int, connections: int, close: bo
         "l4_l7": l7_summary(default, base, base_cpu),
         "l4_l7_every_request_a_record": l7_summary(records, base, base_cpu),
     }
+    if floor:
+        result["ratio_l4_floor_median"] = med(r_floor)
+        result["ratio_l4_floor_rounds"] = [round(r, 3) for r in r_floor]
+        result["l4_floor_cpu_ratio_median"] = med([b / a for a, b in zip(floor_cpu, base_cpu, strict=True)])
     if close:
         result["agent_cpu_s_per_1000_connections_l4_median"] = med(cpu_conn)
     return result
@@ -255,6 +278,11 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=10_000, help="fixed-rate workload, requests/s")
     ap.add_argument("--rate-seconds", type=int, default=10, help="length of each fixed-rate run")
     ap.add_argument("--only", choices=("keepalive", "churn", "fixed_rate"), help="one workload")
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="keep-alive also with L4 + bench/l7_floor.bpf.c (the L7 design's cost before its own work)",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root (the agent loads BPF programs)", file=sys.stderr)
@@ -263,13 +291,16 @@ def main() -> int:
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             print(f"bench: {tool} not found (make setup installs it)", file=sys.stderr)
             return 2
+    if args.floor and not FLOOR_OBJECT.exists():
+        print(f"bench: {FLOOR_OBJECT} not built (make bench builds it)", file=sys.stderr)
+        return 2
     port = free_port()
     global NGINX_WORKER
     with tempfile.TemporaryDirectory(prefix="kscope-bench-") as tmp, nginx(Path(tmp), port) as master:
         NGINX_WORKER = int(subprocess.check_output(["pgrep", "-P", str(master.pid)]).split()[0])
         wrk(port, 1, args.connections, False)  # warm up
         workloads = {
-            "keepalive": lambda: saturation(port, args.rounds, args.seconds, args.connections, close=False),
+            "keepalive": lambda: saturation(port, args.rounds, args.seconds, args.connections, False, args.floor),
             "churn": lambda: saturation(port, args.rounds, args.seconds, args.connections, close=True),
             "fixed_rate": lambda: fixed_rate(port, args.rounds, args.rate_seconds, args.rate, args.connections),
         }
