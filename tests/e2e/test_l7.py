@@ -18,7 +18,11 @@ from typing import Any, TypeVar
 
 import pytest
 
+from node_exporter.bpf.abi import KscopeL7Exchange
+from node_exporter.l7.collector import L7Collector
+from node_exporter.l7.exchanges import EXCHANGE_SIZE, ExchangeBatch
 from node_exporter.protocols import Role
+from tests.e2e.l7peer import request as peer_request
 from tests.e2e.l7trace import (
     MS,
     DnsEvent,
@@ -219,6 +223,32 @@ def test_pipelined_requests_pair_in_order(topo: Topology, tmp_path: Path, tracin
     # The three requests left in one send: one chunk, one timestamp.
     assert len({e.record.start_ns for e in client}) == 1
     assert trace.pipe.counters()["invalid_frames"] == 0
+
+
+def test_exchange_heads_exact_and_zero_after(topo: Topology, tmp_path: Path) -> None:
+    """A socket's request is read straight into whichever of its two heads the previous exchange does
+    not use (no copy): each record still carries exactly its own request's first bytes and zeros after
+    them (the ABI), also where a shorter request lands on a longer one's head, and past the head's size."""
+    start_l7_nginx(topo, tmp_path, PORT)
+    head_size = len(KscopeL7Exchange().head)
+    paths = ["/" + "long" * 60, "/s", "/" + "m" * 30, "/x", "/" + "z" * 450, "/y", "/" + "w" * 9]
+    records: list[KscopeL7Exchange] = []
+    with L7Collector(netns_ino=topo.cli.ino, tls=False, record_rate=0, idle_s=0.05) as col:
+        cli = l7peer(topo, topo.cli, "http-client", "--to", SRV_V4, "--port", str(PORT))
+        cli.expect("connected")
+        for path in paths:
+            require(cli.call(f"get {path}", "done")["statuses"] == {"200": 1}, path)
+        deadline = time.monotonic() + 5
+        while len(records) < len(paths) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            col.sweep()  # the last exchange, idle, leaves by the sweep
+            for item in col.poll():
+                if isinstance(item, ExchangeBatch):
+                    stride = 8 + EXCHANGE_SIZE
+                    records += [KscopeL7Exchange.from_buffer_copy(item.data, i * stride + 8) for i in range(item.n)]
+    assert [bytes(r.head[: r.head_len]) for r in records] == [peer_request(p)[:head_size] for p in paths]
+    assert [r.head_len for r in records] == [min(len(peer_request(p)), head_size) for p in paths]
+    assert all(not any(r.head[r.head_len :]) for r in records)
 
 
 # ---- 5: DNS over UDP: NOERROR, NXDOMAIN, SERVFAIL -------------------------------------------------
