@@ -713,7 +713,7 @@ static __always_inline void slot_flush(struct sock *sk, struct l7_xchg *x, struc
 {
 	struct kscope_l7_summary *r;
 	bool filled = false;
-	__u32 lost = 0;
+	__u32 lost = 0, sent;
 
 	if (!s->count || (!all && now - s->first_ns < summary_ns))
 		return;
@@ -732,8 +732,12 @@ static __always_inline void slot_flush(struct sock *sk, struct l7_xchg *x, struc
 	bpf_spin_unlock(&x->lock);
 	if (r) {
 		if (filled) {
+			/* counted as they leave, not one by one as they are summed (a counter per request
+			 * was a measurable part of the exchange path) */
+			sent = r->count;
 			bpf_ringbuf_submit(r, BPF_RB_NO_WAKEUP);
 			stat_inc(KSCOPE_L7_STAT_SUMMARIES);
+			stat_add(KSCOPE_L7_STAT_SUMMARIZED, sent);
 		} else {
 			bpf_ringbuf_discard(r, BPF_RB_NO_WAKEUP);
 		}
@@ -756,8 +760,11 @@ static __always_inline void evict_send(struct kscope_l7_summary *ev, bool evicte
 	if (!ev)
 		return;
 	if (evicted) {
+		__u32 n = ev->count;
+
 		bpf_ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
 		stat_inc(KSCOPE_L7_STAT_SUMMARIES);
+		stat_add(KSCOPE_L7_STAT_SUMMARIZED, n);
 		stat_inc(KSCOPE_L7_STAT_SLOTS_FULL);
 	} else {
 		bpf_ringbuf_discard(ev, BPF_RB_NO_WAKEUP);
@@ -911,8 +918,6 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 	bpf_spin_unlock(&x->lock);
 	xrec_send(r, filled);
 	evict_send(ev, evicted);
-	if (folded)
-		stat_inc(KSCOPE_L7_STAT_SUMMARIZED);
 	if (fold_failed)
 		stat_inc(KSCOPE_L7_STAT_SUMMARY_LOST);
 	return true;
@@ -1358,8 +1363,6 @@ static __always_inline void xchg_retire(struct sock *sk, struct l7_xchg *x, __u8
 	bpf_spin_unlock(&x->lock);
 	xrec_send(r, filled);
 	evict_send(ev, evicted);
-	if (folded)
-		stat_inc(KSCOPE_L7_STAT_SUMMARIZED);
 	if (fold_failed)
 		stat_inc(KSCOPE_L7_STAT_SUMMARY_LOST);
 }

@@ -51,7 +51,7 @@ enum kscope_l7_stat {
 	KSCOPE_L7_STAT_EXCHANGE_RB_FULL = 11, /* exchange dropped: ring buffer full */
 	KSCOPE_L7_STAT_TLS_CALL_LOST = 12, /* an SSL_* call returned with no entry recorded (the bounded
 	                                     * tls_calls LRU evicted it, or it began before attach): lost */
-	KSCOPE_L7_STAT_SUMMARIZED = 13,  /* exchanges folded into a summary instead of a record of their own */
+	KSCOPE_L7_STAT_SUMMARIZED = 13,  /* exchanges in the summaries sent (summed instead of a record of their own) */
 	KSCOPE_L7_STAT_SUMMARIES = 14,   /* summary records sent to user space */
 	KSCOPE_L7_STAT_SUMMARY_RB_FULL = 15, /* no room for a summary: a due one waits for the next sweep (an
 	                                      * attempt per sweep); what is lost counts in SUMMARY_LOST */

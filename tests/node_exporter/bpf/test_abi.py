@@ -66,8 +66,10 @@ def test_l7_capture_bound_matches_header(btf_of: dict[str, Btf]) -> None:
 
 
 def test_l7_exchange_head_bound_matches_kernel_state(btf_of: dict[str, Btf]) -> None:
-    # the socket's exchange state holds exactly the head the record carries (copied whole)
+    # the socket's exchange state holds two heads (the current exchange's, the next request's), each
+    # exactly the head the record carries (copied whole)
     state = {m.name: m for m in btf_of["l7.bpf.o"].members("l7_xchg")}
     record = {m.name: m for m in btf_of["l7.bpf.o"].members("kscope_l7_exchange")}
-    assert state["head"].array_len == record["head"].array_len == abi.L7_HEAD
+    assert record["head"].array_len == abi.L7_HEAD
+    assert state["head"].array_len == 2 and state["head"].size_bytes == 2 * record["head"].size_bytes
     assert abi.KscopeL7Exchange.head.offset + abi.L7_HEAD == ctypes.sizeof(abi.KscopeL7Exchange)
