@@ -1196,11 +1196,7 @@ static __always_inline void tls_exit(int ret) /* SSL_* return an int */
 		bpf_map_delete_elem(&tls_calls, &tid);
 		return;
 	}
-	n = l7_clamp_capture(len, ~0ULL, capture_bytes);
-	if (n && bpf_probe_read_user(c->data, n & READ_MASK, (void *)call->buf)) {
-		stat_inc(KSCOPE_L7_STAT_READ_FAILED);
-		n = 0;
-	}
+	n = l7_read_head(c, (const void *)call->buf, len, ~0ULL, capture_bytes);
 	bpf_map_delete_elem(&tls_calls, &tid);
 	if (dir == KSCOPE_DIR_EGRESS) {
 		seq = conn->seq[0];
@@ -1220,21 +1216,15 @@ static __always_inline void tls_exit(int ret) /* SSL_* return an int */
 		conn->role = role;
 	}
 	__builtin_memset(&c->hdr, 0, sizeof(c->hdr));
-	c->hdr.type = KSCOPE_REC_L7;
-	c->hdr.direction = dir;
-	c->hdr.protocol = conn->protocol;
-	c->hdr.flags = KSCOPE_L7_TLS | (n < len ? KSCOPE_L7_TRUNCATED : 0);
+	l7_chunk_call(c, true, n, len, seq, dir, conn->protocol, conn->role, IPPROTO_TCP);
+	c->hdr.flags |= KSCOPE_L7_TLS;
 	c->hdr.netns_ino = conn->netns_ino;
 	c->hdr.sock_cookie = conn->sock_cookie;
-	c->hdr.seq = seq;
 	__builtin_memcpy(c->hdr.saddr, conn->saddr, 16);
 	__builtin_memcpy(c->hdr.daddr, conn->daddr, 16);
 	c->hdr.sport = conn->sport;
 	c->hdr.dport = conn->dport;
 	c->hdr.family = conn->family;
-	c->hdr.role = conn->role;
-	c->hdr.ip_proto = IPPROTO_TCP;
-	c->hdr.len = len;
 	fill_task(&c->hdr);
 	submit(c, n);
 }
