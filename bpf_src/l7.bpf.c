@@ -339,20 +339,34 @@ static __always_inline bool several_requests(const __u8 *d, __u32 n)
 	return s.ends > 1;
 }
 
-/* A ring-buffer slot for an exchange record, socket fields filled (helpers: before any lock). */
-static __always_inline struct kscope_l7_exchange *xrec_reserve(struct sock *sk)
+_Static_assert(sizeof(struct kscope_l7_summary) == sizeof(struct kscope_l7_exchange) &&
+		       __builtin_offsetof(struct kscope_l7_summary, comm) ==
+			       __builtin_offsetof(struct kscope_l7_exchange, comm),
+	       "a summary is an exchange record's size with its prefix (xring_reserve fills both)");
+
+/* A slot on the exchange ring for an exchange or a summary record, socket fields filled (helpers:
+ * before any lock); 0 when the ring is full (the caller counts). */
+static __always_inline struct kscope_l7_exchange *xring_reserve(struct sock *sk, __u8 type)
 {
 	struct kscope_l7_exchange *r = bpf_ringbuf_reserve(&l7_xring, sizeof(*r), 0);
+
+	if (!r)
+		return 0;
+	r->type = type;
+	read_tuple(r->saddr, r->daddr, &r->sport, &r->dport, &r->family, sk);
+	r->netns_ino = sk->__sk_common.skc_net.net->ns.inum;
+	r->sock_cookie = bpf_get_socket_cookie(sk);
+	return r;
+}
+
+static __always_inline struct kscope_l7_exchange *xrec_reserve(struct sock *sk)
+{
+	struct kscope_l7_exchange *r = xring_reserve(sk, KSCOPE_REC_L7_EXCHANGE);
 
 	if (!r) {
 		stat_inc(KSCOPE_L7_STAT_RB_FULL);
 		stat_inc(KSCOPE_L7_STAT_EXCHANGE_RB_FULL);
-		return 0;
 	}
-	r->type = KSCOPE_REC_L7_EXCHANGE;
-	read_tuple(r->saddr, r->daddr, &r->sport, &r->dport, &r->family, sk);
-	r->netns_ino = sk->__sk_common.skc_net.net->ns.inum;
-	r->sock_cookie = bpf_get_socket_cookie(sk);
 	return r;
 }
 
@@ -642,19 +656,12 @@ static __always_inline bool slot_fold(struct l7_xchg *x)
 
 static __always_inline struct kscope_l7_summary *summary_reserve(struct sock *sk)
 {
-	struct kscope_l7_summary *r = bpf_ringbuf_reserve(&l7_xring, sizeof(*r), 0);
+	struct kscope_l7_summary *r = (struct kscope_l7_summary *)xring_reserve(sk, KSCOPE_REC_L7_SUMMARY);
 
-	if (!r) {
-		/* not RB_FULL ("a record dropped"): a due summary stays in its slot for the next sweep;
-		 * what is really lost (at close, or the request that needed an evicted slot) counts
-		 * in SUMMARY_LOST */
+	/* not RB_FULL ("a record dropped"): a due summary stays in its slot for the next sweep; what
+	 * is really lost (at close, or the request that needed an evicted slot) counts in SUMMARY_LOST */
+	if (!r)
 		stat_inc(KSCOPE_L7_STAT_SUMMARY_RB_FULL);
-		return 0;
-	}
-	r->type = KSCOPE_REC_L7_SUMMARY;
-	read_tuple(r->saddr, r->daddr, &r->sport, &r->dport, &r->family, sk);
-	r->netns_ino = sk->__sk_common.skc_net.net->ns.inum;
-	r->sock_cookie = bpf_get_socket_cookie(sk);
 	return r;
 }
 
