@@ -260,7 +260,10 @@ class Agent:
             live = Live(self.view.render(self.opts.interval_s), refresh_per_second=2, screen=False)
             live.start()
         try:
-            while not self.stop.is_set():
+            # Until a last interval has run: a stop (or the deadline) that comes while an interval
+            # is being reported still gets its final one (capture stopped, kernel flushed, drained).
+            last = False
+            while not last:
                 end = time.monotonic() + self.opts.interval_s
                 if deadline is not None:
                     end = min(end, deadline)
@@ -275,8 +278,6 @@ class Agent:
                 self.step()
                 if live is not None:
                     live.update(self.view.render(self.opts.interval_s))
-                if deadline is not None and time.monotonic() >= deadline:
-                    break
         finally:
             if live is not None:
                 live.stop()
