@@ -132,25 +132,29 @@ SG_CLIENT_SECONDS: Final = Instrument(
 # ---- endpoint attributes ------------------------------------------------------------------------
 
 
-def _has_role(key: str) -> bool:
-    return key.startswith(_ROLE_PREFIXES)
-
-
 def identity(endpoint: Attrs) -> Attrs:
     """Who an endpoint is (pod, workload, service), without how it was reached."""
-    return tuple((k, v) for k, v in endpoint if not _has_role(k))
+    # The pairs themselves, the prefix test inline: once per new series or span edge, for every pair.
+    return tuple([pair for pair in endpoint if not pair[0].startswith(_ROLE_PREFIXES)])
+
+
+@lru_cache(maxsize=1024)  # keys are the resolver's semconv names: a few dozen
+def _peer_key(key: str) -> str:
+    # One string per key, its hash kept: every cache these attributes key hashes it again.
+    return key if key.startswith(_ROLE_PREFIXES) else PEER_PREFIX + key
 
 
 def peer_attributes(endpoint: Attrs) -> list[tuple[str, AttrValue]]:
     """The other side: its identity under ``peer.``, its role keys (``server.address``) as they are."""
-    return [(k if _has_role(k) else PEER_PREFIX + k, v) for k, v in endpoint]
+    return [(_peer_key(k), v) for k, v in endpoint]
 
 
 def record_attributes(edge: Edge, side: Side) -> list[tuple[str, AttrValue]]:
     """Attributes of one span or log record: spans are not aggregated, so every role key stays
     (client.port included, it is this request's own), and the peer's identity; the observing
     side's identity is the record's resource."""
-    return [*((k, v) for k, v in edge.of(side) if _has_role(k)), *peer_attributes(edge.peer_of(side))]
+    own = [pair for pair in edge.of(side) if pair[0].startswith(_ROLE_PREFIXES)]
+    return own + peer_attributes(edge.peer_of(side))
 
 
 def metric_attributes(edge: Edge, side: Side) -> list[tuple[str, AttrValue]]:
