@@ -251,12 +251,18 @@ _new_tuple: Final = tuple.__new__  # a Sample without NamedTuple's Python-level 
 # objects every interval: no sorting per point, and the encoder caches their bytes by identity.
 # Bounded like every cache fed from the wire.
 @lru_cache(maxsize=65_536)
+def _metric_base(edge: Edge, side: Side) -> tuple[tuple[str, AttrValue], ...]:
+    """``metric_attributes`` once per edge and side: an edge side has many RED keys (method, route,
+    status) and L4 attribute sets, which then share these pairs instead of each making its own."""
+    return tuple(metric_attributes(edge, side))
+
+
+@lru_cache(maxsize=65_536)
 def _red_attributes(
     edge: Edge, side: Side, protocol: Protocol, method: str, route: str, status: int | None, error_type: str,
     extra: Attrs,
 ) -> Attrs:  # fmt: skip
-    pairs = metric_attributes(edge, side)
-    pairs += extra
+    pairs = [*_metric_base(edge, side), *extra]
     pairs += PROTOCOLS[protocol].attributes(side, method, route, status, error_type)
     return attrs(pairs)
 
@@ -271,7 +277,7 @@ def _red_sample(p: RedPoint) -> Sample:
 @lru_cache(maxsize=65_536)
 def _l4_attributes(edge: Edge, side: Side) -> tuple[Attrs, Attrs, Attrs]:
     """(transmit, receive, plain) attribute sets of one edge's L4 metrics seen from ``side``."""
-    base = metric_attributes(edge, side)
+    base = _metric_base(edge, side)
     return (
         attrs([*base, (NETWORK_IO_DIRECTION, "transmit")]),
         attrs([*base, (NETWORK_IO_DIRECTION, "receive")]),
@@ -281,7 +287,7 @@ def _l4_attributes(edge: Edge, side: Side) -> tuple[Attrs, Attrs, Attrs]:
 
 @lru_cache(maxsize=4_096)
 def _l4_failure_attributes(edge: Edge, side: Side, error_type: str) -> Attrs:
-    return attrs([*metric_attributes(edge, side), (ERROR_TYPE, error_type)])
+    return attrs([*_metric_base(edge, side), (ERROR_TYPE, error_type)])
 
 
 def l4_samples(p: L4Point) -> list[Sample]:

@@ -41,3 +41,12 @@ def test_peer_key_cache_is_bounded_and_stays_right_past_its_limit() -> None:
         assert semconv._peer_key(f"k8s.label.{i}") == f"peer.k8s.label.{i}"
     assert semconv._peer_key.cache_info().currsize == limit
     assert semconv._peer_key("server.port") == "server.port"
+
+
+def test_metric_base_cache_is_bounded_and_stays_right_past_its_limit() -> None:
+    semconv._metric_base.cache_clear()
+    limit = semconv._metric_base.cache_parameters()["maxsize"]
+    for i in range(limit + 10):
+        e = edge(pod=f"cart-{i}")
+        assert semconv._metric_base(e, Side.CLIENT) == tuple(semconv.metric_attributes(e, Side.CLIENT))
+    assert semconv._metric_base.cache_info().currsize == limit
