@@ -366,17 +366,20 @@ def parse_traceparent(header: str) -> tuple[bytes, bytes, int] | None:
     h = header.strip()
     if len(h) == 55 and h[:3] == "00-" and h[35] == "-" and h[52] == "-":
         # Version 00, the one headers carry, has this one shape: its three fields decoded without
-        # the regular expression. A field is lowercase hex exactly when it survives the round trip
-        # (fromhex also takes upper case and spaces, and raises on anything else).
-        trace_hex, span_hex, flags_hex = h[3:35], h[36:52], h[53:]
+        # the regular expression, in one call (a header per request). The fields are lowercase hex
+        # exactly when their text survives the round trip (fromhex also takes upper case and
+        # spaces, and raises on anything else).
+        text = h[3:35] + h[36:52] + h[53:]
         try:
-            trace_id, span_id, flags = bytes.fromhex(trace_hex), bytes.fromhex(span_hex), bytes.fromhex(flags_hex)
+            raw = bytes.fromhex(text)
         except ValueError:
             return None
-        if (trace_id.hex() != trace_hex or span_id.hex() != span_hex or flags.hex() != flags_hex
-                or trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID):  # fmt: skip
+        if raw.hex() != text:
             return None
-        return trace_id, span_id, flags[0]
+        trace_id, span_id = raw[:16], raw[16:24]
+        if trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:
+            return None
+        return trace_id, span_id, raw[24]
     return _parse_traceparent(h)
 
 

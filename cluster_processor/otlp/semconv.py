@@ -132,25 +132,29 @@ SG_CLIENT_SECONDS: Final = Instrument(
 # ---- endpoint attributes ------------------------------------------------------------------------
 
 
-def _has_role(key: str) -> bool:
-    return key.startswith(_ROLE_PREFIXES)
-
-
 def identity(endpoint: Attrs) -> Attrs:
     """Who an endpoint is (pod, workload, service), without how it was reached."""
-    return tuple((k, v) for k, v in endpoint if not _has_role(k))
+    # The pairs themselves, the prefix test inline: once per new series or span edge, for every pair.
+    return tuple([pair for pair in endpoint if not pair[0].startswith(_ROLE_PREFIXES)])
+
+
+@lru_cache(maxsize=1024)  # keys are the resolver's semconv names: a few dozen
+def _peer_key(key: str) -> str:
+    # One string per key, its hash kept: every cache these attributes key hashes it again.
+    return key if key.startswith(_ROLE_PREFIXES) else PEER_PREFIX + key
 
 
 def peer_attributes(endpoint: Attrs) -> list[tuple[str, AttrValue]]:
     """The other side: its identity under ``peer.``, its role keys (``server.address``) as they are."""
-    return [(k if _has_role(k) else PEER_PREFIX + k, v) for k, v in endpoint]
+    return [(_peer_key(k), v) for k, v in endpoint]
 
 
 def record_attributes(edge: Edge, side: Side) -> list[tuple[str, AttrValue]]:
     """Attributes of one span or log record: spans are not aggregated, so every role key stays
     (client.port included, it is this request's own), and the peer's identity; the observing
     side's identity is the record's resource."""
-    return [*((k, v) for k, v in edge.of(side) if _has_role(k)), *peer_attributes(edge.peer_of(side))]
+    own = [pair for pair in edge.of(side) if pair[0].startswith(_ROLE_PREFIXES)]
+    return own + peer_attributes(edge.peer_of(side))
 
 
 def metric_attributes(edge: Edge, side: Side) -> list[tuple[str, AttrValue]]:
@@ -247,12 +251,18 @@ _new_tuple: Final = tuple.__new__  # a Sample without NamedTuple's Python-level 
 # objects every interval: no sorting per point, and the encoder caches their bytes by identity.
 # Bounded like every cache fed from the wire.
 @lru_cache(maxsize=65_536)
+def _metric_base(edge: Edge, side: Side) -> tuple[tuple[str, AttrValue], ...]:
+    """``metric_attributes`` once per edge and side: an edge side has many RED keys (method, route,
+    status) and L4 attribute sets, which then share these pairs instead of each making its own."""
+    return tuple(metric_attributes(edge, side))
+
+
+@lru_cache(maxsize=65_536)
 def _red_attributes(
     edge: Edge, side: Side, protocol: Protocol, method: str, route: str, status: int | None, error_type: str,
     extra: Attrs,
 ) -> Attrs:  # fmt: skip
-    pairs = metric_attributes(edge, side)
-    pairs += extra
+    pairs = [*_metric_base(edge, side), *extra]
     pairs += PROTOCOLS[protocol].attributes(side, method, route, status, error_type)
     return attrs(pairs)
 
@@ -267,7 +277,7 @@ def _red_sample(p: RedPoint) -> Sample:
 @lru_cache(maxsize=65_536)
 def _l4_attributes(edge: Edge, side: Side) -> tuple[Attrs, Attrs, Attrs]:
     """(transmit, receive, plain) attribute sets of one edge's L4 metrics seen from ``side``."""
-    base = metric_attributes(edge, side)
+    base = _metric_base(edge, side)
     return (
         attrs([*base, (NETWORK_IO_DIRECTION, "transmit")]),
         attrs([*base, (NETWORK_IO_DIRECTION, "receive")]),
@@ -277,7 +287,7 @@ def _l4_attributes(edge: Edge, side: Side) -> tuple[Attrs, Attrs, Attrs]:
 
 @lru_cache(maxsize=4_096)
 def _l4_failure_attributes(edge: Edge, side: Side, error_type: str) -> Attrs:
-    return attrs([*metric_attributes(edge, side), (ERROR_TYPE, error_type)])
+    return attrs([*_metric_base(edge, side), (ERROR_TYPE, error_type)])
 
 
 def l4_samples(p: L4Point) -> list[Sample]:
