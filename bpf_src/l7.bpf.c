@@ -856,7 +856,7 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 	struct kscope_l7_summary *ev = 0;
 	__u8 method = has_buf ? request_method(d, n) : 0, comm[16];
 	__u64 id, hash = 0;
-	bool filled = false, fresh_comm, sampled, fold = false, folded = false, fold_failed = false, evicted = false;
+	bool filled = false, fresh_comm, sampled, fold = false, fold_failed = false, evicted = false;
 
 	if (!method) {
 		/* a body (or bytes of a request older than us): counted into the current request */
@@ -900,8 +900,7 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 		} else if (fold) {
 			if (ev)
 				evicted = slot_evict(ev, x);
-			folded = slot_fold(x);
-			fold_failed = !folded;
+			fold_failed = !slot_fold(x);
 		}
 	}
 	x->state = XS_REQUEST;
@@ -996,6 +995,9 @@ static __always_inline bool xchg_call(struct sock *sk, struct l7_sock *st, struc
 	x->role = st->role; /* set by the socket's own calls only, before the sweep can see a state */
 	if (n > avail)
 		n = avail;
+	/* Each direction reads on its own: one read for both (destination chosen before it) made the
+	 * verifier walk both bounds through the rest of the program and l7_send past its 1M
+	 * instructions (E2BIG) at some capture sizes. */
 	if (!req_dir) {
 		if (n > STATUS_HEAD)
 			n = STATUS_HEAD; /* the status line's start is all a response tells us */
@@ -1319,13 +1321,21 @@ int BPF_KRETPROBE(ssl_exit_multi, long ret)
 
 /* ---- exchanges that no next request ends: closed sockets and idle keep-alive ------------ */
 
-/* Emit the exchange if it is still due under the lock (closed, idle, unanswered too long; final:
- * the agent's last sweep, capture stopped, any answered one); the record slot is taken before. */
+/* Whether the sweep sends the exchange now: answered and idle (final: the agent's last sweep,
+ * capture stopped: any answered one), or unanswered too long. */
+static __always_inline bool xchg_due(const struct l7_xchg *x, __u64 now, bool final)
+{
+	return (x->state == XS_ANSWERED && (final || now - x->last_ns >= idle_ns)) ||
+	       (x->state == XS_REQUEST && now - x->start_ns >= unanswered_ns);
+}
+
+/* Emit the exchange if it is still due under the lock (closed, or xchg_due); the record slot is
+ * taken before. */
 static __always_inline void xchg_retire(struct sock *sk, struct l7_xchg *x, __u8 reason, __u64 now, bool final)
 {
 	struct kscope_l7_exchange *r = 0;
 	struct kscope_l7_summary *ev = 0;
-	bool filled = false, fold = x->state == XS_ANSWERED && wants_summary(x), folded = false;
+	bool filled = false, fold = x->state == XS_ANSWERED && wants_summary(x);
 	bool fold_failed = false, evicted = false;
 
 	/* a socket closing after its only request (Connection: close): a summary of one would cost
@@ -1342,8 +1352,7 @@ static __always_inline void xchg_retire(struct sock *sk, struct l7_xchg *x, __u8
 	}
 	bpf_spin_lock(&x->lock);
 	if (x->state == XS_REQUEST || x->state == XS_ANSWERED) {
-		if (reason == KSCOPE_EMIT_CLOSE || (x->state == XS_ANSWERED && (final || now - x->last_ns >= idle_ns)) ||
-		    (x->state == XS_REQUEST && now - x->start_ns >= unanswered_ns)) {
+		if (reason == KSCOPE_EMIT_CLOSE || xchg_due(x, now, final)) {
 			if (r) {
 				xrec_fill(r, x, reason);
 				filled = true;
@@ -1351,8 +1360,7 @@ static __always_inline void xchg_retire(struct sock *sk, struct l7_xchg *x, __u8
 			} else if (x->state == XS_ANSWERED) {
 				if (ev)
 					evicted = slot_evict(ev, x);
-				folded = slot_fold(x);
-				fold_failed = !folded;
+				fold_failed = !slot_fold(x);
 				x->state = reason == KSCOPE_EMIT_CLOSE ? XS_NONE : XS_EMITTED;
 			}
 		}
@@ -1402,8 +1410,7 @@ int sweep(struct bpf_iter__bpf_sk_storage_map *ctx)
 	ctl = bpf_map_lookup_elem(&l7_sweep_ctl, &zero);
 	final = ctl && *ctl;
 	now = bpf_ktime_get_ns();
-	if ((x->state == XS_ANSWERED && (final || now - x->last_ns >= idle_ns)) ||
-	    (x->state == XS_REQUEST && now - x->start_ns >= unanswered_ns))
+	if (xchg_due(x, now, final)) /* an unlocked peek: xchg_retire decides again under the lock */
 		xchg_retire(sk, x, KSCOPE_EMIT_SWEEP, now, final);
 	else if (final && x->state == XS_REQUEST)
 		stat_inc(KSCOPE_L7_STAT_STOP_PENDING); /* its response may still come: neither sent nor lost */
