@@ -440,9 +440,12 @@ class BpfObject:
         """Detach every program that captures (tracepoints, uprobes, cgroup hooks); iterators and
         maps stay, so what the kernel holds can still be swept and drained, and nothing new arrives
         after that last drain (an agent stopping this way loses no record it does not count)."""
-        stopping = [link for _, link in self._links if not (isinstance(link, int) and link in self._iter_links)]
-        self._links = [(cap, link) for cap, link in self._links if isinstance(link, int) and link in self._iter_links]
+        stopping = [link for _, link in self._links if not self._is_iter(link)]
+        self._links = [(cap, link) for cap, link in self._links if self._is_iter(link)]
         _destroy_all(list(reversed(stopping)))
+
+    def _is_iter(self, link: Link) -> bool:
+        return isinstance(link, int) and link in self._iter_links
 
     def detach(self, link: Link) -> None:
         """Destroy one link made by an attach_* method (idempotent for links already gone)."""

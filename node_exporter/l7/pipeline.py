@@ -341,19 +341,17 @@ class L7Pipeline:
                 self._retire(key, conn)
         return out
 
-    def pending_requests(self) -> int:
-        """Requests the parsers hold, waiting for their response."""
-        return sum(conn.tracker.pending_requests() for conn in self._conns.values())
-
     def counters(self) -> dict[str, int]:
         totals = dict(self._retired)
+        pending = 0
         for conn in self._conns.values():
             for name, value in conn.tracker.counters().items():
                 totals[name] += value
+            pending += conn.tracker.pending_requests()
         totals["connections_evicted"] = self.connections_evicted
         totals["chunks_unusable"] = self.chunks_unusable
         totals["connections_tracked"] = len(self._conns)
-        totals["requests_pending"] = self.pending_requests()
+        totals["requests_pending"] = pending  # held by the parsers, waiting for their response
         totals["exchange_sockets_remembered"] = len(self._xconns)
         totals["exchange_records"] = self.exchange_records
         totals["exchange_unanswered"] = self.exchange_unanswered
