@@ -13,6 +13,7 @@
 #define ETIMEDOUT 110
 #define ECONNREFUSED 111
 #define EHOSTUNREACH 113
+#define EEXIST 17
 
 /* The flush iterator pre-checks room in the seq_file buffer: returning 1 from an
  * iter program makes the kernel show the same object again on the next read()

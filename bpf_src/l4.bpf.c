@@ -39,6 +39,7 @@ struct sock_state {
 	__u64 syn_sent_ns;
 	__u64 connect_latency_ns;
 	__u64 cgroup_id;
+	__u64 flush_session; /* the flush pass that last reported it (bpf_iter_meta.session_id) */
 	__u64 total[KSCOPE_L4_COUNTERS];
 	__u64 reported[KSCOPE_L4_COUNTERS]; /* total[] at the previous record */
 	__u32 tgid;
@@ -492,26 +493,44 @@ static __always_inline bool changed(const struct sock_state *st)
 	return false;
 }
 
-/* One periodic record per socket whose counters moved. Run by user space: one read()
- * loop per interval over every socket that has kscope storage, in any namespace. */
-SEC("iter/bpf_sk_storage_map")
-int flush(struct bpf_iter__bpf_sk_storage_map *ctx)
+/* The socket a TCP iterator shows, as a pointer the storage helpers accept (the context's is
+ * trusted-or-null; after the cast it is a full TCP socket or NULL: request and time-wait
+ * sockets have no storage). */
+static __always_inline struct sock *iter_sock(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+
+	if (!skc)
+		return 0;
+	return (struct sock *)bpf_skc_to_tcp_sock(skc);
+}
+
+/* One periodic record per socket whose counters moved. Run by user space once per interval
+ * in every network namespace (a TCP iterator shows the sockets of the namespace it was
+ * created in): one read() loop each. This kernel refuses map iterators (EPERM at load), and a
+ * socket reached through a task's file is an untrusted pointer the storage helpers refuse, so
+ * the TCP iterator it is. The pass's session id in the socket's state makes a socket shown
+ * twice (the iterator resuming a bucket) one record per pass. */
+SEC("iter/tcp")
+int flush(struct bpf_iter__tcp *ctx)
 {
 	struct seq_file *seq = ctx->meta->seq;
-	struct sock *sk = ctx->sk;
+	__u64 session = ctx->meta->session_id;
 	struct kscope_l4_record *rec;
 	struct sock_state *st;
+	struct sock *sk = iter_sock(ctx);
 	__u32 zero = 0;
 
-	if (!sk || !ctx->value)
+	if (!sk)
 		return 0;
 	st = bpf_sk_storage_get(&sock_states, sk, 0, 0);
-	if (!st || (st->flags & SF_CLOSED))
+	if (!st || (st->flags & SF_CLOSED) || st->flush_session == session)
 		return 0;
 	/* a listener's accept queue is a gauge: report it while non-empty */
 	if (!changed(st) && !(st->role == KSCOPE_ROLE_LISTENER && sk->sk_ack_backlog))
 		return 0;
 	if (seq->size - seq->count < sizeof(*rec)) {
+		/* the next read() shows this socket again, in the same session */
 		stat_inc(KSCOPE_STAT_ITER_RETRY);
 		return KSCOPE_ITER_RETRY;
 	}
@@ -520,44 +539,86 @@ int flush(struct bpf_iter__bpf_sk_storage_map *ctx)
 		return 0;
 	make_record(rec, sk, st, KSCOPE_L4_PERIODIC);
 	bpf_seq_write(seq, rec, sizeof(*rec));
+	st->flush_session = session;
 	return 0;
 }
 
-/* Sockets older than the agent: run once by user space at start. Every task's every
- * file that is a TCP socket (any network namespace: the walk is over tasks) gets storage
- * now, with its role, tuple and owner, so listeners the agent never saw call listen()
- * are reported, and existing connections have an owner before their next send/recv.
- * The first flush reports each once (SF_REPORTED unset); counts start now. Threads that
- * share a file table are visited once (the task_file iterator skips them). */
+/*
+ * Sockets older than the agent, run once by user space at start, in two walks:
+ *  1. seed_owners: every task's open files (any namespace; threads sharing a file table are
+ *     visited once): the first task found holding each socket, keyed by its struct socket
+ *     (only as a number: a socket reached this way cannot be given storage, see flush);
+ *  2. seed, in every network namespace: each TCP socket gets storage now, with its role,
+ *     tuple and that owner, so listeners the agent never saw call listen() are reported, and
+ *     existing connections have an owner before their next send/recv.
+ * The first flush reports each once (SF_REPORTED unset); counts start now.
+ */
+struct seed_owner {
+	__u64 cgroup_id;
+	__u32 tgid;
+	__u32 pid;
+	__u8 comm[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KSCOPE_SEED_OWNERS);
+	__type(key, __u64); /* struct socket address */
+	__type(value, struct seed_owner);
+} seed_owners SEC(".maps");
+
 SEC("iter/task_file")
-int seed(struct bpf_iter__task_file *ctx)
+int seed_owner(struct bpf_iter__task_file *ctx)
 {
 	struct task_struct *task = ctx->task;
 	struct file *file = ctx->file;
-	struct sock_state *st;
+	struct seed_owner owner = {};
 	struct socket *sock;
-	struct sock *sk;
+	__u64 key;
+	long err;
 
 	if (!task || !file)
 		return 0;
 	sock = bpf_sock_from_file(file);
-	if (!sock)
+	/* only what the seed will look up: TCP sockets (plain loads through the untrusted pointer) */
+	if (!sock || !sock->sk || !is_tracked_family(sock->sk))
 		return 0;
-	sk = sock->sk;
+	key = (__u64)sock;
+	/* for a listener shared by forked workers: one of them (the first found) */
+	owner.tgid = task->tgid;
+	owner.pid = task->pid;
+	owner.cgroup_id = BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id);
+	bpf_probe_read_kernel_str(owner.comm, sizeof(owner.comm), task->group_leader->comm);
+	err = bpf_map_update_elem(&seed_owners, &key, &owner, BPF_NOEXIST);
+	if (err && err != -EEXIST)
+		stat_inc(KSCOPE_STAT_SEED_OWNERS_FULL);
+	return 0;
+}
+
+SEC("iter/tcp")
+int seed(struct bpf_iter__tcp *ctx)
+{
+	struct sock *sk = iter_sock(ctx);
+	struct seed_owner *owner;
+	struct sock_state *st;
+	__u64 key;
+
 	/* TCP_CLOSE: created but never connected or listening, nothing to report yet */
 	if (!sk || !is_tracked_family(sk) || sk->__sk_common.skc_state == TCP_CLOSE)
 		return 0;
 	st = track(sk);
 	if (!st)
 		return 0;
-	if (!(st->flags & SF_OWNER_KNOWN)) {
-		/* The first task found holding it: for a listener shared by forked workers,
-		 * one of them (the one that called listen() when it happens under us). */
-		st->tgid = task->tgid;
-		st->pid = task->pid;
-		st->cgroup_id = BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id);
-		bpf_probe_read_kernel_str(st->comm, sizeof(st->comm), task->group_leader->comm);
-		st->flags |= SF_OWNER_KNOWN;
+	key = (__u64)sk->sk_socket;
+	if (!(st->flags & SF_OWNER_KNOWN) && key) {
+		owner = bpf_map_lookup_elem(&seed_owners, &key);
+		if (owner) {
+			st->tgid = owner->tgid;
+			st->pid = owner->pid;
+			st->cgroup_id = owner->cgroup_id;
+			__builtin_memcpy(st->comm, owner->comm, sizeof(st->comm));
+			st->flags |= SF_OWNER_KNOWN;
+		}
 	}
 	if (!st->family)
 		remember_tuple(st, sk);

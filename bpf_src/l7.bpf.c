@@ -118,6 +118,7 @@ struct l7_xchg {
 	__u8 cur;     /* which head[] is this exchange's (see xchg_call) */
 	__u8 _pad1[2];
 	__u64 path_hash; /* of this request's line up to its path's end; 0: not summable */
+	__u64 swept; /* the sweep pass that last met it (bpf_iter_meta.session_id); only the sweep uses it */
 	__u8 comm[16];
 	__u16 head_fill[2]; /* bytes of each head[] that may be non-zero (zero after them) */
 	__u32 _pad2;
@@ -1386,27 +1387,38 @@ int BPF_PROG(l7_destroy, struct sock *sk)
 }
 
 /*
- * The sweep: user space runs it every few hundred ms over the exchange map (HTTP/1 sockets
- * only). An answered exchange idle for idle_ns is sent (the last request of an idle
- * keep-alive connection would otherwise wait for the next one or the close); an unanswered
- * one after unanswered_ns. The socket's own CPU may be updating the same exchange: the
- * unlocked peek only avoids reserving a slot for nothing, the decision is taken again under
- * the lock. Records go to the ring like every other, nothing to the seq file.
+ * The sweep: user space runs it every few hundred ms in every network namespace (a TCP
+ * iterator shows the sockets of the namespace it was created in; this kernel refuses map
+ * iterators, see l4.bpf.c's flush); sockets without exchange state are skipped at one storage
+ * lookup. An answered exchange idle for idle_ns is sent (the last request of an idle keep-alive
+ * connection would otherwise wait for the next one or the close); an unanswered one after
+ * unanswered_ns. The pass's session id makes a socket shown twice (the iterator resuming a
+ * bucket) one visit. The socket's own CPU may be updating the same exchange: the unlocked peek
+ * only avoids reserving a slot for nothing, the decision is taken again under the lock.
+ * Records go to the ring like every other, nothing to the seq file.
  */
-SEC("iter/bpf_sk_storage_map")
-int sweep(struct bpf_iter__bpf_sk_storage_map *ctx)
+SEC("iter/tcp")
+int sweep(struct bpf_iter__tcp *ctx)
 {
-	struct sock *sk = ctx->sk;
+	__u64 session = ctx->meta->session_id;
+	struct sock_common *skc = ctx->sk_common;
 	struct l7_xchg *x;
+	struct sock *sk;
 	__u32 zero = 0, *ctl;
 	bool final;
 	__u64 now;
 
-	if (!sk || !ctx->value)
+	if (!skc)
+		return 0;
+	/* a full TCP socket (request and time-wait sockets have no storage), as a pointer the
+	 * storage helper accepts */
+	sk = (struct sock *)bpf_skc_to_tcp_sock(skc);
+	if (!sk)
 		return 0;
 	x = bpf_sk_storage_get(&l7_xchg, sk, 0, 0);
-	if (!x)
+	if (!x || x->swept == session)
 		return 0;
+	x->swept = session;
 	ctl = bpf_map_lookup_elem(&l7_sweep_ctl, &zero);
 	final = ctl && *ctl;
 	now = bpf_ktime_get_ns();

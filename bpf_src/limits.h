@@ -7,6 +7,10 @@
 #define KSCOPE_CLOSE_RING_BYTES (4 * 1024 * 1024)
 #define KSCOPE_CLOSE_OVERFLOW_ENTRIES 16384
 
+/* Start: owners of the sockets older than the agent (struct socket -> task), one walk's worth;
+ * a socket past it learns its owner at its next send/recv (counted: seed_owners_full). */
+#define KSCOPE_SEED_OWNERS 65536
+
 /* L7: chunks (one per send/recv of DNS, TLS plaintext, HTTP/1 after a fallback), and HTTP/1
  * exchanges (fixed 504-byte records, 512 with the ring header: 16 MiB = 32k exchanges). */
 #define KSCOPE_L7_RING_BYTES (8 * 1024 * 1024)

@@ -18,6 +18,7 @@ from kscope.v1 import flow_pb2 as pb
 from node_exporter.bpf import preflight
 from node_exporter.bpf.abi import Role
 from node_exporter.bpf.btf import Btf
+from node_exporter.bpf.netns import NetnsWalker
 from node_exporter.errors import HookUnavailableError, KscopeError
 from node_exporter.l4.collector import OBJECT_NAME, L4Collector, default_bpf_dir
 from node_exporter.l4.records import L4Record
@@ -73,7 +74,7 @@ def kernel_drop_reasons() -> dict[int, str]:
     return {v: k.removeprefix("SKB_DROP_REASON_") for k, v in values.items()}
 
 
-def open_l7(bpf_dir: Path, opts: AgentOptions) -> L7Collector | SyscallL7Collector:
+def open_l7(bpf_dir: Path, opts: AgentOptions, netns: NetnsWalker | None = None) -> L7Collector | SyscallL7Collector:
     """The L7 capture this kernel allows: the socket tracepoints (in-kernel HTTP pairing, TLS), else
     the syscall-exit fallback (chunks only, no TLS; see node_exporter/l7/syscalls.py)."""
     probe = opts.l7_probe
@@ -82,7 +83,7 @@ def open_l7(bpf_dir: Path, opts: AgentOptions) -> L7Collector | SyscallL7Collect
         try:
             return L7Collector(
                 bpf_dir / L7_OBJECT, netns_ino=opts.netns_inode, capture_bytes=opts.capture_bytes,
-                proc_root=opts.proc_root, record_rate=opts.l7_record_rate,
+                proc_root=opts.proc_root, record_rate=opts.l7_record_rate, netns=netns,
             )  # fmt: skip
         except HookUnavailableError as exc:
             if probe == "sockets":
@@ -113,13 +114,13 @@ class Agent:
         self._pending_events: list[L7Event] = []
         preflight.check()
         bpf_dir = opts.bpf_dir or default_bpf_dir()
-        self.collector = L4Collector(bpf_dir / OBJECT_NAME, netns_ino=opts.netns_inode)
+        self.collector = L4Collector(bpf_dir / OBJECT_NAME, netns_ino=opts.netns_inode, proc_root=opts.proc_root)
         self.l7: L7Collector | SyscallL7Collector | None = None
         self.pipeline = L7Pipeline()
         enabled, disabled = set(self.collector.report.enabled), dict(self.collector.report.disabled)
         if opts.l7:
             try:
-                self.l7 = open_l7(bpf_dir, opts)
+                self.l7 = open_l7(bpf_dir, opts, self.collector.netns)
                 enabled |= self.l7.report.enabled
                 disabled.update(self.l7.report.disabled)
             except KscopeError as exc:
@@ -229,6 +230,8 @@ class Agent:
             process_lookups_hit=self.procs.hits,
             process_lookups_missed=self.procs.misses,
             l7_requests=self.requests_seen,
+            netns_vanished=self.collector.netns.vanished,
+            netns_enter_failed=self.collector.netns.enter_failed,
         )
         if self.conntrack is not None:
             values.update({f"nat_{k}": v for k, v in self.conntrack.counters().items()})

@@ -64,7 +64,8 @@ enum kscope_stat {
 	KSCOPE_STAT_DROPS_NO_SOCKET = 4,   /* TCP drops not attributable to a tracked socket */
 	KSCOPE_STAT_ITER_RETRY = 5,        /* flush iterator deferred a socket to the next read() */
 	KSCOPE_STAT_SOCKETS_TRACKED = 6,   /* sockets that got storage (monotonic) */
-	KSCOPE_STATS = 7,
+	KSCOPE_STAT_SEED_OWNERS_FULL = 7,  /* start: an old socket's owner not kept (map full): learned at its next send/recv */
+	KSCOPE_STATS = 8,
 };
 
 struct kscope_l4_record {

@@ -21,6 +21,7 @@ import structlog
 
 from node_exporter.bpf import libbpf as lb
 from node_exporter.bpf.btf import KIND_STRUCT, KIND_TYPEDEF, Btf
+from node_exporter.bpf.netns import NetnsWalker
 from node_exporter.errors import HookUnavailableError, ObjectFileError
 
 log = structlog.get_logger("kscope.bpf")
@@ -457,19 +458,27 @@ class BpfObject:
                 self._iter_links.discard(link)  # a freed link's address may be a new link's
 
     @staticmethod
-    def run_iter(link: int, chunk: int = 1 << 16) -> bytes:
-        """Run an iterator to the end; everything it wrote, in one bytes object."""
+    def run_iter(link: int, chunk: int = 1 << 16, walker: NetnsWalker | None = None) -> bytes:
+        """Run an iterator to the end; everything it wrote, in one bytes object. With ``walker``
+        (``iter/tcp`` and the like, which show one network namespace's objects): one iterator per
+        namespace, their output concatenated."""
         link_fd = lb.check_int(lb.lib().bpf_link__fd(link), "iterator link fd")
-        fd = lb.check_int(lb.lib().bpf_iter_create(link_fd), "create iterator")
+
+        def create() -> int:
+            return lb.check_int(lb.lib().bpf_iter_create(link_fd), "create iterator")
+
+        fds = walker.create_all(create) if walker is not None else [create()]
         parts = []
         try:
-            while True:
-                data = os.read(fd, chunk)
-                if not data:
-                    break
-                parts.append(data)
+            for fd in fds:
+                while True:
+                    data = os.read(fd, chunk)
+                    if not data:
+                        break
+                    parts.append(data)
         finally:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
         return b"".join(parts)
 
     def close(self) -> None:

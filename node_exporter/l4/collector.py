@@ -12,6 +12,7 @@ import structlog
 from node_exporter.bpf.abi import Stat
 from node_exporter.bpf.loader import BpfObject, LoadReport
 from node_exporter.bpf.maps import drain_hash, read_percpu_u64_array
+from node_exporter.bpf.netns import NetnsWalker
 from node_exporter.bpf.ringbuf import RingReader
 from node_exporter.errors import HookUnavailableError
 from node_exporter.l4.records import DecodeStats, L4Record, decode_batch, decode_many
@@ -31,7 +32,9 @@ CAPABILITIES: Mapping[str, str] = {
     "on_send_reset": "l4.resets",
     "on_receive_reset": "l4.resets",
     "on_kfree_skb": "l4.drops",
-    "seed": "l4.seed",  # sockets older than the agent, found once at start (bpf_sock_from_file: Linux 5.11)
+    # sockets older than the agent, found once at start (bpf_sock_from_file: Linux 5.11)
+    "seed": "l4.seed",
+    "seed_owner": "l4.seed",
 }
 
 
@@ -65,13 +68,20 @@ class L4Collector:
         close_ring_bytes: int | None = None,
         close_overflow_entries: int | None = None,
         seed: bool = True,
+        seed_owner_entries: int | None = None,
+        proc_root: str = "/proc",
     ) -> None:
+        """``proc_root``: where the host's processes are (their network namespaces are walked);
+        ``seed_owner_entries``: how many old sockets' owners the start-up walk keeps (a test
+        shrinks it to push past it)."""
         path = Path(object_path) if object_path else default_bpf_dir() / OBJECT_NAME
         sizes = {}
         if close_ring_bytes:
             sizes["close_ring"] = close_ring_bytes
         if close_overflow_entries:
             sizes["close_overflow"] = close_overflow_entries
+        if seed_owner_entries:
+            sizes["seed_owners"] = seed_owner_entries
         self.obj = BpfObject(
             path,
             capabilities=CAPABILITIES,
@@ -79,8 +89,10 @@ class L4Collector:
             knobs={"filter_netns_ino": netns_ino},
             map_sizes=sizes,
         )
+        # the TCP iterators show one network namespace each: every one is walked (bpf/netns.py)
+        self.netns = NetnsWalker(proc_root=proc_root, only_ino=netns_ino)
         try:
-            self._iter_link = self.obj.attach_map_iter("flush", "sock_states")
+            self._iter_link = self.obj.attach_iter("flush")
             _, _, ring_size = self.obj.map_info("close_ring")
             self._ring = RingReader(self.obj.map_fd("close_ring"), ring_size)
             self._overflow_fd = self.obj.map_fd("close_overflow")
@@ -98,17 +110,29 @@ class L4Collector:
         """Give every existing TCP socket its storage (role, tuple, owner) once, so sockets older than
         the agent (listeners above all: no send/recv ever names them) are reported from the first
         interval. Their counts start now."""
+        links = []
         try:
-            link = self.obj.attach_iter("seed")
+            for prog in ("seed_owner", "seed"):
+                links.append(self.obj.attach_iter(prog))
         except HookUnavailableError as exc:
+            for link in links:
+                self.obj.detach(link)
             self.obj.report.enabled.discard("l4.seed")
             self.obj.report.disabled["l4.seed"] = str(exc)
             log.warning("capability_disabled", capability="l4.seed", reason=str(exc))
             return
         try:
-            BpfObject.run_iter(link)
+            BpfObject.run_iter(links[0])  # every task's files: who holds each socket
+            BpfObject.run_iter(links[1], walker=self.netns)  # every namespace's TCP sockets
         finally:
-            self.obj.detach(link)
+            for link in links:
+                self.obj.detach(link)
+            self._forget_owners()
+
+    def _forget_owners(self) -> None:
+        """The owners' map is needed only by the seed: emptied (the object keeps its memory)."""
+        key_size, value_size, entries = self.obj.map_info("seed_owners")
+        drain_hash(self.obj.map_fd("seed_owners"), key_size, value_size, entries)
 
     @property
     def report(self) -> LoadReport:
@@ -124,7 +148,7 @@ class L4Collector:
         closed = decode_many(self._ring.drain(), self._decode)
         key_size, value_size, entries = self._overflow_info
         overflow = decode_many(drain_hash(self._overflow_fd, key_size, value_size, entries), self._decode)
-        periodic = decode_batch(BpfObject.run_iter(self._iter_link), self._decode)
+        periodic = decode_batch(BpfObject.run_iter(self._iter_link, walker=self.netns), self._decode)
         self.stats.polls += 1
         self.stats.close_records += len(closed) + len(overflow)
         self.stats.overflow_records += len(overflow)

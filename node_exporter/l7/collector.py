@@ -10,6 +10,7 @@ from pathlib import Path
 from node_exporter.bpf.abi import L7Stat
 from node_exporter.bpf.loader import BpfObject
 from node_exporter.bpf.maps import read_percpu_u64_array, write_u32_array
+from node_exporter.bpf.netns import NetnsWalker
 from node_exporter.l4.collector import default_bpf_dir
 from node_exporter.l7.chunks import Chunk
 from node_exporter.l7.exchanges import EXCHANGE_SIZE, ExchangeBatch
@@ -53,6 +54,7 @@ class L7Collector(L7Probe):
         sweep_s: float = SWEEP_S,
         record_rate: int = 0,
         summary_s: float = 1.0,
+        netns: NetnsWalker | None = None,
     ) -> None:
         """``exchanges``: pair plain-text HTTP/1 in the kernel (one record per exchange) instead of
         sending every call's head; ``idle_s``: how long an answered exchange waits for more
@@ -76,6 +78,8 @@ class L7Collector(L7Probe):
             },
             {"l7_ring": ring_bytes, "l7_xring": ring_bytes} if ring_bytes else {},
         )
+        # the sweep is a TCP iterator: one per network namespace (share the L4 collector's walker)
+        self.netns = netns or NetnsWalker(proc_root=proc_root, only_ino=netns_ino)
         self.tls: TlsAttacher | None = None
         if tls and "l7.tls" in self.obj.report.enabled:
             multi = self._attach_uprobe_multi if self.obj.uprobe_multi else None
@@ -89,7 +93,7 @@ class L7Collector(L7Probe):
     def _open(self) -> None:
         _, _, xsize = self.obj.map_info("l7_xring")
         self._xring = FixedRingReader(self.obj.map_fd("l7_xring"), xsize, EXCHANGE_SIZE)
-        self._sweep_link = self.obj.attach_map_iter("sweep", "l7_xchg")
+        self._sweep_link = self.obj.attach_iter("sweep")
         self._sweep_ctl = self.obj.map_fd("l7_sweep_ctl")
 
     def _attach_uprobe(self, program: str, binary: str, symbol: str, retprobe: bool) -> object:
@@ -133,7 +137,7 @@ class L7Collector(L7Probe):
         if final:
             write_u32_array(self._sweep_ctl, 0, 1)
         try:
-            BpfObject.run_iter(self._sweep_link)
+            BpfObject.run_iter(self._sweep_link, walker=self.netns)
         finally:
             if final:
                 write_u32_array(self._sweep_ctl, 0, 0)

@@ -25,7 +25,7 @@ NAMESPACE = "observability"
 # The chart's kubeVersion floor and the newest schemas kubernetes-validate ships.
 KUBE_VERSIONS = ["1.27.0", "1.30.0", kubernetes_validate.latest_version()]
 
-AGENT_CAPABILITIES = {"BPF", "PERFMON", "NET_ADMIN", "SYS_PTRACE"}
+AGENT_CAPABILITIES = {"BPF", "PERFMON", "NET_ADMIN", "SYS_PTRACE", "SYS_ADMIN"}
 READ_VERBS = {"get", "list", "watch"}
 
 TLS_VALUES: dict[str, Any] = {

@@ -369,6 +369,29 @@ def test_listener_and_connection_older_than_the_collector_are_reported_at_once(t
         assert rec.records[-1].ack_backlog == 2 and rec.records[-1].max_ack_backlog == 1
 
 
+def test_start_up_walk_past_its_owner_map_counts_and_still_reports(topo: Topology) -> None:
+    """The owners' map of the start-up walk holds one socket here: the other old sockets are still
+    reported (role, tuple), their owner unknown until they next send or receive, and each owner
+    not kept is counted."""
+    from node_exporter.l4.collector import L4Collector
+
+    srv, cli, _, c_info = open_pair(topo, SRV_V4)
+    cport = c_info["local"][1]
+    old = topo.peer(topo.srv, "listen", "--bind", SRV_V4, "--port", str(PORT + 1), "--comm", "ks-old")
+    old.expect("listening")
+    with L4Collector(netns_ino=topo.srv.ino, seed_owner_entries=1) as collector:
+        first = [r for r in collector.poll() if r.netns_ino == topo.srv.ino]
+        by_end = {(r.role, r.local_port, r.remote_port): r for r in first}
+        assert set(by_end) >= {(Role.KSCOPE_ROLE_LISTENER, PORT + 1, 0), (Role.KSCOPE_ROLE_SERVER, PORT, cport)}
+        owners = [r.tgid for r in by_end.values()]
+        assert 0 in owners, by_end  # at most one owner was kept ...
+        assert collector.kernel_stats()["seed_owners_full"] >= 1  # ... and the others were counted
+        assert collector.netns.vanished == collector.netns.enter_failed == 0
+        rec = Recorder(collector, lambda r: (r.local_port, r.remote_port) == (PORT, cport))
+        transfer(srv, cli, 1_000)  # the accepted socket's next send names its owner
+        rec.until(lambda records: any(r.tgid == srv.pid for r in records))
+
+
 def test_without_the_start_up_walk_an_old_listener_stays_unseen(topo: Topology) -> None:
     """The control for the test above: the same scene with seed=False reports no listener."""
     from node_exporter.l4.collector import L4Collector
