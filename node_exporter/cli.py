@@ -48,6 +48,14 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
         "summed in the kernel per socket, method, path and status (metrics stay exact, spans are sampled); "
         "0: every request is a record",
     )
+    p.add_argument(
+        "--nice",
+        type=int,
+        default=10,
+        metavar="N",
+        help="lower the agent's scheduling priority by N (10; 0 keeps it): the agent's batch work then "
+        "waits for the node's applications instead of delaying them (see the README's p99 figures)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--processor", metavar="HOST:PORT", help="ship batches to the cluster processor (gRPC)")
     p.add_argument("--node-name", default=None, help="this node's name (default: $NODE_NAME, else the hostname)")
@@ -85,6 +93,12 @@ def _run(args: argparse.Namespace, live: bool) -> int:
     if args.l7_record_rate < 0:
         print("kscope: error: --l7-record-rate must be >= 0 (0: every request a record)", file=sys.stderr)
         return EXIT_USAGE
+    if not 0 <= args.nice <= 19:
+        print("kscope: error: --nice must be 0..19", file=sys.stderr)
+        return EXIT_USAGE
+    if args.nice:
+        # Before any thread starts: a thread inherits its creator's nice value (Linux: per thread).
+        os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + args.nice)
     from node_exporter.agent import Agent, AgentOptions
 
     tls = None

@@ -145,5 +145,39 @@ def test_capture_bytes_out_of_range_is_a_clear_error() -> None:
     _clear_error(_run("run", "--no-live", "--l7", "--capture-bytes", "5000"), "--capture-bytes must be 1..4096")
 
 
+def test_nice_out_of_range_is_a_clear_error() -> None:
+    _clear_error(_run("run", "--no-live", "--nice", "20"), "--nice must be 0..19")
+
+
+def _thread_nice(pid: int) -> dict[int, int]:
+    """Every thread's nice value (field 19 of /proc/PID/task/TID/stat, after the comm's ')')."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+            out[int(tid)] = int(fh.read().rsplit(")", 1)[1].split()[16])
+    return out
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize(("args", "expected"), [((), 10), (("--nice", "0"), 0), (("--nice", "19"), 19)])
+def test_every_agent_thread_runs_at_the_asked_nice_value(args: tuple[str, ...], expected: int) -> None:
+    """The agent's threads (the shipper's, the metrics server's) inherit the lowered priority."""
+    proc = subprocess.Popen(
+        [KSCOPE, "run", "--no-live", "--metrics-port", "0", "--processor", "127.0.0.1:9", *args],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "agent_started" in line:
+                break
+        nice = _thread_nice(proc.pid)
+        assert len(nice) >= 2, "the shipper runs a thread of its own"
+        assert set(nice.values()) == {expected}, nice
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
 def test_negative_record_rate_is_a_clear_error() -> None:
     _clear_error(_run("run", "--no-live", "--l7", "--l7-record-rate", "-5"), "--l7-record-rate must be >= 0")
