@@ -99,15 +99,22 @@ def p99(latencies_ms: list[float]) -> float:
     return value - HEY_STEP_MS / 2 + HEY_STEP_MS * (rank - first) / max(1, last - first)
 
 
+AGENT_NICE: int | None = None  # --agent-nice: the agent's --nice in every arm (None: its default)
+
+
 class AgentProc:
-    def __init__(self, l7: bool, record_rate: int | None = None) -> None:
-        """``record_rate``: --l7-record-rate (None: the agent's default; 0: every request a record)."""
+    def __init__(self, l7: bool, record_rate: int | None = None, nice: int | None = None) -> None:
+        """``record_rate``: --l7-record-rate (None: the agent's default; 0: every request a record);
+        ``nice``: the agent's --nice (None: AGENT_NICE, else the agent's default)."""
         self.l7 = l7
         self.record_rate = record_rate
+        self.nice = AGENT_NICE if nice is None else nice
         self.metrics_port = free_port()
 
     def __enter__(self) -> AgentProc:
         cmd = [str(AGENT), "--interval", "1", "--metrics-port", str(self.metrics_port)]
+        if self.nice is not None:
+            cmd += ["--nice", str(self.nice)]
         if self.l7:
             cmd.append("--l7")
             if self.record_rate is not None:
@@ -242,14 +249,16 @@ def saturation(
 
 def fixed_rate(port: int, rounds: int, seconds: int, rate: int, connections: int) -> dict[str, object]:
     """p99 per round and over every round's requests pooled, baseline / agent (default record rate) /
-    agent with every request a record, interleaved."""
-    runs: dict[str, list[list[float]]] = {"base": [], "agent": [], "records": []}
+    agent with every request a record / the agent at its callers' priority (--nice 0), interleaved."""
+    runs: dict[str, list[list[float]]] = {"base": [], "agent": [], "records": [], "nice0": []}
     for _ in range(rounds):
         runs["base"].append(hey_latencies(port, seconds, rate, connections))
         with AgentProc(l7=True):
             runs["agent"].append(hey_latencies(port, seconds, rate, connections))
         with AgentProc(l7=True, record_rate=0):
             runs["records"].append(hey_latencies(port, seconds, rate, connections))
+        with AgentProc(l7=True, nice=0):
+            runs["nice0"].append(hey_latencies(port, seconds, rate, connections))
     per_round = {k: [p99(r) for r in v] for k, v in runs.items()}
     pooled = {k: p99([x for r in v for x in r]) for k, v in runs.items()}
     return {
@@ -267,6 +276,9 @@ def fixed_rate(port: int, rounds: int, seconds: int, rate: int, connections: int
         "p99_ratio_every_request_a_record_median": med(
             [a / b for a, b in zip(per_round["records"], per_round["base"], strict=True)]
         ),
+        "p99_ratio_nice0_pooled": round(pooled["nice0"] / pooled["base"], 4),
+        "p99_ratio_nice0_median": med([a / b for a, b in zip(per_round["nice0"], per_round["base"], strict=True)]),
+        "p99_ratio_nice0_rounds": [round(a / b, 3) for a, b in zip(per_round["nice0"], per_round["base"], strict=True)],
     }
 
 
@@ -278,6 +290,7 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=10_000, help="fixed-rate workload, requests/s")
     ap.add_argument("--rate-seconds", type=int, default=10, help="length of each fixed-rate run")
     ap.add_argument("--only", choices=("keepalive", "churn", "fixed_rate"), help="one workload")
+    ap.add_argument("--agent-nice", type=int, default=None, help="the agent's --nice in every arm (its default)")
     ap.add_argument(
         "--floor",
         action="store_true",
@@ -295,7 +308,8 @@ def main() -> int:
         print(f"bench: {FLOOR_OBJECT} not built (make bench builds it)", file=sys.stderr)
         return 2
     port = free_port()
-    global NGINX_WORKER
+    global NGINX_WORKER, AGENT_NICE
+    AGENT_NICE = args.agent_nice
     with tempfile.TemporaryDirectory(prefix="kscope-bench-") as tmp, nginx(Path(tmp), port) as master:
         NGINX_WORKER = int(subprocess.check_output(["pgrep", "-P", str(master.pid)]).split()[0])
         wrk(port, 1, args.connections, False)  # warm up
