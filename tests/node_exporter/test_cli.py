@@ -179,5 +179,28 @@ def test_every_agent_thread_runs_at_the_asked_nice_value(args: tuple[str, ...], 
         proc.wait(timeout=30)
 
 
+@pytest.mark.bpf
+def test_without_cap_sys_admin_other_namespaces_are_skipped_counted_and_said_once(tmp_path: Path) -> None:
+    """setns() into another network namespace needs CAP_SYS_ADMIN: without it the agent still runs
+    (its own namespace walked), says so in one warning line, and counts every namespace skipped."""
+    name = f"ks-cap-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        out = tmp_path / "flows.jsonl"
+        proc = subprocess.run(
+            ["capsh", "--drop=cap_sys_admin", "--", "-c",
+             f"{KSCOPE} run --no-live --duration 2.5 --jsonl {out}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count('"event": "netns_enter_failed"') == 1, proc.stderr
+    counters = _records(out)[-1].stats.counters
+    assert counters["netns_enter_failed"] >= 2  # every interval's walk skipped it again, counted each time
+    assert counters["periodic_records"] >= 0
+
+
 def test_negative_record_rate_is_a_clear_error() -> None:
     _clear_error(_run("run", "--no-live", "--l7", "--l7-record-rate", "-5"), "--l7-record-rate must be >= 0")
