@@ -68,20 +68,6 @@ def _pid_netns(proc_root: str, pid: str) -> int:
         return 0  # exited, or a kernel thread without one
 
 
-def discover(proc_root: str = "/proc", mount_dirs: Iterable[str] = NETNS_MOUNT_DIRS) -> dict[int, str]:
-    """Every network namespace reachable from a process or a bind mount: inode -> a path to it."""
-    found = _bind_mounts(mount_dirs)
-    try:
-        pids = [p for p in os.listdir(proc_root) if p.isdigit()]
-    except OSError:
-        return found
-    for pid in pids:
-        ino = _pid_netns(proc_root, pid)
-        if ino:
-            found.setdefault(ino, f"{proc_root}/{pid}/ns/net")
-    return found
-
-
 @dataclass
 class NetnsWalker:
     """Creates one iterator per network namespace (``only_ino``: that namespace alone).
