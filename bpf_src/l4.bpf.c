@@ -5,8 +5,10 @@
  * Per-socket state lives in socket-local storage (freed with the socket, no table to
  * evict, and the cheapest per-call lookup measured on our kernel: shared/KERNEL.md).
  * User space never sees one event per call. It gets:
- *   - periodic records: the `flush` iterator walks the storage map once per interval
- *     and writes one fixed-size record per socket whose counters changed;
+ *   - periodic records: a busy socket's own send/recv makes one per interval (report_ns) into
+ *     close_ring; the `flush` TCP iterator, run by user space in every network namespace a
+ *     socket marked since (netns_pending.h), writes one for every other socket whose counters
+ *     changed (those that went quiet: far less often than once per interval);
  *   - final records: one per socket when it is destroyed, through a ring buffer
  *     drained on a timer (no wakeups), falling back to a hash map when the ring is
  *     full; both full is counted (KSCOPE_STAT_CLOSE_LOST), never silent.
@@ -21,12 +23,20 @@
 #include "task.h"
 #include "sock.h"
 #include "limits.h"
+#include "netns_pending.h"
 #include "abi/l4.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 /* Runtime knobs, set by user space before load. */
 const volatile __u32 filter_netns_ino = 0; /* 0: every network namespace */
+/* A busy socket reports itself from its own send/recv this long after its last report (through
+ * close_ring), so the flush (a walk of a whole namespace, netns_pending.h) is only needed for
+ * sockets that went quiet and can run far less often than once per interval. 0: the flush does
+ * all the reporting. */
+const volatile __u64 report_ns = 0;
+/* From /proc/config.gz (libbpf); 0 where the kernel's config cannot be read: ktime then. */
+extern unsigned int CONFIG_HZ __kconfig __weak;
 
 enum kscope_sock_flags {
 	SF_CLOSED = 1,       /* the final record was made */
@@ -58,6 +68,9 @@ struct sock_state {
 	__u16 dport;
 	__u16 family;
 	__u16 _pad;
+	__u32 walk_pending; /* its namespace is marked for the next flush (netns_pending.h) */
+	__u32 _pad2;
+	__u64 report_at; /* report_ns: when its send/recv reports it next (0: not set yet) */
 };
 
 struct {
@@ -94,6 +107,8 @@ struct {
 	__type(value, struct kscope_l4_record);
 } scratch SEC(".maps");
 
+NETNS_PENDING_MAPS(netns_pending, netns_walk_all);
+
 /* Anchor the ABI struct in BTF even if only reached through the ring buffer. */
 const struct kscope_l4_record *__anchor_l4_record __attribute__((unused));
 
@@ -129,6 +144,18 @@ static __always_inline void fill_owner(struct sock_state *st)
 	st->flags |= SF_OWNER_KNOWN;
 }
 
+/* The socket has news for the next flush: its namespace is marked, once until the flush has
+ * seen it. Called after the change it announces; the flush clears the flag before reading
+ * the counters (both sides' atomic operations are full barriers), so a change is either in
+ * that flush's record or marks the namespace again. */
+static __always_inline void touch(struct sock *sk, struct sock_state *st)
+{
+	if (st->walk_pending || __sync_lock_test_and_set(&st->walk_pending, 1))
+		return;
+	if (!netns_mark(&netns_pending, &netns_walk_all, sk))
+		stat_inc(KSCOPE_STAT_NETNS_PENDING_FULL);
+}
+
 /* Role of a socket first seen mid-life: accepted sockets inherit the listener's
  * non-zero sk_max_ack_backlog, connected ones keep 0 (measured: shared/KERNEL.md). */
 static __always_inline __u8 infer_role(const struct sock *sk)
@@ -154,6 +181,7 @@ static __always_inline struct sock_state *track(struct sock *sk)
 	stat_inc(KSCOPE_STAT_SOCKETS_TRACKED);
 	st->start_ns = bpf_ktime_get_ns();
 	st->role = infer_role(sk);
+	touch(sk, st); /* never reported yet: the next flush reports it */
 	return st;
 }
 
@@ -297,6 +325,20 @@ static __always_inline void emit_final(struct sock *sk, struct sock_state *st)
 		stat_inc(KSCOPE_STAT_CLOSE_LOST);
 }
 
+/* A periodic record from the socket's own call (report_ns). The ring full: nothing is taken (the
+ * record is made only once reserved), the counts wait for the next report or the flush. */
+static __always_inline void report(struct sock *sk, struct sock_state *st)
+{
+	struct kscope_l4_record *rec = bpf_ringbuf_reserve(&close_ring, sizeof(*rec), 0);
+
+	if (!rec) {
+		stat_inc(KSCOPE_STAT_REPORT_RB_FULL);
+		return;
+	}
+	make_record(rec, sk, st, KSCOPE_L4_PERIODIC);
+	bpf_ringbuf_submit(rec, BPF_RB_NO_WAKEUP);
+}
+
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(on_set_state, struct sock *sk, int oldstate, int newstate)
 {
@@ -389,6 +431,18 @@ static __always_inline void count_io(struct sock *sk, int ret, __u32 bytes_idx, 
 	}
 	__sync_fetch_and_add(&st->total[bytes_idx], ret);
 	__sync_fetch_and_add(&st->total[calls_idx], 1);
+	touch(sk, st);
+	if (report_ns) {
+		/* a tick's precision is plenty for a deadline, and jiffies cost a load (the coarse
+		 * clock helper is refused to tracing programs) */
+		__u64 now = CONFIG_HZ ? bpf_jiffies64() * (1000000000ULL / CONFIG_HZ) : bpf_ktime_get_ns();
+
+		if (now >= st->report_at) {
+			if (st->report_at)
+				report(sk, st);
+			st->report_at = now + report_ns;
+		}
+	}
 }
 
 SEC("tp_btf/sock_send_length")
@@ -421,6 +475,7 @@ int BPF_PROG(on_retransmit, struct sock *sk, struct sk_buff *skb, int err)
 		__sync_fetch_and_add(&st->total[KSCOPE_C_SYN_RETRANSMITS], 1);
 	else
 		__sync_fetch_and_add(&st->total[KSCOPE_C_RETRANSMITS], 1);
+	touch(sk, st);
 	return 0;
 }
 
@@ -438,6 +493,7 @@ int BPF_PROG(on_send_reset, struct sock *sk, struct sk_buff *skb)
 		return 0;
 	}
 	__sync_fetch_and_add(&st->total[KSCOPE_C_RESETS_SENT], 1);
+	touch(sk, st);
 	return 0;
 }
 
@@ -449,8 +505,10 @@ int BPF_PROG(on_receive_reset, struct sock *sk)
 	if (!is_tracked_family(sk))
 		return 0;
 	st = track(sk);
-	if (st)
+	if (st) {
 		__sync_fetch_and_add(&st->total[KSCOPE_C_RESETS_RECEIVED], 1);
+		touch(sk, st);
+	}
 	return 0;
 }
 
@@ -477,6 +535,7 @@ int BPF_PROG(on_kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_re
 	st->last_drop_reason = reason;
 	if (reason == SKB_DROP_REASON_TCP_LISTEN_OVERFLOW)
 		__sync_fetch_and_add(&st->total[KSCOPE_C_LISTEN_OVERFLOWS], 1);
+	touch(sk, st);
 	return 0;
 }
 
@@ -506,8 +565,8 @@ static __always_inline struct sock *iter_sock(struct bpf_iter__tcp *ctx)
 }
 
 /* One periodic record per socket whose counters moved. Run by user space once per interval
- * in every network namespace (a TCP iterator shows the sockets of the namespace it was
- * created in): one read() loop each. This kernel refuses map iterators (EPERM at load), and a
+ * in every network namespace marked since the last run (a TCP iterator shows the sockets of
+ * the namespace it was created in; netns_pending.h): one read() loop each. This kernel refuses map iterators (EPERM at load), and a
  * socket reached through a task's file is an untrusted pointer the storage helpers refuse, so
  * the TCP iterator it is. The pass's session id in the socket's state makes a socket shown
  * twice (the iterator resuming a bucket) one record per pass. */
@@ -520,14 +579,20 @@ int flush(struct bpf_iter__tcp *ctx)
 	struct sock_state *st;
 	struct sock *sk = iter_sock(ctx);
 	__u32 zero = 0;
+	bool backlog;
 
 	if (!sk)
 		return 0;
 	st = bpf_sk_storage_get(&sock_states, sk, 0, 0);
 	if (!st || (st->flags & SF_CLOSED) || st->flush_session == session)
 		return 0;
-	/* a listener's accept queue is a gauge: report it while non-empty */
-	if (!changed(st) && !(st->role == KSCOPE_ROLE_LISTENER && sk->sk_ack_backlog))
+	/* seen by this walk: what changes from now on marks the namespace again */
+	__sync_lock_test_and_set(&st->walk_pending, 0);
+	/* a listener's accept queue is a gauge: report it while non-empty (and walk again) */
+	backlog = st->role == KSCOPE_ROLE_LISTENER && sk->sk_ack_backlog;
+	if (backlog)
+		touch(sk, st);
+	if (!changed(st) && !backlog)
 		return 0;
 	if (seq->size - seq->count < sizeof(*rec)) {
 		/* the next read() shows this socket again, in the same session */

@@ -24,6 +24,7 @@
 #include <bpf/bpf_endian.h>
 
 #include "limits.h"
+#include "netns_pending.h"
 #include "l7_proto.h"
 #include "task.h"
 #include "sock.h" /* read_tuple: direct loads on the tracepoint's BTF socket, cheaper than read_tuple_core */
@@ -121,7 +122,7 @@ struct l7_xchg {
 	__u64 swept; /* the sweep pass that last met it (bpf_iter_meta.session_id); only the sweep uses it */
 	__u8 comm[16];
 	__u16 head_fill[2]; /* bytes of each head[] that may be non-zero (zero after them) */
-	__u32 _pad2;
+	__u32 marked; /* its namespace is marked for the next sweep (netns_pending.h); under the lock */
 	/* Two heads: a request is read into the one the current exchange does not use, which
 	 * becomes current when the request is taken (xchg_request, under the lock). The current
 	 * head may still be sent or summed (by the next request, the sweep or close) until then;
@@ -137,6 +138,8 @@ struct {
 	__type(key, int);
 	__type(value, struct l7_xchg);
 } l7_xchg SEC(".maps");
+
+NETNS_PENDING_MAPS(l7_netns_pending, l7_netns_walk_all);
 
 _Static_assert(sizeof(struct kscope_l7_exchange) % 8 == 0, "ring records are 8-byte aligned: keep the stride exact");
 
@@ -762,6 +765,17 @@ static __always_inline void slots_flush(struct sock *sk, struct l7_xchg *x, __u8
 	slot_flush(sk, x, &x->slots[3], reason, now, all);
 }
 
+/* An unlocked peek: whether a slot's summary is due (slot_flush decides again under the lock). */
+static __always_inline bool slot_due(const struct l7_xchg *x, __u64 now)
+{
+	bool due = false;
+
+#pragma unroll
+	for (int i = 0; i < L7_SLOTS; i++)
+		due |= x->slots[i].count && now - x->slots[i].first_ns >= summary_ns;
+	return due;
+}
+
 /* After the lock: send or give back the summary slot_evict was given. */
 static __always_inline void evict_send(struct kscope_l7_summary *ev, bool evicted)
 {
@@ -857,7 +871,7 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 	struct kscope_l7_summary *ev = 0;
 	__u8 method = has_buf ? request_method(d, n) : 0, comm[16];
 	__u64 id, hash = 0;
-	bool filled = false, fresh_comm, sampled, fold = false, fold_failed = false, evicted = false;
+	bool filled = false, fresh_comm, sampled, fold = false, fold_failed = false, evicted = false, mark;
 
 	if (!method) {
 		/* a body (or bytes of a request older than us): counted into the current request */
@@ -876,6 +890,10 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 		xchg_fallback(sk, st, x, dir);
 		return false;
 	}
+	/* a busy socket sends its due summaries itself: the sweep (a walk of the whole namespace)
+	 * is only for the sockets that went quiet, and runs far less often */
+	if (slot_due(x, now))
+		slots_flush(sk, x, KSCOPE_EMIT_NEXT, now, false);
 	if (x->state == XS_ANSWERED) {
 		/* the previous exchange is over: summed, or a record of its own */
 		fold = wants_summary(x);
@@ -922,7 +940,13 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 	if (fresh_comm)
 		__builtin_memcpy(x->comm, comm, sizeof(x->comm));
 	x->cur ^= 1; /* d is the other head (xchg_call): this request's from now on */
+	/* the sweep has something to do on this socket until it finds nothing (it clears the flag
+	 * under the same lock): its namespace is marked once, not per request */
+	mark = !x->marked;
+	x->marked = 1;
 	bpf_spin_unlock(&x->lock);
+	if (mark && !netns_mark(&l7_netns_pending, &l7_netns_walk_all, sk))
+		stat_inc(KSCOPE_L7_STAT_NETNS_PENDING_FULL);
 	xrec_send(r, filled);
 	evict_send(ev, evicted);
 	if (fold_failed)
@@ -1387,9 +1411,9 @@ int BPF_PROG(l7_destroy, struct sock *sk)
 }
 
 /*
- * The sweep: user space runs it every few hundred ms in every network namespace (a TCP
- * iterator shows the sockets of the namespace it was created in; this kernel refuses map
- * iterators, see l4.bpf.c's flush); sockets without exchange state are skipped at one storage
+ * The sweep: user space runs it every few hundred ms in every network namespace marked since
+ * (a TCP iterator shows the sockets of the namespace it was created in; this kernel refuses map
+ * iterators, see l4.bpf.c's flush; netns_pending.h); sockets without exchange state are skipped at one storage
  * lookup. An answered exchange idle for idle_ns is sent (the last request of an idle keep-alive
  * connection would otherwise wait for the next one or the close); an unanswered one after
  * unanswered_ns. The pass's session id makes a socket shown twice (the iterator resuming a
@@ -1405,7 +1429,7 @@ int sweep(struct bpf_iter__tcp *ctx)
 	struct l7_xchg *x;
 	struct sock *sk;
 	__u32 zero = 0, *ctl;
-	bool final;
+	bool final, pending;
 	__u64 now;
 
 	if (!skc)
@@ -1428,5 +1452,13 @@ int sweep(struct bpf_iter__tcp *ctx)
 		stat_inc(KSCOPE_L7_STAT_STOP_PENDING); /* its response may still come: neither sent nor lost */
 	if (!slots_empty(x))
 		slots_flush(sk, x, KSCOPE_EMIT_SWEEP, now, final);
+	/* anything left (not due yet, or no room in the ring) needs a later sweep: the namespace is
+	 * marked again; nothing left: the socket's next request marks it (see xchg_request) */
+	bpf_spin_lock(&x->lock);
+	pending = x->state == XS_REQUEST || x->state == XS_ANSWERED || !slots_empty(x);
+	x->marked = pending;
+	bpf_spin_unlock(&x->lock);
+	if (pending && !netns_mark(&l7_netns_pending, &l7_netns_walk_all, sk))
+		stat_inc(KSCOPE_L7_STAT_NETNS_PENDING_FULL);
 	return 0;
 }

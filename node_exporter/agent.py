@@ -42,6 +42,9 @@ L7_DRAIN_S = 0.02
 @dataclass(frozen=True, slots=True)
 class AgentOptions:
     interval_s: float = 1.0
+    # how often the kernel's walks look at sockets that went quiet (busy ones report every interval
+    # themselves): each walk of a namespace is a pass over the whole TCP hash table (bpf/netns.py)
+    sweep_s: float = 5.0
     duration_s: float | None = None
     jsonl: str | None = None
     netns_inode: int = 0
@@ -84,6 +87,9 @@ def open_l7(bpf_dir: Path, opts: AgentOptions, netns: NetnsWalker | None = None)
             return L7Collector(
                 bpf_dir / L7_OBJECT, netns_ino=opts.netns_inode, capture_bytes=opts.capture_bytes,
                 proc_root=opts.proc_root, record_rate=opts.l7_record_rate, netns=netns,
+                # like L4's flush: each sweep of a namespace with exchanges in flight is a pass over
+                # the whole TCP hash table (bpf/netns.py); busy sockets need none (see l7.bpf.c)
+                sweep_s=opts.sweep_s,
             )  # fmt: skip
         except HookUnavailableError as exc:
             if probe == "sockets":
@@ -114,7 +120,10 @@ class Agent:
         self._pending_events: list[L7Event] = []
         preflight.check()
         bpf_dir = opts.bpf_dir or default_bpf_dir()
-        self.collector = L4Collector(bpf_dir / OBJECT_NAME, netns_ino=opts.netns_inode, proc_root=opts.proc_root)
+        self.collector = L4Collector(
+            bpf_dir / OBJECT_NAME, netns_ino=opts.netns_inode, proc_root=opts.proc_root,
+            report_s=opts.interval_s, walk_s=opts.sweep_s,
+        )  # fmt: skip
         self.l7: L7Collector | SyscallL7Collector | None = None
         self.pipeline = L7Pipeline()
         enabled, disabled = set(self.collector.report.enabled), dict(self.collector.report.disabled)
@@ -219,6 +228,7 @@ class Agent:
     def _update_metrics(self) -> None:
         s = self.collector.stats
         values = {f"kernel_{k}": v for k, v in self.collector.kernel_stats().items()}
+        l7_pending = getattr(self.l7, "pending", None)  # the sweep's marks (the syscall fallback has no sweep)
         values.update(
             periodic_records=s.periodic_records,
             close_records=s.close_records,
@@ -232,6 +242,8 @@ class Agent:
             l7_requests=self.requests_seen,
             netns_vanished=self.collector.netns.vanished,
             netns_enter_failed=self.collector.netns.enter_failed,
+            netns_walked=self.collector.netns.walked,  # one per namespace per walk, L4's and L7's
+            netns_walks_of_all=self.collector.pending.walks_of_all + (l7_pending.walks_of_all if l7_pending else 0),
         )
         if self.conntrack is not None:
             values.update({f"nat_{k}": v for k, v in self.conntrack.counters().items()})

@@ -22,6 +22,15 @@ EXIT_USAGE = 2
 def _add_agent_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=None, metavar="SECONDS", help="stop after this long")
     p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="collection interval (1.0)")
+    p.add_argument(
+        "--sweep-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often sockets that went quiet are looked at for their last counts and requests (5.0; "
+        "busy ones report every interval themselves): each look at a network namespace is a pass over "
+        "the kernel's whole TCP hash table",
+    )
     p.add_argument("--jsonl", metavar="FILE", help="append records as JSON lines (kscope.v1.NodeRecord)")
     p.add_argument("--netns-inode", type=int, default=0, metavar="INODE", help="only this network namespace")
     p.add_argument("--bpf-dir", type=Path, default=None, help="where l4.bpf.o is (default: build/bpf)")
@@ -87,6 +96,9 @@ def _run(args: argparse.Namespace, live: bool) -> int:
     if args.interval <= 0:
         print("kscope: error: --interval must be > 0", file=sys.stderr)
         return EXIT_USAGE
+    if args.sweep_interval <= 0:
+        print("kscope: error: --sweep-interval must be > 0", file=sys.stderr)
+        return EXIT_USAGE
     if not 1 <= args.capture_bytes <= 4096:
         print("kscope: error: --capture-bytes must be 1..4096", file=sys.stderr)
         return EXIT_USAGE
@@ -112,6 +124,7 @@ def _run(args: argparse.Namespace, live: bool) -> int:
             return EXIT_USAGE
     opts = AgentOptions(
         interval_s=args.interval,
+        sweep_s=args.sweep_interval,
         duration_s=args.duration,
         jsonl=args.jsonl,
         netns_inode=args.netns_inode,

@@ -58,7 +58,8 @@ enum kscope_l7_stat {
 	KSCOPE_L7_STAT_SUMMARY_LOST = 16,    /* exchanges lost with a summary the ring had no room for */
 	KSCOPE_L7_STAT_SLOTS_FULL = 17,  /* summaries sent early (KSCOPE_EMIT_EVICT): every slot of the socket was taken */
 	KSCOPE_L7_STAT_STOP_PENDING = 18, /* requests still waiting for their response at the final sweep (agent stopping): not sent */
-	KSCOPE_L7_STATS = 19,
+	KSCOPE_L7_STAT_NETNS_PENDING_FULL = 19, /* a namespace could not be marked for the sweep (map full): every one walked */
+	KSCOPE_L7_STATS = 20,
 };
 
 /* Followed by `captured` payload bytes. */

@@ -458,16 +458,18 @@ class BpfObject:
                 self._iter_links.discard(link)  # a freed link's address may be a new link's
 
     @staticmethod
-    def run_iter(link: int, chunk: int = 1 << 16, walker: NetnsWalker | None = None) -> bytes:
+    def run_iter(
+        link: int, chunk: int = 1 << 16, walker: NetnsWalker | None = None, listing: Mapping[int, str] | None = None
+    ) -> bytes:
         """Run an iterator to the end; everything it wrote, in one bytes object. With ``walker``
         (``iter/tcp`` and the like, which show one network namespace's objects): one iterator per
-        namespace, their output concatenated."""
+        namespace (of ``listing``, by default every one), their output concatenated."""
         link_fd = lb.check_int(lb.lib().bpf_link__fd(link), "iterator link fd")
 
         def create() -> int:
             return lb.check_int(lb.lib().bpf_iter_create(link_fd), "create iterator")
 
-        fds = walker.create_all(create) if walker is not None else [create()]
+        fds = walker.create_all(create, listing) if walker is not None else [create()]
         parts = []
         try:
             for fd in fds:

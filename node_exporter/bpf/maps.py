@@ -20,6 +20,13 @@ def read_percpu_u64_array(fd: int, entries: int) -> list[int]:
     return out
 
 
+def read_u32_array(fd: int, idx: int) -> int:
+    """Slot ``idx`` of a BPF_MAP_TYPE_ARRAY of __u32."""
+    key, val = ctypes.c_uint32(idx), ctypes.c_uint32(0)
+    lb.check_int(lb.lib().bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(val)), "read array slot")
+    return val.value
+
+
 def write_u32_array(fd: int, idx: int, value: int) -> None:
     """Set slot ``idx`` of a BPF_MAP_TYPE_ARRAY of __u32."""
     key, val = ctypes.c_uint32(idx), ctypes.c_uint32(value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ import structlog
 from node_exporter.bpf.abi import Stat
 from node_exporter.bpf.loader import BpfObject, LoadReport
 from node_exporter.bpf.maps import drain_hash, read_percpu_u64_array
-from node_exporter.bpf.netns import NetnsWalker
+from node_exporter.bpf.netns import NetnsWalker, PendingNetns
 from node_exporter.bpf.ringbuf import RingReader
 from node_exporter.errors import HookUnavailableError
 from node_exporter.l4.records import DecodeStats, L4Record, decode_batch, decode_many
@@ -54,6 +55,7 @@ class L4Stats:
     periodic_records: int = 0
     close_records: int = 0
     overflow_records: int = 0
+    walked_records: int = 0  # periodic records from the flush (the others: busy sockets' own)
     decode_bad_length: int = 0
     decode_bad_type: int = 0
     polls: int = 0
@@ -69,11 +71,21 @@ class L4Collector:
         close_overflow_entries: int | None = None,
         seed: bool = True,
         seed_owner_entries: int | None = None,
+        netns_pending_entries: int | None = None,
         proc_root: str = "/proc",
+        report_s: float = 0.0,
+        walk_s: float = 0.0,
     ) -> None:
         """``proc_root``: where the host's processes are (their network namespaces are walked);
         ``seed_owner_entries``: how many old sockets' owners the start-up walk keeps (a test
-        shrinks it to push past it)."""
+        shrinks it to push past it); ``netns_pending_entries``: how many namespaces the kernel can
+        mark for the flush before it asks for a walk of all (the same).
+
+        ``report_s``: a socket's own send/recv reports it when this long has passed since its last
+        report (0: never, the flush reports everything); ``walk_s``: the flush runs at most this
+        often (0: every poll). With both, busy sockets are reported every ``report_s`` without a
+        walk, and those that went quiet within ``walk_s``: each walk of a namespace costs a pass
+        over the whole TCP hash table (bpf/netns.py)."""
         path = Path(object_path) if object_path else default_bpf_dir() / OBJECT_NAME
         sizes = {}
         if close_ring_bytes:
@@ -82,15 +94,21 @@ class L4Collector:
             sizes["close_overflow"] = close_overflow_entries
         if seed_owner_entries:
             sizes["seed_owners"] = seed_owner_entries
+        if netns_pending_entries:
+            sizes["netns_pending"] = netns_pending_entries
         self.obj = BpfObject(
             path,
             capabilities=CAPABILITIES,
             required=frozenset({"l4.core"}),
-            knobs={"filter_netns_ino": netns_ino},
+            knobs={"filter_netns_ino": netns_ino, "report_ns": int(report_s * 1e9)},
             map_sizes=sizes,
         )
-        # the TCP iterators show one network namespace each: every one is walked (bpf/netns.py)
+        # the TCP iterators show one network namespace each: the flush walks those its sockets
+        # marked (bpf/netns.py)
         self.netns = NetnsWalker(proc_root=proc_root, only_ino=netns_ino)
+        self._walk_s = walk_s
+        self._walked_at = float("-inf")
+        self._walk_next = False  # stop_capture: the next poll walks whatever walk_s says
         try:
             self._iter_link = self.obj.attach_iter("flush")
             _, _, ring_size = self.obj.map_info("close_ring")
@@ -98,6 +116,9 @@ class L4Collector:
             self._overflow_fd = self.obj.map_fd("close_overflow")
             self._overflow_info = self.obj.map_info("close_overflow")
             self._stats_fd = self.obj.map_fd("kscope_stats")
+            self.pending = PendingNetns(
+                self.obj.map_fd("netns_pending"), self.obj.map_info("netns_pending"), self.obj.map_fd("netns_walk_all")
+            )
             if seed and "l4.seed" in self.obj.report.enabled:
                 self._seed()
         except BaseException:
@@ -139,28 +160,38 @@ class L4Collector:
         return self.obj.report
 
     def poll(self) -> list[L4Record]:
-        """Everything since the last poll: final records first, then periodic ones.
+        """Everything since the last poll: the ring's records (final ones, and the periodic ones
+        busy sockets made themselves) first, then the flush's periodic ones if a walk is due.
 
-        Final records are drained before the iterator runs, so a socket that closed
-        in between is never reported twice for the same counts (its deltas were
-        taken by whichever record was made first).
+        The ring is drained before the iterator runs, so a socket that closed in between is
+        never reported twice for the same counts (its deltas were taken by whichever record was
+        made first).
         """
-        closed = decode_many(self._ring.drain(), self._decode)
+        ring = decode_many(self._ring.drain(), self._decode)
         key_size, value_size, entries = self._overflow_info
         overflow = decode_many(drain_hash(self._overflow_fd, key_size, value_size, entries), self._decode)
-        periodic = decode_batch(BpfObject.run_iter(self._iter_link, walker=self.netns), self._decode)
+        walked: list[L4Record] = []
+        now = time.monotonic()
+        if self._walk_next or now - self._walked_at >= self._walk_s:
+            self._walk_next = False
+            self._walked_at = now
+            listing = self.pending.take(self.netns)
+            walked = decode_batch(BpfObject.run_iter(self._iter_link, walker=self.netns, listing=listing), self._decode)
+        closes = sum(r.is_close for r in ring) + len(overflow)
         self.stats.polls += 1
-        self.stats.close_records += len(closed) + len(overflow)
+        self.stats.close_records += closes
         self.stats.overflow_records += len(overflow)
-        self.stats.periodic_records += len(periodic)
+        self.stats.periodic_records += len(ring) + len(overflow) + len(walked) - closes
+        self.stats.walked_records += len(walked)
         self.stats.decode_bad_length = self._decode.bad_length
         self.stats.decode_bad_type = self._decode.bad_type
-        return closed + overflow + periodic
+        return ring + overflow + walked
 
     def stop_capture(self) -> None:
         """No more events from the kernel (see BpfObject.stop_capture); the next poll still
-        reports what the sockets' storage and the rings hold."""
+        reports what the sockets' storage and the rings hold (it walks, whatever ``walk_s``)."""
         self.obj.stop_capture()
+        self._walk_next = True
 
     def kernel_stats(self) -> dict[str, int]:
         values = read_percpu_u64_array(self._stats_fd, int(Stat.KSCOPE_STATS))

@@ -10,7 +10,7 @@ from pathlib import Path
 from node_exporter.bpf.abi import L7Stat
 from node_exporter.bpf.loader import BpfObject
 from node_exporter.bpf.maps import read_percpu_u64_array, write_u32_array
-from node_exporter.bpf.netns import NetnsWalker
+from node_exporter.bpf.netns import NetnsWalker, PendingNetns
 from node_exporter.l4.collector import default_bpf_dir
 from node_exporter.l7.chunks import Chunk
 from node_exporter.l7.exchanges import EXCHANGE_SIZE, ExchangeBatch
@@ -78,7 +78,8 @@ class L7Collector(L7Probe):
             },
             {"l7_ring": ring_bytes, "l7_xring": ring_bytes} if ring_bytes else {},
         )
-        # the sweep is a TCP iterator: one per network namespace (share the L4 collector's walker)
+        # the sweep is a TCP iterator: one per network namespace marked for it (share the L4
+        # collector's walker)
         self.netns = netns or NetnsWalker(proc_root=proc_root, only_ino=netns_ino)
         self.tls: TlsAttacher | None = None
         if tls and "l7.tls" in self.obj.report.enabled:
@@ -95,6 +96,10 @@ class L7Collector(L7Probe):
         self._xring = FixedRingReader(self.obj.map_fd("l7_xring"), xsize, EXCHANGE_SIZE)
         self._sweep_link = self.obj.attach_iter("sweep")
         self._sweep_ctl = self.obj.map_fd("l7_sweep_ctl")
+        pending = "l7_netns_pending"
+        self.pending = PendingNetns(
+            self.obj.map_fd(pending), self.obj.map_info(pending), self.obj.map_fd("l7_netns_walk_all")
+        )
 
     def _attach_uprobe(self, program: str, binary: str, symbol: str, retprobe: bool) -> object:
         return self.obj.attach_uprobe(program, binary, symbol, retprobe=retprobe)
@@ -137,7 +142,10 @@ class L7Collector(L7Probe):
         if final:
             write_u32_array(self._sweep_ctl, 0, 1)
         try:
-            BpfObject.run_iter(self._sweep_link, walker=self.netns)
+            # the namespaces where a socket has an exchange or a summary in flight; the final
+            # sweep goes everywhere (it also counts the requests left waiting)
+            listing = self.pending.take(self.netns, everything=final)
+            BpfObject.run_iter(self._sweep_link, walker=self.netns, listing=listing)
         finally:
             if final:
                 write_u32_array(self._sweep_ctl, 0, 0)

@@ -403,6 +403,82 @@ def test_without_the_start_up_walk_an_old_listener_stays_unseen(topo: Topology) 
         assert [r for r in collector.poll() if r.local_port == PORT] == []
 
 
+# ---- periodic walks: only the namespaces with news ----------------------------------------
+
+
+def test_flush_walks_only_a_namespace_whose_sockets_changed(topo: Topology) -> None:
+    """Every walk of a namespace costs a pass over the whole shared TCP hash table: a namespace
+    where nothing changed since the last flush is not walked at all, one with news is walked once
+    and its socket reported."""
+    from node_exporter.l4.collector import L4Collector
+
+    srv, cli, s_info, _ = open_pair(topo, SRV_V4)
+    sport = s_info["local"][1]
+    with L4Collector(netns_ino=topo.srv.ino) as collector:
+        collector.poll()  # the start-up walk marked every socket: reported once
+        walked = collector.netns.walked
+        assert walked >= 1
+        for _ in range(3):
+            assert collector.poll() == []
+        assert collector.netns.walked == walked, "an idle namespace was walked"
+
+        transfer(cli, srv, 5_000)
+        news = [r for r in collector.poll() if r.local_port == sport and r.remote_port]
+        assert collector.netns.walked == walked + 1
+        assert [r.delta.bytes_received for r in news] == [5_000] and not news[0].is_close
+        assert collector.poll() == [] and collector.netns.walked == walked + 1
+        assert collector.kernel_stats()["netns_pending_full"] == 0
+
+
+def test_busy_socket_reports_itself_and_the_walk_only_what_went_quiet(topo: Topology) -> None:
+    """With ``report_s`` a socket's own sends report it once that long has passed since its last
+    report, through the ring, with no walk at all; what it did after its last report waits for
+    the walk (here: never) or its close, whose record then carries it: nothing is lost."""
+    from node_exporter.l4.collector import L4Collector
+
+    srv, cli, _, c_info = open_pair(topo, SRV_V4)
+    cport = c_info["local"][1]
+    with L4Collector(netns_ino=topo.cli.ino, report_s=0.4, walk_s=3600) as collector:
+        rec = Recorder(collector, lambda r: r.local_port == cport)
+        rec.poll()  # the first poll walks: the start-up walk's sockets, reported once
+        walked, seeded = collector.netns.walked, len(rec.records)
+        for _ in range(4):  # the first send sets the socket's deadline, each later one is past it
+            transfer(cli, srv, 1_000)
+            time.sleep(0.45)
+        transfer(cli, srv, 1_000)
+        own = rec.poll()
+        assert collector.netns.walked == walked and collector.stats.walked_records == seeded
+        assert len(own) == 4 and not any(r.is_close for r in own), own
+        assert [r.delta.bytes_sent for r in own] == [2_000, 1_000, 1_000, 1_000]
+
+        transfer(cli, srv, 777)  # not due yet: no record, and no walk to find it
+        time.sleep(0.1)
+        assert rec.poll() == []
+        close_pair(cli, srv)
+        rec.until(closed({"local_port": cport}))
+        final = one_close(rec, local_port=cport)
+        assert final.delta.bytes_sent == 777 and final.total.bytes_sent == 5_777
+        check_deltas_sum_to_total(rec, final)
+        assert collector.kernel_stats()["report_rb_full"] == 0
+
+
+def test_namespace_marks_past_their_map_walk_every_namespace(topo: Topology) -> None:
+    """The map of marked namespaces holds one here: both ends' news still arrive (the kernel asks
+    for a walk of every namespace instead), and each mark that did not fit is counted."""
+    from node_exporter.l4.collector import L4Collector
+
+    srv, cli, s_info, c_info = open_pair(topo, SRV_V4)
+    ends = {(s_info["local"][1], c_info["local"][1]), (c_info["local"][1], PORT)}
+    with L4Collector(netns_pending_entries=1) as collector:
+        collector.poll()
+        full, everywhere = collector.kernel_stats()["netns_pending_full"], collector.pending.walks_of_all
+        transfer(cli, srv, 7_000)
+        news = [r for r in collector.poll() if (r.local_port, r.remote_port) in ends]
+        assert sorted(r.total.bytes_sent + r.total.bytes_received for r in news) == [7_000, 7_000], news
+        assert collector.kernel_stats()["netns_pending_full"] > full
+        assert collector.pending.walks_of_all == everywhere + 1
+
+
 # ---- 7: churn -------------------------------------------------------------------------------
 
 

@@ -482,6 +482,63 @@ def test_idle_keepalive_exchange_reported_by_sweep(
     assert trace.kernel_stats()["late_calls"] == 0
 
 
+def test_sweep_walks_only_namespaces_with_exchanges_in_flight(
+    topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]
+) -> None:
+    """The sweep walks a namespace only while one of its sockets has an exchange the sweep may
+    have to send: none before the first request, some until the idle one is sent, none after."""
+    start_l7_nginx(topo, tmp_path, PORT)
+    trace = tracing(idle_s=0.3, sweep_s=0.1)
+    walkers = [l7.netns for _, l7 in trace.pairs]
+    cli, cport = peer_client(topo, PORT, "ks-idle")
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        trace.poll()
+        time.sleep(0.05)
+    assert [w.walked for w in walkers] == [0, 0], "a namespace without exchanges was walked"
+    require(cli.call("get /idle/1", "done")["statuses"] == {"200": 1}, "request")
+    c, s = both_ends(trace, path="/idle/1", timeout=3)
+    check_pair(one(c, "client"), one(s, "server"), topo, cport)
+    assert all(w.walked > 0 for w in walkers)
+    time.sleep(0.2)
+    trace.poll()  # the sweep that found the exchanges gone
+    walked = [w.walked for w in walkers]
+    deadline = time.monotonic() + 0.6
+    while time.monotonic() < deadline:
+        trace.poll()
+        time.sleep(0.05)
+    assert [w.walked for w in walkers] == walked, "walked on after the exchanges were sent"
+    assert trace.kernel_stats()["netns_pending_full"] == 0
+
+
+def test_busy_socket_sends_its_due_summaries_without_a_sweep(
+    topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]
+) -> None:
+    """A socket with requests coming sends each due summary at its next request, so summaries of
+    busy connections keep their pace with the sweep (a walk of the namespace) far apart (here:
+    never); what is still summed when the requests stop goes with the final sweep."""
+    start_l7_nginx(topo, tmp_path, PORT)
+    trace = tracing(record_rate=1, summary_s=0.3, sweep_s=3600)
+    cli, _ = peer_client(topo, PORT, "ks-busy")
+    n = 14
+    for _ in range(n):
+        require(cli.call("get /idle/1", "done")["statuses"] == {"200": 1}, "request")
+        trace.poll()
+        time.sleep(0.1)
+    trace.poll()
+    assert [l7.netns.walked for _, l7 in trace.pairs] == [0, 0]
+    for side in (Role.CLIENT, Role.SERVER):
+        early = [e.record.summary for e in http(trace.events, side=side) if e.record.summary is not None]
+        assert len(early) >= 2 and all(s.count >= 1 for s in early), early  # due every 0.3 s, n * 0.1 s
+    for _, l7 in trace.pairs:
+        l7.flush()
+    trace.poll()
+    for side in (Role.CLIENT, Role.SERVER):
+        events = http(trace.events, side=side)
+        assert sum(e.record.summary.count if e.record.summary else 1 for e in events) == n, events
+    assert trace.kernel_stats()["summary_lost"] == 0
+
+
 def test_upgrade_stops_parsing(topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]) -> None:
     """101 Switching Protocols ends HTTP/1 on the connection: request-looking bytes after it
     (echoed by the server) make no records at either end."""

@@ -185,6 +185,9 @@ def test_without_cap_sys_admin_other_namespaces_are_skipped_counted_and_said_onc
     (its own namespace walked), says so in one warning line, and counts every namespace skipped."""
     name = f"ks-cap-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", name], check=True)
+    # news in that namespace every interval (refused connects on its loopback): the flush is due there
+    loop = "ip link set lo up; while :; do curl -s http://127.0.0.1:9/; sleep 0.2; done"
+    busy = subprocess.Popen(["ip", "netns", "exec", name, "sh", "-c", loop])
     try:
         out = tmp_path / "flows.jsonl"
         proc = subprocess.run(
@@ -193,13 +196,19 @@ def test_without_cap_sys_admin_other_namespaces_are_skipped_counted_and_said_onc
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     finally:
+        busy.kill()
+        busy.wait()
         subprocess.run(["ip", "netns", "del", name], check=False)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count('"event": "netns_enter_failed"') == 1, proc.stderr
     counters = _records(out)[-1].stats.counters
-    assert counters["netns_enter_failed"] >= 2  # every interval's walk skipped it again, counted each time
+    assert counters["netns_enter_failed"] >= 2  # every interval's flush skipped it again, counted each time
     assert counters["periodic_records"] >= 0
+
+
+def test_non_positive_sweep_interval_is_a_clear_error() -> None:
+    _clear_error(_run("run", "--no-live", "--sweep-interval", "0"), "--sweep-interval must be > 0")
 
 
 def test_negative_record_rate_is_a_clear_error() -> None:

@@ -1,0 +1,54 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * Which network namespaces a periodic walk has to visit.
+ *
+ * The walks (L4's flush, L7's sweep) are TCP iterators, one per namespace, and each one goes
+ * through the whole established hash table, which every namespace shares unless
+ * net.ipv4.tcp_child_ehash_entries is set: ~2-4 ms per namespace per walk here (262,144
+ * buckets), whatever the namespace holds. Walking every namespace every interval cost an
+ * agent on a node with 50 idle pods half a core. So a socket that gets something for the next
+ * walk marks its namespace here, once until that walk has seen it (a flag in its own state),
+ * and user space takes the marks (lookup-and-delete, before walking) and walks only those.
+ * The map full: a flag tells user space to walk every namespace instead (and is counted).
+ */
+#ifndef KSCOPE_NETNS_PENDING_H
+#define KSCOPE_NETNS_PENDING_H
+
+#include "limits.h"
+
+#ifndef EEXIST
+#define EEXIST 17
+#endif
+
+#define NETNS_PENDING_MAPS(pending, walk_all)                                                              \
+	struct {                                                                                           \
+		__uint(type, BPF_MAP_TYPE_HASH);                                                           \
+		__uint(max_entries, KSCOPE_NETNS_PENDING);                                                 \
+		__type(key, __u32);   /* the namespace's inode number (what stat() of ns/net says) */     \
+		__type(value, __u32); /* the same, so a drain of the values lists them */                 \
+	} pending SEC(".maps");                                                                            \
+	struct {                                                                                           \
+		__uint(type, BPF_MAP_TYPE_ARRAY);                                                          \
+		__uint(max_entries, 1);                                                                    \
+		__type(key, __u32);                                                                        \
+		__type(value, __u32);                                                                      \
+	} walk_all SEC(".maps")
+
+/* Mark sk's namespace for the next walk. false: the map is full, every namespace will be walked. */
+static __always_inline bool netns_mark(void *pending, void *walk_all, const struct sock *sk)
+{
+	__u32 ino = sk->__sk_common.skc_net.net->ns.inum, zero = 0, *all;
+	long err;
+
+	if (bpf_map_lookup_elem(pending, &ino))
+		return true; /* already marked (an update would replace the element: dearer) */
+	err = bpf_map_update_elem(pending, &ino, &ino, BPF_NOEXIST);
+	if (!err || err == -EEXIST)
+		return true;
+	all = bpf_map_lookup_elem(walk_all, &zero);
+	if (all)
+		*all = 1;
+	return false;
+}
+
+#endif
