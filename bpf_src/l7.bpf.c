@@ -890,10 +890,7 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 		xchg_fallback(sk, st, x, dir);
 		return false;
 	}
-	/* a busy socket sends its due summaries itself: the sweep (a walk of the whole namespace)
-	 * is only for the sockets that went quiet, and runs far less often */
-	if (slot_due(x, now))
-		slots_flush(sk, x, KSCOPE_EMIT_NEXT, now, false);
+
 	if (x->state == XS_ANSWERED) {
 		/* the previous exchange is over: summed, or a record of its own */
 		fold = wants_summary(x);
@@ -995,6 +992,11 @@ static __always_inline void xchg_response(struct sock *sk, struct l7_sock *st, s
 	}
 	bpf_spin_unlock(&x->lock);
 	xrec_send(r, filled);
+	/* a busy socket sends its due summaries itself: the sweep (a walk of the whole namespace) is
+	 * only for the sockets that went quiet, and runs far less often. Here, not with the next
+	 * request: the response path is the one the verifier walks cheaply (~1 s more at load there) */
+	if (status && slot_due(x, now))
+		slots_flush(sk, x, KSCOPE_EMIT_NEXT, now, false);
 	if (last)
 		st->protocol = KSCOPE_PROTO_IGNORED; /* upgraded: not HTTP/1 any more, stop looking */
 	if (orphan)

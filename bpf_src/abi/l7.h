@@ -105,7 +105,7 @@ enum kscope_http_method {
 
 /* Why an exchange record was sent now. */
 enum kscope_l7_emit {
-	KSCOPE_EMIT_NEXT = 1,     /* the next request started on the socket */
+	KSCOPE_EMIT_NEXT = 1,     /* the next request started on the socket (a summary: a response came after it was due) */
 	KSCOPE_EMIT_CLOSE = 2,    /* the socket was destroyed */
 	KSCOPE_EMIT_SWEEP = 3,    /* idle (answered) or timed out (unanswered), found by the periodic sweep */
 	KSCOPE_EMIT_UPGRADE = 4,  /* 101 Switching Protocols / CONNECT 2xx: the last HTTP/1 exchange */
