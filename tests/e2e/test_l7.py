@@ -514,7 +514,7 @@ def test_sweep_walks_only_namespaces_with_exchanges_in_flight(
 def test_busy_socket_sends_its_due_summaries_without_a_sweep(
     topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]
 ) -> None:
-    """A socket with requests coming sends each due summary at its next request, so summaries of
+    """A socket with requests coming sends each due summary at its next response, so summaries of
     busy connections keep their pace with the sweep (a walk of the namespace) far apart (here:
     never); what is still summed when the requests stop goes with the final sweep."""
     start_l7_nginx(topo, tmp_path, PORT)
