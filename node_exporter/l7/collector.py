@@ -55,13 +55,16 @@ class L7Collector(L7Probe):
         record_rate: int = 0,
         summary_s: float = 1.0,
         netns: NetnsWalker | None = None,
+        netns_pending_entries: int | None = None,
     ) -> None:
         """``exchanges``: pair plain-text HTTP/1 in the kernel (one record per exchange) instead of
         sending every call's head; ``idle_s``: how long an answered exchange waits for more
         response bytes before the sweep (run every ``sweep_s``) sends it. ``record_rate``:
         exchange records per second per CPU (the kernel's sampler); past it, exchanges are summed
         per socket, method, path and status and sent as summaries ``summary_s`` after their first
-        exchange (0: every exchange is a record, no summaries)."""
+        exchange (0: every exchange is a record, no summaries). ``netns_pending_entries``: how many
+        namespaces the kernel can mark for the sweep before it asks for a walk of all (a test
+        shrinks it to push past it)."""
         if record_rate < 0:
             raise ValueError(f"record_rate must be >= 0, got {record_rate}")
         path = Path(object_path) if object_path else default_bpf_dir() / OBJECT_NAME
@@ -76,7 +79,10 @@ class L7Collector(L7Probe):
                 "record_cost_ns": 1_000_000_000 // record_rate if record_rate else 0,
                 "summary_ns": int(summary_s * 1e9),
             },
-            {"l7_ring": ring_bytes, "l7_xring": ring_bytes} if ring_bytes else {},
+            {
+                **({"l7_ring": ring_bytes, "l7_xring": ring_bytes} if ring_bytes else {}),
+                **({"l7_netns_pending": netns_pending_entries} if netns_pending_entries else {}),
+            },
         )
         # the sweep is a TCP iterator: one per network namespace marked for it (share the L4
         # collector's walker)

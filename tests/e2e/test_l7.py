@@ -511,6 +511,28 @@ def test_sweep_walks_only_namespaces_with_exchanges_in_flight(
     assert trace.kernel_stats()["netns_pending_full"] == 0
 
 
+def test_sweep_marks_past_their_map_walk_every_namespace(topo: Topology, tmp_path: Path) -> None:
+    """The sweep's map of marked namespaces holds one here, and one collector (every namespace)
+    sees both ends with an exchange in flight: the kernel asks for a walk of every namespace
+    instead (counted), and each end's idle exchange is still sent by the sweep."""
+    start_l7_nginx(topo, tmp_path, PORT)
+
+    def every_namespace(netns_ino: int, **kw: Any) -> L7Collector:
+        return L7Collector(netns_pending_entries=1, **kw)
+
+    trace = L7Trace((topo.cli,), collector=every_namespace, tls=False, idle_s=0.2, sweep_s=0.1)
+    try:
+        cli, cport = peer_client(topo, PORT, "ks-full")
+        require(cli.call("get /idle/1", "done")["statuses"] == {"200": 1}, "request")
+        c, s = both_ends(trace, path="/idle/1", timeout=3)
+        check_pair(one(c, "client"), one(s, "server"), topo, cport)
+        (_, both), = trace.pairs
+        assert both.kernel_stats()["netns_pending_full"] >= 1
+        assert both.pending.walks_of_all >= 1
+    finally:
+        trace.close()
+
+
 def test_busy_socket_sends_its_due_summaries_without_a_sweep(
     topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]
 ) -> None:
