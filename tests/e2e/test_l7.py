@@ -526,7 +526,7 @@ def test_sweep_marks_past_their_map_walk_every_namespace(topo: Topology, tmp_pat
         require(cli.call("get /idle/1", "done")["statuses"] == {"200": 1}, "request")
         c, s = both_ends(trace, path="/idle/1", timeout=3)
         check_pair(one(c, "client"), one(s, "server"), topo, cport)
-        (_, both), = trace.pairs
+        ((_, both),) = trace.pairs
         assert both.kernel_stats()["netns_pending_full"] >= 1
         assert both.pending.walks_of_all >= 1
     finally:
