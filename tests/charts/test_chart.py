@@ -425,3 +425,15 @@ def test_agent_l7_record_rate_reaches_the_agent(chart: helm.Chart) -> None:
     assert args.l7 and args.l7_record_rate == 250
     with pytest.raises(Exception, match="schema"):
         render(chart, {"agent": {"l7": True, "l7RecordRate": -1}})
+
+
+def test_agent_sweep_interval_reaches_the_agent(chart: helm.Chart) -> None:
+    from node_exporter.cli import agent_parser
+
+    default = agent_parser().parse_args(container(only(render(chart, {}), "DaemonSet"))["args"])
+    assert default.sweep_interval == 5
+    docs = render(chart, {"agent": {"sweepIntervalSeconds": 2.5}})
+    assert agent_parser().parse_args(container(only(docs, "DaemonSet"))["args"]).sweep_interval == 2.5
+    for bad in (0, -1, "5s"):
+        with pytest.raises(Exception, match="schema"):
+            render(chart, {"agent": {"sweepIntervalSeconds": bad}})
