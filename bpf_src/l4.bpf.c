@@ -325,12 +325,19 @@ static __always_inline void emit_final(struct sock *sk, struct sock_state *st)
 		stat_inc(KSCOPE_STAT_CLOSE_LOST);
 }
 
-/* A periodic record from the socket's own call (report_ns). The ring full: nothing is taken (the
- * record is made only once reserved), the counts wait for the next report or the flush. */
+/* A periodic record from the socket's own call (report_ns). The ring (half) full: nothing is taken
+ * (the record is made only once reserved), the counts wait for the next report or the flush. */
 static __always_inline void report(struct sock *sk, struct sock_state *st)
 {
-	struct kscope_l4_record *rec = bpf_ringbuf_reserve(&close_ring, sizeof(*rec), 0);
+	struct kscope_l4_record *rec;
 
+	/* half the ring stays for final records: a busy node's periodic ones, which can wait, must
+	 * not crowd out the ones that cannot (those would go to the overflow map, then be lost) */
+	if (bpf_ringbuf_query(&close_ring, BPF_RB_AVAIL_DATA) > bpf_ringbuf_query(&close_ring, BPF_RB_RING_SIZE) / 2) {
+		stat_inc(KSCOPE_STAT_REPORT_RB_FULL);
+		return;
+	}
+	rec = bpf_ringbuf_reserve(&close_ring, sizeof(*rec), 0);
 	if (!rec) {
 		stat_inc(KSCOPE_STAT_REPORT_RB_FULL);
 		return;

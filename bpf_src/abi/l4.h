@@ -66,7 +66,7 @@ enum kscope_stat {
 	KSCOPE_STAT_SOCKETS_TRACKED = 6,   /* sockets that got storage (monotonic) */
 	KSCOPE_STAT_SEED_OWNERS_FULL = 7,  /* start: an old socket's owner not kept (map full): learned at its next send/recv */
 	KSCOPE_STAT_NETNS_PENDING_FULL = 8, /* a namespace could not be marked for the flush (map full): every one walked */
-	KSCOPE_STAT_REPORT_RB_FULL = 9,     /* a busy socket's own periodic record found the ring full: its counts wait */
+	KSCOPE_STAT_REPORT_RB_FULL = 9,     /* a busy socket's own periodic record found the ring half full: its counts wait */
 	KSCOPE_STATS = 10,
 };
 
