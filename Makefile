@@ -42,6 +42,7 @@ bench: setup $(BENCH_OBJS)
 	$(PY) bench/overhead.py $(ARGS)
 	$(PY) bench/l7_syscalls.py
 	$(PY) bench/conntrack.py
+	$(PY) bench/netns_walks.py
 	$(PY) bench/processor.py
 
 lint: setup
