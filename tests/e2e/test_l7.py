@@ -689,7 +689,8 @@ def test_summaries_count_every_request_under_load(
         summaries = [e for e in events if e.record.summary is not None]
         total = len(singles) + sum(e.record.summary.count for e in summaries if e.record.summary)
         # wrk counts completed responses; up to one request per connection was in flight at the end
-        assert n - lost <= total <= n + conns, (side, n, total, lost, len(singles), len(summaries))
+        assert n - lost <= total <= n + conns, (side, n, total, lost, len(singles), len(summaries), stats,
+                                                trace.pipe.counters())  # fmt: skip
         totals.append(total)
         by_target: dict[tuple[str, str, int], int] = {}
         for e in events:
