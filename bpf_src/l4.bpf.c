@@ -571,11 +571,11 @@ static __always_inline struct sock *iter_sock(struct bpf_iter__tcp *ctx)
 	return (struct sock *)bpf_skc_to_tcp_sock(skc);
 }
 
-/* One periodic record per socket whose counters moved. Run by user space once per interval
+/* One periodic record per socket whose counters moved. Run by user space every walk interval
  * in every network namespace marked since the last run (a TCP iterator shows the sockets of
- * the namespace it was created in; netns_pending.h): one read() loop each. This kernel refuses map iterators (EPERM at load), and a
- * socket reached through a task's file is an untrusted pointer the storage helpers refuse, so
- * the TCP iterator it is. The pass's session id in the socket's state makes a socket shown
+ * the namespace it was created in; netns_pending.h): one read() loop each. This kernel
+ * refuses map iterators (EPERM at load), and a socket reached through a task's file is an
+ * untrusted pointer the storage helpers refuse, so the TCP iterator it is. The pass's session id in the socket's state makes a socket shown
  * twice (the iterator resuming a bucket) one record per pass. */
 SEC("iter/tcp")
 int flush(struct bpf_iter__tcp *ctx)

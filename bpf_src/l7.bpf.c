@@ -717,6 +717,12 @@ static __always_inline bool slot_evict(struct kscope_l7_summary *r, struct l7_xc
 	return true;
 }
 
+/* Whether a slot holds requests whose summary is due (its first request summary_ns ago). */
+static __always_inline bool slot_is_due(const struct l7_slot *s, __u64 now)
+{
+	return s->count && now - s->first_ns >= summary_ns;
+}
+
 /* Send slot i's summary if due (all: whatever its age). A full ring leaves it for the next
  * sweep; at close (all) its requests are lost, counted. */
 static __always_inline void slot_flush(struct sock *sk, struct l7_xchg *x, struct l7_slot *s, __u8 reason,
@@ -726,11 +732,11 @@ static __always_inline void slot_flush(struct sock *sk, struct l7_xchg *x, struc
 	bool filled = false;
 	__u32 lost = 0, sent;
 
-	if (!s->count || (!all && now - s->first_ns < summary_ns))
+	if (!s->count || (!all && !slot_is_due(s, now)))
 		return;
 	r = summary_reserve(sk);
 	bpf_spin_lock(&x->lock);
-	if (s->count && (all || now - s->first_ns >= summary_ns)) {
+	if (s->count && (all || slot_is_due(s, now))) {
 		if (r) {
 			summary_fill(r, x, s, reason);
 			filled = true;
@@ -772,7 +778,7 @@ static __always_inline bool slot_due(const struct l7_xchg *x, __u64 now)
 
 #pragma unroll
 	for (int i = 0; i < L7_SLOTS; i++)
-		due |= x->slots[i].count && now - x->slots[i].first_ns >= summary_ns;
+		due |= slot_is_due(&x->slots[i], now);
 	return due;
 }
 
@@ -890,7 +896,6 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 		xchg_fallback(sk, st, x, dir);
 		return false;
 	}
-
 	if (x->state == XS_ANSWERED) {
 		/* the previous exchange is over: summed, or a record of its own */
 		fold = wants_summary(x);
@@ -1413,10 +1418,10 @@ int BPF_PROG(l7_destroy, struct sock *sk)
 }
 
 /*
- * The sweep: user space runs it every few hundred ms in every network namespace marked since
+ * The sweep: user space runs it every --sweep-interval in every network namespace marked since
  * (a TCP iterator shows the sockets of the namespace it was created in; this kernel refuses map
- * iterators, see l4.bpf.c's flush; netns_pending.h); sockets without exchange state are skipped at one storage
- * lookup. An answered exchange idle for idle_ns is sent (the last request of an idle keep-alive
+ * iterators, see l4.bpf.c's flush; netns_pending.h); sockets without exchange state are
+ * skipped at one storage lookup. An answered exchange idle for idle_ns is sent (the last request of an idle keep-alive
  * connection would otherwise wait for the next one or the close); an unanswered one after
  * unanswered_ns. The pass's session id makes a socket shown twice (the iterator resuming a
  * bucket) one visit. The socket's own CPU may be updating the same exchange: the unlocked peek

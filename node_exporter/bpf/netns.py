@@ -26,11 +26,15 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
 
 from node_exporter.bpf.maps import drain_hash, read_u32_array, write_u32_array
 from node_exporter.errors import KscopeError
+
+if TYPE_CHECKING:  # the loader imports this module
+    from node_exporter.bpf.loader import BpfObject
 
 log = structlog.get_logger("kscope.netns")
 
@@ -171,8 +175,9 @@ class PendingNetns:
     the part of the walker's listing they name; the marks are taken before the walk, so one
     made while it runs stays for the next. A full map sets ``walk_all``: every namespace."""
 
-    def __init__(self, pending_fd: int, pending_info: tuple[int, int, int], walk_all_fd: int) -> None:
-        self._fd, self._info, self._all_fd = pending_fd, pending_info, walk_all_fd
+    def __init__(self, obj: BpfObject, pending: str, walk_all: str) -> None:
+        """``pending``, ``walk_all``: the names ``NETNS_PENDING_MAPS`` gave the maps in ``obj``."""
+        self._fd, self._info, self._all_fd = obj.map_fd(pending), obj.map_info(pending), obj.map_fd(walk_all)
         self.walks_of_all = 0  # walks that went everywhere because the marks did not fit
 
     def take(self, walker: NetnsWalker, *, everything: bool = False) -> dict[int, str]:

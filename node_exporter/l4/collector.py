@@ -116,9 +116,7 @@ class L4Collector:
             self._overflow_fd = self.obj.map_fd("close_overflow")
             self._overflow_info = self.obj.map_info("close_overflow")
             self._stats_fd = self.obj.map_fd("kscope_stats")
-            self.pending = PendingNetns(
-                self.obj.map_fd("netns_pending"), self.obj.map_info("netns_pending"), self.obj.map_fd("netns_walk_all")
-            )
+            self.pending = PendingNetns(self.obj, "netns_pending", "netns_walk_all")
             if seed and "l4.seed" in self.obj.report.enabled:
                 self._seed()
         except BaseException:
@@ -177,11 +175,11 @@ class L4Collector:
             self._walked_at = now
             listing = self.pending.take(self.netns)
             walked = decode_batch(BpfObject.run_iter(self._iter_link, walker=self.netns, listing=listing), self._decode)
-        closes = sum(r.is_close for r in ring) + len(overflow)
+        ring_closes = sum(r.is_close for r in ring)  # the overflow map holds final records only
         self.stats.polls += 1
-        self.stats.close_records += closes
+        self.stats.close_records += ring_closes + len(overflow)
         self.stats.overflow_records += len(overflow)
-        self.stats.periodic_records += len(ring) + len(overflow) + len(walked) - closes
+        self.stats.periodic_records += len(ring) - ring_closes + len(walked)
         self.stats.walked_records += len(walked)
         self.stats.decode_bad_length = self._decode.bad_length
         self.stats.decode_bad_type = self._decode.bad_type

@@ -102,10 +102,7 @@ class L7Collector(L7Probe):
         self._xring = FixedRingReader(self.obj.map_fd("l7_xring"), xsize, EXCHANGE_SIZE)
         self._sweep_link = self.obj.attach_iter("sweep")
         self._sweep_ctl = self.obj.map_fd("l7_sweep_ctl")
-        pending = "l7_netns_pending"
-        self.pending = PendingNetns(
-            self.obj.map_fd(pending), self.obj.map_info(pending), self.obj.map_fd("l7_netns_walk_all")
-        )
+        self.pending = PendingNetns(self.obj, "l7_netns_pending", "l7_netns_walk_all")
 
     def _attach_uprobe(self, program: str, binary: str, symbol: str, retprobe: bool) -> object:
         return self.obj.attach_uprobe(program, binary, symbol, retprobe=retprobe)
