@@ -244,6 +244,7 @@ class Agent:
             netns_enter_failed=self.collector.netns.enter_failed,
             netns_walked=self.collector.netns.walked,  # one per namespace per walk, L4's and L7's
             netns_walks_of_all=self.collector.pending.walks_of_all + (l7_pending.walks_of_all if l7_pending else 0),
+            netns_marked_unlisted=self.collector.pending.unlisted + (l7_pending.unlisted if l7_pending else 0),
         )
         if self.conntrack is not None:
             values.update({f"nat_{k}": v for k, v in self.conntrack.counters().items()})

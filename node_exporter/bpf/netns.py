@@ -179,6 +179,9 @@ class PendingNetns:
         """``pending``, ``walk_all``: the names ``NETNS_PENDING_MAPS`` gave the maps in ``obj``."""
         self._fd, self._info, self._all_fd = obj.map_fd(pending), obj.map_info(pending), obj.map_fd(walk_all)
         self.walks_of_all = 0  # walks that went everywhere because the marks did not fit
+        # marked namespaces no process is in and no /run/netns mount names: not entered (their
+        # quiet sockets report at close)
+        self.unlisted = 0
 
     def take(self, walker: NetnsWalker, *, everything: bool = False) -> dict[int, str]:
         """``everything``: the listing whole (a final walk), the marks emptied all the same."""
@@ -191,4 +194,5 @@ class PendingNetns:
         if not marked and not everything:
             return {}
         listing = walker.namespaces()
+        self.unlisted += len(marked - listing.keys())
         return listing if everything else {ino: path for ino, path in listing.items() if ino in marked}

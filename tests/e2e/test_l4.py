@@ -7,7 +7,10 @@ those sockets, identified by namespace inode and ports.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import os
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -24,6 +27,7 @@ pytestmark = pytest.mark.bpf
 PORT = 8080
 MS = 1_000_000
 SKB_DROP_REASON_TCP_LISTEN_OVERFLOW = 40  # enum skb_drop_reason on this kernel (vmlinux BTF)
+CLONE_NEWNET = 0x40000000
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -483,6 +487,44 @@ def test_busy_socket_past_a_full_ring_loses_nothing(topo: Topology) -> None:
         final = one_close(rec, local_port=cport)
         assert final.total.bytes_sent == 3_000
         check_deltas_sum_to_total(rec, final)
+
+
+def test_marked_namespace_nobody_can_enter_is_counted_and_reports_at_close() -> None:
+    """A namespace kept alive only by sockets whose process lives elsewhere (no process in it, its
+    /run/netns mount gone) cannot be entered: its mark is counted (``unlisted``), and the bytes
+    its sockets moved arrive with their final records."""
+    from node_exporter.l4.collector import L4Collector
+
+    name = f"ks-orphan-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    there = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    ino = os.fstat(there).st_ino
+    try:
+        assert libc.setns(there, CLONE_NEWNET) == 0, ctypes.get_errno()
+        try:  # made in that namespace: they stay there
+            srv = socket.create_server(("127.0.0.1", 0))
+            cli = socket.create_connection(srv.getsockname())
+            conn, _ = srv.accept()
+        finally:
+            assert libc.setns(own, CLONE_NEWNET) == 0, ctypes.get_errno()
+    finally:
+        os.close(own)
+        os.close(there)
+        subprocess.run(["ip", "netns", "del", name], check=True)  # only the sockets keep it now
+    with srv, cli, conn, L4Collector() as collector:
+        rec = Recorder(collector, lambda r: r.netns_ino == ino)
+        rec.poll()
+        cli.sendall(b"x" * 1_000)
+        assert len(conn.recv(4096)) == 1_000
+        assert rec.poll() == [] and collector.pending.unlisted >= 1
+        cport = cli.getsockname()[1]
+        cli.close()
+        conn.close()
+        rec.until(closed({"local_port": cport}))
+        assert one_close(rec, local_port=cport).total.bytes_sent == 1_000
 
 
 def test_namespace_marks_past_their_map_walk_every_namespace(topo: Topology) -> None:
