@@ -88,7 +88,7 @@ def open_l7(bpf_dir: Path, opts: AgentOptions, netns: NetnsWalker | None = None)
                 bpf_dir / L7_OBJECT, netns_ino=opts.netns_inode, capture_bytes=opts.capture_bytes,
                 proc_root=opts.proc_root, record_rate=opts.l7_record_rate, netns=netns,
                 # like L4's flush: each sweep of a namespace with exchanges in flight is a pass over
-                # the whole TCP hash table (bpf/netns.py); busy sockets need none (see l7.bpf.c)
+                # the whole TCP hash table (bpf/netns.py); busy sockets need none (see bpf_src/l7_summary.h)
                 sweep_s=opts.sweep_s,
             )  # fmt: skip
         except HookUnavailableError as exc:
