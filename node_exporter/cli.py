@@ -45,8 +45,7 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
         "--l7-probe",
         choices=["auto", "sockets", "syscalls"],
         default="auto",
-        help="L7 capture: socket tracepoints (Linux 6.3+) or the syscall-exit fallback; auto picks what the "
-        "kernel has",
+        help="L7 capture: socket tracepoints (Linux 6.3+) or the syscall-exit fallback; auto picks what the kernel has",
     )
     p.add_argument(
         "--l7-record-rate",

@@ -175,13 +175,11 @@ class HeadParser:
             return None
         if method == b"CONNECT":
             path = target_path(method, target)
-            if path is None:
-                return None
-            names: tuple[str, str] | None = (path, route_template(path))
+            names = None if path is None else (path, route_template(path))
         else:
             names = self._path(_before_query(target))
-            if names is None:
-                return None
+        if names is None:
+            return None
         traceparent = rid = ""
         if eol >= 0:
             fields = head[eol : end + 2] if end < len(head) else head[eol:]

@@ -111,7 +111,7 @@ def test_run_writes_jsonl_records_with_exact_bytes(tmp_path: Path) -> None:
 
 
 def _bpf_prog_ids_of(pid: int) -> set[int]:
-    ids = set()
+    ids: set[int] = set()
     for fd in os.listdir(f"/proc/{pid}/fdinfo"):
         try:
             info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
