@@ -2,7 +2,7 @@
 """What the agent's periodic walks cost on a node with many network namespaces (pods).
 
 The walks (L4's flush, L7's sweep) are TCP iterators, one per namespace, and each goes through the
-whole established-socket hash table the namespaces share (README "How it works"). Only namespaces
+whole established-socket hash table the namespaces share (docs/architecture.md). Only namespaces
 whose sockets marked them are walked, and busy sockets report themselves, so what matters is how
 the agent's CPU grows with namespaces that are idle and with namespaces that are busy. Arms, each a
 fresh agent (`--interval 1 --l7`), run one after the other:

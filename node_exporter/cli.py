@@ -45,7 +45,7 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--l7",
         action="store_true",
-        help="also trace requests (HTTP/1, DNS, TLS via OpenSSL); experimental: see the README for its cost",
+        help="also trace requests (HTTP/1, DNS, TLS via OpenSSL); experimental: see bench/RESULTS.md for its cost",
     )
     p.add_argument("--capture-bytes", type=int, default=512, help="bytes of each message head captured (512)")
     p.add_argument(
@@ -69,7 +69,7 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
         default=10,
         metavar="N",
         help="lower the agent's scheduling priority by N (10; 0 keeps it): the agent's batch work then "
-        "waits for the node's applications instead of delaying them (see the README's p99 figures)",
+        "waits for the node's applications instead of delaying them (p99 figures: bench/RESULTS.md)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--processor", metavar="HOST:PORT", help="ship batches to the cluster processor (gRPC)")
