@@ -34,8 +34,8 @@ setup: $(STAMP)/apt $(STAMP)/venv $(BPF_OBJS) $(FIXTURE_OBJS) $(PROTO_PY)
 run: setup
 	$(VENV)/bin/kscope run $(ARGS)
 
-test: setup
-	$(VENV)/bin/ruff check .
+# The checks the project claims (ruff, formatting, mypy --strict as configured in pyproject.toml), then the suite.
+test: setup lint
 	$(VENV)/bin/pytest $(ARGS)
 
 bench: setup $(BENCH_OBJS)
@@ -48,6 +48,7 @@ bench: setup $(BENCH_OBJS)
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy .
 
 $(STAMP)/apt: Makefile
 	@mkdir -p $(STAMP)

@@ -355,7 +355,8 @@ class ResolutionCache:
         self._remotes = _Memo(self._new_remote_end)
         # Interning tables: dropped only in prune(), when nothing refers to their objects.
         self._refs: dict[Edge, EdgeRef] = {}
-        self._graph_refs: dict[tuple[str, str, ConnectionType], GraphRef] = {}
+        # (client, client namespace, server, server namespace, connection type)
+        self._graph_refs: dict[tuple[str, str, str, str, ConnectionType], GraphRef] = {}
         self._mkeys: dict[tuple[Any, ...], _MKey] = {}
         self._edge_refs: dict[tuple[Any, ...], EdgeRef] = {}
         # (local _MKey, remote _MKey, remote named by NAT, role, server port, NAT port) -> edge side,

@@ -260,22 +260,22 @@ class Agent:
         self.metrics.update(values)
 
     def run(self) -> None:
-        if self.opts.metrics_port is not None:
-            self.metrics.serve(self.opts.metrics_port)
-        deadline = time.monotonic() + self.opts.duration_s if self.opts.duration_s else None
-        log.info(
-            "agent_started",
-            capabilities=self.capabilities[0],
-            disabled=self.capabilities[1],
-            interval_s=self.opts.interval_s,
-        )
         live = None
-        if self.opts.live:
-            from rich.live import Live
+        try:  # from here on the probes are detached however run() ends
+            if self.opts.metrics_port is not None:
+                self.metrics.serve(self.opts.metrics_port)
+            deadline = time.monotonic() + self.opts.duration_s if self.opts.duration_s else None
+            log.info(
+                "agent_started",
+                capabilities=self.capabilities[0],
+                disabled=self.capabilities[1],
+                interval_s=self.opts.interval_s,
+            )
+            if self.opts.live:
+                from rich.live import Live
 
-            live = Live(self.view.render(self.opts.interval_s), refresh_per_second=2, screen=False)
-            live.start()
-        try:
+                live = Live(self.view.render(self.opts.interval_s), refresh_per_second=2, screen=False)
+                live.start()
             # Until a last interval has run: a stop (or the deadline) that comes while an interval
             # is being reported still gets its final one (capture stopped, kernel flushed, drained).
             last = False

@@ -514,8 +514,8 @@ def _destroy_all(links: list[Link]) -> None:
             for _ in pool.map(_destroy, fd_links):
                 pass
     else:
-        for link in fd_links:
-            _destroy(link)
+        for fd_link in fd_links:
+            _destroy(fd_link)
     for link in links:
         if not isinstance(link, FdLink):
             _destroy(link)

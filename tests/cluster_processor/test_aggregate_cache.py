@@ -80,7 +80,7 @@ def random_batch(r: random.Random, node: str, k: int) -> pb.FlowBatch:
                        kind=r.choice([pb.RECORD_KIND_PERIODIC, pb.RECORD_KIND_CLOSE]), ip_family=4,
                        process=random_process(r), time_unix_nano=T0 + k * S, srtt_us=r.randint(0, 900),
                        connect_status=r.choice([0, pb.CONNECT_STATUS_OK, pb.CONNECT_STATUS_REFUSED]),
-                       connect_latency_ns=r.randint(0, 10**7), **ends)  # type: ignore[arg-type]  # fmt: skip
+                       connect_latency_ns=r.randint(0, 10**7), **ends)  # fmt: skip
         fl.delta.bytes_sent, fl.delta.bytes_received = r.randint(0, 10**6), r.randint(0, 10**6)
         fl.delta.resets_received = int(r.random() < 0.05)
         b.l4.append(fl)
@@ -90,7 +90,7 @@ def random_batch(r: random.Random, node: str, k: int) -> pb.FlowBatch:
         q = pb.L7Request(socket_cookie=r.choice(cookies), netns_inode=4026531840 + r.randrange(3),
                          side=r.choice([pb.ROLE_CLIENT, pb.ROLE_SERVER]), protocol=r.choice(["http1", "dns"]),
                          ip_family=4, process=random_process(r), start_time_unix_nano=T0 + k * S,
-                         latency_ns=r.randint(1, 10**9), **ends)  # type: ignore[arg-type]  # fmt: skip
+                         latency_ns=r.randint(1, 10**9), **ends)  # fmt: skip
         if q.protocol == "dns":
             q.dns.question_name, q.dns.rcode = "x.example.", r.choice(["", "NXDOMAIN"])
         else:

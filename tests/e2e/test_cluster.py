@@ -334,7 +334,10 @@ def test_requests_summed_in_the_kernel_count_in_the_metrics(
             assert "Traceback" not in stderr, stderr
             n = completed[0]
             assert n > 50 * rate, f"wrk did only {n} requests"
-            diag = lambda: f"wrk: {n}\nagent stderr:\n{stderr[-3000:]}\n{dump(rx)}"  # noqa: E731
+
+            def diag() -> str:
+                return f"wrk: {n}\nagent stderr:\n{stderr[-3000:]}\n{dump(rx)}"
+
             server_dur = {"service.name": "b", "peer.service.name": "a", "http.route": "/orders/{id}"}
             await eventually(lambda: latest(rx, "http.server.request.duration", **server_dur) >= n,
                              f"http.server.request.duration count >= {n}", diag)  # fmt: skip

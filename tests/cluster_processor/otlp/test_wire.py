@@ -278,7 +278,7 @@ def test_span_bytes_equal_the_field_by_field_span(seed: int) -> None:
     # Byte for byte what the generated classes write: the exporter sends these bytes as they are.
     assert encoded.data == req.SerializeToString()
     got = [sp for rs in req.resource_spans for ss in rs.scope_spans for sp in ss.spans]
-    by_resource = {}
+    by_resource: dict[Attrs, list[trace_pb2.Span]] = {}
     for s in records:
         by_resource.setdefault(semconv.span_resource(s.edge.of(s.side), "node-a"), []).append(ref_span(s))
     assert [tuple(f.key for f in rs.resource.attributes) for rs in req.resource_spans] == [
