@@ -18,7 +18,6 @@ from kscope.v1 import flow_pb2 as pb
 from node_exporter.bpf import preflight
 from node_exporter.bpf.abi import Role
 from node_exporter.bpf.btf import Btf
-from node_exporter.bpf.netns import NetnsWalker
 from node_exporter.errors import HookUnavailableError, KscopeError
 from node_exporter.l4.collector import OBJECT_NAME, L4Collector, default_bpf_dir
 from node_exporter.l4.records import L4Record
@@ -29,6 +28,7 @@ from node_exporter.l7.syscalls import OBJECT_NAME as L7_SYSCALLS_OBJECT
 from node_exporter.l7.syscalls import SyscallL7Collector, kernel_has_socket_tracepoints
 from node_exporter.metadata.proc import ProcessIndex
 from node_exporter.nat.conntrack import ConntrackTable, FlowKey
+from node_exporter.netns import NetnsWalker
 from node_exporter.output.convert import MonotonicClock, l4_columns, l4_flow, l7_request
 from node_exporter.output.jsonl import JsonlWriter
 from node_exporter.output.live import LiveView
@@ -43,7 +43,7 @@ L7_DRAIN_S = 0.02
 class AgentOptions:
     interval_s: float = 1.0
     # how often the kernel's walks look at sockets that went quiet (busy ones report every interval
-    # themselves): each walk of a namespace is a pass over the whole TCP hash table (bpf/netns.py)
+    # themselves): each walk of a namespace is a pass over the whole TCP hash table (netns.py)
     sweep_s: float = 5.0
     duration_s: float | None = None
     jsonl: str | None = None
@@ -88,7 +88,7 @@ def open_l7(bpf_dir: Path, opts: AgentOptions, netns: NetnsWalker | None = None)
                 bpf_dir / L7_OBJECT, netns_ino=opts.netns_inode, capture_bytes=opts.capture_bytes,
                 proc_root=opts.proc_root, record_rate=opts.l7_record_rate, netns=netns,
                 # like L4's flush: each sweep of a namespace with exchanges in flight is a pass over
-                # the whole TCP hash table (bpf/netns.py); busy sockets need none (see bpf_src/l7_summary.h)
+                # the whole TCP hash table (netns.py); busy sockets need none (see bpf_src/l7_summary.h)
                 sweep_s=opts.sweep_s,
             )  # fmt: skip
         except HookUnavailableError as exc:

@@ -12,7 +12,7 @@ import ctypes
 import errno
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,6 @@ import structlog
 
 from node_exporter.bpf import libbpf as lb
 from node_exporter.bpf.btf import KIND_STRUCT, KIND_TYPEDEF, Btf
-from node_exporter.bpf.netns import NetnsWalker
 from node_exporter.errors import HookUnavailableError, ObjectFileError
 
 log = structlog.get_logger("kscope.bpf")
@@ -458,18 +457,16 @@ class BpfObject:
                 self._iter_links.discard(link)  # a freed link's address may be a new link's
 
     @staticmethod
-    def run_iter(
-        link: int, chunk: int = 1 << 16, walker: NetnsWalker | None = None, listing: Mapping[int, str] | None = None
-    ) -> bytes:
-        """Run an iterator to the end; everything it wrote, in one bytes object. With ``walker``
-        (``iter/tcp`` and the like, which show one network namespace's objects): one iterator per
-        namespace (of ``listing``, by default every one), their output concatenated."""
+    def new_iter(link: int) -> int:
+        """A fresh fd of an attached iterator; reading it runs the iterator once. An ``iter/tcp``
+        one shows the network namespace of the thread that makes it. The caller closes it."""
         link_fd = lb.check_int(lb.lib().bpf_link__fd(link), "iterator link fd")
+        return lb.check_int(lb.lib().bpf_iter_create(link_fd), "create iterator")
 
-        def create() -> int:
-            return lb.check_int(lb.lib().bpf_iter_create(link_fd), "create iterator")
-
-        fds = walker.create_all(create, listing) if walker is not None else [create()]
+    @staticmethod
+    def read_iters(fds: Sequence[int], chunk: int = 1 << 16) -> bytes:
+        """Each iterator read to its end, in order, and closed (all of them, even on error);
+        everything they wrote, in one bytes object."""
         parts = []
         try:
             for fd in fds:
@@ -482,6 +479,11 @@ class BpfObject:
             for fd in fds:
                 os.close(fd)
         return b"".join(parts)
+
+    @staticmethod
+    def run_iter(link: int) -> bytes:
+        """Run an iterator once, in this thread's network namespace; everything it wrote."""
+        return BpfObject.read_iters([BpfObject.new_iter(link)])
 
     def close(self) -> None:
         """Detach every link and unload the object (idempotent)."""

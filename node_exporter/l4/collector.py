@@ -13,10 +13,10 @@ import structlog
 from node_exporter.bpf.abi import Stat
 from node_exporter.bpf.loader import BpfObject, LoadReport
 from node_exporter.bpf.maps import drain_hash, read_percpu_u64_array
-from node_exporter.bpf.netns import NetnsWalker, PendingNetns
 from node_exporter.bpf.ringbuf import RingReader
 from node_exporter.errors import HookUnavailableError
 from node_exporter.l4.records import DecodeStats, L4Record, decode_batch, decode_many
+from node_exporter.netns import NetnsWalker, PendingNetns
 
 log = structlog.get_logger("kscope.l4")
 
@@ -85,7 +85,7 @@ class L4Collector:
         report (0: never, the flush reports everything); ``walk_s``: the flush runs at most this
         often (0: every poll). With both, busy sockets are reported every ``report_s`` without a
         walk, and those that went quiet within ``walk_s``: each walk of a namespace costs a pass
-        over the whole TCP hash table (bpf/netns.py)."""
+        over the whole TCP hash table (netns.py)."""
         path = Path(object_path) if object_path else default_bpf_dir() / OBJECT_NAME
         sizes = {}
         if close_ring_bytes:
@@ -104,7 +104,7 @@ class L4Collector:
             map_sizes=sizes,
         )
         # the TCP iterators show one network namespace each: the flush walks those its sockets
-        # marked (bpf/netns.py)
+        # marked (netns.py)
         self.netns = NetnsWalker(proc_root=proc_root, only_ino=netns_ino)
         self._walk_s = walk_s
         self._walked_at = float("-inf")
@@ -142,7 +142,7 @@ class L4Collector:
             return
         try:
             BpfObject.run_iter(links[0])  # every task's files: who holds each socket
-            BpfObject.run_iter(links[1], walker=self.netns)  # every namespace's TCP sockets
+            self.netns.run_iter(links[1])  # every namespace's TCP sockets
         finally:
             for link in links:
                 self.obj.detach(link)
@@ -174,7 +174,7 @@ class L4Collector:
             self._walk_next = False
             self._walked_at = now
             listing = self.pending.take(self.netns)
-            walked = decode_batch(BpfObject.run_iter(self._iter_link, walker=self.netns, listing=listing), self._decode)
+            walked = decode_batch(self.netns.run_iter(self._iter_link, listing), self._decode)
         ring_closes = sum(r.is_close for r in ring)  # the overflow map holds final records only
         self.stats.polls += 1
         self.stats.close_records += ring_closes + len(overflow)

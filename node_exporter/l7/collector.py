@@ -8,15 +8,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from node_exporter.bpf.abi import L7Stat
-from node_exporter.bpf.loader import BpfObject
 from node_exporter.bpf.maps import read_percpu_u64_array, write_u32_array
-from node_exporter.bpf.netns import NetnsWalker, PendingNetns
 from node_exporter.l4.collector import default_bpf_dir
 from node_exporter.l7.chunks import Chunk
 from node_exporter.l7.exchanges import EXCHANGE_SIZE, ExchangeBatch
 from node_exporter.l7.probe import L7Probe, L7Stats
 from node_exporter.l7.tls import MULTI_ENTRY_PROGRAM, MULTI_EXIT_PROGRAM, TlsAttacher
 from node_exporter.l7.xring import FixedRingReader
+from node_exporter.netns import NetnsWalker, PendingNetns
 
 OBJECT_NAME = "l7.bpf.o"
 FULL_TLS_SCAN_S = 60.0  # between scans of every process's maps; new processes are read every tls_rescan_s
@@ -148,7 +147,7 @@ class L7Collector(L7Probe):
             # the namespaces where a socket has an exchange or a summary in flight; the final
             # sweep goes everywhere (it also counts the requests left waiting)
             listing = self.pending.take(self.netns, everything=final)
-            BpfObject.run_iter(self._sweep_link, walker=self.netns, listing=listing)
+            self.netns.run_iter(self._sweep_link, listing)
         finally:
             if final:
                 write_u32_array(self._sweep_ctl, 0, 0)

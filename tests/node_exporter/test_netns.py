@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from node_exporter.bpf.netns import NetnsWalker
+from node_exporter.netns import NetnsWalker
 from tests.e2e.netns import Topology
 
 pytestmark = pytest.mark.bpf  # root: namespaces and setns

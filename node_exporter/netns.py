@@ -1,4 +1,5 @@
-"""Running a TCP iterator in every network namespace.
+"""Running a TCP iterator in every network namespace, for the L4 and L7 collectors (the loader
+knows nothing of namespaces).
 
 A BPF TCP iterator (``iter/tcp``) shows the sockets of one network namespace: the one the
 thread that creates the iterator (``bpf_iter_create``) is in. The agent's sweeps must see
@@ -26,15 +27,12 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import structlog
 
+from node_exporter.bpf.loader import BpfObject
 from node_exporter.bpf.maps import drain_hash, read_u32_array, write_u32_array
 from node_exporter.errors import KscopeError
-
-if TYPE_CHECKING:  # the loader imports this module
-    from node_exporter.bpf.loader import BpfObject
 
 log = structlog.get_logger("kscope.netns")
 
@@ -167,6 +165,11 @@ class NetnsWalker:
         finally:
             os.close(own)
         return fds
+
+    def run_iter(self, link: int, listing: Mapping[int, str] | None = None) -> bytes:
+        """Run an iterator that shows one namespace's objects (``iter/tcp``) once inside each
+        namespace (of ``listing``, by default every one); their output, concatenated."""
+        return BpfObject.read_iters(self.create_all(lambda: BpfObject.new_iter(link), listing))
 
 
 class PendingNetns:
