@@ -104,10 +104,6 @@ class Cluster:
     def rs_name(self, d: int) -> str:
         return f"app{d}-5f6d7c8b9a"
 
-    def raw_objects(self) -> list[tuple[str, dict[str, Any]]]:
-        """(kind, raw API dict) in watch order; built lazily by ``iter_raw`` for the memory run."""
-        return list(self.iter_raw())
-
     def iter_raw(self) -> Iterator[tuple[str, dict[str, Any]]]:
         for n in range(self.nodes):
             yield "Node", f.node(f"node-{n:03d}", internal=node_ip(n), uid=f"node-uid-{n}")

@@ -61,7 +61,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define S_IFMT 00170000
 #define S_IFSOCK 0140000
 #define TS_COMPAT 0x0002       /* arch/x86/include/asm/thread_info.h: an ia32 syscall is running */
-#define KSCOPE_L7_SYS_STANDIN_COOKIE (1ULL << 63) /* | socket inode: no kernel cookie (mirrored in syscalls.py) */
+#define KSCOPE_L7_SYS_STANDIN_COOKIE (1ULL << 63) /* | socket inode: no kernel cookie */
 
 /* Runtime knobs, set by user space before load (same names as l7.bpf.c). */
 const volatile __u32 capture_bytes = 1024; /* head bytes captured per call, <= KSCOPE_L7_MAX_CAPTURE */

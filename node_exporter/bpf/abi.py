@@ -2,7 +2,8 @@
 
 Same field names as the C structs, checked against the compiled object's BTF by
 ``tests/node_exporter/bpf/test_abi.py`` (size, order, offsets, array lengths and
-enum values), so a change on one side without the other fails the build.
+enum values; the mirrors it walks are listed in ``tests/node_exporter/bpf/mirrors.py``), so a
+change on one side without the other fails the build.
 ctypes objects stay in this layer: decoders unpack records with ``struct`` formats derived
 from these mirrors (:func:`struct_format`), so no format is kept in step by hand.
 """
@@ -301,28 +302,3 @@ def struct_format(mirror: type[ctypes.Structure], first: str | None = None, stop
     if struct.calcsize(fmt) != end - start:  # pragma: no cover - a field type with no code above
         raise TypeError(f"{mirror.__name__}: format {fmt} is not {end - start} bytes")
     return fmt
-
-
-# C struct name -> (object file, mirror); C enum name -> (object file, mirror): what the ABI test walks.
-STRUCTS: dict[str, tuple[str, type[ctypes.Structure]]] = {
-    "kscope_l4_record": ("l4.bpf.o", KscopeL4Record),
-    "kscope_l7_header": ("l7.bpf.o", KscopeL7Header),
-    "kscope_l7_exchange": ("l7.bpf.o", KscopeL7Exchange),
-    "kscope_l7_summary": ("l7.bpf.o", KscopeL7Summary),
-}
-ENUMS: dict[str, tuple[str, type[enum.IntEnum] | type[enum.IntFlag]]] = {
-    "kscope_record_type": ("l4.bpf.o", RecordType),
-    "kscope_l4_reason": ("l4.bpf.o", L4Reason),
-    "kscope_l4_role": ("l4.bpf.o", Role),
-    "kscope_connect_status": ("l4.bpf.o", ConnectStatus),
-    "kscope_l4_counter": ("l4.bpf.o", L4Counter),
-    "kscope_stat": ("l4.bpf.o", Stat),
-    "kscope_l7_record_type": ("l7.bpf.o", L7RecordType),
-    "kscope_l7_protocol": ("l7.bpf.o", L7Protocol),
-    "kscope_l7_direction": ("l7.bpf.o", L7Direction),
-    "kscope_l7_flags": ("l7.bpf.o", L7Flags),
-    "kscope_l7_stat": ("l7.bpf.o", L7Stat),
-    "kscope_http_method": ("l7.bpf.o", HttpMethod),
-    "kscope_l7_emit": ("l7.bpf.o", L7Emit),
-    "kscope_l7_exchange_flags": ("l7.bpf.o", L7ExchangeFlags),
-}

@@ -112,12 +112,6 @@ class Btf:
             out.append(Member(self.name_of(name_off), mtype, bits // 8, self.size_of(mtype), array_len))
         return out
 
-    def struct_size(self, struct_name: str) -> int:
-        type_id = self.find(struct_name, KIND_STRUCT)
-        if type_id < 0:
-            raise KeyError(f"struct {struct_name} is not in BTF")
-        return self.size_of(type_id)
-
     def enum_values(self, enum_name: str) -> dict[str, int]:
         type_id = self.find(enum_name, KIND_ENUM)
         if type_id < 0:

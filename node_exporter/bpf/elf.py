@@ -88,11 +88,6 @@ def symbol_offsets(path: str, names: Iterable[str]) -> dict[str, int | None]:
         raise ElfError(f"{path}: malformed ELF file ({exc})") from None
 
 
-def symbol_offset(path: str, name: str) -> int | None:
-    """File offset of one dynamic function symbol; see :func:`symbol_offsets`."""
-    return symbol_offsets(path, [name])[name]
-
-
 def _resolve(r: _Reader, names: list[str]) -> dict[str, int | None]:
     ident = r.read(0, 16, "ELF header")
     if ident[:4] != b"\x7fELF":

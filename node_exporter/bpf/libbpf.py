@@ -182,21 +182,6 @@ class capture_log:
 # ---- option structs -------------------------------------------------------------------------
 
 
-class BpfIterLinkInfo(ctypes.Structure):
-    """union bpf_iter_link_info: only the map member is used."""
-
-    _fields_ = [("map_fd", ctypes.c_uint32), ("_rest", ctypes.c_uint8 * 28)]
-
-
-class BpfIterAttachOpts(ctypes.Structure):
-    _fields_ = [
-        ("sz", c_size),
-        ("link_info", ctypes.POINTER(BpfIterLinkInfo)),
-        ("link_info_len", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
-    ]
-
-
 class BpfUprobeOpts(ctypes.Structure):
     """struct bpf_uprobe_opts as of libbpf 1.1."""
 

@@ -320,7 +320,7 @@ class BpfObject:
                 continue
             kind, _, target = prog.section.partition("/")
             if kind == "iter" or (kind in _MANUAL_ATTACH and not target):
-                continue  # attached on demand: attach_map_iter(), attach_uprobe()
+                continue  # attached on demand: attach_iter(), attach_uprobe()
             with lb.capture_log() as cap:
                 if kind == "sockops" or kind.startswith("cgroup"):
                     link = lib.bpf_program__attach_cgroup(handle, self._cgroup_fd_for_attach())
@@ -409,20 +409,6 @@ class BpfObject:
         m = self.map_handle(name)
         lib = lb.lib()
         return lib.bpf_map__key_size(m), lib.bpf_map__value_size(m), lib.bpf_map__max_entries(m)
-
-    def attach_map_iter(self, prog_name: str, map_name: str) -> int:
-        """Attach an ``iter/bpf_*_map`` program to a map; returns the link (for :meth:`run_iter`)."""
-        handle = self._program_handle(prog_name)
-        info = lb.BpfIterLinkInfo(map_fd=self.map_fd(map_name))
-        opts = lb.BpfIterAttachOpts(
-            sz=ctypes.sizeof(lb.BpfIterAttachOpts),
-            link_info=ctypes.pointer(info),
-            link_info_len=ctypes.sizeof(info),
-        )
-        link = lb.check_ptr(lb.lib().bpf_program__attach_iter(handle, ctypes.byref(opts)), f"attach {prog_name}")
-        self._links.append((self._capability(prog_name), int(link)))
-        self._iter_links.add(int(link))
-        return int(link)
 
     def attach_iter(self, prog_name: str) -> int:
         """Attach an iterator that takes no map (``iter/task_file``, ``iter/tcp``, ...); returns the link."""

@@ -12,7 +12,7 @@ from node_exporter.bpf.maps import read_percpu_u64_array, write_u32_array
 from node_exporter.l4.collector import default_bpf_dir
 from node_exporter.l7.chunks import Chunk
 from node_exporter.l7.exchanges import EXCHANGE_SIZE, ExchangeBatch
-from node_exporter.l7.probe import L7Probe, L7Stats
+from node_exporter.l7.probe import L7Probe, L7Stats, clamp_capture_bytes
 from node_exporter.l7.tls import MULTI_ENTRY_PROGRAM, MULTI_EXIT_PROGRAM, TlsAttacher
 from node_exporter.l7.xring import FixedRingReader
 from node_exporter.netns import NetnsWalker, PendingNetns
@@ -71,7 +71,7 @@ class L7Collector(L7Probe):
             path,
             CAPABILITIES,
             {
-                "capture_bytes": max(1, min(capture_bytes, 4096)),
+                "capture_bytes": clamp_capture_bytes(capture_bytes),
                 "filter_netns_ino": netns_ino,
                 "exchanges": int(exchanges),
                 "idle_ns": int(idle_s * 1e9),

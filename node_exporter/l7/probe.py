@@ -11,9 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
+from node_exporter.bpf.abi import L7_MAX_CAPTURE
 from node_exporter.bpf.loader import BpfObject, LoadReport
 from node_exporter.bpf.ringbuf import RingReader
 from node_exporter.l7.chunks import Chunk, decode_chunk
+
+
+def clamp_capture_bytes(n: int) -> int:
+    """The capture_bytes knob as both objects accept it: 1 .. KSCOPE_L7_MAX_CAPTURE."""
+    return max(1, min(n, L7_MAX_CAPTURE))
 
 
 @dataclass

@@ -26,11 +26,10 @@ from node_exporter.bpf.maps import read_percpu_u64_array
 from node_exporter.l4.collector import default_bpf_dir
 from node_exporter.l7.chunks import Chunk
 from node_exporter.l7.exchanges import ExchangeBatch
-from node_exporter.l7.probe import L7Probe
+from node_exporter.l7.probe import L7Probe, clamp_capture_bytes
 
 OBJECT_NAME = "l7_syscalls.bpf.o"
 SOCKET_TRACEPOINTS = ("sock_send_length", "sock_recv_length")
-MAX_CAPTURE = 4096  # KSCOPE_L7_MAX_CAPTURE
 # The default object has one program; the per-syscall variant (bench only) has one per syscall.
 _PER_SYSCALL = ("read", "write", "readv", "writev", "sendto", "recvfrom", "sendmsg", "recvmsg",
                 "sendmmsg", "recvmmsg", "sendfile64")  # fmt: skip
@@ -39,9 +38,6 @@ CAPABILITIES = {
     **{f"l7_exit_{name}": "l7.capture" for name in _PER_SYSCALL},
     "l7_sys_cookie": "l7.cookie",  # optional (5.12): without it TCP chunks carry stand-in cookies
 }
-# Bit 63 of a chunk's sock_cookie: not the kernel's cookie but a stand-in (| socket inode), given
-# to a socket that had none when its first chunk left (KSCOPE_L7_SYS_STANDIN_COOKIE in the object).
-STANDIN_COOKIE = 1 << 63
 TLS_DISABLED = "syscall fallback: no OpenSSL uprobes (TLS plaintext needs l7.bpf.o)"
 EXCHANGES_DISABLED = "syscall fallback: chunks only, HTTP/1 paired in user space"
 
@@ -71,11 +67,6 @@ def kernel_has_socket_tracepoints(find_typedef: Callable[[str], bool] | None = N
     return all(find_typedef(f"btf_trace_{tp}") for tp in SOCKET_TRACEPOINTS)
 
 
-def is_standin_cookie(sock_cookie: int) -> bool:
-    """The chunk's socket had no kernel cookie: it joins no L4 record (see STANDIN_COOKIE)."""
-    return bool(sock_cookie & STANDIN_COOKIE)
-
-
 def l7_stat_names(entries: int) -> list[str]:
     """Names of the first ``entries`` slots of ``l7_stats`` (the map's size comes from the
     object: an object built against an older abi/l7.h has fewer slots than the mirror)."""
@@ -98,11 +89,6 @@ def merge_stats(shared: Sequence[int], own: Sequence[int], socket_entries: int) 
     out.update(zip(sys_stat_names(), own, strict=True))
     out["sockets_evicted_min"] = max(0, out["sockets_tracked"] - socket_entries)
     return out
-
-
-def clamp_capture_bytes(n: int) -> int:
-    """The capture_bytes knob as the BPF side accepts it: 1 .. KSCOPE_L7_MAX_CAPTURE."""
-    return max(1, min(n, MAX_CAPTURE))
 
 
 class SyscallL7Collector(L7Probe):

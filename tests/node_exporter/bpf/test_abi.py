@@ -13,14 +13,15 @@ import pytest
 
 from node_exporter.bpf import abi
 from node_exporter.bpf import libbpf as lb
-from node_exporter.bpf.btf import Btf
+from node_exporter.bpf.btf import KIND_STRUCT, Btf
+from tests.node_exporter.bpf.mirrors import ENUMS, STRUCTS
 
 _cache: dict[str, Btf] = {}
 
 
 @pytest.fixture(scope="module")
 def btf_of(bpf_dir: Path) -> Iterator[dict[str, Btf]]:
-    for name in {obj for obj, _ in [*abi.STRUCTS.values(), *abi.ENUMS.values()]}:
+    for name in {obj for obj, _ in [*STRUCTS.values(), *ENUMS.values()]}:
         path = bpf_dir / name
         if not path.exists():
             pytest.fail(f"{path} not built: run make setup")
@@ -31,12 +32,12 @@ def btf_of(bpf_dir: Path) -> Iterator[dict[str, Btf]]:
     _cache.clear()
 
 
-@pytest.mark.parametrize("struct_name", sorted(abi.STRUCTS))
+@pytest.mark.parametrize("struct_name", sorted(STRUCTS))
 def test_struct_layout_matches_btf(btf_of: dict[str, Btf], struct_name: str) -> None:
-    obj, mirror = abi.STRUCTS[struct_name]
+    obj, mirror = STRUCTS[struct_name]
     btf = btf_of[obj]
     members = btf.members(struct_name)
-    assert btf.struct_size(struct_name) == ctypes.sizeof(mirror)
+    assert btf.size_of(btf.find(struct_name, KIND_STRUCT)) == ctypes.sizeof(mirror)
     assert [m.name for m in members] == [f[0] for f in mirror._fields_]
     for m in members:
         field = getattr(mirror, m.name)
@@ -46,15 +47,15 @@ def test_struct_layout_matches_btf(btf_of: dict[str, Btf], struct_name: str) -> 
         assert m.array_len == getattr(ctype, "_length_", 0), m.name
 
 
-@pytest.mark.parametrize("enum_name", sorted(abi.ENUMS))
+@pytest.mark.parametrize("enum_name", sorted(ENUMS))
 def test_enum_values_match_btf(btf_of: dict[str, Btf], enum_name: str) -> None:
-    obj, mirror = abi.ENUMS[enum_name]
+    obj, mirror = ENUMS[enum_name]
     assert btf_of[obj].enum_values(enum_name) == {e.name: int(e.value) for e in mirror}
 
 
-@pytest.mark.parametrize("struct_name", sorted(abi.STRUCTS))
+@pytest.mark.parametrize("struct_name", sorted(STRUCTS))
 def test_records_start_with_type_byte(struct_name: str) -> None:
-    _, mirror = abi.STRUCTS[struct_name]
+    _, mirror = STRUCTS[struct_name]
     assert mirror.type.offset == 0 and mirror.type.size == 1
     assert ctypes.sizeof(mirror) % 8 == 0
 

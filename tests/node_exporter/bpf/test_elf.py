@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from node_exporter.bpf.elf import ElfError, symbol_offset, symbol_offsets
+from node_exporter.bpf.elf import ElfError, symbol_offsets
 
 LIBSSL = next(
     (
@@ -67,11 +67,10 @@ def test_offsets_match_readelf() -> None:
 def test_versioned_names() -> None:
     assert LIBSSL is not None
     versioned = next(n for n in _readelf_offsets(LIBSSL) if n.startswith("SSL_write@@"))
-    plain = symbol_offset(LIBSSL, "SSL_write")
+    names = ["SSL_write", versioned, "SSL_write@" + versioned.split("@@")[1], "SSL_write@@OPENSSL_0.0.0_NO_SUCH"]
+    plain, *rest = symbol_offsets(LIBSSL, names).values()
     assert plain is not None
-    assert symbol_offset(LIBSSL, versioned) == plain
-    assert symbol_offset(LIBSSL, "SSL_write@" + versioned.split("@@")[1]) == plain
-    assert symbol_offset(LIBSSL, "SSL_write@@OPENSSL_0.0.0_NO_SUCH") is None
+    assert rest == [plain, plain, None]
 
 
 @needs_libssl
@@ -101,9 +100,9 @@ def test_garbage_is_a_clear_error(tmp_path: Path, content: bytes) -> None:
 
 def test_unreadable_paths_are_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ElfError, match="cannot read"):
-        symbol_offset(str(tmp_path / "missing.so"), "SSL_write")
+        symbol_offsets(str(tmp_path / "missing.so"), ["SSL_write"])
     with pytest.raises(ElfError, match="cannot read"):
-        symbol_offset(str(tmp_path), "SSL_write")
+        symbol_offsets(str(tmp_path), ["SSL_write"])
 
 
 @needs_libssl

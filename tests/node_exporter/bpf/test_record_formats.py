@@ -29,6 +29,7 @@ from node_exporter.l7.exchanges import ExchangeBatch
 from node_exporter.l7.pipeline import L7Pipeline
 from node_exporter.protocols import Role as PRole
 from node_exporter.protocols.http1 import HttpSummaryRecord
+from tests.node_exporter.bpf.mirrors import STRUCTS
 
 SADDR = bytes(10) + b"\xff\xff" + bytes([198, 18, 0, 1])  # ::ffff:198.18.0.1
 DADDR = bytes(10) + b"\xff\xff" + bytes([198, 19, 0, 2])
@@ -72,9 +73,9 @@ def _expected_items(rec: ctypes.Structure, names: list[str]) -> list[Any]:
     return out
 
 
-@pytest.mark.parametrize("struct_name", sorted(abi.STRUCTS))
+@pytest.mark.parametrize("struct_name", sorted(STRUCTS))
 def test_derived_format_reads_each_field_at_its_own_offset(struct_name: str) -> None:
-    _, mirror = abi.STRUCTS[struct_name]
+    _, mirror = STRUCTS[struct_name]
     fmt = struct.Struct(struct_format(mirror))
     assert fmt.size == ctypes.sizeof(mirror)
     rec = distinct(mirror)

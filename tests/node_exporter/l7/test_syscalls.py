@@ -14,14 +14,12 @@ import pytest
 
 from node_exporter.bpf import libbpf as lb
 from node_exporter.bpf.abi import KscopeL7Header, L7Stat
-from node_exporter.bpf.btf import Btf
+from node_exporter.bpf.btf import KIND_STRUCT, Btf
 from node_exporter.l7 import syscalls
+from node_exporter.l7.probe import clamp_capture_bytes
 from node_exporter.l7.syscalls import (
     CAPABILITIES,
-    STANDIN_COOKIE,
     L7SysStat,
-    clamp_capture_bytes,
-    is_standin_cookie,
     kernel_has_socket_tracepoints,
     l7_stat_names,
     merge_stats,
@@ -78,12 +76,6 @@ def test_capture_bytes_clamped_like_the_kernel() -> None:
     assert [clamp_capture_bytes(n) for n in (-5, 0, 1, 1024, 4096, 4097, 1 << 20)] == [1, 1, 1, 1024, 4096, 4096, 4096]
 
 
-def test_standin_cookie_bit() -> None:
-    assert is_standin_cookie(STANDIN_COOKIE | 123456)
-    assert not is_standin_cookie(10013757)
-    assert not is_standin_cookie(0)
-
-
 # ---- the compiled object ---------------------------------------------------------------------
 
 
@@ -104,7 +96,7 @@ def btf(obj_path: Path) -> Iterator[Btf]:
 def test_same_chunk_header_as_l7(btf: Btf) -> None:
     """The header the fallback writes is the one decode_chunk reads (layout from its BTF)."""
     members = btf.members("kscope_l7_header")
-    assert btf.struct_size("kscope_l7_header") == ctypes.sizeof(KscopeL7Header)
+    assert btf.size_of(btf.find("kscope_l7_header", KIND_STRUCT)) == ctypes.sizeof(KscopeL7Header)
     assert [(m.name, m.offset_bytes, m.size_bytes) for m in members] == [
         (f[0], getattr(KscopeL7Header, f[0]).offset, getattr(KscopeL7Header, f[0]).size)
         for f in KscopeL7Header._fields_
