@@ -70,8 +70,9 @@ IMAGE_HASH = $(shell { cat deploy/Dockerfile deploy/Dockerfile.dockerignore; \
 # Our podman settings (runc; no raised rlimits: see deploy/README.md) come from a file of our own,
 # so a user's /etc/containers/containers.conf is neither needed nor changed.
 export CONTAINERS_CONF := $(CURDIR)/deploy/podman/containers.conf
-# App images kept (newest first; each source change makes one): older ones and the build layers
-# only they used are removed after a build.
+# App images kept (newest first; each source change makes one), and as many of the build stage,
+# tagged $(IMAGE_REPO)-build so that it stays podman's layer cache (its apt layer is the slow part)
+# while older ones and the layers only they used are removed after a build.
 IMAGE_KEEP := 3
 # The tag the tests run (tests/deploy/ read it from here).
 IMAGE_REF := $(BUILD)/image.ref
@@ -97,15 +98,19 @@ image-base: $(STAMP)/apt
 
 image: image-base
 	@mkdir -p $(BUILD)
-	@tag=$(IMAGE_REPO):$(IMAGE_HASH); \
+	@hash=$(IMAGE_HASH); tag=$(IMAGE_REPO):$$hash; \
 	if ! podman image exists $$tag; then \
 		echo "building $$tag from deploy/Dockerfile"; \
-		podman build --network=host --layers --ignorefile deploy/Dockerfile.dockerignore \
-			--secret id=pip_ca,src=$(IMAGE_PIP_CA) \
-			--build-arg BASE=$(IMAGE_BASE) -f deploy/Dockerfile -t $$tag . || exit 1; \
-		podman images --filter reference=$(IMAGE_REPO) --sort created --format '{{.Repository}}:{{.Tag}}' \
-			| tail -n +$$(($(IMAGE_KEEP) + 1)) | xargs -r podman rmi >/dev/null; \
-		podman image prune --force >/dev/null; \
+		for target in build final; do \
+			podman build --network=host --layers --ignorefile deploy/Dockerfile.dockerignore \
+				--secret id=pip_ca,src=$(IMAGE_PIP_CA) --build-arg BASE=$(IMAGE_BASE) -f deploy/Dockerfile \
+				$$( [ $$target = build ] && echo "--target build -t $(IMAGE_REPO)-build:$$hash" || echo "-t $$tag" ) \
+				. || exit 1; \
+		done; \
+		for repo in $(IMAGE_REPO) $(IMAGE_REPO)-build; do \
+			podman images --filter reference=$$repo --sort created --format '{{.Repository}}:{{.Tag}}' \
+				| tail -n +$$(($(IMAGE_KEEP) + 1)) | xargs -r podman rmi >/dev/null; \
+		done; \
 	fi; \
 	echo $$tag > $(IMAGE_REF)
 
