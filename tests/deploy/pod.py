@@ -13,8 +13,9 @@ import contextlib
 import os
 import secrets
 import subprocess
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,56 +185,93 @@ def run_args(
     return [*flags, *extra, f"--entrypoint={command}", image, *(ctr.get("args", []) if args is None else args)]
 
 
+class Container:
+    """One ``podman run`` in the foreground; its output (a container's stderr comes through the
+    client's) read by a thread into :attr:`lines`, so waits have deadlines."""
+
+    def __init__(self, name: str, run: list[str]) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(["podman", "run", f"--name={name}", *run], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, env=podman_env())  # fmt: skip
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self.proc.wait()
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._changed:
+            return "".join(self.lines)
+
+    def wait_for(self, needle: str, timeout: float = 60) -> str:
+        """The first line holding ``needle``; AssertionError (with the output) if the container
+        exits or the deadline passes first."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = next((line for line in self.lines if needle in line), None)
+                if found is not None:
+                    return found
+                left = deadline - time.monotonic()
+                if self.proc.returncode is not None or left <= 0:
+                    state = f"exit {self.proc.returncode}" if self.proc.returncode is not None else f"{timeout}s"
+                    raise AssertionError(f"{self.name}: no {needle!r} ({state}):\n{''.join(self.lines)[-4000:]}")
+                self._changed.wait(left)
+
+    def wait(self, timeout: float = 60) -> int:
+        """The exit code once the container ended and its output is all read."""
+        code = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return code
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, as the kubelet stops a pod; the exit code."""
+        podman("stop", "--time=20", self.name, timeout=timeout)
+        return self.wait(timeout)
+
+    def pid(self, timeout: float = 30) -> int:
+        """The host pid of the container's first process, once it runs."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = podman("inspect", "--format", "{{.State.Pid}}", self.name, check=False).stdout.strip()
+            if out.isdigit() and int(out) > 0:
+                return int(out)
+            time.sleep(0.1)
+        raise TimeoutError(f"container {self.name} has no process after {timeout}s")
+
+
 @dataclass
 class Containers:
     """Containers a test starts, each under a fresh name; :meth:`close` removes them all, whatever
     happened (never the image)."""
 
     tag: str = field(default_factory=lambda: secrets.token_hex(3))
-    names: list[str] = field(default_factory=list)
-    procs: list[subprocess.Popen[str]] = field(default_factory=list)
+    started: list[Container] = field(default_factory=list)
 
-    def start(self, role: str, run: list[str]) -> tuple[str, subprocess.Popen[str]]:
-        """``podman run`` in the foreground, its stderr piped (a container's output comes through it)."""
-        name = f"kscope-test-{self.tag}-{role}"
-        self.names.append(name)
-        proc = subprocess.Popen(["podman", "run", f"--name={name}", *run], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, env=podman_env())  # fmt: skip
-        self.procs.append(proc)
-        return name, proc
-
-    def pid(self, name: str, timeout: float = 30) -> int:
-        """The host pid of the container's first process, once it runs."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            out = podman("inspect", "--format", "{{.State.Pid}}", name, check=False).stdout.strip()
-            if out.isdigit() and int(out) > 0:
-                return int(out)
-            time.sleep(0.1)
-        raise TimeoutError(f"container {name} has no process after {timeout}s")
+    def start(self, role: str, run: list[str]) -> Container:
+        ctr = Container(f"kscope-test-{self.tag}-{role}", run)
+        self.started.append(ctr)
+        return ctr
 
     def close(self) -> None:
-        for name in reversed(self.names):
-            podman("rm", "--force", "--time=5", "--ignore", name, check=False, timeout=60)
-        for proc in self.procs:
+        for ctr in reversed(self.started):
+            podman("rm", "--force", "--time=5", "--ignore", ctr.name, check=False, timeout=60)
             with contextlib.suppress(Exception):
-                proc.wait(10)
-            if proc.stderr is not None:
-                proc.stderr.close()
-        self.names.clear()
-        self.procs.clear()
+                ctr.wait(10)
+        self.started.clear()
 
     def __enter__(self) -> Containers:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def lines_until(stream: Iterator[str], needle: str, seen: list[str]) -> bool:
-    """Read ``stream`` into ``seen`` until a line holds ``needle`` (True) or it ends (False)."""
-    for line in stream:
-        seen.append(line)
-        if needle in line:
-            return True
-    return False
