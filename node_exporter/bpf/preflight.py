@@ -50,8 +50,8 @@ def check(status_path: str = "/proc/self/status") -> None:
         hint = "try: sudo kscope run" if uid else "grant them to its container (charts/kscope adds them)"
         raise BpfUnavailableError(
             f"missing {'capability' if len(missing) == 1 else 'capabilities'} {', '.join(missing)} "
-            f"(running as uid {uid}): loading and attaching the probes needs CAP_BPF, CAP_PERFMON "
-            f"(or CAP_SYS_ADMIN for both) and CAP_NET_ADMIN; {hint}"
+            f"(running as uid {uid}): kscope needs {'root, or ' if uid else ''}CAP_BPF and CAP_PERFMON "
+            f"(or CAP_SYS_ADMIN for both) and CAP_NET_ADMIN to load and attach its probes; {hint}"
         )
     btf = btf_path()
     if not btf.exists():
