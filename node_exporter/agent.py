@@ -242,6 +242,7 @@ class Agent:
             l7_requests=self.requests_seen,
             netns_vanished=self.collector.netns.vanished,
             netns_enter_failed=self.collector.netns.enter_failed,
+            netns_unreadable=self.collector.netns.unreadable,  # processes, at the last listing
             netns_walked=self.collector.netns.walked,  # one per namespace per walk, L4's and L7's
             netns_walks_of_all=self.collector.pending.walks_of_all + (l7_pending.walks_of_all if l7_pending else 0),
             netns_marked_unlisted=self.collector.pending.unlisted + (l7_pending.unlisted if l7_pending else 0),
