@@ -26,6 +26,8 @@ CAPABILITIES = {
     "l7_recv": "l7.capture",
     "l7_destroy": "l7.capture",
     "sweep": "l7.capture",
+    "l7_sendmmsg_enter": "l7.mmsg",
+    "l7_recvmmsg_enter": "l7.mmsg",
     "ssl_write_enter": "l7.tls",
     "ssl_read_enter": "l7.tls",
     "ssl_write_ex_enter": "l7.tls",
