@@ -209,3 +209,69 @@ def test_mmsg_entry_hook_missing_is_counted(rtopo: ResolverTopology, tmp_path: P
         assert counters["invalid_frames"] == 0
     finally:
         trace.close()
+
+
+# One sendmmsg of VECTOR messages (past the 64 the probe once assumed at most) with a zero-length
+# datagram among them, then the answers read with recvmmsg: libc's own calls through ctypes.
+VECTOR, EMPTY_AT = 101, 50
+MMSG_CLIENT = """
+import ctypes, json, socket, struct, sys
+from ctypes import POINTER, c_int, c_size_t, c_uint, c_uint32, c_void_p
+class Iov(ctypes.Structure):
+    _fields_ = [("base", c_void_p), ("len", c_size_t)]
+class Msg(ctypes.Structure):
+    _fields_ = [("name", c_void_p), ("namelen", c_uint32), ("iov", POINTER(Iov)), ("iovlen", c_size_t),
+                ("control", c_void_p), ("controllen", c_size_t), ("flags", c_int)]
+class MMsg(ctypes.Structure):
+    _fields_ = [("hdr", Msg), ("len", c_uint)]
+libc = ctypes.CDLL(None, use_errno=True)
+server, n, empty_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def query(i):
+    name = b"".join(bytes([len(p)]) + p for p in f"q{i}.a.svc.cluster.local".encode().split(b"."))
+    return struct.pack("!HHHHHH", i + 1, 0x0100, 1, 0, 0, 0) + name + b"\\0" + struct.pack("!HH", 1, 1)
+payloads = [b"" if i == empty_at else query(i) for i in range(n)]
+keep = [ctypes.create_string_buffer(p, len(p) or 1) for p in payloads]
+iovs = (Iov * n)(*[Iov(ctypes.cast(b, c_void_p), len(p)) for b, p in zip(keep, payloads)])
+vec = (MMsg * n)()
+for i in range(n):
+    vec[i].hdr.iov, vec[i].hdr.iovlen = ctypes.pointer(iovs[i]), 1
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 5, 0))
+s.connect((server, 53))
+sent = libc.sendmmsg(s.fileno(), vec, n, 0)
+rbufs = [ctypes.create_string_buffer(512) for _ in range(n)]
+riovs = (Iov * n)(*[Iov(ctypes.cast(b, c_void_p), 512) for b in rbufs])
+rvec = (MMsg * n)()
+for i in range(n):
+    rvec[i].hdr.iov, rvec[i].hdr.iovlen = ctypes.pointer(riovs[i]), 1
+got = 0
+while got < n - 1:
+    r = libc.recvmmsg(s.fileno(), rvec, n, 0x10000, None)  # MSG_WAITFORONE
+    if r <= 0:
+        break
+    got += r
+print(json.dumps({"sent": sent, "received": got}))
+"""
+
+
+def test_one_vector_call_of_many_messages(rtopo: ResolverTopology, tmp_path: Path) -> None:
+    """Every message of a long vector at its own place, past a zero-length one, both ways: the client
+    records each query once, paired with its answer, as dnsmasq's socket does."""
+    log = start_dns(rtopo, tmp_path)
+    trace = L7Trace((rtopo.cli, rtopo.srv), tls=False)
+    try:
+        out = rtopo.cli.run(sys.executable, "-c", MMSG_CLIENT, SRV_V4, str(VECTOR), str(EMPTY_AT), timeout=30)
+        got = json.loads(out.stdout)
+        require(got == {"sent": VECTOR, "received": VECTOR - 1}, f"mmsg client: {got}")
+        trace.until(lambda _: sum(both_sides(trace, rtopo)[0].values()) >= VECTOR - 1, timeout=10)
+        trace.poll()
+        client, server = both_sides(trace, rtopo)
+        want = Counter({(f"q{i}.a.svc.cluster.local", "A", "NXDOMAIN"): 1 for i in range(VECTOR) if i != EMPTY_AT})
+        assert by_question(want) == logged(log)
+        assert client == server == want
+        assert trace.pipe.counters()["invalid_frames"] == 0
+        stats = trace.kernel_stats()
+        assert stats["mmsg_unknown"] == stats["read_failed"] == stats["no_buffer"] == 0, stats
+    finally:
+        trace.close()
