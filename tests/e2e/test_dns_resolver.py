@@ -215,7 +215,7 @@ def test_mmsg_entry_hook_missing_is_counted(rtopo: ResolverTopology, tmp_path: P
 # datagram among them, then the answers read with recvmmsg: libc's own calls through ctypes.
 VECTOR, EMPTY_AT = 101, 50
 MMSG_CLIENT = """
-import ctypes, json, socket, struct, sys
+import ctypes, json, socket, struct, sys, threading, time
 from ctypes import POINTER, c_int, c_size_t, c_uint, c_uint32, c_void_p
 class Iov(ctypes.Structure):
     _fields_ = [("base", c_void_p), ("len", c_size_t)]
@@ -225,7 +225,7 @@ class Msg(ctypes.Structure):
 class MMsg(ctypes.Structure):
     _fields_ = [("hdr", Msg), ("len", c_uint)]
 libc = ctypes.CDLL(None, use_errno=True)
-server, n, empty_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+mode, server, n, empty_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 def query(i):
     name = b"".join(bytes([len(p)]) + p for p in f"q{i}.a.svc.cluster.local".encode().split(b"."))
     return struct.pack("!HHHHHH", i + 1, 0x0100, 1, 0, 0, 0) + name + b"\\0" + struct.pack("!HH", 1, 1)
@@ -239,18 +239,30 @@ s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 5, 0))
 s.connect((server, 53))
-sent = libc.sendmmsg(s.fileno(), vec, n, 0)
 rbufs = [ctypes.create_string_buffer(512) for _ in range(n)]
 riovs = (Iov * n)(*[Iov(ctypes.cast(b, c_void_p), 512) for b in rbufs])
 rvec = (MMsg * n)()
 for i in range(n):
     rvec[i].hdr.iov, rvec[i].hdr.iovlen = ctypes.pointer(riovs[i]), 1
 got = 0
-while got < n - 1:
-    r = libc.recvmmsg(s.fileno(), rvec, n, 0x10000, None)  # MSG_WAITFORONE
-    if r <= 0:
-        break
-    got += r
+def receive(want, flags):
+    global got
+    while got < want:
+        r = libc.recvmmsg(s.fileno(), rvec, n, flags, None)
+        if r <= 0:
+            break
+        got += r
+if mode == "evict":
+    # a thread blocked in recvmmsg (its entry made), then this one's sendmmsg (another entry)
+    reader = threading.Thread(target=receive, args=(n, 0))
+    reader.start()
+    while not open(f"/proc/self/task/{reader.native_id}/syscall").read().startswith("299 "):
+        time.sleep(0.01)
+    sent = libc.sendmmsg(s.fileno(), vec, n, 0)
+    reader.join()
+else:
+    sent = libc.sendmmsg(s.fileno(), vec, n, 0)
+    receive(n - (0 <= empty_at < n), 0x10000)  # MSG_WAITFORONE
 print(json.dumps({"sent": sent, "received": got}))
 """
 
@@ -261,7 +273,7 @@ def test_one_vector_call_of_many_messages(rtopo: ResolverTopology, tmp_path: Pat
     log = start_dns(rtopo, tmp_path)
     trace = L7Trace((rtopo.cli, rtopo.srv), tls=False)
     try:
-        out = rtopo.cli.run(sys.executable, "-c", MMSG_CLIENT, SRV_V4, str(VECTOR), str(EMPTY_AT), timeout=30)
+        out = rtopo.cli.run(sys.executable, "-c", MMSG_CLIENT, "vector", SRV_V4, str(VECTOR), str(EMPTY_AT), timeout=30)
         got = json.loads(out.stdout)
         require(got == {"sent": VECTOR, "received": VECTOR - 1}, f"mmsg client: {got}")
         trace.until(lambda _: sum(both_sides(trace, rtopo)[0].values()) >= VECTOR - 1, timeout=10)
@@ -273,5 +285,26 @@ def test_one_vector_call_of_many_messages(rtopo: ResolverTopology, tmp_path: Pat
         assert trace.pipe.counters()["invalid_frames"] == 0
         stats = trace.kernel_stats()
         assert stats["mmsg_unknown"] == stats["read_failed"] == stats["no_buffer"] == 0, stats
+    finally:
+        trace.close()
+
+
+def test_mmsg_threads_past_the_bound_are_counted(rtopo: ResolverTopology, tmp_path: Path) -> None:
+    """The kernel keeps one thread's place in its vector (bound shrunk to 1): a thread blocked in
+    recvmmsg loses its entry to another thread's sendmmsg. Its messages are counted, not guessed."""
+    log = start_dns(rtopo, tmp_path)
+    trace = L7Trace((rtopo.cli, rtopo.srv), tls=False, mmsg_threads=1)
+    try:
+        out = rtopo.cli.run(sys.executable, "-c", MMSG_CLIENT, "evict", SRV_V4, "2", "-1", timeout=30)
+        require(json.loads(out.stdout) == {"sent": 2, "received": 2}, f"mmsg client: {out.stdout}")
+        trace.until(lambda _: sum(both_sides(trace, rtopo)[1].values()) >= 2, timeout=10)
+        client, server = both_sides(trace, rtopo)
+        require(sum(logged(log).values()) == 2, f"dnsmasq log: {logged(log)}")
+        assert sum(server.values()) == 2
+        assert trace.kernel_stats()["mmsg_unknown"] == 2  # the reader's two answers
+        assert not client  # answers without bytes: nothing paired, nothing invented
+        counters = trace.pipe.counters()
+        assert counters["requests_parsed"] == 2 + 2  # the client's queries (sendmmsg kept its place) and the server's
+        assert counters["invalid_frames"] == 2  # the client's answers, counted where they were dropped
     finally:
         trace.close()
