@@ -1,4 +1,4 @@
-"""The node's conntrack table, dumped once per agent interval, as a lookup of DNAT'ed TCP connections.
+"""The node's conntrack table as a lookup of DNAT'ed TCP connections and UDP flows.
 
 A client in a pod connects to a Service VIP; kube-proxy's iptables rules DNAT it to a
 backend in the node's namespace. The client's socket only ever knows the VIP: the
@@ -11,6 +11,21 @@ new sockets per interval are looked up by tuple (one GET each, batched on one so
 by one dump; the answers are kept (bounded) until the socket's final record. The cost follows the
 rate of new connections, not the size of the node's conntrack table. An answer that cannot be decoded
 is not kept: the socket is asked about again next interval, a few times at most.
+
+"Not found" is not final while the connection may not be in the table yet. conntrack adds an entry
+only once its first packet has left the node (confirmation): while a client's SYNs are dropped on the
+way (loss, a full backlog) or still retransmitted, a GET finds nothing, although the connection will be
+DNAT'ed as soon as a SYN gets through. The agent knows no Service VIPs, so the rule is the socket's own
+state: a not-found answer for a socket still connecting (its record says SYN_SENT) is not kept; the
+socket is asked again each interval it is reported, up to MISSING_TRIES times (the kernel's default
+tcp_syn_retries sends 7 SYNs), then kept as untranslated (counted, ``missing_given_up``). Once a socket
+has connected its SYN passed the node, so its entry is confirmed: "not found" then is final (untracked).
+``retries`` counts the GETs and dump look-ups of keys asked again this way.
+
+UDP has no connection to close: a UDP flow's answer is kept for UDP_ANSWER_TTL_S, conntrack's own
+timeout of an unreplied UDP entry, and then asked again (the 5-tuple may be DNAT'ed anew by then).
+The agent asks about client-side UDP flows it has L7 records of (DNS), when their response arrives:
+the entry is young then (30 s unreplied, 120 s assured), well before it can expire.
 
 The dump is requested and decoded here, with ``struct``, not through pyroute2: pyroute2 spent
 ~375 µs of CPU per entry decoding its generic attribute objects (2,000 DNAT'ed entries: 0.75 s per
@@ -25,12 +40,13 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator
+import time
+from collections.abc import Callable, Container, Iterable, Iterator
 from functools import lru_cache
 from typing import NamedTuple, TypeVar
 
 import structlog
-from cachetools import LRUCache
+from cachetools import Cache, LRUCache, TTLCache
 
 log = structlog.get_logger("kscope.nat")
 _T = TypeVar("_T")
@@ -48,6 +64,10 @@ GET_WINDOW = 64
 # key is asked again next interval, up to this many times in all; then it is given up on (no NAT fields,
 # as if untranslated) rather than asked forever.
 MALFORMED_TRIES = 3
+# Not-found answers of a socket still connecting before it is kept as untranslated (see above).
+MISSING_TRIES = 8
+UDP_ANSWER_TTL_S = 30.0  # nf_conntrack_udp_timeout: an unreplied UDP entry lives this long
+NAT_PROTOS = frozenset({socket.IPPROTO_TCP, socket.IPPROTO_UDP})  # what the index holds
 
 # Netlink and ctnetlink constants (uapi linux/netlink.h, linux/netfilter/nfnetlink*.h; the CTA_*
 # values checked against this kernel's BTF enums).
@@ -82,7 +102,7 @@ class CtEntry(NamedTuple):
 
 
 class DumpPart(NamedTuple):
-    entries: list[CtEntry]  # of the protocol asked for
+    entries: list[CtEntry]  # of the protocols asked for
     done: bool  # NLMSG_DONE was read
     skipped: int  # messages of another protocol or another request
     malformed: int  # messages that could not be decoded: an entry of ours may be among them
@@ -186,12 +206,12 @@ def _tuple(buf: bytes, off: int, end: int) -> CtTuple | None:
     )
 
 
-def _entry(buf: bytes, off: int, end: int, proto: int) -> CtEntry | None:
+def _entry(buf: bytes, off: int, end: int, protos: Container[int]) -> CtEntry | None:
     top = _attrs(buf, off, end)
     if top is None or CTA_TUPLE_ORIG not in top or CTA_TUPLE_REPLY not in top:
         return None
     orig, reply = _tuple(buf, *top[CTA_TUPLE_ORIG]), _tuple(buf, *top[CTA_TUPLE_REPLY])
-    if orig is None or reply is None or orig.proto != proto:
+    if orig is None or reply is None or orig.proto not in protos:
         return None
     return CtEntry(orig, reply)
 
@@ -214,26 +234,26 @@ def _errno(buf: bytes, body: int, end: int) -> int:
     return -struct.unpack_from("=i", buf, body)[0] if end - body >= 4 else 0
 
 
-def _ct_entry(buf: bytes, mtype: int, body: int, end: int, proto: int) -> CtEntry | None:
+def _ct_entry(buf: bytes, mtype: int, body: int, end: int, protos: Container[int]) -> CtEntry | None:
     if mtype >> 8 != NFNL_SUBSYS_CTNETLINK or end - body < _NFGENMSG_LEN:
         return None
-    return _entry(buf, body + _NFGENMSG_LEN, end, proto)
+    return _entry(buf, body + _NFGENMSG_LEN, end, protos)
 
 
-def _other_proto(buf: bytes, mtype: int, body: int, end: int, proto: int) -> bool:
-    """Whether a ctnetlink message that did not decode as an entry of ``proto`` is readably one of another
-    protocol (UDP, ICMP without ports: not ours), rather than malformed. Read only after a failed decode."""
+def _other_proto(buf: bytes, mtype: int, body: int, end: int, protos: Container[int]) -> bool:
+    """Whether a ctnetlink message that did not decode as an entry of ``protos`` is readably one of another
+    protocol (ICMP without ports, SCTP: not ours), rather than malformed. Read only after a failed decode."""
     if mtype >> 8 != NFNL_SUBSYS_CTNETLINK or end - body < _NFGENMSG_LEN:
         return False
     top = _attrs(buf, body + _NFGENMSG_LEN, end)
     orig = _attrs(buf, *top[CTA_TUPLE_ORIG]) if top is not None and CTA_TUPLE_ORIG in top else None
     ports = _attrs(buf, *orig[CTA_TUPLE_PROTO]) if orig is not None and CTA_TUPLE_PROTO in orig else None
     num = ports.get(CTA_PROTO_NUM) if ports is not None else None
-    return num is not None and num[1] > num[0] and buf[num[0]] != proto
+    return num is not None and num[1] > num[0] and buf[num[0]] not in protos
 
 
-def parse_dump(buf: bytes, seq: int, proto: int = socket.IPPROTO_TCP) -> DumpPart:
-    """One recv()'s worth of dump answer -> its entries of ``proto``, whether the dump is done, and the
+def parse_dump(buf: bytes, seq: int, protos: Container[int] = NAT_PROTOS) -> DumpPart:
+    """One recv()'s worth of dump answer -> its entries of ``protos``, whether the dump is done, and the
     messages skipped (not ours) or malformed. Raises ConntrackDumpError on NLMSG_ERROR."""
     entries: list[CtEntry] = []
     skipped = malformed = 0
@@ -246,17 +266,17 @@ def parse_dump(buf: bytes, seq: int, proto: int = socket.IPPROTO_TCP) -> DumpPar
             if err := _errno(buf, body, end):
                 raise ConntrackDumpError(err, os.strerror(err))
             continue
-        e = _ct_entry(buf, mtype, body, end, proto) if mseq == seq else None
+        e = _ct_entry(buf, mtype, body, end, protos) if mseq == seq else None
         if e is not None:
             entries.append(e)
-        elif mseq != seq or _other_proto(buf, mtype, body, end, proto):
+        elif mseq != seq or _other_proto(buf, mtype, body, end, protos):
             skipped += 1
         else:
             malformed += 1
     return DumpPart(entries, False, skipped, malformed)
 
 
-def parse_replies(buf: bytes, proto: int = socket.IPPROTO_TCP) -> list[tuple[int, CtEntry | int | None]]:
+def parse_replies(buf: bytes, protos: Container[int] = NAT_PROTOS) -> list[tuple[int, CtEntry | int | None]]:
     """Answers to GET requests -> (seq, entry | errno | None) per message: the entry, the kernel's
     errno (> 0; ENOENT: no such entry), or None for a message that is malformed (truncated too) or
     another protocol."""
@@ -270,7 +290,7 @@ def parse_replies(buf: bytes, proto: int = socket.IPPROTO_TCP) -> list[tuple[int
             err = _errno(buf, body, end)
             out.append((mseq, err if err > 0 else None))
         elif mtype != NLMSG_DONE:
-            out.append((mseq, _ct_entry(buf, mtype, body, end, proto)))
+            out.append((mseq, _ct_entry(buf, mtype, body, end, protos)))
     return out
 
 
@@ -329,8 +349,8 @@ def open_netlink_in(netns: str | None) -> socket.socket:
 
 
 class ConntrackTable:
-    """What conntrack says about the node's client connections: for each, the backend that really
-    answered when it was DNAT'ed (a Service VIP), else None.
+    """What conntrack says about the node's client connections and UDP flows: for each, the backend
+    that really answered when it was DNAT'ed (a Service VIP), else None.
 
     Unavailable conntrack (namespace missing, no privilege, no nf_conntrack netlink) is a
     degraded mode, not a crash: an ``errors`` count, one log line, and no answers.
@@ -342,6 +362,7 @@ class ConntrackTable:
         max_entries: int = DEFAULT_MAX_ENTRIES,
         get_limit: int = DEFAULT_GET_LIMIT,
         open_socket: Callable[[str | None], socket.socket] = netlink_socket,  # the kernel's side, a seam for tests
+        clock: Callable[[], float] = time.monotonic,  # ages UDP answers
     ) -> None:
         self.netns = netns
         self._open_socket = open_socket
@@ -349,9 +370,12 @@ class ConntrackTable:
         self.get_limit = get_limit
         self.nat: dict[FlowKey, tuple[str, int]] = {}  # the last dump's index (refresh())
         self._complete = True  # the last dump had no malformed message: a key it lacks is not DNAT'ed
-        self._answers: LRUCache[FlowKey, tuple[str, int] | None] = LRUCache(maxsize=max_entries)
+        self._answers: LRUCache[FlowKey, tuple[str, int] | None] = LRUCache(maxsize=max_entries)  # TCP, until close
+        self._udp: TTLCache[FlowKey, tuple[str, int] | None] = TTLCache(max_entries, UDP_ANSWER_TTL_S, timer=clock)
         # malformed answers so far of keys not answered yet (bounded like the answers: one per live socket)
         self._tries: LRUCache[FlowKey, int] = LRUCache(maxsize=max_entries)
+        # not-found answers so far of sockets still connecting (bounded the same way)
+        self._missing: LRUCache[FlowKey, int] = LRUCache(maxsize=max_entries)
         self.gets = 0  # tuples asked about one by one
         self.gets_missing = 0  # ... that conntrack did not have (untracked, or gone already)
         self.dumps = 0
@@ -365,17 +389,22 @@ class ConntrackTable:
         # answered (asked again next interval) ...
         self.malformed = 0
         self.malformed_given_up = 0  # ... unless MALFORMED_TRIES times: then kept as unknown (no NAT fields)
+        self.missing_pending = 0  # not-found answers not kept: the socket was still connecting ...
+        self.missing_given_up = 0  # ... unless MISSING_TRIES times: then kept as untranslated
+        self.retries = 0  # keys asked again after a not-found answer that was not kept
         self.available: bool | None = None  # None until the first request
         self.timeout_s = 5.0  # a request that stalls this long fails this interval, not the agent
         self._seq = 0
 
     # --- the agent's side -----------------------------------------------------------------------------
 
-    def resolve(self, keys: Iterable[FlowKey]) -> None:
-        """Learn the answer for every key not known yet (call once per interval, before lookups)."""
-        unknown = [k for k in dict.fromkeys(keys) if k not in self._answers]
+    def resolve(self, keys: Iterable[FlowKey], connecting: Container[FlowKey] = frozenset()) -> None:
+        """Learn the answer for every key not known yet (call once per interval, before lookups).
+        ``connecting``: keys of sockets still connecting, whose "not found" is not final yet."""
+        unknown = [k for k in dict.fromkeys(keys) if k not in self._cache(k)]
         if not unknown:
             return
+        self.retries += sum(k in self._missing for k in unknown)
         if len(unknown) > self.get_limit:
             if self.refresh():
                 dumped: list[tuple[FlowKey, tuple[str, int] | None]] = []
@@ -385,20 +414,23 @@ class ConntrackTable:
                     if answer is None and not self._complete and not self._no_answer(k):
                         continue
                     dumped.append((k, answer))
-                self._remember(dumped)
+                # the dump holds DNAT'ed entries only: a key it lacks is untranslated, or not confirmed yet
+                self._settle(dumped, {k for k, answer in dumped if answer is None}, connecting)
             self.nat = {}  # the answers are kept; the whole index is not
             return
-        answers = self._guard(self._get, unknown)
-        if answers is not None:
-            self._remember(answers.items())
+        got = self._guard(self._get, unknown)
+        if got is not None:
+            answers, missing = got
+            self._settle(answers.items(), missing, connecting)
 
     def lookup(self, key: FlowKey) -> tuple[str, int] | None:
-        return self._answers.get(key)
+        return self._cache(key).get(key)
 
     def forget(self, key: FlowKey) -> None:
         """The socket is gone: its tuple may come back as another connection."""
-        self._answers.pop(key, None)
+        self._cache(key).pop(key, None)
         self._tries.pop(key, None)
+        self._missing.pop(key, None)
 
     def refresh(self) -> bool:
         """Replace :attr:`nat` with the table's DNAT'ed entries as they are now (one dump). False if
@@ -427,26 +459,55 @@ class ConntrackTable:
             "dnat_entries": self.dnat_entries,
             "dropped": self.dropped,
             "evicted": self.evicted,
-            "answers": len(self._answers),
+            "answers": len(self._answers) + len(self._udp),
             "errors": self.errors,
             "skipped": self.skipped,
             "malformed": self.malformed,
             "malformed_given_up": self.malformed_given_up,
+            "missing_pending": self.missing_pending,
+            "missing_given_up": self.missing_given_up,
+            "retries": self.retries,
         }
 
     def close(self) -> None:
         self.nat = {}
         self._answers.clear()
+        self._udp.clear()
         self._tries.clear()
+        self._missing.clear()
 
     # --- I/O ------------------------------------------------------------------------------------------
 
+    def _cache(self, key: FlowKey) -> Cache[FlowKey, tuple[str, int] | None]:
+        return self._udp if key[0] == socket.IPPROTO_UDP else self._answers
+
+    def _settle(
+        self,
+        answers: Iterable[tuple[FlowKey, tuple[str, int] | None]],
+        missing: Container[FlowKey],
+        connecting: Container[FlowKey],
+    ) -> None:
+        """Keep the answers, but not "not found" of a socket still connecting (see the module doc)."""
+        self._remember((k, a) for k, a in answers if k not in missing or k not in connecting or self._missing_final(k))
+
+    def _missing_final(self, key: FlowKey) -> bool:
+        tries = self._missing.pop(key, 0) + 1
+        if tries < MISSING_TRIES:
+            self._missing[key] = tries
+            self.missing_pending += 1
+            return False
+        self.missing_given_up += 1
+        return True
+
     def _remember(self, answers: Iterable[tuple[FlowKey, tuple[str, int] | None]]) -> None:
+        self._udp.expire()  # an expired answer is not an eviction
         for key, answer in answers:
-            if key not in self._answers and len(self._answers) >= self._answers.maxsize:
+            cache = self._cache(key)
+            if key not in cache and len(cache) >= cache.maxsize:
                 self.evicted += 1
-            self._answers[key] = answer
+            cache[key] = answer
             self._tries.pop(key, None)
+            self._missing.pop(key, None)
 
     def _guard(self, fn: Callable[..., _T], *args: object) -> _T | None:
         """Run one netlink exchange; any failure is the degraded mode (None), logged once per outage."""
@@ -488,10 +549,12 @@ class ConntrackTable:
                 if part.done:
                     return entries, malformed
 
-    def _get(self, keys: list[FlowKey]) -> dict[FlowKey, tuple[str, int] | None]:
+    def _get(self, keys: list[FlowKey]) -> tuple[dict[FlowKey, tuple[str, int] | None], set[FlowKey]]:
         """One GET per key, sent in windows of GET_WINDOW; each answer is paired with its key by its sequence
-        number. A key whose answer was malformed is left out (asked again), unless it is given up on."""
+        number. A key whose answer was malformed is left out (asked again), unless it is given up on.
+        Also returns the keys conntrack did not have (ENOENT)."""
         out: dict[FlowKey, tuple[str, int] | None] = {}
+        missing: set[FlowKey] = set()
         with self._socket() as sock:
             for start in range(0, len(keys), GET_WINDOW):
                 window = {self._next_seq(): k for k in keys[start : start + GET_WINDOW]}
@@ -513,9 +576,10 @@ class ConntrackTable:
                         elif reply == errno.ENOENT:
                             self.gets_missing += 1
                             out[key] = None
+                            missing.add(key)
                         else:  # EPERM, ...: not about this key, about us
                             raise ConntrackDumpError(reply, os.strerror(reply))
-        return out
+        return out, missing
 
     def _no_answer(self, key: FlowKey) -> bool:
         """One more malformed answer that may be about ``key``; True once it has had MALFORMED_TRIES of them
