@@ -199,8 +199,8 @@ def resolve_l4(index: KubeIndex, node_name: str, flow: pb.L4Flow) -> Resolved:
 def resolve_l7(
     index: KubeIndex, node_name: str, req: pb.L7Request, nat_remote_ip: str = "", nat_remote_port: int = 0
 ) -> Resolved:
-    """L7 records carry no NAT answer of their own: the caller passes the one its socket's L4
-    record had (joined on netns inode + socket cookie), if any."""
+    """The caller passes the NAT answer: the one its socket's L4 record had (TCP, joined on netns
+    inode + socket cookie), else the record's own (a client-side UDP flow), if any."""
     local = resolve_local(index, node_name, req.process, req.local_ip, req.local_port)
     remote = resolve_remote(index, req.remote_ip, req.remote_port, nat_remote_ip, nat_remote_port)
     return Resolved(local, remote, req.side != pb.ROLE_SERVER)
@@ -550,7 +550,7 @@ class ResolutionCache:
         return found
 
     def l7(self, node: str, q: pb.L7Request, nat_ip: str, nat_port: int) -> Route:
-        """The route of one L7 record, whose NAT answer comes from its socket's L4 record."""
+        """The route of one L7 record; its NAT answer is its socket's L4 record's (TCP) or its own (UDP)."""
         # Spans name pod, node and the client's own port: every field resolution reads is in the key.
         key = (node, _PROCESS(q.process), q.side, *_ENDS(q), nat_ip, nat_port)
         route = self._routes.get(key)

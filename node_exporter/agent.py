@@ -32,11 +32,15 @@ from node_exporter.nat.conntrack import ConntrackTable, FlowKey
 from node_exporter.output.convert import MonotonicClock, l4_columns, l4_flow, l7_request
 from node_exporter.output.jsonl import JsonlWriter
 from node_exporter.output.live import LiveView
+from node_exporter.protocols import Role as L7Role
 from node_exporter.selfmetrics import SelfMetrics
 from node_exporter.ship import ClientTls, FlowShipper, ShipConfig
 
 log = structlog.get_logger("kscope.agent")
 L7_DRAIN_S = 0.02
+TCP_SYN_SENT = 2  # include/net/tcp_states.h: a client socket still connecting
+IPPROTO_TCP, IPPROTO_UDP = 6, 17
+_UNSPECIFIED = frozenset({"0.0.0.0", "::"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +118,8 @@ class Agent:
         self.procs = ProcessIndex(proc_root=opts.proc_root)
         self.view = LiveView()
         self.records_written = 0
+        # client-side UDP records whose socket has no local address (unconnected): no conntrack key
+        self.nat_udp_unbound = 0
         self.write_failed = 0
         self.requests_seen = 0  # L7 requests reported, a summary counting its requests
         self._summaries_counted = (0, 0)  # the pipeline's (summaries, summarized_requests) at the last step
@@ -165,12 +171,15 @@ class Agent:
             events += self.pipeline.close_sockets(r.sock_cookie for r in records if r.is_close)
             events += self.pipeline.expire(time.monotonic_ns())
         if (self.writer is not None or self.shipper is not None) and (records or events):
+            udp_keys = [self._udp_key(e) for e in events]
             if self.conntrack is not None:
-                # asks conntrack only about client sockets it has no answer for yet
-                self.conntrack.resolve(self._nat_key(r) for r in records if r.role == Role.KSCOPE_ROLE_CLIENT)
+                self._resolve_nat(records, udp_keys)
             procs = [self.procs.lookup(r.tgid, r.comm) for r in records]
             nats = [self._nat(r) for r in records]  # once per record: a close forgets its answer
-            requests = [l7_request(e, self.procs.lookup(e.conn.tgid, e.conn.comm), self.clock) for e in events]
+            requests = [
+                l7_request(e, self.procs.lookup(e.conn.tgid, e.conn.comm), self.clock, self._udp_nat(key))
+                for e, key in zip(events, udp_keys, strict=True)
+            ]
             if self.writer is not None:
                 flows = [
                     l4_flow(r, p, self.clock, self.drop_reasons, nat)
@@ -202,9 +211,32 @@ class Agent:
         (summaries, requests), self._summaries_counted = self._summaries_counted, now
         return (now[1] - requests) - (now[0] - summaries)
 
+    def _resolve_nat(self, records: list[L4Record], udp_keys: list[FlowKey | None]) -> None:
+        """Ask conntrack about client sockets and client-side UDP flows it has no answer for yet; a
+        socket still connecting may not be in the table yet (see node_exporter/nat/conntrack.py)."""
+        assert self.conntrack is not None
+        clients = [r for r in records if r.role == Role.KSCOPE_ROLE_CLIENT]
+        connecting = {self._nat_key(r) for r in clients if r.tcp_state == TCP_SYN_SENT}
+        keys = [*map(self._nat_key, clients), *(k for k in udp_keys if k is not None)]
+        self.conntrack.resolve(keys, connecting)
+
     @staticmethod
     def _nat_key(r: L4Record) -> FlowKey:
-        return (6, r.local_ip, r.local_port, r.remote_ip, r.remote_port)
+        return (IPPROTO_TCP, r.local_ip, r.local_port, r.remote_ip, r.remote_port)
+
+    def _udp_key(self, e: L7Event) -> FlowKey | None:
+        """The conntrack key of a client-side UDP record (DNS to a VIP); TCP records get their NAT
+        answer from their socket's L4 record (the processor joins them)."""
+        c = e.conn
+        if self.conntrack is None or c.ip_proto != IPPROTO_UDP or c.side is not L7Role.CLIENT:
+            return None
+        if c.local_ip in _UNSPECIFIED or not c.local_port:
+            self.nat_udp_unbound += 1  # an unconnected socket: its source address is not known here
+            return None
+        return (IPPROTO_UDP, c.local_ip, c.local_port, c.remote_ip, c.remote_port)
+
+    def _udp_nat(self, key: FlowKey | None) -> tuple[str, int] | None:
+        return self.conntrack.lookup(key) if self.conntrack is not None and key is not None else None
 
     def _nat(self, r: L4Record) -> tuple[str, int] | None:
         if self.conntrack is None or r.role != Role.KSCOPE_ROLE_CLIENT:
@@ -248,6 +280,7 @@ class Agent:
         )
         if self.conntrack is not None:
             values.update({f"nat_{k}": v for k, v in self.conntrack.counters().items()})
+            values["nat_udp_unbound"] = self.nat_udp_unbound
         if self.shipper is not None:
             values.update({f"ship_{k}": v for k, v in self.shipper.counters().items()})
         if self.l7 is not None:

@@ -7,7 +7,9 @@ conntrack and ships the backend that really answered with the client's flow.
 from __future__ import annotations
 
 import random
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,10 +39,11 @@ def _nginx(topo: NatTopology, tmp: Path) -> None:
     nginx(topo, tmp, f"listen {SPOD_IP}:{BACKEND_PORT}; location / {{ return 200; }}", (BACKEND_PORT,))
 
 
-def _agent(topo: NatTopology, out: Path, conntrack_netns: str) -> subprocess.Popen[str]:
+def _agent(topo: NatTopology, out: Path, conntrack_netns: str, *extra: str) -> subprocess.Popen[str]:
+    """``kscope run --nat``; ``extra`` replaces the default 4 s duration (then the test stops it)."""
     proc = subprocess.Popen(
         [KSCOPE, "run", "--no-live", "--nat", "--conntrack-netns", conntrack_netns,
-         "--duration", "4", "--interval", "0.5", "--jsonl", str(out)],
+         *(extra or ("--duration", "4")), "--interval", "0.5", "--jsonl", str(out)],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     topo.procs.append(proc)  # killed by the topology's teardown if the test fails first
@@ -51,7 +54,9 @@ def _agent(topo: NatTopology, out: Path, conntrack_netns: str) -> subprocess.Pop
     raise AssertionError(f"agent did not start: exit {proc.wait(10)}")
 
 
-def _finish(proc: subprocess.Popen[str]) -> str:
+def _finish(proc: subprocess.Popen[str], stop: bool = False) -> str:
+    if stop:
+        proc.send_signal(signal.SIGTERM)  # the agent's last interval still reports
     _, rest = proc.communicate(timeout=60)
     assert proc.returncode == 0, rest
     return rest
@@ -198,3 +203,61 @@ def test_gets_past_one_window_pair_every_answer_with_its_key(nat_topo: NatTopolo
     assert (c["gets"], c["gets_missing"], c["dumps"], c["answers"]) == (200, 30, 0, 200)
     assert (c["skipped"], c["errors"]) == (0, 0)
     assert table.refresh() and table.nat == {k: v for k, v in expected.items() if v is not None}  # the dump agrees
+
+
+def test_sockets_whose_syns_were_dropped_are_resolved_once_connected(nat_topo: NatTopology, tmp_path: Path) -> None:
+    """Loss on the way to a VIP's backend: the node drops the first two SYNs of every connection (two
+    nth counters after the DNAT, in FORWARD; connections one after another, so every one of them loses
+    exactly its first two). conntrack confirms an entry only once a SYN leaves the node, so while the
+    socket retransmits a GET finds nothing: that must not be kept as the socket's answer."""
+    nat_topo.dnat()
+    _nginx(nat_topo, tmp_path / "nginx")
+    syn = ("-p", "tcp", "--syn", "-d", SPOD_IP, "--dport", str(BACKEND_PORT), "-m", "statistic", "--mode", "nth")
+    nat_topo.node.iptables("-A", "FORWARD", *syn, "--every", "3", "--packet", "0", "-j", "DROP")
+    nat_topo.node.iptables("-A", "FORWARD", *syn, "--every", "2", "--packet", "0", "-j", "DROP")
+    out = tmp_path / "flows.jsonl"
+    agent = _agent(nat_topo, out, nat_topo.node.path, "--sweep-interval", "0.5")
+    ports = [int(_curl(nat_topo, f"http://{VIP}:{VIP_PORT}/")) for _ in range(3)]  # ~3 s each (SYN at 0, 1, 3 s)
+    _finish(agent, stop=True)
+    flows, stats = _flows(out)
+    for port in ports:
+        client = [f for f in flows if f.role == pb.ROLE_CLIENT and (f.local_ip, f.local_port) == (CPOD_IP, port)]
+        assert client and client[-1].kind == pb.RECORD_KIND_CLOSE, client
+        assert client[-1].total.syn_retransmits == 2  # the loss happened as planned
+        # a record while still connecting has no answer yet; every one after it names the backend
+        connected = [f for f in client if f.tcp_state != "SYN_SENT"]
+        assert connected and all((f.nat_remote_ip, f.nat_remote_port) == (SPOD_IP, BACKEND_PORT) for f in connected)
+    c = stats.counters
+    assert c["nat_missing_pending"] >= 1 and c["nat_retries"] >= 1, c  # asked again, counted
+    assert c["nat_missing_given_up"] == 0 and c["nat_errors"] == 0
+
+
+def test_dns_through_a_udp_vip_names_the_backend(nat_topo: NatTopology, tmp_path: Path) -> None:
+    """dig in the client pod asks a kube-dns-like UDP VIP that the node DNATs to dnsmasq in the other pod:
+    the client side's DNS records carry the backend that answered, as TCP flows do."""
+    nat_topo.dnat(port=53, to_port=53, proto="udp")
+    nat_topo.spawn(nat_topo.srv, "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+                   f"--listen-address={SPOD_IP}", "--bind-interfaces", "--address=/ok.test/198.18.5.5",
+                   f"--pid-file={tmp_path}/dnsmasq.pid")  # fmt: skip
+    deadline = time.monotonic() + 10
+    while not nat_topo.srv.run("ss", "-Hlun", "sport = :53").stdout.strip():
+        assert time.monotonic() < deadline, "dnsmasq does not listen"
+        time.sleep(0.05)
+    out = tmp_path / "flows.jsonl"
+    agent = _agent(nat_topo, out, nat_topo.node.path, "--l7")
+    names = [f"n{i}.ok.test" for i in range(3)]
+    for name in names:
+        r = nat_topo.cli.run("dig", "+tries=1", "+time=3", f"@{VIP}", name, "A")
+        assert "status: NOERROR" in r.stdout, r.stdout
+    _finish(agent, stop=True)
+    records = [json_format.Parse(line, pb.NodeRecord()) for line in out.read_text().splitlines()]
+    dns = [r.l7 for r in records if r.WhichOneof("record") == "l7" and r.l7.protocol == "dns"]
+    client = [q for q in dns if q.side == pb.ROLE_CLIENT]
+    server = [q for q in dns if q.side == pb.ROLE_SERVER]
+    assert sorted(q.dns.question_name for q in client) == names, dns
+    for q in client:  # the socket knows only the VIP; conntrack knows who answered
+        assert (q.remote_ip, q.remote_port) == (VIP, 53)
+        assert (q.nat_remote_ip, q.nat_remote_port) == (SPOD_IP, 53)
+    assert server and all((q.nat_remote_ip, q.nat_remote_port) == ("", 0) for q in server)  # not asked
+    c = records[-1].stats.counters
+    assert c["nat_gets"] >= len(names) and c["nat_udp_unbound"] == 0 and c["nat_errors"] == 0
