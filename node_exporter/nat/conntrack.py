@@ -391,6 +391,7 @@ class ConntrackTable:
         self.malformed_given_up = 0  # ... unless MALFORMED_TRIES times: then kept as unknown (no NAT fields)
         self.missing_pending = 0  # not-found answers not kept: the socket was still connecting ...
         self.missing_given_up = 0  # ... unless MISSING_TRIES times: then kept as untranslated
+        self.missing_evicted = 0  # sockets' not-found counts forgotten for the bound (they start over)
         self.retries = 0  # keys asked again after a not-found answer that was not kept
         self.available: bool | None = None  # None until the first request
         self.timeout_s = 5.0  # a request that stalls this long fails this interval, not the agent
@@ -466,6 +467,7 @@ class ConntrackTable:
             "malformed_given_up": self.malformed_given_up,
             "missing_pending": self.missing_pending,
             "missing_given_up": self.missing_given_up,
+            "missing_evicted": self.missing_evicted,
             "retries": self.retries,
         }
 
@@ -493,6 +495,8 @@ class ConntrackTable:
     def _missing_final(self, key: FlowKey) -> bool:
         tries = self._missing.pop(key, 0) + 1
         if tries < MISSING_TRIES:
+            if tries == 1 and len(self._missing) >= self._missing.maxsize:
+                self.missing_evicted += 1
             self._missing[key] = tries
             self.missing_pending += 1
             return False

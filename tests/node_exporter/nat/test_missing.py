@@ -111,3 +111,14 @@ def test_udp_answers_are_bounded_and_evictions_counted(fake_conntrack: Fake) -> 
     c = table.counters()
     assert (c["answers"], c["evicted"]) == (3, 2)
     assert [table.lookup(k) for k in keys] == [None, None] + [(BACKEND, 5353)] * 3  # the newest kept
+
+
+def test_not_found_counts_are_bounded_and_evictions_counted(fake_conntrack: Fake) -> None:
+    keys: list[FlowKey] = [(6, CLIENT, 47000 + i, VIP, 80) for i in range(3)]
+    fake = fake_conntrack({k: [enoent] for k in keys})
+    table = ConntrackTable(None, max_entries=2, open_socket=fake.open)
+    table.resolve(keys, connecting=set(keys))
+    c = table.counters()
+    assert (c["missing_pending"], c["missing_evicted"], c["answers"]) == (3, 1, 0)
+    table.resolve(keys, connecting=set(keys))  # all three asked again; in turn each evicts the next
+    assert fake.asked[1] == keys and table.counters()["missing_evicted"] == 4
