@@ -1,4 +1,4 @@
-"""The conntrack index on constructed entries, the ctnetlink dump decoder on constructed messages, the
+"""The conntrack index on constructed entries, the ctnetlink decoders (ctnetlink.py) on constructed messages, the
 degraded mode without conntrack, and malformed GET answers through the table's real socket loop."""
 
 from __future__ import annotations
@@ -14,21 +14,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node_exporter.nat.conntrack import (
+from node_exporter.nat.conntrack import MALFORMED_TRIES, ConntrackTable, FlowKey
+from node_exporter.nat.ctnetlink import (
     CTA_STATUS,
     CTA_TUPLE_IP,
     CTA_TUPLE_ORIG,
     CTA_TUPLE_PROTO,
     CTA_TUPLE_REPLY,
-    MALFORMED_TRIES,
     NLM_F_DUMP,
     NLMSG_DONE,
     NLMSG_ERROR,
     ConntrackDumpError,
-    ConntrackTable,
     CtEntry,
     CtTuple,
-    FlowKey,
     dump_request,
     get_request,
     index_entries,
