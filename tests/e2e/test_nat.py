@@ -128,7 +128,8 @@ def test_missing_conntrack_namespace_degrades_and_l4_still_flows(nat_topo: NatTo
 
 def test_the_dump_decoder_reads_what_the_kernel_holds(nat_topo: NatTopology) -> None:
     """Entries made with the conntrack tool in the node namespace: DNAT'ed TCP (v4, v6, port-only),
-    DNAT'ed UDP and an untranslated TCP entry; the table has exactly the translated TCP ones."""
+    DNAT'ed UDP, DNAT'ed ICMP and an untranslated TCP entry; the table has exactly the translated TCP and UDP
+    ones."""
     from node_exporter.nat.conntrack import ConntrackTable
 
     def insert(*args: str) -> None:
@@ -144,6 +145,8 @@ def test_the_dump_decoder_reads_what_the_kernel_holds(nat_topo: NatTopology) -> 
     insert("-p", "udp", "-s", "198.18.7.5", "-d", "198.19.7.10", "--sport", "5353", "--dport", "53",
            "--dst-nat", "198.18.7.7:5353")  # fmt: skip
     insert("-p", "tcp", "-s", "198.18.7.5", "-d", "198.18.7.9", "--sport", "40003", "--dport", "80", *est)
+    insert("-p", "icmp", "-s", "198.18.7.5", "-d", "198.19.7.12", "--icmp-type", "8", "--icmp-code", "0",
+           "--icmp-id", "77", "--dst-nat", "198.18.7.7")  # fmt: skip
     table = ConntrackTable(nat_topo.node.path)
     table.refresh()
     assert table.available
@@ -151,23 +154,24 @@ def test_the_dump_decoder_reads_what_the_kernel_holds(nat_topo: NatTopology) -> 
         (6, "198.18.7.5", 40000, "198.19.7.10", 80): ("198.18.7.7", 8080),
         (6, "fd00:198:18::5", 40001, "fd00:198:19::a", 80): ("fd00:198:18::7", 8080),
         (6, "198.18.7.5", 40002, "198.19.7.11", 443): ("198.18.7.8", 443),
+        (17, "198.18.7.5", 5353, "198.19.7.10", 53): ("198.18.7.7", 5353),
     }
     c = table.counters()
-    assert c["entries"] == 3 and c["skipped"] == 1  # the UDP one; the untranslated one never left the kernel
+    assert c["entries"] == 4 and c["skipped"] == 1  # the ICMP one; the untranslated one never left the kernel
 
     # What the agent does: ask about its client sockets only, one GET each, or one dump for many.
     keys = [*table.nat, (6, "198.18.7.5", 40003, "198.18.7.9", 80), (6, "198.18.7.5", 49999, "198.19.7.10", 80)]
-    expected = {**table.nat, keys[3]: None, keys[4]: None}
-    for get_limit, gets, dumps in ((16, 5, 0), (2, 0, 1)):
+    expected = {**table.nat, keys[4]: None, keys[5]: None}
+    for get_limit, gets, dumps in ((16, 6, 0), (2, 0, 1)):
         agent_side = ConntrackTable(nat_topo.node.path, get_limit=get_limit)
         agent_side.resolve(keys)
         agent_side.resolve(keys)  # known now: nothing is asked twice
         assert {k: agent_side.lookup(k) for k in keys} == expected
         c = agent_side.counters()
-        assert (c["gets"], c["dumps"], c["answers"], c["errors"]) == (gets, dumps, 5, 0)
+        assert (c["gets"], c["dumps"], c["answers"], c["errors"]) == (gets, dumps, 6, 0)
         assert c["gets_missing"] == (1 if gets else 0)  # the untracked tuple; the untranslated one exists
         agent_side.forget(keys[0])
-        assert agent_side.lookup(keys[0]) is None and agent_side.counters()["answers"] == 4
+        assert agent_side.lookup(keys[0]) is None and agent_side.counters()["answers"] == 5
 
 
 def test_gets_past_one_window_pair_every_answer_with_its_key(nat_topo: NatTopology, tmp_path: Path) -> None:
