@@ -9,7 +9,9 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 
 import structlog
@@ -24,7 +26,7 @@ from node_exporter.l4.collector import OBJECT_NAME, L4Collector, default_bpf_dir
 from node_exporter.l4.records import L4Record
 from node_exporter.l7.collector import OBJECT_NAME as L7_OBJECT
 from node_exporter.l7.collector import L7Collector
-from node_exporter.l7.pipeline import L7Event, L7Pipeline
+from node_exporter.l7.pipeline import ConnInfo, L7Event, L7Pipeline
 from node_exporter.l7.syscalls import OBJECT_NAME as L7_SYSCALLS_OBJECT
 from node_exporter.l7.syscalls import SyscallL7Collector, kernel_has_socket_tracepoints
 from node_exporter.metadata.proc import ProcessIndex
@@ -41,6 +43,7 @@ L7_DRAIN_S = 0.02
 TCP_SYN_SENT = 2  # include/net/tcp_states.h: a client socket still connecting
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
 _UNSPECIFIED = frozenset({"0.0.0.0", "::"})
+Nat = tuple[str, int] | None  # the (ip, port) that really answered a DNAT'ed remote
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,14 +174,14 @@ class Agent:
             events += self.pipeline.close_sockets(r.sock_cookie for r in records if r.is_close)
             events += self.pipeline.expire(time.monotonic_ns())
         if (self.writer is not None or self.shipper is not None) and (records or events):
-            udp_keys = [self._udp_key(e) for e in events]
+            l7_nats: Iterable[Nat] = repeat(None)
             if self.conntrack is not None:
-                self._resolve_nat(records, udp_keys)
+                l7_nats = self._resolve_nat(self.conntrack, records, events)
             procs = [self.procs.lookup(r.tgid, r.comm) for r in records]
             nats = [self._nat(r) for r in records]  # once per record: a close forgets its answer
             requests = [
-                l7_request(e, self.procs.lookup(e.conn.tgid, e.conn.comm), self.clock, self._udp_nat(key))
-                for e, key in zip(events, udp_keys, strict=True)
+                l7_request(e, self.procs.lookup(e.conn.tgid, e.conn.comm), self.clock, nat)
+                for e, nat in zip(events, l7_nats, strict=False)  # l7_nats: one per event, or repeat(None)
             ]
             if self.writer is not None:
                 flows = [
@@ -211,32 +214,29 @@ class Agent:
         (summaries, requests), self._summaries_counted = self._summaries_counted, now
         return (now[1] - requests) - (now[0] - summaries)
 
-    def _resolve_nat(self, records: list[L4Record], udp_keys: list[FlowKey | None]) -> None:
-        """Ask conntrack about client sockets and client-side UDP flows it has no answer for yet; a
-        socket still connecting may not be in the table yet (see node_exporter/nat/conntrack.py)."""
-        assert self.conntrack is not None
+    def _resolve_nat(self, conntrack: ConntrackTable, records: list[L4Record], events: list[L7Event]) -> list[Nat]:
+        """Ask conntrack about client sockets and client-side UDP flows it has no answer for yet (a socket
+        still connecting may not be in the table yet: node_exporter/nat/conntrack.py); returns each
+        event's NAT answer: a UDP flow's own (TCP records get theirs from their socket's L4 record, which
+        the processor joins)."""
         clients = [r for r in records if r.role == Role.KSCOPE_ROLE_CLIENT]
         connecting = {self._nat_key(r) for r in clients if r.tcp_state == TCP_SYN_SENT}
-        keys = [*map(self._nat_key, clients), *(k for k in udp_keys if k is not None)]
-        self.conntrack.resolve(keys, connecting)
+        udp_keys = [self._udp_key(e.conn) if e.conn.ip_proto == IPPROTO_UDP else None for e in events]
+        conntrack.resolve([*map(self._nat_key, clients), *(k for k in udp_keys if k is not None)], connecting)
+        return [conntrack.lookup(k) if k is not None else None for k in udp_keys]
 
     @staticmethod
     def _nat_key(r: L4Record) -> FlowKey:
         return (IPPROTO_TCP, r.local_ip, r.local_port, r.remote_ip, r.remote_port)
 
-    def _udp_key(self, e: L7Event) -> FlowKey | None:
-        """The conntrack key of a client-side UDP record (DNS to a VIP); TCP records get their NAT
-        answer from their socket's L4 record (the processor joins them)."""
-        c = e.conn
-        if self.conntrack is None or c.ip_proto != IPPROTO_UDP or c.side is not L7Role.CLIENT:
+    def _udp_key(self, c: ConnInfo) -> FlowKey | None:
+        """The conntrack key of a client-side UDP flow (DNS to a VIP)."""
+        if c.side is not L7Role.CLIENT:
             return None
         if c.local_ip in _UNSPECIFIED or not c.local_port:
             self.nat_udp_unbound += 1  # an unconnected socket: its source address is not known here
             return None
         return (IPPROTO_UDP, c.local_ip, c.local_port, c.remote_ip, c.remote_port)
-
-    def _udp_nat(self, key: FlowKey | None) -> tuple[str, int] | None:
-        return self.conntrack.lookup(key) if self.conntrack is not None and key is not None else None
 
     def _nat(self, r: L4Record) -> tuple[str, int] | None:
         if self.conntrack is None or r.role != Role.KSCOPE_ROLE_CLIENT:
