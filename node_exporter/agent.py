@@ -42,7 +42,6 @@ log = structlog.get_logger("kscope.agent")
 L7_DRAIN_S = 0.02
 TCP_SYN_SENT = 2  # include/net/tcp_states.h: a client socket still connecting
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
-_UNSPECIFIED = frozenset({"0.0.0.0", "::"})
 Nat = tuple[str, int] | None  # the (ip, port) that really answered a DNAT'ed remote
 
 
@@ -121,8 +120,6 @@ class Agent:
         self.procs = ProcessIndex(proc_root=opts.proc_root)
         self.view = LiveView()
         self.records_written = 0
-        # client-side UDP records whose socket has no local address (unconnected): no conntrack key
-        self.nat_udp_unbound = 0
         self.write_failed = 0
         self.requests_seen = 0  # L7 requests reported, a summary counting its requests
         self._summaries_counted = (0, 0)  # the pipeline's (summaries, summarized_requests) at the last step
@@ -229,12 +226,11 @@ class Agent:
     def _nat_key(r: L4Record) -> FlowKey:
         return (IPPROTO_TCP, r.local_ip, r.local_port, r.remote_ip, r.remote_port)
 
-    def _udp_key(self, c: ConnInfo) -> FlowKey | None:
-        """The conntrack key of a client-side UDP flow (DNS to a VIP)."""
+    @staticmethod
+    def _udp_key(c: ConnInfo) -> FlowKey | None:
+        """The conntrack key of a client-side UDP flow (DNS to a VIP). A socket that never connected may have
+        no local address here: its key finds nothing (``nat_gets_missing``), or cannot be asked (``nat_bad_keys``)."""
         if c.side is not L7Role.CLIENT:
-            return None
-        if c.local_ip in _UNSPECIFIED or not c.local_port:
-            self.nat_udp_unbound += 1  # an unconnected socket: its source address is not known here
             return None
         return (IPPROTO_UDP, c.local_ip, c.local_port, c.remote_ip, c.remote_port)
 
@@ -280,7 +276,6 @@ class Agent:
         )
         if self.conntrack is not None:
             values.update({f"nat_{k}": v for k, v in self.conntrack.counters().items()})
-            values["nat_udp_unbound"] = self.nat_udp_unbound
         if self.shipper is not None:
             values.update({f"ship_{k}": v for k, v in self.shipper.counters().items()})
         if self.l7 is not None:

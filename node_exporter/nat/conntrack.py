@@ -33,6 +33,7 @@ import ctypes
 import errno
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Container, Iterable
@@ -71,6 +72,14 @@ MALFORMED_TRIES = 3
 MISSING_TRIES = 8
 UDP_ANSWER_TTL_S = 30.0  # nf_conntrack_udp_timeout: an unreplied UDP entry lives this long
 _RECV_BYTES = 1 << 20
+
+
+def _encodable(key: FlowKey) -> bool:
+    try:
+        get_request(0, key)
+    except (OSError, ValueError, TypeError, struct.error):
+        return False
+    return True
 
 
 def _libc_setns(fd: int) -> None:
@@ -172,6 +181,7 @@ class ConntrackTable:
         self.missing_given_up = 0  # ... unless MISSING_TRIES times: then kept as untranslated
         self.missing_evicted = 0  # sockets' not-found counts forgotten for the bound (they start over)
         self.retries = 0  # keys asked again after a not-found answer that was not kept
+        self.bad_keys = 0  # tuples that cannot be asked about (kept as untranslated, never sent)
         self.available: bool | None = None  # None until the first request
         self.timeout_s = 5.0  # a request that stalls this long fails this interval, not the agent
         self._seq = 0
@@ -182,6 +192,11 @@ class ConntrackTable:
         """Learn the answer for every key not known yet (call once per interval, before lookups).
         ``connecting``: keys of sockets still connecting, whose "not found" is not final yet."""
         unknown = [k for k in dict.fromkeys(keys) if k not in self._cache(k)]
+        bad = {k for k in unknown if not _encodable(k)}
+        if bad:  # an address that is none, or two families in one tuple: no entry can match it
+            self.bad_keys += len(bad)
+            self._remember((k, None) for k in bad)
+            unknown = [k for k in unknown if k not in bad]
         if not unknown:
             return
         self.retries += sum(k in self._missing for k in unknown)
@@ -248,6 +263,7 @@ class ConntrackTable:
             "missing_given_up": self.missing_given_up,
             "missing_evicted": self.missing_evicted,
             "retries": self.retries,
+            "bad_keys": self.bad_keys,
         }
 
     def close(self) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -237,17 +236,19 @@ def test_sockets_whose_syns_were_dropped_are_resolved_once_connected(nat_topo: N
     assert c["nat_missing_given_up"] == 0 and c["nat_errors"] == 0
 
 
+def _dnsmasq_behind_vip(topo: NatTopology, tmp: Path) -> None:
+    """dnsmasq in the server pod answering *.ok.test, behind a kube-dns-like UDP VIP:53."""
+    topo.dnat(port=53, to_port=53, proto="udp")
+    topo.spawn(topo.srv, "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+               f"--listen-address={SPOD_IP}", "--bind-interfaces", "--address=/ok.test/198.18.5.5",
+               f"--pid-file={tmp}/dnsmasq.pid")  # fmt: skip
+    topo.wait_listening(topo.srv, 53, udp=True)
+
+
 def test_dns_through_a_udp_vip_names_the_backend(nat_topo: NatTopology, tmp_path: Path) -> None:
     """dig in the client pod asks a kube-dns-like UDP VIP that the node DNATs to dnsmasq in the other pod:
     the client side's DNS records carry the backend that answered, as TCP flows do."""
-    nat_topo.dnat(port=53, to_port=53, proto="udp")
-    nat_topo.spawn(nat_topo.srv, "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
-                   f"--listen-address={SPOD_IP}", "--bind-interfaces", "--address=/ok.test/198.18.5.5",
-                   f"--pid-file={tmp_path}/dnsmasq.pid")  # fmt: skip
-    deadline = time.monotonic() + 10
-    while not nat_topo.srv.run("ss", "-Hlun", "sport = :53").stdout.strip():
-        assert time.monotonic() < deadline, "dnsmasq does not listen"
-        time.sleep(0.05)
+    _dnsmasq_behind_vip(nat_topo, tmp_path)
     out = tmp_path / "flows.jsonl"
     agent = _agent(nat_topo, out, nat_topo.node.path, "--l7", "--netns-inode", str(nat_topo.cli.ino))  # the client pod
     names = [f"n{i}.ok.test" for i in range(3)]
@@ -263,4 +264,4 @@ def test_dns_through_a_udp_vip_names_the_backend(nat_topo: NatTopology, tmp_path
         assert (q.remote_ip, q.remote_port) == (VIP, 53)
         assert (q.nat_remote_ip, q.nat_remote_port) == (SPOD_IP, 53)
     c = records[-1].stats.counters
-    assert c["nat_gets"] >= len(names) and c["nat_udp_unbound"] == 0 and c["nat_errors"] == 0
+    assert c["nat_gets"] >= len(names) and c["nat_errors"] == 0

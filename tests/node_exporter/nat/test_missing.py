@@ -122,3 +122,18 @@ def test_not_found_counts_are_bounded_and_evictions_counted(fake_conntrack: Fake
     assert (c["missing_pending"], c["missing_evicted"], c["answers"]) == (3, 1, 0)
     table.resolve(keys, connecting=set(keys))  # all three asked again; in turn each evicts the next
     assert fake.asked[1] == keys and table.counters()["missing_evicted"] == 4
+
+
+def test_a_tuple_that_cannot_be_asked_about_is_counted_and_the_rest_answered(fake_conntrack: Fake) -> None:
+    """An unconnected socket's unspecified "::" with an IPv4 peer, a port past 16 bits: no GET is built
+    for them (one failed GET would fail the whole interval's round as if conntrack were unavailable)."""
+    good: FlowKey = (17, CLIENT, 53200, VIP, 53)
+    bad: list[FlowKey] = [(17, "::", 53201, VIP, 53), (6, CLIENT, 70000, VIP, 80), (6, "not an ip", 1, VIP, 80)]
+    fake = fake_conntrack({good: [dnat_answer(good, (BACKEND, 5353))]})
+    table = ConntrackTable(None, open_socket=fake.open)
+    table.resolve([*bad, good])
+    table.resolve([*bad, good])  # kept as untranslated: not counted again
+    assert fake.asked == [[good]] and table.lookup(good) == (BACKEND, 5353)
+    assert all(table.lookup(k) is None for k in bad)
+    c = table.counters()
+    assert (c["bad_keys"], c["errors"], c["answers"]) == (3, 0, 4) and table.available
