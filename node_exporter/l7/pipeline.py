@@ -58,7 +58,7 @@ class ConnInfo:
     family: int
     tgid: int
     comm: str
-    ip_proto: int = 6  # IPPROTO_TCP or IPPROTO_UDP (a UDP client's NAT answer is looked up by the agent)
+    ip_proto: int = IPPROTO_TCP  # or IPPROTO_UDP (a UDP client's NAT answer is looked up by the agent)
 
 
 @dataclass(frozen=True, slots=True)
