@@ -571,7 +571,9 @@ class Aggregator:
             self._counters["unknown_protocol"] += 1
             return
         sock = self._sockets.get((node, q.netns_inode, q.socket_cookie))
-        nat_ip, nat_port = (sock.nat_ip, sock.nat_port) if sock is not None else ("", 0)
+        nat_ip, nat_port = q.nat_remote_ip, q.nat_remote_port  # UDP (no L4 record): the agent's, on the record
+        if sock is not None and sock.nat_ip:  # TCP: the NAT answer of its socket's L4 record
+            nat_ip, nat_port = sock.nat_ip, sock.nat_port
         route = self._resolutions.l7(node, q, nat_ip, nat_port)
         c = self._counters
         if route.unresolved:

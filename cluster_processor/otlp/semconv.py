@@ -44,7 +44,8 @@ from cluster_processor.otlp.model import (
 )
 
 PEER_PREFIX: Final = "peer."
-_ROLE_PREFIXES: Final = ("server.", "client.", "network.peer.", "network.local.")
+# Keys kept as they are on the peer's side (not under ``peer.``): how it was reached, how it was named.
+_ROLE_PREFIXES: Final = ("server.", "client.", "network.peer.", "network.local.", "kscope.peer.")
 
 HTTP_METHOD: Final = "http.request.method"
 HTTP_METHOD_ORIGINAL: Final = "http.request.method_original"

@@ -51,7 +51,14 @@ class NatTopology(Topology):
             pod.ip("route", "add", "198.18.0.0/15", "via", NODE_GW, "dev", "eth0")
         return self
 
-    def dnat(self, vip: str = VIP, port: int = VIP_PORT, backend: str = SPOD_IP, to_port: int = BACKEND_PORT) -> None:
+    def dnat(
+        self,
+        vip: str = VIP,
+        port: int = VIP_PORT,
+        backend: str = SPOD_IP,
+        to_port: int = BACKEND_PORT,
+        proto: str = "tcp",
+    ) -> None:
         """What kube-proxy (iptables mode) does for a ClusterIP Service with one endpoint."""
-        self.node.iptables("-t", "nat", "-A", "PREROUTING", "-d", vip, "-p", "tcp", "--dport", str(port),
+        self.node.iptables("-t", "nat", "-A", "PREROUTING", "-d", vip, "-p", proto, "--dport", str(port),
                            "-j", "DNAT", "--to-destination", f"{backend}:{to_port}")  # fmt: skip

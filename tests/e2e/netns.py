@@ -221,10 +221,10 @@ class Topology:
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)  # fmt: skip
         return Peer(proc, label or f"{ns.name}:{args[0]}")
 
-    def wait_listening(self, ns: Netns, port: int, timeout: float = 10) -> None:
+    def wait_listening(self, ns: Netns, port: int, timeout: float = 10, udp: bool = False) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if ns.run("ss", "-Htln", f"sport = :{port}").stdout.strip():
+            if ns.run("ss", "-Huln" if udp else "-Htln", f"sport = :{port}").stdout.strip():
                 return
             time.sleep(0.05)
         raise TimeoutError(f"nothing listens on port {port} in {ns.name}")
