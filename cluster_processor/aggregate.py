@@ -230,8 +230,8 @@ class _Listener:
     queue_limit: int = 0
 
 
-# (edge and side, protocol value, method, route, status, error type); protocol extras are always () here
-_RedKey = tuple[EdgeSide, str, str, str, int | None, str]
+# (edge and side, protocol value, method, route, status, error type, protocol extras: a DNS response code)
+_RedKey = tuple[EdgeSide, str, str, str, int | None, str, Attrs]
 
 
 @dataclass(slots=True)
@@ -593,7 +593,10 @@ class Aggregator:
             c["l7_summarized_requests"] += n
         ref = route.ref
         if ref in st.edges or self._admit(st, ref):
-            key: _RedKey = (route.key, _PROTOCOL_VALUES[protocol], method, route_name, status, error_type)
+            # DNS keeps its response code (an NXDOMAIN is no error, yet worth telling from a NOERROR);
+            # not the question name, whose cardinality is the callers'.
+            red_extra = extra[1:] if protocol is _DNS else ()
+            key: _RedKey = (route.key, _PROTOCOL_VALUES[protocol], method, route_name, status, error_type, red_extra)
             hist = st.red.get(key)
             if hist is None and len(st.red) >= self._settings.max_red_keys:
                 self._counters["red_overflowed"] += 1
@@ -697,11 +700,12 @@ def _details(
     """(method, route, status, error type, span extras, traceparent) of one L7 record."""
     if protocol is _DNS:
         d = q.dns
-        error = "timeout" if d.timed_out else ("" if d.rcode in ("", "NOERROR") else d.rcode)
+        rcode = d.rcode
+        error = semconv.dns_error_type(rcode, d.timed_out)
         # Built in canonical (sorted, as model.attrs makes it) order directly: no sort per record.
         question: tuple[str, AttrValue] = ("dns.question.name", d.question_name)
         extra: tuple[tuple[str, AttrValue], ...] = (
-            (question, ("dns.response_code", d.rcode)) if d.rcode else (question,)
+            (question, (semconv.DNS_RESPONSE_CODE, rcode)) if rcode else (question,)
         )
         return d.question_type, "", None, error, extra, q.http.traceparent if q.HasField("http") else None
     h = q.http
@@ -724,9 +728,9 @@ def _summary_parts(s: pb.L7Summary) -> tuple[Sequence[int], float, float, float]
 
 def _red_points(st: _NodeState) -> Iterable[RedPoint]:
     new, protocols = _new_tuple, _PROTOCOL_OF_VALUE
-    for (es, protocol, method, route, status, error_type), hist in st.red.items():
+    for (es, protocol, method, route, status, error_type, extra), hist in st.red.items():
         yield new(RedPoint, (es.ref.edge, es.side, protocols[protocol], hist.freeze(), method, route, status,
-                             error_type, ()))  # fmt: skip
+                             error_type, extra))  # fmt: skip
 
 
 def _l4_points(st: _NodeState) -> Iterable[L4Point]:

@@ -210,7 +210,24 @@ def _http_span_name(side: Side, method: str, route: str) -> str:
     return f"{base} {route}" if route and side is _SERVER else base
 
 
+# A DNS answer that failed the asker: what error.type names. NXDOMAIN is an answer ("no such name"),
+# not a failure: under Kubernetes' ndots:5 most lookups of a healthy cluster are NXDOMAIN answers to
+# search-path expansions, and counting them would bury the real failures. Any other code (SERVFAIL,
+# REFUSED, FORMERR, NOTIMP, ...) and a query that got no answer (timeout) failed.
+DNS_ANSWERED: Final = frozenset({"", "NOERROR", "NXDOMAIN"})
+DNS_RESPONSE_CODE: Final = "dns.response_code"  # ECS's name (no OTel attribute yet): NOERROR, NXDOMAIN...
+
+
+def dns_error_type(rcode: str, timed_out: bool) -> str:
+    """``error.type`` of one DNS exchange: "timeout", the failing response code in lower case
+    ("servfail"), or "" when the lookup was answered (NOERROR, NXDOMAIN)."""
+    if timed_out:
+        return "timeout"
+    return "" if rcode in DNS_ANSWERED else rcode.lower()
+
+
 def _dns_failed(side: Side, status_code: int | None, error_type: str) -> bool:
+    # error_type is set only for failures (dns_error_type)
     return bool(error_type)
 
 

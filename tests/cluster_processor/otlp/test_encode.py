@@ -158,13 +158,13 @@ def test_dns_lookup_duration() -> None:
         Side.CLIENT,
         Protocol.DNS,
         Histogram.of((0.001, 0.01), [0.002]),
-        error_type="nxdomain",
-        attributes=(("dns.question.name", "cart.shop.svc.cluster.local"),),
+        error_type="servfail",
+        attributes=(("dns.response_code", "SERVFAIL"),),
     )
     p.export_interval(interval(0, point))
     m = by_name(sink.metrics()[0])["dns.lookup.duration"]
     a = f.kv(m.histogram.data_points[0].attributes)
-    assert (m.unit, a["error.type"], a["dns.question.name"]) == ("s", "nxdomain", "cart.shop.svc.cluster.local")
+    assert (m.unit, a["error.type"], a["dns.response_code"]) == ("s", "servfail", "SERVFAIL")
 
 
 def test_l4_metrics() -> None:
