@@ -331,12 +331,14 @@ def test_a_listeners_accept_queue_becomes_metrics_of_its_workload(index: KubeInd
     (lp,) = report.interval.listeners
     assert (lp.port, lp.overflows, lp.drops, lp.queue, lp.queue_limit) == (8080, 3, 8, 128, 128)
     assert attr(lp.owner, "k8s.deployment.name") == "b" and attr(lp.owner, "k8s.pod.name") is None
-    samples = {s.instrument.name: s for s in semconv.listener_samples(lp)}
+    samples = {s.instrument.name: s for s in semconv.listener_samples(lp, "node-2")}
     assert {n: s.value for n, s in samples.items()} == {
         "kscope.tcp.listen.overflows": 3, "kscope.tcp.listen.drops": 8, "kscope.tcp.listen.queue": 128,
         "kscope.tcp.listen.queue.limit": 128}  # fmt: skip
-    labels = dict(samples["kscope.tcp.listen.overflows"].attributes)
-    assert labels["server.port"] == 8080 and labels["k8s.deployment.name"] == "b"
+    # b's own series: b is the resource, the port the one data-point attribute.
+    s = samples["kscope.tcp.listen.overflows"]
+    assert s.attributes == (("server.port", 8080),)
+    assert (attr(s.resource, "k8s.deployment.name"), attr(s.resource, "k8s.node.name")) == ("b", "node-2")
     assert agg.counters()["listener_records"] == 3
     # the next interval goes on from the socket's last drop count
     agg.add(batch("node-2", [listener(drops=16, overflows=0, queue=0)]))

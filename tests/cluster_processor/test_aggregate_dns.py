@@ -53,7 +53,7 @@ def test_nxdomain_is_not_a_failure_on_any_signal(index: KubeIndex) -> None:
         ("NOERROR", ""): 3, ("NXDOMAIN", ""): 3, ("SERVFAIL", "servfail"): 3, ("REFUSED", "refused"): 3,
         ("FORMERR", "formerr"): 3, ("NOTIMP", "notimp"): 3, (None, "timeout"): 3}  # fmt: skip
     for p in rep.interval.red:
-        sample_attrs = dict(semconv._red_sample(p).attributes)
+        sample_attrs = dict(semconv._red_sample(p, "node-1").attributes)
         assert sample_attrs.get("error.type", "") == p.error_type
         assert sample_attrs.get(semconv.DNS_RESPONSE_CODE) == attr(p.attributes, semconv.DNS_RESPONSE_CODE)
     # The service graph (the DNS server is not observed: counted from the client) fails 5 outcomes of 7.

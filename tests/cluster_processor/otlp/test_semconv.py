@@ -17,9 +17,11 @@ def test_identity_drops_role_keys_and_keeps_the_pairs() -> None:
 
 def test_peer_attributes_prefix_identity_and_keep_role_keys() -> None:
     peer = dict(semconv.peer_attributes(cart()))
-    assert peer["peer.service.name"] == "cart"
+    # The conventions' service.peer.* for the peer's service (equal to its resource's), peer.* for the rest.
+    assert (peer["service.peer.name"], peer["service.peer.namespace"]) == ("cart", "shop")
+    assert peer["peer.k8s.deployment.name"] == "cart"
     assert peer["server.port"] == 8080
-    assert "service.name" not in peer and "peer.server.port" not in peer
+    assert "service.name" not in peer and "peer.server.port" not in peer and "peer.service.name" not in peer
 
 
 def test_record_and_metric_attributes_of_each_side() -> None:
@@ -28,8 +30,10 @@ def test_record_and_metric_attributes_of_each_side() -> None:
     assert client["client.port"] == 51234 and client["peer.k8s.deployment.name"] == "cart"
     assert "k8s.pod.name" not in client  # the observing side's identity is the record's resource
     server = dict(semconv.metric_attributes(e, Side.SERVER))
-    assert server["server.port"] == 8080 and server["peer.service.name"] == "frontend"
-    assert server["k8s.pod.name"] == "cart-5f6d8c9b7-abcde"
+    assert server["server.port"] == 8080 and server["service.peer.name"] == "frontend"
+    # The observing side's identity is the series' resource, not a data-point attribute.
+    assert "k8s.pod.name" not in server and "k8s.deployment.name" not in server
+    assert dict(semconv.workload_resource(e.server, "node-x"))["k8s.deployment.name"] == "cart"
     # A client keeps no client.* key of its own: an ephemeral port would make a series per connection.
     assert "client.port" not in dict(semconv.metric_attributes(e, Side.CLIENT))
 
