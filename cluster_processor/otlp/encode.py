@@ -22,6 +22,7 @@ and serialize them again to check), so a receiver cannot tell them apart.
 from __future__ import annotations
 
 import struct
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -678,13 +679,30 @@ def traces_requests(
 # ---- logs ---------------------------------------------------------------------------------------
 
 
+# An aggregated record's count and span, named as the collector's logdedup processor names them (the
+# one de-duplication scheme backends and users already meet): log_count, first/last_observed_timestamp.
+LOG_COUNT: Final = "log_count"
+LOG_FIRST: Final = "first_observed_timestamp"
+LOG_LAST: Final = "last_observed_timestamp"
+
+
+def _rfc3339(unix_nano: int) -> str:
+    seconds, nanos = divmod(unix_nano, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{nanos:09d}Z"
+
+
 def log_record(e: LogEvent) -> logs_pb2.LogRecord:
+    """One aggregated event: its time is the first occurrence's, its observed time when kscope
+    reported it (the end of its interval); the count and the first and last occurrences as
+    attributes."""
     pairs = semconv.record_attributes(e.edge, e.side)
+    last = e.last_unix_nano or e.time_unix_nano
     # event.name as an attribute too: log backends that predate the LogRecord field read only this.
-    pairs += [*e.attributes, ("event.name", e.name)]
+    pairs += [*e.attributes, ("event.name", e.name), (LOG_COUNT, e.count), (LOG_FIRST, _rfc3339(e.time_unix_nano)),
+              (LOG_LAST, _rfc3339(last))]  # fmt: skip
     return logs_pb2.LogRecord(
         time_unix_nano=e.time_unix_nano,
-        observed_time_unix_nano=e.time_unix_nano,
+        observed_time_unix_nano=e.observed_unix_nano or e.time_unix_nano,
         severity_number=int(e.severity),  # type: ignore[arg-type]
         severity_text=e.severity.name,
         body=AnyValue(string_value=e.body),
