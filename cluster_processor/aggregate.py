@@ -40,6 +40,7 @@ from itertools import compress, repeat
 from operator import attrgetter
 from typing import Final
 
+from cluster_processor.events import EventLog
 from cluster_processor.kube.index import KubeIndex
 from cluster_processor.otlp import semconv
 from cluster_processor.otlp.model import (
@@ -65,7 +66,6 @@ from cluster_processor.otlp.model import (
     Side,
     SpanContext,
     SpanRecord,
-    attrs,
     graph_node_name,
     span_context,
 )
@@ -238,20 +238,6 @@ class _Listener:
     queue_limit: int = 0
 
 
-# (edge, side, event name, body, attributes): what tells one log record from another
-_LogKey = tuple[Edge, Side, str, str, Attrs]
-
-
-@dataclass(slots=True)
-class _LogAcc:
-    """One log record being aggregated: the first occurrence, and what the rest add."""
-
-    first: LogEvent
-    count: int
-    last_unix_nano: int
-    sums: dict[str, int] | None  # counters summed over the occurrences (a reset's segments)
-
-
 # (edge and side, protocol value, method, route, status, error type, protocol extras: a DNS response code)
 _RedKey = tuple[EdgeSide, str, str, str, int | None, str, Attrs]
 
@@ -259,13 +245,13 @@ _RedKey = tuple[EdgeSide, str, str, str, int | None, str, Attrs]
 @dataclass(slots=True)
 class _NodeState:
     start_ns: int
+    logs: EventLog  # at most max_logs records
     edges: set[EdgeRef] = field(default_factory=set)
     l4: dict[EdgeSide, _L4] = field(default_factory=dict)
     red: dict[_RedKey, _Hist] = field(default_factory=dict)
     graph: dict[GraphRef, _Graph] = field(default_factory=dict)
     listeners: dict[tuple[Attrs, int], _Listener] = field(default_factory=dict)
     spans: list[SpanRecord] = field(default_factory=list)
-    logs: dict[_LogKey, _LogAcc] = field(default_factory=dict)
 
 
 _PROCESS: Final = attrgetter("pod_uid", "container_id", "host_process")
@@ -317,7 +303,8 @@ class Aggregator:
         st = self._nodes.get(node)
         if st is None:
             end = now_unix_nano or batch.time_unix_nano
-            st = self._nodes[node] = _NodeState(self._last_end.get(node, end - self._settings.default_interval_ns))
+            start = self._last_end.get(node, end - self._settings.default_interval_ns)
+            st = self._nodes[node] = _NodeState(start, logs=EventLog(self._settings.max_logs))
         self._resolutions.check_index()
         closed: list[tuple[str, int, int]] = []
         l4 = batch.l4
@@ -586,27 +573,11 @@ class Aggregator:
         n: int = 1,
         sums: Iterable[tuple[str, int]] = (),
     ) -> None:
-        """``n`` occurrences of one event at ``t``: added to its interval's record (body and
-        attributes equal), or the first of a new one while the interval has room (else counted)."""
-        a = attrs(extra)
-        key: _LogKey = (log_edge, side, name, body, a)
-        acc = st.logs.get(key)
-        if acc is None:
-            if len(st.logs) >= self._settings.max_logs:
-                self._counters["logs_overflowed"] += n
-                return
-            acc = st.logs[key] = _LogAcc(LogEvent(log_edge, side, t, name, severity, body, a, *trace), 0, t, None)
-        c = self._counters
-        c["log_events"] += n
-        acc.count += n
-        if t < acc.first.time_unix_nano:  # batches from one node may arrive out of order
-            acc.first = LogEvent(log_edge, side, t, name, severity, body, a, *trace)
-        if t > acc.last_unix_nano:
-            acc.last_unix_nano = t
-        for k, v in sums:
-            if acc.sums is None:
-                acc.sums = {}
-            acc.sums[k] = acc.sums.get(k, 0) + v
+        """``n`` occurrences of one event at ``t`` into the node's interval (``events.EventLog``)."""
+        if st.logs.add(log_edge, side, t, name, severity, body, extra, trace, n, sums):
+            self._counters["log_events"] += n
+        else:
+            self._counters["logs_overflowed"] += n
 
     def _add_l7(self, node: str, st: _NodeState, q: pb.L7Request) -> None:
         protocol = _PROTOCOLS.get(q.protocol)
@@ -752,7 +723,7 @@ class Aggregator:
                     for (owner, port), v in st.listeners.items()
                 ),
             )
-            out.append(NodeReport(interval, tuple(st.spans), tuple(_log_records(st, end_unix_nano))))
+            out.append(NodeReport(interval, tuple(st.spans), tuple(st.logs.records(end_unix_nano))))
         self._nodes = {}
         # No node state refers to the interned edges now: the only moment they may be dropped.
         self._resolutions.prune()
@@ -789,16 +760,6 @@ def _summary_parts(s: pb.L7Summary) -> tuple[Sequence[int], float, float, float]
     """An L7 summary as :meth:`_Hist.add_buckets` takes it: bucket counts, sum, min, max (seconds)."""
     to_s = NS_PER_S
     return s.latency_bucket_counts, s.latency_sum_ns / to_s, s.latency_min_ns / to_s, s.latency_max_ns / to_s
-
-
-def _log_records(st: _NodeState, end_unix_nano: int) -> Iterable[LogEvent]:
-    for acc in st.logs.values():
-        e = acc.first
-        a = e.attributes
-        if acc.sums is not None:
-            a = attrs([*a, *acc.sums.items()])
-        yield LogEvent(e.edge, e.side, e.time_unix_nano, e.name, e.severity, e.body, a, e.trace_id, e.span_id,
-                       acc.count, acc.last_unix_nano, end_unix_nano)  # fmt: skip
 
 
 def _red_points(st: _NodeState) -> Iterable[RedPoint]:

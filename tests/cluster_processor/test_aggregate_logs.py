@@ -10,6 +10,7 @@ import pytest
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 
 from cluster_processor.aggregate import Aggregator, AggregatorSettings, NodeReport
+from cluster_processor.events import EventLog
 from cluster_processor.kube.index import KubeIndex
 from cluster_processor.otlp import encode
 from cluster_processor.otlp.model import (
@@ -17,6 +18,8 @@ from cluster_processor.otlp.model import (
     EVENT_DNS_ERROR,
     EVENT_HTTP_SERVER_ERROR,
     EVENT_TCP_RESET,
+    Edge,
+    Severity,
     Side,
     attr,
 )
@@ -142,3 +145,18 @@ def test_an_aggregated_record_on_the_wire(index: KubeIndex) -> None:
         7, "2023-11-14T22:13:20.000000000Z", "2023-11-14T22:13:20.006000000Z")  # fmt: skip
     assert (a["event.name"], a["dns.question.name"], a["error.type"]) == (EVENT_DNS_ERROR, "ext.example.", "servfail")
     assert lr.body.string_value == "DNS A ext.example.: servfail"
+
+
+def test_event_log_takes_occurrences_in_any_order() -> None:
+    """Batches of one node may arrive out of order: the record's time is the earliest occurrence
+    (with its trace), its last time the latest; counters sum; a full log refuses a new record."""
+    e = Edge((("service.name", "a"),), (("service.name", "b"),))
+    log = EventLog(1)
+    for t, trace in ((5, b"5"), (2, b"2"), (9, b"9")):
+        assert log.add(e, Side.CLIENT, t, EVENT_TCP_RESET, Severity.WARN, "reset", (), (trace, b""),
+                       sums=(("kscope.tcp.resets_sent", t),))  # fmt: skip
+    assert not log.add(e, Side.SERVER, 1, EVENT_TCP_RESET, Severity.WARN, "reset", ())
+    (rec,) = log.records(100)
+    assert (rec.count, rec.time_unix_nano, rec.last_unix_nano, rec.observed_unix_nano, rec.trace_id) == (
+        3, 2, 9, 100, b"2")  # fmt: skip
+    assert rec.attributes == (("kscope.tcp.resets_sent", 16),)
