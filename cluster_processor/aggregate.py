@@ -53,7 +53,6 @@ from cluster_processor.otlp.model import (
     SERVICE_GRAPH_BOUNDS_S,
     Attrs,
     AttrValue,
-    Edge,
     Histogram,
     Interval,
     L4Point,
@@ -304,7 +303,7 @@ class Aggregator:
         if st is None:
             end = now_unix_nano or batch.time_unix_nano
             start = self._last_end.get(node, end - self._settings.default_interval_ns)
-            st = self._nodes[node] = _NodeState(start, logs=EventLog(self._settings.max_logs))
+            st = self._nodes[node] = _NodeState(start, logs=EventLog(self._settings.max_logs, self._counters))
         self._resolutions.check_index()
         closed: list[tuple[str, int, int]] = []
         l4 = batch.l4
@@ -552,32 +551,12 @@ class Aggregator:
         if d.resets_sent or d.resets_received:
             body = f"TCP reset ({f.tcp_state or 'unknown state'})"
             sums = (("kscope.tcp.resets_sent", d.resets_sent), ("kscope.tcp.resets_received", d.resets_received))
-            self._log(st, e, side, t, EVENT_TCP_RESET, Severity.WARN, body, (), sums=sums)
+            st.logs.add(e, side, t, EVENT_TCP_RESET, Severity.WARN, body, (), sums=sums)
         if failure in ("connection_refused", "timeout"):
             name = EVENT_CONNECT_REFUSED if failure == "connection_refused" else EVENT_CONNECT_TIMEOUT
             body = f"connect to {graph_node_name(e.server)}:{r.remote.port} failed: {failure.replace('_', ' ')}"
             extra = (("error.type", failure), ("kscope.tcp.connect_errno", f.connect_errno))
-            self._log(st, e, side, t, name, Severity.WARN, body, extra)
-
-    def _log(
-        self,
-        st: _NodeState,
-        log_edge: Edge,
-        side: Side,
-        t: int,
-        name: str,
-        severity: Severity,
-        body: str,
-        extra: Iterable[tuple[str, AttrValue]],
-        trace: tuple[bytes, bytes] = (b"", b""),
-        n: int = 1,
-        sums: Iterable[tuple[str, int]] = (),
-    ) -> None:
-        """``n`` occurrences of one event at ``t`` into the node's interval (``events.EventLog``)."""
-        if st.logs.add(log_edge, side, t, name, severity, body, extra, trace, n, sums):
-            self._counters["log_events"] += n
-        else:
-            self._counters["logs_overflowed"] += n
+            st.logs.add(e, side, t, name, Severity.WARN, body, extra)
 
     def _add_l7(self, node: str, st: _NodeState, q: pb.L7Request) -> None:
         protocol = _PROTOCOLS.get(q.protocol)
@@ -641,7 +620,7 @@ class Aggregator:
         t = q.start_time_unix_nano
         if protocol is _DNS:
             body = f"DNS {method} {q.dns.question_name}: {error_type}"
-            self._log(st, e, side, t, EVENT_DNS_ERROR, Severity.WARN, body, (*extra, ("error.type", error_type)),
+            st.logs.add(e, side, t, EVENT_DNS_ERROR, Severity.WARN, body, (*extra, ("error.type", error_type)),
                       trace, n)  # fmt: skip
             return
         m = semconv.normal_method(method)
@@ -651,7 +630,7 @@ class Aggregator:
                                              ("error.type", str(status))]  # fmt: skip
         if route_name:
             http.append(("http.route", route_name))
-        self._log(st, e, side, t, EVENT_HTTP_SERVER_ERROR, Severity.WARN, body, http, trace, n)
+        st.logs.add(e, side, t, EVENT_HTTP_SERVER_ERROR, Severity.WARN, body, http, trace, n)
 
     def _graph(
         self, st: _NodeState, route: Route, side: Side, failed: bool, duration_s: float, n: int = 1,

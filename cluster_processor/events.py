@@ -6,12 +6,13 @@ interval keeps one record per (edge, side, event name, body, attributes) (the ag
 the edge workload-level and puts in the body and attributes only what tells occurrences apart: a
 DNS name and code, an HTTP route and status, a TCP state, a connect error) with the number of
 occurrences, the first and the last time, and counters summed over them. At most ``max_records``
-records per interval; an occurrence that would need one more is dropped and counted by the caller.
+records per interval; an occurrence that would need one more is dropped, and counted
+(``logs_overflowed``, in the counters the aggregator hands over; ``log_events`` counts the rest).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 
 from cluster_processor.otlp.model import Attrs, AttrValue, Edge, LogEvent, Severity, Side, attrs
@@ -29,10 +30,11 @@ class _Record:
 
 
 class EventLog:
-    __slots__ = ("_max", "_records")
+    __slots__ = ("_counters", "_max", "_records")
 
-    def __init__(self, max_records: int) -> None:
+    def __init__(self, max_records: int, counters: MutableMapping[str, int]) -> None:
         self._max = max_records
+        self._counters = counters  # the aggregator's: logs_overflowed and log_events are added to them
         self._records: dict[_Key, _Record] = {}
 
     def __len__(self) -> int:
@@ -58,9 +60,11 @@ class EventLog:
         rec = self._records.get(key)
         if rec is None:
             if len(self._records) >= self._max:
+                self._counters["logs_overflowed"] += n
                 return False
             rec = self._records[key] = _Record(LogEvent(edge, side, t, name, severity, body, a, *trace), 0, t, None)
         rec.count += n
+        self._counters["log_events"] += n
         if t < rec.first.time_unix_nano:  # one node's batches may arrive out of order
             rec.first = LogEvent(edge, side, t, name, severity, body, a, *trace)
         if t > rec.last_unix_nano:

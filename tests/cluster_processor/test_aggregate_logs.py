@@ -151,7 +151,8 @@ def test_event_log_takes_occurrences_in_any_order() -> None:
     """Batches of one node may arrive out of order: the record's time is the earliest occurrence
     (with its trace), its last time the latest; counters sum; a full log refuses a new record."""
     e = Edge((("service.name", "a"),), (("service.name", "b"),))
-    log = EventLog(1)
+    counters = {"logs_overflowed": 0, "log_events": 0}
+    log = EventLog(1, counters)
     for t, trace in ((5, b"5"), (2, b"2"), (9, b"9")):
         assert log.add(e, Side.CLIENT, t, EVENT_TCP_RESET, Severity.WARN, "reset", (), (trace, b""),
                        sums=(("kscope.tcp.resets_sent", t),))  # fmt: skip
@@ -160,3 +161,4 @@ def test_event_log_takes_occurrences_in_any_order() -> None:
     assert (rec.count, rec.time_unix_nano, rec.last_unix_nano, rec.observed_unix_nano, rec.trace_id) == (
         3, 2, 9, 100, b"2")  # fmt: skip
     assert rec.attributes == (("kscope.tcp.resets_sent", 16),)
+    assert counters == {"logs_overflowed": 1, "log_events": 3}
