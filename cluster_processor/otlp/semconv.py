@@ -303,11 +303,18 @@ def _red_attributes(
     return attrs(pairs)
 
 
+@lru_cache(maxsize=65_536)
+def _edge_resource(edge: Edge, side: Side, node_name: str) -> Attrs:
+    """``workload_resource`` of the observing side, looked up by the edge (its hash is kept) rather
+    than by hashing the endpoint's pairs for every point."""
+    return workload_resource(edge.of(side), node_name)
+
+
 def _red_sample(p: RedPoint, node_name: str) -> Sample:
     edge, side, protocol, duration, method, route, status, error_type, extra = p
     spec = PROTOCOLS[protocol]
     a = _red_attributes(edge, side, protocol, method, route, status, error_type, extra)
-    resource = workload_resource(edge.client if side is _CLIENT else edge.server, node_name)
+    resource = _edge_resource(edge, side, node_name)
     return _new_tuple(Sample, (spec.client if side is _CLIENT else spec.server, a, duration, resource))
 
 
@@ -329,7 +336,7 @@ def _l4_failure_attributes(edge: Edge, side: Side, error_type: str) -> Attrs:
 
 def l4_samples(p: L4Point, node_name: str) -> list[Sample]:
     transmit, receive, plain = _l4_attributes(p.edge, p.side)
-    res = workload_resource(p.edge.of(p.side), node_name)
+    res = _edge_resource(p.edge, p.side, node_name)
     new = _new_tuple
     out: list[Sample] = [
         new(Sample, (TCP_BYTES, transmit, p.bytes_sent, res)),

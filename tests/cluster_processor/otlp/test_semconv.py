@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster_processor.otlp import semconv
+from cluster_processor.otlp import encode, semconv
 from cluster_processor.otlp.model import Side
 
 from .factories import cart, edge, frontend
@@ -54,3 +54,22 @@ def test_metric_base_cache_is_bounded_and_stays_right_past_its_limit() -> None:
         e = edge(pod=f"cart-{i}")
         assert semconv._metric_base(e, Side.CLIENT) == tuple(semconv.metric_attributes(e, Side.CLIENT))
     assert semconv._metric_base.cache_info().currsize == limit
+
+
+def test_edge_resource_cache_is_bounded_and_stays_right_past_its_limit() -> None:
+    semconv._edge_resource.cache_clear()
+    limit = semconv._edge_resource.cache_parameters()["maxsize"]
+    for i in range(limit + 10):
+        e = edge(pod=f"cart-{i}")
+        assert semconv._edge_resource(e, Side.SERVER, "n") == semconv.workload_resource(e.server, "n")
+    assert semconv._edge_resource.cache_info().currsize == limit
+
+
+def test_instance_resource_cache_is_bounded_and_stays_right_past_its_limit() -> None:
+    encode._with_instance.cache_clear()
+    limit = encode._with_instance.cache_parameters()["maxsize"]
+    reporter = encode.Reporter("r", "n")
+    for i in range(limit + 10):
+        res = reporter.workload_resource((("service.name", f"w{i}"),), "node-1")
+        assert res == (("service.instance.id", "r/node-1"), ("service.name", f"w{i}"))
+    assert encode._with_instance.cache_info().currsize == limit
