@@ -271,7 +271,7 @@ class RedPoint(NamedTuple):
     route: str = ""  # low-cardinality route template ("/users/{id}"); "" when unknown
     status_code: int | None = None  # None when no response was seen (reset, timeout)
     error_type: str = ""  # why a request failed without an error status ("timeout"), or a DNS rcode name
-    attributes: Attrs = ()  # protocol extras with semconv keys, e.g. dns.question.name
+    attributes: Attrs = ()  # protocol extras with semconv keys: a DNS response code (dns.response_code)
 
 
 @dataclass(frozen=True, slots=True)
