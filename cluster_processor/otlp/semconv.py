@@ -52,7 +52,9 @@ PEER_PREFIX: Final = "peer."
 SERVICE_PEER_NAME: Final = "service.peer.name"
 SERVICE_PEER_NAMESPACE: Final = "service.peer.namespace"
 _PEER_KEYS: Final = {SERVICE_NAME: SERVICE_PEER_NAME, SERVICE_NAMESPACE: SERVICE_PEER_NAMESPACE}
-_ROLE_PREFIXES: Final = ("server.", "client.", "network.peer.", "network.local.")
+# Keys that say how an end was reached, not who it is: never part of a resource, and they pass to
+# the other side's attributes as they are (kscope.peer.*: how the peer was named, e.g. by a Service).
+_ROLE_PREFIXES: Final = ("server.", "client.", "network.peer.", "network.local.", "kscope.peer.")
 
 HTTP_METHOD: Final = "http.request.method"
 HTTP_METHOD_ORIGINAL: Final = "http.request.method_original"

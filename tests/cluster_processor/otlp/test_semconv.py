@@ -73,3 +73,11 @@ def test_instance_resource_cache_is_bounded_and_stays_right_past_its_limit() -> 
         res = reporter.workload_resource((("service.name", f"w{i}"),), "node-1")
         assert res == (("service.instance.id", "r/node-1"), ("service.name", f"w{i}"))
     assert encode._with_instance.cache_info().currsize == limit
+
+
+def test_how_a_peer_was_named_is_neither_identity_nor_prefixed() -> None:
+    """A kscope.peer.* key (how the resolver named the peer) stays out of the workload's resource
+    and reaches the other side's attributes as it is, not as peer.kscope.peer.*."""
+    named = (*cart(), ("kscope.peer.resolved_by", "service"))
+    assert "kscope.peer.resolved_by" not in dict(semconv.workload_resource(named, "n"))
+    assert dict(semconv.peer_attributes(named))["kscope.peer.resolved_by"] == "service"
