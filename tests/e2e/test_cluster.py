@@ -340,11 +340,9 @@ def test_requests_summed_in_the_kernel_count_in_the_metrics(
             assert "Traceback" not in stderr, stderr
             n = completed[0]
             assert n > 50 * rate, f"wrk did only {n} requests"
+
             def diag() -> str:
-                return f"wrk: {n}
-agent stderr:
-{stderr[-3000:]}
-{dump(rx)}"
+                return f"wrk: {n}\nagent stderr:\n{stderr[-3000:]}\n{dump(rx)}"
 
             server_dur = {"service.peer.name": "a", "http.route": "/orders/{id}"}
             await eventually(lambda: latest(rx, "http.server.request.duration", B_RES, **server_dur) >= n,
