@@ -7,9 +7,11 @@ meshapp.py serve --name NAME --bind IP --port P [--next URL] [--lookup NAME] [--
     glibc's getaddrinfo and this namespace's resolv.conf, on a new connection each time (as a
     plain HTTP client does). It answers 200 when the next hop answered, 502 when it did not
     (the page degrades, as Bookinfo's does), and prints one ``served`` JSON line per request.
-meshapp.py load --url URL --rate R --duration S --timeout S
+meshapp.py load --url URL --rate R --duration S --timeout S [--gate]
     A load generator: one request every 1/R seconds for S seconds, each in its own thread on a
     new connection; waits for every request, prints one ``done`` JSON line with the counts.
+    With ``--gate`` it starts once a line arrives on stdin (the test moves it into its pod's
+    cgroup first).
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_load(args: argparse.Namespace) -> None:
+    if args.gate:
+        sys.stdin.readline()
     outcomes: list[str] = []
     threads = []
     start = time.monotonic()
@@ -123,6 +127,7 @@ def main() -> None:
     p.add_argument("--rate", type=float, required=True)
     p.add_argument("--duration", type=float, required=True)
     p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--gate", action="store_true")
     p.set_defaults(func=cmd_load)
     args = ap.parse_args()
     args.func(args)

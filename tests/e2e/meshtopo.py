@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import random
 import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from tests.e2e.netns import Netns, Topology, run
+from tests.e2e.netns import Netns, PodCgroups, Topology, run
 
 ETC_NETNS = Path("/etc/netns")
 
@@ -37,6 +39,8 @@ class MeshTopology(Topology):
         self.node_gw = f"198.18.{self.net}.254"
         self.pods: dict[str, Netns] = {}
         self.ips: dict[str, str] = {}
+        self.cgroups = PodCgroups()
+        self.containers: dict[str, tuple[Path, str, str]] = {}  # pod -> (cgroup scope, pod uid, container id)
 
     def create(self) -> MeshTopology:
         run(["ip", "netns", "add", self.node.name])
@@ -45,8 +49,9 @@ class MeshTopology(Topology):
         self.node.sysctl("net.ipv4.ip_forward", 1)
         return self
 
-    def add_pod(self, name: str) -> Netns:
-        """A pod namespace with the next address, routed through the node."""
+    def add_pod(self, name: str, container: bool = True) -> Netns:
+        """A pod namespace with the next address, routed through the node; with ``container``, a
+        kubelet-style cgroup its programs run in (:meth:`start`)."""
         ip = f"198.18.{self.net}.{len(self.pods) + 1}"
         pod = Netns(f"ks-{self.tag}-p{len(self.pods)}")
         run(["ip", "netns", "add", pod.name])
@@ -63,7 +68,17 @@ class MeshTopology(Topology):
         pod.ip("addr", "add", f"{ip}/32", "dev", "eth0")
         pod.ip("route", "add", self.node_gw, "dev", "eth0", "scope", "link")
         pod.ip("route", "add", "198.18.0.0/15", "via", self.node_gw, "dev", "eth0")
+        if container:
+            self.containers[name] = self.cgroups.add()
         return pod
+
+    def start(self, pod: str, *args: str, **kw: Any) -> subprocess.Popen[Any]:
+        """A program in ``pod``, moved into its container's cgroup before it makes a connection
+        (a server: before anything connects to it; a client: it must wait for its stdin)."""
+        proc = self.spawn(self.pods[pod], *args, **kw)
+        if pod in self.containers:
+            self.cgroups.move(self.containers[pod][0], proc.pid)
+        return proc
 
     def vip(self, n: int) -> str:
         return f"198.19.{self.net}.{n}"
@@ -97,5 +112,6 @@ class MeshTopology(Topology):
         try:
             super().close()
         finally:
+            self.cgroups.close()
             for pod in self.pods.values():
                 shutil.rmtree(ETC_NETNS / pod.name, ignore_errors=True)

@@ -78,9 +78,10 @@ def populate(server: FakeApiServer, topo: MeshTopology) -> None:
         server.put("Deployment", f.workload(name, namespace=ns, uid=dep_uid))
         server.put("ReplicaSet", f.workload(rs_name, namespace=ns, uid=rs_uid,
                                             owners=[f.owner("Deployment", name, dep_uid)]))  # fmt: skip
-        uids[name] = str(uuid.uuid4())
+        _, uids[name], cid = topo.containers[name]
         server.put("Pod", f.pod(f"{rs_name}-x2k4q", namespace=ns, uid=uids[name], ip=topo.ips[name], node=NODE,
-                                owners=[f.owner("ReplicaSet", rs_name, rs_uid)]))  # fmt: skip
+                                owners=[f.owner("ReplicaSet", rs_name, rs_uid)],
+                                containers=[f"containerd://{cid}"]))  # fmt: skip
     for workload, svc in SERVICE_OF.items():
         ns = WORKLOAD_NS[workload]
         port, protos = (53, ("UDP", "TCP")) if svc == "kube-dns" else (PORT, ("TCP",))
@@ -97,8 +98,9 @@ def populate(server: FakeApiServer, topo: MeshTopology) -> None:
 
 def build(topo: MeshTopology, tmp: Path) -> None:
     """Namespaces, Services, loss, resolv.conf files, upstream DNS, dnsmasq and the HTTP servers."""
-    for name in (*WORKLOAD_NS, "upstream-dns"):
+    for name in WORKLOAD_NS:
         topo.add_pod(name)
+    topo.add_pod("upstream-dns", container=False)  # off the cluster in spirit: no pod, no container
     for workload, svc in SERVICE_OF.items():
         vip = topo.vip(VIP_HOST[svc])
         if svc == "kube-dns":
@@ -114,7 +116,7 @@ def build(topo: MeshTopology, tmp: Path) -> None:
     upstream.expect("listening")
     records = [f"--host-record={svc}.{WORKLOAD_NS[w]}.svc.cluster.local,{topo.vip(VIP_HOST[svc])}"
                for w, svc in SERVICE_OF.items()]  # fmt: skip
-    topo.spawn(topo.pods["coredns"], "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+    topo.start("coredns", "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
                "--user=root", "--port=53", f"--listen-address={topo.ips['coredns']}", "--bind-interfaces",
                "--local=/cluster.local/", f"--server={topo.ips['upstream-dns']}", *records, "--log-queries",
                f"--pid-file={tmp}/dnsmasq.pid", f"--log-facility={tmp}/dnsmasq.log",
@@ -129,7 +131,7 @@ def build(topo: MeshTopology, tmp: Path) -> None:
     }
     for name, extra in apps.items():
         out, err = (tmp / f"{name}.jsonl").open("w"), (tmp / f"{name}.stderr").open("w")
-        topo.spawn(topo.pods[name], sys.executable, "-u", str(MESHAPP), "serve", "--name", name,
+        topo.start(name, sys.executable, "-u", str(MESHAPP), "serve", "--name", name,
                    "--bind", topo.ips[name], "--port", str(PORT), *extra, stdout=out, stderr=err)  # fmt: skip
         topo.wait_listening(topo.pods[name], PORT)
     # The resolver path works before anything is measured (the agent is not running yet).
@@ -170,6 +172,18 @@ class Agent:
         return "".join(self.lines)
 
 
+def run_load(topo: MeshTopology) -> dict[str, Any]:
+    """loadgen's requests, from inside its container's cgroup; its ``done`` line."""
+    url = f"http://productpage:{PORT}/productpage?u={PRIVATE}"
+    proc = topo.start("loadgen", sys.executable, str(MESHAPP), "load", "--url", url, "--rate", str(RATE),
+                      "--duration", str(LOAD_S), "--timeout", "40", "--gate",
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    out, err = proc.communicate("go\n", timeout=90)
+    assert proc.returncode == 0, err
+    done: dict[str, Any] = json.loads(out.splitlines()[-1])
+    return done
+
+
 def served(tmp: Path, name: str) -> Counter[int]:
     lines = (tmp / f"{name}.jsonl").read_text().splitlines()
     return Counter(int(e["status"]) for e in map(json.loads, lines) if e.get("event") == "served")
@@ -194,11 +208,7 @@ async def run_scene(topo: MeshTopology, tmp: Path) -> Scene:
             await asyncio.to_thread(agent.wait_started)
             t0 = time.monotonic()
             log_from = (tmp / "dnsmasq.log").stat().st_size  # only queries the agent can have seen
-            url = f"http://productpage:{PORT}/productpage?u={PRIVATE}"
-            load = await asyncio.to_thread(
-                topo.pods["loadgen"].run, sys.executable, str(MESHAPP), "load", "--url", url,
-                "--rate", str(RATE), "--duration", str(LOAD_S), "--timeout", "40", timeout=90,
-            )  # fmt: skip
+            load = await asyncio.to_thread(run_load, topo)
             agent_log = await asyncio.to_thread(agent.stop)
             truth = {name: served(tmp, name) for name in ("productpage-v1", "reviews-v2", "ratings-v1")}
             with (tmp / "dnsmasq.log").open() as fh:
@@ -206,7 +216,7 @@ async def run_scene(topo: MeshTopology, tmp: Path) -> Scene:
                 queries = dns_queries(fh.read(), topo.ips)
             await settle(rx, truth, queries)
             counters = proc.aggregator.counters()
-            return Scene(rx, dict(topo.ips), truth, json.loads(load.stdout.splitlines()[-1]), queries,
+            return Scene(rx, dict(topo.ips), truth, load, queries,
                          topo.dropped(), time.monotonic() - t0, agent_log, counters)  # fmt: skip
     finally:
         await server.close()
