@@ -6,7 +6,8 @@ meshapp.py serve --name NAME --bind IP --port P [--next URL] [--lookup NAME] [--
     name is the point), then calls ``--next`` with urllib, which resolves the host name through
     glibc's getaddrinfo and this namespace's resolv.conf, on a new connection each time (as a
     plain HTTP client does). It answers 200 when the next hop answered, 502 when it did not
-    (the page degrades, as Bookinfo's does), and prints one ``served`` JSON line per request.
+    (the page degrades, as Bookinfo's does), and prints one ``served`` JSON line per request
+    received, answered or not (a caller that gave up may have closed the connection).
 meshapp.py load --url URL --rate R --duration S --timeout S [--gate]
     A load generator: one request every 1/R seconds for S seconds, each in its own thread on a
     new connection; waits for every request, prints one ``done`` JSON line with the counts.
@@ -78,12 +79,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
             downstream = fetch(args.next, args.timeout) if args.next else ""
             status = 200 if downstream in ("", "ok") else 502
             body = json.dumps({"service": args.name, "downstream": downstream}).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-            emit("served", path=self.path.split("?", 1)[0], status=status, downstream=downstream, lookup=looked_up)
+            answered = False
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                answered = True
+            except OSError:
+                pass  # the caller gave up (its timeout): the request still arrived and counts
+            finally:
+                path = self.path.split("?", 1)[0]
+                emit("served", path=path, status=status, answered=answered, downstream=downstream, lookup=looked_up)
 
         def log_message(self, format: str, *a: object) -> None:
             pass

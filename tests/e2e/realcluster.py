@@ -60,7 +60,7 @@ _QUERY = re.compile(r"query\[(\w+)\] (\S+) from (\S+)")
 class Scene:
     rx: OtlpReceiver  # stopped; its ``received`` holds every export
     ips: dict[str, str]  # pod -> address
-    served: dict[str, Counter[int]]  # server workload -> status -> requests it answered
+    served: dict[str, Counter[int]]  # server workload -> status (0: unanswered) -> requests it received
     load: dict[str, Any]  # loadgen's ``done`` line
     dns_queries: Counter[tuple[str, str]]  # (caller workload, question name) -> queries dnsmasq logged
     dropped: int  # packets the loss rule dropped
@@ -186,7 +186,8 @@ def run_load(topo: MeshTopology) -> dict[str, Any]:
 
 def served(tmp: Path, name: str) -> Counter[int]:
     lines = (tmp / f"{name}.jsonl").read_text().splitlines()
-    return Counter(int(e["status"]) for e in map(json.loads, lines) if e.get("event") == "served")
+    events = [e for e in map(json.loads, lines) if e.get("event") == "served"]
+    return Counter(int(e["status"]) if e["answered"] else 0 for e in events)
 
 
 def dns_queries(log: str, ips: dict[str, str]) -> Counter[tuple[str, str]]:

@@ -4,7 +4,7 @@ The scene (``realcluster.py``, run once for the module): loadgen -> productpage-
 ratings-v1 through Service VIPs by DNS name (glibc, ``ndots:5``, a dnsmasq "coredns" behind the
 kube-dns VIP), an external name that SERVFAILs, 30 % loss between reviews and ratings; the real
 agent (``--nat --l7``), the processor, a test APIServer and a test OTLP receiver. Each test below
-checks one thing a user reads off the service map; the issue item it belongs to is in its name's
+checks one thing a user reads off the service map; the issue item it belongs to is in its
 docstring. Expected names and attribute keys are the constants at the top.
 """
 
@@ -22,7 +22,7 @@ import structlog
 from tests.cluster_processor.test_main import _kv as kv
 from tests.cluster_processor.test_main import spans
 from tests.e2e.meshtopo import MeshTopology
-from tests.e2e.otlpview import Point, View, mean
+from tests.e2e.otlpview import PEER_NAME_KEYS, Point, View, mean
 from tests.e2e.realcluster import (
     DNS_CALLERS,
     EXTERNAL,
@@ -53,6 +53,7 @@ EVENT_DNS_ERROR = "kscope.dns.error"
 LOG_COUNT_KEY = "kscope.event.count"  # an aggregated event record's number of occurrences (item 6)
 KSCOPE_SERVICE = "kscope"  # the resource of kscope's own counters only (item 7)
 DNS_WORKLOAD = "coredns"
+DNS_NAMES = {DNS_WORKLOAD, SERVICE_OF[DNS_WORKLOAD]}  # the workload, the Service in front of it
 SERVICES = set(SERVICE_OF.values())
 FAILED_RCODES = {"SERVFAIL", "REFUSED", "FORMERR", "NOTIMP"}
 TIMEOUT = "timeout"  # error.type of a query that got no answer (no response code)
@@ -97,6 +98,13 @@ def facts(scene: Scene, view: View) -> str:
     for name in (SG_REQUESTS, SG_FAILED):
         lines += [f"  {name} {p.attributes} = {p.value:g}" for p in view.of(name)
                   if p.get("client") in WORKLOAD_NS]  # fmt: skip
+    red: Counter[tuple[str, str, str]] = Counter()
+    for p in ours(view, (HTTP_SERVER, HTTP_CLIENT)):
+        red[(p.metric, str(p.owner), str(p.peer))] += int(p.value)
+    lines += [f"  {k} = {v:g}" for k, v in sorted(red.items())]
+    # The agent's own counters (drops, losses) as the processor exported them, the non-zero ones.
+    stats = {p.get("kscope.agent.stat.name"): p.value for p in view.of("kscope.agent.stat") if p.value}
+    lines.append(f"agent: {stats}")
     return "\n".join(lines)
 
 
@@ -153,10 +161,10 @@ def test_both_sides_name_the_same_dns_workload(scene: Scene, view: View) -> None
 def test_dns_counts_agree_per_caller(scene: Scene, view: View) -> None:
     """Item 4: per caller, the queries counted on the client side (dns.lookup.duration) equal those
     counted on the DNS server's side, and both equal dnsmasq's own query log."""
-    dns_peers = {DNS_WORKLOAD, SERVICE_OF[DNS_WORKLOAD]}  # either name: item 3 is checked on its own
     counts = {}
     for caller in DNS_CALLERS:
-        client = sum(p.value for p in view.of(DNS_CLIENT, caller) if p.peer in dns_peers)
+        # The server under either name: item 3 is checked on its own.
+        client = sum(p.value for p in view.of(DNS_CLIENT, caller) if p.peer in DNS_NAMES)
         server = sum(p.value for p in view.of(DNS_SERVER, DNS_WORKLOAD) if p.peer == caller)
         logged = sum(n for (who, _), n in scene.dns_queries.items() if who == caller)
         counts[caller] = (client, server, logged)
@@ -168,11 +176,14 @@ def test_nxdomain_is_not_a_failure_servfail_is(scene: Scene, view: View) -> None
     """Item 5: DNS series keep the response code; SERVFAIL (and the like) carry error.type and count
     as failed on the service graph, NXDOMAIN (search-path expansions) does not; no error log for it."""
     points = [p for m in (DNS_CLIENT, DNS_SERVER) for p in view.of(m) if p.owner in WORKLOAD_NS]
-    codes: dict[tuple[str, str], set[str]] = {(p.owner, p.peer): set() for p in points}
-    for p in points:
-        codes[(p.owner, p.peer)].add(p.get(DNS_RCODE))
-    assert {"NXDOMAIN", "NOERROR"} <= codes.get(("productpage-v1", DNS_WORKLOAD), set()), codes
-    assert {"NXDOMAIN", "SERVFAIL"} <= codes.get(("reviews-v2", DNS_WORKLOAD), set()), codes
+    # Each caller's codes as it saw them (the server under either name: item 3 is checked on its own)
+    # and as the DNS server saw them.
+    codes = {(side, c): {p.get(DNS_RCODE) for p in view.of(metric, owner) if p.peer in peers}
+             for c in DNS_CALLERS for side, metric, owner, peers in
+             (("client", DNS_CLIENT, c, DNS_NAMES), ("server", DNS_SERVER, DNS_WORKLOAD, {c}))}  # fmt: skip
+    for side in ("client", "server"):
+        assert {"NXDOMAIN", "NOERROR"} <= codes[(side, "productpage-v1")], codes
+        assert {"NXDOMAIN", "SERVFAIL"} <= codes[(side, "reviews-v2")], codes
 
     def failed(p: Point) -> bool:
         return p.get(DNS_RCODE) in FAILED_RCODES or p.get(ERROR_TYPE) == TIMEOUT
@@ -199,19 +210,21 @@ def test_event_logs_are_bounded_per_interval(scene: Scene, view: View) -> None:
     keys: Counter[tuple[str, ...]] = Counter()
     occurrences: Counter[tuple[str, ...]] = Counter()
     for res, rec in view.logs:
-        a = {kv.key: kv.value.WhichOneof("value") and getattr(kv.value, kv.value.WhichOneof("value"))
-             for kv in rec.attributes}  # fmt: skip
+        a = kv(rec.attributes)
         if (rec.event_name or a.get("event.name")) != EVENT_DNS_ERROR:
             continue
-        peer = next((str(a[k]) for k in ("service.peer.name", "peer.service.name") if k in a), "")
+        peer = next((str(a[k]) for k in PEER_NAME_KEYS if k in a), "")
         key = (str(res.get("service.name")), peer, str(a.get("dns.question.name")), str(a.get(DNS_RCODE)))
         keys[key] += 1
         occurrences[key] += int(a.get(LOG_COUNT_KEY) or 0)
     assert keys, "no DNS error event at all"
     over = {k: n for k, n in keys.items() if n > intervals}
     assert not over, f"records per (resource, peer, name, code) over {intervals} intervals: {over}"
-    caller_key = next((k for k in occurrences if k[:3] == ("reviews-v2", DNS_WORKLOAD, EXTERNAL)), None)
-    assert caller_key is not None and occurrences[caller_key] == servfails, (dict(occurrences), servfails)
+    # Every SERVFAIL counted once on each side: the caller's (either name for the server: item 3 is
+    # checked on its own) and the DNS server's.
+    client = sum(n for k, n in occurrences.items() if k[0] == "reviews-v2" and k[1] in DNS_NAMES and k[2] == EXTERNAL)
+    server = sum(n for k, n in occurrences.items() if k[:3] == (DNS_WORKLOAD, "reviews-v2", EXTERNAL))
+    assert client == server == servfails, (client, server, servfails, dict(occurrences))
 
 
 def test_each_workload_red_under_its_own_resource(scene: Scene, view: View) -> None:
@@ -254,8 +267,9 @@ def test_the_lossy_edge_alone_retransmits(scene: Scene, view: View) -> None:
 
 def test_query_strings_never_leave(scene: Scene, view: View) -> None:
     """Privacy: loadgen's query string (``?u=jason``) appears in no metric, span or log."""
-    sent = [req.SerializeToString() for sig in ("metrics", "traces", "logs") for req in scene.rx.received[sig]]
-    assert sent and not [b for b in sent if PRIVATE.encode() in b]
+    sent = [(sig, req.SerializeToString()) for sig in ("metrics", "traces", "logs") for req in scene.rx.received[sig]]
+    leaked = Counter(sig for sig, data in sent if PRIVATE.encode() in data)
+    assert sent and not leaked, f"{PRIVATE!r} in export requests: {dict(leaked)}"
     paths = {
         kv(s.attributes).get("url.path") for r, s in spans(scene.rx) if r.get("service.name") == "productpage-v1"
     } - {None}
