@@ -1,11 +1,12 @@
 """The services of the real-cluster scenario, run inside a pod namespace (standard library only).
 
-meshapp.py serve --name NAME --bind IP --port P [--next URL] [--lookup NAME] [--timeout S]
+meshapp.py serve --name NAME --bind IP --port P [--next URL] [--also URL] [--lookup NAME] [--timeout S]
     A threading HTTP/1.1 server (http.server, without the getfqdn() on bind that blocks in an
     isolated namespace). Per request it resolves ``--lookup`` (the result is ignored: a failing
     name is the point), then calls ``--next`` with urllib, which resolves the host name through
     glibc's getaddrinfo and this namespace's resolv.conf, on a new connection each time (as a
-    plain HTTP client does). It answers 200 when the next hop answered, 502 when it did not
+    plain HTTP client does); ``--also`` is called first, with a 1 s timeout, and its failure only
+    noted (Bookinfo's page without its details). It answers 200 when the next hop answered, 502 when it did not
     (the page degrades, as Bookinfo's does), and prints one ``served`` JSON line per request
     received, answered or not (a caller that gave up may have closed the connection).
 meshapp.py load --url URL --rate R --duration S --timeout S [--gate]
@@ -76,6 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                     looked_up = "ok"
                 except socket.gaierror as e:
                     looked_up = f"gaierror_{e.errno}"
+            also = fetch(args.also, 1.0) if args.also else ""
             downstream = fetch(args.next, args.timeout) if args.next else ""
             status = 200 if downstream in ("", "ok") else 502
             body = json.dumps({"service": args.name, "downstream": downstream}).encode()
@@ -91,7 +93,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 pass  # the caller gave up (its timeout): the request still arrived and counts
             finally:
                 path = self.path.split("?", 1)[0]
-                emit("served", path=path, status=status, answered=answered, downstream=downstream, lookup=looked_up)
+                emit("served", path=path, status=status, answered=answered, downstream=downstream, also=also,
+                     lookup=looked_up)  # fmt: skip
 
         def log_message(self, format: str, *a: object) -> None:
             pass
@@ -127,6 +130,7 @@ def main() -> None:
     p.add_argument("--bind", required=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--next", default="")
+    p.add_argument("--also", default="")
     p.add_argument("--lookup", default="")
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=cmd_serve)

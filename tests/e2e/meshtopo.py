@@ -95,11 +95,16 @@ class MeshTopology(Topology):
             self.node.iptables("-A", "FORWARD", "-s", self.ips[src], "-d", self.ips[dst], "-m", "statistic",
                                "--mode", "random", "--probability", str(probability), "-j", "DROP")  # fmt: skip
 
+    def blackhole(self, pod: str) -> None:
+        """Drop every packet to ``pod`` (a backend behind a policy that drops): connects to it time out
+        with their SYNs dropped before conntrack confirms the DNAT, so conntrack never has an answer."""
+        self.node.iptables("-A", "FORWARD", "-d", self.ips[pod], "-j", "DROP")
+
     def dropped(self) -> int:
-        """Packets the FORWARD chain's drop rules have dropped so far."""
+        """Packets the loss rules (:meth:`lossy`) have dropped so far."""
         out = self.node.run("iptables", "-w", "-L", "FORWARD", "-v", "-x", "-n").stdout
         rows = [line.split() for line in out.splitlines()[2:]]  # after the chain and column headers
-        return sum(int(row[0]) for row in rows if len(row) > 2 and row[2] == "DROP")
+        return sum(int(row[0]) for row in rows if len(row) > 2 and row[2] == "DROP" and "statistic" in row)
 
     def resolv_conf(self, pod: str, nameserver: str, namespace: str) -> None:
         """The kubelet's resolv.conf for a ClusterFirst pod in ``namespace``."""

@@ -5,9 +5,10 @@ HTTP server (``meshapp.py``) that calls the next by its Service DNS name through
 with the kubelet's ``search <ns>.svc.cluster.local svc.cluster.local cluster.local`` and
 ``ndots:5``; the nameserver is the kube-dns VIP, DNAT'ed (UDP and TCP 53) to dnsmasq in the
 coredns pod, which answers the cluster names and forwards the rest to an upstream that answers
-SERVFAIL. productpage calls ``reviews.default`` (its first search expansion is NXDOMAIN), reviews
-also looks up an external name per request (NXDOMAIN x3, then SERVFAIL, retried), and 30 % of the
-packets between reviews and ratings are dropped in the node's FORWARD chain.
+SERVFAIL. productpage calls ``reviews.default`` (its first search expansion is NXDOMAIN) and tries
+``details``, whose only backend drops every packet (its connects time out, conntrack never answers);
+reviews also looks up an external name per request (NXDOMAIN x3, then SERVFAIL, retried), and 30 % of
+the packets between reviews and ratings are dropped in the node's FORWARD chain.
 
 ``kscope run --nat --l7`` ships to the processor (in process), which names workloads from a test
 APIServer (Deployments, ReplicaSets, Pods, Services, EndpointSlices) and exports to a test OTLP
@@ -45,10 +46,12 @@ LOSS = 0.3
 EXTERNAL = "api.payments.example"  # its upstream answers SERVFAIL
 PRIVATE = "jason"  # in loadgen's query string: must never leave
 # Deployment -> Service in front of it (loadgen has none; upstream-dns is no pod of the cluster).
-SERVICE_OF = {"productpage-v1": "productpage", "reviews-v2": "reviews", "ratings-v1": "ratings", "coredns": "kube-dns"}
+SERVICE_OF = {"productpage-v1": "productpage", "reviews-v2": "reviews", "ratings-v1": "ratings",
+              "details-v1": "details", "coredns": "kube-dns"}  # fmt: skip
 WORKLOAD_NS = {"loadgen": APP_NS, "productpage-v1": APP_NS, "reviews-v2": APP_NS, "ratings-v1": APP_NS,
-               "coredns": DNS_NS}  # fmt: skip
-VIP_HOST = {"kube-dns": 10, "productpage": 20, "reviews": 21, "ratings": 22}
+               "details-v1": APP_NS, "coredns": DNS_NS}  # fmt: skip
+VIP_HOST = {"kube-dns": 10, "productpage": 20, "reviews": 21, "ratings": 22, "details": 23}
+BLACKHOLED = "details-v1"  # every packet to it dropped: productpage's calls to details never connect
 HTTP_EDGES = (("loadgen", "productpage-v1"), ("productpage-v1", "reviews-v2"), ("reviews-v2", "ratings-v1"))
 LOSSY_EDGE = ("reviews-v2", "ratings-v1")
 DNS_CALLERS = ("loadgen", "productpage-v1", "reviews-v2")
@@ -109,7 +112,8 @@ def build(topo: MeshTopology, tmp: Path) -> None:
         else:
             topo.service(vip, PORT, workload, PORT)
     topo.lossy(*LOSSY_EDGE, LOSS)
-    for name in ("loadgen", "productpage-v1", "reviews-v2", "ratings-v1"):
+    topo.blackhole(BLACKHOLED)
+    for name in ("loadgen", "productpage-v1", "reviews-v2", "ratings-v1", "details-v1"):
         topo.resolv_conf(name, topo.vip(VIP_HOST["kube-dns"]), APP_NS)
 
     upstream = l7peer(topo, topo.pods["upstream-dns"], "servfail", "--bind", topo.ips["upstream-dns"], "--port", "53")
@@ -125,9 +129,17 @@ def build(topo: MeshTopology, tmp: Path) -> None:
     topo.wait_listening(topo.pods["coredns"], 53)
 
     apps = {
+        "details-v1": [],
         "ratings-v1": [],
         "reviews-v2": ["--next", f"http://ratings:{PORT}/ratings/0", "--lookup", EXTERNAL, "--timeout", "8"],
-        "productpage-v1": ["--next", f"http://reviews.{APP_NS}:{PORT}/reviews/0", "--timeout", "25"],
+        "productpage-v1": [
+            "--next",
+            f"http://reviews.{APP_NS}:{PORT}/reviews/0",
+            "--timeout",
+            "25",
+            "--also",
+            f"http://details:{PORT}/details/0",
+        ],
     }
     for name, extra in apps.items():
         out, err = (tmp / f"{name}.jsonl").open("w"), (tmp / f"{name}.stderr").open("w")
