@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.e2e.nattopo import attach_pod
 from tests.e2e.netns import Netns, PodCgroups, Topology, run
 
 ETC_NETNS = Path("/etc/netns")
@@ -57,17 +58,8 @@ class MeshTopology(Topology):
         run(["ip", "netns", "add", pod.name])
         self._created.append(pod)
         self.pods[name], self.ips[name] = pod, ip
-        veth = f"vp{len(self.pods) - 1}"
         pod.ip("link", "set", "lo", "up")
-        run(["ip", "-n", self.node.name, "link", "add", veth, "type", "veth",
-             "peer", "name", "eth0", "netns", pod.name])  # fmt: skip
-        self.node.ip("link", "set", veth, "up")
-        pod.ip("link", "set", "eth0", "up")
-        self.node.ip("addr", "add", f"{self.node_gw}/32", "dev", veth)
-        self.node.ip("route", "add", f"{ip}/32", "dev", veth)
-        pod.ip("addr", "add", f"{ip}/32", "dev", "eth0")
-        pod.ip("route", "add", self.node_gw, "dev", "eth0", "scope", "link")
-        pod.ip("route", "add", "198.18.0.0/15", "via", self.node_gw, "dev", "eth0")
+        attach_pod(self.node, pod, f"vp{len(self.pods) - 1}", ip, self.node_gw)
         if container:
             self.containers[name] = self.cgroups.add()
         return pod
