@@ -2,7 +2,8 @@
 
 The scene (``realcluster.py``, run once for the module): loadgen -> productpage-v1 -> reviews-v2 ->
 ratings-v1 through Service VIPs by DNS name (glibc, ``ndots:5``, a dnsmasq "coredns" behind the
-kube-dns VIP), an external name that SERVFAILs, 30 % loss between reviews and ratings; the real
+kube-dns VIP), an external name that SERVFAILs, 30 % loss between reviews and ratings, a details
+Service whose only backend drops every packet; the real
 agent (``--nat --l7``), the processor, a test APIServer and a test OTLP receiver. Each test below
 checks one thing a user reads off the service map; the issue item it belongs to is in its
 docstring. Expected names and attribute keys are the constants at the top.
@@ -58,6 +59,7 @@ LOG_COUNT_KEY = "kscope.event.count"  # an aggregated event record's number of o
 AGENT_LOSS_COUNTERS = ("l7_kernel_rb_full", "l7_kernel_read_failed", "l7_kernel_no_buffer", "l7_kernel_summary_lost",
                        "l7_exchange_unanswered", "l7_expired_requests", "l7_unanswered_requests", "l7_evicted_requests",
                        "l7_connections_evicted", "l7_gaps", "l7_buffer_overflows")  # fmt: skip
+AGENT_STAT, AGENT_STAT_NAME = "kscope.agent.stat", "kscope.agent.stat.name"  # the agents' own counters
 KSCOPE_SERVICE = "kscope"  # the resource of kscope's own counters only (item 7)
 DNS_WORKLOAD = "coredns"
 DNS_NAMES = {DNS_WORKLOAD, SERVICE_OF[DNS_WORKLOAD]}  # the workload, the Service in front of it
@@ -110,7 +112,7 @@ def facts(scene: Scene, view: View) -> str:
         red[(p.metric, str(p.owner), str(p.peer))] += int(p.value)
     lines += [f"  {k} = {v:g}" for k, v in sorted(red.items())]
     # The agent's own counters (drops, losses) as the processor exported them, the non-zero ones.
-    stats = {p.get("kscope.agent.stat.name"): p.value for p in view.of("kscope.agent.stat") if p.value}
+    stats = {p.get(AGENT_STAT_NAME): p.value for p in view.of(AGENT_STAT) if p.value}
     lines.append(f"agent: {stats}")
     return "\n".join(lines)
 
@@ -118,8 +120,8 @@ def facts(scene: Scene, view: View) -> str:
 def agent_losses(view: View) -> dict[str, float]:
     """The agent's non-zero counters of L7 records it could not make (machine-wide: every test's
     traffic is in them). A request missing from the OTLP is acceptable only if one of these counted it."""
-    return {name: p.value for p in view.of("kscope.agent.stat")
-            if (name := p.get("kscope.agent.stat.name")) in AGENT_LOSS_COUNTERS and p.value}  # fmt: skip
+    return {name: p.value for p in view.of(AGENT_STAT)
+            if (name := p.get(AGENT_STAT_NAME)) in AGENT_LOSS_COUNTERS and p.value}  # fmt: skip
 
 
 def ours(view: View, metrics: tuple[str, ...]) -> list[Point]:
