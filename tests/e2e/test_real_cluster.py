@@ -3,10 +3,10 @@
 The scene (``realcluster.py``, run once for the module): loadgen -> productpage-v1 -> reviews-v2 ->
 ratings-v1 through Service VIPs by DNS name (glibc, ``ndots:5``, a dnsmasq "coredns" behind the
 kube-dns VIP), an external name that SERVFAILs, 30 % loss between reviews and ratings, a details
-Service whose only backend drops every packet; the real
-agent (``--nat --l7``), the processor, a test APIServer and a test OTLP receiver. Each test below
-checks one thing a user reads off the service map; the issue item it belongs to is in its
-docstring. Expected names and attribute keys are the constants at the top.
+Service whose only backend drops every packet; the real agent (``--nat --l7``), the processor, a
+test APIServer and a test OTLP receiver. Each test below checks one thing a user reads off the
+service map; the issue item it belongs to is in its docstring. Expected names and attribute keys
+are the constants at the top.
 """
 
 from __future__ import annotations
