@@ -68,6 +68,12 @@ FAILED_RCODES = {"SERVFAIL", "REFUSED", "FORMERR", "NOTIMP"}
 TIMEOUT = "timeout"  # error.type of a query that got no answer (no response code)
 
 
+def known(items: str) -> pytest.MarkDecorator:
+    """The test fails on today's code for these items of issue 12 (an assertion, nothing else). Strict:
+    the change that makes it pass must remove the marker, so the test then guards the fix."""
+    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=f"issue 12 {items}")
+
+
 def workload_resource(workload: str) -> dict[str, str]:
     """The resource attributes a workload's own series live under (item 7)."""
     return {"service.name": workload, "k8s.namespace.name": WORKLOAD_NS[workload], "k8s.deployment.name": workload}
@@ -144,6 +150,7 @@ def test_the_scene_happened(scene: Scene, view: View) -> None:
         assert view.of(name), f"no {name}: {view.names()}"
 
 
+@known("items 1 and 2")
 def test_every_http_edge_is_workload_to_workload(scene: Scene, view: View) -> None:
     """Items 1 and 2: each hop is named Deployment -> Deployment on the service graph, counted once
     per request the server's side recorded, and that is every request the server received unless the
@@ -171,6 +178,7 @@ def test_every_http_edge_is_workload_to_workload(scene: Scene, view: View) -> No
     assert not wrong and not named_service, "\n".join([*wrong, *map(str, named_service), facts(scene, view)])
 
 
+@known("item 2")
 def test_service_without_nat_answer_names_its_only_workload(scene: Scene, view: View) -> None:
     """Item 2: productpage's connects to the details Service never complete (its only backend drops
     every packet), so conntrack never has an answer; every ready endpoint of the Service belongs to
@@ -183,6 +191,7 @@ def test_service_without_nat_answer_names_its_only_workload(scene: Scene, view: 
     assert set(named) == {(BLACKHOLED, BY_SERVICE)}, dict(named)
 
 
+@known("item 3")
 def test_both_sides_name_the_same_dns_workload(scene: Scene, view: View) -> None:
     """Item 3: the callers' DNS lookups (client side) name the coredns workload, as coredns' own
     records (server side) do; one DNS node on the service graph, not kube-dns beside coredns."""
@@ -195,6 +204,7 @@ def test_both_sides_name_the_same_dns_workload(scene: Scene, view: View) -> None
     assert graph_servers == {c: [DNS_WORKLOAD] for c in DNS_CALLERS}, (graph_servers, facts(scene, view))
 
 
+@known("item 4")
 def test_dns_counts_agree_per_caller(scene: Scene, view: View) -> None:
     """Item 4: per caller, the queries counted on the client side (dns.lookup.duration) equal those
     counted on the DNS server's side, and both equal dnsmasq's own query log."""
@@ -209,6 +219,7 @@ def test_dns_counts_agree_per_caller(scene: Scene, view: View) -> None:
     assert all(c == s == n for c, s, n in counts.values()), f"(client, server, dnsmasq) per caller: {counts}"
 
 
+@known("item 5")
 def test_nxdomain_is_not_a_failure_servfail_is(scene: Scene, view: View) -> None:
     """Item 5: DNS series keep the response code; SERVFAIL (and the like) carry error.type and count
     as failed on the service graph, NXDOMAIN (search-path expansions) does not; no error log for it."""
@@ -238,6 +249,7 @@ def test_nxdomain_is_not_a_failure_servfail_is(scene: Scene, view: View) -> None
     assert not nx_logs, f"{len(nx_logs)} NXDOMAIN log records, e.g. {nx_logs[:3]}"
 
 
+@known("item 6")
 def test_event_logs_are_bounded_per_interval(scene: Scene, view: View) -> None:
     """Item 6: DNS error events leave as one record per interval and (client, server, name, code),
     with the number of occurrences, not one record per failed query."""
@@ -264,6 +276,7 @@ def test_event_logs_are_bounded_per_interval(scene: Scene, view: View) -> None:
     assert client == server == servfails, (client, server, servfails, dict(occurrences))
 
 
+@known("item 7")
 def test_each_workload_red_under_its_own_resource(scene: Scene, view: View) -> None:
     """Item 7: a workload's RED, DNS and L4 series live under a Resource describing that workload
     (service.name, k8s.namespace.name, k8s.deployment.name), not under kscope's."""
