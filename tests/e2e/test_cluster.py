@@ -34,7 +34,7 @@ from tests.cluster_processor.kube.fake_apiserver import FakeApiServer
 from tests.cluster_processor.otlp.receiver import OtlpReceiver
 from tests.cluster_processor.test_main import _kv as kv
 from tests.cluster_processor.test_main import latest, points, spans
-from tests.e2e.nattopo import BACKEND_PORT, VIP_PORT, NatTopology
+from tests.e2e.nattopo import BACKEND_PORT, VIP_PORT, NatTopology, attach_pod
 from tests.e2e.netns import nginx, run
 
 pytestmark = pytest.mark.bpf
@@ -84,15 +84,7 @@ class ClusterTopology(NatTopology):
             ns.ip("link", "set", "lo", "up")
         self.node.sysctl("net.ipv4.ip_forward", 1)
         for pod, veth, ip in ((self.cli, "vcpod", self.cpod_ip), (self.srv, "vspod", self.spod_ip)):
-            run(["ip", "-n", self.node.name, "link", "add", veth, "type", "veth",
-                 "peer", "name", "eth0", "netns", pod.name])  # fmt: skip
-            self.node.ip("link", "set", veth, "up")
-            pod.ip("link", "set", "eth0", "up")
-            self.node.ip("addr", "add", f"{self.node_gw}/32", "dev", veth)
-            self.node.ip("route", "add", f"{ip}/32", "dev", veth)
-            pod.ip("addr", "add", f"{ip}/32", "dev", "eth0")
-            pod.ip("route", "add", self.node_gw, "dev", "eth0", "scope", "link")
-            pod.ip("route", "add", "198.18.0.0/15", "via", self.node_gw, "dev", "eth0")
+            attach_pod(self.node, pod, veth, ip, self.node_gw)
         self.dnat(self.vip, VIP_PORT, self.spod_ip, BACKEND_PORT)  # kube-proxy: VIP:80 -> b-1:8080
         return self
 
