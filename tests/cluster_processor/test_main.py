@@ -190,9 +190,15 @@ def points(rx: OtlpReceiver, name: str) -> Iterator[tuple[dict[str, Any], dict[s
                         yield res, _kv(dp.attributes), value
 
 
-def latest(rx: OtlpReceiver, name: str, **want: Any) -> float:
-    """The largest (cumulative: latest) value of the points of ``name`` whose attributes include ``want``."""
-    values = [v for _, a, v in points(rx, name) if all(a.get(k) == w for k, w in want.items())]
+def latest(rx: OtlpReceiver, name: str, resource: dict[str, Any] | None = None, /, **want: Any) -> float:
+    """The largest (cumulative: latest) value of the points of ``name`` whose attributes include ``want``
+    and whose resource includes ``resource``."""
+    res_want = resource or {}
+    values = [
+        v
+        for r, a, v in points(rx, name)
+        if all(a.get(k) == w for k, w in want.items()) and all(r.get(k) == w for k, w in res_want.items())
+    ]
     return max(values, default=0)
 
 
@@ -260,10 +266,12 @@ def test_vip_call_becomes_a_to_b_metrics_graph_and_spans(tmp_path: Path) -> None
             await eventually(lambda: latest(rx, sg, client="a", server="b") == 1, "service graph a -> b")
             await eventually(lambda: len(spans(rx)) == 2, "two spans")
             # The server side, named from b-1's own view, with a as its peer; never the VIP.
-            assert latest(rx, "http.server.request.duration", **{"service.name": "b", "peer.service.name": "a"}) == 1
-            assert latest(rx, "http.client.request.duration", **{"service.name": "a", "peer.service.name": "b"}) == 1
-            assert latest(rx, "traces_service_graph_request_client_seconds", client="a", server="b") == 1
-            assert latest(rx, "kscope.tcp.connections", **{"k8s.deployment.name": "a"}) == 1
+            # Each workload's series under its own resource, the peer in data-point attributes.
+            assert latest(rx, "http.server.request.duration", {"service.name": "b"}, **{"service.peer.name": "a"}) == 1
+            assert latest(rx, "http.client.request.duration", {"service.name": "a"}, **{"service.peer.name": "b"}) == 1
+            assert latest(rx, "traces_service_graph_request_client_seconds", {"service.name": "kscope"}, client="a",
+                          server="b") == 1  # fmt: skip
+            assert latest(rx, "kscope.tcp.connections", {"k8s.deployment.name": "a"}) == 1
             assert latest(rx, "kscope.tcp.bytes", **{"network.io.direction": "receive"}) == 450
             assert not any(VIP in str(a) for _, a, _ in points(rx, "kscope.tcp.bytes"))
             # One writer per stream: each node's streams carry that node in the resource.

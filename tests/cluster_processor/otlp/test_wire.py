@@ -257,7 +257,7 @@ def random_span(r: random.Random) -> SpanRecord:
                    + "-00", "garbage"])  # fmt: skip
     ctx = span_context(tp, r.choice(["", "vendor=1"]), rng=r)
     extra: list[tuple[str, AttrValue]] = r.choice([[], [("url.path", "/a/1")], [("url.path", "/b"), ("x", 1.5)],
-                                                   [("peer.service.name", "override")]])  # fmt: skip
+                                                   [("service.peer.name", "override")]])  # fmt: skip
     start = r.choice([0, T0, T0 + 5])
     side = r.choice([Side.CLIENT, Side.SERVER])
     method, route = r.choice(["", "GET", "PROPFIND", "A"]), r.choice(["", "/a/{id}"])
