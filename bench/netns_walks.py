@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""What the agent's periodic walks cost on a node with many network namespaces (pods).
+"""What the agent's sweeps cost on a node with many network namespaces (pods).
 
-The walks (L4's flush, L7's sweep) are TCP iterators, one per namespace, and each goes through the
-whole established-socket hash table the namespaces share (docs/architecture.md). Only namespaces
-whose sockets marked them are walked, and busy sockets report themselves, so what matters is how
+A sweep (L4's and L7's) walks namespaces with TCP iterators, one per namespace, and each walk goes
+through the whole established-socket hash table the namespaces share (docs/architecture.md). Only
+namespaces whose sockets marked them are walked, and busy sockets report themselves, so what matters is how
 the agent's CPU grows with namespaces that are idle and with namespaces that are busy. Arms, each a
 fresh agent (`--interval 1 --l7`), run one after the other:
 

@@ -15,7 +15,7 @@
 #define EHOSTUNREACH 113
 #define EEXIST 17
 
-/* The flush iterator pre-checks room in the seq_file buffer: returning 1 from an
+/* The sweep iterator pre-checks room in the seq_file buffer: returning 1 from an
  * iter program makes the kernel show the same object again on the next read()
  * (kernel/bpf/bpf_iter.c, bpf_iter_run_prog), so a record is never half-written
  * and per-socket delta bookkeeping is never replayed. */

@@ -6,8 +6,8 @@
  * evict, and the cheapest per-call lookup measured on our kernel: shared/KERNEL.md).
  * User space never sees one event per call. It gets:
  *   - periodic records: a busy socket's own send/recv makes one per interval (report_ns) into
- *     close_ring; the `flush` TCP iterator, run by user space in every network namespace a
- *     socket marked since (netns_pending.h), writes one for every other socket whose counters
+ *     close_ring; the sweep (the `sweep` TCP iterator, run by user space in every network namespace
+ *     a socket marked since: netns_pending.h) writes one for every other socket whose counters
  *     changed (those that went quiet: far less often than once per interval);
  *   - final records: one per socket when it is destroyed, through a ring buffer
  *     drained on a timer (no wakeups), falling back to a hash map when the ring is
@@ -31,8 +31,8 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* Runtime knobs, set by user space before load. */
 const volatile __u32 filter_netns_ino = 0; /* 0: every network namespace */
 /* A busy socket reports itself from its own send/recv this long after its last report (through
- * close_ring), so the flush (a walk of a whole namespace, netns_pending.h) is only needed for
- * sockets that went quiet and can run far less often than once per interval. 0: the flush does
+ * close_ring), so the sweep (a walk of each marked namespace, netns_pending.h) is only needed for
+ * sockets that went quiet and can run far less often than once per interval. 0: the sweep does
  * all the reporting. */
 const volatile __u64 report_ns = 0;
 /* From /proc/config.gz (libbpf); 0 where the kernel's config cannot be read: ktime then. */
@@ -49,7 +49,7 @@ struct sock_state {
 	__u64 syn_sent_ns;
 	__u64 connect_latency_ns;
 	__u64 cgroup_id;
-	__u64 flush_session; /* the flush pass that last reported it (bpf_iter_meta.session_id) */
+	__u64 sweep_session; /* the sweep pass that last reported it (bpf_iter_meta.session_id) */
 	__u64 total[KSCOPE_L4_COUNTERS];
 	__u64 reported[KSCOPE_L4_COUNTERS]; /* total[] at the previous record */
 	__u32 tgid;
@@ -68,7 +68,7 @@ struct sock_state {
 	__u16 dport;
 	__u16 family;
 	__u16 _pad;
-	__u32 walk_pending; /* its namespace is marked for the next flush (netns_pending.h) */
+	__u32 sweep_pending; /* its namespace is marked for the next sweep (netns_pending.h) */
 	__u32 _pad2;
 	__u64 report_at; /* report_ns: when its send/recv reports it next (0: not set yet) */
 };
@@ -144,13 +144,13 @@ static __always_inline void fill_owner(struct sock_state *st)
 	st->flags |= SF_OWNER_KNOWN;
 }
 
-/* The socket has news for the next flush: its namespace is marked, once until the flush has
- * seen it. Called after the change it announces; the flush clears the flag before reading
+/* The socket has news for the next sweep: its namespace is marked, once until the sweep has
+ * seen it. Called after the change it announces; the sweep clears the flag before reading
  * the counters (both sides' atomic operations are full barriers), so a change is either in
- * that flush's record or marks the namespace again. */
+ * that sweep's record or marks the namespace again. */
 static __always_inline void touch(struct sock *sk, struct sock_state *st)
 {
-	if (st->walk_pending || __sync_lock_test_and_set(&st->walk_pending, 1))
+	if (st->sweep_pending || __sync_lock_test_and_set(&st->sweep_pending, 1))
 		return;
 	if (!netns_mark(&netns_pending, &netns_walk_all, sk))
 		stat_inc(KSCOPE_STAT_NETNS_PENDING_FULL);
@@ -181,7 +181,7 @@ static __always_inline struct sock_state *track(struct sock *sk)
 	stat_inc(KSCOPE_STAT_SOCKETS_TRACKED);
 	st->start_ns = bpf_ktime_get_ns();
 	st->role = infer_role(sk);
-	touch(sk, st); /* never reported yet: the next flush reports it */
+	touch(sk, st); /* never reported yet: the next sweep reports it */
 	return st;
 }
 
@@ -326,7 +326,7 @@ static __always_inline void emit_final(struct sock *sk, struct sock_state *st)
 }
 
 /* A periodic record from the socket's own call (report_ns). The ring (half) full: nothing is taken
- * (the record is made only once reserved), the counts wait for the next report or the flush. */
+ * (the record is made only once reserved), the counts wait for the next report or the sweep. */
 static __always_inline void report(struct sock *sk, struct sock_state *st)
 {
 	struct kscope_l4_record *rec;
@@ -571,14 +571,14 @@ static __always_inline struct sock *iter_sock(struct bpf_iter__tcp *ctx)
 	return (struct sock *)bpf_skc_to_tcp_sock(skc);
 }
 
-/* One periodic record per socket whose counters moved. Run by user space every walk interval
- * in every network namespace marked since the last run (a TCP iterator shows the sockets of
+/* The sweep: one periodic record per socket whose counters moved. Run by user space every
+ * --sweep-interval in every network namespace marked since the last run (a TCP iterator shows the sockets of
  * the namespace it was created in; netns_pending.h): one read() loop each. This kernel
  * refuses map iterators (EPERM at load), and a socket reached through a task's file is an
  * untrusted pointer the storage helpers refuse, so the TCP iterator it is. The pass's session id in the socket's state makes a socket shown
  * twice (the iterator resuming a bucket) one record per pass. */
 SEC("iter/tcp")
-int flush(struct bpf_iter__tcp *ctx)
+int sweep(struct bpf_iter__tcp *ctx)
 {
 	struct seq_file *seq = ctx->meta->seq;
 	__u64 session = ctx->meta->session_id;
@@ -591,11 +591,11 @@ int flush(struct bpf_iter__tcp *ctx)
 	if (!sk)
 		return 0;
 	st = bpf_sk_storage_get(&sock_states, sk, 0, 0);
-	if (!st || (st->flags & SF_CLOSED) || st->flush_session == session)
+	if (!st || (st->flags & SF_CLOSED) || st->sweep_session == session)
 		return 0;
-	/* seen by this walk: what changes from now on marks the namespace again */
-	__sync_lock_test_and_set(&st->walk_pending, 0);
-	/* a listener's accept queue is a gauge: report it while non-empty (and walk again) */
+	/* seen by this sweep: what changes from now on marks the namespace again */
+	__sync_lock_test_and_set(&st->sweep_pending, 0);
+	/* a listener's accept queue is a gauge: report it while non-empty (and sweep again) */
 	backlog = st->role == KSCOPE_ROLE_LISTENER && sk->sk_ack_backlog;
 	if (backlog)
 		touch(sk, st);
@@ -611,7 +611,7 @@ int flush(struct bpf_iter__tcp *ctx)
 		return 0;
 	make_record(rec, sk, st, KSCOPE_L4_PERIODIC);
 	bpf_seq_write(seq, rec, sizeof(*rec));
-	st->flush_session = session;
+	st->sweep_session = session;
 	return 0;
 }
 
@@ -619,11 +619,11 @@ int flush(struct bpf_iter__tcp *ctx)
  * Sockets older than the agent, run once by user space at start, in two walks:
  *  1. seed_owners: every task's open files (any namespace; threads sharing a file table are
  *     visited once): the first task found holding each socket, keyed by its struct socket
- *     (only as a number: a socket reached this way cannot be given storage, see flush);
+ *     (only as a number: a socket reached this way cannot be given storage, see sweep);
  *  2. seed, in every network namespace: each TCP socket gets storage now, with its role,
  *     tuple and that owner, so listeners the agent never saw call listen() are reported, and
  *     existing connections have an owner before their next send/recv.
- * The first flush reports each once (SF_REPORTED unset); counts start now.
+ * The first sweep reports each once (SF_REPORTED unset); counts start now.
  */
 struct seed_owner {
 	__u64 cgroup_id;

@@ -171,7 +171,7 @@ int BPF_PROG(l7_destroy, struct sock *sk)
 /*
  * The sweep: user space runs it every --sweep-interval in every network namespace marked since
  * (a TCP iterator shows the sockets of the namespace it was created in; this kernel refuses map
- * iterators, see l4.bpf.c's flush; netns_pending.h); sockets without exchange state are
+ * iterators, see l4.bpf.c's sweep; netns_pending.h); sockets without exchange state are
  * skipped at one storage lookup. An answered exchange idle for idle_ns is sent (the last request of an idle keep-alive
  * connection would otherwise wait for the next one or the close); an unanswered one after
  * unanswered_ns. The pass's session id makes a socket shown twice (the iterator resuming a

@@ -11,8 +11,8 @@
  * a socket past it learns its owner at its next send/recv (counted: seed_owners_full). */
 #define KSCOPE_SEED_OWNERS 65536
 
-/* Network namespaces with something for the next periodic walk (netns_pending.h); past it,
- * every namespace is walked. Kubernetes nodes run ~110-250 pods, each in its own namespace. */
+/* Network namespaces with something for the next sweep (netns_pending.h); past it, the sweep
+ * walks every namespace. Kubernetes nodes run ~110-250 pods, each in its own namespace. */
 #define KSCOPE_NETNS_PENDING 4096
 
 /* L7: chunks (one per send/recv of DNS, TLS plaintext, HTTP/1 after a fallback), and HTTP/1

@@ -1,15 +1,15 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /*
- * Which network namespaces a periodic walk has to visit.
+ * Which network namespaces the next sweep has to walk.
  *
- * The walks (L4's flush, L7's sweep) are TCP iterators, one per namespace, and each one goes
- * through the whole established hash table, which every namespace shares unless
- * net.ipv4.tcp_child_ehash_entries is set: ~2-4 ms per namespace per walk here (262,144
- * buckets), whatever the namespace holds. Walking every namespace every interval cost an
- * agent on a node with 50 idle pods half a core. So a socket that gets something for the next
- * walk marks its namespace here, once until that walk has seen it (a flag in its own state),
- * and user space takes the marks (lookup-and-delete, before walking) and walks only those.
- * The map full: a flag tells user space to walk every namespace instead (and is counted).
+ * A sweep (L4's and L7's, each every --sweep-interval) walks namespaces one at a time: a TCP
+ * iterator per namespace, and each walk goes through the whole established hash table, which
+ * every namespace shares unless net.ipv4.tcp_child_ehash_entries is set: ~2-4 ms per walk
+ * here (262,144 buckets), whatever the namespace holds. Walking every namespace at every sweep
+ * cost an agent on a node with 50 idle pods half a core. So a socket that gets something for
+ * the next sweep marks its namespace here, once until a sweep has seen it (a flag in its own
+ * state), and user space takes the marks (lookup-and-delete, before the sweep) and walks only
+ * those. The map full: a flag tells user space to walk every namespace instead (and is counted).
  */
 #ifndef KSCOPE_NETNS_PENDING_H
 #define KSCOPE_NETNS_PENDING_H
@@ -34,7 +34,7 @@
 		__type(value, __u32);                                                                      \
 	} walk_all SEC(".maps")
 
-/* Mark sk's namespace for the next walk. false: the map is full, every namespace will be walked. */
+/* Mark sk's namespace for the next sweep. false: the map is full, every namespace will be walked. */
 static __always_inline bool netns_mark(void *pending, void *walk_all, const struct sock *sk)
 {
 	__u32 ino = sk->__sk_common.skc_net.net->ns.inum, zero = 0, *all;

@@ -48,8 +48,8 @@ Nat = tuple[str, int] | None  # the (ip, port) that really answered a DNAT'ed re
 @dataclass(frozen=True, slots=True)
 class AgentOptions:
     interval_s: float = 1.0
-    # how often the kernel's walks look at sockets that went quiet (busy ones report every interval
-    # themselves): each walk of a namespace is a pass over the whole TCP hash table (netns.py)
+    # how often the sweeps look at sockets that went quiet (busy ones report every interval
+    # themselves): each namespace a sweep walks is a pass over the whole TCP hash table (netns.py)
     sweep_s: float = 5.0
     duration_s: float | None = None
     jsonl: str | None = None
@@ -93,8 +93,8 @@ def open_l7(bpf_dir: Path, opts: AgentOptions, netns: NetnsWalker | None = None)
             return L7Collector(
                 bpf_dir / L7_OBJECT, netns_ino=opts.netns_inode, capture_bytes=opts.capture_bytes,
                 proc_root=opts.proc_root, record_rate=opts.l7_record_rate, netns=netns,
-                # like L4's flush: each sweep of a namespace with exchanges in flight is a pass over
-                # the whole TCP hash table (netns.py); busy sockets need none (see bpf_src/l7_summary.h)
+                # like L4's: the sweep walks each namespace with exchanges in flight, a pass over the
+                # whole TCP hash table (netns.py); busy sockets need none (see bpf_src/l7_summary.h)
                 sweep_s=opts.sweep_s,
             )  # fmt: skip
         except HookUnavailableError as exc:
@@ -128,7 +128,7 @@ class Agent:
         bpf_dir = opts.bpf_dir or default_bpf_dir()
         self.collector = L4Collector(
             bpf_dir / OBJECT_NAME, netns_ino=opts.netns_inode, proc_root=opts.proc_root,
-            report_s=opts.interval_s, walk_s=opts.sweep_s,
+            report_s=opts.interval_s, sweep_s=opts.sweep_s,
         )  # fmt: skip
         self.l7: L7Collector | SyscallL7Collector | None = None
         self.pipeline = L7Pipeline()
@@ -271,8 +271,8 @@ class Agent:
             netns_vanished=self.collector.netns.vanished,
             netns_enter_failed=self.collector.netns.enter_failed,
             netns_unreadable=self.collector.netns.unreadable,  # processes, at the last listing
-            netns_walked=self.collector.netns.walked,  # one per namespace per walk, L4's and L7's
-            netns_walks_of_all=self.collector.pending.walks_of_all + (l7_pending.walks_of_all if l7_pending else 0),
+            netns_walked=self.collector.netns.walked,  # one per namespace per pass, L4's and L7's
+            netns_sweeps_of_all=self.collector.pending.sweeps_of_all + (l7_pending.sweeps_of_all if l7_pending else 0),
             netns_marked_unlisted=self.collector.pending.unlisted + (l7_pending.unlisted if l7_pending else 0),
         )
         if self.conntrack is not None:
@@ -336,7 +336,7 @@ class Agent:
         self.collector.stop_capture()
         if self.l7 is not None:
             self.l7.stop_capture()
-            self.l7.flush()
+            self.l7.final_sweep()
             self.drain_l7()
 
     def close(self) -> None:

@@ -10,8 +10,8 @@ the iterator there, come back; the iterators are then read from the agent's own 
 
 Each walk goes through the whole established-socket hash table, which namespaces share unless
 ``net.ipv4.tcp_child_ehash_entries`` is set (measured here: ~2-4 ms per namespace per walk with
-262,144 buckets, whatever the namespace holds), so the kernel marks the namespaces a walk has
-something to do in (``bpf_src/netns_pending.h``) and :class:`PendingNetns` narrows the listing
+262,144 buckets, whatever the namespace holds), so the kernel marks the namespaces the next
+sweep has something to do in (``bpf_src/netns_pending.h``) and :class:`PendingNetns` narrows the listing
 to them: an idle namespace costs nothing.
 
 Namespaces are found through processes (``PROC/PID/ns/net``) and ``ip netns`` bind mounts
@@ -95,7 +95,7 @@ class NetnsWalker:
     only_ino: int = 0
     mount_dirs: tuple[str, ...] = NETNS_MOUNT_DIRS
     vanished: int = 0  # namespaces gone between listing and entering (counted, not an error)
-    walked: int = 0  # iterators created: one per namespace per walk
+    walked: int = 0  # iterators created: one per namespace per pass (a sweep's, the start-up's)
     enter_failed: int = 0  # setns refused (counted: that namespace's sockets were not walked)
     unreadable: int = 0  # processes whose namespace the last listing could not read (-1 above)
     _said_unreadable: bool = False
@@ -187,25 +187,25 @@ class NetnsWalker:
 
 
 class PendingNetns:
-    """The namespaces the kernel marked for the next walk of one BPF object (its
+    """The namespaces the kernel marked for the next sweep of one BPF object (its
     ``NETNS_PENDING_MAPS``, bpf_src/netns_pending.h): :meth:`take` empties the marks and returns
-    the part of the walker's listing they name; the marks are taken before the walk, so one
+    the part of the walker's listing they name; the marks are taken before the sweep, so one
     made while it runs stays for the next. A full map sets ``walk_all``: every namespace."""
 
     def __init__(self, obj: BpfObject, pending: str, walk_all: str) -> None:
         """``pending``, ``walk_all``: the names ``NETNS_PENDING_MAPS`` gave the maps in ``obj``."""
         self._fd, self._info, self._all_fd = obj.map_fd(pending), obj.map_info(pending), obj.map_fd(walk_all)
-        self.walks_of_all = 0  # walks that went everywhere because the marks did not fit
+        self.sweeps_of_all = 0  # sweeps that walked every namespace because the marks did not fit
         # marked namespaces no process is in and no /run/netns mount names: not entered (their
         # quiet sockets report at close)
         self.unlisted = 0
 
     def take(self, walker: NetnsWalker, *, everything: bool = False) -> dict[int, str]:
-        """``everything``: the listing whole (a final walk), the marks emptied all the same."""
+        """``everything``: the listing whole (a final sweep), the marks emptied all the same."""
         if read_u32_array(self._all_fd, 0):
-            write_u32_array(self._all_fd, 0, 0)  # before the drain and the walk: a later mark stays
+            write_u32_array(self._all_fd, 0, 0)  # before the drain and the sweep: a later mark stays
             everything = True
-            self.walks_of_all += 1
+            self.sweeps_of_all += 1
         key_size, value_size, entries = self._info
         marked = {int.from_bytes(v, "little") for v in drain_hash(self._fd, key_size, value_size, entries)}
         if not marked and not everything:

@@ -62,10 +62,10 @@ enum kscope_stat {
 	KSCOPE_STAT_STORAGE_FAILED = 2,    /* socket storage could not be created (memory limit) */
 	KSCOPE_STAT_RST_NO_SOCKET = 3,     /* RST sent with no socket (e.g. SYN to a closed port) */
 	KSCOPE_STAT_DROPS_NO_SOCKET = 4,   /* TCP drops not attributable to a tracked socket */
-	KSCOPE_STAT_ITER_RETRY = 5,        /* flush iterator deferred a socket to the next read() */
+	KSCOPE_STAT_ITER_RETRY = 5,        /* sweep iterator deferred a socket to the next read() */
 	KSCOPE_STAT_SOCKETS_TRACKED = 6,   /* sockets that got storage (monotonic) */
 	KSCOPE_STAT_SEED_OWNERS_FULL = 7,  /* start: an old socket's owner not kept (map full): learned at its next send/recv */
-	KSCOPE_STAT_NETNS_PENDING_FULL = 8, /* a namespace could not be marked for the flush (map full): every one walked */
+	KSCOPE_STAT_NETNS_PENDING_FULL = 8, /* a namespace could not be marked for the sweep (map full): every one walked */
 	KSCOPE_STAT_REPORT_RB_FULL = 9,     /* a busy socket's own periodic record found the ring half full: its counts wait */
 	KSCOPE_STATS = 10,
 };

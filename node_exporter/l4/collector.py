@@ -25,7 +25,7 @@ OBJECT_NAME = "l4.bpf.o"
 # program -> capability; "l4.core" is required, the rest degrade one by one.
 CAPABILITIES: Mapping[str, str] = {
     "on_set_state": "l4.core",
-    "flush": "l4.core",
+    "sweep": "l4.core",
     "on_destroy_sock": "l4.core",
     "on_send_length": "l4.bytes",
     "on_recv_length": "l4.bytes",
@@ -55,7 +55,7 @@ class L4Stats:
     periodic_records: int = 0
     close_records: int = 0
     overflow_records: int = 0
-    walked_records: int = 0  # periodic records from the flush (the others: busy sockets' own)
+    swept_records: int = 0  # periodic records from the sweep (the others: busy sockets' own)
     decode_bad_length: int = 0
     decode_bad_type: int = 0
     polls: int = 0
@@ -74,18 +74,18 @@ class L4Collector:
         netns_pending_entries: int | None = None,
         proc_root: str = "/proc",
         report_s: float = 0.0,
-        walk_s: float = 0.0,
+        sweep_s: float = 0.0,
     ) -> None:
         """``proc_root``: where the host's processes are (their network namespaces are walked);
         ``seed_owner_entries``: how many old sockets' owners the start-up walk keeps (a test
         shrinks it to push past it); ``netns_pending_entries``: how many namespaces the kernel can
-        mark for the flush before it asks for a walk of all (the same).
+        mark for the sweep before it asks the sweep to walk all (the same).
 
         ``report_s``: a socket's own send/recv reports it when this long has passed since its last
-        report (0: never, the flush reports everything); ``walk_s``: the flush runs at most this
+        report (0: never, the sweep reports everything); ``sweep_s``: the sweep runs at most this
         often (0: every poll). With both, busy sockets are reported every ``report_s`` without a
-        walk, and those that went quiet within ``walk_s``: each walk of a namespace costs a pass
-        over the whole TCP hash table (netns.py)."""
+        sweep, and those that went quiet within ``sweep_s``: each namespace a sweep walks costs a
+        pass over the whole TCP hash table (netns.py)."""
         path = Path(object_path) if object_path else default_bpf_dir() / OBJECT_NAME
         sizes = {}
         if close_ring_bytes:
@@ -103,14 +103,14 @@ class L4Collector:
             knobs={"filter_netns_ino": netns_ino, "report_ns": int(report_s * 1e9)},
             map_sizes=sizes,
         )
-        # the TCP iterators show one network namespace each: the flush walks those its sockets
+        # the TCP iterators show one network namespace each: the sweep walks those its sockets
         # marked (netns.py)
         self.netns = NetnsWalker(proc_root=proc_root, only_ino=netns_ino)
-        self._walk_s = walk_s
-        self._walked_at = float("-inf")
-        self._walk_next = False  # stop_capture: the next poll walks whatever walk_s says
+        self._sweep_s = sweep_s
+        self._swept_at = float("-inf")
+        self._sweep_next = False  # stop_capture: the next poll sweeps whatever sweep_s says
         try:
-            self._iter_link = self.obj.attach_iter("flush")
+            self._iter_link = self.obj.attach_iter("sweep")
             _, _, ring_size = self.obj.map_info("close_ring")
             self._ring = RingReader(self.obj.map_fd("close_ring"), ring_size)
             self._overflow_fd = self.obj.map_fd("close_overflow")
@@ -159,7 +159,7 @@ class L4Collector:
 
     def poll(self) -> list[L4Record]:
         """Everything since the last poll: the ring's records (final ones, and the periodic ones
-        busy sockets made themselves) first, then the flush's periodic ones if a walk is due.
+        busy sockets made themselves) first, then the sweep's periodic ones if a sweep is due.
 
         The ring is drained before the iterator runs, so a socket that closed in between is
         never reported twice for the same counts (its deltas were taken by whichever record was
@@ -168,28 +168,28 @@ class L4Collector:
         ring = decode_many(self._ring.drain(), self._decode)
         key_size, value_size, entries = self._overflow_info
         overflow = decode_many(drain_hash(self._overflow_fd, key_size, value_size, entries), self._decode)
-        walked: list[L4Record] = []
+        swept: list[L4Record] = []
         now = time.monotonic()
-        if self._walk_next or now - self._walked_at >= self._walk_s:
-            self._walk_next = False
-            self._walked_at = now
+        if self._sweep_next or now - self._swept_at >= self._sweep_s:
+            self._sweep_next = False
+            self._swept_at = now
             listing = self.pending.take(self.netns)
-            walked = decode_batch(self.netns.run_iter(self._iter_link, listing), self._decode)
+            swept = decode_batch(self.netns.run_iter(self._iter_link, listing), self._decode)
         ring_closes = sum(r.is_close for r in ring)  # the overflow map holds final records only
         self.stats.polls += 1
         self.stats.close_records += ring_closes + len(overflow)
         self.stats.overflow_records += len(overflow)
-        self.stats.periodic_records += len(ring) - ring_closes + len(walked)
-        self.stats.walked_records += len(walked)
+        self.stats.periodic_records += len(ring) - ring_closes + len(swept)
+        self.stats.swept_records += len(swept)
         self.stats.decode_bad_length = self._decode.bad_length
         self.stats.decode_bad_type = self._decode.bad_type
-        return ring + overflow + walked
+        return ring + overflow + swept
 
     def stop_capture(self) -> None:
         """No more events from the kernel (see BpfObject.stop_capture); the next poll still
-        reports what the sockets' storage and the rings hold (it walks, whatever ``walk_s``)."""
+        reports what the sockets' storage and the rings hold (it sweeps, whatever ``sweep_s``)."""
         self.obj.stop_capture()
-        self._walk_next = True
+        self._sweep_next = True
 
     def kernel_stats(self) -> dict[str, int]:
         values = read_percpu_u64_array(self._stats_fd, int(Stat.KSCOPE_STATS))

@@ -146,7 +146,7 @@ def decode_l4(raw: bytes) -> L4Record | None:
 
 
 def decode_batch(blob: bytes, stats: DecodeStats) -> list[L4Record]:
-    """Consecutive fixed-size records (the flush iterator's output)."""
+    """Consecutive fixed-size records (the sweep iterator's output)."""
     out = []
     whole = len(blob) - len(blob) % RECORD_SIZE
     if whole != len(blob):

@@ -162,8 +162,8 @@ class L7Collector(L7Probe):
         self._stopped = True
         super().stop_capture()
 
-    def flush(self) -> None:
-        """The final sweep: every answered exchange and every summary goes to the ring; requests
+    def final_sweep(self) -> None:
+        """The last sweep: every answered exchange and every summary goes to the ring; requests
         still waiting for their response are counted (``stop_pending``), not sent."""
         self.sweep(final=True)
 

@@ -74,7 +74,7 @@ class L7Probe:
         """Before the last drain: no more calls are captured (iterators and rings stay)."""
         self.obj.stop_capture()
 
-    def flush(self) -> None:
+    def final_sweep(self) -> None:
         """After stop_capture: make the kernel send what it holds back (read by the next poll)."""
 
     def close(self) -> None:

@@ -407,12 +407,12 @@ def test_without_the_start_up_walk_an_old_listener_stays_unseen(topo: Topology) 
         assert [r for r in collector.poll() if r.local_port == PORT] == []
 
 
-# ---- periodic walks: only the namespaces with news ----------------------------------------
+# ---- sweeps: only the namespaces with news are walked ---------------------------------------
 
 
-def test_flush_walks_only_a_namespace_whose_sockets_changed(topo: Topology) -> None:
+def test_sweep_walks_only_a_namespace_whose_sockets_changed(topo: Topology) -> None:
     """Every walk of a namespace costs a pass over the whole shared TCP hash table: a namespace
-    where nothing changed since the last flush is not walked at all, one with news is walked once
+    where nothing changed since the last sweep is not walked at all, one with news is walked once
     and its socket reported."""
     from node_exporter.l4.collector import L4Collector
 
@@ -434,28 +434,28 @@ def test_flush_walks_only_a_namespace_whose_sockets_changed(topo: Topology) -> N
         assert collector.kernel_stats()["netns_pending_full"] == 0
 
 
-def test_busy_socket_reports_itself_and_the_walk_only_what_went_quiet(topo: Topology) -> None:
+def test_busy_socket_reports_itself_and_the_sweep_only_what_went_quiet(topo: Topology) -> None:
     """With ``report_s`` a socket's own sends report it once that long has passed since its last
-    report, through the ring, with no walk at all; what it did after its last report waits for
-    the walk (here: never) or its close, whose record then carries it: nothing is lost."""
+    report, through the ring, with no sweep at all; what it did after its last report waits for
+    the sweep (here: never) or its close, whose record then carries it: nothing is lost."""
     from node_exporter.l4.collector import L4Collector
 
     srv, cli, _, c_info = open_pair(topo, SRV_V4)
     cport = c_info["local"][1]
-    with L4Collector(netns_ino=topo.cli.ino, report_s=0.4, walk_s=3600) as collector:
+    with L4Collector(netns_ino=topo.cli.ino, report_s=0.4, sweep_s=3600) as collector:
         rec = Recorder(collector, lambda r: r.local_port == cport)
-        rec.poll()  # the first poll walks: the start-up walk's sockets, reported once
+        rec.poll()  # the first poll sweeps: the start-up walk's sockets, reported once
         walked, seeded = collector.netns.walked, len(rec.records)
         for _ in range(4):  # the first send sets the socket's deadline, each later one is past it
             transfer(cli, srv, 1_000)
             time.sleep(0.45)
         transfer(cli, srv, 1_000)
         own = rec.poll()
-        assert collector.netns.walked == walked and collector.stats.walked_records == seeded
+        assert collector.netns.walked == walked and collector.stats.swept_records == seeded
         assert len(own) == 4 and not any(r.is_close for r in own), own
         assert [r.delta.bytes_sent for r in own] == [2_000, 1_000, 1_000, 1_000]
 
-        transfer(cli, srv, 777)  # not due yet: no record, and no walk to find it
+        transfer(cli, srv, 777)  # not due yet: no record, and no sweep to find it
         time.sleep(0.1)
         assert rec.poll() == []
         close_pair(cli, srv)
@@ -474,7 +474,7 @@ def test_busy_socket_past_a_full_ring_loses_nothing(topo: Topology) -> None:
 
     srv, cli, _, c_info = open_pair(topo, SRV_V4)
     cport = c_info["local"][1]
-    with L4Collector(netns_ino=topo.cli.ino, close_ring_bytes=4096, report_s=0.05, walk_s=3600) as small:
+    with L4Collector(netns_ino=topo.cli.ino, close_ring_bytes=4096, report_s=0.05, sweep_s=3600) as small:
         rec = Recorder(small, lambda r: r.local_port == cport)
         rec.poll()
         for _ in range(30):  # ~30 records due, no poll: a 4 KiB ring takes 7 (half is for final records)
@@ -529,19 +529,19 @@ def test_marked_namespace_nobody_can_enter_is_counted_and_reports_at_close() -> 
 
 def test_namespace_marks_past_their_map_walk_every_namespace(topo: Topology) -> None:
     """The map of marked namespaces holds one here: both ends' news still arrive (the kernel asks
-    for a walk of every namespace instead), and each mark that did not fit is counted."""
+    for a sweep of every namespace instead), and each mark that did not fit is counted."""
     from node_exporter.l4.collector import L4Collector
 
     srv, cli, s_info, c_info = open_pair(topo, SRV_V4)
     ends = {(s_info["local"][1], c_info["local"][1]), (c_info["local"][1], PORT)}
     with L4Collector(netns_pending_entries=1) as collector:
         collector.poll()
-        full, everywhere = collector.kernel_stats()["netns_pending_full"], collector.pending.walks_of_all
+        full, everywhere = collector.kernel_stats()["netns_pending_full"], collector.pending.sweeps_of_all
         transfer(cli, srv, 7_000)
         news = [r for r in collector.poll() if (r.local_port, r.remote_port) in ends]
         assert sorted(r.total.bytes_sent + r.total.bytes_received for r in news) == [7_000, 7_000], news
         assert collector.kernel_stats()["netns_pending_full"] > full
-        assert collector.pending.walks_of_all == everywhere + 1
+        assert collector.pending.sweeps_of_all == everywhere + 1
 
 
 # ---- 7: churn -------------------------------------------------------------------------------

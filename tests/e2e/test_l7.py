@@ -528,7 +528,7 @@ def test_sweep_marks_past_their_map_walk_every_namespace(topo: Topology, tmp_pat
         check_pair(one(c, "client"), one(s, "server"), topo, cport)
         ((_, both),) = trace.pairs
         assert both.kernel_stats()["netns_pending_full"] >= 1
-        assert both.pending.walks_of_all >= 1
+        assert both.pending.sweeps_of_all >= 1
     finally:
         trace.close()
 
@@ -553,7 +553,7 @@ def test_busy_socket_sends_its_due_summaries_without_a_sweep(
         early = [e.record.summary for e in http(trace.events, side=side) if e.record.summary is not None]
         assert len(early) >= 2 and all(s.count >= 1 for s in early), early  # due every 0.3 s, n * 0.1 s
     for _, l7 in trace.pairs:
-        l7.flush()
+        l7.final_sweep()
     trace.poll()
     for side in (Role.CLIENT, Role.SERVER):
         events = http(trace.events, side=side)
@@ -672,13 +672,13 @@ def test_summaries_count_every_request_under_load(
     time.sleep(0.4)  # every summary is due; the next sweep (poll) sends them
     trace.until(lambda ev: False, timeout=0.6)
     for _, l7 in trace.pairs:
-        l7.flush()  # as the agent before it stops: whatever is still summed (nothing, by now)
+        l7.final_sweep()  # as the agent before it stops: whatever is still summed (nothing, by now)
     trace.poll()
 
     stats = trace.kernel_stats()
     # What the ring had no room for is counted, per request: an exchange record, or a request that
     # found every slot taken and no room for the evicted summary. (A due summary without room stays
-    # in its slot for the next sweep; the final flush found room, or summary_lost says so.)
+    # in its slot for the next sweep; the final sweep found room, or summary_lost says so.)
     lost = stats["exchange_rb_full"] + stats["summary_lost"]
     assert (stats["slots_full"] > 0) == (targets is MANY), stats
     assert stats["summarized"] > n, stats  # most requests, at both ends, were summed

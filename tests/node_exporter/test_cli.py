@@ -212,7 +212,7 @@ def test_without_cap_sys_admin_other_namespaces_are_skipped_counted_and_said_onc
     (its own namespace walked), says so in one warning line, and counts every namespace skipped."""
     name = f"ks-cap-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", name], check=True)
-    # news in that namespace every interval (refused connects on its loopback): the flush is due there
+    # news in that namespace every interval (refused connects on its loopback): the sweep is due there
     loop = "ip link set lo up; while :; do curl -s http://127.0.0.1:9/; sleep 0.2; done"
     busy = subprocess.Popen(["ip", "netns", "exec", name, "sh", "-c", loop])
     try:
@@ -230,7 +230,7 @@ def test_without_cap_sys_admin_other_namespaces_are_skipped_counted_and_said_onc
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count('"event": "netns_enter_failed"') == 1, proc.stderr
     counters = _records(out)[-1].stats.counters
-    assert counters["netns_enter_failed"] >= 2  # every interval's flush skipped it again, counted each time
+    assert counters["netns_enter_failed"] >= 2  # every sweep skipped it again, counted each time
     assert counters["periodic_records"] >= 0
 
 
