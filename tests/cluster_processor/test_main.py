@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from tests.cluster_processor.ingest.harness import Certs, make_certs
 from tests.cluster_processor.kube import factories as f
 from tests.cluster_processor.kube.fake_apiserver import FakeApiServer
 from tests.cluster_processor.otlp.receiver import OtlpReceiver
+from tests.helpers import eventually_async as eventually
 
 REPO = Path(__file__).resolve().parents[2]
 A_IP, B_IP, VIP = "10.1.0.5", "10.1.1.7", "10.96.0.20"
@@ -59,14 +60,6 @@ def _reset_logging() -> Iterator[None]:
 
 def run(coro: Coroutine[Any, Any, None]) -> None:
     asyncio.run(asyncio.wait_for(coro, 30))
-
-
-async def eventually(pred: Callable[[], object], what: str, timeout_s: float = 8.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.02)
 
 
 # ---- the cluster --------------------------------------------------------------------------------

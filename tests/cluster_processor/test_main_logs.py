@@ -12,7 +12,8 @@ from cluster_processor import main as m
 from cluster_processor.aggregate import AggregatorSettings
 from kscope.v1 import flow_pb2 as pb
 from tests.cluster_processor.otlp.receiver import OtlpReceiver
-from tests.cluster_processor.test_main import A_IP, MS, _kv, _scrape, cluster, config, eventually, run, send
+from tests.cluster_processor.test_main import A_IP, MS, _kv, _scrape, cluster, config, run, send
+from tests.helpers import eventually_async as eventually
 
 NAMES, EACH, MAX_LOGS = 5, 10, 2
 

@@ -30,6 +30,7 @@ from tests.conftest import REQUIRE_BPF
 from tests.deploy.pod import Container, Containers, built_image, podman, run_args
 from tests.e2e.nattopo import BACKEND_PORT
 from tests.e2e.test_cluster import NODE, REQUESTS, ClusterTopology, check, dump, populate, start_nginx
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.bpf
 KUBECONFIG_IN_POD = "/etc/kscope/kubeconfig"
@@ -141,10 +142,13 @@ def test_traffic_reaches_otlp_through_the_agent_and_processor_images(
             r = nat_topo.cli.run("curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}",
                                  f"http://{nat_topo.spod_ip}:{BACKEND_PORT}/orders/123")  # fmt: skip
             assert r.stdout == "200", r.stdout + r.stderr
-        deadline = time.monotonic() + 60
-        while latest(rx, "kscope.tcp.connections", **{"service.name": "a", "peer.service.name": "b"}) < REQUESTS:
-            assert time.monotonic() < deadline, f"no a -> b connections at the receiver\n{dump(rx)}"
-            time.sleep(0.05)
+        eventually(
+            lambda: latest(rx, "kscope.tcp.connections", **{"service.name": "a", "peer.service.name": "b"}) >= REQUESTS,
+            "a -> b connections at the receiver",
+            60,
+            interval_s=0.05,
+            diag=lambda: dump(rx),
+        )
         timings["podman_run_to_first_edge_at_otlp_s"] = time.monotonic() - t0
         # SIGTERM, as the kubelet stops a pod: a last interval is shipped, and the exit is clean.
         assert agent.stop() == 0, agent.output

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tests.helpers import eventually
+
 if TYPE_CHECKING:
     from node_exporter.l4.collector import L4Collector
     from node_exporter.l4.records import L4Record
@@ -223,12 +225,12 @@ class Topology:
         return Peer(proc, label or f"{ns.name}:{args[0]}")
 
     def wait_listening(self, ns: Netns, port: int, timeout: float = 10, udp: bool = False) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if ns.run("ss", "-Huln" if udp else "-Htln", f"sport = :{port}").stdout.strip():
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"nothing listens on port {port} in {ns.name}")
+        eventually(
+            lambda: ns.run("ss", "-Huln" if udp else "-Htln", f"sport = :{port}").stdout.strip(),
+            f"a listener on port {port} in {ns.name}",
+            timeout,
+            interval_s=0.05,
+        )
 
 
 NGINX_CONF = """\

@@ -14,7 +14,6 @@ import random
 import re
 import secrets
 import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from tests.cluster_processor.test_main import _kv as kv
 from tests.cluster_processor.test_main import latest, points, spans
 from tests.e2e.nattopo import BACKEND_PORT, VIP_PORT, NatTopology, attach_pod
 from tests.e2e.netns import nginx, run
+from tests.helpers import eventually_async as eventually
 
 pytestmark = pytest.mark.bpf
 REPO = Path(__file__).resolve().parents[2]
@@ -199,14 +199,6 @@ def run_agent_and_traffic(
     return "".join(seen) + rest
 
 
-async def eventually(pred: Callable[[], object], what: str, diag: Callable[[], str], timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}\n{diag()}")
-        await asyncio.sleep(0.05)
-
-
 def dump(rx: OtlpReceiver) -> str:
     """What the receiver holds, compactly, for failure messages."""
     lines = []
@@ -240,14 +232,14 @@ def test_pod_a_calls_service_b_through_its_vip(
 
 async def check(rx: OtlpReceiver, vip: str, diag: Callable[[], str]) -> None:
     sg = "traces_service_graph_request_total"
-    await eventually(lambda: latest(rx, sg, client="a", server="b") == REQUESTS, "service graph a -> b = 5", diag)
+    await eventually(lambda: latest(rx, sg, client="a", server="b") == REQUESTS, "service graph a -> b = 5", diag=diag)
     server_dur = {"service.peer.name": "a", "http.route": "/orders/{id}"}
     await eventually(lambda: latest(rx, "http.server.request.duration", B_RES, **server_dur) == REQUESTS,
-                     "http.server.request.duration count 5 for b <- a on /orders/{id}", diag)  # fmt: skip
+                     "http.server.request.duration count 5 for b <- a on /orders/{id}", diag=diag)  # fmt: skip
     await eventually(lambda: len([s for r, s in spans(rx) if s.kind == SERVER and r.get("k8s.deployment.name") == "b"])
-                     == REQUESTS, "5 SERVER spans of b", diag)  # fmt: skip
+                     == REQUESTS, "5 SERVER spans of b", diag=diag)  # fmt: skip
     await eventually(lambda: any(s.kind == CLIENT and r.get("service.name") == "a" for r, s in spans(rx)),
-                     "CLIENT spans of a", diag)  # fmt: skip
+                     "CLIENT spans of a", diag=diag)  # fmt: skip
     await asyncio.sleep(1.5)  # one more processor interval: nothing else (e.g. a VIP edge) may arrive late
 
     # The service graph: a -> b once per request, as a direct edge. Without the conntrack answer the
@@ -338,7 +330,7 @@ def test_requests_summed_in_the_kernel_count_in_the_metrics(
 
             server_dur = {"service.peer.name": "a", "http.route": "/orders/{id}"}
             await eventually(lambda: latest(rx, "http.server.request.duration", B_RES, **server_dur) >= n,
-                             f"http.server.request.duration count >= {n}", diag)  # fmt: skip
+                             f"http.server.request.duration count >= {n}", diag=diag)  # fmt: skip
             await asyncio.sleep(1.5)  # one more processor interval: nothing may arrive late
             assert n <= latest(rx, "http.server.request.duration", B_RES, **server_dur) <= n + conns, diag()
             graph = latest(rx, "traces_service_graph_request_total", client="a", server="b")

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from node_exporter.netns import NetnsWalker
 from tests.e2e.netns import Topology
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.bpf  # root: namespaces and setns
 
@@ -31,10 +31,7 @@ def unshared() -> Iterator[subprocess.Popen[bytes]]:
     """A process in a namespace of its own that no bind mount names: found through /proc only."""
     proc = subprocess.Popen(["unshare", "--net", "sleep", "30"])
     try:
-        deadline = time.monotonic() + 5
-        while os.stat(f"/proc/{proc.pid}/ns/net").st_ino == _here():
-            assert time.monotonic() < deadline, "unshare did not enter its namespace"
-            time.sleep(0.01)
+        eventually(lambda: os.stat(f"/proc/{proc.pid}/ns/net").st_ino != _here(), "unshare entering its namespace")
         yield proc
     finally:
         proc.kill()

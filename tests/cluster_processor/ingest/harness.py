@@ -10,8 +10,7 @@ import contextlib
 import socket
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -94,14 +93,6 @@ def free_port() -> int:
 def config(port: int = 0, **kw: Any) -> IngestConfig:
     kw.setdefault("drain_timeout_s", 1.0)
     return IngestConfig(listen=f"127.0.0.1:{port}", **kw)
-
-
-def eventually(pred: Callable[[], object], what: str, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        time.sleep(0.01)
 
 
 # --- batches ---------------------------------------------------------------------------------------------

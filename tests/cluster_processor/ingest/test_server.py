@@ -21,10 +21,10 @@ from tests.cluster_processor.ingest.harness import (
     RecordingSink,
     batch,
     config,
-    eventually,
     free_port,
     l4,
 )
+from tests.helpers import eventually
 
 PATH = f"/{METHOD.containing_service.full_name}/{METHOD.name}"
 

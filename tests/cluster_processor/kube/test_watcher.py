@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from cluster_processor.kube.errors import KubeConfigError
 from cluster_processor.kube.index import KubeIndex
 from tests.cluster_processor.kube import factories as f
 from tests.cluster_processor.kube.fake_apiserver import FakeApiServer
+from tests.helpers import eventually_async as eventually
 
 FAST = w.WatchSettings(
     page_size=2,
@@ -38,14 +38,6 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def run(coro: Coroutine[Any, Any, None]) -> None:
     asyncio.run(asyncio.wait_for(coro, 20))
-
-
-async def eventually(pred: Callable[[], object], what: str, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager

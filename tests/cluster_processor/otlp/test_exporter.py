@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import grpc
@@ -20,6 +20,7 @@ from cluster_processor.otlp.model import span_context as new_context
 from cluster_processor.otlp.pipeline import OtlpPipeline
 from tests.cluster_processor.otlp import factories as f
 from tests.cluster_processor.otlp.receiver import OtlpReceiver
+from tests.helpers import eventually_async as eventually
 
 FAST = RetryPolicy(initial_backoff_s=0.02, max_backoff_s=0.1)
 
@@ -31,14 +32,6 @@ def settings(receiver: OtlpReceiver, **kw: Any) -> ExporterSettings:
 
 def run(coro: Coroutine[Any, Any, None]) -> None:
     asyncio.run(asyncio.wait_for(coro, 20))
-
-
-async def eventually(pred: Callable[[], object], what: str, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager

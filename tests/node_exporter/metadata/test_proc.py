@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 
 from node_exporter.metadata.cgroup import HOST, ContainerIdentity, parse_cgroup_file
 from node_exporter.metadata.proc import ProcessIndex, ProcessInfo
+from tests.helpers import eventually
 
 CID = "3f2b8c1d9e0a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9012345678"
 POD_UID = "8d4c2f1e-7b3a-4e9d-a1c2-5f6e7d8c9b0a"
@@ -186,10 +186,7 @@ def named_child(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     child = subprocess.Popen([str(link), "30"])
     try:
         # Popen returns once the child is forked; until it has exec'd, its name is still ours
-        deadline = time.monotonic() + 5
-        while Path(f"/proc/{child.pid}/comm").read_text().strip() != "kscope-probe":
-            assert time.monotonic() < deadline, "the child never exec'd"
-            time.sleep(0.005)
+        eventually(lambda: Path(f"/proc/{child.pid}/comm").read_text().strip() == "kscope-probe", "the child's exec")
         yield child
     finally:
         child.kill()

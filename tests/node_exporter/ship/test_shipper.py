@@ -23,10 +23,10 @@ from tests.cluster_processor.ingest.harness import (
     RecordingSink,
     batch,
     config,
-    eventually,
     free_port,
     l4,
 )
+from tests.helpers import eventually
 
 
 def ship_config(port: int, **kw: Any) -> ShipConfig:
