@@ -253,10 +253,6 @@ class _NodeState:
     spans: list[SpanRecord] = field(default_factory=list)
 
 
-_PROCESS: Final = attrgetter("pod_uid", "container_id", "host_process")
-_ENDS: Final = attrgetter("local_ip", "local_port", "remote_ip", "remote_port")
-_L4_REST: Final = attrgetter("nat_remote_ip", "nat_remote_port", "kind", "connect_status", "srtt_us")
-_LISTENER: Final = pb.ROLE_LISTENER
 _SERVER: Final = pb.ROLE_SERVER
 _CLOSE: Final = pb.RECORD_KIND_CLOSE
 _HTTP: Final = attrgetter("method", "route", "path", "request_id", "status_code", "traceparent")
@@ -267,9 +263,6 @@ _SPARSE_L4: Final = (
     (("delta_retransmits", "delta_syn_retransmits"), "retransmits"),
     (("delta_resets_sent", "delta_resets_received"), "resets"),
     (("delta_drops",), "drops"),
-)
-_DELTA: Final = attrgetter(
-    "bytes_sent", "bytes_received", "retransmits", "syn_retransmits", "resets_sent", "resets_received", "drops"
 )
 
 
@@ -306,15 +299,12 @@ class Aggregator:
             st = self._nodes[node] = _NodeState(start, logs=EventLog(self._settings.max_logs, self._counters))
         self._resolutions.check_index()
         closed: list[tuple[str, int, int]] = []
-        l4 = batch.l4
-        c["l4_records"] += len(l4)
-        add_l4 = self._add_l4
-        for flow in l4:
-            if add_l4(node, st, flow):
-                closed.append((node, flow.netns_inode, flow.socket_cookie))
+        if batch.l4:  # schema_version 1 (an older agent): its rows, as the columns agents now ship
+            c["l4_records"] += len(batch.l4)
+            self._add_l4(node, st, l4_columns.to_columns(batch.l4), closed)
         if batch.HasField("l4_columns"):
             c["l4_records"] += batch.l4_columns.count
-            self._add_l4_columns(node, st, batch.l4_columns, closed)
+            self._add_l4(node, st, batch.l4_columns, closed)
         l7 = batch.l7
         c["l7_records"] += len(l7)
         for req in l7:
@@ -364,83 +354,13 @@ class Aggregator:
         st.edges.add(ref)
         return True
 
-    def _add_l4(self, node: str, st: _NodeState, f: pb.L4Flow) -> bool:
-        """Returns whether the record closes its socket."""
-        role = f.role
-        if role == _LISTENER:
-            self._counters["listener_records"] += 1
-            self._add_listener(node, st, f)
-            return bool(f.kind == _CLOSE)
-        proc = _PROCESS(f.process)
-        local_ip, local_port, remote_ip, remote_port = _ENDS(f)
-        nat_ip, nat_port, kind, connect_status, srtt_us = _L4_REST(f)
-        ref, unresolved, external = self._resolutions.l4(
-            node, f, proc, (local_ip, local_port, remote_ip, remote_port), (nat_ip, nat_port)
-        )
-        if unresolved:
-            self._counters["unresolved_local"] += 1
-        if external:
-            self._counters["external_remote"] += 1
-        is_server = role == _SERVER
-        skey = (node, f.netns_inode, f.socket_cookie)
-        sock = self._sockets.get(skey)
-        if sock is None:
-            sock = self._socket(skey)
-        else:
-            self._sockets.move_to_end(skey)  # least recently seen first: what a full table forgets
-        if nat_ip:
-            sock.nat_ip, sock.nat_port = nat_ip, nat_port
-        first_connect = False
-        failure = None
-        if connect_status:  # CONNECT_STATUS_UNSPECIFIED is 0
-            first_connect = not sock.connect_seen
-            sock.connect_seen = True
-            failure = _CONNECT_ERRORS.get(connect_status)
-        sent, received, retransmits, syn_retransmits, resets_sent, resets_received, drops = _DELTA(f.delta)
-        # Events are bounded on their own (max_logs): a full edge table must not hide a reset.
-        if resets_sent or resets_received or (first_connect and failure in ("connection_refused", "timeout")):
-            # Rare: resolve afresh, since a log names the client's own port, which the key leaves out.
-            r = resolve_l4(self._index, node, f)
-            side = Side.SERVER if is_server else Side.CLIENT
-            self._l4_events(node, st, f, r, side, failure if first_connect else None)
-        if ref not in st.edges and not self._admit(st, ref):
-            return bool(kind == _CLOSE)
-        key = ref.server if is_server else ref.client
-        acc = st.l4.get(key)
-        if acc is None:
-            acc = st.l4[key] = _L4()
-        acc.bytes_sent += sent
-        acc.bytes_received += received
-        if retransmits or syn_retransmits:
-            acc.retransmits += retransmits + syn_retransmits
-        if resets_sent or resets_received:
-            acc.resets += resets_sent + resets_received
-        if drops:
-            acc.drops += drops
-        if srtt_us:
-            acc.rtt_sum_s += srtt_us / 1e6
-            acc.rtt_n += 1
-        if not is_server:
-            if kind == _CLOSE and failure is None:
-                acc.connections += 1
-            if first_connect:
-                if failure is not None:
-                    acc.failures[failure] = acc.failures.get(failure, 0) + 1
-                elif f.connect_latency_ns:
-                    if acc.connect is None:
-                        acc.connect = _Hist(CONNECT_BOUNDS_S)
-                    acc.connect.add(f.connect_latency_ns / NS_PER_S)
-        return bool(kind == _CLOSE)
-
-    def _add_l4_columns(
-        self, node: str, st: _NodeState, cols: pb.L4Columns, closed: list[tuple[str, int, int]]
-    ) -> None:
-        """``_add_l4`` over every record of a columnar batch, under the same rules (a test holds the two
-        forms to the same output), reading ints out of columns instead of fields out of one message per
-        record. One pass in record order does what every record needs (its socket, bytes, RTT, connect
-        outcome); the counters most records leave at zero (retransmits, resets, drops) are added in
-        passes over only their non-zero records. Rare records (a listener, a reset or failed connect
-        that makes a log) are rebuilt as an ``L4Flow`` and take ``_add_l4``'s own code."""
+    def _add_l4(self, node: str, st: _NodeState, cols: pb.L4Columns, closed: list[tuple[str, int, int]]) -> None:
+        """Every L4 record of a batch, in columns (an older agent's rows are turned into columns first):
+        ints read out of columns, not fields out of one message per record. One pass in record order
+        does what every record needs (its socket, bytes, RTT, connect outcome); the counters most
+        records leave at zero (retransmits, resets, drops) are added in passes over only their non-zero
+        records. Rare records (a listener, a reset or failed connect that makes a log) are rebuilt as an
+        ``L4Flow`` (``l4_columns.row``) for the code that needs one message."""
         n = cols.count
         c = self._counters
         sides, unresolved, external = self._resolutions.l4_columns(node, cols)

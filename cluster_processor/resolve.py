@@ -424,39 +424,14 @@ class ResolutionCache:
             mkey = self._mkeys[ident] = _MKey(endpoint)
         return _End(endpoint, mkey, nat)
 
-    def l4(
-        self,
-        node: str,
-        f: pb.L4Flow,
-        proc: tuple[str, str, bool],
-        ends: tuple[str, int, str, int],
-        nat: tuple[str, int],
-    ) -> tuple[EdgeRef, bool, bool]:
-        """(metric edge, local end unresolved, remote end external) of one L4 record; ``proc``,
-        ``ends`` and ``nat`` are its fields, already read by the caller."""
-        local_ip, local_port, remote_ip, remote_port = ends
-        nat_ip, nat_port = nat
-        if self._limit <= 0:  # the reference path: every record resolved afresh
-            r = resolve_l4(self._index, node, f)
-            ref = self._intern_ref(edge(r, METRIC_EDGE))
-            return ref, r.local.how is How.UNRESOLVED, r.remote.kind is EndpointKind.EXTERNAL
-        le = self._local_end(node, proc, local_ip)
-        re = self._remote_end(remote_ip, nat_ip)
-        # A metric edge reads a server's port (its own when local, else the peer's or the NAT
-        # answer's), never a client's: ephemeral ports stay out of the key.
-        remote_port = (nat_port or remote_port) if re.nat else remote_port
-        is_client = f.role != pb.ROLE_SERVER
-        ekey = (le.mkey, re.mkey, remote_port) if is_client else (re.mkey, le.mkey, local_port)
-        ref = self._edge_ref(ekey, le.endpoint, re.endpoint, is_client, local_port, remote_port)
-        return ref, le.unresolved, re.external
-
     def l4_columns(self, node: str, cols: pb.L4Columns) -> tuple[list[EdgeSide | None], int, int]:
-        """``l4`` for every record of a columnar batch at once: (the metric edge side of each record,
-        None for a listener; how many records had an unresolved local end; how many an external remote).
+        """The metric edge of every L4 record of a columnar batch at once: (the metric edge side of
+        each record, None for a listener; how many records had an unresolved local end; how many an
+        external remote).""
 
         Looked up in C (``map`` over ``_Memo.__getitem__``), calling back into Python only for what
         was not seen before: each record's local end by its string-table ints (process identity and
-        address; per batch), its remote end by address and NAT answer (``l4``'s table), and its edge
+        address; per batch), its remote end by address and NAT answer (``_remotes``), and its edge
         side by the two ends' metric identities (``_MKey``: workload level, so few), whether the remote
         was named through its NAT answer, role, and the ports a metric edge keeps (the server's: the
         local port of a server socket, else the remote one; and the NAT answer's), never a client's
@@ -492,7 +467,7 @@ class ResolutionCache:
         sides = list(map(self._sides.__getitem__, side_keys))
         unresolved = sum(map(_UNRESOLVED, ends))
         external = sum(map(_EXTERNAL, remotes))
-        if None in sides:  # listeners: no edge, so not counted (as in ``l4``, which they never reach)
+        if None in sides:  # listeners: no edge, so not counted
             listeners = [side is None for side in sides]
             unresolved -= sum(compress(map(_UNRESOLVED, ends), listeners))
             external -= sum(compress(map(_EXTERNAL, remotes), listeners))
@@ -500,7 +475,7 @@ class ResolutionCache:
 
     def _side(self, key: tuple[_MKey, _MKey, bool, int, int, int]) -> EdgeSide | None:
         """The metric edge side of ends with these metric identities, remote named by its NAT answer
-        or not, role, server port and NAT port (``l4``'s rules); ``_sides`` keeps it."""
+        or not, role, server port and NAT port; ``_sides`` keeps it."""
         local, remote, nat, role, port, nat_port = key
         if role == _LISTENER:
             return None
@@ -546,9 +521,6 @@ class ResolutionCache:
             le = self._end(resolve_local(self._index, node, process, local_ip))
             self._cache(self._locals, lkey, le)
         return le
-
-    def _remote_end(self, remote_ip: str, nat_ip: str) -> _End:
-        return self._remotes[remote_ip, nat_ip]  # type: ignore[no-any-return]
 
     def _new_remote_end(self, key: tuple[str, str]) -> _End:
         """A remote end not in ``_remotes`` (which keeps what this returns): bounded like ``_cache``."""

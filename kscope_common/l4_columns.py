@@ -3,9 +3,10 @@ out of its columns, a subset of the records. Pure functions over protobuf messag
 
 The agent ships columns (``schema_version`` 2) because the processor reads a column as one array
 instead of one message object per record; the row form (``L4Flow``) stays for ``--jsonl`` output,
-older agents, and rare per-record paths (a listener, a reset's log) where the processor rebuilds one
-row with ``row``. ``COLUMNS`` is the one place that says which ``L4Flow`` field each column holds;
-a test checks it names every field of both messages.
+older agents (the processor turns their rows into columns with ``to_columns``: one L4 path), and rare
+per-record paths (a listener, a reset's log) where the processor rebuilds one row with ``row``.
+``COLUMNS`` is the one place that says which ``L4Flow`` field each column holds; a test checks it
+names every field of both messages.
 """
 
 from __future__ import annotations

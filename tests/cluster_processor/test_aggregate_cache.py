@@ -128,25 +128,14 @@ def test_cached_resolution_equals_resolving_every_record(seed: int, limit: int) 
     assert reference.counters()["unresolved_local"] and reference.counters()["external_remote"]
 
 
-def as_form(batch: pb.FlowBatch, form: str) -> pb.FlowBatch:
-    """``batch`` as an agent of that form ships it: L4 rows (schema_version 1) or L4Columns (2)."""
-    if form == "rows":
-        return batch
-    out = pb.FlowBatch(schema_version=2, node_name=batch.node_name, time_unix_nano=batch.time_unix_nano)
-    out.l4_columns.CopyFrom(to_columns(batch.l4))
-    out.l7.extend(batch.l7)
-    return out
-
-
-@pytest.mark.parametrize("form", ["rows", "columns"])
-def test_an_index_change_is_seen_by_the_next_batch(form: str) -> None:
+def test_an_index_change_is_seen_by_the_next_batch() -> None:
     index = build_index()
     agg = Aggregator(index)
     new_ip = "10.1.7.7"
     flow = pb.L4Flow(socket_cookie=1, role=pb.ROLE_CLIENT, local_ip=PODS["p0"], local_port=40000, remote_ip=new_ip,
                      remote_port=8080, ip_family=4, process=pb.ProcessIdentity(pod_uid="uid-p0"))  # fmt: skip
     flow.delta.bytes_sent = 1
-    batch = as_form(pb.FlowBatch(schema_version=1, node_name="node-1", l4=[flow]), form)
+    batch = pb.FlowBatch(schema_version=2, node_name="node-1", l4_columns=to_columns([flow]))
     agg.add(batch, T0)
     (before,) = agg.flush(T0 + S)
     assert attr(before.interval.l4[0].edge.server, "server.address") == new_ip  # external: kept as an address
@@ -162,7 +151,7 @@ def test_an_index_change_is_seen_by_the_next_batch(form: str) -> None:
     young_flow.CopyFrom(flow)
     young_flow.process.CopyFrom(pb.ProcessIdentity(container_id=young))
     young_flow.local_ip = "10.1.7.8"
-    young_batch = as_form(pb.FlowBatch(schema_version=1, node_name="node-1", l4=[young_flow]), form)
+    young_batch = pb.FlowBatch(schema_version=2, node_name="node-1", l4_columns=to_columns([young_flow]))
     agg.add(young_batch, T0 + 2 * S)
     (young_before,) = agg.flush(T0 + 3 * S)
     assert attr(young_before.interval.l4[0].edge.client, "k8s.deployment.name") is None

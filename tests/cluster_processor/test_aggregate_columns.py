@@ -1,33 +1,22 @@
-"""The columnar form of L4 records (``L4Columns``, schema_version 2) aggregates to exactly what the row
-form (``L4Flow``) gives for the same records: the same ``NodeReport``s, the same counters, the same
-OTLP requests byte for byte, on random records, with every resolution-cache bound, and with a socket
-table so small that it evicts."""
+"""L4 records in columns (``L4Columns``, schema_version 2: what agents ship), the aggregator's one L4
+path: the counters most records leave at zero are summed per edge side from their sparse columns; an
+L7 record joins the NAT answer its socket's columnar L4 record carried; an older agent's rows
+(schema_version 1) are read as the same columns, not dropped."""
 
 from __future__ import annotations
 
 import random
 
-import pytest
-
-from cluster_processor.aggregate import Aggregator, AggregatorSettings, NodeReport
-from cluster_processor.otlp import encode, model
-from cluster_processor.otlp.encode import EncodedRequest
-from cluster_processor.otlp.exporter import Signal
-from cluster_processor.otlp.pipeline import OtlpPipeline
+from cluster_processor.aggregate import Aggregator, AggregatorSettings
+from cluster_processor.kube.index import KubeIndex
+from cluster_processor.otlp import model
+from cluster_processor.otlp.model import Side
 from kscope.v1 import flow_pb2 as pb
 from kscope_common.l4_columns import to_columns
+from tests.cluster_processor import test_aggregate as base
 from tests.cluster_processor.test_aggregate_cache import T0, S, build_index, random_batch
 
-
-class Serialized:
-    """What the gRPC stub would send: every request, serialized, in order."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[Signal, bytes]] = []
-
-    def submit(self, signal: Signal, request: EncodedRequest) -> bool:
-        self.sent.append((signal, request.data))
-        return True
+index = base.index  # a-1 (node-1) calls b through its VIP; b-1 (node-2) answers
 
 
 def columnar(batch: pb.FlowBatch) -> pb.FlowBatch:
@@ -40,69 +29,26 @@ def columnar(batch: pb.FlowBatch) -> pb.FlowBatch:
     return out
 
 
-def random_flows_batch(r: random.Random, node: str, k: int) -> pb.FlowBatch:
-    """``random_batch`` plus the counters it leaves at zero, so every sparse column is exercised."""
-    b = random_batch(r, node, k)
-    for fl in b.l4:
-        if r.random() < 0.2:
-            fl.delta.retransmits, fl.delta.syn_retransmits = r.randint(0, 3), r.randint(0, 2)
-        if r.random() < 0.1:
-            fl.delta.drops, fl.delta.resets_sent = r.randint(1, 4), int(r.random() < 0.3)
-        if r.random() < 0.1:
-            fl.connect_status = r.choice([pb.CONNECT_STATUS_TIMEOUT, pb.CONNECT_STATUS_OTHER, 99])
-        if fl.role == pb.ROLE_LISTENER:
-            fl.socket_drops, fl.accept_queue, fl.accept_queue_max = r.randint(0, 50), r.randint(0, 9), 128
-            fl.delta.listen_overflows = r.randint(0, 3)
-    return b
-
-
-def run(
-    batches: list[list[pb.FlowBatch]], settings: AggregatorSettings, form: str
-) -> tuple[list[NodeReport], dict[str, int], list[tuple[Signal, bytes]]]:
-    agg = Aggregator(build_index(), settings)
-    sink = Serialized()
-    pipe = OtlpPipeline(encode.Reporter("test-0", "node-1"), sink, start_unix_nano=T0)
-    reports = []
-    for k, interval in enumerate(batches):
-        model._RNG.seed(k)
-        for j, b in enumerate(interval):
-            # mixed: an old agent's rows and a new agent's columns on the same sockets, batch by batch
-            as_columns = form == "columns" or (form == "mixed" and (j + k) % 2 == 0)
-            agg.add(columnar(b) if as_columns else b, T0 + k * S)
-        for rep in agg.flush(T0 + (k + 1) * S):
-            reports.append(rep)
-            pipe.export_interval(rep.interval)
-            pipe.export_logs(rep.interval.node_name, rep.logs)
-    return reports, agg.counters(), sink.sent
-
-
-@pytest.mark.parametrize(
-    ("seed", "settings"),
-    [
-        (1, AggregatorSettings()),
-        (2, AggregatorSettings()),
-        (3, AggregatorSettings(max_resolutions=0)),  # the reference path: every record resolved afresh
-        (4, AggregatorSettings(max_resolutions=3)),
-        (5, AggregatorSettings(max_resolutions=1)),
-        (6, AggregatorSettings(max_sockets=7, max_edges=5, max_logs=4, max_listeners=2)),
-    ],
-)
-def test_columns_aggregate_exactly_as_rows(seed: int, settings: AggregatorSettings) -> None:
-    r = random.Random(seed)
-    batches = [[random_flows_batch(r, n, k) for n in ("node-1", "node-2", "node-1")] for k in range(4)]
-    rows_reports, rows_counters, rows_sent = run(batches, settings, "rows")
-    cols_reports, cols_counters, cols_sent = run(batches, settings, "columns")
-    assert cols_reports == rows_reports
-    assert cols_counters == rows_counters
-    assert cols_sent == rows_sent
-    assert run(batches, settings, "mixed") == (rows_reports, rows_counters, rows_sent)
-    # The data reached every path being compared: edges, logs, listeners, NAT, and the OTLP requests.
-    assert any(rep.interval.l4 for rep in rows_reports) and any(rep.logs for rep in rows_reports)
-    assert any(rep.interval.listeners for rep in rows_reports)
-    assert rows_counters["l4_records"] > 300 and rows_counters["listener_records"] > 0
-    assert {signal for signal, _ in rows_sent} == {Signal.METRICS, Signal.LOGS}
-    if settings.max_sockets < 100:
-        assert rows_counters["sockets_evicted"] > 0 and rows_counters["edges_overflowed"] > 0
+def test_sparse_counters_sum_per_edge_side(index: KubeIndex) -> None:
+    """Retransmits, resets and drops live in columns most records leave empty: each is summed into its
+    record's edge side; a listener's drops and a record whose edge did not fit add nothing."""
+    agg = Aggregator(index, AggregatorSettings(max_edges=1))
+    listener = {"role": pb.ROLE_LISTENER, "local_port": 8080, "remote_ip": "", "remote_port": 0}
+    external = {"remote_ip": "203.0.113.9", "remote_port": 443}  # a second edge: past max_edges
+    no_nat = {"nat_remote_ip": "", "nat_remote_port": 0}
+    flows = [
+        base.l4(socket_cookie=1, delta=pb.L4Counters(bytes_sent=1, retransmits=2, syn_retransmits=1, drops=3)),
+        base.l4(socket_cookie=2, delta=pb.L4Counters(resets_sent=1, resets_received=1)),
+        base.l4(socket_cookie=3, delta=pb.L4Counters(bytes_sent=5)),
+        base.l4(socket_cookie=4, **listener, **no_nat, delta=pb.L4Counters(drops=40)),
+        base.l4(socket_cookie=5, **external, **no_nat, delta=pb.L4Counters(retransmits=50, drops=60, resets_sent=1)),
+    ]
+    agg.add(columnar(base.batch("node-1", flows)), T0)
+    (rep,) = agg.flush(T0 + S)
+    (point,) = rep.interval.l4
+    assert point.side is Side.CLIENT and model.graph_node_name(point.edge.server) == "b"
+    assert (point.bytes_sent, point.retransmits, point.resets, point.drops) == (6, 3, 2, 3)
+    assert agg.counters()["edges_overflowed"] == 1 and agg.counters()["listener_records"] == 1
 
 
 def test_an_l7_record_joins_the_nat_answer_a_columnar_l4_record_carried() -> None:
@@ -114,13 +60,24 @@ def test_an_l7_record_joins_the_nat_answer_a_columnar_l4_record_carried() -> Non
                              local_ip="10.1.0.2", local_port=40000, remote_ip="10.96.0.1", remote_port=80,
                              process=pb.ProcessIdentity(pod_uid="uid-p0"), latency_ns=10**6,
                              http=pb.HttpInfo(method="GET", status_code=200)))  # fmt: skip
-    reports = {}
-    for form in ("rows", "columns"):
-        agg = Aggregator(build_index())
-        agg.add(columnar(b) if form == "columns" else b, T0)
-        (rep,) = agg.flush(T0 + S)
-        reports[form] = rep
-    (red,) = reports["columns"].interval.red
+    agg = Aggregator(build_index())
+    agg.add(columnar(b), T0)
+    (rep,) = agg.flush(T0 + S)
+    (red,) = rep.interval.red
     # The backend that answered (pod p1 of d1), not the Service VIP (svc0) the client dialled.
     assert ("k8s.deployment.name", "d1") in red.edge.server and ("k8s.service.name", "svc0") not in red.edge.server
-    assert reports["columns"].interval.red == reports["rows"].interval.red
+
+
+def test_an_older_agents_rows_aggregate_as_their_columns() -> None:
+    r = random.Random(7)
+    batches = [random_batch(r, "node-1", 0), random_batch(r, "node-2", 0)]
+    results = []
+    for form in ("rows", "columns"):
+        agg = Aggregator(build_index())
+        model._RNG.seed(0)
+        for b in batches:
+            agg.add(columnar(b) if form == "columns" else b, T0)
+        results.append((agg.flush(T0 + S), agg.counters()))
+    (rows, rows_counters), (cols, cols_counters) = results
+    assert rows == cols and rows_counters == cols_counters
+    assert any(rep.interval.l4 for rep in rows) and rows_counters["l4_records"] == sum(len(b.l4) for b in batches)
