@@ -51,8 +51,6 @@ from cluster_processor.otlp.model import (
     EVENT_TCP_RESET,
     HTTP_DURATION_BOUNDS_S,
     SERVICE_GRAPH_BOUNDS_S,
-    Attrs,
-    AttrValue,
     Histogram,
     Interval,
     L4Point,
@@ -62,10 +60,8 @@ from cluster_processor.otlp.model import (
     RedPoint,
     ServiceGraphPoint,
     Severity,
-    Side,
     SpanContext,
     SpanRecord,
-    graph_node_name,
     span_context,
 )
 from cluster_processor.resolve import (
@@ -74,12 +70,12 @@ from cluster_processor.resolve import (
     EdgeSide,
     GraphRef,
     ResolutionCache,
-    Resolved,
     Route,
     edge,
     resolve_l4,
     resolve_local,
 )
+from cluster_processor.resolved import Attrs, AttrValue, Resolved, Side, graph_node_name
 from kscope.v1 import flow_pb2 as pb
 from kscope_common import l4_columns
 from kscope_common.latency import rebucket_map
@@ -639,7 +635,7 @@ def _details(
         d = q.dns
         rcode = d.rcode
         error = semconv.dns_error_type(rcode, d.timed_out)
-        # Built in canonical (sorted, as model.attrs makes it) order directly: no sort per record.
+        # Built in canonical (sorted, as resolved.attrs makes it) order directly: no sort per record.
         question: tuple[str, AttrValue] = ("dns.question.name", d.question_name)
         extra: tuple[tuple[str, AttrValue], ...] = (
             (question, (semconv.DNS_RESPONSE_CODE, rcode)) if rcode else (question,)

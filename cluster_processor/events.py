@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 
-from cluster_processor.otlp.model import Attrs, AttrValue, Edge, LogEvent, Severity, Side, attrs
+from cluster_processor.otlp.model import LogEvent, Severity
+from cluster_processor.resolved import Attrs, AttrValue, Edge, Side, attrs
 
 # What tells one record from another: (edge, side, event name, body, attributes)
 _Key = tuple[Edge, Side, str, str, Attrs]

@@ -10,7 +10,7 @@ says the backend was inferred, not seen), else the Service (docs/attribution.md)
 
 An ``Endpoint`` carries semantic-convention attributes (``k8s.namespace.name``, ``k8s.pod.name``,
 ``k8s.<kind>.name`` of the workload a person would name, ``k8s.node.name``, ``service.name``) and
-the address; ``edge`` turns two of them into an ``otlp.model.Edge``.
+the address; ``edge`` turns two of them into an ``Edge`` (those types: ``resolved``).
 
 ``ResolutionCache`` keeps those answers for the aggregator while the index's ``generation`` stays
 the same: the same pods talk to each other record after record.
@@ -18,7 +18,6 @@ the same: the same pods talk to each other record after record.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import compress, repeat
@@ -27,18 +26,24 @@ from typing import Any, Final
 
 from cluster_processor.kube.index import KubeIndex
 from cluster_processor.kube.model import Node, Pod, Service, canonical_ip
-from cluster_processor.otlp.model import (
+from cluster_processor.resolved import (
     CLIENT_ADDRESS,
+    CLIENT_PORT,
     K8S_NAMESPACE,
     K8S_NODE,
     K8S_POD,
+    K8S_SERVICE,
+    RESOLVED_BY,
     SERVER_ADDRESS,
     SERVER_PORT,
     SERVICE_NAME,
-    Attrs,
     AttrValue,
     ConnectionType,
     Edge,
+    Endpoint,
+    EndpointKind,
+    How,
+    Resolved,
     Side,
     attrs,
     graph_node_name,
@@ -46,9 +51,6 @@ from cluster_processor.otlp.model import (
 )
 from kscope.v1 import flow_pb2 as pb
 
-K8S_SERVICE: Final = "k8s.service.name"  # no convention names a Service; the k8s.* pattern does
-# How a peer was named when that was not by its own address or a NAT answer (kept as is on data points)
-RESOLVED_BY: Final = "kscope.peer.resolved_by"
 # Workload kinds whose semconv key is k8s.<lowercase kind>.name; others (a CRD controller) get none.
 _WORKLOAD_KEY: Final = {
     "Deployment": "k8s.deployment.name",
@@ -58,51 +60,6 @@ _WORKLOAD_KEY: Final = {
     "Job": "k8s.job.name",
     "ReplicaSet": "k8s.replicaset.name",
 }
-# Keys that name one pod (or where it runs) rather than its workload: dropped at workload level.
-_POD_LEVEL_KEYS: Final = frozenset({K8S_POD, K8S_NODE})
-
-
-class EndpointKind(enum.Enum):
-    POD = "pod"
-    WORKLOAD = "workload"  # a Service VIP whose ready endpoints are all one workload's pods
-    SERVICE = "service"  # a Service VIP whose backend is unknown (no conntrack answer, several workloads)
-    NODE = "node"  # a host process or host-network pod: the node is all we can name
-    EXTERNAL = "external"  # not in the cluster (or not yet in the index): the address is kept
-
-
-class How(enum.Enum):
-    """Which rule named the endpoint: for counters and tests."""
-
-    POD_UID = "pod_uid"
-    CONTAINER_ID = "container_id"
-    POD_IP = "pod_ip"
-    NAT_POD_IP = "nat_pod_ip"
-    NAT_NODE_IP = "nat_node_ip"
-    SERVICE_WORKLOAD = "service_workload"
-    SERVICE_IP = "service_ip"
-    NODE_IP = "node_ip"
-    HOST_PROCESS = "host_process"
-    UNRESOLVED = "unresolved"
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    kind: EndpointKind
-    how: How
-    attributes: Attrs  # identity only (no address or port keys)
-    address: str  # the address this end was reached at (for a NAT'ed remote: the backend's)
-    port: int = 0
-    workload: tuple[str, str] = ("", "")  # (kind, name) for a pod
-
-    @property
-    def observed(self) -> bool:
-        """Whether kscope watches this end's sockets itself (an agent runs on every node)."""
-        return self.kind in (EndpointKind.POD, EndpointKind.WORKLOAD, EndpointKind.NODE)
-
-    def identity(self, pod_level: bool = True) -> Attrs:
-        if pod_level or self.kind is not EndpointKind.POD:
-            return self.attributes
-        return tuple((k, v) for k, v in self.attributes if k not in _POD_LEVEL_KEYS)
 
 
 def pod_endpoint(index: KubeIndex, pod: Pod, how: How, address: str, port: int = 0) -> Endpoint:
@@ -191,23 +148,6 @@ def resolve_remote(
     return external_endpoint(ip, remote_port)
 
 
-@dataclass(frozen=True, slots=True)
-class Resolved:
-    """Both ends of one record, and which of them is the client."""
-
-    local: Endpoint
-    remote: Endpoint
-    local_is_client: bool
-
-    @property
-    def client(self) -> Endpoint:
-        return self.local if self.local_is_client else self.remote
-
-    @property
-    def server(self) -> Endpoint:
-        return self.remote if self.local_is_client else self.local
-
-
 def resolve_l4(index: KubeIndex, node_name: str, flow: pb.L4Flow) -> Resolved:
     local = resolve_local(index, node_name, flow.process, flow.local_ip, flow.local_port)
     remote = resolve_remote(index, flow.remote_ip, flow.remote_port, flow.nat_remote_ip, flow.nat_remote_port)
@@ -232,7 +172,7 @@ class EdgeOptions:
 
 
 def edge(r: Resolved, options: EdgeOptions = EdgeOptions()) -> Edge:
-    """The ``otlp.model.Edge`` of a resolved record. Addresses are kept for ends that have no
+    """The ``Edge`` of a resolved record. Addresses are kept for ends that have no
     identity (external), and always at pod level; a server keeps its port (8080 vs 9090)."""
     client, server = r.client, r.server
     c = list(client.identity(options.pod_level))
@@ -241,7 +181,7 @@ def edge(r: Resolved, options: EdgeOptions = EdgeOptions()) -> Edge:
         if client.address:
             c.append((CLIENT_ADDRESS, client.address))
         if options.client_port and client.port:
-            c.append(("client.port", client.port))
+            c.append((CLIENT_PORT, client.port))
     if (options.pod_level or server.kind is EndpointKind.EXTERNAL) and server.address:
         s.append((SERVER_ADDRESS, server.address))
     if server.port:

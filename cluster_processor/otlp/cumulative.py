@@ -26,8 +26,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
-from cluster_processor.otlp.model import Attrs, Histogram
+from cluster_processor.otlp.model import Histogram
 from cluster_processor.otlp.semconv import OVERFLOW, Instrument, Kind, Sample
+from cluster_processor.resolved import Attrs
 
 OVERFLOW_ATTRS: Final[Attrs] = ((OVERFLOW, True),)
 # A stream is (resource, attributes) within its node and metric; the overflow stream is kscope's.

@@ -42,20 +42,9 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from cluster_processor.otlp import semconv, wire
 from cluster_processor.otlp.cumulative import Series, Stream
-from cluster_processor.otlp.model import (
-    K8S_NODE,
-    SERVICE_NAME,
-    Attrs,
-    AttrValue,
-    Edge,
-    Histogram,
-    LogEvent,
-    Protocol,
-    Side,
-    SpanRecord,
-    attrs,
-)
+from cluster_processor.otlp.model import Histogram, LogEvent, Protocol, SpanRecord
 from cluster_processor.otlp.semconv import Instrument, Kind
+from cluster_processor.resolved import K8S_NODE, SERVICE_NAME, Attrs, AttrValue, Edge, Side, attrs
 
 SERVICE: Final = "kscope"
 SCOPE_NAME: Final = "kscope"

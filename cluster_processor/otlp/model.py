@@ -1,9 +1,8 @@
 """What the aggregator hands to OTLP export: plain frozen records, one interval at a time.
 
-Endpoints are described by OpenTelemetry semantic-convention attributes (``k8s.pod.name``,
-``service.name``, ``server.address``...), kept as sorted ``(key, value)`` tuples: hashable, so they
-can key aggregation maps, and small. Nothing here knows about protobuf or gRPC; the records are
-the contract between aggregation and export.
+Each record names its ends with an ``Edge`` of semantic-convention attributes (``resolved``, what
+resolving a flow yields). Nothing here knows about protobuf or gRPC; the records are the contract
+between aggregation and export.
 
 Durations are seconds, timestamps are Unix epoch nanoseconds (OTLP's unit), counts are per
 interval (deltas): turning them into cumulative streams is ``cumulative``'s job.
@@ -16,38 +15,12 @@ import operator
 import random
 import re
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Final, NamedTuple, overload
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final, NamedTuple
 
 from cluster_processor.otlp.errors import InvalidAggregateError
-
-AttrValue = str | bool | int | float
-Attrs = tuple[tuple[str, AttrValue], ...]
-
-# Semantic-convention keys an endpoint is described with.
-K8S_NAMESPACE: Final = "k8s.namespace.name"
-K8S_POD: Final = "k8s.pod.name"
-K8S_NODE: Final = "k8s.node.name"
-K8S_CONTAINER: Final = "k8s.container.name"
-CONTAINER_ID: Final = "container.id"
-PROCESS_PID: Final = "process.pid"
-SERVICE_NAME: Final = "service.name"
-SERVICE_NAMESPACE: Final = "service.namespace"
-SERVER_ADDRESS: Final = "server.address"
-SERVER_PORT: Final = "server.port"
-CLIENT_ADDRESS: Final = "client.address"
-CLIENT_PORT: Final = "client.port"
-# Workload kinds in the order that names a graph node best: the controller a user deployed
-# comes before the ReplicaSet or Job it creates.
-WORKLOAD_KEYS: Final = (
-    "k8s.deployment.name",
-    "k8s.statefulset.name",
-    "k8s.daemonset.name",
-    "k8s.cronjob.name",
-    "k8s.job.name",
-    "k8s.replicaset.name",
-)
+from cluster_processor.resolved import Attrs, ConnectionType, Edge, Side
 
 # Buckets the HTTP semantic conventions recommend for request durations (seconds).
 HTTP_DURATION_BOUNDS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -62,65 +35,9 @@ EVENT_DNS_ERROR: Final = "kscope.dns.error"
 EVENT_HTTP_SERVER_ERROR: Final = "kscope.http.server_error"  # 5xx answers
 
 
-_KEY: Final = operator.itemgetter(0)
-
-
-@overload
-def attrs(pairs: Mapping[str, AttrValue]) -> Attrs: ...
-@overload
-def attrs(pairs: Iterable[tuple[str, AttrValue]] = ()) -> Attrs: ...
-def attrs(pairs: Mapping[str, AttrValue] | Iterable[tuple[str, AttrValue]] = ()) -> Attrs:
-    """Canonical attributes: sorted by key, the last value of a repeated key wins. Two equal sets
-    are then equal tuples, which is what keying a stream by its attributes needs."""
-    # Sorted by key alone: the keys are unique once in a dict, so it is the order of the pairs,
-    # with string comparisons instead of tuple ones.
-    if isinstance(pairs, (list, tuple)):  # the usual input, checked without the Mapping ABC
-        d = dict(pairs)
-        if len(d) == len(pairs):  # no key repeated: the pairs themselves, not new ones
-            return tuple(sorted(pairs, key=_KEY))
-        return tuple(sorted(d.items(), key=_KEY))
-    items = pairs.items() if isinstance(pairs, Mapping) else pairs
-    return tuple(sorted(dict(items).items(), key=_KEY))
-
-
-def attr(attributes: Attrs, key: str) -> AttrValue | None:
-    for k, v in attributes:
-        if k == key:
-            return v
-    return None
-
-
-class Side(enum.Enum):
-    """Which end of an edge observed the data: the eBPF probe sits on one socket at a time."""
-
-    CLIENT = "client"
-    SERVER = "server"
-
-    # Members are singletons compared by identity: hash them by identity too. Enum's own hash is a
-    # Python-level method, and these key many tables and caches per record.
-    __hash__ = object.__hash__
-
-
-# Members read through module globals in hot code: an Enum class's attribute read takes ~10x a global's.
-_CLIENT: Final = Side.CLIENT
-
-
 class Protocol(enum.Enum):
     HTTP = "http"
     DNS = "dns"
-
-    # Members are singletons compared by identity: hash them by identity too. Enum's own hash is a
-    # Python-level method, and these key many tables and caches per record.
-    __hash__ = object.__hash__
-
-
-class ConnectionType(enum.Enum):
-    """Tempo's ``connection_type`` label: empty for a plain service-to-service edge."""
-
-    NONE = ""
-    VIRTUAL_NODE = "virtual_node"  # the other end is not observed (outside the cluster)
-    DATABASE = "database"
-    MESSAGING_SYSTEM = "messaging_system"
 
     # Members are singletons compared by identity: hash them by identity too. Enum's own hash is a
     # Python-level method, and these key many tables and caches per record.
@@ -134,50 +51,6 @@ class Severity(enum.IntEnum):
     INFO = 9
     WARN = 13
     ERROR = 17
-
-
-@dataclass(frozen=True, slots=True)
-class Edge:
-    """Who talked to whom. Each side's attributes use semantic-convention keys as if that side
-    were the instrumented one; export decides which side is "self" and which the peer."""
-
-    client: Attrs
-    server: Attrs
-    # Edges key many tables and caches per record (span templates, RED keys, interning): their two
-    # attribute tuples are hashed once here, not on every lookup (a tuple does not keep its hash).
-    _hash: int = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_hash", hash((self.client, self.server)))
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def of(self, side: Side) -> Attrs:
-        return self.client if side is _CLIENT else self.server
-
-    def peer_of(self, side: Side) -> Attrs:
-        return self.server if side is _CLIENT else self.client
-
-
-def graph_node_name(endpoint: Attrs) -> str:
-    """The name a service graph gives an endpoint: its service, else its workload, else its pod,
-    else its address. Every signal names nodes this way, so graph edges and span resources agree."""
-    for key in (SERVICE_NAME, *WORKLOAD_KEYS, K8S_POD, SERVER_ADDRESS, CLIENT_ADDRESS):
-        value = attr(endpoint, key)
-        if value not in (None, ""):
-            return str(value)
-    return "unknown"
-
-
-def graph_node_namespace(endpoint: Attrs) -> str:
-    """The namespace that goes with :func:`graph_node_name` ("" outside Kubernetes): two workloads of
-    one name in two namespaces are two graph nodes, not one."""
-    for key in (SERVICE_NAMESPACE, K8S_NAMESPACE):
-        value = attr(endpoint, key)
-        if value not in (None, ""):
-            return str(value)
-    return ""
 
 
 @dataclass(frozen=True, slots=True)

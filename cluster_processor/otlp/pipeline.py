@@ -16,8 +16,9 @@ from cluster_processor.otlp import encode, semconv
 from cluster_processor.otlp.cumulative import CumulativeStore, Series, StoreStats
 from cluster_processor.otlp.encode import EncodedRequest
 from cluster_processor.otlp.exporter import Signal, SignalStats
-from cluster_processor.otlp.model import Attrs, Interval, LogEvent, SpanRecord, attrs
+from cluster_processor.otlp.model import Interval, LogEvent, SpanRecord
 from cluster_processor.otlp.semconv import ERROR_TYPE, Instrument, Kind, Sample
+from cluster_processor.resolved import Attrs, attrs
 
 COMPONENT_TYPE: Final = "otel.component.type"
 # Semantic-convention names of the SDK's own exporter metrics, and their component types.

@@ -25,13 +25,6 @@ from functools import lru_cache
 from typing import Final, NamedTuple
 
 from cluster_processor.otlp.model import (
-    SERVER_PORT,
-    SERVICE_NAME,
-    SERVICE_NAMESPACE,
-    Attrs,
-    AttrValue,
-    ConnectionType,
-    Edge,
     Histogram,
     Interval,
     L4Point,
@@ -39,8 +32,17 @@ from cluster_processor.otlp.model import (
     Protocol,
     RedPoint,
     ServiceGraphPoint,
-    Side,
     SpanRecord,
+)
+from cluster_processor.resolved import (
+    SERVER_PORT,
+    SERVICE_NAME,
+    SERVICE_NAMESPACE,
+    Attrs,
+    AttrValue,
+    ConnectionType,
+    Edge,
+    Side,
     attr,
     attrs,
     graph_node_name,
@@ -74,7 +76,7 @@ class Kind(enum.Enum):
     GAUGE = "gauge"  # last value
     HISTOGRAM = "histogram"  # explicit buckets, fed with per-interval histograms
 
-    __hash__ = object.__hash__  # singletons compared by identity (see model.Side)
+    __hash__ = object.__hash__  # singletons compared by identity (see resolved.Side)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 from typing import Final
 
-from cluster_processor.otlp.model import Attrs, AttrValue
+from cluster_processor.resolved import Attrs, AttrValue
 
 _LEN: Final = 2  # wire type of strings, bytes, nested messages and packed repeated fields
 _U64: Final = (1 << 64) - 1

@@ -13,17 +13,9 @@ from cluster_processor.kube.index import KubeIndex
 from cluster_processor.otlp import encode, semconv
 from cluster_processor.otlp.encode import EncodedRequest
 from cluster_processor.otlp.exporter import Signal
-from cluster_processor.otlp.model import (
-    EVENT_CONNECT_REFUSED,
-    EVENT_DNS_ERROR,
-    EVENT_TCP_RESET,
-    ConnectionType,
-    Protocol,
-    Side,
-    attr,
-    graph_node_name,
-)
+from cluster_processor.otlp.model import EVENT_CONNECT_REFUSED, EVENT_DNS_ERROR, EVENT_TCP_RESET, Protocol
 from cluster_processor.otlp.pipeline import OtlpPipeline
+from cluster_processor.resolved import ConnectionType, Side, attr, graph_node_name
 from kscope.v1 import flow_pb2 as pb
 from tests.cluster_processor.kube import factories as f
 

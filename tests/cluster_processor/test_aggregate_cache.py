@@ -11,7 +11,7 @@ import pytest
 from cluster_processor.aggregate import Aggregator, AggregatorSettings
 from cluster_processor.kube.index import KubeIndex
 from cluster_processor.otlp import model
-from cluster_processor.otlp.model import attr
+from cluster_processor.resolved import attr, graph_node_name
 from kscope.v1 import flow_pb2 as pb
 from kscope_common.l4_columns import to_columns
 from tests.cluster_processor.kube import factories as f
@@ -206,7 +206,7 @@ def test_an_endpoint_slice_change_renames_a_vip_peer_in_the_next_batch() -> None
         r.nat_remote_ip, r.nat_remote_port = nat
         agg.add(pb.FlowBatch(schema_version=1, node_name="node-1", l7=[r]), T0)
         (red,) = agg.flush(T0 + S)[0].interval.red
-        return model.graph_node_name(red.edge.server), attr(red.edge.server, "kscope.peer.resolved_by")
+        return graph_node_name(red.edge.server), attr(red.edge.server, "kscope.peer.resolved_by")
 
     assert server_of() == ("d0", "service")
     slice_ = [(PODS[p], f"uid-{p}") for p in ("p0", "p3", "p1")]

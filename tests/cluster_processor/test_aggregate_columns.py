@@ -10,7 +10,7 @@ import random
 from cluster_processor.aggregate import Aggregator, AggregatorSettings
 from cluster_processor.kube.index import KubeIndex
 from cluster_processor.otlp import model
-from cluster_processor.otlp.model import Side
+from cluster_processor.resolved import Side, graph_node_name
 from kscope.v1 import flow_pb2 as pb
 from kscope_common.l4_columns import to_columns
 from tests.cluster_processor import test_aggregate as base
@@ -46,7 +46,7 @@ def test_sparse_counters_sum_per_edge_side(index: KubeIndex) -> None:
     agg.add(columnar(base.batch("node-1", flows)), T0)
     (rep,) = agg.flush(T0 + S)
     (point,) = rep.interval.l4
-    assert point.side is Side.CLIENT and model.graph_node_name(point.edge.server) == "b"
+    assert point.side is Side.CLIENT and graph_node_name(point.edge.server) == "b"
     assert (point.bytes_sent, point.retransmits, point.resets, point.drops) == (6, 3, 2, 3)
     assert agg.counters()["edges_overflowed"] == 1 and agg.counters()["listener_records"] == 1
 

@@ -11,7 +11,8 @@ import pytest
 from cluster_processor.aggregate import Aggregator
 from cluster_processor.kube.index import KubeIndex
 from cluster_processor.otlp import semconv
-from cluster_processor.otlp.model import EVENT_DNS_ERROR, Protocol, Side, attr
+from cluster_processor.otlp.model import EVENT_DNS_ERROR, Protocol
+from cluster_processor.resolved import Side, attr
 from kscope.v1 import flow_pb2 as pb
 from tests.cluster_processor import test_aggregate as base
 

@@ -18,11 +18,9 @@ from cluster_processor.otlp.model import (
     EVENT_DNS_ERROR,
     EVENT_HTTP_SERVER_ERROR,
     EVENT_TCP_RESET,
-    Edge,
     Severity,
-    Side,
-    attr,
 )
+from cluster_processor.resolved import Edge, Side, attr
 from kscope.v1 import flow_pb2 as pb
 from tests.cluster_processor import test_aggregate as base
 from tests.cluster_processor.otlp.factories import kv

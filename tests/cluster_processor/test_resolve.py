@@ -5,18 +5,9 @@ from __future__ import annotations
 import pytest
 
 from cluster_processor.kube.index import KubeIndex
-from cluster_processor.otlp.model import Side, attr, graph_node_name
 from cluster_processor.otlp.semconv import metric_attributes
-from cluster_processor.resolve import (
-    EdgeOptions,
-    EndpointKind,
-    How,
-    edge,
-    resolve_l4,
-    resolve_l7,
-    resolve_local,
-    resolve_remote,
-)
+from cluster_processor.resolve import EdgeOptions, edge, resolve_l4, resolve_l7, resolve_local, resolve_remote
+from cluster_processor.resolved import EndpointKind, How, Side, attr, graph_node_name
 from kscope.v1 import flow_pb2 as pb
 from tests.cluster_processor.kube import factories as f
 

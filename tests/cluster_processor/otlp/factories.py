@@ -8,8 +8,8 @@ from typing import Any
 
 from cluster_processor.otlp import encode
 from cluster_processor.otlp.cumulative import Stream
-from cluster_processor.otlp.model import Attrs, AttrValue, Edge, attrs
 from cluster_processor.otlp.semconv import TCP_BYTES
+from cluster_processor.resolved import Attrs, AttrValue, Edge, attrs
 
 NODE = "node-a"
 T0 = 1_700_000_000_000_000_000  # an interval start, Unix ns

@@ -18,8 +18,6 @@ from cluster_processor.otlp.model import (
     EVENT_TCP_RESET,
     HTTP_DURATION_BOUNDS_S,
     SERVICE_GRAPH_BOUNDS_S,
-    ConnectionType,
-    Edge,
     Histogram,
     Interval,
     L4Point,
@@ -28,12 +26,11 @@ from cluster_processor.otlp.model import (
     RedPoint,
     ServiceGraphPoint,
     Severity,
-    Side,
     SpanRecord,
-    attrs,
     span_context,
 )
 from cluster_processor.otlp.pipeline import MAX_AGENT_STATS, OtlpPipeline, PipelineSettings
+from cluster_processor.resolved import ConnectionType, Edge, Side, attrs
 from kscope.v1 import flow_pb2
 from tests.cluster_processor.otlp import factories as f
 

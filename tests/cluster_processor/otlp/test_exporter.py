@@ -15,9 +15,10 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 
 from cluster_processor.otlp import encode
 from cluster_processor.otlp.exporter import ExporterSettings, OtlpExporter, RetryPolicy, Signal
-from cluster_processor.otlp.model import EVENT_CONNECT_REFUSED, LogEvent, Protocol, Severity, Side, SpanRecord
+from cluster_processor.otlp.model import EVENT_CONNECT_REFUSED, LogEvent, Protocol, Severity, SpanRecord
 from cluster_processor.otlp.model import span_context as new_context
 from cluster_processor.otlp.pipeline import OtlpPipeline
+from cluster_processor.resolved import Side
 from tests.cluster_processor.otlp import factories as f
 from tests.cluster_processor.otlp.receiver import OtlpReceiver
 from tests.helpers import eventually_async as eventually

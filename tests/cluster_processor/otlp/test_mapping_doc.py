@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from cluster_processor.otlp import encode, model, semconv
+from cluster_processor.resolved import WORKLOAD_KEYS
 
 DOC = (Path(__file__).resolve().parents[3] / "docs" / "otel-mapping.md").read_text()
 
@@ -24,7 +25,7 @@ def test_the_doc_names_what_the_code_emits() -> None:
         encode.LOG_COUNT,
         encode.LOG_FIRST,
         encode.LOG_LAST,
-        *model.WORKLOAD_KEYS,
+        *WORKLOAD_KEYS,
         semconv.SG_REQUESTS.name.removesuffix("_request_total"),
     ]
     assert len(events) == 5

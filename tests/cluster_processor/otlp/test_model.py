@@ -11,15 +11,13 @@ from hypothesis import strategies as st
 from cluster_processor.otlp.errors import InvalidAggregateError
 from cluster_processor.otlp.model import (
     FLAG_SAMPLED,
-    Edge,
     Histogram,
     SpanContext,
     _parse_traceparent,
-    attrs,
-    graph_node_name,
     parse_traceparent,
     span_context,
 )
+from cluster_processor.resolved import Edge, attrs, graph_node_name
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"

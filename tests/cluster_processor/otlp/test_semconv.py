@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cluster_processor.otlp import encode, semconv
-from cluster_processor.otlp.model import Side
+from cluster_processor.resolved import Side
 
 from .factories import cart, edge, frontend
 

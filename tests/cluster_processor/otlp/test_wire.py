@@ -18,17 +18,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from cluster_processor.otlp import encode, semconv, wire
 from cluster_processor.otlp.cumulative import CumulativeStore, Stream
-from cluster_processor.otlp.model import (
-    Attrs,
-    AttrValue,
-    Edge,
-    Histogram,
-    Protocol,
-    Side,
-    SpanRecord,
-    attrs,
-    span_context,
-)
+from cluster_processor.otlp.model import Histogram, Protocol, SpanRecord, span_context
 from cluster_processor.otlp.semconv import (
     HTTP_SERVER_DURATION,
     TCP_BYTES,
@@ -38,6 +28,7 @@ from cluster_processor.otlp.semconv import (
     Kind,
     Sample,
 )
+from cluster_processor.resolved import Attrs, AttrValue, Edge, Side, attrs
 
 CUMULATIVE = metrics_pb2.AGGREGATION_TEMPORALITY_CUMULATIVE
 T0 = 1_700_000_000_000_000_000
