@@ -4,7 +4,7 @@
  * built like bpf_src/l7.bpf.c pays per socket call before it does any work of its own. Same hooks
  * (tp_btf sock_send_length / sock_recv_length), same socket-local storage lookup, the user buffer
  * found the same way (the task's saved syscall registers, l7_user_buffer) and 16 bytes of it read;
- * nothing parsed, nothing sent. shared/KERNEL.md measured this design alone at 0.90 of nginx's
+ * nothing parsed, nothing sent. docs/kernel.md has this design alone at 0.90 of nginx's
  * throughput; the bench measures it beside the L4 probe, as the agent runs.
  */
 #include "vmlinux.h"

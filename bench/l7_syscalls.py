@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the syscall-exit L7 fallback costs, and which hook it should use.
 
-Same method as bench/overhead.py (shared/KERNEL.md): nginx `return 200`, one worker
+Same method as bench/overhead.py: nginx `return 200`, one worker
 pinned to core 0, wrk on core 1 over keep-alive loopback connections, runs interleaved
 and the median of the per-round throughput ratios reported, because absolute figures
 drift a lot on these machines. Each variant's run has its own baseline run just before

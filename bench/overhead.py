@@ -3,7 +3,7 @@
 
 Runs are interleaved (baseline, L4 only, L4+L7, baseline, ...) in one invocation and
 the median of the per-round ratios is reported, because absolute figures drift a lot on
-our shared machines (shared/KERNEL.md). Workloads:
+our shared machines (bench/RESULTS.md). Workloads:
 
 - keep-alive at saturation (wrk): the worst case for per-call hooks, a few µs of CPU
   per request; with L7 on, every request is also captured at both ends, in two modes: the

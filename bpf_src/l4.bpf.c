@@ -3,7 +3,7 @@
  * L4: every TCP socket's life, counters kept in the kernel.
  *
  * Per-socket state lives in socket-local storage (freed with the socket, no table to
- * evict, and the cheapest per-call lookup measured on our kernel: shared/KERNEL.md).
+ * evict, and the cheapest per-call lookup on our kernel: docs/kernel.md).
  * User space never sees one event per call. It gets:
  *   - periodic records: a busy socket's own send/recv makes one per interval (report_ns) into
  *     close_ring; the sweep (the `sweep` TCP iterator, run by user space in every network namespace
@@ -157,7 +157,7 @@ static __always_inline void touch(struct sock *sk, struct sock_state *st)
 }
 
 /* Role of a socket first seen mid-life: accepted sockets inherit the listener's
- * non-zero sk_max_ack_backlog, connected ones keep 0 (measured: shared/KERNEL.md). */
+ * non-zero sk_max_ack_backlog, connected ones keep 0 (docs/kernel.md). */
 static __always_inline __u8 infer_role(const struct sock *sk)
 {
 	if (sk->__sk_common.skc_state == TCP_LISTEN)

@@ -115,8 +115,8 @@ _Static_assert(sizeof(struct kscope_l7_exchange) % 8 == 0, "ring records are 8-b
 
 /* Exchange records only: every record the same size, so user space reads a batch as one
  * contiguous block (the data area is mapped twice) at a fixed stride, without a header walk.
- * 16 MiB = 32k exchanges: ~200 ms of a saturated 2-core nginx (both ends traced) between
- * two drains, the gap a starved or collecting (GC) agent was measured to leave at 8 MiB. */
+ * 16 MiB = 32k exchanges, ~200 ms of a saturated 2-core nginx with both ends traced: room for
+ * the gap a starved or collecting (GC) agent leaves between two drains, which 8 MiB was not. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, KSCOPE_L7_XRING_BYTES);

@@ -14,10 +14,7 @@
  *    thing on the syscall number. Chosen over per-syscall classic tracepoints (sys_exit_read ...: fire only
  *    for those syscalls, but carry no arguments at exit, so they need bpf_task_pt_regs,
  *    5.15, and tracefs) for reach, not speed: most kernels the fallback is for are older
- *    than 5.15. Measured equal within noise (bench/l7_syscalls.py, nginx+wrk keep-alive,
- *    2026-11-24; nginx+wrk CPU per request over ~10.7 us): capturing every call +2.4 us
- *    here, +2.2 us per-syscall; traffic not captured +0.9 us, +0.8 us (an earlier,
- *    noisier run reading the registers with probe-read helpers, raw_tp: +2.3 / +1.4 us).
+ *    than 5.15. Both cost the same within noise (bench/l7_syscalls.py, bench/RESULTS.md).
  *  - BPF_MAP_TYPE_RINGBUF (5.8) with BPF_RB_NO_WAKEUP: user space drains on a timer.
  *  - fd -> socket: task->files->fdt->fd[fd] (bounds-checked against max_fds) ->
  *    S_ISSOCK(inode) -> file->private_data (struct socket) -> sk, all CO-RE probe reads:

@@ -4,9 +4,9 @@
  *
  * A sweep (L4's and L7's, each every --sweep-interval) walks namespaces one at a time: a TCP
  * iterator per namespace, and each walk goes through the whole established hash table, which
- * every namespace shares unless net.ipv4.tcp_child_ehash_entries is set: ~2-4 ms per walk
- * here (262,144 buckets), whatever the namespace holds. Walking every namespace at every sweep
- * cost an agent on a node with 50 idle pods half a core. So a socket that gets something for
+ * every namespace shares unless net.ipv4.tcp_child_ehash_entries is set: milliseconds per walk,
+ * whatever the namespace holds, so walking every namespace at every sweep costs a node with
+ * many idle pods a large share of a core (docs/architecture.md). So a socket that gets something for
  * the next sweep marks its namespace here, once until a sweep has seen it (a flag in its own
  * state), and user space takes the marks (lookup-and-delete, before the sweep) and walks only
  * those. The map full: a flag tells user space to walk every namespace instead (and is counted).

@@ -9,8 +9,8 @@ pass enters every namespace in turn: open its handle, ``setns`` this thread into
 the iterator there, come back; the iterators are then read from the agent's own namespace.
 
 Each walk goes through the whole established-socket hash table, which namespaces share unless
-``net.ipv4.tcp_child_ehash_entries`` is set (measured here: ~2-4 ms per namespace per walk with
-262,144 buckets, whatever the namespace holds), so the kernel marks the namespaces the next
+``net.ipv4.tcp_child_ehash_entries`` is set (milliseconds per walk with the default table, whatever
+the namespace holds: docs/architecture.md), so the kernel marks the namespaces the next
 sweep has something to do in (``bpf_src/netns_pending.h``) and :class:`PendingNetns` narrows the listing
 to them: an idle namespace costs nothing.
 

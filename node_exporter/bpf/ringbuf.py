@@ -1,8 +1,8 @@
 """A BPF ring buffer read from Python over its mmap, drained in batches on a timer.
 
-Measured here (shared/KERNEL.md): a consumer woken per record costs ~1.3 µs of
-Python per record and halves the traced application's throughput; draining the
-mmap'ed ring every few ms costs ~0.3 µs per record with no loss. So kernel
+A consumer woken per record costs more Python per record than the record's own work
+and halves the traced application's throughput; draining the mmap'ed ring every few
+ms costs a fifth of that, with no loss (docs/kernel.md has the figures). So kernel
 producers submit with BPF_RB_NO_WAKEUP and :meth:`RingReader.drain` is called
 from the agent's timer; nobody polls the fd.
 

@@ -1,8 +1,8 @@
 """Decoded L4 records: immutable values made at once from the kernel's bytes.
 
 They are NamedTuples, not frozen dataclasses: a frozen dataclass sets each field through
-object.__setattr__, which made decoding ~4x slower (measured: 1.4 vs 0.35 µs for ten
-fields), and the agent decodes one record per socket per interval.
+object.__setattr__, which makes decoding ~4x slower (bench/RESULTS.md, hot-path choices),
+and the agent decodes one record per socket per interval.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class DecodeStats:
         self.bad_type = 0
 
 
-_new = tuple.__new__  # a NamedTuple built positionally: its keyword __new__ was a third of decode time
+_new = tuple.__new__  # a NamedTuple built positionally: its keyword __new__ costs a third of decode time
 _PERIODIC, _NO_ROLE, _OTHER = L4Reason.KSCOPE_L4_PERIODIC, Role.KSCOPE_ROLE_UNKNOWN, ConnectStatus.KSCOPE_CONNECT_OTHER
 _N = N_COUNTERS
 _REST = 10 + 2 * _N  # index of saddr in the unpacked tuple

@@ -11,10 +11,10 @@ No other header value and no body byte leaves :func:`parse_head`.
 
 Cost matters more than elegance here: this runs once per request and side at
 whatever rate the node serves. Records are unpacked with one precompiled ``struct``
-call each (a batch is a list of ring-buffer records; numpy views were measured in
-shared/KERNEL.md but numpy is not a dependency, and unpack_from of a 504-byte record
-is ~0.3 µs), the path -> (path, route) result is cached (bounded), and the header
-search is two ``bytes.find`` calls on a lower-cased copy.
+call each (a batch is a list of ring-buffer records; numpy is not a dependency, and
+unpack_from of a 504-byte record is a fraction of a microsecond), the path -> (path, route)
+result is cached (bounded), and the header search is two ``bytes.find`` calls on a
+lower-cased copy.
 """
 
 from __future__ import annotations

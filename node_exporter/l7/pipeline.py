@@ -72,7 +72,7 @@ def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[Any, Any
 
     The exchange path builds two frozen dataclasses per request at whatever rate the node
     serves; their generated __init__ goes through object.__setattr__ per field and costs
-    twice as much (measured: HttpRecord 1.3 µs vs 0.65 µs). Setting the slots directly is
+    twice as much (bench/RESULTS.md, hot-path choices). Setting the slots directly is
     what that __init__ does, minus the lookups. The field list is checked here so a field
     added to the dataclass fails at import, not silently.
     """
@@ -121,8 +121,8 @@ class L7Pipeline:
         self.chunks_unusable = 0  # no role or unknown protocol (counted, not parsed)
         self._heads = HeadParser()
         # sock_cookie -> ConnInfo of exchange sockets, oldest first. An OrderedDict: evicting a plain
-        # dict's first key over and over is O(n) (the deleted entries ahead of it are walked each time;
-        # measured: 45 % of the agent's time under connection churn).
+        # dict's first key over and over is O(n) (the deleted entries ahead of it are walked each time:
+        # the agent's largest cost under connection churn; bench/RESULTS.md, hot-path choices).
         self._xconns: OrderedDict[int, ConnInfo] = OrderedDict()
         self.exchange_records = 0
         self.exchange_unanswered = 0  # the kernel saw no final response (counted, not reported)

@@ -2,9 +2,10 @@
 decoders of the kernel's answers, pure (bytes in, values out; never a raise on bad input but the
 kernel's own error). :func:`index_entries` turns entries into the lookup the agent keeps.
 
-The dump is requested and decoded here, with ``struct``, not through pyroute2: pyroute2 spent
-~375 µs of CPU per entry decoding its generic attribute objects (2,000 DNAT'ed entries: 0.75 s per
-interval, measured), where the few attributes we read cost ~3 µs per entry this way.
+The dump is requested and decoded here, with ``struct``, not through pyroute2: decoding its generic
+attribute objects costs two orders of magnitude more per entry than reading the few attributes we
+need this way, which a node with thousands of DNAT'ed entries pays every interval (bench/RESULTS.md,
+hot-path choices).
 """
 
 from __future__ import annotations

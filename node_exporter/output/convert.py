@@ -28,7 +28,7 @@ class MonotonicClock:
 
 def counters_fields(c: Counters) -> dict[str, int]:
     """The non-zero counters, as a dict protobuf takes for a message field: most counters of most
-    sockets are zero, and each keyword protobuf parses costs (this was a third of l4_flow)."""
+    sockets are zero, and each keyword protobuf parses costs (all of them: a third of l4_flow)."""
     return {name: value for name, value in zip(_COUNTER_FIELDS, c, strict=True) if value}
 
 
@@ -56,7 +56,7 @@ def l4_flow(
 ) -> pb.L4Flow:
     """``nat``: the (ip, port) that really answered when remote_ip:remote_port was DNAT'ed (conntrack)."""
     # Nested messages as dicts and enums as the IntEnums they are: protobuf builds them in C without
-    # a Python message object per field (10.9 -> 8.0 µs per flow, measured).
+    # a Python message object per field (bench/RESULTS.md, hot-path choices).
     return pb.L4Flow(
         socket_cookie=rec.sock_cookie,
         netns_inode=rec.netns_ino,

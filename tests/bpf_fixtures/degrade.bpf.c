@@ -71,7 +71,7 @@ int BPF_PROG(missing_prog)
 	return 0;
 }
 
-/* fentry does not load on our kernels (EPERM, shared/KERNEL.md): the load fails and
+/* fentry does not load on our kernels (EPERM, docs/kernel.md): the load fails and
  * the loader must disable just this capability and retry. */
 SEC("fentry/tcp_sendmsg")
 int BPF_PROG(fentry_prog, struct sock *sk)
