@@ -416,7 +416,6 @@ def span(s: SpanRecord) -> trace_pb2.Span:
 _SPAN_KIND_FIELD: Final = {side: b"\x30" + wire.varint(kind) for side, kind in _SPAN_KIND.items()}
 _STATUS_UNSET: Final = wire.message(15, b"")  # set, so present even when empty (code UNSET)
 _STATUS_ERROR: Final = wire.message(15, b"\x18" + wire.varint(trace_pb2.Status.STATUS_CODE_ERROR))
-_pack_fixed32: Final = struct.Struct("<I").pack
 _KEY: Final = itemgetter(0)
 
 
@@ -734,7 +733,3 @@ def count_points(req: ExportMetricsServiceRequest) -> int:
 
 def count_spans(req: ExportTraceServiceRequest) -> int:
     return sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
-
-
-def count_logs(req: ExportLogsServiceRequest) -> int:
-    return sum(len(sl.log_records) for rl in req.resource_logs for sl in rl.scope_logs)
