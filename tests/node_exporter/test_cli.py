@@ -69,7 +69,7 @@ def test_root_without_cap_net_admin_is_an_environment_error_naming_it() -> None:
         ["capsh", "--drop=cap_net_admin", "--", "-c", f"{KSCOPE} run --no-live --duration 1"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    _environment_error(proc, "the capabilities CAP_NET_ADMIN (running as uid 0)")
+    _environment_error(proc, "missing capability CAP_NET_ADMIN (running as uid 0)")
 
 
 @pytest.mark.bpf
