@@ -123,16 +123,29 @@ async def run(topo: MeshTopology, tmp: Path, prom_box: list[Prometheus]) -> Scra
                 await asyncio.to_thread(agent.wait_started)
                 start = time.time()
                 await asyncio.to_thread(tcp_trouble, topo)
-                await asyncio.to_thread(run_load, topo, LOAD_S)
-                # Agent interval 0.5 s, processor 1 s, scrape 1 s: what happened by the load's end
-                # is in Prometheus a few seconds later; evaluated at that time, with the agent still up.
-                at = time.time() + 4
-                await asyncio.sleep(at - time.time() + 2)
+                load = await asyncio.to_thread(run_load, topo, LOAD_S)
+                # Evaluated once Prometheus holds every request loadgen sent (each interval's series
+                # arrive together), plus two scrapes; with the agent still up.
+                await until_scraped(prom, load["sent"])
+                at = time.time() + 2
+                await asyncio.sleep(at - time.time() + 1)
                 log = await asyncio.to_thread(agent.stop)
                 assert "Traceback" not in log, log[-4000:]
                 return Scraped(prom, start, at)
     finally:
         await server.close()
+
+
+async def until_scraped(prom: Prometheus, sent: int, timeout_s: float = 30) -> None:
+    query = 'sum(traces_service_graph_request_total{client="loadgen"})'
+    deadline = time.monotonic() + timeout_s
+    seen: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        seen = await asyncio.to_thread(prom.query, query, time.time())
+        if seen and float(seen[0]["value"][1]) >= sent:
+            return
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"Prometheus never held loadgen's {sent} requests: {seen}\n{prom.log_tail()}")
 
 
 @pytest.fixture(scope="module")
