@@ -504,6 +504,13 @@ def test_service_monitor_check_catches_a_bad_one(prom_docs: list[Manifest]) -> N
     assert "interval" in service_monitor_errors(sm)
 
 
+def test_prometheus_port_must_be_its_own(chart: helm.Chart) -> None:
+    for taken in (9440, 9441):
+        with pytest.raises(Exception, match=r"prometheus\.port must differ"):
+            render(chart, {"prometheus": {"enabled": True, "port": taken}})
+    assert render(chart, {"prometheus": {"enabled": False, "port": 9441}})  # off: no port, no clash
+
+
 def test_service_monitor_needs_the_endpoint(chart: helm.Chart) -> None:
     with pytest.raises(Exception, match=r"needs prometheus\.enabled"):
         render(chart, {"prometheus": {"serviceMonitor": {"enabled": True}}})
