@@ -187,11 +187,11 @@ class Agent:
         return "".join(self.lines)
 
 
-def run_load(topo: MeshTopology) -> dict[str, Any]:
+def run_load(topo: MeshTopology, duration_s: float = LOAD_S) -> dict[str, Any]:
     """loadgen's requests, from inside its container's cgroup; its ``done`` line."""
     url = f"http://productpage:{PORT}/productpage?u={PRIVATE}"
     proc = topo.start("loadgen", sys.executable, str(MESHAPP), "load", "--url", url, "--rate", str(RATE),
-                      "--duration", str(LOAD_S), "--timeout", "40", "--gate",
+                      "--duration", str(duration_s), "--timeout", "40", "--gate",
                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
     out, err = proc.communicate("go\n", timeout=90)
     assert proc.returncode == 0, err
