@@ -17,7 +17,6 @@ from cluster_processor.otlp import pipeline, semconv
 from cluster_processor.otlp.model import (
     HTTP_DURATION_BOUNDS_S,
     SERVICE_GRAPH_BOUNDS_S,
-    Edge,
     Histogram,
     Interval,
     L4Point,
@@ -25,11 +24,10 @@ from cluster_processor.otlp.model import (
     Protocol,
     RedPoint,
     ServiceGraphPoint,
-    Side,
-    attrs,
 )
 from cluster_processor.otlp.prometheus import label_name, metric_name
 from cluster_processor.otlp.semconv import Instrument, Kind, Sample
+from cluster_processor.resolved import Edge, Side, attrs
 
 _SUFFIXES: Final = {
     Kind.COUNTER: ("_total",),

@@ -39,8 +39,9 @@ from prometheus_client.utils import floatToGoString
 from cluster_processor.otlp import semconv
 from cluster_processor.otlp.cumulative import CumulativeStore, Series
 from cluster_processor.otlp.encode import SCOPE_NAME, SERVICE_INSTANCE_ID, Reporter
-from cluster_processor.otlp.model import SERVICE_NAME, SERVICE_NAMESPACE, Attrs, AttrValue, Histogram, Interval
+from cluster_processor.otlp.model import Histogram, Interval
 from cluster_processor.otlp.semconv import Instrument, Kind
+from cluster_processor.resolved import SERVICE_NAME, SERVICE_NAMESPACE, Attrs, AttrValue
 
 # UCUM units -> the Prometheus unit words the compatibility spec appends (the Collector's table,
 # the units kscope uses and their near relatives).

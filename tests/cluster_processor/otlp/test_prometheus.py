@@ -18,8 +18,6 @@ from cluster_processor.otlp.cumulative import CumulativeStore
 from cluster_processor.otlp.model import (
     HTTP_DURATION_BOUNDS_S,
     SERVICE_GRAPH_BOUNDS_S,
-    Attrs,
-    Edge,
     Histogram,
     Interval,
     L4Point,
@@ -27,8 +25,6 @@ from cluster_processor.otlp.model import (
     Protocol,
     RedPoint,
     ServiceGraphPoint,
-    Side,
-    attrs,
 )
 from cluster_processor.otlp.prometheus import (
     IntervalCollector,
@@ -40,6 +36,7 @@ from cluster_processor.otlp.prometheus import (
     unit_word,
 )
 from cluster_processor.otlp.semconv import Instrument, Kind
+from cluster_processor.resolved import Attrs, Edge, Side, attrs
 from tests.cluster_processor.otlp.factories import NODE, STEP, T0, cart, edge, frontend
 
 REPORTER = encode.Reporter("proc-0", "node-p")
