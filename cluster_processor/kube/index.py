@@ -96,7 +96,6 @@ class KubeIndex:
         self._cid_by_short: dict[str, str] = {}  # 12-hex prefix -> 64-hex id
         self._services: dict[str, Service] = {}  # uid ->
         self._svc_by_ip: dict[str, Service] = {}
-        self._svc_by_name: dict[tuple[str, str], Service] = {}
         self._slices: dict[str, EndpointSlice] = {}  # uid ->
         self._slices_by_svc: dict[tuple[str, str], set[str]] = {}  # (namespace, service) -> slice uids
         self._nodes: dict[str, Node] = {}  # name -> (pods name their node, not its uid)
@@ -186,18 +185,9 @@ class KubeIndex:
     def service_by_cluster_ip(self, ip: IpLike) -> Service | None:
         return _lookup_ip(self._svc_by_ip, ip)
 
-    def service_by_name(self, namespace: str, name: str) -> Service | None:
-        return self._svc_by_name.get((namespace, name))
-
     def node_by_ip(self, ip: IpLike) -> Node | None:
         """The node with this InternalIP or ExternalIP: where host-network pod addresses resolve."""
         return _lookup_ip(self._node_by_ip, ip)
-
-    def node_by_name(self, name: str) -> Node | None:
-        return self._nodes.get(name)
-
-    def workload_by_uid(self, uid: str) -> Workload | None:
-        return self._workloads.get(uid)
 
     def workload_of(self, pod: Pod) -> tuple[str, str]:
         """(kind, name) of the workload a person would name for ``pod``: ReplicaSet -> Deployment,
@@ -336,7 +326,7 @@ class KubeIndex:
             keys.extend((self._pod_by_cid, cid) for cid in record.container_ids)
             return keys
         if isinstance(record, Service):
-            keys = [(self._services, record.uid), (self._svc_by_name, (record.namespace, record.name))]
+            keys = [(self._services, record.uid)]
             keys.extend((self._svc_by_ip, ip) for ip in record.cluster_ips)
             return keys
         if isinstance(record, Node):

@@ -32,8 +32,6 @@ from operator import itemgetter
 from typing import Final, TypeVar
 
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.metrics.v1 import metrics_pb2
@@ -716,20 +714,3 @@ def logs_requests(
             rl.scope_logs.add(scope=scope(version), log_records=[log_record(batch[i]) for i in idx])
         out.append(EncodedRequest(req.SerializeToString(), len(batch)))
     return out
-
-
-# ---- counting -----------------------------------------------------------------------------------
-
-
-def count_points(req: ExportMetricsServiceRequest) -> int:
-    n = 0
-    for rm in req.resource_metrics:
-        for sm in rm.scope_metrics:
-            for m in sm.metrics:
-                kind = m.WhichOneof("data")
-                n += len(getattr(m, kind).data_points) if kind else 0
-    return n
-
-
-def count_spans(req: ExportTraceServiceRequest) -> int:
-    return sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)

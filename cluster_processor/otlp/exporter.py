@@ -293,15 +293,6 @@ class OtlpExporter:
         lane.stats.queued = lane.queue.qsize()
         return True
 
-    def submit_metrics(self, request: EncodedRequest) -> bool:
-        return self.submit(Signal.METRICS, request)
-
-    def submit_traces(self, request: EncodedRequest) -> bool:
-        return self.submit(Signal.TRACES, request)
-
-    def submit_logs(self, request: EncodedRequest) -> bool:
-        return self.submit(Signal.LOGS, request)
-
     def stats(self) -> dict[Signal, SignalStats]:
         return {s: replace(lane.stats) for s, lane in self._lanes.items()}
 

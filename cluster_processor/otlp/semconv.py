@@ -435,10 +435,6 @@ def span_name(s: SpanRecord) -> str:
     return PROTOCOLS[s.protocol].span_name(s.side, s.method, s.route)
 
 
-def span_failed(s: SpanRecord) -> bool:
-    return PROTOCOLS[s.protocol].failed(s.side, s.status_code, s.error_type)
-
-
 def span_protocol_attributes(
     side: Side, protocol: Protocol, method: str, route: str, status_code: int | None, error_type: str
 ) -> list[tuple[str, AttrValue]]:

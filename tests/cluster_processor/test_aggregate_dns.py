@@ -15,6 +15,7 @@ from cluster_processor.otlp.model import EVENT_DNS_ERROR, Protocol
 from cluster_processor.resolved import Side, attr
 from kscope.v1 import flow_pb2 as pb
 from tests.cluster_processor import test_aggregate as base
+from tests.cluster_processor.otlp.factories import span_failed
 
 index = base.index  # the same cluster: a-1 (node-1) calls b through its VIP
 DNS_IP = "10.96.0.10"
@@ -60,9 +61,9 @@ def test_nxdomain_is_not_a_failure_on_any_signal(index: KubeIndex) -> None:
     # The service graph (the DNS server is not observed: counted from the client) fails 5 outcomes of 7.
     (g,) = rep.interval.service_graph
     assert (g.requests, g.failed) == (21, 15)
-    failed_spans = {attr(s.attributes, semconv.DNS_RESPONSE_CODE) for s in rep.spans if semconv.span_failed(s)}
+    failed_spans = {attr(s.attributes, semconv.DNS_RESPONSE_CODE) for s in rep.spans if span_failed(s)}
     assert failed_spans == {"SERVFAIL", "REFUSED", "FORMERR", "NOTIMP", None}
-    ok_spans = [s for s in rep.spans if not semconv.span_failed(s)]
+    ok_spans = [s for s in rep.spans if not span_failed(s)]
     assert len(ok_spans) == 6 and all("error.type" not in dict(semconv.span_attributes(s)) for s in ok_spans)
     # Logs: failures only.
     assert all(e.name == EVENT_DNS_ERROR for e in rep.logs)

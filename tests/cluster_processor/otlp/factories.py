@@ -6,9 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
 from cluster_processor.otlp import encode
 from cluster_processor.otlp.cumulative import Stream
-from cluster_processor.otlp.semconv import TCP_BYTES
+from cluster_processor.otlp.model import SpanRecord
+from cluster_processor.otlp.semconv import PROTOCOLS, TCP_BYTES
 from cluster_processor.resolved import Attrs, AttrValue, Edge, attrs
 
 NODE = "node-a"
@@ -59,3 +63,22 @@ def metrics_request(points: int, tag: str = "") -> encode.EncodedRequest:
     """A metrics request of ``points`` data points whose pod names start with ``tag``."""
     streams = [Stream(TCP_BYTES, (("k8s.pod.name", f"{tag}p{i}"),), 0, i) for i in range(points)]
     return encode.metrics_requests(encode.Reporter("r", "n").metrics_resource(NODE), streams, T0)[0]
+
+
+def count_points(req: ExportMetricsServiceRequest) -> int:
+    n = 0
+    for rm in req.resource_metrics:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                kind = m.WhichOneof("data")
+                n += len(getattr(m, kind).data_points) if kind else 0
+    return n
+
+
+def count_spans(req: ExportTraceServiceRequest) -> int:
+    return sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+
+
+def span_failed(s: SpanRecord) -> bool:
+    """Whether a span's status is ERROR, by its protocol's rule (what the encoder writes)."""
+    return PROTOCOLS[s.protocol].failed(s.side, s.status_code, s.error_type)

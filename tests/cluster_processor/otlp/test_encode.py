@@ -245,7 +245,7 @@ def test_metric_requests_are_bounded_in_points() -> None:
     p = OtlpPipeline(encode.Reporter("r", "n"), sink := ListSink(), settings=PipelineSettings(max_points_per_request=3))
     points = [red(f.edge(f"cart-{i}"), Side.SERVER, [0.1]) for i in range(7)]
     assert p.export_interval(interval(0, *points)) == 3
-    assert [encode.count_points(r) for r in sink.metrics()] == [3, 3, 1]
+    assert [f.count_points(r) for r in sink.metrics()] == [3, 3, 1]
 
 
 # ---- spans --------------------------------------------------------------------------------------
@@ -329,7 +329,7 @@ def test_spans_group_by_workload_and_chunk() -> None:
     assert p.export_spans(f.NODE, recs) == 2
     first, second = spans_of(sink)
     assert sorted(f.kv(rs.resource.attributes)["service.name"] for rs in first.resource_spans) == ["cart", "frontend"]
-    assert encode.count_spans(first) == 2 and encode.count_spans(second) == 1
+    assert f.count_spans(first) == 2 and f.count_spans(second) == 1
 
 
 # ---- logs ---------------------------------------------------------------------------------------

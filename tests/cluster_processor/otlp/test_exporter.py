@@ -57,7 +57,7 @@ def test_happy_path_delivers_every_signal_with_headers() -> None:
             span = SpanRecord(f.edge(), Side.SERVER, Protocol.HTTP, new_context(), f.T0, f.T0 + 1, "GET", "/", 200)
             event = LogEvent(f.edge(), Side.CLIENT, f.T0, EVENT_CONNECT_REFUSED, Severity.WARN, "connection refused")
             metrics = f.metrics_request(3)
-            assert ex.submit_metrics(metrics)
+            assert ex.submit(Signal.METRICS, metrics)
             assert p.export_spans(f.NODE, [span, span]) == 1
             assert p.export_logs(f.NODE, [event]) == 1
             assert await ex.flush(5)
@@ -88,7 +88,7 @@ def test_requests_are_gzip_compressed(gzip: bool) -> None:
     # refusal proves the exporter compressed, acceptance proves the switch works.
     async def body() -> None:
         async with OtlpReceiver(reject_gzip=True) as rx, exporting(rx, gzip=gzip) as ex:
-            ex.submit_metrics(f.metrics_request(1))
+            ex.submit(Signal.METRICS, f.metrics_request(1))
             assert await ex.flush(5)
             st = ex.stats()[Signal.METRICS]
             assert (st.exported, st.dropped_non_retryable) == ((0, 1) if gzip else (1, 0))
@@ -101,7 +101,7 @@ def test_transient_failures_are_retried_until_they_pass() -> None:
         async with OtlpReceiver() as rx, exporting(rx) as ex:
             rx.fail_next(2, grpc.StatusCode.UNAVAILABLE)
             rx.fail_next(1, grpc.StatusCode.DEADLINE_EXCEEDED)
-            ex.submit_metrics(f.metrics_request(4))
+            ex.submit(Signal.METRICS, f.metrics_request(4))
             assert await ex.flush(5)
             assert rx.outcomes("metrics") == ["UNAVAILABLE", "UNAVAILABLE", "DEADLINE_EXCEEDED", "ok"]
             st = ex.stats()[Signal.METRICS]
@@ -115,12 +115,12 @@ def test_outage_then_recovery_loses_nothing_within_the_deadline_and_counts_drops
         rx = OtlpReceiver()
         await rx.start()
         async with exporting(rx, max_elapsed_s=2.0) as ex:
-            ex.submit_metrics(f.metrics_request(2, "a"))
+            ex.submit(Signal.METRICS, f.metrics_request(2, "a"))
             assert await ex.flush(5)
             # The collector goes away for 0.6 s (less than the deadline) while data keeps coming.
             await rx.stop()
             for tag in "bcd":
-                ex.submit_metrics(f.metrics_request(2, tag))
+                ex.submit(Signal.METRICS, f.metrics_request(2, tag))
             await asyncio.sleep(0.6)
             await rx.start()  # same port
             assert await ex.flush(5)
@@ -129,14 +129,14 @@ def test_outage_then_recovery_loses_nothing_within_the_deadline_and_counts_drops
             assert st.retries > 0 and st.dropped == 0 and st.exported == 8
             # Now an outage longer than the deadline: that request is dropped, and counted.
             await rx.stop()
-            ex.submit_metrics(f.metrics_request(5, "e"))
+            ex.submit(Signal.METRICS, f.metrics_request(5, "e"))
             t0 = time.monotonic()
             assert await ex.flush(5)
             assert 1.5 < time.monotonic() - t0 < 4.0  # retried until (nearly) the 2 s deadline
             st = ex.stats()[Signal.METRICS]
             assert (st.exported, st.dropped_retry_exhausted) == (8, 5)
             await rx.start()
-            ex.submit_metrics(f.metrics_request(1, "f"))
+            ex.submit(Signal.METRICS, f.metrics_request(1, "f"))
             assert await ex.flush(5)
             assert [tag_of(r) for r in rx.received["metrics"]][-1] == "f"
         await rx.stop()
@@ -148,8 +148,8 @@ def test_non_retryable_error_drops_at_once_and_counts() -> None:
     async def body() -> None:
         async with OtlpReceiver() as rx, exporting(rx) as ex:
             rx.fail_next(1, grpc.StatusCode.INVALID_ARGUMENT, message="bad data")
-            ex.submit_traces(_traces(3))
-            ex.submit_traces(_traces(1))
+            ex.submit(Signal.TRACES, _traces(3))
+            ex.submit(Signal.TRACES, _traces(1))
             assert await ex.flush(5)
             assert rx.outcomes("traces") == ["INVALID_ARGUMENT", "ok"]
             st = ex.stats()[Signal.TRACES]
@@ -162,12 +162,12 @@ def test_resource_exhausted_is_retried_only_with_retry_info() -> None:
     async def body() -> None:
         async with OtlpReceiver() as rx, exporting(rx) as ex:
             rx.fail_next(1, grpc.StatusCode.RESOURCE_EXHAUSTED)  # a quota: final
-            ex.submit_logs(_logs(2))
+            ex.submit(Signal.LOGS, _logs(2))
             assert await ex.flush(5)
             assert ex.stats()[Signal.LOGS].dropped_non_retryable == 2
             rx.fail_next(1, grpc.StatusCode.RESOURCE_EXHAUSTED, retry_delay_s=0.3)  # "come back in 0.3 s"
             t0 = time.monotonic()
-            ex.submit_logs(_logs(2))
+            ex.submit(Signal.LOGS, _logs(2))
             assert await ex.flush(5)
             assert time.monotonic() - t0 >= 0.3  # the server's delay, not our 20 ms backoff
             st = ex.stats()[Signal.LOGS]
@@ -181,7 +181,7 @@ def test_server_delay_beyond_the_deadline_drops_without_waiting() -> None:
         async with OtlpReceiver() as rx, exporting(rx, max_elapsed_s=1.0) as ex:
             rx.fail_next(1, grpc.StatusCode.UNAVAILABLE, retry_delay_s=30)
             t0 = time.monotonic()
-            ex.submit_metrics(f.metrics_request(2))
+            ex.submit(Signal.METRICS, f.metrics_request(2))
             assert await ex.flush(5)
             assert time.monotonic() - t0 < 0.5
             assert ex.stats()[Signal.METRICS].dropped_retry_exhausted == 2
@@ -193,7 +193,7 @@ def test_attempt_deadline_exceeded_is_retried() -> None:
     async def body() -> None:
         async with OtlpReceiver() as rx, exporting(rx, timeout_s=0.2) as ex:
             rx.hold()
-            ex.submit_metrics(f.metrics_request(1))
+            ex.submit(Signal.METRICS, f.metrics_request(1))
             await eventually(lambda: ex.stats()[Signal.METRICS].retries >= 1, "a retry after the attempt deadline")
             rx.release()
             assert await ex.flush(5)
@@ -207,7 +207,7 @@ def test_partial_success_is_counted_and_not_retried() -> None:
     async def body() -> None:
         async with OtlpReceiver() as rx, exporting(rx) as ex:
             rx.partial_next(1, rejected=2, message="2 points out of order")
-            ex.submit_metrics(f.metrics_request(5))
+            ex.submit(Signal.METRICS, f.metrics_request(5))
             assert await ex.flush(5)
             st = ex.stats()[Signal.METRICS]
             assert (st.exported, st.rejected, st.retries, st.dropped) == (3, 2, 0, 0)
@@ -220,10 +220,10 @@ def test_queue_is_bounded_and_drops_the_oldest() -> None:
     async def body() -> None:
         async with OtlpReceiver() as rx, exporting(rx, queue_size=2) as ex:
             rx.hold()
-            ex.submit_metrics(f.metrics_request(1, "a"))
+            ex.submit(Signal.METRICS, f.metrics_request(1, "a"))
             await eventually(lambda: ex.stats()[Signal.METRICS].attempts == 1, "a in flight")
             for tag in "bcde":
-                ex.submit_metrics(f.metrics_request(1, tag))
+                ex.submit(Signal.METRICS, f.metrics_request(1, tag))
             st = ex.stats()[Signal.METRICS]
             assert (st.queued, st.dropped_queue_full) == (2, 2)  # b and c made room for d and e
             rx.release()
@@ -241,11 +241,11 @@ def test_stop_drops_what_is_left_and_refuses_more() -> None:
             ex = OtlpExporter(settings(rx))
             ex.start()
             rx.hold()
-            ex.submit_metrics(f.metrics_request(2))
-            ex.submit_metrics(f.metrics_request(3))
+            ex.submit(Signal.METRICS, f.metrics_request(2))
+            ex.submit(Signal.METRICS, f.metrics_request(3))
             await eventually(lambda: ex.stats()[Signal.METRICS].attempts == 1, "first in flight")
             await ex.stop(timeout_s=0.2)
-            assert not ex.submit_metrics(f.metrics_request(4))
+            assert not ex.submit(Signal.METRICS, f.metrics_request(4))
             st = ex.stats()[Signal.METRICS]
             assert (st.submitted, st.exported, st.dropped_shutdown) == (9, 0, 9)
             rx.release()
@@ -258,8 +258,8 @@ def test_self_metrics_report_the_exporter_outcomes() -> None:
         async with OtlpReceiver() as rx, exporting(rx) as ex:
             p = OtlpPipeline(encode.Reporter("kscope-0", "node-x"), ex)
             rx.fail_next(1, grpc.StatusCode.PERMISSION_DENIED, signal="traces")
-            ex.submit_traces(_traces(4))
-            ex.submit_metrics(f.metrics_request(3))
+            ex.submit(Signal.TRACES, _traces(4))
+            ex.submit(Signal.METRICS, f.metrics_request(3))
             assert await ex.flush(5)
             p.export_self(ex.stats(), f.T0)
             assert await ex.flush(5)

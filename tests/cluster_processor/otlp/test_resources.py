@@ -21,7 +21,7 @@ from cluster_processor.otlp.semconv import TCP_BYTES, Sample
 from kscope.v1 import flow_pb2 as pb
 from tests.cluster_processor import test_aggregate as base
 from tests.cluster_processor.kube import factories as kf
-from tests.cluster_processor.otlp.factories import kv
+from tests.cluster_processor.otlp.factories import count_points, kv
 from tests.cluster_processor.otlp.test_encode import ListSink
 
 index = base.index  # a-1 (node-1) calls b through its VIP; b-1 (node-2) answers
@@ -146,7 +146,7 @@ def test_requests_split_across_resources_stay_bounded_and_lose_nothing(max_point
     got: Counter[tuple[Any, ...]] = Counter()
     for req in reqs:
         parsed = ExportMetricsServiceRequest.FromString(req.data)
-        assert req.items == encode.count_points(parsed) <= max_points
+        assert req.items == count_points(parsed) <= max_points
         assert len({rm.resource.SerializeToString() for rm in parsed.resource_metrics}) == len(parsed.resource_metrics)
         for rm in parsed.resource_metrics:
             res = kv(rm.resource.attributes)

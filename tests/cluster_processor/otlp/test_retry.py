@@ -90,8 +90,8 @@ def _run_with(transport: ScriptedTransport, timeout_s: float = 10.0, max_elapsed
         settings = ExporterSettings("unused:0", timeout_s=timeout_s, max_elapsed_s=max_elapsed_s, retry=fast)
         ex = OtlpExporter(settings, transport=transport)
         ex.start()
-        ex.submit_metrics(metrics_request(2))
-        ex.submit_metrics(metrics_request(1))
+        ex.submit(Signal.METRICS, metrics_request(2))
+        ex.submit(Signal.METRICS, metrics_request(1))
         assert await ex.flush(5)
         await ex.stop()
         return ex

@@ -29,6 +29,7 @@ from cluster_processor.otlp.semconv import (
     Sample,
 )
 from cluster_processor.resolved import Attrs, AttrValue, Edge, Side, attrs
+from tests.cluster_processor.otlp.factories import count_points, span_failed
 
 CUMULATIVE = metrics_pb2.AGGREGATION_TEMPORALITY_CUMULATIVE
 T0 = 1_700_000_000_000_000_000
@@ -187,7 +188,7 @@ def test_cached_series_encoding_follows_every_change() -> None:
         want = [ref_metrics_request(resource, streams[i : i + 7], end, "0.1.0") for i in range(0, len(streams), 7)]
         assert [ExportMetricsServiceRequest.FromString(r.data) for r in got] == want, k
         assert [r.data for r in got] == [w.SerializeToString() for w in want], k
-        assert [r.items for r in got] == [encode.count_points(w) for w in want], k
+        assert [r.items for r in got] == [count_points(w) for w in want], k
     assert store.stats().resets > 0 and store.stats().expired > 0 and store.stats().overflowed
 
 
@@ -227,7 +228,7 @@ def ref_span(s: SpanRecord) -> trace_pb2.Span:
         end_time_unix_nano=max(s.end_unix_nano, s.start_unix_nano),
         attributes=ref_key_values(semconv.span_attributes(s)),
         status=trace_pb2.Status(
-            code=trace_pb2.Status.STATUS_CODE_ERROR if semconv.span_failed(s) else trace_pb2.Status.STATUS_CODE_UNSET
+            code=trace_pb2.Status.STATUS_CODE_ERROR if span_failed(s) else trace_pb2.Status.STATUS_CODE_UNSET
         ),
     )
 
