@@ -9,10 +9,11 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -33,10 +34,12 @@ from node_exporter.metadata.proc import ProcessIndex
 from node_exporter.nat.conntrack import ConntrackTable, FlowKey
 from node_exporter.output.convert import MonotonicClock, l4_columns, l4_flow, l7_request
 from node_exporter.output.jsonl import JsonlWriter
-from node_exporter.output.live import LiveView
 from node_exporter.protocols import Role as L7Role
 from node_exporter.selfmetrics import SelfMetrics
 from node_exporter.ship import ClientTls, FlowShipper, ShipConfig
+
+if TYPE_CHECKING:
+    from node_exporter.local.pipeline import LocalPipeline
 
 log = structlog.get_logger("kscope.agent")
 L7_DRAIN_S = 0.02
@@ -55,7 +58,6 @@ class AgentOptions:
     jsonl: str | None = None
     netns_inode: int = 0
     bpf_dir: Path | None = None
-    live: bool = False
     metrics_port: int | None = None
     l7: bool = False
     capture_bytes: int = 512
@@ -112,13 +114,21 @@ def open_l7(bpf_dir: Path, opts: AgentOptions, netns: NetnsWalker | None = None)
 
 
 class Agent:
-    def __init__(self, opts: AgentOptions) -> None:
+    def __init__(
+        self,
+        opts: AgentOptions,
+        local: LocalPipeline | None = None,
+        on_interval: Callable[[Agent], None] | None = None,
+    ) -> None:
+        """``local``: ``kscope run``'s in-process aggregation, handed every batch as a processor would be;
+        ``on_interval``: called after each interval's step (the live map)."""
         self.opts = opts
+        self.local = local
+        self.on_interval = on_interval
         self.stop = threading.Event()
         self.metrics = SelfMetrics()
         self.clock = MonotonicClock()
         self.procs = ProcessIndex(proc_root=opts.proc_root)
-        self.view = LiveView()
         self.records_written = 0
         self.write_failed = 0
         self.requests_seen = 0  # L7 requests reported, a summary counting its requests
@@ -170,7 +180,7 @@ class Agent:
             events, self._pending_events = self._pending_events, []
             events += self.pipeline.close_sockets(r.sock_cookie for r in records if r.is_close)
             events += self.pipeline.expire(time.monotonic_ns())
-        if (self.writer is not None or self.shipper is not None) and (records or events):
+        if (self.writer is not None or self.shipper is not None or self.local is not None) and (records or events):
             l7_nats: Iterable[Nat] = repeat(None)
             if self.conntrack is not None:
                 l7_nats = self._resolve_nat(self.conntrack, records, events)
@@ -186,7 +196,7 @@ class Agent:
                     for r, p, nat in zip(records, procs, nats, strict=True)
                 ]
                 self._write(flows, requests)
-            if self.shipper is not None:
+            if self.shipper is not None or self.local is not None:
                 self._update_metrics()  # the batch carries the counters up to now
                 batch = pb.FlowBatch(
                     schema_version=2,  # L4 records as columns: the processor reads arrays, not messages
@@ -197,9 +207,11 @@ class Agent:
                 )
                 if records:
                     batch.l4_columns.CopyFrom(l4_columns(records, procs, self.clock, self.drop_reasons, nats))
-                self.shipper.submit(batch)
+                if self.shipper is not None:
+                    self.shipper.submit(batch)
+                if self.local is not None:
+                    self.local.submit(batch)
         self.requests_seen += len(events) + self._summarized_since_last_step()
-        self.view.update(records, events)
         self._update_metrics()
         return records, events
 
@@ -279,6 +291,8 @@ class Agent:
             values.update({f"nat_{k}": v for k, v in self.conntrack.counters().items()})
         if self.shipper is not None:
             values.update({f"ship_{k}": v for k, v in self.shipper.counters().items()})
+        if self.local is not None:
+            values.update({f"local_{k}": v for k, v in self.local.counters().items()})
         if self.l7 is not None:
             values.update({f"l7_kernel_{k}": v for k, v in self.l7.kernel_stats().items()})
             values.update({f"l7_{k}": v for k, v in self.pipeline.counters().items()})
@@ -289,7 +303,6 @@ class Agent:
         self.metrics.update(values)
 
     def run(self) -> None:
-        live = None
         try:  # from here on the probes are detached however run() ends
             if self.opts.metrics_port is not None:
                 self.metrics.serve(self.opts.metrics_port)
@@ -300,11 +313,6 @@ class Agent:
                 disabled=self.capabilities[1],
                 interval_s=self.opts.interval_s,
             )
-            if self.opts.live:
-                from rich.live import Live
-
-                live = Live(self.view.render(self.opts.interval_s), refresh_per_second=2, screen=False)
-                live.start()
             # Until a last interval has run: a stop (or the deadline) that comes while an interval
             # is being reported still gets its final one (capture stopped, kernel flushed, drained).
             last = False
@@ -321,11 +329,9 @@ class Agent:
                 if last:
                     self._stop_capture()
                 self.step()
-                if live is not None:
-                    live.update(self.view.render(self.opts.interval_s))
+                if self.on_interval is not None:
+                    self.on_interval(self)
         finally:
-            if live is not None:
-                live.stop()
             self.close()
 
     def _stop_capture(self) -> None:
@@ -348,6 +354,8 @@ class Agent:
             self.writer.write_stats(self.metrics.to_proto(time.time_ns()))
             self.writer.close()
             self.writer = None
+        if self.local is not None:
+            self.local.close(timeout_s=5.0)  # with --otlp: the last interval leaves
         self.collector.close()
         if self.conntrack is not None:
             self.conntrack.close()
