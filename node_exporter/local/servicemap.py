@@ -210,27 +210,23 @@ class ServiceMap:
         """Fold one interval (and its spans) in; ``now`` is monotonic seconds."""
         self.intervals += 1
         seconds = max((interval.end_unix_nano - interval.start_unix_nano) / 1e9, 1e-3)
-        ticks: dict[tuple[str, str], Tick] = {}
-        edges: dict[tuple[str, str], Edge] = {}
+        ticks: dict[tuple[str, str], tuple[Tick, EdgeRow]] = {}
 
-        def tick(e: Edge) -> tuple[Tick, tuple[str, str]]:
+        def tick(e: Edge) -> tuple[Tick, EdgeRow]:
             key = (label(e.client), label(e.server))
-            t = ticks.get(key)
-            if t is None:
-                t = ticks[key] = Tick(seconds)
-                edges[key] = e
-            return t, key
+            found = ticks.get(key)
+            if found is None:  # each edge's row looked up (or made) once per interval
+                found = ticks[key] = (Tick(seconds), self._row(*key, e))
+            return found
 
         for p in interval.red:
-            t, key = tick(p.edge)
-            self._red(p, t, self._row(*key, p.edge))
+            self._red(p, *tick(p.edge))
         for lp in interval.l4:
             _l4(lp, tick(lp.edge)[0])
-        for (client, server), t in ticks.items():
-            row = self._row(client, server, edges[(client, server)])
-            if t.requests or t.bytes or t.connects or t.failures or t.retransmits or t.resets:
-                row.last_active = now
-                self.edges.move_to_end((client, server))
+        for key, (t, _) in ticks.items():
+            if key in self.edges and (t.requests or t.bytes or t.connects or t.failures or t.retransmits or t.resets):
+                self.edges[key].last_active = now
+                self.edges.move_to_end(key)
         for s in spans:
             found = self.edges.get((label(s.edge.client), label(s.edge.server)))
             if found is not None:
@@ -265,12 +261,13 @@ class ServiceMap:
         rs.statuses[status] = rs.statuses.get(status, 0) + n
         rs.latency.add(h)
 
-    def _age(self, now: float, seconds: float, ticks: dict[tuple[str, str], Tick]) -> None:
+    def _age(self, now: float, seconds: float, ticks: dict[tuple[str, str], tuple[Tick, EdgeRow]]) -> None:
         """Slide every window (a quiet edge's interval is an empty one); forget edges quiet for
         forget_s (they are least recently active first)."""
         window = self.settings.window
         for key, row in self.edges.items():
-            row.ticks.append(ticks.get(key) or Tick(seconds))
+            found = ticks.get(key)
+            row.ticks.append(found[0] if found is not None else Tick(seconds))
             while len(row.ticks) > window:
                 row.ticks.popleft()
         while self.edges:
