@@ -199,7 +199,7 @@ def _run(args: argparse.Namespace, live: bool | None) -> int:
 def _local_pipeline(args: argparse.Namespace, node_name: str) -> LocalPipeline:
     from cluster_processor.main import ProcessorConfigError, otlp_from_env
     from node_exporter.local.namer import LocalNamer
-    from node_exporter.local.pipeline import LocalPipeline
+    from node_exporter.local.pipeline import LocalPipeline, local_settings
 
     target = None
     if args.otlp:
@@ -207,7 +207,8 @@ def _local_pipeline(args: argparse.Namespace, node_name: str) -> LocalPipeline:
             target = otlp_from_env({**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": args.otlp})
         except ProcessorConfigError as exc:
             raise KscopeError(f"--otlp: {exc}") from exc
-    return LocalPipeline(node_name, LocalNamer(proc_root=args.proc_root), otlp=target)
+    namer = LocalNamer(proc_root=args.proc_root)
+    return LocalPipeline(node_name, namer, settings=local_settings(args.interval), otlp=target)
 
 
 def _run_local(agent: Agent, local: LocalPipeline, terminal: bool) -> None:

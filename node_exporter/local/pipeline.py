@@ -28,8 +28,12 @@ from kscope.v1 import flow_pb2 as pb
 from node_exporter.local.namer import LocalNamer
 
 log = structlog.get_logger("kscope.local")
-# Local names depend on pid and port, which the resolution cache does not key on (namer.py).
-LOCAL_AGGREGATOR = AggregatorSettings(max_resolutions=0)
+
+
+def local_settings(interval_s: float) -> AggregatorSettings:
+    # Local names depend on pid and port, which the resolution cache does not key on (namer.py); the
+    # first interval is one agent interval long (rates over a processor's 10 s default would read low).
+    return AggregatorSettings(max_resolutions=0, default_interval_ns=int(interval_s * 1e9))
 
 
 class _Exporting:
@@ -90,12 +94,12 @@ class LocalPipeline:
         node_name: str,
         namer: LocalNamer,
         *,
-        settings: AggregatorSettings = LOCAL_AGGREGATOR,
+        settings: AggregatorSettings | None = None,
         otlp: OtlpTarget | None = None,
     ) -> None:
         self.node_name = node_name
         self.namer = namer
-        self.aggregator = Aggregator(namer, settings)
+        self.aggregator = Aggregator(namer, settings or local_settings(1.0))
         self._otlp = _Exporting(otlp, node_name) if otlp is not None else None
         self.export_errors = 0
 
