@@ -117,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
         help="also send OTLP/gRPC to ENDPOINT (http://host:4317 plaintext, https:// TLS) as the cluster "
         "processor does; OTEL_EXPORTER_OTLP_HEADERS is honoured",
     )
+    run.add_argument(
+        "--prometheus",
+        metavar="ADDR",
+        help="also serve the same metrics for Prometheus at ADDR ([HOST:]PORT; host 127.0.0.1 unless given), "
+        "named as the processor's --prometheus-port names them",
+    )
     run.set_defaults(l7=True)  # a newcomer wants to see requests; the agent (the chart) keeps --l7 opt-in
     return top
 
@@ -173,14 +179,15 @@ def _run(args: argparse.Namespace, live: bool | None) -> int:
         conntrack_netns=args.conntrack_netns,
     )
     local = None
-    if live is not None:
-        try:
-            local = _local_pipeline(args, opts.node_name)
-        except KscopeError as exc:
-            print(f"kscope: error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
     try:
-        agent = Agent(opts, local=local)
+        if live is not None:
+            local = _local_pipeline(args, opts.node_name)
+        try:
+            agent = Agent(opts, local=local)
+        except BaseException:
+            if local is not None:  # its servers and threads: the agent would have closed them
+                local.close()
+            raise
         agent.install_signal_handlers()
         tune_gc()  # everything built so far (BTF, loaded objects, descriptors) lives as long as the agent
         if local is None:
@@ -207,8 +214,18 @@ def _local_pipeline(args: argparse.Namespace, node_name: str) -> LocalPipeline:
             target = otlp_from_env({**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": args.otlp})
         except ProcessorConfigError as exc:
             raise KscopeError(f"--otlp: {exc}") from exc
+    prometheus = _listen_address(args.prometheus, "--prometheus") if args.prometheus else None
     namer = LocalNamer(proc_root=args.proc_root)
-    return LocalPipeline(node_name, namer, settings=local_settings(args.interval), otlp=target)
+    settings = local_settings(args.interval)
+    return LocalPipeline(node_name, namer, settings=settings, otlp=target, prometheus=prometheus)
+
+
+def _listen_address(text: str, flag: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]") if sep else "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise KscopeError(f"{flag}: expected [HOST:]PORT with a port 0..65535, not {text!r}")
+    return host or "127.0.0.1", int(port)
 
 
 def _run_local(agent: Agent, local: LocalPipeline, terminal: bool) -> None:

@@ -3,7 +3,8 @@
 The agent hands each interval's ``FlowBatch`` to ``submit`` (as it would ship it to a processor);
 ``LocalNamer`` learns who serves which address, the cluster processor's own ``Aggregator`` folds it
 (the same per-edge RED, L4, DNS and service-graph rules), and ``flush`` closes the interval for the
-live map and, with ``--otlp``, for the processor's own ``OtlpPipeline`` and ``OtlpExporter``. The
+live map, with ``--otlp`` for the processor's own ``OtlpPipeline`` and ``OtlpExporter``, with
+``--prometheus`` for the processor's Prometheus view (``otlp/prometheus.IntervalCollector``). The
 exporter is asyncio code: it runs on an event loop in a thread of its own, and intervals reach it
 through ``run_coroutine_threadsafe``.
 """
@@ -24,7 +25,9 @@ from cluster_processor.main import OtlpTarget
 from cluster_processor.otlp import encode
 from cluster_processor.otlp.exporter import ExporterSettings, OtlpExporter
 from cluster_processor.otlp.pipeline import OtlpPipeline
+from cluster_processor.otlp.prometheus import IntervalCollector, serve
 from kscope.v1 import flow_pb2 as pb
+from node_exporter.errors import HostError
 from node_exporter.local.namer import LocalNamer
 
 log = structlog.get_logger("kscope.local")
@@ -96,12 +99,27 @@ class LocalPipeline:
         *,
         settings: AggregatorSettings | None = None,
         otlp: OtlpTarget | None = None,
+        prometheus: tuple[str, int] | None = None,
     ) -> None:
+        """``prometheus``: (address, port) to serve the same metrics for Prometheus (the processor's
+        ``--prometheus-port`` naming); HostError when it cannot be bound."""
         self.node_name = node_name
         self.namer = namer
         self.aggregator = Aggregator(namer, settings or local_settings(1.0))
-        self._otlp = _Exporting(otlp, node_name) if otlp is not None else None
         self.export_errors = 0
+        self._prometheus: IntervalCollector | None = None
+        self._prometheus_server: Any = None
+        if prometheus is not None:
+            self._prometheus = IntervalCollector(encode.Reporter(f"kscope-run/{node_name}", node_name))
+            try:
+                self._prometheus_server, _ = serve(self._prometheus, prometheus[1], prometheus[0])
+            except OSError as exc:
+                raise HostError(f"cannot serve Prometheus metrics on {prometheus[0]}:{prometheus[1]}: {exc}") from exc
+        self._otlp = _Exporting(otlp, node_name) if otlp is not None else None
+
+    @property
+    def prometheus_port(self) -> int:
+        return int(self._prometheus_server.server_port) if self._prometheus_server is not None else 0
 
     def submit(self, batch: pb.FlowBatch) -> None:
         self.namer.learn(batch)  # first: a server seen in this batch names its clients' records too
@@ -110,6 +128,10 @@ class LocalPipeline:
     def flush(self, now_unix_nano: int | None = None) -> list[NodeReport]:
         now = now_unix_nano if now_unix_nano is not None else time.time_ns()
         reports = self.aggregator.flush(now)
+        if self._prometheus is not None:
+            for r in reports:
+                self._prometheus.add(r.interval)
+            self._prometheus.expire(now)
         if self._otlp is not None:
             try:
                 self._otlp.export(reports, now)
@@ -131,3 +153,7 @@ class LocalPipeline:
             self.flush()  # the last interval leaves too
             self._otlp.close(timeout_s)
             self._otlp = None
+        if self._prometheus_server is not None:
+            self._prometheus_server.shutdown()
+            self._prometheus_server.server_close()
+            self._prometheus_server = None
