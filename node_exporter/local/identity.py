@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Final
 
 from cluster_processor.otlp.model import CONTAINER_ID, SERVICE_NAME, Attrs, AttrValue, attrs
@@ -126,6 +127,7 @@ def process_attributes(comm: str, exe: str, where: Placement, container_name: st
     return attrs(pairs)
 
 
+@lru_cache(maxsize=65_536)  # per point of every interval: the same few endpoints again and again
 def short_label(endpoint: Attrs) -> str:
     """``label`` without where the process runs (``nginx:8080``): for narrow terminals."""
     d = dict(endpoint)
@@ -134,6 +136,7 @@ def short_label(endpoint: Attrs) -> str:
     return f"{comm if comm is not None else d.get('server.address') or d.get('client.address') or '?'}{port}"
 
 
+@lru_cache(maxsize=65_536)
 def label(endpoint: Attrs) -> str:
     """How the map shows an endpoint: ``process@where`` (``nginx@nginx.service``, ``redis@web``,
     ``curl@host``), or its address when it is not a local process."""

@@ -66,12 +66,17 @@ class Latency:
     lo: float | None = None
     hi: float | None = None
 
-    def add(self, h: Histogram | Latency) -> None:
+    def add(self, h: Histogram | Latency, sign: int = 1) -> None:
+        """Add (or, ``sign`` -1, take away: the window sliding) another's counts; min and max only add."""
         src = h.bucket_counts if isinstance(h, Histogram) else h.counts
         if len(src) != _NBUCKETS:
             return
+        counts = self.counts
         for i, c in enumerate(src):
-            self.counts[i] += c
+            if c:
+                counts[i] += sign * c
+        if sign < 0:
+            return
         lo, hi = (h.min, h.max) if isinstance(h, Histogram) else (h.lo, h.hi)
         if lo is not None:
             self.lo = lo if self.lo is None else min(self.lo, lo)
@@ -82,15 +87,16 @@ class Latency:
         return quantile(self.counts, q, self.lo, self.hi)
 
 
+_COUNTS: Final = ("requests", "errors", "bytes", "retransmits", "resets", "connects", "connect_n", "failures")
+
+
 @dataclass(slots=True)
 class Tick:
-    """One interval of one edge."""
+    """One interval of one edge (or, as ``EdgeRow.sums``, the window's totals)."""
 
     seconds: float
     requests: int = 0
     errors: int = 0
-    client: Latency = field(default_factory=Latency)
-    server: Latency = field(default_factory=Latency)
     bytes: int = 0
     retransmits: int = 0
     resets: int = 0
@@ -98,6 +104,15 @@ class Tick:
     connect_s: float = 0.0  # summed latency of successful connects (their buckets differ from requests')
     connect_n: int = 0
     failures: int = 0
+    client: Latency | None = None  # made when a request is seen: most ticks of most edges have none
+    server: Latency | None = None
+
+    def side(self, name: str) -> Latency:
+        found: Latency | None = getattr(self, name)
+        if found is None:
+            found = Latency()
+            setattr(self, name, found)
+        return found
 
 
 @dataclass(slots=True)
@@ -117,45 +132,77 @@ class Slow:
 
 @dataclass(slots=True)
 class EdgeRow:
+    """One edge: its last ``window`` intervals, and their running totals (``sums``), kept as the
+    window slides so that reading a row costs the same whatever the window."""
+
     client: str
     server: str
     short: str = ""  # "curl → nginx:8080", for narrow terminals
     protocols: set[str] = field(default_factory=set)
     ticks: deque[Tick] = field(default_factory=deque)
+    sums: Tick = field(default_factory=lambda: Tick(0.0))
     last_active: float = 0.0
     routes: dict[tuple[str, str], RouteStats] = field(default_factory=dict)
     rcodes: dict[str, int] = field(default_factory=dict)
     slowest: list[tuple[float, int, Slow]] = field(default_factory=list)  # a min-heap of the slowest
+    _problems: list[str] | None = None
+
+    def push(self, t: Tick, window: int, empty: bool) -> None:
+        """The next interval (``empty``: the shared tick of an interval with nothing on this edge)."""
+        if len(self.ticks) >= window:
+            self._fold(self.ticks.popleft(), -1)
+        self.ticks.append(t)
+        if empty:
+            self.sums.seconds += t.seconds
+        else:
+            self._fold(t, 1)
+        self._problems = None
+
+    def _fold(self, t: Tick, sign: int) -> None:
+        sums = self.sums
+        sums.seconds += sign * t.seconds
+        if t.client is None and t.server is None and not (t.bytes or t.connects or t.failures or t.retransmits
+                                                           or t.resets or t.connect_n):  # fmt: skip
+            return  # an empty tick: only its seconds
+        for name in _COUNTS:
+            if v := getattr(t, name):
+                setattr(sums, name, getattr(sums, name) + sign * v)
+        sums.connect_s += sign * t.connect_s
+        for name in ("client", "server"):
+            lat = getattr(t, name)
+            if lat is not None:
+                sums.side(name).add(lat, sign)
 
     # ---- window figures ----
-    def _sum(self, name: str) -> int:
-        return sum(getattr(t, name) for t in self.ticks)
-
     @property
     def seconds(self) -> float:
-        return sum(t.seconds for t in self.ticks) or 1.0
+        return self.sums.seconds or 1.0
 
     def rate(self, name: str) -> float:
-        return self._sum(name) / self.seconds
+        return float(getattr(self.sums, name)) / self.seconds
 
     def total(self, name: str) -> int:
-        return self._sum(name)
+        return int(getattr(self.sums, name))
 
     def latency(self, side: str) -> Latency:
-        out = Latency()
-        for t in self.ticks:
-            out.add(getattr(t, side))
-        return out
+        """The window's latency on one side: counts kept as it slides, min and max of its intervals."""
+        sums: Latency | None = getattr(self.sums, side)
+        if sums is None or not any(sums.counts):
+            return Latency()
+        ticks = [lat for t in self.ticks if (lat := getattr(t, side)) is not None]
+        los = [lat.lo for lat in ticks if lat.lo is not None]
+        his = [lat.hi for lat in ticks if lat.hi is not None]
+        return Latency(sums.counts, min(los) if los else None, max(his) if his else None)
 
     @property
     def connect_ms(self) -> float | None:
-        n = self._sum("connect_n")
-        return 1000.0 * sum(t.connect_s for t in self.ticks) / n if n else None
+        n = self.sums.connect_n
+        return 1000.0 * self.sums.connect_s / n if n else None
 
     @property
     def error_pct(self) -> float | None:
-        n = self._sum("requests")
-        return 100.0 * self._sum("errors") / n if n else None
+        n = self.sums.requests
+        return 100.0 * self.sums.errors / n if n else None
 
     @property
     def protocol(self) -> str:
@@ -163,19 +210,24 @@ class EdgeRow:
 
     def problems(self) -> list[str]:
         """Why this edge is shown first: errors, latency the server does not account for,
-        retransmits, failed connects, resets."""
+        retransmits, failed connects, resets. Kept until the window moves."""
+        if self._problems is not None:
+            return self._problems
         out = []
-        if self._sum("errors"):
+        sums = self.sums
+        if sums.errors:
             out.append("errors")
-        c, s = self.latency("client").q(0.5), self.latency("server").q(0.5)
-        if c is not None and s is not None and c > SLOW_RATIO * s and c - s > SLOW_GAP_S:
-            out.append("slow")
-        if self._sum("retransmits"):
+        if sums.client is not None and sums.server is not None:
+            c, s = self.latency("client").q(0.5), self.latency("server").q(0.5)
+            if c is not None and s is not None and c > SLOW_RATIO * s and c - s > SLOW_GAP_S:
+                out.append("slow")
+        if sums.retransmits:
             out.append("retrans")
-        if self._sum("failures"):
+        if sums.failures:
             out.append("connect")
-        if self._sum("resets"):
+        if sums.resets:
             out.append("resets")
+        self._problems = out
         return out
 
 
@@ -195,6 +247,7 @@ class ServiceMap:
         self.edges: OrderedDict[tuple[str, str], EdgeRow] = OrderedDict()  # least recently active first
         self.counters = {"edges_evicted": 0, "routes_overflowed": 0, "edges_forgotten": 0}
         self.intervals = 0
+        self._order: tuple[tuple[int, int], list[EdgeRow]] | None = None
 
     def _row(self, client: str, server: str, edge: Edge) -> EdgeRow:
         key = (client, server)
@@ -237,7 +290,7 @@ class ServiceMap:
         row.protocols.add(p.protocol.value)
         h = p.duration
         n = sum(h.bucket_counts)
-        (t.server if p.side is Side.SERVER else t.client).add(h)
+        t.side("server" if p.side is Side.SERVER else "client").add(h)
         # Counted once: by the server when kscope sees it (a local process), else by the client.
         server_seen = attr(p.edge.server, PROCESS_EXECUTABLE_NAME) is not None
         if (p.side is Side.SERVER) != server_seen:
@@ -265,11 +318,10 @@ class ServiceMap:
         """Slide every window (a quiet edge's interval is an empty one); forget edges quiet for
         forget_s (they are least recently active first)."""
         window = self.settings.window
+        empty = Tick(seconds)  # one for every quiet edge of this interval: never changed
         for key, row in self.edges.items():
             found = ticks.get(key)
-            row.ticks.append(found[0] if found is not None else Tick(seconds))
-            while len(row.ticks) > window:
-                row.ticks.popleft()
+            row.push(found[0] if found is not None else empty, window, found is None)
         while self.edges:
             key, row = next(iter(self.edges.items()))
             if now - row.last_active <= self.settings.forget_s:
@@ -281,13 +333,19 @@ class ServiceMap:
         return now - row.last_active > self.settings.fade_s
 
     def ordered(self, now: float) -> list[EdgeRow]:
-        """Edges with problems first (more problems, then more errors), then the busiest; faded last."""
+        """Edges with problems first (more problems, then more errors), then the busiest; faded last.
+        Sorted once per interval and second (every redraw and key press asks)."""
+        stamp = (self.intervals, int(now))
+        if self._order is not None and self._order[0] == stamp:
+            return self._order[1]
 
         def key(r: EdgeRow) -> tuple[bool, int, float, float, float]:
             return (self.faded(r, now), -len(r.problems()), -(r.error_pct or 0.0), -r.rate("requests"),
                     -r.rate("bytes"))  # fmt: skip
 
-        return sorted(self.edges.values(), key=key)
+        order = sorted(self.edges.values(), key=key)
+        self._order = (stamp, order)
+        return order
 
 
 def _l4(p: L4Point, t: Tick) -> None:
