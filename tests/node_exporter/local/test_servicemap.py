@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import tracemalloc
 
 from rich.console import Console
 
@@ -110,7 +111,14 @@ def test_ten_thousand_edges_bounded_in_rows_routes_and_render() -> None:
     spans = tuple(
         SpanRecord(hot, Side.SERVER, Protocol.HTTP, ctx, 0, i * 1_000_000, "GET", "/x", 200) for i in range(30)
     )
+    tracemalloc.start()
     m.update(interval(1, points), spans, now=1.0)
+    for t in range(2, 12):  # a full window of intervals: every edge's window holds its 10 intervals
+        m.update(interval(t), (), now=float(t) / 10)
+    del points, spans
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert held < 40_000_000, held  # the map's own state for 10,000 edges: ~3.2 kB each, measured
     assert len(m.edges) == 10_000 and m.counters["edges_evicted"] == 2_001  # the hot edge came last: kept
     row = m.edges[("curl@host", "nginx@nginx.service:9000")]
     assert len(row.routes) == 50 and m.counters["routes_overflowed"] == 30
