@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,15 +47,6 @@ def scene(topo: Topology, tmp: Path, cgroups: PodCgroups) -> str:
     topo.spawn(topo.srv, "sh", "-c", f"while :; do dig +short +tries=1 +time=2 @{SRV_V4} ok.test; "
                f"dig +short +tries=1 +time=2 @{SRV_V4} missing.test; sleep 0.5; done")  # fmt: skip
     return unit
-
-
-@pytest.fixture
-def cgroups() -> Iterator[PodCgroups]:
-    c = PodCgroups()
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def rows(screen: str) -> list[str]:
