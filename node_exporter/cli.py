@@ -213,7 +213,10 @@ def _local_pipeline(args: argparse.Namespace, node_name: str) -> LocalPipeline:
         try:
             target = otlp_from_env({**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": args.otlp})
         except ProcessorConfigError as exc:
-            raise KscopeError(f"--otlp: {exc}") from exc
+            if "OTEL_EXPORTER_OTLP_ENDPOINT" not in str(exc):
+                raise KscopeError(str(exc)) from exc  # the headers' variable: named as it is
+            raise KscopeError(f"--otlp {args.otlp}: expected http://HOST:PORT (plaintext), https://HOST:PORT "
+                              "(TLS) or HOST:PORT") from exc  # fmt: skip
     prometheus = _listen_address(args.prometheus, "--prometheus") if args.prometheus else None
     namer = LocalNamer(proc_root=args.proc_root)
     settings = local_settings(args.interval)

@@ -100,9 +100,13 @@ def test_run_prometheus_serves_the_same_metrics_named_for_prometheus(topo: Topol
     assert agent.returncode == 0 and "Traceback" not in err, err
 
 
-def test_run_prometheus_address_errors(tmp_path: Path) -> None:
+def test_run_otlp_and_prometheus_address_errors(tmp_path: Path) -> None:
+    """Bad values are one line and exit 2, a busy port exit 3: before any probe loads."""
     bad = subprocess.run([KSCOPE, "run", "--prometheus", "localhost:http"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--prometheus: expected [HOST:]PORT" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run([KSCOPE, "run", "--otlp", "ftp://collector:4317"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--otlp ftp://collector:4317: expected http://HOST:PORT" in bad.stderr
+    assert "Traceback" not in bad.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
