@@ -71,6 +71,11 @@ _TYPES: Final = {
     Kind.HISTOGRAM: "histogram",
 }
 _HISTOGRAM: Final = Kind.HISTOGRAM
+# How long a gauge's last value is served after its node last reported it (an RTT, an accept queue):
+# Prometheus' own lookback, so a gauge the agent reports now and then neither flickers in and out of
+# scrapes (each absence would mark the series stale) nor lingers longer than an OTLP-fed Prometheus
+# would show it.
+GAUGE_MAX_AGE_NS: Final = 5 * 60 * 1_000_000_000
 
 
 def unit_word(unit: str, kind: Kind) -> str:
@@ -170,9 +175,10 @@ class StoreCollector(Collector):
     every metric once, its series from every node under their resources, and ``target_info``.
     ``reporter`` gives each series its resource exactly as the OTLP encoder does."""
 
-    def __init__(self, reporter: Reporter, *stores: CumulativeStore) -> None:
+    def __init__(self, reporter: Reporter, *stores: CumulativeStore, gauge_max_age_ns: int = GAUGE_MAX_AGE_NS) -> None:
         self._reporter = reporter
         self._stores = stores
+        self._gauge_max_age_ns = gauge_max_age_ns
         self.duplicates = 0  # series left out of scrapes so far (the counter below)
 
     def collect(self) -> Iterator[Metric]:
@@ -182,7 +188,7 @@ class StoreCollector(Collector):
         resources: dict[Attrs, None] = {}
         duplicates = 0
         for store in self._stores:
-            for node, inst, series in store.snapshot():
+            for node, inst, series in store.snapshot(self._gauge_max_age_ns):
                 name = metric_name(inst)
                 fam = families.get(name)
                 if fam is None:
@@ -246,9 +252,11 @@ class IntervalCollector(StoreCollector):
     the OTLP pipeline): for a process that serves Prometheus without exporting OTLP. ``add`` may
     run on another thread than the scrapes."""
 
-    def __init__(self, reporter: Reporter, store: CumulativeStore | None = None) -> None:
+    def __init__(
+        self, reporter: Reporter, store: CumulativeStore | None = None, *, gauge_max_age_ns: int = GAUGE_MAX_AGE_NS
+    ) -> None:
         self.store = store or CumulativeStore()
-        super().__init__(reporter, self.store)
+        super().__init__(reporter, self.store, gauge_max_age_ns=gauge_max_age_ns)
         self._lock = threading.Lock()  # one writer at a time; scrapes read without it (snapshot)
 
     def add(self, interval: Interval) -> None:

@@ -237,6 +237,10 @@ def test_agent_args_point_at_the_processor_service(default_docs: list[Manifest])
     assert agent["command"] == ["kscope-agent"]
     assert f"--processor={service['metadata']['name']}.{NAMESPACE}.svc:{port}" in agent["args"]
     assert "--proc-root=/host/proc" in agent["args"]
+    # Self-metrics on the pod's (with hostNetwork: the node's) IP, where kubelet's probes connect.
+    assert "--metrics-addr=$(POD_IP)" in agent["args"]
+    assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in agent["env"]
+    assert agent["readinessProbe"]["httpGet"]["port"] == "metrics"
     assert not any(a.startswith("--tls") for a in agent["args"])
 
 
@@ -502,6 +506,13 @@ def test_service_monitor_check_catches_a_bad_one(prom_docs: list[Manifest]) -> N
     sm = yaml.safe_load(yaml.safe_dump(only(prom_docs, "ServiceMonitor")))
     sm["spec"]["endpoints"][0]["interval"] = "30 seconds"
     assert "interval" in service_monitor_errors(sm)
+
+
+def test_prometheus_port_must_be_its_own(chart: helm.Chart) -> None:
+    for taken in (9440, 9441):
+        with pytest.raises(Exception, match=r"prometheus\.port must differ"):
+            render(chart, {"prometheus": {"enabled": True, "port": taken}})
+    assert render(chart, {"prometheus": {"enabled": False, "port": 9441}})  # off: no port, no clash
 
 
 def test_service_monitor_needs_the_endpoint(chart: helm.Chart) -> None:

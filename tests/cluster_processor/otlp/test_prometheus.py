@@ -208,11 +208,14 @@ def test_exposition_names_labels_and_values() -> None:
     assert info["kscope"]["service_version"] == REPORTER.version
 
 
-def test_a_gauge_not_reported_in_the_latest_interval_is_not_served() -> None:
-    c = IntervalCollector(REPORTER)
+def test_a_gauge_is_served_until_its_node_has_not_reported_it_for_its_max_age() -> None:
+    c = IntervalCollector(REPORTER, gauge_max_age_ns=2 * STEP)
     c.add(interval())
-    assert "kscope_tcp_rtt_seconds" in families(c)
+    assert one(families(c)["kscope_tcp_rtt_seconds"]).value == 0.002
     c.add(interval(T0 + STEP, rtt=None))
+    c.add(interval(T0 + 2 * STEP, rtt=None))
+    assert one(families(c)["kscope_tcp_rtt_seconds"]).value == 0.002  # the last value, 2 intervals old
+    c.add(interval(T0 + 3 * STEP, rtt=None))
     fams = families(c)
     assert "kscope_tcp_rtt_seconds" not in fams
     assert "kscope_tcp_listen_queue" in fams  # reported again: still there
