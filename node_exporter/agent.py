@@ -126,6 +126,7 @@ class Agent:
         self.opts = opts
         self.local = local
         self.on_interval = on_interval
+        self.interval_hook_errors = 0
         self.stop = threading.Event()
         self.metrics = SelfMetrics()
         self.clock = MonotonicClock()
@@ -278,6 +279,7 @@ class Agent:
             decode_bad_type=s.decode_bad_type,
             records_written=self.records_written,
             records_write_failed=self.write_failed,
+            interval_hook_errors=self.interval_hook_errors,
             process_lookups_hit=self.procs.hits,
             process_lookups_missed=self.procs.misses,
             l7_requests=self.requests_seen,
@@ -331,7 +333,11 @@ class Agent:
                     self._stop_capture()
                 self.step()
                 if self.on_interval is not None:
-                    self.on_interval(self)
+                    try:
+                        self.on_interval(self)
+                    except Exception:  # a bug in what shows the interval must not stop the probes: counted
+                        self.interval_hook_errors += 1
+                        log.exception("interval_hook_failed", errors=self.interval_hook_errors)
         finally:
             self.close()
 
