@@ -237,7 +237,8 @@ def snapshot(m: ServiceMap, now: float, counters: Mapping[str, int], limit: int 
             "connect_ms": r.connect_ms, "connect_failures": r.total("failures"), "resets": r.total("resets"),
             "dns_rcodes": dict(r.rcodes), "problems": r.problems(), "idle": m.faded(r, now),
         })  # fmt: skip
-    return {"edges": edges, "edge_count": len(m.edges), "drops": drops({**counters, **m.counters})}
+    lost = drops({**counters, **{f"map_{k}": v for k, v in m.counters.items()}})
+    return {"edges": edges, "edge_count": len(m.edges), "drops": lost}
 
 
 def _r(seconds: float | None) -> float | None:

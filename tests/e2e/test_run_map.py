@@ -110,6 +110,11 @@ def test_live_map_rows_order_drilldown_and_sizes(topo: Topology, tmp_path: Path,
         term.keys("Escape")
         term.wait(lambda s: row_index(s, ok) >= 0, "back on the map")
 
+        term.keys("p")  # paused: the screen stays (and says so) until p again
+        term.wait(lambda s: "PAUSED" in s.splitlines()[0], "the paused header")
+        term.keys("p")
+        term.wait(lambda s: "PAUSED" not in s.splitlines()[0], "the map running again")
+
         detail = open_edge(term, lossy)
         assert re.search(r"problems: .*retrans", detail), detail
         term.keys("Escape")
