@@ -133,6 +133,7 @@ class Slow:
     what: str  # route or path, or a DNS name
     status: str
     side: str
+    at: float = 0.0  # monotonic seconds of the interval it came in
 
 
 @dataclass(slots=True)
@@ -242,6 +243,7 @@ class MapSettings:
     forget_s: float = 300.0
     max_routes: int = 50
     max_slowest: int = 10
+    slowest_s: float = 60.0  # how long a slow request stays among the "recent" ones
 
 
 class ServiceMap:
@@ -286,7 +288,7 @@ class ServiceMap:
         for s in spans:
             found = self.edges.get((label(s.edge.client), label(s.edge.server)))
             if found is not None:
-                _slow(found, s, self.settings.max_slowest)
+                _slow(found, s, self.settings, now)
         self._age(now, seconds, ticks)
 
     def _red(self, p: RedPoint, t: Tick, row: EdgeRow) -> None:
@@ -372,12 +374,15 @@ def _l4(p: L4Point, t: Tick) -> None:
             t.connect_n += sum(p.connect_duration.bucket_counts)
 
 
-def _slow(row: EdgeRow, s: SpanRecord, limit: int) -> None:
+def _slow(row: EdgeRow, s: SpanRecord, settings: MapSettings, now: float) -> None:
+    if row.slowest and min(x[2].at for x in row.slowest) < now - settings.slowest_s:
+        row.slowest = [x for x in row.slowest if x[2].at >= now - settings.slowest_s]  # recent ones only
+        heapq.heapify(row.slowest)
     seconds = (s.end_unix_nano - s.start_unix_nano) / 1e9
     what = s.route or str(attr(s.attributes, "url.path") or attr(s.attributes, "dns.question.name") or "")
     status = str(s.status_code) if s.status_code is not None else (s.error_type or "")
-    item = (seconds, id(s), Slow(seconds, s.method, what, status, s.side.value))
-    if len(row.slowest) < limit:
+    item = (seconds, id(s), Slow(seconds, s.method, what, status, s.side.value, now))
+    if len(row.slowest) < settings.max_slowest:
         heapq.heappush(row.slowest, item)
     elif seconds > row.slowest[0][0]:
         heapq.heapreplace(row.slowest, item)

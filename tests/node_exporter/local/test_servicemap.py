@@ -115,7 +115,7 @@ def test_ten_thousand_edges_bounded_in_rows_routes_and_render() -> None:
     m.update(interval(1, points), spans, now=1.0)
     for t in range(2, 12):  # a full window of intervals: every edge's window holds its 10 intervals
         m.update(interval(t), (), now=float(t) / 10)
-    del points, spans
+    del points
     held, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert held < 40_000_000, held  # the map's own state for 10,000 edges: ~3.2 kB each, measured
@@ -130,6 +130,9 @@ def test_ten_thousand_edges_bounded_in_rows_routes_and_render() -> None:
         assert "drops: l7_kernel_rb_full=3 map_edges_evicted=2001 map_routes_overflowed=30" in screen.replace("\n", " ")
         assert lines[-1].startswith("q quit")
     detail = text(render.edge_view(row, 1.0, False), 80, 24)
+    # slow requests are recent ones: a minute on, a faster one replaces them all
+    m.update(interval(12, (red(hot, Side.SERVER, 200, 0.001),)), spans[:1], now=70.0)
+    assert [round(s * 1000) for s, _, _ in row.slowest] == [0]
     assert "/r0" in detail and "slowest recent requests" in detail and "29" in detail
 
 
