@@ -27,7 +27,8 @@ DESCRIPTION = "eBPF-based TCP observability, no code changes"
 ENVIRONMENT = (
     "this host cannot run it (not root: lacking CAP_BPF and CAP_PERFMON\n"
     "     (or CAP_SYS_ADMIN) or CAP_NET_ADMIN; no kernel BTF; no libbpf; a required kernel hook\n"
-    "     missing; BPF objects missing from the install or --bpf-dir; the --metrics-port in use)"
+    "     missing; BPF objects missing from the install or --bpf-dir; the --metrics-port or\n"
+    "     kscope run's --prometheus address in use)"
 )
 
 
@@ -105,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run",
-        help="watch this host's TCP connections (local mode, no Kubernetes)",
+        help="this host's live service map: agent and aggregation in one process (local mode, no Kubernetes)",
         epilog=exit_status_epilog(ENVIRONMENT),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
