@@ -67,7 +67,7 @@ class LocalNamer:
         self._wildcards = _CountingLRU(max_servers)  # port -> attributes of a 0.0.0.0 / :: listener
         self._local_ips = _CountingLRU(max_servers)  # addresses this host's sockets use
         self._container_names: TTLCache[str, str] = TTLCache(maxsize=max_processes, ttl=ttl_s)
-        self.unreadable = 0  # processes gone (or hidden) before their cgroup could be read
+        self.unreadable = 0  # processes gone (or hidden) before their cgroup could be read (once per ttl_s)
 
     def counters(self) -> dict[str, int]:
         return {
@@ -163,8 +163,9 @@ class LocalNamer:
             exe = self._exes.get((cgroup_id, comm), "")  # type: ignore[assignment]
         name = self._container_name(where) if where.container_id else ""
         found = identity.process_attributes(comm, exe, where, name)
-        if text is not None:  # an unreadable process is asked again: a later read may name it better
-            self._procs[key] = found
+        # Kept either way: a process that has exited stays unreadable, and asking /proc again for every
+        # record of its sockets was most of the local pipeline's cost with short-lived clients.
+        self._procs[key] = found
         return found
 
     def _container_name(self, where: Placement) -> str:
