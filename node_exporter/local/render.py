@@ -21,7 +21,12 @@ from node_exporter.local.servicemap import EdgeRow, ServiceMap
 # Self-metric names that count something lost, dropped or cut short: shown in the header when not 0.
 _DROPS: Final = re.compile(r"drop|lost|overflow|evicted|_full|failed|missing|unknown|decode_bad|errors")
 # Counters whose name matches but that count the watched traffic, not kscope's losses.
-_NOT_DROPS: Final = frozenset({"l7_kernel_mmsg_unknown_ok"})
+_NOT_DROPS: Final = frozenset(
+    {
+        "kernel_drops_no_socket",  # packets the kernel dropped with no socket to charge: traffic, not ours
+        "close_records_via_overflow_map",  # records that took the overflow path: delivered
+    }
+)
 KEYS_HELP: Final = "q quit · p pause · ↑↓ select · enter open · esc back"
 
 

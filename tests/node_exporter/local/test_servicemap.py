@@ -124,7 +124,8 @@ def test_ten_thousand_edges_bounded_in_rows_routes_and_render() -> None:
     assert len(row.routes) == 50 and m.counters["routes_overflowed"] == 30
     assert sorted(round(s * 1000) for s, _, _ in row.slowest) == list(range(20, 30))
     for width, height in ((80, 24), (200, 50)):
-        screen = text(render.map_view(m, 1.0, width, height, None, {"l7_kernel_rb_full": 3}, False), width, height)
+        counters = {"l7_kernel_rb_full": 3, "kernel_drops_no_socket": 9, "periodic_records": 5}
+        screen = text(render.map_view(m, 1.0, width, height, None, counters, False), width, height)
         lines = screen.rstrip("\n").splitlines()
         assert len(lines) <= height and all(len(line) <= width for line in lines)
         assert "drops: l7_kernel_rb_full=3 map_edges_evicted=2001 map_routes_overflowed=30" in screen.replace("\n", " ")
