@@ -21,6 +21,7 @@ Attrs = tuple[tuple[str, AttrValue], ...]
 K8S_NAMESPACE: Final = "k8s.namespace.name"
 K8S_POD: Final = "k8s.pod.name"
 K8S_NODE: Final = "k8s.node.name"
+CONTAINER_ID: Final = "container.id"
 SERVICE_NAME: Final = "service.name"
 SERVICE_NAMESPACE: Final = "service.namespace"
 SERVER_ADDRESS: Final = "server.address"
@@ -149,6 +150,7 @@ class EndpointKind(enum.Enum):
     WORKLOAD = "workload"  # a Service VIP whose ready endpoints are all one workload's pods
     SERVICE = "service"  # a Service VIP whose backend is unknown (no conntrack answer, several workloads)
     NODE = "node"  # a host process or host-network pod: the node is all we can name
+    PROCESS = "process"  # a process named from local metadata (``kscope run``: no Kubernetes)
     EXTERNAL = "external"  # not in the cluster (or not yet in the index): the address is kept
 
 
@@ -179,7 +181,7 @@ class Endpoint:
     @property
     def observed(self) -> bool:
         """Whether kscope watches this end's sockets itself (an agent runs on every node)."""
-        return self.kind in (EndpointKind.POD, EndpointKind.WORKLOAD, EndpointKind.NODE)
+        return self.kind in (EndpointKind.POD, EndpointKind.WORKLOAD, EndpointKind.NODE, EndpointKind.PROCESS)
 
     def identity(self, pod_level: bool = True) -> Attrs:
         if pod_level or self.kind is not EndpointKind.POD:
