@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import subprocess
 import threading
@@ -133,8 +134,8 @@ def _volume_flags(volumes: list[Manifest], mounts: list[Manifest]) -> list[str]:
     return flags
 
 
-def _env_flags(env: list[Manifest], field_refs: Mapping[str, str]) -> list[str]:
-    flags = []
+def _env(env: list[Manifest], field_refs: Mapping[str, str]) -> dict[str, str]:
+    values = {}
     for item in env:
         if "value" in item:
             value = item["value"]
@@ -145,8 +146,23 @@ def _env_flags(env: list[Manifest], field_refs: Mapping[str, str]) -> list[str]:
             value = field_refs[path]
         else:
             raise Untranslatable(f"env {item}")
-        flags.append(f"--env={item['name']}={value}")
-    return flags
+        values[item["name"]] = value
+    return values
+
+
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def _expand(arg: str, env: Mapping[str, str]) -> str:
+    """The kubelet's expansion of ``$(VAR)`` in command and args from the container's env (``$$``
+    escapes a ``$``; a variable the env does not define stays as written)."""
+
+    def one(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+
+    return _VAR_REF.sub(one, arg)
 
 
 def run_args(
@@ -180,9 +196,11 @@ def run_args(
         flags.append(f"--network={network}")
     flags += _security_flags(pod.get("securityContext", {}), ctr.get("securityContext", {}))
     flags += _volume_flags(pod.get("volumes", []), ctr.get("volumeMounts", []))
-    flags += _env_flags(ctr.get("env", []), field_refs)
+    env = _env(ctr.get("env", []), field_refs)
+    flags += [f"--env={name}={value}" for name, value in env.items()]
     (command,) = ctr["command"]
-    return [*flags, *extra, f"--entrypoint={command}", image, *(ctr.get("args", []) if args is None else args)]
+    argv = [_expand(arg, env) for arg in (ctr.get("args", []) if args is None else args)]
+    return [*flags, *extra, f"--entrypoint={_expand(command, env)}", image, *argv]
 
 
 class Container:
