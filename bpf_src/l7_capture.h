@@ -97,7 +97,7 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 			return;
 		}
 		st->protocol = proto;
-		st->role = role;
+		st->role = role ? role : l7_socket_role(sk);
 	}
 	/* plain-text HTTP/1 over TCP: the exchange path, from a socket's first call on (it reads the
 	 * head it needs itself). One call site: xchg_call is most of the program, and inlined twice it
@@ -173,7 +173,8 @@ static __always_inline void tls_exit(int ret) /* SSL_* return an int */
 			return;
 		}
 		conn->protocol = proto;
-		conn->role = role;
+		if (role) /* else (HTTP/2 from frames) the socket's, from bind_tls */
+			conn->role = role;
 	}
 	__builtin_memset(&c->hdr, 0, sizeof(c->hdr));
 	l7_chunk_call(c, true, n, len, seq, dir, conn->protocol, conn->role, IPPROTO_TCP);

@@ -86,8 +86,93 @@ static __always_inline int http_start(const __u8 *d, __u32 n)
 	return request_method(d, n) ? 1 : 0;
 }
 
+#define H2_PREFACE_LEN 24
+#define H2_FRAME_HEADER 9
+#define H2_MAX_FRAME 16384 /* SETTINGS_MAX_FRAME_SIZE's initial value: a "sane length" */
+
+/*
+ * A 9-byte HTTP/2 frame header at d[off] that follows the rules every sender must (RFC 9113 4.1,
+ * 6: a known type, the stream id 0 or not as the type wants, fixed payload sizes, reserved bit
+ * clear, only flags the type defines) with a length of at most H2_MAX_FRAME: the payload length
+ * (~0 if not plausible). Random bytes pass with odds well under 1 in 10^4 per header; inference
+ * wants two in a row.
+ */
+static __always_inline __u32 h2_frame(const __u8 *d, __u32 n, __u32 off)
+{
+	__u32 len, sid;
+	__u8 type, flags, defined;
+	bool zero;
+
+	if (off > KSCOPE_L7_MAX_CAPTURE || off + H2_FRAME_HEADER > n)
+		return ~0U;
+	d += off & (KSCOPE_L7_MAX_CAPTURE - 1);
+	len = ((__u32)d[0] << 16) | ((__u32)d[1] << 8) | d[2];
+	type = d[3];
+	flags = d[4];
+	if (d[5] & 0x80 || len > H2_MAX_FRAME)
+		return ~0U;
+	sid = ((__u32)d[5] << 24) | ((__u32)d[6] << 16) | ((__u32)d[7] << 8) | d[8];
+	zero = sid == 0;
+	switch (type) {
+	case 0: /* DATA: END_STREAM, PADDED; empty ones end a stream */
+		defined = 0x09;
+		if (zero || (!len && !(flags & 1)))
+			return ~0U;
+		break;
+	case 1: /* HEADERS */
+		defined = 0x2d;
+		if (zero || !len)
+			return ~0U;
+		break;
+	case 2: /* PRIORITY */
+	case 3: /* RST_STREAM */
+		defined = 0;
+		if (zero || len != (type == 2 ? 5 : 4))
+			return ~0U;
+		break;
+	case 4: /* SETTINGS */
+		defined = 0x01;
+		if (!zero || len % 6 || (flags & 1 && len))
+			return ~0U;
+		break;
+	case 6: /* PING */
+		defined = 0x01;
+		if (!zero || len != 8)
+			return ~0U;
+		break;
+	case 7: /* GOAWAY */
+		defined = 0;
+		if (!zero || len < 8)
+			return ~0U;
+		break;
+	case 8: /* WINDOW_UPDATE */
+		defined = 0;
+		if (len != 4)
+			return ~0U;
+		break;
+	case 9: /* CONTINUATION */
+		defined = 0x04;
+		if (zero || !len)
+			return ~0U;
+		break;
+	default: /* PUSH_PROMISE (servers rarely push) and extensions: not enough to infer from */
+		return ~0U;
+	}
+	return flags & ~defined ? ~0U : len;
+}
+
+/* HTTP/2 on a connection whose preface we missed (older than the agent): two plausible frame
+ * headers in a row in one call's head, the first frame wholly inside it. */
+static __always_inline bool h2_frames(const __u8 *d, __u32 n)
+{
+	__u32 len = h2_frame(d, n, 0);
+
+	return len != ~0U && h2_frame(d, n, H2_FRAME_HEADER + len) != ~0U;
+}
+
 /* Decide the protocol of a connection from one call's head; KSCOPE_PROTO_UNKNOWN if it
- * does not tell. *role is set only when a protocol is returned. */
+ * does not tell. *role is set only when a protocol is returned; 0 (KSCOPE_ROLE_UNKNOWN) for
+ * HTTP/2 found from frames, which both ends send alike: the caller asks the socket. */
 static __always_inline __u8 infer(const __u8 *d, __u32 n, __u8 dir, __u8 ip_proto, __u16 sport, __u16 dport,
 				  __u8 *role)
 {
@@ -105,12 +190,28 @@ static __always_inline __u8 infer(const __u8 *d, __u32 n, __u8 dir, __u8 ip_prot
 	}
 	if (ip_proto != IPPROTO_TCP)
 		return KSCOPE_PROTO_UNKNOWN;
+	if (has_prefix(d, n, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", H2_PREFACE_LEN)) {
+		/* the client connection preface (RFC 9113 3.4): only a client sends it */
+		*role = dir == KSCOPE_DIR_EGRESS ? KSCOPE_ROLE_CLIENT : KSCOPE_ROLE_SERVER;
+		return KSCOPE_PROTO_HTTP2;
+	}
+	if (h2_frames(d, n)) {
+		*role = KSCOPE_ROLE_UNKNOWN;
+		return KSCOPE_PROTO_HTTP2;
+	}
 	kind = http_start(d, n);
 	if (!kind)
 		return KSCOPE_PROTO_UNKNOWN;
 	/* a request we send or a response we read: we are the client */
 	*role = (kind == 1) == (dir == KSCOPE_DIR_EGRESS) ? KSCOPE_ROLE_CLIENT : KSCOPE_ROLE_SERVER;
 	return KSCOPE_PROTO_HTTP1;
+}
+
+/* The role of a socket whose protocol did not tell it (HTTP/2 from frames): an accepted socket
+ * inherits its listener's backlog, a connected one has none. CO-RE read: scalar or BTF `sk`. */
+static __always_inline __u8 l7_socket_role(const struct sock *sk)
+{
+	return BPF_CORE_READ(sk, sk_max_ack_backlog) ? KSCOPE_ROLE_SERVER : KSCOPE_ROLE_CLIENT;
 }
 
 /* A TLS record header: content type 20..24, version 3.x (SSL 3.0 .. TLS 1.3 framing). */

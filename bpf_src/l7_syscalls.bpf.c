@@ -221,7 +221,7 @@ static __always_inline void capture(struct task_struct *task, struct pt_regs *re
 			return;
 		}
 		st->protocol = proto;
-		st->role = role;
+		st->role = role ? role : l7_socket_role(sk);
 	}
 	l7_chunk_call(c, buf != 0, n, len, seq, dir, st->protocol, st->role, ip_proto);
 	if (!st->cookie) {
