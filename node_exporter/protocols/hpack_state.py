@@ -72,9 +72,12 @@ class DynamicTable:
         self.evicted_unknown = 0  # entries dropped by our MAX_TABLE bound while the peer keeps them
 
     def lost_step(self) -> None:
-        """Something of this direction was not decoded (a gap, an oversized block): from now on
-        indexes past what we insert are unknown."""
+        """Something of this direction was not decoded (a gap, an oversized block). What it inserted
+        is unknown, so every entry we hold may sit at another index now: forget them all; from now
+        on indexes past what we insert are unknown."""
         self.complete = False
+        self.entries.clear()
+        self.size = 0
 
     def set_allowed(self, value: int) -> None:
         self.allowed = value
@@ -163,7 +166,8 @@ class DynamicTable:
                     fields.append(None if name is None else (name, value if keep else None))
                 first = False
         except HpackError as e:
-            self.complete = False
+            # the rest of the block may have inserted entries: positions of ours are unknown now
+            self.lost_step()
             return fields, e.kind
         return fields, None
 

@@ -106,6 +106,14 @@ def test_known_entries_filling_a_known_maximum_complete_the_table() -> None:
     assert err is None and t.complete
 
 
+def test_lost_bytes_forget_the_entries_whose_positions_they_may_have_shifted() -> None:
+    t = hp.DynamicTable(complete=True)
+    t.decode(w.C3_REQUESTS[0])  # inserts :authority www.example.com at 62
+    t.lost_step()  # a gap: the lost frames may have inserted entries before it
+    fields, err = t.decode(bytes([0xBE]))  # index 62: no longer known to be that entry
+    assert err is None and fields == [None] and t.unknown_index == 1
+
+
 def test_never_indexed_and_without_indexing_literals_do_not_enter_the_table() -> None:
     t = hp.DynamicTable(complete=True)
     block = bytes([0x10, 11]) + b"traceparent" + bytes([3]) + b"abc" + bytes([0x04, 2]) + b"/p"  # never, w/o
