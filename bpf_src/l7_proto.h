@@ -214,6 +214,15 @@ static __always_inline __u8 l7_socket_role(const struct sock *sk)
 	return BPF_CORE_READ(sk, sk_max_ack_backlog) ? KSCOPE_ROLE_SERVER : KSCOPE_ROLE_CLIENT;
 }
 
+/* Bytes to capture per call on a socket of `protocol`: the capture_bytes knob, but all we may
+ * (KSCOPE_L7_MAX_CAPTURE) for HTTP/2 and for calls still being inferred (they may be HTTP/2). An
+ * HTTP/2 call carries many frames, and HEADERS frames anywhere in it must arrive whole for HPACK
+ * to stay in step; DATA payloads inside the capture are skipped in user space. */
+static __always_inline __u32 l7_capture_bound(__u8 protocol, __u32 knob)
+{
+	return protocol == KSCOPE_PROTO_HTTP2 || protocol == KSCOPE_PROTO_UNKNOWN ? KSCOPE_L7_MAX_CAPTURE : knob;
+}
+
 /* A TLS record header: content type 20..24, version 3.x (SSL 3.0 .. TLS 1.3 framing). */
 static __always_inline bool is_tls_record(const __u8 *d, __u32 n)
 {
@@ -256,6 +265,32 @@ static __always_inline void read_peer(struct kscope_l7_header *h, const void *ua
 	}
 }
 
+/* A message call's iovec array (sendmsg/recvmsg and the mmsg pair), for l7_read_head to read past
+ * the first buffer: vectored writers put a frame header in one iovec and its payload in the next
+ * (grpc-c: an HTTP/2 HEADERS frame's 9 bytes, then its block, a few iovecs per call, hundreds
+ * per write when many calls are in flight). Filled by l7_user_buffer for those calls only, read by
+ * l7_read_head only when the first buffer is shorter than the capture, within one program run on
+ * one CPU. readv/writev keep their first buffer: their count is the 3rd argument, which the
+ * callers do not pass. The walk runs in bpf_loop (the verifier checks its step once, whatever
+ * the count); the syscall fallback (l7_syscalls.bpf.c) sets L7_IOV_WALK 0: its sys_exit program
+ * captures each message of an mmsg call in a loop, and even a short walk inside that loop passed
+ * the verifier's 1M instructions there (E2BIG at load). */
+#ifndef L7_IOV_WALK
+#define L7_IOV_WALK 1
+#endif
+#define L7_MAX_IOV 1024 /* UIO_MAXIOV */
+struct l7_vec {
+	const struct iovec *iov;
+	__u64 cnt;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct l7_vec);
+} l7_vec SEC(".maps");
+
 /*
  * The user buffer of the current socket call, from the task's saved syscall registers
  * (x86-64: nr = orig_ax, si = 2nd argument, r8 = 5th). The registers still hold the
@@ -263,7 +298,8 @@ static __always_inline void read_peer(struct kscope_l7_header *h, const void *ua
  * tracepoints and from sys_exit alike. The caller reads the registers (plain loads
  * through a BTF pt_regs pointer cost no helper call).
  *
- * Vector calls give their first iovec (*avail = its length). For sendmmsg/recvmmsg
+ * Vector calls give their first iovec (*avail = its length; message calls note the array in
+ * l7_vec for l7_read_head). For sendmmsg/recvmmsg
  * `mmsg_idx` picks the message of the vector (the caller knows which one it is).
  * *uaddr is the call's sockaddr (sendto/recvfrom addr, msghdr.msg_name) or 0.
  * Returns 0 when the call has no user buffer (sendfile, splice ...) or it is unreadable.
@@ -273,6 +309,8 @@ static __always_inline const void *l7_user_buffer(__u64 nr, __u64 si, __u64 r8, 
 {
 	struct user_msghdr msg;
 	struct iovec iov;
+	struct l7_vec *vec;
+	__u32 zero = 0;
 
 	*uaddr = 0;
 	*avail = ~0ULL;
@@ -306,6 +344,11 @@ static __always_inline const void *l7_user_buffer(__u64 nr, __u64 si, __u64 r8, 
 	if (!msg.msg_iovlen || bpf_probe_read_user(&iov, sizeof(iov), msg.msg_iov))
 		return 0;
 	*avail = iov.iov_len;
+	vec = bpf_map_lookup_elem(&l7_vec, &zero);
+	if (vec) {
+		vec->iov = msg.msg_iov;
+		vec->cnt = msg.msg_iovlen;
+	}
 	return iov.iov_base;
 }
 
@@ -375,16 +418,83 @@ static __always_inline void stat_inc(__u32 idx)
 		*v += 1;
 }
 
-/* Copy the head of a call's user buffer (0: none) into c->data: the bytes captured, 0 when
- * there is no buffer or it cannot be read (counted). `len`, `avail`: as l7_clamp_capture. */
+struct l7_iov_walk {
+	__u64 iov;  /* user address of the iovec array */
+	__u64 cnt;  /* its entries */
+	__u32 n;    /* bytes in l7_scratch's data so far */
+	__u32 want; /* bytes to capture */
+};
+
+/* One iovec after the first (bpf_loop step i reads iovec i + 1) appended to l7_scratch's data: the
+ * chunk being built (every caller of l7_read_head builds it there). 1 stops the walk. */
+static long l7_iov_step(__u32 i, void *arg)
+{
+	struct l7_iov_walk *w = arg;
+	struct iovec iov;
+	struct chunk *c;
+	__u32 zero = 0, take, n = w->n;
+	__u64 idx = (__u64)i + 1;
+
+	if (idx >= w->cnt || n >= w->want)
+		return 1;
+	c = bpf_map_lookup_elem(&l7_scratch, &zero);
+	if (!c || bpf_probe_read_user(&iov, sizeof(iov), (const void *)(w->iov + idx * sizeof(iov))))
+		return 1;
+	take = w->want - n;
+	if (take > iov.iov_len)
+		take = iov.iov_len;
+	/* n < want <= KSCOPE_L7_MAX_CAPTURE, so both masks keep their values; they show the verifier
+	 * that n + take stays inside data (2 * KSCOPE_L7_MAX_CAPTURE) */
+	if (take && bpf_probe_read_user(c->data + (n & (KSCOPE_L7_MAX_CAPTURE - 1)), take & (KSCOPE_L7_MAX_CAPTURE - 1),
+					iov.iov_base))
+		return 1;
+	w->n = n + take;
+	return 0;
+}
+
+#if L7_IOV_WALK
+/* The walk past a message call's first buffer: `n` bytes are in l7_scratch's data, up to `want`
+ * (<= KSCOPE_L7_MAX_CAPTURE) are wanted; returns the bytes there after it. A global function, so
+ * the verifier checks it once, on its own, instead of inside every path of every caller (inlined,
+ * it pushed l7_send past the verifier's 1M instructions with the summary knobs set). */
+__attribute__((noinline)) __u32 l7_iov_walk(__u32 n, __u32 want)
+{
+	__u32 zero = 0;
+	struct l7_vec *vec = bpf_map_lookup_elem(&l7_vec, &zero);
+	struct l7_iov_walk w = { .n = n, .want = want };
+
+	if (!vec || vec->cnt < 2 || want > KSCOPE_L7_MAX_CAPTURE)
+		return n;
+	w.iov = (__u64)vec->iov;
+	w.cnt = vec->cnt;
+	vec->cnt = 0; /* used once: a later call of this program run has its own */
+	bpf_loop(w.cnt < L7_MAX_IOV ? w.cnt - 1 : L7_MAX_IOV - 1, l7_iov_step, &w, 0);
+	return w.n;
+}
+#endif
+
+/* Copy the head of a call's user buffer (0: none) into c->data (c: l7_scratch's chunk): the bytes
+ * captured, 0 when there is no buffer or it cannot be read (counted). `len`, `avail`: as
+ * l7_clamp_capture. A message call whose first buffer is shorter goes on into the next ones. */
 static __always_inline __u32 l7_read_head(struct chunk *c, const void *buf, __u64 len, __u64 avail, __u32 bound)
 {
 	__u32 n = buf ? l7_clamp_capture(len, avail, bound) : 0;
 
 	if (n && bpf_probe_read_user(c->data, n & READ_MASK, buf)) {
 		stat_inc(KSCOPE_L7_STAT_READ_FAILED);
-		n = 0;
+		return 0;
 	}
+#if L7_IOV_WALK
+	if (n && n == avail) {
+		__u32 want = l7_clamp_capture(len, ~0ULL, bound);
+
+		if (n < want) {
+			n = l7_iov_walk(n, want);
+			if (n > want) /* never, but the verifier knows only what it sees here */
+				n = want;
+		}
+	}
+#endif
 	return n;
 }
 
