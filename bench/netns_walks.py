@@ -2,7 +2,7 @@
 """What the agent's periodic walks cost on a node with many network namespaces (pods).
 
 The walks (L4's flush, L7's sweep) are TCP iterators, one per namespace, and each goes through the
-whole established-socket hash table the namespaces share (README "How it works"). Only namespaces
+whole established-socket hash table the namespaces share (docs/architecture.md). Only namespaces
 whose sockets marked them are walked, and busy sockets report themselves, so what matters is how
 the agent's CPU grows with namespaces that are idle and with namespaces that are busy. Arms, each a
 fresh agent (`--interval 1 --l7`), run one after the other:
@@ -51,6 +51,7 @@ def namespaces(n: int, busy: bool, rate: int, tmp: Path) -> Iterator[None]:
     everything killed and deleted whatever happens."""
     names = [f"kscope-bench-{os.getpid()}-{i}" for i in range(n)]
     procs: list[subprocess.Popen[bytes]] = []
+    nginx: list[subprocess.Popen[bytes]] = []  # stopped gracefully (SIGQUIT), the rest killed
     try:
         for i, name in enumerate(names):
             ip("netns", "add", name)
@@ -62,7 +63,8 @@ def namespaces(n: int, busy: bool, rate: int, tmp: Path) -> Iterator[None]:
             d = tmp / name
             d.mkdir()
             (d / "nginx.conf").write_text(NGINX_CONF.format(tmp=d, port=PORT))
-            procs.append(subprocess.Popen([*run, "nginx", "-c", str(d / "nginx.conf"), "-p", str(d)]))
+            nginx.append(subprocess.Popen([*run, "nginx", "-c", str(d / "nginx.conf"), "-p", str(d)]))
+            procs.append(nginx[-1])
             time.sleep(0.05 if i else 0.5)
             hey = ["hey", "-z", "3600s", "-c", "1", "-q", str(rate), f"http://127.0.0.1:{PORT}/"]
             procs.append(subprocess.Popen([*run, *hey], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -71,7 +73,7 @@ def namespaces(n: int, busy: bool, rate: int, tmp: Path) -> Iterator[None]:
     finally:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGQUIT if p.args[4:5] == ["nginx"] else signal.SIGKILL)
+                p.send_signal(signal.SIGQUIT if p in nginx else signal.SIGKILL)
         for p in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=10)

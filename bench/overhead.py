@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from common import REPO, cpu_seconds, free_port, nginx, wrk_requests
@@ -313,7 +314,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kscope-bench-") as tmp, nginx(Path(tmp), port) as master:
         NGINX_WORKER = int(subprocess.check_output(["pgrep", "-P", str(master.pid)]).split()[0])
         wrk(port, 1, args.connections, False)  # warm up
-        workloads = {
+        workloads: dict[str, Callable[[], dict[str, object]]] = {
             "keepalive": lambda: saturation(port, args.rounds, args.seconds, args.connections, False, args.floor),
             "churn": lambda: saturation(port, args.rounds, args.seconds, args.connections, close=True),
             "fixed_rate": lambda: fixed_rate(port, args.rounds, args.rate_seconds, args.rate, args.connections),

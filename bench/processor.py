@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,7 @@ class Cluster:
         """(kind, raw API dict) in watch order; built lazily by ``iter_raw`` for the memory run."""
         return list(self.iter_raw())
 
-    def iter_raw(self):  # type: ignore[no-untyped-def]
+    def iter_raw(self) -> Iterator[tuple[str, dict[str, Any]]]:
         for n in range(self.nodes):
             yield "Node", f.node(f"node-{n:03d}", internal=node_ip(n), uid=f"node-uid-{n}")
         for d in range(self.deployments):
@@ -573,7 +574,8 @@ def memory(cluster: Cluster, repeats: int) -> dict[str, Any]:
     def child(mode: str) -> dict[str, Any]:
         cmd = [sys.executable, __file__, "--_memory-child", mode, "--pods", str(cluster.pods),
                "--nodes", str(cluster.nodes), "--deployments", str(cluster.deployments)]  # fmt: skip
-        return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        result: dict[str, Any] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        return result
 
     rss = [child("rss") for _ in range(repeats)]
     tm = child("tracemalloc")

@@ -54,6 +54,22 @@ int BPF_PROG(l7_recv, struct sock *sk, int ret, int flags)
 	return 0;
 }
 
+/* sendmmsg/recvmmsg start: which message each of the tracepoints above sees (mmsg_pos).
+ * Classic syscall tracepoints fire only for their syscall: other calls pay nothing. */
+SEC("tracepoint/syscalls/sys_enter_sendmmsg")
+int l7_sendmmsg_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	mmsg_enter(ctx->args[1], ctx->args[2]); /* (fd, msgvec, vlen, flags) */
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_recvmmsg")
+int l7_recvmmsg_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	mmsg_enter(ctx->args[1], ctx->args[2]);
+	return 0;
+}
+
 /* ---- OpenSSL uprobes (attached per libssl file by user space) -------------------------- */
 
 SEC("uprobe")

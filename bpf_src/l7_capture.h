@@ -48,10 +48,15 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 	__u8 ip_proto = sk->sk_protocol;
 	bool fresh;
 
-	if (ret <= 0 || (family != AF_INET && family != AF_INET6))
+	if (family != AF_INET && family != AF_INET6)
 		return;
 	if (ip_proto != IPPROTO_TCP && ip_proto != IPPROTO_UDP)
 		return;
+	if (ret <= 0) {
+		if (!ret)
+			mmsg_skip_empty();
+		return;
+	}
 	if (filter_netns_ino && sk->__sk_common.skc_net.net->ns.inum != filter_netns_ino)
 		return;
 	st = bpf_sk_storage_get(&l7_socks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);

@@ -3,8 +3,6 @@
 #ifndef KSCOPE_L7_STATE_H
 #define KSCOPE_L7_STATE_H
 
-#define MAX_MMSG 64
-
 /* Runtime knobs, set by user space before load. */
 const volatile __u32 capture_bytes = 1024; /* head bytes captured per call, <= KSCOPE_L7_MAX_CAPTURE */
 const volatile __u32 filter_netns_ino = 0; /* 0: every network namespace */
@@ -163,18 +161,26 @@ struct {
 	__type(value, struct tls_conn);
 } tls_conns SEC(".maps");
 
-/* sendmmsg/recvmmsg: which message of the vector this call of the tracepoint is. */
+/*
+ * sendmmsg/recvmmsg: the socket tracepoints fire once per message of the vector and do not say
+ * which one. The syscall's entry (l7_mmsg_enter, a classic tracepoint that fires only for these
+ * two syscalls) starts the count at 0 for the calling thread; each message's tracepoint takes
+ * the next index. Guessing from the vector's address and time instead went wrong for glibc's
+ * resolver: it sends A and AAAA with one sendmmsg from the same stack vector for every search
+ * expansion and retry (the next call, ~0.1 ms later, started at message 2, past the vector: no
+ * bytes or stray ones), and a call preempted between its two messages restarted at 0 (message
+ * 1 sent with message 0's bytes).
+ */
 struct mmsg_pos {
-	__u64 base;
-	__u64 ts_ns;
-	__u32 idx;
-	__u32 _pad;
+	__u64 base; /* the call's msgvec: a stale entry (an entry missed) does not match */
+	__u32 next; /* index of the next message the tracepoints will see */
+	__u32 vlen; /* messages in the vector (the syscall's vlen, at most UIO_MAXIOV) */
 };
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 4096);
-	__type(key, __u32);
+	__type(key, __u32); /* thread id: a thread is inside one syscall at a time */
 	__type(value, struct mmsg_pos);
 } mmsg_pos SEC(".maps");
 
@@ -196,27 +202,61 @@ static __always_inline __u64 ssl_key(__u64 ssl)
 	return ssl ^ ((__u64)(bpf_get_current_pid_tgid() >> 32) << 48);
 }
 
-/* The user buffer of the current socket call (l7_user_buffer). sendmmsg/recvmmsg fire the
- * tracepoint once per message: which message of the vector this is, is tracked per thread. */
+#define UIO_MAXIOV 1024 /* the kernel's bound on an mmsg vector (include/uapi/linux/uio.h) */
+
+/* The index of this tracepoint call's message in its sendmmsg/recvmmsg vector (`msgvec`), and
+ * the next one to the next call; -1 when it is unknown (the entry hook missed the call: not
+ * attached, or the thread's entry evicted; counted): better no bytes than another message's. */
+static __always_inline int mmsg_next(__u64 msgvec)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct mmsg_pos *pos = bpf_map_lookup_elem(&mmsg_pos, &tid);
+	__u32 idx;
+
+	if (!pos || pos->base != msgvec || pos->next >= pos->vlen) {
+		stat_inc(KSCOPE_L7_STAT_MMSG_UNKNOWN);
+		return -1;
+	}
+	idx = pos->next;
+	pos->next = idx + 1; /* only this thread writes its entry */
+	return idx;
+}
+
+static __always_inline void mmsg_enter(__u64 msgvec, __u64 vlen)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct mmsg_pos fresh = { .base = msgvec, .vlen = vlen < UIO_MAXIOV ? vlen : UIO_MAXIOV };
+
+	bpf_map_update_elem(&mmsg_pos, &tid, &fresh, BPF_ANY);
+}
+
+/* The user buffer of the current socket call (l7_user_buffer); 0 when it has none or its
+ * place in an mmsg vector is unknown. */
 static __always_inline const void *user_buffer(struct pt_regs *regs, __u64 *avail, const void **uaddr)
 {
 	/* bpf_task_pt_regs() gives a BTF pointer: plain loads, no probe-read helper per register */
 	__u64 nr = regs->orig_ax, si = regs->si;
-	__u32 idx = 0;
+	int idx = 0;
 
 	if (nr == NR_sendmmsg || nr == NR_recvmmsg) {
-		__u32 tid = (__u32)bpf_get_current_pid_tgid();
-		__u64 now = bpf_ktime_get_ns();
-		struct mmsg_pos *pos = bpf_map_lookup_elem(&mmsg_pos, &tid);
-		struct mmsg_pos fresh = { .base = si, .ts_ns = now };
-
-		/* consecutive calls of the tracepoint within one syscall walk the vector */
-		if (pos && pos->base == si && now - pos->ts_ns < 1000000 && pos->idx + 1 < MAX_MMSG)
-			idx = pos->idx + 1;
-		fresh.idx = idx;
-		bpf_map_update_elem(&mmsg_pos, &tid, &fresh, BPF_ANY);
+		idx = mmsg_next(si);
+		if (idx < 0) {
+			*uaddr = 0;
+			*avail = 0;
+			return 0;
+		}
 	}
 	return l7_user_buffer(nr, si, regs->r8, idx, avail, uaddr);
+}
+
+/* A call that moved no bytes (a zero-length datagram) still takes its place in an mmsg vector. */
+static __always_inline void mmsg_skip_empty(void)
+{
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	__u64 nr = regs->orig_ax;
+
+	if (nr == NR_sendmmsg || nr == NR_recvmmsg)
+		mmsg_next(regs->si);
 }
 
 static __always_inline void fill_task(struct kscope_l7_header *h)

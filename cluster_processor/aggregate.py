@@ -19,8 +19,12 @@ Counting rules (each fact counted once, even when both ends of a connection are 
 * An L7 summary (``L7Request.summary``: requests the node's kernel summed instead of sending one by
   one) counts as its ``count`` requests in RED and the service graph, its latency buckets re-bucketed
   exactly into theirs; it makes no span and no log (spans are what the node's sampler picked).
-* Spans: one per L7 record, joining a captured traceparent. Logs: resets, refused and timed-out
-  connects, DNS errors and timeouts.
+* Spans: one per L7 record, joining a captured traceparent.
+* Logs: resets, refused and timed-out connects, DNS failures (``semconv.dns_error_type``), 5xx
+  answers (from the side that counts the request, as the service graph). One record per interval
+  and (workload edge, side, kind, what tells occurrences apart: the DNS name and code, the status,
+  the route) with a count, the first and last time, summed counters (resets): a record per
+  occurrence would grow with the traffic it describes. A summary's requests count too.
 
 Everything is bounded per node and interval (edges, RED keys, spans, logs) and per aggregator (the
 socket table that remembers NAT answers and first sightings); what does not fit is counted.
@@ -36,18 +40,19 @@ from itertools import compress, repeat
 from operator import attrgetter
 from typing import Final
 
+from cluster_processor.events import EventLog
 from cluster_processor.kube.index import KubeIndex
 from cluster_processor.otlp import semconv
 from cluster_processor.otlp.model import (
     EVENT_CONNECT_REFUSED,
     EVENT_CONNECT_TIMEOUT,
     EVENT_DNS_ERROR,
+    EVENT_HTTP_SERVER_ERROR,
     EVENT_TCP_RESET,
     HTTP_DURATION_BOUNDS_S,
     SERVICE_GRAPH_BOUNDS_S,
     Attrs,
     AttrValue,
-    Edge,
     Histogram,
     Interval,
     L4Point,
@@ -58,12 +63,13 @@ from cluster_processor.otlp.model import (
     ServiceGraphPoint,
     Severity,
     Side,
+    SpanContext,
     SpanRecord,
-    attrs,
+    graph_node_name,
     span_context,
 )
 from cluster_processor.resolve import (
-    SPAN_EDGE,
+    METRIC_EDGE,
     EdgeRef,
     EdgeSide,
     GraphRef,
@@ -108,7 +114,8 @@ COUNTERS: Final = (
     "edges_overflowed",  # records dropped because their node's interval already had max_edges edges
     "red_overflowed",  # L7 records dropped: max_red_keys reached
     "spans_overflowed",
-    "logs_overflowed",
+    "logs_overflowed",  # event occurrences dropped: their node's interval already had max_logs records
+    "log_events",  # event occurrences folded into log records
     "sockets_evicted",  # socket table full: the oldest entry forgotten (a NAT answer may be lost)
     "unresolved_local",  # a local end no rule named (a pod not yet in the index)
     "external_remote",  # a remote end resolved to an external address
@@ -120,7 +127,7 @@ class AggregatorSettings:
     max_edges: int = 2000  # distinct edges per node and interval (L4 and RED together)
     max_red_keys: int = 5000  # distinct RED keys per node and interval
     max_spans: int = 10_000  # per node and interval
-    max_logs: int = 2_000  # per node and interval
+    max_logs: int = 2_000  # distinct log records (aggregates) per node and interval
     max_listeners: int = 2_000  # distinct (owner, port) listeners per node and interval
     max_sockets: int = 200_000  # remembered (node, netns, cookie): NAT answers and first sightings
     # Resolutions remembered while the KubeIndex is unchanged (0: resolve every record afresh).
@@ -230,20 +237,20 @@ class _Listener:
     queue_limit: int = 0
 
 
-# (edge and side, protocol value, method, route, status, error type); protocol extras are always () here
-_RedKey = tuple[EdgeSide, str, str, str, int | None, str]
+# (edge and side, protocol value, method, route, status, error type, protocol extras: a DNS response code)
+_RedKey = tuple[EdgeSide, str, str, str, int | None, str, Attrs]
 
 
 @dataclass(slots=True)
 class _NodeState:
     start_ns: int
+    logs: EventLog  # at most max_logs records
     edges: set[EdgeRef] = field(default_factory=set)
     l4: dict[EdgeSide, _L4] = field(default_factory=dict)
     red: dict[_RedKey, _Hist] = field(default_factory=dict)
     graph: dict[GraphRef, _Graph] = field(default_factory=dict)
     listeners: dict[tuple[Attrs, int], _Listener] = field(default_factory=dict)
     spans: list[SpanRecord] = field(default_factory=list)
-    logs: list[LogEvent] = field(default_factory=list)
 
 
 _PROCESS: Final = attrgetter("pod_uid", "container_id", "host_process")
@@ -295,7 +302,8 @@ class Aggregator:
         st = self._nodes.get(node)
         if st is None:
             end = now_unix_nano or batch.time_unix_nano
-            st = self._nodes[node] = _NodeState(self._last_end.get(node, end - self._settings.default_interval_ns))
+            start = self._last_end.get(node, end - self._settings.default_interval_ns)
+            st = self._nodes[node] = _NodeState(start, logs=EventLog(self._settings.max_logs, self._counters))
         self._resolutions.check_index()
         closed: list[tuple[str, int, int]] = []
         l4 = batch.l4
@@ -538,32 +546,17 @@ class Aggregator:
     def _l4_events(self, node: str, st: _NodeState, f: pb.L4Flow, r: Resolved, side: Side, failure: str | None) -> None:
         t = f.time_unix_nano
         d = f.delta
+        # Workload level, as metrics: an edge per client port or pod would make a record per socket.
+        e = edge(r, METRIC_EDGE)
         if d.resets_sent or d.resets_received:
-            body = f"TCP reset: {d.resets_sent} sent, {d.resets_received} received ({f.tcp_state or 'unknown state'})"
-            extra = (("kscope.tcp.resets_sent", d.resets_sent), ("kscope.tcp.resets_received", d.resets_received))
-            self._log(st, edge(r, SPAN_EDGE), side, t, EVENT_TCP_RESET, Severity.WARN, body, extra)
+            body = f"TCP reset ({f.tcp_state or 'unknown state'})"
+            sums = (("kscope.tcp.resets_sent", d.resets_sent), ("kscope.tcp.resets_received", d.resets_received))
+            st.logs.add(e, side, t, EVENT_TCP_RESET, Severity.WARN, body, (), sums=sums)
         if failure in ("connection_refused", "timeout"):
             name = EVENT_CONNECT_REFUSED if failure == "connection_refused" else EVENT_CONNECT_TIMEOUT
-            body = f"connect to {r.remote.address}:{r.remote.port} failed: {failure.replace('_', ' ')}"
+            body = f"connect to {graph_node_name(e.server)}:{r.remote.port} failed: {failure.replace('_', ' ')}"
             extra = (("error.type", failure), ("kscope.tcp.connect_errno", f.connect_errno))
-            self._log(st, edge(r, SPAN_EDGE), side, t, name, Severity.WARN, body, extra)
-
-    def _log(
-        self,
-        st: _NodeState,
-        span_edge: Edge,
-        side: Side,
-        t: int,
-        name: str,
-        severity: Severity,
-        body: str,
-        extra: Iterable[tuple[str, AttrValue]],
-        trace: tuple[bytes, bytes] = (b"", b""),
-    ) -> None:
-        if len(st.logs) >= self._settings.max_logs:
-            self._counters["logs_overflowed"] += 1
-            return
-        st.logs.append(LogEvent(span_edge, side, t, name, severity, body, attrs(extra), *trace))
+            st.logs.add(e, side, t, name, Severity.WARN, body, extra)
 
     def _add_l7(self, node: str, st: _NodeState, q: pb.L7Request) -> None:
         protocol = _PROTOCOLS.get(q.protocol)
@@ -571,7 +564,9 @@ class Aggregator:
             self._counters["unknown_protocol"] += 1
             return
         sock = self._sockets.get((node, q.netns_inode, q.socket_cookie))
-        nat_ip, nat_port = (sock.nat_ip, sock.nat_port) if sock is not None else ("", 0)
+        nat_ip, nat_port = q.nat_remote_ip, q.nat_remote_port  # UDP (no L4 record): the agent's, on the record
+        if sock is not None and sock.nat_ip:  # TCP: the NAT answer of its socket's L4 record
+            nat_ip, nat_port = sock.nat_ip, sock.nat_port
         route = self._resolutions.l7(node, q, nat_ip, nat_port)
         c = self._counters
         if route.unresolved:
@@ -593,7 +588,10 @@ class Aggregator:
             c["l7_summarized_requests"] += n
         ref = route.ref
         if ref in st.edges or self._admit(st, ref):
-            key: _RedKey = (route.key, _PROTOCOL_VALUES[protocol], method, route_name, status, error_type)
+            # DNS keeps its response code (an NXDOMAIN is no error, yet worth telling from a NOERROR);
+            # not the question name, whose cardinality is the callers'.
+            red_extra = extra[1:] if protocol is _DNS else ()
+            key: _RedKey = (route.key, _PROTOCOL_VALUES[protocol], method, route_name, status, error_type, red_extra)
             hist = st.red.get(key)
             if hist is None and len(st.red) >= self._settings.max_red_keys:
                 self._counters["red_overflowed"] += 1
@@ -605,9 +603,36 @@ class Aggregator:
                 else:
                     hist.add_buckets(*parts)
             self._graph(st, route, side, failed, duration_s, n, parts)
-        if summary is None:  # a summary's requests were not picked for spans (nor logs) by the node
-            self._span(st, route, side, protocol, q, latency_ns, method, route_name, status, error_type, extra,
-                       traceparent)  # fmt: skip
+        ctx = None
+        if summary is None:  # a summary's requests were not picked for spans by the node
+            ctx = span_context(traceparent)
+            self._span(st, route, side, protocol, q, latency_ns, method, route_name, status, error_type, extra, ctx)
+        if (error_type and protocol is _DNS) or (status is not None and status >= 500):
+            self._l7_event(st, route, side, protocol, q, method, route_name, status, error_type, extra, n, ctx)
+
+    def _l7_event(
+        self, st: _NodeState, route: Route, side: Side, protocol: Protocol, q: pb.L7Request, method: str,
+        route_name: str, status: int | None, error_type: str, extra: tuple[tuple[str, AttrValue], ...], n: int,
+        ctx: SpanContext | None,
+    ) -> None:  # fmt: skip
+        """A failed DNS lookup or a 5xx answer (``n`` of them for a summary), logged from each side that
+        saw it, under the workload edge. The first occurrence's trace, if it had one, is the record's."""
+        trace = (ctx.trace_id, ctx.span_id) if ctx is not None else (b"", b"")
+        e = route.ref.edge
+        t = q.start_time_unix_nano
+        if protocol is _DNS:
+            body = f"DNS {method} {q.dns.question_name}: {error_type}"
+            st.logs.add(e, side, t, EVENT_DNS_ERROR, Severity.WARN, body, (*extra, ("error.type", error_type)),
+                      trace, n)  # fmt: skip
+            return
+        m = semconv.normal_method(method)
+        body = f"HTTP {status} {m} {route_name}" if route_name else f"HTTP {status} {m}"
+        # The route template only (never the path: it may carry ids, and would make a record per request).
+        http: list[tuple[str, AttrValue]] = [("http.request.method", m), ("http.response.status_code", status or 0),
+                                             ("error.type", str(status))]  # fmt: skip
+        if route_name:
+            http.append(("http.route", route_name))
+        st.logs.add(e, side, t, EVENT_HTTP_SERVER_ERROR, Severity.WARN, body, http, trace, n)
 
     def _graph(
         self, st: _NodeState, route: Route, side: Side, failed: bool, duration_s: float, n: int = 1,
@@ -646,16 +671,11 @@ class Aggregator:
         status: int | None,
         error_type: str,
         extra: tuple[tuple[str, AttrValue], ...],
-        traceparent: str | None,
+        ctx: SpanContext,
     ) -> None:
         span_edge = route.span_edge
         assert span_edge is not None
-        ctx = span_context(traceparent)
         start = q.start_time_unix_nano
-        if protocol is _DNS and error_type:
-            body = f"DNS {method} {q.dns.question_name}: {error_type}"
-            self._log(st, span_edge, side, start, EVENT_DNS_ERROR, Severity.WARN, body, extra,
-                      (ctx.trace_id, ctx.span_id))  # fmt: skip
         if len(st.spans) >= self._settings.max_spans:
             self._counters["spans_overflowed"] += 1
             return
@@ -684,7 +704,7 @@ class Aggregator:
                     for (owner, port), v in st.listeners.items()
                 ),
             )
-            out.append(NodeReport(interval, tuple(st.spans), tuple(st.logs)))
+            out.append(NodeReport(interval, tuple(st.spans), tuple(st.logs.records(end_unix_nano))))
         self._nodes = {}
         # No node state refers to the interned edges now: the only moment they may be dropped.
         self._resolutions.prune()
@@ -697,11 +717,12 @@ def _details(
     """(method, route, status, error type, span extras, traceparent) of one L7 record."""
     if protocol is _DNS:
         d = q.dns
-        error = "timeout" if d.timed_out else ("" if d.rcode in ("", "NOERROR") else d.rcode)
+        rcode = d.rcode
+        error = semconv.dns_error_type(rcode, d.timed_out)
         # Built in canonical (sorted, as model.attrs makes it) order directly: no sort per record.
         question: tuple[str, AttrValue] = ("dns.question.name", d.question_name)
         extra: tuple[tuple[str, AttrValue], ...] = (
-            (question, ("dns.response_code", d.rcode)) if d.rcode else (question,)
+            (question, (semconv.DNS_RESPONSE_CODE, rcode)) if rcode else (question,)
         )
         return d.question_type, "", None, error, extra, q.http.traceparent if q.HasField("http") else None
     h = q.http
@@ -724,9 +745,9 @@ def _summary_parts(s: pb.L7Summary) -> tuple[Sequence[int], float, float, float]
 
 def _red_points(st: _NodeState) -> Iterable[RedPoint]:
     new, protocols = _new_tuple, _PROTOCOL_OF_VALUE
-    for (es, protocol, method, route, status, error_type), hist in st.red.items():
+    for (es, protocol, method, route, status, error_type, extra), hist in st.red.items():
         yield new(RedPoint, (es.ref.edge, es.side, protocols[protocol], hist.freeze(), method, route, status,
-                             error_type, ()))  # fmt: skip
+                             error_type, extra))  # fmt: skip
 
 
 def _l4_points(st: _NodeState) -> Iterable[L4Point]:

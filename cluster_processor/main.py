@@ -7,8 +7,8 @@ out through the ``OtlpExporter``. Self-metrics are read from those pieces' count
 
 The OTLP endpoint is configured like any OpenTelemetry SDK exporter (``OTEL_EXPORTER_OTLP_ENDPOINT``,
 ``_INSECURE``, ``_HEADERS``, ``_PROTOCOL``), which is what the chart sets. Errors a user can act on
-(a bad flag, no Kubernetes configuration, an unreadable certificate, a port in use) print one line
-and exit 2.
+print one line and exit 2 (a bad flag or setting, an unreadable certificate or kubeconfig) or 3 (the
+environment: not in a pod and no kubeconfig, the pod's service account unusable, a port in use).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from cluster_processor.aggregate import Aggregator, AggregatorSettings
-from cluster_processor.ingest import IngestConfig, IngestConfigError, IngestServer, ServerTls
-from cluster_processor.kube.errors import KubeConfigError
+from cluster_processor.ingest import IngestConfig, IngestConfigError, IngestListenError, IngestServer, ServerTls
+from cluster_processor.kube.errors import KubeConfigError, KubeInClusterError
 from cluster_processor.kube.index import KubeIndex
 from cluster_processor.kube.watcher import KubeWatcher, WatchSettings
 from cluster_processor.otlp import encode
@@ -43,19 +43,28 @@ from cluster_processor.otlp.exporter import ExporterSettings, OtlpExporter
 from cluster_processor.otlp.pipeline import OtlpPipeline
 from kscope.v1 import flow_pb2 as pb
 from kscope_common import logging_setup
+from kscope_common.cli import EXIT_ENVIRONMENT, EXIT_OK, EXIT_USAGE
+from kscope_common.cli import parser as cli_parser
 from kscope_common.runtime import tune_gc
 
 log = structlog.get_logger("kscope.processor")
 MAX_AGENT_NODES: Final = 16_384  # agents whose self-metrics one interval re-exports
 
 PROG: Final = "kscope-processor"
-EXIT_USAGE: Final = 2
+ENVIRONMENT: Final = (
+    "where it runs cannot serve (not in a pod and no kubeconfig, the\n"
+    "     pod's service account not usable, the --listen or --metrics-port address in use)"
+)
 DEFAULT_OTLP_ENDPOINT: Final = "http://localhost:4317"  # the SDK's default for OTLP/gRPC
 _OTLP_GRPC_PORT: Final = 4317
 
 
 class ProcessorConfigError(Exception):
     """A setting the user must fix; ``main`` prints it on one line and exits 2."""
+
+
+class ProcessorEnvironmentError(Exception):
+    """Where the processor runs must change, not its settings; ``main`` prints it and exits 3."""
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -137,10 +146,11 @@ class ProcessorConfig:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="kscope cluster processor: FlowBatches in, Kubernetes-named OTLP metrics, traces and logs out. "
+    p = cli_parser(
+        PROG,
+        "kscope cluster processor: FlowBatches in, Kubernetes-named OTLP metrics, traces and logs out.\n"
         "The OTLP endpoint comes from OTEL_EXPORTER_OTLP_ENDPOINT (+ _INSECURE, _HEADERS).",
+        ENVIRONMENT,
     )
     p.add_argument("--listen", default="0.0.0.0:9440", metavar="HOST:PORT", help="gRPC ingest address (0.0.0.0:9440)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT", help="serve self-metrics for Prometheus")
@@ -169,7 +179,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Proces
         tls = ServerTls(args.tls_cert, args.tls_key, args.tls_ca)
     kubeconfig = args.kubeconfig or env.get("KUBECONFIG") or None
     if kubeconfig is None and not env.get("KUBERNETES_SERVICE_HOST"):
-        raise ProcessorConfigError(
+        raise ProcessorEnvironmentError(
             "no Kubernetes configuration: pass --kubeconfig (or set KUBECONFIG), or run in a pod "
             "(KUBERNETES_SERVICE_HOST is not set)"
         )
@@ -240,7 +250,7 @@ class Processor:
                         cfg.metrics_port, addr=cfg.metrics_addr, registry=self.registry
                     )
                 except OSError as exc:
-                    raise ProcessorConfigError(f"cannot serve metrics on port {cfg.metrics_port}: {exc}") from exc
+                    raise ProcessorEnvironmentError(f"cannot serve metrics on port {cfg.metrics_port}: {exc}") from exc
             self.watcher.start()
             self.exporter.start()
             port = await self.ingest.start()
@@ -416,10 +426,13 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         config = config_from_args(args, os.environ if env is None else env)
         tune_gc()  # the process is a long-running server from here on (not done in-process by tests)
         asyncio.run(serve(config))
+    except (ProcessorEnvironmentError, IngestListenError, KubeInClusterError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     except (ProcessorConfigError, IngestConfigError, KubeConfigError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

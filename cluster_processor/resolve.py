@@ -3,8 +3,10 @@
 The local end is the socket's owner as the node saw it (pod UID, container id, then its address);
 a host process is the reporting node. The remote end is an address: the conntrack answer
 (``nat_remote_ip``) when the agent had one, because behind a Service VIP it names the backend
-that really answered; else the remote address itself as a pod, a Service VIP (backend unknown), a
-node, or, failing all of these, an external address kept as it is.
+that really answered; else the remote address itself as a pod, a Service VIP, a node, or, failing
+all of these, an external address kept as it is. A Service VIP names the workload behind it when
+every ready endpoint of the Service is a pod of that one workload (``kscope.peer.resolved_by=service``
+says the backend was inferred, not seen), else the Service (docs/attribution.md).
 
 An ``Endpoint`` carries semantic-convention attributes (``k8s.namespace.name``, ``k8s.pod.name``,
 ``k8s.<kind>.name`` of the workload a person would name, ``k8s.node.name``, ``service.name``) and
@@ -45,6 +47,8 @@ from cluster_processor.otlp.model import (
 from kscope.v1 import flow_pb2 as pb
 
 K8S_SERVICE: Final = "k8s.service.name"  # no convention names a Service; the k8s.* pattern does
+# How a peer was named when that was not by its own address or a NAT answer (kept as is on data points)
+RESOLVED_BY: Final = "kscope.peer.resolved_by"
 # Workload kinds whose semconv key is k8s.<lowercase kind>.name; others (a CRD controller) get none.
 _WORKLOAD_KEY: Final = {
     "Deployment": "k8s.deployment.name",
@@ -60,7 +64,8 @@ _POD_LEVEL_KEYS: Final = frozenset({K8S_POD, K8S_NODE})
 
 class EndpointKind(enum.Enum):
     POD = "pod"
-    SERVICE = "service"  # a Service VIP whose backend is unknown (no conntrack answer)
+    WORKLOAD = "workload"  # a Service VIP whose ready endpoints are all one workload's pods
+    SERVICE = "service"  # a Service VIP whose backend is unknown (no conntrack answer, several workloads)
     NODE = "node"  # a host process or host-network pod: the node is all we can name
     EXTERNAL = "external"  # not in the cluster (or not yet in the index): the address is kept
 
@@ -73,6 +78,7 @@ class How(enum.Enum):
     POD_IP = "pod_ip"
     NAT_POD_IP = "nat_pod_ip"
     NAT_NODE_IP = "nat_node_ip"
+    SERVICE_WORKLOAD = "service_workload"
     SERVICE_IP = "service_ip"
     NODE_IP = "node_ip"
     HOST_PROCESS = "host_process"
@@ -91,7 +97,7 @@ class Endpoint:
     @property
     def observed(self) -> bool:
         """Whether kscope watches this end's sockets itself (an agent runs on every node)."""
-        return self.kind in (EndpointKind.POD, EndpointKind.NODE)
+        return self.kind in (EndpointKind.POD, EndpointKind.WORKLOAD, EndpointKind.NODE)
 
     def identity(self, pod_level: bool = True) -> Attrs:
         if pod_level or self.kind is not EndpointKind.POD:
@@ -114,7 +120,19 @@ def node_endpoint(node_name: str, how: How, address: str, port: int = 0) -> Endp
     return Endpoint(EndpointKind.NODE, how, attrs({K8S_NODE: node_name, SERVICE_NAME: node_name}), address, port)
 
 
-def service_endpoint(svc: Service, address: str, port: int = 0) -> Endpoint:
+def service_endpoint(index: KubeIndex, svc: Service, address: str, port: int = 0) -> Endpoint:
+    """A Service VIP with no NAT answer: the workload behind it when every ready endpoint is a known pod
+    of that one workload (whichever pod answered, the workload is the same), else the Service."""
+    pods = index.ready_backends(svc)
+    workloads = {(pod.namespace, *index.workload_of(pod)) for pod in pods or ()}
+    if len(workloads) == 1:
+        ((namespace, kind, name),) = workloads
+        pairs: dict[str, AttrValue] = {K8S_NAMESPACE: namespace, K8S_SERVICE: svc.name, SERVICE_NAME: name}
+        key = _WORKLOAD_KEY.get(kind)
+        if key is not None:
+            pairs[key] = name
+        pairs[RESOLVED_BY] = "service"
+        return Endpoint(EndpointKind.WORKLOAD, How.SERVICE_WORKLOAD, attrs(pairs), address, port, (kind, name))
     pairs = {K8S_NAMESPACE: svc.namespace, K8S_SERVICE: svc.name, SERVICE_NAME: svc.name}
     return Endpoint(EndpointKind.SERVICE, How.SERVICE_IP, attrs(pairs), address, port)
 
@@ -150,7 +168,7 @@ def resolve_remote(
     index: KubeIndex, remote_ip: str, remote_port: int = 0, nat_remote_ip: str = "", nat_remote_port: int = 0
 ) -> Endpoint:
     """The peer: the NAT answer as a pod (or a node, for a host-network backend), else the address
-    as a pod, a Service VIP, a node, else external."""
+    as a pod, a Service VIP (its one workload, else the Service), a node, else external."""
     if nat_remote_ip:
         nat_ip = canonical_ip(nat_remote_ip)
         port = nat_remote_port or remote_port
@@ -166,7 +184,7 @@ def resolve_remote(
         return pod_endpoint(index, pod, How.POD_IP, ip, remote_port)
     svc = index.service_by_cluster_ip(ip)
     if svc is not None:
-        return service_endpoint(svc, ip, remote_port)
+        return service_endpoint(index, svc, ip, remote_port)
     node = index.node_by_ip(ip)
     if node is not None:
         return node_endpoint(node.name, How.NODE_IP, ip, remote_port)
@@ -199,8 +217,8 @@ def resolve_l4(index: KubeIndex, node_name: str, flow: pb.L4Flow) -> Resolved:
 def resolve_l7(
     index: KubeIndex, node_name: str, req: pb.L7Request, nat_remote_ip: str = "", nat_remote_port: int = 0
 ) -> Resolved:
-    """L7 records carry no NAT answer of their own: the caller passes the one its socket's L4
-    record had (joined on netns inode + socket cookie), if any."""
+    """The caller passes the NAT answer: the one its socket's L4 record had (TCP, joined on netns
+    inode + socket cookie), else the record's own (a client-side UDP flow), if any."""
     local = resolve_local(index, node_name, req.process, req.local_ip, req.local_port)
     remote = resolve_remote(index, req.remote_ip, req.remote_port, nat_remote_ip, nat_remote_port)
     return Resolved(local, remote, req.side != pb.ROLE_SERVER)
@@ -355,7 +373,8 @@ class ResolutionCache:
         self._remotes = _Memo(self._new_remote_end)
         # Interning tables: dropped only in prune(), when nothing refers to their objects.
         self._refs: dict[Edge, EdgeRef] = {}
-        self._graph_refs: dict[tuple[str, str, ConnectionType], GraphRef] = {}
+        # (client, client namespace, server, server namespace, connection type)
+        self._graph_refs: dict[tuple[str, str, str, str, ConnectionType], GraphRef] = {}
         self._mkeys: dict[tuple[Any, ...], _MKey] = {}
         self._edge_refs: dict[tuple[Any, ...], EdgeRef] = {}
         # (local _MKey, remote _MKey, remote named by NAT, role, server port, NAT port) -> edge side,
@@ -550,7 +569,7 @@ class ResolutionCache:
         return found
 
     def l7(self, node: str, q: pb.L7Request, nat_ip: str, nat_port: int) -> Route:
-        """The route of one L7 record, whose NAT answer comes from its socket's L4 record."""
+        """The route of one L7 record; its NAT answer is its socket's L4 record's (TCP) or its own (UDP)."""
         # Spans name pod, node and the client's own port: every field resolution reads is in the key.
         key = (node, _PROCESS(q.process), q.side, *_ENDS(q), nat_ip, nat_port)
         route = self._routes.get(key)

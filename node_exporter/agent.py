@@ -9,7 +9,9 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 
 import structlog
@@ -24,7 +26,7 @@ from node_exporter.l4.collector import OBJECT_NAME, L4Collector, default_bpf_dir
 from node_exporter.l4.records import L4Record
 from node_exporter.l7.collector import OBJECT_NAME as L7_OBJECT
 from node_exporter.l7.collector import L7Collector
-from node_exporter.l7.pipeline import L7Event, L7Pipeline
+from node_exporter.l7.pipeline import ConnInfo, L7Event, L7Pipeline
 from node_exporter.l7.syscalls import OBJECT_NAME as L7_SYSCALLS_OBJECT
 from node_exporter.l7.syscalls import SyscallL7Collector, kernel_has_socket_tracepoints
 from node_exporter.metadata.proc import ProcessIndex
@@ -32,11 +34,15 @@ from node_exporter.nat.conntrack import ConntrackTable, FlowKey
 from node_exporter.output.convert import MonotonicClock, l4_columns, l4_flow, l7_request
 from node_exporter.output.jsonl import JsonlWriter
 from node_exporter.output.live import LiveView
+from node_exporter.protocols import Role as L7Role
 from node_exporter.selfmetrics import SelfMetrics
 from node_exporter.ship import ClientTls, FlowShipper, ShipConfig
 
 log = structlog.get_logger("kscope.agent")
 L7_DRAIN_S = 0.02
+TCP_SYN_SENT = 2  # include/net/tcp_states.h: a client socket still connecting
+IPPROTO_TCP, IPPROTO_UDP = 6, 17
+Nat = tuple[str, int] | None  # the (ip, port) that really answered a DNAT'ed remote
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,12 +171,15 @@ class Agent:
             events += self.pipeline.close_sockets(r.sock_cookie for r in records if r.is_close)
             events += self.pipeline.expire(time.monotonic_ns())
         if (self.writer is not None or self.shipper is not None) and (records or events):
+            l7_nats: Iterable[Nat] = repeat(None)
             if self.conntrack is not None:
-                # asks conntrack only about client sockets it has no answer for yet
-                self.conntrack.resolve(self._nat_key(r) for r in records if r.role == Role.KSCOPE_ROLE_CLIENT)
+                l7_nats = self._resolve_nat(self.conntrack, records, events)
             procs = [self.procs.lookup(r.tgid, r.comm) for r in records]
             nats = [self._nat(r) for r in records]  # once per record: a close forgets its answer
-            requests = [l7_request(e, self.procs.lookup(e.conn.tgid, e.conn.comm), self.clock) for e in events]
+            requests = [
+                l7_request(e, self.procs.lookup(e.conn.tgid, e.conn.comm), self.clock, nat)
+                for e, nat in zip(events, l7_nats, strict=False)  # l7_nats: one per event, or repeat(None)
+            ]
             if self.writer is not None:
                 flows = [
                     l4_flow(r, p, self.clock, self.drop_reasons, nat)
@@ -202,9 +211,28 @@ class Agent:
         (summaries, requests), self._summaries_counted = self._summaries_counted, now
         return (now[1] - requests) - (now[0] - summaries)
 
+    def _resolve_nat(self, conntrack: ConntrackTable, records: list[L4Record], events: list[L7Event]) -> list[Nat]:
+        """Ask conntrack about client sockets and client-side UDP flows it has no answer for yet (a socket
+        still connecting may not be in the table yet: node_exporter/nat/conntrack.py); returns each
+        event's NAT answer: a UDP flow's own (TCP records get theirs from their socket's L4 record, which
+        the processor joins)."""
+        clients = [r for r in records if r.role == Role.KSCOPE_ROLE_CLIENT]
+        connecting = {self._nat_key(r) for r in clients if r.tcp_state == TCP_SYN_SENT}
+        udp_keys = [self._udp_key(e.conn) if e.conn.ip_proto == IPPROTO_UDP else None for e in events]
+        conntrack.resolve([*map(self._nat_key, clients), *(k for k in udp_keys if k is not None)], connecting)
+        return [conntrack.lookup(k) if k is not None else None for k in udp_keys]
+
     @staticmethod
     def _nat_key(r: L4Record) -> FlowKey:
-        return (6, r.local_ip, r.local_port, r.remote_ip, r.remote_port)
+        return (IPPROTO_TCP, r.local_ip, r.local_port, r.remote_ip, r.remote_port)
+
+    @staticmethod
+    def _udp_key(c: ConnInfo) -> FlowKey | None:
+        """The conntrack key of a client-side UDP flow (DNS to a VIP). A socket that never connected may have
+        no local address here: its key finds nothing (``nat_gets_missing``), or cannot be asked (``nat_bad_keys``)."""
+        if c.side is not L7Role.CLIENT:
+            return None
+        return (IPPROTO_UDP, c.local_ip, c.local_port, c.remote_ip, c.remote_port)
 
     def _nat(self, r: L4Record) -> tuple[str, int] | None:
         if self.conntrack is None or r.role != Role.KSCOPE_ROLE_CLIENT:
@@ -242,6 +270,7 @@ class Agent:
             l7_requests=self.requests_seen,
             netns_vanished=self.collector.netns.vanished,
             netns_enter_failed=self.collector.netns.enter_failed,
+            netns_unreadable=self.collector.netns.unreadable,  # processes, at the last listing
             netns_walked=self.collector.netns.walked,  # one per namespace per walk, L4's and L7's
             netns_walks_of_all=self.collector.pending.walks_of_all + (l7_pending.walks_of_all if l7_pending else 0),
             netns_marked_unlisted=self.collector.pending.unlisted + (l7_pending.unlisted if l7_pending else 0),
@@ -260,22 +289,22 @@ class Agent:
         self.metrics.update(values)
 
     def run(self) -> None:
-        if self.opts.metrics_port is not None:
-            self.metrics.serve(self.opts.metrics_port)
-        deadline = time.monotonic() + self.opts.duration_s if self.opts.duration_s else None
-        log.info(
-            "agent_started",
-            capabilities=self.capabilities[0],
-            disabled=self.capabilities[1],
-            interval_s=self.opts.interval_s,
-        )
         live = None
-        if self.opts.live:
-            from rich.live import Live
+        try:  # from here on the probes are detached however run() ends
+            if self.opts.metrics_port is not None:
+                self.metrics.serve(self.opts.metrics_port)
+            deadline = time.monotonic() + self.opts.duration_s if self.opts.duration_s else None
+            log.info(
+                "agent_started",
+                capabilities=self.capabilities[0],
+                disabled=self.capabilities[1],
+                interval_s=self.opts.interval_s,
+            )
+            if self.opts.live:
+                from rich.live import Live
 
-            live = Live(self.view.render(self.opts.interval_s), refresh_per_second=2, screen=False)
-            live.start()
-        try:
+                live = Live(self.view.render(self.opts.interval_s), refresh_per_second=2, screen=False)
+                live.start()
             # Until a last interval has run: a stop (or the deadline) that comes while an interval
             # is being reported still gets its final one (capture stopped, kernel flushed, drained).
             last = False

@@ -1,7 +1,8 @@
 """`kscope` and `kscope-agent` command lines.
 
-Errors a user can act on (privilege, BTF, object files, hooks) print one line and
-exit 2; they never show a traceback.
+Errors a user can act on print one line, never a traceback, and exit 2 (the command line: a
+flag or value) or 3 (the host: privilege, capabilities, BTF, libbpf, hooks, BPF objects, a port);
+each parser's --help lists the codes.
 """
 
 from __future__ import annotations
@@ -13,10 +14,16 @@ import sys
 from pathlib import Path
 
 from kscope_common import logging_setup
+from kscope_common.cli import EXIT_ENVIRONMENT, EXIT_OK, EXIT_USAGE, add_version, exit_status_epilog, parser
 from kscope_common.runtime import tune_gc
-from node_exporter.errors import KscopeError
+from node_exporter.errors import HostError, KscopeError
 
-EXIT_USAGE = 2
+DESCRIPTION = "eBPF-based TCP observability, no code changes"
+ENVIRONMENT = (
+    "this host cannot run it (not root: lacking CAP_BPF and CAP_PERFMON\n"
+    "     (or CAP_SYS_ADMIN) or CAP_NET_ADMIN; no kernel BTF; no libbpf; a required kernel hook\n"
+    "     missing; BPF objects missing from the install or --bpf-dir; the --metrics-port in use)"
+)
 
 
 def _add_agent_args(p: argparse.ArgumentParser) -> None:
@@ -38,15 +45,14 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--l7",
         action="store_true",
-        help="also trace requests (HTTP/1, DNS, TLS via OpenSSL); experimental: see the README for its cost",
+        help="also trace requests (HTTP/1, DNS, TLS via OpenSSL); experimental: see bench/RESULTS.md for its cost",
     )
     p.add_argument("--capture-bytes", type=int, default=512, help="bytes of each message head captured (512)")
     p.add_argument(
         "--l7-probe",
         choices=["auto", "sockets", "syscalls"],
         default="auto",
-        help="L7 capture: socket tracepoints (Linux 6.3+) or the syscall-exit fallback; auto picks what the "
-        "kernel has",
+        help="L7 capture: socket tracepoints (Linux 6.3+) or the syscall-exit fallback; auto picks what the kernel has",
     )
     p.add_argument(
         "--l7-record-rate",
@@ -63,7 +69,7 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
         default=10,
         metavar="N",
         help="lower the agent's scheduling priority by N (10; 0 keeps it): the agent's batch work then "
-        "waits for the node's applications instead of delaying them (see the README's p99 figures)",
+        "waits for the node's applications instead of delaying them (p99 figures: bench/RESULTS.md)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--processor", metavar="HOST:PORT", help="ship batches to the cluster processor (gRPC)")
@@ -83,12 +89,18 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kscope", description="eBPF-based TCP observability, no code changes")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="watch this host's TCP connections (local mode, no Kubernetes)")
+    top = parser("kscope", DESCRIPTION, ENVIRONMENT)
+    sub = top.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "run",
+        help="watch this host's TCP connections (local mode, no Kubernetes)",
+        epilog=exit_status_epilog(ENVIRONMENT),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_version(run)
     _add_agent_args(run)
     run.add_argument("--no-live", action="store_true", help="no terminal view (default when not a terminal)")
-    return parser
+    return top
 
 
 def _run(args: argparse.Namespace, live: bool) -> int:
@@ -144,13 +156,16 @@ def _run(args: argparse.Namespace, live: bool) -> int:
     )
     try:
         agent = Agent(opts)
+        agent.install_signal_handlers()
+        tune_gc()  # everything built so far (BTF, loaded objects, descriptors) lives as long as the agent
+        agent.run()
+    except HostError as exc:
+        print(f"kscope: error: {exc}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     except KscopeError as exc:
         print(f"kscope: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    agent.install_signal_handlers()
-    tune_gc()  # everything built so far (BTF, loaded objects, descriptors) lives as long as the agent
-    agent.run()
-    return 0
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def agent_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kscope-agent", description="kscope node agent")
-    _add_agent_args(parser)
-    return parser
+    p = parser("kscope-agent", "kscope node agent (what the Helm chart runs)", ENVIRONMENT)
+    _add_agent_args(p)
+    return p
 
 
 def agent_main(argv: list[str] | None = None) -> int:

@@ -5,13 +5,18 @@ class KscopeError(Exception):
     """Base of every error kscope reports to a user (printed without a traceback)."""
 
 
-class BpfUnavailableError(KscopeError):
+class HostError(KscopeError):
+    """The command is fine but this host cannot run it (the CLIs exit 3, not 2): what to change is
+    the host, the pod or its privileges."""
+
+
+class BpfUnavailableError(HostError):
     """eBPF cannot be used here at all: no privilege, no BTF, no libbpf."""
 
 
-class ObjectFileError(KscopeError):
-    """A BPF object file is missing, unreadable or not a valid BPF ELF object."""
+class ObjectFileError(HostError):
+    """A BPF object file is missing, unreadable or not a valid BPF ELF object (an incomplete install)."""
 
 
-class HookUnavailableError(KscopeError):
+class HookUnavailableError(HostError):
     """A hook a required capability needs does not exist or will not load on this kernel."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from kscope.v1 import flow_pb2 as pb
+from node_exporter.errors import HostError
 
 
 class SelfMetrics:
@@ -30,7 +31,10 @@ class SelfMetrics:
         self.disabled: dict[str, str] = {}
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
-        start_http_server(port, addr=addr, registry=self.registry)
+        try:
+            start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as exc:  # in use, or a privileged port
+            raise HostError(f"cannot serve self-metrics on {addr}:{port}: {exc.strerror or exc}") from exc
 
     def set_capabilities(self, enabled: set[str], disabled: dict[str, str]) -> None:
         self.disabled = dict(disabled)

@@ -34,7 +34,7 @@ enum kscope_l7_direction {
 enum kscope_l7_flags {
 	KSCOPE_L7_TLS = 1,       /* plaintext from the OpenSSL uprobes */
 	KSCOPE_L7_TRUNCATED = 2, /* captured < len */
-	KSCOPE_L7_NO_BUFFER = 4, /* the call had no user buffer to read (sendfile, splice, mmsg past the first) */
+	KSCOPE_L7_NO_BUFFER = 4, /* the call had no user buffer to read (sendfile, splice, see STAT_MMSG_UNKNOWN) */
 };
 
 enum kscope_l7_stat {
@@ -60,7 +60,9 @@ enum kscope_l7_stat {
 	KSCOPE_L7_STAT_SLOTS_FULL = 17,  /* summaries sent early (KSCOPE_EMIT_EVICT): every slot of the socket was taken */
 	KSCOPE_L7_STAT_STOP_PENDING = 18, /* requests still waiting for their response at the final sweep (agent stopping): not sent */
 	KSCOPE_L7_STAT_NETNS_PENDING_FULL = 19, /* a namespace could not be marked for the sweep (map full): every one walked */
-	KSCOPE_L7_STATS = 20,
+	KSCOPE_L7_STAT_MMSG_UNKNOWN = 20, /* sendmmsg/recvmmsg messages whose place in the vector is unknown (the
+	                                   * entry hook missed the call): sent without their bytes (NO_BUFFER) */
+	KSCOPE_L7_STATS = 21,
 };
 
 /* Followed by `captured` payload bytes. */

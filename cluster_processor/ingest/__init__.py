@@ -1,7 +1,7 @@
 """Flow ingest: the processor's gRPC endpoint for ``kscope.v1.FlowIngest/ExportFlows``. Pure batch checks
 (``validate``), the ``grpc.aio`` server with its bounded queue in front of a ``BatchSink`` (``server``)."""
 
-from cluster_processor.ingest.errors import IngestConfigError, IngestError
+from cluster_processor.ingest.errors import IngestConfigError, IngestError, IngestListenError
 from cluster_processor.ingest.server import BatchSink, IngestConfig, IngestServer, ServerTls
 from cluster_processor.ingest.validate import Limits
 
@@ -10,6 +10,7 @@ __all__ = [
     "IngestConfig",
     "IngestConfigError",
     "IngestError",
+    "IngestListenError",
     "IngestServer",
     "Limits",
     "ServerTls",

@@ -10,3 +10,7 @@ class IngestError(Exception):
 
 class IngestConfigError(IngestError):
     """The server cannot start: a TLS file is missing or unreadable, or the address cannot be bound."""
+
+
+class IngestListenError(IngestConfigError):
+    """The address cannot be bound (in use, not this host's): the host's fault, not the flag's."""

@@ -21,7 +21,7 @@ import grpc.aio
 import structlog
 
 from cluster_processor.ingest.dedupe import SeenBatches
-from cluster_processor.ingest.errors import IngestConfigError
+from cluster_processor.ingest.errors import IngestConfigError, IngestListenError
 from cluster_processor.ingest.validate import Limits, Rejection, decode, record_count, validate
 from kscope.v1 import flow_pb2 as pb
 from kscope_common.grpc_retry import STATUS_DETAILS_KEY, status_details
@@ -159,7 +159,7 @@ class IngestServer:
             else:
                 self.port = server.add_insecure_port(cfg.listen)
         except RuntimeError as exc:
-            raise IngestConfigError(f"cannot listen on {cfg.listen}: {exc}") from exc
+            raise IngestListenError(f"cannot listen on {cfg.listen}: {exc}") from exc
         await server.start()
         self._server = server
         self._workers = [asyncio.create_task(self._work(), name=f"ingest-sink-{i}") for i in range(cfg.sink_workers)]

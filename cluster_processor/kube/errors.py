@@ -12,6 +12,10 @@ class KubeConfigError(KubeError):
     """No usable in-cluster service account or kubeconfig."""
 
 
+class KubeInClusterError(KubeConfigError):
+    """In a pod (KUBERNETES_SERVICE_HOST set) but its service account is not usable (not mounted)."""
+
+
 class KubeApiError(KubeError):
     """The APIServer answered with a failure (an HTTP status or a watch ERROR event)."""
 

@@ -99,7 +99,6 @@ class KubeIndex:
         self._svc_by_name: dict[tuple[str, str], Service] = {}
         self._slices: dict[str, EndpointSlice] = {}  # uid ->
         self._slices_by_svc: dict[tuple[str, str], set[str]] = {}  # (namespace, service) -> slice uids
-        self._slices_by_pod: dict[str, set[str]] = {}  # pod uid -> slice uids
         self._nodes: dict[str, Node] = {}  # name -> (pods name their node, not its uid)
         self._node_by_ip: dict[str, Node] = {}
         self._workloads: dict[str, Workload] = {}  # uid -> (owner references carry uids)
@@ -220,23 +219,18 @@ class KubeIndex:
             owner = parent.owner
         return (owner.kind, owner.name)
 
-    def endpoints_of_service(self, namespace: str, name: str) -> tuple[tuple[str, str], ...]:
-        """(address, pod uid) of every endpoint in the Service's EndpointSlices."""
-        out: dict[tuple[str, str], None] = {}
-        for slice_uid in self._slices_by_svc.get((namespace, name), ()):
-            for endpoint in self._slices[slice_uid].endpoints:
-                out[endpoint] = None
-        return tuple(out)
-
-    def services_of_pod(self, pod_uid: str) -> tuple[Service, ...]:
-        """The Services whose EndpointSlices list this pod as a backend."""
-        out: dict[str, Service] = {}
-        for slice_uid in self._slices_by_pod.get(pod_uid, ()):
-            es = self._slices[slice_uid]
-            svc = self._svc_by_name.get((es.namespace, es.service_name))
-            if svc is not None:
-                out[svc.uid] = svc
-        return tuple(out.values())
+    def ready_backends(self, service: Service) -> tuple[Pod, ...] | None:
+        """The pods behind every ready endpoint of ``service``'s EndpointSlices; None when there is
+        none, or when one of them is not a pod this index knows (an address without a pod
+        targetRef, a pod not listed yet): then who answers a connection to the VIP is not known."""
+        pods: dict[str, Pod] = {}
+        for slice_uid in self._slices_by_svc.get((service.namespace, service.name), ()):
+            for _address, pod_uid in self._slices[slice_uid].endpoints:
+                pod = self._pods.get(pod_uid) if pod_uid else None
+                if pod is None:
+                    return None
+                pods[pod_uid] = pod
+        return tuple(pods.values()) or None
 
     def sizes(self) -> dict[str, int]:
         """Table sizes for self-metrics. ``pods`` counts live pods; ``pods_total`` adds deleted pods
@@ -359,15 +353,9 @@ class KubeIndex:
             self._unlink_slice(old)
         self._slices[es.uid] = es
         self._slices_by_svc.setdefault((es.namespace, es.service_name), set()).add(es.uid)
-        for _, pod_uid in es.endpoints:
-            if pod_uid:
-                self._slices_by_pod.setdefault(pod_uid, set()).add(es.uid)
 
     def _unlink_slice(self, es: EndpointSlice) -> None:
         _discard(self._slices_by_svc, (es.namespace, es.service_name), es.uid)
-        for _, pod_uid in es.endpoints:
-            if pod_uid:
-                _discard(self._slices_by_pod, pod_uid, es.uid)
 
     # ---- delayed, UID-checked release ----------------------------------------------------------
 

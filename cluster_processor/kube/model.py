@@ -83,7 +83,8 @@ class EndpointSlice:
     namespace: str
     name: str
     service_name: str  # from the kubernetes.io/service-name label; "" for a slice managed by hand
-    endpoints: tuple[tuple[str, str], ...]  # (address, pod uid); pod uid "" when targetRef is not a pod
+    # (address, pod uid) of ready endpoints; pod uid "" when targetRef is not a pod
+    endpoints: tuple[tuple[str, str], ...]
     resource_version: str
 
 
@@ -185,8 +186,9 @@ def endpoint_slice_from_api(raw: Mapping[str, Any]) -> EndpointSlice:
     meta = _map(raw, "metadata")
     endpoints: list[tuple[str, str]] = []
     for ep in _list(raw, "endpoints"):
-        if not isinstance(ep, Mapping):
-            continue
+        # conditions.ready unset means unknown, which the API asks consumers to read as ready
+        if not isinstance(ep, Mapping) or _map(ep, "conditions").get("ready") is False:
+            continue  # a not-ready endpoint gets no traffic: it names no backend
         target = _map(ep, "targetRef")
         pod_uid = _str(target, "uid") if _str(target, "kind") == POD else ""
         for addr in _ips(a for a in _list(ep, "addresses") if isinstance(a, str)):

@@ -30,7 +30,7 @@ import aiohttp
 import structlog
 from kubernetes_asyncio import client, config
 
-from cluster_processor.kube.errors import KubeApiError, KubeConfigError, ResourceGoneError
+from cluster_processor.kube.errors import KubeApiError, KubeConfigError, KubeInClusterError, ResourceGoneError
 from cluster_processor.kube.model import (
     CRON_JOB,
     DAEMON_SET,
@@ -128,7 +128,10 @@ async def load_api_client(
     cfg.connection_pool_maxsize = max_connections
     try:
         if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+            try:
+                config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+            except (config.ConfigException, OSError) as exc:
+                raise KubeInClusterError(f"no usable in-cluster service account: {exc}") from exc
         else:
             await config.load_kube_config(
                 config_file=str(kubeconfig) if kubeconfig is not None else None,

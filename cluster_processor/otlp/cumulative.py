@@ -9,8 +9,9 @@ interval that created it, so a backend sees a restart (a new start time) as a re
 as a drop in a counter.
 
 Cardinality is bounded per (node, metric), as the OpenTelemetry SDK does: once a metric holds
-``max_series - 1`` streams, samples for new attribute sets go to one overflow stream with the
-single attribute ``otel.metric.overflow=true``, and are counted. Streams not updated for
+``max_series - 1`` streams (of all the node's workload resources together), samples for new
+(resource, attribute) sets go to one overflow stream with the single attribute
+``otel.metric.overflow=true`` under kscope's resource of the node, and are counted. Streams not updated for
 ``stale_after_ns`` are forgotten, which frees their slots; if they come back they start anew,
 with a new start time, as cumulative semantics require.
 
@@ -29,6 +30,9 @@ from cluster_processor.otlp.model import Attrs, Histogram
 from cluster_processor.otlp.semconv import OVERFLOW, Instrument, Kind, Sample
 
 OVERFLOW_ATTRS: Final[Attrs] = ((OVERFLOW, True),)
+# A stream is (resource, attributes) within its node and metric; the overflow stream is kscope's.
+_Key = tuple[Attrs, Attrs]
+OVERFLOW_KEY: Final[_Key] = ((), OVERFLOW_ATTRS)
 DEFAULT_MAX_SERIES: Final = 2000  # the OpenTelemetry SDK's default cardinality limit
 DEFAULT_STALE_AFTER_NS: Final = 10 * 60 * 1_000_000_000
 # Members read through module globals in hot code: an Enum class's attribute read takes ~10x a global's.
@@ -43,6 +47,7 @@ class Stream:
     attributes: Attrs
     start_unix_nano: int  # 0 for gauges, whose points stand alone
     value: int | float | Histogram
+    resource: Attrs = ()  # the sample's (semconv.Sample.resource): () is kscope's
 
 
 class Series:
@@ -52,12 +57,15 @@ class Series:
     ``changed`` when the value moves and drops ``wire`` when anything else in those bytes would (a
     restart's new start time and bounds)."""
 
-    __slots__ = ("attributes", "changed", "last_update_unix_nano", "name", "serial", "start_unix_nano", "value",
-                 "wire", "wire_fixed", "wire_lead")  # fmt: skip
+    __slots__ = ("attributes", "changed", "key", "last_update_unix_nano", "name", "resource", "serial",
+                 "start_unix_nano", "value", "wire", "wire_fixed", "wire_lead")  # fmt: skip
 
-    def __init__(self, name: str, attributes: Attrs, start: int, end: int, value: int | float | Histogram) -> None:
+    def __init__(
+        self, name: str, key: tuple[Attrs, Attrs], start: int, end: int, value: int | float | Histogram
+    ) -> None:
         self.name = name
-        self.attributes = attributes  # the key in the store: the sample's, or OVERFLOW_ATTRS
+        self.key = key  # in the store: the sample's (resource, attributes), or OVERFLOW_KEY
+        self.resource, self.attributes = key
         self.start_unix_nano = start
         self.last_update_unix_nano = end
         self.value = value
@@ -84,7 +92,7 @@ class _Node:
     __slots__ = ("metrics", "touched")
 
     def __init__(self) -> None:
-        self.metrics: dict[str, dict[Attrs, Series]] = {}
+        self.metrics: dict[str, dict[_Key, Series]] = {}
         self.touched: deque[tuple[int, list[Series]]] = deque()  # (end of update, series it touched)
 
 
@@ -105,7 +113,7 @@ class CumulativeStore:
         out: list[Stream] = []
         for inst, series in self.update_series(node, start_unix_nano, end_unix_nano, samples):
             gauge = inst.kind is _GAUGE
-            out += [Stream(inst, s.attributes, 0 if gauge else s.start_unix_nano, s.value) for s in series]
+            out += [Stream(inst, s.attributes, 0 if gauge else s.start_unix_nano, s.value, s.resource) for s in series]
         return out
 
     def update_series(
@@ -125,12 +133,12 @@ class CumulativeStore:
         start, end = start_unix_nano, end_unix_nano
         for sample in samples:
             # The common case inline (an existing stream of a known instrument); the rest in _apply.
-            inst, attributes, value = sample
+            inst, attributes, value, resource = sample
             by_attrs = metrics.get(inst.name)
             if by_attrs is None or instruments.get(inst.name) is not inst:
                 self._apply(metrics, sample, start, end, touched)
                 continue
-            series = by_attrs.get(attributes)
+            series = by_attrs.get((resource, attributes))
             if series is None:
                 if inst.kind is _COUNTER and value == 0:
                     continue  # no stream yet, and a zero delta is no reason to start one
@@ -182,7 +190,7 @@ class CumulativeStore:
     # ---- internals ------------------------------------------------------------------------------
 
     def _apply(
-        self, metrics: dict[str, dict[Attrs, Series]], sample: Sample, start: int, end: int, touched: list[Series]
+        self, metrics: dict[str, dict[_Key, Series]], sample: Sample, start: int, end: int, touched: list[Series]
     ) -> None:
         inst = sample.instrument
         known = self._instruments.setdefault(inst.name, inst)
@@ -194,13 +202,13 @@ class CumulativeStore:
             # dropped again at the end of the update if it is still empty.
             by_attrs = metrics[inst.name] = {}
         value = sample.value
-        series = by_attrs.get(sample.attributes)
+        key: _Key = (sample.resource, sample.attributes)
+        series = by_attrs.get(key)
         if series is None:
             if inst.kind is _COUNTER and value == 0:
                 return  # a zero delta is no reason to spend a slot on a new stream
-            key = sample.attributes
-            if len(by_attrs) >= self.max_series - (0 if OVERFLOW_ATTRS in by_attrs else 1):
-                key = OVERFLOW_ATTRS
+            if len(by_attrs) >= self.max_series - (0 if OVERFLOW_KEY in by_attrs else 1):
+                key = OVERFLOW_KEY
                 self._stats.overflowed[inst.name] = self._stats.overflowed.get(inst.name, 0) + 1
             series = by_attrs.get(key)
             if series is None:
@@ -259,9 +267,9 @@ class CumulativeStore:
                 if s.last_update_unix_nano >= horizon:
                     continue  # touched again since: a later entry has it
                 by_attrs = metrics.get(s.name)
-                if by_attrs is None or by_attrs.get(s.attributes) is not s:
+                if by_attrs is None or by_attrs.get(s.key) is not s:
                     continue  # already forgotten through an earlier entry
-                del by_attrs[s.attributes]
+                del by_attrs[s.key]
                 self._live -= 1
                 self._stats.expired += 1
                 if not by_attrs:

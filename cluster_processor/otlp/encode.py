@@ -1,9 +1,12 @@
 """Pure functions from kscope's records to OTLP protobuf export requests.
 
-Metrics: one ResourceMetrics per (reporting node, replica): ``service.name=kscope``,
-``k8s.node.name`` and ``service.instance.id`` make every stream single-writer even with several
-processor replicas, and even while a node's agent moves from one replica to another (the moved
-streams become new series with new start times instead of two writers fighting over one).
+Metrics: an observed workload's series (RED, L4, DNS, accept queues) under that workload's
+resource (``semconv.workload_resource``); the service graph, the overflow streams and the agents'
+counters under kscope's (``service.name=kscope``). Every metrics resource carries the reporting
+node (``k8s.node.name``) and ``service.instance.id`` = replica/node, so every stream is
+single-writer even with several processor replicas, and even while a node's agent moves from one
+replica to another (the moved streams become new series with new start times instead of two
+writers fighting over one).
 Spans and logs: one ResourceSpans/ResourceLogs per observed workload (see
 ``semconv.span_resource``). Every request is bounded in items so it stays under the 4 MiB a
 gRPC receiver accepts by default.
@@ -19,6 +22,7 @@ and serialize them again to check), so a receiver cannot tell them apart.
 from __future__ import annotations
 
 import struct
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -92,6 +96,12 @@ class Reporter:
         """The resource of the streams built from ``node_name``'s reports."""
         return self._resource(node_name, f"{self.replica}/{node_name}")
 
+    def workload_resource(self, resource: Attrs, node_name: str) -> Attrs:
+        """The resource of a workload's streams from ``node_name``'s reports: the workload
+        (``semconv.workload_resource``) and this writer's instance id. Not kscope's service.version:
+        the resource describes the workload (kscope's version is the scope's)."""
+        return _with_instance(resource, f"{self.replica}/{node_name}")
+
     def self_resource(self) -> Attrs:
         """The resource of kscope's own metrics (exporter outcomes, overflow counts)."""
         return self._resource(self.node_name, self.replica)
@@ -103,6 +113,11 @@ class Reporter:
             (SERVICE_INSTANCE_ID, instance_id),
             (SERVICE_VERSION, self.version),
         )
+
+
+@lru_cache(maxsize=65_536)  # one per workload and node, as semconv.workload_resource
+def _with_instance(resource: Attrs, instance_id: str) -> Attrs:
+    return attrs([*resource, (SERVICE_INSTANCE_ID, instance_id)])
 
 
 # ---- common -------------------------------------------------------------------------------------
@@ -284,7 +299,8 @@ def _scope_field(version: str) -> bytes:
     return wire.message(1, wire.string(1, SCOPE_NAME) + wire.string(2, version))
 
 
-def _metrics_request(resource_attrs: Attrs, version: str, metrics: list[_Pieces], points: int) -> EncodedRequest:
+def _resource_metrics(resource_attrs: Attrs, version: str, metrics: list[_Pieces]) -> list[bytes]:
+    """One ResourceMetrics entry of a request, in pieces."""
     # ExportMetricsServiceRequest.resource_metrics = 1 { resource = 1, scope_metrics = 2 { scope = 1,
     # metrics = 2 ... } }, the heads written once the lengths below them are known.
     pieces = [b"", b""]
@@ -300,7 +316,31 @@ def _metrics_request(resource_attrs: Attrs, version: str, metrics: list[_Pieces]
     scope_head = b"\x12" + wire.varint(scope_len)
     pieces[0] = b"\x0a" + wire.varint(len(res) + len(scope_head) + scope_len)
     pieces[1] = res + scope_head
-    return EncodedRequest(b"".join(pieces), points)
+    return pieces
+
+
+def _metrics_request(resource_attrs: Attrs, version: str, metrics: list[_Pieces], points: int) -> EncodedRequest:
+    return EncodedRequest(b"".join(_resource_metrics(resource_attrs, version, metrics)), points)
+
+
+def _by_resource(
+    resource_attrs: Attrs,
+    groups: Iterable[tuple[Instrument, Sequence[Series]]],
+    resource_of: Callable[[Attrs], Attrs] | None,
+) -> dict[Attrs, list[tuple[Instrument, Sequence[Series]]]]:
+    """``groups`` split by each series' resource (kscope's, ``resource_attrs``, first), each
+    resource's metrics in first-seen order."""
+    out: dict[Attrs, list[tuple[Instrument, Sequence[Series]]]] = {resource_attrs: []}
+    for inst, series in groups:
+        if resource_of is None or all(not s.resource for s in series):
+            out[resource_attrs].append((inst, series))
+            continue
+        split: dict[Attrs, list[Series]] = {}
+        for s in series:
+            split.setdefault(s.resource, []).append(s)
+        for res, part in split.items():
+            out.setdefault(resource_of(res) if res else resource_attrs, []).append((inst, part))
+    return out
 
 
 def series_requests(
@@ -310,31 +350,39 @@ def series_requests(
     *,
     version: str = "0.1.0",
     max_points: int = MAX_POINTS_PER_REQUEST,
+    resource_of: Callable[[Attrs], Attrs] | None = None,
 ) -> list[EncodedRequest]:
-    """The store's live series of one resource (``CumulativeStore.update_series``) at one instant,
-    in requests of at most ``max_points`` points; a metric split across two requests appears in both."""
+    """The store's live series (``CumulativeStore.update_series``) at one instant, in requests of
+    at most ``max_points`` points; a metric split across two requests appears in both. A series of
+    a workload (``Series.resource``) goes under ``resource_of`` its resource, the rest under
+    ``resource_attrs``: one ResourceMetrics per resource in a request."""
     time_field = _time_field(time_unix_nano)
     out: list[EncodedRequest] = []
-    current: list[_Pieces] = []
+    done: list[bytes] = []  # the current request's finished ResourceMetrics entries
     room = max_points
-    for inst, series in groups:
-        gauge = inst.kind is _GAUGE
-        for s in series:
-            if s.changed or s.wire is None:  # an unchanged series' cached bytes are taken as they are
-                refresh_series(s, gauge)
-        leads = [s.wire_lead for s in series]
-        rests = [s.wire for s in series]
-        i, n = 0, len(series)
-        while i < n:
-            take = min(room, n - i)
-            current.append(_metric(inst, leads[i : i + take], rests[i : i + take], time_field))  # type: ignore[arg-type]
-            i += take
-            room -= take
-            if room == 0:
-                out.append(_metrics_request(resource_attrs, version, current, max_points))
-                current, room = [], max_points
-    if current:
-        out.append(_metrics_request(resource_attrs, version, current, max_points - room))
+    for res, res_groups in _by_resource(resource_attrs, groups, resource_of).items():
+        current: list[_Pieces] = []
+        for inst, series in res_groups:
+            gauge = inst.kind is _GAUGE
+            for s in series:
+                if s.changed or s.wire is None:  # an unchanged series' cached bytes are taken as they are
+                    refresh_series(s, gauge)
+            leads = [s.wire_lead for s in series]
+            rests = [s.wire for s in series]
+            i, n = 0, len(series)
+            while i < n:
+                take = min(room, n - i)
+                current.append(_metric(inst, leads[i : i + take], rests[i : i + take], time_field))  # type: ignore[arg-type]
+                i += take
+                room -= take
+                if room == 0:
+                    done += _resource_metrics(res, version, current)
+                    out.append(EncodedRequest(b"".join(done), max_points))
+                    done, current, room = [], [], max_points
+        if current:
+            done += _resource_metrics(res, version, current)
+    if done:
+        out.append(EncodedRequest(b"".join(done), max_points - room))
     return out
 
 
@@ -631,13 +679,30 @@ def traces_requests(
 # ---- logs ---------------------------------------------------------------------------------------
 
 
+# An aggregated record's count and span, named as the collector's logdedup processor names them (the
+# one de-duplication scheme backends and users already meet): log_count, first/last_observed_timestamp.
+LOG_COUNT: Final = "log_count"
+LOG_FIRST: Final = "first_observed_timestamp"
+LOG_LAST: Final = "last_observed_timestamp"
+
+
+def _rfc3339(unix_nano: int) -> str:
+    seconds, nanos = divmod(unix_nano, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{nanos:09d}Z"
+
+
 def log_record(e: LogEvent) -> logs_pb2.LogRecord:
+    """One aggregated event: its time is the first occurrence's, its observed time when kscope
+    reported it (the end of its interval); the count and the first and last occurrences as
+    attributes."""
     pairs = semconv.record_attributes(e.edge, e.side)
+    last = e.last_unix_nano or e.time_unix_nano
     # event.name as an attribute too: log backends that predate the LogRecord field read only this.
-    pairs += [*e.attributes, ("event.name", e.name)]
+    pairs += [*e.attributes, ("event.name", e.name), (LOG_COUNT, e.count), (LOG_FIRST, _rfc3339(e.time_unix_nano)),
+              (LOG_LAST, _rfc3339(last))]  # fmt: skip
     return logs_pb2.LogRecord(
         time_unix_nano=e.time_unix_nano,
-        observed_time_unix_nano=e.time_unix_nano,
+        observed_time_unix_nano=e.observed_unix_nano or e.time_unix_nano,
         severity_number=int(e.severity),  # type: ignore[arg-type]
         severity_text=e.severity.name,
         body=AnyValue(string_value=e.body),

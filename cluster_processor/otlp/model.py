@@ -59,7 +59,7 @@ EVENT_TCP_RESET: Final = "kscope.tcp.reset"
 EVENT_CONNECT_REFUSED: Final = "kscope.tcp.connect.refused"
 EVENT_CONNECT_TIMEOUT: Final = "kscope.tcp.connect.timeout"
 EVENT_DNS_ERROR: Final = "kscope.dns.error"
-EVENT_HTTP_SERVER_ERROR_BURST: Final = "kscope.http.server_error_burst"
+EVENT_HTTP_SERVER_ERROR: Final = "kscope.http.server_error"  # 5xx answers
 
 
 _KEY: Final = operator.itemgetter(0)
@@ -271,7 +271,7 @@ class RedPoint(NamedTuple):
     route: str = ""  # low-cardinality route template ("/users/{id}"); "" when unknown
     status_code: int | None = None  # None when no response was seen (reset, timeout)
     error_type: str = ""  # why a request failed without an error status ("timeout"), or a DNS rcode name
-    attributes: Attrs = ()  # protocol extras with semconv keys, e.g. dns.question.name
+    attributes: Attrs = ()  # protocol extras with semconv keys: a DNS response code (dns.response_code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,14 +444,19 @@ class SpanRecord(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class LogEvent:
-    """A network or protocol event (a reset, a refused connect, a DNS error) on one edge."""
+    """A network or protocol event (resets, refused connects, DNS errors, 5xx answers) on one edge:
+    every occurrence of one kind in one interval, aggregated (a log per occurrence would scale with
+    the traffic it describes)."""
 
-    edge: Edge
+    edge: Edge  # workload level: who to whom
     side: Side  # whose socket saw it
-    time_unix_nano: int
+    time_unix_nano: int  # the first occurrence
     name: str  # one of the EVENT_* names
     severity: Severity
     body: str
     attributes: Attrs = ()
-    trace_id: bytes = b""  # the request's trace, when the event belongs to one
+    trace_id: bytes = b""  # the first occurrence's trace, when it belongs to one
     span_id: bytes = b""
+    count: int = 1  # occurrences in the interval
+    last_unix_nano: int = 0  # the last occurrence (0: the first is the only one)
+    observed_unix_nano: int = 0  # when kscope reported it: the end of its interval (0: the first occurrence)

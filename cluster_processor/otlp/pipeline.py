@@ -8,7 +8,7 @@ outcomes, cardinality overflow) leave the same way, so every drop is counted *an
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -132,11 +132,16 @@ class OtlpPipeline:
 
     def export_interval(self, interval: Interval) -> int:
         """Encode one node's interval as cumulative metrics and submit; returns requests submitted."""
+        node = interval.node_name
         samples = semconv.interval_samples(interval)
-        groups = self._store.update_series(
-            interval.node_name, interval.start_unix_nano, interval.end_unix_nano, samples
+        groups = self._store.update_series(node, interval.start_unix_nano, interval.end_unix_nano, samples)
+        reporter = self._reporter
+        return self._submit_metrics(
+            reporter.metrics_resource(node),
+            groups,
+            interval.end_unix_nano,
+            lambda resource: reporter.workload_resource(resource, node),
         )
-        return self._submit_metrics(self._reporter.metrics_resource(interval.node_name), groups, interval.end_unix_nano)
 
     def export_spans(self, node_name: str, spans: Sequence[SpanRecord]) -> int:
         reqs = encode.traces_requests(
@@ -171,7 +176,11 @@ class OtlpPipeline:
         return self._submit_metrics(self._reporter.metrics_resource(node_name), groups, now_unix_nano)
 
     def _submit_metrics(
-        self, resource: Attrs, groups: Sequence[tuple[Instrument, Sequence[Series]]], time_unix_nano: int
+        self,
+        resource: Attrs,
+        groups: Sequence[tuple[Instrument, Sequence[Series]]],
+        time_unix_nano: int,
+        resource_of: Callable[[Attrs], Attrs] | None = None,
     ) -> int:
         reqs = encode.series_requests(
             resource,
@@ -179,5 +188,6 @@ class OtlpPipeline:
             time_unix_nano,
             version=self._reporter.version,
             max_points=self._settings.max_points_per_request,
+            resource_of=resource_of,
         )
         return sum(self._sink.submit(Signal.METRICS, r) for r in reqs)

@@ -6,12 +6,14 @@ Naming follows the OpenTelemetry semantic conventions where one exists (``http.*
 ``dns.lookup.duration``, ``error.type``), Tempo's service-graph metrics where Grafana expects them,
 and ``kscope.*`` for the TCP metrics no convention covers.
 
-Endpoint attributes on data points, spans and logs: the observing side ("self") keeps its
-semantic-convention keys unchanged (``k8s.pod.name``), as if it were the instrumented process;
-the other side's keys get a ``peer.`` prefix (``peer.k8s.pod.name``), except keys that already
-name their role (``server.address``, ``client.port``), which pass through as the conventions
-define them. There is no convention for a peer's Kubernetes identity; one fixed prefix keeps
-the rule mechanical and the two ends of an edge apart.
+Who is who (docs/otel-mapping.md): the observing side ("self") is the resource of its series,
+spans and logs (``workload_resource``: ``service.name``, ``service.namespace``,
+``k8s.namespace.name``, ``k8s.<kind>.name``, ``k8s.node.name``), as if it were the instrumented
+process. The other side is in data-point and record attributes: its ``service.name`` and
+``service.namespace`` as ``service.peer.name`` / ``service.peer.namespace`` (the conventions'
+names), its other keys with a ``peer.`` prefix (``peer.k8s.deployment.name``: there is no
+convention for a peer's Kubernetes identity), and keys that already name their role
+(``server.address``, ``client.port``) as the conventions define them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from functools import lru_cache
 from typing import Final, NamedTuple
 
 from cluster_processor.otlp.model import (
+    SERVER_PORT,
     SERVICE_NAME,
     SERVICE_NAMESPACE,
     Attrs,
@@ -38,13 +41,20 @@ from cluster_processor.otlp.model import (
     ServiceGraphPoint,
     Side,
     SpanRecord,
+    attr,
     attrs,
     graph_node_name,
     graph_node_namespace,
 )
 
 PEER_PREFIX: Final = "peer."
-_ROLE_PREFIXES: Final = ("server.", "client.", "network.peer.", "network.local.")
+# The conventions' own names for the peer's service (they replace the deprecated peer.service).
+SERVICE_PEER_NAME: Final = "service.peer.name"
+SERVICE_PEER_NAMESPACE: Final = "service.peer.namespace"
+_PEER_KEYS: Final = {SERVICE_NAME: SERVICE_PEER_NAME, SERVICE_NAMESPACE: SERVICE_PEER_NAMESPACE}
+# Keys that say how an end was reached, not who it is: never part of a resource, and they pass to
+# the other side's attributes as they are (kscope.peer.*: how the peer was named, e.g. by a Service).
+_ROLE_PREFIXES: Final = ("server.", "client.", "network.peer.", "network.local.", "kscope.peer.")
 
 HTTP_METHOD: Final = "http.request.method"
 HTTP_METHOD_ORIGINAL: Final = "http.request.method_original"
@@ -76,13 +86,16 @@ class Instrument:
 
 
 class Sample(NamedTuple):
-    """One interval's contribution to the stream (instrument, attributes). A named tuple rather
-    than a frozen dataclass: an interval makes several per edge, and a frozen dataclass's
+    """One interval's contribution to the stream (instrument, attributes, resource). A named tuple
+    rather than a frozen dataclass: an interval makes several per edge, and a frozen dataclass's
     ``__init__`` (one ``object.__setattr__`` per field) cost more than applying the sample."""
 
     instrument: Instrument
     attributes: Attrs
     value: int | float | Histogram
+    # The observed workload the stream belongs to (``workload_resource``); () for kscope's own
+    # resource of the reporting node (service graph, overflow, self-metrics).
+    resource: Attrs = ()
 
 
 _H, _C, _G = Kind.HISTOGRAM, Kind.COUNTER, Kind.GAUGE
@@ -141,12 +154,19 @@ def identity(endpoint: Attrs) -> Attrs:
 @lru_cache(maxsize=1024)  # keys are the resolver's semconv names: a few dozen
 def _peer_key(key: str) -> str:
     # One string per key, its hash kept: every cache these attributes key hashes it again.
-    return key if key.startswith(_ROLE_PREFIXES) else PEER_PREFIX + key
+    if key.startswith(_ROLE_PREFIXES):
+        return key
+    return _PEER_KEYS.get(key) or PEER_PREFIX + key
 
 
 def peer_attributes(endpoint: Attrs) -> list[tuple[str, AttrValue]]:
-    """The other side: its identity under ``peer.``, its role keys (``server.address``) as they are."""
-    return [(_peer_key(k), v) for k, v in endpoint]
+    """The other side: its service as ``service.peer.name`` / ``service.peer.namespace`` (equal to
+    the peer's own resource's, ``workload_resource``), the rest of its identity under ``peer.``,
+    its role keys (``server.address``) as they are."""
+    out = [(_peer_key(k), v) for k, v in endpoint]
+    if attr(endpoint, SERVICE_NAMESPACE) is None and (namespace := graph_node_namespace(endpoint)):
+        out.append((SERVICE_PEER_NAMESPACE, namespace))
+    return out
 
 
 def record_attributes(edge: Edge, side: Side) -> list[tuple[str, AttrValue]]:
@@ -158,12 +178,13 @@ def record_attributes(edge: Edge, side: Side) -> list[tuple[str, AttrValue]]:
 
 
 def metric_attributes(edge: Edge, side: Side) -> list[tuple[str, AttrValue]]:
-    """Data-point attributes of one edge seen from ``side``. A server keeps its own listening
-    ``server.*`` keys (they tell port 8080 from 9090); a client's own ``client.*`` keys are dropped,
-    since an ephemeral port would make every connection a new series."""
+    """Data-point attributes of one edge seen from ``side``: the peer. The observing side's identity
+    is the series' resource (``workload_resource``). A server keeps its own listening ``server.*``
+    keys (they tell port 8080 from 9090); a client's own ``client.*`` keys are dropped, since an
+    ephemeral port would make every connection a new series."""
     own = edge.of(side)
     kept = [(k, v) for k, v in own if k.startswith("server.")] if side is _SERVER else []
-    return [*identity(own), *kept, *peer_attributes(edge.peer_of(side))]
+    return [*kept, *peer_attributes(edge.peer_of(side))]
 
 
 # ---- per-protocol rules -------------------------------------------------------------------------
@@ -210,7 +231,24 @@ def _http_span_name(side: Side, method: str, route: str) -> str:
     return f"{base} {route}" if route and side is _SERVER else base
 
 
+# A DNS answer that failed the asker: what error.type names. NXDOMAIN is an answer ("no such name"),
+# not a failure: under Kubernetes' ndots:5 most lookups of a healthy cluster are NXDOMAIN answers to
+# search-path expansions, and counting them would bury the real failures. Any other code (SERVFAIL,
+# REFUSED, FORMERR, NOTIMP, ...) and a query that got no answer (timeout) failed.
+DNS_ANSWERED: Final = frozenset({"", "NOERROR", "NXDOMAIN"})
+DNS_RESPONSE_CODE: Final = "dns.response_code"  # ECS's name (no OTel attribute yet): NOERROR, NXDOMAIN...
+
+
+def dns_error_type(rcode: str, timed_out: bool) -> str:
+    """``error.type`` of one DNS exchange: "timeout", the failing response code in lower case
+    ("servfail"), or "" when the lookup was answered (NOERROR, NXDOMAIN)."""
+    if timed_out:
+        return "timeout"
+    return "" if rcode in DNS_ANSWERED else rcode.lower()
+
+
 def _dns_failed(side: Side, status_code: int | None, error_type: str) -> bool:
+    # error_type is set only for failures (dns_error_type)
     return bool(error_type)
 
 
@@ -267,11 +305,19 @@ def _red_attributes(
     return attrs(pairs)
 
 
-def _red_sample(p: RedPoint) -> Sample:
+@lru_cache(maxsize=65_536)
+def _edge_resource(edge: Edge, side: Side, node_name: str) -> Attrs:
+    """``workload_resource`` of the observing side, looked up by the edge (its hash is kept) rather
+    than by hashing the endpoint's pairs for every point."""
+    return workload_resource(edge.of(side), node_name)
+
+
+def _red_sample(p: RedPoint, node_name: str) -> Sample:
     edge, side, protocol, duration, method, route, status, error_type, extra = p
     spec = PROTOCOLS[protocol]
     a = _red_attributes(edge, side, protocol, method, route, status, error_type, extra)
-    return _new_tuple(Sample, (spec.client if side is _CLIENT else spec.server, a, duration))
+    resource = _edge_resource(edge, side, node_name)
+    return _new_tuple(Sample, (spec.client if side is _CLIENT else spec.server, a, duration, resource))
 
 
 @lru_cache(maxsize=65_536)
@@ -290,22 +336,23 @@ def _l4_failure_attributes(edge: Edge, side: Side, error_type: str) -> Attrs:
     return attrs([*_metric_base(edge, side), (ERROR_TYPE, error_type)])
 
 
-def l4_samples(p: L4Point) -> list[Sample]:
+def l4_samples(p: L4Point, node_name: str) -> list[Sample]:
     transmit, receive, plain = _l4_attributes(p.edge, p.side)
+    res = _edge_resource(p.edge, p.side, node_name)
     new = _new_tuple
     out: list[Sample] = [
-        new(Sample, (TCP_BYTES, transmit, p.bytes_sent)),
-        new(Sample, (TCP_BYTES, receive, p.bytes_received)),
-        new(Sample, (TCP_CONNECTIONS, plain, p.connections)),
-        new(Sample, (TCP_RETRANSMITS, plain, p.retransmits)),
-        new(Sample, (TCP_RESETS, plain, p.resets)),
-        new(Sample, (TCP_DROPS, plain, p.drops)),
+        new(Sample, (TCP_BYTES, transmit, p.bytes_sent, res)),
+        new(Sample, (TCP_BYTES, receive, p.bytes_received, res)),
+        new(Sample, (TCP_CONNECTIONS, plain, p.connections, res)),
+        new(Sample, (TCP_RETRANSMITS, plain, p.retransmits, res)),
+        new(Sample, (TCP_RESETS, plain, p.resets, res)),
+        new(Sample, (TCP_DROPS, plain, p.drops, res)),
     ]
-    out += [Sample(TCP_CONNECTIONS, _l4_failure_attributes(p.edge, p.side, et), n) for et, n in p.connect_failures]
+    out += [Sample(TCP_CONNECTIONS, _l4_failure_attributes(p.edge, p.side, et), n, res) for et, n in p.connect_failures]
     if p.connect_duration is not None:
-        out.append(Sample(TCP_CONNECT_DURATION, plain, p.connect_duration))
+        out.append(Sample(TCP_CONNECT_DURATION, plain, p.connect_duration, res))
     if p.rtt_s is not None:
-        out.append(Sample(TCP_RTT, plain, p.rtt_s))
+        out.append(Sample(TCP_RTT, plain, p.rtt_s, res))
     return out
 
 
@@ -327,37 +374,37 @@ def _graph_attributes(
 def service_graph_samples(p: ServiceGraphPoint) -> list[Sample]:
     a = _graph_attributes(p.client, p.server, p.connection_type, p.client_namespace, p.server_namespace)
     new = _new_tuple
-    out: list[Sample] = [new(Sample, (SG_REQUESTS, a, p.requests)), new(Sample, (SG_FAILED, a, p.failed))]
+    # Under kscope's resource of the reporting node, as the OTel servicegraph connector and Tempo
+    # emit theirs (no workload resource: an edge belongs to two workloads).
+    out: list[Sample] = [new(Sample, (SG_REQUESTS, a, p.requests, ())), new(Sample, (SG_FAILED, a, p.failed, ()))]
     if p.server_duration is not None:
-        out.append(new(Sample, (SG_SERVER_SECONDS, a, p.server_duration)))
+        out.append(new(Sample, (SG_SERVER_SECONDS, a, p.server_duration, ())))
     if p.client_duration is not None:
-        out.append(new(Sample, (SG_CLIENT_SECONDS, a, p.client_duration)))
+        out.append(new(Sample, (SG_CLIENT_SECONDS, a, p.client_duration, ())))
     return out
 
 
-@lru_cache(maxsize=16_384)
-def _listener_attributes(owner: Attrs, port: int) -> Attrs:
-    return attrs([*identity(owner), ("server.port", port)])
-
-
-def listener_samples(p: ListenerPoint) -> list[Sample]:
-    a = _listener_attributes(p.owner, p.port)
+def listener_samples(p: ListenerPoint, node_name: str) -> list[Sample]:
+    """A listening port's accept queue: the owner's series (its resource), by ``server.port``."""
+    a = ((SERVER_PORT, p.port),)
+    res = workload_resource(p.owner, node_name)
     return [
-        Sample(LISTEN_OVERFLOWS, a, p.overflows),
-        Sample(LISTEN_DROPS, a, p.drops),
-        Sample(LISTEN_QUEUE, a, p.queue),
-        Sample(LISTEN_QUEUE_LIMIT, a, p.queue_limit),
+        Sample(LISTEN_OVERFLOWS, a, p.overflows, res),
+        Sample(LISTEN_DROPS, a, p.drops, res),
+        Sample(LISTEN_QUEUE, a, p.queue, res),
+        Sample(LISTEN_QUEUE_LIMIT, a, p.queue_limit, res),
     ]
 
 
 def interval_samples(interval: Interval) -> list[Sample]:
-    out: list[Sample] = list(map(_red_sample, interval.red))
+    node = interval.node_name
+    out: list[Sample] = [_red_sample(p, node) for p in interval.red]
     for l4 in interval.l4:
-        out += l4_samples(l4)
+        out += l4_samples(l4, node)
     for g in interval.service_graph:
         out += service_graph_samples(g)
     for lp in interval.listeners:
-        out += listener_samples(lp)
+        out += listener_samples(lp, node)
     return out
 
 
@@ -365,15 +412,21 @@ def interval_samples(interval: Interval) -> list[Sample]:
 
 
 @lru_cache(maxsize=65_536)  # one per observed workload and node: grouping asks once per span
-def span_resource(endpoint: Attrs, node_name: str) -> Attrs:
-    """A span's or log's resource is the observed workload, not kscope: trace backends group,
-    name and graph spans by the resource's service.name. The reporting node is always present."""
+def workload_resource(endpoint: Attrs, node_name: str) -> Attrs:
+    """The resource of an observed workload's series, spans and logs, not kscope's: backends
+    group, name and graph by the resource's service.name (Prometheus' job from service.namespace and
+    service.name). A node is always present: the pod's own, else the reporting node (a series'
+    endpoint is workload-level: the reporting node; its writer is told apart by the encoder's
+    service.instance.id in any case). A span's endpoint is pod-level: its resource names the pod."""
     base = dict(identity(endpoint))
     base.setdefault(SERVICE_NAME, graph_node_name(endpoint))
     if namespace := graph_node_namespace(endpoint):
         base.setdefault(SERVICE_NAMESPACE, namespace)
     base.setdefault("k8s.node.name", node_name)
     return attrs(base)
+
+
+span_resource = workload_resource  # a span's or log record's resource
 
 
 def span_name(s: SpanRecord) -> str:

@@ -3,17 +3,20 @@
 Same field names as the C structs, checked against the compiled object's BTF by
 ``tests/node_exporter/bpf/test_abi.py`` (size, order, offsets, array lengths and
 enum values), so a change on one side without the other fails the build.
-ctypes objects stay in this layer: decoders turn them into frozen dataclasses.
+ctypes objects stay in this layer: decoders unpack records with ``struct`` formats derived
+from these mirrors (:func:`struct_format`), so no format is kept in step by hand.
 """
 
 from __future__ import annotations
 
 import ctypes
 import enum
+import struct
 
 from kscope_common.latency import LATENCY_BUCKETS
 
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
+_CODES: dict[type, str] = {u8: "B", u16: "H", u32: "I", u64: "Q"}
 
 
 class RecordType(enum.IntEnum):
@@ -155,7 +158,8 @@ class L7Stat(enum.IntEnum):
     KSCOPE_L7_STAT_SLOTS_FULL = 17
     KSCOPE_L7_STAT_STOP_PENDING = 18
     KSCOPE_L7_STAT_NETNS_PENDING_FULL = 19
-    KSCOPE_L7_STATS = 20
+    KSCOPE_L7_STAT_MMSG_UNKNOWN = 20
+    KSCOPE_L7_STATS = 21
 
 
 L7_MAX_CAPTURE = 4096
@@ -267,6 +271,38 @@ class KscopeL7Summary(ctypes.Structure):
         ("head", u8 * L7_SUMMARY_HEAD),
         ("_pad3", u8 * (L7_HEAD - L7_SUMMARY_HEAD - 4 * L7_LATENCY_BUCKETS - 32)),
     ]
+
+
+def struct_format(mirror: type[ctypes.Structure], first: str | None = None, stop: str | None = None) -> str:
+    """The little-endian ``struct`` format of ``mirror``'s fields from ``first`` up to, not
+    including, ``stop`` (default: all of them): one item per field in field order, byte arrays
+    as one ``bytes`` item, other arrays as one item per element, ``_pad*`` fields and holes
+    skipped. Offsets and sizes are the mirror's own, which the ABI test checks against BTF."""
+    fields = [(f[0], f[1]) for f in mirror._fields_]
+    names = [name for name, _ in fields]
+    lo = names.index(first) if first else 0
+    hi = names.index(stop) if stop else len(fields)
+    pos = start = getattr(mirror, fields[lo][0]).offset
+    out = []
+    for name, ctype in fields[lo:hi]:
+        member = getattr(mirror, name)
+        if member.offset > pos:
+            out.append(f"{member.offset - pos}x")
+        elem: type | None = getattr(ctype, "_type_", None) if issubclass(ctype, ctypes.Array) else None
+        if name.startswith("_pad"):
+            out.append(f"{member.size}x")
+        elif elem is None:
+            out.append(_CODES[ctype])
+        else:
+            out.append(f"{member.size}s" if elem is u8 else f"{member.size // ctypes.sizeof(elem)}{_CODES[elem]}")
+        pos = member.offset + member.size
+    end = getattr(mirror, stop).offset if stop else ctypes.sizeof(mirror)
+    if end > pos:
+        out.append(f"{end - pos}x")  # trailing padding: the format spans [first, stop) exactly
+    fmt = "<" + "".join(out)
+    if struct.calcsize(fmt) != end - start:  # pragma: no cover - a field type with no code above
+        raise TypeError(f"{mirror.__name__}: format {fmt} is not {end - start} bytes")
+    return fmt
 
 
 # C struct name -> (object file, mirror); C enum name -> (object file, mirror): what the ABI test walks.

@@ -125,8 +125,7 @@ class Btf:
         ptr, _, info, _ = self._header(type_id)
         vlen = info & 0xFFFF
         return {
-            self.name_of(name_off): value
-            for name_off, value in struct.iter_unpack("<Ii", self._tail(ptr, vlen, 8))
+            self.name_of(name_off): value for name_off, value in struct.iter_unpack("<Ii", self._tail(ptr, vlen, 8))
         }
 
     def datasec_vars(self, section: str) -> dict[str, DataVar]:

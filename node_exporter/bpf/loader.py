@@ -20,9 +20,10 @@ from pathlib import Path
 import structlog
 
 from node_exporter.bpf import libbpf as lb
+from node_exporter.bpf import preflight
 from node_exporter.bpf.btf import KIND_STRUCT, KIND_TYPEDEF, Btf
 from node_exporter.bpf.netns import NetnsWalker
-from node_exporter.errors import HookUnavailableError, ObjectFileError
+from node_exporter.errors import BpfUnavailableError, HookUnavailableError, ObjectFileError
 
 log = structlog.get_logger("kscope.bpf")
 
@@ -292,6 +293,8 @@ class BpfObject:
                     log.warning("uprobe_multi_disabled", program=culprit.name, reason=_tail(cap.text(), 1))
                     self.uprobe_multi = False
                     continue
+                if culprit is None and -ret == errno.EPERM:  # not one program: bpf() itself (libbpf's first probe)
+                    raise BpfUnavailableError(f"loading {self.path.name} failed: {preflight.refused_reason()}")
                 if culprit is None:
                     raise ObjectFileError(f"loading {self.path.name} failed: {os.strerror(-ret)}\n{_tail(cap.text())}")
                 self._disable(
@@ -514,8 +517,8 @@ def _destroy_all(links: list[Link]) -> None:
             for _ in pool.map(_destroy, fd_links):
                 pass
     else:
-        for link in fd_links:
-            _destroy(link)
+        for fd_link in fd_links:
+            _destroy(fd_link)
     for link in links:
         if not isinstance(link, FdLink):
             _destroy(link)

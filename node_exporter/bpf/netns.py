@@ -73,10 +73,15 @@ def _bind_mounts(mount_dirs: Iterable[str]) -> dict[int, str]:
 
 
 def _pid_netns(proc_root: str, pid: str) -> int:
+    """The inode of the process's network namespace; 0: none (exited, a kernel thread); -1: not
+    ours to read (the ptrace access check: another user's process, or one holding capabilities
+    we lack, without CAP_SYS_PTRACE)."""
     try:
         return os.stat(f"{proc_root}/{pid}/ns/net").st_ino
+    except PermissionError:
+        return -1
     except OSError:
-        return 0  # exited, or a kernel thread without one
+        return 0
 
 
 @dataclass
@@ -94,6 +99,8 @@ class NetnsWalker:
     vanished: int = 0  # namespaces gone between listing and entering (counted, not an error)
     walked: int = 0  # iterators created: one per namespace per walk
     enter_failed: int = 0  # setns refused (counted: that namespace's sockets were not walked)
+    unreadable: int = 0  # processes whose namespace the last listing could not read (-1 above)
+    _said_unreadable: bool = False
     _pids: dict[str, int] = field(default_factory=dict)  # pid -> its namespace's inode (0: none)
     _full_at: float = float("-inf")
 
@@ -110,8 +117,15 @@ class NetnsWalker:
         self._pids = {p: known[p] if p in known and not full else _pid_netns(self.proc_root, p) for p in pids}
         found = _bind_mounts(self.mount_dirs)
         for pid, ino in self._pids.items():
-            if ino:
+            if ino > 0:
                 found.setdefault(ino, f"{self.proc_root}/{pid}/ns/net")
+        denied = [pid for pid, ino in self._pids.items() if ino < 0]
+        self.unreadable = len(denied)
+        if denied and not self._said_unreadable:
+            self._said_unreadable = True
+            hint = "needs CAP_SYS_PTRACE; a namespace only such processes are in is not walked"
+            path = f"{self.proc_root}/{denied[0]}/ns/net"
+            log.warning("netns_unreadable", path=path, processes=len(denied), hint=hint)
         if self.only_ino:
             return {ino: p for ino, p in found.items() if ino == self.only_ino}
         return found

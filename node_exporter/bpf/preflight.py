@@ -13,12 +13,16 @@ _CAP_NAMES = {CAP_NET_ADMIN: "CAP_NET_ADMIN", CAP_SYS_ADMIN: "CAP_SYS_ADMIN", CA
 DEFAULT_BTF = "/sys/kernel/btf/vmlinux"
 
 
-def effective_capabilities(status_path: str = "/proc/self/status") -> int:
+def _status_field(name: str, status_path: str) -> str:
     with open(status_path) as fh:
         for line in fh:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
+            if line.startswith(f"{name}:"):
+                return line.split()[1]
+    return ""
+
+
+def effective_capabilities(status_path: str = "/proc/self/status") -> int:
+    return int(_status_field("CapEff", status_path) or "0", 16)
 
 
 def missing_capabilities(caps: int) -> list[str]:
@@ -41,12 +45,33 @@ def check(status_path: str = "/proc/self/status") -> None:
     """Raise BpfUnavailableError unless this process can load kscope's probes."""
     missing = missing_capabilities(effective_capabilities(status_path))
     if missing:
+        uid = os.geteuid()
+        # uid 0 without them: a container (or capability bounding set) that did not grant them.
+        hint = "try: sudo kscope run" if uid else "grant them to its container (charts/kscope adds them)"
         raise BpfUnavailableError(
-            f"kscope needs root, or the capabilities {', '.join(missing)} "
-            f"(running as uid {os.geteuid()}); try: sudo kscope run"
+            f"missing {'capability' if len(missing) == 1 else 'capabilities'} {', '.join(missing)} "
+            f"(running as uid {uid}): kscope needs {'root, or ' if uid else ''}CAP_BPF and CAP_PERFMON "
+            f"(or CAP_SYS_ADMIN for both) and CAP_NET_ADMIN to load and attach its probes; {hint}"
         )
     btf = btf_path()
     if not btf.exists():
         raise BpfUnavailableError(
             f"kernel BTF not found at {btf}: kscope needs a kernel built with CONFIG_DEBUG_INFO_BTF=y (Linux >= 6.3)"
         )
+
+
+def refused_reason(status_path: str = "/proc/self/status") -> str:
+    """Why bpf() said EPERM although :func:`check` passed, as one line a user can act on."""
+    filtered = _status_field("Seccomp", status_path) == "2"
+    if filtered and not effective_capabilities(status_path) & (1 << CAP_SYS_ADMIN):
+        # Measured with podman 4.3's default profile: bpf() refused to a process holding CAP_BPF and
+        # CAP_PERFMON but not CAP_SYS_ADMIN (older containerd profiles do the same).
+        return (
+            "bpf() was refused (EPERM) under a seccomp filter without CAP_SYS_ADMIN: some container "
+            "runtimes' default profiles (RuntimeDefault; podman's among them) allow bpf() only with "
+            "CAP_SYS_ADMIN; add SYS_ADMIN (charts/kscope does) or use a seccomp profile that allows bpf()"
+        )
+    return (
+        f"bpf() was refused (EPERM) with the needed capabilities present (seccomp filter: "
+        f"{'yes' if filtered else 'no'}): a seccomp profile or an LSM policy (SELinux, AppArmor) denies it"
+    )

@@ -13,14 +13,20 @@ import struct
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from node_exporter.bpf.abi import N_COUNTERS, ConnectStatus, KscopeL4Record, L4Reason, RecordType, Role
+from node_exporter.bpf.abi import (
+    N_COUNTERS,
+    ConnectStatus,
+    KscopeL4Record,
+    L4Reason,
+    RecordType,
+    Role,
+    struct_format,
+)
 
-# Mirrors KscopeL4Record field by field (the ABI test checks the ctypes mirror; this
-# format is checked against it below, at import).
-_FMT = struct.Struct(f"<BBBBIQQQQQ{N_COUNTERS}Q{N_COUNTERS}Q16s16sIIIIIIIIIIHHHBB16s")
+# Derived from the ctypes mirror, which the ABI test checks against the object's BTF; the
+# positional decoder below is checked field by field by tests/node_exporter/bpf/test_record_formats.py.
+_FMT = struct.Struct(struct_format(KscopeL4Record))
 RECORD_SIZE = ctypes.sizeof(KscopeL4Record)
-if _FMT.size != RECORD_SIZE:  # pragma: no cover - caught by the ABI test first
-    raise ImportError(f"L4 record format is {_FMT.size} bytes, ctypes mirror {RECORD_SIZE}")
 
 TCP_STATES = {
     1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",

@@ -6,13 +6,11 @@ import ctypes
 import struct
 from typing import NamedTuple
 
-from node_exporter.bpf.abi import KscopeL7Header, L7Direction, L7Flags, L7Protocol, L7RecordType
+from node_exporter.bpf.abi import KscopeL7Header, L7Direction, L7Flags, L7Protocol, L7RecordType, struct_format
 from node_exporter.l4.records import _comm_text, ip_text
 
-_HDR = struct.Struct("<BBBBIQQQ16s16sIIIIHHHBB16s")
+_HDR = struct.Struct(struct_format(KscopeL7Header))  # from the mirror, as the L4 record's
 HEADER_SIZE = ctypes.sizeof(KscopeL7Header)
-if _HDR.size != HEADER_SIZE:  # pragma: no cover - the ABI test catches it first
-    raise ImportError(f"L7 header format is {_HDR.size} bytes, ctypes mirror {HEADER_SIZE}")
 _PROTOCOLS = {int(p): p for p in L7Protocol}
 _DIRECTIONS = {int(d): d for d in L7Direction}
 

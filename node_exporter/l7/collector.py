@@ -26,6 +26,8 @@ CAPABILITIES = {
     "l7_recv": "l7.capture",
     "l7_destroy": "l7.capture",
     "sweep": "l7.capture",
+    "l7_sendmmsg_enter": "l7.mmsg",
+    "l7_recvmmsg_enter": "l7.mmsg",
     "ssl_write_enter": "l7.tls",
     "ssl_read_enter": "l7.tls",
     "ssl_write_ex_enter": "l7.tls",
@@ -56,6 +58,7 @@ class L7Collector(L7Probe):
         summary_s: float = 1.0,
         netns: NetnsWalker | None = None,
         netns_pending_entries: int | None = None,
+        mmsg_threads: int | None = None,
     ) -> None:
         """``exchanges``: pair plain-text HTTP/1 in the kernel (one record per exchange) instead of
         sending every call's head; ``idle_s``: how long an answered exchange waits for more
@@ -64,7 +67,8 @@ class L7Collector(L7Probe):
         per socket, method, path and status and sent as summaries ``summary_s`` after their first
         exchange (0: every exchange is a record, no summaries). ``netns_pending_entries``: how many
         namespaces the kernel can mark for the sweep before it asks for a walk of all (a test
-        shrinks it to push past it)."""
+        shrinks it to push past it). ``mmsg_threads``: threads inside a sendmmsg/recvmmsg at once
+        whose place in the vector the kernel keeps (past it, messages are counted, mmsg_unknown)."""
         if record_rate < 0:
             raise ValueError(f"record_rate must be >= 0, got {record_rate}")
         path = Path(object_path) if object_path else default_bpf_dir() / OBJECT_NAME
@@ -82,6 +86,7 @@ class L7Collector(L7Probe):
             {
                 **({"l7_ring": ring_bytes, "l7_xring": ring_bytes} if ring_bytes else {}),
                 **({"l7_netns_pending": netns_pending_entries} if netns_pending_entries else {}),
+                **({"mmsg_pos": mmsg_threads} if mmsg_threads else {}),
             },
         )
         # the sweep is a TCP iterator: one per network namespace marked for it (share the L4

@@ -27,20 +27,19 @@ from typing import Any, Final
 
 from node_exporter.bpf.abi import (
     L7_HEAD,
-    L7_LATENCY_BUCKETS,
     L7_SUMMARY_HEAD,
     KscopeL7Exchange,
     KscopeL7Summary,
     L7RecordType,
+    struct_format,
 )
 from node_exporter.protocols.http_fields import request_id, route_template, target_path, valid_traceparent
 
 # struct kscope_l7_exchange up to its head; the head is sliced from the record (head_len bytes).
-EXCHANGE = struct.Struct("<BBBBIQQQQQ16s16sIIHHHHHB5x16s")
+# Formats here are derived from the ctypes mirrors (checked against BTF by the ABI test).
+EXCHANGE = struct.Struct(struct_format(KscopeL7Exchange, stop="head"))
 HEAD_OFFSET: Final = KscopeL7Exchange.head.offset
 EXCHANGE_SIZE: Final = ctypes.sizeof(KscopeL7Exchange)
-if EXCHANGE.size != HEAD_OFFSET or HEAD_OFFSET + L7_HEAD != EXCHANGE_SIZE:  # pragma: no cover - ABI test first
-    raise ImportError(f"L7 exchange format is {EXCHANGE.size}+{L7_HEAD} bytes, ctypes mirror {EXCHANGE_SIZE}")
 EXCHANGE_TYPE: Final = int(L7RecordType.KSCOPE_REC_L7_EXCHANGE)
 _RING_HDR = struct.Struct("<II")
 # One ring slot: the ring's length word (+ page offset), the record; its head is skipped
@@ -53,18 +52,13 @@ DISCARD_BIT: Final = 1 << 30
 # struct kscope_l7_summary after the prefix it shares with an exchange (SLOT reads that): count,
 # end_ns, latency min/max, the buckets; then its head (head_len bytes). Offsets from the mirror.
 SUMMARY_TYPE: Final = int(L7RecordType.KSCOPE_REC_L7_SUMMARY)
-SUMMARY_TAIL = struct.Struct(f"<I4xQQQ{L7_LATENCY_BUCKETS}I")
+SUMMARY_TAIL = struct.Struct(struct_format(KscopeL7Summary, first="count", stop="head"))
 SUMMARY_TAIL_OFFSET: Final = KscopeL7Summary.count.offset
 SUMMARY_HEAD_OFFSET: Final = KscopeL7Summary.head.offset
 SUMMARY_HEAD: Final = L7_SUMMARY_HEAD
-if (
-    ctypes.sizeof(KscopeL7Summary) != EXCHANGE_SIZE
-    or SUMMARY_TAIL_OFFSET != HEAD_OFFSET
-    or SUMMARY_TAIL_OFFSET + SUMMARY_TAIL.size != SUMMARY_HEAD_OFFSET
-    or KscopeL7Summary.latency_max_ns.offset != SUMMARY_TAIL_OFFSET + 24
-    or KscopeL7Summary.buckets.offset != SUMMARY_TAIL_OFFSET + 32
-):  # pragma: no cover - ABI test first
-    raise ImportError("L7 summary format does not match its ctypes mirror")
+# SLOT reads a summary's prefix as an exchange's and the tail starts where an exchange's head would
+if struct_format(KscopeL7Summary, stop="count") != EXCHANGE.format or SUMMARY_TAIL_OFFSET != HEAD_OFFSET:
+    raise ImportError("kscope_l7_summary no longer shares kscope_l7_exchange's prefix")  # pragma: no cover
 
 METHODS: Final = {m: m.decode("ascii") for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT",
                                                    b"OPTIONS", b"TRACE", b"PATCH")}  # fmt: skip
@@ -175,13 +169,11 @@ class HeadParser:
             return None
         if method == b"CONNECT":
             path = target_path(method, target)
-            if path is None:
-                return None
-            names: tuple[str, str] | None = (path, route_template(path))
+            names = None if path is None else (path, route_template(path))
         else:
             names = self._path(_before_query(target))
-            if names is None:
-                return None
+        if names is None:
+            return None
         traceparent = rid = ""
         if eol >= 0:
             fields = head[eol : end + 2] if end < len(head) else head[eol:]

@@ -37,7 +37,7 @@ from node_exporter.protocols.http1 import HttpSummary, HttpSummaryRecord
 from node_exporter.protocols.http2_session import COUNTERS as H2_COUNTERS
 from node_exporter.protocols.tracker import COUNTERS
 
-IPPROTO_UDP = 17
+IPPROTO_TCP, IPPROTO_UDP = 6, 17
 _ROLE = {int(KRole.KSCOPE_ROLE_CLIENT): Role.CLIENT, int(KRole.KSCOPE_ROLE_SERVER): Role.SERVER}
 _DIRECTION = {L7Direction.KSCOPE_DIR_EGRESS: Direction.EGRESS, L7Direction.KSCOPE_DIR_INGRESS: Direction.INGRESS}
 EMIT_CLOSE = int(L7Emit.KSCOPE_EMIT_CLOSE)
@@ -59,6 +59,7 @@ class ConnInfo:
     family: int
     tgid: int
     comm: str
+    ip_proto: int = IPPROTO_TCP  # or IPPROTO_UDP (a UDP client's NAT answer is looked up by the agent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +107,7 @@ _RECORD_SETTERS = _slot_setters(
 )  # fmt: skip
 _EVENT_SETTERS = _slot_setters(L7Event, ("conn", "record"))
 _CONN_FIELDS = ("sock_cookie", "netns_ino", "side", "protocol", "tls", "local_ip", "local_port", "remote_ip",
-                "remote_port", "family", "tgid", "comm")  # fmt: skip
+                "remote_port", "family", "tgid", "comm", "ip_proto")  # fmt: skip
 _CONN_SETTERS = tuple(zip(_slot_setters(ConnInfo, _CONN_FIELDS), range(len(_CONN_FIELDS)), strict=True))
 # A summary's head, counted from where its tail (count, ...) starts: where an exchange's head would.
 _SUMMARY_HEAD_AFTER_TAIL = SUMMARY_HEAD_OFFSET - SUMMARY_TAIL_OFFSET
@@ -163,6 +164,7 @@ class L7Pipeline:
             sock_cookie=c.sock_cookie, netns_ino=c.netns_ino, side=role, protocol="dns" if name == "dns_tcp" else name,
             tls=bool(c.flags & L7Flags.KSCOPE_L7_TLS), local_ip=c.local_ip, local_port=c.local_port,
             remote_ip=c.remote_ip, remote_port=c.remote_port, family=c.family, tgid=c.tgid, comm=c.comm,
+            ip_proto=c.ip_proto,
         )  # fmt: skip
         conn = _Conn(info, ConnectionTracker(PROTOCOLS[name], role, self.limits))
         self._conns[key] = conn
@@ -275,7 +277,7 @@ class L7Pipeline:
         # slot by slot (see _slot_setters): under connection churn this runs for every record
         info = object.__new__(ConnInfo)
         values = (cookie, netns, side, "http1", False, ip_text(saddr), sport, ip_text(daddr), dport, family, tgid,
-                  _comm_text(comm))  # fmt: skip
+                  _comm_text(comm), IPPROTO_TCP)  # fmt: skip
         for setter, i in _CONN_SETTERS:
             setter(info, values[i])
         if remember:

@@ -146,7 +146,10 @@ def _drop_reason(rec: L4Record, drop_reasons: dict[int, str]) -> str:
     return drop_reasons.get(rec.last_drop_reason, str(rec.last_drop_reason)) if rec.last_drop_reason else ""
 
 
-def l7_request(ev: L7Event, proc: ProcessInfo | None, clock: MonotonicClock) -> pb.L7Request:
+def l7_request(
+    ev: L7Event, proc: ProcessInfo | None, clock: MonotonicClock, nat: tuple[str, int] | None = None
+) -> pb.L7Request:
+    """``nat``: for a client-side UDP record, the (ip, port) that really answered (conntrack)."""
     c, r = ev.conn, ev.record
     detail: dict[str, object]
     if isinstance(r, HttpRecord):
@@ -203,5 +206,7 @@ def l7_request(ev: L7Event, proc: ProcessInfo | None, clock: MonotonicClock) -> 
         latency_ns=max(0, r.latency_ns),
         request_bytes=r.request_bytes,
         response_bytes=r.response_bytes,
+        nat_remote_ip=nat[0] if nat else "",
+        nat_remote_port=nat[1] if nat else 0,
         **detail,
     )

@@ -37,6 +37,10 @@ def build_index() -> KubeIndex:
         owners = [f.owner("ReplicaSet", f"d{i % 3}-5d8f7c9b6d", f"rs-{i % 3}")] if i < 10 else []
         ix.apply("ADDED", "Pod", f.pod(name, uid=f"uid-{name}", ip=ip, node=f"node-{i % 2 + 1}", owners=owners,
                                        containers=[f"containerd://{f.cid(i)}"]))  # fmt: skip
+    # svc0's ready endpoints are all d0's pods (named d0), svc1's are d1's and d2's (named svc1); svc2 has none
+    for svc, pods in (("svc0", ["p0", "p3"]), ("svc1", ["p1", "p2"])):
+        endpoints = [(PODS[p], f"uid-{p}") for p in pods]
+        ix.apply("ADDED", "EndpointSlice", f.endpoint_slice(f"{svc}-x", svc, endpoints, uid=f"es-{svc}"))
     return ix
 
 
@@ -80,17 +84,18 @@ def random_batch(r: random.Random, node: str, k: int) -> pb.FlowBatch:
                        kind=r.choice([pb.RECORD_KIND_PERIODIC, pb.RECORD_KIND_CLOSE]), ip_family=4,
                        process=random_process(r), time_unix_nano=T0 + k * S, srtt_us=r.randint(0, 900),
                        connect_status=r.choice([0, pb.CONNECT_STATUS_OK, pb.CONNECT_STATUS_REFUSED]),
-                       connect_latency_ns=r.randint(0, 10**7), **ends)  # type: ignore[arg-type]  # fmt: skip
+                       connect_latency_ns=r.randint(0, 10**7), **ends)  # fmt: skip
         fl.delta.bytes_sent, fl.delta.bytes_received = r.randint(0, 10**6), r.randint(0, 10**6)
         fl.delta.resets_received = int(r.random() < 0.05)
         b.l4.append(fl)
     for _ in range(r.randrange(0, 30)):
         ends = random_ends(r)
-        del ends["nat_remote_ip"], ends["nat_remote_port"]  # L7 takes its socket's NAT answer
+        if r.random() < 0.7:  # L7 takes its socket's NAT answer; a UDP record (no socket's) has its own
+            del ends["nat_remote_ip"], ends["nat_remote_port"]
         q = pb.L7Request(socket_cookie=r.choice(cookies), netns_inode=4026531840 + r.randrange(3),
                          side=r.choice([pb.ROLE_CLIENT, pb.ROLE_SERVER]), protocol=r.choice(["http1", "dns"]),
                          ip_family=4, process=random_process(r), start_time_unix_nano=T0 + k * S,
-                         latency_ns=r.randint(1, 10**9), **ends)  # type: ignore[arg-type]  # fmt: skip
+                         latency_ns=r.randint(1, 10**9), **ends)  # fmt: skip
         if q.protocol == "dns":
             q.dns.question_name, q.dns.rcode = "x.example.", r.choice(["", "NXDOMAIN"])
         else:
@@ -194,3 +199,31 @@ def test_generation_moves_with_every_change() -> None:
     ix.replace("Service", [])
     assert ix.generation > g3
     assert not ix.apply("BOGUS", "Pod", f.pod("b", uid="uid-b")) and ix.generation == g3 + 1
+
+
+def test_an_endpoint_slice_change_renames_a_vip_peer_in_the_next_batch() -> None:
+    """A DNS client record to svc0's VIP without a NAT answer: svc0's ready endpoints are d0's pods, so d0;
+    once a d1 pod is a ready endpoint too, svc0; a UDP record's own NAT answer names its backend pod."""
+    index = build_index()
+    agg = Aggregator(index)
+    q = pb.L7Request(socket_cookie=5, side=pb.ROLE_CLIENT, protocol="dns", local_ip=PODS["p4"], local_port=40000,
+                     remote_ip=VIPS["svc0"], remote_port=53, ip_family=4, process=pb.ProcessIdentity(pod_uid="uid-p4"),
+                     start_time_unix_nano=T0, latency_ns=10**6)  # fmt: skip
+    q.dns.question_name = "x.example."
+
+    def server_of(nat: tuple[str, int] = ("", 0)) -> tuple[str, object]:
+        r = pb.L7Request()
+        r.CopyFrom(q)
+        r.nat_remote_ip, r.nat_remote_port = nat
+        agg.add(pb.FlowBatch(schema_version=1, node_name="node-1", l7=[r]), T0)
+        (red,) = agg.flush(T0 + S)[0].interval.red
+        return model.graph_node_name(red.edge.server), attr(red.edge.server, "kscope.peer.resolved_by")
+
+    assert server_of() == ("d0", "service")
+    slice_ = [(PODS[p], f"uid-{p}") for p in ("p0", "p3", "p1")]
+    index.apply("MODIFIED", "EndpointSlice", f.endpoint_slice("svc0-x", "svc0", slice_, uid="es-svc0"))
+    assert server_of() == ("svc0", None)
+    assert server_of((PODS["p1"], 5353)) == ("d1", None)  # the agent's conntrack answer for a UDP flow
+    index.apply("MODIFIED", "EndpointSlice", f.endpoint_slice("svc0-x", "svc0", slice_, uid="es-svc0",
+                                                               not_ready={PODS["p1"]}))  # fmt: skip
+    assert server_of() == ("d0", "service")

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from cluster_processor.aggregate import Aggregator, AggregatorSettings
+from cluster_processor.aggregate import Aggregator, AggregatorSettings, NodeReport
 from cluster_processor.otlp import encode, model
 from cluster_processor.otlp.encode import EncodedRequest
 from cluster_processor.otlp.exporter import Signal
@@ -56,7 +56,9 @@ def random_flows_batch(r: random.Random, node: str, k: int) -> pb.FlowBatch:
     return b
 
 
-def run(batches: list[list[pb.FlowBatch]], settings: AggregatorSettings, form: str) -> tuple[list, dict, list]:
+def run(
+    batches: list[list[pb.FlowBatch]], settings: AggregatorSettings, form: str
+) -> tuple[list[NodeReport], dict[str, int], list[tuple[Signal, bytes]]]:
     agg = Aggregator(build_index(), settings)
     sink = Serialized()
     pipe = OtlpPipeline(encode.Reporter("test-0", "node-1"), sink, start_unix_nano=T0)

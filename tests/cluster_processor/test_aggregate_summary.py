@@ -176,9 +176,16 @@ def test_a_summary_exports_what_its_requests_would(
             assert (a is None) == (b is None)
             if a is not None:
                 _same_histogram(a, b)
-        # spans: one per request, none for a summary (nor logs)
+        # spans: one per request, none for a summary
         assert len(each[node].spans) == len(client_ns if node == "node-1" else server_ns)
-        assert summed[node].spans == () and summed[node].logs == ()
+        assert summed[node].spans == ()
+
+        # logs: the same aggregated records (a 5xx record counts every request, summed or not)
+        def logs(r: NodeReport) -> list[tuple[Any, ...]]:
+            return [(e.edge, e.side, e.name, e.body, e.attributes, e.count) for e in r.logs]
+
+        assert logs(summed[node]) == logs(each[node])
+        assert sum(e.count for e in summed[node].logs) == (rs.duration.count if status >= 500 else 0)
     # the server counts the requests in the graph (and failures when the status is a server error)
     (g,) = summed["node-2"].interval.service_graph
     assert (g.requests, g.failed) == (len(server_ns), len(server_ns) if status >= 500 else 0)

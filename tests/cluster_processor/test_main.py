@@ -1,7 +1,8 @@
 """The processor end to end, in process: a test APIServer (pods a-1 of Deployment A and b-1 of Deployment
 B through their ReplicaSets, Service b with a ClusterIP), a test OTLP receiver, the processor's real
 components started against them, and a real gRPC client sending FlowBatches as the agent does. Plus
-the command line: the chart's rendered args and env parse, user errors exit 2, SIGTERM stops cleanly."""
+the command line: the chart's rendered args and env parse, user errors exit 2, environment errors 3 (run
+as a subprocess), SIGTERM stops cleanly."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +29,7 @@ from cluster_processor.kube.watcher import WatchSettings
 from cluster_processor.otlp.exporter import ExporterSettings, RetryPolicy, Signal
 from kscope.v1 import flow_pb2 as pb
 from kscope.v1 import flow_pb2_grpc
+from kscope_common.cli import EXIT_ENVIRONMENT, EXIT_USAGE
 from tests.cluster_processor.ingest.harness import Certs, make_certs
 from tests.cluster_processor.kube import factories as f
 from tests.cluster_processor.kube.fake_apiserver import FakeApiServer
@@ -187,9 +190,15 @@ def points(rx: OtlpReceiver, name: str) -> Iterator[tuple[dict[str, Any], dict[s
                         yield res, _kv(dp.attributes), value
 
 
-def latest(rx: OtlpReceiver, name: str, **want: Any) -> float:
-    """The largest (cumulative: latest) value of the points of ``name`` whose attributes include ``want``."""
-    values = [v for _, a, v in points(rx, name) if all(a.get(k) == w for k, w in want.items())]
+def latest(rx: OtlpReceiver, name: str, resource: dict[str, Any] | None = None, /, **want: Any) -> float:
+    """The largest (cumulative: latest) value of the points of ``name`` whose attributes include ``want``
+    and whose resource includes ``resource``."""
+    res_want = resource or {}
+    values = [
+        v
+        for r, a, v in points(rx, name)
+        if all(a.get(k) == w for k, w in want.items()) and all(r.get(k) == w for k, w in res_want.items())
+    ]
     return max(values, default=0)
 
 
@@ -257,10 +266,12 @@ def test_vip_call_becomes_a_to_b_metrics_graph_and_spans(tmp_path: Path) -> None
             await eventually(lambda: latest(rx, sg, client="a", server="b") == 1, "service graph a -> b")
             await eventually(lambda: len(spans(rx)) == 2, "two spans")
             # The server side, named from b-1's own view, with a as its peer; never the VIP.
-            assert latest(rx, "http.server.request.duration", **{"service.name": "b", "peer.service.name": "a"}) == 1
-            assert latest(rx, "http.client.request.duration", **{"service.name": "a", "peer.service.name": "b"}) == 1
-            assert latest(rx, "traces_service_graph_request_client_seconds", client="a", server="b") == 1
-            assert latest(rx, "kscope.tcp.connections", **{"k8s.deployment.name": "a"}) == 1
+            # Each workload's series under its own resource, the peer in data-point attributes.
+            assert latest(rx, "http.server.request.duration", {"service.name": "b"}, **{"service.peer.name": "a"}) == 1
+            assert latest(rx, "http.client.request.duration", {"service.name": "a"}, **{"service.peer.name": "b"}) == 1
+            assert latest(rx, "traces_service_graph_request_client_seconds", {"service.name": "kscope"}, client="a",
+                          server="b") == 1  # fmt: skip
+            assert latest(rx, "kscope.tcp.connections", {"k8s.deployment.name": "a"}) == 1
             assert latest(rx, "kscope.tcp.bytes", **{"network.io.direction": "receive"}) == 450
             assert not any(VIP in str(a) for _, a, _ in points(rx, "kscope.tcp.bytes"))
             # One writer per stream: each node's streams carry that node in the resource.
@@ -460,7 +471,6 @@ def test_headers_are_percent_decoded_and_lowercased() -> None:
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [
-        ([], {}, "no Kubernetes configuration"),
         (["--kubeconfig=k"], {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, "only grpc"),
         (["--kubeconfig=k", "--tls-cert=c"], {}, "--tls-cert and --tls-key"),
         (["--kubeconfig=k", "--interval=0"], {}, "--interval"),
@@ -490,6 +500,49 @@ def test_unreadable_tls_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert m.main(argv, env={"OTEL_EXPORTER_OTLP_INSECURE": "true"}) == 2
     assert "cannot read TLS" in capsys.readouterr().err.strip().splitlines()[-1]
     run(server.close())
+
+
+def _processor(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The installed kscope-processor, outside any cluster unless ``env`` says otherwise."""
+    base = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    base = {k: v for k, v in base.items() if k not in ("KUBERNETES_SERVICE_HOST", "KUBECONFIG")}
+    base |= {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", **(env or {})}
+    cmd = [str(REPO / ".venv" / "bin" / "kscope-processor"), *args]
+    return subprocess.run(cmd, env=base, capture_output=True, text=True, timeout=60)
+
+
+def _exits(proc: subprocess.CompletedProcess[str], code: int, message: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("kscope-processor: error: ")]
+    assert message in line
+
+
+def test_a_bad_setting_exits_2_as_a_subprocess() -> None:
+    _exits(_processor("--kubeconfig=k", "--interval=0"), EXIT_USAGE, "--interval must be > 0")
+
+
+def test_outside_a_cluster_without_kubeconfig_exits_3() -> None:
+    _exits(_processor("--listen=127.0.0.1:0"), EXIT_ENVIRONMENT, "no Kubernetes configuration")
+
+
+def test_in_a_pod_without_its_service_account_exits_3() -> None:
+    assert not Path("/var/run/secrets/kubernetes.io/serviceaccount/token").exists()  # what this test relies on
+    env = {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": "9"}
+    _exits(_processor("--listen=127.0.0.1:0", env=env), EXIT_ENVIRONMENT, "no usable in-cluster service account")
+
+
+@pytest.mark.parametrize("flag", ["--listen=127.0.0.1:{port}", "--metrics-port={port}"])
+def test_an_address_in_use_exits_3(flag: str, tmp_path: Path) -> None:
+    server = FakeApiServer()
+    server.reserve()
+    kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _processor("--listen=127.0.0.1:0", f"--kubeconfig={kubeconfig}", flag.format(port=port))
+    _exits(proc, EXIT_ENVIRONMENT, "cannot listen" if "listen" in flag else "cannot serve metrics")
 
 
 def test_sigterm_shuts_down_cleanly(tmp_path: Path) -> None:

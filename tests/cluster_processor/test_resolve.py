@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cluster_processor.kube.index import KubeIndex
-from cluster_processor.otlp.model import attr, graph_node_name
+from cluster_processor.otlp.model import Side, attr, graph_node_name
+from cluster_processor.otlp.semconv import metric_attributes
 from cluster_processor.resolve import (
     EdgeOptions,
     EndpointKind,
@@ -161,3 +162,58 @@ def test_external_ends_keep_their_address_at_workload_level(index: KubeIndex) ->
     e = edge(resolve_l7(index, "node-2", req), EdgeOptions(pod_level=False))
     assert dict(e.client) == {"client.address": "198.51.100.4"}
     assert graph_node_name(e.client) == "198.51.100.4"
+
+
+# ---- a Service VIP without a NAT answer: its one workload, else the Service --------------------------
+
+
+def add_b_backends(index: KubeIndex, endpoints: list[tuple[str, str]], not_ready: frozenset[str] = frozenset()) -> None:
+    index.apply("ADDED", "EndpointSlice", f.endpoint_slice("b-x", "b", endpoints, uid="es-b", not_ready=not_ready))
+
+
+def test_vip_whose_ready_endpoints_are_one_workload_names_that_workload(index: KubeIndex) -> None:
+    index.apply("ADDED", "Pod", f.pod("b-1", uid="uid-b1", ip="10.1.1.8", owners=[f.owner("StatefulSet", "b", "ss-b")]))
+    add_b_backends(index, [(B_IP, "uid-b0"), ("10.1.1.8", "uid-b1"), ("10.1.0.9", "uid-bare")], frozenset({"10.1.0.9"}))
+    ep = resolve_remote(index, VIP, 80)
+    assert (ep.kind, ep.how, ep.address, ep.port, ep.workload) == (
+        EndpointKind.WORKLOAD, How.SERVICE_WORKLOAD, VIP, 80, ("StatefulSet", "b"))  # fmt: skip
+    assert dict(ep.attributes) == {  # no pod or node: which pod answered is not known
+        "k8s.namespace.name": "default",
+        "k8s.service.name": "b",
+        "k8s.statefulset.name": "b",
+        "service.name": "b",
+        "kscope.peer.resolved_by": "service",
+    }
+    assert ep.observed  # its pods' own agents count its requests, as for a NAT answer
+    # On a client's data points the peer is the workload, and says how it was named.
+    r = resolve_l4(index, NODE, client_flow(nat_remote_ip="", nat_remote_port=0))
+    point = dict(metric_attributes(edge(r, EdgeOptions(pod_level=False)), Side.CLIENT))
+    assert point["peer.service.name"] == "b" and point["kscope.peer.resolved_by"] == "service"
+    assert graph_node_name(edge(r).server) == "b"
+    # A NAT answer still wins: it names the pod that really answered.
+    assert resolve_remote(index, VIP, 80, nat_remote_ip=B_IP, nat_remote_port=8080).how is How.NAT_POD_IP
+
+
+@pytest.mark.parametrize(
+    "endpoints",
+    [
+        [(B_IP, "uid-b0"), ("10.1.0.9", "uid-bare")],  # two workloads behind one VIP
+        [(B_IP, "uid-b0"), ("10.1.5.5", "")],  # an endpoint that is no pod (targetRef a node, or none)
+        [(B_IP, "uid-b0"), ("10.1.5.6", "uid-unlisted")],  # a pod the index does not know yet
+        [],  # no ready endpoint
+    ],
+)
+def test_vip_names_the_service_when_its_backends_are_not_one_known_workload(
+    index: KubeIndex, endpoints: list[tuple[str, str]]
+) -> None:
+    add_b_backends(index, endpoints)
+    ep = resolve_remote(index, VIP, 80)
+    assert (ep.kind, ep.how) == (EndpointKind.SERVICE, How.SERVICE_IP)
+    assert dict(ep.attributes) == {"k8s.namespace.name": "default", "k8s.service.name": "b", "service.name": "b"}
+
+
+def test_one_workload_of_the_same_name_in_two_namespaces_is_two_workloads(index: KubeIndex) -> None:
+    index.apply("ADDED", "Pod", f.pod("b-0", uid="uid-ob0", ip="10.1.9.9", namespace="other",
+                                      owners=[f.owner("StatefulSet", "b", "ss-ob")]))  # fmt: skip
+    add_b_backends(index, [(B_IP, "uid-b0"), ("10.1.9.9", "uid-ob0")])
+    assert resolve_remote(index, VIP, 80).kind is EndpointKind.SERVICE

@@ -6,17 +6,13 @@ before these fixtures are set up.
 
 from __future__ import annotations
 
-import contextlib
-import secrets
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.netns import Recorder, Topology
+from tests.e2e.netns import PodCgroups, Recorder, Topology
 
 
 @pytest.fixture(scope="module")
@@ -51,31 +47,11 @@ def rec(collector: Any, topo: Topology) -> Recorder:
     return r
 
 
-CGROUP2 = Path("/sys/fs/cgroup/unified")
-
-
 @pytest.fixture
 def pod_cgroup() -> Iterator[tuple[Path, str, str]]:
     """A systemd-driver kubelet cgroup for one containerd container: (scope dir, pod uid, container id)."""
-    root = CGROUP2 if (CGROUP2 / "cgroup.procs").exists() else Path("/sys/fs/cgroup")
-    pod_uid, cid = str(uuid.uuid4()), secrets.token_hex(32)
-    slice_ = f"kubepods-burstable-pod{pod_uid.replace('-', '_')}.slice"
-    dirs = [root / "kubepods.slice", root / "kubepods.slice/kubepods-burstable.slice"]
-    dirs += [dirs[-1] / slice_, dirs[-1] / slice_ / f"cri-containerd-{cid}.scope"]
-    created = []
+    cgroups = PodCgroups()
     try:
-        for d in dirs:
-            if not d.exists():
-                d.mkdir()
-                created.append(d)
-        yield dirs[-1], pod_uid, cid
+        yield cgroups.add()
     finally:
-        for d in reversed(created):
-            for _ in range(50):  # the processes in it are being killed by the topology teardown
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-                    break
-                with contextlib.suppress(OSError):
-                    for pid in (d / "cgroup.procs").read_text().split():
-                        (root / "cgroup.procs").write_text(pid)
-                time.sleep(0.05)
+        cgroups.close()

@@ -21,6 +21,19 @@ VIP = "198.19.0.10"
 VIP_PORT, BACKEND_PORT = 80, 8080
 
 
+def attach_pod(node: Netns, pod: Netns, veth: str, ip: str, gw: str) -> None:
+    """``pod``'s eth0 paired with ``veth`` in ``node``: the pod's /32 routed to it on the node, the pod's
+    routes through the node's address ``gw`` (as Calico does)."""
+    run(["ip", "-n", node.name, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", pod.name])
+    node.ip("link", "set", veth, "up")
+    pod.ip("link", "set", "eth0", "up")
+    node.ip("addr", "add", f"{gw}/32", "dev", veth)
+    node.ip("route", "add", f"{ip}/32", "dev", veth)
+    pod.ip("addr", "add", f"{ip}/32", "dev", "eth0")
+    pod.ip("route", "add", gw, "dev", "eth0", "scope", "link")
+    pod.ip("route", "add", "198.18.0.0/15", "via", gw, "dev", "eth0")
+
+
 @dataclass
 class NatTopology(Topology):
     """Reuses :class:`Topology`'s process handling and teardown; ``cli``/``srv`` are the pods."""
@@ -40,18 +53,17 @@ class NatTopology(Topology):
             ns.ip("link", "set", "lo", "up")
         self.node.sysctl("net.ipv4.ip_forward", 1)
         for pod, veth, ip in ((self.cli, "vcpod", CPOD_IP), (self.srv, "vspod", SPOD_IP)):
-            run(["ip", "-n", self.node.name, "link", "add", veth, "type", "veth",
-                 "peer", "name", "eth0", "netns", pod.name])  # fmt: skip
-            self.node.ip("link", "set", veth, "up")
-            pod.ip("link", "set", "eth0", "up")
-            self.node.ip("addr", "add", f"{NODE_GW}/32", "dev", veth)
-            self.node.ip("route", "add", f"{ip}/32", "dev", veth)
-            pod.ip("addr", "add", f"{ip}/32", "dev", "eth0")
-            pod.ip("route", "add", NODE_GW, "dev", "eth0", "scope", "link")
-            pod.ip("route", "add", "198.18.0.0/15", "via", NODE_GW, "dev", "eth0")
+            attach_pod(self.node, pod, veth, ip, NODE_GW)
         return self
 
-    def dnat(self, vip: str = VIP, port: int = VIP_PORT, backend: str = SPOD_IP, to_port: int = BACKEND_PORT) -> None:
+    def dnat(
+        self,
+        vip: str = VIP,
+        port: int = VIP_PORT,
+        backend: str = SPOD_IP,
+        to_port: int = BACKEND_PORT,
+        proto: str = "tcp",
+    ) -> None:
         """What kube-proxy (iptables mode) does for a ClusterIP Service with one endpoint."""
-        self.node.iptables("-t", "nat", "-A", "PREROUTING", "-d", vip, "-p", "tcp", "--dport", str(port),
+        self.node.iptables("-t", "nat", "-A", "PREROUTING", "-d", vip, "-p", proto, "--dport", str(port),
                            "-j", "DNAT", "--to-destination", f"{backend}:{to_port}")  # fmt: skip

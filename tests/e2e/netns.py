@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,10 +222,10 @@ class Topology:
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)  # fmt: skip
         return Peer(proc, label or f"{ns.name}:{args[0]}")
 
-    def wait_listening(self, ns: Netns, port: int, timeout: float = 10) -> None:
+    def wait_listening(self, ns: Netns, port: int, timeout: float = 10, udp: bool = False) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if ns.run("ss", "-Htln", f"sport = :{port}").stdout.strip():
+            if ns.run("ss", "-Huln" if udp else "-Htln", f"sport = :{port}").stdout.strip():
                 return
             time.sleep(0.05)
         raise TimeoutError(f"nothing listens on port {port} in {ns.name}")
@@ -314,3 +315,44 @@ class Recorder:
 
     def of(self, cookie: int) -> list[L4Record]:
         return [r for r in self.records if r.sock_cookie == cookie]
+
+
+CGROUP2 = Path("/sys/fs/cgroup/unified")
+
+
+class PodCgroups:
+    """systemd-driver kubelet cgroups, one containerd container per pod; :meth:`close` removes what
+    it created (moving out any process still inside, as the topology's teardown kills them)."""
+
+    def __init__(self) -> None:
+        self.root = CGROUP2 if (CGROUP2 / "cgroup.procs").exists() else Path("/sys/fs/cgroup")
+        self._created: list[Path] = []
+
+    def add(self) -> tuple[Path, str, str]:
+        """A new pod's container cgroup: (scope dir, pod uid, container id)."""
+        pod_uid, cid = str(uuid.uuid4()), secrets.token_hex(32)
+        slice_ = f"kubepods-burstable-pod{pod_uid.replace('-', '_')}.slice"
+        dirs = [self.root / "kubepods.slice", self.root / "kubepods.slice/kubepods-burstable.slice"]
+        dirs += [dirs[-1] / slice_, dirs[-1] / slice_ / f"cri-containerd-{cid}.scope"]
+        for d in dirs:
+            if not d.exists():
+                d.mkdir()
+                self._created.append(d)
+        return dirs[-1], pod_uid, cid
+
+    @staticmethod
+    def move(scope: Path, pid: int) -> None:
+        """From outside the namespace: inside ``ip netns exec`` /sys is the namespace's (KERNEL.md)."""
+        (scope / "cgroup.procs").write_text(str(pid))
+
+    def close(self) -> None:
+        for d in reversed(self._created):
+            for _ in range(50):  # the processes in it are being killed by the topology teardown
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+                    break
+                with contextlib.suppress(OSError):
+                    for pid in (d / "cgroup.procs").read_text().split():
+                        (self.root / "cgroup.procs").write_text(pid)
+                time.sleep(0.05)
+        self._created.clear()

@@ -11,8 +11,8 @@ from google.protobuf import json_format
 
 from kscope.v1 import flow_pb2 as pb
 from tests.e2e.agentproc import start_kscope
-from tests.e2e.l7trace import SRV_V4, l7peer, start_l7_nginx
-from tests.e2e.netns import Topology
+from tests.e2e.l7trace import l7peer, start_l7_nginx
+from tests.e2e.netns import SRV_V4, Topology
 
 pytestmark = pytest.mark.bpf
 PORT, TLS_PORT, UPSTREAM_PORT = 8080, 8443, 9000

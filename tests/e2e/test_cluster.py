@@ -34,7 +34,7 @@ from tests.cluster_processor.kube.fake_apiserver import FakeApiServer
 from tests.cluster_processor.otlp.receiver import OtlpReceiver
 from tests.cluster_processor.test_main import _kv as kv
 from tests.cluster_processor.test_main import latest, points, spans
-from tests.e2e.nattopo import BACKEND_PORT, VIP_PORT, NatTopology
+from tests.e2e.nattopo import BACKEND_PORT, VIP_PORT, NatTopology, attach_pod
 from tests.e2e.netns import nginx, run
 
 pytestmark = pytest.mark.bpf
@@ -43,6 +43,10 @@ KSCOPE = str(REPO / ".venv" / "bin" / "kscope")
 NODE = "node-1"
 REQUESTS = 5
 SERVER, CLIENT = 2, 3  # SpanKind
+# Each workload's series sit under a resource describing it (written for the node that reported).
+A_RES = {"service.name": "a", "service.namespace": "default", "k8s.namespace.name": "default",
+         "k8s.deployment.name": "a", "k8s.node.name": NODE}  # fmt: skip
+B_RES = {**A_RES, "service.name": "b", "k8s.deployment.name": "b"}
 
 
 @pytest.fixture(autouse=True)
@@ -80,15 +84,7 @@ class ClusterTopology(NatTopology):
             ns.ip("link", "set", "lo", "up")
         self.node.sysctl("net.ipv4.ip_forward", 1)
         for pod, veth, ip in ((self.cli, "vcpod", self.cpod_ip), (self.srv, "vspod", self.spod_ip)):
-            run(["ip", "-n", self.node.name, "link", "add", veth, "type", "veth",
-                 "peer", "name", "eth0", "netns", pod.name])  # fmt: skip
-            self.node.ip("link", "set", veth, "up")
-            pod.ip("link", "set", "eth0", "up")
-            self.node.ip("addr", "add", f"{self.node_gw}/32", "dev", veth)
-            self.node.ip("route", "add", f"{ip}/32", "dev", veth)
-            pod.ip("addr", "add", f"{ip}/32", "dev", "eth0")
-            pod.ip("route", "add", self.node_gw, "dev", "eth0", "scope", "link")
-            pod.ip("route", "add", "198.18.0.0/15", "via", self.node_gw, "dev", "eth0")
+            attach_pod(self.node, pod, veth, ip, self.node_gw)
         self.dnat(self.vip, VIP_PORT, self.spod_ip, BACKEND_PORT)  # kube-proxy: VIP:80 -> b-1:8080
         return self
 
@@ -222,7 +218,7 @@ def dump(rx: OtlpReceiver) -> str:
     names = sorted(set(lines))
     out = [f"metrics: {names}"]
     for name in ("traces_service_graph_request_total", "http.server.request.duration", "kscope.tcp.connections"):
-        out += [f"  {name} {a} = {v}" for _, a, v in points(rx, name)]
+        out += [f"  {name} {r.get('service.name')} {a} = {v}" for r, a, v in points(rx, name)]
     out += [f"  span kind={s.kind} name={s.name} service={r.get('service.name')}" for r, s in spans(rx)]
     return "\n".join(out)
 
@@ -245,8 +241,8 @@ def test_pod_a_calls_service_b_through_its_vip(
 async def check(rx: OtlpReceiver, vip: str, diag: Callable[[], str]) -> None:
     sg = "traces_service_graph_request_total"
     await eventually(lambda: latest(rx, sg, client="a", server="b") == REQUESTS, "service graph a -> b = 5", diag)
-    server_dur = {"service.name": "b", "peer.service.name": "a", "http.route": "/orders/{id}"}
-    await eventually(lambda: latest(rx, "http.server.request.duration", **server_dur) == REQUESTS,
+    server_dur = {"service.peer.name": "a", "http.route": "/orders/{id}"}
+    await eventually(lambda: latest(rx, "http.server.request.duration", B_RES, **server_dur) == REQUESTS,
                      "http.server.request.duration count 5 for b <- a on /orders/{id}", diag)  # fmt: skip
     await eventually(lambda: len([s for r, s in spans(rx) if s.kind == SERVER and r.get("k8s.deployment.name") == "b"])
                      == REQUESTS, "5 SERVER spans of b", diag)  # fmt: skip
@@ -265,25 +261,27 @@ async def check(rx: OtlpReceiver, vip: str, diag: Callable[[], str]) -> None:
     assert namespaces == {("default", "default")}, namespaces
     # b's nginx listened before the agent started: the start-up walk found it, and its accept queue
     # reached the processor as b's, on the port it listens on.
-    b_listen = {"k8s.deployment.name": "b", "server.port": BACKEND_PORT}
-    assert latest(rx, "kscope.tcp.listen.queue.limit", **b_listen) > 0, diag()
+    assert latest(rx, "kscope.tcp.listen.queue.limit", B_RES, **{"server.port": BACKEND_PORT}) > 0, diag()
     assert latest(rx, "traces_service_graph_request_client_seconds", client="a", server="b") == REQUESTS, diag()
     assert latest(rx, "traces_service_graph_request_server_seconds", client="a", server="b") == REQUESTS, diag()
-    assert latest(rx, "http.server.request.duration", **server_dur) == REQUESTS, diag()
+    assert latest(rx, "http.server.request.duration", B_RES, **server_dur) == REQUESTS, diag()
     # The client side of the same calls: the peer is b-1's Deployment on the port that answered
     # (8080), not the Service on its port 80 (the socket only ever knew the VIP).
-    to_b = {"service.name": "a", "peer.service.name": "b", "peer.k8s.deployment.name": "b", "server.port": BACKEND_PORT}
+    to_b = {"service.peer.name": "b", "peer.k8s.deployment.name": "b", "server.port": BACKEND_PORT}
     client_dur = {**to_b, "http.route": "/orders/{id}", "http.response.status_code": 200}
-    assert latest(rx, "http.client.request.duration", **client_dur) == REQUESTS, diag()
+    assert latest(rx, "http.client.request.duration", A_RES, **client_dur) == REQUESTS, diag()
     # L4 for the a -> b edge: one connection per curl, bytes both ways.
-    assert latest(rx, "kscope.tcp.connections", **to_b) == REQUESTS, diag()
-    assert latest(rx, "kscope.tcp.connect.duration", **to_b) == REQUESTS, diag()
-    tx = latest(rx, "kscope.tcp.bytes", **to_b, **{"network.io.direction": "transmit"})
-    rx_bytes = latest(rx, "kscope.tcp.bytes", **to_b, **{"network.io.direction": "receive"})
+    assert latest(rx, "kscope.tcp.connections", A_RES, **to_b) == REQUESTS, diag()
+    assert latest(rx, "kscope.tcp.connect.duration", A_RES, **to_b) == REQUESTS, diag()
+    tx = latest(rx, "kscope.tcp.bytes", A_RES, **to_b, **{"network.io.direction": "transmit"})
+    rx_bytes = latest(rx, "kscope.tcp.bytes", A_RES, **to_b, **{"network.io.direction": "receive"})
     assert tx >= REQUESTS * len("GET /orders/123 HTTP/1.1\r\n") and rx_bytes >= REQUESTS * len("order\n"), diag()
-    a_side = [a for name in ("kscope.tcp.bytes", "kscope.tcp.connections", "http.client.request.duration")
-              for _, a, _ in points(rx, name) if a.get("service.name") == "a"]  # fmt: skip
-    assert a_side and not [a for a in a_side if "peer.k8s.service.name" in a], a_side
+    a_side = [(r, a) for name in ("kscope.tcp.bytes", "kscope.tcp.connections", "http.client.request.duration")
+              for r, a, _ in points(rx, name) if r.get("service.name") == "a"]  # fmt: skip
+    assert a_side and not [a for _, a in a_side if "peer.k8s.service.name" in a], a_side
+    # a's own identity is its resource (with the writer's instance id), never repeated on its points.
+    assert all(r == {**A_RES, "service.instance.id": r["service.instance.id"]} for r, _ in a_side), a_side
+    assert not [a for _, a in a_side if "service.name" in a or "k8s.deployment.name" in a], a_side
     # Spans (the agent sees the whole machine: other tests' traffic is there too, named otherwise):
     # 5 SERVER spans of deployment b (pod b-1) for our route, CLIENT spans of a calling it.
     server_spans = [s for r, s in spans(rx) if s.kind == SERVER and r.get("k8s.deployment.name") == "b"]
@@ -334,18 +332,21 @@ def test_requests_summed_in_the_kernel_count_in_the_metrics(
             assert "Traceback" not in stderr, stderr
             n = completed[0]
             assert n > 50 * rate, f"wrk did only {n} requests"
-            diag = lambda: f"wrk: {n}\nagent stderr:\n{stderr[-3000:]}\n{dump(rx)}"  # noqa: E731
-            server_dur = {"service.name": "b", "peer.service.name": "a", "http.route": "/orders/{id}"}
-            await eventually(lambda: latest(rx, "http.server.request.duration", **server_dur) >= n,
+
+            def diag() -> str:
+                return f"wrk: {n}\nagent stderr:\n{stderr[-3000:]}\n{dump(rx)}"
+
+            server_dur = {"service.peer.name": "a", "http.route": "/orders/{id}"}
+            await eventually(lambda: latest(rx, "http.server.request.duration", B_RES, **server_dur) >= n,
                              f"http.server.request.duration count >= {n}", diag)  # fmt: skip
             await asyncio.sleep(1.5)  # one more processor interval: nothing may arrive late
-            assert n <= latest(rx, "http.server.request.duration", **server_dur) <= n + conns, diag()
+            assert n <= latest(rx, "http.server.request.duration", B_RES, **server_dur) <= n + conns, diag()
             graph = latest(rx, "traces_service_graph_request_total", client="a", server="b")
             assert n <= graph <= n + conns, diag()
             seconds = latest(rx, "traces_service_graph_request_server_seconds", client="a", server="b")
             assert seconds == graph, diag()
-            client_dur = {"service.name": "a", "peer.service.name": "b", "http.route": "/orders/{id}"}
-            assert n <= latest(rx, "http.client.request.duration", **client_dur) <= n + conns, diag()
+            client_dur = {"service.peer.name": "b", "http.route": "/orders/{id}"}
+            assert n <= latest(rx, "http.client.request.duration", A_RES, **client_dur) <= n + conns, diag()
             b_spans = [s for r, s in spans(rx) if s.kind == SERVER and r.get("k8s.deployment.name") == "b"]
             assert 0 < len(b_spans) < n / 10, (len(b_spans), n)  # sampled: the rest were summed
 

@@ -7,6 +7,7 @@ conntrack and ships the backend that really answered with the client's flow.
 from __future__ import annotations
 
 import random
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,10 +38,11 @@ def _nginx(topo: NatTopology, tmp: Path) -> None:
     nginx(topo, tmp, f"listen {SPOD_IP}:{BACKEND_PORT}; location / {{ return 200; }}", (BACKEND_PORT,))
 
 
-def _agent(topo: NatTopology, out: Path, conntrack_netns: str) -> subprocess.Popen[str]:
+def _agent(topo: NatTopology, out: Path, conntrack_netns: str, *extra: str) -> subprocess.Popen[str]:
+    """``kscope run --nat``; ``extra`` replaces the default 4 s duration (then the test stops it)."""
     proc = subprocess.Popen(
         [KSCOPE, "run", "--no-live", "--nat", "--conntrack-netns", conntrack_netns,
-         "--duration", "4", "--interval", "0.5", "--jsonl", str(out)],
+         *(extra or ("--duration", "4")), "--interval", "0.5", "--jsonl", str(out)],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     topo.procs.append(proc)  # killed by the topology's teardown if the test fails first
@@ -51,7 +53,9 @@ def _agent(topo: NatTopology, out: Path, conntrack_netns: str) -> subprocess.Pop
     raise AssertionError(f"agent did not start: exit {proc.wait(10)}")
 
 
-def _finish(proc: subprocess.Popen[str]) -> str:
+def _finish(proc: subprocess.Popen[str], stop: bool = False) -> str:
+    if stop:
+        proc.send_signal(signal.SIGTERM)  # the agent's last interval still reports
     _, rest = proc.communicate(timeout=60)
     assert proc.returncode == 0, rest
     return rest
@@ -123,7 +127,8 @@ def test_missing_conntrack_namespace_degrades_and_l4_still_flows(nat_topo: NatTo
 
 def test_the_dump_decoder_reads_what_the_kernel_holds(nat_topo: NatTopology) -> None:
     """Entries made with the conntrack tool in the node namespace: DNAT'ed TCP (v4, v6, port-only),
-    DNAT'ed UDP and an untranslated TCP entry; the table has exactly the translated TCP ones."""
+    DNAT'ed UDP, DNAT'ed ICMP and an untranslated TCP entry; the table has exactly the translated TCP and UDP
+    ones."""
     from node_exporter.nat.conntrack import ConntrackTable
 
     def insert(*args: str) -> None:
@@ -139,6 +144,8 @@ def test_the_dump_decoder_reads_what_the_kernel_holds(nat_topo: NatTopology) -> 
     insert("-p", "udp", "-s", "198.18.7.5", "-d", "198.19.7.10", "--sport", "5353", "--dport", "53",
            "--dst-nat", "198.18.7.7:5353")  # fmt: skip
     insert("-p", "tcp", "-s", "198.18.7.5", "-d", "198.18.7.9", "--sport", "40003", "--dport", "80", *est)
+    insert("-p", "icmp", "-s", "198.18.7.5", "-d", "198.19.7.12", "--icmp-type", "8", "--icmp-code", "0",
+           "--icmp-id", "77", "--dst-nat", "198.18.7.7")  # fmt: skip
     table = ConntrackTable(nat_topo.node.path)
     table.refresh()
     assert table.available
@@ -146,23 +153,24 @@ def test_the_dump_decoder_reads_what_the_kernel_holds(nat_topo: NatTopology) -> 
         (6, "198.18.7.5", 40000, "198.19.7.10", 80): ("198.18.7.7", 8080),
         (6, "fd00:198:18::5", 40001, "fd00:198:19::a", 80): ("fd00:198:18::7", 8080),
         (6, "198.18.7.5", 40002, "198.19.7.11", 443): ("198.18.7.8", 443),
+        (17, "198.18.7.5", 5353, "198.19.7.10", 53): ("198.18.7.7", 5353),
     }
     c = table.counters()
-    assert c["entries"] == 3 and c["skipped"] == 1  # the UDP one; the untranslated one never left the kernel
+    assert c["entries"] == 4 and c["skipped"] == 1  # the ICMP one; the untranslated one never left the kernel
 
     # What the agent does: ask about its client sockets only, one GET each, or one dump for many.
     keys = [*table.nat, (6, "198.18.7.5", 40003, "198.18.7.9", 80), (6, "198.18.7.5", 49999, "198.19.7.10", 80)]
-    expected = {**table.nat, keys[3]: None, keys[4]: None}
-    for get_limit, gets, dumps in ((16, 5, 0), (2, 0, 1)):
+    expected = {**table.nat, keys[4]: None, keys[5]: None}
+    for get_limit, gets, dumps in ((16, 6, 0), (2, 0, 1)):
         agent_side = ConntrackTable(nat_topo.node.path, get_limit=get_limit)
         agent_side.resolve(keys)
         agent_side.resolve(keys)  # known now: nothing is asked twice
         assert {k: agent_side.lookup(k) for k in keys} == expected
         c = agent_side.counters()
-        assert (c["gets"], c["dumps"], c["answers"], c["errors"]) == (gets, dumps, 5, 0)
+        assert (c["gets"], c["dumps"], c["answers"], c["errors"]) == (gets, dumps, 6, 0)
         assert c["gets_missing"] == (1 if gets else 0)  # the untracked tuple; the untranslated one exists
         agent_side.forget(keys[0])
-        assert agent_side.lookup(keys[0]) is None and agent_side.counters()["answers"] == 4
+        assert agent_side.lookup(keys[0]) is None and agent_side.counters()["answers"] == 5
 
 
 def test_gets_past_one_window_pair_every_answer_with_its_key(nat_topo: NatTopology, tmp_path: Path) -> None:
@@ -198,3 +206,62 @@ def test_gets_past_one_window_pair_every_answer_with_its_key(nat_topo: NatTopolo
     assert (c["gets"], c["gets_missing"], c["dumps"], c["answers"]) == (200, 30, 0, 200)
     assert (c["skipped"], c["errors"]) == (0, 0)
     assert table.refresh() and table.nat == {k: v for k, v in expected.items() if v is not None}  # the dump agrees
+
+
+def test_sockets_whose_syns_were_dropped_are_resolved_once_connected(nat_topo: NatTopology, tmp_path: Path) -> None:
+    """Loss on the way to a VIP's backend: the node drops the first two SYNs of every connection (two
+    nth counters after the DNAT, in FORWARD; connections one after another, so every one of them loses
+    exactly its first two). conntrack confirms an entry only once a SYN leaves the node, so while the
+    socket retransmits a GET finds nothing: that must not be kept as the socket's answer."""
+    nat_topo.dnat()
+    _nginx(nat_topo, tmp_path / "nginx")
+    syn = ("-p", "tcp", "--syn", "-d", SPOD_IP, "--dport", str(BACKEND_PORT), "-m", "statistic", "--mode", "nth")
+    nat_topo.node.iptables("-A", "FORWARD", *syn, "--every", "3", "--packet", "0", "-j", "DROP")
+    nat_topo.node.iptables("-A", "FORWARD", *syn, "--every", "2", "--packet", "0", "-j", "DROP")
+    out = tmp_path / "flows.jsonl"
+    # only the client pod's sockets: the counters below are this test's alone on a shared machine
+    agent = _agent(nat_topo, out, nat_topo.node.path, "--sweep-interval", "0.5", "--netns-inode", str(nat_topo.cli.ino))
+    ports = [int(_curl(nat_topo, f"http://{VIP}:{VIP_PORT}/")) for _ in range(3)]  # ~3 s each (SYN at 0, 1, 3 s)
+    _finish(agent, stop=True)
+    flows, stats = _flows(out)
+    for port in ports:
+        client = [f for f in flows if f.role == pb.ROLE_CLIENT and (f.local_ip, f.local_port) == (CPOD_IP, port)]
+        assert client and client[-1].kind == pb.RECORD_KIND_CLOSE, client
+        assert client[-1].total.syn_retransmits == 2  # the loss happened as planned
+        # a record while still connecting has no answer yet; every one after it names the backend
+        connected = [f for f in client if f.tcp_state != "SYN_SENT"]
+        assert connected and all((f.nat_remote_ip, f.nat_remote_port) == (SPOD_IP, BACKEND_PORT) for f in connected)
+    c = stats.counters
+    assert c["nat_missing_pending"] >= 1 and c["nat_retries"] >= 1, c  # asked again, counted
+    assert c["nat_missing_given_up"] == 0 and c["nat_errors"] == 0
+
+
+def _dnsmasq_behind_vip(topo: NatTopology, tmp: Path) -> None:
+    """dnsmasq in the server pod answering *.ok.test, behind a kube-dns-like UDP VIP:53."""
+    topo.dnat(port=53, to_port=53, proto="udp")
+    topo.spawn(topo.srv, "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+               f"--listen-address={SPOD_IP}", "--bind-interfaces", "--address=/ok.test/198.18.5.5",
+               f"--pid-file={tmp}/dnsmasq.pid")  # fmt: skip
+    topo.wait_listening(topo.srv, 53, udp=True)
+
+
+def test_dns_through_a_udp_vip_names_the_backend(nat_topo: NatTopology, tmp_path: Path) -> None:
+    """dig in the client pod asks a kube-dns-like UDP VIP that the node DNATs to dnsmasq in the other pod:
+    the client side's DNS records carry the backend that answered, as TCP flows do."""
+    _dnsmasq_behind_vip(nat_topo, tmp_path)
+    out = tmp_path / "flows.jsonl"
+    agent = _agent(nat_topo, out, nat_topo.node.path, "--l7", "--netns-inode", str(nat_topo.cli.ino))  # the client pod
+    names = [f"n{i}.ok.test" for i in range(3)]
+    for name in names:
+        r = nat_topo.cli.run("dig", "+tries=1", "+time=3", f"@{VIP}", name, "A")
+        assert "status: NOERROR" in r.stdout, r.stdout
+    _finish(agent, stop=True)
+    records = [json_format.Parse(line, pb.NodeRecord()) for line in out.read_text().splitlines()]
+    dns = [r.l7 for r in records if r.WhichOneof("record") == "l7" and r.l7.protocol == "dns"]
+    assert {q.side for q in dns} == {pb.ROLE_CLIENT} and {q.local_ip for q in dns} == {CPOD_IP}, dns
+    assert sorted(q.dns.question_name for q in dns) == names, dns
+    for q in dns:  # the socket knows only the VIP; conntrack knows who answered
+        assert (q.remote_ip, q.remote_port) == (VIP, 53)
+        assert (q.nat_remote_ip, q.nat_remote_port) == (SPOD_IP, 53)
+    c = records[-1].stats.counters
+    assert c["nat_gets"] >= len(names) and c["nat_errors"] == 0

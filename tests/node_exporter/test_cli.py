@@ -15,6 +15,7 @@ import pytest
 from google.protobuf import json_format
 
 from kscope.v1 import flow_pb2 as pb
+from kscope_common.cli import EXIT_ENVIRONMENT, EXIT_USAGE
 
 REPO = Path(__file__).resolve().parents[2]
 KSCOPE = str(REPO / ".venv" / "bin" / "kscope")
@@ -31,28 +32,54 @@ def _records(path: Path) -> list[pb.NodeRecord]:
     return out
 
 
-def _clear_error(proc: subprocess.CompletedProcess[str], needle: str) -> None:
-    assert proc.returncode == 2, proc.stderr
+def _clear_error(proc: subprocess.CompletedProcess[str], needle: str, code: int = EXIT_USAGE) -> None:
+    assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr
     assert needle in proc.stderr
 
 
-def test_missing_object_dir_is_a_clear_error(tmp_path: Path) -> None:
-    _clear_error(_run("run", "--no-live", "--duration", "1", "--bpf-dir", str(tmp_path)), "does not exist")
+def _environment_error(proc: subprocess.CompletedProcess[str], needle: str) -> None:
+    """Exit 3, not argparse's 2, and the reason on the one line the CLI prints."""
+    _clear_error(proc, needle, EXIT_ENVIRONMENT)
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("kscope: error:")]
+    assert needle in line
 
 
-def test_no_btf_is_a_clear_error() -> None:
+def test_missing_object_dir_is_an_environment_error(tmp_path: Path) -> None:
+    _environment_error(_run("run", "--no-live", "--duration", "1", "--bpf-dir", str(tmp_path)), "does not exist")
+
+
+def test_no_btf_is_an_environment_error() -> None:
     env = dict(os.environ, KSCOPE_VMLINUX_BTF="/nonexistent/vmlinux")
-    _clear_error(_run("run", "--no-live", "--duration", "1", env=env), "kernel BTF not found")
+    _environment_error(_run("run", "--no-live", "--duration", "1", env=env), "kernel BTF not found")
 
 
-def test_not_root_is_a_clear_error() -> None:
+def test_not_root_is_an_environment_error() -> None:
     proc = subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
          KSCOPE, "run", "--no-live", "--duration", "1"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    _clear_error(proc, "kscope needs root")
+    _environment_error(proc, "kscope needs root")
+
+
+def test_root_without_cap_net_admin_is_an_environment_error_naming_it() -> None:
+    """Root, but one capability the probes need dropped from every set: the agent names that one."""
+    proc = subprocess.run(
+        ["capsh", "--drop=cap_net_admin", "--", "-c", f"{KSCOPE} run --no-live --duration 1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    _environment_error(proc, "the capabilities CAP_NET_ADMIN (running as uid 0)")
+
+
+@pytest.mark.bpf
+def test_metrics_port_in_use_is_an_environment_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _run("run", "--no-live", "--duration", "5", "--metrics-port", str(port))
+    _environment_error(proc, f"cannot serve self-metrics on 127.0.0.1:{port}")
 
 
 def test_bad_interval_is_a_clear_error() -> None:
@@ -111,7 +138,7 @@ def test_run_writes_jsonl_records_with_exact_bytes(tmp_path: Path) -> None:
 
 
 def _bpf_prog_ids_of(pid: int) -> set[int]:
-    ids = set()
+    ids: set[int] = set()
     for fd in os.listdir(f"/proc/{pid}/fdinfo"):
         try:
             info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()

@@ -172,27 +172,76 @@ def _openssl(*args: str | Path) -> None:
 
 def _ca(d: Path, name: str) -> tuple[Path, Path]:
     cert, key = d / f"{name}.crt", d / f"{name}.key"
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", key, "-out", cert, "-days", "2", "-subj", f"/CN={name}",
-             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        key,
+        "-out",
+        cert,
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
     return cert, key
 
 
 def _leaf(d: Path, name: str, ca: tuple[Path, Path], ext: str) -> tuple[Path, Path]:
     cert, key, csr, extfile = d / f"{name}.crt", d / f"{name}.key", d / f"{name}.csr", d / f"{name}.ext"
     extfile.write_text(ext)
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", key, "-out", csr, "-subj", f"/CN={name}")
-    _openssl("x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial",
-             "-out", cert, "-days", "2", "-extfile", extfile)
+    _openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        key,
+        "-out",
+        csr,
+        "-subj",
+        f"/CN={name}",
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        csr,
+        "-CA",
+        ca[0],
+        "-CAkey",
+        ca[1],
+        "-CAcreateserial",
+        "-out",
+        cert,
+        "-days",
+        "2",
+        "-extfile",
+        extfile,
+    )
     return cert, key
 
 
 def make_certs(d: Path) -> Certs:
     ca = _ca(d, "kscope-test-ca")
     other = _ca(d, "other-ca")
-    server = _leaf(d, "processor", ca, "subjectAltName=DNS:processor.kscope.test,DNS:localhost,IP:127.0.0.1\n"
-                                       "extendedKeyUsage=serverAuth\n")
+    server = _leaf(
+        d,
+        "processor",
+        ca,
+        "subjectAltName=DNS:processor.kscope.test,DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
     client = _leaf(d, "agent", ca, "extendedKeyUsage=clientAuth\n")
     stranger = _leaf(d, "stranger", other, "extendedKeyUsage=clientAuth\n")
     return Certs(ca[0], server[0], server[1], client[0], client[1], other[0], stranger[0], stranger[1])

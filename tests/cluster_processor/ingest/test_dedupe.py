@@ -61,7 +61,7 @@ def test_bad_bounds_are_refused() -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=200), max_size=300))
 def test_matches_a_set_within_the_window(seqs: list[int]) -> None:
-    s, taken = SeenBatches(window=32), set()
+    s, taken = SeenBatches(window=32), set[int]()
     for seq in seqs:
         assert s.seen(fb(seq)) == (seq in taken and max(taken) - seq < 32)
         s.taken(fb(seq))

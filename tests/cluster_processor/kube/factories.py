@@ -112,7 +112,9 @@ def endpoint_slice(
     *,
     namespace: str = "default",
     uid: str | None = None,
+    not_ready: frozenset[str] | set[str] = frozenset(),
 ) -> dict[str, Any]:
+    """``not_ready``: addresses whose endpoint has conditions.ready false."""
     return {
         "metadata": {
             "name": name,
@@ -124,7 +126,7 @@ def endpoint_slice(
         "endpoints": [
             {
                 "addresses": [address],
-                "conditions": {"ready": True},
+                "conditions": {"ready": address not in not_ready},
                 "targetRef": {"kind": "Pod", "name": f"pod-{i}", "namespace": namespace, "uid": pod_uid},
             }
             for i, (address, pod_uid) in enumerate(endpoints)

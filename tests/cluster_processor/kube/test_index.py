@@ -185,13 +185,25 @@ def test_services_endpoint_slices_and_nodes() -> None:
     idx.apply("ADDED", "EndpointSlice", f.endpoint_slice("db-1", "db", [("10.0.0.10", "p0")], uid="es1"))
     assert idx.service_by_cluster_ip("10.96.0.20").name == "db"  # type: ignore[union-attr]
     assert idx.service_by_name("default", "db").uid == "s1"  # type: ignore[union-attr]
-    assert idx.endpoints_of_service("default", "db") == (("10.0.0.10", "p0"),)
-    assert [s.name for s in idx.services_of_pod("p0")] == ["db"]
-    # A slice update replaces its endpoints; a delete is immediate (no stale backends).
-    idx.apply("MODIFIED", "EndpointSlice", f.endpoint_slice("db-1", "db", [("10.0.0.11", "p1")], uid="es1"))
-    assert idx.services_of_pod("p0") == ()
+    svc = idx.service_by_name("default", "db")
+    assert svc is not None
+
+    def backends() -> list[str] | None:
+        pods = idx.ready_backends(svc)
+        return None if pods is None else [p.uid for p in pods]
+
+    assert backends() == ["p0"]
+    # A slice update replaces its endpoints; a not-ready endpoint is no backend.
+    idx.apply("ADDED", "Pod", f.pod("db-1", uid="p1", ip="10.0.0.11"))
+    two = [("10.0.0.10", "p0"), ("10.0.0.11", "p1")]
+    idx.apply("MODIFIED", "EndpointSlice", f.endpoint_slice("db-1", "db", two, uid="es1", not_ready={"10.0.0.10"}))
+    assert backends() == ["p1"]
+    # A ready endpoint whose pod is not known (not listed yet, or no pod at all): backends unknown.
+    idx.apply("MODIFIED", "EndpointSlice", f.endpoint_slice("db-1", "db", [*two, ("10.0.0.12", "p2")], uid="es1"))
+    assert backends() is None
+    # A delete is immediate (no stale backends).
     idx.apply("DELETED", "EndpointSlice", f.endpoint_slice("db-1", "db", [], uid="es1"))
-    assert idx.endpoints_of_service("default", "db") == ()
+    assert backends() is None
     # A Service VIP survives its delete for the grace, unless a new Service takes it.
     idx.apply("DELETED", "Service", f.service("db", uid="s1", cluster_ips=["10.96.0.20"]))
     idx.apply("ADDED", "Service", f.service("db2", uid="s2", cluster_ips=["10.96.0.20"]))

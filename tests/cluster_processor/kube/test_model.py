@@ -72,6 +72,12 @@ def test_endpoint_slice_maps_addresses_to_pod_uids() -> None:
     assert es.endpoints == (("10.0.0.1", "u1"), ("10.0.0.2", "u2"), ("10.0.0.3", ""))
 
 
+def test_endpoint_slice_keeps_ready_endpoints_only() -> None:
+    raw = f.endpoint_slice("db-abc", "db", [("10.0.0.1", "u1"), ("10.0.0.2", "u2")], not_ready={"10.0.0.2"})
+    del raw["endpoints"][0]["conditions"]  # unknown readiness: the API asks consumers to read it as ready
+    assert model.endpoint_slice_from_api(raw).endpoints == (("10.0.0.1", "u1"),)
+
+
 def test_node_addresses_and_workload_owner() -> None:
     node = model.node_from_api(f.node("n1", internal="192.168.1.10", external="203.0.113.5"))
     assert (node.internal_ips, node.external_ips) == (("192.168.1.10",), ("203.0.113.5",))

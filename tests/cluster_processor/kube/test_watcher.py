@@ -89,7 +89,8 @@ def test_initial_list_populates_every_kind(tmp_path: Path) -> None:
             pod = index.pod_by_ip("10.0.0.3")
             assert pod is not None and index.workload_of(pod) == ("Deployment", "web")
             assert index.service_by_cluster_ip("10.96.0.1") is not None
-            assert [s.name for s in index.services_of_pod("p0")] == ["web"]
+            svc = index.service_by_cluster_ip("10.96.0.1")
+            assert svc is not None and [p.uid for p in index.ready_backends(svc) or ()] == ["p0"]
             assert index.node_by_ip("192.168.1.10") is not None
             assert index.sizes()["workloads"] == 6
             pod_lists = server.list_requests("Pod")

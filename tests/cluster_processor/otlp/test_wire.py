@@ -257,7 +257,7 @@ def random_span(r: random.Random) -> SpanRecord:
                    + "-00", "garbage"])  # fmt: skip
     ctx = span_context(tp, r.choice(["", "vendor=1"]), rng=r)
     extra: list[tuple[str, AttrValue]] = r.choice([[], [("url.path", "/a/1")], [("url.path", "/b"), ("x", 1.5)],
-                                                   [("peer.service.name", "override")]])  # fmt: skip
+                                                   [("service.peer.name", "override")]])  # fmt: skip
     start = r.choice([0, T0, T0 + 5])
     side = r.choice([Side.CLIENT, Side.SERVER])
     method, route = r.choice(["", "GET", "PROPFIND", "A"]), r.choice(["", "/a/{id}"])
@@ -278,7 +278,7 @@ def test_span_bytes_equal_the_field_by_field_span(seed: int) -> None:
     # Byte for byte what the generated classes write: the exporter sends these bytes as they are.
     assert encoded.data == req.SerializeToString()
     got = [sp for rs in req.resource_spans for ss in rs.scope_spans for sp in ss.spans]
-    by_resource = {}
+    by_resource: dict[Attrs, list[trace_pb2.Span]] = {}
     for s in records:
         by_resource.setdefault(semconv.span_resource(s.edge.of(s.side), "node-a"), []).append(ref_span(s))
     assert [tuple(f.key for f in rs.resource.attributes) for rs in req.resource_spans] == [

@@ -42,7 +42,7 @@ def test_struct_layout_matches_btf(btf_of: dict[str, Btf], struct_name: str) -> 
         field = getattr(mirror, m.name)
         assert field.offset == m.offset_bytes, m.name
         assert field.size == m.size_bytes, m.name
-        ctype = dict(mirror._fields_)[m.name]
+        ctype = {f[0]: f[1] for f in mirror._fields_}[m.name]
         assert m.array_len == getattr(ctype, "_length_", 0), m.name
 
 

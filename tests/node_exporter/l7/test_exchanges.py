@@ -18,7 +18,7 @@ from node_exporter.l7.exchanges import (
     ExchangeBatch,
     HeadParser,
 )
-from node_exporter.l7.pipeline import MAX_EXCHANGE_CONNS, L7Pipeline
+from node_exporter.l7.pipeline import MAX_EXCHANGE_CONNS, L7Event, L7Pipeline
 from node_exporter.protocols import HttpRecord
 from node_exporter.protocols import Role as PRole
 from node_exporter.protocols.base import ParseState
@@ -52,12 +52,17 @@ def exchange_bytes(
     return bytes(x)
 
 
+def http(event: L7Event) -> HttpRecord:
+    assert isinstance(event.record, HttpRecord)
+    return event.record
+
+
 def test_exchange_format_matches_mirror() -> None:
     assert EXCHANGE_SIZE == ctypes.sizeof(KscopeL7Exchange) == 504
     assert EXCHANGE.size == HEAD_OFFSET == EXCHANGE_SIZE - L7_HEAD
     raw = exchange_bytes(GET, status=404, latency=7, resp_bytes=3)
     fields = EXCHANGE.unpack_from(raw)
-    names = [n for n, _ in KscopeL7Exchange._fields_ if n not in ("_pad", "head")]
+    names = [f[0] for f in KscopeL7Exchange._fields_ if f[0] not in ("_pad", "head")]
     got = dict(zip(names, fields, strict=True))
     assert (got["type"], got["status"], got["latency_ns"], got["response_bytes"]) == (3, 404, 7, 3)
     assert (got["sport"], got["dport"], got["family"], got["head_len"]) == (40000, 80, 2, len(GET))
@@ -196,7 +201,7 @@ def test_pipeline_reuses_conn_info_until_close() -> None:
     pipe = L7Pipeline()
     a, b = pipe.feed([ExchangeBatch.of([exchange_bytes(GET), exchange_bytes(TRACED)])])
     assert a.conn is b.conn
-    assert b.record.traceparent == TRACEPARENT and b.record.request_id == "AbC-123"
+    assert http(b).traceparent == TRACEPARENT and http(b).request_id == "AbC-123"
     pipe.close_sockets([7])
     (c,) = pipe.feed([ExchangeBatch.of([exchange_bytes(GET)])])
     assert c.conn is not a.conn and c.conn == a.conn
@@ -221,7 +226,7 @@ def test_pipeline_forgets_a_socket_with_its_last_record() -> None:
     pipe = L7Pipeline()
     close = L7Emit.KSCOPE_EMIT_CLOSE
     events = pipe.feed([ExchangeBatch.of([exchange_bytes(GET, cookie=c, reason=close) for c in range(1, 1001)])])
-    assert len(events) == 1000 and {e.record.path for e in events} == {"/users/42/orders"}
+    assert len(events) == 1000 and {http(e).path for e in events} == {"/users/42/orders"}
     assert pipe.counters()["exchange_sockets_remembered"] == 0
     # a socket known from earlier records is forgotten with its last one too
     pipe.feed([ExchangeBatch.of([exchange_bytes(GET, cookie=c) for c in (7, 8)])])
@@ -238,6 +243,6 @@ def test_pipeline_skips_discarded_slots_and_counts_bad_types() -> None:
     batch = ExchangeBatch(ring_slot.data + discarded + wrong_type, 3)
     pipe = L7Pipeline()
     (e,) = pipe.feed([batch])
-    assert e.record.path == "/users/42/orders"
+    assert http(e).path == "/users/42/orders"
     counters = pipe.counters()
     assert (counters["exchange_records"], counters["exchange_bad_type"]) == (1, 1)

@@ -135,10 +135,10 @@ def test_udp_dns_pairs_per_peer_and_times_out() -> None:
     dns = dict(protocol=L7Protocol.KSCOPE_PROTO_DNS, ip_proto=17, dport=53)
     events = pipe.feed(
         _chunks(
-            chunk_bytes(_dns(1, b"ok.test"), ts=10, **dns),  # type: ignore[arg-type]
-            chunk_bytes(_dns(1, b"ok.test", answers=1, response=True), direction=INGRESS, ts=30, **dns),  # type: ignore[arg-type]
-            chunk_bytes(_dns(2, b"nx.test", rcode=3, response=True), direction=INGRESS, ts=40, **dns),  # type: ignore[arg-type]
-            chunk_bytes(_dns(3, b"lost.test"), ts=50, **dns),  # type: ignore[arg-type]
+            chunk_bytes(_dns(1, b"ok.test"), ts=10, **dns),
+            chunk_bytes(_dns(1, b"ok.test", answers=1, response=True), direction=INGRESS, ts=30, **dns),
+            chunk_bytes(_dns(2, b"nx.test", rcode=3, response=True), direction=INGRESS, ts=40, **dns),
+            chunk_bytes(_dns(3, b"lost.test"), ts=50, **dns),
         )
     )
     assert [(e.record.name, e.record.rcode, e.record.answers) for e in events] == [("ok.test", "NOERROR", 1)]  # type: ignore[union-attr]

@@ -1,4 +1,4 @@
-"""The conntrack index on constructed entries, the ctnetlink dump decoder on constructed messages, the
+"""The conntrack index on constructed entries, the ctnetlink decoders (ctnetlink.py) on constructed messages, the
 degraded mode without conntrack, and malformed GET answers through the table's real socket loop."""
 
 from __future__ import annotations
@@ -8,27 +8,25 @@ import errno
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node_exporter.nat.conntrack import (
+from node_exporter.nat.conntrack import MALFORMED_TRIES, ConntrackTable, FlowKey
+from node_exporter.nat.ctnetlink import (
     CTA_STATUS,
     CTA_TUPLE_IP,
     CTA_TUPLE_ORIG,
     CTA_TUPLE_PROTO,
     CTA_TUPLE_REPLY,
-    MALFORMED_TRIES,
     NLM_F_DUMP,
     NLMSG_DONE,
     NLMSG_ERROR,
     ConntrackDumpError,
-    ConntrackTable,
     CtEntry,
     CtTuple,
-    FlowKey,
     dump_request,
     get_request,
     index_entries,
@@ -158,15 +156,18 @@ def icmp_message(seq: int = 7) -> bytes:
     return message(nest(CTA_TUPLE_ORIG, ip, icmp) + nest(CTA_TUPLE_REPLY, ip, icmp), seq)
 
 
+UDP = CtEntry(CtTuple(17, CLIENT, 5353, VIP, 53), CtTuple(17, BACKEND, 5353, CLIENT, 5353))
+SCTP = CtEntry(CtTuple(132, CLIENT, 5000, VIP, 80), CtTuple(132, BACKEND, 8080, CLIENT, 5000))
+
+
 def test_other_protocols_and_sequences_are_skipped_broken_messages_malformed() -> None:
-    udp = CtEntry(CtTuple(17, CLIENT, 5353, VIP, 53), CtTuple(17, BACKEND, 5353, CLIENT, 5353))
     no_ports = message(nest(CTA_TUPLE_ORIG, nest(CTA_TUPLE_IP, nla(1, bytes(4)), nla(2, bytes(4)))))
     bad_nla = message(struct.pack("=HH", 200, CTA_TUPLE_ORIG) + bytes(8))
     no_reply = message(tuple_attr(CTA_TUPLE_ORIG, dnat(3).orig))
-    not_ours = entry_message(udp) + icmp_message() + entry_message(dnat(1), seq=6)
-    buf = not_ours + no_ports + bad_nla + no_reply + entry_message(dnat(2))
+    not_ours = entry_message(SCTP) + icmp_message() + entry_message(dnat(1), seq=6)
+    buf = entry_message(UDP) + not_ours + no_ports + bad_nla + no_reply + entry_message(dnat(2))
     # a broken message may be an entry of ours: malformed, not skipped like the ones that are not ours
-    assert parse_dump(buf, seq=7) == ([dnat(2)], False, 3, 3)
+    assert parse_dump(buf, seq=7) == ([UDP, dnat(2)], False, 3, 3)  # TCP and UDP are ours
 
 
 def test_a_truncated_message_stops_the_batch() -> None:
@@ -217,9 +218,9 @@ MALFORMED: dict[str, Callable[[int], bytes]] = {
 
 
 def test_replies_pair_with_their_requests_by_sequence() -> None:
-    udp = CtEntry(CtTuple(17, CLIENT, 5353, VIP, 53), CtTuple(17, BACKEND, 5353, CLIENT, 5353))
-    buf = entry_message(dnat(40000), seq=8) + error_message(9, errno.ENOENT) + entry_message(udp, seq=10)
-    assert parse_replies(buf) == [(8, dnat(40000)), (9, errno.ENOENT), (10, None)]
+    buf = entry_message(dnat(40000), seq=8) + error_message(9, errno.ENOENT) + entry_message(SCTP, seq=10)
+    assert parse_replies(buf + entry_message(UDP, seq=12)) == [(8, dnat(40000)), (9, errno.ENOENT), (10, None),
+                                                               (12, UDP)]  # fmt: skip
     # a truncated answer (its header says more than the datagram holds) still names its request
     assert parse_replies(buf + entry_message(dnat(1), seq=11)[:-3])[3:] == [(11, None)]
 
@@ -291,8 +292,9 @@ class FakeConntrack:
 
 
 def dnat_answer(key: FlowKey, backend: tuple[str, int]) -> Callable[[int], bytes]:
-    _, src, sport, dst, dport = key
-    return lambda seq: entry_message(CtEntry(CtTuple(6, src, sport, dst, dport), CtTuple(6, *backend, src, sport)), seq)
+    proto, src, sport, dst, dport = key
+    orig, reply = CtTuple(proto, src, sport, dst, dport), CtTuple(proto, *backend, src, sport)
+    return lambda seq: entry_message(CtEntry(orig, reply), seq)
 
 
 def plain_answer(key: FlowKey) -> Callable[[int], bytes]:
@@ -304,19 +306,6 @@ def plain_answer(key: FlowKey) -> Callable[[int], bytes]:
 
 def done(seq: int) -> bytes:
     return struct.pack("=IHHII", 20, NLMSG_DONE, 2, seq, 0) + bytes(4)
-
-
-@pytest.fixture
-def fake_conntrack() -> Iterator[Callable[[Script], FakeConntrack]]:
-    fakes: list[FakeConntrack] = []
-
-    def make(script: Script) -> FakeConntrack:
-        fakes.append(FakeConntrack(script))
-        return fakes[-1]
-
-    yield make
-    for f in fakes:
-        f.join()
 
 
 def test_malformed_answers_are_asked_again_then_given_up_on(fake_conntrack: Callable[[Script], FakeConntrack]) -> None:

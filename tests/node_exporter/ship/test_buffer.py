@@ -55,8 +55,10 @@ def test_a_large_batch_is_split_in_order_with_the_envelope_on_every_part() -> No
     b = batch(5, 4, stats=pb.AgentStats(counters={"x": 1}))
     parts = split_batch(b, 4)
     assert [(len(p.l4), len(p.l7)) for p in parts] == [(4, 0), (1, 3), (0, 1)]
-    assert all((p.schema_version, p.node_name, p.time_unix_nano) ==
-               (b.schema_version, b.node_name, b.time_unix_nano) for p in parts)
+    assert all(
+        (p.schema_version, p.node_name, p.time_unix_nano) == (b.schema_version, b.node_name, b.time_unix_nano)
+        for p in parts
+    )
     assert [p.HasField("stats") for p in parts] == [True, False, False]
     assert [r for p in parts for r in p.l4] == list(b.l4)
     assert [r for p in parts for r in p.l7] == list(b.l7)

@@ -113,8 +113,9 @@ def test_without_gzip_the_wire_carries_the_full_bytes(loop_thread: LoopThread, s
     assert proxy.client_bytes > b.ByteSize()
 
 
-def test_wrong_schema_version_is_dropped_at_once_without_retry(loop_thread: LoopThread,
-                                                               shippers: list[FlowShipper]) -> None:
+def test_wrong_schema_version_is_dropped_at_once_without_retry(
+    loop_thread: LoopThread, shippers: list[FlowShipper]
+) -> None:
     sink = RecordingSink()
     with loop_thread.serving(sink, config()) as server:
         s = shipper(shippers, ship_config(server.port))
@@ -128,8 +129,9 @@ def test_wrong_schema_version_is_dropped_at_once_without_retry(loop_thread: Loop
     assert sink.records == 2
 
 
-def test_oversized_message_is_resource_exhausted_and_not_retried(loop_thread: LoopThread,
-                                                                 shippers: list[FlowShipper]) -> None:
+def test_oversized_message_is_resource_exhausted_and_not_retried(
+    loop_thread: LoopThread, shippers: list[FlowShipper]
+) -> None:
     sink = RecordingSink()
     with loop_thread.serving(sink, config(max_message_bytes=64 * 1024)) as server:
         s = shipper(shippers, ship_config(server.port))
@@ -142,8 +144,9 @@ def test_oversized_message_is_resource_exhausted_and_not_retried(loop_thread: Lo
     assert sink.batches == []
 
 
-def test_a_batch_over_the_record_limit_is_split_and_delivered(loop_thread: LoopThread,
-                                                              shippers: list[FlowShipper]) -> None:
+def test_a_batch_over_the_record_limit_is_split_and_delivered(
+    loop_thread: LoopThread, shippers: list[FlowShipper]
+) -> None:
     sink = RecordingSink()
     with loop_thread.serving(sink, config(limits=Limits(max_records=1000))) as server:
         s = shipper(shippers, ship_config(server.port, max_records_per_batch=1000))
@@ -189,7 +192,8 @@ def test_server_restart_mid_stream_resumes_delivery(loop_thread: LoopThread, shi
 
 
 def test_a_batch_is_dropped_when_its_deadline_passes_and_later_ones_get_through(
-        loop_thread: LoopThread, shippers: list[FlowShipper]) -> None:
+    loop_thread: LoopThread, shippers: list[FlowShipper]
+) -> None:
     port = free_port()
     sink = RecordingSink()
     s = shipper(shippers, ship_config(port, batch_deadline_s=0.4))
@@ -206,7 +210,8 @@ def test_a_batch_is_dropped_when_its_deadline_passes_and_later_ones_get_through(
 
 
 def test_full_server_queue_pushes_back_and_the_client_delivers_later(
-        loop_thread: LoopThread, shippers: list[FlowShipper]) -> None:
+    loop_thread: LoopThread, shippers: list[FlowShipper]
+) -> None:
     gate = threading.Event()
     sink = RecordingSink(gate)
     with loop_thread.serving(sink, config(queue_batches=1, retry_after_s=0.3)) as server:
@@ -311,12 +316,14 @@ def test_tls_to_the_processor(loop_thread: LoopThread, certs: Certs, shippers: l
     sink = RecordingSink()
     tls = ServerTls(cert_file=certs.server_cert, key_file=certs.server_key)
     with loop_thread.serving(sink, config(tls=tls)) as server:
-        ok = shipper(shippers, ship_config(server.port, tls=ClientTls(ca_file=certs.ca,
-                                                                       server_name="processor.kscope.test")))
+        ok = shipper(
+            shippers, ship_config(server.port, tls=ClientTls(ca_file=certs.ca, server_name="processor.kscope.test"))
+        )
         ok.submit(batch(3))
         assert ok.close(5.0)
-        wrong_ca = shipper(shippers, ship_config(server.port, batch_deadline_s=0.3,
-                                                 tls=ClientTls(ca_file=certs.other_ca)))
+        wrong_ca = shipper(
+            shippers, ship_config(server.port, batch_deadline_s=0.3, tls=ClientTls(ca_file=certs.other_ca))
+        )
         wrong_ca.submit(batch(3))
         eventually(lambda: wrong_ca.counters()["dropped_retry_exhausted"] == 1, "untrusted server: dropped")
     assert ok.counters()["sent_records"] == 3
@@ -324,16 +331,20 @@ def test_tls_to_the_processor(loop_thread: LoopThread, certs: Certs, shippers: l
 
 
 def test_mtls_accepts_the_agent_certificate_and_rejects_a_client_without_one(
-        loop_thread: LoopThread, certs: Certs, shippers: list[FlowShipper]) -> None:
+    loop_thread: LoopThread, certs: Certs, shippers: list[FlowShipper]
+) -> None:
     sink = RecordingSink()
     tls = ServerTls(cert_file=certs.server_cert, key_file=certs.server_key, client_ca_file=certs.ca)
     with loop_thread.serving(sink, config(tls=tls)) as server:
-        agent = shipper(shippers, ship_config(server.port, tls=ClientTls(
-            ca_file=certs.ca, cert_file=certs.client_cert, key_file=certs.client_key)))
+        agent = shipper(
+            shippers,
+            ship_config(
+                server.port, tls=ClientTls(ca_file=certs.ca, cert_file=certs.client_cert, key_file=certs.client_key)
+            ),
+        )
         agent.submit(batch(2))
         assert agent.close(5.0)
-        anonymous = shipper(shippers, ship_config(server.port, batch_deadline_s=0.3,
-                                                  tls=ClientTls(ca_file=certs.ca)))
+        anonymous = shipper(shippers, ship_config(server.port, batch_deadline_s=0.3, tls=ClientTls(ca_file=certs.ca)))
         anonymous.submit(batch(5))
         # A refused handshake is UNAVAILABLE to gRPC: retried until the batch deadline, then dropped.
         eventually(lambda: anonymous.counters()["dropped_retry_exhausted"] == 1, "client without a cert: dropped")

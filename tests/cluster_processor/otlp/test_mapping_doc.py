@@ -1,0 +1,43 @@
+"""docs/otel-mapping.md is checked against the code, not hand-synced: every name it must carry is
+the code's, and the DNS failure rule it states is the one ``semconv`` applies."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from cluster_processor.otlp import encode, model, semconv
+
+DOC = (Path(__file__).resolve().parents[3] / "docs" / "otel-mapping.md").read_text()
+
+
+def test_the_doc_names_what_the_code_emits() -> None:
+    events = [v for k, v in vars(model).items() if k.startswith("EVENT_")]
+    names = [
+        *events,
+        semconv.SERVICE_PEER_NAME,
+        semconv.SERVICE_PEER_NAMESPACE,
+        semconv.DNS_RESPONSE_CODE,
+        semconv.ERROR_TYPE,
+        semconv.OVERFLOW,
+        encode.SERVICE_INSTANCE_ID,
+        encode.LOG_COUNT,
+        encode.LOG_FIRST,
+        encode.LOG_LAST,
+        *model.WORKLOAD_KEYS,
+        semconv.SG_REQUESTS.name.removesuffix("_request_total"),
+    ]
+    assert len(events) == 5
+    missing = [n for n in names if f"`{n}" not in DOC]
+    assert not missing, missing
+
+
+def test_the_doc_states_the_dns_rule_the_code_applies() -> None:
+    row = next(line for line in DOC.splitlines() if line.startswith("| DNS, both sides |"))
+    failed = re.findall(r"`([A-Z]+)`", row)
+    assert failed == ["SERVFAIL", "REFUSED", "FORMERR", "NOTIMP"]
+    assert all(semconv.dns_error_type(code, False) == code.lower() for code in failed)
+    assert semconv.dns_error_type("", True) == "timeout"
+    answered = next(line for line in DOC.splitlines() if line.startswith("| DNS | **not**"))
+    assert re.findall(r"`([A-Z]+)`", answered) == ["NOERROR", "NXDOMAIN"]
+    assert all(semconv.dns_error_type(code, False) == "" for code in ("NOERROR", "NXDOMAIN"))
