@@ -48,6 +48,7 @@ from cluster_processor.otlp.model import (
     EVENT_CONNECT_TIMEOUT,
     EVENT_DNS_ERROR,
     EVENT_HTTP_SERVER_ERROR,
+    EVENT_RPC_SERVER_ERROR,
     EVENT_TCP_RESET,
     HTTP_DURATION_BOUNDS_S,
     SERVICE_GRAPH_BOUNDS_S,
@@ -96,6 +97,7 @@ _PROTOCOL_OF_VALUE: Final = {p.value: p for p in Protocol}
 _SIDE_SERVER: Final = Side.SERVER
 _DNS: Final = Protocol.DNS
 _RPC: Final = Protocol.RPC
+_RPC_SERVER_ERRORS: Final = rpc.SERVER_ERRORS
 _CONNECT_ERRORS: Final = {
     pb.CONNECT_STATUS_REFUSED: "connection_refused",
     pb.CONNECT_STATUS_TIMEOUT: "timeout",
@@ -615,7 +617,9 @@ class Aggregator:
         if summary is None:  # a summary's requests were not picked for spans by the node
             ctx = span_context(traceparent)
             self._span(st, route, side, protocol, q, latency_ns, method, route_name, status, error_type, extra, ctx)
-        if (error_type and protocol is _DNS) or (status is not None and status >= 500):
+        if (error_type and protocol is _DNS) or (
+            status is not None and (status >= 500 or (protocol is _RPC and status in _RPC_SERVER_ERRORS))
+        ):
             self._l7_event(st, route, side, protocol, q, method, route_name, status, error_type, extra, n, ctx)
 
     def _l7_event(
@@ -623,8 +627,9 @@ class Aggregator:
         route_name: str, status: int | None, error_type: str, extra: tuple[tuple[str, AttrValue], ...], n: int,
         ctx: SpanContext | None,
     ) -> None:  # fmt: skip
-        """A failed DNS lookup or a 5xx answer (``n`` of them for a summary), logged from each side that
-        saw it, under the workload edge. The first occurrence's trace, if it had one, is the record's."""
+        """A failed DNS lookup, a 5xx answer or a gRPC code that fails a server (``n`` of them for a
+        summary), logged from each side that saw it, under the workload edge. The first occurrence's
+        trace, if it had one, is the record's."""
         trace = (ctx.trace_id, ctx.span_id) if ctx is not None else (b"", b"")
         e = route.ref.edge
         t = q.start_time_unix_nano
@@ -632,6 +637,13 @@ class Aggregator:
             body = f"DNS {method} {q.dns.question_name}: {error_type}"
             st.logs.add(e, side, t, EVENT_DNS_ERROR, Severity.WARN, body, (*extra, ("error.type", error_type)),
                       trace, n)  # fmt: skip
+            return
+        if protocol is _RPC:
+            code = rpc.code_name(status or 0)
+            # the server's rule for error.type: both sides log what the server failed on
+            attrs = rpc.attributes(Side.SERVER, method, "", status, "")
+            name = dict(attrs)[rpc.RPC_METHOD]  # _OTHER for a method the server does not have
+            st.logs.add(e, side, t, EVENT_RPC_SERVER_ERROR, Severity.WARN, f"gRPC {code} {name}", attrs, trace, n)
             return
         m = semconv.normal_method(method)
         body = f"HTTP {status} {m} {route_name}" if route_name else f"HTTP {status} {m}"

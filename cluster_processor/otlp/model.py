@@ -60,6 +60,7 @@ EVENT_CONNECT_REFUSED: Final = "kscope.tcp.connect.refused"
 EVENT_CONNECT_TIMEOUT: Final = "kscope.tcp.connect.timeout"
 EVENT_DNS_ERROR: Final = "kscope.dns.error"
 EVENT_HTTP_SERVER_ERROR: Final = "kscope.http.server_error"  # 5xx answers
+EVENT_RPC_SERVER_ERROR: Final = "kscope.rpc.server_error"  # gRPC codes that fail a server (otlp/rpc.py)
 
 
 _KEY: Final = operator.itemgetter(0)

@@ -28,6 +28,7 @@ from tests.cluster_processor.test_main import (  # noqa: F401 (autouse fixtures)
     server_batch,
     spans,
 )
+from tests.cluster_processor.test_main_logs import log_records
 
 PING = "/demo.v1.Echo/Ping"
 # (grpc-status, or None for plain HTTP/2 GET /healthz)
@@ -101,5 +102,12 @@ def test_grpc_error_status_is_a_failed_rpc_edge_and_http2_is_http(tmp_path: Path
             assert server_nf.status.code == STATUS_UNSET and by[3, "NOT_FOUND"].status.code == STATUS_ERROR
             assert _attrs(by[2, ""])["network.protocol.version"] == "2"
             assert proc.aggregator.counters()["unknown_protocol"] == 0
+            # the server's failure is an event log record from each side; the caller's mistake is none
+            await eventually(lambda: len(log_records(rx)) == 2, "two event records")
+            assert sorted(
+                (r["service.name"], a["rpc.response.status_code"], a["log_count"])
+                for r, a in log_records(rx)
+                if a.get("rpc.method") == "demo.v1.Echo/Ping"
+            ) == [("a", "INTERNAL", 1), ("b", "INTERNAL", 1)]
 
     run(body())
