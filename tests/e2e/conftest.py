@@ -6,7 +6,7 @@ before these fixtures are set up.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +55,25 @@ def pod_cgroup() -> Iterator[tuple[Path, str, str]]:
         yield cgroups.add()
     finally:
         cgroups.close()
+
+
+@pytest.fixture
+def tracing(topo: Topology) -> Iterator[Callable[..., Any]]:
+    """``tracing(**L7Collector kw)`` starts tracing both namespaces now; closed after the test.
+
+    Without the OpenSSL uprobes unless asked (``tls=True``): only the tests about TLS (and the first,
+    plain one) need them (on kernels < 6.6 detaching them takes ~0.9 s per collector).
+    """
+    from tests.e2e.l7trace import L7Trace
+
+    made: list[L7Trace] = []
+
+    def start(**kw: Any) -> Any:
+        kw.setdefault("tls", False)
+        t = L7Trace((topo.cli, topo.srv), **kw)
+        made.append(t)
+        return t
+
+    yield start
+    for t in made:
+        t.close()

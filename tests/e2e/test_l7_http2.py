@@ -12,7 +12,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +28,6 @@ pytestmark = pytest.mark.bpf
 
 GRPC_PORT, H2_PORT, H2_TLS_PORT = 50051, 8080, 8443
 GRPC_PEER = Path(__file__).with_name("grpcpeer.py")
-
-
-@pytest.fixture
-def tracing(topo: Topology) -> Iterator[Callable[..., L7Trace]]:
-    made: list[L7Trace] = []
-
-    def start(**kw: Any) -> L7Trace:
-        kw.setdefault("tls", False)
-        t = L7Trace((topo.cli, topo.srv), **kw)
-        made.append(t)
-        return t
-
-    yield start
-    for t in made:
-        t.close()
 
 
 def h2(events: list[L7Event], side: Role | None = None, **match: Any) -> list[Http2Record]:
