@@ -57,6 +57,7 @@ class AgentOptions:
     bpf_dir: Path | None = None
     live: bool = False
     metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
     l7: bool = False
     capture_bytes: int = 512
     # "auto": the socket tracepoints (Linux 6.3+) where the kernel has them, else the syscall-exit
@@ -292,7 +293,7 @@ class Agent:
         live = None
         try:  # from here on the probes are detached however run() ends
             if self.opts.metrics_port is not None:
-                self.metrics.serve(self.opts.metrics_port)
+                self.metrics.serve(self.opts.metrics_port, self.opts.metrics_addr)
             deadline = time.monotonic() + self.opts.duration_s if self.opts.duration_s else None
             log.info(
                 "agent_started",

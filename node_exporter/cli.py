@@ -43,6 +43,13 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bpf-dir", type=Path, default=None, help="where l4.bpf.o is (default: build/bpf)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve self-metrics for Prometheus here")
     p.add_argument(
+        "--metrics-addr",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="address for --metrics-port (default 127.0.0.1; the chart passes the pod's IP, which with "
+        "hostNetwork is the node's, where kubelet probes and Prometheus scrape)",
+    )
+    p.add_argument(
         "--l7",
         action="store_true",
         help="also trace requests (HTTP/1, DNS, TLS via OpenSSL); experimental: see bench/RESULTS.md for its cost",
@@ -143,6 +150,7 @@ def _run(args: argparse.Namespace, live: bool) -> int:
         bpf_dir=args.bpf_dir,
         live=live,
         metrics_port=args.metrics_port,
+        metrics_addr=args.metrics_addr,
         l7=args.l7,
         l7_probe=args.l7_probe,
         l7_record_rate=args.l7_record_rate,

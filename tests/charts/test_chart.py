@@ -237,6 +237,10 @@ def test_agent_args_point_at_the_processor_service(default_docs: list[Manifest])
     assert agent["command"] == ["kscope-agent"]
     assert f"--processor={service['metadata']['name']}.{NAMESPACE}.svc:{port}" in agent["args"]
     assert "--proc-root=/host/proc" in agent["args"]
+    # Self-metrics on the pod's (with hostNetwork: the node's) IP, where kubelet's probes connect.
+    assert "--metrics-addr=$(POD_IP)" in agent["args"]
+    assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in agent["env"]
+    assert agent["readinessProbe"]["httpGet"]["port"] == "metrics"
     assert not any(a.startswith("--tls") for a in agent["args"])
 
 

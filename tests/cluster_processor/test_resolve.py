@@ -188,7 +188,7 @@ def test_vip_whose_ready_endpoints_are_one_workload_names_that_workload(index: K
     # On a client's data points the peer is the workload, and says how it was named.
     r = resolve_l4(index, NODE, client_flow(nat_remote_ip="", nat_remote_port=0))
     point = dict(metric_attributes(edge(r, EdgeOptions(pod_level=False)), Side.CLIENT))
-    assert point["peer.service.name"] == "b" and point["kscope.peer.resolved_by"] == "service"
+    assert point["service.peer.name"] == "b" and point["kscope.peer.resolved_by"] == "service"
     assert graph_node_name(edge(r).server) == "b"
     # A NAT answer still wins: it names the pod that really answered.
     assert resolve_remote(index, VIP, 80, nat_remote_ip=B_IP, nat_remote_port=8080).how is How.NAT_POD_IP

@@ -34,7 +34,13 @@ from tests.e2e.test_cluster import NODE, REQUESTS, ClusterTopology, check, dump,
 pytestmark = pytest.mark.bpf
 KUBECONFIG_IN_POD = "/etc/kscope/kubeconfig"
 # What only the cluster would fill in: the downward API's fields.
-FIELD_REFS = {"spec.nodeName": NODE, "metadata.name": "kscope-processor-0", "metadata.namespace": NAMESPACE}
+# status.podIP: with host networking the node's address; loopback here, where no pod network exists.
+FIELD_REFS = {
+    "spec.nodeName": NODE,
+    "metadata.name": "kscope-processor-0",
+    "metadata.namespace": NAMESPACE,
+    "status.podIP": "127.0.0.1",
+}
 
 
 @pytest.fixture(scope="module")

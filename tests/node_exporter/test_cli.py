@@ -69,7 +69,7 @@ def test_root_without_cap_net_admin_is_an_environment_error_naming_it() -> None:
         ["capsh", "--drop=cap_net_admin", "--", "-c", f"{KSCOPE} run --no-live --duration 1"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    _environment_error(proc, "the capabilities CAP_NET_ADMIN (running as uid 0)")
+    _environment_error(proc, "missing capability CAP_NET_ADMIN (running as uid 0)")
 
 
 @pytest.mark.bpf
@@ -80,6 +80,37 @@ def test_metrics_port_in_use_is_an_environment_error() -> None:
         port = taken.getsockname()[1]
         proc = _run("run", "--no-live", "--duration", "5", "--metrics-port", str(port))
     _environment_error(proc, f"cannot serve self-metrics on 127.0.0.1:{port}")
+
+
+def test_metrics_served_on_the_address_asked() -> None:
+    """The chart passes the pod's IP (the node's, with hostNetwork): kubelet's probes and Prometheus
+    reach it there, not on loopback. 127.0.0.2 is local on Linux but not 127.0.0.1."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.2", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [KSCOPE, "run", "--no-live", "--duration", "30", "--metrics-port", str(port), "--metrics-addr", "127.0.0.2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 25
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.2", port), timeout=1) as conn:
+                    conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                    body = b"".join(iter(lambda: conn.recv(65536), b""))
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr and proc.stderr.read()
+                time.sleep(0.2)
+        assert b"kscope_capability_enabled" in body
+        with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            pass
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
 
 
 def test_bad_interval_is_a_clear_error() -> None:
