@@ -44,6 +44,7 @@ bench: setup $(BENCH_OBJS)
 	$(PY) bench/conntrack.py
 	$(PY) bench/netns_walks.py
 	$(PY) bench/processor.py
+	$(PY) bench/h2.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
