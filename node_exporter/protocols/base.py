@@ -37,6 +37,11 @@ class MessageKind(enum.Enum):
     REQUEST = "request"
     RESPONSE = "response"
 
+    # Members are singletons: hash them by identity. Enum's own hash is a Python-level method, and
+    # HTTP/2 sessions key their per-direction tables by kind on every frame (1.8 M calls, ~2 % of
+    # the agent's CPU under h2load, bench/RESULTS.md).
+    __hash__ = object.__hash__
+
 
 class Direction(enum.Enum):
     EGRESS = "egress"  # bytes this socket sent
