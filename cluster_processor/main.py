@@ -38,9 +38,10 @@ from cluster_processor.ingest import IngestConfig, IngestConfigError, IngestList
 from cluster_processor.kube.errors import KubeConfigError, KubeInClusterError
 from cluster_processor.kube.index import KubeIndex
 from cluster_processor.kube.watcher import KubeWatcher, WatchSettings
-from cluster_processor.otlp import encode
+from cluster_processor.otlp import encode, prometheus
 from cluster_processor.otlp.exporter import ExporterSettings, OtlpExporter
 from cluster_processor.otlp.pipeline import OtlpPipeline
+from cluster_processor.otlp.prometheus import StoreCollector
 from kscope.v1 import flow_pb2 as pb
 from kscope_common import logging_setup
 from kscope_common.cli import EXIT_ENVIRONMENT, EXIT_OK, EXIT_USAGE
@@ -53,7 +54,8 @@ MAX_AGENT_NODES: Final = 16_384  # agents whose self-metrics one interval re-exp
 PROG: Final = "kscope-processor"
 ENVIRONMENT: Final = (
     "where it runs cannot serve (not in a pod and no kubeconfig, the\n"
-    "     pod's service account not usable, the --listen or --metrics-port address in use)"
+    "     pod's service account not usable, the --listen, --metrics-port or --prometheus-port\n"
+    "     address in use)"
 )
 DEFAULT_OTLP_ENDPOINT: Final = "http://localhost:4317"  # the SDK's default for OTLP/gRPC
 _OTLP_GRPC_PORT: Final = 4317
@@ -137,7 +139,8 @@ class ProcessorConfig:
     kubeconfig: str | None = None  # None: in-cluster service account
     interval_s: float = 10.0
     metrics_port: int | None = None
-    metrics_addr: str = "0.0.0.0"
+    metrics_addr: str = "0.0.0.0"  # self-metrics and the Prometheus endpoint
+    prometheus_port: int | None = None  # the RED/L4/DNS/service-graph metrics for Prometheus
     replica: str = field(default_factory=socket.gethostname)  # the pod's name: service.instance.id
     node_name: str = ""  # the node the replica runs on, for its own metrics
     watch: WatchSettings = field(default_factory=WatchSettings)
@@ -154,6 +157,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--listen", default="0.0.0.0:9440", metavar="HOST:PORT", help="gRPC ingest address (0.0.0.0:9440)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT", help="serve self-metrics for Prometheus")
+    p.add_argument(
+        "--prometheus-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="also serve the exported metrics (RED, L4, DNS, service graph) for Prometheus, named by the "
+        "OpenTelemetry compatibility rules; scrape with honor_labels: true (each workload is its own job)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--tls-cert", type=Path, help="server certificate (PEM); turns TLS on, with --tls-key")
     p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
@@ -172,6 +183,11 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Proces
         raise ProcessorConfigError("--interval must be > 0")
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
         raise ProcessorConfigError("--metrics-port must be 0..65535")
+    if args.prometheus_port is not None:
+        if not 0 <= args.prometheus_port <= 65535:
+            raise ProcessorConfigError("--prometheus-port must be 0..65535")
+        if args.prometheus_port == args.metrics_port and args.prometheus_port != 0:
+            raise ProcessorConfigError("--prometheus-port and --metrics-port must differ")
     tls: ServerTls | None = None
     if args.tls_cert or args.tls_key or args.tls_ca:
         if not (args.tls_cert and args.tls_key):
@@ -191,6 +207,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Proces
         kubeconfig=kubeconfig,
         interval_s=args.interval,
         metrics_port=args.metrics_port,
+        prometheus_port=args.prometheus_port,
         replica=env.get("POD_NAME") or socket.gethostname(),
         node_name=env.get("NODE_NAME", ""),
         aggregator=AggregatorSettings(default_interval_ns=int(args.interval * 1e9)),
@@ -226,6 +243,10 @@ class Processor:
         self._metrics_server: object | None = None
         self.registry = CollectorRegistry()
         self.registry.register(_SelfMetrics(self))
+        # The Prometheus view reads the OTLP pipeline's own streams (and the agents' counters): the
+        # same series, caps and overflow, no second copy.
+        self.prometheus = StoreCollector(self.pipeline.reporter, self.pipeline.store, self.pipeline.agent_store)
+        self._prometheus_server: object | None = None
 
     async def consume(self, batch: pb.FlowBatch) -> None:
         """``BatchSink``: the ingest workers hand over every accepted batch."""
@@ -251,6 +272,15 @@ class Processor:
                     )
                 except OSError as exc:
                     raise ProcessorEnvironmentError(f"cannot serve metrics on port {cfg.metrics_port}: {exc}") from exc
+            if cfg.prometheus_port is not None:
+                try:
+                    self._prometheus_server, _ = prometheus.serve(
+                        self.prometheus, cfg.prometheus_port, cfg.metrics_addr
+                    )
+                except OSError as exc:
+                    raise ProcessorEnvironmentError(
+                        f"cannot serve Prometheus metrics on port {cfg.prometheus_port}: {exc}"
+                    ) from exc
             self.watcher.start()
             self.exporter.start()
             port = await self.ingest.start()
@@ -264,6 +294,11 @@ class Processor:
     @property
     def metrics_port(self) -> int:
         server = self._metrics_server
+        return int(server.server_port) if server is not None else 0  # type: ignore[attr-defined]
+
+    @property
+    def prometheus_port(self) -> int:
+        server = self._prometheus_server
         return int(server.server_port) if server is not None else 0  # type: ignore[attr-defined]
 
     def tick(self, now_unix_nano: int | None = None) -> int:
@@ -315,10 +350,11 @@ class Processor:
         await self.exporter.stop(cfg.shutdown_timeout_s)
         if self.watcher is not None:
             await self.watcher.stop()
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()  # type: ignore[attr-defined]
-            self._metrics_server.server_close()  # type: ignore[attr-defined]
-            self._metrics_server = None
+        for server in (self._metrics_server, self._prometheus_server):
+            if server is not None:
+                server.shutdown()  # type: ignore[attr-defined]
+                server.server_close()  # type: ignore[attr-defined]
+        self._metrics_server = self._prometheus_server = None
         log.info("processor_stopped", ingest=self.ingest.counters(), aggregator=self.aggregator.counters())
 
     async def __aenter__(self) -> Processor:

@@ -89,11 +89,12 @@ class _Node:
     order, so export order is stable), and which series each update touched, oldest first, so
     expiry visits only what may have gone stale instead of every stream every interval."""
 
-    __slots__ = ("metrics", "touched")
+    __slots__ = ("end", "metrics", "touched")
 
     def __init__(self) -> None:
         self.metrics: dict[str, dict[_Key, Series]] = {}
         self.touched: deque[tuple[int, list[Series]]] = deque()  # (end of update, series it touched)
+        self.end = 0  # the latest end of an interval applied: what a gauge's age is measured from
 
 
 class CumulativeStore:
@@ -125,6 +126,7 @@ class CumulativeStore:
         if st is None:
             st = self._nodes[node] = _Node()
         self._serial += 1
+        st.end = max(st.end, end_unix_nano)
         touched: list[Series] = []
         metrics = st.metrics
         known = len(metrics)
@@ -183,6 +185,28 @@ class CumulativeStore:
             self._expire_node(st, now_unix_nano)
             if not st.metrics:
                 del self._nodes[node]
+
+    def snapshot(self, gauge_max_age_ns: int) -> list[tuple[str, Instrument, list[Series]]]:
+        """Every node's live streams, per metric: (node, instrument, series), a gauge's only when the
+        node reported it at most ``gauge_max_age_ns`` before its latest interval. For a
+        reader on another thread (a Prometheus scrape) while ``update`` runs: each level is copied
+        by one ``list()`` of a dict, which CPython does without running Python code between items,
+        so an update never changes a dict while it is read. The series are the store's own objects;
+        a reader takes each one's ``value`` once (an int, float or immutable ``Histogram``)."""
+        out: list[tuple[str, Instrument, list[Series]]] = []
+        instruments = self._instruments
+        for node, st in list(self._nodes.items()):
+            horizon = st.end - gauge_max_age_ns
+            for name, by_attrs in list(st.metrics.items()):
+                inst = instruments.get(name)
+                if inst is None:
+                    continue
+                series = list(by_attrs.values())
+                if inst.kind is _GAUGE:
+                    series = [s for s in series if s.last_update_unix_nano >= horizon]
+                if series:
+                    out.append((node, inst, series))
+        return out
 
     def stats(self) -> StoreStats:
         return StoreStats(self._live, dict(self._stats.overflowed), self._stats.expired, self._stats.resets)

@@ -122,6 +122,10 @@ class OtlpPipeline:
         self._self_start_ns = start_unix_nano if start_unix_nano is not None else time.time_ns()
 
     @property
+    def reporter(self) -> encode.Reporter:
+        return self._reporter
+
+    @property
     def store(self) -> CumulativeStore:
         return self._store
 

@@ -441,3 +441,144 @@ def test_agent_sweep_interval_reaches_the_agent(chart: helm.Chart) -> None:
     for bad in (0, -1, "5s"):
         with pytest.raises(Exception, match="schema"):
             render(chart, {"agent": {"sweepIntervalSeconds": bad}})
+
+
+# --- Prometheus endpoint, ServiceMonitor, Grafana dashboards -------------------------------------
+
+PROM_VALUES: dict[str, Any] = {
+    "prometheus": {"enabled": True, "serviceMonitor": {"enabled": True, "labels": {"release": "kps"}}},
+    "dashboards": {"enabled": True, "annotations": {"grafana_folder": "kscope"}},
+}
+DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def prom_docs(chart: helm.Chart) -> list[Manifest]:
+    return render(chart, PROM_VALUES)
+
+
+def service_monitor_errors(doc: Manifest) -> str:
+    """ "" when ``doc`` is a valid ServiceMonitor: prometheus-operator's models (generated from its CRD)
+    in strict mode, and nothing of the document dropped on the way (a misspelt field would be)."""
+    from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
+    from pydantic import ValidationError
+
+    try:
+        model = ServiceMonitor.model_validate(doc, strict=True)
+    except ValidationError as exc:
+        return str(exc)
+    back = model.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    return "" if back == doc else f"fields the CRD does not have: {doc} != {back}"
+
+
+def test_prometheus_off_by_default(default_docs: list[Manifest]) -> None:
+    assert not [d for d in default_docs if d["kind"] in ("ServiceMonitor", "ConfigMap")]
+    assert not [a for a in container(only(default_docs, "Deployment"))["args"] if "prometheus" in a]
+
+
+def test_prometheus_port_reaches_the_processor(prom_docs: list[Manifest]) -> None:
+    from cluster_processor.main import _parser
+
+    processor = container(only(prom_docs, "Deployment"))
+    assert _parser().parse_args(processor["args"]).prometheus_port == 9464
+    assert {p["name"]: p["containerPort"] for p in processor["ports"]}["prometheus"] == 9464
+    ports = {p["name"]: p for p in only(prom_docs, "Service")["spec"]["ports"]}
+    assert ports["prometheus"]["port"] == 9464 and ports["prometheus"]["targetPort"] == "prometheus"
+
+
+def test_service_monitor_scrapes_the_processor_with_honor_labels(prom_docs: list[Manifest]) -> None:
+    sm = only(prom_docs, "ServiceMonitor")
+    assert service_monitor_errors(sm) == ""
+    assert sm["metadata"]["labels"]["release"] == "kps"
+    service = only(prom_docs, "Service")
+    assert sm["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert sm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    by_port = {e["port"]: e for e in sm["spec"]["endpoints"]}
+    assert set(by_port) <= {p["name"] for p in service["spec"]["ports"]}
+    assert by_port["prometheus"]["honorLabels"] is True  # each series' own job and instance
+    assert "honorLabels" not in by_port["metrics"]
+
+
+def test_service_monitor_check_catches_a_bad_one(prom_docs: list[Manifest]) -> None:
+    sm = yaml.safe_load(yaml.safe_dump(only(prom_docs, "ServiceMonitor")))
+    sm["spec"]["endpoints"][0]["honorLabel"] = True
+    assert "does not have" in service_monitor_errors(sm)
+    sm = yaml.safe_load(yaml.safe_dump(only(prom_docs, "ServiceMonitor")))
+    sm["spec"]["endpoints"][0]["interval"] = "30 seconds"
+    assert "interval" in service_monitor_errors(sm)
+
+
+def test_prometheus_port_must_be_its_own(chart: helm.Chart) -> None:
+    for taken in (9440, 9441):
+        with pytest.raises(Exception, match=r"prometheus\.port must differ"):
+            render(chart, {"prometheus": {"enabled": True, "port": taken}})
+    assert render(chart, {"prometheus": {"enabled": False, "port": 9441}})  # off: no port, no clash
+
+
+def test_service_monitor_needs_the_endpoint(chart: helm.Chart) -> None:
+    with pytest.raises(Exception, match=r"needs prometheus\.enabled"):
+        render(chart, {"prometheus": {"serviceMonitor": {"enabled": True}}})
+
+
+def test_dashboards_as_sidecar_config_maps(chart: helm.Chart, prom_docs: list[Manifest]) -> None:
+    assert {p.stem for p in DASHBOARDS} == {"kscope-service-map", "kscope-red", "kscope-network", "kscope-dns"}
+    maps = {d["metadata"]["name"]: d for d in prom_docs if d["kind"] == "ConfigMap"}
+    assert set(maps) == {f"kscope-dashboard-{p.stem.removeprefix('kscope-')}" for p in DASHBOARDS}
+    for path in DASHBOARDS:
+        cm = maps[f"kscope-dashboard-{path.stem.removeprefix('kscope-')}"]
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert cm["metadata"]["annotations"] == {"grafana_folder": "kscope"}
+        assert cm["data"] == {path.name: path.read_text().rstrip("\n")}
+        kubernetes_validate.validate(cm, "1.30.0", strict=True)
+    other = render(chart, {"dashboards": {"enabled": True, "label": "example.com/dashboard", "labelValue": "kscope"}})
+    labels = [d["metadata"]["labels"] for d in other if d["kind"] == "ConfigMap"]
+    assert len(labels) == len(DASHBOARDS) and all(lb["example.com/dashboard"] == "kscope" for lb in labels)
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_prometheus_and_dashboards_render_valid(prom_docs: list[Manifest], kube_version: str) -> None:
+    for doc in prom_docs:
+        if doc["kind"] == "ServiceMonitor":
+            continue  # not a built-in kind: checked against its CRD's models above
+        kubernetes_validate.validate(doc, kube_version, strict=True)
+
+
+def test_lint_passes_with_prometheus_and_dashboards() -> None:
+    report = helm.lint(CHART, PROM_VALUES, strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({"prometheus": {"port": 0}}, "/prometheus/port"),
+        ({"prometheus": {"serviceMonitor": {"interval": "30 seconds"}}}, "/prometheus/serviceMonitor/interval"),
+        ({"prometheus": {"serviceMonitor": {"labels": {"x": "a b"}}}}, "/prometheus/serviceMonitor/labels/x"),
+        ({"dashboards": {"labelValue": 1}}, "/dashboards/labelValue"),
+        ({"dashboards": {"label": "no spaces"}}, "/dashboards/label"),
+        ({"dashboards": {"enable": True}}, "enable"),
+    ],
+)  # fmt: skip
+def test_schema_rejects_bad_prometheus_values(chart: helm.Chart, values: dict[str, Any], where: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as excinfo:
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    assert where in str(excinfo.value), str(excinfo.value)
+
+
+def test_dashboards_are_grafana_dashboards() -> None:
+    """Each file is a dashboard Grafana imports: a uid, a datasource variable every query uses, and
+    the panels' PromQL (checked against a real Prometheus in tests/e2e/test_prometheus.py)."""
+    import json
+
+    for path in DASHBOARDS:
+        board = json.loads(path.read_text())
+        assert board["uid"] == path.stem and board["title"].startswith("kscope / ")
+        variables = {v["name"]: v for v in board["templating"]["list"]}
+        assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+        targets = [t for p in board["panels"] if p["type"] != "row" for t in p["targets"]]
+        assert targets and all(t["datasource"]["uid"] == "${datasource}" and t["expr"] for t in targets)
+        ids = [p["id"] for p in board["panels"]]
+        assert len(ids) == len(set(ids))
+    service_map = json.loads((CHART / "dashboards" / "kscope-service-map.json").read_text())
+    assert any(p["type"] == "nodeGraph" for p in service_map["panels"])

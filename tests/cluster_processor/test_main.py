@@ -310,6 +310,50 @@ def _scrape(port: int) -> str:
         return str(resp.read().decode())
 
 
+def test_prometheus_endpoint_serves_what_otlp_exports(tmp_path: Path) -> None:
+    """``--prometheus-port``: the same streams the OTLP receiver gets, Prometheus-named, each workload
+    its own job, the service graph under kscope's, resources in target_info."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+        out: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for fam in text_string_to_metric_families(_scrape(port)):
+            for sample in fam.samples:
+                out.setdefault(sample.name, []).append((sample.labels, sample.value))
+        return out
+
+    async def body() -> None:
+        async with (
+            cluster(tmp_path) as (_, kubeconfig),
+            OtlpReceiver() as rx,
+            m.Processor(config(kubeconfig, rx.endpoint, prometheus_port=0)) as proc,
+        ):
+            assert proc.watcher is not None and await proc.watcher.wait_synced(5)
+            assert proc.prometheus_port not in (0, proc.metrics_port)
+            await send(proc.ingest.port, client_batch(), server_batch())
+            sg = "traces_service_graph_request_total"
+            await eventually(lambda: latest(rx, sg, client="a", server="b") == 1, "service graph a -> b (OTLP)")
+            got = await asyncio.to_thread(samples, proc.prometheus_port)
+            (graph,) = got[sg]
+            assert graph[1] == 1 and graph[0]["client"] == "a" and graph[0]["server"] == "b"
+            assert graph[0]["job"] == "kscope" and graph[0]["instance"] == "kscope-processor-0/node-2"
+            count = got["http_server_request_duration_seconds_count"]
+            assert [(lb["job"], lb["service_peer_name"], v) for lb, v in count] == [("default/b", "a", 1)]
+            client = got["http_client_request_duration_seconds_count"]
+            assert [(lb["job"], lb["instance"], v) for lb, v in client] == [
+                ("default/a", "kscope-processor-0/node-1", 1)
+            ]
+            received = [
+                (lb["job"], v) for lb, v in got["kscope_tcp_bytes_total"] if lb["network_io_direction"] == "receive"
+            ]
+            assert received == [("default/a", 450)]
+            info = {lb["job"]: lb for lb, _ in got["target_info"]}
+            assert info["default/b"]["k8s_deployment_name"] == "b" and info["default/b"]["k8s_node_name"] == "node-2"
+            assert "kscope_processor_ingest_total" not in got  # self-metrics stay on --metrics-port
+
+    run(body())
+
+
 def test_otlp_endpoint_down_then_up(tmp_path: Path) -> None:
     async def body() -> None:
         rx = OtlpReceiver()
@@ -520,6 +564,8 @@ def _exits(proc: subprocess.CompletedProcess[str], code: int, message: str) -> N
 
 def test_a_bad_setting_exits_2_as_a_subprocess() -> None:
     _exits(_processor("--kubeconfig=k", "--interval=0"), EXIT_USAGE, "--interval must be > 0")
+    same = _processor("--kubeconfig=k", "--metrics-port=9441", "--prometheus-port=9441")
+    _exits(same, EXIT_USAGE, "--prometheus-port and --metrics-port must differ")
 
 
 def test_outside_a_cluster_without_kubeconfig_exits_3() -> None:
@@ -532,7 +578,7 @@ def test_in_a_pod_without_its_service_account_exits_3() -> None:
     _exits(_processor("--listen=127.0.0.1:0", env=env), EXIT_ENVIRONMENT, "no usable in-cluster service account")
 
 
-@pytest.mark.parametrize("flag", ["--listen=127.0.0.1:{port}", "--metrics-port={port}"])
+@pytest.mark.parametrize("flag", ["--listen=127.0.0.1:{port}", "--metrics-port={port}", "--prometheus-port={port}"])
 def test_an_address_in_use_exits_3(flag: str, tmp_path: Path) -> None:
     server = FakeApiServer()
     server.reserve()
@@ -542,7 +588,8 @@ def test_an_address_in_use_exits_3(flag: str, tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         proc = _processor("--listen=127.0.0.1:0", f"--kubeconfig={kubeconfig}", flag.format(port=port))
-    _exits(proc, EXIT_ENVIRONMENT, "cannot listen" if "listen" in flag else "cannot serve metrics")
+    want = {"listen": "cannot listen", "metrics": "cannot serve metrics", "prometheus": "cannot serve Prometheus"}
+    _exits(proc, EXIT_ENVIRONMENT, next(v for k, v in want.items() if k in flag))
 
 
 def test_sigterm_shuts_down_cleanly(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import helm_python as helm
 import pytest
 
+from kscope_common.cli import EXIT_ENVIRONMENT
 from tests.charts.test_chart import CHART, NAMESPACE, container, only, render
 from tests.cluster_processor.kube.fake_apiserver import FakeApiServer
 from tests.cluster_processor.otlp.receiver import OtlpReceiver
@@ -148,7 +149,7 @@ def test_traffic_reaches_otlp_through_the_agent_and_processor_images(
                                  f"http://{nat_topo.spod_ip}:{BACKEND_PORT}/orders/123")  # fmt: skip
             assert r.stdout == "200", r.stdout + r.stderr
         deadline = time.monotonic() + 60
-        while latest(rx, "kscope.tcp.connections", **{"service.name": "a", "peer.service.name": "b"}) < REQUESTS:
+        while latest(rx, "kscope.tcp.connections", {"service.name": "a"}, **{"service.peer.name": "b"}) < REQUESTS:
             assert time.monotonic() < deadline, f"no a -> b connections at the receiver\n{dump(rx)}"
             time.sleep(0.05)
         timings["podman_run_to_first_edge_at_otlp_s"] = time.monotonic() - t0
@@ -204,13 +205,13 @@ def agent_without(
         ("SYS_ADMIN", "bpf() was refused (EPERM) under a seccomp filter without CAP_SYS_ADMIN"),
     ],
 )
-def test_without_a_capability_the_agent_names_it_in_one_line_and_exits_2(
+def test_without_a_capability_the_agent_names_it_in_one_line_and_exits_3(
     image: str, ctrs: Containers, capability: str, says: str
 ) -> None:
     agent = agent_without(image, capability, ctrs)
     code = agent.wait(120)
     stderr = agent.output
-    assert code == 2, stderr  # the documented exit of an error a user can act on
+    assert code == EXIT_ENVIRONMENT, stderr  # the documented exit of an environment error a user can act on
     assert stderr.count("\n") == 1 and stderr.startswith("kscope: error: "), stderr
     assert says in stderr, stderr
 

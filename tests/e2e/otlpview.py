@@ -1,9 +1,8 @@
 """What a test OTLP receiver got, read as a backend would: each metric stream's final value.
 
 Streams are cumulative, so a stream (resource + metric + data-point attributes) is worth its
-latest point. Who a point belongs to is read so that it works with either resource model: the
-data point's ``service.name`` when it has one (today: every series under kscope's resource, the
-workload in the point), else the resource's (a resource per workload).
+latest point. A point belongs to its resource's ``service.name`` (a resource per workload); its peer
+is the data point's ``service.peer.name``.
 """
 
 from __future__ import annotations
@@ -16,8 +15,7 @@ from tests.cluster_processor.otlp.receiver import OtlpReceiver
 from tests.cluster_processor.test_main import _kv as kv
 
 SERVICE_NAME = "service.name"
-# The peer's name: the current semantic conventions' key, then the one kscope uses today.
-PEER_NAME_KEYS = ("service.peer.name", "peer.service.name")
+PEER_NAME = "service.peer.name"  # the semantic conventions' key (it replaced peer.service)
 
 
 @dataclass(frozen=True)
@@ -31,11 +29,11 @@ class Point:
 
     @property
     def owner(self) -> Any:
-        return self.attributes.get(SERVICE_NAME, self.resource.get(SERVICE_NAME))
+        return self.resource.get(SERVICE_NAME)
 
     @property
     def peer(self) -> Any:
-        return next((self.attributes[k] for k in PEER_NAME_KEYS if k in self.attributes), None)
+        return self.attributes.get(PEER_NAME)
 
     def get(self, key: str) -> Any:
         return self.attributes.get(key)

@@ -29,7 +29,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tests.cluster_processor.kube import factories as f
 from tests.cluster_processor.kube.fake_apiserver import FakeApiServer
@@ -37,6 +37,9 @@ from tests.cluster_processor.otlp.receiver import OtlpReceiver
 from tests.e2e.l7trace import l7peer
 from tests.e2e.meshtopo import MeshTopology
 from tests.e2e.test_cluster import KSCOPE, NODE, processor_config
+
+if TYPE_CHECKING:
+    from cluster_processor.main import Processor
 
 MESHAPP = Path(__file__).with_name("meshapp.py")
 APP_NS, DNS_NS = "default", "kube-system"
@@ -184,11 +187,11 @@ class Agent:
         return "".join(self.lines)
 
 
-def run_load(topo: MeshTopology) -> dict[str, Any]:
+def run_load(topo: MeshTopology, duration_s: float = LOAD_S) -> dict[str, Any]:
     """loadgen's requests, from inside its container's cgroup; its ``done`` line."""
     url = f"http://productpage:{PORT}/productpage?u={PRIVATE}"
     proc = topo.start("loadgen", sys.executable, str(MESHAPP), "load", "--url", url, "--rate", str(RATE),
-                      "--duration", str(LOAD_S), "--timeout", "40", "--gate",
+                      "--duration", str(duration_s), "--timeout", "40", "--gate",
                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
     out, err = proc.communicate("go\n", timeout=90)
     assert proc.returncode == 0, err
@@ -227,7 +230,7 @@ async def run_scene(topo: MeshTopology, tmp: Path) -> Scene:
             with (tmp / "dnsmasq.log").open() as fh:
                 fh.seek(log_from)
                 queries = dns_queries(fh.read(), topo.ips)
-            await settle(rx, truth, queries)
+            await settle(rx, proc, truth, queries)
             counters = proc.aggregator.counters()
             return Scene(rx, dict(topo.ips), truth, load, queries,
                          topo.dropped(), time.monotonic() - t0, agent_log, counters)  # fmt: skip
@@ -235,19 +238,25 @@ async def run_scene(topo: MeshTopology, tmp: Path) -> Scene:
         await server.close()
 
 
-async def settle(rx: OtlpReceiver, truth: dict[str, Counter[int]], queries: Counter[tuple[str, str]]) -> None:
+async def settle(
+    rx: OtlpReceiver, proc: Processor, truth: dict[str, Counter[int]], queries: Counter[tuple[str, str]]
+) -> None:
     """Until the server sides of the chain and of the DNS server have reached what the programs
-    themselves counted (or a deadline: the tests then say what is missing), plus one more
-    processor interval, so nothing that arrives late is missed."""
+    themselves counted (or a deadline: the tests then say what is missing), then two more processor
+    intervals delivered: the agent has stopped, so they hold whatever arrived late."""
     from tests.e2e.otlpview import View
 
     want_http = sum(truth["ratings-v1"].values())
     want_dns = sum(n for (caller, _), n in queries.items() if caller in DNS_CALLERS)
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         v = View(rx)
         if v.total("http.server.request.duration", "ratings-v1") >= want_http and \
                 v.total("kscope.dns.server.request.duration", "coredns") >= want_dns:  # fmt: skip
             break
         await asyncio.sleep(0.2)
-    await asyncio.sleep(1.5)
+    ticks = proc.ticks + 2
+    deadline = time.monotonic() + 10
+    while proc.ticks < ticks and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await proc.exporter.flush(10)

@@ -23,7 +23,7 @@ import structlog
 from tests.cluster_processor.test_main import _kv as kv
 from tests.cluster_processor.test_main import spans
 from tests.e2e.meshtopo import MeshTopology
-from tests.e2e.otlpview import PEER_NAME_KEYS, Point, View, mean
+from tests.e2e.otlpview import PEER_NAME, Point, View, mean
 from tests.e2e.realcluster import (
     BLACKHOLED,
     DNS_CALLERS,
@@ -38,6 +38,7 @@ from tests.e2e.realcluster import (
     build,
     run_scene,
 )
+from tests.e2e.test_cluster import NODE
 
 pytestmark = pytest.mark.bpf
 
@@ -55,7 +56,7 @@ PEER_WORKLOAD_KEY = "peer.k8s.deployment.name"
 RESOLVED_BY = "kscope.peer.resolved_by"  # how a peer was named (item 2: "service" from EndpointSlices)
 BY_SERVICE = "service"
 EVENT_DNS_ERROR = "kscope.dns.error"
-LOG_COUNT_KEY = "kscope.event.count"  # an aggregated event record's number of occurrences (item 6)
+LOG_COUNT_KEY = "log_count"  # an aggregated event record's number of occurrences (item 6; logdedup's name)
 AGENT_LOSS_COUNTERS = ("l7_kernel_rb_full", "l7_kernel_read_failed", "l7_kernel_no_buffer", "l7_kernel_summary_lost",
                        "l7_exchange_unanswered", "l7_expired_requests", "l7_unanswered_requests", "l7_evicted_requests",
                        "l7_connections_evicted", "l7_gaps", "l7_buffer_overflows")  # fmt: skip
@@ -68,15 +69,11 @@ FAILED_RCODES = {"SERVFAIL", "REFUSED", "FORMERR", "NOTIMP"}
 TIMEOUT = "timeout"  # error.type of a query that got no answer (no response code)
 
 
-def known(items: str) -> pytest.MarkDecorator:
-    """The test fails on today's code for these items of issue 12 (an assertion, nothing else). Strict:
-    the change that makes it pass must remove the marker, so the test then guards the fix."""
-    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=f"issue 12 {items}")
-
-
 def workload_resource(workload: str) -> dict[str, str]:
     """The resource attributes a workload's own series live under (item 7)."""
-    return {"service.name": workload, "k8s.namespace.name": WORKLOAD_NS[workload], "k8s.deployment.name": workload}
+    ns = WORKLOAD_NS[workload]
+    return {"service.name": workload, "service.namespace": ns, "k8s.namespace.name": ns,
+            "k8s.deployment.name": workload, "k8s.node.name": NODE}  # fmt: skip
 
 
 # ---- the scene, once -------------------------------------------------------------------------------
@@ -150,7 +147,6 @@ def test_the_scene_happened(scene: Scene, view: View) -> None:
         assert view.of(name), f"no {name}: {view.names()}"
 
 
-@known("items 1 and 2")
 def test_every_http_edge_is_workload_to_workload(scene: Scene, view: View) -> None:
     """Items 1 and 2: each hop is named Deployment -> Deployment on the service graph, counted once
     per request the server's side recorded, and that is every request the server received unless the
@@ -178,7 +174,6 @@ def test_every_http_edge_is_workload_to_workload(scene: Scene, view: View) -> No
     assert not wrong and not named_service, "\n".join([*wrong, *map(str, named_service), facts(scene, view)])
 
 
-@known("item 2")
 def test_service_without_nat_answer_names_its_only_workload(scene: Scene, view: View) -> None:
     """Item 2: productpage's connects to the details Service never complete (its only backend drops
     every packet), so conntrack never has an answer; every ready endpoint of the Service belongs to
@@ -191,7 +186,6 @@ def test_service_without_nat_answer_names_its_only_workload(scene: Scene, view: 
     assert set(named) == {(BLACKHOLED, BY_SERVICE)}, dict(named)
 
 
-@known("item 3")
 def test_both_sides_name_the_same_dns_workload(scene: Scene, view: View) -> None:
     """Item 3: the callers' DNS lookups (client side) name the coredns workload, as coredns' own
     records (server side) do; one DNS node on the service graph, not kube-dns beside coredns."""
@@ -204,7 +198,6 @@ def test_both_sides_name_the_same_dns_workload(scene: Scene, view: View) -> None
     assert graph_servers == {c: [DNS_WORKLOAD] for c in DNS_CALLERS}, (graph_servers, facts(scene, view))
 
 
-@known("item 4")
 def test_dns_counts_agree_per_caller(scene: Scene, view: View) -> None:
     """Item 4: per caller, the queries counted on the client side (dns.lookup.duration) equal those
     counted on the DNS server's side, and both equal dnsmasq's own query log."""
@@ -219,7 +212,6 @@ def test_dns_counts_agree_per_caller(scene: Scene, view: View) -> None:
     assert all(c == s == n for c, s, n in counts.values()), f"(client, server, dnsmasq) per caller: {counts}"
 
 
-@known("item 5")
 def test_nxdomain_is_not_a_failure_servfail_is(scene: Scene, view: View) -> None:
     """Item 5: DNS series keep the response code; SERVFAIL (and the like) carry error.type and count
     as failed on the service graph, NXDOMAIN (search-path expansions) does not; no error log for it."""
@@ -249,7 +241,6 @@ def test_nxdomain_is_not_a_failure_servfail_is(scene: Scene, view: View) -> None
     assert not nx_logs, f"{len(nx_logs)} NXDOMAIN log records, e.g. {nx_logs[:3]}"
 
 
-@known("item 6")
 def test_event_logs_are_bounded_per_interval(scene: Scene, view: View) -> None:
     """Item 6: DNS error events leave as one record per interval and (client, server, name, code),
     with the number of occurrences, not one record per failed query."""
@@ -257,18 +248,25 @@ def test_event_logs_are_bounded_per_interval(scene: Scene, view: View) -> None:
     servfails = sum(n for (who, name), n in scene.dns_queries.items() if who == "reviews-v2" and name == EXTERNAL)
     assert servfails > 2 * intervals, f"{servfails} SERVFAILs cannot tell per-query from per-interval logs"
     keys: Counter[tuple[str, ...]] = Counter()
+    per_interval: Counter[tuple[object, ...]] = Counter()
     occurrences: Counter[tuple[str, ...]] = Counter()
     for res, rec in view.logs:
         a = kv(rec.attributes)
-        if (rec.event_name or a.get("event.name")) != EVENT_DNS_ERROR:
+        # Ours only: the agent sees the whole machine, other tests' lookups fail too.
+        if (rec.event_name or a.get("event.name")) != EVENT_DNS_ERROR or res.get("service.name") not in WORKLOAD_NS:
             continue
-        peer = next((str(a[k]) for k in PEER_NAME_KEYS if k in a), "")
-        key = (str(res.get("service.name")), peer, str(a.get("dns.question.name")), str(a.get(DNS_RCODE)))
+        peer = next((str(a[k]) for k in (PEER_NAME, "server.address", "client.address") if k in a), "")
+        # glibc asks A and AAAA: the query type (in the body, "DNS A name: servfail") tells records apart too.
+        qtype = rec.body.string_value.split()[1]
+        key = (str(res.get("service.name")), peer, str(a.get("dns.question.name")), str(a.get(DNS_RCODE)), qtype)
         keys[key] += 1
+        per_interval[(*key, rec.observed_time_unix_nano)] += 1
         occurrences[key] += int(a.get(LOG_COUNT_KEY) or 0)
     assert keys, "no DNS error event at all"
     over = {k: n for k, n in keys.items() if n > intervals}
-    assert not over, f"records per (resource, peer, name, code) over {intervals} intervals: {over}"
+    assert not over, f"records per (resource, peer, name, code, type) over {intervals} intervals: {over}"
+    twice = {k: n for k, n in per_interval.items() if n > 1}
+    assert not twice, f"more than one record per key in one interval: {twice}"
     # Every SERVFAIL counted once on each side: the caller's (either name for the server: item 3 is
     # checked on its own) and the DNS server's.
     client = sum(n for k, n in occurrences.items() if k[0] == "reviews-v2" and k[1] in DNS_NAMES and k[2] == EXTERNAL)
@@ -276,10 +274,10 @@ def test_event_logs_are_bounded_per_interval(scene: Scene, view: View) -> None:
     assert client == server == servfails, (client, server, servfails, dict(occurrences))
 
 
-@known("item 7")
 def test_each_workload_red_under_its_own_resource(scene: Scene, view: View) -> None:
     """Item 7: a workload's RED, DNS and L4 series live under a Resource describing that workload
-    (service.name, k8s.namespace.name, k8s.deployment.name), not under kscope's."""
+    (service.name, service.namespace, k8s.namespace.name, k8s.deployment.name, k8s.node.name), not
+    under kscope's."""
     for workload in ("productpage-v1", "reviews-v2", "ratings-v1", DNS_WORKLOAD):
         assert view.of(HTTP_SERVER if workload != DNS_WORKLOAD else DNS_SERVER, workload), workload
     want = {w: workload_resource(w) for w in WORKLOAD_NS}
@@ -287,7 +285,10 @@ def test_each_workload_red_under_its_own_resource(scene: Scene, view: View) -> N
                     for p in ours(view, (*RED_METRICS, *L4_METRICS))
                     if any(p.resource.get(k) != v for k, v in want[p.owner].items())})  # fmt: skip
     assert not wrong, f"{len(wrong)} series of ours under another resource, e.g. {wrong[:4]}"
-    assert not [p for p in ours(view, RED_METRICS) if p.resource.get("service.name") == KSCOPE_SERVICE]
+    # Nothing of a workload's left under kscope's resource (but a cardinality overflow stream).
+    under_kscope = [(p.metric, p.attributes) for m in RED_METRICS for p in view.of(m)
+                    if p.owner == KSCOPE_SERVICE and not p.get("otel.metric.overflow")]  # fmt: skip
+    assert not under_kscope, under_kscope[:4]
 
 
 def test_the_lossy_edge_alone_retransmits(scene: Scene, view: View) -> None:
