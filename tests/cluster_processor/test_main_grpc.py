@@ -15,6 +15,7 @@ from kscope.v1 import flow_pb2 as pb
 from tests.cluster_processor.otlp.receiver import OtlpReceiver
 from tests.cluster_processor.test_main import (  # noqa: F401 (autouse fixtures)
     MS,
+    TRACEPARENT,
     _no_proxy,
     _reset_logging,
     client_batch,
@@ -42,7 +43,8 @@ def _h2(base: pb.L7Request, i: int, grpc_status: int | None) -> pb.L7Request:
     q.protocol = "http2"
     q.start_time_unix_nano += i * MS
     q.http.Clear()
-    q.http.traceparent = ""
+    # the failing call carries the caller's trace (HTTP/2 headers are joined as HTTP/1's)
+    q.http.traceparent = base.http.traceparent if grpc_status == 13 else ""
     if grpc_status is None:
         q.http.method, q.http.path, q.http.route, q.http.status_code = "GET", "/healthz", "/healthz", 200
         return q
@@ -99,6 +101,7 @@ def test_grpc_error_status_is_a_failed_rpc_edge_and_http2_is_http(tmp_path: Path
             by = {(s.kind, _attrs(s).get("rpc.response.status_code", "")): s for _, s in spans(rx)}
             server_internal, server_nf = by[2, "INTERNAL"], by[2, "NOT_FOUND"]  # SPAN_KIND_SERVER
             assert server_internal.name == "demo.v1.Echo/Ping" and server_internal.status.code == STATUS_ERROR
+            assert server_internal.trace_id.hex() == TRACEPARENT.split("-")[1]
             assert server_nf.status.code == STATUS_UNSET and by[3, "NOT_FOUND"].status.code == STATUS_ERROR
             assert _attrs(by[2, ""])["network.protocol.version"] == "2"
             assert proc.aggregator.counters()["unknown_protocol"] == 0

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.bpf
 
 GRPC_PORT, H2_PORT, H2_TLS_PORT = 50051, 8080, 8443
 GRPC_PEER = Path(__file__).with_name("grpcpeer.py")
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 def h2(events: list[L7Event], side: Role | None = None, **match: Any) -> list[Http2Record]:
@@ -197,7 +198,10 @@ def test_curl_prior_knowledge(topo: Topology, tmp_path: Path, tracing: Callable[
     start_nghttpd(topo, tmp_path)
     trace = tracing()
     fmt = "%{http_code} %{http_version}"
+    # named headers are read (traceparent, x-request-id), any other value never (authorization)
     out = topo.cli.run("curl", "-sS", "--http2-prior-knowledge", "-o", "/dev/null", "-w", fmt,
+                       "-H", f"traceparent: {TRACEPARENT}", "-H", "x-request-id: req-7",
+                       "-H", "authorization: Bearer hunter2",
                        f"http://{SRV_V4}:{H2_PORT}/api/item?token=secret").stdout  # fmt: skip
     assert out.split() == ["200", "2"]
     cli, srv = wait_both(trace, 1)
@@ -205,6 +209,8 @@ def test_curl_prior_knowledge(topo: Topology, tmp_path: Path, tracing: Callable[
     for r in cli + srv:
         assert (r.method, r.path, r.route, r.status, r.rpc_system, r.grpc_status) == ("GET", "/api/item", "/api/item",
                                                                                       200, "", -1)  # fmt: skip
+        assert (r.traceparent, r.request_id) == (TRACEPARENT, "req-7")
+        assert "hunter2" not in repr(r) and "secret" not in repr(r)
         assert r.response_bytes > 3000  # the DATA frames counted
     assert (cli[0].request_bytes, cli[0].response_bytes) == (srv[0].request_bytes, srv[0].response_bytes)
     no_parse_errors(trace)
