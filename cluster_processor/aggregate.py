@@ -74,12 +74,13 @@ from cluster_processor.resolve import (
     EdgeRef,
     EdgeSide,
     GraphRef,
+    Namer,
     ResolutionCache,
     Resolved,
     Route,
     edge,
+    namer_of,
     resolve_l4,
-    resolve_local,
 )
 from kscope.v1 import flow_pb2 as pb
 from kscope_common import l4_columns
@@ -281,8 +282,8 @@ _DELTA: Final = attrgetter(
 
 
 class Aggregator:
-    def __init__(self, index: KubeIndex, settings: AggregatorSettings = AggregatorSettings()) -> None:
-        self._index = index
+    def __init__(self, index: KubeIndex | Namer, settings: AggregatorSettings = AggregatorSettings()) -> None:
+        self._index = namer_of(index)  # what names endpoints: the Kubernetes index, or kscope run's local one
         self._settings = settings
         self._nodes: dict[str, _NodeState] = {}
         self._last_end: dict[str, int] = {}  # node -> end of its last flushed interval
@@ -349,7 +350,7 @@ class Aggregator:
         sock = self._socket((node, f.netns_inode, f.socket_cookie))
         drops = 0 if sock.socket_drops < 0 else max(0, f.socket_drops - sock.socket_drops)
         sock.socket_drops = f.socket_drops
-        owner = resolve_local(self._index, node, f.process, f.local_ip).identity(pod_level=False)
+        owner = self._index.local(node, f.process, f.local_ip).identity(pod_level=False)
         key = (owner, f.local_port)
         lst = st.listeners.get(key)
         if lst is None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 from operator import attrgetter, getitem
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from cluster_processor.kube.index import KubeIndex
 from cluster_processor.kube.model import Node, Pod, Service, canonical_ip
@@ -67,6 +67,7 @@ class EndpointKind(enum.Enum):
     WORKLOAD = "workload"  # a Service VIP whose ready endpoints are all one workload's pods
     SERVICE = "service"  # a Service VIP whose backend is unknown (no conntrack answer, several workloads)
     NODE = "node"  # a host process or host-network pod: the node is all we can name
+    PROCESS = "process"  # a process named from local metadata (``kscope run``: no Kubernetes)
     EXTERNAL = "external"  # not in the cluster (or not yet in the index): the address is kept
 
 
@@ -97,7 +98,7 @@ class Endpoint:
     @property
     def observed(self) -> bool:
         """Whether kscope watches this end's sockets itself (an agent runs on every node)."""
-        return self.kind in (EndpointKind.POD, EndpointKind.WORKLOAD, EndpointKind.NODE)
+        return self.kind in (EndpointKind.POD, EndpointKind.WORKLOAD, EndpointKind.NODE, EndpointKind.PROCESS)
 
     def identity(self, pod_level: bool = True) -> Attrs:
         if pod_level or self.kind is not EndpointKind.POD:
@@ -208,19 +209,62 @@ class Resolved:
         return self.remote if self.local_is_client else self.local
 
 
-def resolve_l4(index: KubeIndex, node_name: str, flow: pb.L4Flow) -> Resolved:
-    local = resolve_local(index, node_name, flow.process, flow.local_ip, flow.local_port)
-    remote = resolve_remote(index, flow.remote_ip, flow.remote_port, flow.nat_remote_ip, flow.nat_remote_port)
+class Namer(Protocol):
+    """What the resolver asks to name an endpoint: the seam between resolving/aggregating and where
+    names come from. ``KubeNamer`` asks the Kubernetes index (the processor); ``kscope run`` names
+    processes from local metadata (node_exporter/local/namer.py). ``generation`` changes whenever an
+    answer may have (the resolution cache forgets its answers then)."""
+
+    @property
+    def generation(self) -> int: ...
+
+    def local(self, node_name: str, process: pb.ProcessIdentity, local_ip: str, local_port: int = 0) -> Endpoint: ...
+
+    def remote(
+        self, remote_ip: str, remote_port: int = 0, nat_remote_ip: str = "", nat_remote_port: int = 0
+    ) -> Endpoint: ...
+
+
+class KubeNamer:
+    """``Namer`` over a ``KubeIndex``: ``resolve_local`` / ``resolve_remote``."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: KubeIndex) -> None:
+        self.index = index
+
+    @property
+    def generation(self) -> int:
+        return self.index.generation
+
+    def local(self, node_name: str, process: pb.ProcessIdentity, local_ip: str, local_port: int = 0) -> Endpoint:
+        return resolve_local(self.index, node_name, process, local_ip, local_port)
+
+    def remote(
+        self, remote_ip: str, remote_port: int = 0, nat_remote_ip: str = "", nat_remote_port: int = 0
+    ) -> Endpoint:
+        return resolve_remote(self.index, remote_ip, remote_port, nat_remote_ip, nat_remote_port)
+
+
+def namer_of(source: KubeIndex | Namer) -> Namer:
+    return KubeNamer(source) if isinstance(source, KubeIndex) else source
+
+
+def resolve_l4(index: KubeIndex | Namer, node_name: str, flow: pb.L4Flow) -> Resolved:
+    namer = namer_of(index)
+    local = namer.local(node_name, flow.process, flow.local_ip, flow.local_port)
+    remote = namer.remote(flow.remote_ip, flow.remote_port, flow.nat_remote_ip, flow.nat_remote_port)
     return Resolved(local, remote, flow.role != pb.ROLE_SERVER)
 
 
 def resolve_l7(
-    index: KubeIndex, node_name: str, req: pb.L7Request, nat_remote_ip: str = "", nat_remote_port: int = 0
+    index: KubeIndex | Namer, node_name: str, req: pb.L7Request, nat_remote_ip: str = "", nat_remote_port: int = 0
 ) -> Resolved:
     """The caller passes the NAT answer: the one its socket's L4 record had (TCP, joined on netns
     inode + socket cookie), else the record's own (a client-side UDP flow), if any."""
-    local = resolve_local(index, node_name, req.process, req.local_ip, req.local_port)
-    remote = resolve_remote(index, req.remote_ip, req.remote_port, nat_remote_ip, nat_remote_port)
+    namer = namer_of(index)
+    local = namer.local(node_name, req.process, req.local_ip, req.local_port)
+    remote = namer.remote(req.remote_ip, req.remote_port, nat_remote_ip, nat_remote_port)
     return Resolved(local, remote, req.side != pb.ROLE_SERVER)
 
 
@@ -361,12 +405,13 @@ class ResolutionCache:
     the remote by address and NAT answer: one entry per pod or address, where whole records would
     give one per pair of pods) and join them through interned metric keys. L7 records, which also
     need the pod-level span edge with the client's port, are cached per socket 5-tuple.
-    ``max_entries`` bounds each table (cleared when full); 0 resolves every record afresh."""
+    ``max_entries`` bounds each table (cleared when full); 0 resolves every record afresh (what a
+    ``Namer`` whose names read more than these keys hold needs: ``kscope run``'s, by pid and port)."""
 
-    def __init__(self, index: KubeIndex, max_entries: int) -> None:
-        self._index = index
+    def __init__(self, index: KubeIndex | Namer, max_entries: int) -> None:
+        self._index = namer_of(index)
         self._limit = max_entries
-        self._generation = index.generation
+        self._generation = self._index.generation
         self._routes: dict[tuple[Any, ...], Route] = {}
         self._locals: dict[tuple[Any, ...], _End] = {}
         # (remote address, NAT answer) -> that end; a _Memo so l4_columns looks records up in C
@@ -517,20 +562,23 @@ class ResolutionCache:
     ) -> tuple[list[EdgeSide | None], int, int]:
         sides: list[EdgeSide | None] = []
         unresolved = external = 0
-        for role, pod_uid, container_id, host, local_ip, local_port, remote_ip, remote_port, nat_ip, nat_port in zip(
+        for (role, pod_uid, container_id, host, local_ip, local_port, remote_ip, remote_port, nat_ip, nat_port, pid,
+             comm, cgroup_id) in zip(
             column("role"), column("process_pod_uid"), column("process_container_id"),
             column("process_host_process"), column("local_ip"), column("local_port"), column("remote_ip"),
-            column("remote_port"), column("nat_remote_ip"), column("nat_remote_port"), strict=True,
+            column("remote_port"), column("nat_remote_ip"), column("nat_remote_port"), column("process_pid"),
+            column("process_comm"), column("process_cgroup_id"), strict=True,
         ):  # fmt: skip
             if role == _LISTENER:
                 sides.append(None)
                 continue
             is_client = role != _SERVER
             process = pb.ProcessIdentity(
-                pod_uid=strings[pod_uid], container_id=strings[container_id], host_process=bool(host)
-            )
-            local = resolve_local(self._index, node, process, strings[local_ip], local_port)
-            remote = resolve_remote(self._index, strings[remote_ip], remote_port, strings[nat_ip], nat_port)
+                pod_uid=strings[pod_uid], container_id=strings[container_id], host_process=bool(host),
+                pid=pid, comm=strings[comm], cgroup_id=cgroup_id,
+            )  # fmt: skip
+            local = self._index.local(node, process, strings[local_ip], local_port)
+            remote = self._index.remote(strings[remote_ip], remote_port, strings[nat_ip], nat_port)
             ref = self._intern_ref(edge(Resolved(local, remote, is_client), METRIC_EDGE))
             unresolved += local.how is How.UNRESOLVED
             external += remote.kind is EndpointKind.EXTERNAL
@@ -543,7 +591,7 @@ class ResolutionCache:
         if le is None:
             pod_uid, container_id, host_process = proc
             process = pb.ProcessIdentity(pod_uid=pod_uid, container_id=container_id, host_process=host_process)
-            le = self._end(resolve_local(self._index, node, process, local_ip))
+            le = self._end(self._index.local(node, process, local_ip))
             self._cache(self._locals, lkey, le)
         return le
 
@@ -555,7 +603,7 @@ class ResolutionCache:
         if len(self._remotes) >= self._limit:
             self._remotes.clear()
         remote_ip, nat_ip = key
-        endpoint = resolve_remote(self._index, remote_ip, 0, nat_ip, 0)
+        endpoint = self._index.remote(remote_ip, 0, nat_ip, 0)
         return self._end(endpoint, nat=endpoint.how in (How.NAT_POD_IP, How.NAT_NODE_IP))
 
     def _edge_ref(

@@ -9,10 +9,11 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -33,10 +34,12 @@ from node_exporter.metadata.proc import ProcessIndex
 from node_exporter.nat.conntrack import ConntrackTable, FlowKey
 from node_exporter.output.convert import MonotonicClock, l4_columns, l4_flow, l7_request
 from node_exporter.output.jsonl import JsonlWriter
-from node_exporter.output.live import LiveView
 from node_exporter.protocols import Role as L7Role
 from node_exporter.selfmetrics import SelfMetrics
 from node_exporter.ship import ClientTls, FlowShipper, ShipConfig
+
+if TYPE_CHECKING:
+    from node_exporter.local.pipeline import LocalPipeline
 
 log = structlog.get_logger("kscope.agent")
 L7_DRAIN_S = 0.02
@@ -55,7 +58,6 @@ class AgentOptions:
     jsonl: str | None = None
     netns_inode: int = 0
     bpf_dir: Path | None = None
-    live: bool = False
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
     l7: bool = False
@@ -113,13 +115,22 @@ def open_l7(bpf_dir: Path, opts: AgentOptions, netns: NetnsWalker | None = None)
 
 
 class Agent:
-    def __init__(self, opts: AgentOptions) -> None:
+    def __init__(
+        self,
+        opts: AgentOptions,
+        local: LocalPipeline | None = None,
+        on_interval: Callable[[Agent], None] | None = None,
+    ) -> None:
+        """``local``: ``kscope run``'s in-process aggregation, handed every batch as a processor would be;
+        ``on_interval``: called after each interval's step (the live map)."""
         self.opts = opts
+        self.local = local
+        self.on_interval = on_interval
+        self.interval_hook_errors = 0
         self.stop = threading.Event()
         self.metrics = SelfMetrics()
         self.clock = MonotonicClock()
         self.procs = ProcessIndex(proc_root=opts.proc_root)
-        self.view = LiveView()
         self.records_written = 0
         self.write_failed = 0
         self.requests_seen = 0  # L7 requests reported, a summary counting its requests
@@ -171,7 +182,7 @@ class Agent:
             events, self._pending_events = self._pending_events, []
             events += self.pipeline.close_sockets(r.sock_cookie for r in records if r.is_close)
             events += self.pipeline.expire(time.monotonic_ns())
-        if (self.writer is not None or self.shipper is not None) and (records or events):
+        if (self.writer is not None or self.shipper is not None or self.local is not None) and (records or events):
             l7_nats: Iterable[Nat] = repeat(None)
             if self.conntrack is not None:
                 l7_nats = self._resolve_nat(self.conntrack, records, events)
@@ -187,7 +198,7 @@ class Agent:
                     for r, p, nat in zip(records, procs, nats, strict=True)
                 ]
                 self._write(flows, requests)
-            if self.shipper is not None:
+            if self.shipper is not None or self.local is not None:
                 self._update_metrics()  # the batch carries the counters up to now
                 batch = pb.FlowBatch(
                     schema_version=2,  # L4 records as columns: the processor reads arrays, not messages
@@ -198,9 +209,11 @@ class Agent:
                 )
                 if records:
                     batch.l4_columns.CopyFrom(l4_columns(records, procs, self.clock, self.drop_reasons, nats))
-                self.shipper.submit(batch)
+                if self.shipper is not None:
+                    self.shipper.submit(batch)
+                if self.local is not None:
+                    self.local.submit(batch)
         self.requests_seen += len(events) + self._summarized_since_last_step()
-        self.view.update(records, events)
         self._update_metrics()
         return records, events
 
@@ -266,6 +279,7 @@ class Agent:
             decode_bad_type=s.decode_bad_type,
             records_written=self.records_written,
             records_write_failed=self.write_failed,
+            interval_hook_errors=self.interval_hook_errors,
             process_lookups_hit=self.procs.hits,
             process_lookups_missed=self.procs.misses,
             l7_requests=self.requests_seen,
@@ -280,6 +294,8 @@ class Agent:
             values.update({f"nat_{k}": v for k, v in self.conntrack.counters().items()})
         if self.shipper is not None:
             values.update({f"ship_{k}": v for k, v in self.shipper.counters().items()})
+        if self.local is not None:
+            values.update({f"local_{k}": v for k, v in self.local.counters().items()})
         if self.l7 is not None:
             values.update({f"l7_kernel_{k}": v for k, v in self.l7.kernel_stats().items()})
             values.update({f"l7_{k}": v for k, v in self.pipeline.counters().items()})
@@ -290,7 +306,6 @@ class Agent:
         self.metrics.update(values)
 
     def run(self) -> None:
-        live = None
         try:  # from here on the probes are detached however run() ends
             if self.opts.metrics_port is not None:
                 self.metrics.serve(self.opts.metrics_port, self.opts.metrics_addr)
@@ -301,11 +316,6 @@ class Agent:
                 disabled=self.capabilities[1],
                 interval_s=self.opts.interval_s,
             )
-            if self.opts.live:
-                from rich.live import Live
-
-                live = Live(self.view.render(self.opts.interval_s), refresh_per_second=2, screen=False)
-                live.start()
             # Until a last interval has run: a stop (or the deadline) that comes while an interval
             # is being reported still gets its final one (capture stopped, kernel flushed, drained).
             last = False
@@ -322,11 +332,13 @@ class Agent:
                 if last:
                     self._stop_capture()
                 self.step()
-                if live is not None:
-                    live.update(self.view.render(self.opts.interval_s))
+                if self.on_interval is not None:
+                    try:
+                        self.on_interval(self)
+                    except Exception:  # a bug in what shows the interval must not stop the probes: counted
+                        self.interval_hook_errors += 1
+                        log.exception("interval_hook_failed", errors=self.interval_hook_errors)
         finally:
-            if live is not None:
-                live.stop()
             self.close()
 
     def _stop_capture(self) -> None:
@@ -349,6 +361,8 @@ class Agent:
             self.writer.write_stats(self.metrics.to_proto(time.time_ns()))
             self.writer.close()
             self.writer = None
+        if self.local is not None:
+            self.local.close(timeout_s=5.0)  # with --otlp: the last interval leaves
         self.collector.close()
         if self.conntrack is not None:
             self.conntrack.close()

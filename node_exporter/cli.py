@@ -12,17 +12,23 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kscope_common import logging_setup
 from kscope_common.cli import EXIT_ENVIRONMENT, EXIT_OK, EXIT_USAGE, add_version, exit_status_epilog, parser
 from kscope_common.runtime import tune_gc
 from node_exporter.errors import HostError, KscopeError
 
+if TYPE_CHECKING:
+    from node_exporter.agent import Agent
+    from node_exporter.local.pipeline import LocalPipeline
+
 DESCRIPTION = "eBPF-based TCP observability, no code changes"
 ENVIRONMENT = (
     "this host cannot run it (not root: lacking CAP_BPF and CAP_PERFMON\n"
     "     (or CAP_SYS_ADMIN) or CAP_NET_ADMIN; no kernel BTF; no libbpf; a required kernel hook\n"
-    "     missing; BPF objects missing from the install or --bpf-dir; the --metrics-port in use)"
+    "     missing; BPF objects missing from the install or --bpf-dir; the --metrics-port or\n"
+    "     kscope run's --prometheus address in use)"
 )
 
 
@@ -100,17 +106,37 @@ def _parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run",
-        help="watch this host's TCP connections (local mode, no Kubernetes)",
+        help="this host's live service map: agent and aggregation in one process (local mode, no Kubernetes)",
         epilog=exit_status_epilog(ENVIRONMENT),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_version(run)
     _add_agent_args(run)
-    run.add_argument("--no-live", action="store_true", help="no terminal view (default when not a terminal)")
+    run.add_argument(
+        "--no-live",
+        action="store_true",
+        help="no terminal map: one JSON object per interval on stdout instead (the default when stdout is "
+        "not a terminal)",
+    )
+    run.add_argument("--no-l7", dest="l7", action="store_false", help="no request tracing (L4 only)")
+    run.add_argument(
+        "--otlp",
+        metavar="ENDPOINT",
+        help="also send OTLP/gRPC to ENDPOINT (http://host:4317 plaintext, https:// TLS) as the cluster "
+        "processor does; OTEL_EXPORTER_OTLP_HEADERS is honoured",
+    )
+    run.add_argument(
+        "--prometheus",
+        metavar="ADDR",
+        help="also serve the same metrics for Prometheus at ADDR ([HOST:]PORT; host 127.0.0.1 unless given), "
+        "named as the processor's --prometheus-port names them",
+    )
+    run.set_defaults(l7=True)  # a newcomer wants to see requests; the agent (the chart) keeps --l7 opt-in
     return top
 
 
-def _run(args: argparse.Namespace, live: bool) -> int:
+def _run(args: argparse.Namespace, live: bool | None) -> int:
+    """``live``: None for the agent (no map), else whether ``kscope run``'s map is a terminal view."""
     logging_setup.configure(args.log_level)
     if args.interval <= 0:
         print("kscope: error: --interval must be > 0", file=sys.stderr)
@@ -148,7 +174,6 @@ def _run(args: argparse.Namespace, live: bool) -> int:
         jsonl=args.jsonl,
         netns_inode=args.netns_inode,
         bpf_dir=args.bpf_dir,
-        live=live,
         metrics_port=args.metrics_port,
         metrics_addr=args.metrics_addr,
         l7=args.l7,
@@ -162,11 +187,22 @@ def _run(args: argparse.Namespace, live: bool) -> int:
         nat=args.nat,
         conntrack_netns=args.conntrack_netns,
     )
+    local = None
     try:
-        agent = Agent(opts)
+        if live is not None:
+            local = _local_pipeline(args, opts.node_name)
+        try:
+            agent = Agent(opts, local=local)
+        except BaseException:
+            if local is not None:  # its servers and threads: the agent would have closed them
+                local.close()
+            raise
         agent.install_signal_handlers()
         tune_gc()  # everything built so far (BTF, loaded objects, descriptors) lives as long as the agent
-        agent.run()
+        if local is None:
+            agent.run()
+        else:
+            _run_local(agent, local, live is True)
     except HostError as exc:
         print(f"kscope: error: {exc}", file=sys.stderr)
         return EXIT_ENVIRONMENT
@@ -174,6 +210,57 @@ def _run(args: argparse.Namespace, live: bool) -> int:
         print(f"kscope: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
+
+
+def _local_pipeline(args: argparse.Namespace, node_name: str) -> LocalPipeline:
+    from cluster_processor.main import ProcessorConfigError, otlp_from_env
+    from node_exporter.local.namer import LocalNamer
+    from node_exporter.local.pipeline import LocalPipeline, local_settings
+
+    target = None
+    if args.otlp:
+        try:
+            target = otlp_from_env({**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": args.otlp})
+        except ProcessorConfigError as exc:
+            if "OTEL_EXPORTER_OTLP_ENDPOINT" not in str(exc):
+                raise KscopeError(str(exc)) from exc  # the headers' variable: named as it is
+            raise KscopeError(f"--otlp {args.otlp}: expected http://HOST:PORT (plaintext), https://HOST:PORT "
+                              "(TLS) or HOST:PORT") from exc  # fmt: skip
+    prometheus = _listen_address(args.prometheus, "--prometheus") if args.prometheus else None
+    namer = LocalNamer(proc_root=args.proc_root)
+    settings = local_settings(args.interval)
+    return LocalPipeline(node_name, namer, settings=settings, otlp=target, prometheus=prometheus)
+
+
+def _listen_address(text: str, flag: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]") if sep else "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise KscopeError(f"{flag}: expected [HOST:]PORT with a port 0..65535, not {text!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def _run_local(agent: Agent, local: LocalPipeline, terminal: bool) -> None:
+    """The agent with the map: each interval's aggregate to the terminal view (keys on stdin) or to
+    stdout as JSON lines."""
+    from node_exporter.local.app import JsonLines, LogBuffer, MapOutput, TerminalMap
+
+    out: MapOutput
+    logs = LogBuffer() if terminal and sys.stderr.isatty() else None
+    out = TerminalMap(agent.stop) if terminal else JsonLines(sys.stdout)
+    agent.on_interval = lambda a: out.update(local.flush(), a.metrics.values)
+    stderr = sys.stderr
+    try:
+        if isinstance(out, TerminalMap):
+            if logs is not None:
+                sys.stderr = logs
+            out.start()
+        agent.run()
+    finally:
+        out.close()
+        sys.stderr = stderr
+        if logs is not None:
+            logs.replay(stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,7 +276,7 @@ def agent_parser() -> argparse.ArgumentParser:
 
 
 def agent_main(argv: list[str] | None = None) -> int:
-    return _run(agent_parser().parse_args(argv), live=False)
+    return _run(agent_parser().parse_args(argv), live=None)
 
 
 if __name__ == "__main__":

@@ -48,13 +48,19 @@ def rec(collector: Any, topo: Topology) -> Recorder:
 
 
 @pytest.fixture
-def pod_cgroup() -> Iterator[tuple[Path, str, str]]:
-    """A systemd-driver kubelet cgroup for one containerd container: (scope dir, pod uid, container id)."""
-    cgroups = PodCgroups()
+def cgroups() -> Iterator[PodCgroups]:
+    """Kubelet-style pod cgroups and systemd-style service cgroups, removed after the test."""
+    c = PodCgroups()
     try:
-        yield cgroups.add()
+        yield c
     finally:
-        cgroups.close()
+        c.close()
+
+
+@pytest.fixture
+def pod_cgroup(cgroups: PodCgroups) -> tuple[Path, str, str]:
+    """A systemd-driver kubelet cgroup for one containerd container: (scope dir, pod uid, container id)."""
+    return cgroups.add()
 
 
 @pytest.fixture

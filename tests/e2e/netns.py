@@ -321,8 +321,9 @@ CGROUP2 = Path("/sys/fs/cgroup/unified")
 
 
 class PodCgroups:
-    """systemd-driver kubelet cgroups, one containerd container per pod; :meth:`close` removes what
-    it created (moving out any process still inside, as the topology's teardown kills them)."""
+    """systemd-driver kubelet cgroups, one containerd container per pod, or systemd services;
+    :meth:`close` removes what it created (moving out any process still inside, as the topology's
+    teardown kills them)."""
 
     def __init__(self) -> None:
         self.root = CGROUP2 if (CGROUP2 / "cgroup.procs").exists() else Path("/sys/fs/cgroup")
@@ -339,6 +340,15 @@ class PodCgroups:
                 d.mkdir()
                 self._created.append(d)
         return dirs[-1], pod_uid, cid
+
+    def unit(self, name: str) -> Path:
+        """A systemd service's cgroup as systemd makes it (``/system.slice/NAME``), e.g. ``web.service``."""
+        dirs = [self.root / "system.slice", self.root / "system.slice" / name]
+        for d in dirs:
+            if not d.exists():
+                d.mkdir()
+                self._created.append(d)
+        return dirs[-1]
 
     @staticmethod
     def move(scope: Path, pid: int) -> None:

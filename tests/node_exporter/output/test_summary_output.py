@@ -1,4 +1,4 @@
-"""A summary event on its way out: protobuf (round trip), JSONL, the terminal view."""
+"""A summary event on its way out: protobuf (round trip), JSONL."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 from google.protobuf import json_format
-from rich.console import Console
 
 from kscope.v1 import flow_pb2 as pb
 from kscope_common.latency import LATENCY_BUCKETS
@@ -14,7 +13,6 @@ from node_exporter.l7.exchanges import ExchangeBatch
 from node_exporter.l7.pipeline import ConnInfo, L7Event, L7Pipeline
 from node_exporter.output.convert import MonotonicClock, l7_request
 from node_exporter.output.jsonl import JsonlWriter
-from node_exporter.output.live import LiveView
 from node_exporter.protocols import HttpRecord
 from node_exporter.protocols import Role as PRole
 from node_exporter.protocols.http1 import HttpSummary, HttpSummaryRecord
@@ -72,32 +70,3 @@ def test_jsonl_line_of_a_summary_round_trips_and_counts_its_requests(tmp_path: P
     lines = path.read_text().splitlines()
     back = json_format.ParseDict(json.loads(lines[1]), pb.NodeRecord())
     assert back.l7 == summed and back.l7.summary.count == 12
-
-
-def _text(view: LiveView) -> str:
-    console = Console(width=200, record=True)
-    console.print(view.render(1.0))
-    return console.export_text()
-
-
-def _row(text: str, what: str) -> list[str]:
-    line = next(line for line in text.splitlines() if what in line)
-    return [c.strip() for c in line.split("│") if c.strip()]
-
-
-def test_live_view_counts_a_summary_as_its_requests() -> None:
-    singles = [L7Event(INFO, HttpRecord("GET", "/u/1", "/users/{id}", 200, 1, 1, 0, ms * MS, "", "")) for ms in (1, 2)]
-    events = [
-        *singles,
-        summary_event([3 * MS] * 5 + [60 * MS] * 2),  # 7 requests, p50 within the first bucket's 5 ms
-        summary_event([8 * MS] * 3, status=503),  # 3 failed
-        summary_event([2 * MS], route="/quiet"),
-    ]
-    view = LiveView()
-    view.update([], events)
-    text = _text(view)
-    row = _row(text, "GET /users/{id}")
-    assert row == ["nginx", "server", "http1", "GET /users/{id}", "12.0", "3", "5.00", "60.00"]
-    assert _row(text, "GET /quiet")[4:] == ["1.0", "0", "2.00", "2.00"]  # the bucket bound is capped at the max
-    # the busiest group (by requests, not by events) comes first
-    assert text.index("GET /users/{id}") < text.index("GET /quiet")
