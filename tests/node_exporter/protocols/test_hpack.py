@@ -177,3 +177,25 @@ def test_fuzz_never_raises() -> None:
         assert t.size <= hp.MAX_TABLE
         if i % 5000 == 0:
             tables = [hp.DynamicTable(complete=True), hp.DynamicTable(complete=False)]
+
+
+def test_indexed_only_blocks_take_the_fast_path_with_the_general_results() -> None:
+    """Blocks of one-byte indexed fields (the warm-table case) decoded by the fast path give what the
+    general decoder gives: fields, errors, unknown counts and table state, on complete and joined
+    tables, for random such blocks (indexes 0 and past the table included)."""
+    rng = random.Random(9113)
+    enc = Encoder()
+    warm = enc.encode([(":method", "POST"), (":path", "/demo.v1.Echo/Ping"), ("content-type", "application/grpc"),
+                       ("x-request-id", "r1"), ("te", "trailers")])  # fmt: skip
+    for i in range(2_000):
+        complete = i % 2 == 0
+        fast, slow = hp.DynamicTable(complete=complete), hp.DynamicTable(complete=complete)
+        fast.decode(warm), slow.decode(warm)  # a few dynamic entries (62.. 66)
+        block = bytes(rng.randrange(0x80, 0xFF) for _ in range(rng.randrange(1, 12)))
+        got, want = fast.decode(block), slow._decode(block)
+        assert got == want, block.hex()
+        assert (fast.complete, fast.unknown_index, list(fast.entries)) == (
+            slow.complete, slow.unknown_index, list(slow.entries))  # fmt: skip
+    # what does not qualify goes the general way: a two-byte index, a literal
+    t = hp.DynamicTable(complete=False)
+    assert t.decode(bytes([0xFF, 0x00])) == ([None], None) and t.unknown_index == 1
