@@ -2,8 +2,8 @@
 rules, span names. Pure functions from ``model`` records to ``Sample``s (one interval's
 contribution to one metric stream) and to span fields.
 
-Naming follows the OpenTelemetry semantic conventions where one exists (``http.*``,
-``dns.lookup.duration``, ``error.type``), Tempo's service-graph metrics where Grafana expects them,
+Naming follows the OpenTelemetry semantic conventions where one exists (``http.*``, ``rpc.*``
+(gRPC: ``rpc``), ``dns.lookup.duration``, ``error.type``), Tempo's service-graph metrics where Grafana expects them,
 and ``kscope.*`` for the TCP metrics no convention covers.
 
 Who is who (docs/otel-mapping.md): the observing side ("self") is the resource of its series,
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final, NamedTuple
 
+from cluster_processor.otlp import rpc
 from cluster_processor.otlp.model import (
     SERVER_PORT,
     SERVICE_NAME,
@@ -104,6 +105,13 @@ _SERVER, _CLIENT, _HTTP = Side.SERVER, Side.CLIENT, Protocol.HTTP
 HTTP_SERVER_DURATION: Final = Instrument("http.server.request.duration", "s", "Duration of HTTP server requests.", _H)
 HTTP_CLIENT_DURATION: Final = Instrument("http.client.request.duration", "s", "Duration of HTTP client requests.", _H)
 DNS_LOOKUP_DURATION: Final = Instrument("dns.lookup.duration", "s", "Time taken to perform a DNS lookup.", _H)
+# The RPC conventions' current names (``rpc``: they replaced rpc.server.duration in ms).
+RPC_SERVER_DURATION: Final = Instrument(
+    "rpc.server.call.duration", "s", "Measures the duration of an incoming Remote Procedure Call (RPC).", _H
+)
+RPC_CLIENT_DURATION: Final = Instrument(
+    "rpc.client.call.duration", "s", "Measures the duration of an outgoing Remote Procedure Call (RPC).", _H
+)
 # No convention for the server side of DNS; the agent pairs queries on DNS servers too.
 DNS_SERVER_DURATION: Final = Instrument("kscope.dns.server.request.duration", "s", "Time to answer a DNS query.", _H)
 
@@ -276,6 +284,7 @@ PROTOCOLS: Final[dict[Protocol, ProtocolSpec]] = {
         HTTP_CLIENT_DURATION, HTTP_SERVER_DURATION, http_failed, _http_attributes, _http_span_name
     ),
     Protocol.DNS: ProtocolSpec(DNS_LOOKUP_DURATION, DNS_SERVER_DURATION, _dns_failed, _dns_attributes, _dns_span_name),
+    Protocol.RPC: ProtocolSpec(RPC_CLIENT_DURATION, RPC_SERVER_DURATION, rpc.failed, rpc.attributes, rpc.span_name),
 }
 
 
@@ -445,6 +454,8 @@ def span_protocol_attributes(
     extra = PROTOCOLS[protocol].attributes(side, method, route, status_code, error_type)
     if protocol is _HTTP and method and normal_method(method) == OTHER:
         extra.append((HTTP_METHOD_ORIGINAL, method))
+    elif protocol is Protocol.RPC and method and status_code == rpc.UNIMPLEMENTED:
+        extra.append((rpc.RPC_METHOD_ORIGINAL, method))  # rpc.method says _OTHER: the span keeps the text
     return extra
 
 

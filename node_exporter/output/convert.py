@@ -11,7 +11,7 @@ from kscope_common.l4_columns import StringTable, build
 from node_exporter.l4.records import Counters, L4Record
 from node_exporter.l7.pipeline import L7Event
 from node_exporter.metadata.proc import ProcessInfo
-from node_exporter.protocols import HttpRecord, Role
+from node_exporter.protocols import Http2Record, HttpRecord, Role
 
 _COUNTER_FIELDS = Counters._fields
 
@@ -163,6 +163,11 @@ def l7_request(
                 "request_id": r.request_id,
             }
         }
+        if isinstance(r, Http2Record) and r.rpc_system:
+            rpc: dict[str, object] = {"system": r.rpc_system, "service": r.rpc_service, "method": r.rpc_method}
+            if r.grpc_status >= 0:
+                rpc["grpc_status_code"] = r.grpc_status
+            detail["rpc"] = rpc
         summary = r.summary
         if summary is not None:
             # many requests in one message; latency_ns stays 0 (the record's), the sum is latency_sum_ns

@@ -13,10 +13,12 @@ from typing import Final
 from node_exporter.protocols.base import Direction, ParseState, Protocol, Role
 from node_exporter.protocols.dns import Dns, DnsRecord
 from node_exporter.protocols.http1 import Http1, HttpRecord
+from node_exporter.protocols.http2 import Http2
+from node_exporter.protocols.http2_session import Http2Record
 from node_exporter.protocols.tracker import ConnectionTracker, TrackerLimits
 
 PROTOCOLS: Final[Mapping[str, Protocol]] = MappingProxyType(
-    {p.name: p for p in (Http1(), Dns(tcp=False), Dns(tcp=True))}
+    {p.name: p for p in (Http1(), Http2(), Dns(tcp=False), Dns(tcp=True))}
 )
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "ConnectionTracker",
     "Direction",
     "DnsRecord",
+    "Http2Record",
     "HttpRecord",
     "ParseState",
     "Protocol",

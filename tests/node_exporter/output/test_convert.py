@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from kscope.v1 import flow_pb2 as pb
 from kscope_common.l4_columns import rows as l4_columns_rows
 from node_exporter.bpf.abi import ConnectStatus, L4Reason, Role
@@ -10,7 +13,8 @@ from node_exporter.l7.pipeline import ConnInfo, L7Event
 from node_exporter.metadata.cgroup import ContainerIdentity
 from node_exporter.metadata.proc import ProcessInfo
 from node_exporter.output.convert import MonotonicClock, l4_columns, l4_flow, l7_request
-from node_exporter.protocols import DnsRecord, HttpRecord
+from node_exporter.output.jsonl import JsonlWriter
+from node_exporter.protocols import DnsRecord, Http2Record, HttpRecord
 from node_exporter.protocols import Role as ProtoRole
 
 
@@ -145,3 +149,36 @@ def test_a_batchs_columns_hold_exactly_its_rows() -> None:
     want = [l4_flow(r, p, clock, drops, nat) for r, p, nat in zip(records, procs, nats, strict=True)]
     assert cols.count == 3 and l4_columns_rows(cols) == want
     assert l4_columns([], [], clock, drops, []) == pb.L4Columns()
+
+
+def test_grpc_over_http2_adds_the_rpc_and_a_missing_status_stays_absent(tmp_path: Path) -> None:
+    def h2(status: int) -> Http2Record:
+        return Http2Record(method="POST", path="/demo.v1.Echo/Ping", route="/demo.v1.Echo/Ping", status=200,
+                           request_bytes=90, response_bytes=60, start_ns=10, latency_ns=3_000, traceparent="",
+                           request_id="", rpc_system="grpc", rpc_service="demo.v1.Echo", rpc_method="Ping",
+                           grpc_status=status)  # fmt: skip
+
+    info = _conn(protocol="http2", tls=False)
+    ok, reset = (l7_request(L7Event(info, h2(s)), None, MonotonicClock()) for s in (5, -1))
+    assert (ok.protocol, ok.http.method, ok.http.path, ok.http.status_code) == (
+        "http2",
+        "POST",
+        "/demo.v1.Echo/Ping",
+        200,
+    )
+    assert (ok.rpc.system, ok.rpc.service, ok.rpc.method, ok.rpc.grpc_status_code) == (
+        "grpc",
+        "demo.v1.Echo",
+        "Ping",
+        5,
+    )
+    assert ok.rpc.HasField("grpc_status_code") and not reset.rpc.HasField("grpc_status_code")
+    plain = Http2Record("GET", "/", "/", 200, 1, 2, 3, 4, "", "")
+    assert not l7_request(L7Event(info, plain), None, MonotonicClock()).HasField("rpc")
+    path = tmp_path / "out.jsonl"
+    writer = JsonlWriter(str(path))
+    writer.write_requests([ok, reset])
+    writer.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0]["l7"]["rpc"] == {"system": "grpc", "service": "demo.v1.Echo", "method": "Ping", "grpcStatusCode": 5}
+    assert "grpcStatusCode" not in lines[1]["l7"]["rpc"]
