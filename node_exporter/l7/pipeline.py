@@ -32,7 +32,16 @@ from node_exporter.l7.exchanges import (
     ExchangeBatch,
     HeadParser,
 )
-from node_exporter.protocols import PROTOCOLS, ConnectionTracker, Direction, DnsRecord, HttpRecord, Role, TrackerLimits
+from node_exporter.protocols import (
+    PROTOCOLS,
+    ConnectionTracker,
+    DbRecord,
+    Direction,
+    DnsRecord,
+    HttpRecord,
+    Role,
+    TrackerLimits,
+)
 from node_exporter.protocols.http1 import HttpSummary, HttpSummaryRecord
 from node_exporter.protocols.tracker import COUNTERS
 
@@ -64,7 +73,7 @@ class ConnInfo:
 @dataclass(frozen=True, slots=True)
 class L7Event:
     conn: ConnInfo
-    record: HttpRecord | DnsRecord  # an HttpSummaryRecord (record.summary set) counts summary.count requests
+    record: HttpRecord | DnsRecord | DbRecord  # an HttpSummaryRecord (record.summary set) counts summary.count requests
 
 
 def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[Any, Any], None], ...]:

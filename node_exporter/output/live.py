@@ -12,7 +12,7 @@ from kscope_common.latency import LATENCY_BOUNDS_NS
 from node_exporter.bpf.abi import ConnectStatus, Role
 from node_exporter.l4.records import L4Record
 from node_exporter.l7.pipeline import L7Event
-from node_exporter.protocols import HttpRecord
+from node_exporter.protocols import DbRecord, HttpRecord
 from node_exporter.protocols.http1 import HttpSummary
 
 _ROLE = {Role.KSCOPE_ROLE_CLIENT: "client", Role.KSCOPE_ROLE_SERVER: "server", Role.KSCOPE_ROLE_LISTENER: "listen"}
@@ -93,6 +93,10 @@ class LiveView:
                 else:
                     groups[key].extend(_summary_latencies(s))
                     failed *= s.count  # all of a summary's requests have its status
+            elif isinstance(r, DbRecord):
+                key = (ev.conn.comm, ev.conn.side.value, ev.conn.protocol, r.query_summary or r.operation)
+                groups[key].append((r.latency_ns, 1))
+                failed = int(bool(r.error_type))
             else:
                 key = (ev.conn.comm, ev.conn.side.value, ev.conn.protocol, f"{r.qtype} {r.name}")
                 groups[key].append((r.latency_ns, 1))

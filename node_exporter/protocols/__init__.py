@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import Final
 
 from node_exporter.protocols.base import Direction, ParseState, Protocol, Role
+from node_exporter.protocols.db import DbRecord
 from node_exporter.protocols.dns import Dns, DnsRecord
 from node_exporter.protocols.http1 import Http1, HttpRecord
 from node_exporter.protocols.tracker import ConnectionTracker, TrackerLimits
@@ -22,6 +23,7 @@ PROTOCOLS: Final[Mapping[str, Protocol]] = MappingProxyType(
 __all__ = [
     "PROTOCOLS",
     "ConnectionTracker",
+    "DbRecord",
     "Direction",
     "DnsRecord",
     "HttpRecord",
