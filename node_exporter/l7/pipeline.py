@@ -99,12 +99,18 @@ class _Conn:
         self.last_ns = 0
 
 
+# The kernel's protocol -> the PROTOCOLS entry that parses it (DNS: by transport, below).
+_PROTOCOL_NAMES: dict[int, str] = {
+    L7Protocol.KSCOPE_PROTO_HTTP1: "http1",
+    L7Protocol.KSCOPE_PROTO_REDIS: "redis",
+    L7Protocol.KSCOPE_PROTO_MEMCACHED: "memcached",
+}
+
+
 def _protocol_name(chunk: Chunk) -> str | None:
-    if chunk.protocol == L7Protocol.KSCOPE_PROTO_HTTP1:
-        return "http1"
     if chunk.protocol == L7Protocol.KSCOPE_PROTO_DNS:
         return "dns" if chunk.ip_proto == IPPROTO_UDP else "dns_tcp"
-    return None
+    return _PROTOCOL_NAMES.get(chunk.protocol)
 
 
 _RECORD_SETTERS = _slot_setters(
