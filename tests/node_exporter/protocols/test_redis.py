@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from node_exporter.protocols import PROTOCOLS, ConnectionTracker, DbRecord, Direction, Role
+from node_exporter.protocols import PROTOCOLS, ConnectionTracker, DbRecord, Direction, Role, TrackerLimits
 from node_exporter.protocols.base import MessageKind, ParseState
 from node_exporter.protocols.redis import (
     RedisCommand,
@@ -263,3 +263,18 @@ def test_fuzz_tracker_random_splits_never_raise() -> None:
                 is_ += n
         t.close()
         assert t.requests_parsed <= len(CLI_OPERATIONS) + 4
+
+
+def test_a_protocol_switch_mid_connection_is_counted_not_parsed() -> None:
+    t = ConnectionTracker(REDIS, Role.CLIENT)
+    t.feed(EG, b"*1\r\n$4\r\nPING\r\n", 1, 0)
+    assert by_op(t.feed(IN, b"+PONG\r\n", 2, 0)) == ["PING"]
+    http = b"GET /secret HTTP/1.1\r\nHost: x\r\n\r\n"
+    out = t.feed(EG, http, 3, 14) + t.feed(IN, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 4, 7)
+    assert out == [] and t.counters()["invalid_frames"] >= 2 and t.pending_requests() == 0
+
+
+def test_unanswered_pipelined_commands_are_bounded_and_counted() -> None:
+    t = ConnectionTracker(REDIS, Role.CLIENT, TrackerLimits(max_pending=256))
+    t.feed(EG, b"*1\r\n$4\r\nPING\r\n" * 300, 1, 0)
+    assert (t.pending_requests(), t.counters()["evicted_requests"]) == (256, 44)
