@@ -27,13 +27,13 @@ static __always_inline void bind_tls(struct sock *sk, struct l7_sock *st, struct
 
 /* A chunk's socket fields and the call's head (the bytes captured). */
 static __always_inline __u32 chunk_head(struct chunk *c, struct sock *sk, __u8 ip_proto, const void *buf,
-					const void *uaddr, int ret, __u64 avail)
+					const void *uaddr, int ret, __u64 avail, const struct l7_vec *vec)
 {
 	__builtin_memset(&c->hdr, 0, sizeof(c->hdr));
 	read_tuple(c->hdr.saddr, c->hdr.daddr, &c->hdr.sport, &c->hdr.dport, &c->hdr.family, sk);
 	if (ip_proto == IPPROTO_UDP && !c->hdr.dport)
 		read_peer(&c->hdr, uaddr);
-	return l7_read_head(c, buf, ret, avail, capture_bytes);
+	return l7_read_head(c, buf, ret, avail, capture_bytes, vec);
 }
 
 static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
@@ -41,6 +41,7 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 	struct l7_sock *st;
 	struct chunk *c;
 	struct tls_call *call;
+	struct l7_vec vec;
 	const void *buf, *uaddr;
 	__u64 avail, seq;
 	__u32 zero = 0, n = 0, tid;
@@ -81,11 +82,11 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 	c = bpf_map_lookup_elem(&l7_scratch, &zero);
 	if (!c)
 		return;
-	buf = user_buffer((struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf()), &avail, &uaddr);
+	buf = user_buffer((struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf()), &avail, &uaddr, &vec);
 	if (fresh) {
 		__u8 role = 0, proto;
 
-		n = chunk_head(c, sk, ip_proto, buf, uaddr, ret, avail);
+		n = chunk_head(c, sk, ip_proto, buf, uaddr, ret, avail, &vec);
 		proto = infer(c->data, n, dir, ip_proto, c->hdr.sport, c->hdr.dport, &role);
 
 		if (proto == KSCOPE_PROTO_UNKNOWN && ip_proto == IPPROTO_TCP && is_tls_record(c->data, n)) {
@@ -111,7 +112,7 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 	    xchg_call(sk, st, c, buf, avail, ret, dir, seq))
 		return;
 	if (!fresh)
-		n = chunk_head(c, sk, ip_proto, buf, uaddr, ret, avail);
+		n = chunk_head(c, sk, ip_proto, buf, uaddr, ret, avail, &vec);
 	l7_chunk_call(c, buf != 0, n, ret, seq, dir, st->protocol, st->role, ip_proto);
 	c->hdr.netns_ino = sk->__sk_common.skc_net.net->ns.inum;
 	c->hdr.sock_cookie = bpf_get_socket_cookie(sk);
@@ -161,7 +162,7 @@ static __always_inline void tls_exit(int ret) /* SSL_* return an int */
 		bpf_map_delete_elem(&tls_calls, &tid);
 		return;
 	}
-	n = l7_read_head(c, (const void *)call->buf, len, ~0ULL, capture_bytes);
+	n = l7_read_head(c, (const void *)call->buf, len, ~0ULL, capture_bytes, 0);
 	bpf_map_delete_elem(&tls_calls, &tid);
 	if (dir == KSCOPE_DIR_EGRESS) {
 		seq = conn->seq[0];

@@ -40,6 +40,14 @@
 #define NR_recvmmsg 299
 #define NR_sendmmsg 307
 
+/* A vector call's iovec array (readv/writev, sendmsg/recvmsg and the mmsg calls' message). */
+struct l7_vec {
+	const struct iovec *iov;
+	__u64 count;
+};
+
+#define L7_GATHER_IOVS 8 /* iovecs of one call gathered into its head (the first one included) */
+
 /* Twice the capture bound so a length masked with READ_MASK is provably inside a
  * buffer of 2 * KSCOPE_L7_MAX_CAPTURE bytes (the verifier tracks the mask, not the clamp). */
 #define READ_MASK (2 * KSCOPE_L7_MAX_CAPTURE - 1)
@@ -86,12 +94,90 @@ static __always_inline int http_start(const __u8 *d, __u32 n)
 	return request_method(d, n) ? 1 : 0;
 }
 
+/* Role of the end that sent (egress) or received (ingress) a request. */
+static __always_inline __u8 request_role(__u8 dir)
+{
+	return dir == KSCOPE_DIR_EGRESS ? KSCOPE_ROLE_CLIENT : KSCOPE_ROLE_SERVER;
+}
+
+/* HTTP/1: a request line or a status line, from either direction (no port involved). */
+static __always_inline __u8 infer_http1(const __u8 *d, __u32 n, __u8 dir, __u8 *role)
+{
+	int kind = http_start(d, n);
+
+	if (!kind)
+		return KSCOPE_PROTO_UNKNOWN;
+	/* a request we send or a response we read: we are the client */
+	*role = (kind == 1) == (dir == KSCOPE_DIR_EGRESS) ? KSCOPE_ROLE_CLIENT : KSCOPE_ROLE_SERVER;
+	return KSCOPE_PROTO_HTTP1;
+}
+
+static __always_inline bool is_digit(__u8 c)
+{
+	return c >= '0' && c <= '9';
+}
+
+/* Redis: a command is a RESP array of bulk strings, "*<count>\r\n$<len>\r\n" (count < 10^7), what
+ * redis-cli, redis-benchmark and every client library send, RESP2 and RESP3 alike. From the request
+ * only, in either direction, at any port: a reply's first bytes ("+OK", ":1") are too common to tell.
+ * The inline form (a command typed into telnet) is not inferred. */
+static __always_inline __u8 infer_redis(const __u8 *d, __u32 n, __u8 dir, __u8 *role)
+{
+	__u32 i;
+
+	if (n < 8 || d[0] != '*' || d[1] < '1' || d[1] > '9')
+		return KSCOPE_PROTO_UNKNOWN;
+	for (i = 2; i < 9; i++) {
+		if (i + 4 >= n || (d[i] != '\r' && !is_digit(d[i])))
+			return KSCOPE_PROTO_UNKNOWN;
+		if (d[i] == '\r')
+			break;
+	}
+	if (i == 9 || d[i + 1] != '\n' || d[i + 2] != '$' || !is_digit(d[i + 3]))
+		return KSCOPE_PROTO_UNKNOWN;
+	*role = request_role(dir);
+	return KSCOPE_PROTO_REDIS;
+}
+
+#define MEMCACHED_PORT 11211
+
+/* A memcached command word (with its separator) followed by a printable byte: the key, an argument.
+ * Constant offsets only: a loop over the line here made the programs that inline infer() too big for
+ * the verifier (each exit of the loop is a state it walks the rest of the program with). */
+static __always_inline bool mc_word(const __u8 *d, __u32 n, const char *w, __u32 wlen)
+{
+	return n > wlen && has_prefix(d, n, w, wlen) && d[wlen] > 0x20 && d[wlen] < 0x7f;
+}
+
+/* Memcached text protocol: a command word, then its first argument. The classic commands are
+ * recognised at any port; the two-letter meta commands and the admin ones only when either port is
+ * 11211 (the port is the tie-breaker for short words other line protocols may use). From the request
+ * only, in either direction. A wrong guess costs its parser's invalid_frames, counted. */
+static __always_inline __u8 infer_memcached(const __u8 *d, __u32 n, __u8 dir, __u16 sport, __u16 dport, __u8 *role)
+{
+	bool known = mc_word(d, n, "get ", 4) || mc_word(d, n, "gets ", 5) || mc_word(d, n, "set ", 4) ||
+		     mc_word(d, n, "add ", 4) || mc_word(d, n, "replace ", 8) || mc_word(d, n, "append ", 7) ||
+		     mc_word(d, n, "prepend ", 8) || mc_word(d, n, "cas ", 4) || mc_word(d, n, "delete ", 7) ||
+		     mc_word(d, n, "incr ", 5) || mc_word(d, n, "decr ", 5) || mc_word(d, n, "touch ", 6) ||
+		     mc_word(d, n, "gat ", 4) || mc_word(d, n, "gats ", 5);
+
+	if (!known && (sport == MEMCACHED_PORT || dport == MEMCACHED_PORT))
+		known = mc_word(d, n, "mg ", 3) || mc_word(d, n, "ms ", 3) || mc_word(d, n, "md ", 3) ||
+			mc_word(d, n, "ma ", 3) || has_prefix(d, n, "mn\r\n", 4) || has_prefix(d, n, "stats", 5) ||
+			has_prefix(d, n, "version\r\n", 9) || has_prefix(d, n, "flush_all", 9);
+	if (!known)
+		return KSCOPE_PROTO_UNKNOWN;
+	*role = request_role(dir);
+	return KSCOPE_PROTO_MEMCACHED;
+}
+
 /* Decide the protocol of a connection from one call's head; KSCOPE_PROTO_UNKNOWN if it
- * does not tell. *role is set only when a protocol is returned. */
+ * does not tell. *role is set only when a protocol is returned. Each TCP protocol is one
+ * line of the dispatch, tried in order. */
 static __always_inline __u8 infer(const __u8 *d, __u32 n, __u8 dir, __u8 ip_proto, __u16 sport, __u16 dport,
 				  __u8 *role)
 {
-	int kind;
+	__u8 proto;
 
 	if (sport == DNS_PORT || dport == DNS_PORT) {
 		/* DNS header: 12 bytes (over TCP after a 2-byte length), one question */
@@ -105,12 +191,13 @@ static __always_inline __u8 infer(const __u8 *d, __u32 n, __u8 dir, __u8 ip_prot
 	}
 	if (ip_proto != IPPROTO_TCP)
 		return KSCOPE_PROTO_UNKNOWN;
-	kind = http_start(d, n);
-	if (!kind)
-		return KSCOPE_PROTO_UNKNOWN;
-	/* a request we send or a response we read: we are the client */
-	*role = (kind == 1) == (dir == KSCOPE_DIR_EGRESS) ? KSCOPE_ROLE_CLIENT : KSCOPE_ROLE_SERVER;
-	return KSCOPE_PROTO_HTTP1;
+	if ((proto = infer_http1(d, n, dir, role)))
+		return proto;
+	if ((proto = infer_redis(d, n, dir, role)))
+		return proto;
+	if ((proto = infer_memcached(d, n, dir, sport, dport, role)))
+		return proto;
+	return KSCOPE_PROTO_UNKNOWN;
 }
 
 /* A TLS record header: content type 20..24, version 3.x (SSL 3.0 .. TLS 1.3 framing). */
@@ -157,24 +244,27 @@ static __always_inline void read_peer(struct kscope_l7_header *h, const void *ua
 
 /*
  * The user buffer of the current socket call, from the task's saved syscall registers
- * (x86-64: nr = orig_ax, si = 2nd argument, r8 = 5th). The registers still hold the
+ * (x86-64: nr = orig_ax, si = 2nd argument, dx = 3rd, r8 = 5th). The registers still hold the
  * arguments at syscall exit (the kernel writes only ax), so this works from the socket
  * tracepoints and from sys_exit alike. The caller reads the registers (plain loads
  * through a BTF pt_regs pointer cost no helper call).
  *
- * Vector calls give their first iovec (*avail = its length). For sendmmsg/recvmmsg
+ * Vector calls give their first iovec (*avail = its length) and, in *vec, the iovec array the
+ * rest of the call's bytes are in (l7_read_head gathers from it). For sendmmsg/recvmmsg
  * `mmsg_idx` picks the message of the vector (the caller knows which one it is).
  * *uaddr is the call's sockaddr (sendto/recvfrom addr, msghdr.msg_name) or 0.
  * Returns 0 when the call has no user buffer (sendfile, splice ...) or it is unreadable.
  */
-static __always_inline const void *l7_user_buffer(__u64 nr, __u64 si, __u64 r8, __u32 mmsg_idx, __u64 *avail,
-						  const void **uaddr)
+static __always_inline const void *l7_user_buffer(__u64 nr, __u64 si, __u64 dx, __u64 r8, __u32 mmsg_idx,
+						  __u64 *avail, const void **uaddr, struct l7_vec *vec)
 {
 	struct user_msghdr msg;
 	struct iovec iov;
 
 	*uaddr = 0;
 	*avail = ~0ULL;
+	vec->iov = 0;
+	vec->count = 0;
 	switch (nr) {
 	case NR_read:
 	case NR_write:
@@ -187,6 +277,8 @@ static __always_inline const void *l7_user_buffer(__u64 nr, __u64 si, __u64 r8, 
 	case NR_writev:
 		if (bpf_probe_read_user(&iov, sizeof(iov), (void *)si))
 			return 0;
+		vec->iov = (const struct iovec *)si;
+		vec->count = dx;
 		*avail = iov.iov_len;
 		return iov.iov_base;
 	case NR_sendmsg:
@@ -204,6 +296,8 @@ static __always_inline const void *l7_user_buffer(__u64 nr, __u64 si, __u64 r8, 
 	*uaddr = msg.msg_name;
 	if (!msg.msg_iovlen || bpf_probe_read_user(&iov, sizeof(iov), msg.msg_iov))
 		return 0;
+	vec->iov = msg.msg_iov;
+	vec->count = msg.msg_iovlen;
 	*avail = iov.iov_len;
 	return iov.iov_base;
 }
@@ -274,16 +368,45 @@ static __always_inline void stat_inc(__u32 idx)
 		*v += 1;
 }
 
+/* After a vector call's first iovec (n bytes captured of the call's len), the next ones in order,
+ * up to the capture bound: a reply written with writev/sendmsg in pieces (memcached's VALUE line,
+ * the value, END; nginx's head and body) is captured as the bytes the peer reads. At most
+ * L7_GATHER_IOVS buffers (bounded loop); what lies beyond is a truncation, as before. */
+static __always_inline __u32 l7_gather(struct chunk *c, __u32 n, __u64 len, __u32 bound, const struct l7_vec *vec)
+{
+	__u64 cap = l7_clamp_capture(len, ~0ULL, bound);
+	struct iovec iov;
+
+	for (__u32 i = 1; i < L7_GATHER_IOVS; i++) {
+		__u64 take;
+
+		if (i >= vec->count || n >= cap || bpf_probe_read_user(&iov, sizeof(iov), &vec->iov[i]))
+			break;
+		take = iov.iov_len < cap - n ? iov.iov_len : cap - n;
+		/* n < cap <= KSCOPE_L7_MAX_CAPTURE and take <= cap - n: both masks are the identity, and
+		 * tell the verifier the copy stays inside the 2 * KSCOPE_L7_MAX_CAPTURE data buffer */
+		if (take && bpf_probe_read_user(c->data + (n & (KSCOPE_L7_MAX_CAPTURE - 1)),
+						take & (KSCOPE_L7_MAX_CAPTURE - 1), iov.iov_base))
+			break;
+		n += take;
+	}
+	return n;
+}
+
 /* Copy the head of a call's user buffer (0: none) into c->data: the bytes captured, 0 when
- * there is no buffer or it cannot be read (counted). `len`, `avail`: as l7_clamp_capture. */
-static __always_inline __u32 l7_read_head(struct chunk *c, const void *buf, __u64 len, __u64 avail, __u32 bound)
+ * there is no buffer or it cannot be read (counted). `len`, `avail`: as l7_clamp_capture;
+ * `vec` (or 0): the call's iovec array, gathered from when the first buffer is shorter. */
+static __always_inline __u32 l7_read_head(struct chunk *c, const void *buf, __u64 len, __u64 avail, __u32 bound,
+					  const struct l7_vec *vec)
 {
 	__u32 n = buf ? l7_clamp_capture(len, avail, bound) : 0;
 
 	if (n && bpf_probe_read_user(c->data, n & READ_MASK, buf)) {
 		stat_inc(KSCOPE_L7_STAT_READ_FAILED);
-		n = 0;
+		return 0;
 	}
+	if (n && vec && vec->iov && avail < len)
+		n = l7_gather(c, n, len, bound, vec);
 	return n;
 }
 

@@ -232,7 +232,8 @@ static __always_inline void mmsg_enter(__u64 msgvec, __u64 vlen)
 
 /* The user buffer of the current socket call (l7_user_buffer); 0 when it has none or its
  * place in an mmsg vector is unknown. */
-static __always_inline const void *user_buffer(struct pt_regs *regs, __u64 *avail, const void **uaddr)
+static __always_inline const void *user_buffer(struct pt_regs *regs, __u64 *avail, const void **uaddr,
+						struct l7_vec *vec)
 {
 	/* bpf_task_pt_regs() gives a BTF pointer: plain loads, no probe-read helper per register */
 	__u64 nr = regs->orig_ax, si = regs->si;
@@ -243,10 +244,11 @@ static __always_inline const void *user_buffer(struct pt_regs *regs, __u64 *avai
 		if (idx < 0) {
 			*uaddr = 0;
 			*avail = 0;
+			vec->iov = 0;
 			return 0;
 		}
 	}
-	return l7_user_buffer(nr, si, regs->r8, idx, avail, uaddr);
+	return l7_user_buffer(nr, si, regs->dx, regs->r8, idx, avail, uaddr, vec);
 }
 
 /* A call that moved no bytes (a zero-length datagram) still takes its place in an mmsg vector. */

@@ -187,6 +187,7 @@ static __always_inline void capture(struct task_struct *task, struct pt_regs *re
 {
 	struct chunk *c;
 	const void *buf, *uaddr;
+	struct l7_vec vec;
 	__u64 avail, seq;
 	__u32 zero = 0, n;
 
@@ -200,12 +201,13 @@ static __always_inline void capture(struct task_struct *task, struct pt_regs *re
 		return;
 	__builtin_memset(&c->hdr, 0, sizeof(c->hdr));
 	read_tuple_core(&c->hdr, sk);
-	buf = l7_user_buffer(regs->orig_ax, regs->si, regs->r8, idx, &avail, &uaddr);
+	buf = l7_user_buffer(regs->orig_ax, regs->si, regs->dx, regs->r8, idx, &avail, &uaddr, &vec);
 	/* Unconnected UDP: the peer from the call's sockaddr. At exit a receive's sockaddr is
 	 * already filled in (l7.bpf.c's tracepoint fires before the kernel copies it out). */
 	if (ip_proto == IPPROTO_UDP && !c->hdr.dport)
 		read_peer(&c->hdr, uaddr);
-	n = l7_read_head(c, buf, len, avail, capture_bytes);
+	/* no iovec gathering here (vec 0): with it this program passes the verifier's complexity bound */
+	n = l7_read_head(c, buf, len, avail, capture_bytes, 0);
 	if (st->protocol == KSCOPE_PROTO_UNKNOWN) {
 		__u8 role = 0, proto = infer(c->data, n, dir, ip_proto, c->hdr.sport, c->hdr.dport, &role);
 
