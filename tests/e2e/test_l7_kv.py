@@ -12,9 +12,11 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf import json_format
 
 from cluster_processor.aggregate import Aggregator
 from cluster_processor.kube.index import KubeIndex
@@ -25,6 +27,7 @@ from kscope.v1 import flow_pb2 as pb
 from node_exporter.l7.pipeline import L7Event
 from node_exporter.output.convert import MonotonicClock, l7_request
 from node_exporter.protocols import DbRecord, Role
+from tests.e2e.agentproc import start_kscope
 from tests.e2e.l7trace import L7Trace, require
 from tests.e2e.netns import SRV_V4, Topology
 
@@ -258,3 +261,26 @@ def test_memcached_text_and_meta_clients(topo: Topology, tracing: Callable[..., 
     assert {e.conn.comm for e in trace.events if e.conn.side is Role.SERVER} == {"memcached"}
     assert trace.pipe.counters()["invalid_frames"] == 0
     no_secrets(trace)
+
+
+def test_agent_jsonl_carries_db_info_and_no_secret(topo: Topology, tmp_path: Path) -> None:
+    """`kscope run --l7 --jsonl` tracing redis-server's namespace: each command is one L7Request with
+    its DbInfo; the key, the value and the AUTH password appear nowhere in what the agent writes."""
+    redis_server(topo)
+    out = tmp_path / "flows.jsonl"
+    agent, _ = start_kscope("--l7", "--no-live", "--duration", "4", "--interval", "0.5", "--jsonl", str(out),
+                            "--netns-inode", str(topo.srv.ino))  # fmt: skip
+    for args in (("SET", "k:SECRETKEY", "SECRETVALUE"), ("GET", "k:SECRETKEY"), ("AUTH", "SECRETPASS")):
+        topo.cli.run("redis-cli", "-h", SRV_V4, "-p", str(REDIS_PORT), *args)
+    _, rest = agent.communicate(timeout=60)
+    assert agent.returncode == 0, rest
+    text = out.read_text()
+    records = [json_format.Parse(line, pb.NodeRecord()) for line in text.splitlines()]
+    l7 = [r.l7 for r in records if r.WhichOneof("record") == "l7"]
+    assert [(r.side, r.protocol, r.db.system, r.db.operation, r.db.error_type) for r in l7] == [
+        (pb.ROLE_SERVER, "redis", "redis", "SET", ""),
+        (pb.ROLE_SERVER, "redis", "redis", "GET", ""),
+        (pb.ROLE_SERVER, "redis", "redis", "AUTH", "ERR"),
+    ]
+    assert l7[1].db.cache_hits == 1 and all(r.process.comm == "redis-server" for r in l7)
+    assert "SECRET" not in text + rest
