@@ -5,6 +5,7 @@ an AUTH password must appear nowhere in the records or in their protobuf form.""
 
 from __future__ import annotations
 
+import random
 import re
 import select
 import subprocess
@@ -284,3 +285,20 @@ def test_agent_jsonl_carries_db_info_and_no_secret(topo: Topology, tmp_path: Pat
     ]
     assert l7[1].db.cache_hits == 1 and all(r.process.comm == "redis-server" for r in l7)
     assert "SECRET" not in text + rest
+
+
+def test_binary_garbage_on_the_redis_port_makes_nothing(topo: Topology, tracing: Callable[..., L7Trace]) -> None:
+    """Bytes that are not RESP, sent by nc to redis-server: neither end is
+    taken for Redis (inference wants a RESP command, the port alone never decides), nothing is
+    parsed or invented; a real command on another connection still is."""
+    redis_server(topo)
+    trace = tracing()
+    garbage = bytes([0, 255]) + random.Random(14).randbytes(3000).replace(b"*", b"+")
+    # redis-server drops such a client (a protocol error), maybe after an -ERR line
+    subprocess.run(topo.cli.cmd("nc", "-q", "1", SRV_V4, str(REDIS_PORT)), input=garbage, capture_output=True,
+                   timeout=30, check=False)  # fmt: skip
+    topo.cli.run("redis-cli", "-h", SRV_V4, "-p", str(REDIS_PORT), "PING")
+    trace.until(lambda ev: len(db(ev)) >= 2)
+    assert ops(trace.events, Role.CLIENT) == ops(trace.events, Role.SERVER) == ["PING"]
+    c = trace.pipe.counters()
+    assert (c["invalid_frames"], trace.pipe.chunks_unusable) == (0, 0)
