@@ -8,7 +8,7 @@ from node_exporter.bpf.abi import ConnectStatus, L4Reason, Role
 from node_exporter.l4.records import Counters, L4Record
 from node_exporter.l7.pipeline import ConnInfo, L7Event
 from node_exporter.output.live import LiveView
-from node_exporter.protocols import HttpRecord
+from node_exporter.protocols import DbRecord, HttpRecord
 from node_exporter.protocols import Role as PRole
 
 
@@ -55,6 +55,20 @@ def test_requests_grouped_by_process_and_route() -> None:
     row = next(line for line in text.splitlines() if "GET /users/{id}" in line)  # grouped by route, not path
     assert "nginx" in row and "server" in row and "4.0" in row and " 1 " in row  # 4 req/s, 1 error
     assert "3.00" in row and "4.00" in row  # p50 and max in ms
+
+
+def test_db_operations_grouped_by_operation_with_their_errors() -> None:
+    info = ConnInfo(sock_cookie=1, netns_ino=1, side=PRole.CLIENT, protocol="redis", tls=False,
+                    local_ip="198.18.0.1", local_port=40000, remote_ip="198.18.0.2", remote_port=6379, family=2,
+                    tgid=9, comm="app")  # fmt: skip
+    events = [
+        L7Event(info, DbRecord("redis", "GET", 30, 9, 0, ms * MS, query_summary="GET", error_type=err))
+        for ms, err in ((1, ""), (2, "WRONGTYPE"), (3, ""))
+    ]
+    view = LiveView()
+    view.update([], events)
+    row = next(line for line in _text(view).splitlines() if " GET " in line)
+    assert "app" in row and "redis" in row and "3.0" in row and " 1 " in row and "2.00" in row
 
 
 def test_open_connections_kept_are_bounded() -> None:
