@@ -170,13 +170,106 @@ static __always_inline bool h2_frames(const __u8 *d, __u32 n)
 	return len != ~0U && h2_frame(d, n, H2_FRAME_HEADER + len) != ~0U;
 }
 
+/* Role of the end that sent (egress) or received (ingress) a request. */
+static __always_inline __u8 request_role(__u8 dir)
+{
+	return dir == KSCOPE_DIR_EGRESS ? KSCOPE_ROLE_CLIENT : KSCOPE_ROLE_SERVER;
+}
+
+/* HTTP/2: the client connection preface (RFC 9113 3.4), which only a client sends, or two plausible
+ * frame headers in a row (a connection older than the agent; role 0, KSCOPE_ROLE_UNKNOWN: both
+ * ends send frames alike, the caller asks the socket). */
+static __always_inline __u8 infer_http2(const __u8 *d, __u32 n, __u8 dir, __u8 *role)
+{
+	if (has_prefix(d, n, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", H2_PREFACE_LEN)) {
+		*role = request_role(dir);
+		return KSCOPE_PROTO_HTTP2;
+	}
+	if (h2_frames(d, n)) {
+		*role = KSCOPE_ROLE_UNKNOWN;
+		return KSCOPE_PROTO_HTTP2;
+	}
+	return KSCOPE_PROTO_UNKNOWN;
+}
+
+/* HTTP/1: a request line or a status line, from either direction (no port involved). */
+static __always_inline __u8 infer_http1(const __u8 *d, __u32 n, __u8 dir, __u8 *role)
+{
+	int kind = http_start(d, n);
+
+	if (!kind)
+		return KSCOPE_PROTO_UNKNOWN;
+	/* a request we send or a response we read: we are the client */
+	*role = (kind == 1) == (dir == KSCOPE_DIR_EGRESS) ? KSCOPE_ROLE_CLIENT : KSCOPE_ROLE_SERVER;
+	return KSCOPE_PROTO_HTTP1;
+}
+
+static __always_inline bool is_digit(__u8 c)
+{
+	return c >= '0' && c <= '9';
+}
+
+/* Redis: a command is a RESP array of bulk strings, "*<count>\r\n$<len>\r\n" (count < 10^7), what
+ * redis-cli, redis-benchmark and every client library send, RESP2 and RESP3 alike. From the request
+ * only, in either direction, at any port: a reply's first bytes ("+OK", ":1") are too common to tell.
+ * The inline form (a command typed into telnet) is not inferred. */
+static __always_inline __u8 infer_redis(const __u8 *d, __u32 n, __u8 dir, __u8 *role)
+{
+	__u32 i;
+
+	if (n < 8 || d[0] != '*' || d[1] < '1' || d[1] > '9')
+		return KSCOPE_PROTO_UNKNOWN;
+	for (i = 2; i < 9; i++) {
+		if (i + 4 >= n || (d[i] != '\r' && !is_digit(d[i])))
+			return KSCOPE_PROTO_UNKNOWN;
+		if (d[i] == '\r')
+			break;
+	}
+	if (i == 9 || d[i + 1] != '\n' || d[i + 2] != '$' || !is_digit(d[i + 3]))
+		return KSCOPE_PROTO_UNKNOWN;
+	*role = request_role(dir);
+	return KSCOPE_PROTO_REDIS;
+}
+
+#define MEMCACHED_PORT 11211
+
+/* A memcached command word (with its separator) followed by a printable byte: the key, an argument.
+ * Constant offsets only: a loop over the line here made the programs that inline infer() too big for
+ * the verifier (each exit of the loop is a state it walks the rest of the program with). */
+static __always_inline bool mc_word(const __u8 *d, __u32 n, const char *w, __u32 wlen)
+{
+	return n > wlen && has_prefix(d, n, w, wlen) && d[wlen] > 0x20 && d[wlen] < 0x7f;
+}
+
+/* Memcached text protocol: a command word, then its first argument. The classic commands are
+ * recognised at any port; the two-letter meta commands and the admin ones only when either port is
+ * 11211 (the port is the tie-breaker for short words other line protocols may use). From the request
+ * only, in either direction. A wrong guess costs its parser's invalid_frames, counted. */
+static __always_inline __u8 infer_memcached(const __u8 *d, __u32 n, __u8 dir, __u16 sport, __u16 dport, __u8 *role)
+{
+	bool known = mc_word(d, n, "get ", 4) || mc_word(d, n, "gets ", 5) || mc_word(d, n, "set ", 4) ||
+		     mc_word(d, n, "add ", 4) || mc_word(d, n, "replace ", 8) || mc_word(d, n, "append ", 7) ||
+		     mc_word(d, n, "prepend ", 8) || mc_word(d, n, "cas ", 4) || mc_word(d, n, "delete ", 7) ||
+		     mc_word(d, n, "incr ", 5) || mc_word(d, n, "decr ", 5) || mc_word(d, n, "touch ", 6) ||
+		     mc_word(d, n, "gat ", 4) || mc_word(d, n, "gats ", 5);
+
+	if (!known && (sport == MEMCACHED_PORT || dport == MEMCACHED_PORT))
+		known = mc_word(d, n, "mg ", 3) || mc_word(d, n, "ms ", 3) || mc_word(d, n, "md ", 3) ||
+			mc_word(d, n, "ma ", 3) || has_prefix(d, n, "mn\r\n", 4) || has_prefix(d, n, "stats", 5) ||
+			has_prefix(d, n, "version\r\n", 9) || has_prefix(d, n, "flush_all", 9);
+	if (!known)
+		return KSCOPE_PROTO_UNKNOWN;
+	*role = request_role(dir);
+	return KSCOPE_PROTO_MEMCACHED;
+}
+
 /* Decide the protocol of a connection from one call's head; KSCOPE_PROTO_UNKNOWN if it
- * does not tell. *role is set only when a protocol is returned; 0 (KSCOPE_ROLE_UNKNOWN) for
- * HTTP/2 found from frames, which both ends send alike: the caller asks the socket. */
+ * does not tell. *role is set only when a protocol is returned (0 for HTTP/2 found from frames).
+ * Each TCP protocol is one line of the dispatch, tried in order. */
 static __always_inline __u8 infer(const __u8 *d, __u32 n, __u8 dir, __u8 ip_proto, __u16 sport, __u16 dport,
 				  __u8 *role)
 {
-	int kind;
+	__u8 proto;
 
 	if (sport == DNS_PORT || dport == DNS_PORT) {
 		/* DNS header: 12 bytes (over TCP after a 2-byte length), one question */
@@ -190,21 +283,15 @@ static __always_inline __u8 infer(const __u8 *d, __u32 n, __u8 dir, __u8 ip_prot
 	}
 	if (ip_proto != IPPROTO_TCP)
 		return KSCOPE_PROTO_UNKNOWN;
-	if (has_prefix(d, n, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", H2_PREFACE_LEN)) {
-		/* the client connection preface (RFC 9113 3.4): only a client sends it */
-		*role = dir == KSCOPE_DIR_EGRESS ? KSCOPE_ROLE_CLIENT : KSCOPE_ROLE_SERVER;
-		return KSCOPE_PROTO_HTTP2;
-	}
-	if (h2_frames(d, n)) {
-		*role = KSCOPE_ROLE_UNKNOWN;
-		return KSCOPE_PROTO_HTTP2;
-	}
-	kind = http_start(d, n);
-	if (!kind)
-		return KSCOPE_PROTO_UNKNOWN;
-	/* a request we send or a response we read: we are the client */
-	*role = (kind == 1) == (dir == KSCOPE_DIR_EGRESS) ? KSCOPE_ROLE_CLIENT : KSCOPE_ROLE_SERVER;
-	return KSCOPE_PROTO_HTTP1;
+	if ((proto = infer_http2(d, n, dir, role)))
+		return proto;
+	if ((proto = infer_http1(d, n, dir, role)))
+		return proto;
+	if ((proto = infer_redis(d, n, dir, role)))
+		return proto;
+	if ((proto = infer_memcached(d, n, dir, sport, dport, role)))
+		return proto;
+	return KSCOPE_PROTO_UNKNOWN;
 }
 
 /* The role of a socket whose protocol did not tell it (HTTP/2 from frames): an accepted socket
@@ -293,19 +380,19 @@ struct {
 
 /*
  * The user buffer of the current socket call, from the task's saved syscall registers
- * (x86-64: nr = orig_ax, si = 2nd argument, r8 = 5th). The registers still hold the
+ * (x86-64: nr = orig_ax, si = 2nd argument, dx = 3rd, r8 = 5th). The registers still hold the
  * arguments at syscall exit (the kernel writes only ax), so this works from the socket
  * tracepoints and from sys_exit alike. The caller reads the registers (plain loads
  * through a BTF pt_regs pointer cost no helper call).
  *
- * Vector calls give their first iovec (*avail = its length; message calls note the array in
- * l7_vec for l7_read_head). For sendmmsg/recvmmsg
+ * Vector calls give their first iovec (*avail = its length) and note the array in l7_vec for
+ * l7_read_head (readv/writev: `dx` is the count). For sendmmsg/recvmmsg
  * `mmsg_idx` picks the message of the vector (the caller knows which one it is).
  * *uaddr is the call's sockaddr (sendto/recvfrom addr, msghdr.msg_name) or 0.
  * Returns 0 when the call has no user buffer (sendfile, splice ...) or it is unreadable.
  */
-static __always_inline const void *l7_user_buffer(__u64 nr, __u64 si, __u64 r8, __u32 mmsg_idx, __u64 *avail,
-						  const void **uaddr)
+static __always_inline const void *l7_user_buffer(__u64 nr, __u64 si, __u64 dx, __u64 r8, __u32 mmsg_idx,
+						  __u64 *avail, const void **uaddr)
 {
 	struct user_msghdr msg;
 	struct iovec iov;
@@ -327,6 +414,12 @@ static __always_inline const void *l7_user_buffer(__u64 nr, __u64 si, __u64 r8, 
 		if (bpf_probe_read_user(&iov, sizeof(iov), (void *)si))
 			return 0;
 		*avail = iov.iov_len;
+		/* a reply written in pieces (memcached's VALUE line, value, END) is read on past the first */
+		vec = bpf_map_lookup_elem(&l7_vec, &zero);
+		if (vec) {
+			vec->iov = (const struct iovec *)si;
+			vec->cnt = dx;
+		}
 		return iov.iov_base;
 	case NR_sendmsg:
 	case NR_recvmsg:

@@ -201,7 +201,7 @@ static __always_inline void capture(struct task_struct *task, struct pt_regs *re
 		return;
 	__builtin_memset(&c->hdr, 0, sizeof(c->hdr));
 	read_tuple_core(&c->hdr, sk);
-	buf = l7_user_buffer(regs->orig_ax, regs->si, regs->r8, idx, &avail, &uaddr);
+	buf = l7_user_buffer(regs->orig_ax, regs->si, regs->dx, regs->r8, idx, &avail, &uaddr);
 	/* Unconnected UDP: the peer from the call's sockaddr. At exit a receive's sockaddr is
 	 * already filled in (l7.bpf.c's tracepoint fires before the kernel copies it out). */
 	if (ip_proto == IPPROTO_UDP && !c->hdr.dport)

@@ -110,6 +110,7 @@ class Protocol(enum.Enum):
     HTTP = "http"  # HTTP/1 and HTTP/2 (network.protocol.version tells them apart)
     DNS = "dns"
     RPC = "rpc"  # gRPC calls (HTTP/2 with content-type application/grpc*): status_code is the grpc code
+    DB = "db"  # databases and caches (Redis, Memcached, PostgreSQL, MySQL): db.system.name tells them apart
 
     # Members are singletons compared by identity: hash them by identity too. Enum's own hash is a
     # Python-level method, and these key many tables and caches per record.

@@ -32,7 +32,16 @@ from node_exporter.l7.exchanges import (
     ExchangeBatch,
     HeadParser,
 )
-from node_exporter.protocols import PROTOCOLS, ConnectionTracker, Direction, DnsRecord, HttpRecord, Role, TrackerLimits
+from node_exporter.protocols import (
+    PROTOCOLS,
+    ConnectionTracker,
+    DbRecord,
+    Direction,
+    DnsRecord,
+    HttpRecord,
+    Role,
+    TrackerLimits,
+)
 from node_exporter.protocols.http1 import HttpSummary, HttpSummaryRecord
 from node_exporter.protocols.http2_session import COUNTERS as H2_COUNTERS
 from node_exporter.protocols.tracker import COUNTERS
@@ -65,7 +74,7 @@ class ConnInfo:
 @dataclass(frozen=True, slots=True)
 class L7Event:
     conn: ConnInfo
-    record: HttpRecord | DnsRecord  # an HttpSummaryRecord (record.summary set) counts summary.count requests
+    record: HttpRecord | DnsRecord | DbRecord  # an HttpSummaryRecord (record.summary set) counts summary.count requests
 
 
 def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[Any, Any], None], ...]:
@@ -91,14 +100,23 @@ class _Conn:
         self.last_ns = 0
 
 
+# The kernel's protocol -> the PROTOCOLS entry that parses it (DNS: by transport, below).
+_PROTOCOL_NAMES: dict[int, str] = {
+    L7Protocol.KSCOPE_PROTO_HTTP1: "http1",
+    L7Protocol.KSCOPE_PROTO_HTTP2: "http2",
+    L7Protocol.KSCOPE_PROTO_REDIS: "redis",
+    L7Protocol.KSCOPE_PROTO_MEMCACHED: "memcached",
+}
+# HTTP/2 is a TCP protocol: a datagram socket the kernel called HTTP/2 is nothing we parse.
+_TCP_ONLY: frozenset[int] = frozenset({L7Protocol.KSCOPE_PROTO_HTTP2})
+
+
 def _protocol_name(chunk: Chunk) -> str | None:
-    if chunk.protocol == L7Protocol.KSCOPE_PROTO_HTTP1:
-        return "http1"
     if chunk.protocol == L7Protocol.KSCOPE_PROTO_DNS:
         return "dns" if chunk.ip_proto == IPPROTO_UDP else "dns_tcp"
-    if chunk.protocol == L7Protocol.KSCOPE_PROTO_HTTP2 and chunk.ip_proto != IPPROTO_UDP:
-        return "http2"
-    return None
+    if chunk.protocol in _TCP_ONLY and chunk.ip_proto == IPPROTO_UDP:
+        return None
+    return _PROTOCOL_NAMES.get(chunk.protocol)
 
 
 _RECORD_SETTERS = _slot_setters(

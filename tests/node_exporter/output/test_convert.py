@@ -14,7 +14,7 @@ from node_exporter.metadata.cgroup import ContainerIdentity
 from node_exporter.metadata.proc import ProcessInfo
 from node_exporter.output.convert import MonotonicClock, l4_columns, l4_flow, l7_request
 from node_exporter.output.jsonl import JsonlWriter
-from node_exporter.protocols import DnsRecord, Http2Record, HttpRecord
+from node_exporter.protocols import DbRecord, DnsRecord, Http2Record, HttpRecord
 from node_exporter.protocols import Role as ProtoRole
 
 
@@ -121,6 +121,22 @@ def test_dns_timeout_from_a_host_process() -> None:
     assert (msg.dns.id, msg.dns.question_name, msg.dns.question_type, msg.dns.rcode, msg.dns.timed_out) == (
         77, "x.fail.test", "A", "", True)  # fmt: skip
     assert msg.process.comm == "dig" and msg.process.host_process and not msg.HasField("http")
+
+
+def test_a_db_operation_keeps_every_db_field() -> None:
+    rec = DbRecord(system="redis", operation="GET", request_bytes=30, response_bytes=5, start_ns=7, latency_ns=90_000,
+                   namespace="3", status_code="WRONGTYPE", error_type="WRONGTYPE", returned_rows=1, cache_hits=2,
+                   cache_misses=1, batch_size=4, collection="users", query_summary="SELECT users",
+                   query_text="SELECT * FROM users WHERE id = ?")  # fmt: skip
+    msg = l7_request(L7Event(_conn(side=ProtoRole.CLIENT, protocol="redis", tls=False, comm="app"), rec), None,
+                     MonotonicClock())  # fmt: skip
+    assert msg.WhichOneof("detail") == "db" and msg.protocol == "redis"
+    got = {f.name: v for f, v in msg.db.ListFields()}
+    assert got == {"system": "redis", "operation": "GET", "collection": "users", "namespace": "3",
+                   "query_summary": "SELECT users", "query_text": "SELECT * FROM users WHERE id = ?",
+                   "status_code": "WRONGTYPE", "error_type": "WRONGTYPE", "returned_rows": 1, "cache_hits": 2,
+                   "cache_misses": 1, "batch_size": 4}  # fmt: skip
+    assert (msg.request_bytes, msg.response_bytes, msg.latency_ns) == (30, 5, 90_000)
 
 
 def test_a_batchs_columns_hold_exactly_its_rows() -> None:
