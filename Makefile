@@ -15,7 +15,8 @@ PYTHON ?= python3
 # Debian packages: toolchain for the probes, and the real peers the tests drive.
 APT_PACKAGES := clang-19 llvm-19 libbpf-dev libbpf1 bpftool make iproute2 iptables conntrack \
 	nginx-light wrk hey curl netcat-openbsd openssl dnsmasq-base dnsutils libnetfilter-queue-dev util-linux procps \
-	python3-venv binutils libcap2-bin prometheus tmux
+	python3-venv binutils libcap2-bin prometheus tmux nghttp2-server nghttp2-client
+APT_PACKAGES += redis-server redis-tools memcached libmemcached-tools  # Redis/Memcached peers of the L7 tests
 
 BPF_CFLAGS := -target bpf -g -O2 -mcpu=v3 -D__TARGET_ARCH_x86 -Wall -Werror -Wno-unused-function \
 	-I$(BUILD) -Ibpf_src
@@ -44,6 +45,7 @@ bench: setup $(BENCH_OBJS)
 	$(PY) bench/conntrack.py
 	$(PY) bench/netns_walks.py
 	$(PY) bench/processor.py
+	$(PY) bench/h2.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

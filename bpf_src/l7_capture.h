@@ -27,13 +27,13 @@ static __always_inline void bind_tls(struct sock *sk, struct l7_sock *st, struct
 
 /* A chunk's socket fields and the call's head (the bytes captured). */
 static __always_inline __u32 chunk_head(struct chunk *c, struct sock *sk, __u8 ip_proto, const void *buf,
-					const void *uaddr, int ret, __u64 avail)
+					const void *uaddr, int ret, __u64 avail, __u8 protocol)
 {
 	__builtin_memset(&c->hdr, 0, sizeof(c->hdr));
 	read_tuple(c->hdr.saddr, c->hdr.daddr, &c->hdr.sport, &c->hdr.dport, &c->hdr.family, sk);
 	if (ip_proto == IPPROTO_UDP && !c->hdr.dport)
 		read_peer(&c->hdr, uaddr);
-	return l7_read_head(c, buf, ret, avail, capture_bytes);
+	return l7_read_head(c, buf, ret, avail, l7_capture_bound(protocol, capture_bytes));
 }
 
 static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
@@ -85,7 +85,7 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 	if (fresh) {
 		__u8 role = 0, proto;
 
-		n = chunk_head(c, sk, ip_proto, buf, uaddr, ret, avail);
+		n = chunk_head(c, sk, ip_proto, buf, uaddr, ret, avail, KSCOPE_PROTO_UNKNOWN);
 		proto = infer(c->data, n, dir, ip_proto, c->hdr.sport, c->hdr.dport, &role);
 
 		if (proto == KSCOPE_PROTO_UNKNOWN && ip_proto == IPPROTO_TCP && is_tls_record(c->data, n)) {
@@ -102,7 +102,9 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 			return;
 		}
 		st->protocol = proto;
-		st->role = role;
+		st->role = role ? role : l7_socket_role(sk);
+		if (n > l7_capture_bound(proto, capture_bytes))
+			n = l7_capture_bound(proto, capture_bytes);
 	}
 	/* plain-text HTTP/1 over TCP: the exchange path, from a socket's first call on (it reads the
 	 * head it needs itself). One call site: xchg_call is most of the program, and inlined twice it
@@ -111,7 +113,7 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 	    xchg_call(sk, st, c, buf, avail, ret, dir, seq))
 		return;
 	if (!fresh)
-		n = chunk_head(c, sk, ip_proto, buf, uaddr, ret, avail);
+		n = chunk_head(c, sk, ip_proto, buf, uaddr, ret, avail, st->protocol);
 	l7_chunk_call(c, buf != 0, n, ret, seq, dir, st->protocol, st->role, ip_proto);
 	c->hdr.netns_ino = sk->__sk_common.skc_net.net->ns.inum;
 	c->hdr.sock_cookie = bpf_get_socket_cookie(sk);
@@ -161,7 +163,7 @@ static __always_inline void tls_exit(int ret) /* SSL_* return an int */
 		bpf_map_delete_elem(&tls_calls, &tid);
 		return;
 	}
-	n = l7_read_head(c, (const void *)call->buf, len, ~0ULL, capture_bytes);
+	n = l7_read_head(c, (const void *)call->buf, len, ~0ULL, l7_capture_bound(conn->protocol, capture_bytes));
 	bpf_map_delete_elem(&tls_calls, &tid);
 	if (dir == KSCOPE_DIR_EGRESS) {
 		seq = conn->seq[0];
@@ -178,7 +180,10 @@ static __always_inline void tls_exit(int ret) /* SSL_* return an int */
 			return;
 		}
 		conn->protocol = proto;
-		conn->role = role;
+		if (role) /* else (HTTP/2 from frames) the socket's, from bind_tls */
+			conn->role = role;
+		if (n > l7_capture_bound(proto, capture_bytes))
+			n = l7_capture_bound(proto, capture_bytes);
 	}
 	__builtin_memset(&c->hdr, 0, sizeof(c->hdr));
 	l7_chunk_call(c, true, n, len, seq, dir, conn->protocol, conn->role, IPPROTO_TCP);

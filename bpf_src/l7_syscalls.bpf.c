@@ -49,6 +49,7 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
 
+#define L7_IOV_WALK 0 /* first iovec only: see l7_proto.h */
 #include "l7_proto.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
@@ -197,11 +198,12 @@ static __always_inline void capture(struct task_struct *task, struct pt_regs *re
 		return;
 	__builtin_memset(&c->hdr, 0, sizeof(c->hdr));
 	read_tuple_core(&c->hdr, sk);
-	buf = l7_user_buffer(regs->orig_ax, regs->si, regs->r8, idx, &avail, &uaddr);
+	buf = l7_user_buffer(regs->orig_ax, regs->si, regs->dx, regs->r8, idx, &avail, &uaddr);
 	/* Unconnected UDP: the peer from the call's sockaddr. At exit a receive's sockaddr is
 	 * already filled in (l7.bpf.c's tracepoint fires before the kernel copies it out). */
 	if (ip_proto == IPPROTO_UDP && !c->hdr.dport)
 		read_peer(&c->hdr, uaddr);
+	/* the knob even for HTTP/2: a larger bound here passed the verifier's 1M instructions */
 	n = l7_read_head(c, buf, len, avail, capture_bytes);
 	if (st->protocol == KSCOPE_PROTO_UNKNOWN) {
 		__u8 role = 0, proto = infer(c->data, n, dir, ip_proto, c->hdr.sport, c->hdr.dport, &role);
@@ -218,7 +220,9 @@ static __always_inline void capture(struct task_struct *task, struct pt_regs *re
 			return;
 		}
 		st->protocol = proto;
-		st->role = role;
+		st->role = role ? role : l7_socket_role(sk);
+		if (n > l7_capture_bound(proto, capture_bytes))
+			n = l7_capture_bound(proto, capture_bytes);
 	}
 	l7_chunk_call(c, buf != 0, n, len, seq, dir, st->protocol, st->role, ip_proto);
 	if (!st->cookie) {

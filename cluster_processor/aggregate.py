@@ -42,12 +42,13 @@ from typing import Final
 
 from cluster_processor.events import EventLog
 from cluster_processor.kube.index import KubeIndex
-from cluster_processor.otlp import semconv
+from cluster_processor.otlp import rpc, semconv
 from cluster_processor.otlp.model import (
     EVENT_CONNECT_REFUSED,
     EVENT_CONNECT_TIMEOUT,
     EVENT_DNS_ERROR,
     EVENT_HTTP_SERVER_ERROR,
+    EVENT_RPC_SERVER_ERROR,
     EVENT_TCP_RESET,
     HTTP_DURATION_BOUNDS_S,
     SERVICE_GRAPH_BOUNDS_S,
@@ -82,13 +83,24 @@ from kscope_common import l4_columns
 from kscope_common.latency import rebucket_map
 
 NS_PER_S: Final = 1_000_000_000
-_PROTOCOLS: Final = {"http1": Protocol.HTTP, "http": Protocol.HTTP, "dns": Protocol.DNS}
+# HTTP/2 records are HTTP (network.protocol.version "2"), or RPCs when the agent saw a gRPC call in one.
+_PROTOCOLS: Final = {"http1": Protocol.HTTP, "http": Protocol.HTTP, "http2": Protocol.HTTP, "dns": Protocol.DNS,
+                     **dict.fromkeys(("redis", "memcached", "postgresql", "mysql"), Protocol.DB)}  # fmt: skip
+_H2: Final = "http2"
+_V2: Final[tuple[str, AttrValue]] = ("network.protocol.version", "2")
 # Enum's .value is a Python-level property: read once here, not per record.
 _PROTOCOL_VALUES: Final = {p: p.value for p in Protocol}
 _PROTOCOL_OF_VALUE: Final = {p.value: p for p in Protocol}
 # Members read through module globals per record: an Enum class's attribute read takes ~10x a global's.
 _SIDE_SERVER: Final = Side.SERVER
 _DNS: Final = Protocol.DNS
+_RPC: Final = Protocol.RPC
+_RPC_SERVER_ERRORS: Final = rpc.SERVER_ERRORS
+_DB: Final = Protocol.DB
+# A database record's extras that label its metric series too (bounded: the system, the one table a
+# statement names, the database, the server's status code); the query summary and sanitized text are
+# span attributes only.
+_DB_METRIC_KEYS: Final = frozenset({"db.system.name", "db.collection.name", "db.namespace", "db.response.status_code"})
 _CONNECT_ERRORS: Final = {
     pb.CONNECT_STATUS_REFUSED: "connection_refused",
     pb.CONNECT_STATUS_TIMEOUT: "timeout",
@@ -234,7 +246,8 @@ class _Listener:
     queue_limit: int = 0
 
 
-# (edge and side, protocol value, method, route, status, error type, protocol extras: a DNS response code)
+# (edge and side, protocol value, method, route, status, error type, protocol extras: a DNS response
+# code, HTTP/2's network.protocol.version)
 _RedKey = tuple[EdgeSide, str, str, str, int | None, str, Attrs]
 
 
@@ -491,7 +504,10 @@ class Aggregator:
         if route.external:
             c["external_remote"] += 1
         side = route.side
-        method, route_name, status, error_type, extra, traceparent = _details(protocol, q)
+        h2 = q.protocol == _H2
+        if h2 and q.HasField("rpc"):
+            protocol = _RPC
+        method, route_name, status, error_type, extra, traceparent = _details(protocol, q, h2)
         latency_ns = q.latency_ns
         duration_s = latency_ns / NS_PER_S
         # Read only where the request is counted (see _graph).
@@ -507,7 +523,15 @@ class Aggregator:
         if ref in st.edges or self._admit(st, ref):
             # DNS keeps its response code (an NXDOMAIN is no error, yet worth telling from a NOERROR);
             # not the question name, whose cardinality is the callers'.
-            red_extra = extra[1:] if protocol is _DNS else ()
+            red_extra = (
+                extra[1:]
+                if protocol is _DNS
+                else _db_metric_extra(extra)
+                if protocol is _DB
+                else (_V2,)
+                if h2 and protocol is not _RPC
+                else ()
+            )
             key: _RedKey = (route.key, _PROTOCOL_VALUES[protocol], method, route_name, status, error_type, red_extra)
             hist = st.red.get(key)
             if hist is None and len(st.red) >= self._settings.max_red_keys:
@@ -524,7 +548,9 @@ class Aggregator:
         if summary is None:  # a summary's requests were not picked for spans by the node
             ctx = span_context(traceparent)
             self._span(st, route, side, protocol, q, latency_ns, method, route_name, status, error_type, extra, ctx)
-        if (error_type and protocol is _DNS) or (status is not None and status >= 500):
+        if (error_type and protocol is _DNS) or (
+            status is not None and (status >= 500 or (protocol is _RPC and status in _RPC_SERVER_ERRORS))
+        ):
             self._l7_event(st, route, side, protocol, q, method, route_name, status, error_type, extra, n, ctx)
 
     def _l7_event(
@@ -532,8 +558,9 @@ class Aggregator:
         route_name: str, status: int | None, error_type: str, extra: tuple[tuple[str, AttrValue], ...], n: int,
         ctx: SpanContext | None,
     ) -> None:  # fmt: skip
-        """A failed DNS lookup or a 5xx answer (``n`` of them for a summary), logged from each side that
-        saw it, under the workload edge. The first occurrence's trace, if it had one, is the record's."""
+        """A failed DNS lookup, a 5xx answer or a gRPC code that fails a server (``n`` of them for a
+        summary), logged from each side that saw it, under the workload edge. The first occurrence's
+        trace, if it had one, is the record's."""
         trace = (ctx.trace_id, ctx.span_id) if ctx is not None else (b"", b"")
         e = route.ref.edge
         t = q.start_time_unix_nano
@@ -541,6 +568,13 @@ class Aggregator:
             body = f"DNS {method} {q.dns.question_name}: {error_type}"
             st.logs.add(e, side, t, EVENT_DNS_ERROR, Severity.WARN, body, (*extra, ("error.type", error_type)),
                       trace, n)  # fmt: skip
+            return
+        if protocol is _RPC:
+            code = rpc.code_name(status or 0)
+            # the server's rule for error.type: both sides log what the server failed on
+            attrs = rpc.attributes(Side.SERVER, method, "", status, "")
+            name = dict(attrs)[rpc.RPC_METHOD]  # _OTHER for a method the server does not have
+            st.logs.add(e, side, t, EVENT_RPC_SERVER_ERROR, Severity.WARN, f"gRPC {code} {name}", attrs, trace, n)
             return
         m = semconv.normal_method(method)
         body = f"HTTP {status} {m} {route_name}" if route_name else f"HTTP {status} {m}"
@@ -629,9 +663,12 @@ class Aggregator:
 
 
 def _details(
-    protocol: Protocol, q: pb.L7Request
+    protocol: Protocol, q: pb.L7Request, h2: bool = False
 ) -> tuple[str, str, int | None, str, tuple[tuple[str, AttrValue], ...], str | None]:
-    """(method, route, status, error type, span extras, traceparent) of one L7 record."""
+    """(method, route, status, error type, span extras, traceparent) of one L7 record. ``h2``: it
+    came over HTTP/2 (an RPC, or HTTP whose extras say network.protocol.version 2)."""
+    if protocol is _DB:
+        return _db_details(q)
     if protocol is _DNS:
         d = q.dns
         rcode = d.rcode
@@ -644,14 +681,38 @@ def _details(
         return d.question_type, "", None, error, extra, q.http.traceparent if q.HasField("http") else None
     h = q.http
     method, route, path, request_id, status_code, traceparent = _HTTP(h)
-    status = status_code or None
     if request_id:
         rid: tuple[str, AttrValue] = ("http.request.header.x-request-id", request_id)
-        extra = (rid, ("url.path", path)) if path else (rid,)
-    else:
-        extra = (("url.path", path),) if path else ()
+    if protocol is _RPC:
+        r = q.rpc
+        code = rpc.status_of(r.grpc_status_code if r.HasField("grpc_status_code") else None, status_code)
+        # the path is the method: no url.path
+        return f"{r.service}/{r.method}", "", code, "", (rid,) if request_id else (), traceparent
+    status = status_code or None
+    # Built in canonical (sorted) order: x-request-id, network.protocol.version, url.path.
+    extra = ((rid,) if request_id else ()) + ((_V2,) if h2 else ()) + ((("url.path", path),) if path else ())
     # No response at all is a failure the status code cannot express.
     return method, route, status, "" if status is not None else "no_response", extra, traceparent
+
+
+def _db_details(
+    q: pb.L7Request,
+) -> tuple[str, str, int | None, str, tuple[tuple[str, AttrValue], ...], str | None]:
+    """A database operation: its name is the method, its query summary the route (the span's name);
+    the rest are extras in canonical (sorted) order. No traceparent travels in these protocols."""
+    d = q.db
+    pairs: list[tuple[str, AttrValue]] = [("db.system.name", d.system or q.protocol)]
+    for key, value in (("db.collection.name", d.collection), ("db.namespace", d.namespace),
+                       ("db.query.summary", d.query_summary), ("db.query.text", d.query_text),
+                       ("db.response.status_code", d.status_code)):  # fmt: skip
+        if value:
+            pairs.append((key, value))
+    pairs.sort()
+    return d.operation, d.query_summary or d.operation, None, d.error_type, tuple(pairs), None
+
+
+def _db_metric_extra(extra: tuple[tuple[str, AttrValue], ...]) -> tuple[tuple[str, AttrValue], ...]:
+    return tuple(p for p in extra if p[0] in _DB_METRIC_KEYS)
 
 
 def _summary_parts(s: pb.L7Summary) -> tuple[Sequence[int], float, float, float]:

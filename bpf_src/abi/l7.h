@@ -22,6 +22,9 @@ enum kscope_l7_protocol {
 	KSCOPE_PROTO_UNKNOWN = 0,
 	KSCOPE_PROTO_HTTP1 = 1,
 	KSCOPE_PROTO_DNS = 2,
+	KSCOPE_PROTO_REDIS = 3,     /* RESP2/RESP3 */
+	KSCOPE_PROTO_MEMCACHED = 4, /* text protocol, meta commands */
+	KSCOPE_PROTO_HTTP2 = 7, /* cleartext (prior knowledge, upgrade-less) or TLS plaintext; chunks only */
 	KSCOPE_PROTO_IGNORED = 255, /* not a protocol we parse: nothing more is captured */
 };
 

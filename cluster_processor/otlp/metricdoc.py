@@ -1,7 +1,7 @@
 """docs/metrics.md, generated from the code: ``python -m cluster_processor.otlp.metricdoc > docs/metrics.md``.
 
-Each metric's attributes are not listed by hand: one example interval (an HTTP and a DNS edge, both
-sides, failures, L4 counters, a listener, the service graph) goes through the same
+Each metric's attributes are not listed by hand: one example interval (an HTTP (1 and 2), a gRPC and
+a DNS edge, both sides, failures, L4 counters, a listener, the service graph) goes through the same
 ``semconv.interval_samples`` the exporters use, and the keys its samples carry are what the table
 shows; the Prometheus names and labels come from ``prometheus``. A test checks that the committed
 file is this output.
@@ -74,6 +74,9 @@ def example_interval() -> Interval:
     red = [
         RedPoint(http, side, Protocol.HTTP, h, "GET", "/cart/{id}", status) for side in Side for status in (200, 503)
     ]
+    h2 = (("network.protocol.version", "2"),)
+    red += [RedPoint(http, side, Protocol.HTTP, h, "GET", "/cart/{id}", 200, "", h2) for side in Side]
+    red += [RedPoint(http, side, Protocol.RPC, h, "shop.Cart/Get", "", code) for side in Side for code in (0, 13)]
     rcode = (("dns.response_code", "SERVFAIL"),)
     red += [RedPoint(to_dns, side, Protocol.DNS, h, "A", "", None, "servfail", rcode) for side in Side]
     l4 = [L4Point(http, side, 1, 1, 1, (("connection_refused", 1),), 1, 1, 1, h, 0.001) for side in Side]
@@ -101,7 +104,7 @@ def render() -> str:
     by_inst[pipeline.AGENT_STAT] = [agent]
     head = "| OTLP | Prometheus | Type | Unit | Resource | Attributes (label) | Description |\n" + "|---" * 7 + "|"
     sections = {
-        "RED (requests)": ("http.", "dns.", "kscope.dns."),
+        "RED (requests)": ("http.", "rpc.", "dns.", "kscope.dns."),
         "L4 (TCP per edge) and accept queues": ("kscope.tcp.",),
         "Service graph (as Tempo and the OpenTelemetry servicegraph connector name it)": ("traces_service_graph",),
         "kscope's own": ("kscope.agent.",),

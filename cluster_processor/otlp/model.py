@@ -33,11 +33,14 @@ EVENT_CONNECT_REFUSED: Final = "kscope.tcp.connect.refused"
 EVENT_CONNECT_TIMEOUT: Final = "kscope.tcp.connect.timeout"
 EVENT_DNS_ERROR: Final = "kscope.dns.error"
 EVENT_HTTP_SERVER_ERROR: Final = "kscope.http.server_error"  # 5xx answers
+EVENT_RPC_SERVER_ERROR: Final = "kscope.rpc.server_error"  # gRPC codes that fail a server (otlp/rpc.py)
 
 
 class Protocol(enum.Enum):
-    HTTP = "http"
+    HTTP = "http"  # HTTP/1 and HTTP/2 (network.protocol.version tells them apart)
     DNS = "dns"
+    RPC = "rpc"  # gRPC calls (HTTP/2 with content-type application/grpc*): status_code is the grpc code
+    DB = "db"  # databases and caches (Redis, Memcached, PostgreSQL, MySQL): db.system.name tells them apart
 
     # Members are singletons compared by identity: hash them by identity too. Enum's own hash is a
     # Python-level method, and these key many tables and caches per record.
@@ -140,9 +143,11 @@ class RedPoint(NamedTuple):
     side: Side
     protocol: Protocol
     duration: Histogram  # seconds
-    method: str = ""  # HTTP method as seen on the wire (unknown ones export as _OTHER); DNS: the query type
+    # HTTP method as seen on the wire (unknown ones export as _OTHER); DNS: the query type; RPC: the
+    # fully-qualified method ("package.Service/Method")
+    method: str = ""
     route: str = ""  # low-cardinality route template ("/users/{id}"); "" when unknown
-    status_code: int | None = None  # None when no response was seen (reset, timeout)
+    status_code: int | None = None  # None when no response was seen (reset, timeout); RPC: the grpc code
     error_type: str = ""  # why a request failed without an error status ("timeout"), or a DNS rcode name
     attributes: Attrs = ()  # protocol extras with semconv keys: a DNS response code (dns.response_code)
 

@@ -2,8 +2,8 @@
 rules, span names. Pure functions from ``model`` records to ``Sample``s (one interval's
 contribution to one metric stream) and to span fields.
 
-Naming follows the OpenTelemetry semantic conventions where one exists (``http.*``,
-``dns.lookup.duration``, ``error.type``), Tempo's service-graph metrics where Grafana expects them,
+Naming follows the OpenTelemetry semantic conventions where one exists (``http.*``, ``rpc.*``
+(gRPC: ``rpc``), ``dns.lookup.duration``, ``error.type``), Tempo's service-graph metrics where Grafana expects them,
 and ``kscope.*`` for the TCP metrics no convention covers.
 
 Who is who (docs/otel-mapping.md): the observing side ("self") is the resource of its series,
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final, NamedTuple
 
+from cluster_processor.otlp import rpc
 from cluster_processor.otlp.model import (
     Histogram,
     Interval,
@@ -106,9 +107,23 @@ _SERVER, _CLIENT, _HTTP = Side.SERVER, Side.CLIENT, Protocol.HTTP
 HTTP_SERVER_DURATION: Final = Instrument("http.server.request.duration", "s", "Duration of HTTP server requests.", _H)
 HTTP_CLIENT_DURATION: Final = Instrument("http.client.request.duration", "s", "Duration of HTTP client requests.", _H)
 DNS_LOOKUP_DURATION: Final = Instrument("dns.lookup.duration", "s", "Time taken to perform a DNS lookup.", _H)
+# The RPC conventions' current names (``rpc``: they replaced rpc.server.duration in ms).
+RPC_SERVER_DURATION: Final = Instrument(
+    "rpc.server.call.duration", "s", "Measures the duration of an incoming Remote Procedure Call (RPC).", _H
+)
+RPC_CLIENT_DURATION: Final = Instrument(
+    "rpc.client.call.duration", "s", "Measures the duration of an outgoing Remote Procedure Call (RPC).", _H
+)
 # No convention for the server side of DNS; the agent pairs queries on DNS servers too.
 DNS_SERVER_DURATION: Final = Instrument("kscope.dns.server.request.duration", "s", "Time to answer a DNS query.", _H)
 
+DB_CLIENT_DURATION: Final = Instrument(
+    "db.client.operation.duration", "s", "Duration of database client operations.", _H
+)
+# No convention for the server side of a database operation; the agent pairs them on the server too.
+DB_SERVER_DURATION: Final = Instrument(
+    "kscope.db.server.operation.duration", "s", "Time a database server took to answer an operation.", _H
+)
 TCP_BYTES: Final = Instrument("kscope.tcp.bytes", "By", "TCP payload bytes, by network.io.direction.", _C)
 TCP_CONNECTIONS: Final = Instrument(
     "kscope.tcp.connections", "{connection}", "TCP connects: established, or failed with error.type.", _C
@@ -264,6 +279,33 @@ def _dns_span_name(side: Side, method: str, route: str) -> str:
     return f"DNS {method}" if method else "DNS"
 
 
+# Databases and caches (OTel database conventions): the operation is db.operation.name; the system,
+# collection, namespace and response status code are the record's extras (model.DB_METRIC_KEYS); a
+# failure is an error the server answered (Redis "-ERR", SQLSTATE class > 02, MySQL ERR packet,
+# Memcached SERVER_ERROR/CLIENT_ERROR/ERROR), its error.type as the agent named it. A Redis nil or a
+# Memcached miss is an answer, not a failure.
+DB_OPERATION_NAME: Final = "db.operation.name"
+
+
+def _db_failed(side: Side, status_code: int | None, error_type: str) -> bool:
+    return bool(error_type)
+
+
+def _db_attributes(
+    side: Side, method: str, route: str, status_code: int | None, error_type: str
+) -> list[tuple[str, AttrValue]]:
+    out: list[tuple[str, AttrValue]] = [(DB_OPERATION_NAME, method)] if method else []
+    if error_type:
+        out.append((ERROR_TYPE, error_type))
+    return out
+
+
+def _db_span_name(side: Side, method: str, route: str) -> str:
+    # The convention's span name: db.query.summary (the agent's route for a database record), else
+    # the operation name.
+    return route or method or "DB"
+
+
 @dataclass(frozen=True, slots=True)
 class ProtocolSpec:
     client: Instrument
@@ -278,6 +320,8 @@ PROTOCOLS: Final[dict[Protocol, ProtocolSpec]] = {
         HTTP_CLIENT_DURATION, HTTP_SERVER_DURATION, http_failed, _http_attributes, _http_span_name
     ),
     Protocol.DNS: ProtocolSpec(DNS_LOOKUP_DURATION, DNS_SERVER_DURATION, _dns_failed, _dns_attributes, _dns_span_name),
+    Protocol.RPC: ProtocolSpec(RPC_CLIENT_DURATION, RPC_SERVER_DURATION, rpc.failed, rpc.attributes, rpc.span_name),
+    Protocol.DB: ProtocolSpec(DB_CLIENT_DURATION, DB_SERVER_DURATION, _db_failed, _db_attributes, _db_span_name),
 }
 
 
@@ -443,6 +487,8 @@ def span_protocol_attributes(
     extra = PROTOCOLS[protocol].attributes(side, method, route, status_code, error_type)
     if protocol is _HTTP and method and normal_method(method) == OTHER:
         extra.append((HTTP_METHOD_ORIGINAL, method))
+    elif protocol is Protocol.RPC and method and status_code == rpc.UNIMPLEMENTED:
+        extra.append((rpc.RPC_METHOD_ORIGINAL, method))  # rpc.method says _OTHER: the span keeps the text
     return extra
 
 

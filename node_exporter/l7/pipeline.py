@@ -32,8 +32,18 @@ from node_exporter.l7.exchanges import (
     ExchangeBatch,
     HeadParser,
 )
-from node_exporter.protocols import PROTOCOLS, ConnectionTracker, Direction, DnsRecord, HttpRecord, Role, TrackerLimits
+from node_exporter.protocols import (
+    PROTOCOLS,
+    ConnectionTracker,
+    DbRecord,
+    Direction,
+    DnsRecord,
+    HttpRecord,
+    Role,
+    TrackerLimits,
+)
 from node_exporter.protocols.http1 import HttpSummary, HttpSummaryRecord
+from node_exporter.protocols.http2_session import COUNTERS as H2_COUNTERS
 from node_exporter.protocols.tracker import COUNTERS
 
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
@@ -49,7 +59,7 @@ class ConnInfo:
     sock_cookie: int
     netns_ino: int
     side: Role  # which end observed the request
-    protocol: str  # "http1", "dns"
+    protocol: str  # "http1", "http2", "dns"
     tls: bool
     local_ip: str
     local_port: int
@@ -64,7 +74,7 @@ class ConnInfo:
 @dataclass(frozen=True, slots=True)
 class L7Event:
     conn: ConnInfo
-    record: HttpRecord | DnsRecord  # an HttpSummaryRecord (record.summary set) counts summary.count requests
+    record: HttpRecord | DnsRecord | DbRecord  # an HttpSummaryRecord (record.summary set) counts summary.count requests
 
 
 def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[Any, Any], None], ...]:
@@ -90,12 +100,23 @@ class _Conn:
         self.last_ns = 0
 
 
+# The kernel's protocol -> the PROTOCOLS entry that parses it (DNS: by transport, below).
+_PROTOCOL_NAMES: dict[int, str] = {
+    L7Protocol.KSCOPE_PROTO_HTTP1: "http1",
+    L7Protocol.KSCOPE_PROTO_HTTP2: "http2",
+    L7Protocol.KSCOPE_PROTO_REDIS: "redis",
+    L7Protocol.KSCOPE_PROTO_MEMCACHED: "memcached",
+}
+# HTTP/2 is a TCP protocol: a datagram socket the kernel called HTTP/2 is nothing we parse.
+_TCP_ONLY: frozenset[int] = frozenset({L7Protocol.KSCOPE_PROTO_HTTP2})
+
+
 def _protocol_name(chunk: Chunk) -> str | None:
-    if chunk.protocol == L7Protocol.KSCOPE_PROTO_HTTP1:
-        return "http1"
     if chunk.protocol == L7Protocol.KSCOPE_PROTO_DNS:
         return "dns" if chunk.ip_proto == IPPROTO_UDP else "dns_tcp"
-    return None
+    if chunk.protocol in _TCP_ONLY and chunk.ip_proto == IPPROTO_UDP:
+        return None
+    return _PROTOCOL_NAMES.get(chunk.protocol)
 
 
 _RECORD_SETTERS = _slot_setters(
@@ -116,7 +137,8 @@ class L7Pipeline:
         self.limits = limits or TrackerLimits()
         self._conns: OrderedDict[tuple[object, ...], _Conn] = OrderedDict()
         self._by_cookie: dict[int, set[tuple[object, ...]]] = {}
-        self._retired = dict.fromkeys(COUNTERS, 0)  # counters of trackers already gone
+        # counters of trackers already gone: COUNTERS, and HTTP/2 sessions' (h2_*) from the first one
+        self._retired = dict.fromkeys(COUNTERS, 0) | dict.fromkeys(H2_COUNTERS, 0)
         self.connections_evicted = 0
         self.chunks_unusable = 0  # no role or unknown protocol (counted, not parsed)
         self._heads = HeadParser()
@@ -172,8 +194,8 @@ class L7Pipeline:
         return conn
 
     def _retire(self, key: tuple[object, ...], conn: _Conn) -> None:
-        for name, value in conn.tracker.counters().items():
-            self._retired[name] += value
+        for name, value in conn.tracker.counters().items():  # COUNTERS and a session's (h2_*)
+            self._retired[name] = self._retired.get(name, 0) + value
         keys = self._by_cookie.get(conn.info.sock_cookie)
         if keys is not None:
             keys.discard(key)
@@ -348,7 +370,7 @@ class L7Pipeline:
         pending = 0
         for conn in self._conns.values():
             for name, value in conn.tracker.counters().items():
-                totals[name] += value
+                totals[name] = totals.get(name, 0) + value
             pending += conn.tracker.pending_requests()
         totals["connections_evicted"] = self.connections_evicted
         totals["chunks_unusable"] = self.chunks_unusable

@@ -11,7 +11,7 @@ from kscope_common.l4_columns import StringTable, build
 from node_exporter.l4.records import Counters, L4Record
 from node_exporter.l7.pipeline import L7Event
 from node_exporter.metadata.proc import ProcessInfo
-from node_exporter.protocols import HttpRecord, Role
+from node_exporter.protocols import DbRecord, Http2Record, HttpRecord, Role
 
 _COUNTER_FIELDS = Counters._fields
 
@@ -163,6 +163,11 @@ def l7_request(
                 "request_id": r.request_id,
             }
         }
+        if isinstance(r, Http2Record) and r.rpc_system:
+            rpc: dict[str, object] = {"system": r.rpc_system, "service": r.rpc_service, "method": r.rpc_method}
+            if r.grpc_status >= 0:
+                rpc["grpc_status_code"] = r.grpc_status
+            detail["rpc"] = rpc
         summary = r.summary
         if summary is not None:
             # many requests in one message; latency_ns stays 0 (the record's), the sum is latency_sum_ns
@@ -174,6 +179,8 @@ def l7_request(
                 "latency_bucket_counts": summary.buckets,
                 "end_time_unix_nano": clock.unix_ns(summary.end_ns),
             }
+    elif isinstance(r, DbRecord):
+        detail = {"db": db_fields(r)}
     else:
         detail = {
             "dns": {
@@ -205,3 +212,21 @@ def l7_request(
         nat_remote_port=nat[1] if nat else 0,
         **detail,
     )
+
+
+def db_fields(r: DbRecord) -> dict[str, object]:
+    """kscope.v1.DbInfo as the dict protobuf takes for a message field."""
+    return {
+        "system": r.system,
+        "operation": r.operation,
+        "collection": r.collection,
+        "namespace": r.namespace,
+        "query_summary": r.query_summary,
+        "query_text": r.query_text,
+        "status_code": r.status_code,
+        "error_type": r.error_type,
+        "returned_rows": r.returned_rows,
+        "cache_hits": r.cache_hits,
+        "cache_misses": r.cache_misses,
+        "batch_size": r.batch_size,
+    }

@@ -11,19 +11,26 @@ from types import MappingProxyType
 from typing import Final
 
 from node_exporter.protocols.base import Direction, ParseState, Protocol, Role
+from node_exporter.protocols.db import DbRecord
 from node_exporter.protocols.dns import Dns, DnsRecord
 from node_exporter.protocols.http1 import Http1, HttpRecord
+from node_exporter.protocols.http2 import Http2
+from node_exporter.protocols.http2_session import Http2Record
+from node_exporter.protocols.memcached import Memcached
+from node_exporter.protocols.redis import Redis
 from node_exporter.protocols.tracker import ConnectionTracker, TrackerLimits
 
 PROTOCOLS: Final[Mapping[str, Protocol]] = MappingProxyType(
-    {p.name: p for p in (Http1(), Dns(tcp=False), Dns(tcp=True))}
+    {p.name: p for p in (Http1(), Http2(), Dns(tcp=False), Dns(tcp=True), Redis(), Memcached())}
 )
 
 __all__ = [
     "PROTOCOLS",
     "ConnectionTracker",
+    "DbRecord",
     "Direction",
     "DnsRecord",
+    "Http2Record",
     "HttpRecord",
     "ParseState",
     "Protocol",

@@ -37,6 +37,11 @@ class MessageKind(enum.Enum):
     REQUEST = "request"
     RESPONSE = "response"
 
+    # Members are singletons: hash them by identity. Enum's own hash is a Python-level method, and
+    # HTTP/2 sessions key their per-direction tables by kind on every frame (1.8 M calls, ~2 % of
+    # the agent's CPU under h2load, bench/RESULTS.md).
+    __hash__ = object.__hash__
+
 
 class Direction(enum.Enum):
     EGRESS = "egress"  # bytes this socket sent
@@ -89,6 +94,30 @@ class Stitched:
     records: list[Any] = field(default_factory=list)
     unanswered_requests: int = 0  # requests that can no longer get a response
     orphan_responses: int = 0  # responses whose request was never seen
+    requests: int = 0  # a Session's complete requests (stitch leaves these 0: the tracker counts)
+    responses: int = 0
+
+
+class Session(typing.Protocol):
+    """Per-connection state of a multiplexed protocol (HTTP/2: HPACK tables, streams). A protocol
+    that has one offers ``new_session(role)``; the tracker then hands it every complete message
+    (a frame) in arrival order instead of queueing and stitching, and tells it of lost bytes."""
+
+    def message(self, kind: MessageKind, msg: Message[Any]) -> Stitched: ...
+
+    def gap(self, kind: MessageKind) -> None: ...
+
+    def expire(self, cutoff_ns: int) -> int:
+        """Forget requests that started at or before ``cutoff_ns``; how many."""
+        ...
+
+    def close(self) -> int:
+        """The connection ended; how many requests are left unanswered."""
+        ...
+
+    def pending(self) -> int: ...
+
+    def counters(self) -> dict[str, int]: ...
 
 
 class BodyReader(typing.Protocol):

@@ -21,6 +21,8 @@ from node_exporter.protocols.base import (
     ParseState,
     Protocol,
     Role,
+    Session,
+    Stitched,
 )
 
 COUNTERS: Final = (
@@ -100,6 +102,8 @@ class ConnectionTracker:
         }
         self._requests: deque[Message[Any]] = deque()
         self._responses: deque[Message[Any]] = deque()
+        new_session = getattr(protocol, "new_session", None)  # multiplexed protocols (HTTP/2) only
+        self._session: Session | None = new_session(role) if new_session is not None else None
         for name in COUNTERS:
             setattr(self, name, 0)
 
@@ -125,13 +129,17 @@ class ConnectionTracker:
     unparsed_bytes: int
 
     def counters(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in COUNTERS}
+        """COUNTERS, and a session's own (e.g. h2_*) after them."""
+        out = {name: getattr(self, name) for name in COUNTERS}
+        if self._session is not None:
+            out.update(self._session.counters())
+        return out
 
     def buffered_bytes(self, direction: Direction) -> int:
         return len(self._streams[direction].buf)
 
     def pending_requests(self) -> int:
-        return len(self._requests)
+        return len(self._requests) if self._session is None else self._session.pending()
 
     def pending_responses(self) -> int:
         return len(self._responses)
@@ -187,6 +195,9 @@ class ConnectionTracker:
         """Give up on requests older than the timeout; returns the protocol's timeout records."""
         timeout = self.limits.timeout_ns if self.limits.timeout_ns is not None else self.protocol.default_timeout_ns
         cutoff = now_ns - timeout
+        if self._session is not None:
+            self.expired_requests += self._session.expire(cutoff)
+            return []
         out: list[Any] = []
         keep: deque[Message[Any]] = deque()
         for msg in self._requests:
@@ -218,6 +229,8 @@ class ConnectionTracker:
             self._consume(s, len(s.buf))
         self.unanswered_requests += len(self._requests)
         self.orphan_responses += len(self._responses)
+        if self._session is not None:
+            self.unanswered_requests += self._session.close()
         self._requests.clear()
         self._responses.clear()
         self.closed = True
@@ -263,6 +276,8 @@ class ConnectionTracker:
             if result.state is ParseState.INVALID or result.consumed <= 0:
                 # A parser that consumes nothing must not spin the loop: treat it as INVALID.
                 self.invalid_frames += 1
+                if self._session is not None:
+                    self._session.gap(s.kind)  # what the skipped bytes meant is lost
                 self._skip(s, max(1, self.protocol.find_frame_boundary(s.buf, 1, s.kind)))
                 continue
             self._start_message(s, result)
@@ -295,6 +310,8 @@ class ConnectionTracker:
         if p is None or not p.emit:
             return []
         msg = Message(p.frame, p.ts_ns, p.size, p.after_gap)
+        if self._session is not None:
+            return self._count(self._session.message(s.kind, msg))
         if s.kind is MessageKind.REQUEST:
             self.requests_parsed += 1
             self._requests.append(msg)
@@ -304,10 +321,7 @@ class ConnectionTracker:
         return self._stitch()
 
     def _stitch(self) -> list[Any]:
-        result = self.protocol.stitch(self._requests, self._responses)
-        self.unanswered_requests += result.unanswered_requests
-        self.orphan_responses += result.orphan_responses
-        self.records += len(result.records)
+        result = self._count(self.protocol.stitch(self._requests, self._responses))
         # Bound after stitching, so a burst that pairs up is never evicted needlessly.
         while len(self._requests) > self.limits.max_pending:
             self._requests.popleft()
@@ -315,6 +329,14 @@ class ConnectionTracker:
         while len(self._responses) > self.limits.max_pending:
             self._responses.popleft()
             self.evicted_responses += 1
+        return result
+
+    def _count(self, result: Stitched) -> list[Any]:
+        self.requests_parsed += result.requests
+        self.responses_parsed += result.responses
+        self.unanswered_requests += result.unanswered_requests
+        self.orphan_responses += result.orphan_responses
+        self.records += len(result.records)
         return result.records
 
     def _request_hint(self) -> Any | None:
@@ -363,6 +385,8 @@ class ConnectionTracker:
 
     def _drop(self, s: _Stream, *, overflow: bool) -> None:
         """Throw away partial state; parsing restarts at the next frame boundary."""
+        if self._session is not None:
+            self._session.gap(s.kind)
         if overflow:
             self.buffer_overflows += 1
         if s.pending is not None:

@@ -134,7 +134,7 @@ def _volume_flags(volumes: list[Manifest], mounts: list[Manifest]) -> list[str]:
     return flags
 
 
-def _env_values(env: list[Manifest], field_refs: Mapping[str, str]) -> dict[str, str]:
+def _env(env: list[Manifest], field_refs: Mapping[str, str]) -> dict[str, str]:
     values = {}
     for item in env:
         if "value" in item:
@@ -150,10 +150,19 @@ def _env_values(env: list[Manifest], field_refs: Mapping[str, str]) -> dict[str,
     return values
 
 
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
 def _expand(arg: str, env: Mapping[str, str]) -> str:
-    """What the kubelet does to command and args: ``$(NAME)`` of a variable the container defines
-    becomes its value, ``$$`` a literal ``$``; any other reference stays as written."""
-    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: "$" if m[0] == "$$" else env.get(m[1], m[0]), arg)
+    """The kubelet's expansion of ``$(VAR)`` in command and args from the container's env (``$$``
+    escapes a ``$``; a variable the env does not define stays as written)."""
+
+    def one(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+
+    return _VAR_REF.sub(one, arg)
 
 
 def run_args(
@@ -187,10 +196,10 @@ def run_args(
         flags.append(f"--network={network}")
     flags += _security_flags(pod.get("securityContext", {}), ctr.get("securityContext", {}))
     flags += _volume_flags(pod.get("volumes", []), ctr.get("volumeMounts", []))
-    env = _env_values(ctr.get("env", []), field_refs)
+    env = _env(ctr.get("env", []), field_refs)
     flags += [f"--env={name}={value}" for name, value in env.items()]
     (command,) = ctr["command"]
-    argv = [_expand(a, env) for a in (ctr.get("args", []) if args is None else args)]
+    argv = [_expand(arg, env) for arg in (ctr.get("args", []) if args is None else args)]
     return [*flags, *extra, f"--entrypoint={_expand(command, env)}", image, *argv]
 
 

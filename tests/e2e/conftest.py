@@ -6,7 +6,7 @@ before these fixtures are set up.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +61,25 @@ def cgroups() -> Iterator[PodCgroups]:
 def pod_cgroup(cgroups: PodCgroups) -> tuple[Path, str, str]:
     """A systemd-driver kubelet cgroup for one containerd container: (scope dir, pod uid, container id)."""
     return cgroups.add()
+
+
+@pytest.fixture
+def tracing(topo: Topology) -> Iterator[Callable[..., Any]]:
+    """``tracing(**L7Collector kw)`` starts tracing both namespaces now; closed after the test.
+
+    Without the OpenSSL uprobes unless asked (``tls=True``): only the tests about TLS (and the first,
+    plain one) need them (on kernels < 6.6 detaching them takes ~0.9 s per collector).
+    """
+    from tests.e2e.l7trace import L7Trace
+
+    made: list[L7Trace] = []
+
+    def start(**kw: Any) -> Any:
+        kw.setdefault("tls", False)
+        t = L7Trace((topo.cli, topo.srv), **kw)
+        made.append(t)
+        return t
+
+    yield start
+    for t in made:
+        t.close()

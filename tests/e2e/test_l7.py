@@ -12,7 +12,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,26 +47,6 @@ E = TypeVar("E", HttpEvent, DnsEvent)
 
 PORT, TLS_PORT, UPSTREAM_PORT, SERVFAIL_PORT = 8080, 8443, 9000, 5300
 URL = f"http://{SRV_V4}:{PORT}"
-
-
-@pytest.fixture
-def tracing(topo: Topology) -> Iterator[Callable[..., L7Trace]]:
-    """``tracing(**L7Collector kw)`` starts tracing both namespaces now; closed after the test.
-
-    Without the OpenSSL uprobes unless asked (``tls=True``): only the tests about TLS (and the first,
-    plain one) need them (on kernels < 6.6 detaching them takes ~0.9 s per collector).
-    """
-    made: list[L7Trace] = []
-
-    def start(**kw: Any) -> L7Trace:
-        kw.setdefault("tls", False)
-        t = L7Trace((topo.cli, topo.srv), **kw)
-        made.append(t)
-        return t
-
-    yield start
-    for t in made:
-        t.close()
 
 
 def one(events: list[E], what: str) -> E:

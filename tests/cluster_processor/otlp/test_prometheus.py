@@ -46,6 +46,8 @@ REPORTER = encode.Reporter("proc-0", "node-p")
 EXPECTED_NAMES = {
     "http.server.request.duration": "http_server_request_duration_seconds",
     "http.client.request.duration": "http_client_request_duration_seconds",
+    "rpc.server.call.duration": "rpc_server_call_duration_seconds",
+    "rpc.client.call.duration": "rpc_client_call_duration_seconds",
     "dns.lookup.duration": "dns_lookup_duration_seconds",
     "kscope.dns.server.request.duration": "kscope_dns_server_request_duration_seconds",
     "kscope.tcp.bytes": "kscope_tcp_bytes",  # + _total

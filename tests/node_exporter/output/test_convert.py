@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from kscope.v1 import flow_pb2 as pb
 from kscope_common.l4_columns import rows as l4_columns_rows
 from node_exporter.bpf.abi import ConnectStatus, L4Reason, Role
@@ -10,7 +13,8 @@ from node_exporter.l7.pipeline import ConnInfo, L7Event
 from node_exporter.metadata.cgroup import ContainerIdentity
 from node_exporter.metadata.proc import ProcessInfo
 from node_exporter.output.convert import MonotonicClock, l4_columns, l4_flow, l7_request
-from node_exporter.protocols import DnsRecord, HttpRecord
+from node_exporter.output.jsonl import JsonlWriter
+from node_exporter.protocols import DbRecord, DnsRecord, Http2Record, HttpRecord
 from node_exporter.protocols import Role as ProtoRole
 
 
@@ -119,6 +123,22 @@ def test_dns_timeout_from_a_host_process() -> None:
     assert msg.process.comm == "dig" and msg.process.host_process and not msg.HasField("http")
 
 
+def test_a_db_operation_keeps_every_db_field() -> None:
+    rec = DbRecord(system="redis", operation="GET", request_bytes=30, response_bytes=5, start_ns=7, latency_ns=90_000,
+                   namespace="3", status_code="WRONGTYPE", error_type="WRONGTYPE", returned_rows=1, cache_hits=2,
+                   cache_misses=1, batch_size=4, collection="users", query_summary="SELECT users",
+                   query_text="SELECT * FROM users WHERE id = ?")  # fmt: skip
+    msg = l7_request(L7Event(_conn(side=ProtoRole.CLIENT, protocol="redis", tls=False, comm="app"), rec), None,
+                     MonotonicClock())  # fmt: skip
+    assert msg.WhichOneof("detail") == "db" and msg.protocol == "redis"
+    got = {f.name: v for f, v in msg.db.ListFields()}
+    assert got == {"system": "redis", "operation": "GET", "collection": "users", "namespace": "3",
+                   "query_summary": "SELECT users", "query_text": "SELECT * FROM users WHERE id = ?",
+                   "status_code": "WRONGTYPE", "error_type": "WRONGTYPE", "returned_rows": 1, "cache_hits": 2,
+                   "cache_misses": 1, "batch_size": 4}  # fmt: skip
+    assert (msg.request_bytes, msg.response_bytes, msg.latency_ns) == (30, 5, 90_000)
+
+
 def test_a_batchs_columns_hold_exactly_its_rows() -> None:
     base = dict(
         reason=L4Reason.KSCOPE_L4_PERIODIC, role=Role.KSCOPE_ROLE_CLIENT,
@@ -145,3 +165,36 @@ def test_a_batchs_columns_hold_exactly_its_rows() -> None:
     want = [l4_flow(r, p, clock, drops, nat) for r, p, nat in zip(records, procs, nats, strict=True)]
     assert cols.count == 3 and l4_columns_rows(cols) == want
     assert l4_columns([], [], clock, drops, []) == pb.L4Columns()
+
+
+def test_grpc_over_http2_adds_the_rpc_and_a_missing_status_stays_absent(tmp_path: Path) -> None:
+    def h2(status: int) -> Http2Record:
+        return Http2Record(method="POST", path="/demo.v1.Echo/Ping", route="/demo.v1.Echo/Ping", status=200,
+                           request_bytes=90, response_bytes=60, start_ns=10, latency_ns=3_000, traceparent="",
+                           request_id="", rpc_system="grpc", rpc_service="demo.v1.Echo", rpc_method="Ping",
+                           grpc_status=status)  # fmt: skip
+
+    info = _conn(protocol="http2", tls=False)
+    ok, reset = (l7_request(L7Event(info, h2(s)), None, MonotonicClock()) for s in (5, -1))
+    assert (ok.protocol, ok.http.method, ok.http.path, ok.http.status_code) == (
+        "http2",
+        "POST",
+        "/demo.v1.Echo/Ping",
+        200,
+    )
+    assert (ok.rpc.system, ok.rpc.service, ok.rpc.method, ok.rpc.grpc_status_code) == (
+        "grpc",
+        "demo.v1.Echo",
+        "Ping",
+        5,
+    )
+    assert ok.rpc.HasField("grpc_status_code") and not reset.rpc.HasField("grpc_status_code")
+    plain = Http2Record("GET", "/", "/", 200, 1, 2, 3, 4, "", "")
+    assert not l7_request(L7Event(info, plain), None, MonotonicClock()).HasField("rpc")
+    path = tmp_path / "out.jsonl"
+    writer = JsonlWriter(str(path))
+    writer.write_requests([ok, reset])
+    writer.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0]["l7"]["rpc"] == {"system": "grpc", "service": "demo.v1.Echo", "method": "Ping", "grpcStatusCode": 5}
+    assert "grpcStatusCode" not in lines[1]["l7"]["rpc"]
