@@ -86,7 +86,7 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 		__u8 role = 0, proto;
 
 		n = chunk_head(c, sk, ip_proto, buf, uaddr, ret, avail, KSCOPE_PROTO_UNKNOWN);
-		proto = infer(c->data, n, dir, ip_proto, c->hdr.sport, c->hdr.dport, &role);
+		proto = infer_chunk(c, n, dir, ip_proto, c->hdr.sport, c->hdr.dport, &role);
 
 		if (proto == KSCOPE_PROTO_UNKNOWN && ip_proto == IPPROTO_TCP && is_tls_record(c->data, n)) {
 			/* TLS: from now on only the uprobes' plaintext counts */
@@ -173,7 +173,7 @@ static __always_inline void tls_exit(int ret) /* SSL_* return an int */
 		conn->seq[1] = seq + len;
 	}
 	if (conn->protocol == KSCOPE_PROTO_UNKNOWN) {
-		__u8 role = 0, proto = infer(c->data, n, dir, IPPROTO_TCP, conn->sport, conn->dport, &role);
+		__u8 role = 0, proto = infer_chunk(c, n, dir, IPPROTO_TCP, conn->sport, conn->dport, &role);
 
 		if (proto == KSCOPE_PROTO_UNKNOWN) {
 			l7_infer_failed(&conn->protocol, &conn->attempts); /* counted like a plain socket's */

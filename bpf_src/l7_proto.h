@@ -380,19 +380,20 @@ struct {
 
 /*
  * The user buffer of the current socket call, from the task's saved syscall registers
- * (x86-64: nr = orig_ax, si = 2nd argument, dx = 3rd, r8 = 5th). The registers still hold the
+ * (x86-64: nr = orig_ax, si = 2nd argument, r8 = 5th). The registers still hold the
  * arguments at syscall exit (the kernel writes only ax), so this works from the socket
  * tracepoints and from sys_exit alike. The caller reads the registers (plain loads
  * through a BTF pt_regs pointer cost no helper call).
  *
- * Vector calls give their first iovec (*avail = its length) and note the array in l7_vec for
- * l7_read_head (readv/writev: `dx` is the count). For sendmmsg/recvmmsg
+ * Vector calls give their first iovec (*avail = its length); message calls note the array in
+ * l7_vec for l7_read_head (readv/writev do not: noting theirs too pushed l7_send past the
+ * verifier's complexity bound). For sendmmsg/recvmmsg
  * `mmsg_idx` picks the message of the vector (the caller knows which one it is).
  * *uaddr is the call's sockaddr (sendto/recvfrom addr, msghdr.msg_name) or 0.
  * Returns 0 when the call has no user buffer (sendfile, splice ...) or it is unreadable.
  */
-static __always_inline const void *l7_user_buffer(__u64 nr, __u64 si, __u64 dx, __u64 r8, __u32 mmsg_idx,
-						  __u64 *avail, const void **uaddr)
+static __always_inline const void *l7_user_buffer(__u64 nr, __u64 si, __u64 r8, __u32 mmsg_idx, __u64 *avail,
+						  const void **uaddr)
 {
 	struct user_msghdr msg;
 	struct iovec iov;
@@ -414,12 +415,6 @@ static __always_inline const void *l7_user_buffer(__u64 nr, __u64 si, __u64 dx, 
 		if (bpf_probe_read_user(&iov, sizeof(iov), (void *)si))
 			return 0;
 		*avail = iov.iov_len;
-		/* a reply written in pieces (memcached's VALUE line, value, END) is read on past the first */
-		vec = bpf_map_lookup_elem(&l7_vec, &zero);
-		if (vec) {
-			vec->iov = (const struct iovec *)si;
-			vec->cnt = dx;
-		}
 		return iov.iov_base;
 	case NR_sendmsg:
 	case NR_recvmsg:
@@ -501,6 +496,26 @@ struct {
 	__type(key, __u32);
 	__type(value, struct chunk);
 } l7_scratch SEC(".maps");
+
+/* infer() on a chunk's head, as a function the verifier checks once, on its own: inlined with every
+ * protocol's inference into each capture path, l7_send and l7_sys_exit passed the verifier's
+ * complexity bound. Global functions take five arguments: `dir` and `ip_proto` share one, the
+ * two ports the other (sport << 16 | dport). */
+__attribute__((noinline)) int l7_infer(struct chunk *c, __u32 n, __u32 dir_proto, __u32 ports, __u8 *role)
+{
+	if (!c || !role)
+		return KSCOPE_PROTO_UNKNOWN;
+	if (n > KSCOPE_L7_MAX_CAPTURE)
+		n = KSCOPE_L7_MAX_CAPTURE;
+	return infer(c->data, n, dir_proto >> 8, dir_proto & 0xff, ports >> 16, ports & 0xffff, role);
+}
+
+/* The arguments l7_infer packs. */
+static __always_inline __u8 infer_chunk(struct chunk *c, __u32 n, __u8 dir, __u8 ip_proto, __u16 sport, __u16 dport,
+					__u8 *role)
+{
+	return l7_infer(c, n, (__u32)dir << 8 | ip_proto, (__u32)sport << 16 | dport, role);
+}
 
 /* enum kscope_l7_stat: the counter both objects keep at the same index. */
 static __always_inline void stat_inc(__u32 idx)

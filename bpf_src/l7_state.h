@@ -246,7 +246,7 @@ static __always_inline const void *user_buffer(struct pt_regs *regs, __u64 *avai
 			return 0;
 		}
 	}
-	return l7_user_buffer(nr, si, regs->dx, regs->r8, idx, avail, uaddr);
+	return l7_user_buffer(nr, si, regs->r8, idx, avail, uaddr);
 }
 
 /* A call that moved no bytes (a zero-length datagram) still takes its place in an mmsg vector. */

@@ -198,7 +198,7 @@ static __always_inline void capture(struct task_struct *task, struct pt_regs *re
 		return;
 	__builtin_memset(&c->hdr, 0, sizeof(c->hdr));
 	read_tuple_core(&c->hdr, sk);
-	buf = l7_user_buffer(regs->orig_ax, regs->si, regs->dx, regs->r8, idx, &avail, &uaddr);
+	buf = l7_user_buffer(regs->orig_ax, regs->si, regs->r8, idx, &avail, &uaddr);
 	/* Unconnected UDP: the peer from the call's sockaddr. At exit a receive's sockaddr is
 	 * already filled in (l7.bpf.c's tracepoint fires before the kernel copies it out). */
 	if (ip_proto == IPPROTO_UDP && !c->hdr.dport)
@@ -206,7 +206,7 @@ static __always_inline void capture(struct task_struct *task, struct pt_regs *re
 	/* the knob even for HTTP/2: a larger bound here passed the verifier's 1M instructions */
 	n = l7_read_head(c, buf, len, avail, capture_bytes);
 	if (st->protocol == KSCOPE_PROTO_UNKNOWN) {
-		__u8 role = 0, proto = infer(c->data, n, dir, ip_proto, c->hdr.sport, c->hdr.dport, &role);
+		__u8 role = 0, proto = infer_chunk(c, n, dir, ip_proto, c->hdr.sport, c->hdr.dport, &role);
 
 		if (proto == KSCOPE_PROTO_UNKNOWN && ip_proto == IPPROTO_TCP && is_tls_record(c->data, n)) {
 			/* TLS: l7.bpf.c would switch to the uprobes' plaintext; without them there is

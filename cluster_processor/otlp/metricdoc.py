@@ -77,6 +77,10 @@ def example_interval() -> Interval:
     h2 = (("network.protocol.version", "2"),)
     red += [RedPoint(http, side, Protocol.HTTP, h, "GET", "/cart/{id}", 200, "", h2) for side in Side]
     red += [RedPoint(http, side, Protocol.RPC, h, "shop.Cart/Get", "", code) for side in Side for code in (0, 13)]
+    redis = Edge(client, attrs({"k8s.namespace.name": "shop", "k8s.statefulset.name": "redis", "service.name": "redis",
+                                "server.port": 6379}))  # fmt: skip
+    db = (("db.response.status_code", "WRONGTYPE"), ("db.system.name", "redis"))
+    red += [RedPoint(redis, side, Protocol.DB, h, "GET", "GET", None, "WRONGTYPE", db) for side in Side]
     rcode = (("dns.response_code", "SERVFAIL"),)
     red += [RedPoint(to_dns, side, Protocol.DNS, h, "A", "", None, "servfail", rcode) for side in Side]
     l4 = [L4Point(http, side, 1, 1, 1, (("connection_refused", 1),), 1, 1, 1, h, 0.001) for side in Side]
@@ -104,7 +108,7 @@ def render() -> str:
     by_inst[pipeline.AGENT_STAT] = [agent]
     head = "| OTLP | Prometheus | Type | Unit | Resource | Attributes (label) | Description |\n" + "|---" * 7 + "|"
     sections = {
-        "RED (requests)": ("http.", "rpc.", "dns.", "kscope.dns."),
+        "RED (requests)": ("http.", "rpc.", "dns.", "kscope.dns.", "db.", "kscope.db."),
         "L4 (TCP per edge) and accept queues": ("kscope.tcp.",),
         "Service graph (as Tempo and the OpenTelemetry servicegraph connector name it)": ("traces_service_graph",),
         "kscope's own": ("kscope.agent.",),

@@ -89,13 +89,24 @@ def test_metrics_served_on_the_address_asked() -> None:
         probe.bind(("127.0.0.2", 0))
         port = probe.getsockname()[1]
     proc = subprocess.Popen(
-        [KSCOPE, "run", "--no-live", "--duration", "30", "--metrics-port", str(port), "--metrics-addr", "127.0.0.2"],
+        [
+            KSCOPE,
+            "run",
+            "--no-live",
+            "--no-l7",
+            "--duration",
+            "120",
+            "--metrics-port",
+            str(port),
+            "--metrics-addr",
+            "127.0.0.2",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        deadline = time.monotonic() + 25
+        deadline = time.monotonic() + 90  # loading the probes takes seconds on a busy machine
         while True:
             try:
                 with socket.create_connection(("127.0.0.2", port), timeout=1) as conn:

@@ -49,6 +49,8 @@ EXPECTED_NAMES = {
     "rpc.server.call.duration": "rpc_server_call_duration_seconds",
     "rpc.client.call.duration": "rpc_client_call_duration_seconds",
     "dns.lookup.duration": "dns_lookup_duration_seconds",
+    "db.client.operation.duration": "db_client_operation_duration_seconds",
+    "kscope.db.server.operation.duration": "kscope_db_server_operation_duration_seconds",
     "kscope.dns.server.request.duration": "kscope_dns_server_request_duration_seconds",
     "kscope.tcp.bytes": "kscope_tcp_bytes",  # + _total
     "kscope.tcp.connections": "kscope_tcp_connections",
