@@ -8,7 +8,6 @@ older than the probe pairs too: its numbers advance by exactly the bytes of each
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from itertools import pairwise
 
 import pytest
@@ -16,19 +15,11 @@ import pytest
 from node_exporter.protocols import Role
 from tests.e2e.l7trace import L7Trace, count_at_least, http, l7peer, require
 from tests.e2e.nattopo import BACKEND_PORT, CPOD_IP, SPOD_IP, VIP, VIP_PORT, NatTopology
+from tests.e2e.test_nat import nat_topo
 
 pytestmark = pytest.mark.bpf
 U32 = 1 << 32
-
-
-@pytest.fixture
-def nat_topo() -> Iterator[NatTopology]:
-    t = NatTopology()
-    try:
-        t.create()
-        yield t
-    finally:
-        t.close()
+__all__ = ["nat_topo"]  # the fixture
 
 
 def test_both_ends_share_tcp_seqs_through_dnat(nat_topo: NatTopology) -> None:
