@@ -71,6 +71,23 @@ static __always_inline void xchg_fallback(struct sock *sk, struct l7_sock *st, s
 	xrec_send(r, filled);
 }
 
+/* The TCP sequence numbers both ends see for a request starting this call (helpers: before any
+ * lock). The tracepoints fire after the call moved its ret bytes: the send advanced write_seq,
+ * the receive copied_seq, by ret. The client's copied_seq is the server's write_seq once the
+ * previous response was read whole (HTTP/1 without pipelining; pipelining takes the chunk path). */
+static __always_inline void tcp_seqs(struct sock *sk, __u8 dir, int ret, __u32 *req, __u32 *resp)
+{
+	struct tcp_sock *tp = (struct tcp_sock *)sk;
+
+	if (dir == KSCOPE_DIR_EGRESS) { /* the client sent the request */
+		*req = BPF_CORE_READ(tp, write_seq) - (__u32)ret;
+		*resp = BPF_CORE_READ(tp, copied_seq);
+	} else { /* the server received it */
+		*req = BPF_CORE_READ(tp, copied_seq) - (__u32)ret;
+		*resp = BPF_CORE_READ(tp, write_seq);
+	}
+}
+
 /* A request-direction call: a new request (method first) or more of the current one. */
 static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, struct l7_xchg *x, const __u8 *d,
 					 __u32 n, int ret, __u64 seq, __u8 dir, bool has_buf, __u64 now)
@@ -79,6 +96,7 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 	struct kscope_l7_summary *ev = 0;
 	__u8 method = has_buf ? request_method(d, n) : 0, comm[16];
 	__u64 id, hash = 0;
+	__u32 req_seq, resp_seq;
 	bool filled = false, fresh_comm, sampled, fold = false, fold_failed = false, evicted = false, mark;
 
 	if (!method) {
@@ -106,6 +124,7 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 		else if (!slot_free(x))
 			ev = summary_reserve(sk);
 	}
+	tcp_seqs(sk, dir, ret, &req_seq, &resp_seq);
 	sampled = sample(now);
 	if (!sampled)
 		hash = path_hash(d, n, method);
@@ -130,7 +149,9 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 	x->sampled = sampled;
 	x->path_hash = hash;
 	x->method = method;
-	x->flags = n < (__u32)ret ? KSCOPE_X_HEAD_TRUNCATED : 0;
+	x->flags = (n < (__u32)ret ? KSCOPE_X_HEAD_TRUNCATED : 0) | KSCOPE_X_TCP_SEQ;
+	x->tcp_req_seq = req_seq;
+	x->tcp_resp_seq = resp_seq;
 	x->req_seq = seq;
 	x->start_ns = now;
 	x->last_ns = now;

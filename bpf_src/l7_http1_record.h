@@ -126,6 +126,8 @@ static __always_inline void xrec_fill(struct kscope_l7_exchange *r, const struct
 	__builtin_memset(r->_pad, 0, sizeof(r->_pad));
 	__builtin_memcpy(r->comm, x->comm, sizeof(r->comm));
 	__builtin_memcpy(r->head, x->head[x->cur & 1], sizeof(r->head));
+	r->tcp_req_seq = x->tcp_req_seq;
+	r->tcp_resp_seq = x->tcp_resp_seq;
 }
 
 static __always_inline void xrec_send(struct kscope_l7_exchange *r, bool filled)

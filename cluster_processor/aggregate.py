@@ -42,7 +42,7 @@ from typing import Final
 
 from cluster_processor.events import EventLog
 from cluster_processor.kube.index import KubeIndex
-from cluster_processor.otlp import rpc, semconv
+from cluster_processor.otlp import links, rpc, semconv
 from cluster_processor.otlp.model import (
     EVENT_CONNECT_REFUSED,
     EVENT_CONNECT_TIMEOUT,
@@ -63,6 +63,7 @@ from cluster_processor.otlp.model import (
     Severity,
     SpanContext,
     SpanRecord,
+    parse_traceparent,
     span_context,
 )
 from cluster_processor.resolve import (
@@ -141,6 +142,8 @@ class AggregatorSettings:
     max_sockets: int = 200_000  # remembered (node, netns, cookie): NAT answers and first sightings
     # Resolutions remembered while the KubeIndex is unchanged (0: resolve every record afresh).
     max_resolutions: int = 65_536
+    # Linked spans waiting for their other end (only the matched-share self-metrics use them).
+    max_link_pending: int = 65_536
     default_interval_ns: int = 10 * NS_PER_S  # start of a node's first interval: end - this
 
 
@@ -285,10 +288,11 @@ class Aggregator:
         # None: a socket seen with nothing to remember yet (a default _Socket, without the object)
         self._sockets: OrderedDict[tuple[str, int, int], _Socket | None] = OrderedDict()
         self._counters = dict.fromkeys(COUNTERS, 0)
+        self._links = links.LinkStats(settings.max_link_pending)
         self._resolutions = ResolutionCache(index, settings.max_resolutions)
 
     def counters(self) -> dict[str, int]:
-        return dict(self._counters)
+        return {**self._counters, **self._links.counters}
 
     @property
     def sockets_tracked(self) -> int:
@@ -546,8 +550,17 @@ class Aggregator:
             self._graph(st, route, side, failed, duration_s, n, parts)
         ctx = None
         if summary is None:  # a summary's requests were not picked for spans by the node
-            ctx = span_context(traceparent)
-            self._span(st, route, side, protocol, q, latency_ns, method, route_name, status, error_type, extra, ctx)
+            # the application's own (valid) traceparent wins; else both ends' TCP sequence numbers
+            linked = (
+                protocol is not _DNS and q.http.tcp_seqs_known and not (traceparent and parse_traceparent(traceparent))
+            )
+            if linked:
+                h = q.http
+                ctx = links.linked_context(side, h.tcp_request_seq, h.tcp_response_seq, q.start_time_unix_nano)
+            else:
+                ctx = span_context(traceparent)
+            if self._span(st, route, side, protocol, q, latency_ns, method, route_name, status, error_type, extra, ctx):
+                self._links.span(side, ctx, linked)
         if (error_type and protocol is _DNS) or (
             status is not None and (status >= 500 or (protocol is _RPC and status in _RPC_SERVER_ERRORS))
         ):
@@ -623,17 +636,19 @@ class Aggregator:
         error_type: str,
         extra: tuple[tuple[str, AttrValue], ...],
         ctx: SpanContext,
-    ) -> None:
+    ) -> bool:
+        """False: not kept (counted)."""
         span_edge = route.span_edge
         assert span_edge is not None
         start = q.start_time_unix_nano
         if len(st.spans) >= self._settings.max_spans:
             self._counters["spans_overflowed"] += 1
-            return
+            return False
         st.spans.append(
             _new_tuple(SpanRecord, (span_edge, side, protocol, ctx, start, start + latency_ns, method, route_name,
                                     status, error_type, extra))
         )  # fmt: skip
+        return True
 
     # ---- output ------------------------------------------------------------------------------
 

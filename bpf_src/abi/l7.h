@@ -94,7 +94,8 @@ struct kscope_l7_header {
 /* Bytes of a request's head copied into its exchange record (the request line and the first
  * headers; traceparent/X-Request-ID past it are not seen). Fixed: the record is fixed-size so
  * user space reads a batch as an array. Bounded further by the capture_bytes knob. */
-#define KSCOPE_L7_HEAD 384
+#define KSCOPE_L7_HEAD 376 /* 384 before the TCP sequence numbers took 8: the record stays 504 bytes (a
+                            * 512-byte ring stride with its header, which the reader needs) */
 
 enum kscope_http_method {
 	KSCOPE_HTTP_GET = 1,
@@ -121,6 +122,7 @@ enum kscope_l7_emit {
 enum kscope_l7_exchange_flags {
 	KSCOPE_X_HEAD_TRUNCATED = 1, /* the request-start call moved more than head_len bytes */
 	KSCOPE_X_NO_BUFFER = 2,      /* some call of the exchange had no user buffer (sendfile ...) */
+	KSCOPE_X_TCP_SEQ = 4,        /* tcp_req_seq/tcp_resp_seq are set (docs/traces.md) */
 };
 
 /* One HTTP/1 request/response exchange on a plain-text TCP socket, as one side saw it.
@@ -149,6 +151,11 @@ struct kscope_l7_exchange {
 	__u8 _pad[5];
 	__u8 comm[16];        /* process name */
 	__u8 head[KSCOPE_L7_HEAD]; /* the request head's first head_len bytes; zero after them */
+	/* Both ends of the connection see these two the same (NAT rewrites no sequence numbers), so
+	 * they link the client's and the server's record of one request (docs/traces.md). Valid
+	 * only with KSCOPE_X_TCP_SEQ. */
+	__u32 tcp_req_seq;    /* TCP sequence number of the request's first byte (client -> server stream) */
+	__u32 tcp_resp_seq;   /* server -> client stream: the next byte when the request started */
 };
 
 /*
@@ -207,6 +214,7 @@ struct kscope_l7_summary {
 	__u32 buckets[KSCOPE_L7_LATENCY_BUCKETS]; /* latency histogram, bounds above */
 	__u8 head[KSCOPE_L7_SUMMARY_HEAD]; /* the first summed request's head (request line first) */
 	__u8 _pad3[KSCOPE_L7_HEAD - KSCOPE_L7_SUMMARY_HEAD - 4 * KSCOPE_L7_LATENCY_BUCKETS - 32];
+	__u8 _pad4[8];        /* where an exchange has its TCP sequence numbers */
 };
 
 #pragma clang diagnostic pop

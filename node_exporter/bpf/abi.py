@@ -195,7 +195,7 @@ class KscopeL7Header(ctypes.Structure):
     ]
 
 
-L7_HEAD = 384  # KSCOPE_L7_HEAD: request head bytes carried by an exchange record
+L7_HEAD = 376  # KSCOPE_L7_HEAD: request head bytes carried by an exchange record
 
 
 class HttpMethod(enum.IntEnum):
@@ -222,6 +222,7 @@ class L7Emit(enum.IntEnum):
 class L7ExchangeFlags(enum.IntFlag):
     KSCOPE_X_HEAD_TRUNCATED = 1
     KSCOPE_X_NO_BUFFER = 2
+    KSCOPE_X_TCP_SEQ = 4
 
 
 class KscopeL7Exchange(ctypes.Structure):
@@ -251,6 +252,8 @@ class KscopeL7Exchange(ctypes.Structure):
         ("_pad", u8 * 5),
         ("comm", u8 * 16),
         ("head", u8 * L7_HEAD),
+        ("tcp_req_seq", u32),
+        ("tcp_resp_seq", u32),
     ]
 
 
@@ -264,7 +267,7 @@ class KscopeL7Summary(ctypes.Structure):
     as, and the same fields up to ``comm`` as, :class:`KscopeL7Exchange`)."""
 
     _fields_ = [
-        *KscopeL7Exchange._fields_[:-1],
+        *KscopeL7Exchange._fields_[: [f[0] for f in KscopeL7Exchange._fields_].index("head")],
         ("count", u32),
         ("_pad2", u32),
         ("end_ns", u64),
@@ -273,6 +276,7 @@ class KscopeL7Summary(ctypes.Structure):
         ("buckets", u32 * L7_LATENCY_BUCKETS),
         ("head", u8 * L7_SUMMARY_HEAD),
         ("_pad3", u8 * (L7_HEAD - L7_SUMMARY_HEAD - 4 * L7_LATENCY_BUCKETS - 32)),
+        ("_pad4", u8 * 8),
     ]
 
 

@@ -43,8 +43,10 @@ EXCHANGE_SIZE: Final = ctypes.sizeof(KscopeL7Exchange)
 EXCHANGE_TYPE: Final = int(L7RecordType.KSCOPE_REC_L7_EXCHANGE)
 _RING_HDR = struct.Struct("<II")
 # One ring slot: the ring's length word (+ page offset), the record; its head is skipped
-# here and sliced to head_len by the caller (one 384-byte copy less per record).
-SLOT = struct.Struct("<I4x" + EXCHANGE.format[1:] + f"{L7_HEAD}x")
+# here and sliced to head_len by the caller (one head-sized copy less per record).
+# After the head: the TCP sequence numbers (a summary's padding, unused there).
+EXCHANGE_TAIL = struct.Struct(struct_format(KscopeL7Exchange, first="tcp_req_seq"))
+SLOT = struct.Struct("<I4x" + EXCHANGE.format[1:] + f"{L7_HEAD}x" + EXCHANGE_TAIL.format[1:])
 SLOT_RECORD: Final = _RING_HDR.size  # the record's offset in a slot
 SLOT_HEAD: Final = SLOT_RECORD + HEAD_OFFSET  # the head's offset in a slot
 DISCARD_BIT: Final = 1 << 30

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from node_exporter.bpf.abi import L7Direction, L7Emit, L7Flags, L7Protocol
+from node_exporter.bpf.abi import L7Direction, L7Emit, L7ExchangeFlags, L7Flags, L7Protocol
 from node_exporter.bpf.abi import Role as KRole
 from node_exporter.l4.records import _comm_text, ip_text
 from node_exporter.l7.chunks import Chunk
@@ -42,7 +42,7 @@ from node_exporter.protocols import (
     Role,
     TrackerLimits,
 )
-from node_exporter.protocols.http1 import HttpSummary, HttpSummaryRecord
+from node_exporter.protocols.http1 import HttpLinkedRecord, HttpSummary, HttpSummaryRecord
 from node_exporter.protocols.http2_session import COUNTERS as H2_COUNTERS
 from node_exporter.protocols.tracker import COUNTERS
 
@@ -123,7 +123,10 @@ _RECORD_SETTERS = _slot_setters(
     HttpRecord, ("method", "path", "route", "status", "request_bytes", "response_bytes", "start_ns", "latency_ns",
                  "traceparent", "request_id"),
 )  # fmt: skip
+# (a linked record has every HttpRecord field and its TCP sequence numbers)
+_LINK_SETTER = _slot_setters(HttpLinkedRecord, (*(f.name for f in fields(HttpRecord)), "tcp_seqs"))[-1]
 _EVENT_SETTERS = _slot_setters(L7Event, ("conn", "record"))
+_X_TCP_SEQ = int(L7ExchangeFlags.KSCOPE_X_TCP_SEQ)
 _CONN_FIELDS = ("sock_cookie", "netns_ino", "side", "protocol", "tls", "local_ip", "local_port", "remote_ip",
                 "remote_port", "family", "tgid", "comm", "ip_proto")  # fmt: skip
 _CONN_SETTERS = tuple(zip(_slot_setters(ConnInfo, _CONN_FIELDS), range(len(_CONN_FIELDS)), strict=True))
@@ -237,7 +240,7 @@ class L7Pipeline:
         data = batch.data
         off = SLOT_HEAD - SLOT.size
         for (ring_len, rtype, role, _, reason, netns, cookie, start, latency, req_bytes, resp_bytes, saddr, daddr, tgid,
-             _, sport, dport, family, status, head_len, _, comm) in batch.slots():  # fmt: skip
+             _, sport, dport, family, status, head_len, flags, comm, req_seq, resp_seq) in batch.slots():  # fmt: skip
             off += SLOT.size
             if ring_len & DISCARD_BIT:
                 continue  # a slot the kernel reserved and gave back
@@ -265,7 +268,12 @@ class L7Pipeline:
                                        remember=reason != EMIT_CLOSE)  # fmt: skip
                 if info is None:
                     continue
-            rec = new(HttpRecord)
+            rec: HttpRecord
+            if flags & _X_TCP_SEQ:
+                rec = new(HttpLinkedRecord)
+                _LINK_SETTER(rec, (req_seq, resp_seq))
+            else:
+                rec = new(HttpRecord)
             r_method(rec, h[0])
             r_path(rec, h[1])
             r_route(rec, h[2])

@@ -153,16 +153,18 @@ def l7_request(
     c, r = ev.conn, ev.record
     detail: dict[str, object]
     if isinstance(r, HttpRecord):
-        detail = {
-            "http": {
-                "method": r.method,
-                "path": r.path,
-                "route": r.route,
-                "status_code": r.status,
-                "traceparent": r.traceparent,
-                "request_id": r.request_id,
-            }
+        http: dict[str, object] = {
+            "method": r.method,
+            "path": r.path,
+            "route": r.route,
+            "status_code": r.status,
+            "traceparent": r.traceparent,
+            "request_id": r.request_id,
         }
+        seqs = r.tcp_seqs
+        if seqs is not None:
+            http.update(tcp_seqs_known=True, tcp_request_seq=seqs[0], tcp_response_seq=seqs[1])
+        detail = {"http": http}
         if isinstance(r, Http2Record) and r.rpc_system:
             rpc: dict[str, object] = {"system": r.rpc_system, "service": r.rpc_service, "method": r.rpc_method}
             if r.grpc_status >= 0:

@@ -84,6 +84,8 @@ class HttpRecord:
     # Not a field: a record of one request (built slot by slot on the agent's exchange path) has
     # no summary and pays nothing for it; HttpSummaryRecord overrides it with a slot of its own.
     summary: ClassVar[HttpSummary | None] = None
+    # The same for the TCP sequence numbers that link both ends' records (HttpLinkedRecord).
+    tcp_seqs: ClassVar[tuple[int, int] | None] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +107,14 @@ class HttpSummaryRecord(HttpRecord):
     are sums, latency_ns is 0 (the sum is ``summary.latency_sum_ns``), no trace headers."""
 
     summary: HttpSummary = field()  # type: ignore[misc]  # a slot here; None on HttpRecord
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLinkedRecord(HttpRecord):
+    """A record of one request with the TCP sequence numbers both ends of its connection saw
+    (bpf_src/abi/l7.h ``tcp_req_seq``/``tcp_resp_seq``): what links them (docs/traces.md)."""
+
+    tcp_seqs: tuple[int, int] = field()  # type: ignore[misc]  # (request, response); None on HttpRecord
 
 
 # -- heads --------------------------------------------------------------------------------

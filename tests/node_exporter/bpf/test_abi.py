@@ -73,4 +73,4 @@ def test_l7_exchange_head_bound_matches_kernel_state(btf_of: dict[str, Btf]) -> 
     record = {m.name: m for m in btf_of["l7.bpf.o"].members("kscope_l7_exchange")}
     assert record["head"].array_len == abi.L7_HEAD
     assert state["head"].array_len == 2 and state["head"].size_bytes == 2 * record["head"].size_bytes
-    assert abi.KscopeL7Exchange.head.offset + abi.L7_HEAD == ctypes.sizeof(abi.KscopeL7Exchange)
+    assert abi.KscopeL7Exchange.head.offset + abi.L7_HEAD == abi.KscopeL7Exchange.tcp_req_seq.offset

@@ -193,11 +193,20 @@ _PREFIX: dict[str, int | bytes | list[int]] = {
 def test_l7_exchange_decoder_field_by_field() -> None:
     rec = distinct(KscopeL7Exchange, **_PREFIX, head=HEAD)
     (event,) = L7Pipeline().feed([ExchangeBatch.of([bytes(rec)])])
-    _covered(KscopeL7Exchange, {f for f, _ in (*_CONN_SPEC.values(), *_RECORD_SPEC.values())} | {"latency_ns"},
+    _covered(KscopeL7Exchange, {f for f, _ in (*_CONN_SPEC.values(), *_RECORD_SPEC.values())}
+             | {"latency_ns", "tcp_req_seq", "tcp_resp_seq"},
              _NOT_SURFACED)  # fmt: skip
     _check(event.conn, rec, _CONN_SPEC)
     _check(event.record, rec, {**_RECORD_SPEC, "latency_ns": ("latency_ns", _same)})
     assert (event.record.method, event.record.path) == ("GET", "/orders/7")  # type: ignore[union-attr]
+    assert event.record.tcp_seqs is None  # type: ignore[union-attr]  # flags 0: not known
+
+
+def test_l7_exchange_tcp_seqs_decoded_with_their_flag() -> None:
+    rec = distinct(KscopeL7Exchange, **{**_PREFIX, "flags": abi.L7ExchangeFlags.KSCOPE_X_TCP_SEQ}, head=HEAD)
+    (event,) = L7Pipeline().feed([ExchangeBatch.of([bytes(rec)])])
+    assert event.record.tcp_seqs == (rec.tcp_req_seq, rec.tcp_resp_seq)  # type: ignore[union-attr]
+    assert rec.tcp_req_seq != rec.tcp_resp_seq
 
 
 def test_l7_summary_decoder_field_by_field() -> None:
@@ -213,7 +222,7 @@ def test_l7_summary_decoder_field_by_field() -> None:
     assert s.buckets == tuple(buckets)
     _covered(KscopeL7Summary, {f for f, _ in (*_CONN_SPEC.values(), *_RECORD_SPEC.values())}
              | {"latency_ns", "count", "end_ns", "latency_min_ns", "latency_max_ns", "buckets"},
-             _NOT_SURFACED | {"_pad2", "_pad3"})  # fmt: skip
+             _NOT_SURFACED | {"_pad2", "_pad3", "_pad4"})  # fmt: skip
     _check(event.conn, rec, _CONN_SPEC)
     _check(record, rec, _RECORD_SPEC)
     assert (record.method, record.path) == ("GET", "/orders/7")

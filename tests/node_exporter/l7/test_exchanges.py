@@ -7,7 +7,7 @@ import ctypes
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node_exporter.bpf.abi import L7_HEAD, KscopeL7Exchange, L7Emit, L7RecordType, Role
+from node_exporter.bpf.abi import L7_HEAD, KscopeL7Exchange, L7Emit, L7ExchangeFlags, L7RecordType, Role
 from node_exporter.l7.exchanges import (
     _RING_HDR,
     DISCARD_BIT,
@@ -35,7 +35,7 @@ TRACED = (
 def exchange_bytes(
     head: bytes, *, cookie: int = 7, status: int = 200, start: int = 1_000, latency: int = 500,
     req_bytes: int | None = None, resp_bytes: int = 99, role: int = Role.KSCOPE_ROLE_CLIENT,
-    head_len: int | None = None, reason: int = L7Emit.KSCOPE_EMIT_NEXT,
+    head_len: int | None = None, reason: int = L7Emit.KSCOPE_EMIT_NEXT, seqs: tuple[int, int] | None = None,
 ) -> bytes:  # fmt: skip
     x = KscopeL7Exchange()
     x.type, x.role, x.method, x.reason = L7RecordType.KSCOPE_REC_L7_EXCHANGE, role, 1, reason
@@ -49,6 +49,9 @@ def exchange_bytes(
     data = head[:L7_HEAD]
     x.head[: len(data)] = list(data)
     x.head_len = len(data) if head_len is None else head_len
+    if seqs is not None:
+        x.flags = L7ExchangeFlags.KSCOPE_X_TCP_SEQ
+        x.tcp_req_seq, x.tcp_resp_seq = seqs
     return bytes(x)
 
 
@@ -59,10 +62,11 @@ def http(event: L7Event) -> HttpRecord:
 
 def test_exchange_format_matches_mirror() -> None:
     assert EXCHANGE_SIZE == ctypes.sizeof(KscopeL7Exchange) == 504
-    assert EXCHANGE.size == HEAD_OFFSET == EXCHANGE_SIZE - L7_HEAD
+    assert EXCHANGE.size == HEAD_OFFSET == EXCHANGE_SIZE - L7_HEAD - 8  # the TCP sequence numbers after it
     raw = exchange_bytes(GET, status=404, latency=7, resp_bytes=3)
     fields = EXCHANGE.unpack_from(raw)
-    names = [f[0] for f in KscopeL7Exchange._fields_ if f[0] not in ("_pad", "head")]
+    before_head = [f[0] for f in KscopeL7Exchange._fields_][: [f[0] for f in KscopeL7Exchange._fields_].index("head")]
+    names = [n for n in before_head if n != "_pad"]
     got = dict(zip(names, fields, strict=True))
     assert (got["type"], got["status"], got["latency_ns"], got["response_bytes"]) == (3, 404, 7, 3)
     assert (got["sport"], got["dport"], got["family"], got["head_len"]) == (40000, 80, 2, len(GET))
@@ -175,6 +179,14 @@ def test_pipeline_turns_exchanges_into_events() -> None:
     assert (c.local_ip, c.local_port, c.remote_ip, c.remote_port) == ("198.18.0.1", 40000, "198.18.0.2", 80)
     assert (c.tgid, c.comm, c.netns_ino) == (100, "curl", 4026531840)
     assert pipe.counters()["exchange_records"] == 1
+
+
+def test_pipeline_keeps_the_tcp_seqs_only_when_the_kernel_set_them() -> None:
+    # 0 is a sequence number like any other: the flag, not the value, says they are known
+    raws = [exchange_bytes(GET, cookie=1, seqs=(0xFFFFFFFF, 0)), exchange_bytes(GET, cookie=2)]
+    a, b = L7Pipeline().feed_exchanges(ExchangeBatch.of(raws))
+    assert (http(a).tcp_seqs, http(b).tcp_seqs) == ((0xFFFFFFFF, 0), None)
+    assert http(a).path == http(b).path == "/users/42/orders"
 
 
 def test_pipeline_counts_what_it_cannot_use() -> None:

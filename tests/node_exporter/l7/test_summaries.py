@@ -87,7 +87,8 @@ LATENCIES = [5 * MS, 5 * MS + 1, 7 * MS, 12_800 * MS, 20_000 * MS]
 def test_summary_layout_matches_the_mirror() -> None:
     assert ctypes.sizeof(KscopeL7Summary) == ctypes.sizeof(KscopeL7Exchange) == EXCHANGE_SIZE == 504
     # the common prefix, field by field, is the exchange's
-    for f, xf in zip(KscopeL7Summary._fields_, KscopeL7Exchange._fields_[:-1], strict=False):
+    prefix = [f[0] for f in KscopeL7Exchange._fields_].index("head")
+    for f, xf in zip(KscopeL7Summary._fields_, KscopeL7Exchange._fields_[:prefix], strict=False):
         name = f[0]
         assert (name, f[1]) == (xf[0], xf[1])
         assert getattr(KscopeL7Summary, name).offset == getattr(KscopeL7Exchange, name).offset

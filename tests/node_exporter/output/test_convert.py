@@ -16,6 +16,7 @@ from node_exporter.output.convert import MonotonicClock, l4_columns, l4_flow, l7
 from node_exporter.output.jsonl import JsonlWriter
 from node_exporter.protocols import DbRecord, DnsRecord, Http2Record, HttpRecord
 from node_exporter.protocols import Role as ProtoRole
+from node_exporter.protocols.http1 import HttpLinkedRecord
 
 
 def test_enum_numbers_agree() -> None:
@@ -110,6 +111,15 @@ def test_http_request_keeps_every_field_and_the_container() -> None:
     assert (msg.process.pid, msg.process.container_id, msg.process.pod_uid, msg.process.container_runtime) == (
         42, "b" * 64, "pod-uid", "cri-o")  # fmt: skip
     assert not msg.process.host_process and not msg.HasField("dns")
+    assert not msg.http.tcp_seqs_known  # a record without them (the chunk path's): none on the wire
+
+
+def test_http_request_carries_the_tcp_seqs_that_link_its_ends() -> None:
+    http = HttpLinkedRecord(method="GET", path="/a", route="/a", status=200, request_bytes=1, response_bytes=2,
+                            start_ns=3, latency_ns=4, traceparent="", request_id="",
+                            tcp_seqs=(0, 0xFFFFFFFF))  # fmt: skip
+    msg = l7_request(L7Event(_conn(), http), None, MonotonicClock())
+    assert (msg.http.tcp_seqs_known, msg.http.tcp_request_seq, msg.http.tcp_response_seq) == (True, 0, 0xFFFFFFFF)
 
 
 def test_dns_timeout_from_a_host_process() -> None:
