@@ -43,6 +43,8 @@ COUNTERS: Final = (
     "orphan_responses",  # responses whose request was never seen
     "expired_requests",  # requests expire() gave up on (DNS turns them into timeout records)
     "unparsed_bytes",  # bytes after the protocol ended (upgrade, tunnel) or after close
+    "state_evictions",  # per-connection protocol state dropped by its bound (prepared statements)
+    "state_misses",  # state looked up and not found (a statement prepared before us, or evicted)
 )
 
 
@@ -89,7 +91,9 @@ class ConnectionTracker:
     """Per-connection parsing state for one protocol; feed it chunks, get records back."""
 
     def __init__(self, protocol: Protocol, role: Role, limits: TrackerLimits | None = None) -> None:
-        self.protocol = protocol
+        # A protocol with per-connection state (prepared statements) gives each connection its own.
+        fork = getattr(protocol, "for_connection", None)
+        self.protocol: Protocol = fork() if fork is not None else protocol
         self.role = role
         self.limits = limits or TrackerLimits()
         self.closed = False
@@ -123,9 +127,16 @@ class ConnectionTracker:
     orphan_responses: int
     expired_requests: int
     unparsed_bytes: int
+    state_evictions: int
+    state_misses: int
 
     def counters(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in COUNTERS}
+        out = {name: getattr(self, name) for name in COUNTERS}
+        state = getattr(self.protocol, "state_counters", None)
+        if state is not None:
+            for name, value in state().items():
+                out[name] += value
+        return out
 
     def buffered_bytes(self, direction: Direction) -> int:
         return len(self._streams[direction].buf)
