@@ -25,6 +25,12 @@ static __always_inline void bind_tls(struct sock *sk, struct l7_sock *st, struct
 	bpf_map_update_elem(&tls_conns, &key, &fresh, BPF_ANY);
 }
 
+/* Protocols that may switch to TLS in the middle of a connection (an in-band SSL request). */
+static __always_inline bool starts_tls(__u8 protocol)
+{
+	return protocol == KSCOPE_PROTO_POSTGRESQL || protocol == KSCOPE_PROTO_MYSQL;
+}
+
 /* A chunk's socket fields and the call's head (the bytes captured). */
 static __always_inline __u32 chunk_head(struct chunk *c, struct sock *sk, __u8 ip_proto, const void *buf,
 					const void *uaddr, int ret, __u64 avail)
@@ -73,6 +79,16 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 		if (call)
 			bind_tls(sk, st, call, ip_proto);
 		return;
+	}
+	if (starts_tls(st->protocol)) {
+		/* PostgreSQL after SSLRequest 'S', MySQL after its SSL request: ciphertext written or read by
+		 * an SSL_* call from now on; its plaintext comes from the uprobes, bound to this socket here */
+		tid = (__u32)bpf_get_current_pid_tgid();
+		call = bpf_map_lookup_elem(&tls_calls, &tid);
+		if (call) {
+			bind_tls(sk, st, call, ip_proto);
+			return;
+		}
 	}
 	seq = st->seq[dir - 1];
 	st->seq[dir - 1] = seq + ret;

@@ -86,6 +86,86 @@ static __always_inline int http_start(const __u8 *d, __u32 n)
 	return request_method(d, n) ? 1 : 0;
 }
 
+static __always_inline __u32 be32(const __u8 *d)
+{
+	return (__u32)d[0] << 24 | (__u32)d[1] << 16 | (__u32)d[2] << 8 | d[3];
+}
+
+/* The role of a connection whose client-to-server message went `dir`. */
+static __always_inline __u8 role_of_request(__u8 dir)
+{
+	return dir == KSCOPE_DIR_EGRESS ? KSCOPE_ROLE_CLIENT : KSCOPE_ROLE_SERVER;
+}
+
+#define POSTGRES_PORT 5432
+#define MYSQL_PORT 3306
+
+/*
+ * PostgreSQL, true if the head is one of its client messages (*role set). From any port: a
+ * StartupMessage (int32 length, version 3.0) or SSLRequest/GSSENCRequest (length 8, its code), which
+ * open every connection; and, for a connection older than us, a whole simple Query ('Q', int32 length,
+ * text starting with a letter, NUL at its end) in the captured head. A Query longer than the head is
+ * taken only on port 5432 (the tie-breaker).
+ */
+static __always_inline bool infer_postgres(const __u8 *d, __u32 n, __u8 dir, __u16 sport, __u16 dport, __u8 *role)
+{
+	__u32 len, code;
+	__u8 c;
+
+	if (n < 8)
+		return false;
+	len = be32(d);
+	code = be32(d + 4);
+	if ((len == 8 && (code == 80877103 || code == 80877104)) || (code == 196608 && len > 8 && len < 10000)) {
+		*role = role_of_request(dir);
+		return true;
+	}
+	if (d[0] != 'Q' || d[1] != 0)
+		return false;
+	len = be32(d + 1);
+	c = d[5] | 0x20; /* lower case */
+	if (len < 6 || !((c >= 'a' && c <= 'z') || d[5] == '(' || d[5] == ' '))
+		return false;
+	if (len + 1 <= n) {
+		if (d[len & READ_MASK] != 0)
+			return false;
+	} else if (sport != POSTGRES_PORT && dport != POSTGRES_PORT) {
+		return false;
+	}
+	*role = role_of_request(dir);
+	return true;
+}
+
+/*
+ * MySQL/MariaDB, true if the head is the server's greeting (sequence 0, protocol 10, a version that
+ * starts with a digit: from any port; *role from who sent it), or, on port 3306 only (a tie-breaker:
+ * four bytes and a command code say little), a command (sequence 0, COM_QUERY/COM_STMT_PREPARE with
+ * a letter first, COM_STMT_EXECUTE, COM_PING) from a connection older than us.
+ */
+static __always_inline bool infer_mysql(const __u8 *d, __u32 n, __u8 dir, __u16 sport, __u16 dport, __u8 *role)
+{
+	__u32 len;
+	__u8 c;
+
+	if (n < 5 || d[3] != 0)
+		return false;
+	len = d[0] | (__u32)d[1] << 8 | (__u32)d[2] << 16;
+	if (d[4] == 0x0a && len >= 20 && len < 1024 && n >= 6 && d[5] >= '0' && d[5] <= '9') {
+		/* the server speaks first: a greeting we send makes us the server */
+		*role = dir == KSCOPE_DIR_EGRESS ? KSCOPE_ROLE_SERVER : KSCOPE_ROLE_CLIENT;
+		return true;
+	}
+	if (sport != MYSQL_PORT && dport != MYSQL_PORT)
+		return false;
+	c = n >= 6 ? (d[5] | 0x20) : 0;
+	if (((d[4] == 0x03 || d[4] == 0x16) && len >= 2 && c >= 'a' && c <= 'z') ||
+	    (d[4] == 0x17 && len >= 10) || (d[4] == 0x0e && len == 1)) {
+		*role = role_of_request(dir);
+		return true;
+	}
+	return false;
+}
+
 /* Decide the protocol of a connection from one call's head; KSCOPE_PROTO_UNKNOWN if it
  * does not tell. *role is set only when a protocol is returned. */
 static __always_inline __u8 infer(const __u8 *d, __u32 n, __u8 dir, __u8 ip_proto, __u16 sport, __u16 dport,
@@ -105,6 +185,10 @@ static __always_inline __u8 infer(const __u8 *d, __u32 n, __u8 dir, __u8 ip_prot
 	}
 	if (ip_proto != IPPROTO_TCP)
 		return KSCOPE_PROTO_UNKNOWN;
+	if (infer_postgres(d, n, dir, sport, dport, role))
+		return KSCOPE_PROTO_POSTGRESQL;
+	if (infer_mysql(d, n, dir, sport, dport, role))
+		return KSCOPE_PROTO_MYSQL;
 	kind = http_start(d, n);
 	if (!kind)
 		return KSCOPE_PROTO_UNKNOWN;

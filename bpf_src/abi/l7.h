@@ -22,6 +22,8 @@ enum kscope_l7_protocol {
 	KSCOPE_PROTO_UNKNOWN = 0,
 	KSCOPE_PROTO_HTTP1 = 1,
 	KSCOPE_PROTO_DNS = 2,
+	KSCOPE_PROTO_POSTGRESQL = 5, /* 3, 4: Redis, Memcached */
+	KSCOPE_PROTO_MYSQL = 6,      /* MySQL and MariaDB */
 	KSCOPE_PROTO_IGNORED = 255, /* not a protocol we parse: nothing more is captured */
 };
 

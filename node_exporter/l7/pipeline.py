@@ -104,7 +104,10 @@ def _protocol_name(chunk: Chunk) -> str | None:
         return "http1"
     if chunk.protocol == L7Protocol.KSCOPE_PROTO_DNS:
         return "dns" if chunk.ip_proto == IPPROTO_UDP else "dns_tcp"
-    return None
+    return _SQL_PROTOCOLS.get(chunk.protocol) if chunk.ip_proto == IPPROTO_TCP else None
+
+
+_SQL_PROTOCOLS = {L7Protocol.KSCOPE_PROTO_POSTGRESQL: "postgresql", L7Protocol.KSCOPE_PROTO_MYSQL: "mysql"}
 
 
 _RECORD_SETTERS = _slot_setters(
