@@ -10,6 +10,7 @@ values and rows) ever appears in what the agent produced.
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,8 +21,17 @@ import pytest
 from node_exporter.l7.pipeline import L7Event
 from node_exporter.protocols import DbRecord, Role
 from tests.e2e.l7trace import L7Trace, require
-from tests.e2e.netns import Topology
-from tests.e2e.sqlpeers import pg_data, pg_env, private_copy, start_postgres
+from tests.e2e.netns import SRV_V4, Topology
+from tests.e2e.sqlpeers import (
+    MY_PORT,
+    mariadb_cmd,
+    mariadb_data,
+    pg_data,
+    pg_env,
+    private_copy,
+    start_mariadb,
+    start_postgres,
+)
 
 pytestmark = pytest.mark.bpf
 SECRET = "s3cr3tMARK"
@@ -149,3 +159,87 @@ def test_connection_older_than_the_agent(topo: Topology, postgres: Path, tracing
         assert [(r.collection, r.status_code) for r in recs] == [("pgbench_branches", "")] * 5 + [
             ("nope", "42P01"), ("nope", "42P01"), ("", "")]  # fmt: skip
     proc.stdin.close()
+
+
+# ---- MariaDB ---------------------------------------------------------------------------------
+
+PREPARED_CLIENT = """
+import sys
+import mysql.connector
+conn = mysql.connector.connect(host=sys.argv[1], port=int(sys.argv[2]), user="root", use_pure=True)
+cur = conn.cursor(prepared=True)
+for i in range(int(sys.argv[3])):
+    cur.execute("SELECT v FROM d.kv WHERE k = %s", (sys.argv[4] + str(i % 3),))
+    cur.fetchall()
+try:
+    cur.execute("SELECT v FROM d.nope WHERE k = %s", ("x",))
+except mysql.connector.Error as e:
+    print("error", e.errno)
+conn.close()
+print("done")
+"""
+
+
+@pytest.fixture
+def mariadb(topo: Topology) -> Iterator[Path]:
+    with private_copy(mariadb_data(), "mysql") as top:
+        start_mariadb(topo, top)
+        yield top
+
+
+def mariadb_run(topo: Topology, sql: str) -> str:
+    proc = subprocess.run(topo.cli.cmd(*mariadb_cmd("--force", "-N", "-B")), input=sql, text=True,
+                          capture_output=True, timeout=60)  # fmt: skip
+    return proc.stdout + proc.stderr
+
+
+SETUP = "CREATE DATABASE d;\nCREATE TABLE d.kv (k VARCHAR(64) PRIMARY KEY, v VARCHAR(64));\n" + "".join(
+    f"INSERT INTO d.kv VALUES ('{SECRET}{i}', \"{SECRET}-value\");\n" for i in range(3)
+)
+
+
+def test_mariadb_client_queries_errors_and_rows(topo: Topology, mariadb: Path, tracing: Callable[..., L7Trace]) -> None:
+    """The mariadb client (COM_QUERY per statement): 3 inserts, 2 selects with their rows counted,
+    3 failing statements with error number and SQLSTATE, at both ends; no secret anywhere."""
+    trace = tracing()
+    script = (
+        SETUP
+        + f"SELECT v FROM d.kv WHERE k = '{SECRET}1';\nSELECT k, v FROM d.kv;\n"
+        + "SELECT * FROM d.nope;\nSELECT * FROM d.nope;\nINSERT INTO d.kv VALUES ('a', 'b'), ('a', 'c');\n"
+    )
+    out = mariadb_run(topo, script)
+    require("ERROR 1146" in out and "ERROR 1062" in out, f"mariadb ran the script: {out}")
+    client, server = both(trace, 10)
+    for recs in (client, server):
+        assert len(recs) == 10, recs
+        assert {r.system for r in recs} == {"mariadb"}
+        assert [(r.status_code, r.error_type) for r in recs if r.status_code] == [
+            ("1146", "42S02"), ("1146", "42S02"), ("1062", "23000")]  # fmt: skip
+        assert [r.query_text for r in recs if r.operation == "INSERT"] == ["INSERT INTO d.kv VALUES (?)"] * 3 + [
+            "INSERT INTO d.kv VALUES (?), (?)"]  # fmt: skip
+        selects = [(r.collection, r.returned_rows) for r in recs if r.operation == "SELECT" and not r.status_code]
+        assert selects == [("d.kv", 1), ("d.kv", 3)]
+    c = trace.pipe.counters()
+    assert c["invalid_frames"] == c["orphan_responses"] == c["unanswered_requests"] == 0, c
+    no_secret(trace)
+
+
+def test_mariadb_prepared_statements(topo: Topology, mariadb: Path, tracing: Callable[..., L7Trace]) -> None:
+    """mysql-connector-python with prepared=True: COM_STMT_PREPARE once, COM_STMT_EXECUTE per call; each
+    execution named by the prepared text (found by statement id), binary rows counted; a failing
+    prepare is the one error."""
+    require("ERROR" not in mariadb_run(topo, SETUP), "setup")
+    trace = tracing()
+    n = 12
+    proc = subprocess.run(topo.cli.cmd(sys.executable, "-c", PREPARED_CLIENT, SRV_V4, str(MY_PORT), str(n), SECRET),
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    require(proc.stdout.split() == ["error", "1146", "done"], f"client ran: {proc.stdout} {proc.stderr}")
+    client, server = both(trace, n + 1)
+    for recs in (client, server):
+        ok = [r for r in recs if not r.status_code and r.collection == "d.kv"]
+        assert len(ok) == n, recs
+        assert {(r.query_text, r.returned_rows) for r in ok} == {("SELECT v FROM d.kv WHERE k = ?", 1)}
+        assert [(r.collection, r.status_code) for r in recs if r.status_code] == [("d.nope", "1146")]
+    c = trace.pipe.counters()
+    assert c["state_misses"] == c["invalid_frames"] == 0, c
+    no_secret(trace)
