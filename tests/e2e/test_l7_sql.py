@@ -20,7 +20,7 @@ import pytest
 
 from node_exporter.l7.pipeline import L7Event
 from node_exporter.protocols import DbRecord, Role
-from tests.e2e.l7trace import L7Trace, require
+from tests.e2e.l7trace import L7Trace, require, self_signed_cert
 from tests.e2e.netns import SRV_V4, Topology
 from tests.e2e.sqlpeers import (
     MY_PORT,
@@ -242,4 +242,55 @@ def test_mariadb_prepared_statements(topo: Topology, mariadb: Path, tracing: Cal
         assert [(r.collection, r.status_code) for r in recs if r.status_code] == [("d.nope", "1146")]
     c = trace.pipe.counters()
     assert c["state_misses"] == c["invalid_frames"] == 0, c
+    no_secret(trace)
+
+
+# ---- TLS through the OpenSSL uprobes ---------------------------------------------------------
+
+
+def tls_files(top: Path, owner: str) -> tuple[Path, Path]:
+    """A self-signed certificate and key readable only by the server's user (PostgreSQL insists)."""
+    self_signed_cert(top)
+    cert, key = top / "cert.pem", top / "key.pem"
+    subprocess.run(["chown", f"{owner}:", str(cert), str(key)], check=True)
+    key.chmod(0o600)
+    return cert, key
+
+
+def test_postgres_over_tls(topo: Topology, tracing: Callable[..., L7Trace]) -> None:
+    """psql sslmode=require: SSLRequest answered S, the statements inside TLS come from the OpenSSL
+    probes at both ends (libpq and the server), flagged tls, with their errors; no secret anywhere."""
+    with private_copy(pg_data(), "postgres") as top:
+        cert, key = tls_files(top, "postgres")
+        start_postgres(topo, top, "-c", "ssl=on", "-c", f"ssl_cert_file={cert}", "-c", f"ssl_key_file={key}")
+        trace = tracing(tls=True)
+        script = f"SELECT bid FROM pgbench_branches WHERE bid = 1 AND '{SECRET}' <> '';\nSELECT * FROM nope;\n"
+        out = psql(topo, script + "SHOW ssl;\n", sslmode="require")
+        require("on" in out.split() and "nope" in out, f"psql over TLS: {out}")
+        client, server = both(trace, 3)
+    for recs in (client, server):
+        assert [(r.collection, r.status_code) for r in recs] == [("pgbench_branches", ""), ("nope", "42P01"),
+                                                                 ("", "")], recs  # fmt: skip
+    tls = [e for e in trace.events if isinstance(e.record, DbRecord)]
+    assert all(e.conn.tls and e.conn.protocol == "postgresql" for e in tls)
+    no_secret(trace)
+
+
+def test_mariadb_over_tls(topo: Topology, tracing: Callable[..., L7Trace]) -> None:
+    """The mariadb client with --ssl: the SSL request ends the cleartext, the statements inside TLS are
+    recognised from their first command (port 3306) and parsed at both ends; no secret anywhere."""
+    with private_copy(mariadb_data(), "mysql") as top:
+        cert, key = tls_files(top, "mysql")
+        start_mariadb(topo, top, f"--ssl-cert={cert}", f"--ssl-key={key}")
+        trace = tracing(tls=True)
+        proc = subprocess.run(
+            topo.cli.cmd(*mariadb_cmd("--ssl", "--ssl-verify-server-cert=0", "--force", "-N", "-B")),
+            input=f"SELECT '{SECRET}';\nSELECT * FROM mysql.nope;\nSHOW STATUS LIKE 'Ssl_version';\n",
+            text=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        require("TLSv1.3" in proc.stdout and "1146" in proc.stderr, f"mariadb over TLS: {proc.stdout} {proc.stderr}")
+        client, server = both(trace, 3)
+    for recs in (client, server):
+        assert [(r.operation, r.status_code) for r in recs] == [("SELECT", ""), ("SELECT", "1146"), ("SHOW", "")]
+    assert all(e.conn.tls for e in trace.events if isinstance(e.record, DbRecord))
     no_secret(trace)
