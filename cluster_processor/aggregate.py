@@ -85,13 +85,19 @@ from kscope_common import l4_columns
 from kscope_common.latency import rebucket_map
 
 NS_PER_S: Final = 1_000_000_000
-_PROTOCOLS: Final = {"http1": Protocol.HTTP, "http": Protocol.HTTP, "dns": Protocol.DNS}
+_PROTOCOLS: Final = {"http1": Protocol.HTTP, "http": Protocol.HTTP, "dns": Protocol.DNS,
+                     **dict.fromkeys(("redis", "memcached", "postgresql", "mysql"), Protocol.DB)}  # fmt: skip
 # Enum's .value is a Python-level property: read once here, not per record.
 _PROTOCOL_VALUES: Final = {p: p.value for p in Protocol}
 _PROTOCOL_OF_VALUE: Final = {p.value: p for p in Protocol}
 # Members read through module globals per record: an Enum class's attribute read takes ~10x a global's.
 _SIDE_SERVER: Final = Side.SERVER
 _DNS: Final = Protocol.DNS
+_DB: Final = Protocol.DB
+# A database record's extras that label its metric series too (bounded: the system, the one table a
+# statement names, the database, the server's status code); the query summary and sanitized text are
+# span attributes only.
+_DB_METRIC_KEYS: Final = frozenset({"db.system.name", "db.collection.name", "db.namespace", "db.response.status_code"})
 _CONNECT_ERRORS: Final = {
     pb.CONNECT_STATUS_REFUSED: "connection_refused",
     pb.CONNECT_STATUS_TIMEOUT: "timeout",
@@ -590,7 +596,7 @@ class Aggregator:
         if ref in st.edges or self._admit(st, ref):
             # DNS keeps its response code (an NXDOMAIN is no error, yet worth telling from a NOERROR);
             # not the question name, whose cardinality is the callers'.
-            red_extra = extra[1:] if protocol is _DNS else ()
+            red_extra = extra[1:] if protocol is _DNS else _db_metric_extra(extra) if protocol is _DB else ()
             key: _RedKey = (route.key, _PROTOCOL_VALUES[protocol], method, route_name, status, error_type, red_extra)
             hist = st.red.get(key)
             if hist is None and len(st.red) >= self._settings.max_red_keys:
@@ -715,6 +721,8 @@ def _details(
     protocol: Protocol, q: pb.L7Request
 ) -> tuple[str, str, int | None, str, tuple[tuple[str, AttrValue], ...], str | None]:
     """(method, route, status, error type, span extras, traceparent) of one L7 record."""
+    if protocol is _DB:
+        return _db_details(q)
     if protocol is _DNS:
         d = q.dns
         rcode = d.rcode
@@ -735,6 +743,26 @@ def _details(
         extra = (("url.path", path),) if path else ()
     # No response at all is a failure the status code cannot express.
     return method, route, status, "" if status is not None else "no_response", extra, traceparent
+
+
+def _db_details(
+    q: pb.L7Request,
+) -> tuple[str, str, int | None, str, tuple[tuple[str, AttrValue], ...], str | None]:
+    """A database operation: its name is the method, its query summary the route (the span's name);
+    the rest are extras in canonical (sorted) order. No traceparent travels in these protocols."""
+    d = q.db
+    pairs: list[tuple[str, AttrValue]] = [("db.system.name", d.system or q.protocol)]
+    for key, value in (("db.collection.name", d.collection), ("db.namespace", d.namespace),
+                       ("db.query.summary", d.query_summary), ("db.query.text", d.query_text),
+                       ("db.response.status_code", d.status_code)):  # fmt: skip
+        if value:
+            pairs.append((key, value))
+    pairs.sort()
+    return d.operation, d.query_summary or d.operation, None, d.error_type, tuple(pairs), None
+
+
+def _db_metric_extra(extra: tuple[tuple[str, AttrValue], ...]) -> tuple[tuple[str, AttrValue], ...]:
+    return tuple(p for p in extra if p[0] in _DB_METRIC_KEYS)
 
 
 def _summary_parts(s: pb.L7Summary) -> tuple[Sequence[int], float, float, float]:

@@ -108,6 +108,7 @@ _CLIENT: Final = Side.CLIENT
 class Protocol(enum.Enum):
     HTTP = "http"
     DNS = "dns"
+    DB = "db"  # databases and caches (Redis, Memcached, PostgreSQL, MySQL): db.system.name tells them apart
 
     # Members are singletons compared by identity: hash them by identity too. Enum's own hash is a
     # Python-level method, and these key many tables and caches per record.

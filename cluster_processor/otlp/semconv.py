@@ -107,6 +107,13 @@ DNS_LOOKUP_DURATION: Final = Instrument("dns.lookup.duration", "s", "Time taken 
 # No convention for the server side of DNS; the agent pairs queries on DNS servers too.
 DNS_SERVER_DURATION: Final = Instrument("kscope.dns.server.request.duration", "s", "Time to answer a DNS query.", _H)
 
+DB_CLIENT_DURATION: Final = Instrument(
+    "db.client.operation.duration", "s", "Duration of database client operations.", _H
+)
+# No convention for the server side of a database operation; the agent pairs them on the server too.
+DB_SERVER_DURATION: Final = Instrument(
+    "kscope.db.server.operation.duration", "s", "Time a database server took to answer an operation.", _H
+)
 TCP_BYTES: Final = Instrument("kscope.tcp.bytes", "By", "TCP payload bytes, by network.io.direction.", _C)
 TCP_CONNECTIONS: Final = Instrument(
     "kscope.tcp.connections", "{connection}", "TCP connects: established, or failed with error.type.", _C
@@ -262,6 +269,33 @@ def _dns_span_name(side: Side, method: str, route: str) -> str:
     return f"DNS {method}" if method else "DNS"
 
 
+# Databases and caches (OTel database conventions): the operation is db.operation.name; the system,
+# collection, namespace and response status code are the record's extras (model.DB_METRIC_KEYS); a
+# failure is an error the server answered (Redis "-ERR", SQLSTATE class > 02, MySQL ERR packet,
+# Memcached SERVER_ERROR/CLIENT_ERROR/ERROR), its error.type as the agent named it. A Redis nil or a
+# Memcached miss is an answer, not a failure.
+DB_OPERATION_NAME: Final = "db.operation.name"
+
+
+def _db_failed(side: Side, status_code: int | None, error_type: str) -> bool:
+    return bool(error_type)
+
+
+def _db_attributes(
+    side: Side, method: str, route: str, status_code: int | None, error_type: str
+) -> list[tuple[str, AttrValue]]:
+    out: list[tuple[str, AttrValue]] = [(DB_OPERATION_NAME, method)] if method else []
+    if error_type:
+        out.append((ERROR_TYPE, error_type))
+    return out
+
+
+def _db_span_name(side: Side, method: str, route: str) -> str:
+    # The convention's span name: db.query.summary (the agent's route for a database record), else
+    # the operation name.
+    return route or method or "DB"
+
+
 @dataclass(frozen=True, slots=True)
 class ProtocolSpec:
     client: Instrument
@@ -276,6 +310,7 @@ PROTOCOLS: Final[dict[Protocol, ProtocolSpec]] = {
         HTTP_CLIENT_DURATION, HTTP_SERVER_DURATION, http_failed, _http_attributes, _http_span_name
     ),
     Protocol.DNS: ProtocolSpec(DNS_LOOKUP_DURATION, DNS_SERVER_DURATION, _dns_failed, _dns_attributes, _dns_span_name),
+    Protocol.DB: ProtocolSpec(DB_CLIENT_DURATION, DB_SERVER_DURATION, _db_failed, _db_attributes, _db_span_name),
 }
 
 

@@ -99,15 +99,20 @@ class _Conn:
         self.last_ns = 0
 
 
+# The kernel's protocol -> the PROTOCOLS entry that parses it (DNS: by transport, below).
+_PROTOCOL_NAMES: dict[int, str] = {
+    L7Protocol.KSCOPE_PROTO_HTTP1: "http1",
+    L7Protocol.KSCOPE_PROTO_REDIS: "redis",
+    L7Protocol.KSCOPE_PROTO_MEMCACHED: "memcached",
+    L7Protocol.KSCOPE_PROTO_POSTGRESQL: "postgresql",
+    L7Protocol.KSCOPE_PROTO_MYSQL: "mysql",
+}
+
+
 def _protocol_name(chunk: Chunk) -> str | None:
-    if chunk.protocol == L7Protocol.KSCOPE_PROTO_HTTP1:
-        return "http1"
     if chunk.protocol == L7Protocol.KSCOPE_PROTO_DNS:
         return "dns" if chunk.ip_proto == IPPROTO_UDP else "dns_tcp"
-    return _SQL_PROTOCOLS.get(chunk.protocol) if chunk.ip_proto == IPPROTO_TCP else None
-
-
-_SQL_PROTOCOLS = {L7Protocol.KSCOPE_PROTO_POSTGRESQL: "postgresql", L7Protocol.KSCOPE_PROTO_MYSQL: "mysql"}
+    return _PROTOCOL_NAMES.get(chunk.protocol)
 
 
 _RECORD_SETTERS = _slot_setters(

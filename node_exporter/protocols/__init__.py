@@ -14,12 +14,14 @@ from node_exporter.protocols.base import Direction, ParseState, Protocol, Role
 from node_exporter.protocols.db import DbRecord
 from node_exporter.protocols.dns import Dns, DnsRecord
 from node_exporter.protocols.http1 import Http1, HttpRecord
+from node_exporter.protocols.memcached import Memcached
 from node_exporter.protocols.mysql import MySql
 from node_exporter.protocols.postgres import Postgres
+from node_exporter.protocols.redis import Redis
 from node_exporter.protocols.tracker import ConnectionTracker, TrackerLimits
 
 PROTOCOLS: Final[Mapping[str, Protocol]] = MappingProxyType(
-    {p.name: p for p in (Http1(), Dns(tcp=False), Dns(tcp=True), Postgres(), MySql())}
+    {p.name: p for p in (Http1(), Dns(tcp=False), Dns(tcp=True), Redis(), Memcached(), Postgres(), MySql())}
 )
 
 __all__ = [
