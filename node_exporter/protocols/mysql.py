@@ -31,6 +31,7 @@ from node_exporter.protocols.base import (
 )
 from node_exporter.protocols.sql import SqlSummary, sanitize
 from node_exporter.protocols.sqlbase import (
+    CutResponses,
     END,
     MAX_HEAD,
     MIN_PREFIX,
@@ -135,14 +136,26 @@ class MySql:
         self._blocks: list[int] = []
         self._seq = 0  # sequence number the next packet of this response should carry
         self._rest = 0  # payload bytes after the parsed head of the last packet (skipped by length)
+        self.cut = CutResponses()
 
     def for_connection(self) -> MySql:
         return MySql()
 
     def state_counters(self) -> dict[str, int]:
-        return {"state_evictions": self.statements.evictions, "state_misses": self.statements.misses}
+        return {"state_evictions": self.statements.evictions, "state_misses": self.statements.misses,
+                "cut_responses": self.cut.counted}  # fmt: skip
+
+    def lost_bytes(self, kind: MessageKind) -> None:
+        """The tracker dropped bytes of a direction: a response in progress lost its end."""
+        if kind is MessageKind.RESPONSE:
+            self.cut.lose(self._acc)
+            self._acc = None
+            if self._phase is not _Phase.AUTH:
+                self._phase = _Phase.IDLE
 
     def find_frame_boundary(self, buf: Buffer, start: int, kind: MessageKind) -> int:
+        if kind is MessageKind.RESPONSE and self.cut.lost is not None:
+            return len(buf)  # the rest of a cut response: skipped up to the client's next request
         return find_frame_boundary(buf, start, kind)
 
     def _ok(self, state: ParseState, used: int, total: int, frame: object) -> ParseResult:
@@ -169,6 +182,7 @@ class MySql:
             end = min(have, 5 + MAX_HEAD)
             summary = sanitize(bytes(buf[5:end]).decode("utf-8", "replace"), "mysql")
             frame = SqlRequest(summary, total, cmd == COM_QUERY, command=cmd)
+            self.cut.request_seen()
             return self._ok(ParseState.SUCCESS, end, total, frame)
         if cmd in (COM_STMT_EXECUTE, COM_STMT_CLOSE):
             if len(buf) < 9:
@@ -178,6 +192,7 @@ class MySql:
                 self.statements.pop(stmt_id)
                 return self._ok(ParseState.IGNORED, 9, total, END)
             frame = SqlRequest(self.statements.get(stmt_id), total, True, command=cmd)
+            self.cut.request_seen()
             return self._ok(ParseState.SUCCESS, 9, total, frame)
         if cmd in NO_RESPONSE:
             return self._ok(ParseState.IGNORED, 5, total, END)
@@ -188,6 +203,7 @@ class MySql:
         if name is None:
             return ParseResult(ParseState.INVALID, 0, None)
         frame = SqlRequest(SqlSummary(name, "", "", name), total, True, command=cmd)
+        self.cut.request_seen()
         return self._ok(ParseState.SUCCESS, 5, total, frame)
 
     def _handshake_response(self, buf: Buffer, plen: int, seq: int, total: int) -> ParseResult:

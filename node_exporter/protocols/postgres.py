@@ -33,6 +33,7 @@ from node_exporter.protocols.base import (
 )
 from node_exporter.protocols.sql import EMPTY, SqlSummary, sanitize
 from node_exporter.protocols.sqlbase import (
+    CutResponses,
     END,
     MAX_HEAD,
     MIN_PREFIX,
@@ -114,16 +115,28 @@ class Postgres:
         self._ssl_asked = False  # an SSLRequest/GSSENCRequest waits for its one-byte answer
         self._acc: Acc | None = None  # the response being read
         self._rest = 0  # bytes of the message just parsed that follow its head (skipped, never buffered)
+        self.cut = CutResponses()
 
     def for_connection(self) -> Postgres:
         return Postgres()
 
     def state_counters(self) -> dict[str, int]:
-        return {"state_evictions": self.statements.evictions, "state_misses": self.statements.misses}
+        return {"state_evictions": self.statements.evictions, "state_misses": self.statements.misses,
+                "cut_responses": self.cut.counted}  # fmt: skip
+
+    def lost_bytes(self, kind: MessageKind) -> None:
+        """The tracker dropped bytes of a direction: a response in progress lost its end."""
+        if kind is MessageKind.RESPONSE:
+            self.cut.lose(self._acc)
+            self._acc = None
+        else:
+            self._batch_summary, self._batch_bytes, self._batch_executes = EMPTY, 0, 0
 
     # -- frontend -------------------------------------------------------------------------
 
     def find_frame_boundary(self, buf: Buffer, start: int, kind: MessageKind) -> int:
+        if kind is MessageKind.RESPONSE and self.cut.lost is not None:
+            return len(buf)  # the rest of a cut response: skipped up to the client's next request
         return find_frame_boundary(buf, start, kind)
 
     def parse_request(self, buf: Buffer) -> ParseResult:
@@ -143,12 +156,14 @@ class Postgres:
             if got is None:
                 return ParseResult(ParseState.NEEDS_MORE_DATA, 0, None)
             summary, at = got
+            self.cut.request_seen()
             return self._ok(ParseState.SUCCESS, at, total, SqlRequest(summary, total, bool(summary.text)))
         if typ == ord("S"):
             frame = SqlRequest(
                 self._batch_summary, self._batch_bytes + total, self._batch_executes > 0, self._batch_executes
             )
             self._batch_summary, self._batch_bytes, self._batch_executes = EMPTY, 0, 0
+            self.cut.request_seen()
             return self._ok(ParseState.SUCCESS, 5, total, frame)
         used: int | None = 5
         if typ == ord("P"):

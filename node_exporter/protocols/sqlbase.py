@@ -30,7 +30,7 @@ K = TypeVar("K")
 class Acc:
     """One response as its messages arrive: what the record needs, never a row or a message text."""
 
-    __slots__ = ("bytes", "done", "error_type", "operation", "rows", "status_code")
+    __slots__ = ("bytes", "cut", "done", "error_type", "operation", "rows", "status_code")
 
     def __init__(self) -> None:
         self.done = False
@@ -39,6 +39,35 @@ class Acc:
         self.status_code = ""  # SQLSTATE / error number of the first error
         self.error_type = ""
         self.operation = ""  # from the response when it names one (PostgreSQL's CommandComplete tag)
+        self.cut = False  # its end was lost: status and rows unknown (reported as none)
+
+    def close_cut(self) -> None:
+        """The response ended in lost bytes (seen when the client's next request came)."""
+        self.done = self.cut = True
+        self.rows = 0
+
+
+class CutResponses:
+    """A response whose end fell in lost bytes (the capture keeps each call's head: a large result's
+    last calls lose their tail, terminator included). Its bytes are skipped until the client's next
+    request, which a non-pipelining client sends only once it has read the whole response: then it
+    is done (without status or rows) and pairs with its request, and the next response is parsed."""
+
+    __slots__ = ("counted", "lost")
+
+    def __init__(self) -> None:
+        self.lost: Acc | None = None
+        self.counted = 0
+
+    def lose(self, acc: Acc | None) -> None:
+        if acc is not None and self.lost is None:
+            self.lost = acc
+
+    def request_seen(self) -> None:
+        if self.lost is not None:
+            self.lost.close_cut()
+            self.lost = None
+            self.counted += 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ COUNTERS: Final = (
     "unparsed_bytes",  # bytes after the protocol ended (upgrade, tunnel) or after close
     "state_evictions",  # per-connection protocol state dropped by its bound (prepared statements)
     "state_misses",  # state looked up and not found (a statement prepared before us, or evicted)
+    "cut_responses",  # responses whose end was lost (capture bound, gap): recorded without status or rows
 )
 
 
@@ -129,6 +130,7 @@ class ConnectionTracker:
     unparsed_bytes: int
     state_evictions: int
     state_misses: int
+    cut_responses: int
 
     def counters(self) -> dict[str, int]:
         out = {name: getattr(self, name) for name in COUNTERS}
@@ -383,6 +385,9 @@ class ConnectionTracker:
         self._consume(s, len(s.buf))
         s.resync = True
         s.after_gap = True
+        lost = getattr(self.protocol, "lost_bytes", None)  # stateful protocols re-align their state
+        if lost is not None:
+            lost(s.kind)
 
     def _skip(self, s: _Stream, n: int) -> None:
         self.discarded_bytes += n

@@ -139,6 +139,24 @@ def test_psql_errors_copy_and_privacy(topo: Topology, postgres: Path, tracing: C
     no_secret(trace)
 
 
+def test_large_result_cut_by_the_capture(topo: Topology, postgres: Path, tracing: Callable[..., L7Trace]) -> None:
+    """3000 rows (~300 KB) in calls of which the probe keeps the head: the result's end is lost at
+    both ends. Each end still records the SELECT (no rows: unknown) when the client's next query
+    comes, counts the cut, and parses the next statements exactly."""
+    trace = tracing()
+    out = psql(topo, "SELECT * FROM pgbench_accounts LIMIT 3000;\nSELECT 'after';\nSELECT * FROM nope;\n")
+    require(out.count("\n") >= 3001 and "after" in out, "psql ran")
+    client, server = both(trace, 3)
+    for recs in (client, server):
+        assert [(r.query_text, r.returned_rows, r.status_code) for r in recs] == [
+            ("SELECT * FROM pgbench_accounts LIMIT ?;", 0, ""), ("SELECT ?;", 1, ""), ("SELECT * FROM nope;", 0, "42P01")
+        ]  # fmt: skip
+        assert recs[0].response_bytes > 0 and recs[0].latency_ns > 0
+    c = trace.pipe.counters()
+    assert c["cut_responses"] == 2 and c["unanswered_requests"] == c["orphan_responses"] == 0, c
+    assert trace.truncated > 0
+
+
 def test_connection_older_than_the_agent(topo: Topology, postgres: Path, tracing: Callable[..., L7Trace]) -> None:
     """A psql session connected (and queried) before the probe loads is recognised from its next
     Query: both ends see exactly the later statements, 5 answered and 2 failed."""

@@ -138,3 +138,20 @@ def test_fuzz_never_raises_and_stays_bounded() -> None:
         assert t.pending_requests() <= t.limits.max_pending and t.pending_responses() <= t.limits.max_pending
         t.close()
     assert records > 1000
+
+
+def test_a_response_cut_by_the_capture_pairs_at_the_next_request() -> None:
+    rows = b"".join(my((4 + i) & 0xFF, b"\x5a" + bytes(90)) for i in range(1000))
+    resp = my(1, b"\x01") + my(2, b"\x03def" + bytes(20)) + my(3, b"\xfe\0\0\x22\0") + rows
+    resp += my((4 + 1000) & 0xFF, b"\xfe\0\0\x22\0")
+    t = ConnectionTracker(MY, Role.CLIENT)
+    t.feed(EG, MY_QUERY, 1, 0)
+    seq = 0
+    for i in range(0, len(resp), 8192):
+        call = resp[i : i + 8192]
+        assert t.feed(IN, call[:512], 2 + i, seq, length=len(call)) == []
+        seq += len(call)
+    (cut,) = t.feed(EG, MY_PING, 10**6, len(MY_QUERY))
+    assert (cut.collection, cut.status_code, cut.returned_rows) == ("kv", "", 0)
+    (ping,) = t.feed(IN, MY_OK1, 10**6 + 5, seq)
+    assert ping.operation == "PING" and t.counters()["cut_responses"] == 1

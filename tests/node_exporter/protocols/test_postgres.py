@@ -183,3 +183,24 @@ def test_fuzz_never_raises_and_stays_bounded() -> None:
         assert t.pending_requests() <= t.limits.max_pending and t.pending_responses() <= t.limits.max_pending
         t.close()
     assert records > 1000  # the mutations left many sessions parseable: the fuzz reached the parser's depths
+
+
+def test_a_response_cut_by_the_capture_pairs_at_the_next_request() -> None:
+    """A large result in calls of 8 KiB of which the kernel keeps 512 bytes each: its terminator is
+    lost. It is recorded (no status, no rows) when the client's next query shows it was read whole,
+    and the next response parses again."""
+    rows = b"".join(pg(b"D", b"\0\x01" + struct.pack("!I", 90) + bytes(90)) for _ in range(1000))
+    resp = pg(b"T", b"\0\x01name\0" + bytes(18)) + rows + pg(b"C", b"SELECT 1000\0") + pg(b"Z", b"I")
+    t = ConnectionTracker(PG, Role.CLIENT)
+    assert t.feed(EG, PG_QUERY, 1, 0) == []
+    seq = 0
+    for i in range(0, len(resp), 8192):
+        call = resp[i : i + 8192]
+        assert t.feed(IN, call[:512], 2 + i, seq, length=len(call)) == []
+        seq += len(call)
+    (cut,) = t.feed(EG, PG_QUERY, 10**6, len(PG_QUERY))
+    assert (cut.collection, cut.status_code, cut.returned_rows, cut.start_ns, cut.latency_ns) == ("users", "", 0, 1, 1)
+    (nxt,) = t.feed(IN, PG_ROWS, 10**6 + 5, seq)
+    assert (nxt.returned_rows, nxt.latency_ns) == (2, 5)
+    c = t.counters()
+    assert c["cut_responses"] == 1 and c["truncations"] > 1 and c["unanswered_requests"] == c["orphan_responses"] == 0
