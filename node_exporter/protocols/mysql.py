@@ -31,11 +31,11 @@ from node_exporter.protocols.base import (
 )
 from node_exporter.protocols.sql import SqlSummary, sanitize
 from node_exporter.protocols.sqlbase import (
-    CutResponses,
     END,
     MAX_HEAD,
     MIN_PREFIX,
     Acc,
+    CutResponses,
     SqlRequest,
     SqlResponse,
     StatementCache,

@@ -33,11 +33,11 @@ from node_exporter.protocols.base import (
 )
 from node_exporter.protocols.sql import EMPTY, SqlSummary, sanitize
 from node_exporter.protocols.sqlbase import (
-    CutResponses,
     END,
     MAX_HEAD,
     MIN_PREFIX,
     Acc,
+    CutResponses,
     SqlRequest,
     SqlResponse,
     StatementCache,

@@ -149,7 +149,8 @@ def test_large_result_cut_by_the_capture(topo: Topology, postgres: Path, tracing
     client, server = both(trace, 3)
     for recs in (client, server):
         assert [(r.query_text, r.returned_rows, r.status_code) for r in recs] == [
-            ("SELECT * FROM pgbench_accounts LIMIT ?;", 0, ""), ("SELECT ?;", 1, ""), ("SELECT * FROM nope;", 0, "42P01")
+            ("SELECT * FROM pgbench_accounts LIMIT ?;", 0, ""), ("SELECT ?;", 1, ""),
+            ("SELECT * FROM nope;", 0, "42P01"),
         ]  # fmt: skip
         assert recs[0].response_bytes > 0 and recs[0].latency_ns > 0
     c = trace.pipe.counters()
