@@ -139,18 +139,19 @@ static __always_inline bool infer_postgres(const __u8 *d, __u32 n, __u8 dir, __u
 /*
  * MySQL/MariaDB, true if the head is the server's greeting (sequence 0, protocol 10, a version that
  * starts with a digit: from any port; *role from who sent it), or, on port 3306 only (a tie-breaker:
- * four bytes and a command code say little), a command (sequence 0, COM_QUERY/COM_STMT_PREPARE with
- * a letter first, COM_STMT_EXECUTE, COM_PING) from a connection older than us.
+ * four bytes and a command code say little), from a connection older than us: a command (sequence 0,
+ * COM_QUERY/COM_STMT_PREPARE with a letter first, COM_STMT_EXECUTE, COM_PING) or a response's first
+ * packet (sequence 1: OK, ERR or a column count).
  */
 static __always_inline bool infer_mysql(const __u8 *d, __u32 n, __u8 dir, __u16 sport, __u16 dport, __u8 *role)
 {
 	__u32 len;
 	__u8 c;
 
-	if (n < 5 || d[3] != 0)
+	if (n < 5 || d[3] > 1)
 		return false;
 	len = d[0] | (__u32)d[1] << 8 | (__u32)d[2] << 16;
-	if (d[4] == 0x0a && len >= 20 && len < 1024 && n >= 6 && d[5] >= '0' && d[5] <= '9') {
+	if (d[3] == 0 && d[4] == 0x0a && len >= 20 && len < 1024 && n >= 6 && d[5] >= '0' && d[5] <= '9') {
 		/* the server speaks first: a greeting we send makes us the server */
 		*role = dir == KSCOPE_DIR_EGRESS ? KSCOPE_ROLE_SERVER : KSCOPE_ROLE_CLIENT;
 		return true;
@@ -158,10 +159,19 @@ static __always_inline bool infer_mysql(const __u8 *d, __u32 n, __u8 dir, __u16 
 	if (sport != MYSQL_PORT && dport != MYSQL_PORT)
 		return false;
 	c = n >= 6 ? (d[5] | 0x20) : 0;
-	if (((d[4] == 0x03 || d[4] == 0x16) && len >= 2 && c >= 'a' && c <= 'z') ||
-	    (d[4] == 0x17 && len >= 10) || (d[4] == 0x0e && len == 1)) {
+	if (d[3] == 0 && (((d[4] == 0x03 || d[4] == 0x16) && len >= 2 && c >= 'a' && c <= 'z') ||
+			  (d[4] == 0x17 && len >= 10) || (d[4] == 0x0e && len == 1))) {
 		*role = role_of_request(dir);
 		return true;
+	}
+	/* a response (sequence 1: OK, ERR, a result's column count) leaving or reaching port 3306: the
+	 * server reads a packet's header and payload in two calls, so its commands never tell */
+	if (d[3] == 1 &&
+	    ((d[4] == 0x00 && len >= 7) || (d[4] == 0xff && len >= 9) || (d[4] >= 1 && d[4] <= 250 && len == 1))) {
+		if (dir == KSCOPE_DIR_EGRESS ? sport == MYSQL_PORT : dport == MYSQL_PORT) {
+			*role = dir == KSCOPE_DIR_EGRESS ? KSCOPE_ROLE_SERVER : KSCOPE_ROLE_CLIENT;
+			return true;
+		}
 	}
 	return false;
 }

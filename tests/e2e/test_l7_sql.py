@@ -313,3 +313,50 @@ def test_mariadb_over_tls(topo: Topology, tracing: Callable[..., L7Trace]) -> No
         assert [(r.operation, r.status_code) for r in recs] == [("SELECT", ""), ("SELECT", "1146"), ("SHOW", "")]
     assert all(e.conn.tls for e in trace.events if isinstance(e.record, DbRecord))
     no_secret(trace)
+
+
+LONG_LIVED_CLIENT = """
+import sys
+import mysql.connector
+conn = mysql.connector.connect(host=sys.argv[1], port=int(sys.argv[2]), user="root", use_pure=True)
+cur = conn.cursor()
+cur.execute("SELECT 1")
+cur.fetchall()
+print("ready", flush=True)
+sys.stdin.readline()
+for i in range(4):
+    cur.execute("SELECT v FROM d.kv WHERE k = %s", (sys.argv[3] + str(i % 3),))
+    cur.fetchall()
+try:
+    cur.execute("SELECT * FROM d.nope")
+except mysql.connector.Error as e:
+    print("error", e.errno, flush=True)
+conn.close()
+print("done", flush=True)
+"""
+
+
+def test_mariadb_connection_older_than_the_agent(
+    topo: Topology, mariadb: Path, tracing: Callable[..., L7Trace]
+) -> None:
+    """A client connected (handshake, first query) before the probe loads: recognised on port 3306 from
+    its next COM_QUERY (the tie-breaker), the classic EOF assumed; exactly its later statements at both
+    ends, rows counted, the error with its code."""
+    require("ERROR" not in mariadb_run(topo, SETUP), "setup")
+    proc = topo.spawn(topo.cli, sys.executable, "-c", LONG_LIVED_CLIENT, SRV_V4, str(MY_PORT), SECRET,
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    require(proc.stdout.readline().strip() == b"ready", "client connected")
+    trace = tracing()
+    proc.stdin.write(b"go\n")
+    require(proc.stdout.readline().split() == [b"error", b"1146"], "client ran")
+    client, server = both(trace, 5, timeout=15, system="mysql")
+    # The connector's own commands come first (COM_PING, SELECT @@session.sql_mode): the client
+    # recognises the connection from its COM_PING; the server, which reads a packet's header and
+    # payload apart, from the answer to it (so it misses that one command, and counts its answer).
+    assert [(r.operation, r.query_text) for r in client[:2]] == [("PING", ""), ("SELECT", "SELECT @@session.sql_mode")]
+    assert [r.query_text for r in server[:1]] == ["SELECT @@session.sql_mode"]
+    for recs in (client, server):
+        assert [(r.collection, r.returned_rows, r.status_code) for r in recs if r.collection] == [
+            ("d.kv", 1, "")] * 4 + [("d.nope", 0, "1146")]  # fmt: skip
+    assert trace.pipe.counters()["orphan_responses"] == 1
