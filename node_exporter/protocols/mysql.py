@@ -117,6 +117,7 @@ def find_frame_boundary(buf: Buffer, start: int, kind: MessageKind) -> int:
 
 
 _TEXT_COMMANDS: Final = frozenset({COM_QUERY, COM_STMT_PREPARE, COM_STMT_EXECUTE})
+_KNOWN: Final = frozenset(COMMANDS) | _TEXT_COMMANDS | NO_RESPONSE | {COM_CHANGE_USER}
 
 
 class MySql:
@@ -135,6 +136,8 @@ class MySql:
         self._left = 0
         self._blocks: list[int] = []
         self._seq = 0  # sequence number the next packet of this response should carry
+        self._commands = False  # a command was seen: from then on the client sends nothing else at sequence > 0
+        self._infile = False  # the server asked for a LOAD DATA LOCAL file: the client's packets follow
         self._rest = 0  # payload bytes after the parsed head of the last packet (skipped by length)
         self.cut = CutResponses()
 
@@ -170,11 +173,20 @@ class MySql:
             return ParseResult(ParseState.NEEDS_MORE_DATA, 0, None)
         plen, seq = head
         total = 4 + plen
+        if self._infile and seq != 0:
+            self._infile = plen > 0  # LOAD DATA LOCAL: the file's packets, an empty one ends it
+            return self._ok(ParseState.IGNORED, 4, total, END)
         if plen == 0:
             return ParseResult(ParseState.INVALID, 0, None)
         if seq != 0:
+            if self._phase is not _Phase.AUTH and self._commands:
+                return ParseResult(ParseState.INVALID, 0, None)  # not a command: another protocol, or garbage
             return self._handshake_response(buf, plen, seq, total)
         cmd = buf[4]
+        if cmd not in _KNOWN:
+            return ParseResult(ParseState.INVALID, 0, None)
+        # before the first command we may have joined mid-handshake (TLS plaintext starts there)
+        self._commands = True
         if cmd in (COM_QUERY, COM_STMT_PREPARE):
             have = min(len(buf), total)
             if have < total and have - 5 < MIN_PREFIX:
@@ -291,6 +303,7 @@ class MySql:
         if p0 == ERR:
             self._error(acc, buf, end)
         elif p0 in (OK, LOCAL_INFILE) or (p0 == EOF and plen < 9):
+            self._infile = p0 == LOCAL_INFILE
             if p0 == OK and self._more(buf, end, ok=True):
                 self._phase = _Phase.MORE
                 return

@@ -155,3 +155,14 @@ def test_a_response_cut_by_the_capture_pairs_at_the_next_request() -> None:
     assert (cut.collection, cut.status_code, cut.returned_rows) == ("kv", "", 0)
     (ping,) = t.feed(IN, MY_OK1, 10**6 + 5, seq)
     assert ping.operation == "PING" and t.counters()["cut_responses"] == 1
+
+
+def test_another_protocol_mid_connection_is_counted_then_resynced() -> None:
+    t = ConnectionTracker(MY, Role.CLIENT)
+    t.feed(EG, MY_PING, 1)
+    assert len(t.feed(IN, MY_OK1, 2)) == 1
+    t.feed(EG, b"*1\r\n$4\r\nPING\r\n", 3)  # a Redis command on the same socket: not MySQL
+    assert t.invalid_frames >= 1 and t.pending_requests() == 0
+    t.feed(EG, MY_QUERY, 4)
+    (rec,) = t.feed(IN, MY_ROWS, 5)
+    assert rec.returned_rows == 2

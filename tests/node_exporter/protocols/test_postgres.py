@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from node_exporter.protocols import PROTOCOLS, ConnectionTracker, DbRecord, Direction, Role
-from node_exporter.protocols.postgres import Postgres
+from node_exporter.protocols.postgres import MAX_MESSAGE, Postgres
 from node_exporter.protocols.sqlbase import MAX_STATEMENTS
 from tests.node_exporter.protocols.sqlwire import (
     PG_COPY_DATA,
@@ -204,3 +204,22 @@ def test_a_response_cut_by_the_capture_pairs_at_the_next_request() -> None:
     assert (nxt.returned_rows, nxt.latency_ns) == (2, 5)
     c = t.counters()
     assert c["cut_responses"] == 1 and c["truncations"] > 1 and c["unanswered_requests"] == c["orphan_responses"] == 0
+
+
+def test_another_protocol_mid_connection_is_counted_then_resynced() -> None:
+    t = ConnectionTracker(PG, Role.CLIENT)
+    t.feed(EG, PG_QUERY, 1)
+    assert len(t.feed(IN, PG_ROWS, 2)) == 1
+    t.feed(EG, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\x7f\xff\xff\xff" * 4, 3)  # HTTP, then absurd lengths
+    assert t.invalid_frames >= 1 and t.pending_requests() == 0
+    t.feed(EG, PG_QUERY, 4)
+    (rec,) = t.feed(IN, PG_ROWS, 5)
+    assert rec.collection == "users"
+
+
+@pytest.mark.parametrize("length", [3, MAX_MESSAGE + 1, 0xFFFFFFFF])
+def test_absurd_lengths_are_invalid(length: int) -> None:
+    t = ConnectionTracker(PG, Role.CLIENT)
+    t.feed(EG, b"Q" + struct.pack("!I", length) + b"SELECT 1\0", 1)
+    t.feed(IN, b"Z" + struct.pack("!I", length) + b"I", 2)
+    assert t.invalid_frames >= 2 and t.requests_parsed == t.responses_parsed == 0
