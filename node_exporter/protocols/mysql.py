@@ -234,6 +234,30 @@ class MySql:
     # -- server -> client -----------------------------------------------------------------
 
     def parse_response(self, buf: Buffer, request_hint: Any | None) -> ParseResult:
+        """The first packet, and the whole packets after it in ``buf`` that continue the same
+        response (a result set's definitions, rows and end): one tracker round instead of one each."""
+        first = self._response_one(buf, request_hint)
+        pos = first.consumed + self._rest
+        if first.state not in (ParseState.SUCCESS, ParseState.IGNORED) or pos > len(buf) or self._acc is None:
+            return first
+        self._rest = 0
+        state, frame = first.state, first.frame
+        while pos + 4 <= len(buf) and self._acc is not None:
+            total = 4 + (buf[pos] | buf[pos + 1] << 8 | buf[pos + 2] << 16)
+            if pos + total > len(buf) or buf[pos + 3] == 1:  # sequence 1: the next response's first packet
+                break
+            r = self._response_one(bytes(buf[pos : pos + total]), request_hint)
+            if r.state not in (ParseState.SUCCESS, ParseState.IGNORED):
+                break
+            pos += total
+            self._rest = 0
+            if r.state is ParseState.SUCCESS:
+                if state is not ParseState.SUCCESS:
+                    state, frame = r.state, r.frame
+                break
+        return ParseResult(state, pos, frame)
+
+    def _response_one(self, buf: Buffer, request_hint: Any | None) -> ParseResult:
         head = _header(buf)
         if head is None:
             return ParseResult(ParseState.NEEDS_MORE_DATA, 0, None)
