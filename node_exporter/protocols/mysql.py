@@ -70,6 +70,7 @@ CLIENT_DEPRECATE_EOF: Final = 0x01000000
 SERVER_MORE_RESULTS_EXISTS: Final = 0x0008
 OK, EOF, ERR, LOCAL_INFILE = 0x00, 0xFE, 0xFF, 0xFB
 MAX_PAYLOAD: Final = 0xFFFFFF
+MAX_NAMESPACE: Final = 64  # the longest database name MySQL and MariaDB accept
 _PEEK: Final = 32  # payload bytes a response packet is classified by (ERR: 9, OK: at most 1+9+9+4)
 
 
@@ -130,6 +131,7 @@ class MySql:
     def __init__(self) -> None:
         self.system = "mysql"  # "mariadb" once a greeting said so
         self.statements: StatementCache[int] = StatementCache()
+        self.namespace = ""  # db.namespace: the database COM_INIT_DB selected
         self._deprecate_eof: bool | None = None  # from the handshake, None if we did not see it
         self._phase = _Phase.IDLE
         self._acc: Acc | None = None  # the response being read (not done)
@@ -214,6 +216,8 @@ class MySql:
         name = COMMANDS.get(cmd)
         if name is None:
             return ParseResult(ParseState.INVALID, 0, None)
+        if cmd == COM_INIT_DB and total <= len(buf) and 0 < plen - 1 <= MAX_NAMESPACE:
+            self.namespace = bytes(buf[5:total]).decode("utf-8", "replace")  # db.namespace from here on
         frame = SqlRequest(SqlSummary(name, "", "", name), total, True, command=cmd)
         self.cut.request_seen()
         return self._ok(ParseState.SUCCESS, 5, total, frame)
@@ -415,7 +419,7 @@ class MySql:
         return generic_reader(Framing(BodyKind.LENGTH, rest) if rest > 0 else NO_BODY)
 
     def stitch(self, requests: deque[Message[Any]], responses: deque[Message[Any]]) -> Stitched:
-        return stitch(self.system, requests, responses)
+        return stitch(self.system, requests, responses, self.namespace)
 
     def timeout_record(self, request: Message[Any], now_ns: int) -> Any | None:
         return None  # counted (expired_requests), not reported: a slow query is not a failed one

@@ -50,6 +50,7 @@ PROTOCOL_3_0: Final = 196608  # StartupMessage version 3.0 (3 << 16)
 SSL_REQUEST: Final = 80877103  # 1234 << 16 | 5679
 GSSENC_REQUEST: Final = 80877104  # 1234 << 16 | 5680
 CANCEL_REQUEST: Final = 80877102  # 1234 << 16 | 5678
+MAX_NAMESPACE: Final = 63  # NAMEDATALEN - 1: the longest database name the server accepts
 MAX_MESSAGE: Final = 1 << 30  # the server's own limit on a message (PQ_LARGE_MESSAGE_LIMIT)
 FRONTEND: Final = frozenset(b"BCdcfDEHFPpQSX")
 _EXTENDED: Final = frozenset(b"PBDECHS")  # the messages of an extended-protocol batch, Sync last
@@ -88,6 +89,21 @@ def _statement(buf: Buffer, pos: int, total: int) -> tuple[SqlSummary, int] | No
     return sanitize(text, SYSTEM), end
 
 
+def _database(buf: Buffer, end: int) -> str:
+    """The StartupMessage's "database" parameter (db.namespace), "" if absent or implausible."""
+    pos = 8
+    while pos < end and buf[pos] != 0:
+        key = _cstring(buf, pos, end)
+        value = _cstring(buf, key[1], end) if key is not None else None
+        if key is None or value is None:
+            return ""
+        if key[0] == b"database":
+            name = value[0].decode("utf-8", "replace")
+            return name if 0 < len(name) <= MAX_NAMESPACE else ""
+        pos = value[1]
+    return ""
+
+
 def find_frame_boundary(buf: Buffer, start: int, kind: MessageKind) -> int:
     """Next offset with a known type byte and a plausible length (< 16 MiB: its first byte 0)."""
     types = FRONTEND if kind is MessageKind.REQUEST else BACKEND
@@ -110,6 +126,7 @@ class Postgres:
 
     def __init__(self) -> None:
         self.statements: StatementCache[bytes] = StatementCache()
+        self.namespace = ""  # db.namespace: the database the StartupMessage named
         self._batch_summary = EMPTY  # the statement of the extended-protocol batch being read
         self._batch_bytes = 0
         self._batch_executes = 0
@@ -270,7 +287,11 @@ class Postgres:
         elif code == CANCEL_REQUEST and length == 16:
             pass
         elif code == PROTOCOL_3_0 and 8 < length <= 10000:
+            if len(buf) < length:
+                return ParseResult(ParseState.NEEDS_MORE_DATA, 0, None)
             self._startup = True
+            self.namespace = _database(buf, length) or self.namespace
+            return self._ok(ParseState.IGNORED, length, length, END)
         else:
             return self._bad()
         return self._ok(ParseState.IGNORED, 8, length, END)
@@ -350,7 +371,7 @@ class Postgres:
         return generic_reader(_skip(0, self._rest))
 
     def stitch(self, requests: deque[Message[Any]], responses: deque[Message[Any]]) -> Stitched:
-        return stitch(SYSTEM, requests, responses)
+        return stitch(SYSTEM, requests, responses, self.namespace)
 
     def timeout_record(self, request: Message[Any], now_ns: int) -> Any | None:
         return None  # counted (expired_requests), not reported: a slow query is not a failed one

@@ -121,7 +121,7 @@ class StatementCache(Generic[K]):
         return len(self._cache)
 
 
-def _record(system: str, req: Message[Any], resp: Message[Any]) -> DbRecord:
+def _record(system: str, req: Message[Any], resp: Message[Any], namespace: str) -> DbRecord:
     q: SqlRequest = req.frame
     acc: Acc = resp.frame.acc
     s = q.summary
@@ -133,6 +133,7 @@ def _record(system: str, req: Message[Any], resp: Message[Any]) -> DbRecord:
         start_ns=req.ts_ns,
         latency_ns=resp.ts_ns - req.ts_ns,
         collection=s.collection,
+        namespace=namespace,
         query_summary=s.summary or acc.operation,
         query_text=s.text,
         status_code=acc.status_code,
@@ -142,7 +143,7 @@ def _record(system: str, req: Message[Any], resp: Message[Any]) -> DbRecord:
     )
 
 
-def stitch(system: str, requests: deque[Message[Any]], responses: deque[Message[Any]]) -> Stitched:
+def stitch(system: str, requests: deque[Message[Any]], responses: deque[Message[Any]], namespace: str = "") -> Stitched:
     """In-order pairing of requests with finished responses (one connection runs one statement at
     a time; pipelined ones answer in order). Guarded by timestamps and gaps as HTTP/1 is."""
     out = Stitched()
@@ -170,5 +171,5 @@ def stitch(system: str, requests: deque[Message[Any]], responses: deque[Message[
         requests.popleft()
         responses.popleft()
         if req.frame.record or resp.frame.acc.status_code:
-            out.records.append(_record(system, req, resp))
+            out.records.append(_record(system, req, resp, namespace))
     return out

@@ -97,7 +97,7 @@ def test_pgbench_select_only(topo: Topology, postgres: Path, tracing: Callable[.
     out = topo.cli.run("pgbench", "-n", "-S", "-c", "1", "-t", str(n), "-M", mode, "-h", pg_env()["PGHOST"],
                        "-U", "postgres", "postgres").stdout  # fmt: skip
     require(f"number of transactions actually processed: {n}/{n}" in out, "pgbench ran")
-    client, server = both(trace, n, collection="pgbench_accounts")
+    client, server = both(trace, n, collection="pgbench_accounts", namespace="postgres")
     assert len(client) == len(server) == n
     text = {"simple": "SELECT abalance FROM pgbench_accounts WHERE aid = ?;"}.get(
         mode, "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"

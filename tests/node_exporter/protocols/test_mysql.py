@@ -166,3 +166,12 @@ def test_another_protocol_mid_connection_is_counted_then_resynced() -> None:
     t.feed(EG, MY_QUERY, 4)
     (rec,) = t.feed(IN, MY_ROWS, 5)
     assert rec.returned_rows == 2
+
+
+def test_init_db_names_the_namespace() -> None:
+    t = ConnectionTracker(MY, Role.CLIENT)
+    t.feed(EG, my(0, b"\x02shop"), 1)
+    (use,) = t.feed(IN, MY_OK1, 2)
+    t.feed(EG, MY_QUERY, 3)
+    (rec,) = t.feed(IN, MY_ROWS, 4)
+    assert (use.operation, use.namespace, rec.namespace) == ("USE", "shop", "shop")

@@ -72,6 +72,7 @@ def test_session(byte_by_byte: bool, role: Role) -> None:
     ]
     first = recs[0]
     assert first.system == "postgresql"
+    assert {r.namespace for r in recs} == {"bench"}  # the StartupMessage's database
     assert first.query_text == "SELECT name FROM users WHERE token = ?"
     assert first.query_summary == "SELECT users"
     assert (first.request_bytes, first.response_bytes) == (len(PG_QUERY), len(PG_ROWS))
