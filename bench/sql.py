@@ -23,10 +23,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import cpu_seconds  # noqa: E402
+
 from tests.e2e.netns import SRV_V4, Topology  # noqa: E402
 from tests.e2e.sqlpeers import pg_data, private_copy, start_postgres  # noqa: E402
-
-from common import cpu_seconds  # noqa: E402
 
 KSCOPE = str(REPO / ".venv" / "bin" / "kscope")
 _TPS = re.compile(r"number of transactions actually processed: (\d+)")
