@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from node_exporter.l7.pipeline import L7Event
+from node_exporter.l7.syscalls import SyscallL7Collector
 from node_exporter.protocols import DbRecord, Role
 from tests.e2e.l7trace import L7Trace, require, self_signed_cert
 from tests.e2e.netns import SRV_V4, Topology
@@ -89,10 +90,16 @@ def psql(topo: Topology, script: str, sslmode: str = "disable") -> str:
 # ---- PostgreSQL ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
-def test_pgbench_select_only(topo: Topology, postgres: Path, tracing: Callable[..., L7Trace], mode: str) -> None:
-    """pgbench -S -M <mode>: exactly one SELECT on pgbench_accounts per transaction, at both ends."""
-    trace = tracing()
+@pytest.mark.parametrize(
+    ("mode", "probe"),
+    [("simple", "socket"), ("extended", "socket"), ("prepared", "socket"), ("extended", "syscalls")],
+)
+def test_pgbench_select_only(
+    topo: Topology, postgres: Path, tracing: Callable[..., L7Trace], mode: str, probe: str
+) -> None:
+    """pgbench -S -M <mode>: exactly one SELECT on pgbench_accounts per transaction, at both ends; also
+    through the syscall-exit fallback older kernels get (the same inference and parsers)."""
+    trace = tracing() if probe == "socket" else tracing(collector=SyscallL7Collector)
     n = 40
     out = topo.cli.run("pgbench", "-n", "-S", "-c", "1", "-t", str(n), "-M", mode, "-h", pg_env()["PGHOST"],
                        "-U", "postgres", "postgres").stdout  # fmt: skip
