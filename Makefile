@@ -17,6 +17,7 @@ APT_PACKAGES := clang-19 llvm-19 libbpf-dev libbpf1 bpftool make iproute2 iptabl
 	nginx-light wrk hey curl netcat-openbsd openssl dnsmasq-base dnsutils libnetfilter-queue-dev util-linux procps \
 	python3-venv binutils libcap2-bin prometheus tmux nghttp2-server nghttp2-client
 APT_PACKAGES += redis-server redis-tools memcached libmemcached-tools  # Redis/Memcached peers of the L7 tests
+APT_PACKAGES += postgresql postgresql-client mariadb-server mariadb-client  # PostgreSQL/MariaDB peers of the L7 tests
 
 BPF_CFLAGS := -target bpf -g -O2 -mcpu=v3 -D__TARGET_ARCH_x86 -Wall -Werror -Wno-unused-function \
 	-I$(BUILD) -Ibpf_src

@@ -3,6 +3,12 @@
 #ifndef KSCOPE_L7_CAPTURE_H
 #define KSCOPE_L7_CAPTURE_H
 
+/* Protocols that may switch to TLS in the middle of a connection (an in-band SSL request). */
+static __always_inline bool starts_tls(__u8 protocol)
+{
+	return protocol == KSCOPE_PROTO_POSTGRESQL || protocol == KSCOPE_PROTO_MYSQL;
+}
+
 static __always_inline void bind_tls(struct sock *sk, struct l7_sock *st, struct tls_call *call, __u8 ip_proto)
 {
 	struct tls_conn fresh = {}, *conn;
@@ -22,6 +28,12 @@ static __always_inline void bind_tls(struct sock *sk, struct l7_sock *st, struct
 	fresh.dport = h.dport;
 	fresh.family = h.family;
 	fresh.role = sk->sk_max_ack_backlog ? KSCOPE_ROLE_SERVER : KSCOPE_ROLE_CLIENT;
+	if (starts_tls(st->protocol)) {
+		/* an in-band upgrade: the plaintext goes on in the protocol the socket spoke (MariaDB reads a
+		 * packet's 4-byte header and its payload in two SSL_read calls: neither tells on its own) */
+		fresh.protocol = st->protocol;
+		fresh.role = st->role;
+	}
 	bpf_map_update_elem(&tls_conns, &key, &fresh, BPF_ANY);
 }
 
@@ -73,6 +85,16 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 		if (call)
 			bind_tls(sk, st, call, ip_proto);
 		return;
+	}
+	if (starts_tls(st->protocol)) {
+		/* PostgreSQL after SSLRequest 'S', MySQL after its SSL request: ciphertext written or read by
+		 * an SSL_* call from now on; its plaintext comes from the uprobes, bound to this socket here */
+		tid = (__u32)bpf_get_current_pid_tgid();
+		call = bpf_map_lookup_elem(&tls_calls, &tid);
+		if (call) {
+			bind_tls(sk, st, call, ip_proto);
+			return;
+		}
 	}
 	seq = st->seq[dir - 1];
 	st->seq[dir - 1] = seq + ret;

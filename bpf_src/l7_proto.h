@@ -86,6 +86,11 @@ static __always_inline int http_start(const __u8 *d, __u32 n)
 	return request_method(d, n) ? 1 : 0;
 }
 
+static __always_inline __u32 be32(const __u8 *d)
+{
+	return (__u32)d[0] << 24 | (__u32)d[1] << 16 | (__u32)d[2] << 8 | d[3];
+}
+
 #define H2_PREFACE_LEN 24
 #define H2_FRAME_HEADER 9
 #define H2_MAX_FRAME 16384 /* SETTINGS_MAX_FRAME_SIZE's initial value: a "sane length" */
@@ -263,6 +268,85 @@ static __always_inline __u8 infer_memcached(const __u8 *d, __u32 n, __u8 dir, __
 	return KSCOPE_PROTO_MEMCACHED;
 }
 
+#define POSTGRES_PORT 5432
+#define MYSQL_PORT 3306
+
+/*
+ * PostgreSQL if the head is one of its client messages (*role set). From any port: a
+ * StartupMessage (int32 length, version 3.0) or SSLRequest/GSSENCRequest (length 8, its code), which
+ * open every connection; and, for a connection older than us, a whole simple Query ('Q', int32 length,
+ * text starting with a letter, NUL at its end) in the captured head. A Query longer than the head is
+ * taken only on port 5432 (the tie-breaker).
+ */
+static __always_inline __u8 infer_postgres(const __u8 *d, __u32 n, __u8 dir, __u16 sport, __u16 dport, __u8 *role)
+{
+	__u32 len, code;
+	__u8 c;
+
+	if (n < 8)
+		return KSCOPE_PROTO_UNKNOWN;
+	len = be32(d);
+	code = be32(d + 4);
+	if ((len == 8 && (code == 80877103 || code == 80877104)) || (code == 196608 && len > 8 && len < 10000)) {
+		*role = request_role(dir);
+		return KSCOPE_PROTO_POSTGRESQL;
+	}
+	if (d[0] != 'Q' || d[1] != 0)
+		return KSCOPE_PROTO_UNKNOWN;
+	len = be32(d + 1);
+	c = d[5] | 0x20; /* lower case */
+	if (len < 6 || !((c >= 'a' && c <= 'z') || d[5] == '(' || d[5] == ' '))
+		return KSCOPE_PROTO_UNKNOWN;
+	if (len + 1 <= n) {
+		if (d[len & READ_MASK] != 0)
+			return KSCOPE_PROTO_UNKNOWN;
+	} else if (sport != POSTGRES_PORT && dport != POSTGRES_PORT) {
+		return KSCOPE_PROTO_UNKNOWN;
+	}
+	*role = request_role(dir);
+	return KSCOPE_PROTO_POSTGRESQL;
+}
+
+/*
+ * MySQL/MariaDB if the head is the server's greeting (sequence 0, protocol 10, a version that
+ * starts with a digit: from any port; *role from who sent it), or, on port 3306 only (a tie-breaker:
+ * four bytes and a command code say little), from a connection older than us: a command (sequence 0,
+ * COM_QUERY/COM_STMT_PREPARE with a letter first, COM_STMT_EXECUTE, COM_PING) or a response's first
+ * packet (sequence 1: OK, ERR or a column count).
+ */
+static __always_inline __u8 infer_mysql(const __u8 *d, __u32 n, __u8 dir, __u16 sport, __u16 dport, __u8 *role)
+{
+	__u32 len;
+	__u8 c;
+
+	if (n < 5 || d[3] > 1)
+		return KSCOPE_PROTO_UNKNOWN;
+	len = d[0] | (__u32)d[1] << 8 | (__u32)d[2] << 16;
+	if (d[3] == 0 && d[4] == 0x0a && len >= 20 && len < 1024 && n >= 6 && d[5] >= '0' && d[5] <= '9') {
+		/* the server speaks first: a greeting we send makes us the server */
+		*role = dir == KSCOPE_DIR_EGRESS ? KSCOPE_ROLE_SERVER : KSCOPE_ROLE_CLIENT;
+		return KSCOPE_PROTO_MYSQL;
+	}
+	if (sport != MYSQL_PORT && dport != MYSQL_PORT)
+		return KSCOPE_PROTO_UNKNOWN;
+	c = n >= 6 ? (d[5] | 0x20) : 0;
+	if (d[3] == 0 && (((d[4] == 0x03 || d[4] == 0x16) && len >= 2 && c >= 'a' && c <= 'z') ||
+			  (d[4] == 0x17 && len >= 10) || (d[4] == 0x0e && len == 1))) {
+		*role = request_role(dir);
+		return KSCOPE_PROTO_MYSQL;
+	}
+	/* a response (sequence 1: OK, ERR, a result's column count) leaving or reaching port 3306: the
+	 * server reads a packet's header and payload in two calls, so its commands never tell */
+	if (d[3] == 1 &&
+	    ((d[4] == 0x00 && len >= 7) || (d[4] == 0xff && len >= 9) || (d[4] >= 1 && d[4] <= 250 && len == 1))) {
+		if (dir == KSCOPE_DIR_EGRESS ? sport == MYSQL_PORT : dport == MYSQL_PORT) {
+			*role = dir == KSCOPE_DIR_EGRESS ? KSCOPE_ROLE_SERVER : KSCOPE_ROLE_CLIENT;
+			return KSCOPE_PROTO_MYSQL;
+		}
+	}
+	return KSCOPE_PROTO_UNKNOWN;
+}
+
 /* Decide the protocol of a connection from one call's head; KSCOPE_PROTO_UNKNOWN if it
  * does not tell. *role is set only when a protocol is returned (0 for HTTP/2 found from frames).
  * Each TCP protocol is one line of the dispatch, tried in order. */
@@ -290,6 +374,10 @@ static __always_inline __u8 infer(const __u8 *d, __u32 n, __u8 dir, __u8 ip_prot
 	if ((proto = infer_redis(d, n, dir, role)))
 		return proto;
 	if ((proto = infer_memcached(d, n, dir, sport, dport, role)))
+		return proto;
+	if ((proto = infer_postgres(d, n, dir, sport, dport, role)))
+		return proto;
+	if ((proto = infer_mysql(d, n, dir, sport, dport, role)))
 		return proto;
 	return KSCOPE_PROTO_UNKNOWN;
 }

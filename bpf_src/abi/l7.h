@@ -24,7 +24,9 @@ enum kscope_l7_protocol {
 	KSCOPE_PROTO_DNS = 2,
 	KSCOPE_PROTO_REDIS = 3,     /* RESP2/RESP3 */
 	KSCOPE_PROTO_MEMCACHED = 4, /* text protocol, meta commands */
-	KSCOPE_PROTO_HTTP2 = 7, /* cleartext (prior knowledge, upgrade-less) or TLS plaintext; chunks only */
+	KSCOPE_PROTO_POSTGRESQL = 5,
+	KSCOPE_PROTO_MYSQL = 6,     /* MySQL and MariaDB */
+	KSCOPE_PROTO_HTTP2 = 7,     /* cleartext (prior knowledge, upgrade-less) or TLS plaintext; chunks only */
 	KSCOPE_PROTO_IGNORED = 255, /* not a protocol we parse: nothing more is captured */
 };
 

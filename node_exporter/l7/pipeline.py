@@ -106,6 +106,8 @@ _PROTOCOL_NAMES: dict[int, str] = {
     L7Protocol.KSCOPE_PROTO_HTTP2: "http2",
     L7Protocol.KSCOPE_PROTO_REDIS: "redis",
     L7Protocol.KSCOPE_PROTO_MEMCACHED: "memcached",
+    L7Protocol.KSCOPE_PROTO_POSTGRESQL: "postgresql",
+    L7Protocol.KSCOPE_PROTO_MYSQL: "mysql",
 }
 # HTTP/2 is a TCP protocol: a datagram socket the kernel called HTTP/2 is nothing we parse.
 _TCP_ONLY: frozenset[int] = frozenset({L7Protocol.KSCOPE_PROTO_HTTP2})

@@ -17,11 +17,13 @@ from node_exporter.protocols.http1 import Http1, HttpRecord
 from node_exporter.protocols.http2 import Http2
 from node_exporter.protocols.http2_session import Http2Record
 from node_exporter.protocols.memcached import Memcached
+from node_exporter.protocols.mysql import MySql
+from node_exporter.protocols.postgres import Postgres
 from node_exporter.protocols.redis import Redis
 from node_exporter.protocols.tracker import ConnectionTracker, TrackerLimits
 
 PROTOCOLS: Final[Mapping[str, Protocol]] = MappingProxyType(
-    {p.name: p for p in (Http1(), Http2(), Dns(tcp=False), Dns(tcp=True), Redis(), Memcached())}
+    {p.name: p for p in (Http1(), Http2(), Dns(tcp=False), Dns(tcp=True), Redis(), Memcached(), Postgres(), MySql())}
 )
 
 __all__ = [

@@ -45,6 +45,9 @@ COUNTERS: Final = (
     "orphan_responses",  # responses whose request was never seen
     "expired_requests",  # requests expire() gave up on (DNS turns them into timeout records)
     "unparsed_bytes",  # bytes after the protocol ended (upgrade, tunnel) or after close
+    "state_evictions",  # per-connection protocol state dropped by its bound (prepared statements)
+    "state_misses",  # state looked up and not found (a statement prepared before us, or evicted)
+    "cut_responses",  # responses whose end was lost (capture bound, gap): recorded without status or rows
 )
 
 
@@ -91,7 +94,9 @@ class ConnectionTracker:
     """Per-connection parsing state for one protocol; feed it chunks, get records back."""
 
     def __init__(self, protocol: Protocol, role: Role, limits: TrackerLimits | None = None) -> None:
-        self.protocol = protocol
+        # A protocol with per-connection state (prepared statements) gives each connection its own.
+        fork = getattr(protocol, "for_connection", None)
+        self.protocol: Protocol = fork() if fork is not None else protocol
         self.role = role
         self.limits = limits or TrackerLimits()
         self.closed = False
@@ -127,10 +132,18 @@ class ConnectionTracker:
     orphan_responses: int
     expired_requests: int
     unparsed_bytes: int
+    state_evictions: int
+    state_misses: int
+    cut_responses: int
 
     def counters(self) -> dict[str, int]:
-        """COUNTERS, and a session's own (e.g. h2_*) after them."""
+        """COUNTERS (the protocol's per-connection state counters added in), and a session's own (e.g.
+        h2_*) after them."""
         out = {name: getattr(self, name) for name in COUNTERS}
+        state = getattr(self.protocol, "state_counters", None)
+        if state is not None:
+            for name, value in state().items():
+                out[name] += value
         if self._session is not None:
             out.update(self._session.counters())
         return out
@@ -396,6 +409,9 @@ class ConnectionTracker:
         self._consume(s, len(s.buf))
         s.resync = True
         s.after_gap = True
+        lost = getattr(self.protocol, "lost_bytes", None)  # stateful protocols re-align their state
+        if lost is not None:
+            lost(s.kind)
 
     def _skip(self, s: _Stream, n: int) -> None:
         self.discarded_bytes += n
