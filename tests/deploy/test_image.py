@@ -236,6 +236,8 @@ def test_without_a_capability_for_namespaces_the_agent_runs_says_once_and_counts
     image: str, ctrs: Containers, nat_topo: ClusterTopology, capability: str, agent_values: dict[str, Any], event: str
 ) -> None:
     """The topology's namespaces (and their processes) are there for the agent to try."""
+    # A pod's process: the agent finds a namespace through /proc (its /run/netns is not mounted).
+    nat_topo.spawn(nat_topo.cli, "sleep", "600")
     agent = agent_without(image, capability, ctrs, agent_values)
     agent.wait_for("agent_started")
     agent.wait_for(f'"event": "{event}"')
