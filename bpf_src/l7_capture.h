@@ -107,6 +107,11 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 	if (fresh) {
 		__u8 role = 0, proto;
 
+		if (l7_own_call(own_pidns_dev, own_pidns_ino, own_tgid)) {
+			st->protocol = KSCOPE_PROTO_IGNORED;
+			stat_inc(KSCOPE_L7_STAT_OWN);
+			return;
+		}
 		n = chunk_head(c, sk, ip_proto, buf, uaddr, ret, avail, KSCOPE_PROTO_UNKNOWN);
 		proto = infer_chunk(c, n, dir, ip_proto, c->hdr.sport, c->hdr.dport, &role);
 
@@ -195,8 +200,14 @@ static __always_inline void tls_exit(int ret) /* SSL_* return an int */
 		conn->seq[1] = seq + len;
 	}
 	if (conn->protocol == KSCOPE_PROTO_UNKNOWN) {
-		__u8 role = 0, proto = infer_chunk(c, n, dir, IPPROTO_TCP, conn->sport, conn->dport, &role);
+		__u8 role = 0, proto;
 
+		if (l7_own_call(own_pidns_dev, own_pidns_ino, own_tgid)) {
+			conn->protocol = KSCOPE_PROTO_IGNORED;
+			stat_inc(KSCOPE_L7_STAT_OWN);
+			return;
+		}
+		proto = infer_chunk(c, n, dir, IPPROTO_TCP, conn->sport, conn->dport, &role);
 		if (proto == KSCOPE_PROTO_UNKNOWN) {
 			l7_infer_failed(&conn->protocol, &conn->attempts); /* counted like a plain socket's */
 			return;

@@ -694,6 +694,19 @@ static __always_inline __u32 l7_read_head(struct chunk *c, const void *buf, __u6
 	return n;
 }
 
+/* Whether the calling process is the agent: `tgid` in the pid namespace (`dev`, `ino`) the agent
+ * runs in (0: check nothing). Its own sockets (gRPC to the processor, OTLP out of `kscope run`)
+ * would only describe kscope to itself, one more record per shipment, so they are not parsed.
+ * A global function: verified once, whatever calls it. */
+__attribute__((noinline)) int l7_own_call(__u64 dev, __u64 ino, __u32 tgid)
+{
+	struct bpf_pidns_info ns = {};
+
+	if (!tgid || bpf_get_ns_current_pid_tgid(dev, ino, &ns, sizeof(ns)))
+		return 0;
+	return ns.tgid == tgid;
+}
+
 /* A call whose bytes did not tell the protocol: after MAX_INFER_ATTEMPTS of them the socket
  * is ignored for good (counted). */
 static __always_inline void l7_infer_failed(__u8 *protocol, __u8 *attempts)

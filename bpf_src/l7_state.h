@@ -6,6 +6,9 @@
 /* Runtime knobs, set by user space before load. */
 const volatile __u32 capture_bytes = 1024; /* head bytes captured per call, <= KSCOPE_L7_MAX_CAPTURE */
 const volatile __u32 filter_netns_ino = 0; /* 0: every network namespace */
+const volatile __u32 own_tgid = 0;       /* the agent's pid in its pid namespace: its sockets are not parsed */
+const volatile __u64 own_pidns_dev = 0;
+const volatile __u64 own_pidns_ino = 0;
 const volatile __u8 exchanges = 1;         /* 0: HTTP/1 goes through chunks as well */
 const volatile __u64 idle_ns = 500000000;  /* the sweep emits an answered exchange idle this long */
 const volatile __u64 unanswered_ns = 300000000000ULL; /* ... and an unanswered one this old */

@@ -64,6 +64,9 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* Runtime knobs, set by user space before load (same names as l7.bpf.c). */
 const volatile __u32 capture_bytes = 1024; /* head bytes captured per call, <= KSCOPE_L7_MAX_CAPTURE */
 const volatile __u32 filter_netns_ino = 0; /* 0: every network namespace */
+const volatile __u32 own_tgid = 0;       /* the agent's pid in its pid namespace: its sockets are not parsed */
+const volatile __u64 own_pidns_dev = 0;
+const volatile __u64 own_pidns_ino = 0;
 
 /* Counters of the fallback alone (the shared ones are in l7_stats). Python mirror:
  * node_exporter/l7/syscalls.py L7SysStat, checked against this object's BTF. */
@@ -206,8 +209,14 @@ static __always_inline void capture(struct task_struct *task, struct pt_regs *re
 	/* the knob even for HTTP/2: a larger bound here passed the verifier's 1M instructions */
 	n = l7_read_head(c, buf, len, avail, capture_bytes);
 	if (st->protocol == KSCOPE_PROTO_UNKNOWN) {
-		__u8 role = 0, proto = infer_chunk(c, n, dir, ip_proto, c->hdr.sport, c->hdr.dport, &role);
+		__u8 role = 0, proto;
 
+		if (l7_own_call(own_pidns_dev, own_pidns_ino, own_tgid)) {
+			st->protocol = KSCOPE_PROTO_IGNORED;
+			stat_inc(KSCOPE_L7_STAT_OWN);
+			return;
+		}
+		proto = infer_chunk(c, n, dir, ip_proto, c->hdr.sport, c->hdr.dport, &role);
 		if (proto == KSCOPE_PROTO_UNKNOWN && ip_proto == IPPROTO_TCP && is_tls_record(c->data, n)) {
 			/* TLS: l7.bpf.c would switch to the uprobes' plaintext; without them there is
 			 * nothing to parse, so stop at once instead of after MAX_INFER_ATTEMPTS calls */

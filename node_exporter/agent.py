@@ -98,7 +98,7 @@ def open_l7(bpf_dir: Path, opts: AgentOptions, netns: NetnsWalker | None = None)
                 proc_root=opts.proc_root, record_rate=opts.l7_record_rate, netns=netns,
                 # like L4's: the sweep walks each namespace with exchanges in flight, a pass over the
                 # whole TCP hash table (netns.py); busy sockets need none (see bpf_src/l7_summary.h)
-                sweep_s=opts.sweep_s,
+                sweep_s=opts.sweep_s, skip_own=True,
             )  # fmt: skip
         except HookUnavailableError as exc:
             if probe == "sockets":
@@ -110,7 +110,7 @@ def open_l7(bpf_dir: Path, opts: AgentOptions, netns: NetnsWalker | None = None)
     # tls/exchanges asked for so that their absence shows as disabled capabilities, with the reason
     return SyscallL7Collector(
         bpf_dir / L7_SYSCALLS_OBJECT, netns_ino=opts.netns_inode, capture_bytes=opts.capture_bytes,
-        tls=True, exchanges=True,
+        tls=True, exchanges=True, skip_own=True,
     )  # fmt: skip
 
 

@@ -48,7 +48,7 @@ class NetnsError(KscopeError):
     """This thread could not return to its own network namespace: nothing after is trustworthy."""
 
 
-def _setns(fd: int) -> None:
+def setns_net(fd: int) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -155,7 +155,7 @@ class NetnsWalker:
                         self._stale()
                         continue
                     try:
-                        _setns(ns)
+                        setns_net(ns)
                     except OSError as exc:
                         if not self.enter_failed:
                             hint = "setns needs CAP_SYS_ADMIN; that namespace's sockets are not walked"
@@ -167,7 +167,7 @@ class NetnsWalker:
                         self.walked += 1
                     finally:
                         try:
-                            _setns(own)
+                            setns_net(own)
                         except OSError as exc:
                             raise NetnsError(f"cannot return to the agent's network namespace: {exc}") from exc
                 finally:

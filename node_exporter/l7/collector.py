@@ -12,7 +12,7 @@ from node_exporter.bpf.maps import read_percpu_u64_array, write_u32_array
 from node_exporter.l4.collector import default_bpf_dir
 from node_exporter.l7.chunks import Chunk
 from node_exporter.l7.exchanges import EXCHANGE_SIZE, ExchangeBatch
-from node_exporter.l7.probe import L7Probe, L7Stats, clamp_capture_bytes
+from node_exporter.l7.probe import L7Probe, L7Stats, clamp_capture_bytes, own_process_knobs
 from node_exporter.l7.tls import MULTI_ENTRY_PROGRAM, MULTI_EXIT_PROGRAM, TlsAttacher
 from node_exporter.l7.xring import FixedRingReader
 from node_exporter.netns import NetnsWalker, PendingNetns
@@ -58,6 +58,7 @@ class L7Collector(L7Probe):
         netns: NetnsWalker | None = None,
         netns_pending_entries: int | None = None,
         mmsg_threads: int | None = None,
+        skip_own: bool = False,
     ) -> None:
         """``exchanges``: pair plain-text HTTP/1 in the kernel (one record per exchange) instead of
         sending every call's head; ``idle_s``: how long an answered exchange waits for more
@@ -67,7 +68,9 @@ class L7Collector(L7Probe):
         exchange (0: every exchange is a record, no summaries). ``netns_pending_entries``: how many
         namespaces the kernel can mark for the sweep before it asks for a walk of all (a test
         shrinks it to push past it). ``mmsg_threads``: threads inside a sendmmsg/recvmmsg at once
-        whose place in the vector the kernel keeps (past it, messages are counted, mmsg_unknown)."""
+        whose place in the vector the kernel keeps (past it, messages are counted, mmsg_unknown).
+        ``skip_own``: leave this process's own sockets unparsed (the agent's shipping and exports;
+        tests that drive traffic from their own process keep the default)."""
         if record_rate < 0:
             raise ValueError(f"record_rate must be >= 0, got {record_rate}")
         path = Path(object_path) if object_path else default_bpf_dir() / OBJECT_NAME
@@ -77,6 +80,7 @@ class L7Collector(L7Probe):
             {
                 "capture_bytes": clamp_capture_bytes(capture_bytes),
                 "filter_netns_ino": netns_ino,
+                **(own_process_knobs() if skip_own else {}),
                 "exchanges": int(exchanges),
                 "idle_ns": int(idle_s * 1e9),
                 "record_cost_ns": 1_000_000_000 // record_rate if record_rate else 0,

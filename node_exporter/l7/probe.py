@@ -6,6 +6,7 @@ closing. :class:`~node_exporter.l7.collector.L7Collector` and
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,14 @@ from node_exporter.l7.chunks import Chunk, decode_chunk
 def clamp_capture_bytes(n: int) -> int:
     """The capture_bytes knob as both objects accept it: 1 .. KSCOPE_L7_MAX_CAPTURE."""
     return max(1, min(n, L7_MAX_CAPTURE))
+
+
+def own_process_knobs() -> dict[str, int]:
+    """The knobs that make both objects leave this process's own sockets alone (l7_own_call in
+    bpf_src/l7_proto.h): its pid as its pid namespace numbers it, and that namespace's identity,
+    so the test holds with or without hostPID."""
+    ns = os.stat("/proc/self/ns/pid")
+    return {"own_tgid": os.getpid(), "own_pidns_dev": ns.st_dev, "own_pidns_ino": ns.st_ino}
 
 
 @dataclass

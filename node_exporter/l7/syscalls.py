@@ -26,7 +26,7 @@ from node_exporter.bpf.maps import read_percpu_u64_array
 from node_exporter.l4.collector import default_bpf_dir
 from node_exporter.l7.chunks import Chunk
 from node_exporter.l7.exchanges import ExchangeBatch
-from node_exporter.l7.probe import L7Probe, clamp_capture_bytes
+from node_exporter.l7.probe import L7Probe, clamp_capture_bytes, own_process_knobs
 
 OBJECT_NAME = "l7_syscalls.bpf.o"
 SOCKET_TRACEPOINTS = ("sock_send_length", "sock_recv_length")
@@ -113,6 +113,7 @@ class SyscallL7Collector(L7Probe):
         exchanges: bool = False,
         idle_s: float = 0.5,
         sweep_s: float = 0.1,
+        skip_own: bool = False,
     ) -> None:
         del tls_rescan_s, proc_root, idle_s, sweep_s  # no uprobes to rescan, no kernel sweep
         path = Path(object_path) if object_path else default_bpf_dir() / OBJECT_NAME
@@ -122,6 +123,8 @@ class SyscallL7Collector(L7Probe):
         if socket_entries:
             sizes["l7_sys_socks"] = socket_entries
         knobs = {"capture_bytes": clamp_capture_bytes(capture_bytes), "filter_netns_ino": netns_ino}
+        if skip_own:
+            knobs |= own_process_knobs()
         super().__init__(path, CAPABILITIES, knobs, sizes)
         if tls:
             self.obj.report.disabled["l7.tls"] = TLS_DISABLED
