@@ -39,6 +39,10 @@ CAPABILITIES = {
 __all__ = ["L7Collector", "L7Stats"]
 
 
+def _env_full_capture() -> bool:
+    return os.environ.get("KSCOPE_L7_H2_FULL_CAPTURE", "") not in ("", "0")
+
+
 class L7Collector(L7Probe):
     def __init__(
         self,
@@ -58,6 +62,7 @@ class L7Collector(L7Probe):
         netns: NetnsWalker | None = None,
         netns_pending_entries: int | None = None,
         mmsg_threads: int | None = None,
+        h2_compact: bool | None = None,
     ) -> None:
         """``exchanges``: pair plain-text HTTP/1 in the kernel (one record per exchange) instead of
         sending every call's head; ``idle_s``: how long an answered exchange waits for more
@@ -67,7 +72,10 @@ class L7Collector(L7Probe):
         exchange (0: every exchange is a record, no summaries). ``netns_pending_entries``: how many
         namespaces the kernel can mark for the sweep before it asks for a walk of all (a test
         shrinks it to push past it). ``mmsg_threads``: threads inside a sendmmsg/recvmmsg at once
-        whose place in the vector the kernel keeps (past it, messages are counted, mmsg_unknown)."""
+        whose place in the vector the kernel keeps (past it, messages are counted, mmsg_unknown).
+        ``h2_compact``: walk HTTP/2 frames in the kernel and send them without DATA payloads
+        (bpf_src/l7_h2.h); False sends each call's first 4 KiB as before. None: True unless the
+        environment sets KSCOPE_L7_H2_FULL_CAPTURE=1 (the bench measures both ways)."""
         if record_rate < 0:
             raise ValueError(f"record_rate must be >= 0, got {record_rate}")
         path = Path(object_path) if object_path else default_bpf_dir() / OBJECT_NAME
@@ -81,6 +89,7 @@ class L7Collector(L7Probe):
                 "idle_ns": int(idle_s * 1e9),
                 "record_cost_ns": 1_000_000_000 // record_rate if record_rate else 0,
                 "summary_ns": int(summary_s * 1e9),
+                "h2_compact": int(h2_compact if h2_compact is not None else not _env_full_capture()),
             },
             {
                 **({"l7_ring": ring_bytes, "l7_xring": ring_bytes} if ring_bytes else {}),

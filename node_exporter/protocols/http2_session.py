@@ -24,6 +24,7 @@ from node_exporter.protocols.http2 import (
     END_HEADERS,
     END_STREAM,
     GOAWAY,
+    HEADER_LEN,
     HEADERS,
     PUSH_PROMISE,
     RST_STREAM,
@@ -137,7 +138,7 @@ class H2Session:
         elif f.type == DATA:
             s = self._streams.get(f.stream_id)
             if s is not None:
-                self._add_bytes(kind, s, msg.size)
+                self._add_bytes(kind, s, HEADER_LEN + f.length)  # also when the kernel sent no payload
                 if f.flags & END_STREAM and kind is MessageKind.RESPONSE:
                     self._finish(f.stream_id, s, msg.ts_ns, out)
         elif f.type == RST_STREAM:
