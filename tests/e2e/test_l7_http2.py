@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from node_exporter.bpf.abi import L7Flags
 from node_exporter.l7.pipeline import L7Event
 from node_exporter.l7.syscalls import SyscallL7Collector
 from node_exporter.protocols import Http2Record, Role
@@ -148,6 +149,43 @@ def test_grpc_many_concurrent_streams_on_one_connection(topo: Topology, tracing:
     assert len([r for r in records if not r.path]) == c["h2_requests_unknown_path"] == len(records) - len(cli + srv)
     check_grpc(cli + srv, "Ping")
     assert set(statuses(cli + srv)) <= {0, -1} and statuses(cli + srv)[0] > 0
+    no_parse_errors(trace)
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["frame-walk", "full-capture"])
+def test_grpc_large_messages_past_the_capture(topo: Topology, tracing: Callable[..., L7Trace], compact: bool) -> None:
+    """Calls of 200 kB each way: grpc-c writes and reads them in calls far past the 4 KiB a call's head
+    capture holds. The kernel's frame walk sends every frame header and header block of those calls
+    and none of their DATA payloads, so each call is a record at both ends with exact byte counts
+    (the same at both ends, every DATA byte counted) and HPACK stays in step (later calls keep their
+    path). The full capture (KSCOPE_L7_H2_FULL_CAPTURE) of the same traffic truncates those calls:
+    what this test would see without the walk."""
+    size, n = 200_000, 4
+    trace = tracing(h2_compact=compact, keep=True)
+    client = grpc_pair(topo)
+    assert client.call(f"big {n} {size}", "done", timeout=30)["codes"] == {"OK": n}
+    assert client.call("unary 2", "done")["codes"] == {"OK": 2}
+    if not compact:
+        trace.until(lambda ev: trace.truncated > 0, 10)
+        assert trace.truncated > 0 and trace.truncated_bytes > 4 * size  # the calls the walk follows
+        assert not any(c.flags & L7Flags.KSCOPE_L7_H2_FRAMES for c in trace.chunk_log)
+        return
+    cli, srv = wait_both(trace, n + 2, rpc_method="Ping")
+    assert len(cli) == len(srv) == n + 2, (len(cli), len(srv), trace.pipe.counters())
+    check_grpc(cli + srv, "Ping")
+    for c, s in zip(cli, srv, strict=True):
+        assert (c.request_bytes, c.response_bytes) == (s.request_bytes, s.response_bytes)
+    big = cli[:n]
+    # gRPC message = 5-byte prefix + payload, in DATA frames (9-byte headers; grpc-c allows frames
+    # past 16 KiB, so one or more), plus a HEADERS frame (and trailers for the response) of at most
+    # a few hundred bytes: every DATA byte counted, though none reached user space
+    for r in big:
+        for got, msg in ((r.request_bytes, 5 + size), (r.response_bytes, 5 + 5 + size)):
+            assert msg + 9 + 9 < got < msg + 9 * -(-msg // 16384) + 600, (got, msg)
+    # the warm-table repeat calls are identical on the wire: exactly the same counts
+    assert len({(r.request_bytes, r.response_bytes) for r in big[1:]}) == 1
+    assert trace.chunks and all(c.flags & L7Flags.KSCOPE_L7_H2_FRAMES for c in trace.chunk_log)
+    assert trace.truncated == 0 and trace.kernel_stats()["h2_lost"] == 0
     no_parse_errors(trace)
 
 
