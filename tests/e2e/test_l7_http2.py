@@ -8,6 +8,7 @@ connections at both ends.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from node_exporter.bpf.abi import L7Flags
+from node_exporter.bpf.abi import L7Direction, L7Flags
 from node_exporter.l7.pipeline import L7Event
 from node_exporter.l7.syscalls import SyscallL7Collector
 from node_exporter.protocols import Http2Record, Role
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.bpf
 
 GRPC_PORT, H2_PORT, H2_TLS_PORT = 50051, 8080, 8443
 GRPC_PEER = Path(__file__).with_name("grpcpeer.py")
+H2SPLIT = Path(__file__).with_name("h2split.py")
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
@@ -251,6 +253,29 @@ def test_curl_prior_knowledge(topo: Topology, tmp_path: Path, tracing: Callable[
         assert "hunter2" not in repr(r) and "secret" not in repr(r)
         assert r.response_bytes > 3000  # the DATA frames counted
     assert (cli[0].request_bytes, cli[0].response_bytes) == (srv[0].request_bytes, srv[0].response_bytes)
+    no_parse_errors(trace)
+
+
+def test_frames_cut_across_calls(topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]) -> None:
+    """A client that cuts a frame header after 4 bytes, a header block after 3, and a DATA frame's
+    header after 2 (its payload in three writes), each piece its own send call, against nghttpd: the
+    kernel's walk keeps its place across the calls, so both ends make the three records with the
+    exact bytes the client put on the wire."""
+    start_nghttpd(topo, tmp_path)
+    trace = tracing(keep=True)
+    out = topo.cli.run(sys.executable, str(H2SPLIT), SRV_V4, str(H2_PORT)).stdout
+    wire = json.loads(out)
+    assert wire["status"] == {"1": "200", "3": "200", "5": "200"}, wire
+    cli, srv = wait_both(trace, 3)
+    assert len(cli) == len(srv) == 3, (cli, srv)
+    for side in (cli, srv):
+        assert [(r.method, r.path, r.status) for r in side] == [("GET", "/index.html", 200)] * 2 + [
+            ("POST", "/index.html", 200)]  # fmt: skip
+        assert [(r.request_bytes, r.response_bytes) for r in side] == [
+            (wire["sent"][k], wire["got"][k]) for k in ("1", "3", "5")]  # fmt: skip
+    # the 10,000 DATA payload bytes never left the kernel: only frame headers and blocks did
+    assert sum(len(c.data) for c in trace.chunk_log if c.direction == L7Direction.KSCOPE_DIR_EGRESS) < 1000
+    assert trace.kernel_stats()["h2_lost"] == 0
     no_parse_errors(trace)
 
 
