@@ -24,7 +24,7 @@ from node_exporter.protocols.tracker import ConnectionTracker, TrackerLimits
 
 PROTOCOLS: Final[Mapping[str, Protocol]] = MappingProxyType(
     {
-        p.name if not getattr(p, "compact", False) else "http2_frames": p  # the kernel's frame walk: DATA cut out
+        p.name: p
         for p in (
             Http1(),
             Http2(),

@@ -186,12 +186,12 @@ class Http2:
     """HTTP/2 as a registered ``Protocol``; frames go to the connection's ``H2Session``, which
     makes the records (``stitch`` never sees a frame)."""
 
-    name: Final = "http2"
     datagram: Final = False
     default_timeout_ns: Final = 300 * 10**9  # streaming RPCs and long polls are legitimate
 
     def __init__(self, *, compact: bool = False) -> None:
         self.compact = compact  # chunks of the kernel's frame walk: DATA payloads cut out
+        self.name = "http2_frames" if compact else "http2"  # its registry key; connections are named http2
 
     def find_frame_boundary(self, buf: Buffer, start: int, kind: MessageKind) -> int:
         return find_frame_boundary(buf, start, kind, self.compact)
