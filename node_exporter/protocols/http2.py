@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -211,6 +212,15 @@ class Http2:
 
     def timeout_record(self, request: Message[Any], now_ns: int) -> Any | None:
         return None
+
+    def frames_pump(self) -> Callable[..., tuple[int, Stitched, bool]] | None:
+        """The per-call loop (http2_frames.pump) for the frame walk's stream, which has no DATA
+        payloads to read through; None for raw captures (the tracker's per-frame loop reads them)."""
+        if not self.compact:
+            return None
+        from node_exporter.protocols.http2_frames import pump  # it imports this module
+
+        return pump
 
     def new_session(self, role: Role) -> Any:
         from node_exporter.protocols.http2_session import H2Session  # the session imports this module
