@@ -1,12 +1,13 @@
 """An HTTP/2 client that cuts its frames across write calls, for the kernel frame walk's tests.
 
-h2split.py IP PORT
-    Prior knowledge over one connection: GET /index.html with its frame header cut after 4 bytes,
-    GET /index.html with the header whole and the block cut after 3 bytes, then POST /index.html
-    whose 10,000-byte DATA frame has its header cut after 2 bytes and its payload cut in three. Each
-    piece is its own write (TCP_NODELAY, a pause between), so each is its own send call. Prints one
-    JSON line: per stream, the bytes of its frames each way as they went over the wire (9 + payload
-    per HEADERS/DATA frame), and the response's :status.
+h2split.py IP PORT [PINGS]
+    Prior knowledge over one connection (PINGS: that many PING frames in one write first): GET
+    /index.html with its frame header cut after 4 bytes, GET /index.html with the header whole and
+    the block cut after 3 bytes, then POST /index.html whose 10,000-byte DATA frame has its header
+    cut after 2 bytes and its payload cut in three. Each piece is its own write (TCP_NODELAY, a pause
+    between), so each is its own send call. Prints one JSON line: per stream, the bytes of its frames
+    each way as they went over the wire (9 + payload per HEADERS/DATA frame), and the response's
+    :status.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from hpack import Decoder, Encoder
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, SETTINGS = 0, 1, 4
+DATA, HEADERS, SETTINGS, PING = 0, 1, 4, 6
 END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
 
 
@@ -70,6 +71,8 @@ def main() -> None:
         return frame(HEADERS, END_HEADERS | (END_STREAM if end else 0), sid, block)
 
     write(PREFACE + frame(SETTINGS, 0, 0, b""))
+    if len(sys.argv) > 3:  # one send call of many small frames (the kernel walk's step bound)
+        write(frame(PING, 0, 0, b"12345678") * int(sys.argv[3]))
     h = head("GET", 1, True)
     write(h[:4], h[4:])  # the frame header cut after 4 bytes
     answer(1)
