@@ -148,6 +148,8 @@ class H2Session:
                 self._add_bytes(kind, s, HEADER_LEN + length)  # also when the kernel sent no payload
                 if flags & END_STREAM and kind is MessageKind.RESPONSE:
                     self._finish(sid, s, ts_ns, out)
+            elif flags & END_STREAM and kind is MessageKind.RESPONSE:
+                out.orphan_responses += 1  # a response whose request we never saw ends here
         elif ftype in (HEADERS, PUSH_PROMISE, CONTINUATION):
             self._header_frame(kind, ftype, flags, sid, HEADER_LEN + length, block_data, ts_ns, block, out)
         elif f is None:

@@ -153,3 +153,12 @@ def test_fuzz_never_raises() -> None:
             t.close()
             t = ConnectionTracker(WALK, Role.SERVER)
             t.feed(IN, w.CLIENT_START, i)
+
+
+def test_a_response_ending_in_data_with_no_request_is_an_orphan() -> None:
+    """Its request was lost (the walk out of step, a gap): the end of its response is counted."""
+    t = ConnectionTracker(WALK, Role.SERVER)
+    t.feed(IN, w.CLIENT_START, 0)
+    head = Encoder().encode([(":status", "200")])
+    t.feed(EG, frame(h2.HEADERS, h2.END_HEADERS, 9, head) + frame(h2.DATA, h2.END_STREAM, 9, b"abc")[:9], 1)
+    assert t.counters()["orphan_responses"] == 1 and t.counters()["records"] == 0
