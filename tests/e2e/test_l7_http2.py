@@ -173,7 +173,9 @@ def test_grpc_large_messages_past_the_capture(topo: Topology, tracing: Callable[
         assert not any(c.flags & L7Flags.KSCOPE_L7_H2_FRAMES for c in trace.chunk_log)
         return
     cli, srv = wait_both(trace, n + 2, rpc_method="Ping")
-    assert len(cli) == len(srv) == n + 2, (len(cli), len(srv), trace.pipe.counters())
+    assert len(cli) == len(srv) == n + 2, (len(cli), len(srv), h2(trace.events, Role.SERVER)[:3],
+                                           {k: v for k, v in trace.pipe.counters().items() if v},
+                                           {k: v for k, v in trace.kernel_stats().items() if v})
     check_grpc(cli + srv, "Ping")
     for c, s in zip(cli, srv, strict=True):
         assert (c.request_bytes, c.response_bytes) == (s.request_bytes, s.response_bytes)
