@@ -16,7 +16,7 @@
  * header it has seen (a header split across calls). When it cannot follow (no user buffer, a read
  * that failed, readv/writev past their first buffer, the step bound), the direction is out of step
  * (counted, KSCOPE_L7_STAT_H2_LOST): the compact stream skips a byte, so user space sees a gap, and
- * the walk starts again at a call whose first bytes are a plausible frame header.
+ * the walk starts again at a call whose first bytes are a plausible frame header or the client preface.
  */
 #ifndef KSCOPE_L7_H2_H
 #define KSCOPE_L7_H2_H
@@ -46,6 +46,7 @@ struct h2_walk {
 	__u8 lost;
 	__u8 _pad[5];
 	__u8 hdr[16];
+	__u8 head[H2_PREFACE_LEN]; /* an out-of-step direction's call head: a frame header or the preface? */
 };
 
 /* The walk's state lives in a per-CPU map, not on the stack: values read back from a map are unknown
@@ -204,12 +205,22 @@ __attribute__((noinline)) int l7_h2_walk(struct h2_conn *h, __u64 buf, __u64 len
 		w->cnt = vec->cnt;
 	}
 	if (d->lost) {
-		/* back in step only at a call that starts with a frame header (a writer's frames do) */
-		if (!buf || w->blen < H2_FRAME_HEADER || bpf_probe_read_user(w->hdr, H2_FRAME_HEADER, (const void *)buf) ||
-		    h2_frame(w->hdr, H2_FRAME_HEADER, 0) == ~0U)
+		/* back in step only at a call that starts with a frame header (a writer's frames do) or with
+		 * the client preface (a server that wrote first: the connection was found from its frames) */
+		if (!buf || w->blen < H2_FRAME_HEADER ||
+		    bpf_probe_read_user(w->head, w->blen < H2_PREFACE_LEN ? H2_FRAME_HEADER : H2_PREFACE_LEN,
+					(const void *)buf))
 			return -1;
-		d->lost = 0;
 		d->left = 0;
+		d->copy = 0;
+		if (w->blen >= H2_PREFACE_LEN && has_prefix(w->head, H2_PREFACE_LEN, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+							       H2_PREFACE_LEN)) {
+			d->left = H2_PREFACE_LEN;
+			d->copy = 1;
+		} else if (h2_frame(w->head, H2_FRAME_HEADER, 0) == ~0U) {
+			return -1;
+		}
+		d->lost = 0;
 		d->have = 0;
 	}
 	if (!buf) {

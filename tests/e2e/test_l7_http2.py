@@ -31,6 +31,7 @@ pytestmark = pytest.mark.bpf
 GRPC_PORT, H2_PORT, H2_TLS_PORT = 50051, 8080, 8443
 GRPC_PEER = Path(__file__).with_name("grpcpeer.py")
 H2SPLIT = Path(__file__).with_name("h2split.py")
+H2FIRST = Path(__file__).with_name("h2first.py")
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
@@ -173,9 +174,13 @@ def test_grpc_large_messages_past_the_capture(topo: Topology, tracing: Callable[
         assert not any(c.flags & L7Flags.KSCOPE_L7_H2_FRAMES for c in trace.chunk_log)
         return
     cli, srv = wait_both(trace, n + 2, rpc_method="Ping")
-    assert len(cli) == len(srv) == n + 2, (len(cli), len(srv), h2(trace.events, Role.SERVER)[:3],
-                                           {k: v for k, v in trace.pipe.counters().items() if v},
-                                           {k: v for k, v in trace.kernel_stats().items() if v})
+    assert len(cli) == len(srv) == n + 2, (
+        len(cli),
+        len(srv),
+        h2(trace.events, Role.SERVER)[:3],
+        {k: v for k, v in trace.pipe.counters().items() if v},
+        {k: v for k, v in trace.kernel_stats().items() if v},
+    )
     check_grpc(cli + srv, "Ping")
     for c, s in zip(cli, srv, strict=True):
         assert (c.request_bytes, c.response_bytes) == (s.request_bytes, s.response_bytes)
@@ -297,6 +302,24 @@ def test_walk_step_bound_counted_and_resynced(topo: Topology, tmp_path: Path, tr
             ("/index.html", 200, wire["sent"][k], wire["got"][k]) for k in streams]  # fmt: skip
     c = trace.pipe.counters()
     assert trace.kernel_stats()["h2_lost"] >= 1 and c["gaps"] >= 1
+
+
+def test_server_that_writes_first(topo: Topology, tracing: Callable[..., L7Trace]) -> None:
+    """The server's SETTINGS and WINDOW_UPDATE are the connection's first call the kernel sees (HTTP/2
+    found from them, the server's reads out of step until a call starts with a frame or the preface):
+    the client's preface puts the reads back in step, so each connection's request makes its record at
+    both ends (failed before: the server's first read, the preface and the request, was dropped)."""
+    topo.spawn(topo.srv, sys.executable, str(H2FIRST), SRV_V4, str(H2_PORT))
+    topo.wait_listening(topo.srv, H2_PORT)
+    trace = tracing()
+    base = f"http://{SRV_V4}:{H2_PORT}"
+    for path in ("/a", "/b?x=1"):  # two connections
+        assert topo.cli.run("curl", "-sS", "--http2-prior-knowledge", base + path).stdout == "ok\n"
+    cli, srv = wait_both(trace, 2)
+    for side in (cli, srv):
+        assert [(r.method, r.path, r.status) for r in side] == [("GET", "/a", 200), ("GET", "/b", 200)], side
+    assert (cli[0].request_bytes, cli[0].response_bytes) == (srv[0].request_bytes, srv[0].response_bytes)
+    no_parse_errors(trace)
 
 
 def test_nghttp_concurrent_requests_with_a_404(topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]) -> None:
