@@ -60,7 +60,7 @@ def main() -> None:
                 continue
             got[sid] = got.get(sid, 0) + 9 + n
             if ftype == HEADERS:
-                status[sid] = dict(dec.decode(payload)).get(":status", "")
+                status[sid] = {str(k): str(v) for k, v in dec.decode(payload)}.get(":status", "")
             if flags & END_STREAM:
                 return
 
