@@ -81,6 +81,23 @@ static __always_inline bool h2_emit(struct h2_walk *w, __u64 src, __u32 take)
 					     take & (KSCOPE_L7_MAX_CAPTURE - 1), (const void *)src);
 }
 
+/* Append the whole frame header just read into w->hdr to the chunk's data (as far as it has room):
+ * a copy, not a second read of user memory. */
+static __always_inline bool h2_emit_header(struct h2_walk *w)
+{
+	__u32 zero = 0, out = w->out;
+	struct chunk *c;
+
+	w->out = out + H2_FRAME_HEADER;
+	if (out > KSCOPE_L7_MAX_CAPTURE - H2_FRAME_HEADER) /* the caller checked: never */
+		return false;
+	c = bpf_map_lookup_elem(&l7_scratch, &zero);
+	if (!c)
+		return false;
+	__builtin_memcpy(c->data + (out & (KSCOPE_L7_MAX_CAPTURE - 1)), w->hdr, H2_FRAME_HEADER);
+	return true;
+}
+
 /* One step: the next buffer, a header (or one byte of a split one), or a payload piece. 1 stops. */
 static long h2_step(__u32 i, void *arg)
 {
@@ -126,21 +143,21 @@ static long h2_step(__u32 i, void *arg)
 		return 0;
 	}
 	if (!w->have && avail >= H2_FRAME_HEADER) {
-		take = H2_FRAME_HEADER; /* the usual case: a whole header */
+		take = H2_FRAME_HEADER; /* the usual case: a whole header, read once and copied from here */
 		if (bpf_probe_read_user(w->hdr, H2_FRAME_HEADER, (const void *)src)) {
+			w->lost = 1;
+			return 1;
+		}
+		if (w->out <= KSCOPE_L7_MAX_CAPTURE - H2_FRAME_HEADER ? !h2_emit_header(w) : !h2_emit(w, src, take)) {
 			w->lost = 1;
 			return 1;
 		}
 	} else {
 		take = 1; /* a header split across buffers or calls: a byte a step */
-		if (bpf_probe_read_user(&w->hdr[w->have & 15], 1, (const void *)src)) {
+		if (bpf_probe_read_user(&w->hdr[w->have & 15], 1, (const void *)src) || !h2_emit(w, src, take)) {
 			w->lost = 1;
 			return 1;
 		}
-	}
-	if (!h2_emit(w, src, take)) {
-		w->lost = 1;
-		return 1;
 	}
 	w->boff += take;
 	w->rest -= take;
