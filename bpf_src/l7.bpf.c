@@ -36,6 +36,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #include "l7_http1_record.h"
 #include "l7_summary.h"
 #include "l7_http1.h"
+#include "l7_h2.h"
 #include "l7_capture.h"
 #include "l7_retire.h"
 

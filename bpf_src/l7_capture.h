@@ -103,6 +103,7 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 	c = bpf_map_lookup_elem(&l7_scratch, &zero);
 	if (!c)
 		return;
+	l7_vec_clear();
 	buf = user_buffer((struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf()), &avail, &uaddr);
 	if (fresh) {
 		__u8 role = 0, proto;
@@ -133,15 +134,37 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 		if (n > l7_capture_bound(proto, capture_bytes))
 			n = l7_capture_bound(proto, capture_bytes);
 	}
+
 	/* plain-text HTTP/1 over TCP: the exchange path, from a socket's first call on (it reads the
 	 * head it needs itself). One call site: xchg_call is most of the program, and inlined twice it
 	 * doubled what the verifier walks (~0.3 M of its 1 M instructions once). */
 	if (exchanges && st->protocol == KSCOPE_PROTO_HTTP1 && ip_proto == IPPROTO_TCP && !st->chunks &&
 	    xchg_call(sk, st, c, buf, avail, ret, dir, seq))
 		return;
-	if (!fresh)
+	if (h2_compact && st->protocol == KSCOPE_PROTO_HTTP2) {
+		/* the frame walk: the compact stream's bytes instead of the call's head (l7_h2.h) */
+		struct h2_conn *h = bpf_sk_storage_get(&l7_h2, sk, 0, fresh ? BPF_SK_STORAGE_GET_F_CREATE : 0);
+		__u32 how = h2_how(dir, fresh, c->data);
+		int out;
+
+		if (!h) {
+			stat_inc(KSCOPE_L7_STAT_STORAGE_FAILED);
+			return;
+		}
+		seq = fresh ? 0 : h->dir[(dir - 1) & 1].cseq;
+		out = l7_h2_walk(h, (__u64)buf, ret, avail, how);
+		if (out <= 0)
+			return;
+		if (!fresh)
+			chunk_head(c, sk, ip_proto, 0, uaddr, ret, avail, st->protocol); /* the socket's fields */
+		ret = out;
+		n = out < KSCOPE_L7_MAX_CAPTURE ? out : KSCOPE_L7_MAX_CAPTURE;
+	} else if (!fresh) {
 		n = chunk_head(c, sk, ip_proto, buf, uaddr, ret, avail, st->protocol);
+	}
 	l7_chunk_call(c, buf != 0, n, ret, seq, dir, st->protocol, st->role, ip_proto);
+	if (h2_compact && st->protocol == KSCOPE_PROTO_HTTP2)
+		c->hdr.flags |= KSCOPE_L7_H2_FRAMES;
 	c->hdr.netns_ino = sk->__sk_common.skc_net.net->ns.inum;
 	c->hdr.sock_cookie = bpf_get_socket_cookie(sk);
 	fill_task(&c->hdr);
@@ -163,7 +186,8 @@ static __always_inline void tls_exit(int ret) /* SSL_* return an int */
 	struct tls_call *call = bpf_map_lookup_elem(&tls_calls, &tid);
 	struct tls_conn *conn;
 	struct chunk *c;
-	__u64 key, len = 0, seq;
+	__u64 key, len = 0, seq, buf;
+	bool fresh;
 	__u8 dir;
 
 	if (!call) {
@@ -190,7 +214,11 @@ static __always_inline void tls_exit(int ret) /* SSL_* return an int */
 		bpf_map_delete_elem(&tls_calls, &tid);
 		return;
 	}
-	n = l7_read_head(c, (const void *)call->buf, len, ~0ULL, l7_capture_bound(conn->protocol, capture_bytes));
+	buf = call->buf;
+	fresh = conn->protocol == KSCOPE_PROTO_UNKNOWN;
+	n = 0;
+	if (fresh || !h2_compact || conn->protocol != KSCOPE_PROTO_HTTP2) /* the walk reads its own */
+		n = l7_read_head(c, (const void *)buf, len, ~0ULL, l7_capture_bound(conn->protocol, capture_bytes));
 	bpf_map_delete_elem(&tls_calls, &tid);
 	if (dir == KSCOPE_DIR_EGRESS) {
 		seq = conn->seq[0];
@@ -218,9 +246,21 @@ static __always_inline void tls_exit(int ret) /* SSL_* return an int */
 		if (n > l7_capture_bound(proto, capture_bytes))
 			n = l7_capture_bound(proto, capture_bytes);
 	}
+	if (h2_compact && conn->protocol == KSCOPE_PROTO_HTTP2) {
+		int out;
+
+		seq = fresh ? 0 : conn->h2.dir[(dir - 1) & 1].cseq;
+		out = l7_h2_walk(&conn->h2, buf, len, ~0ULL, h2_how(dir, fresh, c->data));
+		if (out <= 0)
+			return;
+		len = out;
+		n = out < KSCOPE_L7_MAX_CAPTURE ? out : KSCOPE_L7_MAX_CAPTURE;
+	}
 	__builtin_memset(&c->hdr, 0, sizeof(c->hdr));
 	l7_chunk_call(c, true, n, len, seq, dir, conn->protocol, conn->role, IPPROTO_TCP);
 	c->hdr.flags |= KSCOPE_L7_TLS;
+	if (h2_compact && conn->protocol == KSCOPE_PROTO_HTTP2)
+		c->hdr.flags |= KSCOPE_L7_H2_FRAMES;
 	c->hdr.netns_ino = conn->netns_ino;
 	c->hdr.sock_cookie = conn->sock_cookie;
 	__builtin_memcpy(c->hdr.saddr, conn->saddr, 16);

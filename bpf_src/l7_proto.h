@@ -466,6 +466,17 @@ struct {
 	__type(value, struct l7_vec);
 } l7_vec SEC(".maps");
 
+/* Forget the last call's iovecs: called at the start of each program run that may read them, so a
+ * call that is not a message call (readv, write ...) never walks another call's array. */
+static __always_inline void l7_vec_clear(void)
+{
+	__u32 zero = 0;
+	struct l7_vec *vec = bpf_map_lookup_elem(&l7_vec, &zero);
+
+	if (vec)
+		vec->cnt = 0;
+}
+
 /*
  * The user buffer of the current socket call, from the task's saved syscall registers
  * (x86-64: nr = orig_ax, si = 2nd argument, r8 = 5th). The registers still hold the
@@ -662,8 +673,7 @@ __attribute__((noinline)) __u32 l7_iov_walk(__u32 n, __u32 want)
 	if (!vec || vec->cnt < 2 || want > KSCOPE_L7_MAX_CAPTURE)
 		return n;
 	w.iov = (__u64)vec->iov;
-	w.cnt = vec->cnt;
-	vec->cnt = 0; /* used once: a later call of this program run has its own */
+	w.cnt = vec->cnt; /* kept: the HTTP/2 frame walk (l7_h2.h) reads the same call's iovecs after */
 	bpf_loop(w.cnt < L7_MAX_IOV ? w.cnt - 1 : L7_MAX_IOV - 1, l7_iov_step, &w, 0);
 	return w.n;
 }

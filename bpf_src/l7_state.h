@@ -137,6 +137,24 @@ struct tls_call {
 	__u8 _pad[7];
 };
 
+/* HTTP/2 frames walked in the kernel (l7_h2.h). */
+const volatile __u8 h2_compact = 1; /* 0: HTTP/2 calls are captured as raw heads (4 KiB), as before */
+
+/* One direction of one HTTP/2 connection, as the walk left it. */
+struct h2_dir {
+	__u64 cseq;   /* compact bytes made so far: the next chunk's seq */
+	__u32 left;   /* bytes of the current frame's payload (or the client preface) still to come */
+	__u8 copy;    /* those bytes are sent (anything but DATA) */
+	__u8 have;    /* bytes of the next frame header seen so far (0..8), kept in hdr */
+	__u8 lost;    /* out of step: wait for a call that starts with a frame header */
+	__u8 hdr[9];
+	__u8 _pad[1];
+};
+
+struct h2_conn {
+	struct h2_dir dir[2]; /* index direction - 1 */
+};
+
 struct tls_conn {
 	__u64 sock_cookie;
 	__u64 seq[2];
@@ -150,6 +168,7 @@ struct tls_conn {
 	__u8 attempts;
 	__u8 role;
 	__u8 _pad[3];
+	struct h2_conn h2; /* HTTP/2 plaintext: the frame walk's place (evicted with the connection) */
 };
 
 struct {

@@ -39,6 +39,8 @@ enum kscope_l7_flags {
 	KSCOPE_L7_TLS = 1,       /* plaintext from the OpenSSL uprobes */
 	KSCOPE_L7_TRUNCATED = 2, /* captured < len */
 	KSCOPE_L7_NO_BUFFER = 4, /* the call had no user buffer to read (sendfile, splice, see STAT_MMSG_UNKNOWN) */
+	KSCOPE_L7_H2_FRAMES = 8, /* HTTP/2 walked in the kernel: the bytes with DATA payloads cut out (seq, len,
+	                          * captured count those compact bytes; bpf_src/l7_h2.h) */
 };
 
 enum kscope_l7_stat {
@@ -67,7 +69,10 @@ enum kscope_l7_stat {
 	KSCOPE_L7_STAT_MMSG_UNKNOWN = 20, /* sendmmsg/recvmmsg messages whose place in the vector is unknown (the
 	                                   * entry hook missed the call): sent without their bytes (NO_BUFFER) */
 	KSCOPE_L7_STAT_OWN = 21,         /* the agent's own sockets (its shipping, its exports): not parsed */
-	KSCOPE_L7_STATS = 22,
+	KSCOPE_L7_STAT_H2_LOST = 22,  /* HTTP/2 calls the kernel's frame walk could not follow (no buffer, a failed
+	                               * read, readv/writev past their first buffer, its step bound, an evicted TLS
+	                               * state): the direction waits for a call that starts with a frame header */
+	KSCOPE_L7_STATS = 23,
 };
 
 /* Followed by `captured` payload bytes. */

@@ -50,7 +50,7 @@ def decode_chunk(raw: bytes) -> Chunk | None:
     return Chunk(
         direction=_DIRECTIONS[direction],
         protocol=_PROTOCOLS[protocol],
-        flags=L7Flags(flags & 7),
+        flags=L7Flags(flags & 15),
         netns_ino=netns,
         sock_cookie=cookie,
         ts_ns=ts,

@@ -39,6 +39,10 @@ CAPABILITIES = {
 __all__ = ["L7Collector", "L7Stats"]
 
 
+def _env_full_capture() -> bool:
+    return os.environ.get("KSCOPE_L7_H2_FULL_CAPTURE", "") not in ("", "0")
+
+
 class L7Collector(L7Probe):
     def __init__(
         self,
@@ -59,6 +63,7 @@ class L7Collector(L7Probe):
         netns_pending_entries: int | None = None,
         mmsg_threads: int | None = None,
         skip_own: bool = False,
+        h2_compact: bool | None = None,
     ) -> None:
         """``exchanges``: pair plain-text HTTP/1 in the kernel (one record per exchange) instead of
         sending every call's head; ``idle_s``: how long an answered exchange waits for more
@@ -70,7 +75,10 @@ class L7Collector(L7Probe):
         shrinks it to push past it). ``mmsg_threads``: threads inside a sendmmsg/recvmmsg at once
         whose place in the vector the kernel keeps (past it, messages are counted, mmsg_unknown).
         ``skip_own``: leave this process's own sockets unparsed (the agent's shipping and exports;
-        tests that drive traffic from their own process keep the default)."""
+        tests that drive traffic from their own process keep the default).
+        ``h2_compact``: walk HTTP/2 frames in the kernel and send them without DATA payloads
+        (bpf_src/l7_h2.h); False sends each call's first 4 KiB as before. None: True unless the
+        environment sets KSCOPE_L7_H2_FULL_CAPTURE=1 (the bench measures both ways)."""
         if record_rate < 0:
             raise ValueError(f"record_rate must be >= 0, got {record_rate}")
         path = Path(object_path) if object_path else default_bpf_dir() / OBJECT_NAME
@@ -85,6 +93,7 @@ class L7Collector(L7Probe):
                 "idle_ns": int(idle_s * 1e9),
                 "record_cost_ns": 1_000_000_000 // record_rate if record_rate else 0,
                 "summary_ns": int(summary_s * 1e9),
+                "h2_compact": int(h2_compact if h2_compact is not None else not _env_full_capture()),
             },
             {
                 **({"l7_ring": ring_bytes, "l7_xring": ring_bytes} if ring_bytes else {}),

@@ -109,6 +109,8 @@ _PROTOCOL_NAMES: dict[int, str] = {
     L7Protocol.KSCOPE_PROTO_POSTGRESQL: "postgresql",
     L7Protocol.KSCOPE_PROTO_MYSQL: "mysql",
 }
+# Registry entries reported under another protocol's name.
+_CONN_PROTOCOL: dict[str, str] = {"dns_tcp": "dns", "http2_frames": "http2"}
 # HTTP/2 is a TCP protocol: a datagram socket the kernel called HTTP/2 is nothing we parse.
 _TCP_ONLY: frozenset[int] = frozenset({L7Protocol.KSCOPE_PROTO_HTTP2})
 
@@ -118,6 +120,8 @@ def _protocol_name(chunk: Chunk) -> str | None:
         return "dns" if chunk.ip_proto == IPPROTO_UDP else "dns_tcp"
     if chunk.protocol in _TCP_ONLY and chunk.ip_proto == IPPROTO_UDP:
         return None
+    if chunk.flags & L7Flags.KSCOPE_L7_H2_FRAMES:
+        return "http2_frames" if chunk.protocol == L7Protocol.KSCOPE_PROTO_HTTP2 else None
     return _PROTOCOL_NAMES.get(chunk.protocol)
 
 
@@ -184,7 +188,7 @@ class L7Pipeline:
         if name is None or role is None:
             return None
         info = ConnInfo(
-            sock_cookie=c.sock_cookie, netns_ino=c.netns_ino, side=role, protocol="dns" if name == "dns_tcp" else name,
+            sock_cookie=c.sock_cookie, netns_ino=c.netns_ino, side=role, protocol=_CONN_PROTOCOL.get(name, name),
             tls=bool(c.flags & L7Flags.KSCOPE_L7_TLS), local_ip=c.local_ip, local_port=c.local_port,
             remote_ip=c.remote_ip, remote_port=c.remote_port, family=c.family, tgid=c.tgid, comm=c.comm,
             ip_proto=c.ip_proto,

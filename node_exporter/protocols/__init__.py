@@ -23,7 +23,20 @@ from node_exporter.protocols.redis import Redis
 from node_exporter.protocols.tracker import ConnectionTracker, TrackerLimits
 
 PROTOCOLS: Final[Mapping[str, Protocol]] = MappingProxyType(
-    {p.name: p for p in (Http1(), Http2(), Dns(tcp=False), Dns(tcp=True), Redis(), Memcached(), Postgres(), MySql())}
+    {
+        p.name: p
+        for p in (
+            Http1(),
+            Http2(),
+            Http2(compact=True),
+            Dns(tcp=False),
+            Dns(tcp=True),
+            Redis(),
+            Memcached(),
+            Postgres(),
+            MySql(),
+        )
+    }
 )
 
 __all__ = [

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -138,8 +139,10 @@ def _payload(ftype: int, flags: int, sid: int, length: int, p: bytes) -> H2Frame
     return H2Frame(ftype, flags, sid, length)
 
 
-def parse_frame(buf: Buffer, kind: MessageKind) -> ParseResult:
-    """One frame (or the client preface, before the client's first frame) from the front of ``buf``."""
+def parse_frame(buf: Buffer, kind: MessageKind, compact: bool = False) -> ParseResult:
+    """One frame (or the client preface, before the client's first frame) from the front of ``buf``.
+    ``compact``: the kernel cut DATA payloads out of the stream (bpf_src/l7_h2.h), so a DATA frame is
+    its 9-byte header alone (its length still says how many bytes it carried)."""
     n = len(buf)
     if kind is MessageKind.REQUEST and buf[:1] == b"P" and buf[: len(PREFACE)] == PREFACE[:n]:
         if n < len(PREFACE):
@@ -160,10 +163,11 @@ def parse_frame(buf: Buffer, kind: MessageKind) -> ParseResult:
     return ParseResult(ParseState.SUCCESS, HEADER_LEN + length, frame)
 
 
-def find_frame_boundary(buf: Buffer, start: int, kind: MessageKind) -> int:
+def find_frame_boundary(buf: Buffer, start: int, kind: MessageKind, compact: bool = False) -> int:
     """First offset >= start holding a strictly plausible frame header whose frame, if it ends inside
     ``buf``, is followed by another plausible header (or the end); the preface on the request side.
-    A candidate cut by the end of ``buf`` counts (it may be a frame straddling two chunks)."""
+    A candidate cut by the end of ``buf`` counts (it may be a frame straddling two chunks).
+    ``compact``: DATA frames are their header alone (``parse_frame``)."""
     preface = buf.find(PREFACE, start) if kind is MessageKind.REQUEST else -1
     limit = preface if preface >= 0 else len(buf)
     for off in range(start, limit):
@@ -171,7 +175,8 @@ def find_frame_boundary(buf: Buffer, start: int, kind: MessageKind) -> int:
             return off
         if not plausible_header(buf, off, strict=True):
             continue
-        nxt = off + HEADER_LEN + _header(buf, off)[0]
+        length, ftype = _header(buf, off)[:2]
+        nxt = off + HEADER_LEN + (0 if compact and ftype == DATA else length)
         if nxt + HEADER_LEN <= len(buf) and not plausible_header(buf, nxt, strict=True):
             continue
         return off
@@ -182,28 +187,40 @@ class Http2:
     """HTTP/2 as a registered ``Protocol``; frames go to the connection's ``H2Session``, which
     makes the records (``stitch`` never sees a frame)."""
 
-    name: Final = "http2"
     datagram: Final = False
     default_timeout_ns: Final = 300 * 10**9  # streaming RPCs and long polls are legitimate
 
+    def __init__(self, *, compact: bool = False) -> None:
+        self.compact = compact  # chunks of the kernel's frame walk: DATA payloads cut out
+        self.name = "http2_frames" if compact else "http2"  # its registry key; connections are named http2
+
     def find_frame_boundary(self, buf: Buffer, start: int, kind: MessageKind) -> int:
-        return find_frame_boundary(buf, start, kind)
+        return find_frame_boundary(buf, start, kind, self.compact)
 
     def parse_request(self, buf: Buffer) -> ParseResult:
-        return parse_frame(buf, MessageKind.REQUEST)
+        return parse_frame(buf, MessageKind.REQUEST, self.compact)
 
     def parse_response(self, buf: Buffer, request_hint: Any | None) -> ParseResult:
-        return parse_frame(buf, MessageKind.RESPONSE)
+        return parse_frame(buf, MessageKind.RESPONSE, self.compact)
 
     def body_reader(self, frame: Any) -> BodyReader | None:
         f: H2Frame = frame
-        return LengthReader(f.length) if f.type == DATA and f.length else None
+        return LengthReader(f.length) if f.type == DATA and f.length and not self.compact else None
 
     def stitch(self, requests: deque[Message[Any]], responses: deque[Message[Any]]) -> Stitched:
         return Stitched()  # unused: the session pairs streams
 
     def timeout_record(self, request: Message[Any], now_ns: int) -> Any | None:
         return None
+
+    def frames_pump(self) -> Callable[..., tuple[int, Stitched, bool]] | None:
+        """The per-call loop (http2_frames.pump) for the frame walk's stream, which has no DATA
+        payloads to read through; None for raw captures (the tracker's per-frame loop reads them)."""
+        if not self.compact:
+            return None
+        from node_exporter.protocols.http2_frames import pump  # it imports this module
+
+        return pump
 
     def new_session(self, role: Role) -> Any:
         from node_exporter.protocols.http2_session import H2Session  # the session imports this module

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from node_exporter.protocols import hpack_state as hp
-from node_exporter.protocols.base import Message, MessageKind, Role, Stitched
+from node_exporter.protocols.base import Buffer, Message, MessageKind, Role, Stitched
 from node_exporter.protocols.http1 import HttpRecord
 from node_exporter.protocols.http2 import (
     CONTINUATION,
@@ -24,6 +24,7 @@ from node_exporter.protocols.http2 import (
     END_HEADERS,
     END_STREAM,
     GOAWAY,
+    HEADER_LEN,
     HEADERS,
     PUSH_PROMISE,
     RST_STREAM,
@@ -83,11 +84,11 @@ class _Block:
 
     __slots__ = ("data", "end_stream", "push", "stream_id", "ts_ns")
 
-    def __init__(self, frame: H2Frame, ts_ns: int) -> None:
-        self.stream_id = frame.stream_id
-        self.end_stream = frame.type == HEADERS and bool(frame.flags & END_STREAM)
-        self.push = frame.type == PUSH_PROMISE
-        self.data = bytearray(frame.block)
+    def __init__(self, ftype: int, flags: int, stream_id: int, data: Buffer, ts_ns: int) -> None:
+        self.stream_id = stream_id
+        self.end_stream = ftype == HEADERS and bool(flags & END_STREAM)
+        self.push = ftype == PUSH_PROMISE
+        self.data = bytearray(data)
         self.ts_ns = ts_ns
 
 
@@ -116,43 +117,55 @@ class H2Session:
     def message(self, kind: MessageKind, msg: Message[H2Frame]) -> Stitched:
         out = Stitched()
         f = msg.frame
-        self.counts["h2_frames"] += 1
         if f.type == -1:
+            self.counts["h2_frames"] += 1
             if not self._decoded:
                 self._tables = {k: hp.DynamicTable(complete=True) for k in MessageKind}
                 self._max_frame = dict.fromkeys(MessageKind, DEFAULT_MAX_FRAME)
             return out
+        self.frame(kind, f.type, f.flags, f.stream_id, f.length, f.block, msg.ts_ns, f, out)
+        return out
+
+    def frame(self, kind: MessageKind, ftype: int, flags: int, sid: int, length: int, block_data: Buffer,
+              ts_ns: int, f: H2Frame | None, out: Stitched) -> None:  # fmt: skip
+        """One frame (not the preface) by its fields: ``block_data`` the header block fragment of a
+        HEADERS/PUSH_PROMISE/CONTINUATION, ``f`` the decoded frame for the control frames that need
+        it (RST_STREAM, GOAWAY, SETTINGS; the per-call loop, http2_frames.py, makes only those)."""
+        self.counts["h2_frames"] += 1
         limit = self._max_frame[kind]
-        if limit is not None and f.length > limit:
+        if limit is not None and length > limit:
             self.counts["h2_frame_too_large"] += 1
         block = self._blocks[kind]
-        if block is not None and (f.type != CONTINUATION or f.stream_id != block.stream_id):
+        if block is not None and (ftype != CONTINUATION or sid != block.stream_id):
             # RFC 9113 6.10: nothing may come between a block's frames; this block is lost
             self.counts["h2_continuation_unexpected"] += 1
             self._blocks[kind] = None
             self._tables[kind].lost_step()
             block = None
-        if f.type in (HEADERS, PUSH_PROMISE, CONTINUATION):
-            self._header_frame(kind, f, msg, block, out)
-        elif f.type == DATA:
-            s = self._streams.get(f.stream_id)
+        if ftype == DATA:
+            s = self._streams.get(sid)
             if s is not None:
-                self._add_bytes(kind, s, msg.size)
-                if f.flags & END_STREAM and kind is MessageKind.RESPONSE:
-                    self._finish(f.stream_id, s, msg.ts_ns, out)
-        elif f.type == RST_STREAM:
+                self._add_bytes(kind, s, HEADER_LEN + length)  # also when the kernel sent no payload
+                if flags & END_STREAM and kind is MessageKind.RESPONSE:
+                    self._finish(sid, s, ts_ns, out)
+            elif flags & END_STREAM and kind is MessageKind.RESPONSE:
+                out.orphan_responses += 1  # a response whose request we never saw ends here
+        elif ftype in (HEADERS, PUSH_PROMISE, CONTINUATION):
+            self._header_frame(kind, ftype, flags, sid, HEADER_LEN + length, block_data, ts_ns, block, out)
+        elif f is None:
+            return
+        elif ftype == RST_STREAM:
             if self._streams.pop(f.stream_id, None) is not None:
                 self.counts["h2_streams_reset"] += 1
                 out.unanswered_requests += 1
-        elif f.type == GOAWAY and kind is MessageKind.RESPONSE:
+        elif ftype == GOAWAY and kind is MessageKind.RESPONSE:
             refused = [sid for sid in self._streams if sid > f.last_stream_id]
             for sid in refused:
                 del self._streams[sid]
             self.counts["h2_streams_refused"] += len(refused)
             out.unanswered_requests += len(refused)
-        elif f.type == SETTINGS:
+        elif ftype == SETTINGS:
             self._settings(kind, f)
-        return out
 
     def _settings(self, kind: MessageKind, f: H2Frame) -> None:
         other = MessageKind.RESPONSE if kind is MessageKind.REQUEST else MessageKind.REQUEST
@@ -162,30 +175,30 @@ class H2Session:
             elif ident == SETTINGS_MAX_FRAME_SIZE:
                 self._max_frame[other] = value
 
-    def _header_frame(self, kind: MessageKind, f: H2Frame, msg: Message[H2Frame], block: _Block | None,
-                      out: Stitched) -> None:  # fmt: skip
-        if f.type == CONTINUATION:
+    def _header_frame(self, kind: MessageKind, ftype: int, flags: int, sid: int, size: int, data: Buffer,
+                      ts_ns: int, block: _Block | None, out: Stitched) -> None:  # fmt: skip
+        if ftype == CONTINUATION:
             if block is None:
                 self.counts["h2_continuation_unexpected"] += 1
                 self._tables[kind].lost_step()
                 return
-            block.data += f.block
+            block.data += data
         else:
-            block = _Block(f, msg.ts_ns)
+            block = _Block(ftype, flags, sid, data, ts_ns)
         s = self._streams.get(block.stream_id)
-        if s is None and kind is MessageKind.REQUEST and f.type == HEADERS:
+        if s is None and kind is MessageKind.REQUEST and ftype == HEADERS:
             if len(self._streams) >= MAX_STREAMS:
                 self.counts["h2_streams_dropped"] += 1
             else:
-                s = self._streams[block.stream_id] = _Stream(msg.ts_ns)
+                s = self._streams[block.stream_id] = _Stream(ts_ns)
         if s is not None:
-            self._add_bytes(kind, s, msg.size)
+            self._add_bytes(kind, s, size)
         if len(block.data) > MAX_HEADER_BLOCK:
             self.counts["h2_header_block_too_large"] += 1
             self._tables[kind].lost_step()
             self._blocks[kind] = None
             return
-        if not f.flags & END_HEADERS:
+        if not flags & END_HEADERS:
             self._blocks[kind] = block
             return
         self._blocks[kind] = None
@@ -206,7 +219,7 @@ class H2Session:
         if grpc_status >= 0:
             s.grpc_status = grpc_status
         if block.end_stream:
-            self._finish(block.stream_id, s, msg.ts_ns, out)
+            self._finish(block.stream_id, s, ts_ns, out)
 
     @staticmethod
     def _request_fields(s: _Stream, fields: list[hp.Field | None]) -> None:

@@ -9,6 +9,7 @@ byte or message it gives up on is counted in a plain int attribute.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -109,6 +110,11 @@ class ConnectionTracker:
         self._responses: deque[Message[Any]] = deque()
         new_session = getattr(protocol, "new_session", None)  # multiplexed protocols (HTTP/2) only
         self._session: Session | None = new_session(role) if new_session is not None else None
+        # a session protocol may parse all whole frames of a buffer in one loop (the HTTP/2 frame walk's)
+        frames_pump = getattr(protocol, "frames_pump", None) if self._session is not None else None
+        self._frames_pump: Callable[..., tuple[int, Stitched, bool]] | None = (
+            frames_pump() if frames_pump is not None else None
+        )
         for name in COUNTERS:
             setattr(self, name, 0)
 
@@ -283,6 +289,16 @@ class ConnectionTracker:
                 if not s.buf:
                     break
                 s.resync = False
+            if self._frames_pump is not None and self._session is not None:
+                consumed, stitched, invalid = self._frames_pump(self._session, s.kind, s.buf, s.chunks, s.base)
+                self._consume(s, consumed)
+                out += self._count(stitched)
+                if not invalid:
+                    break
+                self.invalid_frames += 1
+                self._session.gap(s.kind)
+                self._skip(s, max(1, self.protocol.find_frame_boundary(s.buf, 1, s.kind)))
+                continue
             result = self._parse(s)
             if result.state is ParseState.NEEDS_MORE_DATA:
                 break

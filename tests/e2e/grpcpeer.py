@@ -8,6 +8,7 @@ grpcpeer.py server --bind IP --port P
 grpcpeer.py client --to IP --port P
     One channel, so one HTTP/2 connection; ``connected`` once it is ready, then commands, one a line:
         unary N [PAYLOAD]    N calls one after the other
+        big N SIZE           N calls one after the other, each request SIZE bytes (answered SIZE + 5)
         concurrent N         N unary calls in flight at once (N streams on the connection)
         watch N              one server-streaming call answered with N messages
         chat N               one bidi call with N messages each way
@@ -94,6 +95,9 @@ def client(to: str, port: int) -> None:
             payload = args[1].encode() if len(args) > 1 else b"hi"
             for _ in range(int(args[0])):
                 codes[_code(unary.future(payload))] += 1
+        elif cmd == "big":
+            for _ in range(int(args[0])):
+                codes[_code(unary.future(b"x" * int(args[1])))] += 1
         elif cmd == "concurrent":
             calls = [unary.future(b"hi") for _ in range(int(args[0]))]
             codes.update(_code(c) for c in calls)

@@ -8,6 +8,7 @@ connections at both ends.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from node_exporter.bpf.abi import L7Direction, L7Flags
 from node_exporter.l7.pipeline import L7Event
 from node_exporter.l7.syscalls import SyscallL7Collector
 from node_exporter.protocols import Http2Record, Role
@@ -28,6 +30,8 @@ pytestmark = pytest.mark.bpf
 
 GRPC_PORT, H2_PORT, H2_TLS_PORT = 50051, 8080, 8443
 GRPC_PEER = Path(__file__).with_name("grpcpeer.py")
+H2SPLIT = Path(__file__).with_name("h2split.py")
+H2FIRST = Path(__file__).with_name("h2first.py")
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
@@ -151,6 +155,49 @@ def test_grpc_many_concurrent_streams_on_one_connection(topo: Topology, tracing:
     no_parse_errors(trace)
 
 
+@pytest.mark.parametrize("compact", [True, False], ids=["frame-walk", "full-capture"])
+def test_grpc_large_messages_past_the_capture(topo: Topology, tracing: Callable[..., L7Trace], compact: bool) -> None:
+    """Calls of 200 kB each way: grpc-c writes and reads them in calls far past the 4 KiB a call's head
+    capture holds. The kernel's frame walk sends every frame header and header block of those calls
+    and none of their DATA payloads, so each call is a record at both ends with exact byte counts
+    (the same at both ends, every DATA byte counted) and HPACK stays in step (later calls keep their
+    path). The full capture (KSCOPE_L7_H2_FULL_CAPTURE) of the same traffic truncates those calls:
+    what this test would see without the walk."""
+    size, n = 200_000, 4
+    trace = tracing(h2_compact=compact, keep=True)
+    client = grpc_pair(topo)
+    assert client.call(f"big {n} {size}", "done", timeout=30)["codes"] == {"OK": n}
+    assert client.call("unary 2", "done")["codes"] == {"OK": 2}
+    if not compact:
+        trace.until(lambda ev: trace.truncated > 0, 10)
+        assert trace.truncated > 0 and trace.truncated_bytes > 4 * size  # the calls the walk follows
+        assert not any(c.flags & L7Flags.KSCOPE_L7_H2_FRAMES for c in trace.chunk_log)
+        return
+    cli, srv = wait_both(trace, n + 2, rpc_method="Ping")
+    assert len(cli) == len(srv) == n + 2, (
+        len(cli),
+        len(srv),
+        h2(trace.events, Role.SERVER)[:3],
+        {k: v for k, v in trace.pipe.counters().items() if v},
+        {k: v for k, v in trace.kernel_stats().items() if v},
+    )
+    check_grpc(cli + srv, "Ping")
+    for c, s in zip(cli, srv, strict=True):
+        assert (c.request_bytes, c.response_bytes) == (s.request_bytes, s.response_bytes)
+    big = cli[:n]
+    # gRPC message = 5-byte prefix + payload, in DATA frames (9-byte headers; grpc-c allows frames
+    # past 16 KiB, so one or more), plus a HEADERS frame (and trailers for the response) of at most
+    # a few hundred bytes: every DATA byte counted, though none reached user space
+    for r in big:
+        for got, msg in ((r.request_bytes, 5 + size), (r.response_bytes, 5 + 5 + size)):
+            assert msg + 9 + 9 < got < msg + 9 * -(-msg // 16384) + 600, (got, msg)
+    # the warm-table repeat calls are identical on the wire: exactly the same counts
+    assert len({(r.request_bytes, r.response_bytes) for r in big[1:]}) == 1
+    assert trace.chunks and all(c.flags & L7Flags.KSCOPE_L7_H2_FRAMES for c in trace.chunk_log)
+    assert trace.truncated == 0 and trace.kernel_stats()["h2_lost"] == 0
+    no_parse_errors(trace)
+
+
 def test_grpc_connection_older_than_the_probe(topo: Topology, tracing: Callable[..., L7Trace]) -> None:
     """Its HPACK tables were filled before we looked: the kernel finds HTTP/2 from frame headers, the
     records come with what static entries and literals tell (method POST) and the path the peers
@@ -212,6 +259,65 @@ def test_curl_prior_knowledge(topo: Topology, tmp_path: Path, tracing: Callable[
         assert (r.traceparent, r.request_id) == (TRACEPARENT, "req-7")
         assert "hunter2" not in repr(r) and "secret" not in repr(r)
         assert r.response_bytes > 3000  # the DATA frames counted
+    assert (cli[0].request_bytes, cli[0].response_bytes) == (srv[0].request_bytes, srv[0].response_bytes)
+    no_parse_errors(trace)
+
+
+def test_frames_cut_across_calls(topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]) -> None:
+    """A client that cuts a frame header after 4 bytes, a header block after 3, and a DATA frame's
+    header after 2 (its payload in three writes), each piece its own send call, against nghttpd: the
+    kernel's walk keeps its place across the calls, so both ends make the three records with the
+    exact bytes the client put on the wire."""
+    start_nghttpd(topo, tmp_path)
+    trace = tracing(keep=True)
+    out = topo.cli.run(sys.executable, str(H2SPLIT), SRV_V4, str(H2_PORT)).stdout
+    wire = json.loads(out)
+    assert wire["status"] == {"1": "200", "3": "200", "5": "200"}, wire
+    cli, srv = wait_both(trace, 3)
+    assert len(cli) == len(srv) == 3, (cli, srv)
+    for side in (cli, srv):
+        assert [(r.method, r.path, r.status) for r in side] == [("GET", "/index.html", 200)] * 2 + [
+            ("POST", "/index.html", 200)]  # fmt: skip
+        assert [(r.request_bytes, r.response_bytes) for r in side] == [
+            (wire["sent"][k], wire["got"][k]) for k in ("1", "3", "5")]  # fmt: skip
+    # the 10,000 DATA payload bytes never left the kernel: only frame headers and blocks did
+    assert sum(len(c.data) for c in trace.chunk_log if c.direction == L7Direction.KSCOPE_DIR_EGRESS) < 1000
+    assert trace.kernel_stats()["h2_lost"] == 0
+    no_parse_errors(trace)
+
+
+def test_walk_step_bound_counted_and_resynced(topo: Topology, tmp_path: Path, tracing: Callable[..., L7Trace]) -> None:
+    """One send call of 3,000 PING frames (~6,000 walk steps, past the bound of 4,096): the client's
+    egress walk gives up on that call (counted, h2_lost), user space sees a gap there, and the walk is
+    back in step at the first later call that starts with a whole frame header. The next request's
+    header is cut after 4 bytes, so the client loses that one request (inside the counted loss); the
+    next two are exact. The server, whose reads the bound did not stop, sees all three."""
+    start_nghttpd(topo, tmp_path)
+    trace = tracing(keep=True)
+    wire = json.loads(topo.cli.run(sys.executable, str(H2SPLIT), SRV_V4, str(H2_PORT), "3000").stdout)
+    trace.until(count_at_least(5, lambda ev: h2(ev)), 10)
+    cli, srv = h2(trace.events, Role.CLIENT), h2(trace.events, Role.SERVER)
+    for side, streams in ((cli, ("3", "5")), (srv, ("1", "3", "5"))):
+        assert [(r.path, r.status, r.request_bytes, r.response_bytes) for r in side] == [
+            ("/index.html", 200, wire["sent"][k], wire["got"][k]) for k in streams]  # fmt: skip
+    c = trace.pipe.counters()
+    assert trace.kernel_stats()["h2_lost"] >= 1 and c["gaps"] >= 1
+
+
+def test_server_that_writes_first(topo: Topology, tracing: Callable[..., L7Trace]) -> None:
+    """The server's SETTINGS and WINDOW_UPDATE are the connection's first call the kernel sees (HTTP/2
+    found from them, the server's reads out of step until a call starts with a frame or the preface):
+    the client's preface puts the reads back in step, so each connection's request makes its record at
+    both ends (failed before: the server's first read, the preface and the request, was dropped)."""
+    topo.spawn(topo.srv, sys.executable, str(H2FIRST), SRV_V4, str(H2_PORT))
+    topo.wait_listening(topo.srv, H2_PORT)
+    trace = tracing()
+    base = f"http://{SRV_V4}:{H2_PORT}"
+    for path in ("/a", "/b?x=1"):  # two connections
+        assert topo.cli.run("curl", "-sS", "--http2-prior-knowledge", base + path).stdout == "ok\n"
+    cli, srv = wait_both(trace, 2)
+    for side in (cli, srv):
+        assert [(r.method, r.path, r.status) for r in side] == [("GET", "/a", 200), ("GET", "/b", 200)], side
     assert (cli[0].request_bytes, cli[0].response_bytes) == (srv[0].request_bytes, srv[0].response_bytes)
     no_parse_errors(trace)
 

@@ -27,7 +27,8 @@ def ok(body: bytes = b"ok", status: int = 200) -> bytes:
 
 
 def test_registry_is_a_table_of_protocols() -> None:
-    assert set(PROTOCOLS) == {"http1", "http2", "dns", "dns_tcp", "redis", "memcached", "postgresql", "mysql"}
+    assert set(PROTOCOLS) == {"http1", "http2", "http2_frames", "dns", "dns_tcp", "redis", "memcached", "postgresql",
+                              "mysql"}  # fmt: skip
     for name, proto in PROTOCOLS.items():
         assert proto.name == name
         assert proto.default_timeout_ns > 0
