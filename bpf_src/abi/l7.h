@@ -66,7 +66,9 @@ enum kscope_l7_stat {
 	KSCOPE_L7_STAT_NETNS_PENDING_FULL = 19, /* a namespace could not be marked for the sweep (map full): every one walked */
 	KSCOPE_L7_STAT_MMSG_UNKNOWN = 20, /* sendmmsg/recvmmsg messages whose place in the vector is unknown (the
 	                                   * entry hook missed the call): sent without their bytes (NO_BUFFER) */
-	KSCOPE_L7_STATS = 21,
+	KSCOPE_L7_STAT_UNSUMMABLE = 21, /* exchanges past the record rate sent as records, not summed: the kernel
+	                                 * cannot template their path as user space would (bpf_src/l7_route.h) */
+	KSCOPE_L7_STATS = 22,
 };
 
 /* Followed by `captured` payload bytes. */
