@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from common import cpu_seconds, free_port, nginx, wrk_requests
-from overhead import AgentProc, med
+from overhead import AgentProc
 
 ROUTES = ["/api/users/%s", "/api/users/%s/orders", "/api/orders/%s/items/%s", "/v1/blobs/%s",
           "/shop/products/%s/reviews"]  # fmt: skip
@@ -73,12 +73,20 @@ def arm(runs: list[dict[str, float]], base: list[float]) -> dict[str, object]:
     def share(f: str) -> list[float]:
         return [r[f] / r["l7_requests"] for r in runs if r["l7_requests"]]
 
+    def med(values: list[float], digits: int) -> float | None:  # None: no round had any
+        return round(statistics.median(values), digits) if values else None
+
     return {
-        "ratio_median": med([r["rps"] / b for r, b in zip(runs, base, strict=True)]),
+        "ratio_median": med([r["rps"] / b for r, b in zip(runs, base, strict=True)], 4),
         "ratio_rounds": [round(r["rps"] / b, 3) for r, b in zip(runs, base, strict=True)],
         "summed_share_median": med(share("l7_kernel_summarized"), 4),
         "relieved_share_median": med(
-            [1 - (r["l7_kernel_exchanges"] + r["l7_kernel_summaries"]) / r["l7_requests"] for r in runs], 4
+            [
+                1 - (r["l7_kernel_exchanges"] + r["l7_kernel_summaries"]) / r["l7_requests"]
+                for r in runs
+                if r["l7_requests"]
+            ],
+            4,
         ),
         "requests_per_summary_median": med(
             [r["l7_kernel_summarized"] / r["l7_kernel_summaries"] for r in runs if r["l7_kernel_summaries"]], 1

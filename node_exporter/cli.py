@@ -80,7 +80,7 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
         "--l7-summary-raw-paths",
         action="store_true",
         help="sum by the raw path instead of its route (/users/1 and /users/2 apart): only to measure what "
-        "routes in the kernel buy (bench/overhead.py --only idpaths)",
+        "routes in the kernel buy (bench/idpaths.py)",
     )
     p.add_argument(
         "--nice",

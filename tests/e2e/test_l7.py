@@ -609,8 +609,8 @@ def test_pipelined_in_one_send_counts_fallback(topo: Topology, tmp_path: Path, t
 
 # Round robin over the targets (one wrk thread: one counter for all its connections): a query
 # string that must not survive, a 201, a 500 (never summed), paths under "/". Four summable keys
-# (method, route, status) fit a socket's slots; five do not, and the least used slot's summary is
-# sent early (evicted). /load/7, /load/8 and /load/9 are one key: /load/{id}.
+# (method, route, status) fit a socket's eight slots; nine do not, and the least used slot's
+# summary is sent early (evicted). /load/7, /load/8 and /load/9 are one key: /load/{id}.
 WRK_MIX = """
 local targets = {%s}
 local i = 0
@@ -626,7 +626,8 @@ FEW = {"/p1?token=secret": ("/p1", "/p1", 200), "/p2": ("/p2", "/p2", 201), "/er
        "/load/7": ("/load/7", "/load/{id}", 200)}  # fmt: skip
 MANY = {**FEW, "/p3": ("/p3", "/p3", 202), "/load/8": ("/load/8", "/load/{id}", 200),
         "/load/9?x=1": ("/load/9", "/load/{id}", 200), "/a/b": ("/a/b", "/a/b", 200),
-        LONG: (LONG, "/long/{id}", 200)}  # fmt: skip
+        "/a/c": ("/a/c", "/a/c", 200), "/a/d": ("/a/d", "/a/d", 200), "/a/e": ("/a/e", "/a/e", 200),
+        "/a/f": ("/a/f", "/a/f", 200), LONG: (LONG, "/long/{id}", 200)}  # fmt: skip
 
 
 @pytest.mark.parametrize("targets", [FEW, MANY], ids=["fits-slots", "evicts"])
