@@ -13,6 +13,8 @@ requests), the share the summaries relieved (requests that cost no ring record o
 (exchange records + summary records) / requests), requests per summary, the agent's CPU per 1,000
 requests, and the counters that say what did not fit (slots_full, unsummable, rb_full, lost).
 
+bpf_stats are on during the run (restored after): l7_send/l7_recv ns per call say what the key costs.
+
 Usage: flock /tmp/kscope-bench.lock .venv/bin/python bench/idpaths.py --rounds 5 --seconds 5
 """
 
@@ -61,12 +63,32 @@ COUNTERS = ("l7_requests", "l7_kernel_summarized", "l7_kernel_exchanges", "l7_ke
             "l7_kernel_summary_rb_full", "l7_kernel_summary_lost")  # fmt: skip
 
 
+PROFILED = ("l7_send", "l7_recv")  # where the key is computed: the exchange path of each call
+
+
+def bpf_run_times() -> dict[str, tuple[int, int]]:
+    """(run_time_ns, run_cnt) per profiled program (kernel.bpf_stats_enabled=1), summed over loads."""
+    out: dict[str, tuple[int, int]] = {}
+    for p in json.loads(subprocess.check_output(["bpftool", "-j", "prog", "show"])):
+        if p.get("name") in PROFILED:
+            t, n = out.get(p["name"], (0, 0))
+            out[p["name"]] = (t + p.get("run_time_ns", 0), n + p.get("run_cnt", 0))
+    return out
+
+
 def agent_round(port: int, seconds: int, connections: int, script: Path, raw: bool) -> dict[str, float]:
     extra = ("--l7-summary-raw-paths",) if raw else ()
     with AgentProc(l7=True, extra=extra) as agent:
+        before = bpf_run_times()
         rps = wrk_requests(port, seconds, connections, script=script) / seconds
+        after = bpf_run_times()
         time.sleep(1.5)  # let the agent finish the interval that saw the run
-        return {"rps": rps, "cpu": agent.cpu(), **{name: agent.delta(name) for name in COUNTERS}}
+        ns = {
+            f"{name}_ns_per_call": (after[name][0] - before.get(name, (0, 0))[0])
+            / max(1, after[name][1] - before.get(name, (0, 0))[1])
+            for name in after
+        }
+        return {"rps": rps, "cpu": agent.cpu(), **ns, **{name: agent.delta(name) for name in COUNTERS}}
 
 
 def arm(runs: list[dict[str, float]], base: list[float]) -> dict[str, object]:
@@ -94,6 +116,10 @@ def arm(runs: list[dict[str, float]], base: list[float]) -> dict[str, object]:
         "agent_cpu_ms_per_1000_requests_median": med(
             [r["cpu"] / r["l7_requests"] * 1e6 for r in runs if r["l7_requests"]], 2
         ),
+        **{
+            f"{p}_ns_per_call_median": med([r[f"{p}_ns_per_call"] for r in runs if f"{p}_ns_per_call" in r], 0)
+            for p in PROFILED
+        },
         "counters_per_round": {name: [round(r[name]) for r in runs] for name in COUNTERS},
     }
 
@@ -111,6 +137,16 @@ def main() -> int:
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             print(f"bench: {tool} not found (make setup installs it)", file=sys.stderr)
             return 2
+    stats = Path("/proc/sys/kernel/bpf_stats_enabled")
+    stats_were = stats.read_text().strip()
+    stats.write_text("1")  # run_time_ns per program: where the time of each arm goes
+    try:
+        return run(args)
+    finally:
+        stats.write_text(stats_were)
+
+
+def run(args: argparse.Namespace) -> int:
     port = free_port()
     base: list[float] = []
     routes: list[dict[str, float]] = []
