@@ -8,7 +8,7 @@ our shared machines (bench/RESULTS.md). Workloads:
 - keep-alive at saturation (wrk): the worst case for per-call hooks, a few µs of CPU
   per request; with L7 on, every request is also captured at both ends, in two modes: the
   agent's default (--l7-record-rate: past 1,000 records/s per CPU the kernel sums requests
-  per socket, method, path and status) and every request a record of its own (rate 0);
+  per socket, method, route and status) and every request a record of its own (rate 0);
 - churn: `Connection: close`, one TCP connection per request: the per-connection cost
   (agent CPU seconds per 1,000 connections);
 - fixed rate (hey -q): p99 latency with and without the agent at a rate nginx can hold, per

@@ -266,7 +266,7 @@ L7_SUMMARY_HEAD = 128  # KSCOPE_L7_SUMMARY_HEAD
 
 
 class KscopeL7Summary(ctypes.Structure):
-    """HTTP/1 exchanges of one socket with the same method, path and status, summed (same size
+    """HTTP/1 exchanges of one socket with the same method, route and status, summed (same size
     as, and the same fields up to ``comm`` as, :class:`KscopeL7Exchange`)."""
 
     _fields_ = [
