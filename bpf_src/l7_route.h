@@ -95,6 +95,8 @@ struct route_scan {
 	__u32 raw;	/* not a path ("*", absolute-form): hashed whole */
 	__u32 rest;	/* past ROUTE_MAX_SEGMENTS: the REST token is in h, the rest does not count */
 	__u32 query;	/* past the path (query, fragment): h is final, the target's end is looked for */
+	__u32 at;	/* the byte of the word l7_route_word stopped at */
+	__u32 _pad;
 };
 
 enum route_step {
@@ -114,16 +116,11 @@ static __always_inline void route_segment_done(struct route_scan *s)
 	s->uuid_bad = 0;
 }
 
-/* One byte of the path. A global function: the verifier checks it once, with s unknown, so the
- * loop over the path's bytes costs it one short path per byte (a loop over this logic inlined
- * made the states it walks grow past its bound). */
-__attribute__((noinline)) int l7_route_step(struct route_scan *s, __u32 c)
+/* One byte of the path. */
+static __always_inline int route_byte(struct route_scan *s, __u32 c)
 {
-	__u8 cls;
+	__u8 cls = route_class[c & 0xff];
 
-	if (!s)
-		return ROUTE_REFUSE;
-	cls = route_class[c & 0xff];
 	if (cls & RC_BAD)
 		/* non-ASCII in the query or past the REST token: user space does not look at it */
 		return c >= 0x80 && (s->rest || s->query) ? ROUTE_MORE : ROUTE_REFUSE;
@@ -157,6 +154,27 @@ __attribute__((noinline)) int l7_route_step(struct route_scan *s, __u32 c)
 	return ROUTE_MORE;
 }
 
+/* Eight bytes of the path (w, little-endian): ROUTE_MORE, or what byte s->at said. A global
+ * function: the verifier checks it once, with s unknown, so the loop over the path costs it one
+ * short path per word (that loop over the byte logic inlined made the states it walks grow past
+ * its bound); a call per word, not per byte, is most of what the key costs per request. */
+__attribute__((noinline)) int l7_route_word(struct route_scan *s, __u64 w)
+{
+	int r;
+
+	if (!s)
+		return ROUTE_REFUSE;
+#pragma unroll
+	for (int j = 0; j < 8; j++) {
+		r = route_byte(s, (w >> (8 * j)) & 0xff);
+		if (r != ROUTE_MORE) {
+			s->at = j;
+			return r;
+		}
+	}
+	return ROUTE_MORE;
+}
+
 /* The key of a request for summing: method and route template hashed; 0 if it is not to be
  * summed (see above; also CONNECT, and methods we do not know). A target that is not a path
  * ("*", absolute-form) is hashed whole: the same bytes always give the same route. Bytes past n
@@ -164,7 +182,7 @@ __attribute__((noinline)) int l7_route_step(struct route_scan *s, __u32 c)
 __attribute__((noinline)) __u64 l7_route_hash(const struct route_line *line, __u32 n, __u32 method)
 {
 	struct route_scan s = { .sh = ROUTE_SEED, .and = 0xff };
-	__u32 start, i;
+	__u32 start, i, k;
 	__u64 v;
 	int r;
 
@@ -198,23 +216,32 @@ __attribute__((noinline)) __u64 l7_route_hash(const struct route_line *line, __u
 	s.raw = line->b[start] != '/';
 	if (!s.raw)
 		start++; /* the leading '/' is not part of the first segment */
-	for (i = start; i <= KSCOPE_L7_SUMMARY_HEAD - ROUTE_VERSION_TAIL; i++) {
-		if (i >= n)
-			return 0; /* zero bytes past the capture are not an end */
-		r = l7_route_step(&s, line->b[i]);
-		if (r == ROUTE_END) {
-			/* the version must be captured too, for user space to read the line (and be one
-			 * it reads: else it drops the summary, with every request in it) */
-			if (i + ROUTE_VERSION_TAIL > n)
-				return 0;
-			v = *(const __u64 *)&line->b[i + 1];
-			if ((v != HTTP_1_1 && v != HTTP_1_0) ||
-			    (line->b[i + ROUTE_VERSION_TAIL - 1] != '\r' && line->b[i + ROUTE_VERSION_TAIL - 1] != '\n'))
-				return 0;
-			return s.h;
-		}
-		if (r != ROUTE_MORE)
+	for (k = 0; k < KSCOPE_L7_SUMMARY_HEAD / 8; k++) {
+		i = start + k * 8;
+		/* a word read from here stays in the head (i + 8 <= 128); an end past here leaves no
+		 * room for the version anyway */
+		if (i >= n || i > KSCOPE_L7_SUMMARY_HEAD - ROUTE_VERSION_TAIL)
 			return 0;
+		/* bytes past n may be any (a longer earlier head): a key is only ever made of bytes
+		 * before an end below n, and the version after it must be below n too */
+		r = l7_route_word(&s, *(const __u64 *)&line->b[i]);
+		if (r == ROUTE_MORE)
+			continue;
+		if (r != ROUTE_END)
+			return 0;
+		i += s.at & 7;
+		/* the version must be captured too, for user space to read the line (and be one it
+		 * reads: else it drops the summary, with every request in it) */
+		if (i + ROUTE_VERSION_TAIL > n)
+			return 0;
+		barrier_var(i); /* clang drops this bound (n <= 128 implies it); the verifier needs it */
+		if (i > KSCOPE_L7_SUMMARY_HEAD - ROUTE_VERSION_TAIL)
+			return 0;
+		v = *(const __u64 *)&line->b[i + 1];
+		if ((v != HTTP_1_1 && v != HTTP_1_0) ||
+		    (line->b[i + ROUTE_VERSION_TAIL - 1] != '\r' && line->b[i + ROUTE_VERSION_TAIL - 1] != '\n'))
+			return 0;
+		return s.h;
 	}
 	return 0; /* no end in the bytes a summary keeps */
 }
