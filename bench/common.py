@@ -52,11 +52,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def wrk_requests(port: int, seconds: int, connections: int, close: bool = False) -> int:
-    """Requests one wrk thread on core 1 completes in `seconds` (keep-alive unless `close`)."""
+def wrk_requests(port: int, seconds: int, connections: int, close: bool = False, script: Path | None = None) -> int:
+    """Requests one wrk thread on core 1 completes in `seconds` (keep-alive unless `close`; `script`:
+    a wrk Lua script that makes the requests)."""
     cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s"]
     if close:
         cmd += ["-H", "Connection: close"]
+    if script is not None:
+        cmd += ["-s", str(script)]
     out = subprocess.run([*cmd, f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
     m = re.search(r"(\d+) requests in", out)
     if not m:

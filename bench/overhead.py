@@ -8,7 +8,7 @@ our shared machines (bench/RESULTS.md). Workloads:
 - keep-alive at saturation (wrk): the worst case for per-call hooks, a few µs of CPU
   per request; with L7 on, every request is also captured at both ends, in two modes: the
   agent's default (--l7-record-rate: past 1,000 records/s per CPU the kernel sums requests
-  per socket, method, path and status) and every request a record of its own (rate 0);
+  per socket, method, route and status) and every request a record of its own (rate 0);
 - churn: `Connection: close`, one TCP connection per request: the per-connection cost
   (agent CPU seconds per 1,000 connections);
 - fixed rate (hey -q): p99 latency with and without the agent at a rate nginx can hold, per
@@ -104,12 +104,15 @@ AGENT_NICE: int | None = None  # --agent-nice: the agent's --nice in every arm (
 
 
 class AgentProc:
-    def __init__(self, l7: bool, record_rate: int | None = None, nice: int | None = None) -> None:
+    def __init__(
+        self, l7: bool, record_rate: int | None = None, nice: int | None = None, extra: tuple[str, ...] = ()
+    ) -> None:
         """``record_rate``: --l7-record-rate (None: the agent's default; 0: every request a record);
-        ``nice``: the agent's --nice (None: AGENT_NICE, else the agent's default)."""
+        ``nice``: the agent's --nice (None: AGENT_NICE, else the agent's default); ``extra``: more flags."""
         self.l7 = l7
         self.record_rate = record_rate
         self.nice = AGENT_NICE if nice is None else nice
+        self.extra = extra
         self.metrics_port = free_port()
 
     def __enter__(self) -> AgentProc:
@@ -120,6 +123,7 @@ class AgentProc:
             cmd.append("--l7")
             if self.record_rate is not None:
                 cmd += ["--l7-record-rate", str(self.record_rate)]
+        cmd += self.extra
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         assert self.proc.stderr is not None
         for line in self.proc.stderr:

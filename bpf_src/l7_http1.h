@@ -126,8 +126,11 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 	}
 	tcp_seqs(sk, dir, ret, &req_seq, &resp_seq);
 	sampled = sample(now);
-	if (!sampled)
+	if (!sampled) {
 		hash = path_hash(d, n, method);
+		if (!hash)
+			stat_inc(KSCOPE_L7_STAT_UNSUMMABLE);
+	}
 	id = bpf_get_current_pid_tgid();
 	/* the process name is read once per process on this socket (a string helper per request
 	 * measurably added to every request on a keep-alive connection) */

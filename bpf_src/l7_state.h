@@ -17,6 +17,9 @@ const volatile __u64 unanswered_ns = 300000000000ULL; /* ... and an unanswered o
  * summed per socket (see "Summaries"). 0: every exchange is a record. */
 const volatile __u64 record_cost_ns = 0;
 const volatile __u64 summary_ns = 1000000000ULL; /* the sweep sends a summary this long after its first exchange */
+/* 1: sum by the raw path (method and path as sent) instead of its route template: only to
+ * measure what templating in the kernel buys (bench/idpaths.py) */
+const volatile __u8 summary_raw_paths = 0;
 
 struct l7_sock {
 	__u64 seq[2];   /* bytes seen per direction (index direction - 1) */
@@ -70,7 +73,7 @@ struct l7_slot {
 	__u8 head[KSCOPE_L7_SUMMARY_HEAD];
 };
 
-#define L7_SLOTS 4 /* keys summed at once per socket; a fifth key sends the least used slot's summary early */
+#define L7_SLOTS 8 /* keys summed at once per socket; a ninth key sends the least used slot's summary early */
 
 struct l7_xchg {
 	struct bpf_spin_lock lock;

@@ -3,17 +3,19 @@
 #ifndef KSCOPE_L7_SUMMARY_H
 #define KSCOPE_L7_SUMMARY_H
 
+#include "l7_route.h"
+
 /* ---- Summaries ----------------------------------------------------------------------------
  *
  * At a few µs of Python per record, one record per request cannot keep up with a saturated
  * server, and on a small node that time is taken from the application. So past the
  * sampler's rate (record_cost_ns per CPU) answered exchanges with a status below 500 are
- * summed in the socket's storage per key (request line up to the path's end, i.e. method and
- * path without query; and status): count, byte and latency sums, min/max and a latency
+ * summed in the socket's storage per key (method and the path's route template, l7_route.h;
+ * and status): count, byte and latency sums, min/max and a latency
  * histogram (bounds in abi/l7.h). A slot leaves as one summary record on the exchange ring
  * summary_ns after its first exchange (the sweep), or at close. Metrics stay exact; only the
  * per-request detail (start time, trace headers) is sampled. 5xx, unanswered, upgraded and
- * pipelined exchanges and paths longer than KSCOPE_L7_SUMMARY_HEAD are always records.
+ * pipelined exchanges and paths the kernel cannot template (l7_route.h) are always records.
  */
 
 struct sampler {
@@ -133,12 +135,17 @@ static long phash_step(__u32 k, void *arg)
 	return 1;
 }
 
-/* The key of a request for summing: a hash of its line up to the path's end (method and
- * path, no query); 0 if the request line does not fit KSCOPE_L7_SUMMARY_HEAD captured bytes
- * (or CONNECT): such a request is never summed. Bytes past n are zero. */
-static __always_inline __u64 path_hash(const __u8 *d, __u32 n, __u8 method)
+/* The raw-path key (summary_raw_paths): a hash of the request line up to the path's end (method
+ * and path, no query); 0 if the request line does not fit KSCOPE_L7_SUMMARY_HEAD captured bytes
+ * (or CONNECT). Bytes past n are zero. A global function, as l7_route_hash: inlined, it pushed
+ * l7_send past the verifier's complexity bound. */
+__attribute__((noinline)) __u64 l7_raw_path_hash(const struct route_line *line, __u32 n, __u32 method)
 {
-	struct phash p = { .d = d, .n = n };
+	struct phash p = { .n = n };
+
+	if (!line)
+		return 0;
+	p.d = line->b;
 
 	switch (method) {
 	case KSCOPE_HTTP_GET:
@@ -167,6 +174,14 @@ static __always_inline __u64 path_hash(const __u8 *d, __u32 n, __u8 method)
 		return 0;
 	p.h = (p.h ^ p.end) * HASH_MUL;
 	return (p.h ^ (p.h >> 32)) | 1;
+}
+
+/* The key of a request for summing (l7_route.h): 0, never summed. */
+static __always_inline __u64 path_hash(const __u8 *d, __u32 n, __u8 method)
+{
+	if (summary_raw_paths)
+		return l7_raw_path_hash((const struct route_line *)d, n, method);
+	return l7_route_hash((const struct route_line *)d, n, method);
 }
 
 static __always_inline __u32 latency_bucket(__u64 ns)
@@ -201,7 +216,12 @@ static __always_inline bool slot_free(const struct l7_xchg *x)
 
 static __always_inline bool slots_empty(const struct l7_xchg *x)
 {
-	return !x->slots[0].count && !x->slots[1].count && !x->slots[2].count && !x->slots[3].count;
+	bool empty = true;
+
+#pragma unroll
+	for (int i = 0; i < L7_SLOTS; i++)
+		empty &= !x->slots[i].count;
+	return empty;
 }
 
 /* Sum the answered exchange into its key's slot, or a free one: x->lock held (no helpers).
@@ -360,10 +380,9 @@ static __always_inline void slot_flush(struct sock *sk, struct l7_xchg *x, struc
 
 static __always_inline void slots_flush(struct sock *sk, struct l7_xchg *x, __u8 reason, __u64 now, bool all)
 {
-	slot_flush(sk, x, &x->slots[0], reason, now, all);
-	slot_flush(sk, x, &x->slots[1], reason, now, all);
-	slot_flush(sk, x, &x->slots[2], reason, now, all);
-	slot_flush(sk, x, &x->slots[3], reason, now, all);
+#pragma unroll
+	for (int i = 0; i < L7_SLOTS; i++)
+		slot_flush(sk, x, &x->slots[i], reason, now, all);
 }
 
 /* An unlocked peek: whether a slot's summary is due (slot_flush decides again under the lock). */

@@ -67,6 +67,7 @@ class AgentOptions:
     l7_probe: str = "auto"
     # HTTP/1 exchange records per second per CPU; past it the kernel sums exchanges (0: no sums)
     l7_record_rate: int = 1000
+    l7_summary_raw_paths: bool = False  # sum by raw path, not route: only to measure the difference
     processor: str | None = None  # host:port of the cluster processor's ingest
     node_name: str = ""
     proc_root: str = "/proc"
@@ -96,6 +97,7 @@ def open_l7(bpf_dir: Path, opts: AgentOptions, netns: NetnsWalker | None = None)
             return L7Collector(
                 bpf_dir / L7_OBJECT, netns_ino=opts.netns_inode, capture_bytes=opts.capture_bytes,
                 proc_root=opts.proc_root, record_rate=opts.l7_record_rate, netns=netns,
+                summary_raw_paths=opts.l7_summary_raw_paths,
                 # like L4's: the sweep walks each namespace with exchanges in flight, a pass over the
                 # whole TCP hash table (netns.py); busy sockets need none (see bpf_src/l7_summary.h)
                 sweep_s=opts.sweep_s, skip_own=True,

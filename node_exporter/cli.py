@@ -73,8 +73,14 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
         default=1000,
         metavar="N",
         help="HTTP/1 requests sent as records of their own, per second per CPU (1000); past it requests are "
-        "summed in the kernel per socket, method, path and status (metrics stay exact, spans are sampled); "
+        "summed in the kernel per socket, method, route and status (metrics stay exact, spans are sampled); "
         "0: every request is a record",
+    )
+    p.add_argument(
+        "--l7-summary-raw-paths",
+        action="store_true",
+        help="sum by the raw path instead of its route (/users/1 and /users/2 apart): only to measure what "
+        "routes in the kernel buy (bench/idpaths.py)",
     )
     p.add_argument(
         "--nice",
@@ -179,6 +185,7 @@ def _run(args: argparse.Namespace, live: bool | None) -> int:
         l7=args.l7,
         l7_probe=args.l7_probe,
         l7_record_rate=args.l7_record_rate,
+        l7_summary_raw_paths=args.l7_summary_raw_paths,
         capture_bytes=args.capture_bytes,
         processor=args.processor,
         node_name=args.node_name or os.environ.get("NODE_NAME") or socket.gethostname(),

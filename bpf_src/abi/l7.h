@@ -72,7 +72,9 @@ enum kscope_l7_stat {
 	KSCOPE_L7_STAT_H2_LOST = 22,  /* HTTP/2 calls the kernel's frame walk could not follow (no buffer, a failed
 	                               * read, readv/writev past their first buffer, its step bound, an evicted TLS
 	                               * state): the direction waits for a call that starts with a frame header */
-	KSCOPE_L7_STATS = 23,
+	KSCOPE_L7_STAT_UNSUMMABLE = 23, /* exchanges past the record rate sent as records, not summed: the kernel
+	                                 * cannot template their path as user space would (bpf_src/l7_route.h) */
+	KSCOPE_L7_STATS = 24,
 };
 
 /* Followed by `captured` payload bytes. */

@@ -167,7 +167,8 @@ class L7Stat(enum.IntEnum):
     KSCOPE_L7_STAT_MMSG_UNKNOWN = 20
     KSCOPE_L7_STAT_OWN = 21
     KSCOPE_L7_STAT_H2_LOST = 22
-    KSCOPE_L7_STATS = 23
+    KSCOPE_L7_STAT_UNSUMMABLE = 23
+    KSCOPE_L7_STATS = 24
 
 
 L7_MAX_CAPTURE = 4096
@@ -268,7 +269,7 @@ L7_SUMMARY_HEAD = 128  # KSCOPE_L7_SUMMARY_HEAD
 
 
 class KscopeL7Summary(ctypes.Structure):
-    """HTTP/1 exchanges of one socket with the same method, path and status, summed (same size
+    """HTTP/1 exchanges of one socket with the same method, route and status, summed (same size
     as, and the same fields up to ``comm`` as, :class:`KscopeL7Exchange`)."""
 
     _fields_ = [

@@ -79,6 +79,7 @@ _SIGNATURES: list[tuple[str, Any, list[Any]]] = [
     ("bpf_map_delete_elem", c_int, [c_int, P]),
     ("bpf_map_get_next_key", c_int, [c_int, P, P]),
     ("bpf_map_lookup_and_delete_batch", c_int, [c_int, P, P, P, P, ctypes.POINTER(ctypes.c_uint32), P]),
+    ("bpf_prog_test_run_opts", c_int, [c_int, P]),
     ("btf__load_vmlinux_btf", P, []),
     ("btf__parse", P, [c_char_p, P]),
     ("btf__free", None, [P]),
@@ -88,6 +89,28 @@ _SIGNATURES: list[tuple[str, Any, list[Any]]] = [
     ("btf__type_cnt", ctypes.c_uint32, [P]),
     ("btf__resolve_size", ctypes.c_long, [P, ctypes.c_uint32]),
 ]
+
+
+class ProgRunOpts(ctypes.Structure):
+    """struct bpf_test_run_opts (libbpf 1.1 bpf.h)."""
+
+    _fields_ = [
+        ("sz", c_size),
+        ("data_in", P),
+        ("data_out", P),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", P),
+        ("ctx_out", P),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("repeat", c_int),
+        ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+    ]
 
 
 def lib() -> ctypes.CDLL:

@@ -32,8 +32,8 @@ _FAILED_PROG = re.compile(r"prog '([^']+)': failed to (?:load|attach|prepare)")
 _ELF_MAGIC = b"\x7fELF"
 # Sections without a target are attached by the caller (per library, per process).
 _MANUAL_ATTACH = frozenset(
-    {"uprobe", "uretprobe", "usdt", "uprobe.s", "uretprobe.s", "uprobe.multi", "uretprobe.multi"}
-)
+    {"uprobe", "uretprobe", "usdt", "uprobe.s", "uretprobe.s", "uprobe.multi", "uretprobe.multi", "syscall"}
+)  # "syscall": never attached, only run (test_run)
 # libbpf 1.3's section names for uprobe_multi programs; libbpf 1.1 does not know them
 _MULTI_SECTIONS = frozenset({"uprobe.multi", "uretprobe.multi"})
 _BPF_PROG_TYPE_KPROBE = 2
@@ -389,6 +389,16 @@ class BpfObject:
             else:
                 keep.append((cap, link))
         self._links = keep
+
+    def test_run(self, prog_name: str, ctx: bytearray) -> int:
+        """Run a ``SEC("syscall")`` program once on ``ctx`` (BPF_PROG_TEST_RUN), which it may
+        rewrite in place; its return value. Test fixtures use it to run kernel code on given bytes."""
+        fd = lb.check_int(lb.lib().bpf_program__fd(self._program_handle(prog_name)), f"fd of {prog_name}")
+        buf = (ctypes.c_char * len(ctx)).from_buffer(ctx)
+        # a syscall program writes its context back to ctx_in (the kernel refuses a ctx_out)
+        opts = lb.ProgRunOpts(sz=ctypes.sizeof(lb.ProgRunOpts), ctx_in=ctypes.addressof(buf), ctx_size_in=len(ctx))
+        lb.check_int(lb.lib().bpf_prog_test_run_opts(fd, ctypes.byref(opts)), f"test run of {prog_name}")
+        return int(opts.retval)
 
     def _program_handle(self, name: str) -> int:
         for handle, prog in self._iter_programs():

@@ -59,6 +59,7 @@ class L7Collector(L7Probe):
         sweep_s: float = SWEEP_S,
         record_rate: int = 0,
         summary_s: float = 1.0,
+        summary_raw_paths: bool = False,
         netns: NetnsWalker | None = None,
         netns_pending_entries: int | None = None,
         mmsg_threads: int | None = None,
@@ -69,8 +70,9 @@ class L7Collector(L7Probe):
         sending every call's head; ``idle_s``: how long an answered exchange waits for more
         response bytes before the sweep (run every ``sweep_s``) sends it. ``record_rate``:
         exchange records per second per CPU (the kernel's sampler); past it, exchanges are summed
-        per socket, method, path and status and sent as summaries ``summary_s`` after their first
-        exchange (0: every exchange is a record, no summaries). ``netns_pending_entries``: how many
+        per socket, method, route template and status (``summary_raw_paths``: the raw path, only to
+        measure what routes buy) and sent as summaries ``summary_s`` after their first exchange
+        (0: every exchange is a record, no summaries). ``netns_pending_entries``: how many
         namespaces the kernel can mark for the sweep before it asks for a walk of all (a test
         shrinks it to push past it). ``mmsg_threads``: threads inside a sendmmsg/recvmmsg at once
         whose place in the vector the kernel keeps (past it, messages are counted, mmsg_unknown).
@@ -94,6 +96,7 @@ class L7Collector(L7Probe):
                 "record_cost_ns": 1_000_000_000 // record_rate if record_rate else 0,
                 "summary_ns": int(summary_s * 1e9),
                 "h2_compact": int(h2_compact if h2_compact is not None else not _env_full_capture()),
+                "summary_raw_paths": int(summary_raw_paths),
             },
             {
                 **({"l7_ring": ring_bytes, "l7_xring": ring_bytes} if ring_bytes else {}),

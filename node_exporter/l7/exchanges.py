@@ -3,7 +3,7 @@
 The kernel sends one fixed-size record per exchange and side (bpf_src/abi/l7.h
 ``kscope_l7_exchange``) carrying sizes, status, timestamps and the first bytes of the
 request head. Under load, exchanges its sampler does not pick are summed per socket, method,
-path and status and arrive as ``kscope_l7_summary`` records on the same ring: same size, same
+route and status and arrive as ``kscope_l7_summary`` records on the same ring: same size, same
 fields up to ``comm`` (so ``SLOT`` reads both), then a count, latency min/max and buckets, and
 the first summed request's head. Here only that head is parsed, and only for what we keep: method, path
 (query and fragment cut off), its route, a valid ``traceparent`` and ``X-Request-ID``.

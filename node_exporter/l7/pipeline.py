@@ -235,7 +235,7 @@ class L7Pipeline:
 
     def feed_exchanges(self, batch: ExchangeBatch) -> list[L7Event]:
         """Exchange records -> events: unpack, parse the head, reuse the socket's ConnInfo. Summary
-        records (rare: at most about one per socket, method, path and status a second) share the
+        records (rare: at most about one per socket, method, route and status a second) share the
         ring and its prefix; they leave the loop at the type check, so exchanges pay nothing for them."""
         out: list[L7Event] = []
         conns = self._xconns

@@ -90,7 +90,7 @@ class HttpRecord:
 
 @dataclass(frozen=True, slots=True)
 class HttpSummary:
-    """Requests of one socket with the same method, path and status that the kernel summed instead
+    """Requests of one socket with the same method, route and status that the kernel summed instead
     of sending one by one (bpf_src/abi/l7.h ``kscope_l7_summary``): counts and sums are exact."""
 
     count: int  # requests summed, >= 1

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -608,7 +609,8 @@ def test_pipelined_in_one_send_counts_fallback(topo: Topology, tmp_path: Path, t
 
 # Round robin over the targets (one wrk thread: one counter for all its connections): a query
 # string that must not survive, a 201, a 500 (never summed), paths under "/". Four summable keys
-# fit a socket's slots; seven do not, and the least used slot's summary is sent early (evicted).
+# (method, route, status) fit a socket's eight slots; nine do not, and the least used slot's
+# summary is sent early (evicted). /load/7, /load/8 and /load/9 are one key: /load/{id}.
 WRK_MIX = """
 local targets = {%s}
 local i = 0
@@ -624,7 +626,8 @@ FEW = {"/p1?token=secret": ("/p1", "/p1", 200), "/p2": ("/p2", "/p2", 201), "/er
        "/load/7": ("/load/7", "/load/{id}", 200)}  # fmt: skip
 MANY = {**FEW, "/p3": ("/p3", "/p3", 202), "/load/8": ("/load/8", "/load/{id}", 200),
         "/load/9?x=1": ("/load/9", "/load/{id}", 200), "/a/b": ("/a/b", "/a/b", 200),
-        LONG: (LONG, "/long/{id}", 200)}  # fmt: skip
+        "/a/c": ("/a/c", "/a/c", 200), "/a/d": ("/a/d", "/a/d", 200), "/a/e": ("/a/e", "/a/e", 200),
+        "/a/f": ("/a/f", "/a/f", 200), LONG: (LONG, "/long/{id}", 200)}  # fmt: skip
 
 
 @pytest.mark.parametrize("targets", [FEW, MANY], ids=["fits-slots", "evicts"])
@@ -672,14 +675,16 @@ def test_summaries_count_every_request_under_load(
         assert n - lost <= total <= n + conns, (side, n, total, lost, len(singles), len(summaries), stats,
                                                 trace.pipe.counters())  # fmt: skip
         totals.append(total)
-        by_target: dict[tuple[str, str, int], int] = {}
+        # summed by route: a summary's path is its first request's, its count every request of the route
+        by_route: dict[tuple[str, int], int] = {}
         for e in events:
             r = e.record
-            key = (r.path, r.route, r.status)
-            by_target[key] = by_target.get(key, 0) + (r.summary.count if r.summary else 1)
-        assert set(by_target) == set(targets.values()), by_target
-        for count in by_target.values():  # round robin: the same share each
-            assert abs(count - total / len(targets)) <= conns + 1 + lost, by_target
+            assert (r.path, r.route, r.status) in targets.values(), r
+            by_route[r.route, r.status] = by_route.get((r.route, r.status), 0) + (r.summary.count if r.summary else 1)
+        shares = Counter((route, status) for _, route, status in targets.values())
+        assert set(by_route) == set(shares), by_route
+        for key, count in by_route.items():  # round robin: the same share per target
+            assert abs(count - total * shares[key] / len(targets)) <= (conns + 1 + lost) * shares[key], by_route
         # 5xx are always records of their own (a trace to look at); the rest past the rate are summed
         assert not [e for e in summaries if e.record.status >= 500 or e.record.path == LONG]
         sampled = [e for e in singles if e.record.status < 500 and e.record.path != LONG]

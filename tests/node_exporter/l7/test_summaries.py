@@ -1,4 +1,4 @@
-"""Summary records (HTTP/1 exchanges the kernel summed per socket, method, path and status): decode
+"""Summary records (HTTP/1 exchanges the kernel summed per socket, method, route and status): decode
 through the pipeline, malformed ones counted, the agent's request counters, the bucket bounds the C
 header and Python share."""
 
