@@ -9,8 +9,9 @@ operations), operations per agent CPU second, the share of the server's operatio
 every drop the agent counted. Medians of the per-round figures.
 
 Run as root, holding the bench lock: ``flock /tmp/kscope-bench.lock .venv/bin/python bench/kv.py``.
-``--agent-args`` passes extra flags to ``kscope run`` (e.g. to compare the Redis kernel path with the
-user-space one).
+``--agent-args`` passes extra flags to ``kscope run``. ``--profile DIR``: one round, the agent under
+cProfile (DIR/agent-<test>-P<n>.prof; its overhead inflates the agent's CPU, so no figures) and the
+kernel's run time per L7 program (``kernel.bpf_stats_enabled``, DIR/bpf-<test>-P<n>.txt).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -70,10 +72,25 @@ def accounted(lines: list[str]) -> int:
     return n
 
 
-def with_agent(topo: Topology, run: dict[str, int], agent_args: list[str]) -> dict[str, float]:
+def bpf_run_times() -> str:
+    """run_cnt and run_time_ns of the loaded L7 programs (kernel.bpf_stats_enabled must be 1)."""
+    progs = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True).stdout)
+    lines = []
+    for p in progs:
+        if p.get("name", "").startswith("l7_") and p.get("run_cnt"):
+            cnt, ns = p["run_cnt"], p.get("run_time_ns", 0)
+            lines.append(f"{p['name']} run_cnt {cnt} run_time_ns {ns} ns/run {ns / cnt:.0f}")
+    return "\n".join(lines)
+
+
+def with_agent(
+    topo: Topology, run: dict[str, Any], agent_args: list[str], profile: Path | None = None
+) -> dict[str, float]:
+    tag = f"{run['test']}-P{run['pipeline']}"
+    prof = [sys.executable, "-m", "cProfile", "-o", str(profile / f"agent-{tag}.prof")] if profile else []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "flows.jsonl"
-        agent = subprocess.Popen([KSCOPE, "run", "--no-live", "--l7", "--netns-inode", str(topo.srv.ino),
+        agent = subprocess.Popen([*prof, KSCOPE, "run", "--no-live", "--l7", "--netns-inode", str(topo.srv.ino),
                                   "--interval", "1", "--jsonl", str(out), *agent_args],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
         assert agent.stderr is not None
@@ -86,6 +103,8 @@ def with_agent(topo: Topology, run: dict[str, int], agent_args: list[str]) -> di
         rps = benchmark(topo, run["test"], run["pipeline"], run["requests"], run["clients"])
         served = commandstats(topo)[run["test"].upper()] - before.get(run["test"].upper(), 0)
         t1 = time.monotonic()
+        if profile:
+            (profile / f"bpf-{tag}.txt").write_text(bpf_run_times() + "\n")
         agent.send_signal(signal.SIGTERM)
         agent.stderr.read()
         print(f"  load {t1 - t0:.1f} s, agent exit {time.monotonic() - t1:.1f} s", file=sys.stderr)
@@ -113,14 +132,28 @@ def main() -> int:
     ap.add_argument("--tests", default="get,set")
     ap.add_argument("--pipelines", default="1,16")
     ap.add_argument("--agent-args", default="", help="extra flags for kscope run")
+    ap.add_argument("--profile", type=Path, help="one round with the agent under cProfile, files into this directory")
     args = ap.parse_args()
+    stats = Path("/proc/sys/kernel/bpf_stats_enabled")
+    before = stats.read_text()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        args.rounds = 1
+        stats.write_text("1\n")  # its clock reads cost every program run: put back at the end
+    try:
+        return measure(args)
+    finally:
+        stats.write_text(before)
+
+
+def measure(args: argparse.Namespace) -> int:
     agent_args = shlex.split(args.agent_args)
     with Topology() as topo:
         topo.spawn(topo.srv, "taskset", "-c", "0", "redis-server", "--bind", SRV_V4, "--port", str(PORT),
                    "--save", "", "--appendonly", "no", "--protected-mode", "no", "--daemonize", "no",
                    "--logfile", "")  # fmt: skip
         topo.wait_listening(topo.srv, PORT)
-        runs = []
+        runs: list[dict[str, Any]] = []
         for test in args.tests.split(","):
             for p in (int(x) for x in args.pipelines.split(",")):
                 # sized so a baseline run lasts about --seconds
@@ -131,7 +164,7 @@ def main() -> int:
         for _ in range(args.rounds):
             for run in runs:
                 base = benchmark(topo, run["test"], run["pipeline"], run["requests"], run["clients"])
-                got = with_agent(topo, run, agent_args)
+                got = with_agent(topo, run, agent_args, args.profile)
                 r = results.setdefault(f"{run['test']} -P {run['pipeline']}", {})
                 for k, v in (("ratio", got["rps"] / base), ("cpu_ms_per_1k", 1e6 * got["cpu"] / max(got["ops"], 1)),
                              ("ops_per_cpu_s", got["ops"] / max(got["cpu"], 1e-9)),
