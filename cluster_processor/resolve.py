@@ -550,7 +550,10 @@ class ResolutionCache:
         remote_ip, nat_ip, *ports = key
         remote_port, nat_port = ports or (0, 0)
         endpoint = self._index.remote(remote_ip, remote_port, nat_ip, nat_port)
-        return self._end(endpoint, nat=endpoint.how in (How.NAT_POD_IP, How.NAT_NODE_IP))
+        nat = endpoint.how in (How.NAT_POD_IP, How.NAT_NODE_IP)
+        if ports and nat_ip and endpoint.kind is not EndpointKind.EXTERNAL:
+            nat = endpoint.address == canonical_ip(nat_ip)  # a local process at the NAT answer's address
+        return self._end(endpoint, nat=nat)
 
     def _edge_ref(
         self, ekey: tuple[Any, ...], local: Endpoint, remote: Endpoint, client: bool, local_port: int, remote_port: int
@@ -568,20 +571,41 @@ class ResolutionCache:
         key = (node, self._process(q.process), q.side, *_ENDS(q), nat_ip, nat_port)
         route = self._routes.get(key)
         if route is None:
-            r = resolve_l7(self._index, node, q, nat_ip, nat_port)
-            ref = self._intern_ref(edge(r, METRIC_EDGE))
-            e = ref.edge
-            client, server = graph_node_name(e.client), graph_node_name(e.server)
-            client_ns, server_ns = graph_node_namespace(e.client), graph_node_namespace(e.server)
-            both_observed = r.server.observed and r.client.kind is not EndpointKind.EXTERNAL
-            ctype = ConnectionType.NONE if both_observed else ConnectionType.VIRTUAL_NODE
-            gkey = (client, client_ns, server, server_ns, ctype)
-            g = self._graph_refs.get(gkey)
-            if g is None:
-                g = self._graph_refs[gkey] = GraphRef(client, server, ctype, client_ns, server_ns)
-            route = Route(r, ref, g)
+            if self._by_process and self._limit > 0:
+                route = self._l7_by_ends(node, q, nat_ip, nat_port)
+            else:
+                r = resolve_l7(self._index, node, q, nat_ip, nat_port)
+                route = self._route(r, self._intern_ref(edge(r, METRIC_EDGE)))
             self._cache(self._routes, key, route)
         return route
+
+    def _l7_by_ends(self, node: str, q: pb.L7Request, nat_ip: str, nat_port: int) -> Route:
+        """A process-keyed namer's route from its cached ends (as ``l4_columns`` resolves): a socket's
+        5-tuple is new for every connection, its ends (process, server address) are not."""
+        p = q.process
+        anonymous = not p.pid and not p.comm
+        local = self._local_end(node, self._process(p), q.local_ip, q.local_port if anonymous else 0)
+        remote = self._remotes[(q.remote_ip, nat_ip, q.remote_port, nat_port)]
+        if q.side == _SERVER:
+            port = q.local_port
+            ref = self._edge_ref((remote.mkey, local.mkey, port), local.endpoint, remote.endpoint, False, port, 0)
+        else:
+            port = (nat_port or q.remote_port) if remote.nat else q.remote_port
+            ref = self._edge_ref((local.mkey, remote.mkey, port), local.endpoint, remote.endpoint, True, 0, port)
+        r = Resolved(_with_port(local.endpoint, q.local_port), remote.endpoint, q.side != _SERVER)
+        return self._route(r, ref)
+
+    def _route(self, r: Resolved, ref: EdgeRef) -> Route:
+        e = ref.edge
+        client, server = graph_node_name(e.client), graph_node_name(e.server)
+        client_ns, server_ns = graph_node_namespace(e.client), graph_node_namespace(e.server)
+        both_observed = r.server.observed and r.client.kind is not EndpointKind.EXTERNAL
+        ctype = ConnectionType.NONE if both_observed else ConnectionType.VIRTUAL_NODE
+        gkey = (client, client_ns, server, server_ns, ctype)
+        g = self._graph_refs.get(gkey)
+        if g is None:
+            g = self._graph_refs[gkey] = GraphRef(client, server, ctype, client_ns, server_ns)
+        return Route(r, ref, g)
 
 
 def _with_port(e: Endpoint, port: int) -> Endpoint:

@@ -79,6 +79,8 @@ def random_batch(r: random.Random, k: int, programs: dict[int, int]) -> pb.FlowB
                        time_unix_nano=T0 + k * S, **local_end(r, programs),
                        connect_status=r.choice([0, pb.CONNECT_STATUS_OK, pb.CONNECT_STATUS_REFUSED]))  # fmt: skip
         fl.delta.bytes_sent = r.randint(0, 10**5)
+        if r.random() < 0.2:  # --nat: conntrack's answer (a local server, or not) names the remote
+            fl.nat_remote_ip, fl.nat_remote_port = r.choice([*HOST_IPS, *OTHER]), r.choice([0, 80, 8080])
         flows.append(fl)
     b = pb.FlowBatch(schema_version=2, node_name="host", time_unix_nano=T0 + k * S, l4_columns=to_columns(flows))
     for _ in range(r.randrange(0, 30)):
