@@ -13,6 +13,7 @@ network and queueing the server cannot see.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from operator import add, sub
@@ -372,6 +373,9 @@ def _l4(p: L4Point, t: Tick) -> None:
             t.connect_n += sum(p.connect_duration.bucket_counts)
 
 
+_TIEBREAK: Final = itertools.count()
+
+
 def _slow(row: EdgeRow, s: SpanRecord, settings: MapSettings, now: float) -> None:
     if row.slowest and min(x[2].at for x in row.slowest) < now - settings.slowest_s:
         row.slowest = [x for x in row.slowest if x[2].at >= now - settings.slowest_s]  # recent ones only
@@ -379,7 +383,8 @@ def _slow(row: EdgeRow, s: SpanRecord, settings: MapSettings, now: float) -> Non
     seconds = (s.end_unix_nano - s.start_unix_nano) / 1e9
     what = s.route or str(attr(s.attributes, "url.path") or attr(s.attributes, "dns.question.name") or "")
     status = str(s.status_code) if s.status_code is not None else (s.error_type or "")
-    item = (seconds, id(s), Slow(seconds, s.method, what, status, s.side.value, now))
+    # A counter breaks ties: id() of a span freed since is reused, and two Slow cannot be compared.
+    item = (seconds, next(_TIEBREAK), Slow(seconds, s.method, what, status, s.side.value, now))
     if len(row.slowest) < settings.max_slowest:
         heapq.heappush(row.slowest, item)
     elif seconds > row.slowest[0][0]:

@@ -155,3 +155,17 @@ def test_keys_and_the_log_buffer() -> None:
     out = io.StringIO()
     buf.replay(out)
     assert out.getvalue() == "kscope: 2 earlier log lines not kept while the map was shown\nline 2\nline 3\nline 4\n"
+
+
+def test_slow_requests_of_equal_duration_are_kept_without_comparing_them() -> None:
+    """Spans as slow as each other at one address in two intervals (a span of the second made where
+    one of the first was freed: CPython reuses memory, so id() repeats): the slowest-requests heap
+    must not compare its items' records."""
+    m = ServiceMap(MapSettings(max_slowest=3))
+    e = edge()
+    ctx = SpanContext(b"\x01" * 16, b"\x02" * 8)
+    span = SpanRecord(e, Side.SERVER, Protocol.HTTP, ctx, 0, 5_000_000, "GET", "/x", 200)
+    for t in (1, 2):
+        m.update(interval(t, (red(e, Side.SERVER, 200, 0.005),)), (span,), now=float(t))
+    (row,) = m.edges.values()
+    assert sorted(x[2].at for x in row.slowest) == [1.0, 2.0]
