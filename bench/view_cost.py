@@ -32,6 +32,7 @@ from cluster_processor.otlp.model import (
     SpanRecord,
 )
 from cluster_processor.resolved import Edge, Side, attrs
+from kscope_common.runtime import tune_gc
 from node_exporter.local.app import MAX_FPS, TerminalMap
 from node_exporter.local.identity import Placement, process_attributes
 
@@ -98,6 +99,7 @@ def _phase(view: TerminalMap, reports: list[NodeReport], seconds: int, ask_fps: 
 def view_bench(n_edges: int, seconds: int, profile: str = "") -> dict[str, object]:
     es = edges(n_edges)
     reports = [report(es, t) for t in range(1, 11)]
+    tune_gc()  # as kscope run does once it has started
     stop = threading.Event()
     with open(os.devnull, "w") as null:
         console = Console(file=null, width=200, height=50, color_system="truecolor", force_terminal=True)
@@ -117,7 +119,7 @@ def view_bench(n_edges: int, seconds: int, profile: str = "") -> dict[str, objec
                 prof.disable()
                 out = io.StringIO()
                 pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
-                print(out.getvalue(), file=sys.stderr)
+                print(out.getvalue(), file=sys.__stderr__)  # rich.Live redirects sys.stderr
         finally:
             view.close()
     return {"edges": n_edges, "seconds": seconds, "max_fps": MAX_FPS, "redraw_on_data": data_only,
