@@ -16,7 +16,7 @@ import heapq
 import itertools
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from operator import add, sub
+from operator import add, attrgetter, sub
 from typing import Final
 
 from cluster_processor.otlp import rpc, semconv
@@ -87,9 +87,10 @@ class Latency:
         return quantile(self.counts, q, self.lo, self.hi)
 
 
-_COUNTS: Final = ("requests", "errors", "bytes", "retransmits", "resets", "connects", "connect_n", "failures",
-                   "client_n", "server_n")  # fmt: skip
-_SECONDS: Final = ("connect_s", "client_s", "server_s")
+# Tick's numeric fields, in its order (EdgeRow.vec)
+_FIELDS: Final = ("seconds", "requests", "errors", "bytes", "retransmits", "resets", "connects", "connect_s",
+                  "connect_n", "failures", "client_s", "client_n", "server_s", "server_n")  # fmt: skip
+_VEC: Final = attrgetter(*_FIELDS)
 
 
 @dataclass(slots=True)
@@ -161,7 +162,8 @@ class EdgeRow:
     short: str = ""  # "curl → nginx:8080", for narrow terminals
     protocols: set[str] = field(default_factory=set)
     ticks: deque[Tick] = field(default_factory=deque)
-    sums: Tick = field(default_factory=lambda: Tick(0.0))
+    # The window's totals as one vector in _FIELDS order: a slide is two vector operations in C
+    vec: list[float] = field(default_factory=lambda: [0.0] * len(_FIELDS))
     last_active: float = 0.0
     routes: dict[tuple[str, str], RouteStats] = field(default_factory=dict)
     rcodes: dict[str, int] = field(default_factory=dict)
@@ -169,30 +171,28 @@ class EdgeRow:
     slowest_oldest: float = 0.0  # when the oldest of them came in
     server_seen: bool = False  # the server is a local process: it counts the requests (not the client)
     _problems: list[str] | None = None
+    _sums: Tick | None = None
+    _latency: dict[str, Latency] | None = None
 
-    def push(self, t: Tick, window: int, empty: bool) -> None:
+    def push(self, t: Tick, window: int, empty: bool = False) -> None:
         """The next interval (``empty``: the shared tick of an interval with nothing on this edge)."""
+        vec = self.vec
         if len(self.ticks) >= window:
-            self._fold(self.ticks.popleft(), -1)
+            vec = list(map(sub, vec, _VEC(self.ticks.popleft())))
         self.ticks.append(t)
         if empty:
-            self.sums.seconds += t.seconds
+            vec[0] += t.seconds
         else:
-            self._fold(t, 1)
-        self._problems = None
+            vec = list(map(add, vec, _VEC(t)))
+        self.vec = vec
+        self._problems = self._sums = self._latency = None
 
-    def _fold(self, t: Tick, sign: int) -> None:
-        sums = self.sums
-        sums.seconds += sign * t.seconds
-        if t.client is None and t.server is None and not (t.bytes or t.connects or t.failures or t.retransmits
-                                                           or t.resets or t.connect_n):  # fmt: skip
-            return  # an empty tick: only its seconds
-        for name in _COUNTS:
-            if v := getattr(t, name):
-                setattr(sums, name, getattr(sums, name) + sign * v)
-        for name in _SECONDS:
-            if v := getattr(t, name):
-                setattr(sums, name, getattr(sums, name) + sign * v)
+    @property
+    def sums(self) -> Tick:
+        """The window's totals (made when read: most rows are not read every interval)."""
+        if self._sums is None:
+            self._sums = Tick(*self.vec)
+        return self._sums
 
     # ---- window figures ----
     @property
@@ -206,13 +206,19 @@ class EdgeRow:
         return int(getattr(self.sums, name))
 
     def latency(self, side: str) -> Latency:
-        """The window's latency histogram on one side, merged when asked (only shown rows ask)."""
-        out = Latency()
-        if getattr(self.sums, f"{side}_n"):
-            for t in self.ticks:
-                for h in getattr(t, side) or ():
-                    out.add(h)
-        return out
+        """The window's latency histogram on one side, merged when asked (only shown rows ask) and
+        kept until the window moves."""
+        if self._latency is None:
+            self._latency = {}
+        found = self._latency.get(side)
+        if found is None:
+            found = self._latency[side] = Latency()
+            hists = [h for t in self.ticks for h in getattr(t, side) or () if len(h.bucket_counts) == _NBUCKETS]
+            if hists:
+                found.counts = list(map(sum, zip(*(h.bucket_counts for h in hists), strict=True)))
+                found.lo = min((h.min for h in hists if h.min is not None), default=None)
+                found.hi = max((h.max for h in hists if h.max is not None), default=None)
+        return found
 
     @property
     def connect_ms(self) -> float | None:
