@@ -17,7 +17,7 @@ import itertools
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from operator import add, attrgetter, sub
-from typing import Final
+from typing import Any, Final, cast
 
 from cluster_processor.otlp import rpc, semconv
 from cluster_processor.otlp.model import (
@@ -191,7 +191,7 @@ class EdgeRow:
     def sums(self) -> Tick:
         """The window's totals (made when read: most rows are not read every interval)."""
         if self._sums is None:
-            self._sums = Tick(*self.vec)
+            self._sums = Tick(*cast("list[Any]", self.vec))  # _FIELDS is Tick's order (counts as floats)
         return self._sums
 
     # ---- window figures ----
