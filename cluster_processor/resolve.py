@@ -376,6 +376,7 @@ class ResolutionCache:
         self._refs: dict[Edge, EdgeRef] = {}
         # (client, client namespace, server, server namespace, connection type)
         self._graph_refs: dict[tuple[str, str, str, str, ConnectionType], GraphRef] = {}
+        self._graph_of: dict[tuple[EdgeRef, bool], GraphRef] = {}  # (metric edge, both ends observed)
         self._mkeys: dict[tuple[Any, ...], _MKey] = {}
         self._edge_refs: dict[tuple[Any, ...], EdgeRef] = {}
         # (local _MKey, remote _MKey, remote named by NAT, role, server port, NAT port) -> edge side,
@@ -400,8 +401,8 @@ class ResolutionCache:
         state refers to interned objects (between intervals)."""
         limit = max(self._limit, 1)
         if max(len(self._refs), len(self._graph_refs), len(self._mkeys), len(self._edge_refs)) > limit:
-            for table in (self._refs, self._graph_refs, self._mkeys, self._edge_refs, self._routes, self._locals,
-                          self._remotes, self._sides):  # fmt: skip
+            for table in (self._refs, self._graph_refs, self._graph_of, self._mkeys, self._edge_refs, self._routes,
+                          self._locals, self._remotes, self._sides):  # fmt: skip
                 table.clear()
 
     def _cache(self, table: dict[Any, Any], key: Any, value: Any) -> None:
@@ -596,16 +597,24 @@ class ResolutionCache:
         return self._route(r, ref)
 
     def _route(self, r: Resolved, ref: EdgeRef) -> Route:
+        both_observed = r.server.observed and r.client.kind is not EndpointKind.EXTERNAL
+        # The graph edge reads only the metric edge and both_observed: one per interned edge and flag
+        # (every new socket of an edge would otherwise name its graph nodes again).
+        g = self._graph_of.get((ref, both_observed))
+        if g is None:
+            g = self._graph_of[(ref, both_observed)] = self._graph_ref(ref, both_observed)
+        return Route(r, ref, g)
+
+    def _graph_ref(self, ref: EdgeRef, both_observed: bool) -> GraphRef:
         e = ref.edge
         client, server = graph_node_name(e.client), graph_node_name(e.server)
         client_ns, server_ns = graph_node_namespace(e.client), graph_node_namespace(e.server)
-        both_observed = r.server.observed and r.client.kind is not EndpointKind.EXTERNAL
         ctype = ConnectionType.NONE if both_observed else ConnectionType.VIRTUAL_NODE
         gkey = (client, client_ns, server, server_ns, ctype)
         g = self._graph_refs.get(gkey)
         if g is None:
             g = self._graph_refs[gkey] = GraphRef(client, server, ctype, client_ns, server_ns)
-        return Route(r, ref, g)
+        return g
 
 
 def _with_port(e: Endpoint, port: int) -> Endpoint:
