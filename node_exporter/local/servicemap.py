@@ -170,6 +170,7 @@ class EdgeRow:
     slowest: list[tuple[float, int, Slow]] = field(default_factory=list)  # a min-heap of the slowest
     slowest_oldest: float = 0.0  # when the oldest of them came in
     server_seen: bool = False  # the server is a local process: it counts the requests (not the client)
+    last_protocol: Protocol | None = None  # the protocol last added to ``protocols``
     _problems: list[str] | None = None
     _sums: Tick | None = None
     _latency: dict[str, Latency] | None = None
@@ -334,7 +335,10 @@ class ServiceMap:
         self._age(now, seconds, ticks)
 
     def _red(self, p: RedPoint, t: Tick, row: EdgeRow) -> None:
-        row.protocols.add(protocol_label(p.protocol, p.attributes))
+        protocol = p.protocol
+        if protocol is not row.last_protocol:  # an edge's points are of one protocol, mostly
+            row.protocols.add(protocol_label(protocol, p.attributes))
+            row.last_protocol = protocol
         h = p.duration
         n = sum(h.bucket_counts)
         server = p.side is Side.SERVER
@@ -354,11 +358,15 @@ class ServiceMap:
         if server != row.server_seen:
             return
         t.requests += n
-        failed = semconv.PROTOCOLS[p.protocol].failed(p.side, p.status_code, p.error_type)
+        # HTTP's rule inline: a dict keyed by an Enum hashes it in Python, once per point
+        if protocol is Protocol.HTTP:
+            failed = semconv.http_failed(p.side, p.status_code, p.error_type)
+        else:
+            failed = semconv.PROTOCOLS[protocol].failed(p.side, p.status_code, p.error_type)
         if failed:
             t.errors += n
-        status = status_label(p.protocol, p.status_code, p.error_type, p.attributes)
-        if p.protocol is Protocol.DNS:
+        status = status_label(protocol, p.status_code, p.error_type, p.attributes)
+        if protocol is Protocol.DNS:
             row.rcodes[status] = row.rcodes.get(status, 0) + n
         # A database operation's route is its query summary, which for a command (Redis GET) is the
         # operation itself: shown once.
