@@ -115,8 +115,12 @@ class AgentProc:
         self.extra = extra
         self.metrics_port = free_port()
 
+    def command(self) -> list[str]:
+        """The program and its first arguments (``bench/local.py`` runs ``kscope run`` instead)."""
+        return [str(AGENT)]
+
     def __enter__(self) -> AgentProc:
-        cmd = [str(AGENT), "--interval", "1", "--metrics-port", str(self.metrics_port)]
+        cmd = [*self.command(), "--interval", "1", "--metrics-port", str(self.metrics_port)]
         if self.nice is not None:
             cmd += ["--nice", str(self.nice)]
         if self.l7:

@@ -295,6 +295,10 @@ class Aggregator:
         return {**self._counters, **self._links.counters}
 
     @property
+    def resolutions(self) -> ResolutionCache:
+        return self._resolutions
+
+    @property
     def sockets_tracked(self) -> int:
         return len(self._sockets)
 

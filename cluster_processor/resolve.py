@@ -157,6 +157,12 @@ class Namer(Protocol):
     @property
     def generation(self) -> int: ...
 
+    @property
+    def process_keyed(self) -> bool:
+        """Whether names read the process (pid, comm, cgroup id) and the ports, not only the pod and
+        the address: the resolution cache then keys on those too."""
+        ...
+
     def local(self, node_name: str, process: pb.ProcessIdentity, local_ip: str, local_port: int = 0) -> Endpoint: ...
 
     def remote(
@@ -175,6 +181,10 @@ class KubeNamer:
     @property
     def generation(self) -> int:
         return self.index.generation
+
+    @property
+    def process_keyed(self) -> bool:
+        return False
 
     def local(self, node_name: str, process: pb.ProcessIdentity, local_ip: str, local_port: int = 0) -> Endpoint:
         return resolve_local(self.index, node_name, process, local_ip, local_port)
@@ -241,6 +251,8 @@ def edge(r: Resolved, options: EdgeOptions = EdgeOptions()) -> Edge:
 METRIC_EDGE: Final = EdgeOptions(pod_level=False)
 SPAN_EDGE: Final = EdgeOptions(pod_level=True, client_port=True)
 _PROCESS: Final = attrgetter("pod_uid", "container_id", "host_process")
+_PROCESS_FIELDS: Final = ("pod_uid", "container_id", "host_process", "pid", "comm", "cgroup_id")
+_PROCESS_LOCAL: Final = attrgetter(*_PROCESS_FIELDS)
 _ENDS: Final = attrgetter("local_ip", "local_port", "remote_ip", "remote_port")
 _LISTENER: Final = pb.ROLE_LISTENER
 _SERVER: Final = pb.ROLE_SERVER
@@ -344,12 +356,17 @@ class ResolutionCache:
     the remote by address and NAT answer: one entry per pod or address, where whole records would
     give one per pair of pods) and join them through interned metric keys. L7 records, which also
     need the pod-level span edge with the client's port, are cached per socket 5-tuple.
-    ``max_entries`` bounds each table (cleared when full); 0 resolves every record afresh (what a
-    ``Namer`` whose names read more than these keys hold needs: ``kscope run``'s, by pid and port)."""
+    ``max_entries`` bounds each table (cleared when full); 0 resolves every record afresh (the
+    reference path). A ``process_keyed`` namer (``kscope run``'s, whose names read the pid, comm,
+    cgroup id and ports) has those in its keys too: its local ends by process and address (and by
+    port for a socket no process touched), its remote ends by address and port."""
 
     def __init__(self, index: KubeIndex | Namer, max_entries: int) -> None:
         self._index = namer_of(index)
         self._limit = max_entries
+        self._by_process = self._index.process_keyed
+        self.cleared = 0  # tables dropped whole for room (an answer then costs a resolution again)
+        self._process = _PROCESS_LOCAL if self._by_process else _PROCESS
         self._generation = self._index.generation
         self._routes: dict[tuple[Any, ...], Route] = {}
         self._locals: dict[tuple[Any, ...], _End] = {}
@@ -359,6 +376,7 @@ class ResolutionCache:
         self._refs: dict[Edge, EdgeRef] = {}
         # (client, client namespace, server, server namespace, connection type)
         self._graph_refs: dict[tuple[str, str, str, str, ConnectionType], GraphRef] = {}
+        self._graph_of: dict[tuple[EdgeRef, bool], GraphRef] = {}  # (metric edge, both ends observed)
         self._mkeys: dict[tuple[Any, ...], _MKey] = {}
         self._edge_refs: dict[tuple[Any, ...], EdgeRef] = {}
         # (local _MKey, remote _MKey, remote named by NAT, role, server port, NAT port) -> edge side,
@@ -383,15 +401,19 @@ class ResolutionCache:
         state refers to interned objects (between intervals)."""
         limit = max(self._limit, 1)
         if max(len(self._refs), len(self._graph_refs), len(self._mkeys), len(self._edge_refs)) > limit:
-            for table in (self._refs, self._graph_refs, self._mkeys, self._edge_refs, self._routes, self._locals,
-                          self._remotes, self._sides):  # fmt: skip
+            for table in (self._refs, self._graph_refs, self._graph_of, self._mkeys, self._edge_refs, self._routes,
+                          self._locals, self._remotes, self._sides):  # fmt: skip
                 table.clear()
 
     def _cache(self, table: dict[Any, Any], key: Any, value: Any) -> None:
         if self._limit > 0:
             if len(table) >= self._limit:
-                table.clear()
+                self._clear(table)
             table[key] = value
+
+    def _clear(self, table: dict[Any, Any]) -> None:
+        table.clear()
+        self.cleared += 1
 
     def _intern_ref(self, e: Edge) -> EdgeRef:
         ref = self._refs.get(e)
@@ -431,16 +453,28 @@ class ResolutionCache:
 
         text = strings.__getitem__
 
-        def local(key: tuple[int, int, int, int]) -> _End:
-            pod_uid, container_id, host, local_ip = key
-            return self._local_end(node, (text(pod_uid), text(container_id), bool(host)), text(local_ip))
+        def local(key: tuple[int, ...]) -> _End:
+            pod_uid, container_id, host, local_ip, *owner = key
+            proc = (text(pod_uid), text(container_id), bool(host))
+            if not owner:
+                return self._local_end(node, proc, text(local_ip))
+            pid, comm, cgroup_id, port = owner
+            return self._local_end(node, (*proc, pid, text(comm), cgroup_id), text(local_ip), port)
 
         # Each record's ends: the local one by its ints (a node's few pods), the remote one by its text.
-        local_keys = zip(column("process_pod_uid"), column("process_container_id"),
-                         column("process_host_process"), column("local_ip"), strict=True)  # fmt: skip
-        ends = list(map(_Memo(local).__getitem__, local_keys))
-        remote_keys = zip(map(text, column("remote_ip")), map(text, column("nat_remote_ip")), strict=True)
-        remotes = list(map(self._remotes.__getitem__, remote_keys))
+        local_columns: list[Iterable[Any]] = [column("process_pod_uid"), column("process_container_id"),
+                                              column("process_host_process"), column("local_ip")]  # fmt: skip
+        remote_columns: list[Iterable[Any]] = [map(text, column("remote_ip")), map(text, column("nat_remote_ip"))]
+        if self._by_process:
+            pids, comms = list(column("process_pid")), list(column("process_comm"))
+            # The port names a socket no process touched (the owner of its address), else it is left out
+            # of the key: a client's ephemeral port would make every connection a key of its own.
+            anonymous = [not pid and not text(comm) for pid, comm in zip(pids, comms, strict=True)]
+            local_columns += [pids, comms, column("process_cgroup_id"),
+                              map(getitem, zip(repeat(0), column("local_port")), anonymous)]  # fmt: skip
+            remote_columns += [column("remote_port"), column("nat_remote_port")]
+        ends = list(map(_Memo(local).__getitem__, zip(*local_columns, strict=True)))
+        remotes = list(map(self._remotes.__getitem__, zip(*remote_columns, strict=True)))
         # Then its edge side, by the two ends' metric identities (workload level: few), role and ports:
         # (local, remote)[is client] is a server's own port, else the peer's.
         ports = map(getitem, zip(column("local_port"), column("remote_port"), strict=True),
@@ -463,7 +497,7 @@ class ResolutionCache:
         if role == _LISTENER:
             return None
         if len(self._sides) >= self._limit:
-            self._sides.clear()
+            self._clear(self._sides)
         if role == _SERVER:
             return self._edge_ref((remote, local, port), local.endpoint, remote.endpoint, False, port, 0).server
         remote_port = (nat_port or port) if nat else port
@@ -498,23 +532,29 @@ class ResolutionCache:
             sides.append(ref.client if is_client else ref.server)
         return sides, unresolved, external
 
-    def _local_end(self, node: str, proc: tuple[str, str, bool], local_ip: str) -> _End:
-        lkey = (node, proc, local_ip)
+    def _local_end(self, node: str, proc: tuple[Any, ...], local_ip: str, local_port: int = 0) -> _End:
+        """``proc``: (pod uid, container id, host process), and for a process-keyed namer (pid, comm,
+        cgroup id) after them; ``local_port`` only for a socket no process touched."""
+        lkey = (node, proc, local_ip, local_port)
         le = self._locals.get(lkey)
         if le is None:
-            pod_uid, container_id, host_process = proc
-            process = pb.ProcessIdentity(pod_uid=pod_uid, container_id=container_id, host_process=host_process)
-            le = self._end(self._index.local(node, process, local_ip))
+            process = pb.ProcessIdentity(**dict(zip(_PROCESS_FIELDS, proc, strict=False)))  # 3 or 6 fields
+            le = self._end(self._index.local(node, process, local_ip, local_port))
             self._cache(self._locals, lkey, le)
         return le
 
-    def _new_remote_end(self, key: tuple[str, str]) -> _End:
-        """A remote end not in ``_remotes`` (which keeps what this returns): bounded like ``_cache``."""
+    def _new_remote_end(self, key: tuple[Any, ...]) -> _End:
+        """A remote end not in ``_remotes`` (which keeps what this returns): bounded like ``_cache``.
+        ``key``: (address, NAT answer's address), and their ports for a process-keyed namer."""
         if len(self._remotes) >= self._limit:
-            self._remotes.clear()
-        remote_ip, nat_ip = key
-        endpoint = self._index.remote(remote_ip, 0, nat_ip, 0)
-        return self._end(endpoint, nat=endpoint.how in (How.NAT_POD_IP, How.NAT_NODE_IP))
+            self._clear(self._remotes)
+        remote_ip, nat_ip, *ports = key
+        remote_port, nat_port = ports or (0, 0)
+        endpoint = self._index.remote(remote_ip, remote_port, nat_ip, nat_port)
+        nat = endpoint.how in (How.NAT_POD_IP, How.NAT_NODE_IP)
+        if ports and nat_ip and endpoint.kind is not EndpointKind.EXTERNAL:
+            nat = endpoint.address == canonical_ip(nat_ip)  # a local process at the NAT answer's address
+        return self._end(endpoint, nat=nat)
 
     def _edge_ref(
         self, ekey: tuple[Any, ...], local: Endpoint, remote: Endpoint, client: bool, local_port: int, remote_port: int
@@ -529,23 +569,52 @@ class ResolutionCache:
     def l7(self, node: str, q: pb.L7Request, nat_ip: str, nat_port: int) -> Route:
         """The route of one L7 record; its NAT answer is its socket's L4 record's (TCP) or its own (UDP)."""
         # Spans name pod, node and the client's own port: every field resolution reads is in the key.
-        key = (node, _PROCESS(q.process), q.side, *_ENDS(q), nat_ip, nat_port)
+        key = (node, self._process(q.process), q.side, *_ENDS(q), nat_ip, nat_port)
         route = self._routes.get(key)
         if route is None:
-            r = resolve_l7(self._index, node, q, nat_ip, nat_port)
-            ref = self._intern_ref(edge(r, METRIC_EDGE))
-            e = ref.edge
-            client, server = graph_node_name(e.client), graph_node_name(e.server)
-            client_ns, server_ns = graph_node_namespace(e.client), graph_node_namespace(e.server)
-            both_observed = r.server.observed and r.client.kind is not EndpointKind.EXTERNAL
-            ctype = ConnectionType.NONE if both_observed else ConnectionType.VIRTUAL_NODE
-            gkey = (client, client_ns, server, server_ns, ctype)
-            g = self._graph_refs.get(gkey)
-            if g is None:
-                g = self._graph_refs[gkey] = GraphRef(client, server, ctype, client_ns, server_ns)
-            route = Route(r, ref, g)
+            if self._by_process and self._limit > 0:
+                route = self._l7_by_ends(node, q, nat_ip, nat_port)
+            else:
+                r = resolve_l7(self._index, node, q, nat_ip, nat_port)
+                route = self._route(r, self._intern_ref(edge(r, METRIC_EDGE)))
             self._cache(self._routes, key, route)
         return route
+
+    def _l7_by_ends(self, node: str, q: pb.L7Request, nat_ip: str, nat_port: int) -> Route:
+        """A process-keyed namer's route from its cached ends (as ``l4_columns`` resolves): a socket's
+        5-tuple is new for every connection, its ends (process, server address) are not."""
+        p = q.process
+        anonymous = not p.pid and not p.comm
+        local = self._local_end(node, self._process(p), q.local_ip, q.local_port if anonymous else 0)
+        remote = self._remotes[(q.remote_ip, nat_ip, q.remote_port, nat_port)]
+        if q.side == _SERVER:
+            port = q.local_port
+            ref = self._edge_ref((remote.mkey, local.mkey, port), local.endpoint, remote.endpoint, False, port, 0)
+        else:
+            port = (nat_port or q.remote_port) if remote.nat else q.remote_port
+            ref = self._edge_ref((local.mkey, remote.mkey, port), local.endpoint, remote.endpoint, True, 0, port)
+        r = Resolved(_with_port(local.endpoint, q.local_port), remote.endpoint, q.side != _SERVER)
+        return self._route(r, ref)
+
+    def _route(self, r: Resolved, ref: EdgeRef) -> Route:
+        both_observed = r.server.observed and r.client.kind is not EndpointKind.EXTERNAL
+        # The graph edge reads only the metric edge and both_observed: one per interned edge and flag
+        # (every new socket of an edge would otherwise name its graph nodes again).
+        g = self._graph_of.get((ref, both_observed))
+        if g is None:
+            g = self._graph_of[(ref, both_observed)] = self._graph_ref(ref, both_observed)
+        return Route(r, ref, g)
+
+    def _graph_ref(self, ref: EdgeRef, both_observed: bool) -> GraphRef:
+        e = ref.edge
+        client, server = graph_node_name(e.client), graph_node_name(e.server)
+        client_ns, server_ns = graph_node_namespace(e.client), graph_node_namespace(e.server)
+        ctype = ConnectionType.NONE if both_observed else ConnectionType.VIRTUAL_NODE
+        gkey = (client, client_ns, server, server_ns, ctype)
+        g = self._graph_refs.get(gkey)
+        if g is None:
+            g = self._graph_refs[gkey] = GraphRef(client, server, ctype, client_ns, server_ns)
+        return g
 
 
 def _with_port(e: Endpoint, port: int) -> Endpoint:

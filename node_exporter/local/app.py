@@ -127,10 +127,15 @@ class JsonLines(MapOutput):
 
 
 class TerminalMap(MapOutput):
-    def __init__(self, stop: threading.Event, settings: MapSettings = DEFAULT_MAP) -> None:
+    def __init__(
+        self, stop: threading.Event, settings: MapSettings = DEFAULT_MAP, console: Console | None = None
+    ) -> None:
+        """``console``: where to draw (the terminal; a bench or test passes one writing elsewhere)."""
         super().__init__(settings)
         self.stop = stop  # set by q: the agent then runs its last interval and exits
-        self.console = Console()
+        self._sized = console is None  # the terminal's console follows the terminal's size
+        self.console = console or Console()
+        self.frames = 0  # drawn so far
         self.paused = False
         self.selected: tuple[str, str] | None = None  # an edge's key: the selection follows the edge
         self.open: tuple[str, str] | None = None  # the edge being looked at
@@ -198,8 +203,9 @@ class TerminalMap(MapOutput):
 
     def _draw(self) -> None:
         # The terminal's size now (it may have been resized), over COLUMNS/LINES from the environment.
-        with contextlib.suppress(OSError):
-            self.console.size = os.get_terminal_size(sys.stdout.fileno())
+        if self._sized:
+            with contextlib.suppress(OSError):
+                self.console.size = os.get_terminal_size(sys.stdout.fileno())
         size = self.console.size
         now = time.monotonic()
         with self.lock:
@@ -211,6 +217,7 @@ class TerminalMap(MapOutput):
                 view = render.map_view(self.map, now, size.width, size.height, self.selected, self.counters,
                                        self.paused)  # fmt: skip
         self._live.update(view, refresh=True)
+        self.frames += 1
 
     def _read_keys(self, timeout: float) -> list[str]:
         if self._fd < 0:

@@ -4,8 +4,13 @@ The local end of a record is its process (``identity.process_attributes``). A re
 after the process seen owning that address: every socket the agent reports (L4 record or L7 record,
 client or server) teaches ``learn`` which process is at (address, port), and a wildcard listener
 answers on every address this host's own sockets use. Anything else is external (its
-address kept). Names then depend on a record's pid and port, which the resolution cache's keys leave
-out: the local pipeline resolves every record afresh (``AggregatorSettings(max_resolutions=0)``).
+address kept). Names then depend on a record's pid, comm, cgroup id and ports: ``process_keyed``
+tells the resolution cache to key on them, and ``generation`` moves whenever an answer it may hold
+would now differ: an address asked about and not known (``_misses``) or known as another's gets an
+owner, a pid is found running another program (its start time in /proc changed: ``learn`` checks
+each process of a batch once), or ``ttl_s`` passed (executables and container names are read again).
+A start time is in clock ticks (10 ms): a pid taken again within the tick its predecessor started in
+is not told apart.
 
 Known limit: two network namespaces serving the same (address, port), e.g. 127.0.0.1:80 in each,
 are one server here: a client socket's record does not say which namespace its peer lives in.
@@ -16,6 +21,7 @@ Every table is bounded (cachetools); what a full table forgets is counted (``cou
 from __future__ import annotations
 
 import os
+import time
 from typing import Final
 
 from cachetools import LRUCache, TTLCache
@@ -44,7 +50,22 @@ class _CountingLRU(LRUCache[object, object]):
         return super().popitem()
 
 
+class _Misses(LRUCache[tuple[str, int], bool]):
+    """Addresses asked about and not known. Forgetting one forgets that an answer may go stale: the
+    namer's generation moves (the resolution cache drops its answers)."""
+
+    def __init__(self, maxsize: int, namer: LocalNamer) -> None:
+        super().__init__(maxsize=maxsize)
+        self.namer = namer
+
+    def popitem(self) -> tuple[tuple[str, int], bool]:
+        self.namer.generation += 1
+        return super().popitem()
+
+
 class LocalNamer:
+    process_keyed: Final = True  # names read pid, comm, cgroup id and ports (resolve.Namer)
+
     def __init__(
         self,
         proc_root: str = "/proc",
@@ -57,8 +78,15 @@ class LocalNamer:
         self._proc = proc_root
         self._root = host_root
         self.generation = 0
-        # (pid, comm, cgroup id) -> identity: pids are reused, so entries age out
-        self._procs: TTLCache[tuple[int, str, int], Attrs] = TTLCache(maxsize=max_processes, ttl=ttl_s)
+        self._ttl_s = ttl_s
+        self._refreshed = time.monotonic()
+        # (pid, comm, cgroup id) -> (identity, the process's start time or None when unread): pids are
+        # reused, so entries age out, and learn() checks the start time
+        self._procs: TTLCache[tuple[int, str, int], tuple[Attrs, int | None]] = TTLCache(
+            maxsize=max_processes, ttl=ttl_s
+        )
+        self._misses = _Misses(max_servers, self)
+        self.reused = 0  # pids found running another program than the one named
         # What a process that exited before it was read still gets: its cgroup's placement, and the
         # executable last read for its name there (so runs of a short-lived program stay one endpoint).
         self._placements = _CountingLRU(max_processes)
@@ -75,6 +103,7 @@ class LocalNamer:
             "servers_evicted": self._servers.evicted + self._wildcards.evicted,
             "placements_evicted": self._placements.evicted + self._exes.evicted,
             "local_addresses_evicted": self._local_ips.evicted,
+            "pids_reused": self.reused,
         }
 
     # ---- Namer --------------------------------------------------------------------------------
@@ -94,6 +123,8 @@ class LocalNamer:
         found = self._servers.get((ip, port))
         if found is None and ip in self._local_ips:
             found = self._wildcards.get(port)
+        if found is None:
+            self._misses[(ip, port)] = True
         return found  # type: ignore[return-value]
 
     def remote(
@@ -113,30 +144,67 @@ class LocalNamer:
     def learn(self, batch: pb.FlowBatch) -> None:
         """Who owns which address, from one batch (every socket: a server's clients are named by
         their own sockets' records): call before the aggregator resolves it."""
+        now = time.monotonic()
+        if now - self._refreshed > self._ttl_s:
+            self._refreshed = now
+            self.generation += 1  # what was read of processes and containers is read again
+        who: dict[tuple[int, str, int], Attrs] = {}  # this batch's processes, each checked once
+
+        def attributes(key: tuple[int, str, int]) -> Attrs:
+            found = who.get(key)
+            if found is None:
+                found = who[key] = self._checked(*key)
+            return found
+
         cols = batch.l4_columns
         if cols.count:
             strings = cols.strings
-            for i in range(cols.count):
-                ip = strings[cols.local_ip[i]] if cols.local_ip else ""
-                pid = cols.process_pid[i] if cols.process_pid else 0
-                comm = strings[cols.process_comm[i]] if cols.process_comm else ""
-                cgroup = cols.process_cgroup_id[i] if cols.process_cgroup_id else 0
-                port = cols.local_port[i] if cols.local_port else 0
+            n = cols.count
+            zeros = [0] * n
+            ips = [strings[i] for i in cols.local_ip] if cols.local_ip else [""] * n
+            comms = [strings[i] for i in cols.process_comm] if cols.process_comm else [""] * n
+            for ip, port, pid, comm, cgroup in zip(ips, cols.local_port or zeros, cols.process_pid or zeros, comms,
+                                                   cols.process_cgroup_id or zeros, strict=True):  # fmt: skip
                 if pid or comm:  # a socket no process touched teaches nothing
-                    self._serves(ip, port, self.attributes(pid, comm, cgroup))
+                    self._serves(ip, port, attributes((pid, comm, cgroup)))
         for q in batch.l7:
             p = q.process
             if p.pid or p.comm:
-                self._serves(q.local_ip, q.local_port, self.attributes(p.pid, p.comm, p.cgroup_id))
+                self._serves(q.local_ip, q.local_port, attributes((p.pid, p.comm, p.cgroup_id)))
 
     def _serves(self, ip: str, port: int, who: Attrs) -> None:
         ip = canonical_ip(ip)
-        if ip not in _WILDCARD:
+        wildcard = ip in _WILDCARD
+        if not wildcard and ip not in self._local_ips:
             self._local_ips[ip] = True
-        table, key = (self._wildcards, port) if ip in _WILDCARD else (self._servers, (ip, port))
-        if table.get(key) != who:
+            self.generation += 1  # a wildcard listener now answers on this address too
+        table, key = (self._wildcards, port) if wildcard else (self._servers, (ip, port))
+        before = table.get(key)
+        if before != who:
             table[key] = who
-            self.generation += 1  # answers given before may name this address differently now
+            # Answers given before may name this address differently now: a listener on every address,
+            # an owner that changed, or an address asked about while unknown.
+            if wildcard or before is not None or self._misses.pop((ip, port), False):
+                self.generation += 1
+
+    def _checked(self, pid: int, comm: str, cgroup_id: int) -> Attrs:
+        """``attributes``, after checking that the pid still runs the process named (its start time)."""
+        found = self._procs.get((pid, comm, cgroup_id))
+        if found is not None and found[1] is not None and pid > 0:
+            started = self._start_time(pid)
+            if started is not None and started != found[1]:
+                self.reused += 1
+                del self._procs[(pid, comm, cgroup_id)]
+                self.generation += 1  # answers naming the earlier process are stale
+        return self.attributes(pid, comm, cgroup_id)
+
+    def _start_time(self, pid: int) -> int | None:
+        """Field 22 of /proc/PID/stat (clock ticks since boot): a pid and this name one process."""
+        text = self._read(f"{pid}/stat")
+        if text is None:
+            return None
+        fields = text.rpartition(")")[2].split()
+        return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
 
     # ---- processes ----------------------------------------------------------------------------
 
@@ -144,9 +212,10 @@ class LocalNamer:
         key = (pid, comm, cgroup_id)
         found = self._procs.get(key)
         if found is not None:
-            return found
+            return found[0]
         where: Placement | None = None
         exe = ""
+        started = self._start_time(pid) if pid > 0 else None  # before the rest: a pid reused since shows
         text = self._read(f"{pid}/cgroup") if pid > 0 else None
         if text is not None:
             where = identity.placement(text)
@@ -162,11 +231,11 @@ class LocalNamer:
         else:
             exe = self._exes.get((cgroup_id, comm), "")  # type: ignore[assignment]
         name = self._container_name(where) if where.container_id else ""
-        found = identity.process_attributes(comm, exe, where, name)
+        attributes = identity.process_attributes(comm, exe, where, name)
         # Kept either way: a process that has exited stays unreadable, and asking /proc again for every
         # record of its sockets was most of the local pipeline's cost with short-lived clients.
-        self._procs[key] = found
-        return found
+        self._procs[key] = (attributes, started if text is not None else None)
+        return attributes
 
     def _container_name(self, where: Placement) -> str:
         name = self._container_names.get(where.container_id)

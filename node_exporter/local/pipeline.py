@@ -15,7 +15,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Final
 
 import grpc
 import structlog
@@ -33,10 +33,14 @@ from node_exporter.local.namer import LocalNamer
 log = structlog.get_logger("kscope.local")
 
 
-def local_settings(interval_s: float) -> AggregatorSettings:
-    # Local names depend on pid and port, which the resolution cache does not key on (namer.py); the
-    # first interval is one agent interval long (rates over a processor's 10 s default would read low).
-    return AggregatorSettings(max_resolutions=0, default_interval_ns=int(interval_s * 1e9))
+# Answers the resolution cache keeps (per table): LocalNamer is process-keyed, so they are keyed by
+# process, address and port; a table that fills is dropped whole and counted (resolutions_cleared).
+MAX_RESOLUTIONS: Final = 16_384
+
+
+def local_settings(interval_s: float, max_resolutions: int = MAX_RESOLUTIONS) -> AggregatorSettings:
+    # The first interval is one agent interval long (rates over a processor's 10 s default would read low).
+    return AggregatorSettings(max_resolutions=max_resolutions, default_interval_ns=int(interval_s * 1e9))
 
 
 class _Exporting:
@@ -143,6 +147,7 @@ class LocalPipeline:
     def counters(self) -> dict[str, int]:
         out = {f"aggregator_{k}": v for k, v in self.aggregator.counters().items()}
         out.update({f"namer_{k}": v for k, v in self.namer.counters().items()})
+        out["resolutions_cleared"] = self.aggregator.resolutions.cleared
         if self._otlp is not None:
             out.update(self._otlp.counters())
             out["otlp_export_errors"] = self.export_errors

@@ -133,15 +133,12 @@ def layout_of(width: int) -> str:
 
 
 def header(m: ServiceMap, now: float, counters: Mapping[str, int], paused: bool) -> Text:
-    rows = list(m.edges.values())
-    req = sum(r.rate("requests") for r in rows)
-    err = sum(r.total("errors") for r in rows)
-    n = sum(r.total("requests") for r in rows)
-    active = sum(not m.faded(r, now) for r in rows)
+    tot = m.totals(now)
+    n = tot.requests
     t = Text()
     t.append("kscope run", style="bold")
-    t.append(f"  {active}/{len(rows)} edges · {per_s(req)} req/s · {pct(100 * err / n if n else None)}% err"
-             f" · {size(sum(r.rate('bytes') for r in rows))}B/s")  # fmt: skip
+    t.append(f"  {tot.active}/{len(m.edges)} edges · {per_s(tot.request_rate)} req/s · "
+             f"{pct(100 * tot.errors / n if n else None)}% err · {size(tot.byte_rate)}B/s")  # fmt: skip
     if paused:
         t.append("  PAUSED", style="bold yellow")
     lost = drops({**counters, **{f"map_{k}": v for k, v in m.counters.items()}})

@@ -13,12 +13,13 @@ network and queueing the server cannot see.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from operator import add, sub
-from typing import Final
+from operator import add, attrgetter, sub
+from typing import Any, Final, cast
 
-from cluster_processor.otlp import semconv
+from cluster_processor.otlp import rpc, semconv
 from cluster_processor.otlp.model import (
     HTTP_DURATION_BOUNDS_S,
     Histogram,
@@ -29,12 +30,14 @@ from cluster_processor.otlp.model import (
     SpanRecord,
 )
 from cluster_processor.otlp.semconv import DNS_RESPONSE_CODE
-from cluster_processor.resolved import Edge, Side, attr
+from cluster_processor.resolved import Attrs, Edge, Side, attr
 from node_exporter.local.identity import PROCESS_EXECUTABLE_NAME, label, short_label
 
 _NBUCKETS: Final = len(HTTP_DURATION_BOUNDS_S) + 1
 SLOW_RATIO: Final = 2.0  # client latency this many times the server's own (and SLOW_GAP_S above it): a problem
 SLOW_GAP_S: Final = 0.010
+DB_SYSTEM_NAME: Final = "db.system.name"
+DB_RESPONSE_STATUS_CODE: Final = "db.response.status_code"
 
 
 def quantile(counts: list[int], q: float, lo: float | None, hi: float | None) -> float | None:
@@ -84,9 +87,10 @@ class Latency:
         return quantile(self.counts, q, self.lo, self.hi)
 
 
-_COUNTS: Final = ("requests", "errors", "bytes", "retransmits", "resets", "connects", "connect_n", "failures",
-                   "client_n", "server_n")  # fmt: skip
-_SECONDS: Final = ("connect_s", "client_s", "server_s")
+# Tick's numeric fields, in its order (EdgeRow.vec)
+_FIELDS: Final = ("seconds", "requests", "errors", "bytes", "retransmits", "resets", "connects", "connect_s",
+                  "connect_n", "failures", "client_s", "client_n", "server_s", "server_n")  # fmt: skip
+_VEC: Final = attrgetter(*_FIELDS)
 
 
 @dataclass(slots=True)
@@ -107,21 +111,35 @@ class Tick:
     client_n: int = 0
     server_s: float = 0.0
     server_n: int = 0
-    client: Latency | None = None  # made when a request is seen: most ticks of most edges have none
-    server: Latency | None = None
+    # The interval's histograms as they came, merged only when a row is shown (most never are); None
+    # until a request is seen: most ticks of most edges have none.
+    client: list[Histogram] | None = None
+    server: list[Histogram] | None = None
 
-    def side(self, name: str) -> Latency:
-        found: Latency | None = getattr(self, name)
-        if found is None:
-            found = Latency()
-            setattr(self, name, found)
-        return found
+
+_PENDING: Final = 32  # histograms a route keeps unmerged (only an open edge's routes are read)
 
 
 @dataclass(slots=True)
 class RouteStats:
     statuses: dict[str, int] = field(default_factory=dict)  # "200", "NXDOMAIN", "no_response"
-    latency: Latency = field(default_factory=Latency)
+    merged: Latency = field(default_factory=Latency)
+    pending: list[Histogram] = field(default_factory=list)
+
+    def add(self, h: Histogram) -> None:
+        self.pending.append(h)
+        if len(self.pending) >= _PENDING:
+            self._merge()
+
+    def _merge(self) -> None:
+        for h in self.pending:
+            self.merged.add(h)
+        self.pending.clear()
+
+    @property
+    def latency(self) -> Latency:
+        self._merge()
+        return self.merged
 
 
 @dataclass(slots=True)
@@ -144,36 +162,38 @@ class EdgeRow:
     short: str = ""  # "curl → nginx:8080", for narrow terminals
     protocols: set[str] = field(default_factory=set)
     ticks: deque[Tick] = field(default_factory=deque)
-    sums: Tick = field(default_factory=lambda: Tick(0.0))
+    # The window's totals as one vector in _FIELDS order: a slide is two vector operations in C
+    vec: list[float] = field(default_factory=lambda: [0.0] * len(_FIELDS))
     last_active: float = 0.0
     routes: dict[tuple[str, str], RouteStats] = field(default_factory=dict)
     rcodes: dict[str, int] = field(default_factory=dict)
     slowest: list[tuple[float, int, Slow]] = field(default_factory=list)  # a min-heap of the slowest
+    slowest_oldest: float = 0.0  # when the oldest of them came in
+    server_seen: bool = False  # the server is a local process: it counts the requests (not the client)
+    last_protocol: Protocol | None = None  # the protocol last added to ``protocols``
     _problems: list[str] | None = None
+    _sums: Tick | None = None
+    _latency: dict[str, Latency] | None = None
 
-    def push(self, t: Tick, window: int, empty: bool) -> None:
+    def push(self, t: Tick, window: int, empty: bool = False) -> None:
         """The next interval (``empty``: the shared tick of an interval with nothing on this edge)."""
+        vec = self.vec
         if len(self.ticks) >= window:
-            self._fold(self.ticks.popleft(), -1)
+            vec = list(map(sub, vec, _VEC(self.ticks.popleft())))
         self.ticks.append(t)
         if empty:
-            self.sums.seconds += t.seconds
+            vec[0] += t.seconds
         else:
-            self._fold(t, 1)
-        self._problems = None
+            vec = list(map(add, vec, _VEC(t)))
+        self.vec = vec
+        self._problems = self._sums = self._latency = None
 
-    def _fold(self, t: Tick, sign: int) -> None:
-        sums = self.sums
-        sums.seconds += sign * t.seconds
-        if t.client is None and t.server is None and not (t.bytes or t.connects or t.failures or t.retransmits
-                                                           or t.resets or t.connect_n):  # fmt: skip
-            return  # an empty tick: only its seconds
-        for name in _COUNTS:
-            if v := getattr(t, name):
-                setattr(sums, name, getattr(sums, name) + sign * v)
-        for name in _SECONDS:
-            if v := getattr(t, name):
-                setattr(sums, name, getattr(sums, name) + sign * v)
+    @property
+    def sums(self) -> Tick:
+        """The window's totals (made when read: most rows are not read every interval)."""
+        if self._sums is None:
+            self._sums = Tick(*cast("list[Any]", self.vec))  # _FIELDS is Tick's order (counts as floats)
+        return self._sums
 
     # ---- window figures ----
     @property
@@ -187,14 +207,19 @@ class EdgeRow:
         return int(getattr(self.sums, name))
 
     def latency(self, side: str) -> Latency:
-        """The window's latency histogram on one side, merged when asked (only shown rows ask)."""
-        out = Latency()
-        if getattr(self.sums, f"{side}_n"):
-            for t in self.ticks:
-                lat = getattr(t, side)
-                if lat is not None:
-                    out.add(lat)
-        return out
+        """The window's latency histogram on one side, merged when asked (only shown rows ask) and
+        kept until the window moves."""
+        if self._latency is None:
+            self._latency = {}
+        found = self._latency.get(side)
+        if found is None:
+            found = self._latency[side] = Latency()
+            hists = [h for t in self.ticks for h in getattr(t, side) or () if len(h.bucket_counts) == _NBUCKETS]
+            if hists:
+                found.counts = list(map(sum, zip(*(h.bucket_counts for h in hists), strict=True)))
+                found.lo = min((h.min for h in hists if h.min is not None), default=None)
+                found.hi = max((h.max for h in hists if h.max is not None), default=None)
+        return found
 
     @property
     def connect_ms(self) -> float | None:
@@ -244,6 +269,17 @@ class MapSettings:
     slowest_s: float = 60.0  # how long a slow request stays among the "recent" ones
 
 
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """The header's figures over every edge."""
+
+    active: int = 0  # edges not faded
+    request_rate: float = 0.0
+    requests: int = 0
+    errors: int = 0
+    byte_rate: float = 0.0
+
+
 class ServiceMap:
     def __init__(self, settings: MapSettings = MapSettings()) -> None:
         self.settings = settings
@@ -251,12 +287,15 @@ class ServiceMap:
         self.counters = {"edges_evicted": 0, "routes_overflowed": 0, "edges_forgotten": 0}
         self.intervals = 0
         self._order: tuple[tuple[int, int], list[EdgeRow]] | None = None
+        self._totals: tuple[tuple[int, int], Totals] | None = None
 
     def _row(self, client: str, server: str, edge: Edge) -> EdgeRow:
         key = (client, server)
         row = self.edges.get(key)
         if row is None:
-            row = self.edges[key] = EdgeRow(client, server, f"{short_label(edge.client)} → {short_label(edge.server)}")
+            short = f"{short_label(edge.client)} → {short_label(edge.server)}"
+            seen = attr(edge.server, PROCESS_EXECUTABLE_NAME) is not None
+            row = self.edges[key] = EdgeRow(client, server, short, server_seen=seen)
             if len(self.edges) > self.settings.max_edges:
                 self.edges.popitem(last=False)
                 self.counters["edges_evicted"] += 1
@@ -267,12 +306,18 @@ class ServiceMap:
         self.intervals += 1
         seconds = max((interval.end_unix_nano - interval.start_unix_nano) / 1e9, 1e-3)
         ticks: dict[tuple[str, str], tuple[Tick, EdgeRow]] = {}
+        # The aggregator interns its edges: the points of one edge share one object, alive while the
+        # interval is, so its id() finds its row without hashing its attributes again.
+        by_id: dict[int, tuple[Tick, EdgeRow]] = {}
 
         def tick(e: Edge) -> tuple[Tick, EdgeRow]:
-            key = (label(e.client), label(e.server))
-            found = ticks.get(key)
-            if found is None:  # each edge's row looked up (or made) once per interval
-                found = ticks[key] = (Tick(seconds), self._row(*key, e))
+            found = by_id.get(id(e))
+            if found is None:
+                key = (label(e.client), label(e.server))
+                found = ticks.get(key)
+                if found is None:  # each edge's row looked up (or made) once per interval
+                    found = ticks[key] = (Tick(seconds), self._row(*key, e))
+                by_id[id(e)] = found
             return found
 
         for p in interval.red:
@@ -290,31 +335,42 @@ class ServiceMap:
         self._age(now, seconds, ticks)
 
     def _red(self, p: RedPoint, t: Tick, row: EdgeRow) -> None:
-        row.protocols.add(p.protocol.value)
+        protocol = p.protocol
+        if protocol is not row.last_protocol:  # an edge's points are of one protocol, mostly
+            row.protocols.add(protocol_label(protocol, p.attributes))
+            row.last_protocol = protocol
         h = p.duration
         n = sum(h.bucket_counts)
-        if p.side is Side.SERVER:
-            t.side("server").add(h)
+        server = p.side is Side.SERVER
+        if server:
+            if t.server is None:
+                t.server = []
+            t.server.append(h)
             t.server_s += h.sum
             t.server_n += n
         else:
-            t.side("client").add(h)
+            if t.client is None:
+                t.client = []
+            t.client.append(h)
             t.client_s += h.sum
             t.client_n += n
         # Counted once: by the server when kscope sees it (a local process), else by the client.
-        server_seen = attr(p.edge.server, PROCESS_EXECUTABLE_NAME) is not None
-        if (p.side is Side.SERVER) != server_seen:
+        if server != row.server_seen:
             return
         t.requests += n
-        failed = semconv.PROTOCOLS[p.protocol].failed(p.side, p.status_code, p.error_type)
+        # HTTP's rule inline: a dict keyed by an Enum hashes it in Python, once per point
+        if protocol is Protocol.HTTP:
+            failed = semconv.http_failed(p.side, p.status_code, p.error_type)
+        else:
+            failed = semconv.PROTOCOLS[protocol].failed(p.side, p.status_code, p.error_type)
         if failed:
             t.errors += n
-        status = str(p.status_code) if p.status_code is not None else (p.error_type or "no_response")
-        if p.protocol is Protocol.DNS:
-            rcode = attr(p.attributes, DNS_RESPONSE_CODE)
-            status = str(rcode).upper() if rcode else (p.error_type or "NOERROR")
+        status = status_label(protocol, p.status_code, p.error_type, p.attributes)
+        if protocol is Protocol.DNS:
             row.rcodes[status] = row.rcodes.get(status, 0) + n
-        key = (p.method, p.route)
+        # A database operation's route is its query summary, which for a command (Redis GET) is the
+        # operation itself: shown once.
+        key = (p.method, p.route if p.route != p.method else "")
         rs = row.routes.get(key)
         if rs is None:
             if len(row.routes) >= self.settings.max_routes:
@@ -322,7 +378,7 @@ class ServiceMap:
                 return
             rs = row.routes[key] = RouteStats()
         rs.statuses[status] = rs.statuses.get(status, 0) + n
-        rs.latency.add(h)
+        rs.add(h)
 
     def _age(self, now: float, seconds: float, ticks: dict[tuple[str, str], tuple[Tick, EdgeRow]]) -> None:
         """Slide every window (a quiet edge's interval is an empty one); forget edges quiet for
@@ -341,6 +397,18 @@ class ServiceMap:
 
     def faded(self, row: EdgeRow, now: float) -> bool:
         return now - row.last_active > self.settings.fade_s
+
+    def totals(self, now: float) -> Totals:
+        """Summed once per interval and second, as ``ordered`` sorts."""
+        stamp = (self.intervals, int(now))
+        if self._totals is None or self._totals[0] != stamp:
+            rows = self.edges.values()
+            self._totals = (stamp, Totals(
+                sum(not self.faded(r, now) for r in rows), sum(r.rate("requests") for r in rows),
+                sum(r.total("requests") for r in rows), sum(r.total("errors") for r in rows),
+                sum(r.rate("bytes") for r in rows),
+            ))  # fmt: skip
+        return self._totals[1]
 
     def ordered(self, now: float) -> list[EdgeRow]:
         """Edges with problems first (more problems, then more errors), then the busiest; faded last.
@@ -372,15 +440,43 @@ def _l4(p: L4Point, t: Tick) -> None:
             t.connect_n += sum(p.connect_duration.bucket_counts)
 
 
+_TIEBREAK: Final = itertools.count()
+
+
+def protocol_label(protocol: Protocol, attributes: Attrs) -> str:
+    """What the protocol column says: a database by its system (redis, postgresql), gRPC as grpc."""
+    if protocol is Protocol.DB:
+        return str(attr(attributes, DB_SYSTEM_NAME) or protocol.value)
+    return rpc.GRPC if protocol is Protocol.RPC else protocol.value
+
+
+def status_label(protocol: Protocol, status_code: int | None, error_type: str, attributes: Attrs) -> str:
+    """A request's outcome as the map shows it: an HTTP status, a gRPC code by name (NOT_FOUND), a DNS
+    response code, a database's own status (Redis ERR, a SQLSTATE) or OK; else why there was none."""
+    if protocol is Protocol.DNS:
+        rcode = attr(attributes, DNS_RESPONSE_CODE)
+        return str(rcode).upper() if rcode else (error_type or "NOERROR")
+    if protocol is Protocol.DB:  # answered: no status_code, its own in db.response.status_code
+        code = attr(attributes, DB_RESPONSE_STATUS_CODE)
+        return str(code) if code else (error_type or "OK")
+    if status_code is None:
+        return error_type or "no_response"
+    return rpc.code_name(status_code) if protocol is Protocol.RPC else str(status_code)
+
+
 def _slow(row: EdgeRow, s: SpanRecord, settings: MapSettings, now: float) -> None:
-    if row.slowest and min(x[2].at for x in row.slowest) < now - settings.slowest_s:
+    if row.slowest and row.slowest_oldest < now - settings.slowest_s:
         row.slowest = [x for x in row.slowest if x[2].at >= now - settings.slowest_s]  # recent ones only
         heapq.heapify(row.slowest)
+        row.slowest_oldest = min((x[2].at for x in row.slowest), default=now)
+    if not row.slowest:
+        row.slowest_oldest = now
     seconds = (s.end_unix_nano - s.start_unix_nano) / 1e9
     what = s.route or str(attr(s.attributes, "url.path") or attr(s.attributes, "dns.question.name") or "")
-    status = str(s.status_code) if s.status_code is not None else (s.error_type or "")
-    item = (seconds, id(s), Slow(seconds, s.method, what, status, s.side.value, now))
+    status = status_label(s.protocol, s.status_code, s.error_type, s.attributes)
+    # A counter breaks ties: id() of a span freed since is reused, and two Slow cannot be compared.
+    item = (seconds, next(_TIEBREAK), Slow(seconds, s.method, what, status, s.side.value, now))
     if len(row.slowest) < settings.max_slowest:
         heapq.heappush(row.slowest, item)
-    elif seconds > row.slowest[0][0]:
-        heapq.heapreplace(row.slowest, item)
+    elif seconds > row.slowest[0][0] and heapq.heapreplace(row.slowest, item)[2].at == row.slowest_oldest:
+        row.slowest_oldest = min(x[2].at for x in row.slowest)  # the oldest may have left

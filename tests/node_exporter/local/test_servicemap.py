@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tracemalloc
 
 from rich.console import Console
@@ -155,3 +156,58 @@ def test_keys_and_the_log_buffer() -> None:
     out = io.StringIO()
     buf.replay(out)
     assert out.getvalue() == "kscope: 2 earlier log lines not kept while the map was shown\nline 2\nline 3\nline 4\n"
+
+
+def test_slow_requests_of_equal_duration_are_kept_without_comparing_them() -> None:
+    """Spans as slow as each other at one address in two intervals (a span of the second made where
+    one of the first was freed: CPython reuses memory, so id() repeats): the slowest-requests heap
+    must not compare its items' records."""
+    m = ServiceMap(MapSettings(max_slowest=3))
+    e = edge()
+    ctx = SpanContext(b"\x01" * 16, b"\x02" * 8)
+    span = SpanRecord(e, Side.SERVER, Protocol.HTTP, ctx, 0, 5_000_000, "GET", "/x", 200)
+    for t in (1, 2):
+        m.update(interval(t, (red(e, Side.SERVER, 200, 0.005),)), (span,), now=float(t))
+    (row,) = m.edges.values()
+    assert sorted(x[2].at for x in row.slowest) == [1.0, 2.0]
+
+
+def test_grpc_codes_by_name_and_database_operations_in_rows_and_drilldown() -> None:
+    """RED points and spans as the aggregator makes them of gRPC calls (status_code: the grpc code)
+    and Redis commands (no status_code; db.* extras): names, not numbers or "no_response"."""
+    m = ServiceMap()
+    grpc_edge, redis_edge = edge(port=50051), edge(port=6379)
+    ctx = SpanContext(b"\x01" * 16, b"\x02" * 8)
+    redis = (("db.system.name", "redis"),)
+    points = (
+        RedPoint(grpc_edge, Side.SERVER, Protocol.RPC, hist(0.001), "demo.v1.Echo/Ping", "", 0),
+        RedPoint(grpc_edge, Side.SERVER, Protocol.RPC, hist(0.001, 0.001), "demo.v1.Echo/Ping", "", 5),
+        RedPoint(redis_edge, Side.SERVER, Protocol.DB, hist(0.0002), "GET", "GET", None, "", redis),
+        RedPoint(
+            redis_edge,
+            Side.SERVER,
+            Protocol.DB,
+            hist(0.0002),
+            "INCR",
+            "INCR",
+            None,
+            "ERR",
+            (*redis, ("db.response.status_code", "ERR")),
+        ),
+    )
+    spans = (
+        SpanRecord(grpc_edge, Side.SERVER, Protocol.RPC, ctx, 0, 2_000_000, "demo.v1.Echo/Ping", "", 5),
+        SpanRecord(redis_edge, Side.SERVER, Protocol.DB, ctx, 0, 300_000, "GET", "GET", None, "", redis),
+    )
+    m.update(interval(1, points), spans, now=1.0)
+    rows = {r.server[-5:]: r for r in m.edges.values()}
+    g, r = rows["50051"], rows[":6379"]
+    assert g.protocol == "grpc" and r.protocol == "redis"
+    assert g.routes[("demo.v1.Echo/Ping", "")].statuses == {"OK": 1, "NOT_FOUND": 2}
+    assert r.routes[("GET", "")].statuses == {"OK": 1} and r.routes[("INCR", "")].statuses == {"ERR": 1}
+    assert r.error_pct == 50 and g.error_pct == 0  # NOT_FOUND is the caller's mistake, not the server's
+    assert [x[2].status for x in g.slowest] == ["NOT_FOUND"] and [x[2].status for x in r.slowest] == ["OK"]
+    detail = text(render.edge_view(r, 1.0, False), 200, 50)
+    assert re.search(r"GET\s+-\s+OK×1", detail) and re.search(r"INCR\s+-\s+ERR×1", detail), detail
+    wide = text(render.map_view(m, 1.0, 200, 50, None, {}, False), 200, 50)
+    assert "grpc" in wide and "redis" in wide, wide
