@@ -61,16 +61,17 @@ def row_index(screen: str, edge: str) -> int:
 
 
 def open_edge(term: Tmux, edge: str) -> str:
-    """Enter on the rows one after the other until the drill-down of ``edge`` shows (the order may
-    change between two key presses: rows move as their figures do)."""
+    """Enter, and if another edge's drill-down shows, back to the map and one row towards ``edge``
+    (up or down: rows move as their figures do, and the selection follows its edge), until it shows."""
     for _ in range(30):
         term.keys("Enter")
         screen = term.wait(lambda s: "slowest recent requests" in s, "a drill-down")
         if screen.splitlines()[0].startswith(edge):
             return screen
+        opened = screen.splitlines()[0].split("  ")[0].strip()
         term.keys("Escape")
-        term.wait(lambda s: "q quit" in s and "slowest recent" not in s, "the map again")
-        term.keys("Down")
+        back = term.wait(lambda s: "q quit" in s and "slowest recent" not in s, "the map again")
+        term.keys("Up" if 0 <= row_index(back, edge) < row_index(back, opened) else "Down")
     raise AssertionError(f"no drill-down of {edge}")
 
 
