@@ -225,8 +225,7 @@ def parse_response(buf: Buffer, request_hint: Any | None) -> ParseResult:
         return ParseResult(ParseState.INVALID, 0, None)
     error = ""
     if kind == ord("-"):
-        match = _ERROR_PREFIX.match(bytes(buf[1 : min(after - 2, 1 + MAX_NAME)]))
-        error = match.group().decode("ascii") if match else "ERR"
+        error = _error_prefix(buf, after - 2)
     elif kind == ord("!"):
         error = "ERR"  # a blob error's text is its payload, which we skip
     count = n * 2 if kind in _PAIR_TYPES and n > 0 else max(n, 0) if kind in _AGG_TYPES else 0
@@ -243,6 +242,23 @@ def parse_response(buf: Buffer, request_hint: Any | None) -> ParseResult:
         if push and (request_hint is None or request_hint.name in _SUBSCRIBED_OK):
             state = ParseState.IGNORED
     return ParseResult(state, after, reply)
+
+
+def _error_prefix(buf: Buffer, eol: int) -> str:
+    match = _ERROR_PREFIX.match(bytes(buf[1 : min(eol, 1 + MAX_NAME)]))
+    return match.group().decode("ascii") if match else "ERR"
+
+
+def cut_reply(buf: Buffer) -> ParseResult | None:
+    """A reply line the capture bound cut before its CRLF (-DENIED from a protected-mode server is
+    ~1 KiB, past the default 512-byte capture): the reply is that line, and its type and error
+    prefix are at its start. Anything else (a bulk or aggregate head, whose rest needs its lengths,
+    or a line end already captured): None."""
+    if not buf or buf[0] not in _LINE_TYPES or b"\r\n" in buf:
+        return None
+    kind = buf[0]
+    error = _error_prefix(buf, len(buf)) if kind == ord("-") else ""
+    return ParseResult(ParseState.SUCCESS, len(buf), RedisReply(kind, error, kind == ord("_"), 0, 0))
 
 
 def _push_shaped(buf: Buffer) -> bool | None:
@@ -371,6 +387,9 @@ class Redis:
 
     def body_reader(self, frame: Any) -> RespReader | None:
         return body_reader(frame)
+
+    def cut_head(self, buf: Buffer, kind: MessageKind, request_hint: Any | None) -> ParseResult | None:
+        return cut_reply(buf) if kind is MessageKind.RESPONSE else None
 
     def stitch(self, requests: deque[Message[Any]], responses: deque[Message[Any]]) -> Stitched:
         return stitch(requests, responses)

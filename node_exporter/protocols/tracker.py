@@ -48,7 +48,7 @@ COUNTERS: Final = (
     "unparsed_bytes",  # bytes after the protocol ended (upgrade, tunnel) or after close
     "state_evictions",  # per-connection protocol state dropped by its bound (prepared statements)
     "state_misses",  # state looked up and not found (a statement prepared before us, or evicted)
-    "cut_responses",  # responses whose end was lost (capture bound, gap): recorded without status or rows
+    "cut_responses",  # responses whose end was lost (capture bound, gap): recorded from what was captured
 )
 
 
@@ -204,7 +204,7 @@ class ConnectionTracker:
         if length is not None and seq is not None and s.next_seq is not None and seq + length > s.next_seq:
             cut = seq + length - s.next_seq
             s.next_seq += cut
-            self._gap(s, cut, truncated=True)
+            out += self._gap(s, cut, truncated=True)
             out += self._pump(s)
         if len(s.buf) > self.limits.max_buffer:
             self._drop(s, overflow=True)
@@ -398,8 +398,9 @@ class ConnectionTracker:
 
     # -- buffer bookkeeping ---------------------------------------------------------------
 
-    def _gap(self, s: _Stream, nbytes: int | None, *, truncated: bool = False) -> None:
-        """Bytes missing from the stream: a body of known length skips them, else the parser resyncs."""
+    def _gap(self, s: _Stream, nbytes: int | None, *, truncated: bool = False) -> list[Any]:
+        """Bytes missing from the stream: a body of known length skips them, a head the capture bound cut
+        may still be read (``_cut_head``), else the parser resyncs. Returns what the cut head completed."""
         if truncated:
             self.truncations += 1
             self.truncated_bytes += nbytes or 0
@@ -409,8 +410,35 @@ class ConnectionTracker:
         p = s.pending
         if p is not None and p.reader is not None and not s.buf and p.reader.skip_gap(nbytes):
             p.size += nbytes or 0  # lost body bytes still count towards the message size
-            return
+            return []
+        if truncated and p is None and s.buf:
+            done = self._cut_head(s, nbytes or 0)
+            if done is not None:
+                return done
         self._drop(s, overflow=False)
+        return []
+
+    def _cut_head(self, s: _Stream, nbytes: int) -> list[Any] | None:
+        """The message whose head the capture bound cut, if the protocol can tell it from the captured
+        part (a Redis reply line longer than the capture: -DENIED's ~1 KiB), completed with the cut bytes
+        in its size; None: it cannot. What else the cut held is lost: the next message is flagged after
+        a gap (it may answer a later request)."""
+        cut_head = getattr(self.protocol, "cut_head", None)
+        if cut_head is None:
+            return None
+        hint = self._request_hint() if s.kind is MessageKind.RESPONSE else None
+        result: ParseResult | None = cut_head(s.buf, s.kind, hint)
+        if result is None:
+            return None
+        self.cut_responses += s.kind is MessageKind.RESPONSE
+        size = len(s.buf) + nbytes
+        ts = self._front_ts(s)
+        self._consume(s, len(s.buf))
+        emit = result.state is not ParseState.IGNORED
+        self.ignored_messages += not emit
+        s.pending = _Pending(result.frame, ts, size, None, emit, s.after_gap)
+        s.after_gap = True
+        return self._complete(s)
 
     def _drop(self, s: _Stream, *, overflow: bool) -> None:
         """Throw away partial state; parsing restarts at the next frame boundary."""

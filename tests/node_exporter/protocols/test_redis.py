@@ -13,6 +13,7 @@ from node_exporter.protocols.base import MessageKind, ParseState
 from node_exporter.protocols.redis import (
     RedisCommand,
     RespReader,
+    cut_reply,
     find_frame_boundary,
     parse_request,
     parse_response,
@@ -148,6 +149,35 @@ def test_a_value_larger_than_the_capture_is_skipped_by_its_length() -> None:
     assert t.counters()["truncations"] == 1 and t.counters()["invalid_frames"] == 0
 
 
+DENIED = b"-DENIED Redis is running in protected mode because protected mode is enabled" + b" and ..." * 120 + b"\r\n"
+
+
+def test_a_reply_line_longer_than_the_capture_is_answered_from_its_head() -> None:
+    """-DENIED (~1 KiB, what a protected-mode server answers a non-loopback client) cut at 512 bytes:
+    the reply is that line, its error prefix in the captured part; its size the whole call's."""
+    t = ConnectionTracker(REDIS, Role.CLIENT)
+    t.feed(EG, b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n", 1, 0)
+    recs = t.feed(IN, DENIED[:512], 2, 0, length=len(DENIED))
+    assert [(r.operation, r.error_type, r.response_bytes) for r in recs] == [("SET", "DENIED", len(DENIED))]
+    c = t.counters()
+    assert (c["truncations"], c["cut_responses"], c["unanswered_requests"], c["invalid_frames"]) == (1, 1, 0, 0)
+    # the stream goes on after the cut: the next command pairs with its own reply
+    t.feed(EG, b"*1\r\n$4\r\nPING\r\n", 3, 27)
+    assert [r.operation for r in t.feed(IN, b"+PONG\r\n", 4, len(DENIED))] == ["PING"]
+
+
+def test_a_cut_bulk_or_array_head_is_not_guessed() -> None:
+    """Only a line reply is whole in its first line: a bulk or array head cut before its CRLF has no
+    length to skip by; the reply is lost (counted) and pairing stays right."""
+    assert cut_reply(b"$12345") is None and cut_reply(b"*3") is None and cut_reply(b"+OK\r\n+O") is None
+    assert cut_reply(b"-ERR unknown") is not None
+    t = ConnectionTracker(REDIS, Role.CLIENT)
+    t.feed(EG, b"*1\r\n$4\r\nPING\r\n", 1, 0)
+    assert t.feed(IN, b"$1234567", 2, 0, length=2000) == []
+    c = t.counters()
+    assert (c["truncations"], c["cut_responses"], c["aborted_messages"], c["discarded_bytes"]) == (1, 0, 0, 8)
+
+
 def test_garbage_is_counted_and_parsing_resyncs() -> None:
     t = ConnectionTracker(REDIS, Role.CLIENT)
     t.feed(EG, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"*1\r\n$4\r\nPING\r\n", 1, 0)
@@ -235,6 +265,8 @@ def test_fuzz_parsers_never_raise_100k() -> None:
                 if reader is not None:
                     _state, n = reader.read(data[p.consumed :])
                     assert 0 <= n <= len(data) - p.consumed
+        cut = cut_reply(data)
+        assert cut is None or cut.consumed == len(data)
         assert min(1, len(data)) <= find_frame_boundary(data, 1, MessageKind.RESPONSE) <= len(data)
         assert find_frame_boundary(data, 0, MessageKind.REQUEST) <= len(data)
 
