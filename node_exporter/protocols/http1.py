@@ -277,6 +277,20 @@ def parse_response(buf: Buffer, request_hint: Any | None = None) -> ParseResult:
     return ParseResult(state, end, HttpResponse(version, status, framing, end))
 
 
+def cut_response(buf: Buffer) -> ParseResult | None:
+    """A response head the capture bound cut before its blank line (fields past the capture): its
+    status line, if whole, gives the status. Its framing was in the lost part: the response ends with
+    the cut, and the tracker skips what follows up to the next status line. None: not such a head."""
+    eol = buf.find(b"\r\n")
+    if eol < 0 or buf.find(b"\r\n\r\n") >= 0:
+        return None
+    m = _STATUS_LINE.fullmatch(bytes(buf[:eol]))
+    if m is None or int(m[2]) < 200:
+        return None  # 1xx: not the final response; 101 ends HTTP/1, which a cut head cannot tell safely
+    return ParseResult(ParseState.SUCCESS, len(buf), HttpResponse("1." + m[1].decode("ascii"), int(m[2]), NO_BODY,
+                                                                  len(buf)))  # fmt: skip
+
+
 # -- bodies -------------------------------------------------------------------------------
 
 _SIZE, _DATA, _DATA_CR, _DATA_LF, _TRAILER = range(5)
@@ -415,6 +429,9 @@ class Http1:
 
     def parse_response(self, buf: Buffer, request_hint: Any | None) -> ParseResult:
         return parse_response(buf, request_hint)
+
+    def cut_head(self, buf: Buffer, kind: MessageKind, request_hint: Any | None) -> ParseResult | None:
+        return cut_response(buf) if kind is MessageKind.RESPONSE else None
 
     def body_reader(self, frame: Any) -> BodyReader | None:
         framing: Framing = frame.framing

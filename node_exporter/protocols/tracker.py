@@ -420,9 +420,9 @@ class ConnectionTracker:
 
     def _cut_head(self, s: _Stream, nbytes: int) -> list[Any] | None:
         """The message whose head the capture bound cut, if the protocol can tell it from the captured
-        part (a Redis reply line longer than the capture: -DENIED's ~1 KiB), completed with the cut bytes
-        in its size; None: it cannot. What else the cut held is lost: the next message is flagged after
-        a gap (it may answer a later request)."""
+        part (a Redis reply line longer than the capture: -DENIED's ~1 KiB; an HTTP/1 response head with
+        more fields than it), completed with the cut bytes in its size; None: it cannot. What else the
+        cut held is lost: the next message is flagged after a gap (it may answer a later request)."""
         cut_head = getattr(self.protocol, "cut_head", None)
         if cut_head is None:
             return None
@@ -438,6 +438,7 @@ class ConnectionTracker:
         self.ignored_messages += not emit
         s.pending = _Pending(result.frame, ts, size, None, emit, s.after_gap)
         s.after_gap = True
+        s.resync = True  # the rest of its body (framed in the lost part) is skipped to the next frame
         return self._complete(s)
 
     def _drop(self, s: _Stream, *, overflow: bool) -> None:

@@ -350,3 +350,36 @@ def test_any_chunking_gives_the_same_records(cuts: list[int]) -> None:
         ("POST", 201, len(wire.CURL_POST_EXPECT) + len(wire.CURL_POST_BODY), len(wire.NGINX_201)),
     ]
     assert t.invalid_frames == 0 and t.buffered_bytes(EG) == t.buffered_bytes(IN) == 0
+
+
+BIG_HEAD = b"HTTP/1.1 404 Not Found\r\n" + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"v" * 40) for i in range(30))
+
+
+def test_a_response_head_longer_than_the_capture_is_answered_from_its_status_line() -> None:
+    """The capture (512 bytes) cut a response head of ~1.5 KiB: the status line gives the status, the
+    response ends with the cut (its framing was lost with it); the rest of its body, in the next call, is
+    skipped up to the next status line, and the next request pairs with its own response."""
+    body = b"x" * 3000
+    resp = BIG_HEAD + b"Content-Length: 3000\r\n\r\n" + body
+    t = client()
+    t.feed(EG, b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n", 1, 0)
+    recs = t.feed(IN, resp[:512], 2, 0, length=2000)
+    assert [(r.path, r.status, r.response_bytes) for r in recs] == [("/a", 404, 2000)]
+    assert t.feed(IN, resp[2000:2512], 3, 2000, length=len(resp) - 2000) == []
+    t.feed(EG, b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n", 4, 28)
+    recs = t.feed(IN, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 5, len(resp))
+    assert [(r.path, r.status) for r in recs] == [("/b", 200)]
+    c = t.counters()
+    assert (c["cut_responses"], c["truncations"], c["unanswered_requests"], c["invalid_frames"]) == (1, 2, 0, 0)
+    assert c["discarded_bytes"] == 512
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [b"HTTP/1.1 200 OK", b"HTTP/1.1 100 Continue\r\nX: y", b"HTTP/1.1 2x0 OK\r\nX: y", b"GET / HTTP/1.1\r\nX: y"],
+)
+def test_a_cut_head_without_a_final_status_line_is_not_guessed(cut: bytes) -> None:
+    t = client()
+    t.feed(EG, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 1, 0)
+    assert t.feed(IN, cut, 2, 0, length=2000) == []
+    assert t.counters()["cut_responses"] == 0
