@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from node_exporter.protocols import HttpRecord, Role
-from tests.e2e.l7trace import L7Trace, require
-from tests.e2e.netns import SRV_V4, Topology, start_nginx
+from tests.e2e.l7trace import TLS_CONF, L7Trace, require, self_signed_cert
+from tests.e2e.netns import SRV_V4, Topology, nginx, start_nginx
 from tests.e2e.sqlpeers import pg_data, pg_env, private_copy, start_postgres
 from tests.e2e.test_l7_kv import REDIS_PORT, db, ops
 from tests.e2e.test_l7_sql import both
@@ -92,21 +92,48 @@ def test_redis_both_ends(topo: Topology, tracing: Callable[..., L7Trace]) -> Non
     assert trace.pipe.counters()["unanswered_requests"] == 0
 
 
+def http_records(events: list[Any], side: Role) -> list[tuple[str, int]]:
+    recs = [e.record for e in events if isinstance(e.record, HttpRecord) and e.conn.side is side]
+    return [(r.path, r.status) for r in recs]
+
+
 def test_http1_curl_and_nginx_both_ends(topo: Topology, tracing: Callable[..., L7Trace], tmp_path: Path) -> None:
     """curl's keep-alive connection to nginx (the kernel pairs HTTP/1): each request once per end."""
     start_nginx(topo, tmp_path / "nginx", 8080)
     trace = tracing()
     paths = [f"/one/{i}" for i in range(5)]
     topo.srv.run("curl", "-sf", "-o", "/dev/null", *(f"http://{SRV_V4}:8080{p}" for p in paths))
-
-    def http(ev: list[Any], side: Role) -> list[tuple[str, int]]:
-        recs = [e.record for e in ev if isinstance(e.record, HttpRecord) and e.conn.side is side]
-        return [(r.path, r.status) for r in recs]
-
-    trace.until(lambda ev: len(http(ev, Role.CLIENT)) + len(http(ev, Role.SERVER)) >= 2 * len(paths))
+    trace.until(lambda ev: len(http_records(ev, Role.CLIENT)) + len(http_records(ev, Role.SERVER)) >= 2 * len(paths))
     trace.poll()
     for side in (Role.CLIENT, Role.SERVER):
-        assert http(trace.events, side) == [(p, 200) for p in paths], side
+        assert http_records(trace.events, side) == [(p, 200) for p in paths], side
+
+
+def test_https_response_heads_longer_than_the_capture(
+    topo: Topology, tracing: Callable[..., L7Trace], tmp_path: Path
+) -> None:
+    """HTTPS (the chunk path: plaintext from the OpenSSL uprobes), curl and nginx in one namespace:
+    /big answers with ~1.2 KiB of fields, a head the 512-byte capture cuts. Each response is still
+    recorded at both ends with its status (from the status line), none left unanswered."""
+    tmp = tmp_path / "nginx"
+    tmp.mkdir()
+    self_signed_cert(tmp)
+    pad = " ".join(f"add_header X-Pad-{i} {'v' * 40};" for i in range(20))
+    server = TLS_CONF.format(ip=SRV_V4, port=8443, tmp=tmp) + (
+        f'\nlocation /big/ {{ {pad} return 200 "ok\\n"; }}\nlocation / {{ return 200 "ok\\n"; }}'
+    )
+    nginx(topo, tmp, server, (8443,))
+    trace = tracing(tls=True)
+    require(any("libssl" in lib for lib in trace.tls_libraries()), f"no libssl attached: {trace.tls_libraries()}")
+    paths = ["/big/1", "/small", "/big/2"]
+    heads = topo.srv.run("curl", "-skf", "-o", "/dev/null", "-D", "-", *(f"https://{SRV_V4}:8443{p}" for p in paths))
+    require(heads.stdout.count("X-Pad-19") == 2 and len(heads.stdout) > 2 * 1024, "two heads past the capture")
+    trace.until(lambda ev: len(http_records(ev, Role.CLIENT)) + len(http_records(ev, Role.SERVER)) >= 6)
+    trace.poll()
+    for side in (Role.CLIENT, Role.SERVER):
+        assert http_records(trace.events, side) == [(p, 200) for p in paths], side
+    c = trace.pipe.counters()
+    assert (c["cut_responses"], c["unanswered_requests"], c["invalid_frames"]) == (4, 0, 0), c
 
 
 def test_postgres_psql_both_ends(topo: Topology, tracing: Callable[..., L7Trace]) -> None:
