@@ -298,7 +298,16 @@ class Postgres:
 
     # -- backend --------------------------------------------------------------------------
 
-    def _response_one(self, buf: Buffer) -> ParseResult:
+    def cut_head(self, buf: Buffer, kind: MessageKind, request_hint: Any | None) -> ParseResult | None:
+        """An ErrorResponse or CommandComplete the capture bound cut (a long error message): read from
+        what was captured (SQLSTATE and tag come first), its rest skipped by length."""
+        head = _head(buf) if kind is MessageKind.RESPONSE and not self._startup else None
+        if head is None or head[0] not in (ord("E"), ord("C")) or len(buf) >= 1 + head[1]:
+            return None
+        result = self._response_one(buf, cut=True)
+        return result if result.state in (ParseState.SUCCESS, ParseState.IGNORED) else None
+
+    def _response_one(self, buf: Buffer, cut: bool = False) -> ParseResult:
         if not buf:
             return ParseResult(ParseState.NEEDS_MORE_DATA, 0, None)
         if self._ssl_asked and buf[0] in b"SNG":
@@ -319,7 +328,7 @@ class Postgres:
             return self._ok(ParseState.IGNORED, 5, total, END)
         used = 5
         if typ == ord("E") or typ == ord("C"):
-            if len(buf) < total and len(buf) < 5 + 1024:
+            if len(buf) < total and len(buf) < 5 + 1024 and not cut:
                 return ParseResult(ParseState.NEEDS_MORE_DATA, 0, None)
             used = min(len(buf), total)
         first = self._acc is None

@@ -421,8 +421,9 @@ class ConnectionTracker:
     def _cut_head(self, s: _Stream, nbytes: int) -> list[Any] | None:
         """The message whose head the capture bound cut, if the protocol can tell it from the captured
         part (a Redis reply line longer than the capture: -DENIED's ~1 KiB; an HTTP/1 response head with
-        more fields than it), completed with the cut bytes in its size; None: it cannot. What else the
-        cut held is lost: the next message is flagged after a gap (it may answer a later request)."""
+        more fields than it; a PostgreSQL ErrorResponse with a long message), with the cut bytes in its
+        size; None: it cannot. A message of known length whose rest is the cut goes on (the pump ends
+        it); else it ends here and what else the cut held is lost (dropped: the next message after a gap)."""
         cut_head = getattr(self.protocol, "cut_head", None)
         if cut_head is None:
             return None
@@ -430,16 +431,20 @@ class ConnectionTracker:
         result: ParseResult | None = cut_head(s.buf, s.kind, hint)
         if result is None:
             return None
-        self.cut_responses += s.kind is MessageKind.RESPONSE
-        size = len(s.buf) + nbytes
-        ts = self._front_ts(s)
+        ts, size = self._front_ts(s), len(s.buf)
         self._consume(s, len(s.buf))
         emit = result.state is not ParseState.IGNORED
         self.ignored_messages += not emit
-        s.pending = _Pending(result.frame, ts, size, None, emit, s.after_gap)
-        s.after_gap = True
-        s.resync = True  # the rest of its body (framed in the lost part) is skipped to the next frame
-        return self._complete(s)
+        reader = self.protocol.body_reader(result.frame)
+        p = s.pending = _Pending(result.frame, ts, size + nbytes, reader, emit, s.after_gap)
+        if reader is not None and reader.skip_gap(nbytes):
+            return []
+        # a length-framed message's protocol counts its cut response itself (PostgreSQL's CutResponses)
+        self.cut_responses += reader is None and s.kind is MessageKind.RESPONSE
+        p.reader = None
+        out = self._complete(s)
+        self._drop(s, overflow=False)
+        return out
 
     def _drop(self, s: _Stream, *, overflow: bool) -> None:
         """Throw away partial state; parsing restarts at the next frame boundary."""

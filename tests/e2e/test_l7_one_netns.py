@@ -136,15 +136,24 @@ def test_https_response_heads_longer_than_the_capture(
     assert (c["cut_responses"], c["unanswered_requests"], c["invalid_frames"]) == (4, 0, 0), c
 
 
+# the third's ErrorResponse carries a 2,000-byte message: longer than the capture, SQLSTATE first
+PSQL_SCRIPT = (
+    "SELECT 1;\nSELECT * FROM missing;\nDO $$ BEGIN RAISE EXCEPTION '%', repeat('x', 2000); END $$;\nSELECT 2;\n"
+)
+
+PSQL_WANT = [("SELECT", ""), ("SELECT", "42P01"), ("DO", "P0001"), ("SELECT", "")]
+
+
 def test_postgres_psql_both_ends(topo: Topology, tracing: Callable[..., L7Trace]) -> None:
+    """psql and postgres: each statement once per end with its SQLSTATE, the one whose error is longer
+    than the capture too."""
     with private_copy(pg_data(), "postgres") as top:
         start_postgres(topo, top)
         trace = tracing()
         out = subprocess.run(topo.srv.cmd("psql", "-X", "-At", "-v", "ON_ERROR_STOP=0"), text=True, env=pg_env(),
-                             input="SELECT 1;\nSELECT * FROM missing;\nSELECT 2;\n", capture_output=True,
+                             input=PSQL_SCRIPT, capture_output=True,
                              timeout=60)  # fmt: skip
         require("missing" in out.stderr, f"psql ran: {out.stdout} {out.stderr}")
-        client, server = both(trace, 3)
+        client, server = both(trace, 4)
         for recs in (client, server):
-            assert [(r.operation, r.status_code) for r in recs] == [("SELECT", ""), ("SELECT", "42P01"),
-                                                                    ("SELECT", "")], recs  # fmt: skip
+            assert [(r.operation, r.status_code) for r in recs] == PSQL_WANT, recs

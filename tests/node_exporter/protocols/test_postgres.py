@@ -207,6 +207,29 @@ def test_a_response_cut_by_the_capture_pairs_at_the_next_request() -> None:
     assert c["cut_responses"] == 1 and c["truncations"] > 1 and c["unanswered_requests"] == c["orphan_responses"] == 0
 
 
+LONG_ERROR = pg(b"E", b"SERROR\0VERROR\0CP0001\0M" + b"x" * 2000 + b"\0\0")
+
+
+@pytest.mark.parametrize("together", [True, False])
+def test_an_error_longer_than_the_capture_keeps_its_sqlstate(together: bool) -> None:
+    """RAISE EXCEPTION with a 2,000-byte message: the ErrorResponse is cut at 512 bytes, its SQLSTATE
+    (before the message) read from the head. ReadyForQuery in the same call (lost with the cut): the
+    response ends at the next query; in a call of its own: it ends the response."""
+    t = ConnectionTracker(PG, Role.CLIENT)
+    t.feed(EG, PG_QUERY, 1, 0)
+    z = pg(b"Z", b"I")
+    call = LONG_ERROR + z if together else LONG_ERROR
+    recs = t.feed(IN, call[:512], 2, 0, length=len(call))
+    if not together:
+        recs += t.feed(IN, z, 3, len(call))
+    nxt = t.feed(EG, PG_QUERY, 4, len(PG_QUERY))
+    (rec,) = recs + nxt
+    assert (rec.status_code, rec.error_type, rec.collection) == ("P0001", "P0001", "users")
+    assert rec.response_bytes == len(LONG_ERROR) + (0 if together else len(z))
+    c = t.counters()
+    assert (c["truncations"], c["cut_responses"], c["unanswered_requests"]) == (1, int(together), 0)
+
+
 def test_another_protocol_mid_connection_is_counted_then_resynced() -> None:
     t = ConnectionTracker(PG, Role.CLIENT)
     t.feed(EG, PG_QUERY, 1)
