@@ -6,7 +6,9 @@ counts at both ends.
 Over that address a redis-server left in its default protected mode answers every command with one
 -DENIED line of ~1 KiB and closes: longer than the agent's default capture (512 bytes), so the line's
 end was cut, the reply was dropped with the cut and each command counted unanswered (one truncation
-each). Over 127.0.0.1 protected mode lets the client in and the replies are short."""
+each). Over 127.0.0.1 protected mode lets the client in and the replies are short. The same cut, a
+head whose end is past the capture, lost HTTP/1 responses with long heads on the chunk path (HTTPS)
+and the SQLSTATE of a long PostgreSQL error: each has a case here."""
 
 from __future__ import annotations
 

@@ -39,8 +39,8 @@ def grpc_calls(topo: Topology, stop: threading.Event) -> None:
 
 
 def test_live_map_names_redis_and_grpc_outcomes(topo: Topology, tmp_path: Path) -> None:
-    # On the namespace's loopback: over its 198.18.0.2 (client and server in one namespace) the agent
-    # parsed Redis requests but no response (l7_truncations, one per request; seen 2026-12-07).
+    # On the namespace's loopback: over its 198.18.0.2 redis-server's protected mode (the default) refuses
+    # the client with -DENIED (tests/e2e/test_l7_one_netns.py), and this test wants SET/GET to succeed.
     topo.spawn(topo.srv, "redis-server", "--bind", "127.0.0.1", "--port", str(REDIS), "--save", "", "--appendonly",
                "no")  # fmt: skip
     server = topo.spawn(topo.srv, sys.executable, "-u", str(GRPC_PEER), "server", "--bind", SRV_V4, "--port",
