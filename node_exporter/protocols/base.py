@@ -98,6 +98,27 @@ class Stitched:
     responses: int = 0
 
 
+def fifo_pair(
+    requests: deque[Message[Any]], responses: deque[Message[Any]], out: Stitched
+) -> tuple[Message[Any], Message[Any]] | None:
+    """The next in-order (request, response) pair, both taken off their queues (neither may be
+    empty), for protocols answered in order (keep-alive, pipelining); None when the head response
+    is older than the oldest request: it answered one never seen (taken, counted an orphan).
+    After a gap in the response stream an unknown number of responses is lost, so the first one
+    after it pairs with the latest request before it (the earlier ones counted unanswered), as
+    Pixie does."""
+    resp = responses[0]
+    if resp.after_gap:
+        while len(requests) > 1 and requests[1].ts_ns <= resp.ts_ns:
+            requests.popleft()
+            out.unanswered_requests += 1
+    if requests[0].ts_ns > resp.ts_ns:
+        responses.popleft()
+        out.orphan_responses += 1
+        return None
+    return requests.popleft(), responses.popleft()
+
+
 class Session(typing.Protocol):
     """Per-connection state of a multiplexed protocol (HTTP/2: HPACK tables, streams). A protocol
     that has one offers ``new_session(role)``; the tracker then hands it every complete message

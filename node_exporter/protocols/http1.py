@@ -24,6 +24,7 @@ from node_exporter.protocols.base import (
     ParseResult,
     ParseState,
     Stitched,
+    fifo_pair,
     generic_reader,
 )
 from node_exporter.protocols.http_fields import request_id, route_template, target_path, valid_traceparent
@@ -375,26 +376,13 @@ def find_frame_boundary(buf: Buffer, start: int, kind: MessageKind) -> int:
 
 
 def stitch(requests: deque[Message[Any]], responses: deque[Message[Any]]) -> Stitched:
-    """FIFO pairing (keep-alive and pipelining), guarded by timestamps.
-
-    A response older than the oldest queued request answered a request we never saw.
-    After a gap in the response stream an unknown number of responses is lost, so the
-    first response after it pairs with the latest request before it, as Pixie does.
-    """
+    """FIFO pairing (keep-alive and pipelining), guarded by timestamps (base.fifo_pair)."""
     out = Stitched()
     while requests and responses:
-        resp = responses[0]
-        if resp.after_gap:
-            while len(requests) > 1 and requests[1].ts_ns <= resp.ts_ns:
-                requests.popleft()
-                out.unanswered_requests += 1
-        req = requests[0]
-        if req.ts_ns > resp.ts_ns:
-            responses.popleft()
-            out.orphan_responses += 1
+        pair = fifo_pair(requests, responses, out)
+        if pair is None:
             continue
-        requests.popleft()
-        responses.popleft()
+        req, resp = pair
         q: HttpRequest = req.frame
         r: HttpResponse = resp.frame
         out.records.append(

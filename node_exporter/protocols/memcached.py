@@ -26,6 +26,7 @@ from node_exporter.protocols.base import (
     ParseResult,
     ParseState,
     Stitched,
+    fifo_pair,
 )
 from node_exporter.protocols.db import DbRecord
 
@@ -283,7 +284,7 @@ def _silenced(q: McCommand, r: McReply) -> bool:
 
 
 def stitch(requests: deque[Message[Any]], responses: deque[Message[Any]]) -> Stitched:
-    """In order, as http1.stitch, plus: noreply commands are records at once, quiet ones when skipped."""
+    """In order (base.fifo_pair), plus: noreply commands are records at once, quiet ones when skipped."""
     out = Stitched()
     while requests:
         req = requests[0]
@@ -294,21 +295,14 @@ def stitch(requests: deque[Message[Any]], responses: deque[Message[Any]]) -> Sti
             continue
         if not responses:
             break
-        resp = responses[0]
-        if resp.after_gap:
-            while len(requests) > 1 and requests[1].ts_ns <= resp.ts_ns:
-                requests.popleft()
-                out.unanswered_requests += 1
-            req = requests[0]
-        if req.ts_ns > resp.ts_ns:
-            responses.popleft()
-            out.orphan_responses += 1
+        pair = fifo_pair(requests, responses, out)
+        if pair is None:
             continue
-        requests.popleft()
+        req, resp = pair
         if _silenced(req.frame, resp.frame):
+            responses.appendleft(resp)  # it answers a later command
             out.records.append(_record(req, None))
             continue
-        responses.popleft()
         out.records.append(_record(req, resp))
     return out
 

@@ -27,6 +27,7 @@ from node_exporter.protocols.base import (
     ParseResult,
     ParseState,
     Stitched,
+    fifo_pair,
 )
 from node_exporter.protocols.db import DbRecord
 
@@ -340,22 +341,13 @@ def _record(req: Message[Any], resp: Message[Any] | None) -> DbRecord:
 
 
 def stitch(requests: deque[Message[Any]], responses: deque[Message[Any]]) -> Stitched:
-    """FIFO pairing guarded by timestamps, as HTTP/1 pipelining (http1.stitch)."""
+    """FIFO pairing guarded by timestamps, as HTTP/1 pipelining (base.fifo_pair)."""
     out = Stitched()
     while requests and responses:
-        resp = responses[0]
-        if resp.after_gap:
-            while len(requests) > 1 and requests[1].ts_ns <= resp.ts_ns:
-                requests.popleft()
-                out.unanswered_requests += 1
-        req = requests[0]
-        if req.ts_ns > resp.ts_ns:
-            responses.popleft()
-            out.orphan_responses += 1
+        pair = fifo_pair(requests, responses, out)
+        if pair is None:
             continue
-        requests.popleft()
-        responses.popleft()
-        out.records.append(_record(req, resp))
+        out.records.append(_record(*pair))
     return out
 
 

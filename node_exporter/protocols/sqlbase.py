@@ -16,7 +16,7 @@ from typing import Any, Final, Generic, TypeVar
 
 from cachetools import LRUCache
 
-from node_exporter.protocols.base import Message, Stitched
+from node_exporter.protocols.base import Message, Stitched, fifo_pair
 from node_exporter.protocols.db import DbRecord
 from node_exporter.protocols.sql import EMPTY, SqlSummary
 
@@ -159,17 +159,10 @@ def stitch(system: str, requests: deque[Message[Any]], responses: deque[Message[
             resp.frame.acc.done = True
         if not requests:
             break
-        if resp.after_gap:
-            while len(requests) > 1 and requests[1].ts_ns <= resp.ts_ns:
-                requests.popleft()
-                out.unanswered_requests += 1
-        req = requests[0]
-        if req.ts_ns > resp.ts_ns:
-            responses.popleft()
-            out.orphan_responses += 1
+        pair = fifo_pair(requests, responses, out)
+        if pair is None:
             continue
-        requests.popleft()
-        responses.popleft()
+        req, resp = pair
         if req.frame.record or resp.frame.acc.status_code:
             out.records.append(_record(system, req, resp, namespace))
     return out
