@@ -164,6 +164,17 @@ def parse_response(buf: Buffer, request_hint: Any | None) -> ParseResult:
     return ParseResult(ParseState.SUCCESS, end, reply)
 
 
+def cut_reply(buf: Buffer) -> ParseResult | None:
+    """An error line the capture bound cut before its CRLF (a SERVER_ERROR or CLIENT_ERROR whose message
+    runs past the capture, as a proxy's may): the reply is that line, its keyword at its start. Any other
+    reply (a VALUE/VA head, whose data block needs its length; a line end already captured): None."""
+    space = buf.find(b" ", 0, 16)
+    if space < 0 or b"\r\n" in buf:  # only an error with a message can be long enough to be cut
+        return None
+    word = bytes(buf[:space]).decode("ascii", "replace")
+    return ParseResult(ParseState.SUCCESS, len(buf), McReply(word, "", 0)) if word in ERRORS else None
+
+
 class ItemsReader:
     """The rest of a multi-line reply: VALUE items (each a data block) or STAT lines, up to END."""
 
@@ -335,6 +346,9 @@ class Memcached:
 
     def body_reader(self, frame: Any) -> LengthReader | ItemsReader | None:
         return body_reader(frame)
+
+    def cut_head(self, buf: Buffer, kind: MessageKind, request_hint: Any | None) -> ParseResult | None:
+        return cut_reply(buf) if kind is MessageKind.RESPONSE else None
 
     def stitch(self, requests: deque[Message[Any]], responses: deque[Message[Any]]) -> Stitched:
         return stitch(requests, responses)

@@ -9,7 +9,7 @@ import pytest
 
 from node_exporter.protocols import PROTOCOLS, ConnectionTracker, DbRecord, Direction, Role
 from node_exporter.protocols.base import MessageKind, ParseState
-from node_exporter.protocols.memcached import find_frame_boundary, parse_request, parse_response
+from node_exporter.protocols.memcached import cut_reply, find_frame_boundary, parse_request, parse_response
 from tests.node_exporter.protocols.test_redis import by_op, feed_session
 from tests.node_exporter.protocols.wire_memcached import (
     META_OPERATIONS,
@@ -167,6 +167,8 @@ def test_fuzz_parsers_never_raise_100k() -> None:
                 assert 0 <= n <= len(data) - p.consumed
         for kind in MessageKind:
             assert min(1, len(data)) <= find_frame_boundary(data, 1, kind) <= len(data)
+        cut = cut_reply(data)
+        assert cut is None or cut.consumed == len(data)
 
 
 def test_fuzz_tracker_random_splits() -> None:
@@ -190,3 +192,28 @@ def test_fuzz_tracker_random_splits() -> None:
                 t.feed(IN, bytes(bs[is_ : is_ + n]), ts, is_)
                 is_ += n
         t.close()
+
+
+LONG_ERROR = b"SERVER_ERROR backend unavailable: " + b"pool exhausted; " * 80 + b"\r\n"
+
+
+def test_an_error_line_longer_than_the_capture_is_answered_from_its_head() -> None:
+    """A SERVER_ERROR (~1.3 KiB, as a proxy in front of memcached may answer) cut at 512 bytes: the
+    reply is that line, its keyword the error; its size the whole call's; the stream goes on."""
+    t = ConnectionTracker(MC, Role.CLIENT)
+    t.feed(EG, b"get k\r\n", 1, 0)
+    recs = t.feed(IN, LONG_ERROR[:512], 2, 0, length=len(LONG_ERROR))
+    assert [(r.operation, r.error_type, r.response_bytes) for r in recs] == [("get", "SERVER_ERROR", len(LONG_ERROR))]
+    c = t.counters()
+    assert (c["truncations"], c["cut_responses"], c["unanswered_requests"], c["invalid_frames"]) == (1, 1, 0, 0)
+    t.feed(EG, b"get k\r\n", 3, 7)
+    assert [hits(t.feed(IN, b"END\r\n", 4, len(LONG_ERROR)))] == [[(0, 1)]]
+
+
+@pytest.mark.parametrize("cut", [b"VALUE k 0 5000", b"SERVER_ERROR x\r\nEN", b"STAT pid", b"x" * 40])
+def test_a_cut_head_that_is_not_an_error_line_is_not_guessed(cut: bytes) -> None:
+    assert cut_reply(cut) is None
+    t = ConnectionTracker(MC, Role.CLIENT)
+    t.feed(EG, b"get k\r\n", 1, 0)
+    t.feed(IN, cut, 2, 0, length=6000)
+    assert t.counters()["cut_responses"] == 0
