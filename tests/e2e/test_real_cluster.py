@@ -22,6 +22,7 @@ import structlog
 
 from tests.cluster_processor.test_main import _kv as kv
 from tests.cluster_processor.test_main import spans
+from tests.e2e.agentproc import AGENT_LOSS_COUNTERS, AGENT_STAT, AGENT_STAT_NAME
 from tests.e2e.meshtopo import MeshTopology
 from tests.e2e.otlpview import PEER_NAME, Point, View, mean
 from tests.e2e.realcluster import (
@@ -57,12 +58,6 @@ RESOLVED_BY = "kscope.peer.resolved_by"  # how a peer was named (item 2: "servic
 BY_SERVICE = "service"
 EVENT_DNS_ERROR = "kscope.dns.error"
 LOG_COUNT_KEY = "log_count"  # an aggregated event record's number of occurrences (item 6; logdedup's name)
-AGENT_LOSS_COUNTERS = ("l7_kernel_rb_full", "l7_kernel_read_failed", "l7_kernel_no_buffer", "l7_kernel_summary_lost",
-                       "l7_exchange_unanswered", "l7_expired_requests", "l7_unanswered_requests", "l7_evicted_requests",
-                       "l7_connections_evicted", "l7_gaps", "l7_buffer_overflows",
-                       # a response still in flight (retransmitted on the lossy edge) when the agent stops
-                       "l7_kernel_stop_pending", "l7_requests_pending")  # fmt: skip
-AGENT_STAT, AGENT_STAT_NAME = "kscope.agent.stat", "kscope.agent.stat.name"  # the agents' own counters
 KSCOPE_SERVICE = "kscope"  # the resource of kscope's own counters only (item 7)
 DNS_WORKLOAD = "coredns"
 DNS_NAMES = {DNS_WORKLOAD, SERVICE_OF[DNS_WORKLOAD]}  # the workload, the Service in front of it
