@@ -34,6 +34,11 @@ CAPABILITIES = {
     "ssl_exit": "l7.tls",
     "ssl_enter": "l7.tls",
     "ssl_exit_multi": "l7.tls",
+    # in-process causality (bpf_src/l7_causal.h): without these, no parent is ever linked
+    "causal_epoll_wait": "l7.causal",
+    "causal_epoll_pwait": "l7.causal",
+    "causal_epoll_pwait2": "l7.causal",
+    "causal_exit": "l7.causal",
 }
 
 __all__ = ["L7Collector", "L7Stats"]
@@ -65,6 +70,7 @@ class L7Collector(L7Probe):
         mmsg_threads: int | None = None,
         skip_own: bool = False,
         h2_compact: bool | None = None,
+        causal: bool = True,
     ) -> None:
         """``exchanges``: pair plain-text HTTP/1 in the kernel (one record per exchange) instead of
         sending every call's head; ``idle_s``: how long an answered exchange waits for more
@@ -80,7 +86,9 @@ class L7Collector(L7Probe):
         tests that drive traffic from their own process keep the default).
         ``h2_compact``: walk HTTP/2 frames in the kernel and send them without DATA payloads
         (bpf_src/l7_h2.h); False sends each call's first 4 KiB as before. None: True unless the
-        environment sets KSCOPE_L7_H2_FULL_CAPTURE=1 (the bench measures both ways)."""
+        environment sets KSCOPE_L7_H2_FULL_CAPTURE=1 (the bench measures both ways).
+        ``causal``: per-thread server-request contexts and tentative parents of client calls
+        (bpf_src/l7_causal.h); False: none."""
         if record_rate < 0:
             raise ValueError(f"record_rate must be >= 0, got {record_rate}")
         path = Path(object_path) if object_path else default_bpf_dir() / OBJECT_NAME
@@ -97,6 +105,7 @@ class L7Collector(L7Probe):
                 "summary_ns": int(summary_s * 1e9),
                 "h2_compact": int(h2_compact if h2_compact is not None else not _env_full_capture()),
                 "summary_raw_paths": int(summary_raw_paths),
+                "causal": int(causal),
             },
             {
                 **({"l7_ring": ring_bytes, "l7_xring": ring_bytes} if ring_bytes else {}),
