@@ -1,0 +1,183 @@
+"""In-process causality (issue 18 item 2, docs/traces.md) under the real agent: a client call's
+parent is exactly the server request its thread was serving, and nothing is inferred where a
+thread serves many requests at once.
+
+One scene, one `kscope run --l7` over it, three checks on its JSON lines:
+  - a chain of thread-per-request services load -> a -> b -> c (meshapp.py ``serve``, Python
+    ThreadingHTTPServer + urllib), each hop through a DNAT'ed Service VIP; concurrent requests
+    with unique paths that every hop forwards (``--forward-path``), so the test knows each call's
+    true cause; plus a keep-alive connection into ``a`` opened before the agent started;
+  - an event-loop proxy: load -> nginx -> c, concurrent requests: no parent on nginx's calls;
+  - an asyncio server whose calls run on its loop's thread after it answered (while it serves the
+    next request: exactly what a per-thread guess would get wrong): no parent on its calls.
+Addresses: 198.18.181.0/24 (pods) and 198.19.181.0/24 (VIPs).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from google.protobuf import json_format
+
+from kscope.v1 import flow_pb2 as pb
+from tests.e2e.agentproc import start_kscope
+from tests.e2e.l7trace import l7peer, require
+from tests.e2e.meshtopo import MeshTopology
+from tests.e2e.netns import NGINX_CONF
+
+pytestmark = pytest.mark.bpf
+MESHAPP = Path(__file__).with_name("meshapp.py")
+NET = 181
+PORT, VIP_PORT = 8080, 80
+RATE, LOAD_S = 60, 2.0  # per load: 120 requests, each on its own connection and thread
+KEEPALIVE_N = 5
+ASYNC_N = 8
+Key = tuple[int, int, int]  # (tcp_request_seq, tcp_response_seq, start_time_unix_nano)
+
+
+@dataclass
+class Scene:
+    records: list[pb.L7Request]
+    counters: dict[str, int]
+    ino: dict[str, int]  # pod -> network namespace inode
+    load: dict[str, dict[str, object]]
+
+    def of(self, pod: str, side: int) -> list[pb.L7Request]:
+        return [r for r in self.records if r.netns_inode == self.ino[pod] and r.side == side]
+
+
+def _nginx(topo: MeshTopology, tmp: Path, upstream: str) -> None:
+    """Debian's nginx in pod ``ngx``: one event-loop process proxying to ``upstream`` on keep-alive
+    connections (its calls for many requests share its one thread)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    server = (f"listen {topo.ips['ngx']}:{PORT}; location / {{ proxy_pass http://up; proxy_http_version 1.1; "
+              'proxy_set_header Connection ""; }')  # fmt: skip
+    conf = NGINX_CONF.format(tmp=tmp, server=server).replace(
+        "http {", f"http {{\n    upstream up {{ server {upstream}; keepalive 8; }}", 1
+    )
+    (tmp / "nginx.conf").write_text(conf)
+    topo.start("ngx", "nginx", "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(tmp / "nginx.conf"))
+
+
+def _load(topo: MeshTopology, url: str) -> subprocess.Popen[str]:
+    return topo.start("load", sys.executable, str(MESHAPP), "load", "--url", url, "--rate", str(RATE),
+                      "--duration", str(LOAD_S), "--timeout", "20", "--number", stdout=subprocess.PIPE,
+                      text=True)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
+    tmp = tmp_path_factory.mktemp("causal")
+    topo = MeshTopology(net=NET)
+    agent = None
+    try:
+        topo.create()
+        for name in ("load", "a", "b", "c", "ngx", "asv"):
+            topo.add_pod(name, container=False)
+        vip = {name: topo.vip(i + 1) for i, name in enumerate(("a", "b", "c", "ngx", "asv"))}
+        for name, v in vip.items():
+            topo.service(v, VIP_PORT, name, PORT)
+        serve = [sys.executable, "-u", str(MESHAPP), "serve", "--port", str(PORT), "--forward-path"]
+        topo.start("c", *serve, "--name", "c", "--bind", topo.ips["c"], "--delay", "0.02")
+        topo.start("b", *serve, "--name", "b", "--bind", topo.ips["b"], "--next", f"http://{vip['c']}:{VIP_PORT}")
+        topo.start("a", *serve, "--name", "a", "--bind", topo.ips["a"], "--next", f"http://{vip['b']}:{VIP_PORT}")
+        topo.start("asv", sys.executable, "-u", str(MESHAPP), "aserve", "--bind", topo.ips["asv"],
+                   "--port", str(PORT), "--next", f"http://{vip['c']}:{VIP_PORT}", "--delay", "0.1",
+                   "--audit-after", "0.05")  # fmt: skip
+        _nginx(topo, tmp / "nginx", f"{vip['c']}:{VIP_PORT}")
+        for name in ("a", "b", "c", "ngx", "asv"):
+            topo.wait_listening(topo.pods[name], PORT)
+        # a keep-alive connection into a, opened (and used) before the agent starts
+        ka = l7peer(topo, topo.pods["load"], "http-client", "--to", vip["a"], "--port", str(VIP_PORT))
+        ka.expect("connected")
+        require(ka.call("get /ka/before", "done")["statuses"] == {"200": 1}, "keep-alive request before the agent")
+
+        out = tmp / "flows.jsonl"
+        agent, _ = start_kscope("--l7", "--no-live", "--interval", "0.5", "--sweep-interval", "0.5",
+                                "--duration", "60", "--jsonl", str(out))  # fmt: skip
+        topo.procs.append(agent)
+        loads = {"chain": _load(topo, f"http://{vip['a']}:{VIP_PORT}/req"),
+                 "nginx": _load(topo, f"http://{vip['ngx']}:{VIP_PORT}/ng")}  # fmt: skip
+        for i in range(KEEPALIVE_N):
+            require(ka.call(f"get /ka/{i}", "done")["statuses"] == {"200": 1}, f"keep-alive /ka/{i}")
+        # sequential requests on one connection to the asyncio server: its call for request i
+        # runs while it serves request i + 1
+        acli = l7peer(topo, topo.pods["load"], "http-client", "--to", vip["asv"], "--port", str(VIP_PORT))
+        acli.expect("connected")
+        for i in range(ASYNC_N):
+            require(acli.call(f"get /as/{i}", "done")["statuses"] == {"200": 1}, f"asyncio /as/{i}")
+        done = {}
+        for what, proc in loads.items():
+            stdout, _ = proc.communicate(timeout=60)
+            done[what] = json.loads(stdout.splitlines()[-1])
+        time.sleep(0.5)  # the asyncio server's last call
+        agent.terminate()  # a stop runs a last interval: capture stopped, kernel drained
+        _, err = agent.communicate(timeout=60)
+        assert agent.returncode == 0, err[-4000:]
+        rows = [json_format.Parse(line, pb.NodeRecord()) for line in out.read_text().splitlines()]
+        records = [r.l7 for r in rows if r.WhichOneof("record") == "l7"]
+        stats = [r.stats for r in rows if r.WhichOneof("record") == "stats"]
+        counters = dict(stats[-1].counters) if stats else {}
+        yield Scene(records, counters, {n: p.ino for n, p in topo.pods.items()}, done)
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.kill()
+            agent.wait(10)
+        topo.close()
+
+
+def _key(r: pb.L7Request) -> Key:
+    return (r.http.tcp_request_seq, r.http.tcp_response_seq, r.start_time_unix_nano)
+
+
+def _parent(r: pb.L7Request) -> Key | None:
+    if not r.HasField("parent"):
+        return None
+    return (r.parent.tcp_request_seq, r.parent.tcp_response_seq, r.parent.start_time_unix_nano)
+
+
+def _facts(scene: Scene) -> str:
+    keep = ("causal", "l7_requests")
+    return f"load {scene.load}; counters { {k: v for k, v in scene.counters.items() if any(s in k for s in keep)} }"
+
+
+def test_chain_every_call_is_the_child_of_the_request_that_caused_it(scene: Scene) -> None:
+    for what in ("chain", "nginx"):
+        assert scene.load[what]["ok"] == RATE * LOAD_S, _facts(scene)
+    wrong: list[tuple[str, str]] = []
+    for pod in ("a", "b"):
+        servers = {r.http.path: r for r in scene.of(pod, pb.ROLE_SERVER)}
+        clients = scene.of(pod, pb.ROLE_CLIENT)
+        # every request of the load and of the keep-alive connection, at both ends of the hop
+        expected = {f"/req/{i}" for i in range(int(RATE * LOAD_S))} | {f"/ka/{i}" for i in range(KEEPALIVE_N)}
+        assert expected <= set(servers), (pod, sorted(expected - set(servers))[:5], _facts(scene))
+        assert expected <= {r.http.path for r in clients}, (pod, _facts(scene))
+        for c in clients:
+            truth = servers.get(c.http.path)
+            got = _parent(c)
+            assert got is not None, (pod, c.http.path, "no parent", _facts(scene))
+            if truth is None or got != _key(truth):
+                wrong.append((pod, c.http.path))
+    assert wrong == [], f"wrong parents: {wrong[:10]} of {len(wrong)}; {_facts(scene)}"
+
+
+def test_event_loop_proxy_calls_get_no_parent(scene: Scene) -> None:
+    calls = scene.of("ngx", pb.ROLE_CLIENT)
+    assert len(calls) >= RATE * LOAD_S, _facts(scene)
+    assert len(scene.of("ngx", pb.ROLE_SERVER)) >= RATE * LOAD_S
+    assert [c.http.path for c in calls if c.HasField("parent")] == [], _facts(scene)
+
+
+def test_asyncio_server_calls_get_no_parent(scene: Scene) -> None:
+    calls = scene.of("asv", pb.ROLE_CLIENT)
+    assert {c.http.path for c in calls} >= {f"/audit/as/{i}" for i in range(ASYNC_N - 1)}, _facts(scene)
+    assert [c.http.path for c in calls if c.HasField("parent")] == [], _facts(scene)
+    # the kernel refused them: they started inside a request of a thread that waits in epoll
+    assert scene.counters.get("l7_kernel_causal_refused", 0) >= ASYNC_N - 1, _facts(scene)
