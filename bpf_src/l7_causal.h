@@ -35,8 +35,8 @@ __u32 causal_off = 0;           /* set for good when a flag could not be stored 
 struct causal_ctx {
 	__u64 start_ns; /* the server exchange's start (l7_xchg.start_ns): its key with the thread id */
 	__u8 open;      /* its response has not started yet */
-	__u8 child;     /* CHILD_ANY: client calls started inside it; CHILD_RECORDED: one of them will be a
-	                 * record of its own, so it must be one too */
+	__u8 child;     /* CHILD_ANY: client calls started inside it; CHILD_RECORDED: the sampler picked
+	                 * one of them, so it must be a record too */
 	__u8 _pad[6];
 };
 
@@ -118,9 +118,11 @@ __attribute__((noinline)) int causal_server_start(__u64 start_ns)
 }
 
 /* A client request's first byte was sent on this thread: the start of the server exchange it is
- * made inside of, 0 for none. `recorded`: this exchange will be a record of its own (sampled, or
- * a path the kernel cannot sum), so its parent must be one too. */
-__attribute__((noinline)) __u64 causal_client_start(__u32 recorded)
+ * made inside of, 0 for none. `sampled`: the sampler picked this exchange for a record of its
+ * own, so its parent must be one too. Only then: a child that is a record for another reason (a
+ * connection's only request, a path the kernel cannot sum) does not force its parent, or a server
+ * calling out on fresh connections would never be summed (its records would pass the rate). */
+__attribute__((noinline)) __u64 causal_client_start(__u32 sampled)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	__u32 tid = (__u32)id;
@@ -135,7 +137,7 @@ __attribute__((noinline)) __u64 causal_client_start(__u32 recorded)
 		stat_inc(KSCOPE_L7_STAT_CAUSAL_REFUSED);
 		return 0;
 	}
-	c->child |= recorded ? CHILD_ANY | CHILD_RECORDED : CHILD_ANY;
+	c->child |= sampled ? CHILD_ANY | CHILD_RECORDED : CHILD_ANY;
 	stat_inc(KSCOPE_L7_STAT_CAUSAL_PARENTS);
 	return c->start_ns;
 }

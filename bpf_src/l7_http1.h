@@ -136,7 +136,7 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 	if (st->role == KSCOPE_ROLE_SERVER)
 		causal_server_start(now);
 	else if (st->role == KSCOPE_ROLE_CLIENT)
-		parent = causal_client_start(sampled || !hash);
+		parent = causal_client_start(sampled);
 	id = bpf_get_current_pid_tgid();
 	/* the process name is read once per process on this socket (a string helper per request
 	 * measurably added to every request on a keep-alive connection) */

@@ -10,6 +10,9 @@ One scene, one `kscope run --l7` over it, three checks on its JSON lines:
   - an event-loop proxy: load -> nginx -> c, concurrent requests: no parent on nginx's calls;
   - an asyncio server whose calls run on its loop's thread after it answered (while it serves the
     next request: exactly what a per-thread guess would get wrong): no parent on its calls.
+Then a second agent run past a tiny ``--l7-record-rate``: wrk on keep-alive connections into the
+chain (unique paths from a Lua counter); ``a``'s requests are summed unless a sampled call was made
+inside them (forced, counted); calls whose parent was summed go unlinked, counted; none wrong.
 Addresses: 198.18.181.0/24 (pods) and 198.19.181.0/24 (VIPs).
 """
 
@@ -39,6 +42,10 @@ PORT, VIP_PORT = 8080, 80
 RATE, LOAD_S = 60, 2.0  # per load: 120 requests, each on its own connection and thread
 KEEPALIVE_N = 5
 ASYNC_N = 8
+RECORD_RATE, WRK_S = 10, 2
+WRK_LUA = """n = 0
+request = function() n = n + 1; return wrk.format("GET", "/w/" .. n) end
+"""
 Key = tuple[int, int, int]  # (tcp_request_seq, tcp_response_seq, start_time_unix_nano)
 
 
@@ -48,9 +55,11 @@ class Scene:
     counters: dict[str, int]
     ino: dict[str, int]  # pod -> network namespace inode
     load: dict[str, dict[str, object]]
+    rated: list[pb.L7Request]  # the second run's, past the record rate
+    rated_counters: dict[str, int]
 
-    def of(self, pod: str, side: int) -> list[pb.L7Request]:
-        return [r for r in self.records if r.netns_inode == self.ino[pod] and r.side == side]
+    def of(self, pod: str, side: int, records: list[pb.L7Request] | None = None) -> list[pb.L7Request]:
+        return [r for r in (records or self.records) if r.netns_inode == self.ino[pod] and r.side == side]
 
 
 def _nginx(topo: MeshTopology, tmp: Path, upstream: str) -> None:
@@ -118,19 +127,34 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
             stdout, _ = proc.communicate(timeout=60)
             done[what] = json.loads(stdout.splitlines()[-1])
         time.sleep(0.5)  # the asyncio server's last call
-        agent.terminate()  # a stop runs a last interval: capture stopped, kernel drained
-        _, err = agent.communicate(timeout=60)
-        assert agent.returncode == 0, err[-4000:]
-        rows = [json_format.Parse(line, pb.NodeRecord()) for line in out.read_text().splitlines()]
-        records = [r.l7 for r in rows if r.WhichOneof("record") == "l7"]
-        stats = [r.stats for r in rows if r.WhichOneof("record") == "stats"]
-        counters = dict(stats[-1].counters) if stats else {}
-        yield Scene(records, counters, {n: p.ino for n, p in topo.pods.items()}, done)
+        records, counters = _stop(agent, out)
+        agent = None
+
+        rated_out = tmp / "rated.jsonl"
+        (tmp / "w.lua").write_text(WRK_LUA)
+        agent, _ = start_kscope("--l7", "--l7-record-rate", str(RECORD_RATE), "--no-live", "--interval", "0.5",
+                                "--sweep-interval", "0.5", "--duration", "60", "--jsonl", str(rated_out))  # fmt: skip
+        topo.procs.append(agent)
+        wrk = topo.pods["load"].run("wrk", "-t1", "-c3", f"-d{WRK_S}s", "-s", str(tmp / "w.lua"),
+                                    f"http://{vip['a']}:{VIP_PORT}")  # fmt: skip
+        done["wrk"] = {"stdout": wrk.stdout[-300:]}
+        rated, rated_counters = _stop(agent, rated_out)
+        agent = None
+        yield Scene(records, counters, {n: p.ino for n, p in topo.pods.items()}, done, rated, rated_counters)
     finally:
         if agent is not None and agent.poll() is None:
             agent.kill()
             agent.wait(10)
         topo.close()
+
+
+def _stop(agent: subprocess.Popen[str], out: Path) -> tuple[list[pb.L7Request], dict[str, int]]:
+    agent.terminate()  # a stop runs a last interval: capture stopped, kernel drained
+    _, err = agent.communicate(timeout=60)
+    assert agent.returncode == 0, err[-4000:]
+    rows = [json_format.Parse(line, pb.NodeRecord()) for line in out.read_text().splitlines()]
+    stats = [r.stats for r in rows if r.WhichOneof("record") == "stats"]
+    return [r.l7 for r in rows if r.WhichOneof("record") == "l7"], dict(stats[-1].counters) if stats else {}
 
 
 def _key(r: pb.L7Request) -> Key:
@@ -181,3 +205,23 @@ def test_asyncio_server_calls_get_no_parent(scene: Scene) -> None:
     assert [c.http.path for c in calls if c.HasField("parent")] == [], _facts(scene)
     # the kernel refused them: they started inside a request of a thread that waits in epoll
     assert scene.counters.get("l7_kernel_causal_refused", 0) >= ASYNC_N - 1, _facts(scene)
+
+
+def test_past_the_record_rate_links_stay_right_and_losses_are_counted(scene: Scene) -> None:
+    servers = scene.of("a", pb.ROLE_SERVER, scene.rated)
+    records = {r.http.path: r for r in servers if not r.HasField("summary")}
+    summed = sum(r.summary.count for r in servers if r.HasField("summary"))
+    clients = [c for c in scene.of("a", pb.ROLE_CLIENT, scene.rated) if c.http.path.startswith("/w/")]
+    linked = [c for c in clients if c.HasField("parent")]
+    facts = (f"wrk {scene.load['wrk']}; {len(records)} server records, {summed} summed, {len(clients)} calls, "
+             f"{len(linked)} linked; { {k: v for k, v in scene.rated_counters.items() if 'causal' in k} }")  # fmt: skip
+    assert summed >= RECORD_RATE and clients, f"not past the record rate: {facts}"
+    # a linked call's parent is the record of the request that caused it, never another
+    wrong = [c.http.path for c in linked if c.http.path not in records or _parent(c) != _key(records[c.http.path])]
+    assert wrong == [], facts
+    # a sampled call forced its parent to be a record (counted); calls whose parent was summed are
+    # unlinked and counted (the counters are the node's: at least ours)
+    assert linked and scene.rated_counters["l7_kernel_causal_forced"] > 0, facts
+    unlinked = len(clients) - len(linked)
+    counted = sum(scene.rated_counters[f"l7_causal_children_{k}"] for k in ("timeout", "unconfirmed"))
+    assert unlinked <= counted, facts
