@@ -112,6 +112,7 @@ class L7Collector(L7Probe):
                 **({"l7_netns_pending": netns_pending_entries} if netns_pending_entries else {}),
                 **({"mmsg_pos": mmsg_threads} if mmsg_threads else {}),
             },
+            off={} if causal else {"l7.causal": "turned off (--no-l7-causal)"},
         )
         # the sweep is a TCP iterator: one per network namespace marked for it (share the L4
         # collector's walker)
