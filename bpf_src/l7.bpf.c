@@ -194,6 +194,14 @@ int causal_epoll_pwait2(void *ctx)
 	return causal_flag_thread();
 }
 
+/* io_uring loops wait in io_uring_enter instead (a kernel without io_uring has no such loop, and
+ * no such tracepoint: its capability alone is then missing) */
+SEC("tracepoint/syscalls/sys_exit_io_uring_enter")
+int causal_io_uring_enter(void *ctx)
+{
+	return causal_flag_thread();
+}
+
 SEC("tp_btf/sched_process_exit")
 int BPF_PROG(causal_exit, struct task_struct *p)
 {

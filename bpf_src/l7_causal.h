@@ -13,8 +13,8 @@
  *
  * A thread serving several requests at once (an event loop) would give a call the wrong parent:
  * a wrong parent is worse than none, so such threads are refused, not guessed at:
- *   - a thread that calls epoll_wait/epoll_pwait/epoll_pwait2 is flagged for good (every event
- *     loop on Linux waits there: nginx, libuv, asyncio, Netty, Go's netpoller);
+ *   - a thread that calls epoll_wait/epoll_pwait/epoll_pwait2 (or io_uring_enter) is flagged for
+ *     good (every event loop on Linux waits there: nginx, libuv, asyncio, Netty, Go's netpoller);
  *   - a process is flagged for good when one of its threads starts a server request while
  *     another is open on it, or answers a request another thread read (hand-offs, coroutines).
  * A flagged thread's or process's calls get no parent, and its server exchanges confirm none

@@ -158,7 +158,9 @@ class Agent:
                 enabled |= self.l7.report.enabled
                 disabled.update(self.l7.report.disabled)
                 # without the event-loop refusal hooks every tentative parent is dropped (counted)
-                self.pipeline.causal.enabled = opts.l7_causal and "l7.causal" in self.l7.report.enabled
+                self.pipeline.causal.enabled = (
+                    opts.l7_causal and isinstance(self.l7, L7Collector) and self.l7.causal_ready()
+                )
             except KscopeError as exc:
                 # L7 is a capability like any other: without it the agent still does L4.
                 log.warning("capability_disabled", capability="l7.capture", reason=str(exc))
@@ -179,7 +181,9 @@ class Agent:
     def drain_l7(self) -> None:
         """Parse what the L7 ring holds now; the records wait for the interval's write."""
         if self.l7 is not None:
-            self._pending_events += self.pipeline.feed(self.l7.poll())
+            # client calls waiting for their parent's record: it may be an idle keep-alive connection's
+            # last exchange, which only the sweep sends (its interval is long: a pass over the TCP table)
+            self._pending_events += self.pipeline.feed(self.l7.poll(urgent=self.pipeline.causal.waiting() > 0))
 
     def step(self) -> tuple[list[L4Record], list[L7Event]]:
         """One interval's work: poll, parse, enrich, write, update self-metrics."""

@@ -109,8 +109,10 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
         require(ka.call("get /ka/before", "done")["statuses"] == {"200": 1}, "keep-alive request before the agent")
 
         out = tmp / "flows.jsonl"
-        agent, _ = start_kscope("--l7", "--no-live", "--interval", "0.5", "--sweep-interval", "0.5",
-                                "--duration", "60", "--jsonl", str(out))  # fmt: skip
+        # the default --interval (how long a call waits for its parent's record) and --sweep-interval
+        # (5 s: the last request on the keep-alive connection leaves with a sweep, run sooner while
+        # calls wait for their parent)
+        agent, _ = start_kscope("--l7", "--no-live", "--duration", "60", "--jsonl", str(out))
         topo.procs.append(agent)
         loads = {"chain": _load(topo, f"http://{vip['a']}:{VIP_PORT}/req"),
                  "nginx": _load(topo, f"http://{vip['ngx']}:{VIP_PORT}/ng")}  # fmt: skip
