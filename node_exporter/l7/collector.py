@@ -77,6 +77,8 @@ class L7Collector(L7Probe):
         skip_own: bool = False,
         h2_compact: bool | None = None,
         causal: bool = True,
+        causal_threads: int | None = None,
+        causal_flagged: int | None = None,
     ) -> None:
         """``exchanges``: pair plain-text HTTP/1 in the kernel (one record per exchange) instead of
         sending every call's head; ``idle_s``: how long an answered exchange waits for more
@@ -94,7 +96,8 @@ class L7Collector(L7Probe):
         (bpf_src/l7_h2.h); False sends each call's first 4 KiB as before. None: True unless the
         environment sets KSCOPE_L7_H2_FULL_CAPTURE=1 (the bench measures both ways).
         ``causal``: per-thread server-request contexts and tentative parents of client calls
-        (bpf_src/l7_causal.h); False: none."""
+        (bpf_src/l7_causal.h); False: none. ``causal_threads``/``causal_flagged``: the sizes of its
+        context and flag tables (tests shrink them to push past them)."""
         if record_rate < 0:
             raise ValueError(f"record_rate must be >= 0, got {record_rate}")
         path = Path(object_path) if object_path else default_bpf_dir() / OBJECT_NAME
@@ -117,6 +120,8 @@ class L7Collector(L7Probe):
                 **({"l7_ring": ring_bytes, "l7_xring": ring_bytes} if ring_bytes else {}),
                 **({"l7_netns_pending": netns_pending_entries} if netns_pending_entries else {}),
                 **({"mmsg_pos": mmsg_threads} if mmsg_threads else {}),
+                **({"causal_ctx": causal_threads} if causal_threads else {}),
+                **({"causal_threads": causal_flagged, "causal_procs": causal_flagged} if causal_flagged else {}),
             },
             off={} if causal else {c: "turned off (--no-l7-causal)" for c in ("l7.causal", CAUSAL_URING)},
         )

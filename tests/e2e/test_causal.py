@@ -25,15 +25,18 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.protobuf import json_format
 
 from kscope.v1 import flow_pb2 as pb
+from node_exporter.l7.pipeline import L7Event
+from node_exporter.protocols import HttpRecord, Role
 from tests.e2e.agentproc import start_kscope
-from tests.e2e.l7trace import l7peer, require
+from tests.e2e.l7trace import L7Trace, l7peer, require
 from tests.e2e.meshtopo import MeshTopology
-from tests.e2e.netns import NGINX_CONF
+from tests.e2e.netns import NGINX_CONF, SRV_V4, Topology
 
 pytestmark = pytest.mark.bpf
 MESHAPP = Path(__file__).with_name("meshapp.py")
@@ -227,3 +230,51 @@ def test_past_the_record_rate_links_stay_right_and_losses_are_counted(scene: Sce
     unlinked = len(clients) - len(linked)
     counted = sum(scene.rated_counters[f"l7_causal_children_{k}"] for k in ("timeout", "unconfirmed"))
     assert unlinked <= counted, facts
+
+
+def _http(e: L7Event) -> HttpRecord:
+    assert isinstance(e.record, HttpRecord), e
+    return e.record
+
+
+def _trace_chain(topo: Topology, **l7_kw: Any) -> tuple[list[L7Event], dict[str, int]]:
+    """curl -> b -> c, both thread-per-request servers in the server namespace (c on loopback),
+    traced there by L7Trace with ``l7_kw``; two asyncio loops wait in epoll there meanwhile."""
+    serve = [sys.executable, "-u", str(MESHAPP), "serve", "--port"]
+    topo.spawn(topo.srv, *serve, "8091", "--name", "c", "--bind", "127.0.0.1")
+    topo.spawn(topo.srv, *serve, "8090", "--name", "b", "--bind", SRV_V4, "--next", "http://127.0.0.1:8091",
+               "--forward-path")  # fmt: skip
+    for port in (8090, 8091):
+        topo.wait_listening(topo.srv, port)
+    trace = L7Trace([topo.srv], **l7_kw)
+    try:
+        for port in (8092, 8093):  # event loops waiting in epoll: two more flagged threads at least
+            topo.spawn(topo.srv, sys.executable, "-u", str(MESHAPP), "aserve", "--bind", "127.0.0.1", "--port",
+                       str(port), "--next", "http://127.0.0.1:8091")  # fmt: skip
+            topo.wait_listening(topo.srv, port)
+        topo.cli.run("curl", "-sS", "-o", "/dev/null", f"http://{SRV_V4}:8090/one")
+        events = trace.until(lambda ev: any(e.conn.side is Role.CLIENT for e in ev), 5)
+        time.sleep(1.0)  # the parent's record (a keep-alive server exchange: the sweep sends it)
+        events = trace.until(lambda ev: False, 1.5)
+        return events, trace.kernel_stats()
+    finally:
+        trace.close()
+
+
+def test_full_flag_table_turns_causality_off_counted(topo: Topology) -> None:
+    """Flags are never forgotten: when one cannot be stored, nothing is linked any more (counted)."""
+    events, stats = _trace_chain(topo, causal_flagged=1)
+    calls = [e for e in events if e.conn.side is Role.CLIENT]
+    assert calls, events
+    assert all(_http(e).parent is None for e in calls), calls
+    assert stats["causal_map_full"] >= 1 and stats["causal_refused"] >= 1, stats
+
+
+def test_the_same_chain_links_with_room_in_the_table(topo: Topology) -> None:
+    events, stats = _trace_chain(topo)
+    calls = [e for e in events if e.conn.side is Role.CLIENT]
+    assert [(_http(e).path, _http(e).parent is not None) for e in calls] == [("/one", True)], (
+        events,
+        stats,
+    )
+    assert stats["causal_map_full"] == 0, stats
