@@ -161,9 +161,11 @@ def med(values: list[float], digits: int = 4) -> float:
     return round(statistics.median(values), digits)
 
 
-def l7_round(port: int, seconds: int, connections: int, close: bool, record_rate: int | None) -> dict[str, float]:
+def l7_round(
+    port: int, seconds: int, connections: int, close: bool, record_rate: int | None, extra: tuple[str, ...] = ()
+) -> dict[str, float]:
     """One run with the agent tracing L7: throughput and the agent's own figures."""
-    with AgentProc(l7=True, record_rate=record_rate) as agent:
+    with AgentProc(l7=True, record_rate=record_rate, extra=extra) as agent:
         rps, cpu_us = measured_wrk(port, seconds, connections, close, agent.proc.pid)
         time.sleep(1.5)  # let the agent finish the interval that saw the run
         return {
@@ -211,15 +213,17 @@ def floor_round(port: int, seconds: int, connections: int, close: bool) -> tuple
 
 
 def saturation(
-    port: int, rounds: int, seconds: int, connections: int, close: bool, floor: bool = False
+    port: int, rounds: int, seconds: int, connections: int, close: bool, floor: bool = False, causal_ab: bool = False
 ) -> dict[str, object]:
     """Per round: baseline, L4 only, L4+L7 with the default record rate (summaries past it), and
     L4+L7 with every request a record (--l7-record-rate 0), interleaved; with ``floor``, also L4 and
-    the floor probe (floor_round)."""
+    the floor probe (floor_round); with ``causal_ab``, also L4+L7 with --no-l7-causal (its hooks not
+    loaded: what in-process causality costs, docs/traces.md)."""
     r_floor, floor_cpu = [], []
     r_l4, base, cpu_conn, base_cpu, l4_cpu = [], [], [], [], []
     default: list[dict[str, float]] = []
     records: list[dict[str, float]] = []
+    no_causal: list[dict[str, float]] = []
     for _ in range(rounds):
         b, b_cpu = measured_wrk(port, seconds, connections, close)
         with AgentProc(l7=False) as agent:
@@ -232,6 +236,8 @@ def saturation(
             r_floor.append(f / b)
             floor_cpu.append(f_cpu)
         default.append(l7_round(port, seconds, connections, close, None))
+        if causal_ab:
+            no_causal.append(l7_round(port, seconds, connections, close, None, ("--no-l7-causal",)))
         records.append(l7_round(port, seconds, connections, close, 0))
         base.append(b)
         base_cpu.append(b_cpu)
@@ -247,6 +253,11 @@ def saturation(
         "l4_l7": l7_summary(default, base, base_cpu),
         "l4_l7_every_request_a_record": l7_summary(records, base, base_cpu),
     }
+    if causal_ab:
+        result["l4_l7_no_causal"] = l7_summary(no_causal, base, base_cpu)
+        result["l7_cpu_us_per_request_causal_over_none_median"] = med(
+            [d["cpu_us"] / n["cpu_us"] for d, n in zip(default, no_causal, strict=True)]
+        )
     if floor:
         result["ratio_l4_floor_median"] = med(r_floor)
         result["ratio_l4_floor_rounds"] = [round(r, 3) for r in r_floor]
@@ -305,6 +316,9 @@ def main() -> int:
         action="store_true",
         help="keep-alive also with L4 + bench/l7_floor.bpf.c (the L7 design's cost before its own work)",
     )
+    ap.add_argument(
+        "--causal-ab", action="store_true", help="also L4 + L7 with --no-l7-causal (in-process causality's cost)"
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root (the agent loads BPF programs)", file=sys.stderr)
@@ -323,8 +337,12 @@ def main() -> int:
         NGINX_WORKER = int(subprocess.check_output(["pgrep", "-P", str(master.pid)]).split()[0])
         wrk(port, 1, args.connections, False)  # warm up
         workloads: dict[str, Callable[[], dict[str, object]]] = {
-            "keepalive": lambda: saturation(port, args.rounds, args.seconds, args.connections, False, args.floor),
-            "churn": lambda: saturation(port, args.rounds, args.seconds, args.connections, close=True),
+            "keepalive": lambda: saturation(
+                port, args.rounds, args.seconds, args.connections, False, args.floor, args.causal_ab
+            ),
+            "churn": lambda: saturation(
+                port, args.rounds, args.seconds, args.connections, close=True, causal_ab=args.causal_ab
+            ),
             "fixed_rate": lambda: fixed_rate(port, args.rounds, args.rate_seconds, args.rate, args.connections),
         }
         results = {name: run() for name, run in workloads.items() if args.only in (None, name)}

@@ -35,6 +35,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #include "l7_state.h"
 #include "l7_http1_record.h"
 #include "l7_summary.h"
+#include "l7_causal.h"
 #include "l7_http1.h"
 #include "l7_h2.h"
 #include "l7_capture.h"
@@ -163,9 +164,49 @@ int BPF_PROG(l7_destroy, struct sock *sk)
 
 	if (!x)
 		return 0;
+	if (x->role == KSCOPE_ROLE_SERVER && x->state == XS_REQUEST)
+		causal_server_abandon(x->start_ns, x->pid); /* a peek: at worst a context stays open */
 	if (x->state == XS_REQUEST || x->state == XS_ANSWERED)
 		xchg_retire(sk, x, KSCOPE_EMIT_CLOSE, 0, false);
 	slots_flush(sk, x, KSCOPE_EMIT_CLOSE, 0, true);
+	return 0;
+}
+
+/* ---- in-process causality: event loops refused, a task's entries gone with it (l7_causal.h) ----
+ * Classic syscall tracepoints fire only for their syscall; on the exit, so a thread already
+ * waiting when we attached is flagged before it handles what woke it. */
+
+SEC("tracepoint/syscalls/sys_exit_epoll_wait")
+int causal_epoll_wait(void *ctx)
+{
+	return causal_flag_thread();
+}
+
+SEC("tracepoint/syscalls/sys_exit_epoll_pwait")
+int causal_epoll_pwait(void *ctx)
+{
+	return causal_flag_thread();
+}
+
+SEC("tracepoint/syscalls/sys_exit_epoll_pwait2")
+int causal_epoll_pwait2(void *ctx)
+{
+	return causal_flag_thread();
+}
+
+/* io_uring loops wait in io_uring_enter instead (a kernel without io_uring has no such loop, and
+ * no such tracepoint: its capability alone is then missing) */
+SEC("tracepoint/syscalls/sys_exit_io_uring_enter")
+int causal_io_uring_enter(void *ctx)
+{
+	return causal_flag_thread();
+}
+
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(causal_exit, struct task_struct *p)
+{
+	if (causal)
+		causal_task_exit(p);
 	return 0;
 }
 

@@ -95,7 +95,7 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 	struct kscope_l7_exchange *r = 0;
 	struct kscope_l7_summary *ev = 0;
 	__u8 method = has_buf ? request_method(d, n) : 0, comm[16];
-	__u64 id, hash = 0;
+	__u64 id, hash = 0, parent = 0;
 	__u32 req_seq, resp_seq;
 	bool filled = false, fresh_comm, sampled, fold = false, fold_failed = false, evicted = false, mark;
 
@@ -131,6 +131,12 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 		if (!hash)
 			stat_inc(KSCOPE_L7_STAT_UNSUMMABLE);
 	}
+	/* in-process causality (l7_causal.h): a server request opens this thread's context, a
+	 * client request started inside one takes it as its tentative parent */
+	if (st->role == KSCOPE_ROLE_SERVER)
+		causal_server_start(now);
+	else if (st->role == KSCOPE_ROLE_CLIENT)
+		parent = causal_client_start(sampled);
 	id = bpf_get_current_pid_tgid();
 	/* the process name is read once per process on this socket (a string helper per request
 	 * measurably added to every request on a keep-alive connection) */
@@ -152,7 +158,8 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 	x->sampled = sampled;
 	x->path_hash = hash;
 	x->method = method;
-	x->flags = (n < (__u32)ret ? KSCOPE_X_HEAD_TRUNCATED : 0) | KSCOPE_X_TCP_SEQ;
+	x->flags = (n < (__u32)ret ? KSCOPE_X_HEAD_TRUNCATED : 0) | KSCOPE_X_TCP_SEQ | (parent ? KSCOPE_X_PARENT : 0);
+	x->parent_start_ns = parent;
 	x->tcp_req_seq = req_seq;
 	x->tcp_resp_seq = resp_seq;
 	x->req_seq = seq;
@@ -188,7 +195,16 @@ static __always_inline void xchg_response(struct sock *sk, struct l7_sock *st, s
 {
 	struct kscope_l7_exchange *r = 0;
 	__u16 status = has_buf ? response_status(d, n) : 0;
-	bool filled = false, last = false, orphan = false, late = false;
+	bool filled = false, last = false, orphan = false, late = false, forced = false;
+	__u64 started = 0;
+	int verdict = 0;
+
+	/* a server exchange's final response starts: is it its children's parent (l7_causal.h)?
+	 * Asked before the lock (helpers), on a peek; applied under it only to that same exchange */
+	if (x->role == KSCOPE_ROLE_SERVER && (status >= 200 || status == 101) && x->state == XS_REQUEST) {
+		started = x->start_ns;
+		verdict = causal_server_answer(started, x->pid);
+	}
 
 	/* 101, or a CONNECT tunnel: the exchange ends now and so does HTTP/1 on this socket */
 	if (status == 101 || (status >= 200 && status < 300 && x->method == KSCOPE_HTTP_CONNECT))
@@ -204,6 +220,15 @@ static __always_inline void xchg_response(struct sock *sk, struct l7_sock *st, s
 			x->resp_bytes = ret;
 			x->last_ns = now;
 			x->state = XS_ANSWERED;
+			if (verdict && x->start_ns == started) {
+				x->flags |= KSCOPE_X_PARENT_OK;
+				/* a recorded child's parent must be recorded, or the child's link cannot be
+				 * confirmed: past the record rate it bypasses the sampler */
+				if ((verdict & CAUSAL_FORCE) && !x->sampled) {
+					x->sampled = 1;
+					forced = true;
+				}
+			}
 			if (status == 101 || (status < 300 && x->method == KSCOPE_HTTP_CONNECT)) {
 				last = true;
 				if (r) {
@@ -234,6 +259,8 @@ static __always_inline void xchg_response(struct sock *sk, struct l7_sock *st, s
 		stat_inc(KSCOPE_L7_STAT_ORPHAN_RESPONSES);
 	if (late)
 		stat_inc(KSCOPE_L7_STAT_LATE_CALLS);
+	if (forced)
+		stat_inc(KSCOPE_L7_STAT_CAUSAL_FORCED);
 }
 
 /* One call of a socket on the exchange path. false: it goes through the chunk path instead. */

@@ -128,6 +128,7 @@ static __always_inline void xrec_fill(struct kscope_l7_exchange *r, const struct
 	__builtin_memcpy(r->head, x->head[x->cur & 1], sizeof(r->head));
 	r->tcp_req_seq = x->tcp_req_seq;
 	r->tcp_resp_seq = x->tcp_resp_seq;
+	r->parent_start_ns = x->parent_start_ns;
 }
 
 static __always_inline void xrec_send(struct kscope_l7_exchange *r, bool filled)

@@ -97,6 +97,7 @@ struct l7_xchg {
 	__u64 path_hash; /* of this request's line up to its path's end; 0: not summable */
 	__u32 tcp_req_seq;  /* kscope_l7_exchange's, set with KSCOPE_X_TCP_SEQ in flags */
 	__u32 tcp_resp_seq;
+	__u64 parent_start_ns; /* kscope_l7_exchange's, set with KSCOPE_X_PARENT in flags */
 	__u64 swept; /* the sweep pass that last met it (bpf_iter_meta.session_id); only the sweep uses it */
 	__u8 comm[16];
 	__u16 head_fill[2]; /* bytes of each head[] that may be non-zero (zero after them) */

@@ -20,4 +20,10 @@
 #define KSCOPE_L7_RING_BYTES (8 * 1024 * 1024)
 #define KSCOPE_L7_XRING_BYTES (16 * 1024 * 1024)
 
+/* In-process causality (l7_causal.h): threads with a server-request context (entries leave at the
+ * thread's exit; past it a thread gets no context, counted), and flagged threads and processes
+ * (event loops, multiplexers: live ones only; past it causality turns off, counted). */
+#define KSCOPE_CAUSAL_THREADS 65536
+#define KSCOPE_CAUSAL_FLAGGED 16384
+
 #endif

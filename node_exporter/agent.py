@@ -24,6 +24,7 @@ from node_exporter.bpf.btf import Btf
 from node_exporter.errors import HookUnavailableError, KscopeError
 from node_exporter.l4.collector import OBJECT_NAME, L4Collector, default_bpf_dir
 from node_exporter.l4.records import L4Record
+from node_exporter.l7.causal import GoPrograms
 from node_exporter.l7.collector import OBJECT_NAME as L7_OBJECT
 from node_exporter.l7.collector import L7Collector
 from node_exporter.l7.pipeline import ConnInfo, L7Event, L7Pipeline
@@ -68,6 +69,8 @@ class AgentOptions:
     # HTTP/1 exchange records per second per CPU; past it the kernel sums exchanges (0: no sums)
     l7_record_rate: int = 1000
     l7_summary_raw_paths: bool = False  # sum by raw path, not route: only to measure the difference
+    # link client calls to the server request their thread was serving (docs/traces.md)
+    l7_causal: bool = True
     processor: str | None = None  # host:port of the cluster processor's ingest
     node_name: str = ""
     proc_root: str = "/proc"
@@ -97,7 +100,7 @@ def open_l7(bpf_dir: Path, opts: AgentOptions, netns: NetnsWalker | None = None)
             return L7Collector(
                 bpf_dir / L7_OBJECT, netns_ino=opts.netns_inode, capture_bytes=opts.capture_bytes,
                 proc_root=opts.proc_root, record_rate=opts.l7_record_rate, netns=netns,
-                summary_raw_paths=opts.l7_summary_raw_paths,
+                summary_raw_paths=opts.l7_summary_raw_paths, causal=opts.l7_causal,
                 # like L4's: the sweep walks each namespace with exchanges in flight, a pass over the
                 # whole TCP hash table (netns.py); busy sockets need none (see bpf_src/l7_summary.h)
                 sweep_s=opts.sweep_s, skip_own=True,
@@ -145,13 +148,19 @@ class Agent:
             report_s=opts.interval_s, sweep_s=opts.sweep_s,
         )  # fmt: skip
         self.l7: L7Collector | SyscallL7Collector | None = None
-        self.pipeline = L7Pipeline()
+        self.pipeline = L7Pipeline(
+            causal=False, causal_refused=GoPrograms(opts.proc_root), causal_hold_ns=int(opts.interval_s * 1e9)
+        )
         enabled, disabled = set(self.collector.report.enabled), dict(self.collector.report.disabled)
         if opts.l7:
             try:
                 self.l7 = open_l7(bpf_dir, opts, self.collector.netns)
                 enabled |= self.l7.report.enabled
                 disabled.update(self.l7.report.disabled)
+                # without the event-loop refusal hooks every tentative parent is dropped (counted)
+                self.pipeline.causal.enabled = (
+                    opts.l7_causal and isinstance(self.l7, L7Collector) and self.l7.causal_ready()
+                )
             except KscopeError as exc:
                 # L7 is a capability like any other: without it the agent still does L4.
                 log.warning("capability_disabled", capability="l7.capture", reason=str(exc))
@@ -172,7 +181,9 @@ class Agent:
     def drain_l7(self) -> None:
         """Parse what the L7 ring holds now; the records wait for the interval's write."""
         if self.l7 is not None:
-            self._pending_events += self.pipeline.feed(self.l7.poll())
+            # client calls waiting for their parent's record: it may be an idle keep-alive connection's
+            # last exchange, which only the sweep sends (its interval is long: a pass over the TCP table)
+            self._pending_events += self.pipeline.feed(self.l7.poll(urgent=self.pipeline.causal.waiting() > 0))
 
     def step(self) -> tuple[list[L4Record], list[L7Event]]:
         """One interval's work: poll, parse, enrich, write, update self-metrics."""
@@ -353,6 +364,7 @@ class Agent:
             self.l7.stop_capture()
             self.l7.final_sweep()
             self.drain_l7()
+            self._pending_events += self.pipeline.flush_causal()
 
     def close(self) -> None:
         if self.shipper is not None:

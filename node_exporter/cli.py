@@ -77,6 +77,13 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
         "0: every request is a record",
     )
     p.add_argument(
+        "--no-l7-causal",
+        dest="l7_causal",
+        action="store_false",
+        help="do not link an HTTP/1 client call to the server request its thread was serving "
+        "(thread-per-request servers only; docs/traces.md)",
+    )
+    p.add_argument(
         "--l7-summary-raw-paths",
         action="store_true",
         help="sum by the raw path instead of its route (/users/1 and /users/2 apart): only to measure what "
@@ -186,6 +193,7 @@ def _run(args: argparse.Namespace, live: bool | None) -> int:
         l7_probe=args.l7_probe,
         l7_record_rate=args.l7_record_rate,
         l7_summary_raw_paths=args.l7_summary_raw_paths,
+        l7_causal=args.l7_causal,
         capture_bytes=args.capture_bytes,
         processor=args.processor,
         node_name=args.node_name or os.environ.get("NODE_NAME") or socket.gethostname(),

@@ -74,7 +74,21 @@ enum kscope_l7_stat {
 	                               * state): the direction waits for a call that starts with a frame header */
 	KSCOPE_L7_STAT_UNSUMMABLE = 23, /* exchanges past the record rate sent as records, not summed: the kernel
 	                                 * cannot template their path as user space would (bpf_src/l7_route.h) */
-	KSCOPE_L7_STATS = 24,
+	/* In-process causality (bpf_src/l7_causal.h, docs/traces.md) */
+	KSCOPE_L7_STAT_CAUSAL_PARENTS = 24,  /* client exchanges given a tentative parent (KSCOPE_X_PARENT) */
+	KSCOPE_L7_STAT_CAUSAL_REFUSED = 25,  /* client exchanges started inside a server request on a thread or
+	                                      * process flagged as multiplexing (or with causality off): none given */
+	KSCOPE_L7_STAT_CAUSAL_CONFIRMED = 26, /* server exchanges with children confirmed (KSCOPE_X_PARENT_OK) */
+	KSCOPE_L7_STAT_CAUSAL_UNCONFIRMED = 27, /* server exchanges with children not confirmed (another thread
+	                                         * answered, the thread or process got flagged meanwhile) */
+	KSCOPE_L7_STAT_CAUSAL_FORCED = 28,   /* server exchanges recorded past the record rate: a child was recorded */
+	KSCOPE_L7_STAT_CAUSAL_THREAD_FLAGGED = 29, /* threads flagged as event loops (they called epoll_wait) */
+	KSCOPE_L7_STAT_CAUSAL_PROC_FLAGGED = 30,   /* processes flagged: two server requests open on one thread,
+	                                            * or one answered by another thread than the one that read it */
+	KSCOPE_L7_STAT_CAUSAL_MAP_FULL = 31, /* a context or flag could not be stored: a context is not opened;
+	                                      * a flag lost turns causality off for good (a wrong parent is worse) */
+	KSCOPE_L7_STAT_CAUSAL_ABANDONED = 32, /* server requests closed unanswered: their context closed */
+	KSCOPE_L7_STATS = 33,
 };
 
 /* Followed by `captured` payload bytes. */
@@ -104,8 +118,8 @@ struct kscope_l7_header {
 /* Bytes of a request's head copied into its exchange record (the request line and the first
  * headers; traceparent/X-Request-ID past it are not seen). Fixed: the record is fixed-size so
  * user space reads a batch as an array. Bounded further by the capture_bytes knob. */
-#define KSCOPE_L7_HEAD 376 /* 384 before the TCP sequence numbers took 8: the record stays 504 bytes (a
-                            * 512-byte ring stride with its header, which the reader needs) */
+#define KSCOPE_L7_HEAD 368 /* 384 before the TCP sequence numbers took 8 and parent_start_ns 8: the record
+                            * stays 504 bytes (a 512-byte ring stride with its header, which the reader needs) */
 
 enum kscope_http_method {
 	KSCOPE_HTTP_GET = 1,
@@ -133,6 +147,11 @@ enum kscope_l7_exchange_flags {
 	KSCOPE_X_HEAD_TRUNCATED = 1, /* the request-start call moved more than head_len bytes */
 	KSCOPE_X_NO_BUFFER = 2,      /* some call of the exchange had no user buffer (sendfile ...) */
 	KSCOPE_X_TCP_SEQ = 4,        /* tcp_req_seq/tcp_resp_seq are set (docs/traces.md) */
+	KSCOPE_X_PARENT = 8,         /* client: started inside the server request of the same thread that
+	                              * started at parent_start_ns (tentative: the agent confirms it) */
+	KSCOPE_X_PARENT_OK = 16,     /* server: client calls started inside it, and it is their parent: the
+	                              * thread that read it answered it, nothing else started on the thread
+	                              * meanwhile, neither thread nor process flagged (bpf_src/l7_causal.h) */
 };
 
 /* One HTTP/1 request/response exchange on a plain-text TCP socket, as one side saw it.
@@ -166,6 +185,9 @@ struct kscope_l7_exchange {
 	 * only with KSCOPE_X_TCP_SEQ. */
 	__u32 tcp_req_seq;    /* TCP sequence number of the request's first byte (client -> server stream) */
 	__u32 tcp_resp_seq;   /* server -> client stream: the next byte when the request started */
+	/* With KSCOPE_X_PARENT (client): CLOCK_MONOTONIC ns start of the server exchange this thread
+	 * (pid) was serving when this call started: with tgid and pid, that server record's key. */
+	__u64 parent_start_ns;
 };
 
 /*
@@ -224,7 +246,7 @@ struct kscope_l7_summary {
 	__u32 buckets[KSCOPE_L7_LATENCY_BUCKETS]; /* latency histogram, bounds above */
 	__u8 head[KSCOPE_L7_SUMMARY_HEAD]; /* the first summed request's head (request line first) */
 	__u8 _pad3[KSCOPE_L7_HEAD - KSCOPE_L7_SUMMARY_HEAD - 4 * KSCOPE_L7_LATENCY_BUCKETS - 32];
-	__u8 _pad4[8];        /* where an exchange has its TCP sequence numbers */
+	__u8 _pad4[16];       /* where an exchange has its TCP sequence numbers and parent_start_ns */
 };
 
 #pragma clang diagnostic pop

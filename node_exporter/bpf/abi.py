@@ -168,7 +168,16 @@ class L7Stat(enum.IntEnum):
     KSCOPE_L7_STAT_OWN = 21
     KSCOPE_L7_STAT_H2_LOST = 22
     KSCOPE_L7_STAT_UNSUMMABLE = 23
-    KSCOPE_L7_STATS = 24
+    KSCOPE_L7_STAT_CAUSAL_PARENTS = 24
+    KSCOPE_L7_STAT_CAUSAL_REFUSED = 25
+    KSCOPE_L7_STAT_CAUSAL_CONFIRMED = 26
+    KSCOPE_L7_STAT_CAUSAL_UNCONFIRMED = 27
+    KSCOPE_L7_STAT_CAUSAL_FORCED = 28
+    KSCOPE_L7_STAT_CAUSAL_THREAD_FLAGGED = 29
+    KSCOPE_L7_STAT_CAUSAL_PROC_FLAGGED = 30
+    KSCOPE_L7_STAT_CAUSAL_MAP_FULL = 31
+    KSCOPE_L7_STAT_CAUSAL_ABANDONED = 32
+    KSCOPE_L7_STATS = 33
 
 
 L7_MAX_CAPTURE = 4096
@@ -201,7 +210,7 @@ class KscopeL7Header(ctypes.Structure):
     ]
 
 
-L7_HEAD = 376  # KSCOPE_L7_HEAD: request head bytes carried by an exchange record
+L7_HEAD = 368  # KSCOPE_L7_HEAD: request head bytes carried by an exchange record
 
 
 class HttpMethod(enum.IntEnum):
@@ -229,6 +238,8 @@ class L7ExchangeFlags(enum.IntFlag):
     KSCOPE_X_HEAD_TRUNCATED = 1
     KSCOPE_X_NO_BUFFER = 2
     KSCOPE_X_TCP_SEQ = 4
+    KSCOPE_X_PARENT = 8
+    KSCOPE_X_PARENT_OK = 16
 
 
 class KscopeL7Exchange(ctypes.Structure):
@@ -260,6 +271,7 @@ class KscopeL7Exchange(ctypes.Structure):
         ("head", u8 * L7_HEAD),
         ("tcp_req_seq", u32),
         ("tcp_resp_seq", u32),
+        ("parent_start_ns", u64),
     ]
 
 
@@ -282,7 +294,7 @@ class KscopeL7Summary(ctypes.Structure):
         ("buckets", u32 * L7_LATENCY_BUCKETS),
         ("head", u8 * L7_SUMMARY_HEAD),
         ("_pad3", u8 * (L7_HEAD - L7_SUMMARY_HEAD - 4 * L7_LATENCY_BUCKETS - 32)),
-        ("_pad4", u8 * 8),
+        ("_pad4", u8 * 16),
     ]
 
 

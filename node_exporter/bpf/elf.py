@@ -221,3 +221,30 @@ def _file_offset(segments: list[tuple[int, int, int]], vaddr: int) -> int | None
         if p_vaddr <= vaddr < p_vaddr + p_memsz:
             return vaddr - p_vaddr + p_offset
     return None
+
+
+def section_names(path: str) -> set[str]:
+    """The names of an ELF file's sections. Raises :class:`ElfError` like :func:`symbol_offsets`."""
+    try:
+        with open(path, "rb") as fh:
+            r = _Reader(fh, path, os.fstat(fh.fileno()).st_size)
+            ident = r.read(0, 16, "ELF header")
+            if ident[:4] != b"\x7fELF" or ident[4] not in (1, 2) or ident[5] not in (1, 2):
+                raise ElfError(f"{path} is not an ELF file")
+            layout = _ELF64 if ident[4] == 2 else _ELF32
+            order = "<" if ident[5] == 1 else ">"
+            ehdr_fmt = order + layout.ehdr
+            (_, _, _, _, _, shoff, _, _, _, _, shentsize, shnum, shstrndx) = struct.unpack(
+                ehdr_fmt, r.read(16, struct.calcsize(ehdr_fmt), "ELF header")
+            )
+            fmt = order + layout.shdr
+            sections = _sections(r, fmt, shoff, shentsize, shnum)
+            if not 0 <= shstrndx < len(sections):
+                raise ElfError(f"{path}: no section name table")
+            names = r.read(sections[shstrndx].offset, sections[shstrndx].size, ".shstrtab")
+            table = r.read(shoff, shnum * shentsize, "section headers")
+            return {_cstr(names, struct.unpack_from(order + "I", table, i * shentsize)[0]) for i in range(shnum)}
+    except OSError as exc:
+        raise ElfError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (struct.error, UnicodeDecodeError, ValueError) as exc:
+        raise ElfError(f"{path}: malformed ELF file ({exc})") from None

@@ -166,7 +166,9 @@ class BpfObject:
         map_sizes: Mapping[str, int] | None = None,
         cgroup_root: str | None = None,
         use_uprobe_multi: bool | None = None,
+        off: Mapping[str, str] | None = None,
     ) -> None:
+        """``off``: capabilities not to load at all, with the reason reported for each."""
         self.path = Path(path)
         self._capabilities = dict(capabilities or {})
         self._required = required
@@ -180,7 +182,7 @@ class BpfObject:
         self.uprobe_multi = use_uprobe_multi is not False
         self._multi_forced = use_uprobe_multi is True
         self._cgroup_fd = -1
-        self.report = LoadReport()
+        self.report = LoadReport(disabled=dict(off or {}))
         self.programs: dict[str, Program] = {}
         check_object_file(self.path)
         self._load_with_degrade()

@@ -20,6 +20,11 @@ from node_exporter.netns import NetnsWalker, PendingNetns
 OBJECT_NAME = "l7.bpf.o"
 FULL_TLS_SCAN_S = 60.0  # between scans of every process's maps; new processes are read every tls_rescan_s
 SWEEP_S = 0.25  # between runs of the kernel sweep that sends idle keep-alive exchanges
+# ... at most, while client calls wait for their parent's record (see poll's ``urgent``)
+URGENT_SWEEP_S = 0.25
+# io_uring loops' refusal: its own capability, since a kernel without io_uring lacks the hook (and the loops)
+CAUSAL_URING = "l7.causal.uring"
+URING_MISSING = "kernel has no tracepoint syscalls/sys_exit_io_uring_enter"  # loader.hook_missing's words
 CAPABILITIES = {
     "l7_send": "l7.capture",
     "l7_recv": "l7.capture",
@@ -34,6 +39,12 @@ CAPABILITIES = {
     "ssl_exit": "l7.tls",
     "ssl_enter": "l7.tls",
     "ssl_exit_multi": "l7.tls",
+    # in-process causality (bpf_src/l7_causal.h): without these, no parent is ever linked
+    "causal_epoll_wait": "l7.causal",
+    "causal_epoll_pwait": "l7.causal",
+    "causal_epoll_pwait2": "l7.causal",
+    "causal_exit": "l7.causal",
+    "causal_io_uring_enter": CAUSAL_URING,
 }
 
 __all__ = ["L7Collector", "L7Stats"]
@@ -65,6 +76,9 @@ class L7Collector(L7Probe):
         mmsg_threads: int | None = None,
         skip_own: bool = False,
         h2_compact: bool | None = None,
+        causal: bool = True,
+        causal_threads: int | None = None,
+        causal_flagged: int | None = None,
     ) -> None:
         """``exchanges``: pair plain-text HTTP/1 in the kernel (one record per exchange) instead of
         sending every call's head; ``idle_s``: how long an answered exchange waits for more
@@ -80,7 +94,10 @@ class L7Collector(L7Probe):
         tests that drive traffic from their own process keep the default).
         ``h2_compact``: walk HTTP/2 frames in the kernel and send them without DATA payloads
         (bpf_src/l7_h2.h); False sends each call's first 4 KiB as before. None: True unless the
-        environment sets KSCOPE_L7_H2_FULL_CAPTURE=1 (the bench measures both ways)."""
+        environment sets KSCOPE_L7_H2_FULL_CAPTURE=1 (the bench measures both ways).
+        ``causal``: per-thread server-request contexts and tentative parents of client calls
+        (bpf_src/l7_causal.h); False: none. ``causal_threads``/``causal_flagged``: the sizes of its
+        context and flag tables (tests shrink them to push past them)."""
         if record_rate < 0:
             raise ValueError(f"record_rate must be >= 0, got {record_rate}")
         path = Path(object_path) if object_path else default_bpf_dir() / OBJECT_NAME
@@ -97,12 +114,16 @@ class L7Collector(L7Probe):
                 "summary_ns": int(summary_s * 1e9),
                 "h2_compact": int(h2_compact if h2_compact is not None else not _env_full_capture()),
                 "summary_raw_paths": int(summary_raw_paths),
+                "causal": int(causal),
             },
             {
                 **({"l7_ring": ring_bytes, "l7_xring": ring_bytes} if ring_bytes else {}),
                 **({"l7_netns_pending": netns_pending_entries} if netns_pending_entries else {}),
                 **({"mmsg_pos": mmsg_threads} if mmsg_threads else {}),
+                **({"causal_ctx": causal_threads} if causal_threads else {}),
+                **({"causal_threads": causal_flagged, "causal_procs": causal_flagged} if causal_flagged else {}),
             },
+            off={} if causal else {c: "turned off (--no-l7-causal)" for c in ("l7.causal", CAUSAL_URING)},
         )
         # the sweep is a TCP iterator: one per network namespace marked for it (share the L4
         # collector's walker)
@@ -137,10 +158,12 @@ class L7Collector(L7Probe):
             self.obj.detach(entry)
             raise
 
-    def poll(self) -> list[Chunk | ExchangeBatch]:
+    def poll(self, urgent: bool = False) -> list[Chunk | ExchangeBatch]:
         """Chunks in ring order, then at most one batch of exchange records (from their own
         ring; order between the two does not matter: a socket's records are either exchanges
-        or chunks, and its one switch from exchanges to chunks is a clean message boundary)."""
+        or chunks, and its one switch from exchanges to chunks is a clean message boundary).
+        ``urgent``: records wait for an exchange the sweep may hold (the last one of an idle
+        keep-alive connection: a client call's parent), so sweep every URGENT_SWEEP_S at least."""
         now = time.monotonic()
         if self.tls is not None and not self._stopped and now - self._last_scan >= self._tls_rescan_s:
             full = now - self._last_full_scan >= FULL_TLS_SCAN_S
@@ -148,7 +171,7 @@ class L7Collector(L7Probe):
             if full:
                 self._last_full_scan = now
             self.tls.scan(full=full)
-        if now - self._last_sweep >= self._sweep_s:
+        if now - self._last_sweep >= (min(self._sweep_s, URGENT_SWEEP_S) if urgent else self._sweep_s):
             self.sweep()
         out: list[Chunk | ExchangeBatch] = [*self._chunks()]
         data, n = self._xring.drain()
@@ -173,6 +196,12 @@ class L7Collector(L7Probe):
             if final:
                 write_u32_array(self._sweep_ctl, 0, 0)
         self.stats.sweeps += 1
+
+    def causal_ready(self) -> bool:
+        """Every hook that refuses event loops is attached (or, for io_uring's, the kernel has none)."""
+        enabled, disabled = self.obj.report.enabled, self.obj.report.disabled
+        uring = CAUSAL_URING in enabled or disabled.get(CAUSAL_URING, "").endswith(URING_MISSING)
+        return "l7.causal" in enabled and uring
 
     def stop_capture(self) -> None:
         self._stopped = True

@@ -10,6 +10,7 @@ dropped and counted. Python sees one batch per interval and never blocks the ker
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
@@ -18,6 +19,7 @@ from typing import Any
 from node_exporter.bpf.abi import L7Direction, L7Emit, L7ExchangeFlags, L7Flags, L7Protocol
 from node_exporter.bpf.abi import Role as KRole
 from node_exporter.l4.records import _comm_text, ip_text
+from node_exporter.l7.causal import HOLD_NS, CausalLinker, Parent
 from node_exporter.l7.chunks import Chunk
 from node_exporter.l7.exchanges import (
     DISCARD_BIT,
@@ -133,6 +135,10 @@ _RECORD_SETTERS = _slot_setters(
 _LINK_SETTER = _slot_setters(HttpLinkedRecord, (*(f.name for f in fields(HttpRecord)), "tcp_seqs"))[-1]
 _EVENT_SETTERS = _slot_setters(L7Event, ("conn", "record"))
 _X_TCP_SEQ = int(L7ExchangeFlags.KSCOPE_X_TCP_SEQ)
+_X_PARENT = int(L7ExchangeFlags.KSCOPE_X_PARENT) | _X_TCP_SEQ  # a tentative parent (client), both set
+_X_PARENT_OK = int(L7ExchangeFlags.KSCOPE_X_PARENT_OK)
+_K_SERVER = int(KRole.KSCOPE_ROLE_SERVER)
+_K_CLIENT = int(KRole.KSCOPE_ROLE_CLIENT)
 _CONN_FIELDS = ("sock_cookie", "netns_ino", "side", "protocol", "tls", "local_ip", "local_port", "remote_ip",
                 "remote_port", "family", "tgid", "comm", "ip_proto")  # fmt: skip
 _CONN_SETTERS = tuple(zip(_slot_setters(ConnInfo, _CONN_FIELDS), range(len(_CONN_FIELDS)), strict=True))
@@ -140,8 +146,24 @@ _CONN_SETTERS = tuple(zip(_slot_setters(ConnInfo, _CONN_FIELDS), range(len(_CONN
 _SUMMARY_HEAD_AFTER_TAIL = SUMMARY_HEAD_OFFSET - SUMMARY_TAIL_OFFSET
 
 
+def _relink(ev: L7Event, rec: HttpRecord) -> L7Event:
+    return L7Event(ev.conn, rec)
+
+
 class L7Pipeline:
-    def __init__(self, max_connections: int = 16384, limits: TrackerLimits | None = None) -> None:
+    def __init__(
+        self,
+        max_connections: int = 16384,
+        limits: TrackerLimits | None = None,
+        *,
+        causal: bool = True,
+        causal_refused: Callable[[int], bool] | None = None,
+        causal_hold_ns: int = HOLD_NS,
+    ) -> None:
+        """``causal``: link client calls to the server request they were made inside of
+        (node_exporter/l7/causal.py); False when the kernel's refusal hooks are not attached
+        (their tentative parents are then dropped, counted). ``causal_refused(tgid)``: processes
+        never linked. ``causal_hold_ns``: how long a child waits for its parent's record."""
         self.max_connections = max_connections
         self.limits = limits or TrackerLimits()
         self._conns: OrderedDict[tuple[object, ...], _Conn] = OrderedDict()
@@ -164,6 +186,7 @@ class L7Pipeline:
         self.summarized_requests = 0  # the requests those summaries count
         self.summary_malformed = 0  # count 0, buckets not summing to count, min > max, ... (dropped, counted)
         self.summary_bad_head = 0  # the summary's request head did not parse (dropped, counted)
+        self.causal = CausalLinker[L7Event](_relink, enabled=causal, refused=causal_refused, hold_ns=causal_hold_ns)
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -245,11 +268,20 @@ class L7Pipeline:
         e_conn, e_record = _EVENT_SETTERS
         data = batch.data
         off = SLOT_HEAD - SLOT.size
+        now = time.monotonic_ns()
+        waiting = self.causal.waiting
         for (ring_len, rtype, role, _, reason, netns, cookie, start, latency, req_bytes, resp_bytes, saddr, daddr, tgid,
-             _, sport, dport, family, status, head_len, flags, comm, req_seq, resp_seq) in batch.slots():  # fmt: skip
+             tid, sport, dport, family, status, head_len, flags, comm, req_seq, resp_seq, parent_start
+             ) in batch.slots():  # fmt: skip
             off += SLOT.size
             if ring_len & DISCARD_BIT:
                 continue  # a slot the kernel reserved and gave back
+            if role == _K_SERVER and rtype == EXCHANGE_TYPE:
+                # a server exchange whose calls wait for it, or may still come (causal.py)
+                if flags & _X_PARENT_OK:
+                    out += self.causal.parent((tgid, tid, start), Parent(req_seq, resp_seq, start), now)
+                elif waiting():
+                    out += self.causal.unconfirmed((tgid, tid, start))
             if rtype != EXCHANGE_TYPE:
                 if rtype == SUMMARY_TYPE:
                     sev = self._summary(data, off, role, netns, cookie, start, latency, req_bytes, resp_bytes, saddr,
@@ -293,7 +325,14 @@ class L7Pipeline:
             ev = new(L7Event)
             e_conn(ev, info)
             e_record(ev, rec)
+            if flags & _X_PARENT == _X_PARENT and role == _K_CLIENT:
+                linked = self.causal.child(ev, rec, (tgid, tid, parent_start), now)
+                if linked is not None:
+                    out.append(linked)
+                continue
             out.append(ev)
+        if waiting():
+            out += self.causal.evicted()
         return out
 
     def _new_xconn(
@@ -371,6 +410,7 @@ class L7Pipeline:
     def expire(self, now_ns: int) -> list[L7Event]:
         """Unanswered requests past their timeout (DNS: timeout records); idle UDP peers forgotten."""
         out: list[L7Event] = []
+        out += self.causal.expire(now_ns)
         for key, conn in list(self._conns.items()):
             if conn.tracker.pending_requests():
                 out.extend(L7Event(conn.info, r) for r in conn.tracker.expire(now_ns))
@@ -400,4 +440,9 @@ class L7Pipeline:
         totals["summarized_requests"] = self.summarized_requests
         totals["summary_malformed"] = self.summary_malformed
         totals["summary_bad_head"] = self.summary_bad_head
+        totals.update(self.causal.counters())
         return totals
+
+    def flush_causal(self) -> list[L7Event]:
+        """The agent stops: every record it holds for a parent leaves now (unlinked, counted)."""
+        return self.causal.expire(time.monotonic_ns(), final=True)

@@ -41,7 +41,12 @@ class L7Stats:
 
 class L7Probe:
     def __init__(
-        self, path: Path, capabilities: Mapping[str, str], knobs: Mapping[str, int], map_sizes: dict[str, int]
+        self,
+        path: Path,
+        capabilities: Mapping[str, str],
+        knobs: Mapping[str, int],
+        map_sizes: dict[str, int],
+        off: Mapping[str, str] | None = None,
     ) -> None:
         self.obj = BpfObject(
             path,
@@ -49,6 +54,7 @@ class L7Probe:
             required=frozenset({"l7.capture"}),
             knobs=knobs,
             map_sizes=map_sizes or None,
+            off=off,
         )
         try:
             _, _, size = self.obj.map_info("l7_ring")

@@ -137,7 +137,7 @@ class SyscallL7Collector(L7Probe):
         self._sys_stats_fd = self.obj.map_fd("l7_sys_stats")
         self.socket_entries = self.obj.map_info("l7_sys_socks")[2]
 
-    def poll(self) -> list[Chunk | ExchangeBatch]:
+    def poll(self, urgent: bool = False) -> list[Chunk | ExchangeBatch]:
         """Chunks in ring order (never an ExchangeBatch: the type is L7Collector's)."""
         return [*self._chunks()]
 

@@ -87,6 +87,8 @@ class HttpRecord:
     summary: ClassVar[HttpSummary | None] = None
     # The same for the TCP sequence numbers that link both ends' records (HttpLinkedRecord).
     tcp_seqs: ClassVar[tuple[int, int] | None] = None
+    # ... and for a client call's confirmed parent (HttpChildRecord).
+    parent: ClassVar[tuple[int, int, int] | None] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,15 @@ class HttpLinkedRecord(HttpRecord):
     (bpf_src/abi/l7.h ``tcp_req_seq``/``tcp_resp_seq``): what links them (docs/traces.md)."""
 
     tcp_seqs: tuple[int, int] = field()  # type: ignore[misc]  # (request, response); None on HttpRecord
+
+
+@dataclass(frozen=True, slots=True)
+class HttpChildRecord(HttpLinkedRecord):
+    """A client record made inside a server request of the same thread, confirmed
+    (node_exporter/l7/causal.py): that server record's TCP sequence numbers and start."""
+
+    # (tcp_req_seq, tcp_resp_seq, start_ns CLOCK_MONOTONIC) of the parent; None on HttpRecord
+    parent: tuple[int, int, int] = field()  # type: ignore[misc]
 
 
 # -- heads --------------------------------------------------------------------------------

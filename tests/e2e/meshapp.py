@@ -9,11 +9,18 @@ meshapp.py serve --name NAME --bind IP --port P [--next URL] [--also URL] [--loo
     noted (Bookinfo's page without its details). It answers 200 when the next hop answered, 502 when it did not
     (the page degrades, as Bookinfo's does), and prints one ``served`` JSON line per request
     received, answered or not (a caller that gave up may have closed the connection).
-meshapp.py load --url URL --rate R --duration S --timeout S [--gate]
+    With ``--forward-path`` the call to ``--next`` carries the incoming request's path (each hop's
+    calls name the request that caused them: tests/e2e/test_causal.py checks parents with it);
+    ``--delay S`` waits before answering (requests of several callers overlap).
+meshapp.py aserve --bind IP --port P --next URL --delay S --audit-after S
+    An asyncio HTTP/1.1 server (one thread, an event loop): per request it waits ``--delay``,
+    answers, and ``--audit-after`` seconds later calls ``--next`` + "/audit" + its path, from the
+    loop's thread, while it may be serving the next request (what a wrong parent would name).
+meshapp.py load --url URL --rate R --duration S --timeout S [--gate] [--number]
     A load generator: one request every 1/R seconds for S seconds, each in its own thread on a
     new connection; waits for every request, prints one ``done`` JSON line with the counts.
     With ``--gate`` it starts once a line arrives on stdin (the test moves it into its pod's
-    cgroup first).
+    cgroup first). ``--number``: request i goes to URL + "/i" (every request's path unique).
 """
 
 from __future__ import annotations
@@ -78,7 +85,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 except socket.gaierror as e:
                     looked_up = f"gaierror_{e.errno}"
             also = fetch(args.also, 1.0) if args.also else ""
-            downstream = fetch(args.next, args.timeout) if args.next else ""
+            url = args.next + self.path.split("?", 1)[0] if args.forward_path else args.next
+            downstream = fetch(url, args.timeout) if args.next else ""
+            if args.delay:
+                time.sleep(args.delay)
             status = 200 if downstream in ("", "ok") else 502
             body = json.dumps({"service": args.name, "downstream": downstream}).encode()
             answered = False
@@ -113,13 +123,61 @@ def cmd_load(args: argparse.Namespace) -> None:
     n = 0
     while (due := start + n / args.rate) < start + args.duration:
         time.sleep(max(0.0, due - time.monotonic()))
-        t = threading.Thread(target=lambda: outcomes.append(fetch(args.url, args.timeout)))
+        url = f"{args.url}/{n}" if args.number else args.url
+        t = threading.Thread(target=lambda url=url: outcomes.append(fetch(url, args.timeout)))
         t.start()
         threads.append(t)
         n += 1
     for t in threads:
         t.join()
     emit("done", sent=n, ok=outcomes.count("ok"), failed=sorted(o for o in outcomes if o != "ok"))
+
+
+def cmd_aserve(args: argparse.Namespace) -> None:
+    import asyncio
+    import urllib.parse
+
+    nxt = urllib.parse.urlsplit(args.next)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def call(path: str) -> None:
+        # a plain HTTP/1.1 client on the loop's own thread (asyncio streams, no executor)
+        try:
+            r, w = await asyncio.open_connection(nxt.hostname, nxt.port or 80)
+            w.write(f"GET {nxt.path}{path} HTTP/1.1\r\nHost: {nxt.hostname}\r\nConnection: close\r\n\r\n".encode())
+            await w.drain()
+            await r.read()
+            w.close()
+            emit("called", path=path)
+        except OSError as e:
+            emit("call_failed", path=path, error=type(e).__name__)
+
+    async def audit_later(path: str) -> None:
+        await asyncio.sleep(args.audit_after)
+        await call("/audit" + path)
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await r.readuntil(b"\r\n\r\n")
+                path = head.split(b" ", 2)[1].decode()
+                await asyncio.sleep(args.delay)
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await w.drain()
+                t = asyncio.get_running_loop().create_task(audit_later(path))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+                emit("served", path=path)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            w.close()
+
+    async def serve() -> None:
+        server = await asyncio.start_server(handle, args.bind, args.port)
+        emit("listening", port=args.port)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
 
 
 def main() -> None:
@@ -133,13 +191,23 @@ def main() -> None:
     p.add_argument("--also", default="")
     p.add_argument("--lookup", default="")
     p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--forward-path", action="store_true")
+    p.add_argument("--delay", type=float, default=0.0)
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("aserve")
+    p.add_argument("--bind", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--next", required=True)
+    p.add_argument("--delay", type=float, default=0.1)
+    p.add_argument("--audit-after", type=float, default=0.05)
+    p.set_defaults(func=cmd_aserve)
     p = sub.add_parser("load")
     p.add_argument("--url", required=True)
     p.add_argument("--rate", type=float, required=True)
     p.add_argument("--duration", type=float, required=True)
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--gate", action="store_true")
+    p.add_argument("--number", action="store_true")
     p.set_defaults(func=cmd_load)
     args = ap.parse_args()
     args.func(args)

@@ -140,3 +140,13 @@ def test_close_detaches_everything(fixture_obj: Path) -> None:
     obj.close()  # idempotent
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def test_capability_turned_off_is_neither_loaded_nor_attached(fixture_obj: Path) -> None:
+    obj = BpfObject(fixture_obj, capabilities=CAPS, required=frozenset({"ok"}), off={"sockops": "turned off (flag)"})
+    try:
+        assert obj.report.disabled["sockops"] == "turned off (flag)"
+        assert "sockops" not in obj.report.enabled and "ok" in obj.report.enabled
+        assert all(cap != "sockops" for cap, _ in obj._links)
+    finally:
+        obj.close()

@@ -62,7 +62,7 @@ def http(event: L7Event) -> HttpRecord:
 
 def test_exchange_format_matches_mirror() -> None:
     assert EXCHANGE_SIZE == ctypes.sizeof(KscopeL7Exchange) == 504
-    assert EXCHANGE.size == HEAD_OFFSET == EXCHANGE_SIZE - L7_HEAD - 8  # the TCP sequence numbers after it
+    assert EXCHANGE.size == HEAD_OFFSET == EXCHANGE_SIZE - L7_HEAD - 16  # the TCP sequence numbers, parent_start_ns
     raw = exchange_bytes(GET, status=404, latency=7, resp_bytes=3)
     fields = EXCHANGE.unpack_from(raw)
     before_head = [f[0] for f in KscopeL7Exchange._fields_][: [f[0] for f in KscopeL7Exchange._fields_].index("head")]

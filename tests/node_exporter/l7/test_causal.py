@@ -1,0 +1,163 @@
+"""In-process causality, the agent's half (node_exporter/l7/causal.py) through the pipeline's decoder:
+a client record's tentative parent becomes L7Request.parent only with its parent's confirmation."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from node_exporter.bpf.abi import KscopeL7Exchange, L7ExchangeFlags, L7RecordType, Role
+from node_exporter.l7.causal import GoPrograms
+from node_exporter.l7.exchanges import ExchangeBatch
+from node_exporter.l7.pipeline import L7Event, L7Pipeline
+from node_exporter.output.convert import MonotonicClock, l7_request
+from node_exporter.protocols import HttpRecord
+
+SEQ = L7ExchangeFlags.KSCOPE_X_TCP_SEQ
+TGID, TID = 4242, 4250
+SERVER_START = 5_000_000
+
+
+def record(role: int, path: str, *, start: int, flags: int, seqs: tuple[int, int], parent: int = 0,
+           tid: int = TID, tgid: int = TGID, cookie: int = 1) -> bytes:  # fmt: skip
+    x = KscopeL7Exchange()
+    x.type, x.role, x.method, x.reason = L7RecordType.KSCOPE_REC_L7_EXCHANGE, role, 1, 1
+    head = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    x.head[: len(head)] = list(head)
+    x.head_len = len(head)
+    x.sock_cookie, x.start_ns, x.latency_ns, x.status = cookie, start, 100, 200
+    x.tgid, x.pid, x.sport, x.dport, x.family = tgid, tid, 40000, 80, 2
+    x.saddr[10:16] = [0xFF, 0xFF, 198, 18, 0, 1]
+    x.daddr[10:16] = [0xFF, 0xFF, 198, 18, 0, 2]
+    x.flags = flags
+    x.tcp_req_seq, x.tcp_resp_seq = seqs
+    x.parent_start_ns = parent
+    return bytes(x)
+
+
+def server(ok: bool = True, start: int = SERVER_START, tid: int = TID) -> bytes:
+    flags = SEQ | (L7ExchangeFlags.KSCOPE_X_PARENT_OK if ok else 0)
+    return record(Role.KSCOPE_ROLE_SERVER, "/in", start=start, flags=flags, seqs=(111, 222), tid=tid, cookie=2)
+
+
+def child(path: str = "/out", parent: int = SERVER_START, tid: int = TID) -> bytes:
+    flags = SEQ | L7ExchangeFlags.KSCOPE_X_PARENT
+    return record(Role.KSCOPE_ROLE_CLIENT, path, start=parent + 10, flags=flags, seqs=(7, 8), parent=parent, tid=tid)
+
+
+def feed(pipe: L7Pipeline, *records: bytes) -> list[L7Event]:
+    return pipe.feed([ExchangeBatch.of(list(records))])
+
+
+def rec(ev: L7Event) -> HttpRecord:
+    assert isinstance(ev.record, HttpRecord)
+    return ev.record
+
+
+def paths(events: list[L7Event]) -> list[str]:
+    return [rec(e).path for e in events]
+
+
+def test_child_after_its_confirmed_parent_is_linked_to_it() -> None:
+    pipe = L7Pipeline()
+    out = feed(pipe, server(), child())
+    assert paths(out) == ["/in", "/out"]
+    assert rec(out[0]).parent is None
+    assert rec(out[1]).parent == (111, 222, SERVER_START)
+    assert rec(out[1]).tcp_seqs == (7, 8)  # its own numbers stay
+    # on the wire: the parent's numbers and its start, converted like the parent record's own start
+    clock = MonotonicClock()
+    msgs = [l7_request(e, None, clock) for e in out]
+    assert msgs[1].HasField("parent") and not msgs[0].HasField("parent")
+    assert (msgs[1].parent.tcp_request_seq, msgs[1].parent.tcp_response_seq) == (
+        msgs[0].http.tcp_request_seq,
+        msgs[0].http.tcp_response_seq,
+    )
+    assert msgs[1].parent.start_time_unix_nano == msgs[0].start_time_unix_nano
+    assert pipe.counters()["causal_children_linked"] == 1
+
+
+def test_child_waits_for_its_parent_then_is_linked() -> None:
+    pipe = L7Pipeline()
+    assert feed(pipe, child()) == []  # held: its parent's verdict is not known yet
+    assert pipe.counters()["causal_children_waiting"] == 1
+    out = {rec(e).path: rec(e) for e in feed(pipe, server())}
+    assert sorted(out) == ["/in", "/out"]
+    assert out["/out"].parent == (111, 222, SERVER_START)
+    assert pipe.counters()["causal_children_waiting"] == 0
+
+
+def test_unconfirmed_parent_releases_its_children_unlinked() -> None:
+    pipe = L7Pipeline()
+    assert feed(pipe, child()) == []
+    out = feed(pipe, server(ok=False))
+    assert sorted(paths(out)) == ["/in", "/out"]
+    assert all(rec(e).parent is None for e in out)
+    assert pipe.counters()["causal_children_unconfirmed"] == 1
+
+
+def test_other_thread_or_other_start_is_not_the_parent() -> None:
+    pipe = L7Pipeline(causal_hold_ns=0)
+    # a confirmed server exchange of another thread, and one of this thread but another start
+    out = feed(pipe, server(tid=TID + 1), server(start=SERVER_START + 1), child())
+    assert paths(out) == ["/in", "/in"]
+    out = pipe.expire(time.monotonic_ns())
+    assert paths(out) == ["/out"] and rec(out[0]).parent is None
+    assert pipe.counters()["causal_children_timeout"] == 1
+
+
+def test_child_waits_at_most_the_hold_then_leaves_unlinked() -> None:
+    pipe = L7Pipeline(causal_hold_ns=10**12)
+    assert feed(pipe, child()) == []
+    assert pipe.expire(time.monotonic_ns()) == []  # not a whole hold yet
+    assert paths(pipe.expire(time.monotonic_ns() + 10**12)) == ["/out"]
+    # a parent confirmed after its children left links nobody
+    assert paths(feed(pipe, server())) == ["/in"]
+    assert pipe.counters()["causal_children_timeout"] == 1
+
+
+def test_agent_stop_flushes_waiting_children() -> None:
+    pipe = L7Pipeline(causal_hold_ns=10**12)
+    assert feed(pipe, child("/a"), child("/b", parent=SERVER_START + 5)) == []
+    assert sorted(paths(pipe.flush_causal())) == ["/a", "/b"]
+    assert pipe.counters()["causal_children_waiting"] == 0
+
+
+def test_waiting_children_are_bounded_and_evictions_counted() -> None:
+    pipe = L7Pipeline()
+    pipe.causal.max_pending = 3
+    out = feed(pipe, *(child(f"/c{i}", parent=SERVER_START + i) for i in range(5)))
+    assert paths(out) == ["/c0", "/c1"]  # the oldest leave unlinked
+    assert all(rec(e).parent is None for e in out)
+    c = pipe.counters()
+    assert (c["causal_pending_evicted"], c["causal_children_waiting"]) == (2, 3)
+
+
+def test_confirmed_parents_are_bounded() -> None:
+    pipe = L7Pipeline()
+    pipe.causal.max_parents = 2
+    feed(pipe, *(server(start=SERVER_START + i) for i in range(3)))
+    assert pipe.counters()["causal_parents_evicted"] == 1
+    out = feed(pipe, child(parent=SERVER_START))  # its parent was forgotten: it waits, never guesses
+    assert out == []
+
+
+@pytest.mark.parametrize("why", ["disabled", "refused"])
+def test_disabled_or_refused_process_sends_children_unlinked(why: str) -> None:
+    pipe = L7Pipeline(causal=why != "disabled", causal_refused=lambda tgid: tgid == TGID)
+    out = feed(pipe, server(), child())
+    assert paths(out) == ["/in", "/out"] and rec(out[1]).parent is None
+    assert pipe.counters()["causal_children_refused"] == 1
+
+
+def test_go_programs_detected_from_their_executable(tmp_path: Path) -> None:
+    # a fake /proc: one process runs Debian's prometheus (a Go program), one python3, one is gone
+    for pid, exe in ((10, "/usr/bin/prometheus"), (11, "/usr/bin/python3")):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "exe").symlink_to(exe)
+    go = GoPrograms(str(tmp_path))
+    assert go(10) is True
+    assert go(11) is False
+    assert go(12) is True and go.unreadable == 1  # unreadable: refused (a wrong parent is worse)
