@@ -125,7 +125,7 @@ static __always_inline bool xchg_request(struct sock *sk, struct l7_sock *st, st
 			ev = summary_reserve(sk);
 	}
 	tcp_seqs(sk, dir, ret, &req_seq, &resp_seq);
-	sampled = sample(now);
+	sampled = sample(now, req_seq, resp_seq);
 	if (!sampled) {
 		hash = path_hash(d, n, method);
 		if (!hash)

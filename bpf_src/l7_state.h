@@ -16,6 +16,10 @@ const volatile __u64 unanswered_ns = 300000000000ULL; /* ... and an unanswered o
  * credit (credit accrues with time, at most one second's worth: the burst); the others are
  * summed per socket (see "Summaries"). 0: every exchange is a record. */
 const volatile __u64 record_cost_ns = 0;
+/* Which exchanges may be records of their own, decided alike at both ends of a connection (docs/traces.md):
+ * those whose TCP sequence numbers (read alike by client and server, NAT or not) hash below this share of
+ * 2^32; the others are summed. 0: every exchange may (the sampler alone decides, each end for itself). */
+const volatile __u32 link_pick = 0;
 const volatile __u64 summary_ns = 1000000000ULL; /* the sweep sends a summary this long after its first exchange */
 /* 1: sum by the raw path (method and path as sent) instead of its route template: only to
  * measure what templating in the kernel buys (bench/idpaths.py) */

@@ -47,13 +47,34 @@ static __always_inline void stat_add(__u32 idx, __u64 n)
 		*v += n;
 }
 
-/* Whether the exchange starting now gets a record of its own (a token from this CPU's bucket). */
-static __always_inline bool sample(__u64 now)
+/* The link pick's hash: MurmurHash3's 64-bit finalizer (a keep-alive connection's numbers are an
+ * arithmetic progression, which a bare multiply leaves visibly uneven), top 32 bits. User space has
+ * the same function (node_exporter/l7/collector.py link_mix) for tests. */
+static __always_inline __u32 link_mix(__u32 req_seq, __u32 resp_seq)
+{
+	__u64 x = ((__u64)req_seq << 32) | resp_seq;
+
+	x ^= x >> 33;
+	x *= 0xff51afd7ed558ccdULL;
+	x ^= x >> 33;
+	x *= 0xc4ceb9fe1a85ec53ULL;
+	x ^= x >> 33;
+	return (__u32)(x >> 32);
+}
+
+/* Whether the exchange starting now gets a record of its own: picked by its TCP sequence numbers
+ * (link_pick: both ends read the same numbers, so both make the same choice without asking each
+ * other, as a trace-id ratio sampler does with a propagated id) and a token from this CPU's bucket.
+ * A pick the bucket refuses is counted: only there may the ends differ. With link_pick 0 (rodata)
+ * the verifier drops the pick's code: l7_send/l7_recv are near its bound. */
+static __always_inline bool sample(__u64 now, __u32 req_seq, __u32 resp_seq)
 {
 	struct sampler *s;
 	__u32 zero = 0;
 	__u64 credit;
 
+	if (link_pick && link_mix(req_seq, resp_seq) >= link_pick)
+		return false;
 	if (!record_cost_ns)
 		return true;
 	s = bpf_map_lookup_elem(&l7_sampler, &zero);
@@ -65,6 +86,8 @@ static __always_inline bool sample(__u64 now)
 	s->last_ns = now;
 	if (credit < record_cost_ns) {
 		s->credit_ns = credit;
+		if (link_pick)
+			stat_inc(KSCOPE_L7_STAT_PICK_OVER_BUDGET);
 		return false;
 	}
 	s->credit_ns = credit - record_cost_ns;

@@ -27,6 +27,7 @@ from node_exporter.l4.records import L4Record
 from node_exporter.l7.causal import GoPrograms
 from node_exporter.l7.collector import OBJECT_NAME as L7_OBJECT
 from node_exporter.l7.collector import L7Collector
+from node_exporter.l7.pick import link_pick
 from node_exporter.l7.pipeline import ConnInfo, L7Event, L7Pipeline
 from node_exporter.l7.syscalls import OBJECT_NAME as L7_SYSCALLS_OBJECT
 from node_exporter.l7.syscalls import SyscallL7Collector, kernel_has_socket_tracepoints
@@ -68,6 +69,8 @@ class AgentOptions:
     l7_probe: str = "auto"
     # HTTP/1 exchange records per second per CPU; past it the kernel sums exchanges (0: no sums)
     l7_record_rate: int = 1000
+    # share of exchanges that may be records, picked alike at both ends by their TCP sequence numbers
+    l7_trace_ratio: float = 1.0
     l7_summary_raw_paths: bool = False  # sum by raw path, not route: only to measure the difference
     # link client calls to the server request their thread was serving (docs/traces.md)
     l7_causal: bool = True
@@ -99,7 +102,8 @@ def open_l7(bpf_dir: Path, opts: AgentOptions, netns: NetnsWalker | None = None)
         try:
             return L7Collector(
                 bpf_dir / L7_OBJECT, netns_ino=opts.netns_inode, capture_bytes=opts.capture_bytes,
-                proc_root=opts.proc_root, record_rate=opts.l7_record_rate, netns=netns,
+                proc_root=opts.proc_root, record_rate=opts.l7_record_rate, trace_ratio=opts.l7_trace_ratio,
+                netns=netns,
                 summary_raw_paths=opts.l7_summary_raw_paths, causal=opts.l7_causal,
                 # like L4's: the sweep walks each namespace with exchanges in flight, a pass over the
                 # whole TCP hash table (netns.py); busy sockets need none (see bpf_src/l7_summary.h)
@@ -149,7 +153,10 @@ class Agent:
         )  # fmt: skip
         self.l7: L7Collector | SyscallL7Collector | None = None
         self.pipeline = L7Pipeline(
-            causal=False, causal_refused=GoPrograms(opts.proc_root), causal_hold_ns=int(opts.interval_s * 1e9)
+            causal=False,
+            causal_refused=GoPrograms(opts.proc_root),
+            causal_hold_ns=int(opts.interval_s * 1e9),
+            link_pick=link_pick(opts.l7_trace_ratio),
         )
         enabled, disabled = set(self.collector.report.enabled), dict(self.collector.report.disabled)
         if opts.l7:

@@ -77,6 +77,15 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
         "0: every request is a record",
     )
     p.add_argument(
+        "--l7-trace-ratio",
+        type=float,
+        default=1.0,
+        metavar="R",
+        help="share of HTTP/1 requests that may be records of their own (spans), chosen by the request's "
+        "TCP sequence numbers so that both ends of a request choose alike (1: all, as far as "
+        "--l7-record-rate allows; docs/traces.md); the others are summed",
+    )
+    p.add_argument(
         "--no-l7-causal",
         dest="l7_causal",
         action="store_false",
@@ -163,6 +172,9 @@ def _run(args: argparse.Namespace, live: bool | None) -> int:
     if args.l7_record_rate < 0:
         print("kscope: error: --l7-record-rate must be >= 0 (0: every request a record)", file=sys.stderr)
         return EXIT_USAGE
+    if not 0 < args.l7_trace_ratio <= 1:
+        print("kscope: error: --l7-trace-ratio must be in (0, 1]", file=sys.stderr)
+        return EXIT_USAGE
     if not 0 <= args.nice <= 19:
         print("kscope: error: --nice must be 0..19", file=sys.stderr)
         return EXIT_USAGE
@@ -192,6 +204,7 @@ def _run(args: argparse.Namespace, live: bool | None) -> int:
         l7=args.l7,
         l7_probe=args.l7_probe,
         l7_record_rate=args.l7_record_rate,
+        l7_trace_ratio=args.l7_trace_ratio,
         l7_summary_raw_paths=args.l7_summary_raw_paths,
         l7_causal=args.l7_causal,
         capture_bytes=args.capture_bytes,

@@ -88,7 +88,9 @@ enum kscope_l7_stat {
 	KSCOPE_L7_STAT_CAUSAL_MAP_FULL = 31, /* a context or flag could not be stored: a context is not opened;
 	                                      * a flag lost turns causality off for good (a wrong parent is worse) */
 	KSCOPE_L7_STAT_CAUSAL_ABANDONED = 32, /* server requests closed unanswered: their context closed */
-	KSCOPE_L7_STATS = 33,
+	KSCOPE_L7_STAT_PICK_OVER_BUDGET = 33, /* exchanges picked by their sequence numbers (link_pick) that the
+	                                       * sampler still summed: the other end may have a record of it */
+	KSCOPE_L7_STATS = 34,
 };
 
 /* Followed by `captured` payload bytes. */

@@ -12,6 +12,7 @@ from node_exporter.bpf.maps import read_percpu_u64_array, write_u32_array
 from node_exporter.l4.collector import default_bpf_dir
 from node_exporter.l7.chunks import Chunk
 from node_exporter.l7.exchanges import EXCHANGE_SIZE, ExchangeBatch
+from node_exporter.l7.pick import link_pick
 from node_exporter.l7.probe import L7Probe, L7Stats, clamp_capture_bytes, own_process_knobs
 from node_exporter.l7.tls import MULTI_ENTRY_PROGRAM, MULTI_EXIT_PROGRAM, TlsAttacher
 from node_exporter.l7.xring import FixedRingReader
@@ -69,6 +70,7 @@ class L7Collector(L7Probe):
         idle_s: float = 0.5,
         sweep_s: float = SWEEP_S,
         record_rate: int = 0,
+        trace_ratio: float = 1.0,
         summary_s: float = 1.0,
         summary_raw_paths: bool = False,
         netns: NetnsWalker | None = None,
@@ -86,7 +88,9 @@ class L7Collector(L7Probe):
         exchange records per second per CPU (the kernel's sampler); past it, exchanges are summed
         per socket, method, route template and status (``summary_raw_paths``: the raw path, only to
         measure what routes buy) and sent as summaries ``summary_s`` after their first exchange
-        (0: every exchange is a record, no summaries). ``netns_pending_entries``: how many
+        (0: every exchange is a record, no summaries). ``trace_ratio``: the share of exchanges that
+        may be records at all, picked by their TCP sequence numbers so both ends pick alike (1: all).
+        ``netns_pending_entries``: how many
         namespaces the kernel can mark for the sweep before it asks for a walk of all (a test
         shrinks it to push past it). ``mmsg_threads``: threads inside a sendmmsg/recvmmsg at once
         whose place in the vector the kernel keeps (past it, messages are counted, mmsg_unknown).
@@ -100,6 +104,8 @@ class L7Collector(L7Probe):
         context and flag tables (tests shrink them to push past them)."""
         if record_rate < 0:
             raise ValueError(f"record_rate must be >= 0, got {record_rate}")
+        if not 0 < trace_ratio <= 1:
+            raise ValueError(f"trace_ratio must be in (0, 1], got {trace_ratio}")
         path = Path(object_path) if object_path else default_bpf_dir() / OBJECT_NAME
         super().__init__(
             path,
@@ -111,6 +117,7 @@ class L7Collector(L7Probe):
                 "exchanges": int(exchanges),
                 "idle_ns": int(idle_s * 1e9),
                 "record_cost_ns": 1_000_000_000 // record_rate if record_rate else 0,
+                "link_pick": link_pick(trace_ratio),
                 "summary_ns": int(summary_s * 1e9),
                 "h2_compact": int(h2_compact if h2_compact is not None else not _env_full_capture()),
                 "summary_raw_paths": int(summary_raw_paths),

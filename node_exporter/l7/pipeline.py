@@ -11,11 +11,13 @@ dropped and counted. Python sees one batch per interval and never blocks the ker
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from kscope_common.latency import LATENCY_BOUNDS_NS, LATENCY_BUCKETS
 from node_exporter.bpf.abi import L7Direction, L7Emit, L7ExchangeFlags, L7Flags, L7Protocol
 from node_exporter.bpf.abi import Role as KRole
 from node_exporter.l4.records import _comm_text, ip_text
@@ -34,6 +36,7 @@ from node_exporter.l7.exchanges import (
     ExchangeBatch,
     HeadParser,
 )
+from node_exporter.l7.pick import link_mix
 from node_exporter.protocols import (
     PROTOCOLS,
     ConnectionTracker,
@@ -159,11 +162,14 @@ class L7Pipeline:
         causal: bool = True,
         causal_refused: Callable[[int], bool] | None = None,
         causal_hold_ns: int = HOLD_NS,
+        link_pick: int = 0,
     ) -> None:
         """``causal``: link client calls to the server request they were made inside of
         (node_exporter/l7/causal.py); False when the kernel's refusal hooks are not attached
         (their tentative parents are then dropped, counted). ``causal_refused(tgid)``: processes
-        never linked. ``causal_hold_ns``: how long a child waits for its parent's record."""
+        never linked. ``causal_hold_ns``: how long a child waits for its parent's record. ``link_pick``:
+        the kernel's (node_exporter/l7/pick.py): a record it did not pick is made a summary of one."""
+        self.link_pick = link_pick
         self.max_connections = max_connections
         self.limits = limits or TrackerLimits()
         self._conns: OrderedDict[tuple[object, ...], _Conn] = OrderedDict()
@@ -184,6 +190,7 @@ class L7Pipeline:
         self.exchange_bad_type = 0
         self.summaries = 0  # summary records turned into events
         self.summarized_requests = 0  # the requests those summaries count
+        self.unpicked_records = 0  # records --l7-trace-ratio did not pick, sent as summaries of one
         self.summary_malformed = 0  # count 0, buckets not summing to count, min > max, ... (dropped, counted)
         self.summary_bad_head = 0  # the summary's request head did not parse (dropped, counted)
         self.causal = CausalLinker[L7Event](_relink, enabled=causal, refused=causal_refused, hold_ns=causal_hold_ns)
@@ -267,6 +274,7 @@ class L7Pipeline:
         r_method, r_path, r_route, r_status, r_req, r_resp, r_start, r_latency, r_tp, r_rid = _RECORD_SETTERS
         e_conn, e_record = _EVENT_SETTERS
         data = batch.data
+        pick = self.link_pick
         off = SLOT_HEAD - SLOT.size
         now = time.monotonic_ns()
         waiting = self.causal.waiting
@@ -306,6 +314,10 @@ class L7Pipeline:
                                        remember=reason != EMIT_CLOSE)  # fmt: skip
                 if info is None:
                     continue
+            if pick and flags & _X_TCP_SEQ and status < 500 and not flags & _X_PARENT_OK and \
+                    link_mix(req_seq, resp_seq) >= pick:  # fmt: skip
+                out.append(self._unpicked(info, h, status, req_bytes, resp_bytes, start, latency))
+                continue
             rec: HttpRecord
             if flags & _X_TCP_SEQ:
                 rec = new(HttpLinkedRecord)
@@ -334,6 +346,20 @@ class L7Pipeline:
         if waiting():
             out += self.causal.evicted()
         return out
+
+    def _unpicked(
+        self, info: ConnInfo, h: tuple[str, str, str, str, str], status: int, req_bytes: int, resp_bytes: int,
+        start: int, latency: int,
+    ) -> L7Event:  # fmt: skip
+        """An exchange ``--l7-trace-ratio`` did not pick that is a record all the same (a connection's
+        only request: the kernel does not sum one): a summary of one, so it counts in the metrics
+        and makes no span, as at the other end, which made the same choice by the same numbers."""
+        self.unpicked_records += 1
+        buckets = [0] * LATENCY_BUCKETS
+        buckets[bisect_left(LATENCY_BOUNDS_NS, latency)] = 1
+        summary = HttpSummary(1, latency, latency, latency, tuple(buckets), start)
+        return L7Event(info, HttpSummaryRecord(h[0], h[1], h[2], status, req_bytes, resp_bytes, start, 0, "", "",
+                                               summary))  # fmt: skip
 
     def _new_xconn(
         self, cookie: int, role: int, netns: int, saddr: bytes, daddr: bytes, sport: int, dport: int, family: int,
@@ -438,6 +464,7 @@ class L7Pipeline:
         totals["exchange_bad_type"] = self.exchange_bad_type
         totals["summaries"] = self.summaries
         totals["summarized_requests"] = self.summarized_requests
+        totals["unpicked_records"] = self.unpicked_records
         totals["summary_malformed"] = self.summary_malformed
         totals["summary_bad_head"] = self.summary_bad_head
         totals.update(self.causal.counters())
