@@ -267,10 +267,10 @@ class TraceJoin:
                 break
             del known[key]
         cutoff = now_ns - self._wait_ns
-        for w in list(self._held.values()):
+        for i, w in list(self._held.items()):
             if w.since > cutoff:
                 break
-            if w.expired:
+            if w.expired or i not in self._held:  # released meanwhile by a fallback just written
                 continue
             w.expired = True
             self.counters["trace_wait_timeouts"] += 1
