@@ -192,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--trace-exchange", type=float, default=1.0, metavar="SECONDS",
                    help="how often replicas exchange hop traces and timeouts are checked (1)")  # fmt: skip
     t.add_argument("--trace-listen", default=None, metavar="HOST:PORT",
-                   help="serve the other replicas here (default 0.0.0.0:9441 when peers are given)")  # fmt: skip
+                   help="serve the other replicas here (default 0.0.0.0:9442 when peers are given)")  # fmt: skip
     t.add_argument("--trace-peers", default="", metavar="HOST:PORT,...",
                    help="every replica's --trace-listen address, this one's too (the same list on all)")  # fmt: skip
     t.add_argument("--trace-self", default="", metavar="HOST:PORT",
@@ -202,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-DEFAULT_TRACE_PORT: Final = 9441
+DEFAULT_TRACE_PORT: Final = 9442
 
 
 def _trace_config(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, object]:

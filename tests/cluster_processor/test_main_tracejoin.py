@@ -157,10 +157,10 @@ def test_a_replica_down_degrades_to_pairwise_ids_counted(tmp_path: Path) -> None
     ("argv", "env", "want"),
     [
         ([], {}, (None, "", ())),
-        (["--trace-peers", "a:9441,b:9441", "--trace-self", "b:9441"], {}, ("0.0.0.0:9441", "b:9441",
+        (["--trace-peers", "a:9441,b:9441", "--trace-self", "b:9441"], {}, ("0.0.0.0:9442", "b:9441",
                                                                                ("a:9441", "b:9441"))),
         (["--trace-peer-service", "kscope/kscope-processor"], {"POD_IP": "10.1.2.3"},
-         ("0.0.0.0:9441", "10.1.2.3:9441", ())),
+         ("0.0.0.0:9442", "10.1.2.3:9442", ())),
         (["--trace-peer-service", "k/p", "--trace-listen", "[::]:9500"], {"POD_IP": "fd00::3"},
          ("[::]:9500", "[fd00::3]:9500", ())),
     ],

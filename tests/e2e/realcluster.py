@@ -257,6 +257,7 @@ async def settle(
         await asyncio.sleep(0.2)
     ticks = proc.ticks + 2
     deadline = time.monotonic() + 10
-    while proc.ticks < ticks and time.monotonic() < deadline:
+    # and no span still waiting in the trace join for its trace
+    while (proc.ticks < ticks or proc.join.sizes()["held"]) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     await proc.exporter.flush(10)
