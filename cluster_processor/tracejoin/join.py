@@ -140,9 +140,11 @@ class TraceJoin:
         return self._peers
 
     def set_peers(self, peers: Sequence[str]) -> None:
-        """The replicas (this one included, as ``me``); empty or only ``me``: everything is local."""
-        ps = tuple(sorted(set(peers) | ({self.me} if peers and self.me else set())))
-        self._peers = ps if len(ps) > 1 else ()
+        """The replicas that own hops. Empty or only ``me``: everything is local. A replica not
+        listed (starting, or leaving its Service) owns nothing: it asks the listed ones, whose
+        view of who owns what it then shares."""
+        ps = tuple(sorted(set(peers)))
+        self._peers = () if ps in ((), (self.me,)) else ps
 
     def sizes(self) -> dict[str, int]:
         return {"held": len(self._held), "known": len(self._known), "outbox": len(self._outbox),

@@ -21,6 +21,7 @@ import pytest
 from cluster_processor import main as m
 from cluster_processor.tracejoin import JoinSettings
 from tests.cluster_processor.chainscene import ROLES, Chain, chains, hour_start
+from tests.cluster_processor.kube import factories as f
 from tests.cluster_processor.otlp.receiver import OtlpReceiver
 from tests.cluster_processor.test_main import (  # noqa: F401 (autouse fixtures)
     TRACEPARENT,
@@ -185,3 +186,50 @@ def test_trace_flags(argv: list[str], env: dict[str, str], want: tuple[Any, ...]
 def test_bad_trace_flags_are_config_errors(argv: list[str]) -> None:
     with pytest.raises(m.ProcessorConfigError):
         m.config_from_args(m._parser().parse_args(argv), {"KUBECONFIG": "/dev/null"})
+
+
+def test_replicas_find_each_other_as_their_services_ready_endpoints(tmp_path: Path) -> None:
+    """As the chart runs them: the peers are the processor Service's EndpointSlice addresses (the
+    test APIServer's), each on the one trace-join port; a replica leaving the slice leaves the list."""
+    ips = ("127.0.0.2", "127.0.0.3")  # one port on two loopback addresses, as two pods would have
+    with socket.socket() as s:
+        s.bind((ips[0], 0))
+        port = s.getsockname()[1]
+    scene = chains(4, hour_start(time.time_ns()), base=300)
+    later = chains(2, hour_start(time.time_ns()), base=400)
+
+    async def body() -> None:
+        async with cluster(tmp_path) as (api, kubeconfig), OtlpReceiver() as rx:
+            slice_ = f.endpoint_slice("kscope-processor-x1", "kscope-processor", [(ip, f"uid-{ip}") for ip in ips],
+                                      namespace="kscope")  # fmt: skip
+            api.put("EndpointSlice", slice_)
+            async with contextlib.AsyncExitStack() as stack:
+                procs = []
+                for i, ip in enumerate(ips):
+                    cfg = config(kubeconfig, rx.endpoint, replica=f"kscope-processor-{i}", trace=FAST,
+                                 trace_listen=f"{ip}:{port}", trace_self=f"{ip}:{port}",
+                                 trace_peer_service="kscope/kscope-processor")  # fmt: skip
+                    procs.append(await stack.enter_async_context(m.Processor(cfg)))
+                want = tuple(f"{ip}:{port}" for ip in ips)
+                await eventually(lambda: all(p.join.peers == want for p in procs), "both replicas listed")
+                for k, chain in enumerate(scene):
+                    for i, batch in enumerate(chain.batches()):
+                        await send(procs[(i >> (k % 2)) % 2].ingest.port, batch)
+                await eventually(lambda: len(spans(rx)) == 6 * len(scene), "six spans per chain", timeout_s=15)
+                assert all(p.join.counters["trace_served_requests"] > 0 for p in procs)
+                # the second replica's endpoint leaves the slice: the first owns every hop again
+                uid = slice_["metadata"]["uid"]
+                shrunk = f.endpoint_slice("kscope-processor-x1", "kscope-processor", [(ips[0], "uid-a")],
+                                          namespace="kscope", uid=uid)  # fmt: skip
+                api.put("EndpointSlice", shrunk)
+                await eventually(lambda: procs[0].join.peers == (), "the first replica alone")
+                # the leaving one, not listed, owns nothing: it hands every hop to the one listed
+                await eventually(lambda: procs[1].join.peers == want[:1], "the second replica a client")
+                for chain in later:
+                    await send(procs[0].ingest.port, *chain.batches())
+                await eventually(lambda: len(spans(rx)) == 6 * (len(scene) + len(later)), "the later chains")
+            out = exported(rx)
+            for chain in scene + later:
+                check(chain, out)
+
+    run(body())
