@@ -27,6 +27,7 @@ from tests.cluster_processor.test_main import (  # noqa: F401 (autouse fixtures)
     TRACEPARENT,
     _no_proxy,
     _reset_logging,
+    _scrape,
     cluster,
     config,
     run,
@@ -102,7 +103,12 @@ def test_a_chain_split_across_two_replicas_in_every_way_is_one_trace(tmp_path: P
                     for role, batch in zip(order, chain.batches(order), strict=True):
                         await send(procs[split[ROLES.index(role)]].ingest.port, batch)
                 await eventually(lambda: len(spans(rx)) == 6 * len(scene), "six spans per chain", timeout_s=15)
-                counters = [p.join.counters for p in procs]
+                counters = [dict(p.join.counters) for p in procs]
+                # the self-metrics say it: every held span joined, the tables sized
+                scraped = [_scrape(p.metrics_port) for p in procs]
+                joined = 'kscope_processor_trace_join_total{counter="trace_spans_joined"} %s.0'
+                assert all(joined % c["trace_spans_joined"] in text for c, text in zip(counters, scraped, strict=True))
+                assert all('kscope_processor_trace_join_size{table="peers"} 2.0' in text for text in scraped)
             out = exported(rx)
             for chain in scene:
                 check(chain, out)
