@@ -17,7 +17,7 @@ from cluster_processor.aggregate import Aggregator
 from cluster_processor.kube.index import KubeIndex
 from cluster_processor.otlp.model import SpanRecord
 from cluster_processor.tracejoin import Held, JoinSettings, TraceJoin, owner
-from cluster_processor.tracejoin.peers import PeerServer
+from cluster_processor.tracejoin.peers import GrpcTransport, PeerServer
 from kscope.v1 import flow_pb2 as pb
 from kscope.v1 import tracejoin_pb2 as tj
 from kscope.v1 import tracejoin_pb2_grpc as tj_grpc
@@ -193,5 +193,33 @@ def test_a_peer_refuses_malformed_entries_with_a_count() -> None:
         finally:
             await server.stop()
         assert join.counters["trace_served_invalid"] == 4
+
+    asyncio.run(body())
+
+
+def test_exchanges_are_split_past_max_per_request_and_teach_both_sides() -> None:
+    async def body() -> None:
+        owner_join = TraceJoin(JoinSettings())
+        server = PeerServer(owner_join, "127.0.0.1:0")
+        port = await server.start()
+        b = f"127.0.0.1:{port}"
+        owner_join.me = b
+        transport = GrpcTransport("a")
+        join = TraceJoin(JoinSettings(max_per_request=3), me="a", peers=("a", b), transport=transport)
+        try:
+            keys = [k for k in (i.to_bytes(8, "big") for i in range(200)) if owner(k, ("a", b)) == b][:11]
+            join.add("n", [], [], [(k, k * 2) for k in keys[:10]], T0)  # ten hops learnt here
+            ss = [span(i) for i in range(2)]
+            held = [Held(0, keys[0], ss[0].context.trace_id), Held(1, keys[10], ss[1].context.trace_id)]
+            join.add("n", ss, held, [], T0)
+            await join.exchange(T0 + S)
+            assert join.counters["trace_peer_exchanges"] == 4  # 10 proposals + 1 lookup, 3 per call
+            assert owner_join.sizes()["known"] == 10 and join.sizes()["outbox"] == 0
+            # the span waiting on a hop the owner now knows left with its trace; the other still waits
+            (got,) = join.take_ready()["n"]
+            assert got.context.trace_id == keys[0] * 2 and join.sizes()["held"] == 1
+        finally:
+            await transport.close()
+            await server.stop()
 
     asyncio.run(body())
