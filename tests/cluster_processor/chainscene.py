@@ -103,3 +103,10 @@ def chains(n: int, t0: int, base: int = 0, traceparent: str = "") -> list[Chain]
         seqs = tuple((k * 1000 + h * 7 + 1, 0xFFFF0000 + k * 100 + h) for h in range(3))
         out.append(Chain(f"c{k}", seqs, t0, traceparent))
     return out
+
+
+def replica_flags(addrs: tuple[str, ...], i: int, wait_s: float = 3.0, exchange_s: float = 0.05) -> list[str]:
+    """kscope-processor's trace-join flags for replica ``i`` of ``addrs`` (each replica's own
+    --trace-listen address, all listed on every one): what a test starting replicas passes."""
+    return ["--trace-listen", addrs[i], "--trace-self", addrs[i], "--trace-peers", ",".join(addrs),
+            "--trace-wait", str(wait_s), "--trace-exchange", str(exchange_s)]  # fmt: skip

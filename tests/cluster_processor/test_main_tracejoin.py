@@ -20,7 +20,7 @@ import pytest
 
 from cluster_processor import main as m
 from cluster_processor.tracejoin import JoinSettings
-from tests.cluster_processor.chainscene import ROLES, Chain, chains, hour_start
+from tests.cluster_processor.chainscene import ROLES, Chain, chains, hour_start, replica_flags
 from tests.cluster_processor.kube import factories as f
 from tests.cluster_processor.otlp.receiver import OtlpReceiver
 from tests.cluster_processor.test_main import (  # noqa: F401 (autouse fixtures)
@@ -51,12 +51,15 @@ async def replicas(
     kubeconfig: Path, endpoint: str, n: int = 2, *, alive: int | None = None, join: JoinSettings = FAST
 ) -> AsyncIterator[list[m.Processor]]:
     """``n`` replicas listed as each other's peers; only the first ``alive`` run (the others down)."""
-    addrs = [f"127.0.0.1:{free_port()}" for _ in range(n)]
+    addrs = tuple(f"127.0.0.1:{free_port()}" for _ in range(n))
     async with contextlib.AsyncExitStack() as stack:
         procs = []
-        for i, addr in enumerate(addrs[: n if alive is None else alive]):
-            cfg = config(kubeconfig, endpoint, replica=f"kscope-processor-{i}", trace=join, trace_listen=addr,
-                         trace_self=addr, trace_peers=tuple(addrs))  # fmt: skip
+        for i in range(n if alive is None else alive):
+            # the trace settings as the command line gives them
+            flags = ["--kubeconfig", str(kubeconfig), *replica_flags(addrs, i, join.wait_s, join.exchange_interval_s)]
+            t = m.config_from_args(m._parser().parse_args(flags), {})
+            cfg = config(kubeconfig, endpoint, replica=f"kscope-processor-{i}", trace=t.trace,
+                         trace_listen=t.trace_listen, trace_self=t.trace_self, trace_peers=t.trace_peers)  # fmt: skip
             proc = await stack.enter_async_context(m.Processor(cfg))
             assert proc.watcher is not None and await proc.watcher.wait_synced(5)
             procs.append(proc)
