@@ -415,6 +415,9 @@ class Processor:
             await asyncio.sleep(self.config.trace.exchange_interval_s)
             try:
                 self.refresh_peers()
+                if self.transport is not None:  # channels to replicas no longer listed
+                    for channel in self.transport.forget(self.join.peers):
+                        await channel.close()
                 await self.join.exchange(time.time_ns())
             except Exception:
                 # a bug in one exchange must not stop the next ones (held spans still time out)

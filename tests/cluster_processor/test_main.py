@@ -573,7 +573,11 @@ def test_in_a_pod_without_its_service_account_exits_3() -> None:
     _exits(_processor("--listen=127.0.0.1:0", env=env), EXIT_ENVIRONMENT, "no usable in-cluster service account")
 
 
-@pytest.mark.parametrize("flag", ["--listen=127.0.0.1:{port}", "--metrics-port={port}", "--prometheus-port={port}"])
+@pytest.mark.parametrize(
+    "flag",
+    ["--listen=127.0.0.1:{port}", "--metrics-port={port}", "--prometheus-port={port}",
+     "--trace-listen=127.0.0.1:{port}"],
+)  # fmt: skip
 def test_an_address_in_use_exits_3(flag: str, tmp_path: Path) -> None:
     server = FakeApiServer()
     server.reserve()
@@ -583,7 +587,8 @@ def test_an_address_in_use_exits_3(flag: str, tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         proc = _processor("--listen=127.0.0.1:0", f"--kubeconfig={kubeconfig}", flag.format(port=port))
-    want = {"listen": "cannot listen", "metrics": "cannot serve metrics", "prometheus": "cannot serve Prometheus"}
+    want = {"trace": "cannot serve the trace join", "listen": "cannot listen", "metrics": "cannot serve metrics",
+            "prometheus": "cannot serve Prometheus"}  # fmt: skip
     _exits(proc, EXIT_ENVIRONMENT, next(v for k, v in want.items() if k in flag))
 
 
