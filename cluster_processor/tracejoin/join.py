@@ -122,7 +122,8 @@ class TraceJoin:
         self.set_peers(peers)
         self._transport = transport
         self._wait_ns = int(settings.wait_s * NS_PER_S)
-        self._ttl_ns = int(settings.known_ttl_s * NS_PER_S)
+        # a hop's trace outlives every wait for it, whatever --trace-wait says
+        self._ttl_ns = int(max(settings.known_ttl_s, 2 * settings.wait_s) * NS_PER_S)
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._next = 0
         self._held: OrderedDict[int, _Wait] = OrderedDict()  # in arrival order: the oldest times out first
