@@ -153,6 +153,10 @@ def test_known_hops_and_the_outbox_are_bounded() -> None:
     for i in range(3):
         join.add("n", [], [], [(bytes([i]) * 8, bytes([i + 1]) * 16)], T0 + i)
     assert join.counters["trace_known_evicted"] == 1 and join.sizes()["known"] == 2
+    asyncio.run(join.exchange(T0 + 119 * S))
+    assert join.sizes()["known"] == 2
+    asyncio.run(join.exchange(T0 + 121 * S))  # past their time to live
+    assert join.sizes()["known"] == 0
     # a hop owned by an unreachable peer waits in the outbox, bounded, counted when it cannot
     join = TraceJoin(JoinSettings(max_outbox=1), me="a", peers=("a", "b"))
     keys = [k for k in (bytes([i]) * 8 for i in range(64)) if owner(k, ("a", "b")) == "b"][:3]
