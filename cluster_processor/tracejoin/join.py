@@ -30,12 +30,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, NamedTuple, Protocol
 
-from cluster_processor.otlp.model import SpanRecord
+from cluster_processor.otlp.model import SpanContext, SpanRecord
 
 NS_PER_S: Final = 1_000_000_000
 KEY_BYTES: Final = 8
 TRACE_BYTES: Final = 16
 _ZERO_TRACE: Final = bytes(TRACE_BYTES)
+_new_tuple: Final = tuple.__new__
 
 
 class Held(NamedTuple):
@@ -208,8 +209,10 @@ class TraceJoin:
 
     def _release(self, w: _Wait, trace: bytes, now_ns: int, *, joined: bool) -> None:
         s = w.span
-        span = s._replace(context=s.context._replace(trace_id=trace)) if s.context.trace_id != trace else s
-        self._ready.setdefault(w.node, []).append(span)
+        ctx = s.context
+        if ctx.trace_id != trace:  # as _replace() twice, without its Python-level keyword handling
+            s = _new_tuple(SpanRecord, (*s[:3], _new_tuple(SpanContext, (trace, *ctx[1:])), *s[4:]))
+        self._ready.setdefault(w.node, []).append(s)
         self.counters["trace_spans_joined" if joined else "trace_spans_fallback"] += 1
         if w.publish:
             self._propose(w.publish, trace, now_ns)
