@@ -581,11 +581,16 @@ class Aggregator:
         this record settles are listed (``NodeReport.resolved``)."""
         h = q.http
         seqs = protocol is not _DNS and h.tcp_seqs_known
-        tp = parse_traceparent(traceparent) if traceparent else None
-        parent = q.parent if tp is None and side is _CLIENT_SIDE and q.HasField("parent") else None
+        parent = q.parent if side is _CLIENT_SIDE and q.HasField("parent") else None
+        # parsed here only where it decides something (span_context parses it again)
+        tp = parse_traceparent(traceparent) if traceparent and (seqs or parent is not None) else None
+        if tp is not None:
+            parent = None
         held: tuple[bytes, bytes, bytes] | None = None  # (wait, fallback, publish) as join.Held
         resolved: tuple[bytes, bytes] | None = None
-        if tp is not None:
+        if not seqs and parent is None:
+            ctx = span_context(traceparent)  # a header's, or a new trace: as before the links
+        elif tp is not None:
             ctx = span_context(traceparent)
             if seqs:  # the header's trace is the hop's; a server span keeps a derivable id for its children
                 _, client_id, server_id = links.linked_ids(h.tcp_request_seq, h.tcp_response_seq,
@@ -605,14 +610,12 @@ class Aggregator:
             # a child of a span of the same process: a local parent, in the trace of that server span
             ctx = _new_tuple(SpanContext, (trace_id, own, parent_server, FLAG_SAMPLED, "", False))
             held = (parent_client, trace_id, own if seqs else b"")
-        elif seqs:
+        else:
             ctx = links.linked_context(side, h.tcp_request_seq, h.tcp_response_seq, q.start_time_unix_nano)
             if side is _SIDE_SERVER:
                 held = (ctx.parent_span_id, ctx.trace_id, b"")
             else:
                 resolved = (ctx.span_id, ctx.trace_id)
-        else:
-            ctx = span_context()
         if resolved is not None:
             st.resolved.append(resolved)
         if self._span(st, route, side, protocol, q, latency_ns, method, route_name, status, error_type, extra, ctx):
