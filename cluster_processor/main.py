@@ -25,7 +25,7 @@ import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, TypedDict
 
 import grpc
 import structlog
@@ -205,7 +205,15 @@ def _parser() -> argparse.ArgumentParser:
 DEFAULT_TRACE_PORT: Final = 9442
 
 
-def _trace_config(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, object]:
+class _TraceConfig(TypedDict):
+    trace: JoinSettings
+    trace_listen: str | None
+    trace_self: str
+    trace_peers: tuple[str, ...]
+    trace_peer_service: str
+
+
+def _trace_config(args: argparse.Namespace, env: Mapping[str, str]) -> _TraceConfig:
     if args.trace_wait < 0 or args.trace_exchange <= 0:
         raise ProcessorConfigError("--trace-wait must be >= 0 and --trace-exchange > 0")
     peers = tuple(p.strip() for p in args.trace_peers.split(",") if p.strip())
@@ -263,7 +271,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Proces
         replica=env.get("POD_NAME") or socket.gethostname(),
         node_name=env.get("NODE_NAME", ""),
         aggregator=AggregatorSettings(default_interval_ns=int(args.interval * 1e9)),
-        **_trace_config(args, env),  # type: ignore[arg-type]
+        **_trace_config(args, env),
     )
 
 
