@@ -9,7 +9,9 @@
            it closes, so Service-VIP requests join their NAT answer) -> the same path, spans encoded
            to serialized ``ExportTraceServiceRequest``s. Reported: spans per second (all the
            work counted, including RED metrics and the L4 records).
-3. memory: a ``KubeIndex`` filled through ``apply("ADDED", kind, raw_dict)`` with Nodes, Deployments,
+3. chains: three-hop chains (issue 18) whose records carry TCP sequence numbers and causal parents,
+           spans per second with the trace join off and on, interleaved (``--only chains``).
+4. memory: a ``KubeIndex`` filled through ``apply("ADDED", kind, raw_dict)`` with Nodes, Deployments,
            ReplicaSets, Services and pods (raw dicts shaped like the APIServer's JSON, dropped after
            each apply, as the watcher does). RSS growth is measured in a fresh child process without
            tracemalloc; tracemalloc current/peak in a second fresh child.
@@ -26,6 +28,7 @@ machine: use the medians, and compare runs by ratio rather than absolute values.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import cProfile
 import functools
 import gc
@@ -55,6 +58,7 @@ from cluster_processor.otlp import encode, wire  # noqa: E402
 from cluster_processor.otlp.encode import EncodedRequest  # noqa: E402
 from cluster_processor.otlp.exporter import Signal  # noqa: E402
 from cluster_processor.otlp.pipeline import OtlpPipeline  # noqa: E402
+from cluster_processor.tracejoin import JoinSettings, TraceJoin  # noqa: E402
 from kscope.v1 import flow_pb2 as pb  # noqa: E402
 from kscope_common import l4_columns  # noqa: E402
 from kscope_common.runtime import tune_gc  # noqa: E402
@@ -378,6 +382,61 @@ class Generator:
             l7n.append(n7)
         return Workload(out, l4n, l7n, total)
 
+    def chains(self, intervals: int, batches: int, per_node: int) -> Workload:
+        """Three-hop chains (issue 18, docs/traces.md): four pods along the callee graph (one of 300
+        such chains), each hop an HTTP/1 request whose client and server records carry the same TCP
+        sequence numbers, each call made inside a server request naming it (``L7Request.parent``).
+        ``per_node`` chains per node and batch, their six records shipped by the nodes of their
+        pods; no traceparent (the join does all the work)."""
+        r, c = self.rng, self.c
+        # 300 pod chains along the callee graph, reused as keep-alive connections reuse pod pairs
+        pool = []
+        for _ in range(300):
+            deps = [r.randrange(c.deployments)]
+            for _ in range(3):
+                deps.append(self.callees[deps[-1]][0])
+            pool.append([r.choice(self.by_dep[d]) for d in deps])
+        out: list[list[bytes]] = []
+        l7n: list[int] = []
+        total = 0
+        for k in range(intervals):
+            blist: list[bytes] = []
+            n7 = 0
+            for b in range(batches):
+                t = T0 + k * INTERVAL_NS + (b + 1) * INTERVAL_NS // (batches + 1)
+                by_node: dict[int, list[pb.L7Request]] = {}
+                for _ in range(per_node * c.nodes):
+                    pods = r.choice(pool)
+                    seqs = [(r.getrandbits(32), r.getrandbits(32)) for _ in range(3)]
+                    start = t - 5 * NS
+                    for hop in range(3):
+                        caller, callee = pods[hop], pods[hop + 1]
+                        route = self.routes[c.dep_of(callee)][0]
+                        for side, me, peer in ((pb.ROLE_CLIENT, caller, callee), (pb.ROLE_SERVER, callee, caller)):
+                            http = pb.HttpInfo(method="GET", path=route.replace("{id}", "7"), route=route,
+                                               status_code=200, tcp_seqs_known=True, tcp_request_seq=seqs[hop][0],
+                                               tcp_response_seq=seqs[hop][1])  # fmt: skip
+                            q = pb.L7Request(socket_cookie=r.getrandbits(40), netns_inode=NETNS_BASE + me, side=side,
+                                             protocol="http1", local_ip=pod_ip(me), local_port=8080 if side == 2 else
+                                             40000 + hop, remote_ip=pod_ip(peer), remote_port=8080 if side == 1 else
+                                             40000 + hop, ip_family=4, process=self._process(me),
+                                             start_time_unix_nano=start + hop * MS + (side == 2) * 100_000,
+                                             latency_ns=(8 - 2 * hop) * MS, request_bytes=300, response_bytes=900,
+                                             http=http)  # fmt: skip
+                            if side == pb.ROLE_CLIENT and hop:
+                                q.parent.tcp_request_seq, q.parent.tcp_response_seq = seqs[hop - 1]
+                                q.parent.start_time_unix_nano = start + (hop - 1) * MS + 100_000
+                            by_node.setdefault(c.node_of(me), []).append(q)
+                for n in sorted(by_node):
+                    batch = pb.FlowBatch(schema_version=1, node_name=f"node-{n:03d}", time_unix_nano=t, l7=by_node[n])
+                    n7 += len(batch.l7)
+                    data = batch.SerializeToString()
+                    total += len(data)
+                    blist.append(data)
+            out.append(blist)
+            l7n.append(n7)
+        return Workload(out, [0] * intervals, l7n, total)
+
 
 # ---- the measured path --------------------------------------------------------------------------
 
@@ -411,7 +470,9 @@ class Phases:
         return self.decode + self.add + self.flush + self.metrics + self.spans
 
 
-def run_interval(agg: Aggregator, pipe: OtlpPipeline, batches: list[bytes], end_ns: int, ph: Phases) -> None:
+def run_interval(
+    agg: Aggregator, pipe: OtlpPipeline, batches: list[bytes], end_ns: int, ph: Phases, join: TraceJoin | None = None
+) -> None:
     clock = time.perf_counter
     decode = pb.FlowBatch.FromString
     for data in batches:
@@ -430,15 +491,24 @@ def run_interval(agg: Aggregator, pipe: OtlpPipeline, batches: list[bytes], end_
         t0 = clock()
         pipe.export_interval(rep.interval)
         t1 = clock()
-        if rep.spans:
+        if join is not None:  # as Processor.tick: every span through the trace join
+            join.add(rep.interval.node_name, rep.spans, rep.held, rep.resolved, end_ns)
+        elif rep.spans:
             pipe.export_spans(rep.interval.node_name, rep.spans)
+            ph.spans_out += len(rep.spans)
         if rep.logs:
             pipe.export_logs(rep.interval.node_name, rep.logs)
         t2 = clock()
         ph.metrics += t1 - t0
         ph.spans += t2 - t1
-        ph.spans_out += len(rep.spans)
         ph.logs_out += len(rep.logs)
+    if join is not None:
+        t0 = clock()
+        asyncio.run(join.exchange(end_ns))  # one replica: the timeouts only
+        for node, spans in join.take_ready().items():
+            pipe.export_spans(node, spans)
+            ph.spans_out += len(spans)
+        ph.spans += clock() - t0
     t0 = clock()
     pipe.export_self({}, end_ns)
     ph.metrics += clock() - t0
@@ -463,20 +533,24 @@ def clear_module_caches() -> int:
     return n
 
 
-def one_repeat(index: KubeIndex, wl: Workload) -> tuple[Phases, CountingSink, dict[str, int]]:
+def one_repeat(
+    index: KubeIndex, wl: Workload, join: TraceJoin | None = None
+) -> tuple[Phases, CountingSink, dict[str, int]]:
     """A fresh aggregator and pipeline and empty module caches (as in a fresh process); interval 0
     untimed (warm-up), the rest timed."""
     clear_module_caches()
     agg = Aggregator(index)
     sink = CountingSink()
     pipe = OtlpPipeline(encode.Reporter("bench-0", "node-000"), sink, start_unix_nano=T0)
-    run_interval(agg, pipe, wl.intervals[0], T0 + INTERVAL_NS, Phases())
+    run_interval(agg, pipe, wl.intervals[0], T0 + INTERVAL_NS, Phases(), join)
     sink.__init__()  # type: ignore[misc]
     ph = Phases()
     gc.collect()
     for k in range(1, len(wl.intervals)):
-        run_interval(agg, pipe, wl.intervals[k], T0 + (k + 1) * INTERVAL_NS, ph)
+        run_interval(agg, pipe, wl.intervals[k], T0 + (k + 1) * INTERVAL_NS, ph, join)
     counters = agg.counters()
+    if join is not None:
+        counters |= {k: v for k, v in join.counters.items() if v}
     counters["series_in_store"] = pipe.store.stats().series
     return ph, sink, counters
 
@@ -514,6 +588,33 @@ def measure(index: KubeIndex, wl: Workload, repeats: int, what: str) -> dict[str
         "otlp_bytes": {s.value: n for s, n in sink.bytes.items()},
         "series_in_store": counters.pop("series_in_store"),
         "aggregator_counters_last_repeat": {k: v for k, v in counters.items() if v},
+    }
+
+
+def measure_join(index: KubeIndex, wl: Workload, repeats: int) -> dict[str, Any]:
+    """Spans per second through the whole path with the trace join off (today's pairwise ids, spans
+    exported as flushed) and on (one replica, ``JoinSettings()``), one after the other in each
+    repeat: the median of the per-repeat ratios is the figure (the machine's drift cancels)."""
+    on_rates, off_rates, ratios = [], [], []
+    counters: dict[str, int] = {}
+    for _ in range(repeats):
+        rates = {}
+        for mode in ("off", "on"):
+            join = TraceJoin(JoinSettings()) if mode == "on" else None
+            ph, _, c = one_repeat(index, wl, join)
+            rates[mode] = ph.spans_out / ph.total
+            if join is not None:
+                counters = c
+        off_rates.append(rates["off"])
+        on_rates.append(rates["on"])
+        ratios.append(rates["on"] / rates["off"])
+    return {
+        "spans_per_s_join_off_median": round(statistics.median(off_rates)),
+        "spans_per_s_join_on_median": round(statistics.median(on_rates)),
+        "on_over_off_ratio_median": round(statistics.median(ratios), 3),
+        "ratios_all_repeats": [round(r, 3) for r in ratios],
+        "timed_l7_records": sum(wl.l7_per_interval[1:]),
+        "counters_last_on_repeat": {k: v for k, v in counters.items() if k.startswith(("trace_", "spans_"))},
     }
 
 
@@ -616,7 +717,8 @@ def main() -> int:
     ap.add_argument("--memory-nodes", type=int, default=200)
     ap.add_argument("--memory-deployments", type=int, default=500)
     ap.add_argument("--memory-repeats", type=int, default=3)
-    ap.add_argument("--only", choices=["flows", "spans", "memory"], action="append")
+    ap.add_argument("--only", choices=["flows", "spans", "chains", "memory"], action="append")
+    ap.add_argument("--chains", type=int, default=4, help="three-hop chains per node and batch (chains run)")
     ap.add_argument("--profile", action="store_true", help="cProfile one repeat of each run (flows, spans)")
     ap.add_argument("--profile-top", type=int, default=10, help="functions listed per profile table")
     ap.add_argument("--cpu", type=int, default=0)
@@ -640,7 +742,7 @@ def main() -> int:
         "settings": {k: v for k, v in vars(a).items() if k not in ("memory_child", "only")},
     }
     goals: dict[str, Any] = {}
-    if only & {"flows", "spans"}:
+    if only & {"flows", "spans", "chains"}:
         cluster = Cluster(a.nodes, a.pods, a.deployments)
         index = cluster.index()
         tune_gc()  # as kscope-processor does once started
@@ -662,6 +764,9 @@ def main() -> int:
             goals["spans_per_s_goal_30k_met"] = r["spans_per_s_median"] >= 30_000
             if a.profile:
                 out["spans_profile"] = profile(index, wl, a.profile_top)
+        if "chains" in only:
+            wl = Generator(cluster, seed=3).chains(a.intervals + 1, a.batches, a.chains)
+            out["chains"] = measure_join(index, wl, a.repeats)
     if "memory" in only:
         out["memory"] = memory(Cluster(a.memory_nodes, a.memory_pods, a.memory_deployments), a.memory_repeats)
     out["goals"] = goals

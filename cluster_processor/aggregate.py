@@ -50,6 +50,7 @@ from cluster_processor.otlp.model import (
     EVENT_HTTP_SERVER_ERROR,
     EVENT_RPC_SERVER_ERROR,
     EVENT_TCP_RESET,
+    FLAG_SAMPLED,
     HTTP_DURATION_BOUNDS_S,
     SERVICE_GRAPH_BOUNDS_S,
     Histogram,
@@ -79,6 +80,7 @@ from cluster_processor.resolve import (
     resolve_l4,
 )
 from cluster_processor.resolved import Attrs, AttrValue, Resolved, Side, graph_node_name
+from cluster_processor.tracejoin.join import Held
 from kscope.v1 import flow_pb2 as pb
 from kscope_common import l4_columns
 from kscope_common.latency import rebucket_map
@@ -152,8 +154,12 @@ class NodeReport:
     """One node's interval, ready for ``OtlpPipeline``."""
 
     interval: Interval
-    spans: tuple[SpanRecord, ...]
+    spans: tuple[SpanRecord, ...]  # every span, with its pairwise ids
     logs: tuple[LogEvent, ...]
+    # For the trace join (cluster_processor/tracejoin): spans whose trace is another hop's, and
+    # (hop, trace) pairs this interval settled. Whoever exports without a join ignores them.
+    held: tuple[Held, ...] = ()
+    resolved: tuple[tuple[bytes, bytes], ...] = ()
 
 
 class _Hist:
@@ -264,6 +270,8 @@ class _NodeState:
     graph: dict[GraphRef, _Graph] = field(default_factory=dict)
     listeners: dict[tuple[Attrs, int], _Listener] = field(default_factory=dict)
     spans: list[SpanRecord] = field(default_factory=list)
+    held: list[Held] = field(default_factory=list)
+    resolved: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
 _SERVER: Final = pb.ROLE_SERVER
@@ -554,21 +562,67 @@ class Aggregator:
             self._graph(st, route, side, failed, duration_s, n, parts)
         ctx = None
         if summary is None:  # a summary's requests were not picked for spans by the node
-            # the application's own (valid) traceparent wins; else both ends' TCP sequence numbers
-            linked = (
-                protocol is not _DNS and q.http.tcp_seqs_known and not (traceparent and parse_traceparent(traceparent))
-            )
-            if linked:
-                h = q.http
-                ctx = links.linked_context(side, h.tcp_request_seq, h.tcp_response_seq, q.start_time_unix_nano)
-            else:
-                ctx = span_context(traceparent)
-            if self._span(st, route, side, protocol, q, latency_ns, method, route_name, status, error_type, extra, ctx):
-                self._links.span(side, ctx, linked)
+            ctx = self._span_ids(st, route, side, protocol, q, latency_ns, method, route_name, status, error_type,
+                                 extra, traceparent)  # fmt: skip
         if (error_type and protocol is _DNS) or (
             status is not None and (status >= 500 or (protocol is _RPC and status in _RPC_SERVER_ERRORS))
         ):
             self._l7_event(st, route, side, protocol, q, method, route_name, status, error_type, extra, n, ctx)
+
+    def _span_ids(
+        self, st: _NodeState, route: Route, side: Side, protocol: Protocol, q: pb.L7Request, latency_ns: int,
+        method: str, route_name: str, status: int | None, error_type: str, extra: tuple[tuple[str, AttrValue], ...],
+        traceparent: str | None,
+    ) -> SpanContext:  # fmt: skip
+        """The span's ids (docs/traces.md) and its span: the application's own (valid) traceparent
+        wins; else both ends' TCP sequence numbers link the hop's two spans, and a client call made
+        inside a server request (``L7Request.parent``) is that server span's child. Spans whose
+        trace is another hop's are marked for the trace join (``NodeReport.held``); hops whose trace
+        this record settles are listed (``NodeReport.resolved``)."""
+        h = q.http
+        seqs = protocol is not _DNS and h.tcp_seqs_known
+        parent = q.parent if side is _CLIENT_SIDE and q.HasField("parent") else None
+        # parsed here only where it decides something (span_context parses it again)
+        tp = parse_traceparent(traceparent) if traceparent and (seqs or parent is not None) else None
+        if tp is not None:
+            parent = None
+        held: tuple[bytes, bytes, bytes] | None = None  # (wait, fallback, publish) as join.Held
+        resolved: tuple[bytes, bytes] | None = None
+        if not seqs and parent is None:
+            ctx = span_context(traceparent)  # a header's, or a new trace: as before the links
+        elif tp is not None:
+            ctx = span_context(traceparent)
+            if seqs:  # the header's trace is the hop's; a server span keeps a derivable id for its children
+                _, client_id, server_id = links.linked_ids(h.tcp_request_seq, h.tcp_response_seq,
+                                                          q.start_time_unix_nano)  # fmt: skip
+                if side is _SIDE_SERVER:
+                    ctx = ctx._replace(span_id=server_id)
+                resolved = (client_id, ctx.trace_id)
+        elif parent is not None:
+            trace_id, parent_client, parent_server = links.linked_ids(
+                parent.tcp_request_seq, parent.tcp_response_seq, parent.start_time_unix_nano
+            )
+            own = (
+                links.linked_ids(h.tcp_request_seq, h.tcp_response_seq, q.start_time_unix_nano)[1]
+                if seqs
+                else span_context().span_id
+            )
+            # a child of a span of the same process: a local parent, in the trace of that server span
+            ctx = _new_tuple(SpanContext, (trace_id, own, parent_server, FLAG_SAMPLED, "", False))
+            held = (parent_client, trace_id, own if seqs else b"")
+        else:
+            ctx = links.linked_context(side, h.tcp_request_seq, h.tcp_response_seq, q.start_time_unix_nano)
+            if side is _SIDE_SERVER:
+                held = (ctx.parent_span_id, ctx.trace_id, b"")
+            else:
+                resolved = (ctx.span_id, ctx.trace_id)
+        if resolved is not None:
+            st.resolved.append(resolved)
+        if self._span(st, route, side, protocol, q, latency_ns, method, route_name, status, error_type, extra, ctx):
+            self._links.span(side, ctx, seqs and tp is None, parent is not None)
+            if held is not None:
+                st.held.append(_new_tuple(Held, (len(st.spans) - 1, *held)))
+        return ctx
 
     def _l7_event(
         self, st: _NodeState, route: Route, side: Side, protocol: Protocol, q: pb.L7Request, method: str,
@@ -674,7 +728,8 @@ class Aggregator:
                     for (owner, port), v in st.listeners.items()
                 ),
             )
-            out.append(NodeReport(interval, tuple(st.spans), tuple(st.logs.records(end_unix_nano))))
+            out.append(NodeReport(interval, tuple(st.spans), tuple(st.logs.records(end_unix_nano)), tuple(st.held),
+                                  tuple(st.resolved)))  # fmt: skip
         self._nodes = {}
         # No node state refers to the interned edges now: the only moment they may be dropped.
         self._resolutions.prune()

@@ -25,7 +25,7 @@ import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, TypedDict
 
 import grpc
 import structlog
@@ -42,6 +42,8 @@ from cluster_processor.otlp import encode, prometheus
 from cluster_processor.otlp.exporter import ExporterSettings, OtlpExporter
 from cluster_processor.otlp.pipeline import OtlpPipeline
 from cluster_processor.otlp.prometheus import StoreCollector
+from cluster_processor.tracejoin.join import JoinSettings, TraceJoin
+from cluster_processor.tracejoin.peers import GrpcTransport, PeerListenError, PeerServer
 from kscope.v1 import flow_pb2 as pb
 from kscope_common import logging_setup
 from kscope_common.cli import EXIT_ENVIRONMENT, EXIT_OK, EXIT_USAGE
@@ -146,6 +148,14 @@ class ProcessorConfig:
     watch: WatchSettings = field(default_factory=WatchSettings)
     aggregator: AggregatorSettings = field(default_factory=AggregatorSettings)
     shutdown_timeout_s: float = 5.0
+    trace: JoinSettings = field(default_factory=JoinSettings)
+    # The trace join between replicas (docs/traces.md): where this replica answers its peers (None:
+    # nowhere, it is alone), its own entry in the peer list, and the list: static, or the ready
+    # addresses of a Service's EndpointSlices ("namespace/name"), each with trace_listen's port.
+    trace_listen: str | None = None
+    trace_self: str = ""
+    trace_peers: tuple[str, ...] = ()
+    trace_peer_service: str = ""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -175,7 +185,57 @@ def _parser() -> argparse.ArgumentParser:
         help="kubeconfig file (default: $KUBECONFIG; in a pod: the service account via KUBERNETES_SERVICE_HOST)",
     )
     p.add_argument("--interval", type=float, default=10.0, metavar="SECONDS", help="export interval (10)")
+    t = p.add_argument_group("trace join (one trace per incoming request across services; docs/traces.md)")
+    t.add_argument("--trace-wait", type=float, default=30.0, metavar="SECONDS",
+                   help="how long a span waits for the trace of the request it follows before it leaves with "
+                   "its pairwise ids (30; 0: no join, every span leaves at once)")  # fmt: skip
+    t.add_argument("--trace-exchange", type=float, default=1.0, metavar="SECONDS",
+                   help="how often replicas exchange hop traces and timeouts are checked (1)")  # fmt: skip
+    t.add_argument("--trace-listen", default=None, metavar="HOST:PORT",
+                   help="serve the other replicas here (default 0.0.0.0:9442 when peers are given)")  # fmt: skip
+    t.add_argument("--trace-peers", default="", metavar="HOST:PORT,...",
+                   help="every replica's --trace-listen address, this one's too (the same list on all)")  # fmt: skip
+    t.add_argument("--trace-self", default="", metavar="HOST:PORT",
+                   help="this replica's entry in the peer list (default: $POD_IP, --trace-listen's port)")  # fmt: skip
+    t.add_argument("--trace-peer-service", default="", metavar="NAMESPACE/NAME",
+                   help="find the peers as the ready endpoints of this Service (the replicas' own)")  # fmt: skip
     return p
+
+
+DEFAULT_TRACE_PORT: Final = 9442
+
+
+class _TraceConfig(TypedDict):
+    trace: JoinSettings
+    trace_listen: str | None
+    trace_self: str
+    trace_peers: tuple[str, ...]
+    trace_peer_service: str
+
+
+def _trace_config(args: argparse.Namespace, env: Mapping[str, str]) -> _TraceConfig:
+    if args.trace_wait < 0 or args.trace_exchange <= 0:
+        raise ProcessorConfigError("--trace-wait must be >= 0 and --trace-exchange > 0")
+    peers = tuple(p.strip() for p in args.trace_peers.split(",") if p.strip())
+    service = args.trace_peer_service.strip()
+    if service and (service.count("/") != 1 or not all(service.split("/"))):
+        raise ProcessorConfigError(f"--trace-peer-service {service!r}: expected NAMESPACE/NAME")
+    if peers and service:
+        raise ProcessorConfigError("--trace-peers and --trace-peer-service exclude each other")
+    listen = args.trace_listen or (f"0.0.0.0:{DEFAULT_TRACE_PORT}" if peers or service else None)
+    me = args.trace_self.strip()
+    if listen is not None and not me:
+        pod_ip = env.get("POD_IP", "").strip()
+        port = listen.rpartition(":")[2]
+        if pod_ip:
+            me = f"[{pod_ip}]:{port}" if ":" in pod_ip else f"{pod_ip}:{port}"
+    if peers and me not in peers:
+        raise ProcessorConfigError(f"--trace-self {me or '(unset)'} is not one of --trace-peers")
+    if service and not me:
+        raise ProcessorConfigError("--trace-peer-service needs --trace-self or $POD_IP")
+    join = JoinSettings(wait_s=args.trace_wait, exchange_interval_s=args.trace_exchange)
+    return {"trace": join, "trace_listen": listen, "trace_self": me, "trace_peers": peers,
+            "trace_peer_service": service}  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> ProcessorConfig:
@@ -211,6 +271,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Proces
         replica=env.get("POD_NAME") or socket.gethostname(),
         node_name=env.get("NODE_NAME", ""),
         aggregator=AggregatorSettings(default_interval_ns=int(args.interval * 1e9)),
+        **_trace_config(args, env),
     )
 
 
@@ -247,6 +308,11 @@ class Processor:
         # same series, caps and overflow, no second copy.
         self.prometheus = StoreCollector(self.pipeline.reporter, self.pipeline.store, self.pipeline.agent_store)
         self._prometheus_server: object | None = None
+        self.transport = GrpcTransport(config.trace_self) if config.trace_listen is not None else None
+        self.join = TraceJoin(config.trace, me=config.trace_self, peers=config.trace_peers, transport=self.transport)
+        self.peer_server = PeerServer(self.join, config.trace_listen) if config.trace_listen is not None else None
+        self._joiner: asyncio.Task[None] | None = None
+        self.join_errors = 0
 
     async def consume(self, batch: pb.FlowBatch) -> None:
         """``BatchSink``: the ingest workers hand over every accepted batch."""
@@ -283,11 +349,18 @@ class Processor:
                     ) from exc
             self.watcher.start()
             self.exporter.start()
+            if self.peer_server is not None:
+                try:
+                    await self.peer_server.start()
+                except PeerListenError as exc:
+                    raise ProcessorEnvironmentError(str(exc)) from exc
             port = await self.ingest.start()
         except BaseException:
             await self.stop()
             raise
         self._ticker = asyncio.create_task(self._tick_loop(), name="processor-tick")
+        if self.join.enabled:
+            self._joiner = asyncio.create_task(self._join_loop(), name="processor-trace-join")
         log.info("processor_started", port=port, otlp=cfg.otlp.endpoint, interval_s=cfg.interval_s)
         return port
 
@@ -301,16 +374,22 @@ class Processor:
         server = self._prometheus_server
         return int(server.server_port) if server is not None else 0  # type: ignore[attr-defined]
 
-    def tick(self, now_unix_nano: int | None = None) -> int:
-        """Flush one interval of every node to the pipeline; returns the requests submitted."""
+    def tick(self, now_unix_nano: int | None = None, *, final: bool = False) -> int:
+        """Flush one interval of every node to the pipeline; returns the requests submitted. Spans
+        go through the trace join: those whose trace is known leave now, the rest when it is (or
+        their wait ends); ``final`` sends every one still waiting, with its pairwise ids."""
         now = now_unix_nano if now_unix_nano is not None else time.time_ns()
         submitted = 0
+        join = self.join
         for report in self.aggregator.flush(now):
             submitted += self.pipeline.export_interval(report.interval)
-            if report.spans:
-                submitted += self.pipeline.export_spans(report.interval.node_name, report.spans)
+            join.add(report.interval.node_name, report.spans, report.held, report.resolved, now)
             if report.logs:
                 submitted += self.pipeline.export_logs(report.interval.node_name, report.logs)
+        if final:
+            join.release_all(now)
+        for node, spans in join.take_ready().items():
+            submitted += self.pipeline.export_spans(node, spans)
         agents, self._agent_stats = self._agent_stats, {}
         for node, stats in agents.items():
             submitted += self.pipeline.export_agent_stats(node, stats, now)
@@ -328,6 +407,31 @@ class Processor:
                 self.tick_errors += 1
                 log.exception("processor_tick_failed", tick_errors=self.tick_errors)
 
+    def refresh_peers(self) -> None:
+        """``--trace-peer-service``: the replicas are that Service's ready endpoints, as the index
+        has them now (a replica starting or leaving moves only the hops it owns)."""
+        cfg = self.config
+        if not cfg.trace_peer_service or cfg.trace_listen is None:
+            return
+        ns, name = cfg.trace_peer_service.split("/")
+        port = cfg.trace_listen.rpartition(":")[2]
+        peers = [f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in self.index.endpoint_addresses(ns, name)]
+        self.join.set_peers(peers)
+
+    async def _join_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.trace.exchange_interval_s)
+            try:
+                self.refresh_peers()
+                if self.transport is not None:  # channels to replicas no longer listed
+                    for channel in self.transport.forget(self.join.peers):
+                        await channel.close()
+                await self.join.exchange(time.time_ns())
+            except Exception:
+                # a bug in one exchange must not stop the next ones (held spans still time out)
+                self.join_errors += 1
+                log.exception("processor_trace_join_failed", join_errors=self.join_errors)
+
     async def stop(self) -> None:
         """Stop taking batches, let the queue drain into the aggregator, export the last interval,
         give the exporter its shutdown time, then stop watching."""
@@ -341,12 +445,24 @@ class Processor:
                 await self._ticker
             self._ticker = None
             await self.ingest.stop()
+            if self._joiner is not None:
+                self._joiner.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._joiner
             try:
                 self.tick()
+                # one last exchange, so the last interval's spans may still join; then nothing waits
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.join.exchange(time.time_ns()), cfg.shutdown_timeout_s / 2)
+                self.tick(final=True)
             except Exception:
                 log.exception("processor_final_tick_failed")
         else:
             await self.ingest.stop()
+        if self.peer_server is not None:
+            await self.peer_server.stop()
+        if self.transport is not None:
+            await self.transport.close()
         await self.exporter.stop(cfg.shutdown_timeout_s)
         if self.watcher is not None:
             await self.watcher.stop()
@@ -432,6 +548,17 @@ class _SelfMetrics(Collector):
         agent_stats.add_metric(["too_many_nodes"], p.agent_stats_dropped)
         agent_stats.add_metric(["too_many_names"], p.pipeline.agent_stats_cut)
         yield agent_stats
+        join = CounterMetricFamily(
+            "kscope_processor_trace_join", "Trace join counters since start (docs/traces.md).", labels=["counter"]
+        )
+        for name, value in p.join.counters.copy().items():
+            join.add_metric([name], value)
+        join.add_metric(["join_errors"], p.join_errors)
+        yield join
+        sizes = GaugeMetricFamily("kscope_processor_trace_join_size", "Trace join tables.", labels=["table"])
+        for name, value in p.join.sizes().items():
+            sizes.add_metric([name], value)
+        yield sizes
 
 
 # ---- entry point --------------------------------------------------------------------------------

@@ -222,6 +222,12 @@ class KubeIndex:
                 pods[pod_uid] = pod
         return tuple(pods.values()) or None
 
+    def endpoint_addresses(self, namespace: str, service: str) -> tuple[str, ...]:
+        """The ready endpoint addresses of a Service's EndpointSlices, sorted (the processor's own
+        replicas, for the trace join)."""
+        addrs = {a for uid in self._slices_by_svc.get((namespace, service), ()) for a, _ in self._slices[uid].endpoints}
+        return tuple(sorted(addrs))
+
     def sizes(self) -> dict[str, int]:
         """Table sizes for self-metrics. ``pods`` counts live pods; ``pods_total`` adds deleted pods
         still inside their grace period."""

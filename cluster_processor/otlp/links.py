@@ -59,6 +59,7 @@ COUNTERS: Final = (
     "spans_client",  # client spans made
     "spans_client_linked",  # ... whose ids came from the TCP sequence numbers
     "spans_client_matched",  # ... whose server span this processor saw too (within max_pending)
+    "spans_client_parent_inferred",  # ... made inside a server request the agent named (L7Request.parent)
     "spans_server",  # server spans made
     "spans_server_parent_header",  # ... whose parent came from the request's traceparent
     "spans_server_parent_inferred",  # ... whose parent is the client span derived from the TCP sequence numbers
@@ -76,10 +77,12 @@ class LinkStats:
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._pending: OrderedDict[bytes, Side] = OrderedDict()
 
-    def span(self, side: Side, ctx: SpanContext, linked: bool) -> None:
+    def span(self, side: Side, ctx: SpanContext, linked: bool, parent: bool = False) -> None:
         c = self.counters
         client = side is Side.CLIENT
         c["spans_client" if client else "spans_server"] += 1
+        if parent:
+            c["spans_client_parent_inferred"] += 1
         if not linked:
             if not client and ctx.remote_parent:
                 c["spans_server_parent_header"] += 1

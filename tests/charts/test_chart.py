@@ -296,8 +296,26 @@ def test_processor_service_ports(default_docs: list[Manifest]) -> None:
     assert ports["grpc-ingest"]["targetPort"] == "grpc-ingest"
     assert "metrics" in ports
     processor = container(only(default_docs, "Deployment"))
-    assert {p["name"] for p in processor["ports"]} == {"grpc-ingest", "metrics"}
+    assert {p["name"] for p in processor["ports"]} == {"grpc-ingest", "metrics", "trace-join"}
     assert processor["command"] == ["kscope-processor"]
+
+
+def test_processor_replicas_find_each_other_for_the_trace_join(chart: helm.Chart, default_docs: list[Manifest]) -> None:
+    """The peers are the processor Service's ready endpoints (its EndpointSlices, which the
+    processor already watches), each on the trace-join port; the replica's own address from the
+    downward API. waitSeconds 0 turns the join off: no port, no peers."""
+    deployment, service = only(default_docs, "Deployment"), only(default_docs, "Service")
+    proc = container(deployment)
+    assert {"--trace-wait=30", "--trace-listen=0.0.0.0:9442",
+            f"--trace-peer-service={NAMESPACE}/{service['metadata']['name']}"} <= set(proc["args"])  # fmt: skip
+    env = {e["name"]: e for e in proc["env"]}
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert {"name": "trace-join", "containerPort": 9442, "protocol": "TCP"} in proc["ports"]
+    off = container(only(render(chart, {"processor": {"traceJoin": {"waitSeconds": 0}}}), "Deployment"))
+    assert "--trace-wait=0" in off["args"] and not any(a.startswith("--trace-listen") for a in off["args"])
+    assert "trace-join" not in {p["name"] for p in off["ports"]}
+    with pytest.raises(Exception, match=r"traceJoin\.port must differ"):
+        render(chart, {"processor": {"traceJoin": {"port": 9441}}})
 
 
 def test_processor_replicas_and_default_otlp(chart: helm.Chart, default_docs: list[Manifest]) -> None:

@@ -475,9 +475,11 @@ def chart_container(values: dict[str, Any] | None) -> tuple[list[str], dict[str,
 )
 def test_chart_args_and_env_parse(values: dict[str, Any] | None, endpoint: str, insecure: bool, mtls: bool) -> None:
     args, env = chart_container(values)
-    env |= {"KUBERNETES_SERVICE_HOST": "10.96.0.1"}
+    env |= {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "POD_IP": "10.1.0.7"}  # the latter from the downward API
     cfg = m.config_from_args(m._parser().parse_args(args), env)
     assert cfg.ingest.listen == "0.0.0.0:9440" and cfg.metrics_port == 9441
+    assert (cfg.trace_listen, cfg.trace_self, cfg.trace.wait_s) == ("0.0.0.0:9442", "10.1.0.7:9442", 30)
+    assert cfg.trace_peer_service.endswith("/kscope-processor")
     assert cfg.otlp.endpoint == endpoint and cfg.otlp_insecure is insecure
     assert (cfg.ingest.tls is not None and cfg.ingest.tls.client_ca_file is not None) is mtls
     assert cfg.aggregator.default_interval_ns == int(cfg.interval_s * 1e9)
@@ -571,7 +573,11 @@ def test_in_a_pod_without_its_service_account_exits_3() -> None:
     _exits(_processor("--listen=127.0.0.1:0", env=env), EXIT_ENVIRONMENT, "no usable in-cluster service account")
 
 
-@pytest.mark.parametrize("flag", ["--listen=127.0.0.1:{port}", "--metrics-port={port}", "--prometheus-port={port}"])
+@pytest.mark.parametrize(
+    "flag",
+    ["--listen=127.0.0.1:{port}", "--metrics-port={port}", "--prometheus-port={port}",
+     "--trace-listen=127.0.0.1:{port}"],
+)  # fmt: skip
 def test_an_address_in_use_exits_3(flag: str, tmp_path: Path) -> None:
     server = FakeApiServer()
     server.reserve()
@@ -581,7 +587,8 @@ def test_an_address_in_use_exits_3(flag: str, tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         proc = _processor("--listen=127.0.0.1:0", f"--kubeconfig={kubeconfig}", flag.format(port=port))
-    want = {"listen": "cannot listen", "metrics": "cannot serve metrics", "prometheus": "cannot serve Prometheus"}
+    want = {"trace": "cannot serve the trace join", "listen": "cannot listen", "metrics": "cannot serve metrics",
+            "prometheus": "cannot serve Prometheus"}  # fmt: skip
     _exits(proc, EXIT_ENVIRONMENT, next(v for k, v in want.items() if k in flag))
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cluster_processor.otlp.exporter import Signal
 from tests.cluster_processor.kube import factories as f
 from tests.cluster_processor.kube.fake_apiserver import FakeApiServer
 from tests.cluster_processor.otlp.receiver import OtlpReceiver
@@ -231,7 +232,12 @@ async def run_scene(topo: MeshTopology, tmp: Path) -> Scene:
                 fh.seek(log_from)
                 queries = dns_queries(fh.read(), topo.ips)
             await settle(rx, proc, truth, queries)
-            counters = proc.aggregator.counters()
+            # the aggregator's, the trace join's and the span exporter's counters: for failure messages
+            traces = proc.exporter.stats()[Signal.TRACES]
+            outcomes = ("submitted", "exported", "rejected", "dropped_queue_full", "dropped_non_retryable",
+                        "dropped_retry_exhausted", "queued")  # fmt: skip
+            counters = {**proc.aggregator.counters(), **proc.join.counters, "join_held": proc.join.sizes()["held"],
+                        **{f"otlp_spans_{k}": getattr(traces, k) for k in outcomes}}  # fmt: skip
             return Scene(rx, dict(topo.ips), truth, load, queries,
                          topo.dropped(), time.monotonic() - t0, agent_log, counters)  # fmt: skip
     finally:
@@ -255,7 +261,10 @@ async def settle(
                 v.total("kscope.dns.server.request.duration", "coredns") >= want_dns:  # fmt: skip
             break
         await asyncio.sleep(0.2)
-    ticks = proc.ticks + 2
+    deadline = time.monotonic() + 10
+    while proc.join.sizes()["held"] and time.monotonic() < deadline:  # no span waiting for its trace,
+        await asyncio.sleep(0.05)
+    ticks = proc.ticks + 2  # and the ones it released exported at a tick after that
     deadline = time.monotonic() + 10
     while proc.ticks < ticks and time.monotonic() < deadline:
         await asyncio.sleep(0.05)

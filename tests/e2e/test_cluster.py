@@ -28,6 +28,7 @@ from cluster_processor.aggregate import AggregatorSettings
 from cluster_processor.ingest import IngestConfig
 from cluster_processor.kube.watcher import WatchSettings
 from cluster_processor.otlp.exporter import ExporterSettings, RetryPolicy
+from cluster_processor.tracejoin import JoinSettings
 from tests.cluster_processor.kube import factories as f
 from tests.cluster_processor.kube.fake_apiserver import FakeApiServer
 from tests.cluster_processor.otlp.receiver import OtlpReceiver
@@ -134,6 +135,8 @@ def processor_config(kubeconfig: Path, otlp_endpoint: str) -> m.ProcessorConfig:
         watch=WatchSettings(watch_timeout_s=30, backoff_initial_s=0.02, backoff_max_s=0.2, expire_interval_s=0.05),
         aggregator=AggregatorSettings(default_interval_ns=1_000_000_000),
         shutdown_timeout_s=2.0,
+        # a server span whose caller is not traced waits this long for its trace (docs/traces.md)
+        trace=JoinSettings(wait_s=2.0, exchange_interval_s=0.2),
     )
 
 

@@ -363,7 +363,8 @@ def test_both_ends_of_every_request_share_one_trace(scene: Scene, view: View) ->
     # a span per answered request, all but lost ones linked; past the per-CPU record rate the kernel
     # sums a request into a summary instead (its metrics count it, no span): counted, machine-wide
     summed = sum(p.value for p in view.of(AGENT_STAT) if p.get(AGENT_STAT_NAME) == "l7_kernel_summarized")
-    assert 0 <= answered - (linked["loadgen"] + lone["loadgen"]) <= summed, (answered, linked, lone, summed)
+    assert 0 <= answered - (linked["loadgen"] + lone["loadgen"]) <= summed, (answered, linked, lone, summed,
+                                                                             facts(scene, view))  # fmt: skip
     # the self-metrics: every pair seen is counted matched at both ends; node-1's own calls may take
     # the chunk path (no sequence numbers: not linked), the chain's all are
     c = scene.processor_counters
