@@ -645,41 +645,46 @@ def soak_part(a: argparse.Namespace, tmp: Path, backend: Backend) -> dict[str, A
         proc = stack.enter_context(backend.processor(10.0))
         procs["processor"] = proc
         metrics_port = free_port()
-        procs["agent"] = stack.enter_context(
-            Proc("agent", [str(VENV / "kscope-agent"), *agent_cmd(metrics_port, proc.port)], tmp, "agent_started")
-        )
+        agent_args = agent_cmd(metrics_port, proc.port)
+        prefix = tmp / "soak-heap"
+        if a.soak_trace == "agent":
+            procs["agent"] = stack.enter_context(traced(prefix, "kscope-agent", agent_args, tmp, "agent"))
+        else:
+            procs["agent"] = stack.enter_context(Proc("agent", [str(VENV / "kscope-agent"), *agent_args], tmp,
+                                                      "agent_started"))  # fmt: skip
         if a.soak_run:
-            run_cmd = [str(VENV / "kscope"), "run", "--no-live", "--metrics-port", str(free_port())]
-            if a.soak_tracemalloc:
-                prefix = tmp / "run-heap"
+            run_port = free_port()
+            run_cmd = [str(VENV / "kscope"), "run", "--no-live", "--metrics-port", str(run_port)]
+            if a.soak_trace == "run":
                 procs["kscope_run"] = stack.enter_context(traced(prefix, "kscope", run_cmd[1:], tmp, "kscope-run"))
             else:
                 procs["kscope_run"] = stack.enter_context(Proc("kscope-run", run_cmd, tmp, "agent_started"))
+        traced_name = {"agent": "agent", "run": "kscope_run"}.get(a.soak_trace or "", "")
         wrk = subprocess.Popen(
             ["taskset", "-c", "1", "wrk", "-t1", "-c50", f"-d{a.soak_seconds}s", "-H", "Connection: close",
              f"http://127.0.0.1:{port}/"], stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         t0 = time.monotonic()
-        snaps: list[Path] = []
+        snaps: list[tuple[int, Path]] = []  # (RSS when taken, snapshot)
         while wrk.poll() is None:
             now = time.monotonic() - t0
             for name, p in procs.items():
                 series.setdefault(name, []).append((now, p.mem()["VmRSS"]))
-            if a.soak_run and a.soak_tracemalloc and len(snaps) == 0 and now >= a.warmup_seconds:
-                snaps.append(snapshot(procs["kscope_run"], tmp / "run-heap", 0))
+            if traced_name in procs and now >= a.warmup_seconds:
+                snaps.append((series[traced_name][-1][1], snapshot(procs[traced_name], prefix, len(snaps))))
             time.sleep(a.sample_seconds)
-        if a.soak_run and a.soak_tracemalloc and snaps:
-            snaps.append(snapshot(procs["kscope_run"], tmp / "run-heap", 1))
         wrk_out = wrk.communicate()[0]
         m = re.search(r"(\d+) requests in", wrk_out)
         agent_c = agent_counters(metrics_port)
+        run_c = agent_counters(run_port) if a.soak_run else {}
         hwm = {name: p.mem()["VmHWM"] for name, p in procs.items()}
     out: dict[str, Any] = {
         "seconds": a.soak_seconds,
         "connections_made": int(m.group(1)) if m else None,
         "sample_seconds": a.sample_seconds,
         "warmup_seconds": a.warmup_seconds,
-        "agent_l7_requests": agent_c.get("l7_requests"),
+        "agent_counters": {k: v for k, v in agent_c.items() if v},
+        "kscope_run_counters": {k: v for k, v in run_c.items() if v},
     }
     for name, pts in series.items():
         warm = [(t, v) for t, v in pts if t >= a.warmup_seconds] or pts
@@ -692,8 +697,12 @@ def soak_part(a: argparse.Namespace, tmp: Path, backend: Backend) -> dict[str, A
             "slope_after_warmup_mib_per_min": fitted_slope(warm),
             "rss_curve_mib": [mib(v) for _, v in pts],
         }
-    if len(snaps) == 2:
-        out["kscope_run_heap_tracemalloc"] = heap_top(snaps)
+    if len(snaps) >= 2:  # the first against the one taken at the largest RSS
+        largest = max(snaps[1:], key=lambda x: x[0])
+        out[f"{traced_name}_heap_tracemalloc_first_vs_largest_rss"] = {
+            "rss_mib_at_snapshots": [mib(r) for r, _ in snaps],
+            **heap_top([snaps[0][1], largest[1]]),
+        }
     return out
 
 
@@ -722,7 +731,9 @@ def main() -> int:
     ap.add_argument("--sample-seconds", type=float, default=10.0)
     ap.add_argument("--warmup-seconds", type=float, default=60.0, help="soak: growth is measured from here (60)")
     ap.add_argument("--no-soak-run", dest="soak_run", action="store_false", help="soak: the agent alone")
-    ap.add_argument("--soak-tracemalloc", action="store_true", help="soak: kscope run under tracemalloc (diff)")
+    ap.add_argument(
+        "--soak-trace", choices=("agent", "run"), help="soak: this one under tracemalloc (a snapshot a sample)"
+    )
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("memory: needs root (the agent loads BPF programs; namespaces)", file=sys.stderr)
