@@ -139,6 +139,8 @@ class AggregatorSettings:
     max_edges: int = 2000  # distinct edges per node and interval (L4 and RED together)
     max_red_keys: int = 5000  # distinct RED keys per node and interval
     max_spans: int = 10_000  # per node and interval
+    # every node's spans together, per interval: 50 nodes at max_spans would hold ~1 GB (bench/memory.py)
+    max_spans_total: int = 100_000
     max_logs: int = 2_000  # distinct log records (aggregates) per node and interval
     max_listeners: int = 2_000  # distinct (owner, port) listeners per node and interval
     max_sockets: int = 200_000  # remembered (node, netns, cookie): NAT answers and first sightings
@@ -296,6 +298,7 @@ class Aggregator:
         # None: a socket seen with nothing to remember yet (a default _Socket, without the object)
         self._sockets: OrderedDict[tuple[str, int, int], _Socket | None] = OrderedDict()
         self._counters = dict.fromkeys(COUNTERS, 0)
+        self._spans_held = 0  # every node's spans of this interval
         self._links = links.LinkStats(settings.max_link_pending)
         self._resolutions = ResolutionCache(index, settings.max_resolutions)
 
@@ -699,9 +702,10 @@ class Aggregator:
         span_edge = route.span_edge
         assert span_edge is not None
         start = q.start_time_unix_nano
-        if len(st.spans) >= self._settings.max_spans:
+        if len(st.spans) >= self._settings.max_spans or self._spans_held >= self._settings.max_spans_total:
             self._counters["spans_overflowed"] += 1
             return False
+        self._spans_held += 1
         st.spans.append(
             _new_tuple(SpanRecord, (span_edge, side, protocol, ctx, start, start + latency_ns, method, route_name,
                                     status, error_type, extra))
@@ -731,6 +735,7 @@ class Aggregator:
             out.append(NodeReport(interval, tuple(st.spans), tuple(st.logs.records(end_unix_nano)), tuple(st.held),
                                   tuple(st.resolved)))  # fmt: skip
         self._nodes = {}
+        self._spans_held = 0
         # No node state refers to the interned edges now: the only moment they may be dropped.
         self._resolutions.prune()
         return out

@@ -81,6 +81,11 @@ class AgentOptions:
     nat: bool = False  # resolve DNAT'ed remotes (Service VIPs) of client sockets through conntrack
     conntrack_netns: str | None = None  # e.g. /proc/1/ns/net or /run/netns/NAME; None: the agent's own
     nat_max_entries: int = 65536  # DNAT'ed connections kept per dump; the rest are counted as dropped
+    # L7 events parsed and waiting for the interval's step, at most (plus one drain's worth): an agent
+    # starved of CPU would otherwise drain ring after ring into memory between two steps (bench/memory.py:
+    # ~570 MB RSS under churn). Past it the rings are left to fill; what the kernel cannot add to a full
+    # ring it counts (l7_kernel_*_rb_full); drains put off are counted (l7_drains_deferred).
+    max_pending_l7_events: int = 20_000
 
 
 def kernel_drop_reasons() -> dict[int, str]:
@@ -145,6 +150,7 @@ class Agent:
         self.requests_seen = 0  # L7 requests reported, a summary counting its requests
         self._summaries_counted = (0, 0)  # the pipeline's (summaries, summarized_requests) at the last step
         self._pending_events: list[L7Event] = []
+        self.l7_drains_deferred = 0
         preflight.check()
         bpf_dir = opts.bpf_dir or default_bpf_dir()
         self.collector = L4Collector(
@@ -185,12 +191,17 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
 
-    def drain_l7(self) -> None:
-        """Parse what the L7 ring holds now; the records wait for the interval's write."""
-        if self.l7 is not None:
-            # client calls waiting for their parent's record: it may be an idle keep-alive connection's
-            # last exchange, which only the sweep sends (its interval is long: a pass over the TCP table)
-            self._pending_events += self.pipeline.feed(self.l7.poll(urgent=self.pipeline.causal.waiting() > 0))
+    def drain_l7(self, force: bool = False) -> None:
+        """Parse what the L7 ring holds now; the records wait for the interval's write. Put off while
+        ``max_pending_l7_events`` wait, unless ``force`` (the last drain, after capture stopped)."""
+        if self.l7 is None:
+            return
+        if not force and len(self._pending_events) >= self.opts.max_pending_l7_events:
+            self.l7_drains_deferred += 1
+            return
+        # client calls waiting for their parent's record: it may be an idle keep-alive connection's
+        # last exchange, which only the sweep sends (its interval is long: a pass over the TCP table)
+        self._pending_events += self.pipeline.feed(self.l7.poll(urgent=self.pipeline.causal.waiting() > 0))
 
     def step(self) -> tuple[list[L4Record], list[L7Event]]:
         """One interval's work: poll, parse, enrich, write, update self-metrics."""
@@ -320,6 +331,7 @@ class Agent:
             values.update({f"l7_kernel_{k}": v for k, v in self.l7.kernel_stats().items()})
             values.update({f"l7_{k}": v for k, v in self.pipeline.counters().items()})
             values["l7_decode_errors"] = self.l7.stats.decode_errors
+            values["l7_drains_deferred"] = self.l7_drains_deferred
             if self.l7.tls is not None:
                 values["l7_tls_libraries_attached"] = len(self.l7.tls.attached)
                 values["l7_tls_libraries_failed"] = len(self.l7.tls.failed)
@@ -370,7 +382,7 @@ class Agent:
         if self.l7 is not None:
             self.l7.stop_capture()
             self.l7.final_sweep()
-            self.drain_l7()
+            self.drain_l7(force=True)
             self._pending_events += self.pipeline.flush_causal()
 
     def close(self) -> None:

@@ -11,7 +11,10 @@ as a drop in a counter.
 Cardinality is bounded per (node, metric), as the OpenTelemetry SDK does: once a metric holds
 ``max_series - 1`` streams (of all the node's workload resources together), samples for new
 (resource, attribute) sets go to one overflow stream with the single attribute
-``otel.metric.overflow=true`` under kscope's resource of the node, and are counted. Streams not updated for
+``otel.metric.overflow=true`` under kscope's resource of the node, and are counted. The store as a whole
+holds at most ``max_total_series`` streams (~1.6 kB a stream with its encoded point: 50 nodes x ~20
+metrics x ``max_series`` would be GBs): past it, a new stream of any node goes to that node's overflow
+stream for its metric, counted the same way. Streams not updated for
 ``stale_after_ns`` are forgotten, which frees their slots; if they come back they start anew,
 with a new start time, as cumulative semantics require.
 
@@ -35,6 +38,7 @@ OVERFLOW_ATTRS: Final[Attrs] = ((OVERFLOW, True),)
 _Key = tuple[Attrs, Attrs]
 OVERFLOW_KEY: Final[_Key] = ((), OVERFLOW_ATTRS)
 DEFAULT_MAX_SERIES: Final = 2000  # the OpenTelemetry SDK's default cardinality limit
+DEFAULT_MAX_TOTAL_SERIES: Final = 100_000  # every node's streams together: ~160 MB (bench/memory.py)
 DEFAULT_STALE_AFTER_NS: Final = 10 * 60 * 1_000_000_000
 # Members read through module globals in hot code: an Enum class's attribute read takes ~10x a global's.
 _COUNTER, _HISTOGRAM, _GAUGE = Kind.COUNTER, Kind.HISTOGRAM, Kind.GAUGE
@@ -81,6 +85,7 @@ class Series:
 class StoreStats:
     series: int = 0  # live streams, all nodes
     overflowed: dict[str, int] = field(default_factory=dict)  # metric -> samples folded into overflow
+    overflowed_store_full: int = 0  # of those, folded because the store held max_total_series streams
     expired: int = 0  # streams forgotten after going stale
     resets: int = 0  # streams restarted because their histogram bounds changed
 
@@ -99,10 +104,19 @@ class _Node:
 
 
 class CumulativeStore:
-    def __init__(self, *, max_series: int = DEFAULT_MAX_SERIES, stale_after_ns: int = DEFAULT_STALE_AFTER_NS) -> None:
+    def __init__(
+        self,
+        *,
+        max_series: int = DEFAULT_MAX_SERIES,
+        stale_after_ns: int = DEFAULT_STALE_AFTER_NS,
+        max_total_series: int = DEFAULT_MAX_TOTAL_SERIES,
+    ) -> None:
         if max_series < 2:
             raise ValueError("max_series must leave room for one stream and the overflow stream")
+        if max_total_series < 1:
+            raise ValueError("max_total_series must be at least 1")
         self.max_series = max_series
+        self.max_total_series = max_total_series
         self.stale_after_ns = stale_after_ns
         self._nodes: dict[str, _Node] = {}
         self._instruments: dict[str, Instrument] = {}
@@ -210,7 +224,13 @@ class CumulativeStore:
         return out
 
     def stats(self) -> StoreStats:
-        return StoreStats(self._live, dict(self._stats.overflowed), self._stats.expired, self._stats.resets)
+        return StoreStats(
+            self._live,
+            dict(self._stats.overflowed),
+            self._stats.overflowed_store_full,
+            self._stats.expired,
+            self._stats.resets,
+        )
 
     # ---- internals ------------------------------------------------------------------------------
 
@@ -232,9 +252,11 @@ class CumulativeStore:
         if series is None:
             if inst.kind is _COUNTER and value == 0:
                 return  # a zero delta is no reason to spend a slot on a new stream
-            if len(by_attrs) >= self.max_series - (0 if OVERFLOW_KEY in by_attrs else 1):
+            full = self._live >= self.max_total_series and key != OVERFLOW_KEY
+            if full or len(by_attrs) >= self.max_series - (0 if OVERFLOW_KEY in by_attrs else 1):
                 key = OVERFLOW_KEY
                 self._stats.overflowed[inst.name] = self._stats.overflowed.get(inst.name, 0) + 1
+                self._stats.overflowed_store_full += full
             series = by_attrs.get(key)
             if series is None:
                 series = by_attrs[key] = Series(inst.name, key, start, end, value)

@@ -264,6 +264,17 @@ def test_state_is_bounded_and_overflow_counted(index: KubeIndex) -> None:
     assert c["external_remote"] == 8
 
 
+def test_spans_are_bounded_over_every_node_and_the_bound_resets_each_interval(index: KubeIndex) -> None:
+    agg = Aggregator(index, AggregatorSettings(max_spans=10, max_spans_total=3))
+    agg.add(batch("node-1", [], [l7(remote_ip=f"203.0.113.{i}") for i in range(2)]))
+    agg.add(batch("node-2", [], [l7(remote_ip=f"203.0.113.{i}") for i in range(2)]))
+    reports = agg.flush(T0 + 1)
+    assert sum(len(r.spans) for r in reports) == 3 and agg.counters()["spans_overflowed"] == 1
+    agg.add(batch("node-2", [], [l7(remote_ip=f"203.0.113.{i}") for i in range(3)]))
+    (rep,) = agg.flush(T0 + 2)
+    assert len(rep.spans) == 3 and agg.counters()["spans_overflowed"] == 1
+
+
 def test_listener_records_and_unknown_local_are_counted(index: KubeIndex) -> None:
     agg = Aggregator(index)
     agg.add(

@@ -53,6 +53,29 @@ def test_limit_is_per_metric() -> None:
     assert OVERFLOW_ATTRS not in values(out)
 
 
+def test_total_bound_sends_new_streams_of_any_node_to_their_overflow() -> None:
+    store = CumulativeStore(max_total_series=3)  # whatever the per-(node, metric) room
+    store.update("a", 0, S, [counter("p0", 1), counter("p1", 2)])
+    out = store.update("b", 0, S, [counter("p0", 10), counter("p1", 20), counter("p2", 30)])
+    assert values(out) == {(("k8s.pod.name", "p0"),): 10, OVERFLOW_ATTRS: 50}  # b's own overflow stream
+    out = store.update("a", S, 2 * S, [counter("p0", 1), counter("p5", 7)])
+    assert values(out) == {(("k8s.pod.name", "p0"),): 2, (("k8s.pod.name", "p1"),): 2, OVERFLOW_ATTRS: 7}
+    stats = store.stats()
+    assert stats.overflowed == {"kscope.tcp.bytes": 3} and stats.overflowed_store_full == 3
+    assert stats.series == 5  # 3 streams + one overflow stream per node that needed one
+
+
+def test_total_bound_frees_slots_as_streams_expire() -> None:
+    store = CumulativeStore(max_total_series=1, stale_after_ns=30 * S)
+    store.update("a", 0, 10 * S, [counter("p1", 5)])
+    store.update("b", 0, 10 * S, [counter("p2", 1)])  # overflow: the store is full
+    store.update("a", 40 * S, 50 * S, [])
+    store.expire(50 * S)  # both gone: idle since 10 s
+    out = store.update("b", 50 * S, 60 * S, [counter("p2", 3)])
+    assert values(out) == {(("k8s.pod.name", "p2"),): 3}
+    assert store.stats().overflowed_store_full == 1
+
+
 def test_stale_streams_expire_and_come_back_with_a_new_start() -> None:
     store = CumulativeStore(max_series=2, stale_after_ns=30 * S)
     store.update("a", 0, 10 * S, [counter("p1", 5)])
@@ -91,6 +114,8 @@ def test_histogram_with_new_bounds_restarts_its_stream() -> None:
 def test_limit_must_leave_room() -> None:
     with pytest.raises(ValueError):
         CumulativeStore(max_series=1)
+    with pytest.raises(ValueError):
+        CumulativeStore(max_total_series=0)
 
 
 def test_expiry_follows_update_times_even_when_the_clock_goes_back() -> None:
