@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 KSCOPE = str(REPO / ".venv" / "bin" / "kscope")
@@ -29,3 +31,37 @@ def start_kscope(*args: str) -> tuple[subprocess.Popen[str], list[str]]:
         if "agent_started" in line:
             return agent, seen
     raise AssertionError(f"agent did not start: exit {agent.wait(10)}: {''.join(seen)}")
+
+
+class AgentProcess:
+    """An agent (``kscope run`` or ``kscope-agent``) started with ``argv``, its stderr read all along
+    (a full pipe would stall it) and kept; added to ``procs`` so a test's teardown kills it."""
+
+    def __init__(self, argv: list[str], procs: list[subprocess.Popen[Any]], name: str = "agent") -> None:
+        self.name = name
+        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+        procs.append(self.proc)
+        self.lines: list[str] = []
+        self.started = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if "agent_started" in line:
+                self.started.set()
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_started(self, timeout: float = 40) -> None:
+        if not self.started.wait(timeout):
+            raise AssertionError(f"{self.name} did not start: exit {self.proc.poll()}: {self.log()[-4000:]}")
+
+    def stop(self) -> str:
+        """SIGTERM (a stop still runs a last interval: capture stopped, kernel drained); its stderr."""
+        self.proc.terminate()
+        rc = self.proc.wait(60)
+        assert rc == 0, self.log()[-4000:]
+        return self.log()

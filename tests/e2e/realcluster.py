@@ -19,14 +19,15 @@ themselves logged (requests served, dnsmasq's query log).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ from cluster_processor.otlp.exporter import Signal
 from tests.cluster_processor.kube import factories as f
 from tests.cluster_processor.kube.fake_apiserver import FakeApiServer
 from tests.cluster_processor.otlp.receiver import OtlpReceiver
+from tests.e2e.agentproc import AgentProcess
 from tests.e2e.l7trace import l7peer
 from tests.e2e.meshtopo import MeshTopology
 from tests.e2e.test_cluster import KSCOPE, NODE, processor_config
@@ -155,46 +157,31 @@ def build(topo: MeshTopology, tmp: Path) -> None:
     assert topo.vip(VIP_HOST["reviews"]) in got, got
 
 
-class Agent:
-    """``kscope run --nat --l7`` in the root namespace (it sees every namespace), stderr collected."""
+class Agent(AgentProcess):
+    """``kscope run --nat --l7`` in the root namespace (it sees every namespace)."""
 
     def __init__(self, topo: MeshTopology, ingest_port: int) -> None:
-        self.proc = subprocess.Popen(
+        super().__init__(
             [KSCOPE, "run", "--no-live", "--nat", "--conntrack-netns", topo.node.path, "--l7",
              "--processor", f"127.0.0.1:{ingest_port}", "--interval", "0.5", "--duration", "150",
              "--node-name", NODE],
-            stderr=subprocess.PIPE, text=True,
+            topo.procs,
         )  # fmt: skip
-        topo.procs.append(self.proc)  # killed by the topology's teardown if the test fails first
-        self.lines: list[str] = []
-        self.started = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:  # read all along: a full pipe would stall the agent
-            self.lines.append(line)
-            if "agent_started" in line:
-                self.started.set()
-
-    def wait_started(self, timeout: float = 40) -> None:
-        if not self.started.wait(timeout):
-            raise AssertionError(f"agent did not start: exit {self.proc.poll()}: {''.join(self.lines)[-4000:]}")
-
-    def stop(self) -> str:
-        self.proc.terminate()  # a stop still runs a last interval (capture stopped, kernel drained)
-        rc = self.proc.wait(60)
-        assert rc == 0, "".join(self.lines)[-4000:]
-        return "".join(self.lines)
 
 
 def run_load(topo: MeshTopology, duration_s: float = LOAD_S) -> dict[str, Any]:
     """loadgen's requests, from inside its container's cgroup; its ``done`` line."""
-    url = f"http://productpage:{PORT}/productpage?u={PRIVATE}"
-    proc = topo.start("loadgen", sys.executable, str(MESHAPP), "load", "--url", url, "--rate", str(RATE),
-                      "--duration", str(duration_s), "--timeout", "40", "--gate",
+    return meshapp_load(topo, f"http://productpage:{PORT}/productpage?u={PRIVATE}", RATE, duration_s, 40)
+
+
+def meshapp_load(topo: MeshTopology, url: str, rate: float, duration_s: float, timeout_s: float,
+                 *extra: str) -> dict[str, Any]:  # fmt: skip
+    """``meshapp.py load`` in the loadgen pod, started once it is in its container's cgroup; its
+    ``done`` line."""
+    proc = topo.start("loadgen", sys.executable, str(MESHAPP), "load", "--url", url, "--rate", str(rate),
+                      "--duration", str(duration_s), "--timeout", str(timeout_s), "--gate", *extra,
                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
-    out, err = proc.communicate("go\n", timeout=90)
+    out, err = proc.communicate("go\n", timeout=duration_s + timeout_s + 30)
     assert proc.returncode == 0, err
     done: dict[str, Any] = json.loads(out.splitlines()[-1])
     return done
@@ -211,37 +198,46 @@ def dns_queries(log: str, ips: dict[str, str]) -> Counter[tuple[str, str]]:
     return Counter((who.get(ip, ip), name) for _, name, ip in _QUERY.findall(log))
 
 
-async def run_scene(topo: MeshTopology, tmp: Path) -> Scene:
-    from cluster_processor import main as m
-
+@contextlib.asynccontextmanager
+async def apiserver(tmp: Path, fill: Callable[[FakeApiServer], None]) -> AsyncIterator[Path]:
+    """A test APIServer that ``fill`` put the scene's objects in; its kubeconfig."""
     server = FakeApiServer()
     await server.start()
     try:
-        populate(server, topo)
-        kubeconfig = server.write_kubeconfig(tmp / "kubeconfig")
-        async with OtlpReceiver() as rx, m.Processor(processor_config(kubeconfig, rx.endpoint)) as proc:
-            assert proc.watcher is not None and await proc.watcher.wait_synced(10)
-            agent = Agent(topo, proc.ingest.port)
-            await asyncio.to_thread(agent.wait_started)
-            t0 = time.monotonic()
-            log_from = (tmp / "dnsmasq.log").stat().st_size  # only queries the agent can have seen
-            load = await asyncio.to_thread(run_load, topo)
-            agent_log = await asyncio.to_thread(agent.stop)
-            truth = {name: served(tmp, name) for name in ("productpage-v1", "reviews-v2", "ratings-v1")}
-            with (tmp / "dnsmasq.log").open() as fh:
-                fh.seek(log_from)
-                queries = dns_queries(fh.read(), topo.ips)
-            await settle(rx, proc, truth, queries)
-            # the aggregator's, the trace join's and the span exporter's counters: for failure messages
-            traces = proc.exporter.stats()[Signal.TRACES]
-            outcomes = ("submitted", "exported", "rejected", "dropped_queue_full", "dropped_non_retryable",
-                        "dropped_retry_exhausted", "queued")  # fmt: skip
-            counters = {**proc.aggregator.counters(), **proc.join.counters, "join_held": proc.join.sizes()["held"],
-                        **{f"otlp_spans_{k}": getattr(traces, k) for k in outcomes}}  # fmt: skip
-            return Scene(rx, dict(topo.ips), truth, load, queries,
-                         topo.dropped(), time.monotonic() - t0, agent_log, counters)  # fmt: skip
+        fill(server)
+        yield server.write_kubeconfig(tmp / "kubeconfig")
     finally:
         await server.close()
+
+
+async def run_scene(topo: MeshTopology, tmp: Path) -> Scene:
+    from cluster_processor import main as m
+
+    async with (
+        apiserver(tmp, lambda server: populate(server, topo)) as kubeconfig,
+        OtlpReceiver() as rx,
+        m.Processor(processor_config(kubeconfig, rx.endpoint)) as proc,
+    ):
+        assert proc.watcher is not None and await proc.watcher.wait_synced(10)
+        agent = Agent(topo, proc.ingest.port)
+        await asyncio.to_thread(agent.wait_started)
+        t0 = time.monotonic()
+        log_from = (tmp / "dnsmasq.log").stat().st_size  # only queries the agent can have seen
+        load = await asyncio.to_thread(run_load, topo)
+        agent_log = await asyncio.to_thread(agent.stop)
+        truth = {name: served(tmp, name) for name in ("productpage-v1", "reviews-v2", "ratings-v1")}
+        with (tmp / "dnsmasq.log").open() as fh:
+            fh.seek(log_from)
+            queries = dns_queries(fh.read(), topo.ips)
+        await settle(rx, proc, truth, queries)
+        # the aggregator's, the trace join's and the span exporter's counters: for failure messages
+        traces = proc.exporter.stats()[Signal.TRACES]
+        outcomes = ("submitted", "exported", "rejected", "dropped_queue_full", "dropped_non_retryable",
+                    "dropped_retry_exhausted", "queued")  # fmt: skip
+        counters = {**proc.aggregator.counters(), **proc.join.counters, "join_held": proc.join.sizes()["held"],
+                    **{f"otlp_spans_{k}": getattr(traces, k) for k in outcomes}}  # fmt: skip
+        return Scene(rx, dict(topo.ips), truth, load, queries,
+                     topo.dropped(), time.monotonic() - t0, agent_log, counters)  # fmt: skip
 
 
 async def settle(

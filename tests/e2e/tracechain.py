@@ -20,9 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -33,8 +31,10 @@ from typing import TYPE_CHECKING, Any
 from tests.cluster_processor.kube import factories as f
 from tests.cluster_processor.kube.fake_apiserver import FakeApiServer
 from tests.cluster_processor.otlp.receiver import OtlpReceiver
+from tests.e2e.agentproc import AgentProcess
 from tests.e2e.meshtopo import MeshTopology
 from tests.e2e.netns import NGINX_CONF
+from tests.e2e.realcluster import apiserver, meshapp_load
 from tests.e2e.test_cluster import processor_config
 
 if TYPE_CHECKING:
@@ -113,54 +113,23 @@ def build(topo: MeshTopology, tmp: Path) -> None:
     topo.wait_listening(topo.pods["gate"], PORT)
 
 
-class Agent:
+class Agent(AgentProcess):
     """``kscope-agent`` for one node: only its pod's network namespace, shipping to one replica."""
 
     def __init__(self, topo: MeshTopology, service: str, ingest_port: int) -> None:
         self.node = NODE_OF[service]
         ino = os.stat(f"/run/netns/{topo.pods[service].name}").st_ino
-        self.proc = subprocess.Popen(
+        super().__init__(
             [AGENT, "--l7", "--nat", "--conntrack-netns", topo.node.path, "--netns-inode", str(ino),
              "--processor", f"127.0.0.1:{ingest_port}", "--interval", "0.5", "--duration", "120",
              "--node-name", self.node],
-            stderr=subprocess.PIPE, text=True,
+            topo.procs, f"agent of {self.node}",
         )  # fmt: skip
-        topo.procs.append(self.proc)  # killed by the topology's teardown if the test fails first
-        self.lines: list[str] = []
-        self.started = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:  # read all along: a full pipe would stall the agent
-            self.lines.append(line)
-            if "agent_started" in line:
-                self.started.set()
-
-    def wait_started(self, timeout: float = 60) -> None:
-        if not self.started.wait(timeout):
-            raise AssertionError(f"agent {self.node} did not start: exit {self.proc.poll()}: {self.log()[-4000:]}")
-
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self) -> str:
-        self.proc.terminate()  # a stop still runs a last interval (capture stopped, kernel drained)
-        rc = self.proc.wait(60)
-        assert rc == 0, self.log()[-4000:]
-        return self.log()
 
 
 def run_load(topo: MeshTopology, chain: str, entry: str) -> dict[str, Any]:
     """loadgen's numbered requests (/CHAIN/0, /CHAIN/1, ...) to ``entry``'s VIP; its ``done`` line."""
-    url = f"http://{topo.vip(VIP_HOST[entry])}:{PORT}/{chain}"
-    proc = topo.start("loadgen", sys.executable, str(MESHAPP), "load", "--url", url, "--number", "--rate", str(RATE),
-                      "--duration", str(LOAD_S), "--timeout", "20", "--gate",
-                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
-    out, err = proc.communicate("go\n", timeout=60)
-    assert proc.returncode == 0, err
-    done: dict[str, Any] = json.loads(out.splitlines()[-1])
-    return done
+    return meshapp_load(topo, f"http://{topo.vip(VIP_HOST[entry])}:{PORT}/{chain}", RATE, LOAD_S, 20, "--number")
 
 
 def served(tmp: Path, name: str) -> list[str]:
@@ -171,29 +140,22 @@ def served(tmp: Path, name: str) -> list[str]:
 async def run_scene(topo: MeshTopology, tmp: Path) -> Scene:
     from cluster_processor import main as m
 
-    server = FakeApiServer()
-    await server.start()
-    try:
-        populate(server, topo)
-        kubeconfig = server.write_kubeconfig(tmp / "kubeconfig")
-        async with OtlpReceiver() as rx:
-            configs = [replica_config(processor_config(kubeconfig, rx.endpoint), i) for i in range(2)]
-            async with m.Processor(configs[0]) as p0, m.Processor(configs[1]) as p1:
-                procs = (p0, p1)
-                for p in procs:
-                    assert p.watcher is not None and await p.watcher.wait_synced(10)
-                agents = [Agent(topo, s, procs[REPLICA_OF[NODE_OF[s]]].ingest.port) for s in NODE_OF]
-                for a in agents:
-                    await asyncio.to_thread(a.wait_started)
-                loads = await asyncio.gather(*(asyncio.to_thread(run_load, topo, c, e)
-                                               for c, e in (("a", "front"), ("b", "gate"))))  # fmt: skip
-                logs = {a.node: await asyncio.to_thread(a.stop) for a in agents}
-                truth = {name: served(tmp, name) for name in ("front", "middle", "back")}
-                await settle(rx, procs, len(truth["back"]))
-                return Scene(rx, truth, dict(zip("ab", loads, strict=True)),
-                             [p.aggregator.counters() for p in procs], logs)  # fmt: skip
-    finally:
-        await server.close()
+    async with apiserver(tmp, lambda server: populate(server, topo)) as kubeconfig, OtlpReceiver() as rx:
+        configs = [replica_config(processor_config(kubeconfig, rx.endpoint), i) for i in range(2)]
+        async with m.Processor(configs[0]) as p0, m.Processor(configs[1]) as p1:
+            procs = (p0, p1)
+            for p in procs:
+                assert p.watcher is not None and await p.watcher.wait_synced(10)
+            agents = [Agent(topo, s, procs[REPLICA_OF[NODE_OF[s]]].ingest.port) for s in NODE_OF]
+            for a in agents:
+                await asyncio.to_thread(a.wait_started, 60)
+            loads = await asyncio.gather(*(asyncio.to_thread(run_load, topo, c, e)
+                                           for c, e in (("a", "front"), ("b", "gate"))))  # fmt: skip
+            logs = {a.node: await asyncio.to_thread(a.stop) for a in agents}
+            truth = {name: served(tmp, name) for name in ("front", "middle", "back")}
+            await settle(rx, procs, len(truth["back"]))
+            return Scene(rx, truth, dict(zip("ab", loads, strict=True)),
+                         [p.aggregator.counters() for p in procs], logs)  # fmt: skip
 
 
 def replica_config(base: Any, index: int) -> Any:
