@@ -88,3 +88,57 @@ def test_both_ends_of_each_hop_share_ids_across_nodes_and_replicas(scene: Scene)
         assert (cw, w) in {("front", "middle"), ("gate", "middle"), ("middle", "back")}, (cw, w)
         linked += 1
     assert linked == sum(1 for w, s in http if s.kind == CLIENT), facts(scene)
+
+
+def tree(scene: Scene, chain: str, entry: str) -> Iterator[tuple[int, dict[Key, Any]]]:
+    """Request N of ``chain``: its five spans, one each (a missing or doubled one fails here)."""
+    reqs = by_request(scene)
+    keys = ((entry, SERVER), (entry, CLIENT), ("middle", SERVER), ("middle", CLIENT), ("back", SERVER))
+    for n in range(scene.load[chain]["sent"]):
+        got = reqs.get(f"/{chain}/{n}", {})
+        assert all(len(got.get(k, [])) == 1 for k in keys), (n, {k: len(v) for k, v in got.items()}, facts(scene))
+        yield n, {k: got[k][0] for k in keys}
+
+
+def test_one_trace_per_incoming_request_with_the_exact_tree(scene: Scene) -> None:
+    """Items 2 and 4: through three thread-per-request services on three nodes, exported by two
+    replicas, each incoming request is ONE trace: front's server span -> its call to middle ->
+    middle's server span -> its call to back -> back's server span, each the parent of the next."""
+    traces = set()
+    for _, t in tree(scene, "a", "front"):
+        fs, fc, ms, mc, bs = t.values()
+        assert (fc.parent_span_id, ms.parent_span_id, mc.parent_span_id, bs.parent_span_id) == (
+            fs.span_id,
+            fc.span_id,
+            ms.span_id,
+            mc.span_id,
+        )
+        assert len({s.trace_id for s in t.values()}) == 1
+        traces.add(fs.trace_id)
+    assert len(traces) == scene.load["a"]["sent"]  # no two requests share a trace
+
+
+def test_an_event_loop_proxy_cuts_the_tree_never_wrongly(scene: Scene) -> None:
+    """Item 2: nginx serves many requests on one thread; its calls to middle get no parent (a new
+    trace rooted at its client span, which middle and back continue), never another request's."""
+    for _, t in tree(scene, "b", "gate"):
+        gs, gc, ms, mc, bs = t.values()
+        assert gc.parent_span_id == b"" and gc.trace_id != gs.trace_id
+        assert (ms.parent_span_id, mc.parent_span_id, bs.parent_span_id) == (gc.span_id, ms.span_id, mc.span_id)
+        assert len({s.trace_id for s in (gc, ms, mc, bs)}) == 1
+
+
+def test_zero_false_links(scene: Scene) -> None:
+    """Whatever the chain: a span whose parent is in the export has its parent's url.path (the
+    same incoming request), and no two spans share an id."""
+    http = http_spans(scene)
+    by_id = {s.span_id: s for _, s in http}
+    assert len(by_id) == len(http)
+    parented = 0
+    for _, s in http:
+        p = by_id.get(s.parent_span_id)
+        if p is not None:
+            assert kv(p.attributes)["url.path"] == kv(s.attributes)["url.path"]
+            assert p.trace_id == s.trace_id
+            parented += 1
+    assert parented > 0

@@ -24,13 +24,15 @@ import sys
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cluster_processor.tracejoin import JoinSettings
 from tests.cluster_processor.kube import factories as f
 from tests.cluster_processor.kube.fake_apiserver import FakeApiServer
 from tests.cluster_processor.otlp.receiver import OtlpReceiver
+from tests.cluster_processor.test_main_tracejoin import free_port
 from tests.e2e.agentproc import AgentProcess
 from tests.e2e.meshtopo import MeshTopology
 from tests.e2e.netns import NGINX_CONF
@@ -38,7 +40,7 @@ from tests.e2e.realcluster import apiserver, meshapp_load
 from tests.e2e.test_cluster import processor_config
 
 if TYPE_CHECKING:
-    from cluster_processor.main import Processor
+    from cluster_processor.main import Processor, ProcessorConfig
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT = str(REPO / ".venv" / "bin" / "kscope-agent")
@@ -52,6 +54,8 @@ REPLICA_OF = {"node-a": 0, "node-c": 0, "node-b": 1, "node-d": 1}
 VIP_HOST = {"front": 20, "middle": 21, "back": 22, "gate": 23}
 WORKLOADS = ("loadgen", "front", "middle", "back", "gate")
 LOAD_NODE = "node-z"  # loadgen's node: no agent runs there
+# a span waits this long for the trace of the hop before it (a few of the agents' 0.5 s intervals)
+TRACE_JOIN = JoinSettings(wait_s=5.0, exchange_interval_s=0.2)
 
 
 @dataclass
@@ -141,7 +145,8 @@ async def run_scene(topo: MeshTopology, tmp: Path) -> Scene:
     from cluster_processor import main as m
 
     async with apiserver(tmp, lambda server: populate(server, topo)) as kubeconfig, OtlpReceiver() as rx:
-        configs = [replica_config(processor_config(kubeconfig, rx.endpoint), i) for i in range(2)]
+        peers = tuple(f"127.0.0.1:{free_port()}" for _ in range(2))
+        configs = [replica_config(processor_config(kubeconfig, rx.endpoint), i, peers) for i in range(2)]
         async with m.Processor(configs[0]) as p0, m.Processor(configs[1]) as p1:
             procs = (p0, p1)
             for p in procs:
@@ -155,14 +160,13 @@ async def run_scene(topo: MeshTopology, tmp: Path) -> Scene:
             truth = {name: served(tmp, name) for name in ("front", "middle", "back")}
             await settle(rx, procs, len(truth["back"]))
             return Scene(rx, truth, dict(zip("ab", loads, strict=True)),
-                         [p.aggregator.counters() for p in procs], logs)  # fmt: skip
+                         [{**p.aggregator.counters(), **p.join.counters} for p in procs], logs)  # fmt: skip
 
 
-def replica_config(base: Any, index: int) -> Any:
-    """Replica ``index`` of two: its own name (service.instance.id)."""
-    from dataclasses import replace
-
-    return replace(base, replica=f"kscope-processor-{index}")
+def replica_config(base: ProcessorConfig, index: int, peers: tuple[str, ...]) -> ProcessorConfig:
+    """Replica ``index`` of ``peers`` (every replica's trace-join address): its own name and address."""
+    return replace(base, replica=f"kscope-processor-{index}", trace=TRACE_JOIN, trace_listen=peers[index],
+                   trace_self=peers[index], trace_peers=peers)  # fmt: skip
 
 
 async def settle(rx: OtlpReceiver, procs: tuple[Processor, ...], want_back: int) -> None:
