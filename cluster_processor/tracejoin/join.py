@@ -16,6 +16,13 @@ talk through ``Transport`` (``peers.GrpcTransport``; a test may pass anything): 
 each owner what this replica learnt and asks it for what spans here wait on. ``serve`` is the owner
 side. Everything runs on the processor's one event loop: no locks.
 
+A span cannot tell a caller that will never be seen from one whose trace is still on its way down
+a chain (its own caller's caller timing out first): so a client span that is held for its parent's
+trace announces its own hop as *pending* to that hop's owner, and a span waiting for a pending hop
+keeps waiting past ``wait_s`` (up to ``max_wait_s``) instead of falling back; a fallback proposed
+for a pending hop does not win there. Without it, spans down a chain time out in a race with the
+root's own timeout, and a three-hop chain split over replicas became two traces.
+
 Bounded: held spans (``max_held``: the oldest leaves early with its fallback), known hop traces
 (``max_known`` and a time to live), proposals waiting for an unreachable owner (``max_outbox``); each
 eviction, timeout and peer failure is counted.
@@ -37,6 +44,10 @@ KEY_BYTES: Final = 8
 TRACE_BYTES: Final = 16
 _ZERO_TRACE: Final = bytes(TRACE_BYTES)
 _new_tuple: Final = tuple.__new__
+# What a proposal says (``HopTrace.pending``/``fallback`` on the wire): the hop's real trace; that it
+# is coming (a client span waiting for its parent); the pairwise guess of an end whose wait ran out.
+REAL, PENDING, FALLBACK = 0, 1, 2
+Proposal = tuple[bytes, bytes, int]  # (hop, trace, REAL | PENDING | FALLBACK); trace b"" when PENDING
 
 
 class Held(NamedTuple):
@@ -58,6 +69,7 @@ class JoinSettings:
     max_outbox: int = 100_000  # proposals waiting for their owner
     max_rounds: int = 8  # exchanges in a row while they teach something (a chain inside this replica)
     max_per_request: int = 10_000  # entries per ExchangeTraces request
+    max_wait_s: float = 0.0  # a span whose hop is pending waits at most this long (0: 3 x wait_s)
 
 
 COUNTERS: Final = (
@@ -65,6 +77,8 @@ COUNTERS: Final = (
     "trace_spans_joined",  # ... and left with it
     "trace_spans_fallback",  # ... and left with their pairwise ids (wait ran out, evicted, peer down, stop)
     "trace_wait_timeouts",  # held spans whose wait ran out
+    "trace_pending_waits",  # held spans that waited past wait_s: their hop's trace was on its way
+    "trace_pending_evicted",  # pending hops forgotten before their time: max_known reached
     "trace_held_evicted",  # held spans sent early with their fallback: max_held reached
     "trace_known_evicted",  # hop traces forgotten before their time: max_known reached
     "trace_proposals_dropped",  # proposals that never reached their owner (outbox full, owner down past the wait)
@@ -82,9 +96,10 @@ class PeerError(Exception):
 
 class Transport(Protocol):
     async def exchange(
-        self, peer: str, propose: Sequence[tuple[bytes, bytes]], lookup: Sequence[bytes]
+        self, peer: str, propose: Sequence[Proposal], lookup: Sequence[bytes]
     ) -> list[tuple[bytes, bytes]]:
-        """The owner's trace for every proposed hop and every known looked-up one; raises PeerError."""
+        """The owner's trace for every proposed hop and every known looked-up one (b"": pending);
+        raises PeerError."""
         ...
 
 
@@ -100,12 +115,13 @@ def owner(key: bytes, peers: Sequence[str]) -> str:
 
 
 class _Wait:
-    __slots__ = ("expired", "fallback", "node", "publish", "since", "span", "wait")
+    __slots__ = ("expired", "extended", "fallback", "node", "publish", "since", "span", "wait")
 
     def __init__(self, node: str, span: SpanRecord, held: Held, since: int) -> None:
         self.node, self.span, self.since = node, span, since
         self.wait, self.fallback, self.publish = held.wait, held.fallback, held.publish
         self.expired = False
+        self.extended = False  # waited past wait_s for a pending hop
 
 
 class TraceJoin:
@@ -123,14 +139,16 @@ class TraceJoin:
         self.set_peers(peers)
         self._transport = transport
         self._wait_ns = int(settings.wait_s * NS_PER_S)
+        self._max_wait_ns = int((settings.max_wait_s or 3 * settings.wait_s) * NS_PER_S)
         # a hop's trace outlives every wait for it, whatever --trace-wait says
-        self._ttl_ns = int(max(settings.known_ttl_s, 2 * settings.wait_s) * NS_PER_S)
+        self._ttl_ns = max(int(settings.known_ttl_s * NS_PER_S), self._max_wait_ns + self._wait_ns)
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._next = 0
         self._held: OrderedDict[int, _Wait] = OrderedDict()  # in arrival order: the oldest times out first
         self._waiting: dict[bytes, list[int]] = {}  # hop -> held ids waiting for it
         self._known: OrderedDict[bytes, tuple[bytes, int]] = OrderedDict()  # hop -> (trace, when learnt)
-        self._outbox: OrderedDict[bytes, tuple[bytes, int]] = OrderedDict()  # hop -> (trace, since): for owners
+        self._outbox: OrderedDict[bytes, tuple[bytes, int, int]] = OrderedDict()  # hop -> (trace, since, kind)
+        self._pending: OrderedDict[bytes, int] = OrderedDict()  # hop -> when last known to be coming
         self._ready: dict[str, list[SpanRecord]] = {}
 
     @property
@@ -150,7 +168,7 @@ class TraceJoin:
 
     def sizes(self) -> dict[str, int]:
         return {"held": len(self._held), "known": len(self._known), "outbox": len(self._outbox),
-                "peers": len(self._peers)}  # fmt: skip
+                "pending": len(self._pending), "peers": len(self._peers)}  # fmt: skip
 
     def _owner(self, key: bytes) -> str:
         return owner(key, self._peers) if self._peers else self.me
@@ -192,6 +210,8 @@ class TraceJoin:
             self._next += 1
             self._held[i] = w
             self._waiting.setdefault(w.wait, []).append(i)
+            if w.publish:  # its own hop's trace is coming: the server end of that hop should wait for it
+                self._propose(w.publish, b"", now_ns, PENDING)
 
     def take_ready(self) -> dict[str, list[SpanRecord]]:
         """Spans to export now, per node (their trace ids final)."""
@@ -224,7 +244,7 @@ class TraceJoin:
             trace = self._learn(w.wait, w.fallback, now_ns, first_wins=True)
         else:
             trace = self._known.get(w.wait, (w.fallback, 0))[0]
-            self._propose(w.wait, w.fallback, now_ns)
+            self._propose(w.wait, w.fallback, now_ns, FALLBACK)
         self._release(w, trace, now_ns, joined=False)
 
     def _unwait(self, w: _Wait) -> None:
@@ -234,21 +254,39 @@ class TraceJoin:
             if not ids:
                 del self._waiting[w.wait]
 
-    def _propose(self, key: bytes, trace: bytes, now_ns: int) -> None:
+    def _propose(self, key: bytes, trace: bytes, now_ns: int, kind: int = REAL) -> None:
         if self._owner(key) == self.me:
-            self._learn(key, trace, now_ns, first_wins=True)
+            if kind == PENDING:
+                if key not in self._known:
+                    self._mark_pending(key, now_ns)
+            elif kind == REAL or not self._is_pending(key, now_ns):
+                self._learn(key, trace, now_ns, first_wins=True)
             return
-        if key in self._outbox:
+        have = self._outbox.get(key)
+        if have is not None and not (have[2] == PENDING and kind != PENDING):  # a trace replaces "coming"
             return
-        if len(self._outbox) >= self.settings.max_outbox:
+        if have is None and len(self._outbox) >= self.settings.max_outbox:
             self.counters["trace_proposals_dropped"] += 1
             return
-        self._outbox[key] = (trace, now_ns)
+        self._outbox[key] = (trace, now_ns, kind)
+
+    def _mark_pending(self, key: bytes, now_ns: int) -> None:
+        pending = self._pending
+        pending[key] = now_ns
+        pending.move_to_end(key)
+        if len(pending) > self.settings.max_known:
+            pending.popitem(last=False)
+            self.counters["trace_pending_evicted"] += 1
+
+    def _is_pending(self, key: bytes, now_ns: int) -> bool:
+        t = self._pending.get(key)
+        return t is not None and now_ns - t <= self._max_wait_ns
 
     def _learn(self, key: bytes, trace: bytes, now_ns: int, *, first_wins: bool) -> bytes:
         """Record a hop's trace (as its owner: the first one stays; from the owner: its answer) and
         release what waited for it. Returns the hop's trace."""
         known = self._known
+        self._pending.pop(key, None)
         have = known.get(key)
         if have is not None and (first_wins or have[0] == trace):
             trace = have[0]
@@ -262,7 +300,8 @@ class TraceJoin:
         for i in ids or ():
             w = self._held.pop(i, None)
             if w is not None:
-                self._release(w, trace, now_ns, joined=not w.expired)
+                # an end whose wait ran out may still get the real trace from the owner: joined
+                self._release(w, trace, now_ns, joined=not w.expired or trace != w.fallback)
         return trace
 
     def _expire(self, now_ns: int) -> None:
@@ -272,17 +311,29 @@ class TraceJoin:
             if t > cutoff:
                 break
             del known[key]
+        pending, p_cutoff = self._pending, now_ns - self._max_wait_ns
+        while pending:
+            key, t = next(iter(pending.items()))
+            if t > p_cutoff:
+                break
+            del pending[key]
         cutoff = now_ns - self._wait_ns
         for i, w in list(self._held.items()):
             if w.since > cutoff:
                 break
             if w.expired or i not in self._held:  # released meanwhile by a fallback just written
                 continue
+            capped = now_ns - w.since >= self._max_wait_ns
+            if not capped and self._is_pending(w.wait, now_ns):
+                self.counters["trace_pending_waits"] += not w.extended
+                w.extended = True  # its hop's trace is on its way down the chain: keep waiting
+                continue
             w.expired = True
             self.counters["trace_wait_timeouts"] += 1
-            # the hop's owner decides (it may have learnt the real trace meanwhile); the answer releases it
-            self._propose(w.wait, w.fallback, now_ns)
-        for key, (_, t) in list(self._outbox.items()):
+            # the hop's owner decides (it may have learnt the real trace meanwhile, or know it is
+            # coming: then it waits on); past max_wait_s its fallback is offered as the hop's trace
+            self._propose(w.wait, w.fallback, now_ns, REAL if capped else FALLBACK)
+        for key, (_, t, _) in list(self._outbox.items()):
             if t > cutoff - self._wait_ns:
                 break
             del self._outbox[key]  # its owner stayed unreachable for two waits: nobody still waits on it
@@ -296,11 +347,11 @@ class TraceJoin:
             return
         down: set[str] = set()
         for round_ in range(self.settings.max_rounds):
-            work: dict[str, tuple[list[tuple[bytes, bytes]], list[bytes]]] = {}
-            for key, (trace, _) in self._outbox.items():
+            work: dict[str, tuple[list[Proposal], list[bytes]]] = {}
+            for key, (trace, _, kind) in self._outbox.items():
                 p = self._owner(key)
                 if p not in down:
-                    work.setdefault(p, ([], []))[0].append((key, trace))
+                    work.setdefault(p, ([], []))[0].append((key, trace, kind))
             if round_ == 0:
                 for key in self._waiting:
                     if key not in self._outbox:
@@ -316,14 +367,25 @@ class TraceJoin:
                     down.add(p)
                     self._degrade(p, now_ns)
                     continue
-                for key, _ in work[p][0]:
+                for key, _, _ in work[p][0]:
                     self._outbox.pop(key, None)
                 for key, trace in got:
-                    self._learn(key, trace, now_ns, first_wins=False)
+                    if trace:
+                        self._learn(key, trace, now_ns, first_wins=False)
+                    else:
+                        self._coming(key, now_ns)
 
-    async def _call(
-        self, peer: str, propose: list[tuple[bytes, bytes]], lookup: list[bytes]
-    ) -> list[tuple[bytes, bytes]] | None:
+    def _coming(self, key: bytes, now_ns: int) -> None:
+        """The owner says the hop's trace is on its way: what waits for it here keeps waiting (a
+        fallback proposed meanwhile lost to that)."""
+        self._mark_pending(key, now_ns)
+        for i in self._waiting.get(key, ()):
+            w = self._held.get(i)
+            if w is not None and w.expired and now_ns - w.since < self._max_wait_ns:
+                w.expired = False
+                self.counters["trace_wait_timeouts"] -= 1  # not a timeout after all: it waits on
+
+    async def _call(self, peer: str, propose: list[Proposal], lookup: list[bytes]) -> list[tuple[bytes, bytes]] | None:
         assert self._transport is not None
         n, out = self.settings.max_per_request, []
         try:
@@ -347,16 +409,27 @@ class TraceJoin:
     # ---- the owner's side --------------------------------------------------------------------
 
     def serve(
-        self, propose: Sequence[tuple[bytes, bytes]], lookup: Sequence[bytes], now_ns: int
+        self, propose: Sequence[Proposal], lookup: Sequence[bytes], now_ns: int
     ) -> tuple[list[tuple[bytes, bytes]], int]:
-        """Answer a peer: proposals first (the first trace of a hop wins), then lookups. Returns the
-        known (hop, trace) pairs and how many entries were refused."""
+        """Answer a peer: proposals first (the first trace of a hop wins; a fallback does not win
+        over a hop whose trace is coming), then lookups. Returns the (hop, trace) pairs it knows, b""
+        for a hop whose trace is coming, and how many entries were refused."""
         self.counters["trace_served_requests"] += 1
         out: list[tuple[bytes, bytes]] = []
         invalid = 0
-        for key, trace in propose:
-            if len(key) != KEY_BYTES or len(trace) != TRACE_BYTES or trace == _ZERO_TRACE:
+        for key, trace, kind in propose:
+            if len(key) != KEY_BYTES:
                 invalid += 1
+                continue
+            if kind == PENDING:
+                if key not in self._known:
+                    self._mark_pending(key, now_ns)
+                continue
+            if len(trace) != TRACE_BYTES or trace == _ZERO_TRACE:
+                invalid += 1
+                continue
+            if kind == FALLBACK and key not in self._known and self._is_pending(key, now_ns):
+                out.append((key, b""))
                 continue
             out.append((key, self._learn(key, trace, now_ns, first_wins=True)))
         for key in lookup:
@@ -366,5 +439,7 @@ class TraceJoin:
             known = self._known.get(key)
             if known is not None:
                 out.append((key, known[0]))
+            elif self._is_pending(key, now_ns):
+                out.append((key, b""))
         self.counters["trace_served_invalid"] += invalid
         return out, invalid

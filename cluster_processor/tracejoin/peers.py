@@ -16,7 +16,7 @@ import grpc
 import grpc.aio
 import structlog
 
-from cluster_processor.tracejoin.join import PeerError, TraceJoin
+from cluster_processor.tracejoin.join import FALLBACK, PENDING, REAL, PeerError, Proposal, TraceJoin
 from kscope.v1 import tracejoin_pb2 as pb
 from kscope.v1 import tracejoin_pb2_grpc as pb_grpc
 
@@ -34,10 +34,11 @@ class _Servicer(pb_grpc.TraceJoinServicer):  # type: ignore[misc]  # generated, 
         self._join, self._clock = join, clock
 
     async def ExchangeTraces(self, request: pb.ExchangeTracesRequest, context: Context) -> pb.ExchangeTracesResponse:
-        known, invalid = self._join.serve(
-            [(h.hop, h.trace_id) for h in request.propose], list(request.lookup), self._clock()
-        )
-        return pb.ExchangeTracesResponse(known=[pb.HopTrace(hop=k, trace_id=t) for k, t in known], invalid=invalid)
+        propose = [(h.hop, h.trace_id, PENDING if h.pending else FALLBACK if h.fallback else REAL)
+                   for h in request.propose]  # fmt: skip
+        known, invalid = self._join.serve(propose, list(request.lookup), self._clock())
+        return pb.ExchangeTracesResponse(known=[pb.HopTrace(hop=k, trace_id=t, pending=not t) for k, t in known],
+                                         invalid=invalid)  # fmt: skip
 
 
 class PeerServer:
@@ -72,21 +73,24 @@ class GrpcTransport:
         self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.TraceJoinStub]] = {}
 
     async def exchange(
-        self, peer: str, propose: Sequence[tuple[bytes, bytes]], lookup: Sequence[bytes]
+        self, peer: str, propose: Sequence[Proposal], lookup: Sequence[bytes]
     ) -> list[tuple[bytes, bytes]]:
         stub = self._stubs.get(peer)
         if stub is None:
             ch = grpc.aio.insecure_channel(peer, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
             stub = self._stubs[peer] = (ch, pb_grpc.TraceJoinStub(ch))
         req = pb.ExchangeTracesRequest(
-            sender=self._me, propose=[pb.HopTrace(hop=k, trace_id=t) for k, t in propose], lookup=lookup
-        )
+            sender=self._me,
+            propose=[pb.HopTrace(hop=k, trace_id=t, pending=kind == PENDING, fallback=kind == FALLBACK)
+                     for k, t, kind in propose],
+            lookup=lookup,
+        )  # fmt: skip
         try:
             resp = await stub[1].ExchangeTraces(req, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
             log.debug("trace_peer_failed", peer=peer, code=exc.code().name)
             raise PeerError(f"{peer}: {exc.code().name}") from exc
-        return [(h.hop, h.trace_id) for h in resp.known]
+        return [(h.hop, b"" if h.pending else h.trace_id) for h in resp.known]
 
     def forget(self, keep: Sequence[str]) -> list[grpc.aio.Channel]:
         """Drop the channels of peers no longer listed; returns them for the caller to close."""

@@ -7,6 +7,7 @@ degrades to pairwise ids (every span still leaves, every parent still right), co
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import socket
@@ -123,6 +124,46 @@ def test_a_chain_split_across_two_replicas_in_every_way_is_one_trace(tmp_path: P
             assert sum(c["trace_spans_joined"] for c in counters) == 5 * len(scene)
             assert sum(c["trace_spans_fallback"] + c["trace_peer_failures"] for c in counters) == 0
             assert all(c["trace_served_requests"] > 0 for c in counters)  # both replicas owned hops
+
+    run(body())
+
+
+def test_a_chain_below_a_caller_never_seen_is_one_trace_across_replicas(tmp_path: Path) -> None:
+    """The caller of hop 1 is not traced (its node reports nothing: an external client), and every
+    node reports at once: hop 1's server span must time out to its pairwise trace, while the spans
+    below it, on other replicas, wait as long as it (their own waits run out at the same time). A
+    client span waiting for its parent announces its hop as pending at the hop's owner, so the
+    server end waits on instead of falling back: one trace per chain, every way the three traced
+    nodes split over two replicas (each chain's five spans in hop 1's pairwise trace)."""
+    splits = list(itertools.product((0, 1), repeat=len(ROLES) - 1))
+    scene = chains(len(splits), hour_start(time.time_ns()), base=300)
+    join = JoinSettings(wait_s=1.0, exchange_interval_s=0.2)
+
+    async def body() -> None:
+        async with cluster(tmp_path) as (_, kubeconfig), OtlpReceiver() as rx:
+            async with replicas(kubeconfig, rx.endpoint, join=join) as procs:
+                # loadgen's node never reports; productpage's, the root's, reports last: the spans below
+                # it are older, so their own waits run out before the root's
+                for late in (False, True):
+                    for chain, split in zip(scene, splits, strict=True):
+                        for role, r, b in zip(ROLES[1:], split, chain.batches(ROLES[1:]), strict=True):
+                            if (role == ROLES[1]) == late:
+                                await send(procs[r].ingest.port, b)
+                    await asyncio.sleep(0 if late else 0.6)
+                await eventually(lambda: len(spans(rx)) == 5 * len(scene), "five spans per chain", timeout_s=20)
+                counters = [dict(p.join.counters) for p in procs]
+            out = exported(rx)
+            for chain in scene:
+                got = {k: ss for k, ss in out[chain.name].items()}
+                want = {k: v for k, v in chain.expected().items() if k[0] != chain.node("loadgen")}
+                assert {k: [(x.span_id, x.parent_span_id) for x in ss] for k, ss in got.items()} == {
+                    k: [v] for k, v in want.items()}, chain.name  # fmt: skip
+                assert {x.trace_id for ss in got.values() for x in ss} == {chain.ids(0)[0]}, chain.name
+            c = {k: sum(x[k] for x in counters) for k in counters[0]}
+            # what left with its own fallback is hop 1's (the root and the call beside it, which waits
+            # for the same hop); the spans below waited on for a trace that was coming
+            assert len(scene) <= c["trace_spans_fallback"] <= 2 * len(scene), counters
+            assert c["trace_pending_waits"] > 0, counters
 
     run(body())
 
