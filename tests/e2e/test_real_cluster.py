@@ -329,10 +329,11 @@ def test_query_strings_never_leave(scene: Scene, view: View) -> None:
 
 
 def test_both_ends_of_every_request_share_one_trace(scene: Scene, view: View) -> None:
-    """Issue 18 item 1: each HTTP client span and the server span of the same request (two records,
-    joined by nobody) share a trace id and the server's parent is that client span, exactly; no
-    server span is linked to a client span of another caller or to two (zero false links: checked
-    on every HTTP span, the processor's own list/watch calls to the test APIServer too)."""
+    """Issue 18 items 1 and 2: each HTTP client span and the server span of the same request (two
+    records, joined by nobody) share a trace id and the server's parent is that client span, exactly;
+    no server span is linked to a client span of another caller or to two (zero false links: checked
+    on every HTTP span, the processor's own list/watch calls to the test APIServer too); a call made
+    while serving a request is that request's server span's child."""
     from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
     http = [(str(r.get("service.name")), s) for r, s in spans(scene.rx) if "http.request.method" in kv(s.attributes)]
@@ -348,9 +349,20 @@ def test_both_ends_of_every_request_share_one_trace(scene: Scene, view: View) ->
             continue
         cw, c = clients[s.parent_span_id]
         assert (cw, c.trace_id) == (caller_of.get(w), s.trace_id)
-        assert c.parent_span_id == b""  # a root: nothing is inferred inside a process (item 2 not done)
         parents[s.parent_span_id] += 1
     assert set(parents.values()) == {1}
+    # item 2: a client span with a parent is a call its own service made while serving that request
+    # (meshapp is thread-per-request): the parent is its workload's server span, in the same trace,
+    # and the call started inside it (zero false links)
+    by_id = {s.span_id: (w, s) for w, s in servers}
+    inside = 0
+    for cw, c in clients.values():
+        if c.parent_span_id:
+            pw, p = by_id[c.parent_span_id]
+            assert (pw, p.trace_id) == (cw, c.trace_id)
+            assert p.start_time_unix_nano <= c.start_time_unix_nano <= p.end_time_unix_nano
+            inside += 1
+    assert inside > 0
     lone = Counter(clients[i][0] for i in set(clients) - set(parents))  # client spans without their server span
     linked = Counter(clients[p][0] for p in parents)
     chain = {w for edge in HTTP_EDGES for w in edge}
