@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,3 +80,13 @@ def nginx(tmp: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
     finally:
         proc.send_signal(signal.SIGQUIT)
         proc.wait(timeout=10)
+
+
+def missing_prerequisite(tools: Iterable[str], why_root: str = "the agent loads BPF programs") -> str:
+    """Why a bench cannot run here (not root, a program it drives not installed), or "" if it can."""
+    if os.geteuid() != 0:
+        return f"needs root ({why_root})"
+    for tool in tools:
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
+            return f"{tool} not found (make setup installs it)"
+    return ""

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -31,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_seconds, free_port, nginx, wrk_requests
+from common import cpu_seconds, free_port, missing_prerequisite, nginx, wrk_requests
 from overhead import AgentProc
 
 ROUTES = ["/api/users/%s", "/api/users/%s/orders", "/api/orders/%s/items/%s", "/v1/blobs/%s",
@@ -130,13 +128,10 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--connections", type=int, default=50)
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("bench: needs root (the agent loads BPF programs)", file=sys.stderr)
+    why = missing_prerequisite(("nginx", "wrk", "taskset"))
+    if why:
+        print(f"bench: {why}", file=sys.stderr)
         return 2
-    for tool in ("nginx", "wrk", "taskset"):
-        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
-            print(f"bench: {tool} not found (make setup installs it)", file=sys.stderr)
-            return 2
     stats = Path("/proc/sys/kernel/bpf_stats_enabled")
     stats_were = stats.read_text().strip()
     stats.write_text("1")  # run_time_ns per program: where the time of each arm goes

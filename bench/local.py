@@ -24,16 +24,14 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import pstats
-import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, free_port, nginx, wrk_requests
+from common import REPO, free_port, missing_prerequisite, nginx, wrk_requests
 from overhead import AgentProc, med
 
 KSCOPE = REPO / ".venv" / "bin" / "kscope"
@@ -106,13 +104,10 @@ def main() -> int:
 
         print(json.dumps(view_bench(args.edges, args.seconds, args.profile or ""), indent=2))
         return 0
-    if os.geteuid() != 0:
-        print("bench: needs root (the agent loads BPF programs)", file=sys.stderr)
+    why = missing_prerequisite(("nginx", "wrk", "taskset"))
+    if why:
+        print(f"bench: {why}", file=sys.stderr)
         return 2
-    for tool in ("nginx", "wrk", "taskset"):
-        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
-            print(f"bench: {tool} not found (make setup installs it)", file=sys.stderr)
-            return 2
     port = free_port()
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="kscope-bench-") as tmp, nginx(Path(tmp), port):

@@ -34,7 +34,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -50,7 +49,7 @@ from typing import Any, TypeVar
 
 import grpc
 import processor as pbench  # bench/processor.py: the simulated cluster and its batches
-from common import REPO, free_port, nginx
+from common import REPO, free_port, missing_prerequisite, nginx
 
 from kscope.v1 import flow_pb2 as pb
 from tests.cluster_processor.kube.fake_apiserver import FakeApiServer
@@ -735,13 +734,10 @@ def main() -> int:
         "--soak-trace", choices=("agent", "run"), help="soak: this one under tracemalloc (a snapshot a sample)"
     )
     a = ap.parse_args()
-    if os.geteuid() != 0:
-        print("memory: needs root (the agent loads BPF programs; namespaces)", file=sys.stderr)
+    why = missing_prerequisite(("nginx", "wrk", "taskset", "bpftool"), "the agent loads BPF programs; namespaces")
+    if why:
+        print(f"memory: {why}", file=sys.stderr)
         return 2
-    for tool in ("nginx", "wrk", "taskset", "bpftool"):
-        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
-            print(f"memory: {tool} not found (make setup installs it)", file=sys.stderr)
-            return 2
     only = a.only or ["agent", "processor", "soak"]
     out: dict[str, Any] = {"note": "2 cores shared with other engineers' work: memory figures, not CPU"}
     parts: dict[str, Callable[[argparse.Namespace, Path, Backend], dict[str, Any]]] = {

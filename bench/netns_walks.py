@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from common import NGINX_CONF, REPO, cpu_seconds, free_port
+from common import NGINX_CONF, REPO, cpu_seconds, free_port, missing_prerequisite
 
 AGENT = REPO / ".venv" / "bin" / "kscope-agent"
 PORT = 8080
@@ -122,13 +121,10 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=5, help="requests/s in each busy namespace")
     ap.add_argument("--seconds", type=int, default=10)
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("bench: needs root (the agent loads BPF programs; namespaces)", file=sys.stderr)
+    why = missing_prerequisite(("nginx", "hey", "ip"), "the agent loads BPF programs; namespaces")
+    if why:
+        print(f"bench: {why}", file=sys.stderr)
         return 2
-    for tool in ("nginx", "hey", "ip"):
-        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
-            print(f"bench: {tool} not found (make setup installs it)", file=sys.stderr)
-            return 2
     out: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="kscope-bench-") as tmp:
         base = agent_cpu(args.seconds, None)

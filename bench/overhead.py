@@ -27,10 +27,8 @@ import argparse
 import bisect
 import json
 import math
-import os
 import re
 import resource
-import shutil
 import signal
 import statistics
 import subprocess
@@ -41,7 +39,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from common import REPO, cpu_seconds, free_port, nginx, wrk_requests
+from common import REPO, cpu_seconds, free_port, missing_prerequisite, nginx, wrk_requests
 
 AGENT = REPO / ".venv" / "bin" / "kscope-agent"
 FLOOR_OBJECT = REPO / "build" / "bpf" / "bench" / "l7_floor.bpf.o"  # make bench builds it
@@ -320,13 +318,10 @@ def main() -> int:
         "--causal-ab", action="store_true", help="also L4 + L7 with --no-l7-causal (in-process causality's cost)"
     )
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("bench: needs root (the agent loads BPF programs)", file=sys.stderr)
+    why = missing_prerequisite(("nginx", "wrk", "hey", "taskset"))
+    if why:
+        print(f"bench: {why}", file=sys.stderr)
         return 2
-    for tool in ("nginx", "wrk", "hey", "taskset"):
-        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
-            print(f"bench: {tool} not found (make setup installs it)", file=sys.stderr)
-            return 2
     if args.floor and not FLOOR_OBJECT.exists():
         print(f"bench: {FLOOR_OBJECT} not built (make bench builds it)", file=sys.stderr)
         return 2
