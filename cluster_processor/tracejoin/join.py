@@ -219,7 +219,14 @@ class TraceJoin:
         return {n: s for n, s in ready.items() if s}
 
     def release_all(self, now_ns: int) -> None:
-        """At shutdown: every held span leaves with its fallback (counted), none is lost."""
+        """At shutdown: every held span leaves (counted), none is lost. Those whose hop nobody here
+        announced as coming give up first: their fallback becomes their hop's trace and flows down
+        to the spans below them, which then leave in it rather than with fallbacks of their own."""
+        for i, w in list(self._held.items()):
+            if i in self._held and not self._is_pending(w.wait, now_ns):
+                del self._held[i]
+                self._unwait(w)
+                self._give_up(w, now_ns)
         while self._held:
             _, w = self._held.popitem(last=False)
             self._unwait(w)
@@ -338,6 +345,10 @@ class TraceJoin:
                 break
             del self._outbox[key]  # its owner stayed unreachable for two waits: nobody still waits on it
             self.counters["trace_proposals_dropped"] += 1
+
+    def expire(self, now_ns: int) -> None:
+        """Timeouts alone: what a join without peers (``kscope run``, one process) does each interval."""
+        self._expire(now_ns)
 
     async def exchange(self, now_ns: int) -> None:
         """Check timeouts, then tell each owner what this replica learnt and ask it for what waits

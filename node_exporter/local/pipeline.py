@@ -24,8 +24,10 @@ from cluster_processor.aggregate import Aggregator, AggregatorSettings, NodeRepo
 from cluster_processor.main import OtlpTarget
 from cluster_processor.otlp import encode
 from cluster_processor.otlp.exporter import ExporterSettings, OtlpExporter
+from cluster_processor.otlp.model import SpanRecord
 from cluster_processor.otlp.pipeline import OtlpPipeline
 from cluster_processor.otlp.prometheus import IntervalCollector, serve
+from cluster_processor.tracejoin import JoinSettings, TraceJoin
 from kscope.v1 import flow_pb2 as pb
 from node_exporter.errors import HostError
 from node_exporter.local.namer import LocalNamer
@@ -36,6 +38,10 @@ log = structlog.get_logger("kscope.local")
 # Answers the resolution cache keeps (per table): LocalNamer is process-keyed, so they are keyed by
 # process, address and port; a table that fills is dropped whole and counted (resolutions_cleared).
 MAX_RESOLUTIONS: Final = 16_384
+# How long a span waits for the trace of the request it follows (cluster_processor/tracejoin): on one
+# host every hop of a chain is in the same interval's records, so only a span whose caller is not
+# traced here (a client on another host) waits this long before it leaves with its pairwise ids.
+TRACE_WAIT_S: Final = 5.0
 
 
 def local_settings(interval_s: float, max_resolutions: int = MAX_RESOLUTIONS) -> AggregatorSettings:
@@ -65,15 +71,17 @@ class _Exporting:
     def _call(self, coro: Coroutine[Any, Any, Any], timeout: float | None = 10.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def export(self, reports: list[NodeReport], now_unix_nano: int) -> None:
+    def export(self, reports: list[NodeReport], spans: dict[str, list[SpanRecord]], now_unix_nano: int) -> None:
+        """The intervals' metrics and logs, and the spans the trace join released (by node)."""
+
         async def submit() -> None:  # the exporter's queues are the loop's: submit on it
             p = self.pipeline
             for r in reports:
                 p.export_interval(r.interval)
-                if r.spans:
-                    p.export_spans(r.interval.node_name, r.spans)
                 if r.logs:
                     p.export_logs(r.interval.node_name, r.logs)
+            for node, node_spans in spans.items():
+                p.export_spans(node, node_spans)
             p.export_self(self.exporter.stats(), now_unix_nano)
 
         self._call(submit())
@@ -120,6 +128,9 @@ class LocalPipeline:
             except OSError as exc:
                 raise HostError(f"cannot serve Prometheus metrics on {prometheus[0]}:{prometheus[1]}: {exc}") from exc
         self._otlp = _Exporting(otlp, node_name) if otlp is not None else None
+        # one trace per incoming request along a chain of local services, as the processor joins them
+        # (no peers: one process); only where spans leave (--otlp)
+        self.join = TraceJoin(JoinSettings(wait_s=TRACE_WAIT_S)) if otlp is not None else None
 
     @property
     def prometheus_port(self) -> int:
@@ -129,16 +140,22 @@ class LocalPipeline:
         self.namer.learn(batch)  # first: a server seen in this batch names its clients' records too
         self.aggregator.add(batch, time.time_ns())
 
-    def flush(self, now_unix_nano: int | None = None) -> list[NodeReport]:
+    def flush(self, now_unix_nano: int | None = None, *, final: bool = False) -> list[NodeReport]:
+        """Close the interval; ``final``: the last one, every span the join still holds leaves too."""
         now = now_unix_nano if now_unix_nano is not None else time.time_ns()
         reports = self.aggregator.flush(now)
         if self._prometheus is not None:
             for r in reports:
                 self._prometheus.add(r.interval)
             self._prometheus.expire(now)
-        if self._otlp is not None:
+        if self._otlp is not None and self.join is not None:
+            for r in reports:
+                self.join.add(r.interval.node_name, r.spans, r.held, r.resolved, now)
+            self.join.expire(now)
+            if final:
+                self.join.release_all(now)
             try:
-                self._otlp.export(reports, now)
+                self._otlp.export(reports, self.join.take_ready(), now)
             except Exception:  # one interval's export must not stop the agent: counted and logged
                 log.exception("otlp_export_failed")
                 self.export_errors += 1
@@ -151,11 +168,13 @@ class LocalPipeline:
         if self._otlp is not None:
             out.update(self._otlp.counters())
             out["otlp_export_errors"] = self.export_errors
+        if self.join is not None:
+            out.update(self.join.counters)
         return out
 
     def close(self, timeout_s: float = 5.0) -> None:
         if self._otlp is not None:
-            self.flush()  # the last interval leaves too
+            self.flush(final=True)  # the last interval leaves too, and every span still waiting
             self._otlp.close(timeout_s)
             self._otlp = None
         if self._prometheus_server is not None:

@@ -11,16 +11,23 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
+from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from node_exporter.local.pipeline import TRACE_WAIT_S
 from tests.cluster_processor.otlp.receiver import OtlpReceiver
+from tests.cluster_processor.test_main import spans
 from tests.e2e.agentproc import KSCOPE
 from tests.e2e.netns import SRV_V4, Topology, nginx
 from tests.e2e.otlpview import View
+from tests.e2e.realcluster import MESHAPP
 
 pytestmark = pytest.mark.bpf
 PORT = 8080
@@ -59,6 +66,15 @@ def test_run_otlp_sends_red_graph_and_spans_named_locally(topo: Topology, tmp_pa
     assert len(lines) >= 6
     edges = {(e["client"], e["server"]) for e in lines[-1]["edges"]}
     assert ("curl@host", f"nginx@host:{PORT}") in edges, lines[-1]
+
+
+def _until_started(stderr: Any) -> Iterator[str]:
+    """The agent's stderr lines up to its ``agent_started`` line; AssertionError if it exits first."""
+    for line in stderr:
+        yield line
+        if "agent_started" in line:
+            return
+    raise AssertionError("kscope run exited before its probes were attached")
 
 
 def _free_port() -> int:
@@ -114,3 +130,58 @@ def test_run_otlp_and_prometheus_address_errors(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=60)  # fmt: skip
     assert busy.returncode == 3 and "cannot serve Prometheus metrics on 127.0.0.1" in busy.stderr, busy.stderr
     assert "Traceback" not in busy.stderr
+
+
+def test_run_otlp_joins_a_local_chain_into_one_trace_per_request(topo: Topology, tmp_path: Path) -> None:
+    """Issue 18 on one host: three thread-per-request services (meshapp) a -> b -> c in one namespace,
+    each forwarding the path it was asked for, called from another namespace kscope does not watch (a
+    caller it cannot trace). `kscope run --otlp` joins each request's five spans into ONE trace with
+    the exact tree, as the cluster processor does; the caller's hop waits, then leaves with its
+    pairwise trace, which the hops below take."""
+    ports = {"a": 9101, "b": 9102, "c": 9103}
+    for name, nxt in (("c", ""), ("b", "c"), ("a", "b")):
+        extra = ["--next", f"http://{SRV_V4}:{ports[nxt]}", "--forward-path"] if nxt else []
+        topo.spawn(topo.srv, sys.executable, "-u", str(MESHAPP), "serve", "--name", name, "--bind", SRV_V4,
+                   "--port", str(ports[name]), *extra)  # fmt: skip
+        topo.wait_listening(topo.srv, ports[name])
+    env = {k: v for k, v in os.environ.items() if k not in _PROXIES}
+    sent = 12
+
+    async def body() -> tuple[list[tuple[dict[str, Any], Any]], int, str]:
+        async with OtlpReceiver() as rx:
+            argv = [KSCOPE, "run", "--netns-inode", str(topo.srv.ino), "--interval", "0.5", "--duration", "60",
+                    "--otlp", f"http://{rx.endpoint}"]  # fmt: skip
+            agent = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+            topo.procs.append(agent)  # killed by the teardown if the test fails first
+            assert agent.stderr is not None
+            seen = [line for line in _until_started(agent.stderr)]  # the requests must be seen whole
+            for batch in ("r", "s"):
+                load = [sys.executable, str(MESHAPP), "load", "--url", f"http://{SRV_V4}:{ports['a']}/{batch}",
+                        "--number", "--rate", "6", "--duration", str(sent / 6), "--timeout", "10"]  # fmt: skip
+                out = await asyncio.to_thread(topo.cli.run, *load)
+                assert json.loads(out.stdout.splitlines()[-1])["ok"] == sent, out.stdout
+                if batch == "r":  # these leave when the caller's hop times out (TRACE_WAIT_S)
+                    await asyncio.sleep(TRACE_WAIT_S + 1.5)
+            agent.send_signal(signal.SIGTERM)  # the last interval sends every span still waiting: /s/*
+            _, rest = await asyncio.to_thread(agent.communicate, timeout=60)
+            return spans(rx), agent.returncode, "".join(seen) + rest
+
+    got, rc, stderr = asyncio.run(body())
+    assert rc == 0 and "Traceback" not in stderr, stderr
+    by_path: dict[str, list[Any]] = defaultdict(list)
+    for _, s in got:
+        attrs = {kv.key: kv.value.string_value for kv in s.attributes}
+        if attrs.get("url.path", "").startswith(("/r/", "/s/")):
+            by_path[attrs["url.path"]].append(s)
+    assert sorted(by_path) == sorted(f"/{b}/{i}" for b in "rs" for i in range(sent)), sorted(by_path)
+    for path, ss in by_path.items():
+        # a: server, client; b: server, client; c: server: one trace, a path of parents (the start times
+        # of a send and of the receive it wakes are in no fixed order, the links are)
+        assert len(ss) == 5 and len({s.trace_id for s in ss}) == 1, (path, len(ss))
+        child_of = {s.parent_span_id: s for s in ss}
+        ids = {s.span_id for s in ss}
+        (root,) = [s for s in ss if s.parent_span_id not in ids]
+        chain = [root]
+        while chain[-1].span_id in child_of:
+            chain.append(child_of[chain[-1].span_id])
+        assert [s.kind for s in chain] == [2, 3, 2, 3, 2], path
