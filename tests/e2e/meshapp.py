@@ -16,11 +16,12 @@ meshapp.py aserve --bind IP --port P --next URL --delay S --audit-after S
     An asyncio HTTP/1.1 server (one thread, an event loop): per request it waits ``--delay``,
     answers, and ``--audit-after`` seconds later calls ``--next`` + "/audit" + its path, from the
     loop's thread, while it may be serving the next request (what a wrong parent would name).
-meshapp.py load --url URL --rate R --duration S --timeout S [--gate] [--number]
+meshapp.py load --url URL --rate R --duration S --timeout S [--gate] [--number] [--traceparent]
     A load generator: one request every 1/R seconds for S seconds, each in its own thread on a
     new connection; waits for every request, prints one ``done`` JSON line with the counts.
     With ``--gate`` it starts once a line arrives on stdin (the test moves it into its pod's
-    cgroup first). ``--number``: request i goes to URL + "/i" (every request's path unique).
+    cgroup first). ``--number``: request i goes to URL + "/i" (every request's path unique);
+    ``--traceparent``: request i carries ``traceparent: 00-<i+1 as 32 hex>-<i+1 as 16 hex>-01``.
 """
 
 from __future__ import annotations
@@ -44,12 +45,12 @@ def emit(event: str, **fields: object) -> None:
         sys.stdout.flush()
 
 
-def fetch(url: str, timeout: float) -> str:
+def fetch(url: str, timeout: float, headers: dict[str, str] | None = None) -> str:
     """``ok``, or the kind of failure (``http_502``, ``timeout``, the OS error's name)."""
     # No proxy: the environment's proxy variables must not take the request off the pod network.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(url, timeout=timeout) as resp:
+        with opener.open(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as resp:
             resp.read()
         return "ok"
     except urllib.error.HTTPError as e:
@@ -124,7 +125,9 @@ def cmd_load(args: argparse.Namespace) -> None:
     while (due := start + n / args.rate) < start + args.duration:
         time.sleep(max(0.0, due - time.monotonic()))
         url = f"{args.url}/{n}" if args.number else args.url
-        t = threading.Thread(target=lambda url=url: outcomes.append(fetch(url, args.timeout)))
+        # an instrumented caller: request n carries trace n + 1, span n + 1 (the test knows them)
+        headers = {"traceparent": f"00-{n + 1:032x}-{n + 1:016x}-01"} if args.traceparent else {}
+        t = threading.Thread(target=lambda url=url, h=headers: outcomes.append(fetch(url, args.timeout, h)))
         t.start()
         threads.append(t)
         n += 1
@@ -208,6 +211,7 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--gate", action="store_true")
     p.add_argument("--number", action="store_true")
+    p.add_argument("--traceparent", action="store_true")
     p.set_defaults(func=cmd_load)
     args = ap.parse_args()
     args.func(args)

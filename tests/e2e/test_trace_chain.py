@@ -18,7 +18,7 @@ import pytest
 from tests.cluster_processor.test_main import _kv as kv
 from tests.cluster_processor.test_main import spans
 from tests.e2e.meshtopo import MeshTopology
-from tests.e2e.tracechain import NODE_OF, Scene, build, run_scene
+from tests.e2e.tracechain import CHAINS, NODE_OF, Scene, build, run_scene
 
 pytestmark = pytest.mark.bpf
 
@@ -59,17 +59,17 @@ def facts(scene: Scene) -> str:
 
 
 def test_every_hop_is_served_and_seen(scene: Scene) -> None:
-    """The scene itself: both chains answered every request, and each node's agent saw its pod only."""
-    for chain in "ab":
+    """The scene itself: every chain answered every request, and each node's agent saw its pod only."""
+    for chain in CHAINS:
         assert scene.load[chain]["ok"] == scene.load[chain]["sent"] > 0, scene.load
     served = {name: Counter(p.split("/")[1] for p in ps) for name, ps in scene.served.items()}
-    sent = {c: scene.load[c]["sent"] for c in "ab"}
-    assert served == {"front": {"a": sent["a"]}, "middle": sent, "back": sent}, served
+    sent = {c: scene.load[c]["sent"] for c in CHAINS}
+    assert served == {"front": {"a": sent["a"], "t": sent["t"]}, "middle": sent, "back": sent}, served
     seen = Counter((w, s.kind) for w, s in http_spans(scene))
-    assert seen[("front", SERVER)] == seen[("front", CLIENT)] == sent["a"], facts(scene)
+    assert seen[("front", SERVER)] == seen[("front", CLIENT)] == sent["a"] + sent["t"], facts(scene)
     assert seen[("gate", SERVER)] == seen[("gate", CLIENT)] == sent["b"], facts(scene)
     for w in ("middle", "back"):
-        assert seen[(w, SERVER)] == sent["a"] + sent["b"], facts(scene)
+        assert seen[(w, SERVER)] == sum(sent.values()), facts(scene)
 
 
 def test_both_ends_of_each_hop_share_ids_across_nodes_and_replicas(scene: Scene) -> None:
@@ -142,3 +142,19 @@ def test_zero_false_links(scene: Scene) -> None:
             assert p.trace_id == s.trace_id
             parented += 1
     assert parented > 0
+
+
+def test_a_callers_traceparent_is_kept_end_to_end(scene: Scene) -> None:
+    """Item 4: request N of chain t arrives with ``traceparent: 00-<N+1>-<N+1>-01`` (loadgen is an
+    instrumented caller); front never forwards it, yet its five spans are in that trace, front's
+    server span the child of the caller's span, and the rest the exact tree below it."""
+    for n, t in tree(scene, "t", "front"):
+        fs, fc, ms, mc, bs = t.values()
+        assert {s.trace_id for s in t.values()} == {(n + 1).to_bytes(16, "big")}
+        assert fs.parent_span_id == (n + 1).to_bytes(8, "big")
+        assert (fc.parent_span_id, ms.parent_span_id, mc.parent_span_id, bs.parent_span_id) == (
+            fs.span_id,
+            fc.span_id,
+            ms.span_id,
+            mc.span_id,
+        )

@@ -7,6 +7,7 @@ names the pods, their nodes and the Services.
 
     loadgen ──/a/N──> front ──> middle ──> back          three thread-per-request services
     loadgen ──/b/N──> gate (nginx, an event loop) ──> middle ──> back
+    loadgen ──/t/N──> front ──> middle ──> back          each request with its own traceparent
 
 Every call goes to the next hop's Service VIP (kube-proxy-style DNAT on the node); each service
 forwards the path it was asked for (``meshapp.py serve --forward-path``), so a span's ``url.path``
@@ -131,9 +132,14 @@ class Agent(AgentProcess):
         )  # fmt: skip
 
 
+# chain -> the service loadgen calls; chain t's requests carry a traceparent (an instrumented caller)
+CHAINS = {"a": "front", "b": "gate", "t": "front"}
+
+
 def run_load(topo: MeshTopology, chain: str, entry: str) -> dict[str, Any]:
     """loadgen's numbered requests (/CHAIN/0, /CHAIN/1, ...) to ``entry``'s VIP; its ``done`` line."""
-    return meshapp_load(topo, f"http://{topo.vip(VIP_HOST[entry])}:{PORT}/{chain}", RATE, LOAD_S, 20, "--number")
+    extra = ("--number", "--traceparent") if chain == "t" else ("--number",)
+    return meshapp_load(topo, f"http://{topo.vip(VIP_HOST[entry])}:{PORT}/{chain}", RATE, LOAD_S, 20, *extra)
 
 
 def served(tmp: Path, name: str) -> list[str]:
@@ -154,12 +160,11 @@ async def run_scene(topo: MeshTopology, tmp: Path) -> Scene:
             agents = [Agent(topo, s, procs[REPLICA_OF[NODE_OF[s]]].ingest.port) for s in NODE_OF]
             for a in agents:
                 await asyncio.to_thread(a.wait_started, 60)
-            loads = await asyncio.gather(*(asyncio.to_thread(run_load, topo, c, e)
-                                           for c, e in (("a", "front"), ("b", "gate"))))  # fmt: skip
+            loads = await asyncio.gather(*(asyncio.to_thread(run_load, topo, c, e) for c, e in CHAINS.items()))
             logs = {a.node: await asyncio.to_thread(a.stop) for a in agents}
             truth = {name: served(tmp, name) for name in ("front", "middle", "back")}
             await settle(rx, procs, len(truth["back"]))
-            return Scene(rx, truth, dict(zip("ab", loads, strict=True)),
+            return Scene(rx, truth, dict(zip(CHAINS, loads, strict=True)),
                          [{**p.aggregator.counters(), **p.join.counters} for p in procs], logs)  # fmt: skip
 
 
