@@ -38,7 +38,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 from operator import attrgetter
-from typing import Final
+from typing import Any, Final
 
 from cluster_processor.events import EventLog
 from cluster_processor.kube.index import KubeIndex
@@ -53,6 +53,7 @@ from cluster_processor.otlp.model import (
     FLAG_SAMPLED,
     HTTP_DURATION_BOUNDS_S,
     SERVICE_GRAPH_BOUNDS_S,
+    Exemplar,
     Histogram,
     Interval,
     L4Point,
@@ -125,6 +126,7 @@ COUNTERS: Final = (
     "unknown_protocol",  # L7 records of a protocol this processor cannot name
     "edges_overflowed",  # records dropped because their node's interval already had max_edges edges
     "red_overflowed",  # L7 records dropped: max_red_keys reached
+    "exemplar_spans_evicted",  # spans forgotten before they left: max_exemplar_spans (no exemplar from them)
     "spans_overflowed",
     "logs_overflowed",  # event occurrences dropped: their node's interval already had max_logs records
     "log_events",  # event occurrences folded into log records
@@ -138,6 +140,7 @@ COUNTERS: Final = (
 class AggregatorSettings:
     max_edges: int = 2000  # distinct edges per node and interval (L4 and RED together)
     max_red_keys: int = 5000  # distinct RED keys per node and interval
+    max_exemplar_spans: int = 65_536  # spans remembered until they leave, for their series' exemplar
     max_spans: int = 10_000  # per node and interval
     # every node's spans together, per interval: 50 nodes at max_spans would hold ~1 GB (bench/memory.py)
     max_spans_total: int = 100_000
@@ -301,6 +304,11 @@ class Aggregator:
         self._spans_held = 0  # every node's spans of this interval
         self._links = links.LinkStats(settings.max_link_pending)
         self._resolutions = ResolutionCache(index, settings.max_resolutions)
+        # exemplars: a span's id -> (node, its RED series by value) until the span leaves (the trace
+        # join may hold it for seconds: its trace id is final only then), and the slowest one that
+        # left per series, put on the series' next point
+        self._exemplar_of: OrderedDict[bytes, tuple[str, tuple[Any, ...]]] = OrderedDict()
+        self._exemplars: dict[tuple[str, tuple[Any, ...]], Exemplar] = {}
 
     def counters(self) -> dict[str, int]:
         return {**self._counters, **self._links.counters}
@@ -539,6 +547,7 @@ class Aggregator:
             c["l7_summaries"] += 1
             c["l7_summarized_requests"] += n
         ref = route.ref
+        hist: _Hist | None = None
         if ref in st.edges or self._admit(st, ref):
             # DNS keeps its response code (an NXDOMAIN is no error, yet worth telling from a NOERROR);
             # not the question name, whose cardinality is the callers'.
@@ -567,6 +576,8 @@ class Aggregator:
         if summary is None:  # a summary's requests were not picked for spans by the node
             ctx = self._span_ids(st, route, side, protocol, q, latency_ns, method, route_name, status, error_type,
                                  extra, traceparent)  # fmt: skip
+            if hist is not None and st.spans and st.spans[-1].context is ctx:  # a span of a counted series
+                self._remember(node, ctx.span_id, key)
         if (error_type and protocol is _DNS) or (
             status is not None and (status >= 500 or (protocol is _RPC and status in _RPC_SERVER_ERRORS))
         ):
@@ -626,6 +637,32 @@ class Aggregator:
             if held is not None:
                 st.held.append(_new_tuple(Held, (len(st.spans) - 1, *held)))
         return ctx
+
+    def _remember(self, node: str, span_id: bytes, key: _RedKey) -> None:
+        """Which RED series a span's request was counted in (by value: interned edges may be pruned
+        between intervals), until the span leaves (:meth:`exemplars`)."""
+        es = key[0]
+        remembered = self._exemplar_of
+        remembered[span_id] = (node, (es.ref.edge, es.side, *key[1:]))
+        if len(remembered) > self._settings.max_exemplar_spans:
+            remembered.popitem(last=False)
+            self._counters["exemplar_spans_evicted"] += 1
+
+    def exemplars(self, spans: dict[str, list[SpanRecord]]) -> None:
+        """Spans that left (their trace ids final): the slowest of each RED series becomes that
+        series' exemplar on its next point (a series with no request in the next interval has no
+        point, and its exemplar goes)."""
+        remembered, best = self._exemplar_of, self._exemplars
+        for spans_of_node in spans.values():
+            for s in spans_of_node:
+                ctx = s.context
+                found = remembered.pop(ctx.span_id, None)
+                if found is None:
+                    continue
+                value = (s.end_unix_nano - s.start_unix_nano) / NS_PER_S
+                have = best.get(found)
+                if have is None or value > have.value:
+                    best[found] = Exemplar(ctx.trace_id, ctx.span_id, value, s.end_unix_nano)
 
     def _l7_event(
         self, st: _NodeState, route: Route, side: Side, protocol: Protocol, q: pb.L7Request, method: str,
@@ -724,7 +761,7 @@ class Aggregator:
                 node_name=node,
                 start_unix_nano=start,
                 end_unix_nano=end_unix_nano,
-                red=tuple(_red_points(st)),
+                red=tuple(_red_points(st, node, self._exemplars)),
                 l4=tuple(_l4_points(st)),
                 service_graph=tuple(_graph_points(st)),
                 listeners=tuple(
@@ -735,6 +772,7 @@ class Aggregator:
             out.append(NodeReport(interval, tuple(st.spans), tuple(st.logs.records(end_unix_nano)), tuple(st.held),
                                   tuple(st.resolved)))  # fmt: skip
         self._nodes = {}
+        self._exemplars = {}  # those of series without a point this interval go
         self._spans_held = 0
         # No node state refers to the interned edges now: the only moment they may be dropped.
         self._resolutions.prune()
@@ -800,11 +838,17 @@ def _summary_parts(s: pb.L7Summary) -> tuple[Sequence[int], float, float, float]
     return s.latency_bucket_counts, s.latency_sum_ns / to_s, s.latency_min_ns / to_s, s.latency_max_ns / to_s
 
 
-def _red_points(st: _NodeState) -> Iterable[RedPoint]:
+def _red_points(
+    st: _NodeState, node: str, exemplars: dict[tuple[str, tuple[Any, ...]], Exemplar]
+) -> Iterable[RedPoint]:
     new, protocols = _new_tuple, _PROTOCOL_OF_VALUE
     for (es, protocol, method, route, status, error_type, extra), hist in st.red.items():
-        yield new(RedPoint, (es.ref.edge, es.side, protocols[protocol], hist.freeze(), method, route, status,
-                             error_type, extra))  # fmt: skip
+        edge, side = es.ref.edge, es.side
+        ex = None
+        if exemplars:
+            ex = exemplars.get((node, (edge, side, protocol, method, route, status, error_type, extra)))
+        yield new(RedPoint, (edge, side, protocols[protocol], hist.freeze(), method, route, status, error_type, extra,
+                             ex))  # fmt: skip
 
 
 def _l4_points(st: _NodeState) -> Iterable[L4Point]:

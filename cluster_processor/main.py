@@ -388,7 +388,9 @@ class Processor:
                 submitted += self.pipeline.export_logs(report.interval.node_name, report.logs)
         if final:
             join.release_all(now)
-        for node, spans in join.take_ready().items():
+        ready = join.take_ready()
+        self.aggregator.exemplars(ready)  # their trace ids are final now: their series' next exemplars
+        for node, spans in ready.items():
             submitted += self.pipeline.export_spans(node, spans)
         agents, self._agent_stats = self._agent_stats, {}
         for node, stats in agents.items():

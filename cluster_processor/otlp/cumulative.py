@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
-from cluster_processor.otlp.model import Histogram
+from cluster_processor.otlp.model import Exemplar, Histogram
 from cluster_processor.otlp.semconv import OVERFLOW, Instrument, Kind, Sample
 from cluster_processor.resolved import Attrs
 
@@ -62,7 +62,7 @@ class Series:
     ``changed`` when the value moves and drops ``wire`` when anything else in those bytes would (a
     restart's new start time and bounds)."""
 
-    __slots__ = ("attributes", "changed", "key", "last_update_unix_nano", "name", "resource", "serial",
+    __slots__ = ("attributes", "changed", "exemplar", "key", "last_update_unix_nano", "name", "resource", "serial",
                  "start_unix_nano", "value", "wire", "wire_fixed", "wire_lead")  # fmt: skip
 
     def __init__(
@@ -79,6 +79,8 @@ class Series:
         self.wire: bytes | None = None
         self.wire_lead = b""
         self.wire_fixed: bytes | None = None
+        # a histogram's exemplar for its next exported point only (the encoder takes it)
+        self.exemplar: Exemplar | None = None
 
 
 @dataclass(slots=True)
@@ -150,7 +152,7 @@ class CumulativeStore:
         start, end = start_unix_nano, end_unix_nano
         for sample in samples:
             # The common case inline (an existing stream of a known instrument); the rest in _apply.
-            inst, attributes, value, resource = sample
+            inst, attributes, value, resource, exemplar = sample
             by_attrs = metrics.get(inst.name)
             if by_attrs is None or instruments.get(inst.name) is not inst:
                 self._apply(metrics, sample, start, end, touched)
@@ -172,6 +174,8 @@ class CumulativeStore:
                     series.changed = True
             elif kind is _HISTOGRAM:
                 self._merge(series, value, start)  # type: ignore[arg-type]
+                if exemplar is not None:
+                    series.exemplar = exemplar
             else:
                 series.value = value  # gauge and observed counter: the latest value is the value
                 series.changed = True
@@ -261,6 +265,7 @@ class CumulativeStore:
             if series is None:
                 series = by_attrs[key] = Series(inst.name, key, start, end, value)
                 series.serial = self._serial
+                series.exemplar = sample.exemplar
                 self._live += 1
                 touched.append(series)
                 return
@@ -277,6 +282,8 @@ class CumulativeStore:
         elif kind is _HISTOGRAM:
             assert isinstance(value, Histogram)
             self._merge(series, value, start)
+            if sample.exemplar is not None:
+                series.exemplar = sample.exemplar
         else:
             series.value = value  # gauge and observed counter: the latest value is the value
             series.changed = True

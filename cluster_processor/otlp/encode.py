@@ -40,7 +40,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from cluster_processor.otlp import semconv, wire
 from cluster_processor.otlp.cumulative import Series, Stream
-from cluster_processor.otlp.model import Histogram, LogEvent, Protocol, SpanRecord
+from cluster_processor.otlp.model import Exemplar, Histogram, LogEvent, Protocol, SpanRecord
 from cluster_processor.otlp.semconv import Instrument, Kind
 from cluster_processor.resolved import K8S_NODE, SERVICE_NAME, Attrs, AttrValue, Edge, Side, attrs
 
@@ -250,6 +250,26 @@ def refresh_series(s: Series, gauge: bool) -> None:
     s.changed = False
 
 
+def exemplar_field(e: Exemplar) -> bytes:
+    """A histogram point's ``exemplars`` entry (HistogramDataPoint exemplars = 8; Exemplar
+    time_unix_nano = 2, as_double = 3, span_id = 4, trace_id = 5), appended after the point's other
+    fields (any order parses; the cached bytes before it stay as they are)."""
+    body = b"".join((b"\x11", wire.pack_fixed64(e.time_unix_nano), b"\x19", wire.pack_double(e.value),
+                     b"\x22", wire.varint(len(e.span_id)), e.span_id,
+                     b"\x2a", wire.varint(len(e.trace_id)), e.trace_id))  # fmt: skip
+    return b"\x42" + wire.varint(len(body)) + body
+
+
+def _with_exemplar(s: Series, gauge: bool) -> tuple[bytes, bytes]:
+    """(lead, rest) of ``s``'s point with its exemplar, which it carries for this export only."""
+    e = s.exemplar
+    assert e is not None
+    s.exemplar = None
+    assert s.wire is not None
+    rest = s.wire + exemplar_field(e)
+    return _lead(0 if gauge else s.start_unix_nano, rest), rest
+
+
 @lru_cache(maxsize=1024)
 def _metric_head(inst: Instrument) -> bytes:
     return wire.string(1, inst.name) + wire.string(2, inst.description) + wire.string(3, inst.unit)
@@ -351,11 +371,17 @@ def series_requests(
         current: list[_Pieces] = []
         for inst, series in res_groups:
             gauge = inst.kind is _GAUGE
+            exemplars = False
             for s in series:
                 if s.changed or s.wire is None:  # an unchanged series' cached bytes are taken as they are
                     refresh_series(s, gauge)
+                exemplars = exemplars or s.exemplar is not None
             leads = [s.wire_lead for s in series]
             rests = [s.wire for s in series]
+            if exemplars:
+                for j, s in enumerate(series):
+                    if s.exemplar is not None:
+                        leads[j], rests[j] = _with_exemplar(s, gauge)
             i, n = 0, len(series)
             while i < n:
                 take = min(room, n - i)

@@ -135,6 +135,16 @@ _HISTOGRAM_SLOTS: Final = tuple(
 )
 
 
+class Exemplar(NamedTuple):
+    """One request of a RED series that left as a span: its trace and span ids (final, after the
+    trace join), its duration and end, for the histogram point's ``exemplars``."""
+
+    trace_id: bytes
+    span_id: bytes
+    value: float  # seconds
+    time_unix_nano: int
+
+
 class RedPoint(NamedTuple):
     """Request rate, errors and duration for one edge, protocol, method, route and status. A named
     tuple, as ``SpanRecord``: an interval hands over thousands."""
@@ -150,6 +160,7 @@ class RedPoint(NamedTuple):
     status_code: int | None = None  # None when no response was seen (reset, timeout); RPC: the grpc code
     error_type: str = ""  # why a request failed without an error status ("timeout"), or a DNS rcode name
     attributes: Attrs = ()  # protocol extras with semconv keys: a DNS response code (dns.response_code)
+    exemplar: Exemplar | None = None  # the slowest of the series' requests that left as spans lately
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from typing import Final, NamedTuple
 
 from cluster_processor.otlp import rpc
 from cluster_processor.otlp.model import (
+    Exemplar,
     Histogram,
     Interval,
     L4Point,
@@ -99,6 +100,7 @@ class Sample(NamedTuple):
     # The observed workload the stream belongs to (``workload_resource``); () for kscope's own
     # resource of the reporting node (service graph, overflow, self-metrics).
     resource: Attrs = ()
+    exemplar: Exemplar | None = None  # a RED histogram's: one of its requests that left as a span
 
 
 _H, _C, _G = Kind.HISTOGRAM, Kind.COUNTER, Kind.GAUGE
@@ -359,11 +361,11 @@ def _edge_resource(edge: Edge, side: Side, node_name: str) -> Attrs:
 
 
 def _red_sample(p: RedPoint, node_name: str) -> Sample:
-    edge, side, protocol, duration, method, route, status, error_type, extra = p
+    edge, side, protocol, duration, method, route, status, error_type, extra, exemplar = p
     spec = PROTOCOLS[protocol]
     a = _red_attributes(edge, side, protocol, method, route, status, error_type, extra)
     resource = _edge_resource(edge, side, node_name)
-    return _new_tuple(Sample, (spec.client if side is _CLIENT else spec.server, a, duration, resource))
+    return _new_tuple(Sample, (spec.client if side is _CLIENT else spec.server, a, duration, resource, exemplar))
 
 
 @lru_cache(maxsize=65_536)
@@ -387,12 +389,12 @@ def l4_samples(p: L4Point, node_name: str) -> list[Sample]:
     res = _edge_resource(p.edge, p.side, node_name)
     new = _new_tuple
     out: list[Sample] = [
-        new(Sample, (TCP_BYTES, transmit, p.bytes_sent, res)),
-        new(Sample, (TCP_BYTES, receive, p.bytes_received, res)),
-        new(Sample, (TCP_CONNECTIONS, plain, p.connections, res)),
-        new(Sample, (TCP_RETRANSMITS, plain, p.retransmits, res)),
-        new(Sample, (TCP_RESETS, plain, p.resets, res)),
-        new(Sample, (TCP_DROPS, plain, p.drops, res)),
+        new(Sample, (TCP_BYTES, transmit, p.bytes_sent, res, None)),
+        new(Sample, (TCP_BYTES, receive, p.bytes_received, res, None)),
+        new(Sample, (TCP_CONNECTIONS, plain, p.connections, res, None)),
+        new(Sample, (TCP_RETRANSMITS, plain, p.retransmits, res, None)),
+        new(Sample, (TCP_RESETS, plain, p.resets, res, None)),
+        new(Sample, (TCP_DROPS, plain, p.drops, res, None)),
     ]
     out += [Sample(TCP_CONNECTIONS, _l4_failure_attributes(p.edge, p.side, et), n, res) for et, n in p.connect_failures]
     if p.connect_duration is not None:
@@ -422,11 +424,12 @@ def service_graph_samples(p: ServiceGraphPoint) -> list[Sample]:
     new = _new_tuple
     # Under kscope's resource of the reporting node, as the OTel servicegraph connector and Tempo
     # emit theirs (no workload resource: an edge belongs to two workloads).
-    out: list[Sample] = [new(Sample, (SG_REQUESTS, a, p.requests, ())), new(Sample, (SG_FAILED, a, p.failed, ()))]
+    out: list[Sample] = [new(Sample, (SG_REQUESTS, a, p.requests, (), None)),
+                         new(Sample, (SG_FAILED, a, p.failed, (), None))]  # fmt: skip
     if p.server_duration is not None:
-        out.append(new(Sample, (SG_SERVER_SECONDS, a, p.server_duration, ())))
+        out.append(new(Sample, (SG_SERVER_SECONDS, a, p.server_duration, (), None)))
     if p.client_duration is not None:
-        out.append(new(Sample, (SG_CLIENT_SECONDS, a, p.client_duration, ())))
+        out.append(new(Sample, (SG_CLIENT_SECONDS, a, p.client_duration, (), None)))
     return out
 
 

@@ -154,8 +154,10 @@ class LocalPipeline:
             self.join.expire(now)
             if final:
                 self.join.release_all(now)
+            ready = self.join.take_ready()
+            self.aggregator.exemplars(ready)
             try:
-                self._otlp.export(reports, self.join.take_ready(), now)
+                self._otlp.export(reports, ready, now)
             except Exception:  # one interval's export must not stop the agent: counted and logged
                 log.exception("otlp_export_failed")
                 self.export_errors += 1

@@ -7,6 +7,7 @@ bounded and what overflows is counted, never lost."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from collections import defaultdict
 
@@ -15,7 +16,7 @@ import pytest
 
 from cluster_processor.aggregate import Aggregator
 from cluster_processor.kube.index import KubeIndex
-from cluster_processor.otlp.model import SpanRecord
+from cluster_processor.otlp.model import RedPoint, SpanRecord
 from cluster_processor.tracejoin import Held, JoinSettings, TraceJoin, owner
 from cluster_processor.tracejoin.peers import GrpcTransport, PeerServer
 from kscope.v1 import flow_pb2 as pb
@@ -37,6 +38,7 @@ class Replica:
         self.agg = Aggregator(index)
         self.join = TraceJoin(settings)
         self.out: dict[str, list[SpanRecord]] = defaultdict(list)
+        self.red: list[RedPoint] = []  # every interval's RED points
         self.now = T0
 
     def tick(self, *batches: pb.FlowBatch, seconds: float = 1.0) -> None:
@@ -44,9 +46,12 @@ class Replica:
         for b in batches:
             self.agg.add(b, self.now)
         for r in self.agg.flush(self.now):
+            self.red += r.interval.red
             self.join.add(r.interval.node_name, r.spans, r.held, r.resolved, self.now)
         asyncio.run(self.join.exchange(self.now))
-        for node, spans in self.join.take_ready().items():
+        ready = self.join.take_ready()
+        self.agg.exemplars(ready)
+        for node, spans in ready.items():
             self.out[node] += spans
 
 
@@ -227,3 +232,29 @@ def test_exchanges_are_split_past_max_per_request_and_teach_both_sides() -> None
             await server.stop()
 
     asyncio.run(body())
+
+
+def test_red_exemplars_carry_the_final_trace_of_spans_that_left(index: KubeIndex) -> None:
+    """Item 3: a RED series' point carries one of its requests that left as a span, with the trace id
+    it left with (after the join: the chain's, not the hop's own pairwise one), the slowest of them;
+    a series' first interval has none yet (its spans leave after that interval's flush)."""
+    rep = Replica(index)
+    (first,) = chains(1, hour_start(T0))
+    # the same services on the same nodes (so the same series), other requests
+    second = dataclasses.replace(first, seqs=tuple((a + 1000, b + 1000) for a, b in first.seqs))
+    rep.tick(*first.batches())  # the chain joins within this tick: its spans leave after the flush
+    assert all(p.exemplar is None for p in rep.red)
+    rep.red.clear()
+    rep.tick(*second.batches())  # the same series again: their points carry the first chain's requests
+    exported = {s.context.span_id: s for spans in rep.out.values() for s in spans}
+    with_ex = [p for p in rep.red if p.exemplar is not None]
+    # each series is one side of one hop: 6 here (3 hops, client and server), each with an exemplar
+    assert len(with_ex) == len(rep.red) == 6
+    for p in with_ex:
+        e = p.exemplar
+        assert e is not None
+        s = exported[e.span_id]
+        assert e.trace_id == s.context.trace_id == first.trace_id  # the final trace, not a pairwise one
+        assert (s.side, s.method, s.route, s.status_code) == (p.side, p.method, p.route, p.status_code)
+        assert e.value == (s.end_unix_nano - s.start_unix_nano) / S and e.time_unix_nano == s.end_unix_nano
+    assert rep.agg.counters()["exemplar_spans_evicted"] == 0

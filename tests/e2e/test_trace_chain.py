@@ -158,3 +158,26 @@ def test_a_callers_traceparent_is_kept_end_to_end(scene: Scene) -> None:
             ms.span_id,
             mc.span_id,
         )
+
+
+def test_red_exemplars_point_at_exported_spans_in_their_final_trace(scene: Scene) -> None:
+    """Item 3: the request-duration histograms carry exemplars (OTLP HistogramDataPoint.exemplars)
+    whose span and trace ids are those of an exported span of the same service and side, with the
+    trace it was exported in (the chain's, after the join), and its duration."""
+    exported = {s.span_id: (w, s) for w, s in http_spans(scene)}
+    kinds = {"http.server.request.duration": SERVER, "http.client.request.duration": CLIENT}
+    seen = 0
+    for req in scene.rx.received["metrics"]:
+        for rm in req.resource_metrics:
+            service = kv(rm.resource.attributes).get("service.name")
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    if metric.name not in kinds or service not in NODE_OF:
+                        continue
+                    for dp in metric.histogram.data_points:
+                        for e in dp.exemplars:
+                            w, s = exported[e.span_id]
+                            assert (w, s.kind, s.trace_id) == (service, kinds[metric.name], e.trace_id)
+                            assert e.as_double == pytest.approx((s.end_time_unix_nano - s.start_time_unix_nano) / 1e9)
+                            seen += 1
+    assert seen >= len(NODE_OF)  # every service's series had requests after the first spans left
