@@ -224,9 +224,11 @@ def test_past_the_record_rate_links_stay_right_and_losses_are_counted(scene: Sce
     # a linked call's parent is the record of the request that caused it, never another
     wrong = [c.http.path for c in linked if c.http.path not in records or _parent(c) != _key(records[c.http.path])]
     assert wrong == [], facts
-    # a sampled call forced its parent to be a record (counted); calls whose parent was summed are
-    # unlinked and counted (the counters are the node's: at least ours)
-    assert linked and scene.rated_counters["l7_kernel_causal_forced"] > 0, facts
+    # calls whose parent was summed are unlinked and counted (the counters are the node's: at least
+    # ours). A sampled call whose parent was not forces the parent to be a record (l7_kernel_causal_forced,
+    # in the facts): how often depends on which CPU's bucket each took a token from, so it may be 0 in a
+    # run (CI saw 0 of 90 once: every linked call's parent had its own token)
+    assert linked, facts
     unlinked = len(clients) - len(linked)
     counted = sum(scene.rated_counters[f"l7_causal_children_{k}"] for k in ("timeout", "unconfirmed"))
     assert unlinked <= counted, facts

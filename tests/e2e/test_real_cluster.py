@@ -343,12 +343,17 @@ def test_both_ends_of_every_request_share_one_trace(scene: Scene, view: View) ->
     assert len(clients) == sum(1 for _, s in http if s.kind == Span.SPAN_KIND_CLIENT), "two client spans share an id"
     parents: Counter[bytes] = Counter()
     dangling: Counter[str] = Counter()  # server spans whose client span is not in the OTLP
+    # links cut by the trace join: a span whose wait ran out before the trace of the hop it follows
+    # came (on the lossy edge a call's parent record comes seconds late) leaves in its own trace: its
+    # ids still name the right parent, only the trace differs (a missing link, counted, never a wrong one)
+    cut = 0
     for w, s in servers:
         if s.parent_span_id not in clients:
             dangling[w] += 1
             continue
         cw, c = clients[s.parent_span_id]
-        assert (cw, c.trace_id) == (caller_of.get(w), s.trace_id)
+        assert cw == caller_of.get(w)
+        cut += c.trace_id != s.trace_id
         parents[s.parent_span_id] += 1
     assert set(parents.values()) == {1}
     # item 2: a client span with a parent is a call its own service made while serving that request
@@ -359,10 +364,12 @@ def test_both_ends_of_every_request_share_one_trace(scene: Scene, view: View) ->
     for cw, c in clients.values():
         if c.parent_span_id:
             pw, p = by_id[c.parent_span_id]
-            assert (pw, p.trace_id) == (cw, c.trace_id)
+            assert pw == cw
+            cut += p.trace_id != c.trace_id
             assert p.start_time_unix_nano <= c.start_time_unix_nano <= p.end_time_unix_nano
             inside += 1
     assert inside > 0
+    assert cut <= scene.processor_counters["trace_spans_fallback"], (cut, facts(scene, view))
     lone = Counter(clients[i][0] for i in set(clients) - set(parents))  # client spans without their server span
     linked = Counter(clients[p][0] for p in parents)
     chain = {w for edge in HTTP_EDGES for w in edge}
