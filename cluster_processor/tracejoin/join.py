@@ -393,8 +393,7 @@ class TraceJoin:
         for i in self._waiting.get(key, ()):
             w = self._held.get(i)
             if w is not None and w.expired and now_ns - w.since < self._max_wait_ns:
-                w.expired = False
-                self.counters["trace_wait_timeouts"] -= 1  # not a timeout after all: it waits on
+                w.expired = False  # its wait ran out (counted once, counters only grow): it waits on
 
     async def _call(self, peer: str, propose: list[Proposal], lookup: list[bytes]) -> list[tuple[bytes, bytes]] | None:
         assert self._transport is not None
