@@ -258,3 +258,19 @@ def test_red_exemplars_carry_the_final_trace_of_spans_that_left(index: KubeIndex
         assert (s.side, s.method, s.route, s.status_code) == (p.side, p.method, p.route, p.status_code)
         assert e.value == (s.end_unix_nano - s.start_unix_nano) / S and e.time_unix_nano == s.end_unix_nano
     assert rep.agg.counters()["exemplar_spans_evicted"] == 0
+
+
+def test_spans_remembered_for_exemplars_are_bounded_counted(index: KubeIndex) -> None:
+    """Past ``max_exemplar_spans`` the oldest span is forgotten (its series gets no exemplar from it),
+    counted; the newest still give their series an exemplar."""
+    from cluster_processor.aggregate import AggregatorSettings
+
+    rep = Replica(index)
+    rep.agg = Aggregator(index, AggregatorSettings(max_exemplar_spans=2))
+    (chain,) = chains(1, hour_start(T0))
+    rep.tick(*chain.batches())
+    made = sum(len(v) for v in rep.out.values())
+    assert made == 6 and rep.agg.counters()["exemplar_spans_evicted"] == made - 2
+    rep.red.clear()
+    rep.tick(*dataclasses.replace(chain, seqs=tuple((a + 1000, b + 1000) for a, b in chain.seqs)).batches())
+    assert sum(p.exemplar is not None for p in rep.red) == 2
