@@ -12,21 +12,17 @@ static __always_inline bool starts_tls(__u8 protocol)
 static __always_inline void bind_tls(struct sock *sk, struct l7_sock *st, struct tls_call *call, __u8 ip_proto)
 {
 	struct tls_conn fresh = {}, *conn;
-	struct kscope_l7_header h = {};
 	__u64 key = ssl_key(call->ssl);
 
 	st->tls = 1;
 	conn = bpf_map_lookup_elem(&tls_conns, &key);
 	if (conn && conn->sock_cookie == bpf_get_socket_cookie(sk))
 		return;
-	read_tuple(h.saddr, h.daddr, &h.sport, &h.dport, &h.family, sk);
+	/* straight into the entry: a whole chunk header on the stack for its address fields took the
+	 * room l7_send's frame needs (the 512-byte bound) */
+	read_tuple(fresh.saddr, fresh.daddr, &fresh.sport, &fresh.dport, &fresh.family, sk);
 	fresh.sock_cookie = bpf_get_socket_cookie(sk);
 	fresh.netns_ino = sk->__sk_common.skc_net.net->ns.inum;
-	__builtin_memcpy(fresh.saddr, h.saddr, 16);
-	__builtin_memcpy(fresh.daddr, h.daddr, 16);
-	fresh.sport = h.sport;
-	fresh.dport = h.dport;
-	fresh.family = h.family;
 	fresh.role = sk->sk_max_ack_backlog ? KSCOPE_ROLE_SERVER : KSCOPE_ROLE_CLIENT;
 	if (starts_tls(st->protocol)) {
 		/* an in-band upgrade: the plaintext goes on in the protocol the socket spoke (MariaDB reads a
@@ -168,6 +164,10 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 	c->hdr.netns_ino = sk->__sk_common.skc_net.net->ns.inum;
 	c->hdr.sock_cookie = bpf_get_socket_cookie(sk);
 	fill_task(&c->hdr);
+	if (dir == KSCOPE_DIR_EGRESS && st->role == KSCOPE_ROLE_CLIENT)
+		causal_chunk_parent(&c->hdr);
+	else
+		c->hdr.parent_ns = 0;
 	submit(c, n);
 }
 
@@ -269,6 +269,8 @@ static __always_inline void tls_exit(int ret) /* SSL_* return an int */
 	c->hdr.dport = conn->dport;
 	c->hdr.family = conn->family;
 	fill_task(&c->hdr);
+	if (dir == KSCOPE_DIR_EGRESS && conn->role == KSCOPE_ROLE_CLIENT)
+		causal_chunk_parent(&c->hdr);
 	submit(c, n);
 }
 

@@ -142,6 +142,32 @@ __attribute__((noinline)) __u64 causal_client_start(__u32 sampled)
 	return c->start_ns;
 }
 
+/* A client socket's chunk is sent on this thread (a protocol user space pairs: databases, caches,
+ * DNS, TLS, HTTP/2): h->parent_ns is the start of the server exchange it is made inside of, 0 for
+ * none, as causal_client_start's. Never forces its parent to be a record: user space cannot tell
+ * here which of its calls it will sample, and forcing every parent with a database call would end
+ * summing. Inlined, not a call: on l7_send's capture path a subprogram's frame passed the 512-byte
+ * stack bound; the map keys are the header's own thread and process ids (fill_task's: map memory,
+ * no stack). */
+static __always_inline void causal_chunk_parent(struct kscope_l7_header *h)
+{
+	struct causal_ctx *c;
+
+	h->parent_ns = 0;
+	if (!causal)
+		return;
+	c = bpf_map_lookup_elem(&causal_ctx, &h->pid);
+	if (!c || !c->open)
+		return;
+	if (causal_off || bpf_map_lookup_elem(&causal_threads, &h->pid) || bpf_map_lookup_elem(&causal_procs, &h->tgid)) {
+		stat_inc(KSCOPE_L7_STAT_CAUSAL_REFUSED);
+		return;
+	}
+	c->child |= CHILD_ANY;
+	stat_inc(KSCOPE_L7_STAT_CAUSAL_CHUNKS);
+	h->parent_ns = c->start_ns;
+}
+
 /* The final response of the server exchange read by thread recv_tid at start_ns starts on this
  * thread: the context closes; CAUSAL_PARENT_OK if the exchange is its children's parent. */
 __attribute__((noinline)) int causal_server_answer(__u64 start_ns, __u32 recv_tid)

@@ -90,7 +90,9 @@ enum kscope_l7_stat {
 	KSCOPE_L7_STAT_CAUSAL_ABANDONED = 32, /* server requests closed unanswered: their context closed */
 	KSCOPE_L7_STAT_PICK_OVER_BUDGET = 33, /* exchanges picked by their sequence numbers (link_pick) that the
 	                                       * sampler still summed: the other end may have a record of it */
-	KSCOPE_L7_STATS = 34,
+	KSCOPE_L7_STAT_CAUSAL_CHUNKS = 34, /* chunks a client sent inside a server request of its thread (protocols
+	                                    * user space pairs: databases, caches, DNS, TLS, HTTP/2): parent_ns set */
+	KSCOPE_L7_STATS = 35,
 };
 
 /* Followed by `captured` payload bytes. */
@@ -115,6 +117,8 @@ struct kscope_l7_header {
 	__u8 role;        /* enum kscope_l4_role as decided for this connection */
 	__u8 ip_proto;    /* 6 TCP, 17 UDP */
 	__u8 comm[16];    /* task name */
+	__u64 parent_ns;  /* a client's send inside a server request of its thread: that exchange's start
+	                   * (l7_causal.h, tentative as an exchange's parent_start_ns); else 0 */
 };
 
 /* Bytes of a request's head copied into its exchange record (the request line and the first

@@ -178,7 +178,8 @@ class L7Stat(enum.IntEnum):
     KSCOPE_L7_STAT_CAUSAL_MAP_FULL = 31
     KSCOPE_L7_STAT_CAUSAL_ABANDONED = 32
     KSCOPE_L7_STAT_PICK_OVER_BUDGET = 33
-    KSCOPE_L7_STATS = 34
+    KSCOPE_L7_STAT_CAUSAL_CHUNKS = 34
+    KSCOPE_L7_STATS = 35
 
 
 L7_MAX_CAPTURE = 4096
@@ -208,6 +209,7 @@ class KscopeL7Header(ctypes.Structure):
         ("role", u8),
         ("ip_proto", u8),
         ("comm", u8 * 16),
+        ("parent_ns", u64),
     ]
 
 

@@ -19,11 +19,14 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Final, Generic, TypeVar
 
 from node_exporter.bpf.elf import ElfError, section_names
+from node_exporter.protocols.db import DbRecord
+from node_exporter.protocols.dns import DnsRecord
 from node_exporter.protocols.http1 import HttpChildRecord, HttpRecord
+from node_exporter.protocols.http2_session import Http2ChildRecord, Http2Record
 
 # (tgid, tid, the server exchange's start in CLOCK_MONOTONIC ns): one server exchange
 Key = tuple[int, int, int]
@@ -48,12 +51,20 @@ class Parent:
     start_ns: int  # CLOCK_MONOTONIC ns, like every record's start_ns
 
 
-_CHILD_FIELDS = tuple(f.name for f in fields(HttpChildRecord))
+Record = HttpRecord | DnsRecord | DbRecord  # what a child may be
+_CHILD_FIELDS = tuple(f.name for f in fields(HttpChildRecord) if f.name != "parent")
+_H2_FIELDS = tuple(f.name for f in fields(Http2Record))
 
 
-def with_parent(rec: HttpRecord, parent: Parent) -> HttpChildRecord:
-    values = {name: getattr(rec, name) for name in _CHILD_FIELDS if name != "parent"}
-    return HttpChildRecord(**values, parent=(parent.tcp_req_seq, parent.tcp_resp_seq, parent.start_ns))
+def with_parent(rec: Record, parent: Parent) -> Record:
+    """``rec`` as a child of ``parent``: an exchange's record (HTTP/1 with its sequence numbers), or
+    one user space paired from chunks (a database or cache call, a DNS lookup, HTTP over TLS, HTTP/2)."""
+    p = (parent.tcp_req_seq, parent.tcp_resp_seq, parent.start_ns)
+    if isinstance(rec, Http2Record):
+        return Http2ChildRecord(**{name: getattr(rec, name) for name in _H2_FIELDS}, parent=p)
+    if isinstance(rec, HttpRecord):  # tcp_seqs None for one paired from chunks (convert.py skips them)
+        return HttpChildRecord(**{name: getattr(rec, name) for name in _CHILD_FIELDS}, parent=p)
+    return replace(rec, parent=p)
 
 
 class CausalLinker(Generic[E]):
@@ -63,7 +74,7 @@ class CausalLinker(Generic[E]):
 
     def __init__(
         self,
-        relink: Callable[[E, HttpChildRecord], E],
+        relink: Callable[[E, Record], E],
         *,
         enabled: bool = True,
         refused: Callable[[int], bool] | None = None,
@@ -78,13 +89,13 @@ class CausalLinker(Generic[E]):
         self.max_parents = max_parents
         self.hold_ns = hold_ns
         # key -> children waiting, and when the first began waiting (CLOCK_MONOTONIC ns)
-        self._pending: OrderedDict[Key, tuple[int, list[tuple[E, HttpRecord]]]] = OrderedDict()
+        self._pending: OrderedDict[Key, tuple[int, list[tuple[E, Record]]]] = OrderedDict()
         self._waiting = 0
         # key -> (the confirmed parent, when it came)
         self._parents: OrderedDict[Key, tuple[Parent, int]] = OrderedDict()
         self.counts = dict.fromkeys(COUNTERS, 0)
 
-    def child(self, ev: E, rec: HttpRecord, key: Key, now_ns: int) -> E | None:
+    def child(self, ev: E, rec: Record, key: Key, now_ns: int) -> E | None:
         """A client record with a tentative parent: the event to send now (linked, or unlinked when
         refused), or None: it waits for its parent (:meth:`parent`, :meth:`expire` release it)."""
         if not self.enabled or (self._refused is not None and self._refused(key[0])):

@@ -35,6 +35,8 @@ class Chunk(NamedTuple):  # a NamedTuple for decode speed, as L4Record
     ip_proto: int
     comm: str
     data: bytes  # the captured head (<= length)
+    # a client's send inside a server request of its thread: that exchange's start (l7_causal.h)
+    parent_ns: int = 0
 
 
 def decode_chunk(raw: bytes) -> Chunk | None:
@@ -42,7 +44,7 @@ def decode_chunk(raw: bytes) -> Chunk | None:
     if len(raw) < HEADER_SIZE or raw[0] != L7RecordType.KSCOPE_REC_L7:
         return None
     (_, direction, protocol, flags, netns, cookie, ts, seq, saddr, daddr, tgid, pid, length, captured,
-     sport, dport, family, role, ip_proto, comm) = _HDR.unpack_from(raw)  # fmt: skip
+     sport, dport, family, role, ip_proto, comm, parent_ns) = _HDR.unpack_from(raw)  # fmt: skip
     if direction not in _DIRECTIONS or protocol not in _PROTOCOLS or HEADER_SIZE + captured > len(raw):
         return None
     if captured > length:
@@ -67,4 +69,5 @@ def decode_chunk(raw: bytes) -> Chunk | None:
         ip_proto=ip_proto,
         comm=_comm_text(comm),
         data=raw[HEADER_SIZE : HEADER_SIZE + captured],
+        parent_ns=parent_ns,
     )

@@ -15,7 +15,7 @@ from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Final
 
 from kscope_common.latency import LATENCY_BOUNDS_NS, LATENCY_BUCKETS
 from node_exporter.bpf.abi import L7Direction, L7Emit, L7ExchangeFlags, L7Flags, L7Protocol
@@ -96,13 +96,20 @@ def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[Any, Any
     return tuple(getattr(cls, n).__set__ for n in names)
 
 
+# A client connection's sends made inside a server request of their thread that no record has named
+# yet (by the send's time: a record's start is the time of the send holding its request's first byte)
+MAX_SENDS_WITH_PARENT: Final = 32
+
+
 class _Conn:
-    __slots__ = ("info", "last_ns", "tracker")
+    __slots__ = ("info", "last_ns", "sent", "tracker")
 
     def __init__(self, info: ConnInfo, tracker: ConnectionTracker) -> None:
         self.info = info
         self.tracker = tracker
         self.last_ns = 0
+        # send time -> (tgid, tid, the server exchange's start): a record starting then is its child
+        self.sent: dict[int, tuple[int, int, int]] | None = None
 
 
 # The kernel's protocol -> the PROTOCOLS entry that parses it (DNS: by transport, below).
@@ -149,7 +156,7 @@ _CONN_SETTERS = tuple(zip(_slot_setters(ConnInfo, _CONN_FIELDS), range(len(_CONN
 _SUMMARY_HEAD_AFTER_TAIL = SUMMARY_HEAD_OFFSET - SUMMARY_TAIL_OFFSET
 
 
-def _relink(ev: L7Event, rec: HttpRecord) -> L7Event:
+def _relink(ev: L7Event, rec: HttpRecord | DnsRecord | DbRecord) -> L7Event:
     return L7Event(ev.conn, rec)
 
 
@@ -260,7 +267,30 @@ class L7Pipeline:
             info = conn.info
             if records and c.ip_proto == IPPROTO_UDP and c.direction == L7Direction.KSCOPE_DIR_EGRESS:
                 info = replace(info, remote_ip=c.remote_ip, remote_port=c.remote_port)
-            out.extend(L7Event(info, r) for r in records)
+            if c.parent_ns:  # sent inside a server request of this thread (l7_causal.h)
+                sent = conn.sent
+                if sent is None:
+                    sent = conn.sent = {}
+                sent[c.ts_ns] = (c.tgid, c.pid, c.parent_ns)
+                if len(sent) > MAX_SENDS_WITH_PARENT:
+                    del sent[next(iter(sent))]
+            if not records:
+                continue
+            if conn.sent is None:
+                out.extend(L7Event(info, r) for r in records)
+                continue
+            now = time.monotonic_ns()
+            for r in records:
+                ev = L7Event(info, r)
+                key = conn.sent.get(r.start_ns)
+                if key is None:
+                    out.append(ev)
+                    continue
+                linked = self.causal.child(ev, r, key, now)
+                if linked is not None:
+                    out.append(linked)
+        if self.causal.waiting():
+            out += self.causal.evicted()
         return out
 
     def feed_exchanges(self, batch: ExchangeBatch) -> list[L7Event]:

@@ -165,10 +165,6 @@ def l7_request(
         if seqs is not None:
             http.update(tcp_seqs_known=True, tcp_request_seq=seqs[0], tcp_response_seq=seqs[1])
         detail = {"http": http}
-        parent = r.parent
-        if parent is not None:  # converted like the parent's own record's start (same clock)
-            detail["parent"] = {"tcp_request_seq": parent[0], "tcp_response_seq": parent[1],
-                                "start_time_unix_nano": clock.unix_ns(parent[2])}  # fmt: skip
         if isinstance(r, Http2Record) and r.rpc_system:
             rpc: dict[str, object] = {"system": r.rpc_system, "service": r.rpc_service, "method": r.rpc_method}
             if r.grpc_status >= 0:
@@ -198,6 +194,10 @@ def l7_request(
                 "timed_out": r.timed_out,
             }
         }
+    parent = r.parent
+    if parent is not None:  # converted like the parent's own record's start (same clock)
+        detail["parent"] = {"tcp_request_seq": parent[0], "tcp_response_seq": parent[1],
+                            "start_time_unix_nano": clock.unix_ns(parent[2])}  # fmt: skip
     return pb.L7Request(
         socket_cookie=c.sock_cookie,
         netns_inode=c.netns_ino,

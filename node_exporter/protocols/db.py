@@ -33,3 +33,6 @@ class DbRecord:
     cache_hits: int = 0
     cache_misses: int = 0
     batch_size: int = 0  # db.operation.batch.size (MULTI/EXEC)
+    # (tcp_req_seq, tcp_resp_seq, start_ns) of the server request of the same thread this call was
+    # made inside of, confirmed (node_exporter/l7/causal.py); None: no parent
+    parent: tuple[int, int, int] | None = None

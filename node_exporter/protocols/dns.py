@@ -74,6 +74,7 @@ class DnsRecord:
     start_ns: int
     latency_ns: int  # for a timeout: how long we waited
     timed_out: bool
+    parent: tuple[int, int, int] | None = None  # as DbRecord.parent: a lookup made inside a server request
 
 
 def qtype_name(qtype: int) -> str:

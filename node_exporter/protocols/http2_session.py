@@ -65,6 +65,14 @@ class Http2Record(HttpRecord):
     grpc_status: int = -1  # grpc-status of the trailers; -1: none seen (not gRPC, or no trailers)
 
 
+@dataclass(frozen=True, slots=True)
+class Http2ChildRecord(Http2Record):
+    """An HTTP/2 call made inside a server request of the same thread, confirmed
+    (node_exporter/l7/causal.py): as HttpChildRecord's, that server record's sequence numbers and start."""
+
+    parent: tuple[int, int, int] | None = None  # type: ignore[misc]  # a slot here; None on HttpRecord
+
+
 class _Stream:
     __slots__ = ("content_type", "grpc_status", "method", "path", "req_bytes", "request_id", "resp_bytes", "start_ns",
                  "status", "traceparent", "unknown")  # fmt: skip

@@ -11,7 +11,10 @@ meshapp.py serve --name NAME --bind IP --port P [--next URL] [--also URL] [--loo
     received, answered or not (a caller that gave up may have closed the connection).
     With ``--forward-path`` the call to ``--next`` carries the incoming request's path (each hop's
     calls name the request that caused them: tests/e2e/test_causal.py checks parents with it);
-    ``--delay S`` waits before answering (requests of several callers overlap).
+    ``--delay S`` waits before answering (requests of several callers overlap). ``--memcached
+    HOST:PORT``: first, per request, a ``set`` through pymemcache (a real client; imported only
+    then) on a new connection, its value 100 + i bytes long for a path ending in a number i, so the
+    call's size on the wire names the request that caused it.
 meshapp.py aserve --bind IP --port P --next URL --delay S --audit-after S
     An asyncio HTTP/1.1 server (one thread, an event loop): per request it waits ``--delay``,
     answers, and ``--audit-after`` seconds later calls ``--next`` + "/audit" + its path, from the
@@ -73,6 +76,25 @@ class _Server(ThreadingHTTPServer):
         self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
 
 
+def memcached_value_len(path: str) -> int:
+    last = path.split("?", 1)[0].rsplit("/", 1)[-1]
+    return 100 + int(last) if last.isdigit() else 100
+
+
+def _memcached_set(addr: str, path: str) -> str:
+    """``ok`` or the failure's name: one ``set`` on a new connection (a request's own call)."""
+    from pymemcache.client.base import Client  # the venv's: only the tests that ask for it need it
+
+    host, port = addr.rsplit(":", 1)
+    client = Client((host, int(port)), connect_timeout=5, timeout=5)
+    try:
+        return "ok" if client.set("k", b"v" * memcached_value_len(path), noreply=False) else "not_stored"
+    except Exception as e:  # pymemcache raises its own errors besides OSError
+        return type(e).__name__
+    finally:
+        client.close()
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -85,6 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                     looked_up = "ok"
                 except socket.gaierror as e:
                     looked_up = f"gaierror_{e.errno}"
+            cached = _memcached_set(args.memcached, self.path) if args.memcached else ""
             also = fetch(args.also, 1.0) if args.also else ""
             url = args.next + self.path.split("?", 1)[0] if args.forward_path else args.next
             downstream = fetch(url, args.timeout) if args.next else ""
@@ -105,7 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             finally:
                 path = self.path.split("?", 1)[0]
                 emit("served", path=path, status=status, answered=answered, downstream=downstream, also=also,
-                     lookup=looked_up)  # fmt: skip
+                     lookup=looked_up, cached=cached)  # fmt: skip
 
         def log_message(self, format: str, *a: object) -> None:
             pass
@@ -196,6 +219,7 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--forward-path", action="store_true")
     p.add_argument("--delay", type=float, default=0.0)
+    p.add_argument("--memcached", default="")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("aserve")
     p.add_argument("--bind", required=True)

@@ -6,7 +6,9 @@ One scene, one `kscope run --l7` over it, three checks on its JSON lines:
   - a chain of thread-per-request services load -> a -> b -> c (meshapp.py ``serve``, Python
     ThreadingHTTPServer + urllib), each hop through a DNAT'ed Service VIP; concurrent requests
     with unique paths that every hop forwards (``--forward-path``), so the test knows each call's
-    true cause; plus a keep-alive connection into ``a`` opened before the agent started;
+    true cause; plus a keep-alive connection into ``a`` opened before the agent started; ``b``
+    also stores a value in memcached per request (pymemcache; the value's size names the request):
+    a call user space pairs from chunks has its parent too;
   - an event-loop proxy: load -> nginx -> c, concurrent requests: no parent on nginx's calls;
   - an asyncio server whose calls run on its loop's thread after it answered (while it serves the
     next request: exactly what a per-thread guess would get wrong): no parent on its calls.
@@ -35,6 +37,7 @@ from node_exporter.l7.pipeline import L7Event
 from node_exporter.protocols import HttpRecord, Role
 from tests.e2e.agentproc import start_kscope
 from tests.e2e.l7trace import L7Trace, l7peer, require
+from tests.e2e.meshapp import memcached_value_len
 from tests.e2e.meshtopo import MeshTopology
 from tests.e2e.netns import NGINX_CONF, SRV_V4, Topology
 
@@ -42,6 +45,7 @@ pytestmark = pytest.mark.bpf
 MESHAPP = Path(__file__).with_name("meshapp.py")
 NET = 181
 PORT, VIP_PORT = 8080, 80
+MEMCACHED_PORT = 11211
 RATE, LOAD_S = 60, 2.0  # per load: 120 requests, each on its own connection and thread
 KEEPALIVE_N = 5
 ASYNC_N = 8
@@ -91,14 +95,18 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
     agent = None
     try:
         topo.create()
-        for name in ("load", "a", "b", "c", "ngx", "asv"):
+        for name in ("load", "a", "b", "c", "ngx", "asv", "mc"):
             topo.add_pod(name, container=False)
         vip = {name: topo.vip(i + 1) for i, name in enumerate(("a", "b", "c", "ngx", "asv"))}
         for name, v in vip.items():
             topo.service(v, VIP_PORT, name, PORT)
+        mc_vip = topo.vip(len(vip) + 1)
+        topo.service(mc_vip, MEMCACHED_PORT, "mc", MEMCACHED_PORT)
+        topo.start("mc", "memcached", "-u", "root", "-l", topo.ips["mc"], "-p", str(MEMCACHED_PORT), "-U", "0")
         serve = [sys.executable, "-u", str(MESHAPP), "serve", "--port", str(PORT), "--forward-path"]
         topo.start("c", *serve, "--name", "c", "--bind", topo.ips["c"], "--delay", "0.02")
-        topo.start("b", *serve, "--name", "b", "--bind", topo.ips["b"], "--next", f"http://{vip['c']}:{VIP_PORT}")
+        topo.start("b", *serve, "--name", "b", "--bind", topo.ips["b"], "--next", f"http://{vip['c']}:{VIP_PORT}",
+                   "--memcached", f"{mc_vip}:{MEMCACHED_PORT}")  # fmt: skip
         topo.start("a", *serve, "--name", "a", "--bind", topo.ips["a"], "--next", f"http://{vip['b']}:{VIP_PORT}")
         topo.start("asv", sys.executable, "-u", str(MESHAPP), "aserve", "--bind", topo.ips["asv"],
                    "--port", str(PORT), "--next", f"http://{vip['c']}:{VIP_PORT}", "--delay", "0.1",
@@ -106,6 +114,7 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
         _nginx(topo, tmp / "nginx", f"{vip['c']}:{VIP_PORT}")
         for name in ("a", "b", "c", "ngx", "asv"):
             topo.wait_listening(topo.pods[name], PORT)
+        topo.wait_listening(topo.pods["mc"], MEMCACHED_PORT)
         # a keep-alive connection into a, opened (and used) before the agent starts
         ka = l7peer(topo, topo.pods["load"], "http-client", "--to", vip["a"], "--port", str(VIP_PORT))
         ka.expect("connected")
@@ -183,7 +192,9 @@ def test_chain_every_call_is_the_child_of_the_request_that_caused_it(scene: Scen
     wrong: list[tuple[str, str]] = []
     for pod in ("a", "b"):
         servers = {r.http.path: r for r in scene.of(pod, pb.ROLE_SERVER)}
-        clients = scene.of(pod, pb.ROLE_CLIENT)
+        clients = [
+            r for r in scene.of(pod, pb.ROLE_CLIENT) if r.WhichOneof("detail") == "http"
+        ]  # b's cache calls: below
         # every request of the load and of the keep-alive connection, at both ends of the hop
         expected = {f"/req/{i}" for i in range(int(RATE * LOAD_S))} | {f"/ka/{i}" for i in range(KEEPALIVE_N)}
         assert expected <= set(servers), (pod, sorted(expected - set(servers))[:5], _facts(scene))
@@ -195,6 +206,37 @@ def test_chain_every_call_is_the_child_of_the_request_that_caused_it(scene: Scen
             if truth is None or got != _key(truth):
                 wrong.append((pod, c.http.path))
     assert wrong == [], f"wrong parents: {wrong[:10]} of {len(wrong)}; {_facts(scene)}"
+
+
+def _memcached_set_bytes(value_len: int) -> int:
+    """What pymemcache sends for ``set("k", value, noreply=False)``: the request's size on the wire."""
+    return len(f"set k 0 0 {value_len}\r\n") + value_len + 2
+
+
+def test_a_cache_call_paired_in_user_space_is_the_child_of_its_request(scene: Scene) -> None:
+    """b's memcached calls are parsed from chunks, not kernel exchanges: each still names b's server
+    request it was made inside of (the value's size tells which), none another."""
+    servers = {r.http.path: r for r in scene.of("b", pb.ROLE_SERVER)}
+    calls = [r for r in scene.of("b", pb.ROLE_CLIENT) if r.WhichOneof("detail") == "db"]
+    paths = [f"/req/{i}" for i in range(int(RATE * LOAD_S))] + [f"/ka/{i}" for i in range(KEEPALIVE_N)]
+    by_size: dict[int, list[str]] = {}
+    for path in paths:
+        by_size.setdefault(_memcached_set_bytes(memcached_value_len(path)), []).append(path)
+    assert {c.db.system for c in calls} == {"memcached"} and {c.db.operation for c in calls} == {"set"}, calls[:3]
+    assert len(calls) >= len(paths), (len(calls), _facts(scene))
+    wrong, unlinked = [], []
+    for c in calls:
+        got = _parent(c)
+        if got is None:
+            unlinked.append(c.request_bytes)
+            continue
+        # the request the size names (/req/i and /ka/i share sizes for i < KEEPALIVE_N: either)
+        truths = [servers[p] for p in by_size.get(c.request_bytes, []) if p in servers]
+        if got not in {_key(t) for t in truths}:
+            wrong.append(c.request_bytes)
+    assert wrong == [], f"wrong parents for sizes {wrong[:10]} of {len(wrong)}; {_facts(scene)}"
+    assert unlinked == [], f"{len(unlinked)} of {len(calls)} calls unlinked; {_facts(scene)}"
+    assert scene.counters.get("l7_kernel_causal_chunks", 0) >= len(paths), _facts(scene)
 
 
 def test_event_loop_proxy_calls_get_no_parent(scene: Scene) -> None:

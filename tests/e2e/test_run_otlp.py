@@ -137,10 +137,15 @@ def test_run_otlp_joins_a_local_chain_into_one_trace_per_request(topo: Topology,
     each forwarding the path it was asked for, called from another namespace kscope does not watch (a
     caller it cannot trace). `kscope run --otlp` joins each request's five spans into ONE trace with
     the exact tree, as the cluster processor does; the caller's hop waits, then leaves with its
-    pairwise trace, which the hops below take."""
-    ports = {"a": 9101, "b": 9102, "c": 9103}
+    pairwise trace, which the hops below take. b also stores a value in memcached per request
+    (pymemcache): that call, paired from chunks in user space, is b's server span's child in the same trace."""
+    ports = {"a": 9101, "b": 9102, "c": 9103, "mc": 9111}
+    topo.spawn(topo.srv, "memcached", "-u", "root", "-l", SRV_V4, "-p", str(ports["mc"]), "-U", "0")
+    topo.wait_listening(topo.srv, ports["mc"])
     for name, nxt in (("c", ""), ("b", "c"), ("a", "b")):
         extra = ["--next", f"http://{SRV_V4}:{ports[nxt]}", "--forward-path"] if nxt else []
+        if name == "b":
+            extra += ["--memcached", f"{SRV_V4}:{ports['mc']}"]
         topo.spawn(topo.srv, sys.executable, "-u", str(MESHAPP), "serve", "--name", name, "--bind", SRV_V4,
                    "--port", str(ports[name]), *extra)  # fmt: skip
         topo.wait_listening(topo.srv, ports[name])
@@ -169,10 +174,13 @@ def test_run_otlp_joins_a_local_chain_into_one_trace_per_request(topo: Topology,
     got, rc, stderr = asyncio.run(body())
     assert rc == 0 and "Traceback" not in stderr, stderr
     by_path: dict[str, list[Any]] = defaultdict(list)
+    cache_calls: dict[bytes, list[Any]] = defaultdict(list)
     for _, s in got:
         attrs = {kv.key: kv.value.string_value for kv in s.attributes}
         if attrs.get("url.path", "").startswith(("/r/", "/s/")):
             by_path[attrs["url.path"]].append(s)
+        elif attrs.get("db.system.name") == "memcached" and s.kind == 3:  # SPAN_KIND_CLIENT
+            cache_calls[s.trace_id].append(s)
     assert sorted(by_path) == sorted(f"/{b}/{i}" for b in "rs" for i in range(sent)), sorted(by_path)
     for path, ss in by_path.items():
         # a: server, client; b: server, client; c: server: one trace, a path of parents (the start times
@@ -185,3 +193,8 @@ def test_run_otlp_joins_a_local_chain_into_one_trace_per_request(topo: Topology,
         while chain[-1].span_id in child_of:
             chain.append(child_of[chain[-1].span_id])
         assert [s.kind for s in chain] == [2, 3, 2, 3, 2], path
+        # b's cache call: a client span in the request's trace, under b's server span
+        (cached,) = cache_calls.pop(ss[0].trace_id, [None])
+        assert cached is not None, (path, "no cache call in its trace")
+        assert cached.parent_span_id == chain[2].span_id, path
+    assert cache_calls == {}, f"cache calls in no request's trace: {len(cache_calls)}"

@@ -161,7 +161,7 @@ def test_l7_chunk_decoder_field_by_field() -> None:
         "remote_ip": ("daddr", _addr("198.19.0.2")), "tgid": ("tgid", _same), "pid": ("pid", _same),
         "length": ("len", _same), "local_port": ("sport", _same), "remote_port": ("dport", _same),
         "family": ("family", _same), "role": ("role", _same), "ip_proto": ("ip_proto", _same),
-        "comm": ("comm", _comm), "data": ("captured", lambda n: data[:n]),
+        "comm": ("comm", _comm), "data": ("captured", lambda n: data[:n]), "parent_ns": ("parent_ns", _same),
     }  # fmt: skip
     _covered(KscopeL7Header, {f for f, _ in spec.values()}, {"type"})
     decoded = decode_chunk(bytes(rec) + data)

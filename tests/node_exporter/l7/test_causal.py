@@ -4,16 +4,22 @@ a client record's tentative parent becomes L7Request.parent only with its parent
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from node_exporter.bpf.abi import KscopeL7Exchange, L7ExchangeFlags, L7RecordType, Role
-from node_exporter.l7.causal import GoPrograms
+from node_exporter.bpf.abi import KscopeL7Exchange, L7Direction, L7ExchangeFlags, L7Protocol, L7RecordType, Role
+from node_exporter.l7.causal import GoPrograms, Parent, with_parent
+from node_exporter.l7.chunks import Chunk, decode_chunk
 from node_exporter.l7.exchanges import ExchangeBatch
 from node_exporter.l7.pipeline import L7Event, L7Pipeline
 from node_exporter.output.convert import MonotonicClock, l7_request
-from node_exporter.protocols import HttpRecord
+from node_exporter.protocols import DbRecord, DnsRecord, HttpRecord
+from node_exporter.protocols.http2_session import Http2Record
+from tests.node_exporter.l7.test_pipeline import chunk_bytes
+
+INGRESS = L7Direction.KSCOPE_DIR_INGRESS
 
 SEQ = L7ExchangeFlags.KSCOPE_X_TCP_SEQ
 TGID, TID = 4242, 4250
@@ -161,3 +167,58 @@ def test_go_programs_detected_from_their_executable(tmp_path: Path) -> None:
     assert go(10) is True
     assert go(11) is False
     assert go(12) is True and go.unreadable == 1  # unreadable: refused (a wrong parent is worse)
+
+
+def _chunks(*raws: bytes) -> list[Chunk]:
+    out = [decode_chunk(r) for r in raws]
+    assert all(c is not None for c in out)
+    return [c for c in out if c is not None]
+
+
+def _redis(parent: int, tid: int = TID, cookie: int = 9, ts: int = SERVER_START + 20) -> list[Chunk]:
+    """Two pipelined commands in one send (made inside the server request ``parent`` of ``tid``), their
+    replies in one read: records user space pairs from chunks, both starting at that send."""
+    req = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*2\r\n$3\r\nGET\r\n$1\r\nj\r\n"
+    redis = L7Protocol.KSCOPE_PROTO_REDIS
+    return _chunks(chunk_bytes(req, ts=ts, parent_ns=parent, tid=tid, tgid=TGID, cookie=cookie, protocol=redis,
+                               dport=6379),
+                   chunk_bytes(b"$1\r\nv\r\n$-1\r\n", direction=INGRESS, ts=ts + 50, tid=tid, tgid=TGID, cookie=cookie,
+                               protocol=redis, dport=6379))  # fmt: skip
+
+
+def test_a_call_paired_from_chunks_is_linked_like_an_exchange() -> None:
+    """A database call (pipelined: two records from one send) sent inside a confirmed server request
+    of its thread takes that request as parent, whichever of them comes first; on the wire too."""
+    for parent_first in (True, False):
+        pipe = L7Pipeline()
+        out = feed(pipe, server()) if parent_first else []
+        out += pipe.feed(_redis(SERVER_START))
+        out += [] if parent_first else feed(pipe, server())
+        calls = [e for e in out if isinstance(e.record, DbRecord)]
+        assert [e.record.operation for e in calls] == ["GET", "GET"], out  # type: ignore[union-attr]
+        assert all(e.record.parent == (111, 222, SERVER_START) for e in calls), calls
+        msg = l7_request(calls[0], None, MonotonicClock())
+        assert msg.HasField("parent") and msg.parent.tcp_request_seq == 111
+        assert pipe.counters()["causal_children_linked"] == 2
+
+
+def test_a_call_from_chunks_of_another_thread_or_request_stays_unlinked() -> None:
+    pipe = L7Pipeline(causal_hold_ns=0)
+    out = feed(pipe, server())
+    out += pipe.feed(_redis(SERVER_START, tid=TID + 1, cookie=10))  # another thread's call: waits for its own
+    out += pipe.feed(_redis(SERVER_START + 1, cookie=11, ts=SERVER_START + 500))  # another request of the thread
+    out += pipe.feed(_redis(0, cookie=12, ts=SERVER_START + 900))  # no server request open: no parent at all
+    out += pipe.causal.expire(time.monotonic_ns())
+    calls = [e for e in out if isinstance(e.record, DbRecord)]
+    assert len(calls) == 6 and all(e.record.parent is None for e in calls), calls
+    assert pipe.counters()["causal_children_timeout"] == 4
+
+
+def test_http2_and_dns_children_keep_their_own_fields() -> None:
+    parent = Parent(1, 2, 3)
+    h2 = Http2Record("POST", "/a.B/C", "/a.B/C", 200, 10, 20, 5, 6, "", "", "grpc", "a.B", "C", 0)
+    linked = with_parent(h2, parent)
+    assert isinstance(linked, Http2Record) and linked.parent == (1, 2, 3) and linked.rpc_method == "C"
+    dns = DnsRecord(7, "b.default.svc.cluster.local", "A", "NOERROR", 1, 40, 56, 5, 6, False)
+    assert with_parent(dns, parent) == replace(dns, parent=(1, 2, 3))
+    assert dns.parent is None and h2.parent is None

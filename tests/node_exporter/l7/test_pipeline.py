@@ -22,11 +22,11 @@ RESP = b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nContent-Type: text/plain\r\n
 def chunk_bytes(
     data: bytes, *, direction: int = EGRESS, cookie: int = 7, seq: int = 0, ts: int = 1_000, length: int | None = None,
     protocol: int = L7Protocol.KSCOPE_PROTO_HTTP1, role: int = Role.KSCOPE_ROLE_CLIENT, ip_proto: int = 6,
-    flags: int = 0, dport: int = 80,
+    flags: int = 0, dport: int = 80, parent_ns: int = 0, tid: int = 101, tgid: int = 100,
 ) -> bytes:  # fmt: skip
     h = KscopeL7Header()
     h.type, h.direction, h.protocol, h.flags = L7RecordType.KSCOPE_REC_L7, direction, protocol, flags
-    h.sock_cookie, h.ts_ns, h.seq, h.tgid, h.pid = cookie, ts, seq, 100, 101
+    h.sock_cookie, h.ts_ns, h.seq, h.tgid, h.pid, h.parent_ns = cookie, ts, seq, tgid, tid, parent_ns
     h.saddr[10:16] = [0xFF, 0xFF, 198, 18, 0, 1]
     h.daddr[10:16] = [0xFF, 0xFF, 198, 18, 0, 2]
     h.len = len(data) if length is None else length
@@ -37,7 +37,7 @@ def chunk_bytes(
 
 
 def test_header_mirror_size() -> None:
-    assert HEADER_SIZE == ctypes.sizeof(KscopeL7Header) == 104
+    assert HEADER_SIZE == ctypes.sizeof(KscopeL7Header) == 112
 
 
 def test_decode_roundtrip() -> None:
