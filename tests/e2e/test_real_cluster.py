@@ -391,3 +391,30 @@ def test_both_ends_of_every_request_share_one_trace(scene: Scene, view: View) ->
     assert on_chain <= c["spans_server_parent_inferred"] <= len(servers)
     assert c["spans_server_matched"] == c["spans_client_matched"] == sum(parents.values())
     assert sum(1 for w, _ in clients.values() if w in chain) <= c["spans_client_linked"] <= len(clients)
+
+
+def test_a_lookup_made_while_serving_is_that_requests_child(scene: Scene, view: View) -> None:
+    """The DNS lookups a thread-per-request service makes while serving a request (glibc, on the
+    request's thread: the next hop's Service name, reviews' SERVFAILing external name) are that
+    request's server span's children: the SERVFAIL is pinned to the request it failed. Zero false
+    links: a parent is a server span of the same workload that the lookup started inside of."""
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+    got = [(str(r.get("service.name")), s) for r, s in spans(scene.rx)]
+    servers = {s.span_id: (w, s) for w, s in got if s.kind == Span.SPAN_KIND_SERVER}
+    lookups = [(w, s) for w, s in got if s.kind == Span.SPAN_KIND_CLIENT and "dns.question.name" in kv(s.attributes)]
+    linked: Counter[tuple[str, str]] = Counter()
+    cut = 0
+    for w, s in lookups:
+        if not s.parent_span_id:
+            continue
+        pw, p = servers[s.parent_span_id]
+        assert pw == w, (w, pw)
+        assert p.start_time_unix_nano <= s.start_time_unix_nano <= p.end_time_unix_nano, w
+        cut += p.trace_id != s.trace_id
+        linked[(w, str(kv(s.attributes)["dns.question.name"]))] += 1
+    assert cut <= scene.processor_counters["trace_spans_fallback"], (cut, facts(scene, view))
+    # the callers that serve requests look their next hop up inside them, and reviews its external name
+    assert {w for w, _ in linked} == {"productpage-v1", "reviews-v2"}, (linked, facts(scene, view))
+    assert any(w == "reviews-v2" and name.startswith(EXTERNAL) for w, name in linked), linked
+    assert all(w != "loadgen" for w, _ in linked)  # it serves no request: its lookups have no parent
