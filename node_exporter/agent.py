@@ -164,6 +164,7 @@ class Agent:
             causal_hold_ns=int(opts.interval_s * 1e9),
             link_pick=link_pick(opts.l7_trace_ratio),
         )
+        self.pipeline.causal.rid_enabled = opts.l7_causal
         enabled, disabled = set(self.collector.report.enabled), dict(self.collector.report.disabled)
         if opts.l7:
             try:

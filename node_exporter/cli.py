@@ -89,8 +89,8 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
         "--no-l7-causal",
         dest="l7_causal",
         action="store_false",
-        help="do not link an HTTP/1 client call to the server request its thread was serving "
-        "(thread-per-request servers only; docs/traces.md)",
+        help="do not link a client call to the server request its thread was serving "
+        "(thread-per-request servers only), nor by a shared X-Request-ID (docs/traces.md)",
     )
     p.add_argument(
         "--l7-summary-raw-paths",

@@ -41,7 +41,12 @@ COUNTERS: Final = (
     "causal_pending_evicted",  # the waiting table was full: the oldest child sent unlinked
     "causal_parents_evicted",  # a confirmed parent forgotten (table full) before all its children came
     "causal_children_refused",  # the kernel's refusal hooks are not attached, or a refused process: unlinked
+    "causal_rid_linked",  # client records linked by their X-Request-ID to a server record of their process
+    "causal_rid_timeout",  # a client record with an X-Request-ID found no such parent within the hold: unlinked
+    "causal_rid_repeated",  # client records whose X-Request-ID the process served twice: never linked
 )
+MAX_RID_SEEN: Final = 65536  # (process, X-Request-ID) of server records remembered, to refuse repeats
+RID_SEEN_NS: Final = 60_000_000_000  # ... for this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +99,9 @@ class CausalLinker(Generic[E]):
         # key -> (the confirmed parent, when it came)
         self._parents: OrderedDict[Key, tuple[Parent, int]] = OrderedDict()
         self.counts = dict.fromkeys(COUNTERS, 0)
+        # header links: no kernel hook needed (the agent's --no-l7-causal turns them off too)
+        self.rid = RequestIdLinker[E](relink, self.counts, hold_ns, max_pending, max_parents)
+        self.rid_enabled = True
 
     def child(self, ev: E, rec: Record, key: Key, now_ns: int) -> E | None:
         """A client record with a tentative parent: the event to send now (linked, or unlinked when
@@ -114,7 +122,16 @@ class CausalLinker(Generic[E]):
         return None
 
     def waiting(self) -> int:
-        return self._waiting
+        """Children held, for a kernel-named parent or by their X-Request-ID."""
+        return self._waiting + self.rid.waiting()
+
+    def rid_parent(self, key: RidKey, start: int, latency: int, parent: Parent, now_ns: int) -> list[E]:
+        """A kernel-paired server record with an X-Request-ID (RequestIdLinker.parent)."""
+        return self.rid.parent(key, start, latency, parent, now_ns) if self.rid_enabled else []
+
+    def rid_child(self, ev: E, rec: Record, key: RidKey, now_ns: int) -> E | None:
+        """A client record the kernel named no parent for, with an X-Request-ID (RequestIdLinker.child)."""
+        return self.rid.child(ev, rec, key, now_ns) if self.rid_enabled else ev
 
     def evicted(self) -> list[E]:
         """Children over the waiting bound, oldest first: sent unlinked (counted)."""
@@ -124,7 +141,7 @@ class CausalLinker(Generic[E]):
             self._waiting -= len(kids)
             self.counts["causal_pending_evicted"] += len(kids)
             out += [ev for ev, _ in kids]
-        return out
+        return out + self.rid.evicted()
 
     def parent(self, key: Key, parent: Parent | None, now_ns: int = 0) -> list[E]:
         """A server record that had children (``parent``: it is their parent for sure; None: it is
@@ -165,10 +182,138 @@ class CausalLinker(Generic[E]):
             if now_ns - since < self.hold_ns:
                 break
             del self._parents[key]
-        return out
+        return out + self.rid.expire(now_ns, final)
 
     def counters(self) -> dict[str, int]:
-        return {**self.counts, "causal_children_waiting": self._waiting, "causal_parents_kept": len(self._parents)}
+        return {**self.counts, "causal_children_waiting": self._waiting, "causal_parents_kept": len(self._parents),
+                "causal_rid_waiting": self.rid.waiting(), "causal_rid_parents_kept": self.rid.kept()}  # fmt: skip
+
+
+RidKey = tuple[int, str]  # (tgid, X-Request-ID)
+
+
+class _RidParent:
+    __slots__ = ("end", "parent", "since", "start")
+
+    def __init__(self, start: int, end: int, parent: Parent, since: int) -> None:
+        self.start, self.end, self.parent, self.since = start, end, parent, since
+
+
+class RequestIdLinker(Generic[E]):
+    """Header linking where threads tell nothing (event loops: nginx, Node.js, asyncio, Go): a client
+    request that carries the same ``X-Request-ID`` as a server request of the same process, started
+    after it and answered before it answered, is its child (a proxy passing the header on, an app
+    propagating it). A wrong parent is worse than none: an id the process served twice (within
+    RID_SEEN_NS, bounded) is never linked again (so no call ever has two candidates), and a call
+    waits for its parent's record at most ``hold_ns``; each counted. Only kernel-paired server
+    records can be parents (their TCP numbers name the span)."""
+
+    def __init__(self, relink: Callable[[E, Record], E], counts: dict[str, int], hold_ns: int,
+                 max_pending: int, max_parents: int) -> None:  # fmt: skip
+        self._relink = relink
+        self.counts = counts
+        self.hold_ns = hold_ns
+        self.max_pending = max_pending
+        self.max_parents = max_parents
+        self._parents: OrderedDict[RidKey, _RidParent] = OrderedDict()
+        self._pending: OrderedDict[RidKey, tuple[int, list[tuple[E, Record]]]] = OrderedDict()
+        self._waiting = 0
+        self._seen: OrderedDict[RidKey, int] = OrderedDict()  # key -> when a server record last had it
+        self._repeated: OrderedDict[RidKey, int] = OrderedDict()
+
+    def waiting(self) -> int:
+        return self._waiting
+
+    def parent(self, key: RidKey, start: int, latency: int, parent: Parent, now_ns: int) -> list[E]:
+        """A kernel-paired server record with an X-Request-ID. Its children leave linked only once it
+        has been kept ``hold_ns`` with no other server request of that id (:meth:`expire`); an id
+        served twice sends the children waiting on it now, unlinked."""
+        if key in self._seen or key in self._repeated:  # nothing with this id is linked any more
+            self._repeated[key] = now_ns
+            self._repeated.move_to_end(key)
+            while len(self._repeated) > MAX_RID_SEEN:
+                self._repeated.popitem(last=False)
+            self._parents.pop(key, None)
+            entry = self._pending.pop(key, None)
+            if entry is None:
+                return []
+            self._waiting -= len(entry[1])
+            self.counts["causal_rid_repeated"] += len(entry[1])
+            return [ev for ev, _ in entry[1]]
+        self._seen[key] = now_ns
+        while len(self._seen) > MAX_RID_SEEN:
+            self._seen.popitem(last=False)
+        self._parents[key] = _RidParent(start, start + latency, parent, now_ns)
+        if len(self._parents) > self.max_parents:
+            old, _ = self._parents.popitem(last=False)
+            self.counts["causal_parents_evicted"] += 1
+            return self._release(old, None)
+        return []
+
+    def child(self, ev: E, rec: Record, key: RidKey, now_ns: int) -> E | None:
+        """A client record (no parent from the kernel) with an X-Request-ID: ``ev`` to send now
+        (its id was served twice), or None: it waits (:meth:`expire` sends it)."""
+        if key in self._repeated:
+            self.counts["causal_rid_repeated"] += 1
+            return ev
+        entry = self._pending.get(key)
+        if entry is None:
+            self._pending[key] = (now_ns, [(ev, rec)])
+        else:
+            entry[1].append((ev, rec))
+        self._waiting += 1
+        return None
+
+    def _release(self, key: RidKey, parent: _RidParent | None) -> list[E]:
+        """The children waiting on ``key``: linked to ``parent`` where it contains them in time (a
+        proxy's call starts after the request came and is answered before it is), else unlinked."""
+        entry = self._pending.pop(key, None)
+        if entry is None:
+            return []
+        self._waiting -= len(entry[1])
+        out: list[E] = []
+        for ev, rec in entry[1]:
+            if parent is not None and parent.start <= rec.start_ns <= rec.start_ns + rec.latency_ns <= parent.end:
+                self.counts["causal_rid_linked"] += 1
+                out.append(self._relink(ev, with_parent(rec, parent.parent)))
+            else:
+                self.counts["causal_rid_timeout"] += 1
+                out.append(ev)
+        return out
+
+    def evicted(self) -> list[E]:
+        out: list[E] = []
+        while self._waiting > self.max_pending and self._pending:
+            _, (_, kids) = self._pending.popitem(last=False)
+            self._waiting -= len(kids)
+            self.counts["causal_pending_evicted"] += len(kids)
+            out += [ev for ev, _ in kids]
+        return out
+
+    def expire(self, now_ns: int, final: bool = False) -> list[E]:
+        """Parents kept ``hold_ns`` with no repeat send their children linked; children that waited
+        two holds with no parent leave unlinked (``final``: all now, the agent is stopping)."""
+        out: list[E] = []
+        while self._parents:
+            key, p = next(iter(self._parents.items()))
+            if not final and now_ns - p.since < self.hold_ns:
+                break
+            del self._parents[key]
+            out += self._release(key, p)
+        late = [k for k, (since, _) in self._pending.items()
+                if final or (now_ns - since >= 2 * self.hold_ns and k not in self._parents)]  # fmt: skip
+        for key in late:
+            out += self._release(key, None)
+        for table in (self._seen, self._repeated):
+            while table:
+                key, since = next(iter(table.items()))
+                if now_ns - since < RID_SEEN_NS:
+                    break
+                del table[key]
+        return out
+
+    def kept(self) -> int:
+        return len(self._parents)
 
 
 GO_SECTIONS: Final = frozenset({".go.buildinfo", ".note.go.buildid", ".gopclntab"})

@@ -372,6 +372,16 @@ class L7Pipeline:
                 if linked is not None:
                     out.append(linked)
                 continue
+            if h[4]:  # an X-Request-ID: the header may link what threads cannot (causal.RequestIdLinker)
+                if role == _K_CLIENT:
+                    linked = self.causal.rid_child(ev, rec, (tgid, h[4]), now)
+                    if linked is not None:
+                        out.append(linked)
+                    continue
+                if flags & _X_TCP_SEQ:
+                    out.append(ev)
+                    out += self.causal.rid_parent((tgid, h[4]), start, latency, Parent(req_seq, resp_seq, start), now)
+                    continue
             out.append(ev)
         if waiting():
             out += self.causal.evicted()

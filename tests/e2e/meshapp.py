@@ -25,6 +25,7 @@ meshapp.py load --url URL --rate R --duration S --timeout S [--gate] [--number] 
     With ``--gate`` it starts once a line arrives on stdin (the test moves it into its pod's
     cgroup first). ``--number``: request i goes to URL + "/i" (every request's path unique);
     ``--traceparent``: request i carries ``traceparent: 00-<i+1 as 32 hex>-<i+1 as 16 hex>-01``.
+    ``--request-id unique``: request i carries an ``X-Request-ID`` of its own; ``--request-id V``: V on all.
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ def cmd_load(args: argparse.Namespace) -> None:
         url = f"{args.url}/{n}" if args.number else args.url
         # an instrumented caller: request n carries trace n + 1, span n + 1 (the test knows them)
         headers = {"traceparent": f"00-{n + 1:032x}-{n + 1:016x}-01"} if args.traceparent else {}
+        if args.request_id:  # "unique": request n's own; anything else: that one value on every request
+            headers["X-Request-ID"] = f"req-{n}-{start:.6f}" if args.request_id == "unique" else args.request_id
         t = threading.Thread(target=lambda url=url, h=headers: outcomes.append(fetch(url, args.timeout, h)))
         t.start()
         threads.append(t)
@@ -236,6 +239,7 @@ def main() -> None:
     p.add_argument("--gate", action="store_true")
     p.add_argument("--number", action="store_true")
     p.add_argument("--traceparent", action="store_true")
+    p.add_argument("--request-id", default="")
     p.set_defaults(func=cmd_load)
     args = ap.parse_args()
     args.func(args)

@@ -9,7 +9,8 @@ One scene, one `kscope run --l7` over it, three checks on its JSON lines:
     true cause; plus a keep-alive connection into ``a`` opened before the agent started; ``b``
     also stores a value in memcached per request (pymemcache; the value's size names the request):
     a call user space pairs from chunks has its parent too;
-  - an event-loop proxy: load -> nginx -> c, concurrent requests: no parent on nginx's calls;
+  - an event-loop proxy: load -> nginx -> c, concurrent requests: no parent from the kernel on
+    nginx's calls; a call linked only by the X-Request-ID nginx passes on, never when that id repeats;
   - an asyncio server whose calls run on its loop's thread after it answered (while it serves the
     next request: exactly what a per-thread guess would get wrong): no parent on its calls.
 Then a second agent run past a tiny ``--l7-record-rate``: wrk on keep-alive connections into the
@@ -82,9 +83,9 @@ def _nginx(topo: MeshTopology, tmp: Path, upstream: str) -> None:
     topo.start("ngx", "nginx", "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(tmp / "nginx.conf"))
 
 
-def _load(topo: MeshTopology, url: str) -> subprocess.Popen[str]:
+def _load(topo: MeshTopology, url: str, *extra: str) -> subprocess.Popen[str]:
     return topo.start("load", sys.executable, str(MESHAPP), "load", "--url", url, "--rate", str(RATE),
-                      "--duration", str(LOAD_S), "--timeout", "20", "--number", stdout=subprocess.PIPE,
+                      "--duration", str(LOAD_S), "--timeout", "20", "--number", *extra, stdout=subprocess.PIPE,
                       text=True)  # fmt: skip
 
 
@@ -126,8 +127,12 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
         # calls wait for their parent)
         agent, _ = start_kscope("--l7", "--no-live", "--duration", "60", "--jsonl", str(out))
         topo.procs.append(agent)
+        # through nginx: each request with an X-Request-ID of its own (nginx passes it on), and each
+        # with the same one (a client that sends a constant)
+        ngx = f"http://{vip['ngx']}:{VIP_PORT}"
         loads = {"chain": _load(topo, f"http://{vip['a']}:{VIP_PORT}/req"),
-                 "nginx": _load(topo, f"http://{vip['ngx']}:{VIP_PORT}/ng")}  # fmt: skip
+                 "nginx": _load(topo, f"{ngx}/ng", "--request-id", "unique"),
+                 "nginx_same": _load(topo, f"{ngx}/nc", "--request-id", "constant-7")}  # fmt: skip
         for i in range(KEEPALIVE_N):
             require(ka.call(f"get /ka/{i}", "done")["statuses"] == {"200": 1}, f"keep-alive /ka/{i}")
         # sequential requests on one connection to the asyncio server: its call for request i
@@ -239,11 +244,25 @@ def test_a_cache_call_paired_in_user_space_is_the_child_of_its_request(scene: Sc
     assert scene.counters.get("l7_kernel_causal_chunks", 0) >= len(paths), _facts(scene)
 
 
-def test_event_loop_proxy_calls_get_no_parent(scene: Scene) -> None:
+def test_event_loop_proxy_calls_link_only_by_a_unique_request_id(scene: Scene) -> None:
+    """nginx serves every request on one thread: the kernel names no parent for its calls. A call
+    carrying the X-Request-ID of the request it proxies is that request's child; with an id every
+    request repeats, none is linked (counted)."""
+    for what in ("nginx", "nginx_same"):
+        assert scene.load[what]["ok"] == RATE * LOAD_S, _facts(scene)
+    servers = {r.http.path: r for r in scene.of("ngx", pb.ROLE_SERVER)}
     calls = scene.of("ngx", pb.ROLE_CLIENT)
-    assert len(calls) >= RATE * LOAD_S, _facts(scene)
-    assert len(scene.of("ngx", pb.ROLE_SERVER)) >= RATE * LOAD_S
-    assert [c.http.path for c in calls if c.HasField("parent")] == [], _facts(scene)
+    unique = [c for c in calls if c.http.path.startswith("/ng/")]
+    same = [c for c in calls if c.http.path.startswith("/nc/")]
+    assert len(unique) == len(same) == RATE * LOAD_S, _facts(scene)
+    assert {c.http.request_id for c in unique} == {servers[c.http.path].http.request_id for c in unique}
+    wrong = [c.http.path for c in unique if c.HasField("parent") and _parent(c) != _key(servers[c.http.path])]
+    assert wrong == [], _facts(scene)
+    unlinked = sum(1 for c in unique if not c.HasField("parent"))
+    assert unlinked <= scene.counters["l7_causal_rid_timeout"] + scene.counters["l7_causal_pending_evicted"]
+    assert unlinked <= len(unique) // 10, (unlinked, _facts(scene))
+    assert [c.http.path for c in same if c.HasField("parent")] == [], _facts(scene)
+    assert scene.counters["l7_causal_rid_repeated"] >= len(same) - 1, _facts(scene)
 
 
 def test_asyncio_server_calls_get_no_parent(scene: Scene) -> None:

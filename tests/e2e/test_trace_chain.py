@@ -67,7 +67,7 @@ def test_every_hop_is_served_and_seen(scene: Scene) -> None:
     assert served == {"front": {"a": sent["a"], "t": sent["t"]}, "middle": sent, "back": sent}, served
     seen = Counter((w, s.kind) for w, s in http_spans(scene))
     assert seen[("front", SERVER)] == seen[("front", CLIENT)] == sent["a"] + sent["t"], facts(scene)
-    assert seen[("gate", SERVER)] == seen[("gate", CLIENT)] == sent["b"], facts(scene)
+    assert seen[("gate", SERVER)] == seen[("gate", CLIENT)] == sent["b"] + sent["x"], facts(scene)
     for w in ("middle", "back"):
         assert seen[(w, SERVER)] == sum(sent.values()), facts(scene)
 
@@ -134,6 +134,25 @@ def test_an_event_loop_proxy_cuts_the_tree_never_wrongly(scene: Scene) -> None:
         assert gc.parent_span_id == b"" and gc.trace_id != gs.trace_id
         assert (ms.parent_span_id, mc.parent_span_id, bs.parent_span_id) == (gc.span_id, ms.span_id, mc.span_id)
         assert len({s.trace_id for s in (gc, ms, mc, bs)}) == 1
+
+
+def test_a_request_id_the_proxy_passes_on_links_across_it(scene: Scene) -> None:
+    """Item 2's exception: each request of chain x carries an X-Request-ID of its own, which nginx
+    passes on; its call carries it too, so the agent links it to the request it proxies: ONE trace
+    with the exact tree through the event loop, as through the thread-per-request front."""
+    traces, cut = set(), 0
+    for _, t in tree(scene, "x", "gate"):
+        gs, gc, ms, mc, bs = t.values()
+        assert (gc.parent_span_id, ms.parent_span_id, mc.parent_span_id, bs.parent_span_id) == (
+            gs.span_id,
+            gc.span_id,
+            ms.span_id,
+            mc.span_id,
+        )
+        cut += len({s.trace_id for s in t.values()}) != 1  # a late record cut it: counted, ids exact
+        traces.add(gs.trace_id)
+    assert len(traces) == scene.load["x"]["sent"]
+    assert cut <= fallbacks(scene), facts(scene)
 
 
 def test_zero_false_links(scene: Scene) -> None:

@@ -8,6 +8,7 @@ names the pods, their nodes and the Services.
     loadgen ──/a/N──> front ──> middle ──> back          three thread-per-request services
     loadgen ──/b/N──> gate (nginx, an event loop) ──> middle ──> back
     loadgen ──/t/N──> front ──> middle ──> back          each request with its own traceparent
+    loadgen ──/x/N──> gate ──> middle ──> back           each request with its own X-Request-ID
 
 Every call goes to the next hop's Service VIP (kube-proxy-style DNAT on the node); each service
 forwards the path it was asked for (``meshapp.py serve --forward-path``), so a span's ``url.path``
@@ -134,12 +135,12 @@ class Agent(AgentProcess):
 
 
 # chain -> the service loadgen calls; chain t's requests carry a traceparent (an instrumented caller)
-CHAINS = {"a": "front", "b": "gate", "t": "front"}
+CHAINS = {"a": "front", "b": "gate", "t": "front", "x": "gate"}
 
 
 def run_load(topo: MeshTopology, chain: str, entry: str) -> dict[str, Any]:
     """loadgen's numbered requests (/CHAIN/0, /CHAIN/1, ...) to ``entry``'s VIP; its ``done`` line."""
-    extra = ("--number", "--traceparent") if chain == "t" else ("--number",)
+    extra = {"t": ("--number", "--traceparent"), "x": ("--number", "--request-id", "unique")}.get(chain, ("--number",))
     return meshapp_load(topo, f"http://{topo.vip(VIP_HOST[entry])}:{PORT}/{chain}", RATE, LOAD_S, 20, *extra)
 
 

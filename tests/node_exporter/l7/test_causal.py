@@ -27,13 +27,14 @@ SERVER_START = 5_000_000
 
 
 def record(role: int, path: str, *, start: int, flags: int, seqs: tuple[int, int], parent: int = 0,
-           tid: int = TID, tgid: int = TGID, cookie: int = 1) -> bytes:  # fmt: skip
+           tid: int = TID, tgid: int = TGID, cookie: int = 1, rid: str = "", latency: int = 100) -> bytes:  # fmt: skip
     x = KscopeL7Exchange()
     x.type, x.role, x.method, x.reason = L7RecordType.KSCOPE_REC_L7_EXCHANGE, role, 1, 1
-    head = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    extra = f"X-Request-ID: {rid}\r\n" if rid else ""
+    head = f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode()
     x.head[: len(head)] = list(head)
     x.head_len = len(head)
-    x.sock_cookie, x.start_ns, x.latency_ns, x.status = cookie, start, 100, 200
+    x.sock_cookie, x.start_ns, x.latency_ns, x.status = cookie, start, latency, 200
     x.tgid, x.pid, x.sport, x.dport, x.family = tgid, tid, 40000, 80, 2
     x.saddr[10:16] = [0xFF, 0xFF, 198, 18, 0, 1]
     x.daddr[10:16] = [0xFF, 0xFF, 198, 18, 0, 2]
@@ -222,3 +223,66 @@ def test_http2_and_dns_children_keep_their_own_fields() -> None:
     dns = DnsRecord(7, "b.default.svc.cluster.local", "A", "NOERROR", 1, 40, 56, 5, 6, False)
     assert with_parent(dns, parent) == replace(dns, parent=(1, 2, 3))
     assert dns.parent is None and h2.parent is None
+
+
+# -- X-Request-ID: an event loop's calls (no kernel parent) ------------------------------------------
+
+
+def proxied(rid: str, *, start: int = SERVER_START, latency: int = 1000, tgid: int = TGID, cookie: int = 2,
+            seqs: tuple[int, int] = (111, 222)) -> bytes:  # fmt: skip
+    """A server request into an event-loop proxy (no verdict), with an X-Request-ID."""
+    return record(Role.KSCOPE_ROLE_SERVER, "/in", start=start, flags=SEQ, seqs=seqs, tgid=tgid, cookie=cookie,
+                  rid=rid, latency=latency)  # fmt: skip
+
+
+def upstream(rid: str, *, start: int = SERVER_START + 100, latency: int = 500, tgid: int = TGID) -> bytes:
+    """The proxy's call for it (no tentative parent: the kernel refused the thread)."""
+    return record(Role.KSCOPE_ROLE_CLIENT, "/out", start=start, flags=SEQ, seqs=(7, 8), tgid=tgid, rid=rid,
+                  latency=latency)  # fmt: skip
+
+
+def settle(pipe: L7Pipeline, out: list[L7Event]) -> list[L7Event]:
+    """What leaves once the hold passed (the parents' quiet time, then the orphans')."""
+    now = time.monotonic_ns()
+    return out + pipe.causal.expire(now + 1) + pipe.causal.expire(now + 3)
+
+
+def test_a_shared_request_id_links_an_event_loops_call_either_order() -> None:
+    for parent_first in (True, False):
+        pipe = L7Pipeline(causal_hold_ns=1)
+        order = [proxied("r-1"), upstream("r-1")] if parent_first else [upstream("r-1"), proxied("r-1")]
+        out = settle(pipe, feed(pipe, *order))
+        calls = [rec(e) for e in out if e.conn.side.value == "client"]
+        assert [c.parent for c in calls] == [(111, 222, SERVER_START)], out
+        assert pipe.counters()["causal_rid_linked"] == 1
+
+
+def test_a_request_id_links_nothing_it_cannot_be_sure_of() -> None:
+    pipe = L7Pipeline(causal_hold_ns=1)
+    out = feed(pipe, proxied("late"), upstream("late", start=SERVER_START + 900, latency=500))  # answered after
+    out += feed(pipe, proxied("pid", tgid=TGID + 1), upstream("pid"))  # another process's id
+    out += feed(pipe, upstream("orphan"))  # its server request was summed, or never seen
+    # served twice (a client sending a constant id): its calls are never linked, whenever they come
+    out += feed(pipe, proxied("same"), upstream("same"), proxied("same", start=SERVER_START + 5000, cookie=3),
+                upstream("same", start=SERVER_START + 5100))  # fmt: skip
+    out = settle(pipe, out)
+    calls = [rec(e) for e in out if e.conn.side.value == "client"]
+    assert len(calls) == 5 and all(c.parent is None for c in calls), calls
+    counts = pipe.counters()
+    assert counts["causal_rid_linked"] == 0
+    assert counts["causal_rid_repeated"] == 2 and counts["causal_rid_timeout"] == 3, counts
+
+
+def test_request_id_links_are_off_with_causality() -> None:
+    pipe = L7Pipeline(causal_hold_ns=1)
+    pipe.causal.rid_enabled = False
+    out = settle(pipe, feed(pipe, proxied("r-1"), upstream("r-1")))
+    assert all(rec(e).parent is None for e in out) and len(out) == 2
+
+
+def test_waiting_request_id_calls_are_bounded() -> None:
+    pipe = L7Pipeline(causal_hold_ns=10**12)
+    pipe.causal.rid.max_pending = 3
+    out = feed(pipe, *(upstream(f"r-{i}") for i in range(5)))
+    assert len(out) == 2 and pipe.counters()["causal_pending_evicted"] == 2
+    assert pipe.counters()["causal_rid_waiting"] == 3
