@@ -20,6 +20,9 @@ const volatile __u64 record_cost_ns = 0;
  * those whose TCP sequence numbers (read alike by client and server, NAT or not) hash below this share of
  * 2^32; the others are summed. 0: every exchange may (the sampler alone decides, each end for itself). */
 const volatile __u32 link_pick = 0;
+/* 1: the share is the agent's, set at run time in l7_pick[0] (--l7-trace-ratio auto: a power of two it
+ * lowers as the node's requests pass its record rate; 0 there: every exchange may) */
+const volatile __u8 pick_auto = 0;
 const volatile __u64 summary_ns = 1000000000ULL; /* the sweep sends a summary this long after its first exchange */
 /* 1: sum by the raw path (method and path as sent) instead of its route template: only to
  * measure what templating in the kernel buys (bench/idpaths.py) */

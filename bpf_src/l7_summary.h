@@ -30,6 +30,14 @@ struct {
 	__type(value, struct sampler);
 } l7_sampler SEC(".maps");
 
+/* [0]: the share of 2^32 below which an exchange's link_mix picks it, when pick_auto (the agent's) */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} l7_pick SEC(".maps");
+
 /* [0] != 0: the next sweep is the last (user space stopped capture and is about to exit): it
  * sends every answered exchange, idle or not, and every summary, due or not */
 struct {
@@ -65,15 +73,28 @@ static __always_inline __u32 link_mix(__u32 req_seq, __u32 resp_seq)
 /* Whether the exchange starting now gets a record of its own: picked by its TCP sequence numbers
  * (link_pick: both ends read the same numbers, so both make the same choice without asking each
  * other, as a trace-id ratio sampler does with a propagated id) and a token from this CPU's bucket.
- * A pick the bucket refuses is counted: only there may the ends differ. With link_pick 0 (rodata)
- * the verifier drops the pick's code: l7_send/l7_recv are near its bound. */
+ * A pick the bucket refuses is counted: only there may the ends differ. The share is the fixed knob
+ * (link_pick), or with pick_auto the agent's, read from l7_pick; with neither (rodata) the verifier
+ * drops the pick's code. */
+static __always_inline __u32 current_pick(void)
+{
+	__u32 zero = 0, *p;
+
+	if (link_pick || !pick_auto) /* rodata: the verifier keeps one branch */
+		return link_pick;
+	p = bpf_map_lookup_elem(&l7_pick, &zero);
+	return p ? *p : 0;
+}
+
 static __always_inline bool sample(__u64 now, __u32 req_seq, __u32 resp_seq)
 {
 	struct sampler *s;
-	__u32 zero = 0;
+	__u32 zero = 0, pick = current_pick();
 	__u64 credit;
 
-	if (link_pick && link_mix(req_seq, resp_seq) >= link_pick)
+	if (pick_auto)
+		stat_inc(KSCOPE_L7_STAT_OFFERED);
+	if (pick && link_mix(req_seq, resp_seq) >= pick)
 		return false;
 	if (!record_cost_ns)
 		return true;
@@ -86,7 +107,7 @@ static __always_inline bool sample(__u64 now, __u32 req_seq, __u32 resp_seq)
 	s->last_ns = now;
 	if (credit < record_cost_ns) {
 		s->credit_ns = credit;
-		if (link_pick)
+		if (pick)
 			stat_inc(KSCOPE_L7_STAT_PICK_OVER_BUDGET);
 		return false;
 	}

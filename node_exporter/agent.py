@@ -6,6 +6,7 @@ the counters, and every interval brings at most one record per socket.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -27,7 +28,7 @@ from node_exporter.l4.records import L4Record
 from node_exporter.l7.causal import GoPrograms
 from node_exporter.l7.collector import OBJECT_NAME as L7_OBJECT
 from node_exporter.l7.collector import L7Collector
-from node_exporter.l7.pick import link_pick
+from node_exporter.l7.pick import AutoPick, link_pick
 from node_exporter.l7.pipeline import ConnInfo, L7Event, L7Pipeline
 from node_exporter.l7.syscalls import OBJECT_NAME as L7_SYSCALLS_OBJECT
 from node_exporter.l7.syscalls import SyscallL7Collector, kernel_has_socket_tracepoints
@@ -69,8 +70,9 @@ class AgentOptions:
     l7_probe: str = "auto"
     # HTTP/1 exchange records per second per CPU; past it the kernel sums exchanges (0: no sums)
     l7_record_rate: int = 1000
-    # share of exchanges that may be records, picked alike at both ends by their TCP sequence numbers
-    l7_trace_ratio: float = 1.0
+    # share of exchanges that may be records, picked alike at both ends by their TCP sequence numbers;
+    # None ("auto"): a power of two the agent lowers as the node passes its record rate (l7/pick.py)
+    l7_trace_ratio: float | None = None
     l7_summary_raw_paths: bool = False  # sum by raw path, not route: only to measure the difference
     # link client calls to the server request their thread was serving (docs/traces.md)
     l7_causal: bool = True
@@ -162,8 +164,12 @@ class Agent:
             causal=False,
             causal_refused=GoPrograms(opts.proc_root),
             causal_hold_ns=int(opts.interval_s * 1e9),
-            link_pick=link_pick(opts.l7_trace_ratio),
+            link_pick=link_pick(opts.l7_trace_ratio) if opts.l7_trace_ratio is not None else 0,
         )
+        # --l7-trace-ratio auto: the node's share follows its load, set each interval (step)
+        self.auto_pick = AutoPick(opts.l7_record_rate * (os.cpu_count() or 1)) if opts.l7_trace_ratio is None else None
+        self._offered_seen = 0  # the kernel's exchanges decided on, at the last step
+        self._offered_at = time.monotonic()
         self.pipeline.causal.rid_enabled = opts.l7_causal
         enabled, disabled = set(self.collector.report.enabled), dict(self.collector.report.disabled)
         if opts.l7:
@@ -214,6 +220,7 @@ class Agent:
             events, self._pending_events = self._pending_events, []
             events += self.pipeline.close_sockets(r.sock_cookie for r in records if r.is_close)
             events += self.pipeline.expire(time.monotonic_ns())
+            self._auto_pick()
         if (self.writer is not None or self.shipper is not None or self.local is not None) and (records or events):
             l7_nats: Iterable[Nat] = repeat(None)
             if self.conntrack is not None:
@@ -248,6 +255,20 @@ class Agent:
         self.requests_seen += len(events) + self._summarized_since_last_step()
         self._update_metrics()
         return records, events
+
+    def _auto_pick(self) -> None:
+        """--l7-trace-ratio auto: the share of this node's requests that may be records, from the
+        exchanges the kernel's sampler decided on since the last step (its ``offered``)."""
+        if self.auto_pick is None or not isinstance(self.l7, L7Collector):
+            return
+        offered = self.l7.kernel_stats().get("offered", 0)
+        now = time.monotonic()
+        pick = self.auto_pick.update(offered - self._offered_seen, now - self._offered_at)
+        self._offered_seen, self._offered_at = offered, now
+        if pick != self.pipeline.link_pick:
+            self.l7.set_link_pick(pick)
+            self.pipeline.link_pick = pick
+            log.info("l7_trace_share", share=f"1/{2**self.auto_pick.shift}")
 
     def _summarized_since_last_step(self) -> int:
         """Requests this step's summary events stand for beyond the one event each. From the pipeline's
@@ -333,6 +354,8 @@ class Agent:
             values.update({f"l7_{k}": v for k, v in self.pipeline.counters().items()})
             values["l7_decode_errors"] = self.l7.stats.decode_errors
             values["l7_drains_deferred"] = self.l7_drains_deferred
+            if self.auto_pick is not None:  # --l7-trace-ratio auto: the share is 1 / 2^this
+                values["l7_trace_share_shift"] = self.auto_pick.shift
             if self.l7.tls is not None:
                 values["l7_tls_libraries_attached"] = len(self.l7.tls.attached)
                 values["l7_tls_libraries_failed"] = len(self.l7.tls.failed)

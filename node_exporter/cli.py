@@ -32,6 +32,19 @@ ENVIRONMENT = (
 )
 
 
+def _trace_ratio(text: str) -> float | None:
+    """``--l7-trace-ratio``: ``auto`` (None) or a share in (0, 1]; argparse prints the error (exit 2)."""
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected auto or a share in (0, 1], got {text!r}")
+    return value
+
+
 def _add_agent_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=None, metavar="SECONDS", help="stop after this long")
     p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="collection interval (1.0)")
@@ -78,12 +91,13 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--l7-trace-ratio",
-        type=float,
-        default=1.0,
-        metavar="R",
+        type=_trace_ratio,
+        default=None,
+        metavar="R|auto",
         help="share of HTTP/1 requests that may be records of their own (spans), chosen by the request's "
-        "TCP sequence numbers so that both ends of a request choose alike (1: all, as far as "
-        "--l7-record-rate allows; docs/traces.md); the others are summed",
+        "TCP sequence numbers so that both ends of a request choose alike; the others are summed. auto "
+        "(the default): all while the node stays within --l7-record-rate, then 1/2, 1/4, ... as its "
+        "requests pass it (docs/traces.md); R in (0, 1]: that share, always",
     )
     p.add_argument(
         "--no-l7-causal",
@@ -171,9 +185,6 @@ def _run(args: argparse.Namespace, live: bool | None) -> int:
         return EXIT_USAGE
     if args.l7_record_rate < 0:
         print("kscope: error: --l7-record-rate must be >= 0 (0: every request a record)", file=sys.stderr)
-        return EXIT_USAGE
-    if not 0 < args.l7_trace_ratio <= 1:
-        print("kscope: error: --l7-trace-ratio must be in (0, 1]", file=sys.stderr)
         return EXIT_USAGE
     if not 0 <= args.nice <= 19:
         print("kscope: error: --nice must be 0..19", file=sys.stderr)

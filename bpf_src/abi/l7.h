@@ -92,7 +92,9 @@ enum kscope_l7_stat {
 	                                       * sampler still summed: the other end may have a record of it */
 	KSCOPE_L7_STAT_CAUSAL_CHUNKS = 34, /* chunks a client sent inside a server request of its thread (protocols
 	                                    * user space pairs: databases, caches, DNS, TLS, HTTP/2): parent_ns set */
-	KSCOPE_L7_STATS = 35,
+	KSCOPE_L7_STAT_OFFERED = 35, /* HTTP/1 exchanges the sampler decided on, as they started (counted with
+	                              * --l7-trace-ratio auto only: what the agent sets the share from) */
+	KSCOPE_L7_STATS = 36,
 };
 
 /* Followed by `captured` payload bytes. */

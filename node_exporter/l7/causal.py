@@ -44,6 +44,7 @@ COUNTERS: Final = (
     "causal_rid_linked",  # client records linked by their X-Request-ID to a server record of their process
     "causal_rid_timeout",  # a client record with an X-Request-ID found no such parent within the hold: unlinked
     "causal_rid_repeated",  # client records whose X-Request-ID the process served twice: never linked
+    "causal_rid_unserved",  # ... from a process that served no request with an id yet: sent at once, unlinked
 )
 MAX_RID_SEEN: Final = 65536  # (process, X-Request-ID) of server records remembered, to refuse repeats
 RID_SEEN_NS: Final = 60_000_000_000  # ... for this long
@@ -190,6 +191,16 @@ class CausalLinker(Generic[E]):
 
 
 RidKey = tuple[int, str]  # (tgid, X-Request-ID)
+K = TypeVar("K")
+
+
+def _forget_older(table: OrderedDict[K, int], cutoff_ns: int) -> None:
+    """Drop the entries (oldest first, by when they were last seen) seen before ``cutoff_ns``."""
+    while table:
+        key, since = next(iter(table.items()))
+        if since >= cutoff_ns:
+            break
+        del table[key]
 
 
 class _RidParent:
@@ -219,6 +230,9 @@ class RequestIdLinker(Generic[E]):
         self._pending: OrderedDict[RidKey, tuple[int, list[tuple[E, Record]]]] = OrderedDict()
         self._waiting = 0
         self._seen: OrderedDict[RidKey, int] = OrderedDict()  # key -> when a server record last had it
+        # processes that served a request with an id (tgid -> when): only their calls wait for a parent
+        # (a plain client sending ids, curl or a load generator, is not held back for nothing)
+        self._serving: OrderedDict[int, int] = OrderedDict()
         self._repeated: OrderedDict[RidKey, int] = OrderedDict()
 
     def waiting(self) -> int:
@@ -243,6 +257,10 @@ class RequestIdLinker(Generic[E]):
         self._seen[key] = now_ns
         while len(self._seen) > MAX_RID_SEEN:
             self._seen.popitem(last=False)
+        self._serving[key[0]] = now_ns
+        self._serving.move_to_end(key[0])
+        while len(self._serving) > MAX_RID_SEEN:
+            self._serving.popitem(last=False)
         self._parents[key] = _RidParent(start, start + latency, parent, now_ns)
         if len(self._parents) > self.max_parents:
             old, _ = self._parents.popitem(last=False)
@@ -251,8 +269,12 @@ class RequestIdLinker(Generic[E]):
         return []
 
     def child(self, ev: E, rec: Record, key: RidKey, now_ns: int) -> E | None:
-        """A client record (no parent from the kernel) with an X-Request-ID: ``ev`` to send now
-        (its id was served twice), or None: it waits (:meth:`expire` sends it)."""
+        """A client record (no parent from the kernel) with an X-Request-ID: ``ev`` to send now (its
+        process served no request with an id in RID_SEEN_NS, or this id twice), or None: it waits
+        (:meth:`expire` sends it)."""
+        if key[0] not in self._serving:  # this process serves no request with an id: nothing to wait for
+            self.counts["causal_rid_unserved"] += 1
+            return ev
         if key in self._repeated:
             self.counts["causal_rid_repeated"] += 1
             return ev
@@ -305,11 +327,8 @@ class RequestIdLinker(Generic[E]):
         for key in late:
             out += self._release(key, None)
         for table in (self._seen, self._repeated):
-            while table:
-                key, since = next(iter(table.items()))
-                if now_ns - since < RID_SEEN_NS:
-                    break
-                del table[key]
+            _forget_older(table, now_ns - RID_SEEN_NS)
+        _forget_older(self._serving, now_ns - RID_SEEN_NS)
         return out
 
     def kept(self) -> int:

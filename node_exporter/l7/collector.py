@@ -70,7 +70,7 @@ class L7Collector(L7Probe):
         idle_s: float = 0.5,
         sweep_s: float = SWEEP_S,
         record_rate: int = 0,
-        trace_ratio: float = 1.0,
+        trace_ratio: float | None = 1.0,
         summary_s: float = 1.0,
         summary_raw_paths: bool = False,
         netns: NetnsWalker | None = None,
@@ -89,7 +89,8 @@ class L7Collector(L7Probe):
         per socket, method, route template and status (``summary_raw_paths``: the raw path, only to
         measure what routes buy) and sent as summaries ``summary_s`` after their first exchange
         (0: every exchange is a record, no summaries). ``trace_ratio``: the share of exchanges that
-        may be records at all, picked by their TCP sequence numbers so both ends pick alike (1: all).
+        may be records at all, picked by their TCP sequence numbers so both ends pick alike (1: all;
+        None: the agent sets it as it goes, :meth:`set_link_pick`).
         ``netns_pending_entries``: how many
         namespaces the kernel can mark for the sweep before it asks for a walk of all (a test
         shrinks it to push past it). ``mmsg_threads``: threads inside a sendmmsg/recvmmsg at once
@@ -104,7 +105,7 @@ class L7Collector(L7Probe):
         context and flag tables (tests shrink them to push past them)."""
         if record_rate < 0:
             raise ValueError(f"record_rate must be >= 0, got {record_rate}")
-        if not 0 < trace_ratio <= 1:
+        if trace_ratio is not None and not 0 < trace_ratio <= 1:
             raise ValueError(f"trace_ratio must be in (0, 1], got {trace_ratio}")
         path = Path(object_path) if object_path else default_bpf_dir() / OBJECT_NAME
         super().__init__(
@@ -117,7 +118,8 @@ class L7Collector(L7Probe):
                 "exchanges": int(exchanges),
                 "idle_ns": int(idle_s * 1e9),
                 "record_cost_ns": 1_000_000_000 // record_rate if record_rate else 0,
-                "link_pick": link_pick(trace_ratio),
+                "link_pick": link_pick(trace_ratio) if trace_ratio is not None else 0,
+                "pick_auto": int(trace_ratio is None),
                 "summary_ns": int(summary_s * 1e9),
                 "h2_compact": int(h2_compact if h2_compact is not None else not _env_full_capture()),
                 "summary_raw_paths": int(summary_raw_paths),
@@ -203,6 +205,11 @@ class L7Collector(L7Probe):
             if final:
                 write_u32_array(self._sweep_ctl, 0, 0)
         self.stats.sweeps += 1
+
+    def set_link_pick(self, pick: int) -> None:
+        """``--l7-trace-ratio auto``: the share of 2^32 exchanges are picked below (0: all); opened with
+        ``trace_ratio=None`` only (otherwise the kernel reads its fixed knob)."""
+        write_u32_array(self.obj.map_fd("l7_pick"), 0, pick)
 
     def causal_ready(self) -> bool:
         """Every hook that refuses event loops is attached (or, for io_uring's, the kernel has none)."""

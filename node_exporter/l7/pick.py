@@ -23,3 +23,36 @@ def link_mix(req_seq: int, resp_seq: int) -> int:
 def link_pick(trace_ratio: float) -> int:
     """The kernel's ``link_pick`` for a ratio: a share of 2^32, 0 for all (bpf_src/l7_summary.h)."""
     return 0 if trace_ratio >= 1 else max(1, int(trace_ratio * 2**32))
+
+
+MAX_SHIFT = 20  # the smallest share auto goes down to: 2^-20 of the requests
+
+
+class AutoPick:
+    """``--l7-trace-ratio auto``: the share of requests that may be records, a power of two the agent
+    halves while the node's requests pass half its record budget and doubles back once they would
+    fit in a fifth of it (hysteresis: no flapping). Powers of two nest: every request picked at a
+    share of 2^-k is picked at every larger share, so two ends that run at different shares still
+    agree on every request the sparser end picks (the denser end picks it too, its budget allowing)."""
+
+    HIGH, LOW = 0.5, 0.2
+
+    def __init__(self, budget_per_s: float) -> None:
+        """``budget_per_s``: the node's records per second (--l7-record-rate x CPUs; 0: unbounded)."""
+        self.budget_per_s = budget_per_s
+        self.shift = 0
+
+    def update(self, offered: int, seconds: float) -> int:
+        """``offered`` HTTP/1 exchanges started in the last ``seconds``: the kernel's new ``link_pick``."""
+        if self.budget_per_s <= 0 or seconds <= 0:
+            return self.pick
+        rate = offered / seconds
+        while self.shift < MAX_SHIFT and rate / 2**self.shift > self.HIGH * self.budget_per_s:
+            self.shift += 1
+        while self.shift > 0 and rate / 2 ** (self.shift - 1) < self.LOW * self.budget_per_s:
+            self.shift -= 1
+        return self.pick
+
+    @property
+    def pick(self) -> int:
+        return 0 if self.shift == 0 else (1 << 32) >> self.shift

@@ -453,10 +453,10 @@ def test_agent_l7_trace_ratio_reaches_the_agent(chart: helm.Chart) -> None:
     from node_exporter.cli import agent_parser
 
     default = agent_parser().parse_args(container(only(render(chart, {"agent": {"l7": True}}), "DaemonSet"))["args"])
-    assert default.l7_trace_ratio == 1
+    assert default.l7_trace_ratio is None  # auto
     docs = render(chart, {"agent": {"l7": True, "l7TraceRatio": 0.25}})
     assert agent_parser().parse_args(container(only(docs, "DaemonSet"))["args"]).l7_trace_ratio == 0.25
-    for bad in (0, 1.5):
+    for bad in (0, 1.5, "sometimes"):
         with pytest.raises(Exception, match="schema"):
             render(chart, {"agent": {"l7": True, "l7TraceRatio": bad}})
 

@@ -250,11 +250,20 @@ def settle(pipe: L7Pipeline, out: list[L7Event]) -> list[L7Event]:
 def test_a_shared_request_id_links_an_event_loops_call_either_order() -> None:
     for parent_first in (True, False):
         pipe = L7Pipeline(causal_hold_ns=1)
+        feed(pipe, proxied("r-0", start=1000, cookie=5))  # the proxy served a request with an id before
         order = [proxied("r-1"), upstream("r-1")] if parent_first else [upstream("r-1"), proxied("r-1")]
         out = settle(pipe, feed(pipe, *order))
         calls = [rec(e) for e in out if e.conn.side.value == "client"]
         assert [c.parent for c in calls] == [(111, 222, SERVER_START)], out
         assert pipe.counters()["causal_rid_linked"] == 1
+
+
+def test_a_process_that_serves_no_request_id_sends_its_calls_at_once() -> None:
+    """curl or a load generator sending ids: not held back (the first call of a proxy neither)."""
+    pipe = L7Pipeline(causal_hold_ns=10**12)
+    (ev,) = feed(pipe, upstream("r-1"))
+    assert rec(ev).parent is None and pipe.counters()["causal_rid_waiting"] == 0
+    assert pipe.counters()["causal_rid_unserved"] == 1
 
 
 def test_a_request_id_links_nothing_it_cannot_be_sure_of() -> None:
@@ -282,6 +291,7 @@ def test_request_id_links_are_off_with_causality() -> None:
 
 def test_waiting_request_id_calls_are_bounded() -> None:
     pipe = L7Pipeline(causal_hold_ns=10**12)
+    feed(pipe, proxied("r-x"))
     pipe.causal.rid.max_pending = 3
     out = feed(pipe, *(upstream(f"r-{i}") for i in range(5)))
     assert len(out) == 2 and pipe.counters()["causal_pending_evicted"] == 2
