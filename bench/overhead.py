@@ -210,13 +210,18 @@ def floor_round(port: int, seconds: int, connections: int, close: bool) -> tuple
         return measured_wrk(port, seconds, connections, close, agent.proc.pid)
 
 
+# The agent without the traces' per-request work: no causality hooks, no X-Request-ID links, a
+# fixed share of 1 instead of auto (the sampler's per-exchange count and share lookup)
+NO_TRACE_WORK = ("--no-l7-causal", "--l7-trace-ratio", "1")
+
+
 def saturation(
     port: int, rounds: int, seconds: int, connections: int, close: bool, floor: bool = False, causal_ab: bool = False
 ) -> dict[str, object]:
     """Per round: baseline, L4 only, L4+L7 with the default record rate (summaries past it), and
     L4+L7 with every request a record (--l7-record-rate 0), interleaved; with ``floor``, also L4 and
-    the floor probe (floor_round); with ``causal_ab``, also L4+L7 with --no-l7-causal (its hooks not
-    loaded: what in-process causality costs, docs/traces.md)."""
+    the floor probe (floor_round); with ``causal_ab``, also L4+L7 without the traces' per-request work
+    (NO_TRACE_WORK: what causality, X-Request-ID links and the auto share cost, docs/traces.md)."""
     r_floor, floor_cpu = [], []
     r_l4, base, cpu_conn, base_cpu, l4_cpu = [], [], [], [], []
     default: list[dict[str, float]] = []
@@ -235,7 +240,7 @@ def saturation(
             floor_cpu.append(f_cpu)
         default.append(l7_round(port, seconds, connections, close, None))
         if causal_ab:
-            no_causal.append(l7_round(port, seconds, connections, close, None, ("--no-l7-causal",)))
+            no_causal.append(l7_round(port, seconds, connections, close, None, NO_TRACE_WORK))
         records.append(l7_round(port, seconds, connections, close, 0))
         base.append(b)
         base_cpu.append(b_cpu)
@@ -315,7 +320,9 @@ def main() -> int:
         help="keep-alive also with L4 + bench/l7_floor.bpf.c (the L7 design's cost before its own work)",
     )
     ap.add_argument(
-        "--causal-ab", action="store_true", help="also L4 + L7 with --no-l7-causal (in-process causality's cost)"
+        "--causal-ab",
+        action="store_true",
+        help="also L4 + L7 with --no-l7-causal --l7-trace-ratio 1 (the traces' per-request cost)",
     )
     args = ap.parse_args()
     why = missing_prerequisite(("nginx", "wrk", "hey", "taskset"))
