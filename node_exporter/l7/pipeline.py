@@ -144,6 +144,12 @@ _RECORD_SETTERS = _slot_setters(
 # (a linked record has every HttpRecord field and its TCP sequence numbers)
 _LINK_SETTER = _slot_setters(HttpLinkedRecord, (*(f.name for f in fields(HttpRecord)), "tcp_seqs"))[-1]
 _EVENT_SETTERS = _slot_setters(L7Event, ("conn", "record"))
+_ONE_SUMMARY_SETTERS = _slot_setters(
+    HttpSummary, ("count", "latency_sum_ns", "latency_min_ns", "latency_max_ns", "buckets", "end_ns")
+)
+_SUMMARY_SLOT = _slot_setters(HttpSummaryRecord, tuple(f.name for f in fields(HttpSummaryRecord)))[-1]
+# a summary of one request: its bucket's counts, one tuple per bucket, shared
+_ONE_IN_BUCKET = tuple(tuple(int(i == j) for j in range(LATENCY_BUCKETS)) for i in range(LATENCY_BUCKETS))
 _X_TCP_SEQ = int(L7ExchangeFlags.KSCOPE_X_TCP_SEQ)
 _X_PARENT = int(L7ExchangeFlags.KSCOPE_X_PARENT) | _X_TCP_SEQ  # a tentative parent (client), both set
 _X_PARENT_OK = int(L7ExchangeFlags.KSCOPE_X_PARENT_OK)
@@ -395,11 +401,34 @@ class L7Pipeline:
         only request: the kernel does not sum one): a summary of one, so it counts in the metrics
         and makes no span, as at the other end, which made the same choice by the same numbers."""
         self.unpicked_records += 1
-        buckets = [0] * LATENCY_BUCKETS
-        buckets[bisect_left(LATENCY_BOUNDS_NS, latency)] = 1
-        summary = HttpSummary(1, latency, latency, latency, tuple(buckets), start)
-        return L7Event(info, HttpSummaryRecord(h[0], h[1], h[2], status, req_bytes, resp_bytes, start, 0, "", "",
-                                               summary))  # fmt: skip
+        # slot by slot, the buckets a shared tuple (see _slot_setters): under churn past the record rate
+        # nearly every record takes this path (4.4 -> ~1.5 us each)
+        new = object.__new__
+        summary = new(HttpSummary)
+        s_count, s_sum, s_min, s_max, s_buckets, s_end = _ONE_SUMMARY_SETTERS
+        s_count(summary, 1)
+        s_sum(summary, latency)
+        s_min(summary, latency)
+        s_max(summary, latency)
+        s_buckets(summary, _ONE_IN_BUCKET[bisect_left(LATENCY_BOUNDS_NS, latency)])
+        s_end(summary, start)
+        rec = new(HttpSummaryRecord)
+        r_method, r_path, r_route, r_status, r_req, r_resp, r_start, r_latency, r_tp, r_rid = _RECORD_SETTERS
+        r_method(rec, h[0])
+        r_path(rec, h[1])
+        r_route(rec, h[2])
+        r_status(rec, status)
+        r_req(rec, req_bytes)
+        r_resp(rec, resp_bytes)
+        r_start(rec, start)
+        r_latency(rec, 0)
+        r_tp(rec, "")
+        r_rid(rec, "")
+        _SUMMARY_SLOT(rec, summary)
+        ev = new(L7Event)
+        _EVENT_SETTERS[0](ev, info)
+        _EVENT_SETTERS[1](ev, rec)
+        return ev
 
     def _new_xconn(
         self, cookie: int, role: int, netns: int, saddr: bytes, daddr: bytes, sport: int, dport: int, family: int,
