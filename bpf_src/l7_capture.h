@@ -164,10 +164,8 @@ static __always_inline void on_io(struct sock *sk, int ret, __u8 dir)
 	c->hdr.netns_ino = sk->__sk_common.skc_net.net->ns.inum;
 	c->hdr.sock_cookie = bpf_get_socket_cookie(sk);
 	fill_task(&c->hdr);
-	if (dir == KSCOPE_DIR_EGRESS && st->role == KSCOPE_ROLE_CLIENT)
+	if (dir == KSCOPE_DIR_EGRESS && st->role == KSCOPE_ROLE_CLIENT) /* else 0: chunk_head cleared the header */
 		causal_chunk_parent(&c->hdr);
-	else
-		c->hdr.parent_ns = 0;
 	submit(c, n);
 }
 

@@ -82,11 +82,17 @@ static __always_inline void causal_flag(void *map, __u32 id, __u32 stat)
 	}
 }
 
+/* The keys by pointer: the chunk path passes its header's own ids (map memory, no stack). */
+static __always_inline bool causal_refused_ids(const __u32 *tid, const __u32 *tgid)
+{
+	return causal_off || bpf_map_lookup_elem(&causal_threads, tid) || bpf_map_lookup_elem(&causal_procs, tgid);
+}
+
 static __always_inline bool causal_refused(__u64 id)
 {
 	__u32 tid = (__u32)id, tgid = id >> 32;
 
-	return causal_off || bpf_map_lookup_elem(&causal_threads, &tid) || bpf_map_lookup_elem(&causal_procs, &tgid);
+	return causal_refused_ids(&tid, &tgid);
 }
 
 /* An event loop's wait returned on this thread. */
@@ -159,7 +165,7 @@ static __always_inline void causal_chunk_parent(struct kscope_l7_header *h)
 	c = bpf_map_lookup_elem(&causal_ctx, &h->pid);
 	if (!c || !c->open)
 		return;
-	if (causal_off || bpf_map_lookup_elem(&causal_threads, &h->pid) || bpf_map_lookup_elem(&causal_procs, &h->tgid)) {
+	if (causal_refused_ids(&h->pid, &h->tgid)) {
 		stat_inc(KSCOPE_L7_STAT_CAUSAL_REFUSED);
 		return;
 	}
