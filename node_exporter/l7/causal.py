@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 from node_exporter.bpf.elf import ElfError, section_names
 from node_exporter.protocols.db import DbRecord
@@ -45,6 +45,7 @@ COUNTERS: Final = (
     "causal_rid_timeout",  # a client record with an X-Request-ID found no such parent within the hold: unlinked
     "causal_rid_repeated",  # client records whose X-Request-ID the process served twice: never linked
     "causal_rid_unserved",  # ... from a process that served no request with an id yet: sent at once, unlinked
+    "causal_rid_forgotten",  # ids served, or served twice, forgotten past MAX_RID_SEEN: a repeat may go unseen
 )
 MAX_RID_SEEN: Final = 65536  # (process, X-Request-ID) of server records remembered, to refuse repeats
 RID_SEEN_NS: Final = 60_000_000_000  # ... for this long
@@ -71,6 +72,15 @@ def with_parent(rec: Record, parent: Parent) -> Record:
     if isinstance(rec, HttpRecord):  # tcp_seqs None for one paired from chunks (convert.py skips them)
         return HttpChildRecord(**{name: getattr(rec, name) for name in _CHILD_FIELDS}, parent=p)
     return replace(rec, parent=p)
+
+
+def _evict_oldest(pending: OrderedDict[Any, tuple[int, list[tuple[E, Record]]]], excess: int) -> list[E]:
+    """Entries of a waiting table, oldest first, until at least ``excess`` children left it: their events."""
+    out: list[E] = []
+    while len(out) < excess and pending:
+        _, (_, kids) = pending.popitem(last=False)
+        out += [ev for ev, _ in kids]
+    return out
 
 
 class CausalLinker(Generic[E]):
@@ -136,12 +146,9 @@ class CausalLinker(Generic[E]):
 
     def evicted(self) -> list[E]:
         """Children over the waiting bound, oldest first: sent unlinked (counted)."""
-        out: list[E] = []
-        while self._waiting > self.max_pending and self._pending:
-            _, (_, kids) = self._pending.popitem(last=False)
-            self._waiting -= len(kids)
-            self.counts["causal_pending_evicted"] += len(kids)
-            out += [ev for ev, _ in kids]
+        out = _evict_oldest(self._pending, self._waiting - self.max_pending)
+        self._waiting -= len(out)
+        self.counts["causal_pending_evicted"] += len(out)
         return out + self.rid.evicted()
 
     def parent(self, key: Key, parent: Parent | None, now_ns: int = 0) -> list[E]:
@@ -234,9 +241,15 @@ class RequestIdLinker(Generic[E]):
         # (a plain client sending ids, curl or a load generator, is not held back for nothing)
         self._serving: OrderedDict[int, int] = OrderedDict()
         self._repeated: OrderedDict[RidKey, int] = OrderedDict()
+        self.max_seen = MAX_RID_SEEN
 
     def waiting(self) -> int:
         return self._waiting
+
+    def _bound(self, table: OrderedDict[Any, int]) -> None:
+        while len(table) > self.max_seen:
+            table.popitem(last=False)
+            self.counts["causal_rid_forgotten"] += 1
 
     def parent(self, key: RidKey, start: int, latency: int, parent: Parent, now_ns: int) -> list[E]:
         """A kernel-paired server record with an X-Request-ID. Its children leave linked only once it
@@ -245,8 +258,7 @@ class RequestIdLinker(Generic[E]):
         if key in self._seen or key in self._repeated:  # nothing with this id is linked any more
             self._repeated[key] = now_ns
             self._repeated.move_to_end(key)
-            while len(self._repeated) > MAX_RID_SEEN:
-                self._repeated.popitem(last=False)
+            self._bound(self._repeated)
             self._parents.pop(key, None)
             entry = self._pending.pop(key, None)
             if entry is None:
@@ -255,11 +267,10 @@ class RequestIdLinker(Generic[E]):
             self.counts["causal_rid_repeated"] += len(entry[1])
             return [ev for ev, _ in entry[1]]
         self._seen[key] = now_ns
-        while len(self._seen) > MAX_RID_SEEN:
-            self._seen.popitem(last=False)
+        self._bound(self._seen)
         self._serving[key[0]] = now_ns
         self._serving.move_to_end(key[0])
-        while len(self._serving) > MAX_RID_SEEN:
+        while len(self._serving) > self.max_seen:  # a process forgotten: its calls are sent at once
             self._serving.popitem(last=False)
         self._parents[key] = _RidParent(start, start + latency, parent, now_ns)
         if len(self._parents) > self.max_parents:
@@ -304,12 +315,9 @@ class RequestIdLinker(Generic[E]):
         return out
 
     def evicted(self) -> list[E]:
-        out: list[E] = []
-        while self._waiting > self.max_pending and self._pending:
-            _, (_, kids) = self._pending.popitem(last=False)
-            self._waiting -= len(kids)
-            self.counts["causal_pending_evicted"] += len(kids)
-            out += [ev for ev, _ in kids]
+        out = _evict_oldest(self._pending, self._waiting - self.max_pending)
+        self._waiting -= len(out)
+        self.counts["causal_pending_evicted"] += len(out)
         return out
 
     def expire(self, now_ns: int, final: bool = False) -> list[E]:

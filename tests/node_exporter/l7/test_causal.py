@@ -296,3 +296,20 @@ def test_waiting_request_id_calls_are_bounded() -> None:
     out = feed(pipe, *(upstream(f"r-{i}") for i in range(5)))
     assert len(out) == 2 and pipe.counters()["causal_pending_evicted"] == 2
     assert pipe.counters()["causal_rid_waiting"] == 3
+
+
+def test_request_id_parents_and_memory_are_bounded_and_counted() -> None:
+    """Past the kept parents' bound the oldest goes and its waiting calls leave unlinked; past the
+    ids' memory the oldest id is forgotten (counted: a repeat of it would no longer be seen)."""
+    pipe = L7Pipeline(causal_hold_ns=10**12)
+    pipe.causal.rid.max_parents = 2
+    pipe.causal.rid.max_seen = 3
+    out = feed(pipe, proxied("r-0", start=1000, cookie=9))  # the proxy serves ids
+    out += feed(pipe, upstream("r-1"))  # waits for r-1's request
+    out += feed(pipe, *(proxied(f"r-{i}", cookie=10 + i) for i in (1, 2, 3)))  # r-0 then r-1 evicted
+    calls = [rec(e) for e in out if e.conn.side.value == "client"]
+    assert [c.parent for c in calls] == [None], out  # r-1's call left with its evicted parent, unlinked
+    counts = pipe.counters()
+    assert counts["causal_parents_evicted"] == 2 and counts["causal_rid_timeout"] == 1, counts
+    assert counts["causal_rid_parents_kept"] == 2 and counts["causal_rid_waiting"] == 0
+    assert counts["causal_rid_forgotten"] == 1, counts  # four ids seen, three remembered
