@@ -313,3 +313,18 @@ def test_request_id_parents_and_memory_are_bounded_and_counted() -> None:
     assert counts["causal_parents_evicted"] == 2 and counts["causal_rid_timeout"] == 1, counts
     assert counts["causal_rid_parents_kept"] == 2 and counts["causal_rid_waiting"] == 0
     assert counts["causal_rid_forgotten"] == 1, counts  # four ids seen, three remembered
+
+
+def test_sends_remembered_for_their_records_are_bounded_and_counted() -> None:
+    """A connection's sends inside a server request wait for the record they start; past the bound
+    the oldest is forgotten (counted), and a record starting there later goes unlinked."""
+    from node_exporter.l7.pipeline import MAX_SENDS_WITH_PARENT
+
+    pipe = L7Pipeline(causal_hold_ns=0)
+    extra = 5
+    head = b"*1\r\n$4\r\nPING\r\n"
+    for i in range(MAX_SENDS_WITH_PARENT + extra):  # sends whose replies have not come yet
+        pipe.feed(_chunks(chunk_bytes(head, ts=SERVER_START + 10 + i, seq=i * len(head), parent_ns=SERVER_START,
+                                      tid=TID, tgid=TGID, cookie=9, protocol=L7Protocol.KSCOPE_PROTO_REDIS,
+                                      dport=6379)))  # fmt: skip
+    assert pipe.counters()["causal_sends_forgotten"] == extra
