@@ -170,17 +170,6 @@ def l7_request(
             if r.grpc_status >= 0:
                 rpc["grpc_status_code"] = r.grpc_status
             detail["rpc"] = rpc
-        summary = r.summary
-        if summary is not None:
-            # many requests in one message; latency_ns stays 0 (the record's), the sum is latency_sum_ns
-            detail["summary"] = {
-                "count": summary.count,
-                "latency_sum_ns": summary.latency_sum_ns,
-                "latency_min_ns": summary.latency_min_ns,
-                "latency_max_ns": summary.latency_max_ns,
-                "latency_bucket_counts": summary.buckets,
-                "end_time_unix_nano": clock.unix_ns(summary.end_ns),
-            }
     elif isinstance(r, DbRecord):
         detail = {"db": db_fields(r)}
     else:
@@ -193,6 +182,17 @@ def l7_request(
                 "answer_count": r.answers,
                 "timed_out": r.timed_out,
             }
+        }
+    summary = getattr(r, "summary", None)  # HTTP: summed in the kernel; databases: in the agent (l7/dbsum.py)
+    if summary is not None:
+        # many requests in one message; latency_ns stays 0 (the record's), the sum is latency_sum_ns
+        detail["summary"] = {
+            "count": summary.count,
+            "latency_sum_ns": summary.latency_sum_ns,
+            "latency_min_ns": summary.latency_min_ns,
+            "latency_max_ns": summary.latency_max_ns,
+            "latency_bucket_counts": summary.buckets,
+            "end_time_unix_nano": clock.unix_ns(summary.end_ns),
         }
     parent = r.parent
     if parent is not None:  # converted like the parent's own record's start (same clock)

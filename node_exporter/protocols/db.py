@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from node_exporter.protocols.http1 import HttpSummary
+
 MAX_QUERY_TEXT: Final = 1024  # characters of sanitized db.query.text kept
 TIMEOUT_ERROR: Final = "timeout"  # error.type of an operation that got no response in time
 
@@ -36,3 +38,6 @@ class DbRecord:
     # (tcp_req_seq, tcp_resp_seq, start_ns) of the server request of the same thread this call was
     # made inside of, confirmed (node_exporter/l7/causal.py); None: no parent
     parent: tuple[int, int, int] | None = None
+    # Set on a summary of this socket's operations past the node's record budget (node_exporter/l7/dbsum.py):
+    # then latency_ns is 0, bytes, rows, hits and misses are sums, the texts are the first operation's
+    summary: HttpSummary | None = None

@@ -287,6 +287,52 @@ def test_agent_jsonl_carries_db_info_and_no_secret(topo: Topology, tmp_path: Pat
     assert "SECRET" not in text + rest
 
 
+def test_run_sums_operations_past_the_record_rate_and_accounts_for_each(topo: Topology, tmp_path: Path) -> None:
+    """redis-benchmark past a tiny --l7-record-rate through `kscope run --jsonl`: past the node's budget the
+    agent sums operations per socket, command and status each interval (node_exporter/l7/dbsum.py), so most
+    leave as summaries; records and summaries together count exactly what the server's INFO commandstats
+    counted, errors included, and no key or value appears."""
+    redis_server(topo)
+    cli = ("redis-cli", "-h", SRV_V4, "-p", str(REDIS_PORT))
+    topo.cli.run(*cli, "CONFIG", "RESETSTAT")
+    out, rate = tmp_path / "flows.jsonl", 5
+    # 16 pipelined SETs are ~720 bytes: the capture holds them all (past it, the rest is a counted gap)
+    agent, _ = start_kscope("--l7", "--l7-record-rate", str(rate), "--capture-bytes", "1024", "--no-live",
+                            "--interval", "0.5", "--duration", "120", "--jsonl", str(out),
+                            "--netns-inode", str(topo.srv.ino))  # fmt: skip
+    try:
+        topo.cli.run("redis-benchmark", "-h", SRV_V4, "-p", str(REDIS_PORT), "-t", "set,get", "-n", "3000",
+                     "-c", "2", "-P", "16", "-q", timeout=120)  # fmt: skip
+        topo.cli.run(*cli, "SET", "k:SECRETKEY", "SECRETVALUE")
+        topo.cli.run(*cli, "-r", "40", "INCR", "k:SECRETKEY")  # one connection, 40 "ERR not an integer"
+        served = commandstats(topo)
+        time.sleep(1)  # the last interval's operations reach the ring before the stop
+    finally:
+        agent.terminate()  # a stop runs a last interval: capture stopped, the ring drained, summaries sent
+        _, rest = agent.communicate(timeout=60)
+    assert agent.returncode == 0, rest[-3000:]
+    text = out.read_text()
+    rows = [json_format.Parse(line, pb.NodeRecord()) for line in text.splitlines()]
+    l7 = [r.l7 for r in rows if r.WhichOneof("record") == "l7" and r.l7.protocol == "redis"]
+    counted: Counter[tuple[str, str]] = Counter()
+    for r in l7:
+        counted[(r.db.operation, r.db.error_type)] += r.summary.count if r.HasField("summary") else 1
+        if r.HasField("summary"):
+            s = r.summary
+            assert r.latency_ns == 0 and sum(s.latency_bucket_counts) == s.count and s.latency_sum_ns > 0, r
+            assert s.latency_min_ns <= s.latency_max_ns and r.side == pb.ROLE_SERVER, r
+    require(served["SET"] >= 3000 and served["GET"] >= 3000 and served["INCR"] == 40, f"clients ran: {served}")
+    assert counted[("GET", "")] == served["GET"] and counted[("INCR", "ERR")] == served["INCR"], (counted, served)
+    assert counted[("SET", "")] == served["SET"], (counted, served)
+    summaries = [r for r in l7 if r.HasField("summary")]
+    singles = len(l7) - len(summaries)
+    assert summaries and len(l7) < (served["GET"] + served["SET"]) / 20, (len(l7), len(summaries))
+    stats = [r.stats for r in rows if r.WhichOneof("record") == "stats"][-1].counters
+    assert stats["l7_db_summed"] == sum(counted.values()) - singles and stats["l7_db_summaries_full"] == 0, stats
+    assert stats["l7_db_summaries"] == len(summaries) and stats["l7_kernel_rb_full"] == 0, stats
+    assert "SECRET" not in text + rest
+
+
 def test_binary_garbage_on_the_redis_port_makes_nothing(topo: Topology, tracing: Callable[..., L7Trace]) -> None:
     """Bytes that are not RESP, sent by nc to redis-server: neither end is
     taken for Redis (inference wants a RESP command, the port alone never decides), nothing is

@@ -1,0 +1,144 @@
+"""Database operations past the node's record budget, summed per socket and operation (node_exporter/l7/dbsum.py):
+every operation is accounted for exactly (counts, latency sum/min/max/buckets, bytes), the budget refills with
+time, the summaries' bound passes operations on as records (counted), and a summed interval aggregates in the
+processor to the same metrics and service graph as its operations one by one."""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import Counter
+from dataclasses import replace
+
+from cluster_processor.aggregate import Aggregator
+from cluster_processor.kube.index import KubeIndex
+from kscope_common.latency import LATENCY_BOUNDS_NS
+from node_exporter.l7.dbsum import DbSummer
+from node_exporter.l7.pipeline import ConnInfo, L7Event
+from node_exporter.output.convert import MonotonicClock, l7_request
+from node_exporter.protocols import DbRecord, DnsRecord, Role
+from tests.cluster_processor import test_aggregate as base
+
+index = base.index
+
+
+def conn(cookie: int = 7, side: Role = Role.CLIENT) -> ConnInfo:
+    return ConnInfo(sock_cookie=cookie, netns_ino=4026531840, side=side, protocol="redis", tls=False,
+                    local_ip=base.A_IP, local_port=40000, remote_ip=base.VIP, remote_port=80, family=2, tgid=42,
+                    comm="app")  # fmt: skip
+
+
+def op(i: int, operation: str = "GET", error: str = "", cookie: int = 7, side: Role = Role.CLIENT) -> L7Event:
+    # latencies from 1 ms to ~30 ms: several of the summary's buckets
+    rec = DbRecord(system="redis", operation=operation, request_bytes=20 + i, response_bytes=5 + i,
+                   start_ns=1_000_000_000 + i * 1000, latency_ns=1_000_000 + i * 997_000, status_code=error,
+                   error_type=error, cache_hits=1 if operation == "GET" else 0, parent=(1, 2, 3))  # fmt: skip
+    return L7Event(conn(cookie, side), rec)
+
+
+def workload() -> list[L7Event]:
+    events = [op(i, "GET") for i in range(12)] + [op(12 + i, "GET", "WRONGTYPE") for i in range(4)]
+    events += [op(16 + i, "SET") for i in range(4)]
+    lookup = DnsRecord(id=1, name="b.default.svc.cluster.local", qtype="A", rcode="NOERROR", answers=1, start_ns=5,
+                       latency_ns=7, request_bytes=40, response_bytes=56, timed_out=False)  # fmt: skip
+    dns = L7Event(conn(), lookup)
+    return [*events[:3], dns, *events[3:]]
+
+
+def key(r: DbRecord) -> tuple[str, str]:
+    return r.operation, r.error_type
+
+
+def test_past_the_budget_operations_are_summed_exactly() -> None:
+    summer = DbSummer(budget_per_s=4)
+    events = workload()
+    out = summer.fold(events, now=0.0)
+    assert [e for e in out if not isinstance(e.record, DbRecord)] == [events[3]]  # the DNS record, as it was
+    singles = [e.record for e in out if isinstance(e.record, DbRecord) and e.record.summary is None]
+    summaries = [e.record for e in out if isinstance(e.record, DbRecord) and e.record.summary is not None]
+    assert singles == [e.record for e in events if isinstance(e.record, DbRecord)][:4]  # the budget, in order
+    assert out[: len(singles) + 1] == events[:5]
+    ops = [e.record for e in events if isinstance(e.record, DbRecord)]
+    want = Counter(key(r) for r in ops)
+    got = Counter(key(r) for r in singles)
+    for s in summaries:
+        assert s.summary is not None
+        got[key(s)] += s.summary.count
+    assert got == want
+    assert len(summaries) == 3 and summer.counters() == {"db_summed": 16, "db_summaries": 3, "db_summaries_full": 0}
+    for s in summaries:
+        assert s.summary is not None
+        folded = [r for r in ops[4:] if key(r) == key(s)]
+        lat = [r.latency_ns for r in folded]
+        buckets = [0] * (len(LATENCY_BOUNDS_NS) + 1)
+        for v in lat:
+            buckets[bisect_left(LATENCY_BOUNDS_NS, v)] += 1
+        assert (s.summary.count, s.summary.latency_sum_ns, s.summary.latency_min_ns, s.summary.latency_max_ns) == (
+            len(lat), sum(lat), min(lat), max(lat))  # fmt: skip
+        assert list(s.summary.buckets) == buckets and sum(buckets) == len(lat)
+        assert max(buckets) < len(lat) or key(s) != ("GET", "")  # that one spans several buckets
+        assert (s.start_ns, s.summary.end_ns) == (folded[0].start_ns, folded[-1].start_ns)
+        assert (s.request_bytes, s.response_bytes) == (sum(r.request_bytes for r in folded),
+                                                       sum(r.response_bytes for r in folded))  # fmt: skip
+        assert s.cache_hits == sum(r.cache_hits for r in folded)
+        assert s.latency_ns == 0 and s.parent is None  # no span: nothing to be a child
+
+
+def test_the_budget_refills_with_time_and_keeps_at_most_a_seconds_worth() -> None:
+    summer = DbSummer(budget_per_s=10)
+
+    def singles(now: float) -> int:
+        out = summer.fold([op(i) for i in range(30)], now)
+        return sum(isinstance(e.record, DbRecord) and e.record.summary is None for e in out)
+
+    assert singles(0.0) == 10
+    assert singles(0.5) == 5
+    assert singles(0.5) == 0
+    assert singles(100.0) == 10  # not 1,000: what was not used is not saved up past a second
+
+
+def test_a_zero_budget_sums_nothing() -> None:
+    events = workload()
+    summer = DbSummer(budget_per_s=0)
+    assert summer.fold(events, now=0.0) is events
+    assert summer.counters()["db_summed"] == 0
+
+
+def test_sockets_and_sides_never_share_a_summary() -> None:
+    events = [op(0, cookie=1), op(1, cookie=2), op(2, cookie=1, side=Role.SERVER), op(3, cookie=1)]
+    out = DbSummer(budget_per_s=0.5).fold(events, now=0.0)  # less than one token: everything summed
+    got = sorted((e.conn.sock_cookie, e.conn.side.value, e.record.summary.count) for e in out)  # type: ignore[union-attr]
+    assert got == sorted([(1, Role.CLIENT.value, 2), (2, Role.CLIENT.value, 1), (1, Role.SERVER.value, 1)])
+
+
+def test_past_the_summaries_bound_operations_leave_as_records_counted() -> None:
+    summer = DbSummer(budget_per_s=0.5, max_summaries=2)
+    events = [op(i, name) for i, name in enumerate(["GET", "SET", "DEL", "DEL", "GET", "INCR"])]
+    out = summer.fold(events, now=0.0)
+    summaries = {e.record.operation: e.record.summary.count for e in out if e.record.summary}  # type: ignore[union-attr]
+    singles = [e.record.operation for e in out if not e.record.summary]  # type: ignore[union-attr]
+    assert summaries == {"GET": 2, "SET": 1} and singles == ["DEL", "DEL", "INCR"]
+    assert summer.counters() == {"db_summed": 3, "db_summaries": 2, "db_summaries_full": 3}
+    # the next interval starts empty: its first operations are summed again
+    again = summer.fold([op(0, "DEL")], now=0.0)
+    assert [e.record.summary.count for e in again] == [1]  # type: ignore[union-attr]
+
+
+def test_a_summed_interval_aggregates_like_its_operations(index: KubeIndex) -> None:
+    """The processor's metrics and service graph from the summed output equal those from every operation
+    as a record; spans only for the records."""
+    ops = [replace(e, conn=conn()) for e in workload() if isinstance(e.record, DbRecord)]
+    clock = MonotonicClock()
+
+    def report(events: list[L7Event]) -> tuple[dict[tuple[str, str], tuple[int, float]], tuple[int, int], int]:
+        agg = Aggregator(index)
+        agg.add(base.batch("node-1", (), [l7_request(e, None, clock) for e in events]))
+        (rep,) = agg.flush(base.T0 + 1)
+        red = {(p.method, p.error_type): (p.duration.count, round(p.duration.sum, 9)) for p in rep.interval.red}
+        (g,) = rep.interval.service_graph
+        return red, (g.requests, g.failed), len(rep.spans)
+
+    red, graph, spans = report(ops)
+    summed = DbSummer(budget_per_s=4).fold(ops, now=0.0)
+    assert len(summed) == 4 + 3
+    assert report(summed) == (red, graph, 4)
+    assert red[("GET", "WRONGTYPE")][0] == 4 and graph == (20, 4) and spans == 20
