@@ -4,6 +4,7 @@ script's own directory is first on sys.path when run as `.venv/bin/python bench/
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -45,6 +46,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def db_operations(lines: list[str]) -> int:
+    """Database operations in an agent's JSON lines (``NodeRecord``s): a record is one, a summary its count."""
+    n = 0
+    for line in lines:
+        if '"db"' in line:
+            n += int(json.loads(line)["l7"]["summary"]["count"]) if '"summary"' in line else 1
+    return n
 
 
 def cpu_seconds(pid: int) -> float:

@@ -4,7 +4,7 @@ redis-server (pinned to core 0) in one network namespace, redis-benchmark (core 
 traces the server's namespace only (``--netns-inode``), unpinned at its default nice, so every cycle it
 spends is taken from the two. Per round and workload (GET and SET, ``-P 1`` and ``-P 16``): requests/s
 without the agent, then with it; the agent's CPU from its ``agent_started`` to its exit (what it parsed
-after the load ended included) per 1,000 operations it accounted for (a kernel summary counts as its
+after the load ended included) per 1,000 operations it accounted for (a summary counts as its
 operations), operations per agent CPU second, the share of the server's operations accounted for, and
 every drop the agent counted. Medians of the per-round figures.
 
@@ -33,7 +33,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import cpu_seconds  # noqa: E402
+from common import cpu_seconds, db_operations  # noqa: E402
 
 from tests.e2e.netns import SRV_V4, Topology  # noqa: E402
 
@@ -57,19 +57,6 @@ def benchmark(topo: Topology, test: str, pipeline: int, requests: int, clients: 
     if m is None:
         raise RuntimeError(out)
     return float(m.group(1))
-
-
-def accounted(lines: list[str]) -> int:
-    """Database operations in the JSON lines: a record is one, a summary its count."""
-    n = 0
-    for line in lines:
-        if '"db"' not in line:
-            continue
-        if '"summary"' in line:
-            n += int(json.loads(line)["summary"]["count"])
-        else:
-            n += 1
-    return n
 
 
 def bpf_run_times() -> str:
@@ -114,7 +101,7 @@ def with_agent(
         if agent.returncode:
             raise RuntimeError(f"agent exit {agent.returncode}")
         lines = out.read_text().splitlines()
-    ops = accounted(lines)
+    ops = db_operations(lines)
     counters = json.loads(lines[-1])["stats"]["counters"]
     drops = {k: int(v) for k, v in counters.items() if DROP.search(k) and int(v)}
     print(f"  {run['test']} -P {run['pipeline']}: {rps:.0f}/s, {ops} of {served} accounted, drops {drops}",

@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import cpu_seconds  # noqa: E402
+from common import cpu_seconds, db_operations  # noqa: E402
 
 from tests.e2e.netns import SRV_V4, Topology  # noqa: E402
 from tests.e2e.sqlpeers import pg_data, private_copy, start_postgres  # noqa: E402
@@ -59,7 +59,7 @@ def with_agent(topo: Topology, mode: str, seconds: int, clients: int) -> dict[st
         _, _, usage = os.wait4(agent.pid, 0)
         agent.returncode = 0
         lines = out.read_text().splitlines()
-    ops = sum(1 for line in lines if '"db"' in line)
+    ops = db_operations(lines)
     counters = json.loads(lines[-1])["stats"]["counters"]
     cpu = usage.ru_utime + usage.ru_stime - cpu0
     drops = {k: int(counters.get(k, 0)) for k in DROPS}
