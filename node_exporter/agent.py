@@ -25,10 +25,10 @@ from node_exporter.bpf.btf import Btf
 from node_exporter.errors import HookUnavailableError, KscopeError
 from node_exporter.l4.collector import OBJECT_NAME, L4Collector, default_bpf_dir
 from node_exporter.l4.records import L4Record
+from node_exporter.l7.agentsum import AgentSummer
 from node_exporter.l7.causal import GoPrograms
 from node_exporter.l7.collector import OBJECT_NAME as L7_OBJECT
 from node_exporter.l7.collector import L7Collector
-from node_exporter.l7.dbsum import DbSummer
 from node_exporter.l7.pick import AutoPick, link_pick
 from node_exporter.l7.pipeline import ConnInfo, L7Event, L7Pipeline
 from node_exporter.l7.syscalls import OBJECT_NAME as L7_SYSCALLS_OBJECT
@@ -169,8 +169,8 @@ class Agent:
         )
         # --l7-trace-ratio auto: the node's share follows its load, set each interval (step)
         self.auto_pick = AutoPick(opts.l7_record_rate * (os.cpu_count() or 1)) if opts.l7_trace_ratio is None else None
-        # database and cache operations past the same budget, node-wide, summed here (l7/dbsum.py)
-        self.db_summer = DbSummer(opts.l7_record_rate * (os.cpu_count() or 1))
+        # what user space pairs (databases, HTTP/2, TLS) past the same budget, node-wide, summed here
+        self.summer = AgentSummer(opts.l7_record_rate * (os.cpu_count() or 1))
         self._offered_seen = 0  # the kernel's exchanges decided on, at the last step
         self._offered_at = time.monotonic()
         self.pipeline.causal.rid_enabled = opts.l7_causal
@@ -226,7 +226,7 @@ class Agent:
             self._auto_pick()
         seen = len(events)
         if (self.writer is not None or self.shipper is not None or self.local is not None) and (records or events):
-            events = self.db_summer.fold(events, time.monotonic())  # only where records leave
+            events = self.summer.fold(events, time.monotonic())  # only where records leave
             l7_nats: Iterable[Nat] = repeat(None)
             if self.conntrack is not None:
                 l7_nats = self._resolve_nat(self.conntrack, records, events)
@@ -357,7 +357,7 @@ class Agent:
         if self.l7 is not None:
             values.update({f"l7_kernel_{k}": v for k, v in self.l7.kernel_stats().items()})
             values.update({f"l7_{k}": v for k, v in self.pipeline.counters().items()})
-            values.update({f"l7_{k}": v for k, v in self.db_summer.counters().items()})
+            values.update({f"l7_{k}": v for k, v in self.summer.counters().items()})
             values["l7_decode_errors"] = self.l7.stats.decode_errors
             values["l7_drains_deferred"] = self.l7_drains_deferred
             if self.auto_pick is not None:  # --l7-trace-ratio auto: the share is 1 / 2^this

@@ -183,7 +183,7 @@ def l7_request(
                 "timed_out": r.timed_out,
             }
         }
-    summary = getattr(r, "summary", None)  # HTTP: summed in the kernel; databases: in the agent (l7/dbsum.py)
+    summary = getattr(r, "summary", None)  # HTTP: summed in the kernel; others: in the agent (l7/agentsum.py)
     if summary is not None:
         # many requests in one message; latency_ns stays 0 (the record's), the sum is latency_sum_ns
         detail["summary"] = {

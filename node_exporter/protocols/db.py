@@ -38,6 +38,6 @@ class DbRecord:
     # (tcp_req_seq, tcp_resp_seq, start_ns) of the server request of the same thread this call was
     # made inside of, confirmed (node_exporter/l7/causal.py); None: no parent
     parent: tuple[int, int, int] | None = None
-    # Set on a summary of this socket's operations past the node's record budget (node_exporter/l7/dbsum.py):
+    # Set on a summary of this socket's operations past the node's record budget (node_exporter/l7/agentsum.py):
     # then latency_ns is 0, bytes, rows, hits and misses are sums, the texts are the first operation's
     summary: HttpSummary | None = None

@@ -11,12 +11,12 @@ never kept (it may carry user data). Everything is bounded per connection and ev
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from node_exporter.protocols import hpack_state as hp
 from node_exporter.protocols.base import Buffer, Message, MessageKind, Role, Stitched
-from node_exporter.protocols.http1 import HttpRecord
+from node_exporter.protocols.http1 import HttpRecord, HttpSummary
 from node_exporter.protocols.http2 import (
     CONTINUATION,
     DATA,
@@ -63,6 +63,14 @@ class Http2Record(HttpRecord):
     rpc_service: str = ""  # "package.Service" from :path "/package.Service/Method"
     rpc_method: str = ""
     grpc_status: int = -1  # grpc-status of the trailers; -1: none seen (not gRPC, or no trailers)
+
+
+@dataclass(frozen=True, slots=True)
+class Http2SummaryRecord(Http2Record):
+    """HTTP/2 requests of one socket past the node's record budget, summed by the agent (l7/agentsum.py), as
+    HttpSummaryRecord: start_ns is the first's, bytes are sums, latency_ns is 0, no trace headers."""
+
+    summary: HttpSummary = field(kw_only=True)  # type: ignore[misc]  # a slot here; None on HttpRecord
 
 
 @dataclass(frozen=True, slots=True)

@@ -289,7 +289,7 @@ def test_agent_jsonl_carries_db_info_and_no_secret(topo: Topology, tmp_path: Pat
 
 def test_run_sums_operations_past_the_record_rate_and_accounts_for_each(topo: Topology, tmp_path: Path) -> None:
     """redis-benchmark past a tiny --l7-record-rate through `kscope run --jsonl`: past the node's budget the
-    agent sums operations per socket, command and status each interval (node_exporter/l7/dbsum.py), so most
+    agent sums operations per socket, command and status each interval (node_exporter/l7/agentsum.py), so most
     leave as summaries; records and summaries together count exactly what the server's INFO commandstats
     counted, errors included, and no key or value appears."""
     redis_server(topo)
@@ -328,8 +328,8 @@ def test_run_sums_operations_past_the_record_rate_and_accounts_for_each(topo: To
     singles = len(l7) - len(summaries)
     assert summaries and len(l7) < (served["GET"] + served["SET"]) / 20, (len(l7), len(summaries))
     stats = [r.stats for r in rows if r.WhichOneof("record") == "stats"][-1].counters
-    assert stats["l7_db_summed"] == sum(counted.values()) - singles and stats["l7_db_summaries_full"] == 0, stats
-    assert stats["l7_db_summaries"] == len(summaries) and stats["l7_kernel_rb_full"] == 0, stats
+    assert stats["l7_agent_summed"] == sum(counted.values()) - singles and stats["l7_agent_summaries_full"] == 0, stats
+    assert stats["l7_agent_summaries"] == len(summaries) and stats["l7_kernel_rb_full"] == 0, stats
     assert "SECRET" not in text + rest
 
 

@@ -1,21 +1,26 @@
-"""Database operations past the node's record budget, summed per socket and operation (node_exporter/l7/dbsum.py):
-every operation is accounted for exactly (counts, latency sum/min/max/buckets, bytes), the budget refills with
-time, the summaries' bound passes operations on as records (counted), and a summed interval aggregates in the
-processor to the same metrics and service graph as its operations one by one."""
+"""Requests paired in user space past the node's record budget, summed per socket and key
+(node_exporter/l7/agentsum.py): every database operation, gRPC call and HTTP-over-TLS request is accounted
+for exactly (counts, latency sum/min/max/buckets, bytes), what the kernel sums or pairs passes untouched,
+errors stay records, the budget refills with time, the summaries' bound passes requests on as records
+(counted), and a summed interval aggregates in the processor to the same metrics and service graph as its
+requests one by one."""
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
 from dataclasses import replace
+from typing import Any
 
 from cluster_processor.aggregate import Aggregator
 from cluster_processor.kube.index import KubeIndex
 from kscope_common.latency import LATENCY_BOUNDS_NS
-from node_exporter.l7.dbsum import DbSummer
+from node_exporter.l7.agentsum import AgentSummer
 from node_exporter.l7.pipeline import ConnInfo, L7Event
 from node_exporter.output.convert import MonotonicClock, l7_request
 from node_exporter.protocols import DbRecord, DnsRecord, Role
+from node_exporter.protocols.http1 import HttpLinkedRecord, HttpRecord
+from node_exporter.protocols.http2_session import Http2Record
 from tests.cluster_processor import test_aggregate as base
 
 index = base.index
@@ -49,7 +54,7 @@ def key(r: DbRecord) -> tuple[str, str]:
 
 
 def test_past_the_budget_operations_are_summed_exactly() -> None:
-    summer = DbSummer(budget_per_s=4)
+    summer = AgentSummer(budget_per_s=4)
     events = workload()
     out = summer.fold(events, now=0.0)
     assert [e for e in out if not isinstance(e.record, DbRecord)] == [events[3]]  # the DNS record, as it was
@@ -64,7 +69,8 @@ def test_past_the_budget_operations_are_summed_exactly() -> None:
         assert s.summary is not None
         got[key(s)] += s.summary.count
     assert got == want
-    assert len(summaries) == 3 and summer.counters() == {"db_summed": 16, "db_summaries": 3, "db_summaries_full": 0}
+    assert len(summaries) == 3
+    assert summer.counters() == {"agent_summed": 16, "agent_summaries": 3, "agent_summaries_full": 0}
     for s in summaries:
         assert s.summary is not None
         folded = [r for r in ops[4:] if key(r) == key(s)]
@@ -84,7 +90,7 @@ def test_past_the_budget_operations_are_summed_exactly() -> None:
 
 
 def test_the_budget_refills_with_time_and_keeps_at_most_a_seconds_worth() -> None:
-    summer = DbSummer(budget_per_s=10)
+    summer = AgentSummer(budget_per_s=10)
 
     def singles(now: float) -> int:
         out = summer.fold([op(i) for i in range(30)], now)
@@ -98,26 +104,26 @@ def test_the_budget_refills_with_time_and_keeps_at_most_a_seconds_worth() -> Non
 
 def test_a_zero_budget_sums_nothing() -> None:
     events = workload()
-    summer = DbSummer(budget_per_s=0)
+    summer = AgentSummer(budget_per_s=0)
     assert summer.fold(events, now=0.0) is events
-    assert summer.counters()["db_summed"] == 0
+    assert summer.counters()["agent_summed"] == 0
 
 
 def test_sockets_and_sides_never_share_a_summary() -> None:
     events = [op(0, cookie=1), op(1, cookie=2), op(2, cookie=1, side=Role.SERVER), op(3, cookie=1)]
-    out = DbSummer(budget_per_s=0.5).fold(events, now=0.0)  # less than one token: everything summed
+    out = AgentSummer(budget_per_s=0.5).fold(events, now=0.0)  # less than one token: everything summed
     got = sorted((e.conn.sock_cookie, e.conn.side.value, e.record.summary.count) for e in out)  # type: ignore[union-attr]
     assert got == sorted([(1, Role.CLIENT.value, 2), (2, Role.CLIENT.value, 1), (1, Role.SERVER.value, 1)])
 
 
 def test_past_the_summaries_bound_operations_leave_as_records_counted() -> None:
-    summer = DbSummer(budget_per_s=0.5, max_summaries=2)
+    summer = AgentSummer(budget_per_s=0.5, max_summaries=2)
     events = [op(i, name) for i, name in enumerate(["GET", "SET", "DEL", "DEL", "GET", "INCR"])]
     out = summer.fold(events, now=0.0)
     summaries = {e.record.operation: e.record.summary.count for e in out if e.record.summary}  # type: ignore[union-attr]
     singles = [e.record.operation for e in out if not e.record.summary]  # type: ignore[union-attr]
     assert summaries == {"GET": 2, "SET": 1} and singles == ["DEL", "DEL", "INCR"]
-    assert summer.counters() == {"db_summed": 3, "db_summaries": 2, "db_summaries_full": 3}
+    assert summer.counters() == {"agent_summed": 3, "agent_summaries": 2, "agent_summaries_full": 3}
     # the next interval starts empty: its first operations are summed again
     again = summer.fold([op(0, "DEL")], now=0.0)
     assert [e.record.summary.count for e in again] == [1]  # type: ignore[union-attr]
@@ -138,7 +144,67 @@ def test_a_summed_interval_aggregates_like_its_operations(index: KubeIndex) -> N
         return red, (g.requests, g.failed), len(rep.spans)
 
     red, graph, spans = report(ops)
-    summed = DbSummer(budget_per_s=4).fold(ops, now=0.0)
+    summed = AgentSummer(budget_per_s=4).fold(ops, now=0.0)
     assert len(summed) == 4 + 3
     assert report(summed) == (red, graph, 4)
     assert red[("GET", "WRONGTYPE")][0] == 4 and graph == (20, 4) and spans == 20
+
+
+def http(i: int, record: type[HttpRecord] = HttpRecord, status: int = 200, tls: bool = True, **kw: Any) -> L7Event:
+    h2 = issubclass(record, Http2Record)
+    rec = record("POST" if h2 else "GET", f"/users/{i}", "/users/{id}", status, 100 + i, 50 + i,
+                 2_000_000_000 + i, 3_000_000 + i * 10_000, TRACEPARENT, f"rid-{i}", **kw)  # fmt: skip
+    return L7Event(replace(conn(), protocol="http2" if h2 else "http1", tls=tls), rec)
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+GRPC: dict[str, Any] = {"rpc_system": "grpc", "rpc_service": "shop.Cart", "rpc_method": "Add"}
+
+
+def test_grpc_and_tls_requests_are_summed_with_their_rpc_and_what_the_kernel_pairs_is_not() -> None:
+    tls = [http(i) for i in range(6)]
+    grpc_ok = [http(10 + i, Http2Record, **GRPC, grpc_status=0) for i in range(6)]
+    grpc_err = [http(20 + i, Http2Record, **GRPC, grpc_status=5) for i in range(3)]
+    errors = [http(30, status=503), http(31, status=0), http(32, Http2Record, status=500, **GRPC, grpc_status=13)]
+    kernel = [http(40 + i, tls=False) for i in range(5)]  # plain-text HTTP/1: the kernel's budget, not ours
+    kernel.append(http(50, HttpLinkedRecord, tls=False, tcp_seqs=(1, 2)))
+    events = [*kernel[:2], *tls, *grpc_ok, *errors, *grpc_err, *kernel[2:]]
+    summer = AgentSummer(budget_per_s=2)
+    out: list[Any] = summer.fold(events, now=0.0)  # Any: every record here is HTTP
+    assert [e for e in out if e.record.summary is None and not e.conn.tls and e.conn.protocol == "http1"] == kernel
+    assert [e for e in out if e.record.status in (0, 500, 503)] == errors  # never summed, no token taken
+    assert [e for e in out if e.record.summary is None and e.conn.tls and e.record.status == 200] == tls[:2]
+    summaries = {(type(e.record).__name__, getattr(e.record, "grpc_status", None)): e.record for e in out
+                 if e.record.summary is not None}  # fmt: skip
+    assert {k: r.summary.count for k, r in summaries.items()} == {
+        ("HttpSummaryRecord", None): 4,
+        ("Http2SummaryRecord", 0): 6,
+        ("Http2SummaryRecord", 5): 3,
+    }
+    g = summaries[("Http2SummaryRecord", 0)]
+    assert isinstance(g, Http2Record) and (g.rpc_system, g.rpc_service, g.rpc_method) == ("grpc", "shop.Cart", "Add")
+    assert (g.traceparent, g.request_id, g.latency_ns, g.parent, g.path) == ("", "", 0, None, "/users/10")
+    assert g.request_bytes == sum(e.record.request_bytes for e in grpc_ok)
+    assert summer.counters() == {"agent_summed": 13, "agent_summaries": 3, "agent_summaries_full": 0}
+    msg = l7_request(next(e for e in out if e.record is g), None, MonotonicClock())
+    assert msg.rpc.method == "Add" and msg.summary.count == 6 and msg.http.route == "/users/{id}"
+    assert not msg.http.traceparent and msg.latency_ns == 0
+
+
+def test_a_summed_grpc_interval_aggregates_like_its_calls(index: KubeIndex) -> None:
+    calls = [http(i, Http2Record, **GRPC, grpc_status=0 if i % 4 else 14) for i in range(24)]
+    clock = MonotonicClock()
+
+    def report(events: list[L7Event]) -> tuple[object, ...]:
+        agg = Aggregator(index)
+        agg.add(base.batch("node-1", (), [l7_request(e, None, clock) for e in events]))
+        (rep,) = agg.flush(base.T0 + 1)
+        red = sorted((p.method, p.status_code, p.error_type, p.duration.count, round(p.duration.sum, 9))
+                     for p in rep.interval.red)  # fmt: skip
+        (g,) = rep.interval.service_graph
+        return red, g.requests, g.failed, len(rep.spans)
+
+    whole = report(calls)
+    summed = AgentSummer(budget_per_s=3).fold(calls, now=0.0)
+    assert len(summed) == 3 + 2
+    assert report(summed) == (*whole[:3], 3) and whole[1:] == (24, 6, 24)
