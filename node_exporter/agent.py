@@ -171,6 +171,7 @@ class Agent:
         self.auto_pick = AutoPick(opts.l7_record_rate * (os.cpu_count() or 1)) if opts.l7_trace_ratio is None else None
         # what user space pairs (databases, HTTP/2, TLS) past the same budget, node-wide, summed here
         self.summer = AgentSummer(opts.l7_record_rate * (os.cpu_count() or 1))
+        self._summed_counted = 0  # the summer's ``summed`` at the last step
         self._offered_seen = 0  # the kernel's exchanges decided on, at the last step
         self._offered_at = time.monotonic()
         self.pipeline.causal.rid_enabled = opts.l7_causal
@@ -196,6 +197,8 @@ class Agent:
         self.shipper: FlowShipper | None = None
         if opts.processor:
             self.shipper = FlowShipper(ShipConfig(target=opts.processor, tls=opts.tls)).start()
+        # folded as they are parsed, so what is summed never waits as an event (max_pending_l7_events)
+        self._summing = self.writer is not None or self.shipper is not None or self.local is not None
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -211,7 +214,11 @@ class Agent:
             return
         # client calls waiting for their parent's record: it may be an idle keep-alive connection's
         # last exchange, which only the sweep sends (its interval is long: a pass over the TCP table)
-        self._pending_events += self.pipeline.feed(self.l7.poll(urgent=self.pipeline.causal.waiting() > 0))
+        self._pending_events += self._offer(self.pipeline.feed(self.l7.poll(urgent=self.pipeline.causal.waiting() > 0)))
+
+    def _offer(self, events: list[L7Event]) -> list[L7Event]:
+        """``events`` less what the summer folds (only where records leave: alone, the agent makes none)."""
+        return self.summer.offer(events, time.monotonic()) if self._summing else events
 
     def step(self) -> tuple[list[L4Record], list[L7Event]]:
         """One interval's work: poll, parse, enrich, write, update self-metrics."""
@@ -221,12 +228,13 @@ class Agent:
             # L7 after L4: every chunk a socket sent before its final record is already in the ring.
             self.drain_l7()
             events, self._pending_events = self._pending_events, []
-            events += self.pipeline.close_sockets(r.sock_cookie for r in records if r.is_close)
-            events += self.pipeline.expire(time.monotonic_ns())
+            events += self._offer(self.pipeline.close_sockets(r.sock_cookie for r in records if r.is_close))
+            events += self._offer(self.pipeline.expire(time.monotonic_ns()))
             self._auto_pick()
-        seen = len(events)
+        summed, self._summed_counted = self.summer.summed - self._summed_counted, self.summer.summed
+        seen = len(events) + summed  # before the summaries join them: each request once
+        events += self.summer.flush()
         if (self.writer is not None or self.shipper is not None or self.local is not None) and (records or events):
-            events = self.summer.fold(events, time.monotonic())  # only where records leave
             l7_nats: Iterable[Nat] = repeat(None)
             if self.conntrack is not None:
                 l7_nats = self._resolve_nat(self.conntrack, records, events)

@@ -100,8 +100,13 @@ class AgentSummer:
         self.full = 0  # requests that left as records because the interval's summaries were at their bound
 
     def fold(self, events: list[L7Event], now: float) -> list[L7Event]:
-        """``events`` with the user-space-paired requests past the budget folded, then this interval's
-        summaries. ``now``: seconds on a monotonic clock (the budget refills with it)."""
+        """``events`` with the user-space-paired requests past the budget folded, then the summaries."""
+        return self.offer(events, now) + self.flush()
+
+    def offer(self, events: list[L7Event], now: float) -> list[L7Event]:
+        """``events`` less the user-space-paired requests past the budget, which are folded into the
+        interval's summaries (``flush``). ``now``: seconds on a monotonic clock (the budget refills
+        with it). Called as events are parsed, so what is summed never waits as an event."""
         rate = self.budget_per_s
         if rate <= 0:
             return events
@@ -142,10 +147,16 @@ class AgentSummer:
             s.add(r)
             self.summed += 1
         self._tokens = tokens
-        if sums:
-            out += [s.event() for s in sums.values()]
-            self.summaries += len(sums)
-            sums.clear()
+        return out
+
+    def flush(self) -> list[L7Event]:
+        """The interval's summaries, one event each; the table starts empty again."""
+        sums = self._sums
+        if not sums:
+            return []
+        out = [s.event() for s in sums.values()]
+        self.summaries += len(sums)
+        sums.clear()
         return out
 
     def counters(self) -> dict[str, int]:

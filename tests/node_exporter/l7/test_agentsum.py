@@ -105,7 +105,7 @@ def test_the_budget_refills_with_time_and_keeps_at_most_a_seconds_worth() -> Non
 def test_a_zero_budget_sums_nothing() -> None:
     events = workload()
     summer = AgentSummer(budget_per_s=0)
-    assert summer.fold(events, now=0.0) is events
+    assert summer.offer(events, now=0.0) is events and summer.fold(events, now=0.0) == events
     assert summer.counters()["agent_summed"] == 0
 
 
@@ -208,3 +208,15 @@ def test_a_summed_grpc_interval_aggregates_like_its_calls(index: KubeIndex) -> N
     summed = AgentSummer(budget_per_s=3).fold(calls, now=0.0)
     assert len(summed) == 3 + 2
     assert report(summed) == (*whole[:3], 3) and whole[1:] == (24, 6, 24)
+
+
+def test_offers_during_an_interval_meet_in_one_summary_at_its_flush() -> None:
+    """The agent offers each drain's events as they are parsed and flushes at the interval's step."""
+    summer = AgentSummer(budget_per_s=1)
+    first = summer.offer([op(i) for i in range(5)], now=0.0)
+    second = summer.offer([op(5 + i) for i in range(5)], now=0.1)  # 0.1 token: nothing more passes
+    assert len(first) == 1 and second == [] and summer.counters()["agent_summaries"] == 0
+    (summary,) = summer.flush()
+    assert summary.record.summary is not None and summary.record.summary.count == 9  # type: ignore[union-attr]
+    assert summer.flush() == [] and summer.counters() == {"agent_summed": 9, "agent_summaries": 1,
+                                                          "agent_summaries_full": 0}  # fmt: skip
