@@ -12,17 +12,21 @@ import json
 import re
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf import json_format
 
+from kscope.v1 import flow_pb2 as pb
 from node_exporter.bpf.abi import L7Direction, L7Flags
 from node_exporter.l7.pipeline import L7Event
 from node_exporter.l7.syscalls import SyscallL7Collector
 from node_exporter.protocols import Http2Record, Role
+from tests.e2e.agentproc import start_kscope
 from tests.e2e.l7trace import L7Trace, count_at_least, self_signed_cert
 from tests.e2e.netns import CLI_V4, SRV_V4, Netns, Peer, Topology
 
@@ -369,3 +373,36 @@ def test_syscall_fallback_sees_http2(topo: Topology, tmp_path: Path, tracing: Ca
     topo.cli.run("curl", "-sS", "--http2-prior-knowledge", "-o", "/dev/null", f"http://{SRV_V4}:{H2_PORT}/index.html")
     cli, srv = wait_both(trace, 1)
     assert [(r.path, r.status) for r in cli] == [(r.path, r.status) for r in srv] == [("/index.html", 200)]
+
+
+def test_run_sums_grpc_calls_past_the_record_rate(topo: Topology, tmp_path: Path) -> None:
+    """grpcio calls past a tiny --l7-record-rate through `kscope run --jsonl`, tracing the server's namespace:
+    past the node's budget the agent sums calls per socket, method and grpc-status each interval
+    (node_exporter/l7/agentsum.py); records and summaries together count exactly the calls the client made,
+    by status, and a summary keeps its RPC's names."""
+    out, rate = tmp_path / "flows.jsonl", 5
+    agent, _ = start_kscope("--l7", "--l7-record-rate", str(rate), "--no-live", "--interval", "0.5", "--duration",
+                            "120", "--jsonl", str(out), "--netns-inode", str(topo.srv.ino))  # fmt: skip
+    try:
+        client = grpc_pair(topo)
+        assert client.call("unary 300", "done", 60)["codes"] == {"OK": 300}
+        assert client.call("unary 40 fail", "done", 60)["codes"] == {"NOT_FOUND": 40}
+        time.sleep(1)  # the last calls' frames reach the ring before the stop
+    finally:
+        agent.terminate()  # a stop runs a last interval: capture stopped, the ring drained, summaries sent
+        _, rest = agent.communicate(timeout=60)
+    assert agent.returncode == 0, rest[-3000:]
+    rows = [json_format.Parse(line, pb.NodeRecord()) for line in out.read_text().splitlines()]
+    calls = [r.l7 for r in rows if r.WhichOneof("record") == "l7" and r.l7.rpc.method == "Ping"]
+    counted: Counter[int] = Counter()
+    for r in calls:
+        counted[r.rpc.grpc_status_code] += r.summary.count if r.HasField("summary") else 1
+        assert (r.protocol, r.side, r.rpc.service, r.http.route) == ("http2", pb.ROLE_SERVER, "demo.v1.Echo",
+                                                                     "/demo.v1.Echo/Ping")  # fmt: skip
+    assert counted == {0: 300, 5: 40}, counted
+    summaries = [r for r in calls if r.HasField("summary")]
+    assert summaries and len(calls) < 340 / 4, (len(calls), len(summaries))
+    for r in summaries:
+        assert not r.http.traceparent and r.latency_ns == 0 and sum(r.summary.latency_bucket_counts) == r.summary.count
+    stats = [r.stats for r in rows if r.WhichOneof("record") == "stats"][-1].counters
+    assert stats["l7_agent_summed"] >= sum(counted.values()) - (len(calls) - len(summaries)), stats
