@@ -87,8 +87,8 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="HTTP/1 requests sent as records of their own, per second per CPU (1000); past it requests are "
         "summed in the kernel per socket, method, route and status (metrics stay exact, spans are sampled); "
-        "database and cache operations past the same budget (x CPUs, node-wide) are summed by the agent per "
-        "socket, operation and status each interval; 0: every request is a record",
+        "what the agent pairs itself (databases, caches, HTTP/2, gRPC, TLS) past the same budget (x CPUs, "
+        "node-wide) it sums per socket, operation and status each interval; 0: every request is a record",
     )
     p.add_argument(
         "--l7-trace-ratio",
