@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -42,11 +43,12 @@ def pgbench(topo: Topology, mode: str, seconds: int, clients: int) -> int:
     return int(m.group(1))
 
 
-def with_agent(topo: Topology, mode: str, seconds: int, clients: int) -> dict[str, float]:
+def with_agent(topo: Topology, mode: str, seconds: int, clients: int, agent_args: list[str]) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "flows.jsonl"
         agent = subprocess.Popen([KSCOPE, "run", "--no-live", "--l7", "--netns-inode", str(topo.srv.ino),
-                                  "--interval", "1", "--duration", str(seconds + 3), "--jsonl", str(out)],
+                                  "--interval", "1", "--duration", str(seconds + 3), "--jsonl", str(out),
+                                  *agent_args],
                                  stderr=subprocess.PIPE, text=True)  # fmt: skip
         assert agent.stderr is not None
         for line in agent.stderr:
@@ -73,6 +75,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--modes", default="simple,prepared")
+    ap.add_argument("--agent-args", default="", help="extra flags for kscope run")
     args = ap.parse_args()
     results: dict[str, dict[str, list[float]]] = {}
     with Topology() as topo, private_copy(pg_data(), "postgres") as top:
@@ -81,7 +84,7 @@ def main() -> int:
         for _ in range(args.rounds):
             for mode in args.modes.split(","):
                 base = pgbench(topo, mode, args.seconds, args.clients)
-                run = with_agent(topo, mode, args.seconds, args.clients)
+                run = with_agent(topo, mode, args.seconds, args.clients, shlex.split(args.agent_args))
                 r = results.setdefault(mode, {"ratio": [], "cpu_per_1k": [], "ops_per_cpu_s": [], "drops": [],
                                               "recorded": [], "base_tps": []})  # fmt: skip
                 r["ratio"].append(run["tx"] / base)
