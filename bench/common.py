@@ -19,27 +19,40 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-NGINX_CONF = """
-worker_processes 1;
-worker_cpu_affinity 01;
+_NGINX_CONF = """
+worker_processes 1;{worker}
 daemon off;
 pid {tmp}/nginx.pid;
-error_log {tmp}/error.log;
-events {{ worker_connections 4096; }}
+error_log {tmp}/error.log{log_level};
+events {{ worker_connections {connections}; }}
 http {{
     access_log off;
-    keepalive_requests 10000000;
+    keepalive_requests 10000000;{keepalive}
     client_body_temp_path {tmp}/body;
     proxy_temp_path {tmp}/proxy;
     fastcgi_temp_path {tmp}/fastcgi;
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen {listen} backlog=4096;
         location / {{ return 200 "ok\\n"; }}
     }}
 }}
 """
+
+
+def nginx_conf(tmp: Path, listen: str, *, pinned: bool = True, connections: int = 4096,
+               keepalive_timeout: str = "", log_level: str = "") -> str:  # fmt: skip
+    """The benches' nginx: one worker answering ``return 200`` on ``listen`` (``ip:port``); ``pinned``:
+    to core 0 (the benches run their load on core 1); more ``connections`` raise its file limit too."""
+    worker = "\nworker_cpu_affinity 01;" if pinned else ""
+    if connections > 4096:
+        worker += f"\nworker_rlimit_nofile {connections + 4000};"
+    return _NGINX_CONF.format(
+        tmp=tmp, listen=listen, worker=worker, connections=connections,
+        keepalive=f"\n    keepalive_timeout {keepalive_timeout};" if keepalive_timeout else "",
+        log_level=f" {log_level}" if log_level else "",
+    )  # fmt: skip
 
 
 def free_port() -> int:
@@ -80,9 +93,9 @@ def wrk_requests(port: int, seconds: int, connections: int, close: bool = False,
 
 @contextmanager
 def nginx(tmp: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """nginx from NGINX_CONF in `tmp`, given a second to start; stopped gracefully on exit."""
+    """nginx from nginx_conf() in `tmp` on loopback, given a second to start; stopped gracefully on exit."""
     conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(tmp=tmp, port=port))
+    conf.write_text(nginx_conf(tmp, f"127.0.0.1:{port}"))
     proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp)])
     try:
         time.sleep(1.0)

@@ -49,7 +49,7 @@ from typing import Any, TypeVar
 
 import grpc
 import processor as pbench  # bench/processor.py: the simulated cluster and its batches
-from common import REPO, free_port, missing_prerequisite, nginx
+from common import REPO, free_port, missing_prerequisite, nginx, nginx_conf
 
 from kscope.v1 import flow_pb2 as pb
 from tests.cluster_processor.kube.fake_apiserver import FakeApiServer
@@ -352,28 +352,6 @@ class ProcessorProc(Proc):
 # ---- part 1: the agent with 10,000 live connections ---------------------------------------------------
 
 CLI_IP, SRV_IP, SRV_PORT = "198.18.40.1", "198.18.40.2", 8080
-MEM_NGINX = """
-worker_processes 1;
-worker_rlimit_nofile 20000;
-daemon off;
-pid {tmp}/nginx-ns.pid;
-error_log {tmp}/nginx-ns.log warn;
-events {{ worker_connections 16000; }}
-http {{
-    access_log off;
-    keepalive_requests 10000000;
-    keepalive_timeout 3600s;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    server {{
-        listen {ip}:{port} backlog=4096;
-        location / {{ return 200 "ok\\n"; }}
-    }}
-}}
-"""
 
 
 @contextlib.contextmanager
@@ -476,7 +454,17 @@ def agent_part(a: argparse.Namespace, tmp: Path, backend: Backend) -> dict[str, 
     out: dict[str, Any] = {}
     with netns_pair(tmp) as (cli, srv, procs), backend.processor(10.0) as proc:
         conf = tmp / "nginx-ns.conf"
-        conf.write_text(MEM_NGINX.format(tmp=tmp, ip=SRV_IP, port=SRV_PORT))
+        # holds every connection for the run (16,000 of them, an hour's keep-alive), unpinned
+        conf.write_text(
+            nginx_conf(
+                tmp,
+                f"{SRV_IP}:{SRV_PORT}",
+                pinned=False,
+                connections=16000,
+                keepalive_timeout="3600s",
+                log_level="warn",
+            )
+        )
         procs.append(subprocess.Popen(srv.cmd("nginx", "-c", str(conf), "-p", str(tmp)), stderr=subprocess.DEVNULL))
         time.sleep(1.0)
         client_cmd = [str(VENV / "python"), str(Path(__file__).with_name("memclient.py")), SRV_IP, str(SRV_PORT),

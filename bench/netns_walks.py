@@ -34,7 +34,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from common import NGINX_CONF, REPO, cpu_seconds, free_port, missing_prerequisite
+from common import REPO, cpu_seconds, free_port, missing_prerequisite, nginx_conf
 
 AGENT = REPO / ".venv" / "bin" / "kscope-agent"
 PORT = 8080
@@ -61,7 +61,7 @@ def namespaces(n: int, busy: bool, rate: int, tmp: Path) -> Iterator[None]:
                 continue
             d = tmp / name
             d.mkdir()
-            (d / "nginx.conf").write_text(NGINX_CONF.format(tmp=d, port=PORT))
+            (d / "nginx.conf").write_text(nginx_conf(d, f"127.0.0.1:{PORT}"))
             nginx.append(subprocess.Popen([*run, "nginx", "-c", str(d / "nginx.conf"), "-p", str(d)]))
             procs.append(nginx[-1])
             time.sleep(0.05 if i else 0.5)
