@@ -199,6 +199,7 @@ class Agent:
             self.shipper = FlowShipper(ShipConfig(target=opts.processor, tls=opts.tls)).start()
         # folded as they are parsed, so what is summed never waits as an event (max_pending_l7_events)
         self._summing = self.writer is not None or self.shipper is not None or self.local is not None
+        self.summer.plain_http1 = isinstance(self.l7, SyscallL7Collector)  # no kernel pairing: all is ours
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,7 +1,8 @@
 """Requests paired in user space past the node's record budget, summed per socket, operation and status.
 
 Plain-text HTTP/1 requests past the budget (``--l7-record-rate`` per CPU) are summed in the kernel. What
-the agent pairs from chunks itself — database and cache operations, HTTP/2 and gRPC, HTTP over TLS — was
+the agent pairs from chunks itself — database and cache operations, HTTP/2 and gRPC, HTTP over TLS, and
+on the syscall fallback (no kernel pairing) plain-text HTTP/1 as well — was
 one record per request at any rate: at a cache's or a gRPC service's rates (10^5 a second) converting,
 shipping and aggregating each one cost more than parsing it did (bench/RESULTS.md), and the processor's
 load grew with that traffic, unbounded. So past the same budget, node-wide, such requests of one socket
@@ -87,10 +88,12 @@ class AgentSummer:
     """Passes requests paired in user space as records while the node's budget lasts, sums the rest per
     interval (the exchange path's records, already within the kernel's budget, pass untouched)."""
 
-    def __init__(self, budget_per_s: float, max_summaries: int = MAX_SUMMARIES) -> None:
+    def __init__(self, budget_per_s: float, max_summaries: int = MAX_SUMMARIES, plain_http1: bool = False) -> None:
         """``budget_per_s``: records per second, node-wide (--l7-record-rate x CPUs; 0: every request a
-        record, nothing summed)."""
+        record, nothing summed). ``plain_http1``: HTTP/1 in the clear is paired here too (the syscall
+        fallback: no kernel pairing, so no kernel summaries)."""
         self.budget_per_s = budget_per_s
+        self.plain_http1 = plain_http1
         self.max_summaries = max_summaries
         self._tokens = budget_per_s  # a second's worth to start with, at most a second's worth kept
         self._at: float | None = None
@@ -123,7 +126,7 @@ class AgentSummer:
                 assert isinstance(r, DbRecord)
                 key = (c.netns_ino, c.sock_cookie, c.side, r.system, r.operation, r.collection, r.namespace,
                        r.query_summary, r.status_code, r.error_type)  # fmt: skip
-            elif t in _H2 or (t in _H1 and c.tls):  # HTTP/1 in the clear was the kernel's to sum
+            elif t in _H2 or (t in _H1 and (c.tls or self.plain_http1)):  # else the kernel's to sum
                 assert isinstance(r, HttpRecord)
                 if r.status >= 500 or r.status == 0:  # as in the kernel: errors and no response stay records
                     out.append(ev)

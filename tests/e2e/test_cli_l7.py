@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,33 @@ def test_run_l7_stopped_right_after_the_last_request(topo: Topology, tmp_path: P
     # nginx's side of /slow/x, its proxied request upstream, and the upstream's side of it
     assert stats["l7_kernel_stop_pending"] == 3, stats
     assert stats["l7_kernel_rb_full"] == 0 and stats["l7_kernel_summary_lost"] == 0, stats
+
+
+def test_run_on_the_syscall_fallback_sums_past_the_record_rate(topo: Topology, tmp_path: Path) -> None:
+    """On the syscall fallback nothing is paired or summed in the kernel: past a tiny --l7-record-rate the
+    agent sums the HTTP/1 requests it pairs itself (node_exporter/l7/agentsum.py), and records and
+    summaries still account for every request the client made."""
+    start_l7_nginx(topo, tmp_path / "nginx", PORT)
+    out, n = tmp_path / "flows.jsonl", 300
+    agent, _ = start_kscope("--l7", "--l7-probe", "syscalls", "--l7-record-rate", "5", "--no-live", "--interval",
+                            "0.5", "--duration", "120", "--jsonl", str(out),
+                            "--netns-inode", str(topo.srv.ino))  # fmt: skip
+    try:
+        client = l7peer(topo, topo.cli, "http-client", "--to", SRV_V4, "--port", str(PORT))
+        client.expect("connected")
+        assert client.call(f"get /users/5 {n}", "done", 60)["statuses"] == {"200": n}
+        client.send("close")
+        time.sleep(1)  # the last answers reach the ring before the stop
+    finally:
+        agent.terminate()  # a stop runs a last interval: the ring drained, summaries sent
+        _, rest = agent.communicate(timeout=60)
+    assert agent.returncode == 0, rest[-3000:]
+    records = [json_format.Parse(line, pb.NodeRecord()) for line in out.read_text().splitlines()]
+    l7 = [r.l7 for r in records if r.WhichOneof("record") == "l7" and r.l7.http.path == "/users/5"]
+    summaries = [r for r in l7 if r.HasField("summary")]
+    total = len(l7) - len(summaries) + sum(r.summary.count for r in summaries)
+    assert total == n and summaries and len(l7) < n / 5, (total, len(l7), len(summaries))
+    assert all((r.http.route, r.http.status_code, r.side) == ("/users/{id}", 200, pb.ROLE_SERVER) for r in l7)
+    stats = records[-1].stats.counters
+    assert stats["l7_agent_summed"] == total - (len(l7) - len(summaries)), stats
+    assert stats["l7_agent_summaries"] == len(summaries) and stats["l7_kernel_rb_full"] == 0, stats

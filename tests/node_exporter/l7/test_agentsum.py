@@ -220,3 +220,12 @@ def test_offers_during_an_interval_meet_in_one_summary_at_its_flush() -> None:
     assert summary.record.summary is not None and summary.record.summary.count == 9  # type: ignore[union-attr]
     assert summer.flush() == [] and summer.counters() == {"agent_summed": 9, "agent_summaries": 1,
                                                           "agent_summaries_full": 0}  # fmt: skip
+
+
+def test_on_the_syscall_fallback_plain_http1_is_summed_too() -> None:
+    """Without kernel pairing (the syscall fallback) every HTTP/1 request is paired in user space."""
+    plain = [http(i, tls=False) for i in range(8)]
+    assert [e.record.summary for e in AgentSummer(budget_per_s=2).fold(plain, now=0.0)] == [None] * 8  # type: ignore[union-attr]
+    out: list[Any] = AgentSummer(budget_per_s=2, plain_http1=True).fold(plain, now=0.0)
+    assert out[:2] == plain[:2] and len(out) == 3 and out[2].record.summary.count == 6
+    assert (out[2].record.route, out[2].record.request_bytes) == ("/users/{id}", sum(100 + i for i in range(2, 8)))
