@@ -28,6 +28,7 @@ from tests.e2e.agentproc import KSCOPE
 from tests.e2e.netns import SRV_V4, Topology, nginx
 from tests.e2e.otlpview import View
 from tests.e2e.realcluster import MESHAPP
+from tests.e2e.test_l7_kv import REDIS_PORT, commandstats, redis_server
 
 pytestmark = pytest.mark.bpf
 PORT = 8080
@@ -198,3 +199,38 @@ def test_run_otlp_joins_a_local_chain_into_one_trace_per_request(topo: Topology,
         assert cached is not None, (path, "no cache call in its trace")
         assert cached.parent_span_id == chain[2].span_id, path
     assert cache_calls == {}, f"cache calls in no request's trace: {len(cache_calls)}"
+
+
+def test_run_otlp_counts_every_redis_operation_past_the_record_rate(topo: Topology, tmp_path: Path) -> None:
+    """redis-benchmark past a tiny --l7-record-rate with `kscope run --otlp`, tracing redis-server's
+    namespace: the agent sums the operations past its budget (node_exporter/l7/agentsum.py), and the
+    exported database metric still counts each operation the server counted, per command; the spans
+    are the budget's few."""
+    redis_server(topo)
+    topo.cli.run("redis-cli", "-h", SRV_V4, "-p", str(REDIS_PORT), "CONFIG", "RESETSTAT")
+    env = {k: v for k, v in os.environ.items() if k not in _PROXIES}
+
+    async def body() -> tuple[View, dict[str, int], str, int, int | None]:
+        async with OtlpReceiver() as rx:
+            argv = [KSCOPE, "run", "--no-live", "--netns-inode", str(topo.srv.ino), "--interval", "0.5",
+                    "--l7-record-rate", "5", "--capture-bytes", "1024", "--otlp", f"http://{rx.endpoint}"]  # fmt: skip
+            agent = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+            try:
+                await asyncio.to_thread(lambda: list(_until_started(agent.stderr)))
+                await asyncio.to_thread(topo.cli.run, "redis-benchmark", "-h", SRV_V4, "-p", str(REDIS_PORT), "-t",
+                                        "set,get", "-n", "3000", "-c", "2", "-P", "16", "-q", timeout=120)  # fmt: skip
+                served = dict(await asyncio.to_thread(commandstats, topo))
+                await asyncio.sleep(2)  # the summaries of the last intervals are exported
+            finally:
+                agent.send_signal(signal.SIGINT)
+                _, err = await asyncio.to_thread(agent.communicate, None, 60)
+            return View(rx), served, err, rx.items("traces"), agent.returncode
+
+    view, served, err, spans, rc = asyncio.run(body())
+    assert rc == 0 and "Traceback" not in err, err[-3000:]
+    counted: dict[str, float] = defaultdict(float)
+    for p in view.of("kscope.db.server.operation.duration", "redis-server"):
+        counted[p.get("db.operation.name")] += p.value
+    assert served["SET"] >= 3000 and served["GET"] >= 3000, served
+    assert (counted["SET"], counted["GET"]) == (served["SET"], served["GET"]), (dict(counted), served)
+    assert 0 < spans < (served["SET"] + served["GET"]) / 10, spans
