@@ -378,8 +378,13 @@ class TraceJoin:
                     down.add(p)
                     self._degrade(p, now_ns)
                     continue
-                for key, _, _ in work[p][0]:
-                    self._outbox.pop(key, None)
+                outbox = self._outbox
+                for key, trace, kind in work[p][0]:
+                    # only what was sent: a tick may have replaced it while the call was out (a
+                    # pending hop's real trace), and that one still has to go
+                    have = outbox.get(key)
+                    if have is not None and have[0] == trace and have[2] == kind:
+                        del outbox[key]
                 for key, trace in got:
                     if trace:
                         self._learn(key, trace, now_ns, first_wins=False)

@@ -274,3 +274,39 @@ def test_spans_remembered_for_exemplars_are_bounded_counted(index: KubeIndex) ->
     rep.red.clear()
     rep.tick(*dataclasses.replace(chain, seqs=tuple((a + 1000, b + 1000) for a, b in chain.seqs)).batches())
     assert sum(p.exemplar is not None for p in rep.red) == 2
+
+
+def test_a_proposal_replaced_while_its_exchange_was_out_is_still_sent() -> None:
+    """The processor ticks (``add``) and exchanges on one event loop: while an exchange awaits its
+    owner, a tick may learn the real trace of a hop whose *pending* announcement is in flight. That
+    trace must stay in the outbox for the next exchange, not be dropped with the announcement."""
+    sent: list[list[tuple[bytes, bytes, int]]] = []
+
+    class SlowOwner:
+        def __init__(self) -> None:
+            self.answering = asyncio.Event()
+            self.release = asyncio.Event()
+
+        async def exchange(self, peer: str, propose, lookup):  # type: ignore[no-untyped-def]
+            sent.append(list(propose))
+            self.answering.set()
+            await self.release.wait()
+            return [(key, b"") for key, _, kind in propose if kind == 1]  # PENDING: "coming"
+
+    async def body() -> None:
+        owner_of = SlowOwner()
+        join = TraceJoin(JoinSettings(), me="a", peers=("a", "b"), transport=owner_of)
+        hop = next(k for k in (i.to_bytes(8, "big") for i in range(1, 200)) if owner(k, ("a", "b")) == "b")
+        s = span(0)
+        # a client span made inside a server request: its own hop is announced as pending
+        join.add("n", [s], [Held(0, b"p" * 8, s.context.trace_id, publish=hop)], [], T0)
+        call = asyncio.create_task(join.exchange(T0 + S))
+        await owner_of.answering.wait()
+        join.add("n", [], [], [(hop, b"r" * 16)], T0 + S)  # a tick learns the hop's real trace meanwhile
+        owner_of.release.set()
+        await call
+        owner_of.answering.clear()
+        await join.exchange(T0 + 2 * S)
+        assert (hop, b"", 1) in sent[0] and (hop, b"r" * 16, 0) in sent[1], sent
+
+    asyncio.run(body())
