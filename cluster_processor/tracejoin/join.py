@@ -87,6 +87,7 @@ COUNTERS: Final = (
     "trace_peer_degraded",  # held spans sent with their fallback because their hop's owner could not be reached
     "trace_served_requests",  # ExchangeTraces calls answered as an owner
     "trace_served_invalid",  # entries refused in them (a key not 8 bytes, a trace id not 16 or zero)
+    "trace_peer_invalid",  # entries refused in an owner's answers (the same checks): as if unanswered
 )
 
 
@@ -386,6 +387,9 @@ class TraceJoin:
                     if have is not None and have[0] == trace and have[2] == kind:
                         del outbox[key]
                 for key, trace in got:
+                    if len(key) != KEY_BYTES or (trace and (len(trace) != TRACE_BYTES or trace == _ZERO_TRACE)):
+                        self.counters["trace_peer_invalid"] += 1  # a span never takes a malformed trace id
+                        continue
                     if trace:
                         self._learn(key, trace, now_ns, first_wins=False)
                     else:

@@ -310,3 +310,19 @@ def test_a_proposal_replaced_while_its_exchange_was_out_is_still_sent() -> None:
         assert (hop, b"", 1) in sent[0] and (hop, b"r" * 16, 0) in sent[1], sent
 
     asyncio.run(body())
+
+
+def test_an_owners_malformed_answers_are_refused_counted() -> None:
+    """A peer answering with a hop key or trace id of the wrong size (or the zero trace) teaches nothing:
+    the span waiting on the hop keeps its wait (then its fallback), never a malformed trace id."""
+
+    class BadOwner:
+        async def exchange(self, peer: str, propose, lookup):  # type: ignore[no-untyped-def]
+            return [(key, b"t" * 15) for key in lookup] + [(b"k" * 7, b"t" * 16)] + [(key, bytes(16)) for key in lookup]
+
+    join = TraceJoin(JoinSettings(wait_s=5), me="a", peers=("a", "b"), transport=BadOwner())
+    hop = next(k for k in (i.to_bytes(8, "big") for i in range(1, 200)) if owner(k, ("a", "b")) == "b")
+    s = span(0)
+    join.add("n", [s], [Held(0, hop, s.context.trace_id)], [], T0)
+    asyncio.run(join.exchange(T0 + S))
+    assert join.counters["trace_peer_invalid"] == 3 and join.sizes()["held"] == 1 and not join.take_ready()
