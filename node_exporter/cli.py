@@ -8,7 +8,9 @@ each parser's --help lists the codes.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -175,6 +177,8 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace, live: bool | None) -> int:
     """``live``: None for the agent (no map), else whether ``kscope run``'s map is a terminal view."""
     logging_setup.configure(args.log_level)
+    # `kill -USR1 PID` writes every thread's stack to stderr: how a stuck agent is diagnosed in place
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if args.interval <= 0:
         print("kscope: error: --interval must be > 0", file=sys.stderr)
         return EXIT_USAGE

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,13 @@ class AgentProcess:
     def stop(self) -> str:
         """SIGTERM (a stop still runs a last interval: capture stopped, kernel drained); its stderr."""
         self.proc.terminate()
-        rc = self.proc.wait(60)
+        try:
+            rc = self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)  # its threads' stacks to stderr (faulthandler): where it hangs
+            time.sleep(2)
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"{self.name} did not exit 60 s after SIGTERM: {self.log()[-8000:]}") from None
         assert rc == 0, self.log()[-4000:]
         return self.log()
