@@ -422,7 +422,7 @@ class Agent:
             self.l7.stop_capture()
             self.l7.final_sweep()
             self.drain_l7(force=True)
-            self._pending_events += self.pipeline.flush_causal()
+            self._pending_events += self._offer(self.pipeline.flush_causal())
 
     def close(self) -> None:
         if self.shipper is not None:
