@@ -259,7 +259,10 @@ def test_event_loop_proxy_calls_link_only_by_a_unique_request_id(scene: Scene) -
     wrong = [c.http.path for c in unique if c.HasField("parent") and _parent(c) != _key(servers[c.http.path])]
     assert wrong == [], _facts(scene)
     unlinked = sum(1 for c in unique if not c.HasField("parent"))
-    assert unlinked <= scene.counters["l7_causal_rid_timeout"] + scene.counters["l7_causal_pending_evicted"]
+    # counted: no parent in time, evicted, or (nginx's first calls) made before its process had served
+    # a request with an id: a server record leaves when it is answered, after the call it proxied
+    c = scene.counters
+    assert unlinked <= c["l7_causal_rid_timeout"] + c["l7_causal_pending_evicted"] + c["l7_causal_rid_unserved"]
     assert unlinked <= len(unique) // 10, (unlinked, _facts(scene))
     assert [c.http.path for c in same if c.HasField("parent")] == [], _facts(scene)
     assert scene.counters["l7_causal_rid_repeated"] >= len(same) - 1, _facts(scene)
